@@ -1,0 +1,31 @@
+"""A small LoRA implementation for timm Vision Transformers.
+
+    model = vit_base_patch16(num_classes=14)      # plain timm ViT
+    load_pretrained(model, "MRM.pth")             # weights first
+    inject_lora(model, rank=4, pos="attn")        # then adapters (q, v of qkv)
+    mark_only_lora_as_trainable(model)            # LoRA + fc_norm + head
+"""
+from .layers import LoRALinear
+from .model import (
+    HEAD_MODULES,
+    POSITIONS,
+    canonical_name,
+    count_parameters,
+    inject_lora,
+    lora_layers,
+    lora_state_dict,
+    mark_only_lora_as_trainable,
+    merge,
+    merged_state_dict,
+    parse_lora_pos,
+    print_trainable_parameters,
+    trainable_report,
+    unmerge,
+)
+
+__all__ = [
+    "HEAD_MODULES", "POSITIONS", "LoRALinear", "canonical_name", "count_parameters",
+    "inject_lora", "lora_layers", "lora_state_dict", "mark_only_lora_as_trainable", "merge",
+    "merged_state_dict", "parse_lora_pos", "print_trainable_parameters", "trainable_report",
+    "unmerge",
+]

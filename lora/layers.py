@@ -1,0 +1,149 @@
+"""The LoRA layer: a low-rank update added to a frozen ``nn.Linear`` it wraps."""
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class LoRALinear(nn.Module):
+    """Wraps a frozen ``nn.Linear`` and adds ``scaling * B @ A`` to (parts of) its output.
+
+    The output of the base layer is seen as ``len(parts)`` equal slices (3 for a fused
+    qkv linear: q, k, v). Each slice marked True in ``parts`` gets its own rank-``r``
+    pair (A_i: r x in, B_i: d x r); unmarked slices (k in the paper) are untouched.
+    The pairs are stored stacked, as in loralib's ``MergedLinear``: ``lora_A`` is
+    (r * n_adapted) x in and ``lora_B`` is (d * n_adapted) x r.
+
+    Args:
+        base_layer: the linear layer to adapt; it is kept as ``self.base_layer``, frozen.
+        rank: rank r of each adapted slice.
+        alpha: scaling numerator; the update is multiplied by ``alpha / rank``.
+        dropout: dropout probability on the LoRA input only.
+        parts: which output slices are adapted; ``(True,)`` adapts the whole layer.
+    """
+
+    def __init__(
+        self,
+        base_layer: nn.Linear,
+        rank: int = 4,
+        alpha: float = 32.0,
+        dropout: float = 0.0,
+        parts: Sequence[bool] = (True,),
+    ) -> None:
+        super().__init__()
+        if not isinstance(base_layer, nn.Linear):
+            raise TypeError(f"LoRALinear wraps an nn.Linear, got {type(base_layer).__name__}")
+        if not isinstance(rank, int) or rank <= 0:
+            raise ValueError(f"LoRA rank must be a positive integer, got {rank!r}")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"LoRA dropout must be in [0, 1), got {dropout!r}")
+        parts = tuple(bool(p) for p in parts)
+        if not any(parts):
+            raise ValueError(f"at least one output slice must be adapted, got parts={parts}")
+        if base_layer.out_features % len(parts):
+            raise ValueError(
+                f"out_features={base_layer.out_features} is not divisible into {len(parts)} slices"
+            )
+        self.base_layer = base_layer
+        self.base_layer.requires_grad_(False)
+        self.rank = rank
+        self.alpha = alpha
+        self.scaling = alpha / rank
+        self.parts = parts
+        self.slice_size = base_layer.out_features // len(parts)
+        n = sum(parts)
+        factory = {"device": base_layer.weight.device, "dtype": torch.float32}
+        self.lora_A = nn.Parameter(torch.empty(rank * n, base_layer.in_features, **factory))
+        self.lora_B = nn.Parameter(torch.empty(self.slice_size * n, rank, **factory))
+        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.merged = False
+        self._unmerged_weight: torch.Tensor | None = None
+        self.reset_lora_parameters()
+
+    @property
+    def in_features(self) -> int:
+        return self.base_layer.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base_layer.out_features
+
+    @property
+    def weight(self) -> torch.Tensor:
+        # timm's fused attention reads only the module call, but some code inspects
+        # `.weight` (e.g. dtype checks); expose the base weight.
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.base_layer.bias
+
+    def reset_lora_parameters(self) -> None:
+        """A kaiming-uniform (a=sqrt 5) as nn.Linear, B zeros: the update starts at zero."""
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B)
+
+    def _expanded_B(self) -> torch.Tensor:
+        """B placed into the full output space: (out_features, r * n_adapted), zero rows
+        for slices that are not adapted, block-diagonal over the adapted slices."""
+        n = sum(self.parts)
+        if n == len(self.parts) == 1:
+            return self.lora_B
+        d, r = self.slice_size, self.rank
+        full = self.lora_B.new_zeros(self.out_features, r * n)
+        for j, i in enumerate(i for i, p in enumerate(self.parts) if p):
+            full[i * d:(i + 1) * d, j * r:(j + 1) * r] = self.lora_B[j * d:(j + 1) * d]
+        return full
+
+    def delta_weight(self) -> torch.Tensor:
+        """The dense update ``scaling * B @ A`` (out_features x in_features), in fp32."""
+        return (self._expanded_B() @ self.lora_A) * self.scaling
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base_layer(x)
+        if self.merged:
+            return out
+        x_lora = self.lora_dropout(x)
+        if not torch.is_autocast_enabled(x.device.type):
+            # Outside autocast the frozen base may be held in bf16 while LoRA stays fp32.
+            x_lora = x_lora.to(self.lora_A.dtype)
+        h = F.linear(x_lora, self.lora_A)
+        update = F.linear(h, self._expanded_B()) * self.scaling
+        return out + update.to(out.dtype)
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Fold the update into the base weight, so inference costs a plain linear."""
+        if self.merged:
+            warnings.warn("LoRA layer is already merged; merge() ignored", stacklevel=2)
+            return
+        weight = self.base_layer.weight
+        if weight.dtype != torch.float32:
+            # Adding a small delta in bf16/fp16 is lossy and unmerge could not undo it:
+            # keep the original to restore it bit-exactly.
+            self._unmerged_weight = weight.detach().clone()
+        weight.copy_((weight.float() + self.delta_weight()).to(weight.dtype))
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Undo ``merge()``: restore the base weight."""
+        if not self.merged:
+            warnings.warn("LoRA layer is not merged; unmerge() ignored", stacklevel=2)
+            return
+        weight = self.base_layer.weight
+        if self._unmerged_weight is not None:
+            weight.copy_(self._unmerged_weight)
+            self._unmerged_weight = None
+        else:
+            weight.sub_(self.delta_weight())
+        self.merged = False
+
+    def extra_repr(self) -> str:
+        return (f"rank={self.rank}, alpha={self.alpha}, parts={self.parts}, "
+                f"merged={self.merged}")

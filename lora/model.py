@@ -1,0 +1,156 @@
+"""Putting LoRA layers into a timm ViT and the model-level helpers around them."""
+from __future__ import annotations
+
+import warnings
+from typing import Iterable
+
+import torch
+import torch.nn as nn
+
+from .layers import LoRALinear
+
+# Where each `lora_pos` keyword puts adapters: module path suffix inside a ViT block ->
+# which output slices of that linear are adapted. The fused qkv linear of timm's
+# Attention has output rows [q; k; v].
+POSITIONS: dict[str, dict[str, tuple[bool, ...]]] = {
+    "attn": {"attn.qkv": (True, False, True)},  # the paper: q and v, k untouched
+    "qkv": {"attn.qkv": (True, True, True)},
+    "proj": {"attn.proj": (True,)},
+    "mlp": {"mlp.fc1": (True,), "mlp.fc2": (True,)},
+}
+POSITIONS["all"] = {**POSITIONS["qkv"], **POSITIONS["proj"], **POSITIONS["mlp"]}
+
+# Modules trained alongside the adapters (the classifier on top of the pooled features).
+HEAD_MODULES = ("fc_norm", "head")
+
+
+def parse_lora_pos(spec: str) -> dict[str, tuple[bool, ...]]:
+    """Turn a `lora_pos` string like 'attn' or 'attn,proj' into {module suffix: slices}."""
+    targets: dict[str, tuple[bool, ...]] = {}
+    words = [w.strip() for w in str(spec).split(",")]
+    if not spec or any(not w for w in words):
+        raise ValueError(f"invalid lora_pos {spec!r}: expected a comma-separated subset of "
+                         f"{sorted(POSITIONS)}")
+    for word in words:
+        if word not in POSITIONS:
+            raise ValueError(f"unknown lora_pos {word!r} in {spec!r}; choose from "
+                             f"{sorted(POSITIONS)} or a comma-separated combination")
+        for suffix, parts in POSITIONS[word].items():
+            old = targets.get(suffix, (False,) * len(parts))
+            targets[suffix] = tuple(a or b for a, b in zip(old, parts))
+    return targets
+
+
+def inject_lora(
+    model: nn.Module,
+    rank: int = 4,
+    alpha: float = 32.0,
+    dropout: float = 0.1,
+    pos: str = "attn",
+) -> list[str]:
+    """Replace the targeted linears of every ViT block by ``LoRALinear`` wrappers.
+
+    Pre-trained weights should already be loaded: the wrappers keep the same base
+    tensors. Returns the qualified names of the wrapped modules.
+    """
+    targets = parse_lora_pos(pos)
+    replaced = []
+    for name, module in list(model.named_modules()):
+        if isinstance(module, LoRALinear):
+            raise ValueError(f"model already has LoRA layers (found at {name!r})")
+        for suffix, parts in targets.items():
+            if (name == suffix or name.endswith("." + suffix)) and isinstance(module, nn.Linear):
+                parent_name, _, child = name.rpartition(".")
+                parent = model.get_submodule(parent_name) if parent_name else model
+                setattr(parent, child, LoRALinear(module, rank, alpha, dropout, parts))
+                replaced.append(name)
+    if not replaced:
+        raise ValueError(f"lora_pos {pos!r} matched no nn.Linear in {type(model).__name__}")
+    return replaced
+
+
+def lora_layers(model: nn.Module) -> Iterable[tuple[str, LoRALinear]]:
+    """All (name, LoRALinear) pairs of the model."""
+    return ((n, m) for n, m in model.named_modules() if isinstance(m, LoRALinear))
+
+
+def mark_only_lora_as_trainable(model: nn.Module,
+                                extra_modules: Iterable[str] = HEAD_MODULES) -> None:
+    """Freeze everything except the LoRA tensors and the named top-level modules."""
+    model.requires_grad_(False)
+    for _, layer in lora_layers(model):
+        layer.lora_A.requires_grad_(True)
+        layer.lora_B.requires_grad_(True)
+    for name in extra_modules:
+        module = getattr(model, name, None)
+        if module is not None:
+            module.requires_grad_(True)
+
+
+def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The trainable tensors only (LoRA, fc_norm, head): what an adapter file holds."""
+    return {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def merge(model: nn.Module) -> int:
+    """Fold every LoRA update into its base weight. Returns the number of layers merged."""
+    count = 0
+    for _, layer in lora_layers(model):
+        if layer.merged:
+            warnings.warn("model already merged; merge() left it as it is", stacklevel=2)
+            return 0
+        layer.merge()
+        count += 1
+    return count
+
+
+def unmerge(model: nn.Module) -> int:
+    """Undo ``merge``. Returns the number of layers unmerged."""
+    count = 0
+    for _, layer in lora_layers(model):
+        if layer.merged:
+            layer.unmerge()
+            count += 1
+    return count
+
+
+def canonical_name(key: str) -> str:
+    """State-dict key of the plain model that a (possibly LoRA-wrapped) key stands for."""
+    return key.replace(".base_layer.", ".")
+
+
+def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The plain model's state dict (timm names) with every LoRA update folded in.
+
+    The model itself is left untouched, merged or not.
+    """
+    out: dict[str, torch.Tensor] = {}
+    deltas = {f"{name}.base_layer.weight": layer for name, layer in lora_layers(model)}
+    for key, value in model.state_dict().items():
+        if key.rsplit(".", 1)[-1] in ("lora_A", "lora_B"):
+            continue
+        if key in deltas and not deltas[key].merged:
+            value = (value.float() + deltas[key].delta_weight().detach()).to(value.dtype)
+        out[canonical_name(key)] = value.detach().clone()
+    return out
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts."""
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return trainable, total
+
+
+def trainable_report(model: nn.Module) -> str:
+    """The one-line parameter summary: `trainable params: N || all params: M || trainable%: P`."""
+    trainable, total = count_parameters(model)
+    return (f"trainable params: {trainable:,} || all params: {total:,} || "
+            f"trainable%: {100.0 * trainable / max(total, 1):.4f}")
+
+
+def print_trainable_parameters(model: nn.Module) -> str:
+    """Print and return ``trainable_report(model)``."""
+    line = trainable_report(model)
+    print(line)
+    return line

@@ -1,0 +1,310 @@
+"""ViT builders over timm's VisionTransformer, LoRA variants, and pre-trained weight loading.
+
+The model is timm's own ``VisionTransformer``: ``global_pool='avg'`` already gives the
+MAE fine-tuning head (mean of the patch tokens, then ``fc_norm``, then ``head``), and
+timm's Attention uses the fused scaled-dot-product kernel.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import pickle
+import warnings
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from timm.layers import trunc_normal_
+from timm.models.vision_transformer import VisionTransformer
+
+import lora
+
+logger = logging.getLogger(__name__)
+
+ARCHS: dict[str, dict[str, int]] = {
+    "vit_tiny_patch16": dict(embed_dim=192, depth=12, num_heads=3),
+    "vit_small_patch16": dict(embed_dim=384, depth=12, num_heads=6),
+    "vit_base_patch16": dict(embed_dim=768, depth=12, num_heads=12),
+    "vit_large_patch16": dict(embed_dim=1024, depth=24, num_heads=16),
+}
+
+
+def _build_vit(
+    arch: str,
+    num_classes: int = 1000,
+    img_size: int = 224,
+    drop_path_rate: float = 0.0,
+    global_pool: bool = True,
+    **kwargs: Any,
+) -> VisionTransformer:
+    """A timm ViT with the MAE fine-tuning layout; ``kwargs`` override the architecture."""
+    cfg: dict[str, Any] = dict(ARCHS[arch])
+    cfg.update(kwargs)
+    model = VisionTransformer(
+        img_size=img_size,
+        patch_size=16,
+        mlp_ratio=4,
+        qkv_bias=True,
+        norm_layer=partial(nn.LayerNorm, eps=1e-6),
+        num_classes=num_classes,
+        # 'avg' = mean over patch tokens (cls excluded) followed by fc_norm, as MAE/MRM.
+        global_pool="avg" if global_pool else "token",
+        drop_path_rate=drop_path_rate,
+        **cfg,
+    )
+    reset_head(model)
+    return model
+
+
+def reset_head(model: VisionTransformer) -> None:
+    """Re-initialise the classifier as MAE fine-tuning does: trunc_normal(std=2e-5), zero bias."""
+    if isinstance(model.head, nn.Linear):
+        trunc_normal_(model.head.weight, std=2e-5)
+        nn.init.zeros_(model.head.bias)
+
+
+def _with_lora(builder: Callable[..., VisionTransformer]) -> Callable[..., VisionTransformer]:
+    def build(*, lora_rank: int = 4, lora_alpha: float = 32.0, lora_dropout: float = 0.1,
+              lora_pos: str = "attn", **kwargs: Any) -> VisionTransformer:
+        model = builder(**kwargs)
+        lora.inject_lora(model, rank=lora_rank, alpha=lora_alpha, dropout=lora_dropout,
+                         pos=lora_pos)
+        lora.mark_only_lora_as_trainable(model)
+        return model
+
+    build.__name__ = builder.__name__ + "_lora"
+    build.__doc__ = (f"{builder.__name__} with LoRA adapters (lora_rank, lora_alpha, "
+                     "lora_dropout, lora_pos) and only LoRA + fc_norm + head trainable.")
+    return build
+
+
+def vit_tiny_patch16(**kwargs: Any) -> VisionTransformer:
+    """ViT-Ti/16 (192 wide, 12 blocks): for fast CPU tests and demos."""
+    return _build_vit("vit_tiny_patch16", **kwargs)
+
+
+def vit_small_patch16(**kwargs: Any) -> VisionTransformer:
+    """ViT-S/16 (384 wide, 12 blocks)."""
+    return _build_vit("vit_small_patch16", **kwargs)
+
+
+def vit_base_patch16(**kwargs: Any) -> VisionTransformer:
+    """ViT-B/16 (768 wide, 12 blocks): the architecture of MRM and CXR_MAE."""
+    return _build_vit("vit_base_patch16", **kwargs)
+
+
+def vit_large_patch16(**kwargs: Any) -> VisionTransformer:
+    """ViT-L/16 (1024 wide, 24 blocks)."""
+    return _build_vit("vit_large_patch16", **kwargs)
+
+
+vit_tiny_patch16_lora = _with_lora(vit_tiny_patch16)
+vit_small_patch16_lora = _with_lora(vit_small_patch16)
+vit_base_patch16_lora = _with_lora(vit_base_patch16)
+vit_large_patch16_lora = _with_lora(vit_large_patch16)
+
+MODELS: dict[str, Callable[..., VisionTransformer]] = {
+    name: fn for name, fn in globals().items()
+    if name.startswith("vit_") and name.split("_lora")[0] in ARCHS and callable(fn)
+}
+
+
+# ---------------------------------------------------------------------------------------
+# Pre-trained weights
+# ---------------------------------------------------------------------------------------
+
+class PretrainedWeightsError(ValueError):
+    """A pre-trained file that cannot be loaded safely and completely into the model."""
+
+
+# Keys of MAE / MRM pre-training files that are not part of the ViT encoder.
+IGNORED_PREFIXES = ("mask_token", "decoder_", "bert_encoder.", "bert_mlp.")
+# Keys the fine-tuning model may lack in a pre-training file: the new classifier.
+HEAD_PREFIXES = ("head.", "fc_norm.")
+
+
+def _safe_globals() -> list[Any]:
+    """Non-tensor objects that MAE-style checkpoints legitimately hold."""
+    import numpy as np
+
+    allowed: list[Any] = [argparse.Namespace, np.dtype]
+    core = getattr(np, "_core", None) or np.core  # numpy 2 renamed core -> _core
+    allowed.append(core.multiarray.scalar)
+    allowed.extend(type(np.dtype(t)) for t in ("float64", "float32", "int64", "int32", "bool"))
+    return allowed
+
+
+def read_checkpoint(path: str | Path, allow_unsafe_pickle: bool = False) -> dict[str, Any]:
+    """Read a checkpoint file without executing code: safetensors or a restricted unpickle.
+
+    Returns the top-level object (a dict). Pickled files are read with
+    ``weights_only=True`` and an allow-list (argparse.Namespace, numpy scalars); anything
+    else is refused unless ``allow_unsafe_pickle`` is set, which runs arbitrary code.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"pre-trained weights not found: {path}")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path), device="cpu")
+    if allow_unsafe_pickle:
+        warnings.warn(f"UNSAFE: unpickling {path} with weights_only=False; a malicious file "
+                      "can run arbitrary code", stacklevel=2)
+        return torch.load(path, map_location="cpu", weights_only=False)
+    try:
+        with torch.serialization.safe_globals(_safe_globals()):
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
+        # torch's message names the refused global ("Unsupported global: GLOBAL posix.system").
+        reason = next((ln for ln in lines if "global" in ln.lower() and "GLOBAL" in ln),
+                      lines[0] if lines else repr(err))
+        raise PretrainedWeightsError(
+            f"{path}: refused to unpickle: the file holds objects beyond tensors and plain "
+            f"data ({reason}). Loading it could run code. If you trust its origin, re-save "
+            "it as a state dict, or pass --unsafe_load (allow_unsafe_pickle=True)."
+        ) from None
+    except (RuntimeError, EOFError, ValueError) as err:
+        raise PretrainedWeightsError(f"{path}: not a readable torch checkpoint ({err})") from None
+    if not isinstance(obj, dict):
+        raise PretrainedWeightsError(f"{path}: expected a dict, found {type(obj).__name__}")
+    return obj
+
+
+def extract_state_dict(obj: dict[str, Any], path: str | Path = "<checkpoint>") -> dict[str, torch.Tensor]:
+    """The model state dict inside a checkpoint: under 'model' / 'state_dict', or bare."""
+    for key in ("model", "state_dict", "model_state"):
+        if key in obj and isinstance(obj[key], dict):
+            obj = obj[key]
+            break
+    state = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    if not state:
+        raise PretrainedWeightsError(f"{path}: no tensors found (top-level keys: "
+                                     f"{sorted(obj)[:10]})")
+    # Checkpoints saved from a DistributedDataParallel wrapper.
+    if all(k.startswith("module.") for k in state):
+        state = {k[len("module."):]: v for k, v in state.items()}
+    return state
+
+
+def resize_pos_embed(pos_embed: torch.Tensor, grid: tuple[int, int],
+                     num_prefix_tokens: int = 1) -> torch.Tensor:
+    """Bicubic interpolation of the patch positions to a new grid; cls position kept."""
+    prefix, patches = pos_embed[:, :num_prefix_tokens], pos_embed[:, num_prefix_tokens:]
+    old = int(math.sqrt(patches.shape[1]))
+    if old * old != patches.shape[1]:
+        raise PretrainedWeightsError(f"pos_embed with {patches.shape[1]} patch positions is "
+                                     "not a square grid")
+    dim = patches.shape[-1]
+    patches = patches.reshape(1, old, old, dim).permute(0, 3, 1, 2).float()
+    patches = F.interpolate(patches, size=grid, mode="bicubic", align_corners=False)
+    patches = patches.permute(0, 2, 3, 1).reshape(1, grid[0] * grid[1], dim)
+    return torch.cat([prefix, patches.to(pos_embed.dtype)], dim=1)
+
+
+@dataclass
+class LoadReport:
+    """What ``load_pretrained`` did: which keys matched, were missing, unused or ignored."""
+
+    path: str
+    matched: list[str] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)
+    unexpected: list[str] = field(default_factory=list)
+    ignored: list[str] = field(default_factory=list)
+    head_reinitialised: bool = False
+    pos_embed_resized: tuple[int, int] | None = None
+
+    def summary(self) -> str:
+        """One line for the log."""
+        text = (f"loaded {self.path}: {len(self.matched)} tensors matched, "
+                f"{len(self.ignored)} pre-training keys ignored, missing (expected) "
+                f"{self.missing}")
+        if self.unexpected:
+            text += f", unused {self.unexpected[:8]}{'...' if len(self.unexpected) > 8 else ''}"
+        if self.pos_embed_resized:
+            text += f", pos_embed {self.pos_embed_resized[0]} -> {self.pos_embed_resized[1]} positions"
+        return text
+
+
+def _first(items: list[Any], n: int = 5) -> str:
+    return ", ".join(map(str, items[:n])) + (f" (+{len(items) - n} more)" if len(items) > n else "")
+
+
+def load_pretrained(model: nn.Module, path: str | Path, allow_unsafe_pickle: bool = False,
+                    state_dict: dict[str, torch.Tensor] | None = None) -> LoadReport:
+    """Load an MRM / CXR_MAE / MAE / timm ViT checkpoint into ``model``, checking coverage.
+
+    Works on the plain model and on one with LoRA already injected (``.base_layer``
+    names are mapped exactly). Decoder, mask-token and MRM text-branch keys are dropped;
+    a head of another shape is re-initialised; ``pos_embed`` is interpolated to the
+    model's grid. Raises ``PretrainedWeightsError`` before anything is copied when a
+    backbone tensor is missing from the file or has the wrong shape.
+    """
+    if state_dict is None:
+        state_dict = extract_state_dict(read_checkpoint(path, allow_unsafe_pickle), path)
+    report = LoadReport(path=str(path))
+    target = {lora.canonical_name(k): k for k in model.state_dict()
+              if k.rsplit(".", 1)[-1] not in ("lora_A", "lora_B")}
+    shapes = {k: v.shape for k, v in model.state_dict().items()}
+
+    to_load: dict[str, torch.Tensor] = {}
+    mismatched = []
+    for key, value in state_dict.items():
+        if key.startswith(IGNORED_PREFIXES):
+            report.ignored.append(key)
+            continue
+        if key not in target:
+            report.unexpected.append(key)
+            continue
+        want = shapes[target[key]]
+        if key == "pos_embed" and value.shape != want and value.shape[-1] == want[-1]:
+            grid = getattr(model.patch_embed, "grid_size", None)
+            if grid is None:
+                raise PretrainedWeightsError(f"{path}: cannot resize pos_embed for this model")
+            prefix = want[1] - grid[0] * grid[1]
+            value = resize_pos_embed(value, tuple(grid), num_prefix_tokens=prefix)
+            report.pos_embed_resized = (state_dict[key].shape[1], want[1])
+        if key.startswith(HEAD_PREFIXES) and value.shape != want:
+            report.head_reinitialised = True
+            report.ignored.append(key)
+            continue
+        if value.shape != want:
+            mismatched.append(f"{key}: file {tuple(value.shape)} vs model {tuple(want)}")
+            continue
+        to_load[target[key]] = value
+
+    if mismatched:
+        raise PretrainedWeightsError(
+            f"{path}: {len(mismatched)} tensors have the wrong shape for "
+            f"{type(model).__name__} (wrong architecture? e.g. ViT-L weights into ViT-B): "
+            f"{_first(mismatched)}")
+    present = {k for k in state_dict if k in target}
+    missing = sorted(k for k in target if k not in present)
+    backbone_missing = [k for k in missing if not k.startswith(HEAD_PREFIXES)]
+    if backbone_missing:
+        raise PretrainedWeightsError(
+            f"{path}: {len(backbone_missing)} backbone tensors are missing from the file, so "
+            f"part of the ViT would stay random: {_first(backbone_missing)}. Is this a "
+            "ViT encoder checkpoint of the same architecture?")
+
+    result = model.load_state_dict(to_load, strict=False)
+    loaded_missing = sorted(lora.canonical_name(k) for k in result.missing_keys
+                            if k.rsplit(".", 1)[-1] not in ("lora_A", "lora_B"))
+    assert not result.unexpected_keys, f"unexpected keys after mapping: {result.unexpected_keys}"
+    assert all(k.startswith(HEAD_PREFIXES) for k in loaded_missing), loaded_missing
+    report.missing = loaded_missing
+    report.matched = sorted(lora.canonical_name(k) for k in to_load)
+    if "head.weight" in report.missing or report.head_reinitialised:
+        reset_head(model)
+    if report.unexpected:
+        # e.g. `norm.*` of a pre-training file when the model pools with fc_norm instead.
+        logger.info("%s: %d keys not used by the model: %s", path, len(report.unexpected),
+                    _first(report.unexpected))
+    logger.info(report.summary())
+    return report

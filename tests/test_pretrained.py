@@ -1,0 +1,129 @@
+"""Loading MRM / CXR_MAE / MAE / timm / safetensors weights into the (LoRA) ViT."""
+import os
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+from safetensors.torch import save_file
+
+import lora
+import models_vit_lora as mv
+from _fakes import encoder_state, mrm_checkpoint
+
+
+def plain_timm_features(enc, x, img_size=224):
+    """Pooled features (mean of patch tokens + fc_norm) of a stock timm ViT."""
+    ref = timm.create_model("vit_tiny_patch16_224", pretrained=False, depth=2, num_classes=0,
+                            global_pool="avg", img_size=img_size).eval()
+    missing, unexpected = ref.load_state_dict(enc, strict=False)
+    assert set(missing) == {"fc_norm.weight", "fc_norm.bias"}
+    assert set(unexpected) == {"norm.weight", "norm.bias"}
+    return ref(x)
+
+
+@pytest.mark.parametrize("with_lora", [False, True])
+def test_mrm_checkpoint_loads_every_encoder_key(tmp_path, with_lora):
+    path = tmp_path / "MRM.pth"
+    enc = mrm_checkpoint(path)
+    model = mv.vit_tiny_patch16(depth=2, num_classes=14)
+    if with_lora:
+        lora.inject_lora(model, rank=4)
+    report = mv.load_pretrained(model, path)
+    encoder_keys = {k for k in enc if not k.startswith("norm.")}
+    assert set(report.matched) == encoder_keys
+    assert set(report.missing) == {"head.weight", "head.bias", "fc_norm.weight", "fc_norm.bias"}
+    assert set(report.unexpected) == {"norm.weight", "norm.bias"}
+    assert any(k.startswith("bert_encoder.") for k in report.ignored)
+    assert any(k.startswith("decoder_") for k in report.ignored)
+    assert "mask_token" in report.ignored
+    x = torch.randn(2, 3, 224, 224)
+    model.eval()
+    ours = model.forward_head(model.forward_features(x), pre_logits=True)
+    torch.testing.assert_close(ours, plain_timm_features(enc, x), atol=1e-5, rtol=1e-5)
+    # The head is the fresh MAE-style one, not something from the file.
+    assert model.head.weight.std() < 1e-4 and torch.count_nonzero(model.head.bias) == 0
+
+
+def test_bare_timm_and_safetensors_files(tmp_path):
+    enc = encoder_state()
+    enc["head.weight"] = torch.randn(1000, 192)  # timm ImageNet head: other shape
+    enc["head.bias"] = torch.randn(1000)
+    torch.save(enc, tmp_path / "bare.pth")
+    save_file(enc, str(tmp_path / "w.safetensors"))
+    torch.save({"state_dict": {"module." + k: v for k, v in enc.items()}}, tmp_path / "ddp.pth")
+    outs = []
+    for name in ("bare.pth", "w.safetensors", "ddp.pth"):
+        torch.manual_seed(1)
+        model = mv.vit_tiny_patch16(depth=2, num_classes=3).eval()
+        report = mv.load_pretrained(model, tmp_path / name)
+        assert report.head_reinitialised
+        assert len(report.matched) == len(enc) - 4  # all but head.* and norm.*
+        outs.append(model.forward_features(torch.ones(1, 3, 224, 224)))
+    torch.testing.assert_close(outs[0], outs[1])
+    torch.testing.assert_close(outs[0], outs[2])
+
+
+def test_vit_large_into_vit_base_fails_clearly():
+    meta = mv.vit_large_patch16(num_classes=0, global_pool=False)
+    state = {k: torch.empty(v.shape) for k, v in meta.state_dict().items()}
+    del meta
+    model = mv.vit_base_patch16(num_classes=14)
+    before = model.blocks[0].attn.qkv.weight.clone()
+    with pytest.raises(mv.PretrainedWeightsError, match=r"wrong shape.*cls_token.*1024.*768"):
+        mv.load_pretrained(model, "ViT-L.pth", state_dict=state)
+    assert torch.equal(model.blocks[0].attn.qkv.weight, before)  # nothing copied
+
+
+def test_missing_backbone_keys_fail(tmp_path):
+    enc = encoder_state()
+    del enc["blocks.1.mlp.fc2.weight"]
+    torch.save({"model": enc}, tmp_path / "partial.pth")
+    with pytest.raises(mv.PretrainedWeightsError, match=r"missing.*blocks\.1\.mlp\.fc2\.weight"):
+        mv.load_pretrained(mv.vit_tiny_patch16(depth=2, num_classes=2), tmp_path / "partial.pth")
+    # A checkpoint of something else entirely.
+    torch.save({"model": {"conv1.weight": torch.zeros(3)}}, tmp_path / "resnet.pth")
+    with pytest.raises(mv.PretrainedWeightsError, match="backbone tensors are missing"):
+        mv.load_pretrained(mv.vit_tiny_patch16(depth=2, num_classes=2), tmp_path / "resnet.pth")
+
+
+class _Evil:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_code_running_pickle_is_refused_without_running(tmp_path):
+    marker = tmp_path / "pwned"
+    path = tmp_path / "evil.pth"
+    torch.save({"model": encoder_state(), "payload": _Evil(marker)}, path)
+    with pytest.raises(mv.PretrainedWeightsError, match=r"evil\.pth: refused to unpickle.*system"):
+        mv.load_pretrained(mv.vit_tiny_patch16(depth=2, num_classes=2), path)
+    assert not marker.exists()
+
+
+def test_missing_file_and_garbage_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.pth"):
+        mv.load_pretrained(mv.vit_tiny_patch16(depth=2), tmp_path / "nope.pth")
+    (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
+    with pytest.raises(mv.PretrainedWeightsError, match="junk.pth"):
+        mv.load_pretrained(mv.vit_tiny_patch16(depth=2), tmp_path / "junk.pth")
+
+
+def test_384_input_interpolates_pos_embed(tmp_path):
+    path = tmp_path / "CXR_MAE.pth"
+    enc = mrm_checkpoint(path, text_branch=False)
+    model = mv.vit_tiny_patch16(depth=2, num_classes=5, img_size=384).eval()
+    report = mv.load_pretrained(model, path)
+    assert report.pos_embed_resized == (197, 577)
+    pe = model.pos_embed.detach()
+    assert pe.shape == (1, 577, 192)
+    torch.testing.assert_close(pe[:, 0], enc["pos_embed"][:, 0])  # cls position kept
+    # Resizing back to the original grid gives (nearly) the original positions.
+    back = mv.resize_pos_embed(pe, (14, 14))
+    assert torch.nn.functional.cosine_similarity(
+        back[0, 1:], enc["pos_embed"][0, 1:], dim=-1).mean() > 0.9
+    out = model(torch.randn(1, 3, 384, 384))
+    assert out.shape == (1, 5) and torch.isfinite(out).all()
