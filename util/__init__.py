@@ -1,0 +1,1 @@
+"""Training utilities: checkpoints, metrics, distributed helpers, logging, reports."""
