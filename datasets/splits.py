@@ -1,0 +1,189 @@
+"""Split files in the paper's format: finding, parsing and resolving their image paths.
+
+A split file holds one image per line, ``relative/path L1 ... LK``: K integer 0/1 labels
+separated by single spaces (RSNA lines end with a trailing space). Paths hold no spaces.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .constants import ALL_SPLIT_FILES, CLASS_NAMES, DATASET_KINDS, SPLIT_FILES, TRAIN_SPLIT_FILES
+from .errors import SplitFileError
+
+logger = logging.getLogger(__name__)
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+# The repository's own split folder: <repo>/DatasetsSplits/<basename of data_path>/.
+DEFAULT_SPLITS_ROOT = REPO_ROOT / "DatasetsSplits"
+CLASSES_FILE = "classes.txt"
+
+# Substrings of a data folder's name -> kind, checked in this order (case-insensitive).
+_KIND_PATTERNS: tuple[tuple[str, str], ...] = (
+    ("nih", "nih"),
+    ("chestx-ray14", "nih"),
+    ("chestxray", "nih"),
+    ("chexpert", "chexpert"),
+    ("rsna", "rsna"),
+)
+
+
+@dataclass
+class SplitTable:
+    """The parsed content of one split file."""
+
+    split_file: Path
+    paths: list[str]
+    targets: np.ndarray  # N x K uint8
+    lines: list[int]  # 1-based line number of each entry, for error messages
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+
+def folder_name(path: str | Path) -> str:
+    """Base name of a folder as the user wrote it ('.' resolved), keeping symlinked names."""
+    path = Path(path)
+    return path.name or path.resolve().name
+
+
+def infer_dataset_kind(data_path: str | Path) -> str:
+    """Guess the data set kind ('nih', 'chexpert', 'rsna' or 'custom') from a data folder."""
+    path = Path(data_path)
+    name = folder_name(path).lower()
+    for pattern, kind in _KIND_PATTERNS:
+        if pattern in name:
+            return kind
+    # A folder with NIH's layout (images under all_classes/), e.g. the synthetic demo set.
+    if (path / "all_classes").is_dir():
+        return "nih"
+    return "custom"
+
+
+def split_file_name(split: str, data_size: str = "100%") -> str:
+    """Name of the split file for `split` ('train' / 'val' / 'test') and `data_size`."""
+    if split not in SPLIT_FILES:
+        raise ValueError(f"split={split!r}: expected one of {sorted(SPLIT_FILES)}")
+    if split == "train":
+        if data_size not in TRAIN_SPLIT_FILES:
+            raise ValueError(
+                f"data_size={data_size!r}: expected one of {list(TRAIN_SPLIT_FILES)}"
+            )
+        return TRAIN_SPLIT_FILES[data_size]
+    return SPLIT_FILES[split]  # type: ignore[return-value]
+
+
+def split_dir_candidates(data_path: str | Path, split_dir: str | Path | None = None) -> list[Path]:
+    """Folders searched for split files, in order."""
+    if split_dir is not None:
+        return [Path(split_dir)]
+    data_path = Path(data_path)
+    return [data_path, DEFAULT_SPLITS_ROOT / folder_name(data_path)]
+
+
+def find_split_dir(data_path: str | Path, split_dir: str | Path | None = None) -> Path | None:
+    """The first candidate folder that holds any of the five split files, or None."""
+    for folder in split_dir_candidates(data_path, split_dir):
+        if any((folder / name).is_file() for name in ALL_SPLIT_FILES):
+            return folder
+    return None
+
+
+def locate_split_file(
+    split: str,
+    data_path: str | Path,
+    data_size: str = "100%",
+    split_dir: str | Path | None = None,
+) -> Path:
+    """Path of the split file for `split` / `data_size`; raises listing what was searched."""
+    name = split_file_name(split, data_size)
+    folder = find_split_dir(data_path, split_dir)
+    if folder is not None and (folder / name).is_file():
+        return folder / name
+    searched = [str(f) for f in split_dir_candidates(data_path, split_dir)]
+    where = (
+        f"the split folder {folder} lacks it" if folder is not None
+        else "none of the folders searched holds any split file"
+    )
+    raise SplitFileError(
+        f"split file '{name}' for split={split!r}, data_size={data_size!r} not found ({where}). "
+        f"Expected the split files {', '.join(ALL_SPLIT_FILES)} in one of: {', '.join(searched)}. "
+        f"Pass split_dir= (--split_dir) to point at them, or write them with "
+        f"`python -m datasets.make_splits` (see DatasetsSplits/README.md)."
+    )
+
+
+def read_class_names(folders: list[Path]) -> list[str] | None:
+    """Class names from the first `classes.txt` (one name a line) found in `folders`."""
+    for folder in folders:
+        path = folder / CLASSES_FILE
+        if path.is_file():
+            names = [ln.strip() for ln in path.read_text().splitlines() if ln.strip()]
+            if not names:
+                raise SplitFileError(f"{path}: class file is empty (expected one class name a line)")
+            return names
+    return None
+
+
+def parse_split_file(split_file: str | Path, num_classes: int | None = None, kind: str = "custom") -> SplitTable:
+    """Parse one split file, checking the label count (K) and that labels are 0 or 1.
+
+    With ``num_classes=None`` (custom data sets without classes.txt) K is taken from the
+    first line and every other line must agree.
+    """
+    split_file = Path(split_file)
+    try:
+        text = split_file.read_text()
+    except UnicodeDecodeError as err:
+        raise SplitFileError(f"{split_file}: not a text split file ({err})") from err
+    paths: list[str] = []
+    rows: list[list[int]] = []
+    lines: list[int] = []
+    expected = num_classes
+    for line_no, raw in enumerate(text.splitlines(), start=1):
+        tokens = raw.split()
+        if not tokens:
+            continue  # blank lines (e.g. a trailing newline) carry no entry
+        path, labels = tokens[0], tokens[1:]
+        if expected is None:
+            if not labels:
+                raise SplitFileError(
+                    f"{split_file}:{line_no}: image '{path}' has no labels "
+                    f"(expected 'relative/path L1 ... LK')"
+                )
+            expected = len(labels)
+        if len(labels) != expected:
+            what = f"data set kind '{kind}'" if kind in CLASS_NAMES else "this file"
+            hint = " (paths may not contain spaces)" if len(labels) > expected else ""
+            raise SplitFileError(
+                f"{split_file}:{line_no}: image '{path}' has {len(labels)} labels, "
+                f"expected {expected} for {what}{hint}"
+            )
+        row = []
+        for col, value in enumerate(labels):
+            if value not in ("0", "1"):
+                raise SplitFileError(
+                    f"{split_file}:{line_no}: image '{path}': label {col + 1} is {value!r}, "
+                    f"expected 0 or 1 (map uncertain / blank labels when making the split)"
+                )
+            row.append(1 if value == "1" else 0)
+        paths.append(path)
+        rows.append(row)
+        lines.append(line_no)
+    if not paths:
+        raise SplitFileError(f"{split_file}: split file is empty (no 'path labels' lines)")
+    targets = np.asarray(rows, dtype=np.uint8).reshape(len(paths), expected)
+    return SplitTable(split_file=split_file, paths=paths, targets=targets, lines=lines)
+
+
+def resolve_image_path(data_path: str | Path, rel_path: str, kind: str) -> Path:
+    """Where the image of a split-file entry lives for a data set `kind`."""
+    if kind not in DATASET_KINDS:
+        raise ValueError(f"dataset={kind!r}: expected one of {list(DATASET_KINDS)}")
+    if kind == "nih":
+        # NIH split files hold bare image names; the images sit in one folder.
+        return Path(data_path) / "all_classes" / rel_path
+    return Path(data_path) / rel_path

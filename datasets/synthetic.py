@@ -1,0 +1,178 @@
+"""A synthetic chest-X-ray-like demo data set in NIH's layout, learnable without any download.
+
+Each image is a grey chest-like background (body, two darker lungs, spine, noise). Each of
+the 14 NIH findings present adds its own visual signature inside a soft disk at a random
+place: stripes of a class-specific orientation and period, a checkerboard, dots, rings,
+a grid, a bright or dark blob, or noise. The signatures are translation-invariant
+textures, so a ViT that mean-pools its patch tokens can learn them, even from random
+initial weights with only LoRA and the head trained. Labels are independent with a
+prevalence of 10-30% per class.
+
+    python -m datasets.demo --out demo_data          # 1,200 images of 128 px, a few seconds
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from .constants import CLASS_NAMES
+
+logger = logging.getLogger(__name__)
+
+# Per-class prevalence, fixed so every seed has the same label balance.
+DEMO_PREVALENCE: tuple[float, ...] = (
+    0.25, 0.15, 0.30, 0.20, 0.12, 0.18, 0.22, 0.10, 0.28, 0.14, 0.16, 0.26, 0.12, 0.20,
+)
+_AMPLITUDE = 0.22
+MIN_SUBSET = 20  # smallest train_1 / train_10 list, so a 1% run still sees every class
+
+
+def _stripes(x: np.ndarray, y: np.ndarray, angle: float, period: float, phase: float) -> np.ndarray:
+    """Sinusoidal stripes in [-1, 1]."""
+    t = x * np.cos(angle) + y * np.sin(angle)
+    return np.sin(2 * np.pi * t / period + phase)
+
+
+def _signature(c: int, x: np.ndarray, y: np.ndarray, cx: float, cy: float, s: int,
+               rng: np.random.Generator) -> np.ndarray:
+    """Class `c`'s texture over the whole image, roughly in [-1, 1]."""
+    fine, coarse = s / 16, s / 6
+    phase = rng.uniform(0, 2 * np.pi)
+    if c == 0:
+        return _stripes(x, y, 0.0, fine, phase)
+    if c == 1:
+        return np.ones_like(x)  # bright blob
+    if c == 2:
+        return _stripes(x, y, np.pi / 2, fine, phase)
+    if c == 3:
+        return _stripes(x, y, np.pi / 4, fine, phase)
+    if c == 4:
+        return -np.ones_like(x)  # dark blob
+    if c == 5:  # bright dots on a lattice
+        p = s / 10
+        return 2 * (np.cos(2 * np.pi * x / p + phase) * np.cos(2 * np.pi * y / p + phase) > 0.6) - 0.3
+    if c == 6:
+        return _stripes(x, y, 3 * np.pi / 4, fine, phase)
+    if c == 7:  # checkerboard
+        p = s / 12
+        return np.sign(np.sin(np.pi * x / p + phase) * np.sin(np.pi * y / p + phase))
+    if c == 8:
+        return _stripes(x, y, 0.0, coarse, phase)
+    if c == 9:
+        return _stripes(x, y, np.pi / 2, coarse, phase)
+    if c == 10:
+        return rng.uniform(-1.5, 1.5, size=x.shape)  # mottled noise
+    if c == 11:  # concentric rings around the blob centre
+        return np.sin(2 * np.pi * np.hypot(x - cx, y - cy) / (s / 12) + phase)
+    if c == 12:
+        return _stripes(x, y, np.pi / 4, coarse, phase)
+    # c == 13: a grid of thin lines
+    p = s / 8
+    return 2.0 * ((np.abs(np.sin(np.pi * x / p + phase)) < 0.25) | (np.abs(np.sin(np.pi * y / p + phase)) < 0.25)) - 0.5
+
+
+def chest_template(image_size: int) -> np.ndarray:
+    """The fixed chest-like grey image in [0, 1]: body, two darker lungs and a spine."""
+    s = image_size
+    y, x = np.mgrid[0:s, 0:s].astype(np.float32)
+    u, v = (x / s) * 2 - 1, (y / s) * 2 - 1
+    img = 0.62 - 0.18 * u**2
+    for side in (-1, 1):
+        r = ((u - side * 0.42) / 0.3) ** 2 + ((v + 0.05) / 0.58) ** 2
+        img -= 0.25 / (1 + np.exp(np.minimum((r - 1) * 8, 50)))  # soft-edged lung field
+    img += 0.12 * np.exp(-(u / 0.07) ** 2)  # spine
+    return img.astype(np.float32)
+
+
+def _background(template: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """The template shifted a little, with a brightness offset, smooth and pixel noise."""
+    s = template.shape[0]
+    dy, dx = rng.integers(-s // 32, s // 32 + 1, size=2)
+    img = np.roll(template, (int(dy), int(dx)), axis=(0, 1)) + np.float32(rng.normal(0, 0.02))
+    coarse = rng.normal(0, 0.04, size=(5, 5)).astype(np.float32)
+    img += np.asarray(Image.fromarray(coarse, mode="F").resize((s, s), Image.BICUBIC))
+    img += rng.normal(0, 0.02, size=img.shape).astype(np.float32)
+    return img
+
+
+def make_demo_image(labels: np.ndarray, image_size: int, rng: np.random.Generator,
+                    template: np.ndarray | None = None) -> np.ndarray:
+    """One uint8 image showing the findings whose label is 1."""
+    s = image_size
+    if template is None:
+        template = chest_template(s)
+    img = _background(template, rng)
+    y, x = np.mgrid[0:s, 0:s].astype(np.float32)
+    for c in np.flatnonzero(labels):
+        r = rng.uniform(0.2, 0.3) * s
+        cx, cy = rng.uniform(r * 0.8, s - r * 0.8, size=2)
+        # Work on the disk's bounding box only: most of the image is untouched.
+        pad = r + s / 16
+        y0, y1 = max(0, int(cy - pad)), min(s, int(cy + pad) + 1)
+        x0, x1 = max(0, int(cx - pad)), min(s, int(cx + pad) + 1)
+        bx, by = x[y0:y1, x0:x1], y[y0:y1, x0:x1]
+        mask = 1 / (1 + np.exp((np.hypot(bx - cx, by - cy) - r) / (s / 64)))
+        img[y0:y1, x0:x1] += _AMPLITUDE * mask * _signature(int(c), bx, by, cx, cy, s, rng)
+    return np.clip(np.rint(img * 255), 0, 255).astype(np.uint8)
+
+
+def _write_split(path: Path, names: list[str], labels: np.ndarray) -> None:
+    """Write a split file in the paper's format."""
+    lines = [f"{n} {' '.join(str(int(v)) for v in row)}\n" for n, row in zip(names, labels)]
+    path.write_text("".join(lines))
+
+
+def make_demo_dataset(
+    root: str | Path,
+    num_images: int = 1200,
+    image_size: int = 128,
+    seed: int = 0,
+    images_per_patient: int = 2,
+) -> Path:
+    """Write a synthetic data set in NIH layout (root/all_classes/*.png + the five split files); returns root.
+
+    About 2/3 of the patients go to train_list, 1/6 each to val_list and test_list
+    (patient-disjoint); train_10 and train_1 are nested random subsets of train_list with at
+    least MIN_SUBSET images.
+    """
+    if num_images < 12:
+        raise ValueError(f"num_images={num_images}: expected at least 12")
+    if image_size < 32:
+        raise ValueError(f"image_size={image_size}: expected at least 32 pixels")
+    root = Path(root)
+    image_dir = root / "all_classes"
+    image_dir.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    k = len(CLASS_NAMES["nih"])
+    labels = (rng.random((num_images, k)) < np.asarray(DEMO_PREVALENCE)).astype(np.uint8)
+    patients = np.arange(num_images) // max(1, images_per_patient)
+    names = [f"{p + 1:08d}_{i % max(1, images_per_patient):03d}.png" for i, p in enumerate(patients)]
+    template = chest_template(image_size)
+    for name, row in zip(names, labels):
+        Image.fromarray(make_demo_image(row, image_size, rng, template), mode="L").save(image_dir / name, compress_level=1)
+
+    unique = np.unique(patients)
+    order = rng.permutation(unique)
+    n_eval = max(1, round(len(unique) / 6))
+    test_p, val_p = set(order[:n_eval]), set(order[n_eval:2 * n_eval])
+    split_of = np.array(["test" if p in test_p else "val" if p in val_p else "train" for p in patients])
+    idx = {s: np.flatnonzero(split_of == s) for s in ("train", "val", "test")}
+    train = rng.permutation(idx["train"])
+    n_train = len(train)
+    n10 = min(n_train, max(MIN_SUBSET, round(0.10 * n_train)))
+    n1 = min(n10, max(MIN_SUBSET, round(0.01 * n_train)))
+    files = {
+        "train_list.txt": np.sort(train),
+        "train_10.txt": np.sort(train[:n10]),
+        "train_1.txt": np.sort(train[:n1]),
+        "val_list.txt": idx["val"],
+        "test_list.txt": idx["test"],
+    }
+    for fname, rows in files.items():
+        _write_split(root / fname, [names[i] for i in rows], labels[rows])
+    logger.info("demo data set: %d images of %d px in %s (train %d / 10%% %d / 1%% %d, val %d, test %d)",
+                num_images, image_size, root, n_train, n10, n1, len(idx["val"]), len(idx["test"]))
+    return root

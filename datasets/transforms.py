@@ -1,0 +1,137 @@
+"""The paper's image transforms, from an 8-bit grey PIL image to a normalised 3 x H x W tensor.
+
+Transforms made here take the grey image directly (``grey_input = True``) and repeat the
+channel only once the image is a small tensor, which is cheaper than cropping 3 channels.
+Every random choice uses the global torch / python `random` / numpy generators, which the
+trainer reseeds per epoch so that a resumed run replays the same augmentations.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from PIL import Image
+from torchvision import transforms as T
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms import functional as TF
+
+from .constants import NORM_STATS
+
+RECIPES: tuple[str, ...] = ("sgd", "adamw")
+# MAE's evaluation resizes to input_size / crop_pct, then centre-crops (224 -> 256 -> 224).
+ADAMW_EVAL_CROP_PCT = 0.875
+
+
+def to_rgb(img: Image.Image | torch.Tensor) -> Image.Image | torch.Tensor:
+    """Repeat one grey channel into 3 identical channels (PIL 'L' -> 'RGB', 1xHxW -> 3xHxW)."""
+    if isinstance(img, torch.Tensor):
+        if img.ndim == 2:
+            img = img.unsqueeze(0)
+        if img.shape[0] == 3:
+            return img
+        if img.shape[0] != 1:
+            raise ValueError(f"to_rgb: expected a 1- or 3-channel tensor, got shape {tuple(img.shape)}")
+        return img.repeat(3, 1, 1)
+    if img.mode == "RGB":
+        return img
+    if img.mode != "L":
+        raise ValueError(f"to_rgb: expected a grey ('L') image, got mode {img.mode!r}")
+    return Image.merge("RGB", (img, img, img))
+
+
+def to_float_tensor(img: Image.Image) -> torch.Tensor:
+    """An 8-bit grey image as an un-normalised float 3 x H x W tensor in [0, 1]."""
+    return to_rgb(TF.to_tensor(img))  # type: ignore[return-value]
+
+
+class GreyToRGB:
+    """Transform step: repeat a 1-channel tensor (or PIL 'L' image) into 3 identical channels."""
+
+    def __call__(self, img: Image.Image | torch.Tensor) -> Image.Image | torch.Tensor:
+        return to_rgb(img)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
+class XrayTransform:
+    """A transform pipeline that accepts an 8-bit grey PIL image and returns a 3-channel tensor."""
+
+    grey_input = True  # ChestXrayDataset passes 'L' images to transforms carrying this flag
+
+    def __init__(self, steps: list[Callable]) -> None:
+        self.pipeline = T.Compose(steps)
+
+    def __call__(self, img: Image.Image) -> torch.Tensor:
+        return self.pipeline(img)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.pipeline!r})"
+
+
+def norm_stats(norm: str) -> tuple[tuple[float, float, float], tuple[float, float, float]]:
+    """Mean and std for a normalisation name ('mrm', 'cxr_mae' or 'imagenet')."""
+    if norm not in NORM_STATS:
+        raise ValueError(f"norm={norm!r}: expected one of {list(NORM_STATS)}")
+    return NORM_STATS[norm]
+
+
+def build_transform(
+    is_train: bool,
+    recipe: str = "sgd",
+    input_size: int = 224,
+    norm: str = "mrm",
+    aa: str | None = "rand-m9-mstd0.5-inc1",
+    reprob: float = 0.25,
+    remode: str = "pixel",
+    recount: int = 1,
+    crop_scale: tuple[float, float] = (0.08, 1.0),
+) -> XrayTransform:
+    """The paper's train or eval transform for a recipe ('sgd' for MRM, 'adamw' for CXR_MAE).
+
+    Args:
+        is_train: training augmentation, else the deterministic evaluation transform.
+        recipe: 'sgd': RandomResizedCrop (bicubic) + horizontal flip, eval Resize(input_size)
+            + CenterCrop; 'adamw': timm ``create_transform`` (RandAugment `aa`, random
+            erasing `reprob` / `remode` / `recount`), eval Resize(input_size / 0.875) +
+            CenterCrop, as in MAE. `aa` and the random-erasing flags apply to 'adamw' only,
+            since the paper's sgd recipe uses neither.
+        input_size: side of the square output.
+        norm: normalisation statistics, a key of NORM_STATS.
+        crop_scale: area range of the sgd RandomResizedCrop (torchvision's default).
+    """
+    if recipe not in RECIPES:
+        raise ValueError(f"recipe={recipe!r}: expected one of {list(RECIPES)}")
+    if input_size < 8:
+        raise ValueError(f"input_size={input_size}: expected at least 8 pixels")
+    mean, std = norm_stats(norm)
+    tail: list[Callable] = [T.ToTensor(), GreyToRGB(), T.Normalize(mean, std)]
+    bicubic = InterpolationMode.BICUBIC
+
+    if not is_train:
+        resize = input_size if recipe == "sgd" else int(input_size / ADAMW_EVAL_CROP_PCT)
+        return XrayTransform([T.Resize(resize, interpolation=bicubic), T.CenterCrop(input_size), *tail])
+
+    if recipe == "sgd":
+        return XrayTransform([
+            T.RandomResizedCrop(input_size, scale=crop_scale, interpolation=bicubic),
+            T.RandomHorizontalFlip(),
+            *tail,
+        ])
+
+    from timm.data import create_transform  # timm only for the adamw recipe
+
+    timm_transform = create_transform(
+        input_size=input_size,
+        is_training=True,
+        color_jitter=None,
+        auto_augment=aa if aa else None,
+        interpolation="bicubic",
+        re_prob=reprob,
+        re_mode=remode,
+        re_count=recount,
+        mean=mean,
+        std=std,
+    )
+    # RandAugment's colour ops and fill values expect RGB, so this recipe repeats first.
+    return XrayTransform([GreyToRGB(), timm_transform])
