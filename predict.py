@@ -1,0 +1,487 @@
+"""Predict class probabilities for new chest X-rays with a trained checkpoint or a merged export.
+
+    python predict.py --checkpoint output/nih_1/checkpoint-best --inputs scans/ --output preds.csv
+    python predict.py --checkpoint export/nih_1_mrm_lora --inputs a.png b.dcm --threshold 0.5
+    python predict.py --checkpoint output/nih_1/checkpoint-best \\
+        --inputs DatasetsSplits/NIH_ChestX-ray/test_list.txt --data_path data/NIH_ChestX-ray
+    python predict.py ... --heatmap_class Effusion --heatmap_dir heatmaps/
+
+Inputs are image files (PNG 8/16-bit, JPEG, DICOM, ...), folders (searched recursively)
+and split files (``*.txt``, one ``relative/path [labels...]`` a line). The CSV has one row
+per readable image: ``path`` (as given; for split files the relative path as written
+there, so it joins with ``predictions_test.csv`` of ``--eval``), one sigmoid probability
+per class, and with ``--threshold`` the 0/1 ``pred_<class>`` columns. Unreadable inputs
+are logged, listed in ``<output stem>_failed.csv`` and skipped; the exit code is 0 when
+every input was predicted, 1 when some failed, 2 on usage errors.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn as nn
+from torch.utils.data import DataLoader, Dataset
+
+logger = logging.getLogger("predict")
+
+# Files a folder search picks up; files named explicitly are tried whatever their suffix.
+IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".dcm", ".dicom", ".dic", ".bmp",
+                            ".tif", ".tiff", ".webp"})
+SPLIT_SUFFIXES = frozenset({".txt"})
+AMP_CHOICES = ("auto", "bf16", "fp16", "none")
+DATASET_CHOICES = ("nih", "chexpert", "rsna", "custom")
+
+
+class UsageError(ValueError):
+    """A flag or input that makes the whole run impossible (exit code 2)."""
+
+
+@dataclass(frozen=True)
+class InputImage:
+    """One image to predict: its name in the CSV and the file to read."""
+
+    name: str
+    file: Path
+
+
+@dataclass(frozen=True)
+class Failure:
+    """An input that could not be predicted, and why."""
+
+    name: str
+    file: str
+    reason: str
+
+
+# ---------------------------------------------------------------------------------------
+# Inputs
+# ---------------------------------------------------------------------------------------
+
+def _walk_images(folder: Path) -> list[Path]:
+    """Image files under ``folder``, recursively, sorted; hidden entries skipped."""
+    found: list[Path] = []
+    seen: set[str] = set()
+    for root, dirs, files in os.walk(folder, followlinks=True):
+        real = os.path.realpath(root)
+        if real in seen:  # a symlink loop
+            dirs[:] = []
+            continue
+        seen.add(real)
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        found.extend(Path(root) / f for f in sorted(files)
+                     if not f.startswith(".") and Path(f).suffix.lower() in IMAGE_SUFFIXES)
+    return found
+
+
+def read_split_paths(split_file: Path) -> list[str]:
+    """Relative image paths of a split file: the first field of every non-blank line."""
+    try:
+        text = split_file.read_text()
+    except UnicodeDecodeError as err:
+        raise UsageError(f"{split_file}: not a text split file ({err})") from err
+    return [line.split()[0] for line in text.splitlines() if line.strip()]
+
+
+def collect_inputs(
+    inputs: Sequence[str | Path],
+    data_path: str | Path | None = None,
+    dataset: str | None = None,
+) -> tuple[list[InputImage], list[Failure]]:
+    """Expand files, folders and split files into images; missing inputs become failures.
+
+    Split-file paths are resolved with the data set's rule (``nih``:
+    ``<data_path>/all_classes/<name>``, else ``<data_path>/<path>``); ``data_path``
+    defaults to the split file's folder and ``dataset`` to one inferred from it.
+    """
+    from datasets import infer_dataset_kind, resolve_image_path
+
+    images: list[InputImage] = []
+    failures: list[Failure] = []
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            found = _walk_images(path)
+            if not found:
+                logger.warning("%s: no image files (%s) in this folder", path,
+                               " ".join(sorted(IMAGE_SUFFIXES)))
+            images.extend(InputImage(str(f), f) for f in found)
+        elif path.is_file() and path.suffix.lower() in SPLIT_SUFFIXES:
+            root = Path(data_path) if data_path is not None else path.parent
+            if not root.is_dir():
+                raise UsageError(f"--data_path {root} is not a folder (needed for split file {path})")
+            kind = dataset or infer_dataset_kind(root)
+            names = read_split_paths(path)
+            if not names:
+                logger.warning("%s: split file has no entries", path)
+            images.extend(InputImage(n, resolve_image_path(root, n, kind)) for n in names)
+        elif path.is_file():
+            images.append(InputImage(str(item), path))
+        else:
+            failures.append(Failure(str(item), str(path), "file not found"))
+    return images, failures
+
+
+# ---------------------------------------------------------------------------------------
+# Model, transform, precision
+# ---------------------------------------------------------------------------------------
+
+def load_model(checkpoint: str | Path, finetune: str | Path | None = None,
+               device: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:
+    """A trained model in eval mode and its config, from an adapter checkpoint or a merged export."""
+    from lora.export import is_merged_export, load_merged
+    from util.checkpoint import load_trained
+
+    if is_merged_export(checkpoint):
+        if finetune:
+            logger.info("--finetune ignored: %s is a merged export holding every tensor", checkpoint)
+        return load_merged(checkpoint, device)
+    return load_trained(checkpoint, finetune, device)
+
+
+def eval_transform(config: dict[str, Any]) -> Callable[[Any], torch.Tensor]:
+    """The evaluation transform a checkpoint was trained for (recipe, input size, normalisation)."""
+    from datasets import NORM_STATS, build_transform
+
+    norm = config.get("norm")
+    if norm not in NORM_STATS:
+        raise UsageError(f"checkpoint normalisation {norm!r} is not one of {list(NORM_STATS)}")
+    mean = config.get("mean")
+    if mean is not None and not np.allclose(mean, NORM_STATS[norm][0], atol=1e-6):
+        logger.warning("checkpoint mean %s differs from the statistics of norm %r %s; using the "
+                       "latter", mean, norm, NORM_STATS[norm][0])
+    return build_transform(is_train=False, recipe=config.get("eval_recipe", "sgd"),
+                           input_size=int(config["img_size"]), norm=norm)
+
+
+def resolve_amp(amp: str, device: torch.device) -> torch.dtype | None:
+    """Autocast dtype for ``--amp`` on ``device``; None means fp32.
+
+    auto: bf16 on the CPU and on GPUs that support it, fp16 on other GPUs, fp32 elsewhere.
+    """
+    if amp not in AMP_CHOICES:
+        raise UsageError(f"--amp {amp!r}: expected one of {AMP_CHOICES}")
+    if amp == "none":
+        return None
+    if amp == "bf16":
+        return torch.bfloat16
+    if amp == "fp16":
+        return torch.float16
+    if device.type == "cpu":
+        return torch.bfloat16
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return None
+
+
+def default_device() -> str:
+    """'cuda' when a GPU is visible, else 'cpu'."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+# ---------------------------------------------------------------------------------------
+# Prediction
+# ---------------------------------------------------------------------------------------
+
+class ImageFiles(Dataset):
+    """Decodes and transforms image files; an unreadable file yields its error, not an exception."""
+
+    def __init__(self, files: Sequence[str | Path], transform: Callable[[Any], torch.Tensor]) -> None:
+        self.files = [Path(f) for f in files]
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int) -> tuple[int, torch.Tensor | None, str]:
+        from datasets import load_image, to_rgb
+
+        try:
+            img = load_image(self.files[index])
+            if not getattr(self.transform, "grey_input", False):
+                img = to_rgb(img)
+            return index, self.transform(img), ""
+        except Exception as err:  # one bad file must not stop the batch: report it instead
+            return index, None, f"{type(err).__name__}: {err}"
+
+
+def _collate(batch: list[tuple[int, torch.Tensor | None, str]]
+             ) -> tuple[list[int], torch.Tensor | None, dict[int, str]]:
+    ok = [(i, t) for i, t, _ in batch if t is not None]
+    failed = {i: reason for i, t, reason in batch if t is None}
+    images = torch.stack([t for _, t in ok]) if ok else None
+    return [i for i, _ in ok], images, failed
+
+
+def predict_images(
+    model: nn.Module,
+    config: dict[str, Any],
+    paths: Sequence[str | Path],
+    batch_size: int = 32,
+    device: str | torch.device = "cpu",
+    amp: str | torch.dtype | None = "none",
+    num_workers: int = 0,
+    transform: Callable[[Any], torch.Tensor] | None = None,
+    progress: bool = False,
+) -> tuple[np.ndarray, dict[int, str]]:
+    """Sigmoid probabilities (N x K, NaN rows for failed images) and {index: reason} of failures.
+
+    ``amp`` is an ``--amp`` choice or a dtype (None: fp32). The model should already be on
+    ``device`` and in eval mode.
+    """
+    from tqdm import tqdm
+
+    device = torch.device(device)
+    dtype = resolve_amp(amp, device) if isinstance(amp, str) else amp
+    transform = transform if transform is not None else eval_transform(config)
+    num_classes = int(config["num_classes"])
+    probs = np.full((len(paths), num_classes), np.nan, dtype=np.float32)
+    failures: dict[int, str] = {}
+    loader = DataLoader(ImageFiles(paths, transform), batch_size=batch_size, shuffle=False,
+                        num_workers=num_workers, collate_fn=_collate,
+                        pin_memory=device.type == "cuda")
+    model.eval()
+    with tqdm(total=len(paths), unit="img", desc="predict", disable=not progress) as bar, \
+            torch.inference_mode():
+        for indices, images, failed in loader:
+            failures.update(failed)
+            if images is not None:
+                images = images.to(device, non_blocking=True)
+                with torch.autocast(device_type=device.type, dtype=dtype or torch.float32,
+                                    enabled=dtype is not None):
+                    logits = model(images)
+                probs[indices] = torch.sigmoid(logits.float()).cpu().numpy()
+            bar.update(len(indices) + len(failed))
+    return probs, failures
+
+
+# ---------------------------------------------------------------------------------------
+# Output
+# ---------------------------------------------------------------------------------------
+
+def parse_threshold(value: str | None, class_names: Sequence[str]) -> np.ndarray | None:
+    """Per-class thresholds from ``--threshold``: one number for all classes, or a JSON file
+    mapping every class name to its threshold."""
+    if value is None:
+        return None
+    try:
+        t = float(value)
+    except ValueError:
+        path = Path(value)
+        if not path.is_file():
+            raise UsageError(f"--threshold {value!r}: neither a number nor a JSON file") from None
+        try:
+            table = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as err:
+            raise UsageError(f"--threshold {path}: not a readable JSON file ({err})") from None
+        if not isinstance(table, dict):
+            raise UsageError(f"--threshold {path}: expected an object {{class name: threshold}}")
+        missing = [c for c in class_names if c not in table]
+        if missing:
+            raise UsageError(f"--threshold {path}: no threshold for classes {missing}")
+        values = np.array([float(table[c]) for c in class_names])
+    else:
+        values = np.full(len(class_names), t)
+    if not np.all((values > 0) & (values < 1)):
+        raise UsageError(f"--threshold {value}: thresholds must lie strictly between 0 and 1")
+    return values
+
+
+def _fmt(p: float) -> str:
+    return "" if math.isnan(p) else f"{p:.6f}"
+
+
+def write_predictions(
+    path: str | Path,
+    names: Sequence[str],
+    probs: np.ndarray,
+    class_names: Sequence[str],
+    thresholds: np.ndarray | None = None,
+) -> Path:
+    """Write the CSV: path, a probability per class, then ``pred_<class>`` if thresholds are given."""
+    from util.reports import atomic_write
+
+    header = ["path", *class_names]
+    if thresholds is not None:
+        header += [f"pred_{c}" for c in class_names]
+
+    def write(tmp: str) -> None:
+        with open(tmp, "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(header)
+            for name, row in zip(names, probs):
+                cells = [name, *(_fmt(float(p)) for p in row)]
+                if thresholds is not None:
+                    cells += [str(int(p >= t)) for p, t in zip(row, thresholds)]
+                writer.writerow(cells)
+
+    path = Path(path)
+    atomic_write(path, write)
+    return path
+
+
+def failures_path(output: str | Path) -> Path:
+    """Where the list of failed inputs goes: ``<output stem>_failed.csv``."""
+    output = Path(output)
+    return output.with_name(f"{output.stem}_failed.csv")
+
+
+def write_failures(path: str | Path, failures: Sequence[Failure]) -> Path:
+    """Write the failed inputs as CSV: path, file, reason."""
+    from util.reports import atomic_write
+
+    def write(tmp: str) -> None:
+        with open(tmp, "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["path", "file", "reason"])
+            writer.writerows([x.name, x.file, x.reason] for x in failures)
+
+    path = Path(path)
+    atomic_write(path, write)
+    return path
+
+
+# ---------------------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command-line flags."""
+    p = argparse.ArgumentParser(
+        description="Predict chest X-ray findings with a trained checkpoint or a merged export.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--checkpoint", required=True,
+                   help="adapter checkpoint (stem, .safetensors or .json, e.g. "
+                        "output/run/checkpoint-best) or a merged export of lora.export")
+    p.add_argument("--finetune", default=None,
+                   help="pre-trained file the adapter was trained on (default: the path "
+                        "recorded in the checkpoint; not needed for a merged export)")
+    p.add_argument("--inputs", nargs="+", required=True, metavar="PATH",
+                   help="image files, folders (recursive) and split files (*.txt)")
+    p.add_argument("--data_path", default=None,
+                   help="data folder resolving split-file paths (default: the split file's folder)")
+    p.add_argument("--dataset", default=None, choices=DATASET_CHOICES,
+                   help="path rule for split files: nih -> <data_path>/all_classes/<name>, "
+                        "else <data_path>/<path> (default: inferred from --data_path)")
+    p.add_argument("--output", default="predictions.csv", help="CSV to write")
+    p.add_argument("--batch_size", type=int, default=32)
+    p.add_argument("--num_workers", type=int, default=2, help="decoding processes (0: in-process)")
+    p.add_argument("--device", default=default_device(), help="torch device, e.g. cpu, cuda, cuda:1")
+    p.add_argument("--amp", default="auto", choices=AMP_CHOICES,
+                   help="mixed precision: auto = bf16 on CPU and bf16-capable GPUs, fp16 on "
+                        "other GPUs; none = fp32")
+    p.add_argument("--threshold", default=None,
+                   help="add 0/1 pred_<class> columns: one threshold for all classes, or a JSON "
+                        "file {class name: threshold}")
+    p.add_argument("--heatmap_class", nargs="+", default=None, metavar="NAME",
+                   help="write a Grad-CAM overlay PNG per image for these classes ('all': every class)")
+    p.add_argument("--heatmap_dir", default=None,
+                   help="folder of the heatmaps (default: <output stem>_heatmaps next to --output)")
+    p.add_argument("--no_progress", action="store_true", help="no progress bar")
+    return p
+
+
+def _heatmap_classes(requested: Sequence[str] | None, class_names: Sequence[str]) -> list[int]:
+    """Class indices for ``--heatmap_class`` (names or 'all')."""
+    if not requested:
+        return []
+    if "all" in requested:
+        return list(range(len(class_names)))
+    unknown = [c for c in requested if c not in class_names]
+    if unknown:
+        raise UsageError(f"--heatmap_class {unknown}: not classes of this checkpoint; choose "
+                         f"from {list(class_names)} or 'all'")
+    return [list(class_names).index(c) for c in requested]
+
+
+def run(args: argparse.Namespace) -> int:
+    """Predict, write the CSV (and heatmaps); return the exit code (0 ok, 1 some inputs failed)."""
+    device = torch.device(args.device)
+    dtype = resolve_amp(args.amp, device)
+    try:
+        model, config = load_model(args.checkpoint, args.finetune, device)
+    except (FileNotFoundError, ValueError) as err:  # CheckpointError, ExportError are ValueErrors
+        raise UsageError(f"--checkpoint {args.checkpoint}: {err}") from err
+    class_names = list(config["class_names"])
+    thresholds = parse_threshold(args.threshold, class_names)
+    heatmap_classes = _heatmap_classes(args.heatmap_class, class_names)
+    transform = eval_transform(config)
+    images, failures = collect_inputs(args.inputs, args.data_path, args.dataset)
+    if not images and not failures:
+        raise UsageError(f"--inputs {' '.join(args.inputs)}: no images found")
+
+    start = time.perf_counter()
+    probs, failed = predict_images(
+        model, config, [im.file for im in images], batch_size=args.batch_size, device=device,
+        amp=dtype, num_workers=args.num_workers, transform=transform,
+        progress=not args.no_progress and sys.stderr.isatty())
+    seconds = time.perf_counter() - start
+    failures += [Failure(images[i].name, str(images[i].file), reason)
+                 for i, reason in sorted(failed.items())]
+    good = [i for i in range(len(images)) if i not in failed]
+    for f in failures:
+        logger.warning("skipped %s: %s", f.name, f.reason)
+
+    output = Path(args.output)
+    write_predictions(output, [images[i].name for i in good], probs[good], class_names, thresholds)
+    failed_csv = failures_path(output)
+    if failures:
+        write_failures(failed_csv, failures)
+    elif failed_csv.is_file():
+        failed_csv.unlink()  # a list left by an earlier run would describe other inputs
+
+    heatmaps = 0
+    if heatmap_classes and good:
+        from datasets import load_image
+        from util.heatmap import save_heatmaps
+
+        out_dir = Path(args.heatmap_dir or output.with_name(f"{output.stem}_heatmaps"))
+        for k in heatmap_classes:
+            written, _ = save_heatmaps(
+                model, [images[i].file for i in good], [images[i].name for i in good], k,
+                class_names[k], out_dir, transform, load_image, int(config["img_size"]),
+                config.get("eval_recipe", "sgd"), batch_size=args.batch_size, amp_dtype=dtype)
+            heatmaps += len(written)
+        logger.info("wrote %d heatmaps to %s", heatmaps, out_dir)
+
+    rate = len(images) / seconds if seconds > 0 else float("inf")
+    print(f"predicted {len(good)} images, {len(failures)} failed"
+          f"{f' (listed in {failed_csv})' if failures else ''} -> {output} "
+          f"[{device.type}, {str(dtype).replace('torch.', '') if dtype else 'fp32'}, {rate:.1f} img/s]")
+    return 1 if failures else 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point: parse flags, run, map usage errors to exit code 2."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.batch_size < 1:
+        parser.error(f"--batch_size {args.batch_size}: must be at least 1")
+    if args.num_workers < 0:
+        parser.error(f"--num_workers {args.num_workers}: must be at least 0")
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        device = torch.device(args.device)
+    except RuntimeError as err:
+        parser.error(f"--device {args.device!r}: {err}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: no CUDA GPU is visible (use --device cpu)")
+    try:
+        return run(args)
+    except UsageError as err:
+        logger.error("%s", err)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

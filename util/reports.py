@@ -1,0 +1,194 @@
+"""Evaluation reports beside the results JSON: ROC curves (PNG) and per-class AUROC tables.
+
+    save_roc_curves(targets, probs, class_names, out_dir / "roc_test.png")
+    write_auroc_tables(results, out_dir)  # results_test_auroc.csv and results_test_auroc.md
+
+Plots are drawn on a bare ``matplotlib.figure.Figure`` with the Agg canvas, never through
+``pyplot``: nothing global (the backend, open figures) changes in the calling process.
+"""
+from __future__ import annotations
+
+import csv
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+# The ROC figure is a fixed 8 x 8 inch canvas at 100 dpi (800 x 800 px, no tight bbox) so
+# that every report has the same size, whatever the legend holds.
+ROC_FIGSIZE = (8.0, 8.0)
+ROC_DPI = 100
+
+
+def atomic_write(path: str | Path, write: Any) -> None:
+    """Call ``write(tmp_path)`` then rename over ``path``: readers never see a partial file."""
+    # Same contract as util.checkpoint.atomic_write, kept here so that report and summary
+    # tools do not import torch and timm (seconds) just to write a table.
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _auroc_or_none(target: np.ndarray, prob: np.ndarray) -> float | None:
+    """AUROC of one class, or None when only one label value is present (undefined)."""
+    from sklearn.metrics import roc_auc_score
+
+    if np.unique(target).size < 2:
+        return None
+    return float(roc_auc_score(target, prob))
+
+
+def _single_value_note(target: np.ndarray) -> str:
+    """Why a class has no ROC curve, for the legend."""
+    if target.size == 0:
+        return "no images"
+    return f"only {'positives' if target.flat[0] else 'negatives'}"
+
+
+def save_roc_curves(
+    targets: np.ndarray,
+    probs: np.ndarray,
+    class_names: Sequence[str],
+    path: str | Path,
+    title: str | None = None,
+) -> Path:
+    """Write one PNG with a ROC curve per class and its AUROC in the legend; returns the path.
+
+    Classes whose targets hold a single value have no ROC curve; the legend says so.
+    Rows with a NaN probability (e.g. images that failed to load) are left out.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.lines import Line2D
+    from sklearn.metrics import roc_curve
+
+    targets = np.asarray(targets)
+    probs = np.asarray(probs, dtype=np.float64)
+    if targets.ndim == 1:
+        targets, probs = targets[:, None], probs.reshape(-1, 1)
+    if targets.shape != probs.shape or targets.shape[1] != len(class_names):
+        raise ValueError(f"save_roc_curves: targets {targets.shape}, probs {probs.shape} and "
+                         f"{len(class_names)} class names do not agree")
+
+    fig = Figure(figsize=ROC_FIGSIZE, dpi=ROC_DPI)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    # Enough distinct colours for NIH's 14 classes.
+    colours = _palette(len(class_names))
+    aurocs: list[float] = []
+    handles, labels = [], []
+    for k, name in enumerate(class_names):
+        keep = ~np.isnan(probs[:, k])
+        target, prob = targets[keep, k].astype(int), probs[keep, k]
+        auc = _auroc_or_none(target, prob)
+        if auc is None:
+            handle = Line2D([], [], color=colours[k], linestyle=":")
+            handles.append(handle)
+            labels.append(f"{name}: n/a ({_single_value_note(target)})")
+            continue
+        fpr, tpr, _ = roc_curve(target, prob)
+        (line,) = ax.plot(fpr, tpr, color=colours[k], linewidth=1.4)
+        handles.append(line)
+        labels.append(f"{name}: {100 * auc:.1f}")
+        aurocs.append(auc)
+    ax.plot([0, 1], [0, 1], color="grey", linestyle="--", linewidth=0.8)
+    ax.set_xlim(0.0, 1.0)
+    ax.set_ylim(0.0, 1.0)
+    ax.set_aspect("equal")
+    ax.set_xlabel("False positive rate")
+    ax.set_ylabel("True positive rate")
+    mean = f"mean AUROC {100 * float(np.mean(aurocs)):.1f}" if aurocs else "no AUROC defined"
+    ax.set_title(f"{title} ({mean})" if title else f"ROC curves ({mean})")
+    ax.grid(True, linewidth=0.3, alpha=0.6)
+    ax.legend(handles, labels, loc="lower right", fontsize="small",
+              title="AUROC x100", title_fontsize="small", framealpha=0.9)
+
+    path = Path(path)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=ROC_DPI))
+    return path
+
+
+def _palette(n: int) -> list[tuple[float, float, float, float]]:
+    """``n`` distinct colours: tab10, then tab20's lighter shades."""
+    from matplotlib import colormaps
+
+    base = [colormaps["tab10"](i) for i in range(10)]
+    extra = [colormaps["tab20"](i) for i in range(1, 20, 2)]
+    colours = base + extra
+    return [colours[i % len(colours)] for i in range(n)]
+
+
+def _fmt100(value: Any) -> str:
+    """A 0-1 metric as x100 with one decimal; '' when missing or NaN."""
+    if value is None:
+        return ""
+    value = float(value)
+    return "" if math.isnan(value) else f"{100 * value:.1f}"
+
+
+def auroc_rows(results: dict[str, Any]) -> list[dict[str, str]]:
+    """Per-class rows (class, AUROC x100, AUPRC x100), then the mean row."""
+    auroc: dict[str, Any] = results.get("auroc") or {}
+    auprc: dict[str, Any] = results.get("auprc") or {}
+    names = list(results.get("class_names") or auroc)
+    if not names:
+        raise ValueError("write_auroc_tables: results hold neither 'class_names' nor 'auroc'")
+    rows = [{"class": n, "auroc": _fmt100(auroc.get(n)), "auprc": _fmt100(auprc.get(n))}
+            for n in names]
+    mean_auroc = results.get("mean_auroc")
+    if mean_auroc is None:
+        defined = [float(v) for v in auroc.values() if v is not None and not math.isnan(float(v))]
+        mean_auroc = float(np.mean(defined)) if defined else None
+    rows.append({"class": "mean", "auroc": _fmt100(mean_auroc),
+                 "auprc": _fmt100(results.get("mean_auprc"))})
+    return rows
+
+
+def write_auroc_tables(results: dict[str, Any], out_dir: str | Path,
+                       stem: str = "results_test") -> tuple[Path, Path]:
+    """Write ``<stem>_auroc.csv`` and ``<stem>_auroc.md``: per-class AUROC / AUPRC x100 and the mean.
+
+    A class whose AUROC is undefined (a single label value) has an empty cell in the CSV
+    and 'n/a' in the markdown.
+    """
+    rows = auroc_rows(results)
+    out_dir = Path(out_dir)
+    csv_path, md_path = out_dir / f"{stem}_auroc.csv", out_dir / f"{stem}_auroc.md"
+
+    def write_csv(tmp: str) -> None:
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=["class", "auroc", "auprc"])
+            writer.writeheader()
+            writer.writerows(rows)
+
+    header = " / ".join(str(results[k]) for k in ("dataset", "data_size", "weights", "method")
+                        if results.get(k) is not None)
+    lines = []
+    if header:
+        lines += [f"**{header}**" + (f" ({results['split']} split, {results['num_images']} images)"
+                                      if results.get("split") and results.get("num_images") else ""),
+                  ""]
+    lines += ["| class | AUROC | AUPRC |", "|---|---:|---:|"]
+    for row in rows:
+        cells = [row["auroc"] or "n/a", row["auprc"] or "n/a"]
+        if row["class"] == "mean":
+            lines.append(f"| **mean** | **{cells[0]}** | **{cells[1]}** |")
+        else:
+            lines.append(f"| {row['class']} | {cells[0]} | {cells[1]} |")
+
+    def write_md(tmp: str) -> None:
+        Path(tmp).write_text("\n".join(lines) + "\n")
+
+    atomic_write(csv_path, write_csv)
+    atomic_write(md_path, write_md)
+    return csv_path, md_path
