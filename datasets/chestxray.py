@@ -21,7 +21,7 @@ from .splits import (
     locate_split_file,
     parse_split_file,
     read_class_names,
-    resolve_image_path,
+    resolve_image_paths,
 )
 from .transforms import to_float_tensor, to_rgb
 
@@ -58,7 +58,7 @@ class ChestXrayDataset(Dataset):
         class_names: list[str],
         kind: str,
         split_file: Path,
-        files: list[Path],
+        files: list[str],
         lines: list[int],
         transform: Callable | None = None,
         cache: ImageCache | None = None,
@@ -119,7 +119,7 @@ class ChestXrayDataset(Dataset):
         return image, target
 
 
-def _check_decodable(file: Path) -> str:
+def _check_decodable(file: str) -> str:
     """'' if the image decodes, else the reason."""
     try:
         load_image(file)
@@ -216,7 +216,7 @@ def build_dataset(
     table = parse_split_file(split_file, len(class_names) if class_names else None, kind)
     if class_names is None:
         class_names = [f"class_{k}" for k in range(table.targets.shape[1])]
-    files = [resolve_image_path(data_path, p, kind) for p in table.paths]
+    files = resolve_image_paths(data_path, table.paths, kind)
 
     image_cache = _open_cache(mode, Path(cache_dir) if cache_dir else default_cache_dir(data_path),
                               split_file, cache_size)

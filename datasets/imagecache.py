@@ -36,7 +36,7 @@ from .splits import (
     infer_dataset_kind,
     parse_split_file,
     read_class_names,
-    resolve_image_path,
+    resolve_image_paths,
     split_dir_candidates,
 )
 
@@ -218,7 +218,7 @@ def build_cache(
     widths = np.zeros(n, np.int32)
     src_bytes = np.full(n, -1, np.int64)
     bad: dict[str, str] = {}
-    jobs = [(i, str(resolve_image_path(data_path, p, kind)), size) for i, p in enumerate(paths)]
+    jobs = [(i, f, size) for i, f in enumerate(resolve_image_paths(data_path, paths, kind))]
     workers = workers or os.cpu_count() or 1
     start, offset = time.perf_counter(), 0
     tmp_data = out / (_DATA + ".tmp")

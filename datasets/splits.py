@@ -6,6 +6,7 @@ separated by single spaces (RSNA lines end with a trailing space). Paths hold no
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -140,50 +141,61 @@ def parse_split_file(split_file: str | Path, num_classes: int | None = None, kin
     except UnicodeDecodeError as err:
         raise SplitFileError(f"{split_file}: not a text split file ({err})") from err
     paths: list[str] = []
-    rows: list[list[int]] = []
+    flat: list[str] = []  # all label tokens; checked at once below (this runs over 78k lines)
     lines: list[int] = []
     expected = num_classes
     for line_no, raw in enumerate(text.splitlines(), start=1):
         tokens = raw.split()
         if not tokens:
             continue  # blank lines (e.g. a trailing newline) carry no entry
-        path, labels = tokens[0], tokens[1:]
         if expected is None:
-            if not labels:
+            if len(tokens) < 2:
                 raise SplitFileError(
-                    f"{split_file}:{line_no}: image '{path}' has no labels "
+                    f"{split_file}:{line_no}: image '{tokens[0]}' has no labels "
                     f"(expected 'relative/path L1 ... LK')"
                 )
-            expected = len(labels)
-        if len(labels) != expected:
+            expected = len(tokens) - 1
+        if len(tokens) != expected + 1:
             what = f"data set kind '{kind}'" if kind in CLASS_NAMES else "this file"
-            hint = " (paths may not contain spaces)" if len(labels) > expected else ""
+            hint = " (paths may not contain spaces)" if len(tokens) > expected + 1 else ""
             raise SplitFileError(
-                f"{split_file}:{line_no}: image '{path}' has {len(labels)} labels, "
+                f"{split_file}:{line_no}: image '{tokens[0]}' has {len(tokens) - 1} labels, "
                 f"expected {expected} for {what}{hint}"
             )
-        row = []
-        for col, value in enumerate(labels):
-            if value not in ("0", "1"):
-                raise SplitFileError(
-                    f"{split_file}:{line_no}: image '{path}': label {col + 1} is {value!r}, "
-                    f"expected 0 or 1 (map uncertain / blank labels when making the split)"
-                )
-            row.append(1 if value == "1" else 0)
-        paths.append(path)
-        rows.append(row)
+        paths.append(tokens[0])
+        flat.extend(tokens[1:])
         lines.append(line_no)
     if not paths:
         raise SplitFileError(f"{split_file}: split file is empty (no 'path labels' lines)")
-    targets = np.asarray(rows, dtype=np.uint8).reshape(len(paths), expected)
+    assert expected is not None
+    values = np.asarray(flat)
+    ones = values == "1"
+    valid = ones | (values == "0")
+    if not valid.all():
+        first = int(np.argmin(valid))
+        row, col = divmod(first, expected)
+        raise SplitFileError(
+            f"{split_file}:{lines[row]}: image '{paths[row]}': label {col + 1} is {flat[first]!r}, "
+            f"expected 0 or 1 (map uncertain / blank labels when making the split)"
+        )
+    targets = ones.astype(np.uint8).reshape(len(paths), expected)
     return SplitTable(split_file=split_file, paths=paths, targets=targets, lines=lines)
+
+
+def image_root(data_path: str | Path, kind: str) -> Path:
+    """The folder that split-file paths of a data set `kind` are relative to."""
+    if kind not in DATASET_KINDS:
+        raise ValueError(f"dataset={kind!r}: expected one of {list(DATASET_KINDS)}")
+    # NIH split files hold bare image names; the images sit in one folder.
+    return Path(data_path) / "all_classes" if kind == "nih" else Path(data_path)
 
 
 def resolve_image_path(data_path: str | Path, rel_path: str, kind: str) -> Path:
     """Where the image of a split-file entry lives for a data set `kind`."""
-    if kind not in DATASET_KINDS:
-        raise ValueError(f"dataset={kind!r}: expected one of {list(DATASET_KINDS)}")
-    if kind == "nih":
-        # NIH split files hold bare image names; the images sit in one folder.
-        return Path(data_path) / "all_classes" / rel_path
-    return Path(data_path) / rel_path
+    return image_root(data_path, kind) / rel_path
+
+
+def resolve_image_paths(data_path: str | Path, rel_paths: list[str], kind: str) -> list[str]:
+    """`resolve_image_path` for many entries, as strings (pathlib is slow over 78k paths)."""
+    root = str(image_root(data_path, kind))
+    return [os.path.join(root, p) for p in rel_paths]

@@ -1,0 +1,283 @@
+"""Write split files (train_1 / train_10 / train_list / val_list / test_list) from official metadata.
+
+    python -m datasets.make_splits nih      --metadata DIR --out DatasetsSplits/NIH_ChestX-ray
+    python -m datasets.make_splits chexpert --metadata DIR --out DatasetsSplits/CheXpert
+    python -m datasets.make_splits rsna     --metadata DIR --out DatasetsSplits/RSNA_Pneumonia
+
+Inputs, as downloaded with the images:
+- nih: ``Data_Entry_2017*.csv`` and, when present, the official ``train_val_list.txt`` /
+  ``test_list.txt`` (test = the official test list; val = a patient-disjoint part of
+  train_val). Without them every split is drawn patient-disjoint.
+- chexpert: ``train.csv`` and ``valid.csv`` (val = valid.csv; an optional ``test.csv`` or
+  ``test_labels.csv`` is the test set, else a patient-disjoint part of train.csv).
+  Uncertain labels (-1) become 1 for Atelectasis, Edema, Pleural Effusion (U-Ones) and 0
+  for Cardiomegaly, Consolidation (U-Zeros); blanks become 0; frontal and lateral views kept.
+- rsna: ``stage_2_train_labels.csv`` (label = Target, 1 if the image has any box).
+
+Splits are patient-disjoint and depend only on the metadata and ``--seed``; train_1 and
+train_10 are nested random subsets of train_list. Lines are sorted by path.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import re
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from .constants import CLASS_NAMES
+
+logger = logging.getLogger(__name__)
+
+# The paper's per-class uncertainty policy for CheXpert, checked against its train_10.txt.
+CHEXPERT_UNCERTAIN_TO: dict[str, int] = {
+    "Atelectasis": 1,
+    "Cardiomegaly": 0,
+    "Consolidation": 0,
+    "Edema": 1,
+    "Pleural Effusion": 1,
+}
+SUBSETS: dict[str, float] = {"train_10.txt": 0.10, "train_1.txt": 0.01}
+NIH_NO_FINDING = "No Finding"
+
+
+class MetadataError(ValueError):
+    """The official metadata is missing or malformed."""
+
+
+def split_by_patient(
+    patients: np.ndarray, fractions: dict[str, float], rng: np.random.Generator
+) -> dict[str, np.ndarray]:
+    """Assign images to groups by patient so that each group gets about `fractions` of the images.
+
+    Patients are shuffled (sorted first, so input order does not matter) and handed out in
+    turn to the groups of `fractions`; everything left goes to 'train'.
+    """
+    patients = np.asarray(patients)
+    unique, inverse, counts = np.unique(patients, return_inverse=True, return_counts=True)
+    order = rng.permutation(len(unique))
+    group_of_patient = np.full(len(unique), "train", dtype=object)
+    pos, total = 0, len(patients)
+    for name, frac in fractions.items():
+        want, got = round(frac * total), 0
+        while got < want and pos < len(order):
+            group_of_patient[order[pos]] = name
+            got += counts[order[pos]]
+            pos += 1
+    groups = group_of_patient[inverse]
+    return {g: np.flatnonzero(groups == g) for g in ("train", *fractions)}
+
+
+def nested_subsets(n: int, rng: np.random.Generator, min_size: int = 1) -> dict[str, np.ndarray]:
+    """Row indices of train_10 and train_1: nested random subsets of n training rows."""
+    perm = rng.permutation(n)
+    out = {}
+    for name, frac in SUBSETS.items():
+        size = min(n, max(min_size, round(frac * n)))
+        out[name] = np.sort(perm[:size])
+    return out
+
+
+def write_split_file(path: Path, paths: list[str], labels: np.ndarray, trailing_space: bool = False) -> None:
+    """Write `path labels...` lines, sorted by path (RSNA's files end each line with a space)."""
+    end = " \n" if trailing_space else "\n"
+    order = sorted(range(len(paths)), key=lambda i: paths[i])
+    text = "".join(f"{paths[i]} {' '.join(str(int(v)) for v in labels[i])}{end}" for i in order)
+    path.write_text(text)
+
+
+def _read_csv(path: Path) -> pd.DataFrame:
+    """Read a metadata CSV, naming the file when it cannot be read."""
+    if not path.is_file():
+        raise MetadataError(f"metadata file not found: {path}")
+    try:
+        return pd.read_csv(path)
+    except (OSError, ValueError) as err:
+        raise MetadataError(f"{path}: cannot read as CSV ({err})") from err
+
+
+def _require_columns(df: pd.DataFrame, columns: list[str], path: Path) -> None:
+    missing = [c for c in columns if c not in df.columns]
+    if missing:
+        raise MetadataError(f"{path}: missing column(s) {missing}; found {list(df.columns)}")
+
+
+def _read_list(path: Path) -> list[str]:
+    return [ln.strip() for ln in path.read_text().splitlines() if ln.strip()]
+
+
+def nih_table(metadata: Path) -> pd.DataFrame:
+    """NIH rows (path, patient, 14 labels) from Data_Entry_2017*.csv."""
+    found = sorted(metadata.glob("Data_Entry_2017*.csv"))
+    if not found:
+        raise MetadataError(f"no Data_Entry_2017*.csv in {metadata}")
+    path = found[-1]
+    if len(found) > 1:
+        logger.info("using %s (also found %s)", path.name, [p.name for p in found[:-1]])
+    df = _read_csv(path)
+    _require_columns(df, ["Image Index", "Finding Labels", "Patient ID"], path)
+    classes = CLASS_NAMES["nih"]
+    col = {c: i for i, c in enumerate(classes)}
+    labels = np.zeros((len(df), len(classes)), np.uint8)
+    for row, findings in enumerate(df["Finding Labels"].astype(str)):
+        for name in findings.split("|"):
+            name = name.strip()
+            if name == NIH_NO_FINDING:
+                continue
+            if name not in col:
+                raise MetadataError(f"{path}:{row + 2}: unknown finding {name!r}; expected {classes} or {NIH_NO_FINDING!r}")
+            labels[row, col[name]] = 1
+    out = pd.DataFrame({"path": df["Image Index"].astype(str), "patient": df["Patient ID"].astype(str)})
+    return pd.concat([out, pd.DataFrame(labels, columns=classes)], axis=1)
+
+
+def chexpert_table(csv: Path) -> pd.DataFrame:
+    """CheXpert rows (path, patient, 5 labels) with the paper's uncertainty policy."""
+    df = _read_csv(csv)
+    classes = CLASS_NAMES["chexpert"]
+    _require_columns(df, ["Path", *classes], csv)
+    labels = np.zeros((len(df), len(classes)), np.uint8)
+    for k, name in enumerate(classes):
+        values = pd.to_numeric(df[name], errors="coerce")
+        bad = ~(values.isna() | values.isin([-1, 0, 1]))
+        if bad.any():
+            row = int(np.flatnonzero(bad.to_numpy())[0])
+            raise MetadataError(f"{csv}:{row + 2}: column {name!r} is {df[name].iloc[row]!r}; expected 1, 0, -1 or blank")
+        values = values.fillna(0).replace(-1, CHEXPERT_UNCERTAIN_TO[name])
+        labels[:, k] = values.to_numpy().astype(np.uint8)
+    paths = df["Path"].astype(str)
+    patients = paths.str.extract(r"(patient\d+)", expand=False)
+    if patients.isna().any():
+        row = int(np.flatnonzero(patients.isna().to_numpy())[0])
+        raise MetadataError(f"{csv}:{row + 2}: no 'patientNNNNN' in path {paths.iloc[row]!r}")
+    out = pd.DataFrame({"path": paths, "patient": patients})
+    return pd.concat([out, pd.DataFrame(labels, columns=classes)], axis=1)
+
+
+def rsna_table(metadata: Path) -> pd.DataFrame:
+    """RSNA rows (path, patient, Pneumonia) from stage_2_train_labels.csv, one per image."""
+    csv = metadata / "stage_2_train_labels.csv"
+    df = _read_csv(csv)
+    _require_columns(df, ["patientId", "Target"], csv)
+    target = pd.to_numeric(df["Target"], errors="coerce")
+    if not target.isin([0, 1]).all():
+        row = int(np.flatnonzero(~target.isin([0, 1]).to_numpy())[0])
+        raise MetadataError(f"{csv}:{row + 2}: Target is {df['Target'].iloc[row]!r}; expected 0 or 1")
+    per_image = target.groupby(df["patientId"].astype(str)).max()  # several box rows per image
+    return pd.DataFrame({
+        "path": [f"stage_2_train_images/{pid}.dcm" for pid in per_image.index],
+        "patient": per_image.index.to_numpy(),
+        "Pneumonia": per_image.to_numpy().astype(np.uint8),
+    })
+
+
+def make_splits(
+    kind: str,
+    metadata: str | Path,
+    out: str | Path,
+    seed: int = 0,
+    val_fraction: float | None = None,
+    test_fraction: float | None = None,
+    min_subset: int = 1,
+) -> dict[str, int]:
+    """Write the five split files of `kind` into `out` from the metadata in `metadata`; returns line counts."""
+    if kind not in CLASS_NAMES:
+        raise ValueError(f"kind={kind!r}: expected one of {list(CLASS_NAMES)}")
+    metadata, out = Path(metadata), Path(out)
+    rng = np.random.default_rng(seed)
+    classes = CLASS_NAMES[kind]
+    frames: dict[str, pd.DataFrame] = {}
+
+    if kind == "nih":
+        table = nih_table(metadata)
+        official_tv, official_test = metadata / "train_val_list.txt", metadata / "test_list.txt"
+        if official_tv.is_file() and official_test.is_file():
+            test_names, tv_names = set(_read_list(official_test)), set(_read_list(official_tv))
+            unknown = (test_names | tv_names) - set(table["path"])
+            if unknown:
+                raise MetadataError(f"{len(unknown)} images of the official lists are not in the CSV, e.g. {sorted(unknown)[0]!r}")
+            frames["test"] = table[table["path"].isin(test_names)]
+            train_val = table[table["path"].isin(tv_names)].reset_index(drop=True)
+            groups = split_by_patient(train_val["patient"].to_numpy(), {"val": val_fraction or 0.125}, rng)
+        else:
+            logger.info("no official train_val_list.txt / test_list.txt in %s: drawing every split", metadata)
+            train_val = table
+            groups = split_by_patient(table["patient"].to_numpy(),
+                                      {"test": test_fraction or 0.2, "val": val_fraction or 0.1}, rng)
+            frames["test"] = train_val.iloc[groups["test"]]
+        frames["train"], frames["val"] = train_val.iloc[groups["train"]], train_val.iloc[groups["val"]]
+    elif kind == "chexpert":
+        train = chexpert_table(metadata / "train.csv")
+        test_csv = next((metadata / n for n in ("test.csv", "test_labels.csv") if (metadata / n).is_file()), None)
+        fractions = {}
+        if test_csv is None:
+            fractions["test"] = test_fraction or 0.05
+        if not (metadata / "valid.csv").is_file():
+            fractions["val"] = val_fraction or 0.05
+        groups = split_by_patient(train["patient"].to_numpy(), fractions, rng)
+        frames["train"] = train.iloc[groups["train"]]
+        frames["val"] = chexpert_table(metadata / "valid.csv") if "val" not in fractions else train.iloc[groups["val"]]
+        frames["test"] = chexpert_table(test_csv) if test_csv is not None else train.iloc[groups["test"]]
+    else:
+        table = rsna_table(metadata)
+        groups = split_by_patient(table["patient"].to_numpy(),
+                                  {"test": test_fraction or 0.1, "val": val_fraction or 0.05}, rng)
+        frames = {g: table.iloc[groups[g]] for g in ("train", "val", "test")}
+
+    # Patient-disjointness is the point of the exercise: check it rather than trust it.
+    seen: dict[str, str] = {}
+    for name, frame in frames.items():
+        for patient in set(frame["patient"]):
+            if seen.setdefault(patient, name) != name:
+                raise MetadataError(f"patient {patient} is in both {seen[patient]} and {name}: "
+                                    f"the official lists are not patient-disjoint")
+    out.mkdir(parents=True, exist_ok=True)
+    trailing = kind == "rsna"  # the paper's RSNA files end each line with a space
+    train = frames["train"].reset_index(drop=True)
+    files = {"train_list.txt": train, "val_list.txt": frames["val"], "test_list.txt": frames["test"]}
+    for name, rows in nested_subsets(len(train), rng, min_subset).items():
+        files[name] = train.iloc[rows]
+    counts = {}
+    for name, frame in files.items():
+        if len(frame) == 0:
+            raise MetadataError(f"{name} would be empty ({len(train)} training images); use more data or other fractions")
+        write_split_file(out / name, frame["path"].tolist(), frame[classes].to_numpy(), trailing)
+        counts[name] = len(frame)
+    info = {"kind": kind, "seed": seed, "metadata": str(metadata.resolve()), "lines": counts,
+            "patients": {g: int(f["patient"].nunique()) for g, f in frames.items()}}
+    (out / "splits_info.json").write_text(json.dumps(info, indent=1))
+    logger.info("wrote %s to %s", counts, out)
+    return counts
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Command line: write the split files of one data set."""
+    parser = argparse.ArgumentParser(
+        prog="python -m datasets.make_splits",
+        description="Write patient-disjoint split files in the paper's format from official metadata.",
+    )
+    parser.add_argument("dataset", choices=list(CLASS_NAMES), help="data set kind")
+    parser.add_argument("--metadata", required=True, help="folder holding the official metadata files")
+    parser.add_argument("--out", required=True, help="output folder for the five split files")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--val_fraction", type=float, default=None,
+                        help="share of images for val (default: nih 0.125 of train_val, rsna 0.05)")
+    parser.add_argument("--test_fraction", type=float, default=None,
+                        help="share for test when no official test list (default: nih 0.2, chexpert 0.05, rsna 0.1)")
+    parser.add_argument("--min_subset", type=int, default=1, help="fewest images in train_1 / train_10")
+    args = parser.parse_args(argv)
+    for flag in ("val_fraction", "test_fraction"):
+        value = getattr(args, flag)
+        if value is not None and not 0 < value < 1:
+            parser.error(f"--{flag} {value}: expected a fraction between 0 and 1")
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    counts = make_splits(args.dataset, args.metadata, args.out, args.seed,
+                         args.val_fraction, args.test_fraction, args.min_subset)
+    print(" ".join(f"{k}={v}" for k, v in counts.items()))
+
+
+if __name__ == "__main__":
+    main()

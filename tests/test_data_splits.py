@@ -1,0 +1,148 @@
+"""Split files: the paper's published lists parse, kinds are inferred, split folders are found."""
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from datasets import (
+    CLASS_NAMES,
+    NORM_STATS,
+    SPLIT_FILES,
+    SplitFileError,
+    build_dataset,
+    infer_dataset_kind,
+    locate_split_file,
+    parse_split_file,
+    resolve_image_path,
+)
+from datasets.splits import DEFAULT_SPLITS_ROOT
+
+# Line counts per data set (FACTS.md); None: not in ../shared (CheXpert's train_list is > 4 MB).
+EXPECTED_LINES = {
+    "NIH_ChestX-ray": ("nih", {"1%": 785, "10%": 7847, "100%": 78468, "val": 11219, "test": 22433}),
+    "CheXpert": ("chexpert", {"1%": 2234, "10%": 22341, "100%": None, "val": 234, "test": 668}),
+    "RSNA_Pneumonia": ("rsna", {"1%": 251, "10%": 2518, "100%": 25184, "val": 1500, "test": 3000}),
+}
+
+
+def test_class_names_and_norm_stats():
+    assert len(CLASS_NAMES["nih"]) == 14 and CLASS_NAMES["nih"][0] == "Atelectasis"
+    assert CLASS_NAMES["nih"][12:] == ["Pleural_Thickening", "Hernia"]
+    assert CLASS_NAMES["chexpert"] == ["Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Pleural Effusion"]
+    assert CLASS_NAMES["rsna"] == ["Pneumonia"]
+    assert NORM_STATS["mrm"] == ((0.4978,) * 3, (0.2449,) * 3)
+    assert NORM_STATS["cxr_mae"] == ((0.4785,) * 3, (0.2834,) * 3)
+    from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+    assert NORM_STATS["imagenet"] == (tuple(IMAGENET_DEFAULT_MEAN), tuple(IMAGENET_DEFAULT_STD))
+    assert SPLIT_FILES["train"] == {"1%": "train_1.txt", "10%": "train_10.txt", "100%": "train_list.txt"}
+    assert (SPLIT_FILES["val"], SPLIT_FILES["test"]) == ("val_list.txt", "test_list.txt")
+
+
+@pytest.mark.parametrize("folder", sorted(EXPECTED_LINES))
+def test_reference_splits_parse(reference_splits, tmp_path, folder):
+    kind, expected = EXPECTED_LINES[folder]
+    data_path = tmp_path / folder  # the folder name alone must select the kind
+    data_path.mkdir()
+    assert infer_dataset_kind(data_path) == kind
+    k = len(CLASS_NAMES[kind])
+    for key, lines in expected.items():
+        split, size = ("train", key) if key.endswith("%") else (key, "100%")
+        if lines is None:
+            with pytest.raises(SplitFileError, match="train_list.txt"):
+                build_dataset(split, data_path, data_size=size, split_dir=reference_splits / folder, check_files=False)
+            continue
+        ds = build_dataset(split, data_path, data_size=size, split_dir=reference_splits / folder, check_files=False)
+        assert ds.kind == kind and ds.class_names == CLASS_NAMES[kind]
+        assert len(ds) == lines, (folder, key)
+        assert ds.targets.shape == (lines, k)
+        assert set(np.unique(ds.targets)) <= {0, 1}
+        assert ds.targets.sum() > 0 and ds.targets.min() == 0
+        assert len(set(ds.paths)) == len(ds.paths)
+    if kind == "nih":
+        name = ds.paths[0]
+        assert name.endswith(".png") and "/" not in name
+        assert Path(ds.files[0]) == data_path / "all_classes" / name
+    else:
+        assert Path(ds.files[0]) == data_path / ds.paths[0]
+
+
+def test_reference_prevalence_is_plausible(reference_splits):
+    table = parse_split_file(reference_splits / "NIH_ChestX-ray" / "train_10.txt", 14, "nih")
+    prevalence = dict(zip(CLASS_NAMES["nih"], table.targets.mean(0)))
+    # Infiltration is NIH's most common finding, Hernia its rarest.
+    assert max(prevalence, key=prevalence.get) == "Infiltration"
+    assert min(prevalence, key=prevalence.get) == "Hernia"
+
+
+def test_rsna_trailing_space_and_no_final_newline(tmp_path):
+    f = tmp_path / "val_list.txt"
+    f.write_text("stage_2_train_images/a.dcm 0 \r\nstage_2_train_images/b.dcm 1 ")
+    table = parse_split_file(f, 1, "rsna")
+    assert table.paths == ["stage_2_train_images/a.dcm", "stage_2_train_images/b.dcm"]
+    assert table.targets[:, 0].tolist() == [0, 1] and table.lines == [1, 2]
+
+
+@pytest.mark.parametrize("name,kind", [
+    ("NIH_ChestX-ray", "nih"), ("ChestX-ray14", "nih"), ("nih", "nih"), ("chestxray", "nih"),
+    ("CheXpert", "chexpert"), ("CheXpert-v1.0-small", "chexpert"), ("RSNA_Pneumonia", "rsna"),
+    ("my_hospital", "custom"),
+])
+def test_infer_dataset_kind(tmp_path, name, kind):
+    assert infer_dataset_kind(tmp_path / name) == kind
+    assert infer_dataset_kind(str(tmp_path / name) + "/") == kind
+
+
+def test_infer_kind_from_nih_layout(tmp_path):
+    (tmp_path / "demo" / "all_classes").mkdir(parents=True)
+    assert infer_dataset_kind(tmp_path / "demo") == "nih"
+
+
+def test_split_folder_search_order(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "val_list.txt").write_text("a.png 0\n")
+    assert locate_split_file("val", data) == data / "val_list.txt"
+    other = tmp_path / "splits"
+    other.mkdir()
+    (other / "val_list.txt").write_text("a.png 1\n")
+    assert locate_split_file("val", data, split_dir=other) == other / "val_list.txt"
+    # Without split files in data_path, the repository's DatasetsSplits/<basename> is used.
+    bare = tmp_path / "NIH_ChestX-ray"
+    bare.mkdir()
+    with pytest.raises(SplitFileError) as err:
+        locate_split_file("test", bare)
+    assert str(DEFAULT_SPLITS_ROOT / "NIH_ChestX-ray") in str(err.value)
+
+
+def test_nih_path_rule():
+    assert resolve_image_path("/d/NIH", "00000001_000.png", "nih") == Path("/d/NIH/all_classes/00000001_000.png")
+    assert resolve_image_path("/d/c", "CheXpert-v1.0-small/x.jpg", "chexpert") == Path("/d/c/CheXpert-v1.0-small/x.jpg")
+    assert resolve_image_path("/d/r", "stage_2_train_images/x.dcm", "rsna") == Path("/d/r/stage_2_train_images/x.dcm")
+
+
+def test_custom_kind_classes(tmp_path):
+    from PIL import Image
+    (tmp_path / "img").mkdir()
+    for name in ("a", "b"):
+        Image.new("L", (8, 8), 100).save(tmp_path / "img" / f"{name}.png")
+    (tmp_path / "train_list.txt").write_text("img/a.png 0 1 1\nimg/b.png 1 0 0\n")
+    ds = build_dataset("train", tmp_path)
+    assert ds.kind == "custom" and ds.class_names == ["class_0", "class_1", "class_2"]
+    image, target = ds[1]
+    assert target.dtype.is_floating_point and target.tolist() == [1.0, 0.0, 0.0]
+    (tmp_path / "classes.txt").write_text("cat\ndog\nbird\n")
+    assert build_dataset("train", tmp_path).class_names == ["cat", "dog", "bird"]
+    (tmp_path / "classes.txt").write_text("cat\ndog\n")
+    with pytest.raises(SplitFileError, match=r"train_list.txt:1: .* 3 labels, expected 2"):
+        build_dataset("train", tmp_path)
+
+
+def test_bad_arguments(tmp_path):
+    with pytest.raises(ValueError, match="split='training'"):
+        build_dataset("training", tmp_path)
+    with pytest.raises(ValueError, match="data_size='5%'"):
+        build_dataset("train", tmp_path, data_size="5%")
+    with pytest.raises(ValueError, match="dataset='mimic'"):
+        build_dataset("train", tmp_path, dataset="mimic")
+    with pytest.raises(FileNotFoundError, match="--data_path"):
+        build_dataset("train", tmp_path / "nope")
