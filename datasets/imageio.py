@@ -112,10 +112,13 @@ def decode_dicom(path: str | Path) -> np.ndarray:
         logger.warning("%s: multi-frame DICOM (%d frames); using the first", path, pixels.shape[0])
         pixels = pixels[0]
 
-    array = np.asarray(apply_modality_lut(pixels, ds), dtype=np.float64)  # slope / intercept
+    modality = np.asarray(apply_modality_lut(pixels, ds))  # rescale slope / intercept
+    array = modality.astype(np.float64)
     windowed = False
     if "VOILUTSequence" in ds and len(ds.VOILUTSequence) > 0:
-        array = np.asarray(apply_voi_lut(array, ds, index=0, prefer_lut=True), dtype=np.float64)
+        # A VOI LUT is indexed by stored values: give it integers, as the standard does.
+        lut_input = modality if modality.dtype.kind in "iu" else np.rint(modality).astype(np.int64)
+        array = np.asarray(apply_voi_lut(lut_input, ds, index=0, prefer_lut=True), dtype=np.float64)
     elif "WindowCenter" in ds and "WindowWidth" in ds:
         center, width = _first_value(ds.WindowCenter), _first_value(ds.WindowWidth)
         if width > 0:

@@ -1,0 +1,143 @@
+"""Image decoding: every format comes out as one 8-bit grey channel with its contrast kept."""
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from datasets import ImageDecodeError, load_image, to_rgb
+
+RAMP = np.tile(np.linspace(0, 1, 32), (24, 1))  # 24 x 32, dark left, bright right
+
+
+def write_dicom(path: Path, pixels: np.ndarray, photometric: str = "MONOCHROME2", bits_stored: int = 12,
+                **attrs) -> Path:
+    """A minimal uncompressed single-frame DICOM file."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    ds.Modality = "DX"
+    ds.Rows, ds.Columns = pixels.shape
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = photometric
+    ds.BitsAllocated = 8 if pixels.dtype == np.uint8 else 16
+    ds.BitsStored = bits_stored
+    ds.HighBit = bits_stored - 1
+    ds.PixelRepresentation = 0
+    for key, value in attrs.items():
+        setattr(ds, key, value)
+    ds.PixelData = pixels.tobytes()
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def test_8bit_grey_png_is_unchanged(tmp_path):
+    pixels = (RAMP * 200 + 20).astype(np.uint8)
+    Image.fromarray(pixels, mode="L").save(tmp_path / "a.png")
+    img = load_image(tmp_path / "a.png")
+    assert img.mode == "L" and img.size == (32, 24)
+    assert np.array_equal(np.asarray(img), pixels)
+
+
+def test_16bit_png_keeps_contrast(tmp_path):
+    # 12-bit data in a 16-bit PNG: convert('L') would clamp all of it to 255.
+    pixels = (RAMP * 3000 + 1000).astype(np.uint16)
+    Image.fromarray(pixels).save(tmp_path / "a16.png")
+    assert Image.open(tmp_path / "a16.png").mode.startswith("I")
+    out = np.asarray(load_image(tmp_path / "a16.png")).astype(int)
+    assert out.min() == 0 and out.max() == 255
+    assert out[:, 0].mean() < 10 and out[:, -1].mean() > 245  # the ramp survives
+    assert np.all(np.diff(out[0]) >= 0)
+
+
+def test_rgb_rgba_palette_la_and_jpeg_decode(tmp_path):
+    grey = (RAMP * 255).astype(np.uint8)
+    rgb = np.stack([grey] * 3, -1)
+    Image.fromarray(rgb, "RGB").save(tmp_path / "rgb.png")
+    Image.fromarray(np.dstack([rgb, np.full_like(grey, 255)]), "RGBA").save(tmp_path / "rgba.png")
+    Image.fromarray(grey, "L").convert("P").save(tmp_path / "pal.png")
+    Image.fromarray(grey, "L").convert("LA").save(tmp_path / "la.png")
+    Image.fromarray(rgb, "RGB").save(tmp_path / "rgb.jpg", quality=95)
+    Image.fromarray(grey, "L").save(tmp_path / "grey.jpg", quality=95)
+    for name in ("rgb.png", "rgba.png", "pal.png", "la.png", "rgb.jpg", "grey.jpg"):
+        img = load_image(tmp_path / name)
+        assert img.mode == "L" and img.size == (32, 24), name
+        err = np.abs(np.asarray(img).astype(int) - grey.astype(int)).mean()
+        assert err < 4, (name, err)
+
+
+def test_to_rgb_gives_identical_channels(tmp_path):
+    img = Image.fromarray((RAMP * 255).astype(np.uint8), "L")
+    rgb = np.asarray(to_rgb(img))
+    assert rgb.shape == (24, 32, 3)
+    assert np.array_equal(rgb[..., 0], rgb[..., 1]) and np.array_equal(rgb[..., 1], rgb[..., 2])
+
+
+def test_dicom_monochrome1_is_inverted(tmp_path):
+    pixels = (RAMP * 4000).astype(np.uint16)
+    m2 = np.asarray(load_image(write_dicom(tmp_path / "m2.dcm", pixels, "MONOCHROME2"))).astype(int)
+    m1 = np.asarray(load_image(write_dicom(tmp_path / "m1.dcm", pixels, "MONOCHROME1"))).astype(int)
+    assert m2[:, 0].mean() < 5 and m2[:, -1].mean() > 250  # scaled to the full 0-255 range
+    assert np.abs(m1 - (255 - m2)).max() <= 1
+
+
+def test_dicom_voi_window_is_applied(tmp_path):
+    pixels = (RAMP * 4000).astype(np.uint16)  # 0 .. 4000
+    path = write_dicom(tmp_path / "w.dcm", pixels, WindowCenter=1000, WindowWidth=1000)
+    out = np.asarray(load_image(path)).astype(int)
+    values = pixels.astype(float)
+    assert (out[values <= 500] == 0).all()  # below the window: black
+    assert (out[values >= 1500] == 255).all()  # above: white
+    inside = (values > 600) & (values < 1400)
+    expected = ((values[inside] - 999.5) / 999 + 0.5) * 255
+    assert np.abs(out[inside] - expected).max() <= 1
+    # Without the window the same pixels span the whole range (min-max).
+    plain = np.asarray(load_image(write_dicom(tmp_path / "p.dcm", pixels))).astype(int)
+    assert (plain == 255).sum() < (out == 255).sum()
+
+
+def test_dicom_rescale_8bit_and_no_suffix(tmp_path):
+    pixels = (RAMP * 255).astype(np.uint8)
+    path = write_dicom(tmp_path / "r.dcm", pixels, bits_stored=8, RescaleSlope=-1, RescaleIntercept=255)
+    out = np.asarray(load_image(path)).astype(int)
+    assert np.abs(out - (255 - pixels.astype(int))).max() <= 1  # slope -1 flips the values
+    renamed = tmp_path / "image_without_suffix"
+    renamed.write_bytes(path.read_bytes())
+    assert np.array_equal(np.asarray(load_image(renamed)), out)
+
+
+def test_dicom_sigmoid_window_and_voi_lut(tmp_path):
+    pixels = (RAMP * 4000).astype(np.uint16)
+    out = np.asarray(load_image(write_dicom(tmp_path / "s.dcm", pixels, WindowCenter=2000, WindowWidth=800,
+                                            VOILUTFunction="SIGMOID")))
+    assert out[:, 0].max() < 10 and out[:, -1].min() > 245 and 100 < out[:, 16].mean() < 160
+
+    from pydicom.dataset import Dataset
+    lut = Dataset()
+    lut.add_new(0x00283002, "US", [256, 0, 8])  # LUT Descriptor: 256 entries from 0, 8 bits
+    lut.add_new(0x00283006, "US", list(range(255, -1, -1)))  # LUT Data: inverting
+    path = write_dicom(tmp_path / "lut.dcm", (RAMP * 255).astype(np.uint16), VOILUTSequence=[lut])
+    inv = np.asarray(load_image(path)).astype(int)
+    assert inv[:, 0].mean() > 245 and inv[:, -1].mean() < 10
+
+
+def test_truncated_and_garbage_files_raise(tmp_path):
+    Image.fromarray((np.random.default_rng(0).random((256, 256)) * 255).astype(np.uint8)).save(tmp_path / "full.png")
+    data = (tmp_path / "full.png").read_bytes()
+    (tmp_path / "cut.png").write_bytes(data[: len(data) // 2])
+    (tmp_path / "junk.png").write_bytes(b"this is not an image")
+    for name in ("cut.png", "junk.png"):
+        with pytest.raises(ImageDecodeError, match=name):
+            load_image(tmp_path / name)
+    pixels = (RAMP * 4000).astype(np.uint16)
+    dcm = write_dicom(tmp_path / "cut.dcm", pixels).read_bytes()
+    (tmp_path / "cut.dcm").write_bytes(dcm[:-200])
+    with pytest.raises(ImageDecodeError, match="cut.dcm"):
+        load_image(tmp_path / "cut.dcm")
