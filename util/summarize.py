@@ -117,10 +117,11 @@ def class_columns(runs: Sequence[Run]) -> list[str]:
 
 def summary_rows(runs: Sequence[Run]) -> tuple[list[str], list[dict[str, str]]]:
     """(columns, rows) of the comparison table; metrics x100 with one decimal."""
-    classes = class_columns(runs)
+    runs = sorted(runs, key=Run.sort_key)
+    classes = class_columns(runs)  # so the first data set's own class order comes first
     columns = [*LEADING_COLUMNS, *classes, *TRAILING_COLUMNS]
     rows = []
-    for run in sorted(runs, key=Run.sort_key):
+    for run in runs:
         r = run.results
         trainable, total = r.get("trainable_params"), r.get("total_params")
         row = {
@@ -135,6 +136,7 @@ def summary_rows(runs: Sequence[Run]) -> tuple[list[str], list[dict[str, str]]]:
             "lora_rank": "" if r.get("lora_rank") is None else str(r["lora_rank"]),
             "num_images": "" if r.get("num_images") is None else str(r["num_images"]),
             "run": str(run.path.parent if run.path.name == RESULTS_NAME else run.path),
+            "_classes": list(r.get("class_names") or r["auroc"]),
         }
         for name in classes:
             row[name] = _x100(r["auroc"].get(name))
@@ -142,9 +144,9 @@ def summary_rows(runs: Sequence[Run]) -> tuple[list[str], list[dict[str, str]]]:
     return columns, rows
 
 
-def _md_table(columns: Sequence[str], rows: Sequence[Sequence[str]], right_from: int) -> list[str]:
-    """A markdown table; columns from index ``right_from`` on are right-aligned."""
-    align = ["---" if i < right_from else "---:" for i in range(len(columns))]
+def _md_table(columns: Sequence[str], rows: Sequence[Sequence[str]], right: range) -> list[str]:
+    """A markdown table; the columns at indices in ``right`` are right-aligned."""
+    align = ["---:" if i in right else "---" for i in range(len(columns))]
     lines = ["| " + " | ".join(columns) + " |", "|" + "|".join(align) + "|"]
     lines += ["| " + " | ".join(cells) + " |" for cells in rows]
     return lines
@@ -185,17 +187,19 @@ def to_markdown(columns: Sequence[str], rows: Sequence[dict[str, str]]) -> str:
     for row in rows:
         datasets.setdefault(row["dataset"], []).append(row)
     for dataset, group in datasets.items():
-        classes = [c for c in columns[len(LEADING_COLUMNS):-len(TRAILING_COLUMNS)] if any(r[c] != "" for r in group)]
+        # This data set's classes in its own order (a union if its runs disagree).
+        classes = list(dict.fromkeys(c for r in group for c in r["_classes"]))
         out += [f"## {DATASET_LABELS.get(dataset, dataset)}", ""]
         cells = [[r["data_size"], r["weights"], r["method"], f"**{r['mean_auroc'] or 'n/a'}**",
                   *[r[c] or "n/a" for c in classes], _params(r), r["run"]] for r in group]
-        out += _md_table([*fixed, *classes, "trainable params", "run"], cells, right_from=3)
+        header = [*fixed, *classes, "trainable params", "run"]
+        out += _md_table(header, cells, right=range(3, len(header) - 1))
         out.append("")
     comparison = lora_vs_full(rows)
     if comparison:
         out += ["## LoRA vs full fine-tuning (mean AUROC)", ""]
         out += _md_table(["data set", "data size", "weights", "LoRA", "full", "LoRA - full"],
-                         comparison, right_from=3)
+                         comparison, right=range(3, 6))
         wins = sum(float(c[-1]) > 0 for c in comparison)
         out += ["", f"LoRA is better in {wins} of {len(comparison)} settings.", ""]
     return "\n".join(out)
@@ -205,7 +209,7 @@ def write_csv(path: str | Path, columns: Sequence[str], rows: Sequence[dict[str,
     """Write the summary rows as CSV (metrics x100, blank where undefined)."""
     def write(tmp: str) -> None:
         with open(tmp, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(columns))
+            writer = csv.DictWriter(f, fieldnames=list(columns), extrasaction="ignore")
             writer.writeheader()
             writer.writerows(rows)
 

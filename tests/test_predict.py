@@ -1,0 +1,232 @@
+"""predict.py: inputs, equality with direct evaluation, broken files, thresholds, exit codes."""
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader
+
+import lora
+import models_vit_lora as mv
+import predict
+from _fakes import mrm_checkpoint
+from datasets import CLASS_NAMES, NORM_STATS, build_dataset, build_transform, make_demo_dataset
+from util.checkpoint import file_sha256, load_trained, model_config, save_checkpoint
+
+NIH = CLASS_NAMES["nih"]
+
+
+def trained_checkpoint(root: Path, class_names=None, img_size: int = 64, global_pool: bool = True,
+                       seed: int = 0) -> tuple[Path, Path]:
+    """A tiny LoRA checkpoint on a fake MRM file, with non-zero LoRA and head: (stem, MRM path)."""
+    class_names = list(class_names or NIH)
+    root.mkdir(parents=True, exist_ok=True)
+    mrm = root / "MRM.pth"
+    mrm_checkpoint(mrm)
+    torch.manual_seed(seed)
+    model = mv.vit_tiny_patch16_lora(depth=2, num_classes=len(class_names), img_size=img_size,
+                                     global_pool=global_pool)
+    mv.load_pretrained(model, mrm)
+    g = torch.Generator().manual_seed(seed)
+    for _, layer in lora.lora_layers(model):
+        layer.lora_B.data = 0.1 * torch.randn(layer.lora_B.shape, generator=g)
+    model.head.weight.data = 0.5 * torch.randn(model.head.weight.shape, generator=g)
+    if global_pool:
+        model.fc_norm.weight.data += 0.1 * torch.randn(model.fc_norm.weight.shape, generator=g)
+    mean, std = NORM_STATS["mrm"]
+    config = model_config(
+        model="vit_tiny_patch16", method="lora", class_names=class_names, img_size=img_size,
+        global_pool=global_pool, norm="mrm", mean=mean, std=std, pretrained=str(mrm),
+        pretrained_sha256=file_sha256(mrm),
+        lora_cfg={"rank": 4, "alpha": 32.0, "dropout": 0.1, "pos": "attn"},
+        model_kwargs={"depth": 2}, dataset="nih", eval_recipe="sgd")
+    stem = root / "run" / "checkpoint-best"
+    save_checkpoint(stem, model, config)
+    return stem, mrm
+
+
+def read_csv(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def save_images(folder: Path) -> dict[str, Path]:
+    """Good images of several kinds (8-bit, 16-bit, RGB JPEG, non-square) and broken ones."""
+    rng = np.random.default_rng(0)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "sub").mkdir(exist_ok=True)
+    files = {}
+    files["grey8"] = folder / "grey8.png"
+    Image.fromarray(rng.integers(0, 256, (64, 64), dtype=np.uint8), "L").save(files["grey8"])
+    files["grey16"] = folder / "sub" / "grey16.png"
+    Image.fromarray(rng.integers(0, 65535, (70, 70)).astype(np.uint16)).save(files["grey16"])
+    files["rgb"] = folder / "sub" / "colour.jpg"
+    Image.fromarray(rng.integers(0, 256, (60, 80, 3), dtype=np.uint8), "RGB").save(files["rgb"])
+    files["truncated"] = folder / "truncated.png"
+    files["truncated"].write_bytes(files["grey8"].read_bytes()[:200])
+    files["text"] = folder / "notes.png"
+    files["text"].write_text("not an image")
+    (folder / "readme.md").write_text("ignored by the folder search")
+    return files
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("predict")
+    stem, mrm = trained_checkpoint(root)
+    data = make_demo_dataset(root / "demo", num_images=24, image_size=64, seed=1)
+    return {"root": root, "stem": stem, "mrm": mrm, "data": data}
+
+
+def direct_probs(model, config, data):
+    """Probabilities of the model evaluated directly on the test split (the `--eval` path)."""
+    ds = build_dataset("test", data, dataset="nih", cache="off",
+                       transform=build_transform(is_train=False, recipe=config["eval_recipe"],
+                                                 input_size=config["img_size"], norm=config["norm"]))
+    out = []
+    with torch.no_grad():
+        for x, _ in DataLoader(ds, batch_size=3):
+            out.append(torch.sigmoid(model(x)))
+    return ds, torch.cat(out).numpy()
+
+
+def test_predict_images_equal_direct_evaluation(setup):
+    model, config = load_trained(setup["stem"])
+    ds, ref = direct_probs(model, config, setup["data"])
+    probs, failures = predict.predict_images(model, config, ds.files, batch_size=2, amp="none")
+    assert not failures
+    assert probs.shape == (len(ds), len(NIH))
+    np.testing.assert_allclose(probs, ref, atol=1e-6, rtol=0)
+    # bf16 autocast (the CPU default of --amp auto) stays close to fp32.
+    probs_bf16, _ = predict.predict_images(model, config, ds.files, batch_size=4, amp="bf16")
+    np.testing.assert_allclose(probs_bf16, ref, atol=0.05, rtol=0)
+
+
+def test_cli_split_file_rows_join_with_eval_paths(setup, tmp_path, capsys):
+    model, config = load_trained(setup["stem"])
+    ds, ref = direct_probs(model, config, setup["data"])
+    out = tmp_path / "preds.csv"
+    rc = predict.main(["--checkpoint", str(setup["stem"]), "--inputs",
+                       str(setup["data"] / "test_list.txt"), "--output", str(out),
+                       "--amp", "none", "--device", "cpu", "--num_workers", "0"])
+    assert rc == 0
+    rows = read_csv(out)
+    assert list(rows[0]) == ["path", *NIH]
+    assert [r["path"] for r in rows] == ds.paths  # relative paths as in the split file
+    got = np.array([[float(r[c]) for c in NIH] for r in rows])
+    np.testing.assert_allclose(got, ref, atol=1e-6)
+    assert "predicted %d images, 0 failed" % len(ds) in capsys.readouterr().out
+    assert not predict.failures_path(out).exists()
+
+
+def test_mixed_good_and_broken_inputs(setup, tmp_path, capsys):
+    files = save_images(tmp_path / "images")
+    missing = tmp_path / "nowhere.png"
+    out = tmp_path / "out" / "preds.csv"
+    rc = predict.main(["--checkpoint", str(setup["stem"]), "--finetune", str(setup["mrm"]),
+                       "--inputs", str(tmp_path / "images"), str(missing), "--output", str(out),
+                       "--batch_size", "2", "--num_workers", "2", "--device", "cpu"])
+    assert rc == 1
+    rows = read_csv(out)
+    names = {r["path"] for r in rows}
+    assert names == {str(files[k]) for k in ("grey8", "grey16", "rgb")}
+    for r in rows:
+        p = np.array([float(r[c]) for c in NIH])
+        assert np.all((p >= 0) & (p <= 1))
+    failed = {r["path"]: r["reason"] for r in read_csv(predict.failures_path(out))}
+    assert set(failed) == {str(files["truncated"]), str(files["text"]), str(missing)}
+    assert "not found" in failed[str(missing)]
+    assert "predicted 3 images, 3 failed" in capsys.readouterr().out
+
+
+def test_no_paths_gives_empty_result(setup):
+    model, config = load_trained(setup["stem"])
+    probs, failures = predict.predict_images(model, config, [], amp="none")
+    assert probs.shape == (0, len(NIH)) and not failures
+
+
+def test_threshold_columns_and_json(setup, tmp_path):
+    files = save_images(tmp_path / "images")
+    out = tmp_path / "t.csv"
+    rc = predict.main(["--checkpoint", str(setup["stem"]), "--inputs", str(files["grey8"]),
+                       str(files["rgb"]), "--output", str(out), "--threshold", "0.5",
+                       "--num_workers", "0", "--amp", "none"])
+    assert rc == 0
+    rows = read_csv(out)
+    assert list(rows[0])[-len(NIH):] == [f"pred_{c}" for c in NIH]
+    for r in rows:
+        for c in NIH:
+            assert r[f"pred_{c}"] == str(int(float(r[c]) >= 0.5))
+    table = tmp_path / "thresholds.json"
+    table.write_text(json.dumps({c: 0.01 if c == "Mass" else 0.99 for c in NIH}))
+    rc = predict.main(["--checkpoint", str(setup["stem"]), "--inputs", str(files["grey8"]),
+                       "--output", str(out), "--threshold", str(table), "--num_workers", "0"])
+    assert rc == 0
+    row = read_csv(out)[0]
+    assert row["pred_Mass"] == str(int(float(row["Mass"]) >= 0.01))
+    assert row["pred_Edema"] == str(int(float(row["Edema"]) >= 0.99))
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--checkpoint", "nowhere/checkpoint-best"], "--checkpoint"),
+    (["--heatmap_class", "Fracture"], "--heatmap_class"),
+    (["--threshold", "1.5"], "--threshold"),
+    (["--threshold", "maybe"], "--threshold"),
+])
+def test_usage_errors_exit_2(setup, tmp_path, caplog, extra, message):
+    img = tmp_path / "a.png"
+    Image.new("L", (32, 32), 100).save(img)
+    argv = ["--checkpoint", str(setup["stem"]), "--inputs", str(img),
+            "--output", str(tmp_path / "p.csv"), "--num_workers", "0"]
+    rc = predict.main(argv + extra)
+    assert rc == 2
+    assert message in caplog.text
+    assert not (tmp_path / "p.csv").exists()
+
+
+def test_wrong_pretrained_file_and_empty_inputs_exit_2(setup, tmp_path, caplog):
+    other = tmp_path / "other.pth"
+    mrm_checkpoint(other, seed=5)
+    img = tmp_path / "a.png"
+    Image.new("L", (32, 32), 100).save(img)
+    rc = predict.main(["--checkpoint", str(setup["stem"]), "--finetune", str(other),
+                       "--inputs", str(img), "--output", str(tmp_path / "p.csv")])
+    assert rc == 2 and "not the pre-trained file" in caplog.text
+    (tmp_path / "empty").mkdir()
+    rc = predict.main(["--checkpoint", str(setup["stem"]), "--inputs", str(tmp_path / "empty"),
+                       "--output", str(tmp_path / "p.csv")])
+    assert rc == 2 and "no images found" in caplog.text
+    with pytest.raises(SystemExit) as exc:
+        predict.main(["--checkpoint", str(setup["stem"])])  # --inputs missing
+    assert exc.value.code == 2
+
+
+def test_collect_inputs_path_rules(tmp_path):
+    (tmp_path / "nih" / "all_classes").mkdir(parents=True)
+    (tmp_path / "nih" / "all_classes" / "a.png").touch()
+    split = tmp_path / "nih" / "test_list.txt"
+    split.write_text("a.png 0 1\n\nb.png 1 0\n")
+    images, failures = predict.collect_inputs([split], dataset="nih")
+    assert [i.name for i in images] == ["a.png", "b.png"]
+    assert images[0].file == tmp_path / "nih" / "all_classes" / "a.png"
+    assert not failures  # b.png is missing: found out when decoding, as for any file
+    # A label-free list with another data folder and the plain path rule (RSNA's trailing space).
+    lst = tmp_path / "list.txt"
+    lst.write_text("stage_2_train_images/x.dcm 1 \n")
+    images, _ = predict.collect_inputs([lst], data_path=tmp_path / "nih", dataset="rsna")
+    assert images[0].name == "stage_2_train_images/x.dcm"
+    assert images[0].file == tmp_path / "nih" / "stage_2_train_images" / "x.dcm"
+    with pytest.raises(predict.UsageError, match="--data_path"):
+        predict.collect_inputs([lst], data_path=tmp_path / "absent")
+
+
+def test_resolve_amp():
+    cpu = torch.device("cpu")
+    assert predict.resolve_amp("auto", cpu) is torch.bfloat16
+    assert predict.resolve_amp("none", cpu) is None
+    assert predict.resolve_amp("fp16", cpu) is torch.float16
+    with pytest.raises(predict.UsageError, match="--amp"):
+        predict.resolve_amp("fp8", cpu)
