@@ -131,12 +131,13 @@ def make_demo_dataset(
     image_size: int = 128,
     seed: int = 0,
     images_per_patient: int = 2,
+    compress_level: int = 1,
 ) -> Path:
     """Write a synthetic data set in NIH layout (root/all_classes/*.png + the five split files); returns root.
 
     About 2/3 of the patients go to train_list, 1/6 each to val_list and test_list
     (patient-disjoint); train_10 and train_1 are nested random subsets of train_list with at
-    least MIN_SUBSET images.
+    least MIN_SUBSET images. `compress_level` is the PNG zlib level (NIH's files use 6).
     """
     if num_images < 12:
         raise ValueError(f"num_images={num_images}: expected at least 12")
@@ -152,7 +153,8 @@ def make_demo_dataset(
     names = [f"{p + 1:08d}_{i % max(1, images_per_patient):03d}.png" for i, p in enumerate(patients)]
     template = chest_template(image_size)
     for name, row in zip(names, labels):
-        Image.fromarray(make_demo_image(row, image_size, rng, template), mode="L").save(image_dir / name, compress_level=1)
+        image = Image.fromarray(make_demo_image(row, image_size, rng, template), mode="L")
+        image.save(image_dir / name, compress_level=compress_level)
 
     unique = np.unique(patients)
     order = rng.permutation(unique)

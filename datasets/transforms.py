@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Callable
 
+import numpy as np
 import torch
 from PIL import Image
 from torchvision import transforms as T
@@ -54,6 +55,31 @@ class GreyToRGB:
         return f"{type(self).__name__}()"
 
 
+class GreyToNormalizedTensor:
+    """Transform step: 8-bit grey PIL image -> normalised float 3 x H x W tensor with identical channels.
+
+    One fused step instead of ToTensor + repeat + Normalize: on a 256-px cached image the
+    separate torchvision steps cost as much as the crop itself.
+    """
+
+    def __init__(self, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
+        self.mean = torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32).view(-1, 1, 1)
+
+    def __call__(self, img: Image.Image | torch.Tensor) -> torch.Tensor:
+        if isinstance(img, Image.Image):
+            if img.mode != "L":
+                raise ValueError(f"GreyToNormalizedTensor: expected a grey ('L') image, got mode {img.mode!r}")
+            x = torch.from_numpy(np.array(img, dtype=np.uint8)).float().div_(255.0).unsqueeze(0)
+        else:
+            x = img if img.ndim == 3 else img.unsqueeze(0)
+        # Broadcasting the single channel against 3 channel stats makes the 3 copies.
+        return (x - self.mean) / self.std
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(mean={self.mean.flatten().tolist()}, std={self.std.flatten().tolist()})"
+
+
 class XrayTransform:
     """A transform pipeline that accepts an 8-bit grey PIL image and returns a 3-channel tensor."""
 
@@ -74,6 +100,29 @@ def norm_stats(norm: str) -> tuple[tuple[float, float, float], tuple[float, floa
     if norm not in NORM_STATS:
         raise ValueError(f"norm={norm!r}: expected one of {list(NORM_STATS)}")
     return NORM_STATS[norm]
+
+
+def _posterize_any_bits(img: Image.Image, bits_to_keep: int, **kwargs) -> Image.Image:
+    """timm's posterize op, also for 0 bits: Pillow >= 13 refuses 0, older Pillow gave black."""
+    from timm.data.auto_augment import posterize
+
+    if bits_to_keep <= 0:
+        return Image.new(img.mode, img.size, 0)
+    return posterize(img, bits_to_keep, **kwargs)
+
+
+def _fix_rand_augment(transform: Callable) -> None:
+    """Make the RandAugment ops of a timm transform safe on current Pillow (this instance only).
+
+    'rand-m9-mstd0.5-inc1' draws magnitude 10 now and then, which PosterizeIncreasing maps to
+    0 bits; Pillow 13 raises on that, so about one image in 300 would stop training.
+    """
+    from timm.data.auto_augment import posterize
+
+    for step in getattr(transform, "transforms", []):
+        for op in getattr(step, "ops", []):
+            if getattr(op, "aug_fn", None) is posterize:
+                op.aug_fn = _posterize_any_bits
 
 
 def build_transform(
@@ -105,7 +154,7 @@ def build_transform(
     if input_size < 8:
         raise ValueError(f"input_size={input_size}: expected at least 8 pixels")
     mean, std = norm_stats(norm)
-    tail: list[Callable] = [T.ToTensor(), GreyToRGB(), T.Normalize(mean, std)]
+    tail: list[Callable] = [GreyToNormalizedTensor(mean, std)]
     bicubic = InterpolationMode.BICUBIC
 
     if not is_train:
@@ -133,5 +182,6 @@ def build_transform(
         mean=mean,
         std=std,
     )
+    _fix_rand_augment(timm_transform)
     # RandAugment's colour ops and fill values expect RGB, so this recipe repeats first.
     return XrayTransform([GreyToRGB(), timm_transform])

@@ -72,3 +72,13 @@ def test_dataset_with_and_without_transforms(tmp_path):
     seen = []
     ds = build_dataset("val", root, transform=lambda img: seen.append(img.mode) or T.functional.to_tensor(img))
     assert ds[0][0].shape == (3, 40, 40) and seen == ["RGB"]
+
+
+def test_rand_augment_posterize_at_full_magnitude():
+    # Magnitude 10 maps PosterizeIncreasing to 0 bits, which Pillow >= 13 refuses.
+    t = build_transform(True, "adamw", 32, aa="rand-m9-mstd0.5-inc1")
+    rand_augment = next(s for s in t.pipeline.transforms[1].transforms if hasattr(s, "ops"))
+    op = next(o for o in rand_augment.ops if o.name == "PosterizeIncreasing")
+    op.magnitude, op.magnitude_std, op.prob = 10, 0, 1.0
+    out = op(GREY.convert("RGB"))
+    assert out.size == GREY.size and np.asarray(out).max() == 0

@@ -1,0 +1,91 @@
+"""Images/s of the train-time data pipeline: original 1024-px PNGs vs the preprocessed cache.
+
+    python bench/bench_data.py [--num_images 64] [--image_size 1024] [--cache_size 256]
+
+One process, one torch thread ("per core"): the loop is what a single DataLoader worker
+does per sample (decode or cache read, RandomResizedCrop + flip to 224, ToTensor,
+normalise). The PNGs are synthetic 8-bit chest-like images saved with zlib level 6, like
+NIH's. Prints a Markdown table row for docs/BENCHMARKS.md; --out also writes JSON.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere in the repo
+
+from datasets import build_cache, build_dataset, build_transform, make_demo_dataset  # noqa: E402
+
+
+def images_per_second(dataset: torch.utils.data.Dataset, repeats: int) -> float:
+    """Best-of-`repeats` throughput of reading every item of `dataset` once."""
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for i in range(len(dataset)):
+            dataset[i]
+        best = min(best, time.perf_counter() - start)
+    return len(dataset) / best
+
+
+def run(num_images: int, image_size: int, cache_size: int, input_size: int, recipe: str,
+        repeats: int, workdir: Path) -> dict:
+    """Build the data, time both paths; returns the numbers."""
+    torch.set_num_threads(1)
+    root = make_demo_dataset(workdir / "NIH_bench", num_images=num_images, image_size=image_size,
+                             compress_level=6)
+    png_bytes = sum(f.stat().st_size for f in (root / "all_classes").iterdir()) / num_images
+    start = time.perf_counter()
+    build_cache(root, size=cache_size, workers=1)
+    cache_build_s = time.perf_counter() - start
+    transform = build_transform(True, recipe=recipe, input_size=input_size, norm="mrm")
+    torch.manual_seed(0)
+    png = build_dataset("train", root, transform=transform, cache="off")
+    cached = build_dataset("train", root, transform=transform, cache="on", cache_size=cache_size)
+    png_rate = images_per_second(png, repeats)
+    cache_rate = images_per_second(cached, repeats)
+    return {
+        "images": len(png), "image_size": image_size, "png_kb": round(png_bytes / 1024),
+        "cache_size": cache_size, "input_size": input_size, "recipe": recipe,
+        "png_images_per_s": round(png_rate, 1), "cache_images_per_s": round(cache_rate, 1),
+        "ratio": round(cache_rate / png_rate, 1),
+        "cache_build_images_per_s": round(len(png) / cache_build_s, 1),
+        "cpu": platform.processor() or platform.machine(), "torch": torch.__version__,
+    }
+
+
+def main() -> None:
+    """Command line."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--num_images", type=int, default=96)
+    parser.add_argument("--image_size", type=int, default=1024)
+    parser.add_argument("--cache_size", type=int, default=256)
+    parser.add_argument("--input_size", type=int, default=224)
+    parser.add_argument("--recipe", choices=["sgd", "adamw"], default="sgd")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--workdir", default=None, help="where to write the images (default: a temp folder)")
+    parser.add_argument("--out", default=None, help="also write the numbers as JSON here")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    with tempfile.TemporaryDirectory() as tmp:
+        result = run(args.num_images, args.image_size, args.cache_size, args.input_size, args.recipe,
+                     args.repeats, Path(args.workdir or tmp))
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(result, indent=1))
+    print(json.dumps(result))
+    print(f"| {result['recipe']} train, {result['images']} x {result['image_size']}px PNG (~{result['png_kb']} KB) "
+          f"-> {result['input_size']} | {result['png_images_per_s']} | {result['cache_images_per_s']} "
+          f"| {result['ratio']}x |")
+
+
+if __name__ == "__main__":
+    main()
