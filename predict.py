@@ -298,7 +298,7 @@ def parse_threshold(value: str | None, class_names: Sequence[str]) -> np.ndarray
 
 
 def _fmt(p: float) -> str:
-    return "" if math.isnan(p) else f"{p:.6f}"
+    return "" if math.isnan(p) else f"{p:.8f}"
 
 
 def write_predictions(

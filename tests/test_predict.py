@@ -122,6 +122,40 @@ def test_cli_split_file_rows_join_with_eval_paths(setup, tmp_path, capsys):
     assert not predict.failures_path(out).exists()
 
 
+def test_predictions_equal_eval_predictions_csv(setup, tmp_path):
+    """`main_finetune_lora.py --eval` and predict.py on the same test split agree per image."""
+    import logging
+
+    trainer = pytest.importorskip("main_finetune_lora")
+    out = tmp_path / "eval"
+    handlers, level = logging.root.handlers[:], logging.root.level
+    try:  # in-process (a subprocess would spend most of its time importing torch and timm)
+        rc = trainer.cli(["--eval", "--resume", str(setup["stem"]), "--finetune", str(setup["mrm"]),
+                          "--data_path", str(setup["data"]), "--dataset", "nih", "--cache", "off",
+                          "--device", "cpu", "--amp", "none", "--num_workers", "0",
+                          "--output_dir", str(out), "--no_progress"])
+    finally:  # the trainer configures the root logger for its own process
+        logging.root.handlers[:], logging.root.level = handlers, level
+    assert rc == 0
+    evaluated = {r["path"]: r for r in read_csv(out / "predictions_test.csv")}
+    pred_csv = tmp_path / "preds.csv"
+    rc = predict.main(["--checkpoint", str(setup["stem"]), "--inputs",
+                       str(setup["data"] / "test_list.txt"), "--output", str(pred_csv),
+                       "--amp", "none", "--num_workers", "0"])
+    assert rc == 0
+    predicted = read_csv(pred_csv)
+    assert [r["path"] for r in predicted] == list(evaluated)
+    for row in predicted:
+        ref = evaluated[row["path"]]
+        assert f"label_{NIH[0]}" in ref
+        np.testing.assert_allclose([float(row[c]) for c in NIH], [float(ref[c]) for c in NIH],
+                                   atol=1e-6, rtol=0)
+    # The evaluation's reports come from util.reports.
+    with Image.open(out / "roc_test.png") as img:
+        assert img.size == (800, 800)
+    assert (out / "results_test_auroc.md").is_file() and (out / "results_test_auroc.csv").is_file()
+
+
 def test_mixed_good_and_broken_inputs(setup, tmp_path, capsys):
     files = save_images(tmp_path / "images")
     missing = tmp_path / "nowhere.png"
