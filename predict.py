@@ -138,10 +138,15 @@ def collect_inputs(
 
 def load_model(checkpoint: str | Path, finetune: str | Path | None = None,
                device: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:
-    """A trained model in eval mode and its config, from an adapter checkpoint or a merged export."""
+    """A trained model in eval mode and its config, from an adapter checkpoint or a merged export.
+
+    A run folder stands for its ``checkpoint-best``.
+    """
     from lora.export import is_merged_export, load_merged
     from util.checkpoint import load_trained
 
+    if Path(checkpoint).is_dir():
+        checkpoint = Path(checkpoint) / "checkpoint-best"
     if is_merged_export(checkpoint):
         if finetune:
             logger.info("--finetune ignored: %s is a merged export holding every tensor", checkpoint)
@@ -362,7 +367,8 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--checkpoint", required=True,
                    help="adapter checkpoint (stem, .safetensors or .json, e.g. "
-                        "output/run/checkpoint-best) or a merged export of lora.export")
+                        "output/run/checkpoint-best; a run folder means its checkpoint-best) "
+                        "or a merged export of lora.export")
     p.add_argument("--finetune", default=None,
                    help="pre-trained file the adapter was trained on (default: the path "
                         "recorded in the checkpoint; not needed for a merged export)")

@@ -196,7 +196,8 @@ def test_threshold_columns_and_json(setup, tmp_path):
             assert r[f"pred_{c}"] == str(int(float(r[c]) >= 0.5))
     table = tmp_path / "thresholds.json"
     table.write_text(json.dumps({c: 0.01 if c == "Mass" else 0.99 for c in NIH}))
-    rc = predict.main(["--checkpoint", str(setup["stem"]), "--inputs", str(files["grey8"]),
+    run_folder = setup["stem"].parent  # a run folder stands for its checkpoint-best
+    rc = predict.main(["--checkpoint", str(run_folder), "--inputs", str(files["grey8"]),
                        "--output", str(out), "--threshold", str(table), "--num_workers", "0"])
     assert rc == 0
     row = read_csv(out)[0]

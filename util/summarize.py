@@ -53,6 +53,7 @@ class Run:
         return self.path.parent.name if self.path.name == RESULTS_NAME else self.path.stem
 
     def sort_key(self) -> tuple:
+        """Order of the paper's tables: data set, label fraction, weights, method."""
         r = self.results
 
         def rank(value: Any, order: Sequence[str]) -> tuple[int, str]:
