@@ -25,15 +25,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywher
 from datasets import build_cache, build_dataset, build_transform, make_demo_dataset  # noqa: E402
 
 
-def images_per_second(dataset: torch.utils.data.Dataset, repeats: int) -> float:
-    """Best-of-`repeats` throughput of reading every item of `dataset` once."""
-    best = float("inf")
+def best_rates(datasets: dict[str, torch.utils.data.Dataset], repeats: int) -> dict[str, float]:
+    """Best-of-`repeats` images/s of reading every item once, per data set.
+
+    The passes alternate between the data sets, so that a busy machine slows both alike.
+    """
+    best = {name: float("inf") for name in datasets}
     for _ in range(repeats):
-        start = time.perf_counter()
-        for i in range(len(dataset)):
-            dataset[i]
-        best = min(best, time.perf_counter() - start)
-    return len(dataset) / best
+        for name, dataset in datasets.items():
+            start = time.perf_counter()
+            for i in range(len(dataset)):
+                dataset[i]
+            best[name] = min(best[name], time.perf_counter() - start)
+    return {name: len(datasets[name]) / t for name, t in best.items()}
 
 
 def run(num_images: int, image_size: int, cache_size: int, input_size: int, recipe: str,
@@ -50,8 +54,8 @@ def run(num_images: int, image_size: int, cache_size: int, input_size: int, reci
     torch.manual_seed(0)
     png = build_dataset("train", root, transform=transform, cache="off")
     cached = build_dataset("train", root, transform=transform, cache="on", cache_size=cache_size)
-    png_rate = images_per_second(png, repeats)
-    cache_rate = images_per_second(cached, repeats)
+    rates = best_rates({"png": png, "cache": cached}, repeats)
+    png_rate, cache_rate = rates["png"], rates["cache"]
     return {
         "images": len(png), "image_size": image_size, "png_kb": round(png_bytes / 1024),
         "cache_size": cache_size, "input_size": input_size, "recipe": recipe,
@@ -70,7 +74,7 @@ def main() -> None:
     parser.add_argument("--cache_size", type=int, default=256)
     parser.add_argument("--input_size", type=int, default=224)
     parser.add_argument("--recipe", choices=["sgd", "adamw"], default="sgd")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--workdir", default=None, help="where to write the images (default: a temp folder)")
     parser.add_argument("--out", default=None, help="also write the numbers as JSON here")
     args = parser.parse_args()
