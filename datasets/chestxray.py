@@ -128,6 +128,21 @@ def _check_decodable(file: str) -> str:
         return f"{type(err).__name__}: {err}"
 
 
+def _changed_originals(cache: ImageCache, paths: list[str], files: list[str]) -> list[str]:
+    """Originals whose byte size differs from when they were cached (absent originals are fine:
+    the cache may travel without them)."""
+    changed = []
+    for path, file in zip(paths, files):
+        try:
+            size = os.stat(file).st_size
+        except OSError:
+            continue
+        row = cache.row.get(path)
+        if row is not None and size != cache.src_bytes[row] and path not in cache.bad:
+            changed.append(file)
+    return changed
+
+
 def _report(bad: list[BadEntry]) -> str:
     """A few bad entries, one a line, and how many more there are."""
     shown = "\n  ".join(str(b) for b in bad[:_LIST_AT_MOST])
@@ -201,7 +216,7 @@ def build_dataset(
     mode = {True: "on", False: "off"}.get(cache, cache) if isinstance(cache, bool) else cache
     if mode not in CACHE_MODES:
         raise ValueError(f"cache={cache!r}: expected one of {list(CACHE_MODES)}")
-    data_path = Path(data_path)
+    data_path = Path(data_path).expanduser()
     if not data_path.is_dir():
         raise FileNotFoundError(f"data_path '{data_path}' is not a folder (--data_path)")
     kind = dataset or infer_dataset_kind(data_path)
@@ -220,6 +235,16 @@ def build_dataset(
 
     image_cache = _open_cache(mode, Path(cache_dir) if cache_dir else default_cache_dir(data_path),
                               split_file, cache_size)
+    if image_cache is not None and check_files:
+        changed = _changed_originals(image_cache, table.paths, files)
+        if changed:
+            reason = (f"{len(changed)} original images changed size since the cache was built, "
+                      f"e.g. {changed[0]}")
+            if mode == "on":
+                raise CacheError(f"cache {image_cache.cache_dir} is stale for {split_file}: {reason}; "
+                                 f"rebuild it with `python -m datasets.cache`")
+            logger.warning("ignoring stale cache %s: %s (reading the original images)", image_cache.cache_dir, reason)
+            image_cache = None
     bad: list[BadEntry] = []
     if image_cache is not None:
         missing = [p for p in table.paths if p not in image_cache.row]

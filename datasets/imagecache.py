@@ -179,7 +179,9 @@ def build_cache(
         workers: decoding processes (0: one per CPU core).
         skip_bad: record bad images in the cache instead of failing on the first.
     """
-    data_path = Path(data_path)
+    data_path = Path(data_path).expanduser()
+    if not data_path.is_dir():
+        raise FileNotFoundError(f"data_path '{data_path}' is not a folder (--data_path)")
     kind = dataset or infer_dataset_kind(data_path)
     if kind not in DATASET_KINDS:
         raise ValueError(f"dataset={kind!r}: expected one of {list(DATASET_KINDS)}")

@@ -69,6 +69,13 @@ def test_stale_cache_is_detected(demo, tmp_path, caplog):
     assert build_dataset("val", data).cache is not None
     assert build_dataset("val", data, cache="off").cache is None
 
+    # An original image rewritten with other content.
+    name = build_dataset("val", data, cache="on").paths[0]
+    Image.new("L", (48, 48), 7).save(data / "all_classes" / name)
+    with pytest.raises(CacheError, match="changed size since the cache was built"):
+        build_dataset("val", data, cache="on")
+    assert build_dataset("val", data, cache="on", check_files=False).cache is not None
+
     # A truncated data file.
     with open(data / "_cache" / "images.u8", "r+b") as f:
         f.truncate(100)
