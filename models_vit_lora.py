@@ -108,9 +108,12 @@ vit_small_patch16_lora = _with_lora(vit_small_patch16)
 vit_base_patch16_lora = _with_lora(vit_base_patch16)
 vit_large_patch16_lora = _with_lora(vit_large_patch16)
 
+# Builder names, as the paper's scripts pass them to --model. A `_lora` builder is the
+# plain architecture with adapters injected (LORA_MODELS maps it to that architecture).
+LORA_MODELS: dict[str, str] = {f"{arch}_lora": arch for arch in ARCHS}
 MODELS: dict[str, Callable[..., VisionTransformer]] = {
-    name: fn for name, fn in globals().items()
-    if name.startswith("vit_") and name.split("_lora")[0] in ARCHS and callable(fn)
+    **{arch: globals()[arch] for arch in ARCHS},
+    **{name: globals()[name] for name in LORA_MODELS},
 }
 
 

@@ -33,13 +33,15 @@ import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader, Dataset
 
+from engine_finetune import AMP_CHOICES
+from engine_finetune import resolve_amp as engine_resolve_amp
+
 logger = logging.getLogger("predict")
 
 # Files a folder search picks up; files named explicitly are tried whatever their suffix.
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".dcm", ".dicom", ".dic", ".bmp",
                             ".tif", ".tiff", ".webp"})
 SPLIT_SUFFIXES = frozenset({".txt"})
-AMP_CHOICES = ("auto", "bf16", "fp16", "none")
 DATASET_CHOICES = ("nih", "chexpert", "rsna", "custom")
 
 
@@ -170,23 +172,11 @@ def eval_transform(config: dict[str, Any]) -> Callable[[Any], torch.Tensor]:
 
 
 def resolve_amp(amp: str, device: torch.device) -> torch.dtype | None:
-    """Autocast dtype for ``--amp`` on ``device``; None means fp32.
-
-    auto: bf16 on the CPU and on GPUs that support it, fp16 on other GPUs, fp32 elsewhere.
-    """
-    if amp not in AMP_CHOICES:
-        raise UsageError(f"--amp {amp!r}: expected one of {AMP_CHOICES}")
-    if amp == "none":
-        return None
-    if amp == "bf16":
-        return torch.bfloat16
-    if amp == "fp16":
-        return torch.float16
-    if device.type == "cpu":
-        return torch.bfloat16
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return None
+    """Autocast dtype for ``--amp`` on ``device`` (the trainer's rule); None means fp32."""
+    try:
+        return engine_resolve_amp(amp, device)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
 
 
 def default_device() -> str:

@@ -1,0 +1,214 @@
+"""One training epoch and one evaluation pass: the loop, nothing about flags or files."""
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import sys
+from typing import Callable, Iterable, Sequence
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from util.metrics import multilabel_metrics
+
+logger = logging.getLogger(__name__)
+
+
+class NonFiniteLossError(RuntimeError):
+    """The training loss became NaN or infinite."""
+
+
+AMP_CHOICES = ("auto", "bf16", "fp16", "none")
+
+
+def cpu_has_fast_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (AMX or AVX512-BF16); elsewhere bf16 is
+    emulated and several times slower than fp32."""
+    probes = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
+    return any(getattr(torch.cpu, name, lambda: False)() for name in probes)
+
+
+def resolve_amp(amp: str, device: torch.device) -> torch.dtype | None:
+    """Autocast dtype for an ``--amp`` choice on ``device``; None means fp32.
+
+    auto: bf16 on GPUs that support it and on CPUs with native bf16, fp16 on older GPUs,
+    fp32 on other CPUs.
+    """
+    if amp not in AMP_CHOICES:
+        raise ValueError(f"--amp {amp!r}: expected one of {AMP_CHOICES}")
+    if amp == "none":
+        return None
+    if amp == "bf16":
+        return torch.bfloat16
+    if amp == "fp16":
+        return torch.float16
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if device.type == "cpu" and cpu_has_fast_bf16():
+        return torch.bfloat16
+    return None
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+    """Mixed precision on any device type; a no-op when ``dtype`` is None (fp32)."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def _progress(iterable: Iterable, total: int, desc: str, enabled: bool) -> Iterable:
+    # A bar only on an interactive terminal: logs stay free of carriage-return noise.
+    if not enabled or not sys.stderr.isatty():
+        return iterable
+    return tqdm(iterable, total=total, desc=desc, dynamic_ncols=True, leave=False)
+
+
+def train_one_epoch(
+    model: nn.Module,
+    loader: Iterable,
+    optimizer: torch.optim.Optimizer,
+    device: torch.device,
+    epoch: int,
+    *,
+    set_lr: Callable[[float], float],
+    scaler: torch.amp.GradScaler | None = None,
+    amp_dtype: torch.dtype | None = None,
+    accum_iter: int = 1,
+    clip_grad: float | None = None,
+    log_writer=None,
+    log_freq: int = 10,
+    steps_per_epoch: int | None = None,
+    progress: bool = True,
+    params: Sequence[torch.Tensor] | None = None,
+) -> dict[str, float]:
+    """Train for one epoch with BCE-with-logits; returns mean loss and the last lr.
+
+    ``set_lr(fractional_epoch)`` is called at the start of each optimisation step
+    (per-iteration warmup + cosine). The loss is read back to the host only every
+    ``log_freq`` steps, so the device is not synchronised on every step.
+    """
+    model.train()
+    n_steps = steps_per_epoch or len(loader)  # type: ignore[arg-type]
+    params = list(params) if params is not None else [p for p in model.parameters() if p.requires_grad]
+    loss_sum = torch.zeros((), device=device)
+    window_sum = torch.zeros((), device=device)
+    window_n = 0
+    lr = float("nan")
+    optimizer.zero_grad(set_to_none=True)
+    bar = _progress(loader, n_steps, f"epoch {epoch}", progress)
+    for step, (images, targets) in enumerate(bar):
+        if step % accum_iter == 0:
+            lr = set_lr(epoch + step / n_steps)
+        images = images.to(device, non_blocking=True)
+        targets = targets.to(device, non_blocking=True).float()
+        with autocast(device, amp_dtype):
+            logits = model(images)
+        loss = F.binary_cross_entropy_with_logits(logits.float(), targets)
+        detached = loss.detach()
+        loss_sum += detached
+        window_sum += detached
+        window_n += 1
+
+        update = (step + 1) % accum_iter == 0 or step + 1 == n_steps
+        sync = model.no_sync() if (hasattr(model, "no_sync") and not update) else contextlib.nullcontext()
+        with sync:
+            if scaler is not None:
+                scaler.scale(loss / accum_iter).backward()
+            else:
+                (loss / accum_iter).backward()
+        if update:
+            if scaler is not None:
+                scaler.unscale_(optimizer)
+            if clip_grad:
+                torch.nn.utils.clip_grad_norm_(params, clip_grad)
+            if scaler is not None:
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+        if (step + 1) % log_freq == 0 or step + 1 == n_steps:
+            window = window_sum.item() / window_n  # the one host sync per log window
+            if not math.isfinite(window):
+                raise NonFiniteLossError(
+                    f"loss is {window} at epoch {epoch}, step {step + 1}/{n_steps} (between "
+                    f"steps {step + 2 - window_n} and {step + 1}); stopping")
+            global_step = epoch * n_steps + step
+            if log_writer is not None:
+                log_writer.add_scalar("train/loss", window, global_step)
+                log_writer.add_scalar("train/lr", lr, global_step)
+            if hasattr(bar, "set_postfix"):
+                bar.set_postfix(loss=f"{window:.4f}", lr=f"{lr:.2e}")
+            window_sum.zero_()
+            window_n = 0
+    return {"loss": loss_sum.item() / max(n_steps, 1), "lr": lr}
+
+
+def _gather(tensor: torch.Tensor) -> torch.Tensor:
+    """Concatenate equal-length tensors from all ranks (rank order)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return tensor
+    parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, tensor.contiguous())
+    return torch.cat(parts)
+
+
+@torch.no_grad()
+def predict(
+    model: nn.Module,
+    loader: torch.utils.data.DataLoader,
+    device: torch.device,
+    amp_dtype: torch.dtype | None = None,
+    progress: bool = True,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Logits and targets for the whole data set, gathered over ranks, in data set order.
+
+    The indices each rank sees come from its sampler; a DistributedSampler pads the
+    data set with duplicates to split it evenly: those are dropped here, so every image
+    counts exactly once. Returns (indices, logits, targets).
+    """
+    model.eval()
+    indices = torch.tensor(list(iter(loader.sampler)), dtype=torch.long)
+    logits_list, target_list = [], []
+    for images, targets in _progress(loader, len(loader), "eval", progress):
+        images = images.to(device, non_blocking=True)
+        with autocast(device, amp_dtype):
+            out = model(images)
+        logits_list.append(out.float())
+        target_list.append(targets.to(device).float())
+    logits = torch.cat(logits_list)
+    targets = torch.cat(target_list)
+    assert len(logits) == len(indices), "sampler and loader disagree on the evaluated images"
+    indices = _gather(indices.to(device)).cpu()
+    logits = _gather(logits).cpu()
+    targets = _gather(targets).cpu()
+    order = torch.argsort(indices, stable=True)
+    indices, logits, targets = indices[order], logits[order], targets[order]
+    keep = torch.ones_like(indices, dtype=torch.bool)
+    keep[1:] = indices[1:] != indices[:-1]
+    return indices[keep].numpy(), logits[keep].numpy(), targets[keep].numpy()
+
+
+def evaluate(
+    model: nn.Module,
+    loader: torch.utils.data.DataLoader,
+    device: torch.device,
+    class_names: Sequence[str],
+    amp_dtype: torch.dtype | None = None,
+    progress: bool = True,
+) -> dict:
+    """Loss, per-class and mean AUROC / AUPRC over the whole evaluated set, plus predictions."""
+    indices, logits, targets = predict(model, loader, device, amp_dtype, progress)
+    loss = F.binary_cross_entropy_with_logits(torch.from_numpy(logits),
+                                              torch.from_numpy(targets)).item()
+    probs = 1.0 / (1.0 + np.exp(-logits.astype(np.float64)))
+    stats = multilabel_metrics(targets, probs, class_names)
+    stats.update(loss=loss, num_images=int(len(indices)), indices=indices, probs=probs,
+                 targets=targets)
+    return stats

@@ -1,0 +1,90 @@
+"""Process-level helpers: distributed set-up (torchrun), seeding, logging, run metadata."""
+from __future__ import annotations
+
+import logging
+import os
+import random
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    """This process's place in a (possibly single-process) run."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device: str) -> tuple[DistInfo, torch.device]:
+    """Join the process group that torchrun describes in the environment, if any.
+
+    NCCL on CUDA devices, gloo otherwise. Each process takes GPU ``LOCAL_RANK``.
+    """
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        return DistInfo(), torch.device(device)
+    info = DistInfo(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]),
+                    int(os.environ.get("LOCAL_RANK", 0)))
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        torch.cuda.set_device(info.local_rank)
+        dev = torch.device("cuda", info.local_rank)
+    if info.world_size > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
+    return info, dev
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch (all devices)."""
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict:
+    """RNG states as plain data (for the resume file)."""
+    return {"python": list(random.getstate()[1]), "python_pos": random.getstate()[2],
+            "numpy": np.random.get_state()[1].tolist(), "numpy_pos": int(np.random.get_state()[2]),
+            "torch": torch.get_rng_state()}
+
+
+def setup_logging(is_main: bool, log_file: Path | None = None) -> None:
+    """Log INFO on the main process only (to stderr and optionally a file)."""
+    handlers: list[logging.Handler] = []
+    if is_main:
+        handlers.append(logging.StreamHandler(sys.stderr))
+        if log_file is not None:
+            handlers.append(logging.FileHandler(log_file))
+    else:
+        handlers.append(logging.NullHandler())
+    logging.basicConfig(level=logging.INFO if is_main else logging.ERROR, handlers=handlers,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S", force=True)
+
+
+def git_commit() -> str | None:
+    """The repository's current commit (with '-dirty' when modified), or None."""
+    root = Path(__file__).resolve().parents[1]
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
+                             text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               cwd=root, capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return (sha + ("-dirty" if dirty.strip() else "")) if sha else None

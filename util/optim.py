@@ -1,0 +1,53 @@
+"""Optimizers as the paper uses them: SGD (momentum 0.9) and AdamW with layer-wise lr decay."""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+# Parameters never decayed, whatever their shape (MAE / timm convention).
+NO_WEIGHT_DECAY = ("cls_token", "pos_embed", "dist_token")
+
+
+def layer_id(name: str, num_layers: int) -> int:
+    """Depth of a parameter for layer-wise decay: embeddings 0, block i -> i + 1, rest top."""
+    if name.startswith(("cls_token", "pos_embed", "patch_embed", "dist_token", "reg_token")):
+        return 0
+    if name.startswith("blocks."):
+        return int(name.split(".")[1]) + 1
+    return num_layers
+
+
+def param_groups_lrd(model: nn.Module, weight_decay: float = 0.05,
+                     layer_decay: float = 0.75) -> list[dict]:
+    """Trainable parameters grouped by (layer, decay) with ``lr_scale = decay ** (top - layer)``.
+
+    1-D tensors (biases, norms) and the embeddings in ``NO_WEIGHT_DECAY`` get no weight decay.
+    """
+    num_layers = len(model.blocks) + 1
+    scales = [layer_decay ** (num_layers - i) for i in range(num_layers + 1)]
+    groups: dict[str, dict] = {}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        no_decay = param.ndim == 1 or name in NO_WEIGHT_DECAY
+        lid = layer_id(name, num_layers)
+        key = f"layer_{lid}_{'no_decay' if no_decay else 'decay'}"
+        group = groups.setdefault(key, {"params": [], "names": [], "lr_scale": scales[lid],
+                                        "weight_decay": 0.0 if no_decay else weight_decay})
+        group["params"].append(param)
+        group["names"].append(name)
+    return list(groups.values())
+
+
+def build_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float,
+                    layer_decay: float) -> torch.optim.Optimizer:
+    """SGD over the trainable tensors (absolute lr), or AdamW over layer-decayed groups."""
+    if name == "sgd":
+        params = [p for p in model.parameters() if p.requires_grad]
+        return torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=weight_decay)
+    if name == "adamw":
+        groups = param_groups_lrd(model, weight_decay, layer_decay)
+        for g in groups:
+            g.pop("names")
+        return torch.optim.AdamW(groups, lr=lr)
+    raise ValueError(f"unknown optimizer {name!r}: choose 'sgd' or 'adamw'")
