@@ -324,8 +324,7 @@ def build_model(args: argparse.Namespace, num_classes: int) -> tuple[torch.nn.Mo
                                  drop_path_rate=args.drop_path, global_pool=args.global_pool,
                                  **args.model_kwargs)
     if args.finetune:
-        report = mv.load_pretrained(model, args.finetune, allow_unsafe_pickle=args.unsafe_load)
-        logger.info(report.summary())
+        mv.load_pretrained(model, args.finetune, allow_unsafe_pickle=args.unsafe_load)
     else:
         logger.warning("no --finetune: the backbone is randomly initialised (demo only)")
     lora_cfg = None

@@ -1,0 +1,310 @@
+"""The training entry point end to end on demo data, with a depth-2 tiny ViT at 32 px."""
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from safetensors.torch import load_file
+from sklearn.metrics import roc_auc_score
+
+import datasets
+import main_finetune_lora as mfl
+from _fakes import mrm_checkpoint
+from util.metrics import binary_auroc
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    """A small demo data set (NIH layout) and a fake depth-2 MRM checkpoint."""
+    root = tmp_path_factory.mktemp("demo")
+    data = datasets.make_demo_dataset(root / "NIH_demo", num_images=100, image_size=32, seed=1)
+    weights = root / "MRM.pth"
+    mrm_checkpoint(weights)
+    return data, weights
+
+
+def base_args(data, weights, out, *extra):
+    return ["--data_path", str(data), "--dataset", "nih", "--finetune", str(weights),
+            "--model", "vit_tiny_patch16_lora", "--depth", "2", "--input_size", "32",
+            "--batch_size", "16", "--num_workers", "0", "--amp", "none", "--log_freq", "1",
+            "--epochs", "2", "--warmup_epochs", "1", "--lr", "0.05", "--output_dir", str(out),
+            "--run_name", "", "--no_progress", "--seed", "3", *extra]
+
+
+def tb_tags(log_dir):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(log_dir))
+    acc.Reload()
+    return set(acc.Tags()["scalars"]), acc
+
+
+def test_two_epoch_run_outputs_and_exact_reload(demo, tmp_path, capsys):
+    data, weights = demo
+    out = tmp_path / "run"
+    assert mfl.cli(base_args(data, weights, out)) == 0
+    printed = capsys.readouterr().out
+    assert "trainable params:" in printed and "test mean AUROC" in printed
+
+    lines = [json.loads(l) for l in (out / "log.txt").read_text().splitlines()]
+    assert [l["epoch"] for l in lines] == [0, 1]
+    for l in lines:
+        assert {"train_loss", "lr", "val_loss", "val_mean_auroc", "val_auroc"} <= set(l)
+        assert list(l["val_auroc"]) == datasets.CLASS_NAMES["nih"]
+
+    tags, acc = tb_tags(out / "logs")
+    assert {"train/loss", "train/lr", "val/loss", "val/mean_auroc"} <= tags
+    assert any(t.startswith("val/auroc/") for t in tags)
+    steps_per_epoch = len([e for e in acc.Scalars("train/loss")]) // 2
+    assert steps_per_epoch >= 2  # logged per step (log_freq 1)
+
+    for stem in ("checkpoint-best", "checkpoint-last"):
+        assert (out / f"{stem}.safetensors").is_file() and (out / f"{stem}.json").is_file()
+    assert (out / "checkpoint-last.state.pt").is_file()
+    tensors = load_file(str(out / "checkpoint-best.safetensors"))
+    assert all(k.endswith(("lora_A", "lora_B")) or k.startswith(("fc_norm.", "head."))
+               for k in tensors)
+    run_config = json.loads((out / "config.json").read_text())
+    assert run_config["torch"] == torch.__version__ and "git_commit" in run_config
+    assert run_config["args"]["lora_rank"] == 4
+
+    results = json.loads((out / "results_test.json").read_text())
+    test_set = datasets.build_dataset("test", data, "nih")
+    assert results["num_images"] == len(test_set)
+    for name in ("results_test_auroc.csv", "results_test_auroc.md", "roc_test.png",
+                 "predictions_test.csv"):
+        assert (out / name).is_file(), name
+
+    # Our AUROC equals sklearn's on the saved predictions.
+    preds = pd.read_csv(out / "predictions_test.csv")
+    assert list(preds["path"]) == test_set.paths
+    for name in datasets.CLASS_NAMES["nih"]:
+        y, p = preds[f"label_{name}"].to_numpy(), preds[name].to_numpy()
+        if y.min() == y.max():
+            assert results["auroc"][name] is None
+            continue
+        assert binary_auroc(y, p) == pytest.approx(roc_auc_score(y, p), abs=1e-12)
+        assert results["auroc"][name] == pytest.approx(roc_auc_score(y, p), abs=1e-6)
+
+    # Reloading the best adapter (on top of the same pre-trained file) reproduces the test AUROC.
+    again = tmp_path / "again"
+    assert mfl.cli(["--eval", "--resume", str(out / "checkpoint-best"), "--data_path", str(data),
+                    "--amp", "none", "--num_workers", "0", "--output_dir", str(again),
+                    "--no_progress"]) == 0
+    reloaded = json.loads((again / "results_test.json").read_text())
+    assert reloaded["mean_auroc"] == results["mean_auroc"]
+    assert reloaded["auroc"] == results["auroc"]
+
+
+def test_vit_base_r4_adapter_file_is_small(tmp_path):
+    import lora
+    import models_vit_lora as mv
+    from util import checkpoint as ckpt
+
+    model = mv.vit_base_patch16_lora(num_classes=14, lora_rank=4)
+    weights = tmp_path / "MRM.pth"
+    weights.write_bytes(b"stand-in")  # only its hash is recorded
+    config = ckpt.model_config(model="vit_base_patch16", method="lora",
+                               class_names=datasets.CLASS_NAMES["nih"], img_size=224,
+                               global_pool=True, norm="mrm", mean=(0.5,) * 3, std=(0.2,) * 3,
+                               pretrained=str(weights),
+                               pretrained_sha256=ckpt.file_sha256(weights),
+                               lora_cfg=dict(rank=4, alpha=32, dropout=0.1, pos="attn"))
+    path = ckpt.save_checkpoint(tmp_path / "checkpoint-best", model, config)
+    assert path.stat().st_size < 2 * 1024 * 1024
+    assert sum(t.numel() for t in load_file(str(path)).values()) == 159_758
+    assert lora.count_parameters(model)[0] == 159_758
+
+
+def _final_tensors(run):
+    return load_file(str(run / "checkpoint-last.safetensors"))
+
+
+def test_killed_and_resumed_run_equals_uninterrupted(demo, tmp_path):
+    data, weights = demo
+    epochs = ["--epochs", "3"]
+    whole = tmp_path / "whole"
+    assert mfl.cli(base_args(data, weights, whole, *epochs)) == 0
+
+    cut = tmp_path / "cut"
+    cmd = [sys.executable, str(ROOT / "main_finetune_lora.py"), *base_args(data, weights, cut, *epochs)]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 240
+    marker = cut / "checkpoint-last.json"
+    while time.time() < deadline and proc.poll() is None:
+        if marker.exists() and json.loads(marker.read_text()).get("epoch") == 0:
+            break
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.read()[-2000:]
+    killed_at = json.loads(marker.read_text())["epoch"]
+    assert killed_at < 2  # interrupted before the end
+    assert not (cut / "results_test.json").exists()
+
+    # The folder holds a run: refused without --resume ...
+    assert mfl.cli(base_args(data, weights, cut, *epochs)) == 1
+    # ... and continued with it.
+    assert mfl.cli(base_args(data, weights, cut, *epochs, "--resume", "auto")) == 0
+    a, b = _final_tensors(whole), _final_tensors(cut)
+    assert set(a) == set(b)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=0, msg=k)
+    log = [json.loads(l)["epoch"] for l in (cut / "log.txt").read_text().splitlines()]
+    assert log[-1] == 2 and sorted(set(log)) == [0, 1, 2]
+    whole_res = json.loads((whole / "results_test.json").read_text())
+    cut_res = json.loads((cut / "results_test.json").read_text())
+    assert cut_res["mean_auroc"] == pytest.approx(whole_res["mean_auroc"], abs=1e-6)
+
+
+def test_torchrun_two_processes_gathers_exactly(demo, tmp_path):
+    data, weights = demo
+    # An odd-sized test list: the distributed sampler must pad it with a duplicate.
+    splits = tmp_path / "splits"
+    splits.mkdir()
+    for name in datasets.ALL_SPLIT_FILES:
+        lines = (Path(data) / name).read_text().splitlines(keepends=True)
+        if name == "test_list.txt" and len(lines) % 2 == 0:
+            lines = lines[:-1]
+        (splits / name).write_text("".join(lines))
+    split_flags = ["--split_dir", str(splits)]
+    out = tmp_path / "ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+           "--master_port", "29517", str(ROOT / "main_finetune_lora.py"),
+           *base_args(data, weights, out, "--epochs", "1", "--warmup_epochs", "0", *split_flags)]
+    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    distributed = json.loads((out / "results_test.json").read_text())
+    n_test = len(datasets.build_dataset("test", data, "nih", split_dir=splits))
+    assert n_test % 2 == 1  # the sampler pads one duplicate, which must not be counted
+    assert distributed["num_images"] == n_test
+    single_dir = tmp_path / "single"
+    assert mfl.cli(["--eval", "--resume", str(out / "checkpoint-best"), "--data_path", str(data),
+                    "--amp", "none", "--num_workers", "0", "--output_dir", str(single_dir),
+                    "--no_progress", *split_flags]) == 0
+    single = json.loads((single_dir / "results_test.json").read_text())
+    assert single["num_images"] == n_test
+    assert single["mean_auroc"] == pytest.approx(distributed["mean_auroc"], abs=1e-6)
+    p1 = pd.read_csv(out / "predictions_test.csv")
+    p2 = pd.read_csv(single_dir / "predictions_test.csv")
+    assert list(p1["path"]) == list(p2["path"])
+    np.testing.assert_allclose(p1.iloc[:, 1:].to_numpy(), p2.iloc[:, 1:].to_numpy(), atol=1e-5)
+
+
+def test_all_negative_class_gives_nan_not_crash(caplog):
+    from util.metrics import multilabel_metrics
+
+    rng = np.random.default_rng(0)
+    targets = rng.integers(0, 2, size=(40, 3))
+    targets[:, 1] = 0
+    probs = rng.random((40, 3))
+    with caplog.at_level("WARNING"):
+        m = multilabel_metrics(targets, probs, ["a", "b", "c"])
+    assert math.isnan(m["auroc"]["b"]) and "'b'" in caplog.text
+    expected = np.mean([roc_auc_score(targets[:, k], probs[:, k]) for k in (0, 2)])
+    assert m["mean_auroc"] == pytest.approx(expected)
+
+
+def test_nonfinite_loss_stops_with_step(demo, tmp_path, capsys):
+    data, weights = demo
+    code = mfl.cli(base_args(data, weights, tmp_path / "nan", "--lr", "1e30", "--warmup_epochs", "0",
+                             "--epochs", "1"))
+    assert code == 1
+    err = capsys.readouterr().err
+    assert "loss is nan" in err.lower() and "epoch 0, step" in err
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--finetune", "/nonexistent/MRM.pth"], "--finetune: file not found: /nonexistent/MRM.pth"),
+    (["--lora_pos", "attention"], "--lora_pos"),
+    (["--mixup", "0.8"], "--mixup"),
+    (["--input_size", "30"], "--input_size 30"),
+    (["--method", "full"], "contradicts --model vit_tiny_patch16_lora"),
+    (["--eval"], "--eval needs --resume"),
+])
+def test_bad_flags_stop_with_message(demo, tmp_path, capsys, flags, message):
+    data, weights = demo
+    with pytest.raises(SystemExit) as exc:
+        mfl.cli(base_args(data, weights, tmp_path / "x", *flags))
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()  # nothing written
+
+
+def test_output_folder_with_another_run_refused(demo, tmp_path, capsys):
+    data, weights = demo
+    out = tmp_path / "busy"
+    out.mkdir()
+    (out / "config.json").write_text("{}")
+    assert mfl.cli(base_args(data, weights, out)) == 1
+    assert "already holds a run" in capsys.readouterr().err
+    assert (out / "config.json").read_text() == "{}"  # untouched
+
+
+def test_nb_classes_checked_against_data(demo, tmp_path, capsys):
+    data, weights = demo
+    assert mfl.cli(base_args(data, weights, tmp_path / "k", "--nb_classes", "5")) == 1
+    assert "--nb_classes 5" in capsys.readouterr().err
+
+
+PAPER_MRM = ("--num_workers 10 --batch_size 64 --model vit_base_patch16_lora --finetune {w} "
+             "--epochs 100 --lr 0.05 --warmup_epochs 5 --layer_decay 0.65 --weight_decay 0 "
+             "--drop_path 0.1 --reprob 0 --nb_classes 14 --dist_eval --data_size 1% "
+             "--data_path {d} --script ft_lora_mrm.sh --optimizer sgd --lora_rank 4 "
+             "--lora_pos attn --note lora --local-rank=0")
+PAPER_MAE = ("--num_workers 10 --batch_size 64 --model vit_base_patch16_lora --finetune {w} "
+             "--epochs 400 --blr 3e-3 --warmup_epochs 5 --layer_decay 0.65 --weight_decay 0.05 "
+             "--drop_path 0.1 --reprob 0.25 --nb_classes 14 --dist_eval --data_size 1% "
+             "--data_path {d} --script ft_lora_cxrmae.sh --optimizer adamw --lora_rank 4 "
+             "--lora_pos attn --note lora")
+
+
+@pytest.mark.parametrize("line,norm_file", [(PAPER_MRM, "MRM.pth"), (PAPER_MAE, "CXR_MAE.pth")])
+def test_paper_script_flags_parse_unchanged(tmp_path, line, norm_file):
+    weights = tmp_path / norm_file
+    weights.write_bytes(b"x")
+    argv = line.format(w=weights, d=tmp_path).split()
+    parser = mfl.get_args_parser()
+    args = parser.parse_args(argv)
+    mfl.resolve_args(args, mfl.explicit_flags(parser, argv))
+    assert args.method == "lora" and args.arch == "vit_base_patch16"
+    assert args.norm == ("mrm" if norm_file == "MRM.pth" else "cxr_mae")
+    assert args.recipe == args.optimizer and args.data_size == "1%" and args.lora_rank == 4
+
+
+def test_preset_fills_and_explicit_flags_win(tmp_path):
+    weights = tmp_path / "w.pth"
+    weights.write_bytes(b"x")
+    parser = mfl.get_args_parser()
+    argv = ["--preset", "chexpert-10-mrm", "--finetune", str(weights), "--data_path", str(tmp_path),
+            "--epochs", "7"]
+    args = parser.parse_args(argv)
+    mfl.resolve_args(args, mfl.explicit_flags(parser, argv))
+    assert (args.lr, args.lora_rank, args.optimizer, args.epochs) == (0.05, 16, "sgd", 7)
+    assert (args.dataset, args.data_size, args.norm, args.weight_decay) == ("chexpert", "10%", "mrm", 0.0)
+
+
+@pytest.mark.parametrize("script", ["ft_lora_mrm.sh", "ft_lora_mae.sh", "ft_mrm.sh", "ft_mae.sh"])
+def test_shell_scripts_build_a_valid_command(script):
+    env = {**os.environ, "DRY_RUN": "1", "NGPUS": "3", "DATA_SIZE": "10", "DATASET": "rsna"}
+    proc = subprocess.run(["bash", str(ROOT / script), "--epochs", "2"], capture_output=True,
+                          text=True, env=env, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    words = proc.stdout.split()
+    assert words[0] == "torchrun" and words[words.index("--nproc_per_node") + 1] == "3"
+    argv = words[words.index("main_finetune_lora.py") + 1:]
+    assert argv[-2:] == ["--epochs", "2"]  # extra arguments pass through
+    args = mfl.get_args_parser().parse_args(argv)
+    assert args.preset.startswith("rsna-10-")
+    assert (args.model == "vit_base_patch16_lora") == ("lora" in script)
