@@ -43,7 +43,7 @@ logger = logging.getLogger("main")
 ROOT = Path(__file__).resolve().parent
 DEMO_DEFAULTS: dict[str, Any] = dict(
     data_path=str(ROOT / "demo_data"), dataset="nih", model="vit_tiny_patch16_lora",
-    input_size=112, epochs=8, batch_size=32, optimizer="sgd", lr=0.05, warmup_epochs=1,
+    input_size=112, epochs=8, batch_size=32, optimizer="sgd", lr=0.3, warmup_epochs=1,
     weight_decay=0.0, reprob=0.0, norm="mrm", data_size="100%", num_workers=2,
     output_dir=str(ROOT / "output_dir"), run_name="demo", lora_rank=8, lora_dropout=0.0,
     drop_path=0.0,
