@@ -123,6 +123,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--warmup_epochs", type=float, default=5)
     g.add_argument("--weight_decay", type=float, default=0.05)
     g.add_argument("--clip_grad", type=float, default=None)
+    g.add_argument("--backbone_dtype", default="fp32", choices=["fp32", "bf16", "fp16"],
+                   help="hold the frozen backbone in this dtype (half the memory, no per-step "
+                        "cast); needs --amp of the same precision; LoRA and head stay fp32")
+    g.add_argument("--compile", action="store_true", help="torch.compile the training model")
+    g.add_argument("--grad_checkpointing", action="store_true",
+                   help="recompute block activations in backward (less memory, more compute)")
     g.add_argument("--amp", default="auto", choices=AMP_CHOICES,
                    help="auto: bf16 where the device computes it natively (recent GPUs, CPUs with "
                         "AMX / AVX512-BF16), fp16 with loss scaling on older GPUs, else fp32")
@@ -243,6 +249,13 @@ def resolve_args(args: argparse.Namespace, explicit: set[str]) -> argparse.Names
         if args.norm is None:
             raise ArgumentError(f"--norm: cannot tell the normalisation of {args.finetune}; pass "
                                 "--norm mrm, cxr_mae or imagenet")
+    if args.backbone_dtype != "fp32":
+        if args.method == "full":
+            raise ArgumentError(f"--backbone_dtype {args.backbone_dtype} needs a frozen backbone "
+                                "(--method lora or linear), not full fine-tuning")
+        if args.amp != args.backbone_dtype:
+            raise ArgumentError(f"--backbone_dtype {args.backbone_dtype} needs --amp "
+                                f"{args.backbone_dtype} (got --amp {args.amp})")
     args.recipe = args.recipe or args.optimizer
     args.eval_batch_size = args.eval_batch_size or 4 * args.batch_size
     return args
@@ -338,6 +351,8 @@ def build_model(args: argparse.Namespace, num_classes: int) -> tuple[torch.nn.Mo
         lora.mark_only_lora_as_trainable(model)  # no adapters: only fc_norm + head
     else:
         model.requires_grad_(True)
+    if args.grad_checkpointing:
+        model.set_grad_checkpointing(True)
     return model, lora_cfg
 
 
@@ -366,6 +381,7 @@ def test_and_report(args: argparse.Namespace, checkpoint: Path, out: Path, dist_
     """Evaluate a saved checkpoint on the test (or val) split and write every report."""
     model, config = ckpt.load_trained(checkpoint, pretrained=args.finetune or None, device=device,
                                       allow_unsafe_pickle=args.unsafe_load)
+    lora.merge(model)  # inference at the cost of a plain ViT
     transform = datasets.build_transform(is_train=False, recipe=config["eval_recipe"],
                                          input_size=config["img_size"], norm=config["norm"])
     dataset = datasets.build_dataset(args.eval_split, args.data_path, dataset=args.dataset,
@@ -466,6 +482,8 @@ def main(args: argparse.Namespace) -> dict:
 
     model, lora_cfg = build_model(args, len(class_names))
     model.to(device)
+    if args.backbone_dtype != "fp32":
+        lora.cast_frozen_(model, {"bf16": torch.bfloat16, "fp16": torch.float16}[args.backbone_dtype])
     params = [p for p in model.parameters() if p.requires_grad]
     param_line = lora.trainable_report(model)
     optimizer = build_optimizer(model, args.optimizer, args.lr, args.weight_decay, args.layer_decay)
@@ -486,6 +504,7 @@ def main(args: argparse.Namespace) -> dict:
     if dist_info.distributed:
         ddp_model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
+    train_model = torch.compile(ddp_model) if args.compile else ddp_model
 
     writer = None
     if dist_info.is_main:
@@ -514,7 +533,7 @@ def main(args: argparse.Namespace) -> dict:
         train_loader.sampler.set_epoch(epoch)
         try:
             train_stats = train_one_epoch(
-                ddp_model, train_loader, optimizer, device, epoch, set_lr=set_lr, scaler=scaler,
+                train_model, train_loader, optimizer, device, epoch, set_lr=set_lr, scaler=scaler,
                 amp_dtype=amp_dtype, accum_iter=args.accum_iter, clip_grad=args.clip_grad,
                 log_writer=writer, log_freq=args.log_freq, params=params,
                 progress=not args.no_progress and dist_info.is_main)
@@ -526,8 +545,14 @@ def main(args: argparse.Namespace) -> dict:
         line = f"epoch {epoch}: train loss {train_stats['loss']:.4f}, lr {train_stats['lr']:.3g}"
         log = {"epoch": epoch, "train_loss": train_stats["loss"], "lr": train_stats["lr"]}
         if (epoch + 1) % args.valid_freq == 0 or epoch + 1 == args.epochs:
-            stats = evaluate(ddp_model, val_loader, device, class_names, amp_dtype,
-                             progress=not args.no_progress and dist_info.is_main)
+            # Merged adapters: validation costs exactly a plain ViT; unmerge restores the
+            # base weights bit-exactly.
+            lora.merge(model)
+            try:
+                stats = evaluate(model, val_loader, device, class_names, amp_dtype,
+                                 progress=not args.no_progress and dist_info.is_main)
+            finally:
+                lora.unmerge(model)
             log.update(val_loss=stats["loss"], val_mean_auroc=stats["mean_auroc"],
                        val_mean_auprc=stats["mean_auprc"], val_auroc=nan_to_none(stats["auroc"]))
             line += f", val loss {stats['loss']:.4f}, val mean AUROC {100 * stats['mean_auroc']:.2f}"

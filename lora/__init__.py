@@ -10,6 +10,7 @@ from .model import (
     HEAD_MODULES,
     POSITIONS,
     canonical_name,
+    cast_frozen_,
     count_parameters,
     inject_lora,
     lora_layers,
@@ -24,7 +25,7 @@ from .model import (
 )
 
 __all__ = [
-    "HEAD_MODULES", "POSITIONS", "LoRALinear", "canonical_name", "count_parameters",
+    "HEAD_MODULES", "POSITIONS", "LoRALinear", "canonical_name", "cast_frozen_", "count_parameters",
     "inject_lora", "lora_layers", "lora_state_dict", "mark_only_lora_as_trainable", "merge",
     "merged_state_dict", "parse_lora_pos", "print_trainable_parameters", "trainable_report",
     "unmerge",

@@ -123,10 +123,9 @@ class LoRALinear(nn.Module):
             warnings.warn("LoRA layer is already merged; merge() ignored", stacklevel=2)
             return
         weight = self.base_layer.weight
-        if weight.dtype != torch.float32:
-            # Adding a small delta in bf16/fp16 is lossy and unmerge could not undo it:
-            # keep the original to restore it bit-exactly.
-            self._unmerged_weight = weight.detach().clone()
+        # W + dW - dW is not W in floating point (and far from it in bf16): keep the
+        # original so that unmerge restores it bit-exactly, however often it is called.
+        self._unmerged_weight = weight.detach().clone()
         weight.copy_((weight.float() + self.delta_weight()).to(weight.dtype))
         self.merged = True
 
@@ -136,12 +135,9 @@ class LoRALinear(nn.Module):
         if not self.merged:
             warnings.warn("LoRA layer is not merged; unmerge() ignored", stacklevel=2)
             return
-        weight = self.base_layer.weight
-        if self._unmerged_weight is not None:
-            weight.copy_(self._unmerged_weight)
-            self._unmerged_weight = None
-        else:
-            weight.sub_(self.delta_weight())
+        assert self._unmerged_weight is not None, "merged without a saved base weight"
+        self.base_layer.weight.copy_(self._unmerged_weight)
+        self._unmerged_weight = None
         self.merged = False
 
     def extra_repr(self) -> str:

@@ -114,6 +114,20 @@ def unmerge(model: nn.Module) -> int:
     return count
 
 
+def cast_frozen_(model: nn.Module, dtype: torch.dtype) -> int:
+    """Hold every frozen parameter in ``dtype`` (e.g. bf16), trainable ones stay as they are.
+
+    Under autocast of the same dtype the frozen weights are then used without a cast on
+    every step, and take half the memory. Returns the number of tensors cast.
+    """
+    count = 0
+    for param in model.parameters():
+        if not param.requires_grad and param.dtype != dtype and param.is_floating_point():
+            param.data = param.data.to(dtype)
+            count += 1
+    return count
+
+
 def canonical_name(key: str) -> str:
     """State-dict key of the plain model that a (possibly LoRA-wrapped) key stands for."""
     return key.replace(".base_layer.", ".")

@@ -104,6 +104,13 @@ def test_two_epoch_run_outputs_and_exact_reload(demo, tmp_path, capsys):
     reloaded = json.loads((again / "results_test.json").read_text())
     assert reloaded["mean_auroc"] == results["mean_auroc"]
     assert reloaded["auroc"] == results["auroc"]
+    # The validation AUROC measured during training (merged adapters) is the saved model's.
+    assert mfl.cli(["--eval", "--resume", str(out / "checkpoint-best"), "--data_path", str(data),
+                    "--amp", "none", "--num_workers", "0", "--output_dir", str(again),
+                    "--no_progress", "--eval_split", "val"]) == 0
+    val = json.loads((again / "results_val.json").read_text())
+    best = json.loads((out / "checkpoint-best.json").read_text())
+    assert val["mean_auroc"] == pytest.approx(best["val_mean_auroc"], abs=1e-6)
 
 
 def test_vit_base_r4_adapter_file_is_small(tmp_path):
@@ -232,6 +239,7 @@ def test_nonfinite_loss_stops_with_step(demo, tmp_path, capsys):
     (["--input_size", "30"], "--input_size 30"),
     (["--method", "full"], "contradicts --model vit_tiny_patch16_lora"),
     (["--eval"], "--eval needs --resume"),
+    (["--backbone_dtype", "bf16"], "--backbone_dtype bf16 needs --amp bf16"),
 ])
 def test_bad_flags_stop_with_message(demo, tmp_path, capsys, flags, message):
     data, weights = demo
