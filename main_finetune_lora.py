@@ -46,8 +46,12 @@ DEMO_DEFAULTS: dict[str, Any] = dict(
     input_size=112, epochs=8, batch_size=32, optimizer="sgd", lr=0.3, warmup_epochs=1,
     weight_decay=0.0, reprob=0.0, norm="mrm", data_size="100%", num_workers=2,
     output_dir=str(ROOT / "output_dir"), run_name="demo", lora_rank=8, lora_dropout=0.0,
-    drop_path=0.0,
+    drop_path=0.0, overwrite=True,
 )
+# What a run writes into its folder: removed first when --overwrite replaces an old run.
+RUN_FILES = ("log.txt", "train.log", "config.json", "checkpoint-best.*", "checkpoint-last.*",
+             "results_*.json", "results_*_auroc.*", "predictions_*.csv", "roc_*.png",
+             "logs/events.out.tfevents.*")
 
 
 class ArgumentError(ValueError):
@@ -279,6 +283,13 @@ def check_run_folder(out: Path, args: argparse.Namespace) -> None:
                             "--output_dir / --note")
 
 
+def clear_run_folder(out: Path) -> None:
+    """Remove an old run's own files (for --overwrite), so logs and checkpoints do not mix."""
+    for pattern in RUN_FILES:
+        for old in out.glob(pattern):
+            old.unlink()
+
+
 class SeededSampler(Sampler):
     """Yields (index, seed) pairs so each sample's augmentation depends only on (seed, epoch,
     index): the same with any number of workers, and reproducible after a resume."""
@@ -453,7 +464,9 @@ def main(args: argparse.Namespace) -> dict:
         args.lr = args.blr * eff_batch / 256
     out = run_folder(args, eff_batch)
     if args.resume == "auto":
-        args.resume = str(out / "checkpoint-last") if (out / "checkpoint-last.json").exists() else ""
+        # Nothing to continue yet (e.g. stopped during the first epoch): start afresh there.
+        args.overwrite = args.overwrite or not (out / "checkpoint-last.json").exists()
+        args.resume = str(out / "checkpoint-last") if not args.overwrite else ""
     check_run_folder(out, args)
     log_dir = Path(args.log_dir) if args.log_dir else out / "logs"
 
@@ -509,6 +522,8 @@ def main(args: argparse.Namespace) -> dict:
     writer = None
     if dist_info.is_main:
         out.mkdir(parents=True, exist_ok=True)
+        if args.overwrite and not args.resume:
+            clear_run_folder(out)
         setup_logging(True, out / "train.log")
         from torch.utils.tensorboard import SummaryWriter
 

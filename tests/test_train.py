@@ -316,3 +316,50 @@ def test_shell_scripts_build_a_valid_command(script):
     args = mfl.get_args_parser().parse_args(argv)
     assert args.preset.startswith("rsna-10-")
     assert (args.model == "vit_base_patch16_lora") == ("lora" in script)
+
+
+@pytest.mark.parametrize("extra,method", [
+    (["--model", "vit_tiny_patch16"], "full"),
+    (["--model", "vit_tiny_patch16", "--method", "linear"], "linear"),
+    (["--backbone_dtype", "bf16", "--amp", "bf16", "--grad_checkpointing"], "lora"),
+])
+def test_baselines_and_speed_flags_run_with_same_outputs(demo, tmp_path, extra, method):
+    data, weights = demo
+    out = tmp_path / method
+    assert mfl.cli(base_args(data, weights, out, "--epochs", "1", "--warmup_epochs", "0",
+                             *extra)) == 0
+    results = json.loads((out / "results_test.json").read_text())
+    assert results["method"] == method
+    tensors = load_file(str(out / "checkpoint-best.safetensors"))
+    if method == "full":
+        assert "blocks.0.attn.qkv.weight" in tensors
+        assert results["trainable_params"] == results["total_params"]
+    elif method == "linear":
+        assert set(tensors) == {"fc_norm.weight", "fc_norm.bias", "head.weight", "head.bias"}
+        assert results["trainable_params"] == 2 * 192 + 192 * 14 + 14
+    else:
+        assert all(t.dtype == torch.float32 for t in tensors.values())
+    for name in ("log.txt", "predictions_test.csv", "roc_test.png", "results_test_auroc.md"):
+        assert (out / name).is_file()
+    again = tmp_path / f"{method}-again"
+    assert mfl.cli(["--eval", "--resume", str(out / "checkpoint-best"), "--data_path", str(data),
+                    "--amp", "bf16" if method == "lora" else "none", "--num_workers", "0",
+                    "--output_dir", str(again), "--no_progress"]) == 0
+    reloaded = json.loads((again / "results_test.json").read_text())
+    assert reloaded["mean_auroc"] == pytest.approx(results["mean_auroc"], abs=1e-6)
+
+
+def test_overwrite_replaces_old_run_but_bad_input_keeps_it(demo, tmp_path, capsys):
+    data, weights = demo
+    out = tmp_path / "run"
+    assert mfl.cli(base_args(data, weights, out, "--epochs", "1", "--warmup_epochs", "0")) == 0
+    old_log = (out / "log.txt").read_text()
+    # A failing new run (bad split folder) leaves the old run as it was.
+    assert mfl.cli(base_args(data, weights, out, "--overwrite", "--split_dir",
+                             str(tmp_path / "nowhere"))) == 1
+    assert "train_list.txt" in capsys.readouterr().err  # names the missing split file
+    assert (out / "log.txt").read_text() == old_log and (out / "checkpoint-best.json").exists()
+    assert mfl.cli(base_args(data, weights, out, "--overwrite", "--epochs", "1",
+                             "--warmup_epochs", "0")) == 0
+    assert len((out / "log.txt").read_text().splitlines()) == 1  # replaced, not appended
+    assert len(list((out / "logs").glob("events.out.tfevents.*"))) == 1
