@@ -33,6 +33,7 @@ import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader, Dataset
 
+import lora
 from engine_finetune import AMP_CHOICES
 from engine_finetune import resolve_amp as engine_resolve_amp
 
@@ -153,7 +154,9 @@ def load_model(checkpoint: str | Path, finetune: str | Path | None = None,
         if finetune:
             logger.info("--finetune ignored: %s is a merged export holding every tensor", checkpoint)
         return load_merged(checkpoint, device)
-    return load_trained(checkpoint, finetune, device)
+    model, config = load_trained(checkpoint, finetune, device)
+    lora.merge(model)  # inference at the cost of a plain ViT
+    return model, config
 
 
 def eval_transform(config: dict[str, Any]) -> Callable[[Any], torch.Tensor]:

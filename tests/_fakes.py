@@ -6,7 +6,10 @@ from pathlib import Path
 
 import torch
 
+import lora
 import models_vit_lora as mv
+from datasets import CLASS_NAMES, NORM_STATS
+from util.checkpoint import file_sha256, model_config, save_checkpoint
 
 
 def encoder_state(arch: str = "vit_tiny_patch16", depth: int = 2, img_size: int = 224,
@@ -46,3 +49,32 @@ def mrm_checkpoint(path: Path, arch: str = "vit_tiny_patch16", depth: int = 2,
     torch.save({"model": full, "optimizer": {"state": {}, "param_groups": []}, "epoch": 199,
                 "scaler": {"scale": 65536.0, "_growth_tracker": 3}, "args": args}, path)
     return enc
+
+
+def trained_checkpoint(root: Path, class_names=None, img_size: int = 64, global_pool: bool = True,
+                       seed: int = 0) -> tuple[Path, Path]:
+    """A tiny LoRA checkpoint on a fake MRM file, with non-zero LoRA and head: (stem, MRM path)."""
+    class_names = list(class_names or CLASS_NAMES["nih"])
+    root.mkdir(parents=True, exist_ok=True)
+    mrm = root / "MRM.pth"
+    mrm_checkpoint(mrm)
+    torch.manual_seed(seed)
+    model = mv.vit_tiny_patch16_lora(depth=2, num_classes=len(class_names), img_size=img_size,
+                                     global_pool=global_pool)
+    mv.load_pretrained(model, mrm)
+    g = torch.Generator().manual_seed(seed)
+    for _, layer in lora.lora_layers(model):
+        layer.lora_B.data = 0.1 * torch.randn(layer.lora_B.shape, generator=g)
+    model.head.weight.data = 0.5 * torch.randn(model.head.weight.shape, generator=g)
+    if global_pool:
+        model.fc_norm.weight.data += 0.1 * torch.randn(model.fc_norm.weight.shape, generator=g)
+    mean, std = NORM_STATS["mrm"]
+    config = model_config(
+        model="vit_tiny_patch16", method="lora", class_names=class_names, img_size=img_size,
+        global_pool=global_pool, norm="mrm", mean=mean, std=std, pretrained=str(mrm),
+        pretrained_sha256=file_sha256(mrm),
+        lora_cfg={"rank": 4, "alpha": 32.0, "dropout": 0.1, "pos": "attn"},
+        model_kwargs={"depth": 2}, dataset="nih", eval_recipe="sgd")
+    stem = root / "run" / "checkpoint-best"
+    save_checkpoint(stem, model, config)
+    return stem, mrm

@@ -21,7 +21,7 @@ from lora.export import (
     max_output_difference,
 )
 from lora.export import main as export_main
-from test_predict import trained_checkpoint
+from _fakes import trained_checkpoint
 from util.checkpoint import load_trained, model_config
 
 CLASSES = ["Atelectasis", "Cardiomegaly", "Effusion"]

@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +22,7 @@ from safetensors.torch import load_file, save_file
 
 import lora
 import models_vit_lora as mv
+from util.io import atomic_write, write_json  # noqa: F401  (re-exported)
 
 FORMAT = "cxr-lora-checkpoint/1"
 METHODS = ("lora", "full", "linear")
@@ -31,30 +30,6 @@ METHODS = ("lora", "full", "linear")
 
 class CheckpointError(ValueError):
     """A checkpoint that does not fit the model or pre-trained file it is loaded with."""
-
-
-def atomic_write(path: str | Path, write: Any) -> None:
-    """Call ``write(tmp_path)`` then rename over ``path``: readers never see a partial file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def write_json(path: str | Path, obj: Any) -> None:
-    """Atomically write ``obj`` as indented JSON."""
-    def write(tmp: str) -> None:
-        with open(tmp, "w") as f:
-            json.dump(obj, f, indent=2, default=str)
-            f.write("\n")
-
-    atomic_write(path, write)
 
 
 def file_sha256(path: str | Path, chunk: int = 1 << 22) -> str:

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import csv
 import math
-import os
-import tempfile
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
+
+from util.io import atomic_write
 
 # The ROC figure is a fixed 8 x 8 inch canvas at 100 dpi (800 x 800 px, no tight bbox) so
 # that every report has the same size, whatever the legend holds.
@@ -23,29 +23,12 @@ ROC_FIGSIZE = (8.0, 8.0)
 ROC_DPI = 100
 
 
-def atomic_write(path: str | Path, write: Any) -> None:
-    """Call ``write(tmp_path)`` then rename over ``path``: readers never see a partial file."""
-    # Same contract as util.checkpoint.atomic_write, kept here so that report and summary
-    # tools do not import torch and timm (seconds) just to write a table.
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def _auroc_or_none(target: np.ndarray, prob: np.ndarray) -> float | None:
     """AUROC of one class, or None when only one label value is present (undefined)."""
-    from sklearn.metrics import roc_auc_score
+    from util.metrics import binary_auroc  # scipy: imported only when a figure is drawn
 
-    if np.unique(target).size < 2:
-        return None
-    return float(roc_auc_score(target, prob))
+    value = binary_auroc(target, prob)
+    return None if math.isnan(value) else value
 
 
 def _single_value_note(target: np.ndarray) -> str:

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from util.reports import atomic_write
+from util.io import atomic_write
 
 logger = logging.getLogger(__name__)
 
