@@ -13,14 +13,14 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from .imagecache import CACHE_MODES, ImageCache, default_cache_dir
-from .constants import CLASS_NAMES, DATASET_KINDS
+from .constants import CLASS_NAMES
 from .errors import BadEntry, CacheError, ImageError, SplitFileError
 from .imageio import load_image
 from .splits import (
-    infer_dataset_kind,
     locate_split_file,
     parse_split_file,
     read_class_names,
+    resolve_data_path,
     resolve_image_paths,
 )
 from .transforms import to_float_tensor, to_rgb
@@ -216,12 +216,7 @@ def build_dataset(
     mode = {True: "on", False: "off"}.get(cache, cache) if isinstance(cache, bool) else cache
     if mode not in CACHE_MODES:
         raise ValueError(f"cache={cache!r}: expected one of {list(CACHE_MODES)}")
-    data_path = Path(data_path).expanduser()
-    if not data_path.is_dir():
-        raise FileNotFoundError(f"data_path '{data_path}' is not a folder (--data_path)")
-    kind = dataset or infer_dataset_kind(data_path)
-    if kind not in DATASET_KINDS:
-        raise ValueError(f"dataset={kind!r}: expected one of {list(DATASET_KINDS)}")
+    data_path, kind = resolve_data_path(data_path, dataset)
 
     split_file = locate_split_file(split, data_path, data_size, split_dir)
     if kind in CLASS_NAMES:

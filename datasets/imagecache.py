@@ -28,14 +28,14 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .constants import ALL_SPLIT_FILES, CLASS_NAMES, DATASET_KINDS
+from .constants import ALL_SPLIT_FILES, CLASS_NAMES
 from .errors import BadEntry, CacheError, ImageError
 from .imageio import load_image
 from .splits import (
     find_split_dir,
-    infer_dataset_kind,
     parse_split_file,
     read_class_names,
+    resolve_data_path,
     resolve_image_paths,
     split_dir_candidates,
 )
@@ -179,12 +179,7 @@ def build_cache(
         workers: decoding processes (0: one per CPU core).
         skip_bad: record bad images in the cache instead of failing on the first.
     """
-    data_path = Path(data_path).expanduser()
-    if not data_path.is_dir():
-        raise FileNotFoundError(f"data_path '{data_path}' is not a folder (--data_path)")
-    kind = dataset or infer_dataset_kind(data_path)
-    if kind not in DATASET_KINDS:
-        raise ValueError(f"dataset={kind!r}: expected one of {list(DATASET_KINDS)}")
+    data_path, kind = resolve_data_path(data_path, dataset)
     if size < 8:
         raise ValueError(f"size={size}: expected at least 8 pixels")
     folder = find_split_dir(data_path, split_dir)

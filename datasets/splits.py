@@ -64,6 +64,17 @@ def infer_dataset_kind(data_path: str | Path) -> str:
     return "custom"
 
 
+def resolve_data_path(data_path: str | Path, dataset: str | None = None) -> tuple[Path, str]:
+    """The data folder (checked) and its data set kind (given, or inferred from the folder)."""
+    data_path = Path(data_path).expanduser()
+    if not data_path.is_dir():
+        raise FileNotFoundError(f"data_path '{data_path}' is not a folder (--data_path)")
+    kind = dataset or infer_dataset_kind(data_path)
+    if kind not in DATASET_KINDS:
+        raise ValueError(f"dataset={kind!r}: expected one of {list(DATASET_KINDS)}")
+    return data_path, kind
+
+
 def split_file_name(split: str, data_size: str = "100%") -> str:
     """Name of the split file for `split` ('train' / 'val' / 'test') and `data_size`."""
     if split not in SPLIT_FILES:

@@ -85,7 +85,7 @@ def export_merged(model: nn.Module, config: dict[str, Any], out: str | Path,
     """
     from safetensors.torch import save_file
 
-    from util.checkpoint import atomic_write, write_json
+    from util.io import atomic_write, write_json
 
     tensors_path, config_path = export_paths(out)
     model = getattr(model, "module", model)  # DDP
@@ -103,16 +103,9 @@ def export_merged(model: nn.Module, config: dict[str, Any], out: str | Path,
 
 def read_merged_config(path: str | Path) -> dict[str, Any]:
     """The JSON config of an export, checked for its format."""
-    _, config_path = export_paths(path)
-    if not config_path.is_file():
-        raise FileNotFoundError(f"export config not found: {config_path} (an export is a "
-                                ".safetensors file with a .json of the same name)")
-    with open(config_path) as f:
-        config = json.load(f)
-    if config.get("format") != MERGED_FORMAT:
-        raise ExportError(f"{config_path}: not a merged export (format {config.get('format')!r}, "
-                          f"expected {MERGED_FORMAT!r})")
-    return config
+    from util.checkpoint import read_format_config  # util.checkpoint imports this package
+
+    return read_format_config(export_paths(path)[1], MERGED_FORMAT, "merged export", ExportError)
 
 
 def is_merged_export(path: str | Path) -> bool:

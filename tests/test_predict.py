@@ -9,12 +9,10 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-import lora
-import models_vit_lora as mv
 import predict
 from _fakes import mrm_checkpoint, trained_checkpoint
-from datasets import CLASS_NAMES, NORM_STATS, build_dataset, build_transform, make_demo_dataset
-from util.checkpoint import file_sha256, load_trained, model_config, save_checkpoint
+from datasets import CLASS_NAMES, build_dataset, build_transform, make_demo_dataset
+from util.checkpoint import load_trained
 
 NIH = CLASS_NAMES["nih"]
 

@@ -1,6 +1,5 @@
 """Loading MRM / CXR_MAE / MAE / timm / safetensors weights into the (LoRA) ViT."""
 import os
-from pathlib import Path
 
 import pytest
 import timm

@@ -111,18 +111,24 @@ def save_checkpoint(path: str | Path, model: nn.Module, config: dict[str, Any],
     return tensors_path
 
 
-def read_config(path: str | Path) -> dict[str, Any]:
-    """The JSON config of a checkpoint, checked for the fields the loader needs."""
-    _, config_path = checkpoint_paths(path)
+def read_format_config(config_path: Path, expected: str, kind: str = "checkpoint",
+                       error: type[Exception] = None) -> dict[str, Any]:
+    """Read the JSON beside a tensors file and check that it is of the ``expected`` format."""
     if not config_path.is_file():
-        raise FileNotFoundError(f"checkpoint config not found: {config_path} (a checkpoint is "
-                                "a .safetensors file with a .json of the same name)")
+        raise FileNotFoundError(f"{kind} config not found: {config_path} (a {kind} is a "
+                                ".safetensors file with a .json of the same name)")
     with open(config_path) as f:
         config = json.load(f)
-    if config.get("format") != FORMAT:
-        raise CheckpointError(f"{config_path}: not a checkpoint config of this tool "
-                              f"(format {config.get('format')!r}, expected {FORMAT!r})")
+    if config.get("format") != expected:
+        raise (error or CheckpointError)(
+            f"{config_path}: not a {kind} config of this tool (format "
+            f"{config.get('format')!r}, expected {expected!r})")
     return config
+
+
+def read_config(path: str | Path) -> dict[str, Any]:
+    """The JSON config of a checkpoint, checked for its format."""
+    return read_format_config(checkpoint_paths(path)[1], FORMAT)
 
 
 def build_from_config(config: dict[str, Any]) -> nn.Module:
