@@ -85,12 +85,14 @@ def train_one_epoch(
     steps_per_epoch: int | None = None,
     progress: bool = True,
     params: Sequence[torch.Tensor] | None = None,
+    batch_transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> dict[str, float]:
     """Train for one epoch with BCE-with-logits; returns mean loss and the last lr.
 
     ``set_lr(fractional_epoch)`` is called at the start of each optimisation step
     (per-iteration warmup + cosine). The loss is read back to the host only every
     ``log_freq`` steps, so the device is not synchronised on every step.
+    ``batch_transform`` runs on the device after the copy (e.g. ``DeviceAugment``).
     """
     model.train()
     n_steps = steps_per_epoch or len(loader)  # type: ignore[arg-type]
@@ -105,6 +107,8 @@ def train_one_epoch(
         if step % accum_iter == 0:
             lr = set_lr(epoch + step / n_steps)
         images = images.to(device, non_blocking=True)
+        if batch_transform is not None:
+            images = batch_transform(images)
         targets = targets.to(device, non_blocking=True).float()
         with autocast(device, amp_dtype):
             logits = model(images)

@@ -150,6 +150,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="input normalisation; default follows the pre-trained weights")
     g.add_argument("--recipe", default=None, choices=["sgd", "adamw"],
                    help="augmentation recipe; default follows --optimizer as in the paper")
+    g.add_argument("--device_aug", action="store_true",
+                   help="sgd recipe: crop / flip / normalise uint8 batches on the training device "
+                        "instead of in the loader workers")
     g.add_argument("--aa", type=str, default="rand-m9-mstd0.5-inc1")
     g.add_argument("--reprob", type=float, default=0.25)
     g.add_argument("--remode", type=str, default="pixel")
@@ -261,6 +264,9 @@ def resolve_args(args: argparse.Namespace, explicit: set[str]) -> argparse.Names
             raise ArgumentError(f"--backbone_dtype {args.backbone_dtype} needs --amp "
                                 f"{args.backbone_dtype} (got --amp {args.amp})")
     args.recipe = args.recipe or args.optimizer
+    if args.device_aug and args.recipe != "sgd":
+        raise ArgumentError("--device_aug implements the sgd recipe (crop + flip) only; the "
+                            f"{args.recipe} recipe's RandAugment runs in the loader")
     args.eval_batch_size = args.eval_batch_size or 4 * args.batch_size
     return args
 
@@ -473,9 +479,17 @@ def main(args: argparse.Namespace) -> dict:
     # Data first: a bad split file or image fails here, before anything is written.
     seed_everything(args.seed)
     norm_mean, norm_std = datasets.NORM_STATS[args.norm]
-    train_tf = datasets.build_transform(is_train=True, recipe=args.recipe, input_size=args.input_size,
-                                       norm=args.norm, aa=args.aa, reprob=args.reprob,
-                                       remode=args.remode, recount=args.recount)
+    batch_transform = None
+    if args.device_aug:
+        from datasets.device_aug import DeviceAugment, build_uint8_transform
+
+        train_tf = build_uint8_transform(round(args.input_size * 8 / 7))
+        batch_transform = DeviceAugment(args.input_size, args.norm).to(device)
+    else:
+        train_tf = datasets.build_transform(is_train=True, recipe=args.recipe,
+                                           input_size=args.input_size, norm=args.norm, aa=args.aa,
+                                           reprob=args.reprob, remode=args.remode,
+                                           recount=args.recount)
     eval_tf = datasets.build_transform(is_train=False, recipe=args.recipe,
                                       input_size=args.input_size, norm=args.norm)
     data_kw = dict(dataset=args.dataset, split_dir=args.split_dir, cache=args.cache,
@@ -551,6 +565,7 @@ def main(args: argparse.Namespace) -> dict:
                 train_model, train_loader, optimizer, device, epoch, set_lr=set_lr, scaler=scaler,
                 amp_dtype=amp_dtype, accum_iter=args.accum_iter, clip_grad=args.clip_grad,
                 log_writer=writer, log_freq=args.log_freq, params=params,
+                batch_transform=batch_transform,
                 progress=not args.no_progress and dist_info.is_main)
         except NonFiniteLossError as err:
             last = out / "checkpoint-last.json"

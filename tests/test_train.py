@@ -240,6 +240,7 @@ def test_nonfinite_loss_stops_with_step(demo, tmp_path, capsys):
     (["--method", "full"], "contradicts --model vit_tiny_patch16_lora"),
     (["--eval"], "--eval needs --resume"),
     (["--backbone_dtype", "bf16"], "--backbone_dtype bf16 needs --amp bf16"),
+    (["--device_aug", "--optimizer", "adamw"], "--device_aug implements the sgd recipe"),
 ])
 def test_bad_flags_stop_with_message(demo, tmp_path, capsys, flags, message):
     data, weights = demo
@@ -322,6 +323,7 @@ def test_shell_scripts_build_a_valid_command(script):
     (["--model", "vit_tiny_patch16"], "full"),
     (["--model", "vit_tiny_patch16", "--method", "linear"], "linear"),
     (["--backbone_dtype", "bf16", "--amp", "bf16", "--grad_checkpointing"], "lora"),
+    (["--device_aug"], "lora"),
 ])
 def test_baselines_and_speed_flags_run_with_same_outputs(demo, tmp_path, extra, method):
     data, weights = demo
@@ -343,7 +345,7 @@ def test_baselines_and_speed_flags_run_with_same_outputs(demo, tmp_path, extra, 
         assert (out / name).is_file()
     again = tmp_path / f"{method}-again"
     assert mfl.cli(["--eval", "--resume", str(out / "checkpoint-best"), "--data_path", str(data),
-                    "--amp", "bf16" if method == "lora" else "none", "--num_workers", "0",
+                    "--amp", "bf16" if "--backbone_dtype" in extra else "none", "--num_workers", "0",
                     "--output_dir", str(again), "--no_progress"]) == 0
     reloaded = json.loads((again / "results_test.json").read_text())
     assert reloaded["mean_auroc"] == pytest.approx(results["mean_auroc"], abs=1e-6)
