@@ -15,6 +15,10 @@ from .layers import LoRALinear
 POSITIONS: dict[str, dict[str, tuple[bool, ...]]] = {
     "attn": {"attn.qkv": (True, False, True)},  # the paper: q and v, k untouched
     "qkv": {"attn.qkv": (True, True, True)},
+    # Single thirds of the fused qkv, combinable: 'q,k' adapts q and k.
+    "q": {"attn.qkv": (True, False, False)},
+    "k": {"attn.qkv": (False, True, False)},
+    "v": {"attn.qkv": (False, False, True)},
     "proj": {"attn.proj": (True,)},
     "mlp": {"mlp.fc1": (True,), "mlp.fc2": (True,)},
 }

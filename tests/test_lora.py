@@ -109,6 +109,19 @@ def test_merge_into_bf16_base_restores_exactly():
     assert torch.equal(base.weight, original)
 
 
+def test_qkv_subsets_combine():
+    assert lora.parse_lora_pos("q,v") == lora.parse_lora_pos("attn") == {"attn.qkv": (True, False, True)}
+    assert lora.parse_lora_pos("k") == {"attn.qkv": (False, True, False)}
+    assert lora.parse_lora_pos("attn,k,proj") == {"attn.qkv": (True, True, True),
+                                                  "attn.proj": (True,)}
+    model = mv.vit_tiny_patch16_lora(depth=2, num_classes=3, img_size=32, lora_pos="k", lora_rank=2)
+    qkv = model.blocks[0].attn.qkv
+    assert qkv.lora_A.shape == (2, 192) and qkv.lora_B.shape == (192, 2)
+    qkv.lora_B.data.normal_()
+    delta = qkv.delta_weight()
+    assert torch.count_nonzero(delta[:192]) == 0 and torch.count_nonzero(delta[384:]) == 0
+
+
 @pytest.mark.parametrize("bad", ["attention", "attn,", "", "mlp,foo"])
 def test_unknown_lora_pos_rejected(bad):
     with pytest.raises(ValueError, match="lora_pos"):
