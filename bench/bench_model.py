@@ -1,0 +1,571 @@
+"""Training-step and evaluation throughput and peak memory: our LoRA ViT against its peers.
+
+    python bench/bench_model.py --quick                       # CPU, a few minutes
+    python bench/bench_model.py --amp fp32,bf16 --json bench/results/model_cpu.json
+    python bench/bench_model.py --device cuda --batch_size 64 --amp bf16,fp32
+
+Every implementation is the same timm ViT (weights from the same seed) and trains the
+same things (rank-r LoRA + fc_norm + head, or everything for full fine-tuning):
+
+    ours        lora.inject_lora(pos='attn'): q and v of the fused qkv, fused SDPA attention
+    ours_bf16w  ours with the frozen backbone held in bf16 (lora.cast_frozen_), bf16 only
+    peft        timm ViT + HF PEFT LoraConfig(target_modules=['qkv']) at the same rank
+    paper       bench/paper_style.py: explicit softmax attention, conv1d LoRA on q and v,
+                autocast on CUDA only (as the paper's code runs; fp32 on a CPU)
+    full        full fine-tuning of the same ViT
+    ours_compile  ours under torch.compile (only when asked for with --impls)
+
+A training step is forward + BCE-with-logits on 14 classes + backward + SGD (momentum)
+step. All models live in one process and are timed round-robin (``--steps`` steps each,
+``--rounds`` times, median), so a busy machine slows them alike; compare the ratios.
+
+Peak memory of a training step: on CUDA ``max_memory_allocated`` over the measured steps
+minus what was allocated before the model was built. On a CPU each implementation runs
+in a fresh subprocess: resident memory before the model is built is the baseline; after
+building, the optimizer and one warm-up step the kernel's peak-RSS mark is reset
+(``/proc/self/clear_refs``), a few steps run and peak RSS (VmHWM) minus the baseline is
+reported (weights + gradients + optimizer state + activations). Without /proc it falls
+back to the ``ru_maxrss`` increase, which also counts build-time transients.
+
+Model FLOPs utilisation (CUDA): the FLOPs of one training step are counted once with
+``torch.utils.flop_counter.FlopCounterMode``; achieved FLOP/s over the GPU's dense bf16
+peak. On a CPU the counted GFLOP/s is printed and MFU is n/a.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import gc
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+# PEFT imports transformers, which probes for Hugging Face's `datasets`: import it before
+# the repository root (whose `datasets/` package would shadow it) is on sys.path.
+try:
+    import peft
+except ImportError:  # the PEFT peer is then skipped
+    peft = None
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+BENCH = Path(__file__).resolve().parent
+ROOT = BENCH.parent
+for _p in (str(BENCH), str(ROOT)):
+    if _p not in sys.path:
+        sys.path.insert(0, _p)
+
+import lora  # noqa: E402
+import models_vit_lora as mv  # noqa: E402
+from engine_finetune import autocast, cpu_has_fast_bf16  # noqa: E402
+from paper_style import paper_autocast, to_paper_style  # noqa: E402
+
+NUM_CLASSES = 14
+PRECISIONS: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16}
+TRAIN_IMPLS = ("ours", "ours_bf16w", "peft", "paper", "full")
+OPTIONAL_IMPLS = ("ours_compile",)
+EVAL_IMPLS = ("plain", "ours_merged", "ours_unmerged", "peft", "paper", "ours_bf16w_merged")
+
+# Dense bf16 tensor-core peak (FLOP/s, no sparsity) by device-name fragment, first match wins.
+GPU_BF16_PEAK: tuple[tuple[str, float], ...] = (
+    ("H200", 989e12),
+    ("H100 PCIe", 756e12),
+    ("H100 NVL", 835e12),
+    ("H100", 989e12),  # SXM ("NVIDIA H100 80GB HBM3")
+    ("GH200", 989e12),
+    ("A100", 312e12),
+    ("L40S", 362e12),
+    ("L4", 121e12),
+)
+
+# Goals of the performance issue: (ratio name prefix, comparison, threshold).
+GOALS: tuple[tuple[str, str, float], ...] = (
+    ("train ours/peft", ">=", 1.25),
+    ("train ours_bf16w/peft", ">=", 1.25),
+    ("train ours/paper as run", ">=", 2.5),
+    ("memory ours/full", "<=", 0.6),
+    ("memory ours_bf16w/full", "<=", 0.6),
+    ("eval merged/plain", ">=", 0.97),
+)
+
+
+def bf16_peak_flops(device: torch.device) -> float | None:
+    """The GPU's dense bf16 peak in FLOP/s, or None (CPU or an unlisted GPU)."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((peak for key, peak in GPU_BF16_PEAK if key in name), None)
+
+
+def resolve_device(spec: str) -> torch.device:
+    """'auto' is the first CUDA device when there is one, else the CPU."""
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(spec)
+
+
+def default_precisions(device: torch.device) -> list[str]:
+    """fp32 everywhere, plus bf16 where the device computes it natively."""
+    fast_bf16 = device.type == "cuda" or (device.type == "cpu" and cpu_has_fast_bf16())
+    return ["fp32", "bf16"] if fast_bf16 else ["fp32"]
+
+
+def valid_case(impl: str, prec: str, device: torch.device) -> bool:
+    """Whether (implementation, precision) is measured: the paper's code autocasts CUDA only,
+    and the bf16-held backbone only makes sense under bf16 autocast."""
+    if impl == "ours_bf16w":
+        return prec == "bf16"
+    if impl == "paper" and prec != "fp32":
+        return device.type == "cuda"
+    return True
+
+
+def build(impl: str, arch: str, img_size: int, rank: int, alpha: float, dropout: float,
+          device: torch.device) -> nn.Module:
+    """One implementation's training model on ``device``, trainable parameters set."""
+    torch.manual_seed(0)  # the same backbone weights for every implementation
+    model = mv.MODELS[arch](num_classes=NUM_CLASSES, img_size=img_size, drop_path_rate=0.0)
+    if impl in ("ours", "ours_bf16w", "ours_compile"):
+        lora.inject_lora(model, rank=rank, alpha=alpha, dropout=dropout, pos="attn")
+        lora.mark_only_lora_as_trainable(model)
+    elif impl == "peft":
+        if peft is None:
+            raise RuntimeError("the 'peft' peer needs HF PEFT (pip install peft)")
+        cfg = peft.LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout,
+                              target_modules=["qkv"])
+        # get_peft_model adapts the timm ViT in place; its forward is the ViT's own.
+        model = peft.get_peft_model(model, cfg).base_model.model
+        for name in lora.HEAD_MODULES:  # the same classifier is trained as in ours
+            getattr(model, name).requires_grad_(True)
+    elif impl == "paper":
+        to_paper_style(model, rank=rank, alpha=alpha, dropout=dropout)
+    elif impl == "full":
+        model.requires_grad_(True)
+    else:
+        raise ValueError(f"unknown implementation {impl!r}; choose from {TRAIN_IMPLS + OPTIONAL_IMPLS}")
+    model.to(device)
+    if impl == "ours_bf16w":
+        lora.cast_frozen_(model, torch.bfloat16)
+    if impl == "ours_compile":
+        model = torch.compile(model)
+    return model
+
+
+def amp_context(impl: str, device: torch.device, dtype: torch.dtype | None) -> Callable[[], contextlib.AbstractContextManager]:
+    """The autocast each implementation's training loop would use."""
+    if impl == "paper":
+        return lambda: paper_autocast(device, dtype)
+    return lambda: autocast(device, dtype)
+
+
+class Trainer:
+    """One implementation's model, optimizer and a closure for one training step."""
+
+    def __init__(self, impl: str, model: nn.Module) -> None:
+        self.impl, self.model = impl, model
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.SGD(self.params, lr=1e-4, momentum=0.9)
+
+    def step(self, x: torch.Tensor, y: torch.Tensor, amp: Callable[[], contextlib.AbstractContextManager]) -> None:
+        """Forward, BCE-with-logits, backward, optimizer step."""
+        self.model.train()
+        with amp():
+            logits = self.model(x)
+        loss = F.binary_cross_entropy_with_logits(logits.float(), y)
+        loss.backward()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+
+def sync(device: torch.device) -> None:
+    """Wait for queued device work (timing boundaries only)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn: Callable[[], None], n: int, device: torch.device) -> float:
+    """Seconds for ``n`` calls of ``fn``."""
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(n):
+        fn()
+    sync(device)
+    return time.perf_counter() - start
+
+
+def count_flops(fn: Callable[[], None]) -> int:
+    """FLOPs of one call of ``fn`` (matmuls, convolutions, attention), counted by torch."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return int(counter.get_total_flops())
+
+
+# ---------------------------------------------------------------------------------------
+# Peak memory
+# ---------------------------------------------------------------------------------------
+
+def _proc_status_kb(field: str) -> int | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def _reset_peak_rss() -> bool:
+    """Reset the kernel's peak-RSS mark to the current RSS (Linux >= 4.0)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def measure_memory_here(impl: str, prec: str, cfg: dict[str, Any], device: torch.device,
+                        steps: int) -> dict[str, Any]:
+    """Peak memory (MB) of training steps of one implementation, measured in this process."""
+    x, y = make_batch(cfg["batch_size"], cfg["img_size"], device)
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        base = torch.cuda.memory_allocated(device)
+    else:
+        base_rss = _proc_status_kb("VmRSS")
+        base_max = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    trainer = Trainer(impl, build(impl, cfg["arch"], cfg["img_size"], cfg["rank"], cfg["alpha"],
+                                  cfg["dropout"], device))
+    amp = amp_context(impl, device, PRECISIONS[prec])
+    trainer.step(x, y, amp)  # allocates gradients and optimizer state
+    sync(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        for _ in range(steps):
+            trainer.step(x, y, amp)
+        sync(device)
+        peak, method = torch.cuda.max_memory_allocated(device) - base, "cuda max_memory_allocated"
+    else:
+        gc.collect()
+        if base_rss is not None and _reset_peak_rss():
+            for _ in range(steps):
+                trainer.step(x, y, amp)
+            peak, method = (_proc_status_kb("VmHWM") - base_rss) * 1024, "VmHWM after reset - VmRSS before build"
+        else:
+            for _ in range(steps):
+                trainer.step(x, y, amp)
+            peak = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base_max) * 1024
+            method = "ru_maxrss increase (includes build transients)"
+    del trainer
+    return {"impl": impl, "prec": prec, "peak_mb": round(peak / 2**20, 1), "method": method}
+
+
+def measure_memory_subprocess(impl: str, prec: str, args: argparse.Namespace) -> dict[str, Any]:
+    """Run ``measure_memory_here`` in a fresh interpreter (CPU: RSS is per process)."""
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--memory_worker", f"{impl}:{prec}",
+           "--device", "cpu", "--model", args.model, "--batch_size", str(args.batch_size),
+           "--img_size", str(args.img_size), "--rank", str(args.rank), "--alpha", str(args.alpha),
+           "--dropout", str(args.dropout), "--mem_steps", str(args.mem_steps),
+           "--threads", str(args.threads)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=str(BENCH))
+    if proc.returncode != 0:
+        raise RuntimeError(f"memory worker {impl}:{prec} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+# ---------------------------------------------------------------------------------------
+# Throughput
+# ---------------------------------------------------------------------------------------
+
+def make_batch(batch_size: int, img_size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """A fixed random batch of images and 14 multi-hot labels."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(batch_size, 3, img_size, img_size, generator=g)
+    y = torch.randint(0, 2, (batch_size, NUM_CLASSES), generator=g).float()
+    return x.to(device), y.to(device)
+
+
+def median_rates(cases: dict[str, Callable[[], None]], batch_size: int, steps: int, rounds: int,
+                 device: torch.device) -> dict[str, dict[str, Any]]:
+    """Images/s of each case: ``steps`` calls per round, cases interleaved, median of rounds."""
+    rates: dict[str, list[float]] = {name: [] for name in cases}
+    for _ in range(rounds):
+        for name, fn in cases.items():
+            rates[name].append(steps * batch_size / timed(fn, steps, device))
+    return {name: {"img_s": statistics.median(r), "rounds": [round(v, 3) for v in r]}
+            for name, r in rates.items()}
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """All measurements; returns the results as plain data."""
+    device = resolve_device(args.device)
+    precs = args.amp.split(",") if args.amp != "auto" else default_precisions(device)
+    impls = [i for i in args.impls.split(",")]
+    if peft is None and "peft" in impls:
+        print("HF PEFT not installed: the 'peft' peer is skipped", file=sys.stderr)
+        impls.remove("peft")
+    cfg = dict(arch=args.model, img_size=args.img_size, rank=args.rank, alpha=args.alpha,
+               dropout=args.dropout, batch_size=args.batch_size)
+    cases = [(i, p) for i in impls for p in precs if valid_case(i, p, device)]
+    result: dict[str, Any] = {"machine": machine_info(device), "config": {**cfg, "steps": args.steps,
+                              "rounds": args.rounds, "precisions": precs, "eval_batch_size": args.eval_batch_size}}
+
+    # Peak memory first, while nothing else is allocated.
+    memory: dict[str, Any] = {}
+    if not args.no_memory:
+        for impl, prec in cases:
+            if device.type == "cuda":
+                memory[f"{impl}:{prec}"] = measure_memory_here(impl, prec, cfg, device, args.mem_steps)
+            else:
+                memory[f"{impl}:{prec}"] = measure_memory_subprocess(impl, prec, args)
+            print(f"memory {impl}:{prec} {memory[f'{impl}:{prec}']['peak_mb']} MB", file=sys.stderr)
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    result["memory"] = memory
+
+    x, y = make_batch(args.batch_size, args.img_size, device)
+    trainers = {impl: Trainer(impl, build(impl, args.model, args.img_size, args.rank, args.alpha,
+                                          args.dropout, device)) for impl in impls}
+    train_fns: dict[str, Callable[[], None]] = {}
+    flops: dict[str, int] = {}
+    for impl, prec in cases:
+        trainer, amp = trainers[impl], amp_context(impl, device, PRECISIONS[prec])
+        fn = (lambda t=trainer, a=amp: t.step(x, y, a))
+        key = f"{impl}:{prec}"
+        # The first warm-up step also counts the FLOPs (they do not depend on the dtype).
+        flops[key] = count_flops(fn) if impl != "ours_compile" else 0
+        for _ in range(args.warmup):
+            fn()
+        train_fns[key] = fn
+    train = median_rates(train_fns, args.batch_size, args.steps, args.rounds, device)
+    peak = bf16_peak_flops(device)
+    for key, r in train.items():
+        impl = key.split(":")[0]
+        r["trainable"] = sum(p.numel() for p in trainers[impl].params)
+        fl = flops.get(key) or flops.get(f"ours:{key.split(':')[1]}", 0)  # compiled = same work
+        r["gflop_step"] = round(fl / 1e9, 2)
+        r["tflop_s"] = fl * r["img_s"] / args.batch_size / 1e12
+        r["mfu"] = r["tflop_s"] * 1e12 / peak if peak else None
+    result["train"] = train
+
+    result["eval"] = run_eval(trainers, precs, args, device)
+    result["ratios"] = ratios(result, precs, device)
+    result["goals"] = check_goals(result["ratios"])
+    return result
+
+
+def run_eval(trainers: dict[str, Trainer], precs: list[str], args: argparse.Namespace,
+             device: torch.device) -> dict[str, Any]:
+    """Inference images/s (no_grad, eval mode) of the plain ViT and the adapted models."""
+    models: dict[str, nn.Module] = {}
+    if "full" in trainers:
+        models["plain"] = trainers["full"].model  # the plain ViT: same architecture, no adapters
+    if "ours" in trainers:
+        merged = copy.deepcopy(trainers["ours"].model)
+        lora.merge(merged)
+        models["ours_merged"] = merged
+        models["ours_unmerged"] = trainers["ours"].model
+    if "ours_bf16w" in trainers:
+        merged = copy.deepcopy(trainers["ours_bf16w"].model)
+        lora.merge(merged)
+        models["ours_bf16w_merged"] = merged
+    for impl in ("peft", "paper"):
+        if impl in trainers:
+            models[impl] = trainers[impl].model
+    xe, _ = make_batch(args.eval_batch_size, args.img_size, device)
+    fns: dict[str, Callable[[], None]] = {}
+    for name, model in models.items():
+        model.eval()
+        for prec in precs:
+            impl = "paper" if name == "paper" else ("ours_bf16w" if name.startswith("ours_bf16w") else "ours")
+            if not valid_case(impl, prec, device):
+                continue
+            amp = amp_context(impl, device, PRECISIONS[prec])
+
+            def fn(m: nn.Module = model, a: Callable[[], contextlib.AbstractContextManager] = amp) -> None:
+                with torch.no_grad(), a():
+                    m(xe)
+
+            fn()  # warm-up
+            fns[f"{name}:{prec}"] = fn
+    return median_rates(fns, args.eval_batch_size, args.steps, args.rounds, device)
+
+
+def ratios(result: dict[str, Any], precs: list[str], device: torch.device) -> dict[str, float]:
+    """The ratios the issue asks for, from whatever cases were measured."""
+    train, ev, mem = result["train"], result["eval"], result["memory"]
+    out: dict[str, float] = {}
+
+    def put(name: str, table: dict[str, Any], num: str, den: str, field: str) -> None:
+        if num in table and den in table and table[den][field]:
+            out[name] = round(table[num][field] / table[den][field], 3)
+
+    for p in precs:
+        put(f"train ours/peft {p}", train, f"ours:{p}", f"peft:{p}", "img_s")
+        put(f"train ours/full {p}", train, f"ours:{p}", f"full:{p}", "img_s")
+        put(f"train ours_compile/peft {p}", train, f"ours_compile:{p}", f"peft:{p}", "img_s")
+        put(f"train ours/paper {p}", train, f"ours:{p}", f"paper:{p}", "img_s")
+        put(f"memory ours/full {p}", mem, f"ours:{p}", f"full:{p}", "peak_mb")
+        put(f"memory ours/peft {p}", mem, f"ours:{p}", f"peft:{p}", "peak_mb")
+        put(f"eval merged/plain {p}", ev, f"ours_merged:{p}", f"plain:{p}", "img_s")
+        put(f"eval unmerged/plain {p}", ev, f"ours_unmerged:{p}", f"plain:{p}", "img_s")
+        put(f"eval peft/plain {p}", ev, f"peft:{p}", f"plain:{p}", "img_s")
+        put(f"eval paper/plain {p}", ev, f"paper:{p}", f"plain:{p}", "img_s")
+    if "bf16" in precs:
+        put("train ours_bf16w/peft bf16", train, "ours_bf16w:bf16", "peft:bf16", "img_s")
+        put("memory ours_bf16w/full bf16", mem, "ours_bf16w:bf16", "full:bf16", "peak_mb")
+        put("eval ours_bf16w_merged/plain bf16", ev, "ours_bf16w_merged:bf16", "plain:bf16", "img_s")
+    # "As the paper's code runs": ours at the precision it picks here vs the paper at fp32.
+    best = "bf16" if "bf16" in precs and "bf16" in default_precisions(device) else "fp32"
+    put("train ours/paper as run", train, f"ours:{best}", "paper:fp32", "img_s")
+    if device.type == "cuda" and "bf16" in precs:
+        put("train ours/paper as run", train, "ours:bf16", "paper:bf16", "img_s")
+    return out
+
+
+def check_goals(rat: dict[str, float]) -> list[dict[str, Any]]:
+    """Each measured ratio that one of the issue's goals is about, and whether it is met."""
+    found = []
+    for prefix, op, threshold in GOALS:
+        for key, value in rat.items():
+            if key == prefix or key.startswith(prefix + " "):
+                met = value >= threshold if op == ">=" else value <= threshold
+                found.append({"ratio": key, "value": value, "goal": f"{op} {threshold}", "met": met})
+    return found
+
+
+def machine_info(device: torch.device) -> dict[str, Any]:
+    """What the numbers were measured on."""
+    info = {"device": str(device), "torch": torch.__version__, "python": platform.python_version(),
+            "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
+            "cpu_fast_bf16": cpu_has_fast_bf16(), "peft": getattr(peft, "__version__", None),
+            "load_avg": os.getloadavg()[0] if hasattr(os, "getloadavg") else None}
+    try:
+        import timm
+
+        info["timm"] = timm.__version__
+    except ImportError:
+        pass
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+        info["bf16_peak_tflops"] = (bf16_peak_flops(device) or 0) / 1e12 or None
+    return info
+
+
+# ---------------------------------------------------------------------------------------
+# Report
+# ---------------------------------------------------------------------------------------
+
+def format_report(result: dict[str, Any]) -> str:
+    """Markdown tables (training, evaluation) and the ratios against the goals."""
+    cfg, mach = result["config"], result["machine"]
+    lines = [f"device {mach.get('gpu', mach['device'])}, torch {mach['torch']}, {mach['threads']} threads, "
+             f"{cfg['arch']} {cfg['img_size']} px, batch {cfg['batch_size']}, rank {cfg['rank']}, "
+             f"{cfg['steps']} steps x {cfg['rounds']} rounds (median)", "",
+             "| training step | precision | img/s | peak MB | trainable | GFLOP/step | TFLOP/s | MFU |",
+             "|---|---|---|---|---|---|---|---|"]
+    for key, r in result["train"].items():
+        impl, prec = key.split(":")
+        mem = result["memory"].get(key, {}).get("peak_mb", "-")
+        mfu = f"{100 * r['mfu']:.1f}%" if r.get("mfu") is not None else "n/a"
+        lines.append(f"| {impl} | {prec} | {r['img_s']:.2f} | {mem} | {r['trainable']:,} | "
+                     f"{r['gflop_step']} | {r['tflop_s']:.3f} | {mfu} |")
+    lines += ["", "| evaluation (no_grad) | precision | img/s |", "|---|---|---|"]
+    for key, r in result["eval"].items():
+        impl, prec = key.split(":")
+        lines.append(f"| {impl} | {prec} | {r['img_s']:.2f} |")
+    lines += ["", "| ratio | value |", "|---|---|"]
+    lines += [f"| {k} | {v:.2f}x |" for k, v in result["ratios"].items()]
+    lines += ["", "goals:"]
+    lines += [f"  {'MET ' if g['met'] else 'NOT '} {g['ratio']} = {g['value']:.2f} (goal {g['goal']})"
+              for g in result["goals"]]
+    return "\n".join(lines)
+
+
+def get_parser() -> argparse.ArgumentParser:
+    """Command-line flags."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", default="vit_base_patch16", choices=sorted(mv.ARCHS))
+    p.add_argument("--batch_size", type=int, default=8)
+    p.add_argument("--eval_batch_size", type=int, default=None, help="default: --batch_size")
+    p.add_argument("--img_size", type=int, default=224)
+    p.add_argument("--rank", type=int, default=4)
+    p.add_argument("--alpha", type=float, default=32.0)
+    p.add_argument("--dropout", type=float, default=0.1, help="LoRA dropout (the paper's 0.1)")
+    p.add_argument("--steps", type=int, default=5, help="timed steps per case and round")
+    p.add_argument("--rounds", type=int, default=3, help="round-robin rounds; the median is reported")
+    p.add_argument("--warmup", type=int, default=1, help="untimed steps per case after the FLOP count")
+    p.add_argument("--mem_steps", type=int, default=2, help="steps measured for peak memory")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--amp", default="auto",
+                   help="comma list of fp32,bf16; auto: fp32, plus bf16 where it is native")
+    p.add_argument("--impls", default=",".join(TRAIN_IMPLS),
+                   help=f"comma list from {TRAIN_IMPLS + OPTIONAL_IMPLS}")
+    p.add_argument("--no_memory", action="store_true", help="skip the peak-memory measurements")
+    p.add_argument("--quick", action="store_true",
+                   help="batch 4, 2 steps, 1 round, no extra warm-up, 1 memory step: a few minutes on a CPU")
+    p.add_argument("--json", default=None, help="also write the results here")
+    p.add_argument("--memory_worker", default=None, help=argparse.SUPPRESS)
+    return p
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any] | None:
+    """Command line."""
+    parser = get_parser()
+    args = parser.parse_args(argv)
+    if args.quick:
+        given = {a.split("=")[0] for a in (argv if argv is not None else sys.argv[1:])}
+        for flag, value in (("batch_size", 4), ("steps", 2), ("rounds", 1), ("warmup", 0),
+                            ("mem_steps", 1)):
+            if f"--{flag}" not in given:
+                setattr(args, flag, value)
+    args.eval_batch_size = args.eval_batch_size or args.batch_size
+    if args.warmup < 0:
+        parser.error(f"--warmup must be >= 0, got {args.warmup}")
+    for flag in ("batch_size", "steps", "rounds", "mem_steps", "rank"):
+        if getattr(args, flag) <= 0:
+            parser.error(f"--{flag} must be positive, got {getattr(args, flag)}")
+    bad = [p for p in args.amp.split(",") if p not in PRECISIONS] if args.amp != "auto" else []
+    if bad:
+        parser.error(f"--amp: unknown precision(s) {bad}; use a comma list of {sorted(PRECISIONS)}")
+    unknown = [i for i in args.impls.split(",") if i not in TRAIN_IMPLS + OPTIONAL_IMPLS]
+    if unknown:
+        parser.error(f"--impls: unknown {unknown}; choose from {TRAIN_IMPLS + OPTIONAL_IMPLS}")
+    if args.img_size % 16:
+        parser.error(f"--img_size {args.img_size} is not a multiple of the patch size 16")
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.memory_worker:
+        impl, prec = args.memory_worker.split(":")
+        cfg = dict(arch=args.model, img_size=args.img_size, rank=args.rank, alpha=args.alpha,
+                   dropout=args.dropout, batch_size=args.batch_size)
+        print(json.dumps(measure_memory_here(impl, prec, cfg, resolve_device(args.device),
+                                             args.mem_steps)))
+        return None
+
+    result = run(args)
+    print(format_report(result))
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(result, indent=1))
+    return result
+
+
+if __name__ == "__main__":
+    main()

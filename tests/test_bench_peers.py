@@ -1,0 +1,124 @@
+"""The benchmark peers do the same work as our model, so that their timings compare.
+
+The paper-style peer (bench/paper_style.py) must compute exactly our LoRA update with the
+same A/B values; the timm + HF PEFT peer must train the same number of tensors. PEFT
+imports transformers, which looks for HF's `datasets` (shadowed by ours inside the
+repository), so everything that touches PEFT runs in a subprocess started outside it.
+"""
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+
+import lora
+import models_vit_lora as mv
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+import paper_style  # noqa: E402
+
+
+def test_conv1d_lora_equals_our_layer():
+    torch.manual_seed(0)
+    base = nn.Linear(48, 3 * 32)
+    ours = lora.LoRALinear(base, rank=4, alpha=32.0, parts=(True, False, True))
+    theirs = paper_style.ConvMergedLoRA(nn.Linear(48, 3 * 32), rank=4, alpha=32.0,
+                                        parts=(True, False, True))
+    ours.lora_B.data.normal_()
+    # Same tensor layout as loralib's MergedLinear: A (2r x in), B (2d x r).
+    theirs.load_state_dict(ours.state_dict())
+    x = torch.randn(2, 5, 48)
+    out_ours, out_theirs = ours(x), theirs(x)
+    torch.testing.assert_close(out_theirs, out_ours, atol=1e-4, rtol=0)
+    k = slice(32, 64)  # k is not adapted: exactly the base output there
+    torch.testing.assert_close(out_theirs[..., k], base(x)[..., k], atol=1e-6, rtol=0)
+    assert (out_ours - base(x)).abs().max() > 0.1  # the update is really there
+
+
+def test_paper_style_vit_matches_ours_outputs_and_gradients():
+    torch.manual_seed(0)
+    ours = mv.vit_tiny_patch16_lora(depth=2, num_classes=14, img_size=32, lora_dropout=0.0)
+    for _, layer in lora.lora_layers(ours):
+        layer.lora_B.data.normal_(std=0.1)
+    ours.head.weight.data.normal_(std=0.1)
+    theirs = paper_style.to_paper_style(mv.vit_tiny_patch16(depth=2, num_classes=14, img_size=32),
+                                        rank=4, alpha=32.0, dropout=0.0)
+    # Both wrap the qkv as `base_layer` + lora_A / lora_B: the state dicts line up key for key.
+    assert theirs.load_state_dict(ours.state_dict()) is not None
+    assert all(not blk.attn.fused_attn for blk in theirs.blocks)  # the explicit softmax path
+    trainable = lambda m: {n for n, p in m.named_parameters() if p.requires_grad}  # noqa: E731
+    assert trainable(theirs) == trainable(ours)
+
+    x, y = torch.randn(3, 3, 32, 32), torch.randint(0, 2, (3, 14)).float()
+    outs, grads = [], []
+    for model in (ours, theirs):
+        model.train()
+        logits = model(x)
+        nn.functional.binary_cross_entropy_with_logits(logits, y).backward()
+        outs.append(logits.detach())
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.requires_grad})
+    torch.testing.assert_close(outs[1], outs[0], atol=1e-4, rtol=0)
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], atol=1e-4, rtol=1e-3, msg=name)
+
+
+def test_paper_autocast_is_cuda_only():
+    with paper_style.paper_autocast(torch.device("cpu"), torch.bfloat16):
+        assert not torch.is_autocast_enabled("cpu")
+
+
+SCRIPT = textwrap.dedent("""
+    import json, sys
+    import peft, torch                       # before the repository is importable
+    sys.path.insert(0, sys.argv[1])          # bench/
+    import bench_model as bm
+
+    out = {}
+    cpu = torch.device("cpu")
+    # Memory first: the process has not yet held (and freed) other models.
+    out["memory"] = bm.measure_memory_here("ours", "fp32", dict(arch="vit_tiny_patch16", img_size=32,
+        rank=4, alpha=32.0, dropout=0.0, batch_size=2), cpu, steps=1)
+    for impl in ("ours", "peft", "paper", "full"):
+        m = bm.build(impl, "vit_tiny_patch16", 32, rank=4, alpha=32.0, dropout=0.0, device=cpu)
+        out[impl] = sum(p.numel() for p in m.parameters() if p.requires_grad)
+        if impl == "peft":
+            names = [n for n, p in m.named_parameters() if p.requires_grad]
+            out["peft_lora_tensors"] = sum("lora_" in n for n in names)
+            out["peft_head"] = sorted(n for n in names if "lora_" not in n)
+    result = bm.main(["--model", "vit_tiny_patch16", "--img_size", "32", "--batch_size", "2",
+                      "--steps", "1", "--rounds", "1", "--warmup", "0", "--no_memory",
+                      "--amp", "fp32", "--json", sys.argv[2]])
+    out["train_cases"] = sorted(result["train"])
+    out["eval_cases"] = sorted(result["eval"])
+    out["ratios"] = sorted(result["ratios"])
+    print(json.dumps(out))
+""")
+
+
+def test_peft_peer_trains_the_same_budget_and_bench_runs(tmp_path):
+    pytest.importorskip("peft")
+    script = tmp_path / "peers.py"
+    script.write_text(SCRIPT)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, str(script), str(ROOT / "bench"), str(tmp_path / "r.json")],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    # ViT-Ti (192 wide, 12 blocks), r=4: PEFT on the whole qkv has A 4x192 + B 576x4 per
+    # block; ours on q and v has A 8x192 + B 384x4: the same 3,072. Plus fc_norm + head.
+    head = 2 * 192 + 192 * 14 + 14
+    assert out["peft"] == out["ours"] == out["paper"] == 12 * 3072 + head
+    assert out["peft_lora_tensors"] == 24
+    assert out["peft_head"] == ["fc_norm.bias", "fc_norm.weight", "head.bias", "head.weight"]
+    assert out["full"] > 5_000_000
+    assert out["train_cases"] == ["full:fp32", "ours:fp32", "paper:fp32", "peft:fp32"]
+    assert "ours_merged:fp32" in out["eval_cases"] and "plain:fp32" in out["eval_cases"]
+    assert {"train ours/peft fp32", "train ours/paper fp32", "eval merged/plain fp32"} <= set(out["ratios"])
+    assert out["memory"]["peak_mb"] > 0
+    assert json.loads((tmp_path / "r.json").read_text())["config"]["arch"] == "vit_tiny_patch16"
