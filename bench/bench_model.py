@@ -337,6 +337,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     result["memory"] = memory
 
     x, y = make_batch(args.batch_size, args.img_size, device)
+    impls = [i for i in impls if any(c[0] == i for c in cases)]
     trainers = {impl: Trainer(impl, build(impl, args.model, args.img_size, args.rank, args.alpha,
                                           args.dropout, device)) for impl in impls}
     train_fns: dict[str, Callable[[], None]] = {}
