@@ -48,6 +48,8 @@ if [ "$DEVICE" = cpu ]; then
   MODEL_ARGS=(--device cpu --quick --amp fp32 --impls "${IMPLS/ours_bf16w,/}")
   EPOCH_DEMO=(--device cpu --quick)
   EPOCH_VITB=()
+  MODEL_TIMEOUT=1500  # a busy 2-core machine: ~3 min idle, much longer under load
+  EPOCH_TIMEOUT=600
 else
   MODEL_ARGS=(--device "$DEVICE" --batch_size 64 --amp bf16,fp32 --impls "$IMPLS"
               --steps 10 --rounds 3 --warmup 2 --mem_steps 2)
@@ -55,15 +57,17 @@ else
   EPOCH_DEMO=(--device "$DEVICE" --epochs 3 --num_workers "$WORKERS")
   EPOCH_VITB=(--device "$DEVICE" --epochs 3 --num_workers "$WORKERS" --model vit_base_patch16
               --img_size 224 --batch_size 64 --rank 4)
+  MODEL_TIMEOUT=330
+  EPOCH_TIMEOUT=120
 fi
 
 status=0
-timeout 330 python3 bench/bench_model.py "${MODEL_ARGS[@]}" --json "$OUT/model.json" \
+timeout "$MODEL_TIMEOUT" python3 bench/bench_model.py "${MODEL_ARGS[@]}" --json "$OUT/model.json" \
   2>&1 | tee "$OUT/model.log" || status=1
-timeout 120 python3 bench/bench_epoch.py "${EPOCH_DEMO[@]}" --json "$OUT/epoch_demo.json" \
+timeout "$EPOCH_TIMEOUT" python3 bench/bench_epoch.py "${EPOCH_DEMO[@]}" --json "$OUT/epoch_demo.json" \
   2>&1 | tee "$OUT/epoch_demo.log" || status=1
 if [ ${#EPOCH_VITB[@]} -gt 0 ]; then
-  timeout 120 python3 bench/bench_epoch.py "${EPOCH_VITB[@]}" --json "$OUT/epoch_vitb.json" \
+  timeout "$EPOCH_TIMEOUT" python3 bench/bench_epoch.py "${EPOCH_VITB[@]}" --json "$OUT/epoch_vitb.json" \
     2>&1 | tee "$OUT/epoch_vitb.log" || status=1
 fi
 echo "gpu_check: results in $OUT (status $status)"
