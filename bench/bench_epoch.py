@@ -18,7 +18,6 @@ cache (``datasets.build_cache``), epochs of the two interleaved.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import platform
@@ -41,6 +40,7 @@ import models_vit_lora as mv  # noqa: E402
 from engine_finetune import resolve_amp, train_one_epoch  # noqa: E402
 from main_finetune_lora import DEMO_DEFAULTS, build_loader  # noqa: E402
 from util.misc import DistInfo  # noqa: E402
+from util.io import write_json  # noqa: E402
 
 DATA_BOUND_FRACTION = 0.10
 
@@ -216,8 +216,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         result = run(args, Path(tmp))
     print(format_report(result))
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(result, indent=1))
+        write_json(args.json, result)
     return result
 
 

@@ -70,6 +70,7 @@ import lora  # noqa: E402
 import models_vit_lora as mv  # noqa: E402
 from engine_finetune import autocast, cpu_has_fast_bf16  # noqa: E402
 from paper_style import paper_autocast, to_paper_style  # noqa: E402
+from util.io import write_json  # noqa: E402
 
 NUM_CLASSES = 14
 PRECISIONS: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16}
@@ -571,8 +572,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     result = run(args)
     print(format_report(result))
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(result, indent=1))
+        write_json(args.json, result)
     return result
 
 
