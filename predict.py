@@ -377,8 +377,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num_workers", type=int, default=2, help="decoding processes (0: in-process)")
     p.add_argument("--device", default=default_device(), help="torch device, e.g. cpu, cuda, cuda:1")
     p.add_argument("--amp", default="auto", choices=AMP_CHOICES,
-                   help="mixed precision: auto = bf16 on CPU and bf16-capable GPUs, fp16 on "
-                        "other GPUs; none = fp32")
+                   help="mixed precision: auto = bf16 on GPUs and CPUs that compute it natively, "
+                        "fp16 on older GPUs, fp32 on other CPUs; none = fp32")
     p.add_argument("--threshold", default=None,
                    help="add 0/1 pred_<class> columns: one threshold for all classes, or a JSON "
                         "file {class name: threshold}")
