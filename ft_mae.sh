@@ -13,26 +13,20 @@ DATASET=${DATASET:-nih}                                # nih | chexpert | rsna
 DATA_SIZE=${DATA_SIZE:-1}                              # 1 | 10 | 100 (% of the training labels)
 WEIGHTS=${WEIGHTS:-./pretrained_weights/CXR_MAE.pth}
 NGPUS=${NGPUS:-1}                                      # processes on this node (GPUs)
-NNODES=${NNODES:-1}
-NODE_RANK=${NODE_RANK:-0}
-MASTER_ADDR=${MASTER_ADDR:-127.0.0.1}
-MASTER_PORT=${MASTER_PORT:-29500}
+# Multi-node: also NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT (see scripts/torchrun_launch.sh).
 OUTPUT_DIR=${OUTPUT_DIR:-./output_dir/}
 
 # The preset fills the paper's settings for this data set and size (AdamW, epochs, base lr
 # and rank per setting, layer decay 0.65, weight decay 0.05, random erasing 0.25, batch 64).
-CMD=(torchrun --nnodes "$NNODES" --node_rank "$NODE_RANK" --nproc_per_node "$NGPUS"
-     --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT"
-     main_finetune_lora.py
-     --preset "${DATASET}-${DATA_SIZE}-cxr_mae"
-     --model vit_base_patch16
-     --finetune "$WEIGHTS"
-     --data_path "$DATA_PATH"
-     --output_dir "$OUTPUT_DIR"
-     --num_workers 10
-     --dist_eval
-     --script "$0"
-     --note full
-     "$@")
-if [ -n "${DRY_RUN:-}" ]; then printf '%q ' "${CMD[@]}"; echo; exit 0; fi
-exec "${CMD[@]}"
+source scripts/torchrun_launch.sh
+launch \
+     --preset "${DATASET}-${DATA_SIZE}-cxr_mae" \
+     --model vit_base_patch16 \
+     --finetune "$WEIGHTS" \
+     --data_path "$DATA_PATH" \
+     --output_dir "$OUTPUT_DIR" \
+     --num_workers 10 \
+     --dist_eval \
+     --script "$0" \
+     --note full \
+     "$@"

@@ -12,26 +12,20 @@ DATASET=${DATASET:-nih}                                # nih | chexpert | rsna
 DATA_SIZE=${DATA_SIZE:-1}                              # 1 | 10 | 100 (% of the training labels)
 WEIGHTS=${WEIGHTS:-./pretrained_weights/MRM.pth}
 NGPUS=${NGPUS:-1}                                      # processes on this node (GPUs)
-NNODES=${NNODES:-1}
-NODE_RANK=${NODE_RANK:-0}
-MASTER_ADDR=${MASTER_ADDR:-127.0.0.1}
-MASTER_PORT=${MASTER_PORT:-29500}
+# Multi-node: also NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT (see scripts/torchrun_launch.sh).
 OUTPUT_DIR=${OUTPUT_DIR:-./output_dir/}
 
-# The preset fills the paper's lr and rank for this data set and size (FACTS: sgd, 100
+# The preset fills the paper's lr and rank for this data set and size (SGD, 100
 # epochs, warmup 5, drop path 0.1, batch 64, no weight decay, no random erasing).
-CMD=(torchrun --nnodes "$NNODES" --node_rank "$NODE_RANK" --nproc_per_node "$NGPUS"
-     --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT"
-     main_finetune_lora.py
-     --preset "${DATASET}-${DATA_SIZE}-mrm"
-     --model vit_base_patch16
-     --finetune "$WEIGHTS"
-     --data_path "$DATA_PATH"
-     --output_dir "$OUTPUT_DIR"
-     --num_workers 10
-     --dist_eval
-     --script "$0"
-     --note full
-     "$@")
-if [ -n "${DRY_RUN:-}" ]; then printf '%q ' "${CMD[@]}"; echo; exit 0; fi
-exec "${CMD[@]}"
+source scripts/torchrun_launch.sh
+launch \
+     --preset "${DATASET}-${DATA_SIZE}-mrm" \
+     --model vit_base_patch16 \
+     --finetune "$WEIGHTS" \
+     --data_path "$DATA_PATH" \
+     --output_dir "$OUTPUT_DIR" \
+     --num_workers 10 \
+     --dist_eval \
+     --script "$0" \
+     --note full \
+     "$@"

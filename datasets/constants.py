@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 # Column order of the labels in the paper's split files (checked against the official
-# metadata; see ../shared/FACTS.md). Changing an order silently mislabels every image.
+# metadata: NIH Data_Entry_2017, CheXpert train.csv). Changing an order silently mislabels every image.
 CLASS_NAMES: dict[str, list[str]] = {
     "nih": [
         "Atelectasis", "Cardiomegaly", "Effusion", "Infiltration", "Mass", "Nodule",

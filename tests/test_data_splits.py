@@ -17,7 +17,7 @@ from datasets import (
 )
 from datasets.splits import DEFAULT_SPLITS_ROOT
 
-# Line counts per data set (FACTS.md); None: not in ../shared (CheXpert's train_list is > 4 MB).
+# Line counts per data set of the paper's published files; None: not in ../shared (CheXpert's train_list is > 4 MB).
 EXPECTED_LINES = {
     "NIH_ChestX-ray": ("nih", {"1%": 785, "10%": 7847, "100%": 78468, "val": 11219, "test": 22433}),
     "CheXpert": ("chexpert", {"1%": 2234, "10%": 22341, "100%": None, "val": 234, "test": 668}),
