@@ -126,3 +126,16 @@ def test_384_input_interpolates_pos_embed(tmp_path):
         back[0, 1:], enc["pos_embed"][0, 1:], dim=-1).mean() > 0.9
     out = model(torch.randn(1, 3, 384, 384))
     assert out.shape == (1, 5) and torch.isfinite(out).all()
+
+
+def test_numpy_scalars_in_args_are_allowed(tmp_path):
+    """Training scripts often store numpy numbers in 'args' / 'epoch': plain data, allowed."""
+    import argparse
+
+    import numpy as np
+
+    path = tmp_path / "np.pth"
+    torch.save({"model": encoder_state(), "epoch": np.int64(3),
+                "args": argparse.Namespace(lr=np.float64(1e-3), accum=np.float32(2.0))}, path)
+    report = mv.load_pretrained(mv.vit_tiny_patch16(depth=2, num_classes=2), path)
+    assert len(report.matched) == len(encoder_state()) - 2  # all but norm.* (fc_norm model)
