@@ -411,9 +411,7 @@ def test_and_report(args: argparse.Namespace, checkpoint: Path, out: Path, dist_
                           seed=args.seed, num_workers=args.num_workers, pin_memory=args.pin_mem)
     stats = evaluate(model, loader, device, dataset.class_names, amp_dtype,
                      progress=not args.no_progress and dist_info.is_main)
-    trainable = sum(t.numel() for n, t in model.named_parameters()
-                    if config["method"] == "full" or n.endswith(("lora_A", "lora_B"))
-                    or n.startswith(lora.HEAD_MODULES))
+    trainable, total = lora.count_parameters(model)  # load_trained restores the trained set
     split = args.eval_split
     results = {
         "split": split, "dataset": dataset.kind, "data_size": args.data_size,
@@ -421,7 +419,7 @@ def test_and_report(args: argparse.Namespace, checkpoint: Path, out: Path, dist_
         "method": config["method"], "model": config["model"],
         "lora_rank": (config.get("lora") or {}).get("rank"),
         "trainable_params": int(trainable),
-        "total_params": int(sum(p.numel() for p in model.parameters())),
+        "total_params": int(total),
         "num_images": stats["num_images"], "loss": stats["loss"],
         "mean_auroc": stats["mean_auroc"], "mean_auprc": stats["mean_auprc"],
         "auroc": nan_to_none(stats["auroc"]), "auprc": nan_to_none(stats["auprc"]),
@@ -634,15 +632,7 @@ def resume_training(path: str, model: torch.nn.Module, optimizer: torch.optim.Op
     if not state_path.is_file():
         raise ArgumentError(f"--resume {path}: no resume state ({state_path.name}); only "
                             "checkpoint-last can be resumed")
-    from safetensors.torch import load_file
-
-    tensors = load_file(str(tensors_path))
-    result = model.load_state_dict(tensors, strict=False)
-    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    if result.unexpected_keys or trainable & set(result.missing_keys):
-        raise ArgumentError(f"--resume {path}: tensors do not match the model "
-                            f"(missing {sorted(trainable & set(result.missing_keys))[:5]}, "
-                            f"unexpected {result.unexpected_keys[:5]})")
+    ckpt.load_trained_tensors(model, tensors_path, all_tensors=bool(saved.get("backbone_in_file")))
     state = ckpt.load_resume_state(state_path)
     optimizer.load_state_dict(state["optimizer"])
     if scaler is not None and state.get("scaler"):

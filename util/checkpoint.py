@@ -155,7 +155,6 @@ def load_trained(
     config = read_config(checkpoint)
     if not tensors_path.is_file():
         raise FileNotFoundError(f"checkpoint tensors not found: {tensors_path}")
-    tensors = load_file(str(tensors_path), device="cpu")
     model = build_from_config(config)
     if not config.get("backbone_in_file"):
         pretrained = pretrained or config.get("pretrained")
@@ -176,6 +175,21 @@ def load_trained(
         cfg = config["lora"]
         lora.inject_lora(model, rank=cfg["rank"], alpha=cfg["alpha"],
                          dropout=cfg.get("dropout", 0.0), pos=cfg["pos"])
+    if config["method"] == "full":
+        model.requires_grad_(True)
+    else:
+        lora.mark_only_lora_as_trainable(model)  # the trained set, as during training
+    load_trained_tensors(model, tensors_path, all_tensors=bool(config.get("backbone_in_file")))
+    return model.to(device).eval(), config
+
+
+def load_trained_tensors(model: nn.Module, tensors_path: str | Path, all_tensors: bool = False) -> None:
+    """Copy a checkpoint's tensors into ``model``, checking them against its trained set.
+
+    Every tensor must belong to the model with the same shape; every trainable
+    parameter must be in the file (with ``all_tensors``: every state-dict entry).
+    """
+    tensors = load_file(str(tensors_path), device="cpu")
     own = model.state_dict()
     unknown = sorted(set(tensors) - set(own))
     if unknown:
@@ -185,16 +199,11 @@ def load_trained(
            if v.shape != own[k].shape]
     if bad:
         raise CheckpointError(f"{tensors_path}: wrong shapes: {bad[:5]}")
-    if config.get("backbone_in_file"):
-        model.load_state_dict(tensors, strict=True)
-    else:
-        expected = {n for n, _ in model.named_parameters()
-                    if n.endswith(("lora_A", "lora_B")) or n.startswith(lora.HEAD_MODULES)}
-        absent = sorted(expected - set(tensors))
-        if absent:
-            raise CheckpointError(f"{tensors_path}: missing trained tensors {absent[:5]}")
-        model.load_state_dict(tensors, strict=False)
-    return model.to(device).eval(), config
+    expected = set(own) if all_tensors else set(lora.lora_state_dict(model))
+    absent = sorted(expected - set(tensors))
+    if absent:
+        raise CheckpointError(f"{tensors_path}: missing trained tensors {absent[:5]}")
+    model.load_state_dict(tensors, strict=all_tensors)
 
 
 def save_resume_state(path: str | Path, state: dict[str, Any]) -> None:
