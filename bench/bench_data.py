@@ -1,15 +1,23 @@
-"""Images/s of the train-time data pipeline: original 1024-px PNGs vs the preprocessed cache.
+"""Images/s of the train-time data pipeline: the original files vs the preprocessed cache.
 
     python bench/bench_data.py [--num_images 64] [--image_size 1024] [--cache_size 256]
+    python bench/bench_data.py --source dicom-jpeg      # RSNA-style DICOMs
+    python bench/bench_data.py --source dicom --image_size 2048
 
 One process, one torch thread ("per core"): the loop is what a single DataLoader worker
 does per sample (decode or cache read, RandomResizedCrop + flip to 224, ToTensor,
-normalise). The PNGs are synthetic 8-bit chest-like images saved with zlib level 6, like
-NIH's. Prints a Markdown table row for docs/BENCHMARKS.md; --out also writes JSON.
+normalise). The originals are synthetic chest-like images:
+
+    png         8-bit PNG, zlib level 6, NIH layout (like NIH ChestX-ray14's files)
+    dicom-jpeg  8-bit MONOCHROME2 DICOM, JPEG baseline (like RSNA Pneumonia's files)
+    dicom       uncompressed DICOM, 12 bits stored in 16 (like a hospital DX export)
+
+Prints a Markdown table row for docs/BENCHMARKS.md; --out also writes JSON.
 """
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import logging
 import platform
@@ -18,11 +26,65 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
+from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere in the repo
 
 from datasets import build_cache, build_dataset, build_transform, make_demo_dataset  # noqa: E402
+
+SOURCES = ("png", "dicom-jpeg", "dicom")
+
+
+def write_dicom(path: Path, pixels: np.ndarray, jpeg: bool) -> None:
+    """One single-frame MONOCHROME2 DICOM file: 8-bit JPEG baseline, or uncompressed 16-bit
+    words with 12 bits stored."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.encaps import encapsulate
+    from pydicom.uid import (ExplicitVRLittleEndian, JPEGBaseline8Bit, SecondaryCaptureImageStorage,
+                             generate_uid)
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = JPEGBaseline8Bit if jpeg else ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    ds.Modality = "DX"
+    ds.Rows, ds.Columns = pixels.shape
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.PixelRepresentation = 0
+    if jpeg:
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit = 8, 8, 7
+        buf = io.BytesIO()
+        Image.fromarray(pixels, mode="L").save(buf, format="JPEG", quality=95)
+        ds.PixelData = encapsulate([buf.getvalue()])
+        ds["PixelData"].VR = "OB"
+    else:
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, 12, 11
+        ds.PixelData = (pixels.astype(np.uint16) * 16 + 8).tobytes()  # 8 -> 12 bits
+    ds.save_as(path, enforce_file_format=True)
+
+
+def to_dicom_dataset(nih_root: Path, dest: Path, jpeg: bool) -> Path:
+    """Rewrite an NIH-layout data set as an RSNA-layout one (stage_2_train_images/*.dcm, one
+    label: the first NIH class) with the same pixels; returns dest."""
+    image_dir = dest / "stage_2_train_images"
+    image_dir.mkdir(parents=True, exist_ok=True)
+    for split_file in sorted(nih_root.glob("*.txt")):
+        lines = []
+        for line in split_file.read_text().splitlines():
+            name, *labels = line.split()
+            rel = f"stage_2_train_images/{Path(name).stem}.dcm"
+            if not (dest / rel).exists():
+                pixels = np.asarray(Image.open(nih_root / "all_classes" / name).convert("L"))
+                write_dicom(dest / rel, pixels, jpeg)
+            lines.append(f"{rel} {labels[0]}\n")
+        (dest / split_file.name).write_text("".join(lines))
+    return dest
 
 
 def best_rates(datasets: dict[str, torch.utils.data.Dataset], repeats: int) -> dict[str, float]:
@@ -41,27 +103,34 @@ def best_rates(datasets: dict[str, torch.utils.data.Dataset], repeats: int) -> d
 
 
 def run(num_images: int, image_size: int, cache_size: int, input_size: int, recipe: str,
-        repeats: int, workdir: Path) -> dict:
+        repeats: int, workdir: Path, source: str = "png") -> dict:
     """Build the data, time both paths; returns the numbers."""
+    if source not in SOURCES:
+        raise ValueError(f"source={source!r}: expected one of {SOURCES}")
     torch.set_num_threads(1)
     root = make_demo_dataset(workdir / "NIH_bench", num_images=num_images, image_size=image_size,
                              compress_level=6)
-    png_bytes = sum(f.stat().st_size for f in (root / "all_classes").iterdir()) / num_images
+    image_dir = root / "all_classes"
+    if source != "png":
+        root = to_dicom_dataset(root, workdir / "RSNA_bench", jpeg=source == "dicom-jpeg")
+        image_dir = root / "stage_2_train_images"
+    file_bytes = sum(f.stat().st_size for f in image_dir.iterdir()) / num_images
     start = time.perf_counter()
     build_cache(root, size=cache_size, workers=1)
     cache_build_s = time.perf_counter() - start
     transform = build_transform(True, recipe=recipe, input_size=input_size, norm="mrm")
     torch.manual_seed(0)
-    png = build_dataset("train", root, transform=transform, cache="off")
+    original = build_dataset("train", root, transform=transform, cache="off")
     cached = build_dataset("train", root, transform=transform, cache="on", cache_size=cache_size)
-    rates = best_rates({"png": png, "cache": cached}, repeats)
-    png_rate, cache_rate = rates["png"], rates["cache"]
+    rates = best_rates({"original": original, "cache": cached}, repeats)
+    original_rate, cache_rate = rates["original"], rates["cache"]
     return {
-        "images": len(png), "image_size": image_size, "png_kb": round(png_bytes / 1024),
+        "source": source, "images": len(original), "image_size": image_size,
+        "file_kb": round(file_bytes / 1024),
         "cache_size": cache_size, "input_size": input_size, "recipe": recipe,
-        "png_images_per_s": round(png_rate, 1), "cache_images_per_s": round(cache_rate, 1),
-        "ratio": round(cache_rate / png_rate, 1),
-        "cache_build_images_per_s": round(len(png) / cache_build_s, 1),
+        "original_images_per_s": round(original_rate, 1), "cache_images_per_s": round(cache_rate, 1),
+        "ratio": round(cache_rate / original_rate, 1),
+        "cache_build_images_per_s": round(len(original) / cache_build_s, 1),
         "cpu": platform.processor() or platform.machine(), "torch": torch.__version__,
     }
 
@@ -74,6 +143,8 @@ def main() -> None:
     parser.add_argument("--cache_size", type=int, default=256)
     parser.add_argument("--input_size", type=int, default=224)
     parser.add_argument("--recipe", choices=["sgd", "adamw"], default="sgd")
+    parser.add_argument("--source", choices=SOURCES, default="png",
+                        help="format of the original images (see the module docstring)")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--workdir", default=None, help="where to write the images (default: a temp folder)")
     parser.add_argument("--out", default=None, help="also write the numbers as JSON here")
@@ -81,13 +152,14 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING)
     with tempfile.TemporaryDirectory() as tmp:
         result = run(args.num_images, args.image_size, args.cache_size, args.input_size, args.recipe,
-                     args.repeats, Path(args.workdir or tmp))
+                     args.repeats, Path(args.workdir or tmp), source=args.source)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(result, indent=1))
     print(json.dumps(result))
-    print(f"| {result['recipe']} train, {result['images']} x {result['image_size']}px PNG (~{result['png_kb']} KB) "
-          f"-> {result['input_size']} | {result['png_images_per_s']} | {result['cache_images_per_s']} "
+    print(f"| {result['recipe']} train, {result['images']} x {result['image_size']}px {result['source']} "
+          f"(~{result['file_kb']} KB) -> {result['input_size']} | {result['original_images_per_s']} "
+          f"| {result['cache_images_per_s']} "
           f"| {result['ratio']}x |")
 
 

@@ -12,6 +12,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
@@ -122,3 +123,32 @@ def test_peft_peer_trains_the_same_budget_and_bench_runs(tmp_path):
     assert {"train ours/peft fp32", "train ours/paper fp32", "eval merged/plain fp32"} <= set(out["ratios"])
     assert out["memory"]["peak_mb"] > 0
     assert json.loads((tmp_path / "r.json").read_text())["config"]["arch"] == "vit_tiny_patch16"
+
+
+@pytest.mark.parametrize("source", ["dicom", "dicom-jpeg"])
+def test_data_bench_dicom_source_keeps_pixels_and_labels(tmp_path, source):
+    """The DICOM originals of bench_data.py hold the PNGs' pixels (JPEG: within its loss) and
+    the first NIH label, in RSNA layout, and the bench times them against their cache."""
+    import bench_data
+    from datasets import build_dataset, load_image, make_demo_dataset
+
+    nih = make_demo_dataset(tmp_path / "NIH", num_images=12, image_size=64)
+    rsna = bench_data.to_dicom_dataset(nih, tmp_path / "RSNA", jpeg=source == "dicom-jpeg")
+    png_set = build_dataset("train", nih, cache="off")
+    dcm_set = build_dataset("train", rsna, cache="off")
+    assert dcm_set.kind == "rsna" and len(dcm_set) == len(png_set)
+    assert (dcm_set.targets[:, 0] == png_set.targets[:, 0]).all()
+    for png_file, dcm_file in zip(png_set.files, dcm_set.files):
+        assert Path(dcm_file).read_bytes()[128:132] == b"DICM"
+        a = np.asarray(load_image(png_file)).astype(int)
+        b = np.asarray(load_image(dcm_file)).astype(int)
+        # decoding min-max stretches to 0..255, as it does any DICOM without a window
+        a = np.rint((a - a.min()) * 255 / (a.max() - a.min()))
+        if source == "dicom":  # lossless: only the 8 -> 12 -> 8 bit rounding
+            assert np.abs(a - b).max() <= 1
+        else:  # JPEG quality 95 on a noisy 64-px texture
+            assert np.abs(a - b).mean() < 6 and np.corrcoef(a.ravel(), b.ravel())[0, 1] > 0.95
+
+    result = bench_data.run(12, 64, 48, 32, "sgd", 1, tmp_path / "work", source=source)
+    assert result["source"] == source and result["images"] == len(png_set)
+    assert result["original_images_per_s"] > 0 and result["cache_images_per_s"] > 0
