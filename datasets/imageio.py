@@ -18,6 +18,9 @@ logger = logging.getLogger(__name__)
 
 DICOM_SUFFIXES = frozenset({".dcm", ".dicom", ".dic"})
 
+# Integer images whose value range is below this are scaled through a lookup table.
+_LUT_MAX_RANGE = 1 << 20
+
 # Pillow modes holding more than 8 bits per pixel in one channel.
 _WIDE_MODES = frozenset({"I", "F", "I;16", "I;16B", "I;16L", "I;16N", "I;16S", "I;32", "I;32S"})
 
@@ -26,8 +29,25 @@ class ImageDecodeError(OSError):
     """An image file could not be decoded (unreadable, truncated or unsupported)."""
 
 
-def scale_to_uint8(array: np.ndarray) -> np.ndarray:
-    """Min-max scale an array to uint8 0-255 (a constant image becomes all zeros)."""
+def scale_to_uint8(array: np.ndarray, invert: bool = False) -> np.ndarray:
+    """Min-max scale an array to uint8 0-255 (a constant image becomes all zeros).
+
+    ``invert`` maps the maximum to 0 and the minimum to 255 (DICOM MONOCHROME1). Integer
+    images (8- to 16-bit DICOM, 16-bit PNG) go through a lookup table of their value range:
+    the same bytes as the float64 formula, without a float copy of the image.
+    """
+    array = np.asarray(array)
+    if array.dtype.kind in "biu" and array.size:
+        lo, hi = int(array.min()), int(array.max())
+        if hi <= lo:
+            return np.zeros(array.shape, dtype=np.uint8)
+        if array.dtype == np.uint8 and (lo, hi) == (0, 255) and not invert:
+            return array.copy()  # already full range: the formula is the identity
+        if hi - lo < _LUT_MAX_RANGE:
+            steps = np.arange(hi - lo + 1, dtype=np.float64)
+            lut = np.rint((steps[::-1] if invert else steps) * (255.0 / (hi - lo))).astype(np.uint8)
+            offset = array - array.dtype.type(lo) if array.dtype.kind == "u" else array.astype(np.int64) - lo
+            return np.take(lut, offset)
     array = np.asarray(array, dtype=np.float64)
     lo, hi = float(np.min(array)), float(np.max(array))
     if not np.isfinite(lo) or not np.isfinite(hi):
@@ -35,6 +55,8 @@ def scale_to_uint8(array: np.ndarray) -> np.ndarray:
         lo, hi = float(array.min()), float(array.max())
     if hi <= lo:
         return np.zeros(array.shape, dtype=np.uint8)
+    if invert:
+        array = hi + lo - array
     return np.rint((array - lo) * (255.0 / (hi - lo))).astype(np.uint8)
 
 
@@ -113,7 +135,7 @@ def decode_dicom(path: str | Path) -> np.ndarray:
         pixels = pixels[0]
 
     modality = np.asarray(apply_modality_lut(pixels, ds))  # rescale slope / intercept
-    array = modality.astype(np.float64)
+    array = modality  # integer unless rescaled: scale_to_uint8 then needs no float copy
     windowed = False
     if "VOILUTSequence" in ds and len(ds.VOILUTSequence) > 0:
         # A VOI LUT is indexed by stored values: give it integers, as the standard does.
@@ -123,18 +145,17 @@ def decode_dicom(path: str | Path) -> np.ndarray:
         center, width = _first_value(ds.WindowCenter), _first_value(ds.WindowWidth)
         if width > 0:
             function = str(ds.get("VOILUTFunction", "LINEAR") or "LINEAR")
-            array = _window(array, center, width, function)
+            array = _window(modality.astype(np.float64), center, width, function)
             windowed = True
         else:
             logger.warning("%s: ignoring VOI window of width %s", path, width)
 
-    if str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip() == "MONOCHROME1":
-        # MONOCHROME1 shows low values white: invert so every image has bright bones.
-        array = (1.0 - array) if windowed else (array.max() + array.min() - array)
+    # MONOCHROME1 shows low values white: invert so every image has bright bones.
+    invert = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip() == "MONOCHROME1"
     if windowed:
         # The window already fixes which values are black and white: no min-max stretch.
-        return np.rint(array * 255.0).astype(np.uint8)
-    return scale_to_uint8(array)
+        return np.rint((1.0 - array if invert else array) * 255.0).astype(np.uint8)
+    return scale_to_uint8(array, invert=invert)
 
 
 def load_image(path: str | Path) -> Image.Image:

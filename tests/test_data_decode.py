@@ -141,3 +141,40 @@ def test_truncated_and_garbage_files_raise(tmp_path):
     (tmp_path / "cut.dcm").write_bytes(dcm[:-200])
     with pytest.raises(ImageDecodeError, match="cut.dcm"):
         load_image(tmp_path / "cut.dcm")
+
+
+def _reference_scale(array, invert):
+    """The min-max formula in float64, written out."""
+    a = array.astype(np.float64)
+    lo, hi = a.min(), a.max()
+    if invert:
+        a = hi + lo - a
+    return np.rint((a - lo) * (255.0 / (hi - lo))).astype(np.uint8)
+
+
+@pytest.mark.parametrize("dtype,low,high", [
+    (np.uint8, 0, 256), (np.uint8, 37, 200), (np.uint16, 0, 4096), (np.uint16, 1000, 65536),
+    (np.int16, -32768, 32768), (np.int32, -5000, 70000), (np.float32, -3, 3),
+])
+@pytest.mark.parametrize("invert", [False, True])
+def test_scale_to_uint8_lookup_equals_float_formula(dtype, low, high, invert):
+    from datasets.imageio import scale_to_uint8
+
+    rng = np.random.default_rng(0)
+    if np.issubdtype(dtype, np.integer):
+        array = rng.integers(low, high, size=(57, 43)).astype(dtype)
+    else:
+        array = rng.uniform(low, high, size=(57, 43)).astype(dtype)
+    out = scale_to_uint8(array, invert=invert)
+    assert out.dtype == np.uint8 and out.shape == array.shape
+    np.testing.assert_array_equal(out, _reference_scale(array, invert))
+    assert out.min() == 0 and out.max() == 255
+
+
+def test_scale_to_uint8_constant_and_bool():
+    from datasets.imageio import scale_to_uint8
+
+    assert not scale_to_uint8(np.full((4, 4), 700, np.uint16)).any()
+    mask = np.eye(3, dtype=bool)
+    np.testing.assert_array_equal(scale_to_uint8(mask), mask.astype(np.uint8) * 255)
+    np.testing.assert_array_equal(scale_to_uint8(mask, invert=True), (~mask).astype(np.uint8) * 255)
