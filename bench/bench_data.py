@@ -17,7 +17,6 @@ Prints a Markdown table row for docs/BENCHMARKS.md; --out also writes JSON.
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import logging
 import platform
@@ -33,40 +32,9 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere in the repo
 
 from datasets import build_cache, build_dataset, build_transform, make_demo_dataset  # noqa: E402
+from datasets.synthetic import write_dicom  # noqa: E402
 
 SOURCES = ("png", "dicom-jpeg", "dicom")
-
-
-def write_dicom(path: Path, pixels: np.ndarray, jpeg: bool) -> None:
-    """One single-frame MONOCHROME2 DICOM file: 8-bit JPEG baseline, or uncompressed 16-bit
-    words with 12 bits stored."""
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.encaps import encapsulate
-    from pydicom.uid import (ExplicitVRLittleEndian, JPEGBaseline8Bit, SecondaryCaptureImageStorage,
-                             generate_uid)
-
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = JPEGBaseline8Bit if jpeg else ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
-    ds.Modality = "DX"
-    ds.Rows, ds.Columns = pixels.shape
-    ds.SamplesPerPixel = 1
-    ds.PhotometricInterpretation = "MONOCHROME2"
-    ds.PixelRepresentation = 0
-    if jpeg:
-        ds.BitsAllocated, ds.BitsStored, ds.HighBit = 8, 8, 7
-        buf = io.BytesIO()
-        Image.fromarray(pixels, mode="L").save(buf, format="JPEG", quality=95)
-        ds.PixelData = encapsulate([buf.getvalue()])
-        ds["PixelData"].VR = "OB"
-    else:
-        ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, 12, 11
-        ds.PixelData = (pixels.astype(np.uint16) * 16 + 8).tobytes()  # 8 -> 12 bits
-    ds.save_as(path, enforce_file_format=True)
 
 
 def to_dicom_dataset(nih_root: Path, dest: Path, jpeg: bool) -> Path:
@@ -81,7 +49,10 @@ def to_dicom_dataset(nih_root: Path, dest: Path, jpeg: bool) -> Path:
             rel = f"stage_2_train_images/{Path(name).stem}.dcm"
             if not (dest / rel).exists():
                 pixels = np.asarray(Image.open(nih_root / "all_classes" / name).convert("L"))
-                write_dicom(dest / rel, pixels, jpeg)
+                if jpeg:
+                    write_dicom(dest / rel, pixels, jpeg=True)
+                else:  # 8 -> 12 bits in 16-bit words
+                    write_dicom(dest / rel, pixels.astype(np.uint16) * 16 + 8, bits_stored=12)
             lines.append(f"{rel} {labels[0]}\n")
         (dest / split_file.name).write_text("".join(lines))
     return dest

@@ -9,11 +9,15 @@ initial weights with only LoRA and the head trained. Labels are independent with
 prevalence of 10-30% per class.
 
     python -m datasets.demo --out demo_data          # 1,200 images of 128 px, a few seconds
+
+`write_dicom` writes a grey array as a DICOM file, for tests and benchmarks of the DICOM path.
 """
 from __future__ import annotations
 
+import io
 import logging
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -178,3 +182,56 @@ def make_demo_dataset(
     logger.info("demo data set: %d images of %d px in %s (train %d / 10%% %d / 1%% %d, val %d, test %d)",
                 num_images, image_size, root, n_train, n10, n1, len(idx["val"]), len(idx["test"]))
     return root
+
+
+def write_dicom(path: str | Path, pixels: np.ndarray, photometric: str = "MONOCHROME2",
+                bits_stored: int | None = None, jpeg: bool = False, quality: int = 95,
+                **attrs: Any) -> Path:
+    """Write a single-frame grey DX image as a DICOM file; returns its path.
+
+    Args:
+        pixels: 2-D uint8 or uint16 stored values (uint8 for ``jpeg``).
+        photometric: 'MONOCHROME2' (0 is black) or 'MONOCHROME1' (0 is white).
+        bits_stored: BitsStored; default 8 for uint8 and 12 for uint16 pixels.
+        jpeg: JPEG baseline compressed (as RSNA Pneumonia's files) instead of uncompressed
+            explicit VR little endian.
+        quality: JPEG quality.
+        attrs: further data elements by keyword, e.g. ``WindowCenter=1000``.
+    """
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.encaps import encapsulate
+    from pydicom.uid import (ExplicitVRLittleEndian, JPEGBaseline8Bit, SecondaryCaptureImageStorage,
+                             generate_uid)
+
+    pixels = np.asarray(pixels)
+    if pixels.ndim != 2 or pixels.dtype not in (np.uint8, np.uint16):
+        raise ValueError(f"pixels: expected a 2-D uint8 or uint16 array, got {pixels.dtype} {pixels.shape}")
+    if jpeg and pixels.dtype != np.uint8:
+        raise ValueError("jpeg=True stores 8-bit pixels: pass a uint8 array")
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = JPEGBaseline8Bit if jpeg else ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    ds.Modality = "DX"
+    ds.Rows, ds.Columns = pixels.shape
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = photometric
+    ds.BitsAllocated = 8 * pixels.dtype.itemsize
+    ds.BitsStored = bits_stored or (8 if pixels.dtype == np.uint8 else 12)
+    ds.HighBit = ds.BitsStored - 1
+    ds.PixelRepresentation = 0
+    for key, value in attrs.items():
+        setattr(ds, key, value)
+    if jpeg:
+        buf = io.BytesIO()
+        Image.fromarray(pixels, mode="L").save(buf, format="JPEG", quality=quality)
+        ds.PixelData = encapsulate([buf.getvalue()])
+        ds["PixelData"].VR = "OB"
+    else:
+        ds.PixelData = pixels.tobytes()
+    path = Path(path)
+    ds.save_as(path, enforce_file_format=True)
+    return path
