@@ -333,6 +333,8 @@ class SeededDataset(Dataset):
 def build_loader(dataset: Dataset, dist_info: DistInfo, *, train: bool, batch_size: int,
                  seed: int, num_workers: int, pin_memory: bool) -> DataLoader:
     """Shuffled, seeded training loader or an ordered evaluation loader (sharded when distributed)."""
+    # Pinned host memory only helps copies to an accelerator; without one torch warns.
+    pin_memory = pin_memory and torch.accelerator.is_available()
     common = dict(batch_size=batch_size, num_workers=num_workers, pin_memory=pin_memory,
                   persistent_workers=num_workers > 0)
     if train:

@@ -119,3 +119,41 @@ def test_linear_probe_builds_no_graph_through_backbone(batch):
     assert not feats.requires_grad
     _, grads = loss_and_grads(model, x, y)
     assert set(grads) == {"fc_norm.weight", "fc_norm.bias", "head.weight", "head.bias"}
+
+
+def test_loader_workers_pinned_persistent_give_the_same_batches(tmp_path, recwarn):
+    """Worker processes, persistent workers and pinned memory (asked for; used only with an
+    accelerator) change where batches are made, not what they hold: the seeded train loader
+    (random crops and flips) and the eval loader give the same tensors as the single-process
+    loader, epoch after epoch."""
+    import datasets
+    from main_finetune_lora import build_loader
+    from util.misc import DistInfo
+
+    root = datasets.make_demo_dataset(tmp_path / "NIH_demo", num_images=40, image_size=48, seed=2)
+    single = DistInfo(rank=0, world_size=1, local_rank=0)
+
+    def batches(train, num_workers, pin_memory, epochs=2):
+        transform = datasets.build_transform(train, recipe="sgd", input_size=32, norm="mrm")
+        ds = datasets.build_dataset("train" if train else "val", root, transform=transform, cache="off")
+        loader = build_loader(ds, single, train=train, batch_size=4, seed=5, num_workers=num_workers,
+                              pin_memory=pin_memory)
+        out = []
+        for epoch in range(epochs):
+            if train:
+                loader.sampler.set_epoch(epoch)
+            out.append([(x.clone(), y.clone()) for x, y in loader])
+        return loader, out
+
+    for train in (True, False):
+        _, plain = batches(train, num_workers=0, pin_memory=False)
+        loader, fast = batches(train, num_workers=2, pin_memory=True)
+        assert loader.persistent_workers and loader.num_workers == 2
+        assert loader.pin_memory == torch.accelerator.is_available()
+        for epoch_plain, epoch_fast in zip(plain, fast, strict=True):
+            assert len(epoch_plain) == len(epoch_fast) > 1
+            for (x0, y0), (x1, y1) in zip(epoch_plain, epoch_fast):
+                assert torch.equal(x0, x1) and torch.equal(y0, y1)
+        if train:  # the augmentation really is random: epochs differ
+            assert not torch.equal(plain[0][0][0], plain[1][0][0])
+    assert not [w for w in recwarn if "pin_memory" in str(w.message)]
