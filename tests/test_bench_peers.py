@@ -152,3 +152,32 @@ def test_data_bench_dicom_source_keeps_pixels_and_labels(tmp_path, source):
     result = bench_data.run(12, 64, 48, 32, "sgd", 1, tmp_path / "work", source=source)
     assert result["source"] == source and result["images"] == len(png_set)
     assert result["original_images_per_s"] > 0 and result["cache_images_per_s"] > 0
+
+
+def test_profile_step_groups_every_operator(tmp_path):
+    """bench/profile_step.py attributes a whole step to its groups: the matrix products lead,
+    the paper-style peer has softmax attention and no fused attention, full fine-tuning no
+    dropout mask, and every column sums to 100%. Its count of the activations kept for
+    backward is larger with weight gradients and falls with activation checkpointing."""
+    impls = ["ours", "paper", "full", "ours_gc"]
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "profile_step.py"), "--model", "vit_tiny_patch16",
+                           "--img_size", "32", "--batch_size", "2", "--impls", ",".join(impls)],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = {}
+    for line in proc.stdout.splitlines():
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if len(cells) == len(impls) + 1 and cells[1].endswith("%"):
+            rows[cells[0]] = dict(zip(impls, (float(c.rstrip("%")) for c in cells[1:])))
+    assert "matrix products" in rows and all(v > 0 for v in rows["matrix products"].values())
+    for impl in impls:
+        assert abs(sum(r[impl] for r in rows.values()) - 100.0) < 0.5
+    fused, softmax, mask = (rows.get(g, dict.fromkeys(impls, 0.0))
+                            for g in ("fused attention", "softmax (naive attention)", "dropout mask"))
+    assert fused["ours"] > 0 and fused["paper"] == 0 and softmax["paper"] > 0  # SDPA vs explicit softmax
+    assert mask["ours"] > 0 and mask["full"] == 0  # LoRA dropout only where there is LoRA
+    kept_line = next(line for line in proc.stdout.splitlines() if line.startswith("| kept for backward"))
+    kept = dict(zip(impls, (float(c) for c in kept_line.strip("|").split("|")[1:])))
+    assert 0 < kept["ours"] < kept["full"]  # weight gradients need every linear's input
+    assert 0 < kept["ours_gc"] < kept["ours"] / 3  # checkpointed blocks keep only their inputs

@@ -1,0 +1,118 @@
+"""Where one training step's time goes: self CPU (or CUDA) time per group of operators.
+
+    python bench/profile_step.py                         # ours vs PEFT, ViT-B, batch 4, fp32
+    python bench/profile_step.py --impls ours,paper,full --batch_size 8
+
+Builds each implementation with ``bench_model.build`` (the same contenders, the same seeded
+weights), runs one warm-up step, then one step under ``torch.profiler``, and prints the share
+of matrix products, fused attention, GELU, the LoRA dropout mask and the rest; and the size
+of the activations a forward pass keeps for backward (distinct tensors other than parameters,
+counted with ``torch.autograd.graph.saved_tensors_hooks``), which is what the batch scales.
+"""
+from __future__ import annotations
+
+import argparse
+from collections import defaultdict
+
+import bench_model as bm  # imports PEFT first, then puts the repository on sys.path
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+# Operator-name fragments -> group, first match wins.
+GROUPS: tuple[tuple[str, str], ...] = (
+    ("aten::addmm", "matrix products"),
+    ("aten::mm", "matrix products"),
+    ("aten::bmm", "matrix products"),
+    ("aten::matmul", "matrix products"),
+    ("scaled_dot_product", "fused attention"),
+    ("flash_attention", "fused attention"),
+    ("efficient_attention", "fused attention"),
+    ("aten::_softmax", "softmax (naive attention)"),
+    ("gelu", "GELU"),
+    ("bernoulli", "dropout mask"),
+    ("layer_norm", "layer norm"),
+)
+
+
+def group_of(name: str) -> str:
+    """The group an operator's time is counted in."""
+    return next((group for key, group in GROUPS if key in name), "everything else")
+
+
+def profile_step(trainer: bm.Trainer, x: torch.Tensor, y: torch.Tensor, device: torch.device,
+                 dtype: torch.dtype | None) -> dict[str, float]:
+    """Self time (s) per group of one training step, after one warm-up step."""
+    amp = bm.amp_context(trainer.impl, device, dtype)
+    trainer.step(x, y, amp)
+    bm.sync(device)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        trainer.step(x, y, amp)
+        bm.sync(device)
+    times: dict[str, float] = defaultdict(float)
+    for event in prof.key_averages():
+        self_us = event.self_device_time_total if device.type == "cuda" else event.self_cpu_time_total
+        times[group_of(event.key)] += self_us / 1e6
+    return dict(times)
+
+
+def saved_activation_bytes(model: torch.nn.Module, x: torch.Tensor, device: torch.device,
+                           dtype: torch.dtype | None, impl: str) -> int:
+    """Bytes of the distinct non-parameter tensors one training forward keeps for backward."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    kept: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in params:
+            kept[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    model.train()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), bm.amp_context(impl, device, dtype)():
+        model(x)
+    return sum(kept.values())
+
+
+def format_table(results: dict[str, dict[str, float]]) -> str:
+    """A Markdown table: one column per implementation, percentages of its step."""
+    impls = list(results)
+    groups = sorted({g for r in results.values() for g in r},
+                    key=lambda g: -max(r.get(g, 0.0) for r in results.values()))
+    lines = ["| op group | " + " | ".join(impls) + " |", "|---" * (len(impls) + 1) + "|"]
+    for g in groups:
+        cells = [f"{100 * results[i].get(g, 0.0) / sum(results[i].values()):.1f}%" for i in impls]
+        lines.append(f"| {g} | " + " | ".join(cells) + " |")
+    lines.append("| step total (profiled) | " + " | ".join(f"{sum(results[i].values()):.2f} s" for i in impls) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict[str, dict]:
+    """Command line."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--impls", default="ours,peft", help=f"from {bm.TRAIN_IMPLS + bm.OPTIONAL_IMPLS}")
+    p.add_argument("--model", default="vit_base_patch16", choices=sorted(bm.mv.ARCHS))
+    p.add_argument("--batch_size", type=int, default=4)
+    p.add_argument("--img_size", type=int, default=224)
+    p.add_argument("--rank", type=int, default=4)
+    p.add_argument("--amp", default="fp32", choices=sorted(bm.PRECISIONS))
+    p.add_argument("--device", default="auto")
+    args = p.parse_args(argv)
+    device = bm.resolve_device(args.device)
+    dtype = bm.PRECISIONS[args.amp]
+    x, y = bm.make_batch(args.batch_size, args.img_size, device)
+    results, saved = {}, {}
+    for impl in args.impls.split(","):
+        model = bm.build(impl, args.model, args.img_size, args.rank, 32.0, 0.1, device)
+        results[impl] = profile_step(bm.Trainer(impl, model), x, y, device, dtype)
+        saved[impl] = saved_activation_bytes(model, x, device, dtype, impl)
+        del model
+    print(f"{args.model} {args.img_size} px, batch {args.batch_size}, {args.amp}, {device}, "
+          f"{torch.get_num_threads()} threads")
+    print(format_table(results))
+    print("| kept for backward (MiB) | " + " | ".join(f"{saved[i] / 2**20:.1f}" for i in saved) + " |")
+    return {"time_s": results, "saved_bytes": saved}
+
+
+if __name__ == "__main__":
+    main()
