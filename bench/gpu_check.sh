@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # One prepared benchmark run for a GPU machine (H100 / H200), well under 8 minutes:
 # bench_model.py (ViT-B/16, batch 64, bf16 and fp32: img/s, peak memory, MFU against
-# timm + HF PEFT, the paper-style peer and full fine-tuning) and bench_epoch.py (demo
-# epoch with the real loader: data-bound or not), JSON and logs written to $OUT.
+# timm + HF PEFT, the paper-style peer and full fine-tuning), profile_step.py (bf16 step
+# time per operator group, activations kept for backward) and bench_epoch.py (demo epoch
+# with the real loader: data-bound or not), JSON and logs written to $OUT.
 #
 #   bash bench/gpu_check.sh                  # on the GPU machine; OUT defaults to bench/results/gpu_check
 #   DEVICE=cpu bash bench/gpu_check.sh       # the same steps, CPU-sized (--quick), to test this script
@@ -48,6 +49,8 @@ if [ "$DEVICE" = cpu ]; then
   MODEL_ARGS=(--device cpu --quick --amp fp32 --impls "${IMPLS/ours_bf16w,/}")
   EPOCH_DEMO=(--device cpu --quick)
   EPOCH_VITB=()
+  PROFILE_ARGS=(--device cpu --batch_size 2 --amp fp32 --impls ours,peft,paper,full)
+  PROFILE_TIMEOUT=600
   MODEL_TIMEOUT=1500  # a busy 2-core machine: ~3 min idle, much longer under load
   EPOCH_TIMEOUT=600
 else
@@ -57,13 +60,16 @@ else
   EPOCH_DEMO=(--device "$DEVICE" --epochs 3 --num_workers "$WORKERS")
   EPOCH_VITB=(--device "$DEVICE" --epochs 3 --num_workers "$WORKERS" --model vit_base_patch16
               --img_size 224 --batch_size 64 --rank 4)
-  MODEL_TIMEOUT=330
-  EPOCH_TIMEOUT=120
+  PROFILE_ARGS=(--device "$DEVICE" --batch_size 64 --amp bf16 --impls ours,ours_bf16w,peft,paper,full)
+  PROFILE_TIMEOUT=60
+  MODEL_TIMEOUT=300  # the timeouts add up to < 10 minutes
+  EPOCH_TIMEOUT=100
 fi
 
 status=0
 timeout "$MODEL_TIMEOUT" python3 bench/bench_model.py "${MODEL_ARGS[@]}" --json "$OUT/model.json" \
   2>&1 | tee "$OUT/model.log" || status=1
+timeout "$PROFILE_TIMEOUT" python3 bench/profile_step.py "${PROFILE_ARGS[@]}" 2>&1 | tee "$OUT/profile.log" || status=1
 timeout "$EPOCH_TIMEOUT" python3 bench/bench_epoch.py "${EPOCH_DEMO[@]}" --json "$OUT/epoch_demo.json" \
   2>&1 | tee "$OUT/epoch_demo.log" || status=1
 if [ ${#EPOCH_VITB[@]} -gt 0 ]; then
