@@ -1,5 +1,6 @@
 """Every speed option gives the same outputs / gradients as the plain path (stated tolerances)."""
 import copy
+import math
 import os
 import shutil
 
@@ -157,3 +158,23 @@ def test_loader_workers_pinned_persistent_give_the_same_batches(tmp_path, recwar
         if train:  # the augmentation really is random: epochs differ
             assert not torch.equal(plain[0][0][0], plain[1][0][0])
     assert not [w for w in recwarn if "pin_memory" in str(w.message)]
+
+
+@pytest.mark.parametrize("log_freq,expected", [(5, 3), (4, 4), (1, 11)])
+def test_training_reads_the_loss_back_once_per_log_window(monkeypatch, log_freq, expected):
+    """The loop reads the loss back to the host (a device sync) only at the end of each
+    log_freq window and once for the epoch mean: 10 steps with log_freq 5 read it 3 times."""
+    from engine_finetune import train_one_epoch
+
+    model = lora_model()
+    g = torch.Generator().manual_seed(0)
+    loader = [(torch.randn(2, 3, 32, 32, generator=g), torch.randint(0, 2, (2, 5), generator=g))
+              for _ in range(10)]
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.01)
+    reads = []
+    real_item = torch.Tensor.item
+    monkeypatch.setattr(torch.Tensor, "item", lambda self: reads.append(1) or real_item(self))
+    stats = train_one_epoch(model, loader, optimizer, torch.device("cpu"), 0, set_lr=lambda e: 0.01,
+                            log_freq=log_freq, progress=False)
+    assert len(reads) == expected
+    assert math.isfinite(stats["loss"]) and stats["lr"] == 0.01
