@@ -25,37 +25,14 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
-from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere in the repo
 
 from datasets import build_cache, build_dataset, build_transform, make_demo_dataset  # noqa: E402
-from datasets.synthetic import write_dicom  # noqa: E402
+from datasets.synthetic import demo_as_rsna_dicoms  # noqa: E402
 
 SOURCES = ("png", "dicom-jpeg", "dicom")
-
-
-def to_dicom_dataset(nih_root: Path, dest: Path, jpeg: bool) -> Path:
-    """Rewrite an NIH-layout data set as an RSNA-layout one (stage_2_train_images/*.dcm, one
-    label: the first NIH class) with the same pixels; returns dest."""
-    image_dir = dest / "stage_2_train_images"
-    image_dir.mkdir(parents=True, exist_ok=True)
-    for split_file in sorted(nih_root.glob("*.txt")):
-        lines = []
-        for line in split_file.read_text().splitlines():
-            name, *labels = line.split()
-            rel = f"stage_2_train_images/{Path(name).stem}.dcm"
-            if not (dest / rel).exists():
-                pixels = np.asarray(Image.open(nih_root / "all_classes" / name).convert("L"))
-                if jpeg:
-                    write_dicom(dest / rel, pixels, jpeg=True)
-                else:  # 8 -> 12 bits in 16-bit words
-                    write_dicom(dest / rel, pixels.astype(np.uint16) * 16 + 8, bits_stored=12)
-            lines.append(f"{rel} {labels[0]}\n")
-        (dest / split_file.name).write_text("".join(lines))
-    return dest
 
 
 def best_rates(datasets: dict[str, torch.utils.data.Dataset], repeats: int) -> dict[str, float]:
@@ -83,7 +60,7 @@ def run(num_images: int, image_size: int, cache_size: int, input_size: int, reci
                              compress_level=6)
     image_dir = root / "all_classes"
     if source != "png":
-        root = to_dicom_dataset(root, workdir / "RSNA_bench", jpeg=source == "dicom-jpeg")
+        root = demo_as_rsna_dicoms(root, workdir / "RSNA_bench", jpeg=source == "dicom-jpeg")
         image_dir = root / "stage_2_train_images"
     file_bytes = sum(f.stat().st_size for f in image_dir.iterdir()) / num_images
     start = time.perf_counter()

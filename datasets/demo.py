@@ -1,13 +1,15 @@
 """Command line: write the synthetic demo data set (NIH layout, no download needed).
 
     python -m datasets.demo --out demo_data [--num_images 1200] [--image_size 128] [--seed 0]
+    python -m datasets.demo --out RSNA_demo --rsna     # the same images as RSNA-layout DICOMs
 """
 from __future__ import annotations
 
 import argparse
 import logging
+import tempfile
 
-from .synthetic import make_demo_dataset
+from .synthetic import demo_as_rsna_dicoms, make_demo_dataset
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -17,9 +19,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--num_images", type=int, default=1200)
     parser.add_argument("--image_size", type=int, default=128)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--rsna", action="store_true",
+                        help="write RSNA Pneumonia's layout instead: JPEG DICOMs, one label")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    root = make_demo_dataset(args.out, args.num_images, args.image_size, args.seed)
+    if args.rsna:
+        with tempfile.TemporaryDirectory() as tmp:
+            nih = make_demo_dataset(tmp, args.num_images, args.image_size, args.seed)
+            root = demo_as_rsna_dicoms(nih, args.out)
+    else:
+        root = make_demo_dataset(args.out, args.num_images, args.image_size, args.seed)
     print(f"demo data set written to {root}")
 
 

@@ -10,7 +10,10 @@ prevalence of 10-30% per class.
 
     python -m datasets.demo --out demo_data          # 1,200 images of 128 px, a few seconds
 
-`write_dicom` writes a grey array as a DICOM file, for tests and benchmarks of the DICOM path.
+`write_dicom` writes a grey array as a DICOM file and `demo_as_rsna_dicoms` rewrites the demo
+set as RSNA-layout DICOMs, for trying, testing and benchmarking the DICOM path:
+
+    python -m datasets.demo --out RSNA_demo --rsna   # one label (Pneumonia), JPEG DICOMs
 """
 from __future__ import annotations
 
@@ -235,3 +238,31 @@ def write_dicom(path: str | Path, pixels: np.ndarray, photometric: str = "MONOCH
     path = Path(path)
     ds.save_as(path, enforce_file_format=True)
     return path
+
+
+def demo_as_rsna_dicoms(nih_root: str | Path, dest: str | Path, jpeg: bool = True) -> Path:
+    """Rewrite a demo data set (NIH layout) in RSNA Pneumonia's layout; returns ``dest``.
+
+    Each PNG becomes ``stage_2_train_images/<stem>.dcm`` with the same pixels (8-bit JPEG
+    baseline like RSNA's files, or uncompressed with 12 of 16 bits stored), and each split
+    file keeps one label per image: the first demo class stands in for Pneumonia.
+    """
+    nih_root, dest = Path(nih_root), Path(dest)
+    (dest / "stage_2_train_images").mkdir(parents=True, exist_ok=True)
+    split_files = sorted(nih_root.glob("*.txt"))
+    if not split_files:
+        raise FileNotFoundError(f"no split files (*.txt) in {nih_root}: expected a demo data set")
+    for split_file in split_files:
+        lines = []
+        for line in split_file.read_text().splitlines():
+            name, *labels = line.split()
+            rel = f"stage_2_train_images/{Path(name).stem}.dcm"
+            if not (dest / rel).exists():
+                pixels = np.asarray(Image.open(nih_root / "all_classes" / name).convert("L"))
+                if jpeg:
+                    write_dicom(dest / rel, pixels, jpeg=True)
+                else:  # 8 -> 12 bits in 16-bit words
+                    write_dicom(dest / rel, pixels.astype(np.uint16) * 16 + 8, bits_stored=12)
+            lines.append(f"{rel} {labels[0]}\n")
+        (dest / split_file.name).write_text("".join(lines))
+    return dest

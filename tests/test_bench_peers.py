@@ -131,9 +131,10 @@ def test_data_bench_dicom_source_keeps_pixels_and_labels(tmp_path, source):
     the first NIH label, in RSNA layout, and the bench times them against their cache."""
     import bench_data
     from datasets import build_dataset, load_image, make_demo_dataset
+    from datasets.synthetic import demo_as_rsna_dicoms
 
     nih = make_demo_dataset(tmp_path / "NIH", num_images=12, image_size=64)
-    rsna = bench_data.to_dicom_dataset(nih, tmp_path / "RSNA", jpeg=source == "dicom-jpeg")
+    rsna = demo_as_rsna_dicoms(nih, tmp_path / "RSNA", jpeg=source == "dicom-jpeg")
     png_set = build_dataset("train", nih, cache="off")
     dcm_set = build_dataset("train", rsna, cache="off")
     assert dcm_set.kind == "rsna" and len(dcm_set) == len(png_set)

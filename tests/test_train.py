@@ -365,3 +365,26 @@ def test_overwrite_replaces_old_run_but_bad_input_keeps_it(demo, tmp_path, capsy
                              "--warmup_epochs", "0")) == 0
     assert len((out / "log.txt").read_text().splitlines()) == 1  # replaced, not appended
     assert len(list((out / "logs").glob("events.out.tfevents.*"))) == 1
+
+
+def test_rsna_dicom_run_end_to_end(demo, tmp_path):
+    """An RSNA-layout data set of JPEG DICOMs trains and tests with its one class, found from
+    the folder name; the reported AUROC is sklearn's on the saved predictions."""
+    from datasets.synthetic import demo_as_rsna_dicoms
+
+    _, weights = demo
+    nih = datasets.make_demo_dataset(tmp_path / "NIH", num_images=60, image_size=32, seed=4)
+    rsna = demo_as_rsna_dicoms(nih, tmp_path / "RSNA_Pneumonia")
+    out = tmp_path / "out"
+    rc = mfl.cli(["--data_path", str(rsna), "--finetune", str(weights), "--model", "vit_tiny_patch16_lora",
+                  "--depth", "2", "--input_size", "32", "--batch_size", "8", "--num_workers", "0",
+                  "--amp", "none", "--epochs", "1", "--warmup_epochs", "0", "--lr", "0.05",
+                  "--output_dir", str(out), "--run_name", "", "--no_progress"])
+    assert rc == 0
+    result = json.loads((out / "results_test.json").read_text())
+    assert result["dataset"] == "rsna" and result["class_names"] == ["Pneumonia"]
+    preds = pd.read_csv(out / "predictions_test.csv")
+    assert preds["path"].str.endswith(".dcm").all() and len(preds) == result["num_images"]
+    expected = roc_auc_score(preds["label_Pneumonia"], preds["Pneumonia"])
+    assert result["mean_auroc"] == pytest.approx(expected, abs=1e-6)
+    assert result["auroc"]["Pneumonia"] == pytest.approx(expected, abs=1e-6)
