@@ -114,6 +114,7 @@ def decode_dicom(path: str | Path) -> np.ndarray:
     import pydicom  # imported lazily: PNG/JPEG-only users never pay for it
     from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
+    ds = None
     try:
         ds = pydicom.dcmread(path, force=True)
         if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
@@ -122,7 +123,13 @@ def decode_dicom(path: str | Path) -> np.ndarray:
     except ImageDecodeError:
         raise
     except Exception as err:  # pydicom raises many types for corrupt / unsupported data
-        raise ImageDecodeError(f"cannot decode DICOM pixel data of {path}: {err}") from err
+        syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+        hint = ""
+        if syntax is not None and syntax.is_compressed:
+            hint = (f" [transfer syntax: {syntax.name}. The requirements decode RLE, JPEG baseline, "
+                    f"JPEG 2000 and JPEG-LS; JPEG lossless also needs `pip install python-gdcm` "
+                    f"(or pylibjpeg-libjpeg)]")
+        raise ImageDecodeError(f"cannot decode DICOM pixel data of {path}: {err}{hint}") from err
 
     samples = int(ds.get("SamplesPerPixel", 1) or 1)
     if samples > 1:

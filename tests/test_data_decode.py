@@ -149,3 +149,45 @@ def test_scale_to_uint8_constant_and_bool():
     mask = np.eye(3, dtype=bool)
     np.testing.assert_array_equal(scale_to_uint8(mask), mask.astype(np.uint8) * 255)
     np.testing.assert_array_equal(scale_to_uint8(mask, invert=True), (~mask).astype(np.uint8) * 255)
+
+
+@pytest.mark.parametrize("syntax", ["RLELossless", "JPEG2000Lossless", "JPEGLSLossless"])
+def test_compressed_dicom_decodes_like_uncompressed(tmp_path, syntax):
+    """Lossless RLE, JPEG 2000 and JPEG-LS pixel data (decoders from the requirements) give
+    exactly the uncompressed file's image."""
+    import pydicom
+    import pydicom.uid
+
+    pixels = (np.random.default_rng(3).random((40, 56)) * 4000).astype(np.uint16)
+    plain = write_dicom(tmp_path / "plain.dcm", pixels, photometric="MONOCHROME1")
+    ds = pydicom.dcmread(plain)
+    ds.compress(getattr(pydicom.uid, syntax), pixels)
+    ds.save_as(tmp_path / "packed.dcm")
+    assert pydicom.dcmread(tmp_path / "packed.dcm").file_meta.TransferSyntaxUID.is_compressed
+    expected = np.asarray(load_image(plain))
+    assert expected.std() > 50  # a real image, not a constant
+    np.testing.assert_array_equal(np.asarray(load_image(tmp_path / "packed.dcm")), expected)
+
+
+def test_dicom_without_a_decoder_names_file_syntax_and_packages(tmp_path):
+    """JPEG lossless (process 14) needs GDCM or pylibjpeg-libjpeg, which are not requirements:
+    the error names the file, the transfer syntax and what to install."""
+    import importlib.util
+
+    import pydicom
+    from pydicom.encaps import encapsulate
+    from pydicom.uid import JPEGLosslessSV1
+
+    if importlib.util.find_spec("gdcm") or importlib.util.find_spec("libjpeg"):
+        pytest.skip("a JPEG lossless decoder is installed here")
+    path = write_dicom(tmp_path / "lossless14.dcm", np.zeros((8, 8), np.uint16))
+    ds = pydicom.dcmread(path)
+    ds.file_meta.TransferSyntaxUID = JPEGLosslessSV1
+    ds.PixelData = encapsulate([b"\xff\xd8\xff\xc3" + bytes(20)])
+    ds["PixelData"].VR = "OB"
+    ds.save_as(path)
+    with pytest.raises(ImageDecodeError) as err:
+        load_image(path)
+    message = str(err.value)
+    assert "lossless14.dcm" in message and "transfer syntax: JPEG Lossless" in message
+    assert "pip install python-gdcm" in message
