@@ -209,7 +209,10 @@ def resolve_args(args: argparse.Namespace, explicit: set[str]) -> argparse.Names
         fill(PRESETS[args.preset])
     args.demo = args.demo or (args.data_path is None and not args.eval)
     if args.demo:
-        fill(DEMO_DEFAULTS)
+        demo = dict(DEMO_DEFAULTS)
+        if "data_path" in explicit:  # a data set of the user's (e.g. datasets.demo --rsna): its own kind
+            demo.pop("dataset")
+        fill(demo)
         if args.finetune and "model" not in explicit:
             args.model = "vit_base_patch16_lora"
     if args.data_path is None:

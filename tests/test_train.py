@@ -304,6 +304,20 @@ def test_preset_fills_and_explicit_flags_win(tmp_path):
     assert (args.dataset, args.data_size, args.norm, args.weight_decay) == ("chexpert", "10%", "mrm", 0.0)
 
 
+@pytest.mark.parametrize("extra,dataset,data_path", [
+    ([], "nih", mfl.DEMO_DEFAULTS["data_path"]),  # the built-in demo set
+    (["--data_path", "RSNA_demo"], None, "RSNA_demo"),  # the user's: kind from its folder
+    (["--data_path", "RSNA_demo", "--dataset", "rsna"], "rsna", "RSNA_demo"),
+])
+def test_demo_takes_the_kind_of_a_given_data_path(extra, dataset, data_path):
+    parser = mfl.get_args_parser()
+    argv = ["--demo", *extra]
+    args = parser.parse_args(argv)
+    mfl.resolve_args(args, mfl.explicit_flags(parser, argv))
+    assert (args.dataset, args.data_path) == (dataset, data_path)
+    assert args.model == "vit_tiny_patch16_lora" and args.epochs == 8
+
+
 @pytest.mark.parametrize("script", ["ft_lora_mrm.sh", "ft_lora_mae.sh", "ft_mrm.sh", "ft_mae.sh"])
 def test_shell_scripts_build_a_valid_command(script):
     env = {**os.environ, "DRY_RUN": "1", "NGPUS": "3", "DATA_SIZE": "10", "DATASET": "rsna"}
