@@ -240,13 +240,19 @@ def write_dicom(path: str | Path, pixels: np.ndarray, photometric: str = "MONOCH
     return path
 
 
-def demo_as_rsna_dicoms(nih_root: str | Path, dest: str | Path, jpeg: bool = True) -> Path:
+def demo_as_rsna_dicoms(nih_root: str | Path, dest: str | Path, jpeg: bool = True,
+                        label_class: str = "Cardiomegaly") -> Path:
     """Rewrite a demo data set (NIH layout) in RSNA Pneumonia's layout; returns ``dest``.
 
     Each PNG becomes ``stage_2_train_images/<stem>.dcm`` with the same pixels (8-bit JPEG
     baseline like RSNA's files, or uncompressed with 12 of 16 bits stored), and each split
-    file keeps one label per image: the first demo class stands in for Pneumonia.
+    file keeps one label per image, the demo's ``label_class`` column. Its default, the bright
+    blob (an opacity), stands in for Pneumonia and is learnable alone.
     """
+    names = list(CLASS_NAMES["nih"])
+    if label_class not in names:
+        raise ValueError(f"label_class={label_class!r}: expected one of {names}")
+    column = names.index(label_class)
     nih_root, dest = Path(nih_root), Path(dest)
     (dest / "stage_2_train_images").mkdir(parents=True, exist_ok=True)
     split_files = sorted(nih_root.glob("*.txt"))
@@ -263,6 +269,6 @@ def demo_as_rsna_dicoms(nih_root: str | Path, dest: str | Path, jpeg: bool = Tru
                     write_dicom(dest / rel, pixels, jpeg=True)
                 else:  # 8 -> 12 bits in 16-bit words
                     write_dicom(dest / rel, pixels.astype(np.uint16) * 16 + 8, bits_stored=12)
-            lines.append(f"{rel} {labels[0]}\n")
+            lines.append(f"{rel} {labels[column]}\n")
         (dest / split_file.name).write_text("".join(lines))
     return dest

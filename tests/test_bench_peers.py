@@ -17,6 +17,7 @@ import pytest
 import torch
 import torch.nn as nn
 
+import datasets
 import lora
 import models_vit_lora as mv
 
@@ -128,7 +129,8 @@ def test_peft_peer_trains_the_same_budget_and_bench_runs(tmp_path):
 @pytest.mark.parametrize("source", ["dicom", "dicom-jpeg"])
 def test_data_bench_dicom_source_keeps_pixels_and_labels(tmp_path, source):
     """The DICOM originals of bench_data.py hold the PNGs' pixels (JPEG: within its loss) and
-    the first NIH label, in RSNA layout, and the bench times them against their cache."""
+    one demo label (Cardiomegaly's bright blob by default, or the one asked for), in RSNA
+    layout, and the bench times them against their cache."""
     import bench_data
     from datasets import build_dataset, load_image, make_demo_dataset
     from datasets.synthetic import demo_as_rsna_dicoms
@@ -138,7 +140,13 @@ def test_data_bench_dicom_source_keeps_pixels_and_labels(tmp_path, source):
     png_set = build_dataset("train", nih, cache="off")
     dcm_set = build_dataset("train", rsna, cache="off")
     assert dcm_set.kind == "rsna" and len(dcm_set) == len(png_set)
-    assert (dcm_set.targets[:, 0] == png_set.targets[:, 0]).all()
+    blob = datasets.CLASS_NAMES["nih"].index("Cardiomegaly")
+    assert (dcm_set.targets[:, 0] == png_set.targets[:, blob]).all()
+    other = demo_as_rsna_dicoms(nih, tmp_path / "RSNA_mass", jpeg=source == "dicom-jpeg", label_class="Mass")
+    mass = datasets.CLASS_NAMES["nih"].index("Mass")
+    assert (build_dataset("train", other, cache="off").targets[:, 0] == png_set.targets[:, mass]).all()
+    with pytest.raises(ValueError, match="label_class='Flu'"):
+        demo_as_rsna_dicoms(nih, tmp_path / "RSNA_flu", label_class="Flu")
     for png_file, dcm_file in zip(png_set.files, dcm_set.files):
         assert Path(dcm_file).read_bytes()[128:132] == b"DICM"
         a = np.asarray(load_image(png_file)).astype(int)

@@ -387,8 +387,10 @@ def test_rsna_dicom_run_end_to_end(demo, tmp_path):
     from datasets.synthetic import demo_as_rsna_dicoms
 
     _, weights = demo
-    nih = datasets.make_demo_dataset(tmp_path / "NIH", num_images=60, image_size=32, seed=4)
+    nih = datasets.make_demo_dataset(tmp_path / "NIH", num_images=60, image_size=32, seed=7)
     rsna = demo_as_rsna_dicoms(nih, tmp_path / "RSNA_Pneumonia")
+    test_labels = datasets.build_dataset("test", rsna, cache="off").targets[:, 0]
+    assert 0 < test_labels.sum() < len(test_labels)  # both values: the AUROC is defined
     out = tmp_path / "out"
     rc = mfl.cli(["--data_path", str(rsna), "--finetune", str(weights), "--model", "vit_tiny_patch16_lora",
                   "--depth", "2", "--input_size", "32", "--batch_size", "8", "--num_workers", "0",
