@@ -126,9 +126,8 @@ def decode_dicom(path: str | Path) -> np.ndarray:
         syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
         hint = ""
         if syntax is not None and syntax.is_compressed:
-            hint = (f" [transfer syntax: {syntax.name}. The requirements decode RLE, JPEG baseline, "
-                    f"JPEG 2000 and JPEG-LS; JPEG lossless also needs `pip install python-gdcm` "
-                    f"(or pylibjpeg-libjpeg)]")
+            hint = (f" [transfer syntax: {syntax.name}; compressed pixel data is decoded by "
+                    f"python-gdcm, pylibjpeg-openjpeg or pyjpegls, from requirements.txt]")
         raise ImageDecodeError(f"cannot decode DICOM pixel data of {path}: {err}{hint}") from err
 
     samples = int(ds.get("SamplesPerPixel", 1) or 1)
