@@ -103,9 +103,11 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
     device = bm.resolve_device(args.device)
     dtype = bm.PRECISIONS[args.amp]
     x, y = bm.make_batch(args.batch_size, args.img_size, device)
+    model_defaults = bm.get_parser()  # LoRA alpha and dropout as bench_model.py times them
+    alpha, dropout = model_defaults.get_default("alpha"), model_defaults.get_default("dropout")
     results, saved = {}, {}
     for impl in args.impls.split(","):
-        model = bm.build(impl, args.model, args.img_size, args.rank, 32.0, 0.1, device)
+        model = bm.build(impl, args.model, args.img_size, args.rank, alpha, dropout, device)
         results[impl] = profile_step(bm.Trainer(impl, model), x, y, device, dtype)
         saved[impl] = saved_activation_bytes(model, x, device, dtype, impl)
         del model
