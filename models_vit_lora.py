@@ -142,39 +142,249 @@ def _safe_globals() -> list[Any]:
     return allowed
 
 
-def read_checkpoint(path: str | Path, allow_unsafe_pickle: bool = False) -> dict[str, Any]:
-    """Read a checkpoint file without executing code: safetensors or a restricted unpickle.
+# ---------------------------------------------------------------------------------------
+# What a weights file is, before anything parses it
+# ---------------------------------------------------------------------------------------
 
-    Returns the top-level object (a dict). Pickled files are read with
-    ``weights_only=True`` and an allow-list (argparse.Namespace, numpy scalars); anything
-    else is refused unless ``allow_unsafe_pickle`` is set, which runs arbitrary code.
+# torch.save's legacy (pre-1.6) format begins with this number, pickled as a LONG1.
+_TORCH_LEGACY_MAGIC = b"\x8a\x0a" + (0x1950A86A20F9469CFC6C).to_bytes(10, "little")
+# Leading bytes of files that end up under a weights file's name by mistake.
+_OTHER_MAGIC: tuple[tuple[bytes, str], ...] = (
+    (b"\x89PNG\r\n\x1a\n", "a PNG image"),
+    (b"\xff\xd8\xff", "a JPEG image"),
+    (b"GIF8", "a GIF image"),
+    (b"%PDF", "a PDF document"),
+    (b"\x1f\x8b", "a gzip archive (decompress it first)"),
+    (b"BZh", "a bzip2 archive (decompress it first)"),
+    (b"\xfd7zXZ\x00", "an xz archive (decompress it first)"),
+    (b"\x28\xb5\x2f\xfd", "a zstd archive (decompress it first)"),
+    (b"7z\xbc\xaf\x27\x1c", "a 7-Zip archive (extract it first)"),
+    (b"\x89HDF\r\n\x1a\n", "an HDF5 file (Keras / TensorFlow weights?)"),
+    (b"\x93NUMPY", "a NumPy array file"),
+)
+_DOWNLOAD_HINT = "(a failed download? fetch the file again)"
+
+
+@dataclass(frozen=True)
+class FileKind:
+    """What a file's leading bytes say it is."""
+
+    # 'torch-zip', 'torch-legacy' or 'safetensors'; None for anything that holds no weights.
+    format: str | None
+    # What it looks like, for messages (weights formats: a noun without article): "an HTML page (a failed download? ...)".
+    description: str
+    # A weights file cut short or damaged: the description says so on its own.
+    damaged: bool = False
+
+
+def _sniff_zip(path: Path, head: bytes) -> FileKind:
+    """A zip file: torch.save's format, TorchScript, another archive, or a cut-off file."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as zf:
+            names = zf.namelist()
+    except (zipfile.BadZipFile, OSError):
+        # torch.save writes <name>/data.pkl first: the local header of the first entry
+        # survives a truncation that loses the zip's central directory at the end.
+        name_len = int.from_bytes(head[26:28], "little")
+        first = head[30:30 + name_len]
+        what = "PyTorch checkpoint" if first.endswith(b"data.pkl") else "zip file"
+        return FileKind(None, f"truncated or damaged {what} (no zip directory at its end; an "
+                              "interrupted download or copy?)", damaged=True)
+    if any(n.endswith("constants.pkl") for n in names) and any("/code/" in n for n in names):
+        return FileKind(None, "a TorchScript model (torch.jit.save), not a state dict")
+    if any(n == "data.pkl" or n.endswith("/data.pkl") for n in names):
+        return FileKind("torch-zip", "PyTorch checkpoint")
+    shown = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
+    return FileKind(None, f"a zip archive of {len(names)} files ({shown}) not written by "
+                          "torch.save (extract it first?)")
+
+
+def _sniff_text(head: bytes) -> FileKind | None:
+    """A text file (HTML, XML, JSON, a Git LFS pointer, ...) or None if ``head`` is binary."""
+    import codecs
+
+    if b"\x00" in head:
+        return None
+    try:  # final=False: a multi-byte character cut at the end of ``head`` is fine
+        text = codecs.getincrementaldecoder("utf-8")().decode(head, final=False)
+    except UnicodeDecodeError:
+        return None
+    if any(ord(c) < 32 and c not in "\t\n\r\f" for c in text):
+        return None
+    start = text.lstrip("\ufeff \t\r\n").lower()
+    if start.startswith(("<!doctype html", "<html")) or "<html" in start[:1024]:
+        return FileKind(None, f"an HTML page {_DOWNLOAD_HINT}")
+    if start.startswith("<"):
+        return FileKind(None, "an XML document (a server's error page? fetch the file again)")
+    if start.startswith("version https://git-lfs"):
+        return FileKind(None, "a Git LFS pointer, not the file it stands for (run `git lfs pull`)")
+    if start.startswith(("{", "[")):
+        return FileKind(None, "a JSON document")
+    first_line = text.strip().splitlines()[0] if text.strip() else ""
+    return FileKind(None, f"a text file (it begins {first_line[:60]!r})")
+
+
+def sniff_weights_file(path: str | Path) -> FileKind:
+    """What ``path`` is, from its first bytes: a weights format, or what else it looks like.
+
+    Cheap (reads 4 kB, and a zip's directory): run before a parser whose errors on
+    foreign input are cryptic or, for pickles, alarming.
+    """
+    path = Path(path)
+    size = path.stat().st_size
+    if size == 0:
+        return FileKind(None, "an empty file (an interrupted download or copy?)")
+    with open(path, "rb") as f:
+        head = f.read(4096)
+    if head.startswith((b"PK\x03\x04", b"PK\x05\x06")):
+        return _sniff_zip(path, head)
+    if head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):
+        if _TORCH_LEGACY_MAGIC in head[:32]:
+            return FileKind("torch-legacy", "PyTorch checkpoint (legacy format)")
+        return FileKind(None, "a Python pickle not written by torch.save")
+    if size >= 10 and head[8:9] == b"{":
+        header = int.from_bytes(head[:8], "little")
+        if 8 + header <= size:
+            return FileKind("safetensors", "safetensors file")
+        return FileKind(None, f"truncated safetensors file (its header needs {8 + header} "
+                              f"bytes, the file has {size}; an interrupted download or copy?)",
+                        damaged=True)
+    for magic, what in _OTHER_MAGIC:
+        if head.startswith(magic):
+            return FileKind(None, what)
+    if head[128:132] == b"DICM":
+        return FileKind(None, "a DICOM image")
+    if head[257:262] == b"ustar":
+        return FileKind(None, "a tar archive (extract it first)")
+    text = _sniff_text(head)
+    if text is not None:
+        return text
+    return FileKind(None, f"unrecognised binary data, {size} bytes (neither a PyTorch zip or "
+                          f"legacy checkpoint nor safetensors; a damaged file?)")
+
+
+def not_a_checkpoint(path: str | Path, kind: FileKind, expected: str = "PyTorch checkpoint") -> str:
+    """The one-line message for a file that is not the ``expected`` kind of weights file."""
+    if kind.damaged:
+        return f"{path}: {kind.description}"
+    return f"{path}: not a {expected}: it looks like {kind.description}"
+
+
+def read_safetensors(path: str | Path,
+                     error: type[Exception] = PretrainedWeightsError) -> dict[str, torch.Tensor]:
+    """Every tensor of a safetensors file (on the CPU); a foreign or damaged file raises ``error``."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"tensors file not found: {path}")
+    kind = sniff_weights_file(path)
+    if kind.format != "safetensors":
+        raise error(not_a_checkpoint(path, kind, "safetensors file"))
+    try:
+        return load_file(str(path), device="cpu")
+    except SafetensorError as err:
+        raise error(f"{path}: damaged safetensors file ({err}); write or copy it again") from None
+
+
+def non_finite_tensors(tensors: dict[str, torch.Tensor]) -> list[str]:
+    """The floating-point tensors holding NaN or infinity, each with its counts."""
+    bad = []
+    for name, t in tensors.items():
+        if (t.is_floating_point() or t.is_complex()) and not bool(torch.isfinite(t).all()):
+            nan, inf = int(torch.isnan(t).sum()), int(torch.isinf(t).sum())
+            bad.append(f"{name} ({nan} NaN, {inf} inf of {t.numel()})")
+    return bad
+
+
+def check_finite(tensors: dict[str, torch.Tensor], source: str | Path,
+                 error: type[Exception] = PretrainedWeightsError) -> None:
+    """Raise ``error`` naming the tensors of ``source`` that hold NaN or infinity.
+
+    A model with one such weight predicts NaN for every image, which downstream reads
+    as blank or negative: it must never load silently.
+    """
+    bad = non_finite_tensors(tensors)
+    if bad:
+        raise error(f"{source}: {len(bad)} tensor{'s' if len(bad) > 1 else ''} hold NaN or "
+                    f"infinite values, so the model cannot predict: {_first(bad, 3)} (a "
+                    "diverged training run or a damaged file)")
+
+
+def _pickle_reason(err: Exception) -> tuple[str, bool]:
+    """The line of a weights-only unpickling error that explains it; True if a global was refused."""
+    lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
+    # torch names a refused global ("Unsupported global: GLOBAL posix.system ..."); damage
+    # reads differently ("Unsupported operand 207").
+    refused = next((ln for ln in lines if "GLOBAL" in ln), None)
+    if refused is not None:
+        return refused, True
+    useful = [ln for ln in lines if not ln.startswith(("Weights only load failed", "Please file",
+                                                       "Check the documentation"))]
+    return (useful[-1] if useful else (lines[0] if lines else repr(err))), False
+
+
+def load_torch_file(path: str | Path, error: type[Exception] = PretrainedWeightsError,
+                    allow_unsafe_pickle: bool = False, expected: str = "PyTorch checkpoint") -> Any:
+    """``torch.load`` of a file checked first to be a ``torch.save`` file; nothing runs code.
+
+    Reads with ``weights_only=True`` and the allow-list of ``_safe_globals`` unless
+    ``allow_unsafe_pickle``. Every failure raises ``error`` with one line naming the file:
+    what it looks like when it is no torch file, "damaged" or "truncated" when it is one
+    that cannot be read, and the --unsafe_load advice only for a real pickle whose
+    objects go beyond tensors and plain data.
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"pre-trained weights not found: {path}")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path), device="cpu")
-    if allow_unsafe_pickle:
-        warnings.warn(f"UNSAFE: unpickling {path} with weights_only=False; a malicious file "
-                      "can run arbitrary code", stacklevel=2)
-        return torch.load(path, map_location="cpu", weights_only=False)
+        raise FileNotFoundError(f"{expected} not found: {path}")
+    kind = sniff_weights_file(path)
+    if kind.format not in ("torch-zip", "torch-legacy"):
+        raise error(not_a_checkpoint(path, kind, expected))
     try:
+        if allow_unsafe_pickle:
+            warnings.warn(f"UNSAFE: unpickling {path} with weights_only=False; a malicious file "
+                          "can run arbitrary code", stacklevel=2)
+            return torch.load(path, map_location="cpu", weights_only=False)
         with torch.serialization.safe_globals(_safe_globals()):
-            obj = torch.load(path, map_location="cpu", weights_only=True)
+            return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
-        # torch's message names the refused global ("Unsupported global: GLOBAL posix.system").
-        reason = next((ln for ln in lines if "global" in ln.lower() and "GLOBAL" in ln),
-                      lines[0] if lines else repr(err))
-        raise PretrainedWeightsError(
+        reason, refused_global = _pickle_reason(err)
+        if not refused_global:
+            raise error(f"{path}: damaged {kind.description} ({reason}); download or copy it "
+                        "again") from None
+        raise error(
             f"{path}: refused to unpickle: the file holds objects beyond tensors and plain "
             f"data ({reason}). Loading it could run code. If you trust its origin, re-save "
             "it as a state dict, or pass --unsafe_load (allow_unsafe_pickle=True)."
         ) from None
-    except (RuntimeError, EOFError, ValueError) as err:
-        raise PretrainedWeightsError(f"{path}: not a readable torch checkpoint ({err})") from None
+    except EOFError:
+        raise error(f"{path}: truncated {kind.description} (it ends early; an interrupted "
+                    "download or copy?)") from None
+    except (RuntimeError, ValueError, KeyError, IndexError, OSError) as err:
+        text = str(err).strip()
+        reason = text.splitlines()[0][:200] if text else type(err).__name__
+        raise error(f"{path}: damaged {kind.description} ({reason}); download or copy it "
+                    "again") from None
+
+
+def read_checkpoint(path: str | Path, allow_unsafe_pickle: bool = False) -> dict[str, Any]:
+    """Read a checkpoint file without executing code: safetensors or a restricted unpickle.
+
+    Returns the top-level object (a dict). The format is taken from the file's first
+    bytes, not its name: anything else (an HTML page, an image, an empty or cut-off
+    file) is refused with what it looks like. Pickled files are read with
+    ``weights_only=True`` and an allow-list (argparse.Namespace, numpy scalars); any other
+    global is refused unless ``allow_unsafe_pickle`` is set, which runs arbitrary code.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"pre-trained weights not found: {path}")
+    if sniff_weights_file(path).format == "safetensors":
+        return read_safetensors(path)
+    obj = load_torch_file(path, allow_unsafe_pickle=allow_unsafe_pickle)
     if not isinstance(obj, dict):
         raise PretrainedWeightsError(f"{path}: expected a dict, found {type(obj).__name__}")
     return obj
@@ -247,7 +457,7 @@ def load_pretrained(model: nn.Module, path: str | Path, allow_unsafe_pickle: boo
     names are mapped exactly). Decoder, mask-token and MRM text-branch keys are dropped;
     a head of another shape is re-initialised; ``pos_embed`` is interpolated to the
     model's grid. Raises ``PretrainedWeightsError`` before anything is copied when a
-    backbone tensor is missing from the file or has the wrong shape.
+    backbone tensor is missing from the file, has the wrong shape or holds NaN / inf.
     """
     if state_dict is None:
         state_dict = extract_state_dict(read_checkpoint(path, allow_unsafe_pickle), path)
@@ -295,6 +505,8 @@ def load_pretrained(model: nn.Module, path: str | Path, allow_unsafe_pickle: boo
             f"{path}: {len(backbone_missing)} backbone tensors are missing from the file, so "
             f"part of the ViT would stay random: {_first(backbone_missing)}. Is this a "
             "ViT encoder checkpoint of the same architecture?")
+    # Checked once here, before anything is copied: every later use trusts these weights.
+    check_finite(to_load, path)
 
     result = model.load_state_dict(to_load, strict=False)
     loaded_missing = sorted(lora.canonical_name(k) for k in result.missing_keys
