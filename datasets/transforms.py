@@ -19,6 +19,8 @@ from torchvision.transforms import functional as TF
 from .constants import NORM_STATS
 
 RECIPES: tuple[str, ...] = ("sgd", "adamw")
+# RandAugment fill colours of the adamw recipe (see `rand_augment_fill_mean`).
+AUG_FILLS: tuple[str, ...] = ("paper", "neutral")
 # MAE's evaluation resizes to input_size / crop_pct, then centre-crops (224 -> 256 -> 224).
 ADAMW_EVAL_CROP_PCT = 0.875
 
@@ -125,6 +127,20 @@ def _fix_rand_augment(transform: Callable) -> None:
                 op.aug_fn = _posterize_any_bits
 
 
+def rand_augment_fill_mean(mean: tuple[float, ...], aug_fill: str) -> tuple[float, ...]:
+    """The mean handed to timm's ``create_transform``, which fills RandAugment's geometric ops
+    (rotate, shear, translate) with ``round(255 * mean)`` per channel.
+
+    'paper': the paper passes its one-value statistics (e.g. [0.4785]), so the fill is the
+    1-tuple (122,), which Pillow pads to (122, 0, 0) on the RGB image; the Grayscale step
+    after RandAugment turns that into grey 36. 'neutral': the grey round(255 * mean[0]) in
+    all three channels (122 for cxr_mae), which maps to about 0 after normalisation.
+    """
+    if aug_fill not in AUG_FILLS:
+        raise ValueError(f"aug_fill={aug_fill!r}: expected one of {list(AUG_FILLS)}")
+    return (mean[0],) if aug_fill == "paper" else (mean[0],) * 3
+
+
 def build_transform(
     is_train: bool,
     recipe: str = "sgd",
@@ -135,6 +151,7 @@ def build_transform(
     remode: str = "pixel",
     recount: int = 1,
     crop_scale: tuple[float, float] = (0.08, 1.0),
+    aug_fill: str = "paper",
 ) -> XrayTransform:
     """The paper's train or eval transform for a recipe ('sgd' for MRM, 'adamw' for CXR_MAE).
 
@@ -148,12 +165,16 @@ def build_transform(
         input_size: side of the square output.
         norm: normalisation statistics, a key of NORM_STATS.
         crop_scale: area range of the sgd RandomResizedCrop (torchvision's default).
+        aug_fill: colour of the area RandAugment's rotate / shear / translate uncover
+            ('adamw' recipe): 'paper' (grey 36, the paper's pipeline bit for bit) or
+            'neutral' (the normalisation's mid grey); see `rand_augment_fill_mean`.
     """
     if recipe not in RECIPES:
         raise ValueError(f"recipe={recipe!r}: expected one of {list(RECIPES)}")
     if input_size < 8:
         raise ValueError(f"input_size={input_size}: expected at least 8 pixels")
     mean, std = norm_stats(norm)
+    fill_mean = rand_augment_fill_mean(mean, aug_fill)
     tail: list[Callable] = [GreyToNormalizedTensor(mean, std)]
     bicubic = InterpolationMode.BICUBIC
 
@@ -169,8 +190,15 @@ def build_transform(
         ])
 
     from timm.data import create_transform  # timm only for the adamw recipe
+    from timm.data.random_erasing import RandomErasing
 
-    timm_transform = create_transform(
+    # The paper's pipeline: RGB image -> crop, flip -> RandAugment -> Grayscale(3) ->
+    # ToTensor, Normalize -> RandomErasing. Here crop and flip run on the grey image
+    # (identical per channel, a third of the work), RandAugment on RGB (its fill and
+    # colour ops are RGB), and the Grayscale result becomes the 3 identical channels.
+    # Only timm's crop, flip, RandAugment and erasing are used; its Normalize is not, so
+    # `fill_mean` decides the fill colour alone.
+    crop_flip, rand_augment, final = create_transform(
         input_size=input_size,
         is_training=True,
         color_jitter=None,
@@ -179,9 +207,13 @@ def build_transform(
         re_prob=reprob,
         re_mode=remode,
         re_count=recount,
-        mean=mean,
-        std=std,
+        mean=fill_mean,
+        std=(std[0],) * len(fill_mean),
+        separate=True,
     )
-    _fix_rand_augment(timm_transform)
-    # RandAugment's colour ops and fill values expect RGB, so this recipe repeats first.
-    return XrayTransform([GreyToRGB(), timm_transform])
+    _fix_rand_augment(rand_augment)
+    erasing = [t for t in final.transforms if isinstance(t, RandomErasing)]
+    augment: list[Callable] = []
+    if rand_augment.transforms:
+        augment = [GreyToRGB(), *rand_augment.transforms, T.Grayscale(num_output_channels=1)]
+    return XrayTransform([*crop_flip.transforms, *augment, *tail, *erasing])

@@ -8,6 +8,7 @@ from PIL import Image
 from torchvision import transforms as T
 
 from datasets import NORM_STATS, build_dataset, build_transform, make_demo_dataset
+from datasets.transforms import _fix_rand_augment
 
 GREY = Image.fromarray((np.random.default_rng(0).random((80, 100)) * 255).astype(np.uint8), "L")
 
@@ -77,8 +78,67 @@ def test_dataset_with_and_without_transforms(tmp_path):
 def test_rand_augment_posterize_at_full_magnitude():
     # Magnitude 10 maps PosterizeIncreasing to 0 bits, which Pillow >= 13 refuses.
     t = build_transform(True, "adamw", 32, aa="rand-m9-mstd0.5-inc1")
-    rand_augment = next(s for s in t.pipeline.transforms[1].transforms if hasattr(s, "ops"))
+    rand_augment = _rand_augment(t)
     op = next(o for o in rand_augment.ops if o.name == "PosterizeIncreasing")
     op.magnitude, op.magnitude_std, op.prob = 10, 0, 1.0
     out = op(GREY.convert("RGB"))
     assert out.size == GREY.size and np.asarray(out).max() == 0
+
+
+def _rand_augment(transform):
+    return next(s for s in transform.pipeline.transforms if hasattr(s, "ops"))
+
+
+def paper_adamw_reference(input_size: int, norm: str, one_value_mean: bool):
+    """The documented rule, built independently: timm create_transform on the RGB image; the
+    paper passes its one-value mean and inserts Grayscale(3) right after RandAugment."""
+    from timm.data import create_transform
+
+    mean, std = NORM_STATS[norm]
+    mean, std = (mean[:1], std[:1]) if one_value_mean else (mean, std)
+    t = create_transform(input_size=input_size, is_training=True, color_jitter=None,
+                         auto_augment="rand-m9-mstd0.5-inc1", interpolation="bicubic",
+                         re_prob=0.25, re_mode="pixel", re_count=1, mean=mean, std=std)
+    _fix_rand_augment(t)  # Pillow >= 13 refuses 0-bit posterize; older Pillow gave black, as the fix
+    if one_value_mean:
+        at = next(i for i, s in enumerate(t.transforms) if hasattr(s, "ops")) + 1
+        t.transforms.insert(at, T.Grayscale(num_output_channels=3))
+    return t
+
+
+@pytest.mark.parametrize("aug_fill,norm", [("paper", "cxr_mae"), ("paper", "mrm"), ("neutral", "cxr_mae")])
+def test_adamw_train_equals_the_documented_pipeline(aug_fill, norm):
+    # 'paper': the paper's pipeline; 'neutral': the earlier mid-grey pipeline (3-value mean, no
+    # Grayscale). Both bit for bit, for seeds that draw every RandAugment op and random erasing.
+    ours = build_transform(True, "adamw", 32, norm=norm, reprob=0.25, aug_fill=aug_fill)
+    reference = paper_adamw_reference(32, norm, one_value_mean=aug_fill == "paper")
+    rgb = GREY.convert("RGB")  # the paper's loader: PIL convert('RGB') of the grey PNG
+    for seed in range(60):
+        seed_all(seed)
+        x = ours(GREY)
+        seed_all(seed)
+        assert torch.equal(x, reference(rgb)), seed
+
+
+@pytest.mark.parametrize("aug_fill,grey", [("paper", 36), ("neutral", 122)])
+@pytest.mark.parametrize("op_name", ["Rotate", "ShearX", "TranslateYRel"])
+def test_geometric_ops_fill(aug_fill, grey, op_name):
+    t = build_transform(True, "adamw", 32, norm="cxr_mae", reprob=0.0, aug_fill=aug_fill)
+    rand_augment = _rand_augment(t)
+    op = next(o for o in rand_augment.ops if o.name == op_name)
+    op.prob, op.magnitude, op.magnitude_std = 1.0, 10, 0
+    rand_augment.ops, rand_augment.num_layers = [op], 1
+    white = Image.new("L", (40, 40), 255)
+    mean, std = NORM_STATS["cxr_mae"]
+    seed_all(0)
+    x = t(white)
+    filled = torch.isclose(x[0], torch.tensor((grey / 255 - mean[0]) / std[0]), rtol=0, atol=1e-5)
+    assert filled.any() and torch.equal(x[0], x[1]) and torch.equal(x[1], x[2])
+    # Everything not filled is the white image (or its interpolated edge with the fill).
+    white_level = (1.0 - mean[0]) / std[0]
+    assert x[0].max().item() == pytest.approx(white_level, abs=1e-5)
+
+
+def test_aug_fill_is_checked():
+    with pytest.raises(ValueError, match="aug_fill='black'"):
+        build_transform(True, "adamw", 32, aug_fill="black")
