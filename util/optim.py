@@ -51,3 +51,27 @@ def build_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float,
             g.pop("names")
         return torch.optim.AdamW(groups, lr=lr)
     raise ValueError(f"unknown optimizer {name!r}: choose 'sgd' or 'adamw'")
+
+
+def per_process_batch(global_batch: int, world_size: int, accum_iter: int = 1) -> tuple[int, int]:
+    """(per-process batch, accum_iter) that make ``global_batch`` images per optimizer step.
+
+    The paper trains on one GPU x 64; splitting those 64 over processes (and accumulation
+    steps) keeps its lr, steps per epoch and gradient: a ViT has no batch norm, and DDP
+    averages the per-process mean losses. A global batch that does not divide is refused
+    rather than silently rounded, since that would change the recipe.
+    """
+    for name, value in (("global batch", global_batch), ("world size", world_size),
+                        ("accum_iter", accum_iter)):
+        if value <= 0:
+            raise ValueError(f"{name} must be positive, got {value}")
+    parts = world_size * accum_iter
+    if global_batch % parts:
+        fits = [n for n in range(1, global_batch + 1) if global_batch % (n * accum_iter) == 0]
+        raise ValueError(
+            f"global batch {global_batch} does not divide over {world_size} processes x "
+            f"accum_iter {accum_iter} ({parts} parts): use {', '.join(map(str, fits[:8]))} "
+            f"processes, or a global batch that is a multiple of {parts} (e.g. "
+            f"{(global_batch // parts) * parts or parts} or {(global_batch // parts + 1) * parts}; "
+            f"this changes the recipe)")
+    return global_batch // parts, accum_iter
