@@ -156,3 +156,33 @@ def test_nan_mean_is_blank(tmp_path):
     res["mean_auroc"] = math.nan
     rows = write_auroc_tables(res, tmp_path)
     assert read_csv(rows[0])[-1]["auroc"] == ""
+
+
+def test_auroc_tables_with_intervals(tmp_path):
+    from util.stats import auroc_intervals
+
+    rng = np.random.default_rng(1)
+    classes = ["Mass", "Nodule", "Hernia"]
+    targets = (rng.random((80, 3)) < 0.3).astype(int)
+    targets[:, 2] = 0
+    probs = np.clip(rng.random((80, 3)) * 0.7 + 0.3 * targets, 0, 1)
+    res = results("nih", "1%", "MRM", "lora", classes, seed=0)
+    res["intervals"] = auroc_intervals(targets, probs, classes, resamples=50, seed=0)
+    csv_path, md_path = write_auroc_tables(res, tmp_path)
+    rows = read_csv(csv_path)
+    assert list(rows[0]) == ["class", "auroc", "auroc_ci_low", "auroc_ci_high", "delong_se",
+                             "delong_low", "delong_high", "auprc"]
+    mass = res["intervals"]["classes"]["Mass"]
+    assert rows[0]["auroc_ci_low"] == f"{100 * mass['ci_low']:.1f}"
+    assert rows[0]["delong_se"] == f"{100 * mass['delong_se']:.2f}"
+    assert rows[2]["auroc_ci_low"] == "" and rows[2]["delong_se"] == ""  # Hernia: undefined
+    mean = res["intervals"]["mean"]
+    assert rows[-1]["auroc_ci_high"] == f"{100 * mean['ci_high']:.1f}"
+    md = md_path.read_text()
+    assert "| class | AUROC | 95% CI (bootstrap) | 95% CI (DeLong) | AUPRC |" in md
+    assert (f"| Mass | {rows[0]['auroc']} | [{rows[0]['auroc_ci_low']}, {rows[0]['auroc_ci_high']}] "
+            f"| [{rows[0]['delong_low']}, {rows[0]['delong_high']}] |") in md
+    assert f"**[{rows[-1]['auroc_ci_low']}, {rows[-1]['auroc_ci_high']}]**" in md
+    assert "| Hernia | n/a | n/a | n/a |" in md
+    assert "- Hernia: undefined: only negatives among the 80 images." in md
+    assert "50 resamples, seed 0" in md

@@ -119,8 +119,17 @@ def _fmt100(value: Any) -> str:
     return "" if math.isnan(value) else f"{100 * value:.1f}"
 
 
+def _interval(low: str, high: str) -> str:
+    """'[low, high]' from two formatted bounds, or '' when either is undefined."""
+    return f"[{low}, {high}]" if low and high else ""
+
+
 def auroc_rows(results: dict[str, Any]) -> list[dict[str, str]]:
-    """Per-class rows (class, AUROC x100, AUPRC x100), then the mean row."""
+    """Per-class rows (class, AUROC x100, AUPRC x100), then the mean row.
+
+    When ``results["intervals"]`` holds ``util.stats.auroc_intervals`` output, the rows also
+    carry the bootstrap interval, the DeLong standard error and interval (x100).
+    """
     auroc: dict[str, Any] = results.get("auroc") or {}
     auprc: dict[str, Any] = results.get("auprc") or {}
     names = list(results.get("class_names") or auroc)
@@ -134,7 +143,39 @@ def auroc_rows(results: dict[str, Any]) -> list[dict[str, str]]:
         mean_auroc = float(np.mean(defined)) if defined else None
     rows.append({"class": "mean", "auroc": _fmt100(mean_auroc),
                  "auprc": _fmt100(results.get("mean_auprc"))})
+    intervals = results.get("intervals")
+    if intervals:
+        per_class = intervals.get("classes") or {}
+        for row in rows:
+            iv = intervals.get("mean") if row["class"] == "mean" else per_class.get(row["class"])
+            iv = iv or {}
+            se = iv.get("delong_se")
+            row.update(auroc_ci_low=_fmt100(iv.get("ci_low")), auroc_ci_high=_fmt100(iv.get("ci_high")),
+                       delong_se="" if se is None else f"{100 * float(se):.2f}",
+                       delong_low=_fmt100(iv.get("delong_low")),
+                       delong_high=_fmt100(iv.get("delong_high")))
     return rows
+
+
+INTERVAL_COLUMNS = ("auroc_ci_low", "auroc_ci_high", "delong_se", "delong_low", "delong_high")
+
+
+def interval_notes(intervals: dict[str, Any]) -> list[str]:
+    """Markdown lines under the table: how the intervals were made, and why any is missing."""
+    level = round(100 * float(intervals.get("level", 0.95)))
+    lines = [f"{level}% CI: {intervals.get('bootstrap', 'bootstrap')}; "
+             f"{intervals.get('n_resamples')} resamples, seed {intervals.get('seed')}"
+             + (f"; {intervals['n_fixed_images']} of {intervals['n_images']} images have a unique "
+                "label pattern and stay in every resample" if intervals.get("n_fixed_images") else "")
+             + ". DeLong: " + str(intervals.get("delong", "")) + ".", ""]
+    if intervals.get("n_dropped"):
+        lines.append(f"- {intervals['n_dropped']} images without a finite prediction were left out.")
+    for name, iv in (intervals.get("classes") or {}).items():
+        if iv.get("note"):
+            lines.append(f"- {name}: {iv['note']}.")
+    if (intervals.get("mean") or {}).get("note"):
+        lines.append(f"- mean: {intervals['mean']['note']}.")
+    return lines
 
 
 def write_auroc_tables(results: dict[str, Any], out_dir: str | Path,
@@ -142,15 +183,18 @@ def write_auroc_tables(results: dict[str, Any], out_dir: str | Path,
     """Write ``<stem>_auroc.csv`` and ``<stem>_auroc.md``: per-class AUROC / AUPRC x100 and the mean.
 
     A class whose AUROC is undefined (a single label value) has an empty cell in the CSV
-    and 'n/a' in the markdown.
+    and 'n/a' in the markdown. With ``results["intervals"]`` (``util.stats.auroc_intervals``)
+    both tables add the bootstrap interval and the DeLong standard error and interval.
     """
     rows = auroc_rows(results)
+    intervals = results.get("intervals")
     out_dir = Path(out_dir)
     csv_path, md_path = out_dir / f"{stem}_auroc.csv", out_dir / f"{stem}_auroc.md"
+    fields = ["class", "auroc", *(INTERVAL_COLUMNS if intervals else ()), "auprc"]
 
     def write_csv(tmp: str) -> None:
         with open(tmp, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=["class", "auroc", "auprc"])
+            writer = csv.DictWriter(f, fieldnames=fields)
             writer.writeheader()
             writer.writerows(rows)
 
@@ -161,13 +205,27 @@ def write_auroc_tables(results: dict[str, Any], out_dir: str | Path,
         lines += [f"**{header}**" + (f" ({results['split']} split, {results['num_images']} images)"
                                       if results.get("split") and results.get("num_images") else ""),
                   ""]
-    lines += ["| class | AUROC | AUPRC |", "|---|---:|---:|"]
+    if intervals:
+        level = round(100 * float(intervals.get("level", 0.95)))
+        lines += [f"| class | AUROC | {level}% CI (bootstrap) | {level}% CI (DeLong) | AUPRC |",
+                  "|---|---:|---:|---:|---:|"]
+    else:
+        lines += ["| class | AUROC | AUPRC |", "|---|---:|---:|"]
     for row in rows:
-        cells = [row["auroc"] or "n/a", row["auprc"] or "n/a"]
+        cells = [row["auroc"] or "n/a"]
+        if intervals:
+            # DeLong is per class: the mean has no DeLong interval here.
+            cells += [_interval(row["auroc_ci_low"], row["auroc_ci_high"]) or "n/a",
+                      "" if row["class"] == "mean" else
+                      _interval(row["delong_low"], row["delong_high"]) or "n/a"]
+        cells.append(row["auprc"] or "n/a")
         if row["class"] == "mean":
-            lines.append(f"| **mean** | **{cells[0]}** | **{cells[1]}** |")
+            cells = [f"**{c}**" if c else "" for c in cells]
+            lines.append("| **mean** | " + " | ".join(cells) + " |")
         else:
-            lines.append(f"| {row['class']} | {cells[0]} | {cells[1]} |")
+            lines.append(f"| {row['class']} | " + " | ".join(cells) + " |")
+    if intervals:
+        lines += [""] + interval_notes(intervals)
 
     def write_md(tmp: str) -> None:
         Path(tmp).write_text("\n".join(lines) + "\n")
