@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -11,11 +13,13 @@ import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import Dataset
+from torchvision import transforms as T
+from torchvision.transforms import functional as TF
 
-from .imagecache import CACHE_MODES, ImageCache, default_cache_dir
+from .imagecache import CACHE_MODES, CACHE_VERSION, EvalCache, ImageCache, default_cache_dir, find_lossy_cache_dir, open_eval_cache
 from .constants import CLASS_NAMES
 from .errors import BadEntry, CacheError, ImageError, SplitFileError
-from .imageio import load_image
+from .imageio import check_image_header, dicom_scaling_for, load_image
 from .splits import (
     locate_split_file,
     parse_split_file,
@@ -23,12 +27,80 @@ from .splits import (
     resolve_data_path,
     resolve_image_paths,
 )
-from .transforms import to_float_tensor, to_rgb
+from .transforms import GreyToRGB, to_float_tensor, to_rgb
 
 logger = logging.getLogger(__name__)
 
 # How many bad entries an error message or warning lists before "and N more".
 _LIST_AT_MOST = 5
+
+VERIFY_MODES: tuple[str, ...] = ("none", "header", "full")
+
+
+def _random_resized_crops() -> tuple[type, ...]:
+    """The random-resized-crop transforms whose crop a cache can read alone (torchvision's, timm's)."""
+    try:
+        from timm.data.transforms import RandomResizedCropAndInterpolation
+    except ImportError:  # timm is only needed for the adamw recipe
+        return (T.RandomResizedCrop,)
+    return (T.RandomResizedCrop, RandomResizedCropAndInterpolation)
+
+
+def _flatten(transform: Callable) -> list[Callable]:
+    """The steps a transform applies in order (nested Compose / XrayTransform pipelines unrolled)."""
+    inner = getattr(transform, "pipeline", None)
+    if isinstance(inner, T.Compose):
+        return _flatten(inner)
+    if isinstance(transform, T.Compose):
+        return [step for t in transform.transforms for step in _flatten(t)]
+    return [transform]
+
+
+@dataclass
+class _Plan:
+    """How a transform can read a cached image: the whole image, its crop only, or a stored prefix.
+
+    steps: the transform's steps, applied to the grey image in order;
+    crop_at: index of a random resized crop preceded only by channel steps (GreyToRGB),
+        whose crop can be read alone: the same pixels, the same random draws;
+    prefix: number of leading deterministic steps (Resize / CenterCrop) whose output an
+        evaluation cache can store once.
+    """
+
+    steps: list[Callable]
+    crop_at: int | None
+    prefix: int
+
+    @property
+    def prefix_steps(self) -> str:
+        """The deterministic prefix as text: part of an evaluation cache's key."""
+        return " | ".join(repr(s) for s in self.steps[: self.prefix])
+
+
+def _plan(transform: Callable | None) -> _Plan | None:
+    """The plan for a transform, None for transform=None (a [0, 1] tensor of the image)."""
+    if transform is None:
+        return None
+    steps = _flatten(transform)
+    if not getattr(transform, "grey_input", False):
+        steps = [GreyToRGB(), *steps]  # such transforms get the 3-channel image
+    crop_at = None
+    for i, step in enumerate(steps):
+        if isinstance(step, _random_resized_crops()):
+            crop_at = i
+        if not isinstance(step, GreyToRGB):
+            break
+    prefix = 0
+    while prefix < len(steps) and type(steps[prefix]) in (T.Resize, T.CenterCrop):
+        prefix += 1
+    return _Plan(steps, crop_at, prefix)
+
+
+def _apply(steps: list[Callable], img: Image.Image | torch.Tensor) -> torch.Tensor:
+    """Apply steps in order, as Compose does."""
+    for step in steps:
+        img = step(img)
+    return img  # type: ignore[return-value]
 
 
 class ChestXrayDataset(Dataset):
@@ -49,6 +121,13 @@ class ChestXrayDataset(Dataset):
         lines: 1-based split-file line of each entry.
         skipped: bad entries dropped when built with ``skip_bad=True``.
         cache: the ImageCache images are read from, or None for the original files.
+        dicom_scaling: the DICOM intensity rule ('paper' or 'minmax', see datasets.imageio).
+        eval_cache: stored output of the transform's deterministic prefix, or None.
+
+    An exact cache gives the same tensors as the original files for the same random state:
+    the pixels are the decoded originals, a random resized crop draws its parameters as it
+    would from the full image and reads only the crop's rows, and an evaluation cache holds
+    the very bytes Resize + CenterCrop give.
     """
 
     def __init__(
@@ -63,6 +142,8 @@ class ChestXrayDataset(Dataset):
         transform: Callable | None = None,
         cache: ImageCache | None = None,
         skipped: list[BadEntry] | None = None,
+        dicom_scaling: str = "minmax",
+        eval_cache: EvalCache | None = None,
     ) -> None:
         assert len(paths) == len(targets) == len(files) == len(lines), "paths, targets, files, lines differ in length"
         assert targets.ndim == 2 and targets.shape[1] == len(class_names), (
@@ -78,6 +159,8 @@ class ChestXrayDataset(Dataset):
         self.transform = transform
         self.cache = cache
         self.skipped: list[BadEntry] = skipped or []
+        self.dicom_scaling = dicom_scaling
+        self.eval_cache = eval_cache
 
     @property
     def num_classes(self) -> int:
@@ -87,8 +170,18 @@ class ChestXrayDataset(Dataset):
     def __len__(self) -> int:
         return len(self.paths)
 
+    @property
+    def cache_info(self) -> dict:
+        """What the images are read from, for config.json and results: kind 'exact' | 'lossy' | 'none'."""
+        info = self.cache.info if self.cache is not None else {"kind": "none", "size": None, "dir": None}
+        return {**info, "dicom_scaling": self.dicom_scaling,
+                "eval_cache": self.eval_cache.name if self.eval_cache is not None else None}
+
     def __repr__(self) -> str:
-        source = f"cache {self.cache.cache_dir}" if self.cache is not None else "original files"
+        source = "original files"
+        if self.cache is not None:
+            kind = "exact" if self.cache.exact else f"LOSSY {self.cache.size}px"
+            source = f"{kind} cache {self.cache.cache_dir}" + (" + evaluation cache" if self.eval_cache else "")
         return (f"{type(self).__name__}(kind={self.kind!r}, split_file='{self.split_file}', "
                 f"images={len(self)}, classes={self.num_classes}, skipped={len(self.skipped)}, from {source})")
 
@@ -97,7 +190,7 @@ class ChestXrayDataset(Dataset):
         if self.cache is not None:
             return self.cache.get(self.paths[index])
         try:
-            return load_image(self.files[index])
+            return load_image(self.files[index], dicom_scaling=self.dicom_scaling)
         except (OSError, ValueError) as err:
             # Lazy check: decoding errors surface here, naming the split-file line at fault.
             raise ImageError(
@@ -107,22 +200,54 @@ class ChestXrayDataset(Dataset):
                 f"or skip_bad=True to drop them."
             ) from err
 
+    def _crop_from_cache(self, index: int, plan: _Plan) -> torch.Tensor:
+        """The transform with its random resized crop read from the cache: only the crop's rows."""
+        assert self.cache is not None and plan.crop_at is not None
+        crop = plan.steps[plan.crop_at]
+        path = self.paths[index]
+        height, width = self.cache.shape(path)
+        # get_params only reads the size: the same random draws as on the full image.
+        probe = torch.empty(1, 1, 1).expand(1, height, width)
+        top, left, h, w = crop.get_params(probe, crop.scale, crop.ratio)
+        img = _apply(plan.steps[: plan.crop_at], Image.fromarray(self.cache.region(path, top, left, h, w), mode="L"))
+        interpolation = crop.interpolation
+        if isinstance(interpolation, (tuple, list)):  # timm's random interpolation, drawn after the box
+            interpolation = random.choice(interpolation)
+        img = TF.resized_crop(img, 0, 0, h, w, crop.size, interpolation, antialias=getattr(crop, "antialias", True))
+        return _apply(plan.steps[plan.crop_at + 1:], img)
+
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        img = self.load_image(index)
-        if self.transform is None:
-            image = to_float_tensor(img)
-        elif getattr(self.transform, "grey_input", False):
-            image = self.transform(img)
+        plan = _plan(self.transform)
+        if plan is not None and self.eval_cache is not None and plan.prefix and \
+                self.eval_cache.steps == plan.prefix_steps:
+            image = _apply(plan.steps[plan.prefix:], self.eval_cache.get(index))
+        elif plan is not None and self.cache is not None and plan.crop_at is not None:
+            image = self._crop_from_cache(index, plan)
         else:
-            image = self.transform(to_rgb(img))
+            img = self.load_image(index)
+            if self.transform is None:
+                image = to_float_tensor(img)
+            elif getattr(self.transform, "grey_input", False):
+                image = self.transform(img)
+            else:
+                image = self.transform(to_rgb(img))
         target = torch.from_numpy(self.targets[index].astype(np.float32))
         return image, target
 
 
-def _check_decodable(file: str) -> str:
+def _check_decodable(file: str, dicom_scaling: str = "minmax") -> str:
     """'' if the image decodes, else the reason."""
     try:
-        load_image(file)
+        load_image(file, dicom_scaling=dicom_scaling)
+        return ""
+    except (OSError, ValueError) as err:
+        return f"{type(err).__name__}: {err}"
+
+
+def _check_header(file: str) -> str:
+    """'' if the image file's header opens, else the reason."""
+    try:
+        check_image_header(file)
         return ""
     except (OSError, ValueError) as err:
         return f"{type(err).__name__}: {err}"
@@ -152,29 +277,55 @@ def _report(bad: list[BadEntry]) -> str:
 
 def _open_cache(
     mode: str,
-    cache_dir: Path,
+    cache_dir: Path | None,
+    data_path: Path,
     split_file: Path,
     cache_size: int | None,
+    dicom_scaling: str,
 ) -> ImageCache | None:
-    """The cache to read `split_file` from, None to read originals; raises if mode 'on' cannot be met."""
+    """The cache to read `split_file` from, None to read originals; raises if mode 'on' / 'lossy' cannot be met."""
     if mode == "off":
         return None
+    rebuild = "rebuild it with `python -m datasets.cache`" + (f" --size {cache_size}" if mode == "lossy" else "")
     try:
+        if cache_dir is None:
+            cache_dir = find_lossy_cache_dir(data_path, cache_size) if mode == "lossy" else default_cache_dir(data_path)
         cache = ImageCache(cache_dir)
-        status = cache.check(split_file, cache_size)
     except CacheError as err:
-        if mode == "on":
-            raise CacheError(f"{err}; build it with `python -m datasets.cache --data_path ...`") from err
+        if mode in ("on", "lossy"):
+            raise CacheError(f"{err}; build it with `python -m datasets.cache --data_path ...`"
+                             + (" --size N" if mode == "lossy" else "")) from err
         logger.debug("no cache used: %s", err)
         return None
-    if status.usable:
-        return cache
-    if mode == "on":
-        raise CacheError(f"cache {cache_dir} is stale for {split_file}: {status.reason}; "
-                         f"rebuild it with `python -m datasets.cache`")
-    logger.warning("ignoring stale cache %s for %s: %s (reading the original images; "
-                   "rebuild it with `python -m datasets.cache`)", cache_dir, split_file.name, status.reason)
-    return None
+    if mode == "lossy" and cache.exact:
+        raise CacheError(f"cache {cache_dir} is exact, not lossy: read it with cache='on' (--cache on)")
+    if mode != "lossy" and cache.meta.get("version") == CACHE_VERSION and not cache.exact:
+        reason = (f"cache {cache_dir} is LOSSY (images downsized to shorter side {cache.size}), so its "
+                  f"tensors differ from the originals'; only cache='lossy' (--cache lossy) reads it")
+        if mode == "on":
+            raise CacheError(reason)
+        logger.warning("not using %s; reading the original images", reason)
+        return None
+    status = cache.check(split_file, dicom_scaling, cache_size if mode == "lossy" else None)
+    if not status.usable:
+        if mode in ("on", "lossy"):
+            raise CacheError(f"cache {cache_dir} is stale for {split_file}: {status.reason}; {rebuild}")
+        logger.warning("ignoring stale cache %s for %s: %s (reading the original images; %s)",
+                       cache_dir, split_file.name, status.reason, rebuild)
+        return None
+    if not cache.exact:
+        logger.warning("reading the LOSSY cache %s: images downsized to shorter side %d, so training crops and "
+                       "evaluation resample a smaller image than the originals' (not the paper's pipeline)",
+                       cache_dir, cache.size)
+    return cache
+
+
+def _verify_mode(verify_images: bool | str | None) -> str:
+    """'none', 'header' or 'full' from the verify_images argument (True: 'full')."""
+    mode = {True: "full", False: "none", None: "none"}.get(verify_images, verify_images)  # type: ignore[arg-type]
+    if mode not in VERIFY_MODES:
+        raise ValueError(f"verify_images={verify_images!r}: expected one of {list(VERIFY_MODES)} (or True / False)")
+    return mode  # type: ignore[return-value]
 
 
 def build_dataset(
@@ -187,10 +338,12 @@ def build_dataset(
     cache: str | bool = "auto",
     skip_bad: bool = False,
     check_files: bool = True,
-    verify_images: bool = False,
+    verify_images: bool | str = False,
     cache_dir: str | Path | None = None,
     cache_size: int | None = None,
     num_threads: int = 8,
+    dicom_scaling: str | None = None,
+    eval_cache: bool = True,
 ) -> ChestXrayDataset:
     """Build the Dataset of one split, checking split file, labels and images before training.
 
@@ -202,21 +355,34 @@ def build_dataset(
         transform: applied to each image (see ChestXrayDataset); None gives a [0, 1] tensor.
         split_dir: folder of the split files; default `data_path` when it holds them, else
             ``<repo>/DatasetsSplits/<basename of data_path>``.
-        cache: 'auto' reads the preprocessed cache when present and up to date, 'on' requires
-            it, 'off' ignores it (True / False mean 'on' / 'off').
+        cache: 'auto' reads the exact cache when present and up to date, 'on' requires it,
+            'lossy' requires a downsized cache (tensors then differ from the originals';
+            logged as a warning and shown in ``cache_info``), 'off' reads the original files.
+            'auto' never reads a lossy cache. True / False mean 'on' / 'off'.
         skip_bad: drop missing or undecodable images (all are decoded once to find them)
             instead of raising; they are listed in ``.skipped`` and logged.
         check_files: check that every image exists (cheap; the cache makes it unnecessary).
-        verify_images: also decode every image now, so that no bad file can stop training
-            later (slow on a full data set; otherwise a bad image fails when first loaded).
-        cache_dir: cache folder (default ``<data_path>/_cache``).
-        cache_size: require the cache's resize size to be this (None: accept any).
-        num_threads: threads used to decode images when verifying.
+        verify_images: 'header' (cheap: every file's header opens; use it for val / test so a
+            run cannot fail at its first validation), 'full' or True (decode every image now;
+            slow on a full data set), 'none' or False (a bad image fails when first loaded).
+            Not needed when reading a cache, whose build decoded every image.
+        cache_dir: cache folder (default ``<data_path>/_cache``, lossy: ``_cache_<N>px``).
+        cache_size: with cache='lossy': the size of the lossy cache to read (None: the only one).
+        num_threads: threads used to check or decode images, and to make an evaluation cache.
+        dicom_scaling: DICOM intensity rule, 'paper' (x * 255 / max) or 'minmax'; default
+            'paper' for RSNA, 'minmax' for the other kinds (see datasets.imageio).
+        eval_cache: when reading a cache and the transform begins with deterministic steps
+            (the evaluation transform's Resize + CenterCrop), store their output once in the
+            cache folder and read it from then on: no resampling per epoch, same tensors.
     """
     mode = {True: "on", False: "off"}.get(cache, cache) if isinstance(cache, bool) else cache
     if mode not in CACHE_MODES:
         raise ValueError(f"cache={cache!r}: expected one of {list(CACHE_MODES)}")
+    if cache_size is not None and mode != "lossy":
+        raise ValueError(f"cache_size={cache_size} chooses a lossy cache: pass cache='lossy' with it")
+    verify = _verify_mode(verify_images)
     data_path, kind = resolve_data_path(data_path, dataset)
+    scaling = dicom_scaling_for(kind, dicom_scaling)
 
     split_file = locate_split_file(split, data_path, data_size, split_dir)
     if kind in CLASS_NAMES:
@@ -228,14 +394,14 @@ def build_dataset(
         class_names = [f"class_{k}" for k in range(table.targets.shape[1])]
     files = resolve_image_paths(data_path, table.paths, kind)
 
-    image_cache = _open_cache(mode, Path(cache_dir) if cache_dir else default_cache_dir(data_path),
-                              split_file, cache_size)
+    image_cache = _open_cache(mode, Path(cache_dir) if cache_dir else None, data_path, split_file,
+                              cache_size, scaling)
     if image_cache is not None and check_files:
         changed = _changed_originals(image_cache, table.paths, files)
         if changed:
             reason = (f"{len(changed)} original images changed size since the cache was built, "
                       f"e.g. {changed[0]}")
-            if mode == "on":
+            if mode in ("on", "lossy"):
                 raise CacheError(f"cache {image_cache.cache_dir} is stale for {split_file}: {reason}; "
                                  f"rebuild it with `python -m datasets.cache`")
             logger.warning("ignoring stale cache %s: %s (reading the original images)", image_cache.cache_dir, reason)
@@ -257,11 +423,13 @@ def build_dataset(
             raise ImageError(f"{len(bad)} of {len(table)} images of {split_file} are missing "
                              f"(kind '{kind}' resolves paths as e.g. {files[0]}):{_report(bad)}\n"
                              f"Check --data_path / --dataset, or pass skip_bad=True (--skip_bad) to skip them.")
-    if image_cache is None and (verify_images or skip_bad):
+    if image_cache is None and (verify != "none" or skip_bad):
         known = {b.path for b in bad}
         todo = [i for i, p in enumerate(table.paths) if p not in known]
+        full = verify == "full" or skip_bad
+        check = (lambda f: _check_decodable(f, scaling)) if full else _check_header
         with ThreadPoolExecutor(max(1, num_threads)) as pool:
-            reasons = list(pool.map(_check_decodable, [files[i] for i in todo]))
+            reasons = list(pool.map(check, [files[i] for i in todo]))
         bad += [BadEntry(split_file, table.lines[i], table.paths[i], r) for i, r in zip(todo, reasons) if r]
         bad.sort(key=lambda b: b.line)
     if bad and not skip_bad:
@@ -278,7 +446,13 @@ def build_dataset(
         table.targets = table.targets[keep]
         files = [files[i] for i in keep]
 
+    stored = None
+    plan = _plan(transform)
+    if image_cache is not None and eval_cache and plan is not None and plan.prefix:
+        prefix_steps = plan.steps[: plan.prefix]
+        stored = open_eval_cache(image_cache, plan.prefix_steps, table.paths,
+                                 lambda img: _apply(prefix_steps, img), num_threads)
     ds = ChestXrayDataset(table.paths, table.targets, class_names, kind, split_file, files,
-                          table.lines, transform, image_cache, bad)
+                          table.lines, transform, image_cache, bad, scaling, stored)
     logger.info("%s", ds)
     return ds

@@ -16,6 +16,11 @@ CLASS_NAMES: dict[str, list[str]] = {
 # Every kind `build_dataset` accepts; 'custom' takes its classes from the data folder.
 DATASET_KINDS: tuple[str, ...] = ("nih", "chexpert", "rsna", "custom")
 
+# DICOM intensity rule per kind (datasets.imageio): the paper's `x * 255 / max` for RSNA,
+# whose DICOMs the paper reads that way; min-max (with the file's VOI window) elsewhere.
+DICOM_SCALING_BY_KIND: dict[str, str] = {"rsna": "paper"}
+DEFAULT_DICOM_SCALING = "minmax"
+
 # `--data_size` value -> training split file.
 TRAIN_SPLIT_FILES: dict[str, str] = {
     "1%": "train_1.txt",

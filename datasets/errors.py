@@ -1,12 +1,32 @@
 """Errors raised on bad data input, each naming the file, line and image at fault."""
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
 
+def _original_message(text: str, name: str) -> str:
+    """The message of the last `name` exception in a traceback text, or `text` if none is found."""
+    found = None
+    for found in re.finditer(rf"^(?:[\w.]+\.)?{re.escape(name)}: ", text, flags=re.MULTILINE):
+        pass
+    return text[found.end():].strip() if found else text
+
+
 class DataError(ValueError):
-    """Bad data input: a split file, a label, an image or a cache."""
+    """Bad data input: a split file, a label, an image or a cache.
+
+    Raised in a DataLoader worker, torch re-raises it in the main process with the worker's
+    whole traceback as its message ("Caught ImageError in DataLoader worker process 0 ...");
+    ``str()`` then gives back the original one-line message (the traceback stays in ``args``).
+    """
+
+    def __str__(self) -> str:
+        text = super().__str__()
+        if text.startswith("Caught ") and "Traceback (most recent call last)" in text:
+            return _original_message(text, type(self).__name__)
+        return text
 
 
 class SplitFileError(DataError):

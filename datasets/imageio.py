@@ -1,10 +1,17 @@
 """Decode chest X-rays of any common format to one 8-bit grey channel.
 
 PNG (8/16-bit; grey, RGB, RGBA, palette), JPEG and DICOM all come out as a PIL image of
-mode 'L'. Images with more than 8 bits (16-bit PNG, most DICOM) are scaled to 0-255 by
-their own minimum and maximum, as the reference code does for DICOM, unless a DICOM VOI
-window says which range to show. Pillow's ``convert('L')`` is not used on 16-bit data: it
-clamps at 255 and turns a 16-bit X-ray white without an error.
+mode 'L'. Images with more than 8 bits (16-bit PNG) are scaled to 0-255 by their own
+minimum and maximum. Pillow's ``convert('L')`` is not used on 16-bit data: it clamps at
+255 and turns a 16-bit X-ray white without an error.
+
+DICOM intensity has two rules (``dicom_scaling``):
+
+- ``"paper"``: the paper's code (its RSNA loader): the stored values ``x`` become
+  ``x * 255 / max(x)``, with no minimum subtracted, no rescale slope / intercept and no
+  VOI window, then MONOCHROME1 is inverted (``255 - value``). The default for RSNA.
+- ``"minmax"``: rescale slope / intercept, then the VOI LUT or first VOI window if the
+  file has one, else min-max to 0-255; MONOCHROME1 inverted. The default for other kinds.
 """
 from __future__ import annotations
 
@@ -14,9 +21,13 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from .constants import DEFAULT_DICOM_SCALING, DICOM_SCALING_BY_KIND
+
 logger = logging.getLogger(__name__)
 
 DICOM_SUFFIXES = frozenset({".dcm", ".dicom", ".dic"})
+
+DICOM_SCALINGS: tuple[str, ...] = ("paper", "minmax")  # see the module docstring
 
 # Integer images whose value range is below this are scaled through a lookup table.
 _LUT_MAX_RANGE = 1 << 20
@@ -58,6 +69,43 @@ def scale_to_uint8(array: np.ndarray, invert: bool = False) -> np.ndarray:
     if invert:
         array = hi + lo - array
     return np.rint((array - lo) * (255.0 / (hi - lo))).astype(np.uint8)
+
+
+def dicom_scaling_for(kind: str, scaling: str | None = None) -> str:
+    """The DICOM intensity rule to use: `scaling` if given, else the data set kind's default."""
+    if scaling is None:
+        return DICOM_SCALING_BY_KIND.get(kind, DEFAULT_DICOM_SCALING)
+    if scaling not in DICOM_SCALINGS:
+        raise ValueError(f"dicom_scaling={scaling!r}: expected one of {list(DICOM_SCALINGS)}")
+    return scaling
+
+
+def scale_paper(array: np.ndarray, invert: bool = False) -> np.ndarray:
+    """The paper's DICOM intensity rule: ``x * 255 / max`` to uint8, then MONOCHROME1 inverted.
+
+    Our reading of the reference (``cv2.convertScaleAbs(x, alpha=255.0 / x.max())``, then
+    ``cv2.bitwise_not`` for MONOCHROME1): OpenCV multiplies in float32 by ``float32(alpha)``,
+    takes the absolute value and rounds half to even, saturating at 0 and 255; the inversion
+    comes after the scaling, on the uint8 result. So 20 / 60 / 120 / 230 give 22 / 67 / 133 /
+    255 (and 233 / 188 / 122 / 0 for MONOCHROME1). An image whose maximum is 0 or below
+    becomes all zeros (all 255 inverted) instead of dividing by zero.
+    """
+    array = np.asarray(array)
+    if array.dtype == np.bool_:
+        array = array.view(np.uint8)
+    hi = float(array.max()) if array.size else 0.0
+    if not np.isfinite(hi) or hi <= 0:
+        out = np.zeros(array.shape, dtype=np.uint8)
+    else:
+        alpha = np.float32(255.0 / hi)
+        if array.dtype.kind in "biu" and array.min() >= 0 and hi < _LUT_MAX_RANGE:
+            # The same per-value formula through a table: no float copy of a large image.
+            lut = np.clip(np.rint(np.arange(int(hi) + 1, dtype=np.float32) * alpha), 0, 255).astype(np.uint8)
+            out = np.take(lut, array)
+        else:
+            values = np.abs(np.nan_to_num(array.astype(np.float32) * alpha, nan=0.0, posinf=255.0, neginf=255.0))
+            out = np.clip(np.rint(values), 0, 255).astype(np.uint8)
+    return 255 - out if invert else out
 
 
 def to_grey(img: Image.Image) -> Image.Image:
@@ -109,8 +157,10 @@ def _window(array: np.ndarray, center: float, width: float, function: str) -> np
     return np.clip((array - (center - 0.5)) / width + 0.5, 0.0, 1.0)
 
 
-def decode_dicom(path: str | Path) -> np.ndarray:
-    """Decode a DICOM file to a 2-D uint8 array: rescale, VOI LUT / window, MONOCHROME1 inverted."""
+def decode_dicom(path: str | Path, scaling: str = "minmax") -> np.ndarray:
+    """Decode a DICOM file to a 2-D uint8 array by the ``scaling`` rule ('paper' or 'minmax', see above)."""
+    if scaling not in DICOM_SCALINGS:
+        raise ValueError(f"dicom_scaling={scaling!r}: expected one of {list(DICOM_SCALINGS)}")
     import pydicom  # imported lazily: PNG/JPEG-only users never pay for it
     from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
@@ -140,6 +190,11 @@ def decode_dicom(path: str | Path) -> np.ndarray:
         logger.warning("%s: multi-frame DICOM (%d frames); using the first", path, pixels.shape[0])
         pixels = pixels[0]
 
+    # MONOCHROME1 shows low values white: invert so every image has bright bones.
+    invert = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip() == "MONOCHROME1"
+    if scaling == "paper":
+        return scale_paper(pixels, invert=invert)  # stored values, as the paper's loader reads them
+
     modality = np.asarray(apply_modality_lut(pixels, ds))  # rescale slope / intercept
     array = modality  # integer unless rescaled: scale_to_uint8 then needs no float copy
     windowed = False
@@ -156,19 +211,27 @@ def decode_dicom(path: str | Path) -> np.ndarray:
         else:
             logger.warning("%s: ignoring VOI window of width %s", path, width)
 
-    # MONOCHROME1 shows low values white: invert so every image has bright bones.
-    invert = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip() == "MONOCHROME1"
     if windowed:
         # The window already fixes which values are black and white: no min-max stretch.
         return np.rint((1.0 - array if invert else array) * 255.0).astype(np.uint8)
     return scale_to_uint8(array, invert=invert)
 
 
-def load_image(path: str | Path) -> Image.Image:
-    """Decode an image file (PNG, JPEG, DICOM, ...) to a PIL image of mode 'L' (8-bit grey)."""
+def _bomb_message(path: Path, err: Exception) -> str:
+    """Why Pillow refused a very large image, and what to do if the file is trusted."""
+    return (f"image {path} is larger than Pillow's decompression-bomb limit "
+            f"({2 * (Image.MAX_IMAGE_PIXELS or 0):,} pixels): {err}; if the file is trusted, raise "
+            f"PIL.Image.MAX_IMAGE_PIXELS, else remove it from the split file")
+
+
+def load_image(path: str | Path, dicom_scaling: str = "minmax") -> Image.Image:
+    """Decode an image file (PNG, JPEG, DICOM, ...) to a PIL image of mode 'L' (8-bit grey).
+
+    ``dicom_scaling`` chooses the DICOM intensity rule ('paper' or 'minmax', see above).
+    """
     path = Path(path)
     if path.suffix.lower() in DICOM_SUFFIXES:
-        return Image.fromarray(decode_dicom(path), mode="L")
+        return Image.fromarray(decode_dicom(path, dicom_scaling), mode="L")
     try:
         with Image.open(path) as img:
             img.load()  # decode now: a truncated file fails here, not in a later transform
@@ -177,9 +240,46 @@ def load_image(path: str | Path) -> Image.Image:
             return to_grey(img)  # pixels are in memory after load(): closing the file is safe
     except UnidentifiedImageError as err:
         if _is_dicom_file(path):
-            return Image.fromarray(decode_dicom(path), mode="L")
+            return Image.fromarray(decode_dicom(path, dicom_scaling), mode="L")
         raise ImageDecodeError(f"not a recognised image file: {path}") from err
     except FileNotFoundError:
         raise
+    except Image.DecompressionBombError as err:  # not an OSError: it would escape every handler
+        raise ImageDecodeError(_bomb_message(path, err)) from err
     except (OSError, ValueError, SyntaxError) as err:
         raise ImageDecodeError(f"cannot decode {path}: {err}") from err
+
+
+def check_image_header(path: str | Path) -> None:
+    """Cheap start-up check: the file exists and its header opens (no pixel decoding).
+
+    Raises FileNotFoundError or ImageDecodeError naming the file. A PNG / JPEG header gives
+    the format and size (and Pillow's decompression-bomb check); a DICOM file is parsed with
+    its large values deferred and must hold pixel data.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"file not found: {path}")
+    if path.suffix.lower() not in DICOM_SUFFIXES:
+        try:
+            with Image.open(path) as img:
+                if img.width <= 0 or img.height <= 0:
+                    raise ImageDecodeError(f"image {path} has size {img.size}")
+                return
+        except UnidentifiedImageError as err:
+            if not _is_dicom_file(path):
+                raise ImageDecodeError(f"not a recognised image file: {path}") from err
+        except Image.DecompressionBombError as err:
+            raise ImageDecodeError(_bomb_message(path, err)) from err
+        except (OSError, ValueError, SyntaxError) as err:
+            raise ImageDecodeError(f"cannot read the header of {path}: {err}") from err
+    import pydicom
+
+    try:
+        ds = pydicom.dcmread(path, force=True, defer_size="64 KB")
+        has_pixels = any(k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData"))
+        rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
+    except Exception as err:  # pydicom raises many types for a damaged header
+        raise ImageDecodeError(f"cannot read the DICOM header of {path}: {err}") from err
+    if not has_pixels or rows <= 0 or cols <= 0:
+        raise ImageDecodeError(f"DICOM file has no pixel data ({rows} x {cols}): {path}")
