@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
+import posixpath
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol, Sequence
 
 import numpy as np
 
@@ -40,9 +42,26 @@ class SplitTable:
     paths: list[str]
     targets: np.ndarray  # N x K uint8
     lines: list[int]  # 1-based line number of each entry, for error messages
+    # Images listed more than once: path -> every line it is on (all entries are kept).
+    duplicates: dict[str, list[int]] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.paths)
+
+
+class SplitLike(Protocol):
+    """Anything with a split file and its image paths: a SplitTable or a ChestXrayDataset."""
+
+    split_file: Path
+    paths: list[str]
+
+
+class SplitOverlapError(SplitFileError):
+    """The same image is in the training split and in an evaluation split."""
+
+
+# How many examples a duplicate or overlap message lists.
+_EXAMPLES = 3
 
 
 def folder_name(path: str | Path) -> str:
@@ -133,7 +152,7 @@ def read_class_names(folders: list[Path]) -> list[str] | None:
     for folder in folders:
         path = folder / CLASSES_FILE
         if path.is_file():
-            names = [ln.strip() for ln in path.read_text().splitlines() if ln.strip()]
+            names = [ln.strip() for ln in path.read_text(encoding="utf-8-sig").splitlines() if ln.strip()]
             if not names:
                 raise SplitFileError(f"{path}: class file is empty (expected one class name a line)")
             return names
@@ -148,7 +167,9 @@ def parse_split_file(split_file: str | Path, num_classes: int | None = None, kin
     """
     split_file = Path(split_file)
     try:
-        text = split_file.read_text()
+        # utf-8-sig drops a byte order mark (Windows editors write one), which would
+        # otherwise become part of the first image's name.
+        text = split_file.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as err:
         raise SplitFileError(f"{split_file}: not a text split file ({err})") from err
     paths: list[str] = []
@@ -190,7 +211,76 @@ def parse_split_file(split_file: str | Path, num_classes: int | None = None, kin
             f"expected 0 or 1 (map uncertain / blank labels when making the split)"
         )
     targets = ones.astype(np.uint8).reshape(len(paths), expected)
-    return SplitTable(split_file=split_file, paths=paths, targets=targets, lines=lines)
+    duplicates = _duplicates(paths, lines)
+    if duplicates:
+        _warn_duplicates(split_file, paths, targets, duplicates)
+    return SplitTable(split_file=split_file, paths=paths, targets=targets, lines=lines,
+                      duplicates=duplicates)
+
+
+def _duplicates(paths: list[str], lines: list[int]) -> dict[str, list[int]]:
+    """Paths listed more than once -> all their line numbers."""
+    if len(set(paths)) == len(paths):  # the usual case, and 10x faster than the loop below
+        return {}
+    seen: dict[str, list[int]] = {}
+    for path, line in zip(paths, lines):
+        seen.setdefault(path, []).append(line)
+    return {path: at for path, at in seen.items() if len(at) > 1}
+
+
+def _warn_duplicates(split_file: Path, paths: list[str], targets: np.ndarray,
+                     duplicates: dict[str, list[int]]) -> None:
+    """One warning: how many repeats, how many with conflicting labels, a few examples."""
+    rows_of: dict[str, list[int]] = {}
+    for row, path in enumerate(paths):
+        if path in duplicates:
+            rows_of.setdefault(path, []).append(row)
+    conflicting = sum(len({targets[r].tobytes() for r in rows}) > 1 for rows in rows_of.values())
+    repeats = sum(len(at) - 1 for at in duplicates.values())
+    examples = ", ".join(f"'{p}' (lines {', '.join(map(str, at))})"
+                         for p, at in list(duplicates.items())[:_EXAMPLES])
+    logger.warning(
+        "%s: %d duplicate entries: %d images listed more than once (%d with different labels), "
+        "e.g. %s; every entry is kept, so these images weigh more in training and evaluation",
+        split_file, repeats, len(duplicates), conflicting, examples)
+
+
+def find_overlap(paths_a: Sequence[str], paths_b: Sequence[str]) -> list[str]:
+    """Images in both lists, in the order of `paths_b`; './a.png' and 'a.png' are the same image."""
+    in_a = {posixpath.normpath(p) for p in paths_a}
+    shared, seen = [], set()
+    for path in paths_b:
+        norm = posixpath.normpath(path)
+        if norm in in_a and norm not in seen:
+            shared.append(norm)
+            seen.add(norm)
+    return shared
+
+
+def check_split_overlap(train: SplitLike, others: Sequence[SplitLike | str | Path],
+                        allow: bool = False) -> dict[str, int]:
+    """Refuse images shared between the training split and each of `others` (validation, test).
+
+    An image in both is patient leakage in its simplest form: the score is measured on
+    training data. `others` are parsed splits or datasets, or split files (read here). With
+    ``allow=True`` the overlap is logged as a warning instead. Returns {other split file:
+    number of shared images}.
+    """
+    counts: dict[str, int] = {}
+    for other in others:
+        table = parse_split_file(other) if isinstance(other, (str, Path)) else other
+        shared = find_overlap(train.paths, table.paths)
+        counts[str(table.split_file)] = len(shared)
+        if not shared:
+            continue
+        message = (f"{len(shared)} images of {table.split_file} are also in the training split "
+                   f"{train.split_file}, e.g. {', '.join(repr(p) for p in shared[:_EXAMPLES])}")
+        if not allow:
+            raise SplitOverlapError(f"{message}: the evaluation would score images the model was "
+                                    "trained on. Fix the split files, or pass allow=True "
+                                    "(--allow_overlap) to accept it.")
+        logger.warning("%s (allowed)", message)
+    return counts
 
 
 def image_root(data_path: str | Path, kind: str) -> Path:

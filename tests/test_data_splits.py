@@ -146,3 +146,61 @@ def test_bad_arguments(tmp_path):
         build_dataset("train", tmp_path, dataset="mimic")
     with pytest.raises(FileNotFoundError, match="--data_path"):
         build_dataset("train", tmp_path / "nope")
+
+
+def test_byte_order_mark_is_accepted(tmp_path):
+    f = tmp_path / "train_list.txt"
+    f.write_bytes("\ufeffimg/a.png 0 1\nimg/b.png 1 0\n".encode("utf-8"))
+    table = parse_split_file(f, 2)
+    assert table.paths == ["img/a.png", "img/b.png"]  # no invisible character in the first name
+    (tmp_path / "classes.txt").write_bytes("\ufeffcat\ndog\n".encode("utf-8"))
+    from datasets.splits import read_class_names
+    assert read_class_names([tmp_path]) == ["cat", "dog"]
+
+
+def test_duplicate_lines_are_warned_with_counts_and_examples(tmp_path, caplog):
+    f = tmp_path / "train_list.txt"
+    f.write_text("a.png 0\nb.png 1\na.png 0\nc.png 0\nb.png 0\na.png 0\n")
+    with caplog.at_level("WARNING", logger="datasets.splits"):
+        table = parse_split_file(f, 1)
+    assert len(table) == 6 and table.duplicates == {"a.png": [1, 3, 6], "b.png": [2, 5]}
+    text = caplog.text
+    assert str(f) in text and "3 duplicate entries" in text and "2 images listed more than once" in text
+    assert "1 with different labels" in text and "'a.png' (lines 1, 3, 6)" in text
+    caplog.clear()
+    clean = tmp_path / "val_list.txt"
+    clean.write_text("a.png 0\nb.png 1\n")
+    with caplog.at_level("WARNING", logger="datasets.splits"):
+        assert parse_split_file(clean, 1).duplicates == {}
+    assert caplog.text == ""
+
+
+def test_train_test_overlap_refused_naming_both_files(tmp_path, caplog):
+    from datasets.splits import SplitOverlapError, check_split_overlap, find_overlap
+
+    train = tmp_path / "train_list.txt"
+    train.write_text("p1/a.png 0\np1/b.png 1\np2/c.png 0\np3/d.png 1\n")
+    val, test = tmp_path / "val_list.txt", tmp_path / "test_list.txt"
+    val.write_text("p9/x.png 0\n")
+    test.write_text("p2/c.png 1\n./p1/a.png 0\np8/y.png 0\n")
+    table = parse_split_file(train, 1)
+    assert find_overlap(table.paths, ["./p1/a.png", "p1//b.png", "z.png"]) == ["p1/a.png", "p1/b.png"]
+    with pytest.raises(SplitOverlapError) as err:
+        check_split_overlap(table, [val, test])
+    message = str(err.value)
+    assert str(train) in message and str(test) in message and "2 images" in message
+    assert "'p2/c.png'" in message and "--allow_overlap" in message
+    assert isinstance(err.value, SplitFileError)  # the entry script reports data errors in one line
+    with caplog.at_level("WARNING", logger="datasets.splits"):
+        counts = check_split_overlap(table, [parse_split_file(val, 1), test], allow=True)
+    assert counts == {str(val): 0, str(test): 2}
+    assert "2 images of" in caplog.text and "(allowed)" in caplog.text
+
+
+def test_reference_splits_do_not_overlap(reference_splits):
+    from datasets.splits import check_split_overlap
+
+    folder = reference_splits / "RSNA_Pneumonia"
+    train = parse_split_file(folder / "train_list.txt", 1, "rsna")
+    counts = check_split_overlap(train, [folder / "val_list.txt", folder / "test_list.txt"])
+    assert list(counts.values()) == [0, 0]
