@@ -11,8 +11,11 @@ and split files (``*.txt``, one ``relative/path [labels...]`` a line). The CSV h
 per readable image: ``path`` (as given; for split files the relative path as written
 there, so it joins with ``predictions_test.csv`` of ``--eval``), one sigmoid probability
 per class, and with ``--threshold`` the 0/1 ``pred_<class>`` columns. Unreadable inputs
-are logged, listed in ``<output stem>_failed.csv`` and skipped; the exit code is 0 when
-every input was predicted, 1 when some failed, 2 on usage errors.
+are logged, listed in ``<output stem>_failed.csv`` and skipped. Images whose model output
+is NaN or infinite are never written as probabilities: they are listed there too. The exit
+code is 0 when every input was predicted, 1 when some inputs failed, 2 on usage errors (a
+bad flag; a checkpoint that is missing, damaged or not a checkpoint, or holds NaN
+weights), 3 when the model gave non-finite outputs for some images.
 """
 from __future__ import annotations
 
@@ -44,6 +47,10 @@ IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".dcm", ".dicom", ".dic", "
                             ".tif", ".tiff", ".webp"})
 SPLIT_SUFFIXES = frozenset({".txt"})
 DATASET_CHOICES = ("nih", "chexpert", "rsna", "custom")
+# Exit code when the model, not an input, failed: non-finite outputs for some images.
+EXIT_NON_FINITE = 3
+# Failure reason of an image whose logits are NaN or infinite (matched by ``run``).
+NON_FINITE_REASON = "non-finite model output"
 
 
 class UsageError(ValueError):
@@ -170,8 +177,11 @@ def eval_transform(config: dict[str, Any]) -> Callable[[Any], torch.Tensor]:
     if mean is not None and not np.allclose(mean, NORM_STATS[norm][0], atol=1e-6):
         logger.warning("checkpoint mean %s differs from the statistics of norm %r %s; using the "
                        "latter", mean, norm, NORM_STATS[norm][0])
-    return build_transform(is_train=False, recipe=config.get("eval_recipe", "sgd"),
-                           input_size=int(config["img_size"]), norm=norm)
+    try:
+        return build_transform(is_train=False, recipe=config.get("eval_recipe", "sgd"),
+                               input_size=int(config["img_size"]), norm=norm)
+    except ValueError as err:
+        raise UsageError(f"checkpoint config: {err}") from None
 
 
 def resolve_amp(amp: str, device: torch.device) -> torch.dtype | None:
@@ -235,7 +245,8 @@ def predict_images(
     """Sigmoid probabilities (N x K, NaN rows for failed images) and {index: reason} of failures.
 
     ``amp`` is an ``--amp`` choice or a dtype (None: fp32). The model should already be on
-    ``device`` and in eval mode.
+    ``device`` and in eval mode. An image whose logits are NaN or infinite is a failure
+    (reason starting with ``NON_FINITE_REASON``), never a row of probabilities.
     """
     from tqdm import tqdm
 
@@ -258,7 +269,15 @@ def predict_images(
                 with torch.autocast(device_type=device.type, dtype=dtype or torch.float32,
                                     enabled=dtype is not None):
                     logits = model(images)
-                probs[indices] = torch.sigmoid(logits.float()).cpu().numpy()
+                logits = logits.float().cpu()
+                finite = torch.isfinite(logits).all(dim=1)
+                # sigmoid(inf) = 1 would pass for a confident positive: refuse it like NaN.
+                for row in (~finite).nonzero().flatten().tolist():
+                    bad = torch.isfinite(logits[row]).logical_not().nonzero().flatten().tolist()
+                    failures[indices[row]] = (f"{NON_FINITE_REASON} (NaN or inf logits for "
+                                              f"{len(bad)} of {num_classes} classes)")
+                keep = [i for i, ok in zip(indices, finite.tolist()) if ok]
+                probs[keep] = torch.sigmoid(logits[finite]).numpy()
             bar.update(len(indices) + len(failed))
     return probs, failures
 
@@ -404,13 +423,14 @@ def _heatmap_classes(requested: Sequence[str] | None, class_names: Sequence[str]
 
 
 def run(args: argparse.Namespace) -> int:
-    """Predict, write the CSV (and heatmaps); return the exit code (0 ok, 1 some inputs failed)."""
+    """Predict, write the CSV (and heatmaps); return the exit code (0 ok, 1 some inputs failed,
+    3 non-finite model outputs)."""
     device = torch.device(args.device)
     dtype = resolve_amp(args.amp, device)
     try:
         model, config = load_model(args.checkpoint, args.finetune, device)
-    except (FileNotFoundError, ValueError) as err:  # CheckpointError, ExportError are ValueErrors
-        raise UsageError(f"--checkpoint {args.checkpoint}: {err}") from err
+    except (OSError, ValueError) as err:  # CheckpointError, ExportError, PretrainedWeightsError
+        raise UsageError(f"--checkpoint {args.checkpoint}: {err}") from None
     class_names = list(config["class_names"])
     thresholds = parse_threshold(args.threshold, class_names)
     heatmap_classes = _heatmap_classes(args.heatmap_class, class_names)
@@ -428,8 +448,17 @@ def run(args: argparse.Namespace) -> int:
     failures += [Failure(images[i].name, str(images[i].file), reason)
                  for i, reason in sorted(failed.items())]
     good = [i for i in range(len(images)) if i not in failed]
+    non_finite = [images[i].name for i, reason in sorted(failed.items())
+                  if reason.startswith(NON_FINITE_REASON)]
     for f in failures:
-        logger.warning("skipped %s: %s", f.name, f.reason)
+        if not f.reason.startswith(NON_FINITE_REASON):
+            logger.warning("skipped %s: %s", f.name, f.reason)
+    if non_finite:
+        logger.error("the model gave NaN or infinite outputs for %d of %d images, left out of "
+                     "%s: %s%s (a model with NaN weights, or an overflow under --amp %s: try "
+                     "--amp none)", len(non_finite), len(images) - (len(failed) - len(non_finite)),
+                     args.output, ", ".join(non_finite[:5]),
+                     f" (+{len(non_finite) - 5} more)" if len(non_finite) > 5 else "", args.amp)
 
     output = Path(args.output)
     write_predictions(output, [images[i].name for i in good], probs[good], class_names, thresholds)
@@ -455,8 +484,11 @@ def run(args: argparse.Namespace) -> int:
 
     rate = len(images) / seconds if seconds > 0 else float("inf")
     print(f"predicted {len(good)} images, {len(failures)} failed"
+          f"{f' ({len(non_finite)} with non-finite model outputs)' if non_finite else ''}"
           f"{f' (listed in {failed_csv})' if failures else ''} -> {output} "
           f"[{device.type}, {str(dtype).replace('torch.', '') if dtype else 'fp32'}, {rate:.1f} img/s]")
+    if non_finite:
+        return EXIT_NON_FINITE
     return 1 if failures else 0
 
 

@@ -34,6 +34,13 @@ logger = logging.getLogger(__name__)
 MERGED_FORMAT = "cxr-lora-merged/1"
 # Checkpoint config keys copied into the export for provenance.
 _PROVENANCE = ("method", "lora", "pretrained", "pretrained_sha256", "dataset", "drop_path_rate")
+# Fields an export config must have for ``load_merged`` and ``predict.py`` (JSON types).
+MERGED_FIELDS: dict[str, tuple[type, ...]] = {
+    "timm_model": (str,), "timm_kwargs": (dict,), "num_classes": (int,), "class_names": (list,),
+    "img_size": (int,), "norm": (str,), "mean": (list,), "std": (list,),
+}
+MERGED_OPTIONAL: dict[str, tuple[type, ...]] = {"eval_recipe": (str,), "model": (str,),
+                                                "global_pool": (str,)}
 
 
 class ExportError(ValueError):
@@ -85,6 +92,7 @@ def export_merged(model: nn.Module, config: dict[str, Any], out: str | Path,
     """
     from safetensors.torch import save_file
 
+    from models_vit_lora import check_finite
     from util.io import atomic_write, write_json
 
     tensors_path, config_path = export_paths(out)
@@ -92,6 +100,8 @@ def export_merged(model: nn.Module, config: dict[str, Any], out: str | Path,
     state = merged_state_dict(model)
     # Stored in fp32 whatever the training dtype: the file is the reference model.
     tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in state.items()}
+    # A model of NaNs must not leave as a file that looks like a usable model.
+    check_finite(tensors, f"merged model of {source or 'the checkpoint'}", ExportError)
     cfg = merged_config(config, source)
     atomic_write(tensors_path,
                  lambda tmp: save_file(tensors, tmp, metadata={"format": MERGED_FORMAT}))
@@ -102,10 +112,11 @@ def export_merged(model: nn.Module, config: dict[str, Any], out: str | Path,
 
 
 def read_merged_config(path: str | Path) -> dict[str, Any]:
-    """The JSON config of an export, checked for its format."""
+    """The JSON config of an export, checked for its format and fields."""
     from util.checkpoint import read_format_config  # util.checkpoint imports this package
 
-    return read_format_config(export_paths(path)[1], MERGED_FORMAT, "merged export", ExportError)
+    return read_format_config(export_paths(path)[1], MERGED_FORMAT, "merged export", ExportError,
+                              required=MERGED_FIELDS, optional=MERGED_OPTIONAL)
 
 
 def is_merged_export(path: str | Path) -> bool:
@@ -122,21 +133,32 @@ def build_timm_model(config: dict[str, Any]) -> nn.Module:
     """The empty timm model an export's tensors load into with ``strict=True``."""
     import timm
 
-    return timm.create_model(config["timm_model"], pretrained=False, **config["timm_kwargs"])
+    try:
+        return timm.create_model(config["timm_model"], pretrained=False, **config["timm_kwargs"])
+    except (RuntimeError, TypeError, ValueError, AssertionError) as err:
+        # timm says "Unknown model" (RuntimeError) or rejects a keyword (TypeError).
+        raise ExportError(f"export config: timm cannot build {config['timm_model']!r} with "
+                          f"{config['timm_kwargs']} ({err})") from None
 
 
 def load_merged(path: str | Path, device: str | torch.device = "cpu"
                 ) -> tuple[nn.Module, dict[str, Any]]:
-    """Load an export into a stock timm model (strict), in eval mode; returns (model, config)."""
-    from safetensors.torch import load_file
+    """Load an export into a stock timm model (strict), in eval mode; returns (model, config).
+
+    A damaged or foreign tensors file, tensors that do not fit, and NaN / inf weights
+    raise ``ExportError`` naming the file.
+    """
+    from models_vit_lora import check_finite, read_safetensors
 
     tensors_path, _ = export_paths(path)
     config = read_merged_config(path)
     if not tensors_path.is_file():
         raise FileNotFoundError(f"export tensors not found: {tensors_path}")
     model = build_timm_model(config)
+    tensors = read_safetensors(tensors_path, ExportError)
+    check_finite(tensors, tensors_path, ExportError)
     try:
-        model.load_state_dict(load_file(str(tensors_path), device="cpu"), strict=True)
+        model.load_state_dict(tensors, strict=True)
     except RuntimeError as err:
         raise ExportError(f"{tensors_path}: does not fit {config['timm_model']} "
                           f"{config['timm_kwargs']}: {err}") from err
@@ -184,9 +206,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (FileNotFoundError, CheckpointError, ValueError) as err:
         logger.error("--checkpoint %s: %s", args.checkpoint, err)
         return 2
-    tensors_path, config_path = export_merged(model, config, args.output, source=args.checkpoint)
-    if not args.no_verify:
-        exported, _ = load_merged(tensors_path)
+    try:
+        tensors_path, config_path = export_merged(model, config, args.output,
+                                                  source=args.checkpoint)
+        exported = None if args.no_verify else load_merged(tensors_path)[0]
+    except ExportError as err:
+        logger.error("%s", err)
+        return 1
+    if exported is not None:
         diff = max_output_difference(model, exported, int(config["img_size"]))
         if not diff <= args.atol:
             logger.error("%s: outputs differ from the adapter model by %.3g > --atol %.3g",

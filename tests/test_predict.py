@@ -106,7 +106,9 @@ def test_predictions_equal_eval_predictions_csv(setup, tmp_path):
     finally:  # the trainer configures the root logger for its own process
         logging.root.handlers[:], logging.root.level = handlers, level
     assert rc == 0
-    evaluated = {r["path"]: r for r in read_csv(out / "predictions_test.csv")}
+    # An evaluation writes into a folder of its own under --output_dir (named after the split).
+    (written,) = out.rglob("predictions_test.csv")
+    evaluated = {r["path"]: r for r in read_csv(written)}
     pred_csv = tmp_path / "preds.csv"
     rc = predict.main(["--checkpoint", str(setup["stem"]), "--inputs",
                        str(setup["data"] / "test_list.txt"), "--output", str(pred_csv),
@@ -120,9 +122,10 @@ def test_predictions_equal_eval_predictions_csv(setup, tmp_path):
         np.testing.assert_allclose([float(row[c]) for c in NIH], [float(ref[c]) for c in NIH],
                                    atol=1e-6, rtol=0)
     # The evaluation's reports come from util.reports.
-    with Image.open(out / "roc_test.png") as img:
+    with Image.open(written.with_name("roc_test.png")) as img:
         assert img.size == (800, 800)
-    assert (out / "results_test_auroc.md").is_file() and (out / "results_test_auroc.csv").is_file()
+    assert written.with_name("results_test_auroc.md").is_file()
+    assert written.with_name("results_test_auroc.csv").is_file()
 
 
 def test_mixed_good_and_broken_inputs(setup, tmp_path, capsys):

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 import torch.nn as nn
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 import lora
 import models_vit_lora as mv
@@ -111,32 +111,114 @@ def save_checkpoint(path: str | Path, model: nn.Module, config: dict[str, Any],
     return tensors_path
 
 
+# JSON types of config fields; bool never passes for int (json true is not a count).
+FieldTypes = dict[str, tuple[type, ...]]
+_NUMBER = (int, float)
+# Fields every checkpoint config has (see ``model_config``), and fields it may have.
+CONFIG_FIELDS: FieldTypes = {
+    "model": (str,), "method": (str,), "num_classes": (int,), "class_names": (list,),
+    "img_size": (int,), "global_pool": (bool,), "norm": (str,), "mean": (list,),
+    "std": (list,), "lora": (dict, type(None)),
+}
+CONFIG_OPTIONAL: FieldTypes = {
+    "model_kwargs": (dict,), "drop_path_rate": _NUMBER, "eval_recipe": (str,),
+    "pretrained": (str, type(None)), "pretrained_sha256": (str, type(None)),
+    "backbone_in_file": (bool,),
+}
+LORA_FIELDS: FieldTypes = {"rank": (int,), "alpha": _NUMBER, "pos": (str,)}
+
+
+def _type_ok(value: Any, types: tuple[type, ...]) -> bool:
+    if isinstance(value, bool) and bool not in types:
+        return False
+    return isinstance(value, types)
+
+
+def field_problems(obj: dict[str, Any], required: FieldTypes,
+                   optional: FieldTypes | None = None, prefix: str = "") -> list[str]:
+    """What is wrong with the fields of a JSON object: missing keys and wrong types."""
+    problems = [f"{prefix}{k!r} missing" for k in required if k not in obj]
+    for key, types in {**(optional or {}), **required}.items():
+        if key in obj and not _type_ok(obj[key], types):
+            names = " or ".join("null" if t is type(None) else t.__name__ for t in types)
+            problems.append(f"{prefix}{key!r} is {obj[key]!r:.40} (expected {names})")
+    return problems
+
+
+def read_json_object(path: Path, kind: str, error: type[Exception]) -> dict[str, Any]:
+    """A JSON file holding an object; a damaged, empty or foreign file raises ``error`` naming it."""
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError:
+        what = mv.sniff_weights_file(path).description
+        raise error(f"{path}: {kind} config is not JSON text: it looks like {what}") from None
+    if not text.strip():
+        raise error(f"{path}: {kind} config is an empty file (an interrupted write or copy?)")
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise error(f"{path}: damaged {kind} config: invalid JSON ({err.msg} at line "
+                    f"{err.lineno} column {err.colno}); write or copy it again") from None
+    if not isinstance(obj, dict):
+        raise error(f"{path}: {kind} config must be a JSON object, found {type(obj).__name__}")
+    return obj
+
+
 def read_format_config(config_path: Path, expected: str, kind: str = "checkpoint",
-                       error: type[Exception] = None) -> dict[str, Any]:
-    """Read the JSON beside a tensors file and check that it is of the ``expected`` format."""
+                       error: type[Exception] = None, required: FieldTypes | None = None,
+                       optional: FieldTypes | None = None) -> dict[str, Any]:
+    """Read the JSON beside a tensors file, check its ``expected`` format and its fields."""
+    error = error or CheckpointError
     if not config_path.is_file():
         raise FileNotFoundError(f"{kind} config not found: {config_path} (a {kind} is a "
                                 ".safetensors file with a .json of the same name)")
-    with open(config_path) as f:
-        config = json.load(f)
+    config = read_json_object(config_path, kind, error)
     if config.get("format") != expected:
-        raise (error or CheckpointError)(
+        raise error(
             f"{config_path}: not a {kind} config of this tool (format "
-            f"{config.get('format')!r}, expected {expected!r})")
+            f"{config.get('format')!r:.60}, expected {expected!r})")
+    problems = field_problems(config, required or {}, optional)
+    if not problems and "class_names" in config and "num_classes" in config:
+        if len(config["class_names"]) != config["num_classes"]:
+            problems.append(f"{len(config['class_names'])} class_names for num_classes "
+                            f"{config['num_classes']}")
+    if problems:
+        raise error(f"{config_path}: invalid {kind} config: {'; '.join(problems[:5])}")
     return config
 
 
 def read_config(path: str | Path) -> dict[str, Any]:
-    """The JSON config of a checkpoint, checked for its format."""
-    return read_format_config(checkpoint_paths(path)[1], FORMAT)
+    """The JSON config of a checkpoint, checked for its format and fields."""
+    config_path = checkpoint_paths(path)[1]
+    config = read_format_config(config_path, FORMAT, required=CONFIG_FIELDS,
+                                optional=CONFIG_OPTIONAL)
+    problems = []
+    if config["model"] not in mv.ARCHS:
+        problems.append(f"model {config['model']!r} is not one of {sorted(mv.ARCHS)}")
+    if config["method"] not in METHODS:
+        problems.append(f"method {config['method']!r} is not one of {list(METHODS)}")
+    if config["num_classes"] < 1 or config["img_size"] < 1:
+        problems.append(f"num_classes {config['num_classes']} and img_size "
+                        f"{config['img_size']} must be positive")
+    if config["lora"] is not None:
+        problems += field_problems(config["lora"], LORA_FIELDS, prefix="lora ")
+    if problems:
+        raise CheckpointError(f"{config_path}: invalid checkpoint config: {'; '.join(problems)}")
+    return config
 
 
 def build_from_config(config: dict[str, Any]) -> nn.Module:
     """The plain timm ViT described by a checkpoint config (no weights loaded, no LoRA)."""
-    return mv.MODELS[config["model"]](
-        num_classes=config["num_classes"], img_size=config["img_size"],
-        global_pool=config["global_pool"], drop_path_rate=config.get("drop_path_rate", 0.0),
-        **config.get("model_kwargs", {}))
+    kwargs = config.get("model_kwargs", {})
+    try:
+        return mv.MODELS[config["model"]](
+            num_classes=config["num_classes"], img_size=config["img_size"],
+            global_pool=config["global_pool"], drop_path_rate=config.get("drop_path_rate", 0.0),
+            **kwargs)
+    except (TypeError, ValueError, AssertionError) as err:
+        raise CheckpointError(f"checkpoint config: {config['model']} cannot be built with "
+                              f"img_size {config['img_size']} and model_kwargs {kwargs} "
+                              f"({err})") from None
 
 
 def load_trained(
@@ -186,10 +268,10 @@ def load_trained(
 def load_trained_tensors(model: nn.Module, tensors_path: str | Path, all_tensors: bool = False) -> None:
     """Copy a checkpoint's tensors into ``model``, checking them against its trained set.
 
-    Every tensor must belong to the model with the same shape; every trainable
-    parameter must be in the file (with ``all_tensors``: every state-dict entry).
+    Every tensor must belong to the model with the same shape and be finite; every
+    trainable parameter must be in the file (with ``all_tensors``: every state-dict entry).
     """
-    tensors = load_file(str(tensors_path), device="cpu")
+    tensors = mv.read_safetensors(tensors_path, CheckpointError)
     own = model.state_dict()
     unknown = sorted(set(tensors) - set(own))
     if unknown:
@@ -203,6 +285,7 @@ def load_trained_tensors(model: nn.Module, tensors_path: str | Path, all_tensors
     absent = sorted(expected - set(tensors))
     if absent:
         raise CheckpointError(f"{tensors_path}: missing trained tensors {absent[:5]}")
+    mv.check_finite(tensors, tensors_path, CheckpointError)
     model.load_state_dict(tensors, strict=all_tensors)
 
 
@@ -212,5 +295,12 @@ def save_resume_state(path: str | Path, state: dict[str, Any]) -> None:
 
 
 def load_resume_state(path: str | Path) -> dict[str, Any]:
-    """Read a resume state written by ``save_resume_state`` without executing code."""
-    return torch.load(path, map_location="cpu", weights_only=True)
+    """Read a resume state written by ``save_resume_state`` without executing code.
+
+    A file that is not one (damaged, cut off, another kind) raises ``CheckpointError``.
+    """
+    state = mv.load_torch_file(path, CheckpointError, expected="resume state (a torch.save file)")
+    if not isinstance(state, dict) or not {"optimizer", "epoch"} <= set(state):
+        found = sorted(state)[:8] if isinstance(state, dict) else type(state).__name__
+        raise CheckpointError(f"{path}: not a resume state of this tool (found {found})")
+    return state

@@ -183,7 +183,8 @@ def save_heatmaps(
     """Write one overlay PNG per image for one class; returns (written paths, {index: error}).
 
     ``load`` decodes a file to an 8-bit grey PIL image, ``transform`` makes the model
-    input from it (the eval transform). The overlay has the original image's size.
+    input from it (the eval transform). The overlay has the original image's size. An
+    image whose probability or map is NaN / inf gets no file and an entry in the errors.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -205,6 +206,10 @@ def save_heatmaps(
         cams, probs = grad_cam(model, torch.stack([t for _, _, t in batch]), class_index,
                                amp_dtype=amp_dtype)
         for (i, img, _), cam, prob in zip(batch, cams, probs):
+            if not (np.isfinite(prob) and np.isfinite(cam).all()):
+                # A NaN map would be drawn as a plausible-looking (blank) overlay.
+                failures[i] = "non-finite model output: no heatmap"
+                continue
             box = eval_crop_box(img.width, img.height, input_size, resize)
             picture = overlay(img, cam, box, label=f"{class_name}  p={prob:.3f}")
             path = out_dir / heatmap_filename(names[i], class_name)
