@@ -1,7 +1,8 @@
-"""Evaluation reports beside the results JSON: ROC curves (PNG) and per-class AUROC tables.
+"""Evaluation reports: ROC curves (PNG), per-class AUROC tables, forest plots (PNG + SVG).
 
     save_roc_curves(targets, probs, class_names, out_dir / "roc_test.png")
     write_auroc_tables(results, out_dir)  # results_test_auroc.csv and results_test_auroc.md
+    save_forest_plot(points, out_dir / "forest", xlabel=..., title=...)  # forest.png + .svg
 
 Plots are drawn on a bare ``matplotlib.figure.Figure`` with the Agg canvas, never through
 ``pyplot``: nothing global (the backend, open figures) changes in the calling process.
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -233,3 +235,97 @@ def write_auroc_tables(results: dict[str, Any], out_dir: str | Path,
     atomic_write(csv_path, write_csv)
     atomic_write(md_path, write_md)
     return csv_path, md_path
+
+
+@dataclass
+class ForestPoint:
+    """One estimate on a forest plot: a run's value with its interval, a mean, or a reference."""
+
+    row: str                  # the y-axis label (one setting, or one class)
+    series: str               # legend entry and colour (e.g. "LoRA", "full fine-tuning")
+    value: float
+    low: float | None = None
+    high: float | None = None
+    kind: str = "run"         # "run": dot + interval bar; "mean": diamond; "reference": cross
+
+
+FOREST_MARKERS = {"run": "o", "mean": "D", "reference": "X"}
+FOREST_KIND_LABELS = {"run": "one run, 95% CI", "mean": "mean over seeds", "reference": "reference"}
+
+
+def save_forest_plot(points: Sequence[ForestPoint], path: str | Path, *, xlabel: str, title: str,
+                     zero_line: bool = False) -> tuple[Path, Path]:
+    """Write a forest plot as ``<path>.png`` and ``<path>.svg``; returns both paths.
+
+    One row per distinct ``row`` (top to bottom in first-seen order); within a row each
+    series sits on its own line, side by side, and several runs of one series (seeds) are
+    spread a little so their intervals do not overlap.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.lines import Line2D
+
+    if not points:
+        raise ValueError("save_forest_plot: nothing to plot")
+    rows = list(dict.fromkeys(p.row for p in points))
+    series = list(dict.fromkeys(p.series for p in points if p.kind != "reference"))
+    colours = dict(zip(series, _palette(len(series))))
+    band = 0.8 / max(len(series), 1)  # each series' share of a row's height
+
+    height = 1.2 + 0.22 * len(rows) * max(len(series), 1) + 0.25 * len(rows)
+    longest = max(len(r) for r in rows)
+    fig = Figure(figsize=(7.5 + 0.07 * longest, max(3.0, height)), dpi=ROC_DPI)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    for i, row in enumerate(rows):
+        y0 = len(rows) - 1 - i
+        if i % 2 == 0:  # light banding keeps a row's series together for the eye
+            ax.axhspan(y0 - 0.5, y0 + 0.5, color="0.94", zorder=0)
+        for j, name in enumerate(series):
+            mine = [p for p in points if p.row == row and p.series == name]
+            runs = [p for p in mine if p.kind == "run"]
+            centre = y0 + 0.4 - band * (j + 0.5)
+            spread = np.linspace(-band * 0.3, band * 0.3, len(runs)) if len(runs) > 1 else [0.0]
+            for p, dy in zip(runs, spread):
+                y = centre + dy
+                if p.low is not None and p.high is not None:
+                    ax.plot([p.low, p.high], [y, y], color=colours[name], linewidth=1.8, zorder=2)
+                ax.plot([p.value], [y], marker="o", color=colours[name], markersize=5, zorder=3)
+            for p in mine:
+                if p.kind == "mean":
+                    ax.plot([p.value], [centre], marker="D", markerfacecolor="white",
+                            markeredgecolor=colours[name], markeredgewidth=1.6, markersize=7,
+                            zorder=4)
+        for p in points:
+            if p.row == row and p.kind == "reference":
+                ax.plot([p.value], [y0], marker="X", color="black", markersize=8, zorder=5)
+    if zero_line:
+        ax.axvline(0.0, color="black", linewidth=0.9, linestyle="--", zorder=1)
+    ax.set_yticks(range(len(rows)))
+    ax.set_yticklabels(list(reversed(rows)))
+    ax.set_ylim(-0.6, len(rows) - 0.4)
+    ax.set_xlabel(xlabel)
+    ax.set_title(title)
+    ax.grid(True, axis="x", linewidth=0.3, alpha=0.6)
+    handles = [Line2D([], [], color=colours[s], marker="o", linewidth=1.8) for s in series]
+    labels = list(series)
+    kinds = {p.kind for p in points}
+    if kinds != {"run"}:  # the marker key only helps when markers mean different things
+        handles.append(Line2D([], [], color="grey", marker="o", linewidth=1.8))
+        labels.append(FOREST_KIND_LABELS["run"])
+    if "mean" in kinds:
+        handles.append(Line2D([], [], linestyle="", marker="D", markerfacecolor="white",
+                              markeredgecolor="grey", markeredgewidth=1.6))
+        labels.append(FOREST_KIND_LABELS["mean"])
+    if "reference" in kinds:
+        handles.append(Line2D([], [], linestyle="", marker="X", color="black"))
+        labels.append(FOREST_KIND_LABELS["reference"])
+    ax.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, -0.12 - 0.6 / height),
+              ncol=min(len(labels), 3), fontsize="small", frameon=False)
+    fig.tight_layout()
+
+    path = Path(path)
+    png, svg = path.with_suffix(".png"), path.with_suffix(".svg")
+    atomic_write(png, lambda tmp: fig.savefig(tmp, format="png", dpi=ROC_DPI))
+    atomic_write(svg, lambda tmp: fig.savefig(tmp, format="svg"))
+    return png, svg

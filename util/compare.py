@@ -1,0 +1,267 @@
+"""Paired comparison of two runs on the same test images: AUROC differences with intervals and tests.
+
+    python -m util.compare output_dir/nih_1_lora output_dir/nih_1_full
+    python -m util.compare RUN_A RUN_B --out cmp/ --resamples 2000 --plot
+
+RUN_A and RUN_B are run folders (their ``predictions_<split>.csv``) or prediction CSV files
+as the training script writes them: ``path``, one probability column per class, then one
+``label_<class>`` column per class. The two are joined on the image path; they must hold
+the same images, the same classes in the same order and the same labels, or the
+comparison is refused with the mismatch named.
+
+Per class and for the mean AUROC: each run's AUROC, the difference A - B, its paired
+stratified-bootstrap interval and p-value (both runs scored on the same resamples, see
+``util.stats``), and per class DeLong's paired test. The p-values are per class and not
+adjusted for multiple comparisons. ``--out DIR`` writes ``comparison.{md,csv,json}`` (and
+``comparison_forest.{png,svg}`` with ``--plot``); the markdown is always printed.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from util.io import atomic_write, write_json
+from util.stats import DEFAULT_RESAMPLES, paired_comparison
+
+LABEL_PREFIX = "label_"
+SHOWN = 3  # examples named in a mismatch message
+
+
+class ComparisonError(ValueError):
+    """Two prediction files that cannot be compared image by image."""
+
+
+@dataclass
+class Predictions:
+    """One run's per-image predictions."""
+
+    source: Path
+    name: str
+    paths: list[str]
+    class_names: list[str]
+    probs: np.ndarray    # (N, K) float64
+    targets: np.ndarray  # (N, K) int
+
+
+def predictions_file(run: str | Path, split: str = "test") -> Path:
+    """The predictions CSV of a run folder, or the file itself."""
+    run = Path(run)
+    if run.is_dir():
+        path = run / f"predictions_{split}.csv"
+        if not path.is_file():
+            raise FileNotFoundError(f"{run}: no predictions_{split}.csv in this run folder")
+        return path
+    if not run.is_file():
+        raise FileNotFoundError(f"run not found: {run} (a run folder or a predictions CSV)")
+    return run
+
+
+def read_predictions(path: str | Path, name: str | None = None) -> Predictions:
+    """Read and check a predictions CSV (``path``, K probabilities, K ``label_`` columns)."""
+    path = Path(path)
+    with open(path, newline="") as f:
+        reader = csv.reader(f)
+        header = next(reader, None)
+        if not header or header[0] != "path":
+            raise ComparisonError(f"{path}: the header must start with 'path' (a predictions CSV "
+                                  "of this tool)")
+        k = (len(header) - 1) // 2
+        classes, labels = header[1:1 + k], header[1 + k:]
+        if len(header) != 1 + 2 * k or k == 0 or labels != [LABEL_PREFIX + c for c in classes]:
+            raise ComparisonError(f"{path}: expected columns path, <class>..., label_<class>... "
+                                  f"with the same classes, found {header}")
+        paths, probs, targets = [], [], []
+        for line, cells in enumerate(reader, start=2):
+            if len(cells) != len(header):
+                raise ComparisonError(f"{path}, line {line}: {len(cells)} cells, expected {len(header)}")
+            try:
+                probs.append([float(c) for c in cells[1:1 + k]])
+                targets.append([int(c) for c in cells[1 + k:]])
+            except ValueError as err:
+                raise ComparisonError(f"{path}, line {line}: {err}") from err
+            paths.append(cells[0])
+    seen: dict[str, int] = {}
+    for i, p in enumerate(paths):
+        if p in seen:
+            raise ComparisonError(f"{path}: image {p} appears twice (lines {seen[p] + 2} and {i + 2})")
+        seen[p] = i
+    default = path.parent.name if path.name.startswith("predictions_") else path.stem
+    return Predictions(path, name or default, paths, classes,
+                       np.array(probs, dtype=np.float64).reshape(-1, k),
+                       np.array(targets, dtype=int).reshape(-1, k))
+
+
+def align(a: Predictions, b: Predictions) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(targets, probs_a, probs_b) on A's image order, or a ComparisonError naming the mismatch."""
+    if a.class_names != b.class_names:
+        raise ComparisonError(f"the runs have different classes: {a.source} has {a.class_names}, "
+                              f"{b.source} has {b.class_names}")
+    index_b = {p: i for i, p in enumerate(b.paths)}
+    only_a = [p for p in a.paths if p not in index_b]
+    only_b = sorted(set(b.paths) - set(a.paths))
+    if only_a or only_b:
+        parts = []
+        for src, only in ((a.source, only_a), (b.source, only_b)):
+            if only:
+                parts.append(f"{len(only)} only in {src} (e.g. {', '.join(only[:SHOWN])})")
+        raise ComparisonError("the runs were tested on different images: " + "; ".join(parts))
+    order = np.array([index_b[p] for p in a.paths], dtype=np.int64)
+    targets_b = b.targets[order]
+    differ = np.argwhere(a.targets != targets_b)
+    if len(differ):
+        i, k = differ[0]
+        raise ComparisonError(f"the runs' labels differ on {len(np.unique(differ[:, 0]))} images, "
+                              f"e.g. {a.paths[i]} {a.class_names[k]}: {a.targets[i, k]} in "
+                              f"{a.source}, {targets_b[i, k]} in {b.source}")
+    return a.targets, a.probs, b.probs[order]
+
+
+def compare(a: Predictions, b: Predictions, resamples: int = DEFAULT_RESAMPLES,
+            seed: int = 0) -> dict[str, Any]:
+    """The paired comparison A - B (``util.stats.paired_comparison``) with both runs named."""
+    targets, probs_a, probs_b = align(a, b)
+    result = paired_comparison(targets, probs_a, probs_b, a.class_names, resamples=resamples,
+                               seed=seed)
+    return {"run_a": a.name, "run_b": b.name, "file_a": str(a.source), "file_b": str(b.source),
+            **result}
+
+
+def _x100(value: Any, digits: int = 1) -> str:
+    return "" if value is None else f"{100 * value:.{digits}f}"
+
+
+def _p(value: Any, resamples: int | None = None) -> str:
+    """A p-value with 4 decimals; a bootstrap p at its floor 2 / (B + 1) reads '<=floor'."""
+    if value is None:
+        return ""
+    if resamples and value <= 2 / (resamples + 1) + 1e-12:
+        return f"<={value:.4f}"
+    return "<0.0001" if value < 1e-4 else f"{value:.4f}"
+
+
+def table_rows(result: dict[str, Any]) -> list[dict[str, str]]:
+    """Per-class rows then the mean: AUROCs and difference x100, interval, p-values."""
+    rows = []
+    for name, r in [*result["classes"].items(), ("mean", result["mean"])]:
+        rows.append({
+            "class": name, "n_pos": str(r.get("n_pos", "")), "auroc_a": _x100(r["auroc_a"], 2),
+            "auroc_b": _x100(r["auroc_b"], 2), "diff": _x100(r["diff"], 2),
+            "ci_low": _x100(r["ci_low"], 2), "ci_high": _x100(r["ci_high"], 2),
+            "p_bootstrap": _p(r["p_bootstrap"], result["n_resamples"]), "delong_z": "" if r.get("delong_z") is None
+            else f"{r['delong_z']:.3f}", "delong_p": _p(r.get("delong_p")), "note": r["note"] or "",
+        })
+    return rows
+
+
+def to_markdown(result: dict[str, Any]) -> str:
+    """The comparison as a markdown table with a line on the method and the notes."""
+    a, b = result["run_a"], result["run_b"]
+    level = round(100 * result["level"])
+    out = [f"# {a} vs {b}: test AUROC (x100), paired over {result['n_images']} images", "",
+           f"| class | A | B | A - B | {level}% CI (bootstrap) | p (bootstrap) | p (DeLong) |",
+           "|---|---:|---:|---:|---:|---:|---:|"]
+    for row in table_rows(result):
+        ci = f"[{row['ci_low']}, {row['ci_high']}]" if row["ci_low"] else "n/a"
+        cells = [row["auroc_a"] or "n/a", row["auroc_b"] or "n/a", row["diff"] or "n/a", ci,
+                 row["p_bootstrap"] or "n/a",
+                 "" if row["class"] == "mean" else row["delong_p"] or "n/a"]
+        if row["class"] == "mean":
+            out.append("| **mean** | " + " | ".join(f"**{c}**" if c else "" for c in cells) + " |")
+        else:
+            out.append(f"| {row['class']} | " + " | ".join(cells) + " |")
+    out += ["", f"A = {a} ({result['file_a']}), B = {b} ({result['file_b']}).",
+            f"{result['bootstrap']}; {result['n_resamples']} resamples, seed {result['seed']}. "
+            f"{result['delong']}. p-values are not adjusted for multiple comparisons.", ""]
+    for name, r in [*result["classes"].items(), ("mean", result["mean"])]:
+        if r["note"]:
+            out.append(f"- {name}: {r['note']}.")
+    if result["n_dropped"]:
+        out.append(f"- {result['n_dropped']} images without a finite prediction in either run "
+                   "were left out.")
+    return "\n".join(out).rstrip() + "\n"
+
+
+def write_outputs(result: dict[str, Any], out_dir: str | Path, plot: bool = False) -> list[Path]:
+    """Write comparison.{md,csv,json} (and the forest plot) into ``out_dir``; returns the paths."""
+    out_dir = Path(out_dir)
+    rows = table_rows(result)
+    md, csv_path, js = (out_dir / f"comparison.{ext}" for ext in ("md", "csv", "json"))
+    markdown = to_markdown(result)
+    atomic_write(md, lambda tmp: Path(tmp).write_text(markdown))
+
+    def write_csv(tmp: str) -> None:
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+
+    atomic_write(csv_path, write_csv)
+    write_json(js, result)
+    written = [md, csv_path, js]
+    if plot:
+        written += list(save_difference_plot(result, out_dir / "comparison_forest"))
+    return written
+
+
+def save_difference_plot(result: dict[str, Any], path: str | Path) -> tuple[Path, Path]:
+    """Forest plot of A - B per class and for the mean, with its interval and a zero line."""
+    from util.reports import ForestPoint, save_forest_plot
+
+    series = f"{result['run_a']} - {result['run_b']}"
+    points = []
+    for name, r in [*result["classes"].items(), ("mean AUROC", result["mean"])]:
+        if r["diff"] is None:
+            continue
+        if r["ci_low"] is None:
+            points.append(ForestPoint(row=f"{name} (no CI)", series=series, value=100 * r["diff"]))
+        else:
+            points.append(ForestPoint(row=name, series=series, value=100 * r["diff"],
+                                      low=100 * r["ci_low"], high=100 * r["ci_high"]))
+    level = round(100 * result["level"])
+    return save_forest_plot(points, path, xlabel=f"difference in test AUROC x100 (A - B), "
+                            f"{level}% paired bootstrap CI",
+                            title=f"{result['run_a']} vs {result['run_b']}", zero_line=True)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command line: print the markdown comparison, optionally write it; 2 on bad input."""
+    parser = argparse.ArgumentParser(
+        prog="python -m util.compare",
+        description="Paired comparison of two runs' test predictions (bootstrap and DeLong).")
+    parser.add_argument("run_a", metavar="RUN_A", help="run folder or predictions CSV")
+    parser.add_argument("run_b", metavar="RUN_B", help="run folder or predictions CSV")
+    parser.add_argument("--out", default=None, help="write comparison.{md,csv,json} into this folder")
+    parser.add_argument("--resamples", type=int, default=DEFAULT_RESAMPLES,
+                        help="bootstrap resamples (0: DeLong only)")
+    parser.add_argument("--seed", type=int, default=0, help="bootstrap seed")
+    parser.add_argument("--split", default="test", help="which predictions_<split>.csv of a run folder")
+    parser.add_argument("--plot", action="store_true",
+                        help="also write comparison_forest.{png,svg} (needs --out)")
+    args = parser.parse_args(argv)
+    if args.plot and args.out is None:
+        parser.error("--plot needs --out DIR")
+    if args.resamples < 0:
+        parser.error(f"--resamples must be >= 0, got {args.resamples}")
+    try:
+        a = read_predictions(predictions_file(args.run_a, args.split))
+        b = read_predictions(predictions_file(args.run_b, args.split))
+        if a.name == b.name:  # two runs from folders of the same name: keep them apart
+            a.name, b.name = str(a.source.parent), str(b.source.parent)
+        result = compare(a, b, resamples=args.resamples, seed=args.seed)
+    except (FileNotFoundError, ComparisonError) as err:
+        parser.error(str(err))
+    print(to_markdown(result), end="")
+    if args.out is not None:
+        written = write_outputs(result, args.out, plot=args.plot)
+        print("wrote " + ", ".join(str(p) for p in written))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
