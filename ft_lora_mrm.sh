@@ -1,15 +1,21 @@
 #!/usr/bin/env bash
-# LoRA fine-tuning from MRM weights with the paper's recipe (SGD, absolute lr, 100 epochs).
+# LoRA fine-tuning from MRM weights with the paper's recipe (paper README table: SGD,
+# absolute lr, 100 epochs).
 # Edit the variables (or set them in the environment); extra arguments pass through:
 #   DATA_PATH=data/NIH_ChestX-ray DATASET=nih DATA_SIZE=1 NGPUS=4 ./ft_lora_mrm.sh --note try1
+#   SEEDS="0 1 2" ./ft_lora_mrm.sh        # three runs, one after another
+#   DRY_RUN=1 ./ft_lora_mrm.sh            # print the command only
+# docs/REPRODUCE.md lists the command for each of the paper's settings.
 set -euo pipefail
 cd "$(dirname "$0")"
 
 DATA_PATH=${DATA_PATH:-./data/NIH_ChestX-ray}          # folder with the images (+ split files)
 DATASET=${DATASET:-nih}                                # nih | chexpert | rsna
 DATA_SIZE=${DATA_SIZE:-1}                              # 1 | 10 | 100 (% of the training labels)
-WEIGHTS=${WEIGHTS:-./pretrained_weights/MRM.pth}
+WEIGHTS=${WEIGHTS:-./pretrained_weights/MRM.pth}       # see pretrained_weights/README.md
 NGPUS=${NGPUS:-1}                                      # processes on this node (GPUs)
+GLOBAL_BATCH=${GLOBAL_BATCH:-64}                       # the paper's; split over the processes
+SEEDS=${SEEDS:-0}                                      # e.g. "0 1 2": one run per seed
 # Multi-node: also NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT (see scripts/torchrun_launch.sh).
 OUTPUT_DIR=${OUTPUT_DIR:-./output_dir/}
 
@@ -18,6 +24,7 @@ OUTPUT_DIR=${OUTPUT_DIR:-./output_dir/}
 source scripts/torchrun_launch.sh
 launch \
      --preset "${DATASET}-${DATA_SIZE}-mrm" \
+     --method lora \
      --model vit_base_patch16_lora \
      --finetune "$WEIGHTS" \
      --data_path "$DATA_PATH" \

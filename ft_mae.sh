@@ -1,26 +1,33 @@
 #!/usr/bin/env bash
-# Full fine-tuning (the paper's FFT baseline) from CXR_MAE weights with the paper's recipe (AdamW, layer decay 0.65,
-# RandAugment, random erasing).
-# The presets hold the paper's LoRA settings; full fine-tuning reuses that recipe (its rank
-# is ignored): override --lr / --blr / --epochs for your own FFT schedule.
+# Full fine-tuning (the paper's FFT baseline) from CXR_MAE weights with the paper's own FFT
+# recipe: its ft_cxrmae.sh, written for NIH 1% (AdamW, base lr 5e-4, 400 epochs, warmup 5,
+# layer decay 0.65, weight decay 0.05, drop path 0.1, RandAugment, random erasing 0.25,
+# batch 64). The paper publishes no FFT recipe for the other settings; there the preset
+# keeps that recipe with the epochs of the paper's LoRA preset for the same setting, and
+# the run's config.json says so (preset_source). docs/REPRODUCE.md has the details;
+# override any value with its flag.
 # Edit the variables (or set them in the environment); extra arguments pass through:
 #   DATA_PATH=data/NIH_ChestX-ray DATASET=nih DATA_SIZE=1 NGPUS=4 ./ft_mae.sh --note try1
+#   SEEDS="0 1 2" ./ft_mae.sh             # three runs, one after another
+#   DRY_RUN=1 ./ft_mae.sh                 # print the command only
 set -euo pipefail
 cd "$(dirname "$0")"
 
 DATA_PATH=${DATA_PATH:-./data/NIH_ChestX-ray}          # folder with the images (+ split files)
 DATASET=${DATASET:-nih}                                # nih | chexpert | rsna
 DATA_SIZE=${DATA_SIZE:-1}                              # 1 | 10 | 100 (% of the training labels)
-WEIGHTS=${WEIGHTS:-./pretrained_weights/CXR_MAE.pth}
+WEIGHTS=${WEIGHTS:-./pretrained_weights/CXR_MAE.pth}   # see pretrained_weights/README.md
 NGPUS=${NGPUS:-1}                                      # processes on this node (GPUs)
+GLOBAL_BATCH=${GLOBAL_BATCH:-64}                       # the paper's; split over the processes
+SEEDS=${SEEDS:-0}                                      # e.g. "0 1 2": one run per seed
 # Multi-node: also NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT (see scripts/torchrun_launch.sh).
 OUTPUT_DIR=${OUTPUT_DIR:-./output_dir/}
 
-# The preset fills the paper's settings for this data set and size (AdamW, epochs, base lr
-# and rank per setting, layer decay 0.65, weight decay 0.05, random erasing 0.25, batch 64).
+# --method full selects the full fine-tuning preset (not the LoRA one) of this setting.
 source scripts/torchrun_launch.sh
 launch \
      --preset "${DATASET}-${DATA_SIZE}-cxr_mae" \
+     --method full \
      --model vit_base_patch16 \
      --finetune "$WEIGHTS" \
      --data_path "$DATA_PATH" \
