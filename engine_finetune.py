@@ -5,6 +5,7 @@ import contextlib
 import logging
 import math
 import sys
+import time
 from typing import Callable, Iterable, Sequence
 
 import numpy as np
@@ -24,6 +25,57 @@ class NonFiniteLossError(RuntimeError):
 
 
 AMP_CHOICES = ("auto", "bf16", "fp16", "none")
+COMPILE_CHOICES = ("auto", "on", "off")
+
+
+class CompiledModule(nn.Module):
+    """``torch.compile`` of a module that falls back to the eager module, with one warning,
+    when compiling fails; logs how long the first (compiling) call took.
+
+    The compiled and eager paths share the wrapped module's parameters, so merging LoRA,
+    loading weights or DDP see one model.
+    """
+
+    def __init__(self, module: nn.Module, backend: str = "inductor", name: str = "model") -> None:
+        super().__init__()
+        self.module = module
+        self.name = name
+        self._compiled = torch.compile(module, backend=backend)
+        self.failed = False
+        self.compile_seconds: float | None = None
+
+    def forward(self, *args, **kwargs):
+        if self.failed:
+            return self.module(*args, **kwargs)
+        first = self.compile_seconds is None
+        start = time.perf_counter()
+        try:
+            out = self._compiled(*args, **kwargs)
+        except Exception as err:  # noqa: BLE001 -- any backend failure: fall back, say it once
+            if not (first or _is_compile_error(err)):
+                raise
+            self.failed = True
+            logger.warning("torch.compile of the %s model failed (%s: %s); continuing eager",
+                           self.name, type(err).__name__, str(err).splitlines()[0][:200] if str(err) else "")
+            return self.module(*args, **kwargs)
+        if first:
+            self.compile_seconds = time.perf_counter() - start
+            logger.info("torch.compile: first %s call (compiling) took %.1f s", self.name,
+                        self.compile_seconds)
+        return out
+
+    def __getattr__(self, name: str):
+        # Attributes of the wrapped module show through (e.g. DDP's no_sync).
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.module, name)
+
+
+def _is_compile_error(err: BaseException) -> bool:
+    """Whether an exception comes from dynamo / inductor rather than from the model itself."""
+    module = type(err).__module__ or ""
+    return module.startswith(("torch._dynamo", "torch._inductor")) or "BackendCompilerFailed" in type(err).__name__
 
 
 def cpu_has_fast_bf16() -> bool:
@@ -61,6 +113,12 @@ def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.Abst
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
+def _clock(seconds: float) -> str:
+    """h:mm:ss for progress lines."""
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
 def _progress(iterable: Iterable, total: int, desc: str, enabled: bool) -> Iterable:
     # A bar only on an interactive terminal: logs stay free of carriage-return noise.
     if not enabled or not sys.stderr.isatty():
@@ -86,6 +144,7 @@ def train_one_epoch(
     progress: bool = True,
     params: Sequence[torch.Tensor] | None = None,
     batch_transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    progress_freq: int = 100,
 ) -> dict[str, float]:
     """Train for one epoch with BCE-with-logits; returns mean loss and the last lr.
 
@@ -93,6 +152,8 @@ def train_one_epoch(
     (per-iteration warmup + cosine). The loss is read back to the host only every
     ``log_freq`` steps, so the device is not synchronised on every step.
     ``batch_transform`` runs on the device after the copy (e.g. ``DeviceAugment``).
+    Without a terminal (a log file, a batch job), ``progress`` logs a line every
+    ``progress_freq`` steps with the image rate and the epoch's ETA instead of a bar.
     """
     model.train()
     n_steps = steps_per_epoch or len(loader)  # type: ignore[arg-type]
@@ -103,7 +164,15 @@ def train_one_epoch(
     lr = float("nan")
     optimizer.zero_grad(set_to_none=True)
     bar = _progress(loader, n_steps, f"epoch {epoch}", progress)
+    lines = progress and not hasattr(bar, "set_postfix")
+    start, seen = time.perf_counter(), 0
     for step, (images, targets) in enumerate(bar):
+        seen += len(images)
+        if lines and (step + 1) % progress_freq == 0 and step + 1 < n_steps:
+            elapsed = time.perf_counter() - start
+            eta = elapsed / (step + 1) * (n_steps - step - 1)
+            logger.info("epoch %d: step %d/%d, %.1f images/s, epoch ETA %s", epoch, step + 1,
+                        n_steps, seen / max(elapsed, 1e-9), _clock(eta))
         if step % accum_iter == 0:
             lr = set_lr(epoch + step / n_steps)
         images = images.to(device, non_blocking=True)

@@ -31,9 +31,12 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, S
 import datasets
 import lora
 import models_vit_lora as mv
-from engine_finetune import AMP_CHOICES, NonFiniteLossError, evaluate, resolve_amp, train_one_epoch
+from engine_finetune import (AMP_CHOICES, COMPILE_CHOICES, CompiledModule, NonFiniteLossError,
+                             evaluate, resolve_amp, train_one_epoch)
 from util import checkpoint as ckpt
 from util.lr_sched import adjust_learning_rate
+from util.io import OutputError, json_safe
+from util.runfolder import RunFolder, RunFolderError, probe_writable
 from util.misc import DistInfo, git_commit, init_distributed, rng_state, seed_everything, setup_logging
 from util.optim import build_optimizer
 from util.presets import PRESETS
@@ -45,54 +48,87 @@ DEMO_DEFAULTS: dict[str, Any] = dict(
     data_path=str(ROOT / "demo_data"), dataset="nih", model="vit_tiny_patch16_lora",
     input_size=112, epochs=8, batch_size=32, optimizer="sgd", lr=0.3, warmup_epochs=1,
     weight_decay=0.0, reprob=0.0, norm="mrm", data_size="100%", num_workers=2,
-    output_dir=str(ROOT / "output_dir"), run_name="demo", lora_rank=8, lora_dropout=0.0,
-    drop_path=0.0, overwrite=True,
+    output_dir=str(ROOT / "output_dir"), lora_rank=8, lora_dropout=0.0, drop_path=0.0,
+    overwrite=True,
 )
-# What a run writes into its folder: removed first when --overwrite replaces an old run.
-RUN_FILES = ("log.txt", "train.log", "config.json", "checkpoint-best.*", "checkpoint-last.*",
-             "results_*.json", "results_*_auroc.*", "predictions_*.csv", "roc_*.png",
-             "logs/events.out.tfevents.*")
+# The demo's run folder is output_dir/demo-<data set kind>: the NIH and RSNA demos keep apart.
+DEMO_RUN_PREFIX = "demo-"
+# The automatic run name includes these when they differ from the paper's defaults.
+AUTO_NAME_DEFAULTS = {"lora_pos": "attn", "input_size": 224}
+# Compiling pays off (CUDA, --compile auto) from about this many optimiser steps in a run.
+COMPILE_AUTO_MIN_STEPS = 5000
 
 
 class ArgumentError(ValueError):
     """A flag value or combination that cannot run."""
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Each flag's default once, and none for on/off switches (their help says it)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.nargs == 0 or action.default is None or "%(default)" in (action.help or ""):
+            return action.help or ""
+        return super()._get_help_string(action)
+
+
+class Parser(argparse.ArgumentParser):
+    """Errors are one line and a pointer to --help, not an 80-line usage block."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message}\n(see {self.prog} --help)\n")
+
+
 def get_args_parser() -> argparse.ArgumentParser:
     """All flags of the paper's scripts (same meaning) plus this tool's own."""
-    p = argparse.ArgumentParser("LoRA fine-tuning of chest X-ray foundation models",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = Parser(prog="main_finetune_lora.py",
+               description="LoRA (or full, or linear-probe) fine-tuning of chest X-ray foundation "
+                           "models, with the paper's recipes (--preset).",
+               formatter_class=HelpFormatter)
     g = p.add_argument_group("run")
     g.add_argument("--preset", choices=sorted(PRESETS), default=None,
-                   help="the paper's hyper-parameters for one of its 18 settings; explicit flags win")
+                   help="the paper's hyper-parameters for one of its 18 settings (with --method "
+                        "full: its full fine-tuning recipe); explicit flags win")
     g.add_argument("--demo", action="store_true",
                    help="synthetic demo data + tiny ViT (the default when --data_path is not given)")
     g.add_argument("--output_dir", default="./output_dir", help="parent folder of the run folder")
     g.add_argument("--run_name", default="auto",
-                   help="run folder inside --output_dir; 'auto' names it after the settings as the "
-                        "paper's code does; '' uses --output_dir itself")
+                   help="run folder inside --output_dir; 'auto' names it after the data set, "
+                        "label fraction, weights, method, recipe and seed; '' uses --output_dir itself")
     g.add_argument("--log_dir", default=None, help="TensorBoard folder (default: <run>/logs)")
     g.add_argument("--overwrite", action="store_true",
-                   help="allow a run folder that already holds another run")
-    g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    g.add_argument("--seed", default=0, type=int)
+                   help="replace the run in the run folder (only the files that run wrote are removed)")
+    g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="training device (cuda, cuda:1, cpu, ...)")
+    g.add_argument("--seed", default=0, type=int, help="seed of the run (data order, augmentation, init)")
     g.add_argument("--resume", default="",
-                   help="checkpoint to continue from (checkpoint-last), or 'auto' for the run "
+                   help="checkpoint to continue from (<run>/checkpoint-last), or 'auto' for the run "
                         "folder's own; with --eval: the checkpoint to evaluate")
-    g.add_argument("--start_epoch", default=0, type=int)
-    g.add_argument("--eval", action="store_true", help="evaluate --resume on the test split only")
-    g.add_argument("--eval_split", default="test", choices=["val", "test"])
+    g.add_argument("--start_epoch", default=0, type=int,
+                   help="first epoch of a fresh run (a resume takes it from the checkpoint)")
+    g.add_argument("--eval", action="store_true",
+                   help="only evaluate --resume on --eval_split of --data_path; results go to "
+                        "<checkpoint folder>/eval/<name> (or --output_dir), never over the "
+                        "training run's own files")
+    g.add_argument("--eval_split", default="test", choices=["val", "test"],
+                   help="the split --eval evaluates")
+    g.add_argument("--eval_name", default=None,
+                   help="name of the --eval output folder <checkpoint folder>/eval/<name> (default: "
+                        "data folder and split file); with --output_dir, a folder inside it")
     g.add_argument("--dist_eval", action="store_true",
                    help="kept for the paper's scripts: multi-process evaluation is always "
                         "distributed and gathered exactly")
     g.add_argument("--valid_freq", type=int, default=1, help="validate every N epochs")
     g.add_argument("--log_freq", type=int, default=10, help="log the train loss every N steps")
-    g.add_argument("--no_progress", action="store_true", help="no progress bar")
-    g.add_argument("--note", type=str, default="", help="appended to the run folder name")
+    g.add_argument("--progress_freq", type=int, default=100,
+                   help="without a terminal: a progress line (images/s, ETA) every N steps")
+    g.add_argument("--no_progress", action="store_true", help="no progress bar or progress lines")
+    g.add_argument("--note", type=str, default="", help="appended to the automatic run folder name")
     g.add_argument("--script", type=str, default="", help="launch script, copied into the run")
 
     g = p.add_argument_group("model")
-    g.add_argument("--model", default="vit_base_patch16_lora", choices=sorted(mv.MODELS))
+    g.add_argument("--model", default="vit_base_patch16_lora", choices=sorted(mv.MODELS),
+                   help="architecture; *_lora variants inject LoRA adapters")
     g.add_argument("--method", default=None, choices=list(ckpt.METHODS),
                    help="lora | full (fine-tuning) | linear (probe); default: lora for *_lora "
                         "models, full otherwise")
@@ -101,48 +137,65 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="DANGEROUS: unpickle --finetune without the weights-only guard")
     g.add_argument("--depth", default=None, type=int,
                    help="number of transformer blocks, if not the architecture's (small tests)")
-    g.add_argument("--input_size", default=224, type=int)
-    g.add_argument("--drop_path", type=float, default=0.1)
+    g.add_argument("--input_size", default=224, type=int, help="image side in pixels (multiple of 16)")
+    g.add_argument("--drop_path", type=float, default=0.1, help="stochastic depth rate")
     g.set_defaults(global_pool=True)
     g.add_argument("--cls_token", action="store_false", dest="global_pool",
-                   help="classify from the cls token instead of mean-pooled patch tokens")
+                   help="classify from the cls token (off by default: the paper classifies from "
+                        "the mean of the patch tokens)")
     g.add_argument("--nb_classes", default=None, type=int,
                    help="number of classes (default: from the data set; checked against it)")
-    g.add_argument("--lora_rank", type=int, default=4)
-    g.add_argument("--lora_alpha", type=float, default=32.0)
-    g.add_argument("--lora_dropout", type=float, default=0.1)
+    g.add_argument("--lora_rank", type=int, default=4, help="LoRA rank r")
+    g.add_argument("--lora_alpha", type=float, default=32.0, help="LoRA alpha (scaling alpha / r)")
+    g.add_argument("--lora_dropout", type=float, default=0.1, help="dropout on the LoRA input")
     g.add_argument("--lora_pos", type=str, default="attn",
                    help=f"where to put adapters: {sorted(lora.POSITIONS)} or a comma list")
 
     g = p.add_argument_group("optimisation")
-    g.add_argument("--batch_size", default=64, type=int, help="per process")
+    g.add_argument("--batch_size", default=64, type=int,
+                   help="batch per process (with --global_batch: derived from it)")
+    g.add_argument("--global_batch", default=None, type=int,
+                   help="images per optimiser step over all processes; sets the per-process "
+                        "batch (and accumulation) so that any number of GPUs keeps the recipe")
     g.add_argument("--eval_batch_size", default=None, type=int, help="default: 4 x batch_size")
-    g.add_argument("--epochs", default=50, type=int)
-    g.add_argument("--accum_iter", default=1, type=int)
-    g.add_argument("--optimizer", default="sgd", choices=["sgd", "adamw"])
-    g.add_argument("--lr", type=float, default=None, help="absolute lr (sgd recipe)")
+    g.add_argument("--epochs", default=50, type=int, help="training epochs")
+    g.add_argument("--accum_iter", default=1, type=int, help="gradient accumulation steps")
+    g.add_argument("--optimizer", default="sgd", choices=["sgd", "adamw"],
+                   help="sgd (momentum 0.9) or adamw")
+    g.add_argument("--lr", type=float, default=None,
+                   help="absolute lr (sgd recipe); default: from --blr")
     g.add_argument("--blr", type=float, default=1e-3, help="lr = blr * effective batch / 256")
     g.add_argument("--layer_decay", type=float, default=0.75, help="layer-wise lr decay (adamw)")
-    g.add_argument("--min_lr", type=float, default=1e-6)
-    g.add_argument("--warmup_epochs", type=float, default=5)
-    g.add_argument("--weight_decay", type=float, default=0.05)
-    g.add_argument("--clip_grad", type=float, default=None)
+    g.add_argument("--min_lr", type=float, default=1e-6, help="floor of the cosine schedule")
+    g.add_argument("--warmup_epochs", type=float, default=5,
+                   help="linear warm-up epochs (capped at --epochs, with a note)")
+    g.add_argument("--weight_decay", type=float, default=0.05, help="weight decay")
+    g.add_argument("--clip_grad", type=float, default=None, help="clip the gradient norm to this")
     g.add_argument("--backbone_dtype", default="fp32", choices=["fp32", "bf16", "fp16"],
                    help="hold the frozen backbone in this dtype (half the memory, no per-step "
                         "cast); needs --amp of the same precision; LoRA and head stay fp32")
-    g.add_argument("--compile", action="store_true", help="torch.compile the training model")
+    g.add_argument("--compile", default="auto", nargs="?", const="on", choices=COMPILE_CHOICES,
+                   help="torch.compile the training and evaluation model: auto = on CUDA when "
+                        "the run has enough steps to earn back the compile time; a bare "
+                        "--compile means on")
+    g.add_argument("--compile_backend", default="inductor",
+                   help="torch.compile backend (aot_eager: quick checks without a compiler)")
     g.add_argument("--grad_checkpointing", action="store_true",
                    help="recompute block activations in backward (less memory, more compute)")
     g.add_argument("--amp", default="auto", choices=AMP_CHOICES,
                    help="auto: bf16 where the device computes it natively (recent GPUs, CPUs with "
-                        "AMX / AVX512-BF16), fp16 with loss scaling on older GPUs, else fp32")
+                        "AMX / AVX512-BF16), fp16 with loss scaling on older GPUs, else fp32; "
+                        "fp16 + GradScaler is the paper's exact mode")
 
     g = p.add_argument_group("data")
     g.add_argument("--data_path", default=None, help="data set folder (default: the demo set)")
     g.add_argument("--dataset", default=None, choices=list(datasets.DATASET_KINDS),
                    help="default: inferred from the --data_path folder name")
-    g.add_argument("--data_size", default="100%", choices=sorted(datasets.TRAIN_SPLIT_FILES))
+    g.add_argument("--data_size", default="100%", choices=sorted(datasets.TRAIN_SPLIT_FILES),
+                   help="fraction of the training labels: the train_1 / train_10 / train_list file")
     g.add_argument("--split_dir", default=None, help="folder of the split files")
+    g.add_argument("--allow_overlap", action="store_true",
+                   help="allow images that are both in the training split and in val / test")
     g.add_argument("--cache", default="auto", choices=["auto", "on", "off"],
                    help="read the preprocessed image cache (python -m datasets.cache)")
     g.add_argument("--skip_bad", action="store_true", help="skip unreadable images, and report them")
@@ -153,30 +206,32 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--device_aug", action="store_true",
                    help="sgd recipe: crop / flip / normalise uint8 batches on the training device "
                         "instead of in the loader workers")
-    g.add_argument("--aa", type=str, default="rand-m9-mstd0.5-inc1")
-    g.add_argument("--reprob", type=float, default=0.25)
-    g.add_argument("--remode", type=str, default="pixel")
-    g.add_argument("--recount", type=int, default=1)
-    g.add_argument("--num_workers", default=min(8, os.cpu_count() or 1), type=int)
+    g.add_argument("--aa", type=str, default="rand-m9-mstd0.5-inc1",
+                   help="RandAugment policy of the adamw recipe (timm syntax)")
+    g.add_argument("--reprob", type=float, default=0.25, help="random erasing probability (adamw recipe)")
+    g.add_argument("--remode", type=str, default="pixel", help="random erasing mode")
+    g.add_argument("--recount", type=int, default=1, help="random erasing count")
+    g.add_argument("--num_workers", default=min(8, os.cpu_count() or 1), type=int,
+                   help="data loading processes")
     g.add_argument("--pin_mem", action="store_true", default=torch.cuda.is_available(),
-                   help="pinned host memory for faster copies to the GPU")
-    g.add_argument("--no_pin_mem", action="store_false", dest="pin_mem")
+                   help="pinned host memory for faster copies to the GPU (on by default with CUDA)")
+    g.add_argument("--no_pin_mem", action="store_false", dest="pin_mem", help="no pinned memory")
 
     # Flags of the reference code kept so that its scripts run unchanged.
     g = p.add_argument_group("accepted for compatibility")
     for flag in ("--smoothing", "--mixup", "--cutmix"):
         g.add_argument(flag, type=float, default=0.0, help="must be 0 (multi-label BCE)")
     g.add_argument("--color_jitter", type=float, default=None, help="unused (RandAugment)")
-    g.add_argument("--resplit", action="store_true")
-    g.add_argument("--cutmix_minmax", type=float, nargs="+", default=None)
-    g.add_argument("--mixup_prob", type=float, default=1.0)
-    g.add_argument("--mixup_switch_prob", type=float, default=0.5)
-    g.add_argument("--mixup_mode", type=str, default="batch")
-    g.add_argument("--from_begin", action="store_true")
+    g.add_argument("--resplit", action="store_true", help="unused")
+    g.add_argument("--cutmix_minmax", type=float, nargs="+", default=None, help="unused")
+    g.add_argument("--mixup_prob", type=float, default=1.0, help="unused")
+    g.add_argument("--mixup_switch_prob", type=float, default=0.5, help="unused")
+    g.add_argument("--mixup_mode", type=str, default="batch", help="unused")
+    g.add_argument("--from_begin", action="store_true", help="unused")
     g.add_argument("--world_size", default=1, type=int, help="set by torchrun")
     g.add_argument("--local_rank", "--local-rank", default=-1, type=int, help="set by torchrun")
-    g.add_argument("--dist_on_itp", action="store_true")
-    g.add_argument("--dist_url", default="env://")
+    g.add_argument("--dist_on_itp", action="store_true", help="unused")
+    g.add_argument("--dist_url", default="env://", help="unused (torchrun sets the rendezvous)")
     return p
 
 
@@ -205,6 +260,7 @@ def resolve_args(args: argparse.Namespace, explicit: set[str]) -> argparse.Names
             if key not in explicit:
                 setattr(args, key, value)
 
+    args.notes = []  # said once in the log when the run starts
     if args.preset:
         fill(PRESETS[args.preset])
     args.demo = args.demo or (args.data_path is None and not args.eval)
@@ -215,6 +271,8 @@ def resolve_args(args: argparse.Namespace, explicit: set[str]) -> argparse.Names
         fill(demo)
         if args.finetune and "model" not in explicit:
             args.model = "vit_base_patch16_lora"
+        if args.resume and "overwrite" not in explicit:
+            args.overwrite = False  # --resume continues a demo run; it never restarts it
     if args.data_path is None:
         raise ArgumentError("--data_path is required with --eval (the data to evaluate on)")
 
@@ -243,8 +301,14 @@ def resolve_args(args: argparse.Namespace, explicit: set[str]) -> argparse.Names
             raise ArgumentError(f"--{flag} must be positive, got {getattr(args, flag)}")
     if args.input_size % 16:
         raise ArgumentError(f"--input_size {args.input_size} is not a multiple of the patch size 16")
-    if args.warmup_epochs < 0 or args.warmup_epochs > args.epochs:
-        raise ArgumentError(f"--warmup_epochs {args.warmup_epochs} must be in [0, --epochs]")
+    if args.warmup_epochs < 0:
+        raise ArgumentError(f"--warmup_epochs must not be negative, got {args.warmup_epochs}")
+    if args.warmup_epochs > args.epochs:
+        args.notes.append(f"--warmup_epochs {args.warmup_epochs:g} is longer than the run: capped "
+                          f"at --epochs {args.epochs}")
+        args.warmup_epochs = float(args.epochs)
+    if args.progress_freq <= 0:
+        raise ArgumentError(f"--progress_freq must be positive, got {args.progress_freq}")
     if args.eval and not args.resume:
         raise ArgumentError("--eval needs --resume <checkpoint> (the model to evaluate)")
     if args.finetune and not Path(args.finetune).is_file():
@@ -274,29 +338,66 @@ def resolve_args(args: argparse.Namespace, explicit: set[str]) -> argparse.Names
     return args
 
 
+def weights_name(finetune: str) -> str:
+    """A short name of the pre-trained weights for run names and tables ('random' without)."""
+    return Path(finetune).stem.lower() if finetune else "random"
+
+
 def run_folder(args: argparse.Namespace, eff_batch: int) -> Path:
-    """The run folder: named after the settings as the paper's code names it, or as given."""
-    if args.run_name == "auto":
-        name = (f"{args.model}_rank{args.lora_rank}_pos{args.lora_pos}_{args.data_size}_"
-                f"{args.optimizer}_{args.epochs}_{args.lr:g}_{eff_batch}_{args.note}").rstrip("_")
-        return Path(args.output_dir) / name.replace("%", "pct")
-    return Path(args.output_dir) / args.run_name if args.run_name else Path(args.output_dir)
+    """The run folder: named after what makes a run distinct, or as given.
+
+    The automatic name is <dataset>-<fraction>-<weights>-<method>[-r<rank>]-<optimizer>
+    -lr<lr>-e<epochs>-b<global batch>-s<seed>[-<note>]: runs that differ in data set, label
+    fraction, weights, method, recipe or seed never share a folder.
+    """
+    if args.run_name != "auto":
+        return Path(args.output_dir) / args.run_name if args.run_name else Path(args.output_dir)
+    method = args.method + (f"-r{args.lora_rank}" if args.method == "lora" else "")
+    if args.method == "lora" and args.lora_pos != AUTO_NAME_DEFAULTS["lora_pos"]:
+        method += f"-{args.lora_pos.replace(',', '+')}"
+    parts = [args.dataset or datasets.infer_dataset_kind(args.data_path),
+             args.data_size.replace("%", "pct"), weights_name(args.finetune), method,
+             f"{args.optimizer}-lr{args.lr:g}-e{args.epochs}-b{eff_batch}", f"s{args.seed}"]
+    if args.input_size != AUTO_NAME_DEFAULTS["input_size"]:
+        parts.insert(4, f"{args.input_size}px")
+    if args.note:
+        parts.append(args.note)
+    return Path(args.output_dir) / "_".join(parts)
 
 
-def check_run_folder(out: Path, args: argparse.Namespace) -> None:
-    """Refuse to write into a folder that holds another run, unless resuming or overwriting."""
-    markers = [m for m in ("config.json", "log.txt", "checkpoint-last.json") if (out / m).exists()]
-    if markers and not args.resume and not args.overwrite:
-        raise ArgumentError(f"output folder {out} already holds a run ({', '.join(markers)}): pass "
-                            "--resume auto to continue it, --overwrite to replace it, or another "
-                            "--output_dir / --note")
+RUN_MARKERS = ("config.json", "log.txt", "checkpoint-last.json", "commit.json")
 
 
-def clear_run_folder(out: Path) -> None:
-    """Remove an old run's own files (for --overwrite), so logs and checkpoints do not mix."""
-    for pattern in RUN_FILES:
-        for old in out.glob(pattern):
-            old.unlink()
+def run_in_folder(out: Path) -> dict | None:
+    """What the folder's existing run says about itself (its config.json), or None if no run."""
+    if not any((out / m).exists() for m in RUN_MARKERS):
+        return None
+    try:
+        return json.loads((out / "config.json").read_text()) or {}
+    except (OSError, ValueError):
+        return {}
+
+
+def check_run_folder(out: Path, args: argparse.Namespace, committed: dict | None) -> None:
+    """Refuse to write into a folder that holds another run, and say what would be right."""
+    old = run_in_folder(out)
+    if old is None or args.resume or args.overwrite:
+        return
+    old_args = old.get("args", {})
+    same = same_settings(old_args, args)
+    done = committed is not None and committed["epoch"] + 1 >= int(old_args.get("epochs", -1))
+    if not old_args:
+        hint = "choose another --output_dir / --run_name, or --overwrite to replace it"
+    elif not same:
+        hint = ("it is a different run (other settings): give this one another --run_name or "
+                "--note, or --overwrite to replace that run")
+    elif done:
+        hint = ("that run with these settings is complete: --overwrite to run it again, or "
+                "another --note / --seed for a new run beside it")
+    else:
+        hint = "that run with these settings did not finish: --resume auto continues it"
+    markers = [m for m in RUN_MARKERS if (out / m).exists()]
+    raise ArgumentError(f"output folder {out} already holds a run ({', '.join(markers)}): {hint}")
 
 
 class SeededSampler(Sampler):
@@ -398,17 +499,68 @@ def nan_to_none(d: dict[str, float]) -> dict[str, float | None]:
     return {k: (None if (v is None or math.isnan(v)) else float(v)) for k, v in d.items()}
 
 
+def default_eval_name(data_path: str | Path, split_file: str | Path) -> str:
+    """The --eval output folder's name: the data folder, the split folder if elsewhere, the split file."""
+    data, split = Path(data_path).resolve(), Path(split_file).resolve()
+    parts = [data.name]
+    if split.parent != data:
+        parts.append(split.parent.name)
+    parts.append(split.stem)
+    return "-".join(parts)
+
+
+def run_settings(args: argparse.Namespace, eff_batch: int, amp_dtype: torch.dtype | None) -> dict:
+    """What a trained checkpoint was trained with, beyond the model: kept in its JSON, so an
+    evaluation of it reports the training run's settings, not the evaluating command's."""
+    return {"dataset": args.dataset, "data_size": args.data_size, "seed": args.seed,
+            "preset": args.preset, "preset_source": getattr(args, "preset_source", None),
+            "optimizer": args.optimizer, "lr": args.lr, "epochs": args.epochs,
+            "global_batch": eff_batch, "precision": precision_name(amp_dtype),
+            "weights": weights_name(args.finetune), "cache": getattr(args, "cache_used", None)}
+
+
+def precision_name(amp_dtype: torch.dtype | None) -> str:
+    """bf16 / fp16 autocast or fp32, as recorded in config.json and the results."""
+    return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(amp_dtype, "fp32")
+
+
+def undefined_classes(targets: np.ndarray, class_names: list[str]) -> list[str]:
+    """Classes with a single label value in ``targets``: they have no AUROC."""
+    targets = np.asarray(targets)
+    if len(targets) == 0:
+        return list(class_names)
+    return [n for k, n in enumerate(class_names) if targets[:, k].min() == targets[:, k].max()]
+
+
+class _OnceFilter(logging.Filter):
+    """Lets each distinct message through once (a warning per class per epoch says nothing new)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: set[str] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = record.getMessage().split(" in the ")[0]
+        if msg in self.seen:
+            return False
+        self.seen.add(msg)
+        return True
+
+
 def test_and_report(args: argparse.Namespace, checkpoint: Path, out: Path, dist_info: DistInfo,
-                    device: torch.device, amp_dtype: torch.dtype | None) -> dict:
-    """Evaluate a saved checkpoint on the test (or val) split and write every report."""
+                    device: torch.device, amp_dtype: torch.dtype | None,
+                    dataset: datasets.ChestXrayDataset | None = None,
+                    folder: RunFolder | None = None, eval_info: dict | None = None) -> dict:
+    """Evaluate a saved checkpoint on the test (or val) split and write every report into ``out``.
+
+    The results carry the training run's settings from the checkpoint's JSON; every file
+    written is recorded in ``folder``'s list of the run's own files.
+    """
     model, config = ckpt.load_trained(checkpoint, pretrained=args.finetune or None, device=device,
                                       allow_unsafe_pickle=args.unsafe_load)
     lora.merge(model)  # inference at the cost of a plain ViT
-    transform = datasets.build_transform(is_train=False, recipe=config["eval_recipe"],
-                                         input_size=config["img_size"], norm=config["norm"])
-    dataset = datasets.build_dataset(args.eval_split, args.data_path, dataset=args.dataset,
-                                     transform=transform, split_dir=args.split_dir,
-                                     cache=args.cache, skip_bad=args.skip_bad)
+    if dataset is None:
+        dataset = build_eval_dataset(args, args.eval_split, config)
     if list(dataset.class_names) != list(config["class_names"]):
         raise ArgumentError(f"{checkpoint} was trained on classes {config['class_names']}, "
                             f"but {dataset.split_file} has {dataset.class_names}")
@@ -418,8 +570,10 @@ def test_and_report(args: argparse.Namespace, checkpoint: Path, out: Path, dist_
                      progress=not args.no_progress and dist_info.is_main)
     trainable, total = lora.count_parameters(model)  # load_trained restores the trained set
     split = args.eval_split
+    trained = config.get("run") or legacy_run_settings(checkpoint)
     results = {
-        "split": split, "dataset": dataset.kind, "data_size": args.data_size,
+        "split": split, "dataset": trained.get("dataset") or config.get("dataset") or dataset.kind,
+        "data_size": trained.get("data_size"), "seed": trained.get("seed"),
         "weights": Path(config["pretrained"]).stem if config.get("pretrained") else "none",
         "method": config["method"], "model": config["model"],
         "lora_rank": (config.get("lora") or {}).get("rank"),
@@ -428,9 +582,13 @@ def test_and_report(args: argparse.Namespace, checkpoint: Path, out: Path, dist_
         "num_images": stats["num_images"], "loss": stats["loss"],
         "mean_auroc": stats["mean_auroc"], "mean_auprc": stats["mean_auprc"],
         "auroc": nan_to_none(stats["auroc"]), "auprc": nan_to_none(stats["auprc"]),
+        "undefined_classes": undefined_classes(stats["targets"], list(dataset.class_names)),
         "class_names": list(dataset.class_names), "checkpoint": str(checkpoint),
-        "epoch": config.get("epoch"),
+        "epoch": config.get("epoch"), "training": trained,
+        "precision": precision_name(amp_dtype), "split_file": str(dataset.split_file),
     }
+    if eval_info:
+        results["evaluation"] = eval_info
     if dist_info.is_main:
         stem = f"results_{split}"
         ckpt.write_json(out / f"{stem}.json", results)
@@ -441,6 +599,12 @@ def test_and_report(args: argparse.Namespace, checkpoint: Path, out: Path, dist_
         reports.write_auroc_tables(results, out, stem=stem)
         reports.save_roc_curves(stats["targets"], stats["probs"], dataset.class_names,
                                 out / f"roc_{split}.png")
+        if folder is not None:
+            folder.record(*(p for p in out.iterdir() if p.is_file() and (
+                p.name.startswith((stem, f"predictions_{split}", f"roc_{split}")))))
+        if results["undefined_classes"]:
+            print(f"{split}: no AUROC for {', '.join(results['undefined_classes'])} (a single "
+                  "label value in the evaluated images); the mean is over the other classes")
         print(f"{split} mean AUROC {100 * results['mean_auroc']:.2f} over {results['num_images']} "
               f"images ({checkpoint})")
         table = out / f"{stem}_auroc.md"
@@ -449,34 +613,126 @@ def test_and_report(args: argparse.Namespace, checkpoint: Path, out: Path, dist_
     return results
 
 
+def legacy_run_settings(checkpoint: Path) -> dict:
+    """Training settings of a checkpoint written before they were kept in its JSON: from the
+    run's config.json beside it, when there is one."""
+    config_json = ckpt.checkpoint_paths(checkpoint)[1].parent / "config.json"
+    try:
+        old = json.loads(config_json.read_text()).get("args", {})
+    except (OSError, ValueError):
+        return {}
+    return {k: old.get(k) for k in ("dataset", "data_size", "seed", "preset", "optimizer", "lr",
+                                    "epochs")}
+
+
+def build_eval_dataset(args: argparse.Namespace, split: str, config: dict) -> datasets.ChestXrayDataset:
+    """The val or test set of --data_path with a checkpoint's evaluation transform."""
+    transform = datasets.build_transform(is_train=False, recipe=config["eval_recipe"],
+                                         input_size=config["img_size"], norm=config["norm"])
+    return datasets.build_dataset(split, args.data_path, dataset=args.dataset, transform=transform,
+                                  split_dir=args.split_dir, cache=args.cache, skip_bad=args.skip_bad)
+
+
+def evaluate_checkpoint(args: argparse.Namespace, dist_info: DistInfo, device: torch.device,
+                        amp_dtype: torch.dtype | None) -> dict:
+    """--eval: test a checkpoint on --data_path into its own folder, never over the run's files."""
+    checkpoint = Path(args.resume)
+    config = ckpt.read_config(checkpoint)
+    dataset = build_eval_dataset(args, args.eval_split, config)
+    name = args.eval_name or default_eval_name(args.data_path, dataset.split_file)
+    if "output_dir" in args.explicit:  # the user's folder (with --eval_name: a folder inside it)
+        out = Path(args.output_dir) / args.eval_name if args.eval_name else Path(args.output_dir)
+    else:
+        out = ckpt.checkpoint_paths(checkpoint)[1].parent / "eval" / name
+    if any((out / m).exists() for m in ("commit.json", "checkpoint-last.json", "log.txt")):
+        raise ArgumentError(f"--output_dir {out} is a training run's folder: --eval writes its own "
+                            "folder (leave out --output_dir for <run>/eval/<name>)")
+    folder = RunFolder(out)
+    if dist_info.is_main:
+        probe_writable(out)
+        folder.lock.acquire(" ".join(sys.argv))
+    try:
+        stem = f"results_{args.eval_split}.json"
+        if (out / stem).exists():
+            if not args.overwrite:
+                raise ArgumentError(f"{out} already holds an evaluation ({stem}): pass --eval_name "
+                                    "<name> to keep both, or --overwrite to replace it")
+            if dist_info.is_main:
+                folder.remove_own_files()
+        info = {"data_path": str(Path(args.data_path).resolve()),
+                "split_file": str(dataset.split_file), "name": name, "command": " ".join(sys.argv)}
+        return test_and_report(args, checkpoint, out, dist_info, device, amp_dtype,
+                               dataset=dataset, folder=folder, eval_info=info)
+    finally:
+        folder.lock.release()
+
+
+def same_settings(old_args: dict, args: argparse.Namespace) -> bool:
+    """Whether a folder's existing run was started with this run's defining settings."""
+    keys = ("dataset", "data_size", "finetune", "method", "optimizer", "lr", "epochs", "seed",
+            "lora_rank", "model")
+    return bool(old_args) and all(old_args.get(k) == getattr(args, k, None) for k in keys)
+
+
+def decide_compile(args: argparse.Namespace, device: torch.device, total_steps: int) -> bool:
+    """--compile on/off, or auto: on CUDA once the run is long enough to earn back the compile."""
+    if args.compile == "on":
+        return True
+    if args.compile == "off":
+        return False
+    return device.type == "cuda" and total_steps >= COMPILE_AUTO_MIN_STEPS
+
+
 def main(args: argparse.Namespace) -> dict:
     """Train (or only evaluate), then test the best checkpoint. Returns the test results."""
     dist_info, device = init_distributed(args.device)
     setup_logging(dist_info.is_main)
+    for note in args.notes:
+        logger.warning(note)
     amp_dtype = resolve_amp(args.amp, device)
-    use_scaler = amp_dtype == torch.float16 and device.type == "cuda"
     if args.demo and dist_info.is_main and not Path(args.data_path, "train_list.txt").exists():
         logger.info("writing the synthetic demo data set to %s", args.data_path)
         datasets.make_demo_dataset(args.data_path)
     if dist_info.distributed:
         dist.barrier()
     args.dataset = args.dataset or datasets.infer_dataset_kind(args.data_path)
+    if args.demo and "run_name" not in args.explicit:
+        args.run_name = DEMO_RUN_PREFIX + args.dataset
 
     if args.eval:
-        resume = Path(args.resume)
-        out = Path(args.output_dir) if "output_dir" in args.explicit else resume.parent
-        out.mkdir(parents=True, exist_ok=True)
-        return test_and_report(args, resume, out, dist_info, device, amp_dtype)
+        return evaluate_checkpoint(args, dist_info, device, amp_dtype)
 
     eff_batch = args.batch_size * args.accum_iter * dist_info.world_size
     if args.lr is None:
         args.lr = args.blr * eff_batch / 256
     out = run_folder(args, eff_batch)
+    folder = RunFolder(out)
+    if dist_info.is_main:
+        probe_writable(out)
+        folder.lock.acquire(" ".join(sys.argv))
+    try:
+        return fit(args, out, folder, dist_info, device, amp_dtype, eff_batch)
+    finally:
+        folder.lock.release()
+
+
+def fit(args: argparse.Namespace, out: Path, folder: RunFolder, dist_info: DistInfo,
+        device: torch.device, amp_dtype: torch.dtype | None, eff_batch: int) -> dict:
+    """The training run in ``out`` (locked): data, model, resume, epochs, commits, final test."""
+    committed = folder.recover() if dist_info.is_main else folder.read_commit()
     if args.resume == "auto":
-        # Nothing to continue yet (e.g. stopped during the first epoch): start afresh there.
-        args.overwrite = args.overwrite or not (out / "checkpoint-last.json").exists()
-        args.resume = str(out / "checkpoint-last") if not args.overwrite else ""
-    check_run_folder(out, args)
+        old = run_in_folder(out)
+        if committed is not None or (out / "checkpoint-last.json").exists():
+            args.resume = str(out / "checkpoint-last")
+        elif old is not None and not same_settings(old.get("args", {}), args):
+            raise ArgumentError(f"--resume auto: {out} holds another run (other settings) with no "
+                                "completed epoch: give this one another --run_name or --note")
+        else:
+            args.resume = ""
+            args.overwrite = args.overwrite or old is not None
+            logger.warning("--resume auto: %s has no completed epoch to continue; starting %s",
+                           out, "the run afresh there" if old is not None else "a new run")
+    check_run_folder(out, args, committed)
     log_dir = Path(args.log_dir) if args.log_dir else out / "logs"
 
     # Data first: a bad split file or image fails here, before anything is written.
@@ -500,10 +756,21 @@ def main(args: argparse.Namespace) -> dict:
     train_set = datasets.build_dataset("train", args.data_path, data_size=args.data_size,
                                        transform=train_tf, **data_kw)
     val_set = datasets.build_dataset("val", args.data_path, transform=eval_tf, **data_kw)
+    # The test split is checked now too: a missing test image must not surface after training.
+    test_set = datasets.build_dataset("test", args.data_path, transform=eval_tf, **data_kw)
     class_names = list(train_set.class_names)
     if args.nb_classes is not None and args.nb_classes != len(class_names):
         raise ArgumentError(f"--nb_classes {args.nb_classes} but {train_set.split_file} has "
                             f"{len(class_names)} label columns ({args.dataset})")
+    val_undefined = undefined_classes(val_set.targets, class_names)
+    if len(val_undefined) == len(class_names):
+        raise ArgumentError(f"{val_set.split_file}: no class has both positive and negative "
+                            "images, so no validation AUROC exists to select a checkpoint by")
+    if val_undefined:
+        logging.getLogger("util.metrics").addFilter(_OnceFilter())
+        logger.warning("%s: no AUROC for %s (a single label value); model selection uses the mean "
+                       "over the other %d classes", val_set.split_file.name, ", ".join(val_undefined),
+                       len(class_names) - len(val_undefined))
     loader_kw = dict(seed=args.seed, num_workers=args.num_workers, pin_memory=args.pin_mem)
     train_loader = build_loader(train_set, dist_info, train=True, batch_size=args.batch_size,
                                 **loader_kw)
@@ -517,6 +784,7 @@ def main(args: argparse.Namespace) -> dict:
     params = [p for p in model.parameters() if p.requires_grad]
     param_line = lora.trainable_report(model)
     optimizer = build_optimizer(model, args.optimizer, args.lr, args.weight_decay, args.layer_decay)
+    use_scaler = amp_dtype == torch.float16 and device.type == "cuda"
     scaler = torch.amp.GradScaler(device.type) if use_scaler else None
     pretrained = str(Path(args.finetune).resolve()) if args.finetune else None
     config = ckpt.model_config(
@@ -525,37 +793,59 @@ def main(args: argparse.Namespace) -> dict:
         pretrained=pretrained, pretrained_sha256=ckpt.file_sha256(pretrained) if pretrained else None,
         lora_cfg=lora_cfg, drop_path_rate=args.drop_path, eval_recipe=args.recipe,
         dataset=args.dataset, model_kwargs=args.model_kwargs)
+    settings = run_settings(args, eff_batch, amp_dtype)
 
-    start_epoch, best, best_epoch = args.start_epoch, -math.inf, None
+    start_epoch, best, best_epoch, history = args.start_epoch, -math.inf, None, []
     if args.resume:
-        start_epoch, best, best_epoch = resume_training(args.resume, model, optimizer, scaler, config)
+        start_epoch, best, best_epoch, history = resume_training(
+            args.resume, model, optimizer, scaler, config, args)
 
     ddp_model = model
     if dist_info.distributed:
         ddp_model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
-    train_model = torch.compile(ddp_model) if args.compile else ddp_model
+    total_steps = max(0, args.epochs - start_epoch) * len(train_loader) // args.accum_iter
+    train_model, eval_model = ddp_model, model
+    if decide_compile(args, device, total_steps):
+        logger.info("torch.compile (%s backend) for training and evaluation (--compile %s, %d steps)",
+                    args.compile_backend, args.compile, total_steps)
+        train_model = CompiledModule(ddp_model, backend=args.compile_backend, name="training")
+        eval_model = CompiledModule(model, backend=args.compile_backend, name="evaluation")
 
     writer = None
     if dist_info.is_main:
-        out.mkdir(parents=True, exist_ok=True)
         if args.overwrite and not args.resume:
-            clear_run_folder(out)
+            removed = folder.remove_own_files()
+            if removed:
+                logger.info("--overwrite: removed the previous run's %d files from %s", len(removed), out)
         setup_logging(True, out / "train.log")
         from torch.utils.tensorboard import SummaryWriter
 
         writer = SummaryWriter(log_dir=str(log_dir))
-        run_info = {"args": {k: v for k, v in vars(args).items() if k != "explicit"},
+        run_info = {"args": {k: v for k, v in vars(args).items() if k not in ("explicit", "notes")},
                     "git_commit": git_commit(), "torch": torch.__version__,
                     "timm": timm.__version__, "python": platform.python_version(),
                     "world_size": dist_info.world_size, "trainable": param_line,
+                    "lora_scaling": (args.lora_alpha / args.lora_rank) if lora_cfg else None,
+                    "precision": settings["precision"], "global_batch": eff_batch, "lr": args.lr,
+                    "preset_source": settings["preset_source"],
+                    "val_undefined_classes": val_undefined, "notes": args.notes,
+                    "resumed_from_epoch": start_epoch - 1 if args.resume else None,
                     "command": " ".join(sys.argv)}
         ckpt.write_json(out / "config.json", run_info)
+        written = [out / "config.json", out / "train.log"]
         if args.script and Path(args.script).is_file():
             (out / Path(args.script).name).write_text(Path(args.script).read_text())
-        print(param_line)
-        logger.info("run folder %s; %d train / %d val images; lr %.3g; amp %s; device %s",
-                    out, len(train_set), len(val_set), args.lr, amp_dtype, device)
+            written.append(out / Path(args.script).name)
+        event_file = getattr(getattr(writer.file_writer, "event_writer", None), "_file_name", None)
+        if event_file:
+            written.append(Path(event_file))
+        folder.record(*written)
+        scaling = f", LoRA scaling alpha/r = {args.lora_alpha / args.lora_rank:g}" if lora_cfg else ""
+        print(param_line + scaling)
+        logger.info("run folder %s; %d train / %d val / %d test images; global batch %d; lr %.3g; "
+                    "precision %s; device %s", out, len(train_set), len(val_set), len(test_set),
+                    eff_batch, args.lr, settings["precision"], device)
 
     set_lr = lambda e: adjust_learning_rate(optimizer, e, args.lr, args.min_lr,  # noqa: E731
                                             args.warmup_epochs, args.epochs)
@@ -568,24 +858,27 @@ def main(args: argparse.Namespace) -> dict:
                 train_model, train_loader, optimizer, device, epoch, set_lr=set_lr, scaler=scaler,
                 amp_dtype=amp_dtype, accum_iter=args.accum_iter, clip_grad=args.clip_grad,
                 log_writer=writer, log_freq=args.log_freq, params=params,
-                batch_transform=batch_transform,
+                batch_transform=batch_transform, progress_freq=args.progress_freq,
                 progress=not args.no_progress and dist_info.is_main)
         except NonFiniteLossError as err:
-            last = out / "checkpoint-last.json"
-            kept = f"the last good checkpoint is {out / 'checkpoint-last'}" if last.exists() \
-                else "no checkpoint was written yet"
+            kept = f"the last good checkpoint is {out / 'checkpoint-last'}" if committed or \
+                (out / "checkpoint-last.json").exists() else "no checkpoint was written yet"
             raise NonFiniteLossError(f"{err}; {kept} (lower --lr or try --amp none)") from None
         line = f"epoch {epoch}: train loss {train_stats['loss']:.4f}, lr {train_stats['lr']:.3g}"
         log = {"epoch": epoch, "train_loss": train_stats["loss"], "lr": train_stats["lr"]}
+        improved = False
         if (epoch + 1) % args.valid_freq == 0 or epoch + 1 == args.epochs:
             # Merged adapters: validation costs exactly a plain ViT; unmerge restores the
             # base weights bit-exactly.
             lora.merge(model)
             try:
-                stats = evaluate(model, val_loader, device, class_names, amp_dtype,
+                stats = evaluate(eval_model, val_loader, device, class_names, amp_dtype,
                                  progress=not args.no_progress and dist_info.is_main)
             finally:
                 lora.unmerge(model)
+            if not math.isfinite(stats["mean_auroc"]):
+                raise NonFiniteLossError(f"validation mean AUROC is {stats['mean_auroc']} at epoch "
+                                         f"{epoch}: the model's outputs are not finite")
             log.update(val_loss=stats["loss"], val_mean_auroc=stats["mean_auroc"],
                        val_mean_auprc=stats["mean_auprc"], val_auroc=nan_to_none(stats["auroc"]))
             line += f", val loss {stats['loss']:.4f}, val mean AUROC {100 * stats['mean_auroc']:.2f}"
@@ -596,21 +889,25 @@ def main(args: argparse.Namespace) -> dict:
                     if not math.isnan(value):
                         writer.add_scalar(f"val/auroc/{name}", value, epoch)
             if stats["mean_auroc"] > best or best_epoch is None:
-                best, best_epoch = stats["mean_auroc"], epoch
-                if dist_info.is_main:
-                    ckpt.save_checkpoint(out / "checkpoint-best", model, config,
-                                         extra={"epoch": epoch, "val_mean_auroc": best})
+                best, best_epoch, improved = stats["mean_auroc"], epoch, True
+        history.append(json_safe(log))
         if dist_info.is_main:
             state = {"optimizer": optimizer.state_dict(),
                      "scaler": scaler.state_dict() if scaler else None, "epoch": epoch,
                      "best_metric": best, "best_epoch": best_epoch, "rng": rng_state(),
-                     "args": {k: v for k, v in vars(args).items() if k != "explicit"}}
-            # Resume state first, then the tensors and config, so a config always has both.
-            ckpt.save_resume_state(out / "checkpoint-last.state.pt", state)
-            ckpt.save_checkpoint(out / "checkpoint-last", model, config,
-                                 extra={"epoch": epoch, "val_mean_auroc": best})
-            with open(out / "log.txt", "a") as f:
-                f.write(json.dumps(log) + "\n")
+                     "args": {k: v for k, v in vars(args).items() if k not in ("explicit", "notes")}}
+            extra = {"epoch": epoch, "val_mean_auroc": best, "run": settings}
+
+            def stage(pending: Path) -> None:
+                if improved:
+                    ckpt.save_checkpoint(pending / "checkpoint-best", model, config,
+                                         extra={**extra, "val_mean_auroc": best})
+                ckpt.save_resume_state(pending / "checkpoint-last.state.pt", state)
+                ckpt.save_checkpoint(pending / "checkpoint-last", model, config, extra=extra)
+
+            folder.commit(epoch, stage, history,
+                          last_complete=str(out / "checkpoint-last") if committed else "")
+            committed = True
             writer.flush()
             print(f"{line}, best {100 * best:.2f} (epoch {best_epoch}), {time.time() - t0:.1f}s",
                   flush=True)
@@ -621,29 +918,76 @@ def main(args: argparse.Namespace) -> dict:
         dist.barrier()
     if best_epoch is None:
         raise ArgumentError("no epoch was validated (nothing to test): check --epochs / --start_epoch")
-    return test_and_report(args, out / "checkpoint-best", out, dist_info, device, amp_dtype)
+    if args.resume and start_epoch >= args.epochs:
+        logger.info("the run in %s was already complete (%d epochs); testing its best checkpoint "
+                    "again", out, args.epochs)
+    return test_and_report(args, out / "checkpoint-best", out, dist_info, device, amp_dtype,
+                           dataset=test_set, folder=folder)
+
+
+RESUME_MUST_MATCH = ("model", "method", "class_names", "lora", "global_pool", "img_size",
+                     "model_kwargs", "norm", "mean", "std", "pretrained_sha256")
+# Settings of the recipe a resumed run must keep (--epochs may grow: a longer schedule).
+RESUME_ARGS_MUST_MATCH = ("dataset", "data_size", "optimizer", "recipe", "lr", "weight_decay",
+                          "layer_decay", "batch_size", "accum_iter", "seed", "aa", "reprob",
+                          "warmup_epochs", "min_lr", "drop_path", "lora_dropout", "clip_grad")
 
 
 def resume_training(path: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                    scaler, config: dict) -> tuple[int, float, int | None]:
-    """Restore trained tensors, optimizer, scaler and counters; returns (next epoch, best, its epoch)."""
-    tensors_path, _ = ckpt.checkpoint_paths(path)
+                    scaler, config: dict, args: argparse.Namespace | None = None,
+                    ) -> tuple[int, float, int | None, list[dict]]:
+    """Restore trained tensors, optimizer, scaler and counters after checking that the
+    checkpoint is one committed epoch of this same run.
+
+    Returns (next epoch, best metric, its epoch, log history).
+    """
+    tensors_path, config_path = ckpt.checkpoint_paths(path)
+    record = RunFolder(tensors_path.parent).verify()  # every committed file matches its hash
     saved = ckpt.read_config(path)
-    for key in ("model", "method", "class_names", "lora", "global_pool", "img_size"):
-        if saved.get(key) != config.get(key):
+    for key in RESUME_MUST_MATCH:
+        if key in saved and saved.get(key) != config.get(key):
+            if key == "pretrained_sha256":
+                raise ArgumentError(
+                    f"--resume {path} was trained on other pre-trained weights ({saved.get('pretrained')}, "
+                    f"sha256 {str(saved.get(key))[:12]}...) than --finetune {config.get('pretrained')} "
+                    f"(sha256 {str(config.get(key))[:12]}...)")
             raise ArgumentError(f"--resume {path}: {key} is {saved.get(key)!r} there but "
                                 f"{config.get(key)!r} in this run")
     state_path = tensors_path.with_suffix(".state.pt")
     if not state_path.is_file():
         raise ArgumentError(f"--resume {path}: no resume state ({state_path.name}); only "
                             "checkpoint-last can be resumed")
-    ckpt.load_trained_tensors(model, tensors_path, all_tensors=bool(saved.get("backbone_in_file")))
     state = ckpt.load_resume_state(state_path)
+    epochs = {state_path.name: state.get("epoch"), config_path.name: saved.get("epoch")}
+    if record is not None:
+        epochs["commit.json"] = record["epoch"]
+    if len(set(epochs.values())) != 1:
+        raise RunFolderError(f"--resume {path}: its files are from different epochs ("
+                             + ", ".join(f"{k}: {v}" for k, v in epochs.items()) +
+                             "); the checkpoint is not one consistent epoch, refusing to resume it")
+    if args is not None:
+        old_args = state.get("args") or {}
+        for key in RESUME_ARGS_MUST_MATCH:
+            if key in old_args and old_args[key] != getattr(args, key, None):
+                raise ArgumentError(f"--resume {path}: the run was trained with --{key} "
+                                    f"{old_args[key]!r}, this command gives {getattr(args, key, None)!r}; "
+                                    "resume with the run's own settings, or start a new run")
+        if "epochs" in old_args and old_args["epochs"] != args.epochs:
+            logger.warning("--resume: --epochs changed from %s to %s: the lr schedule follows the "
+                           "new length from here on", old_args["epochs"], args.epochs)
+    ckpt.load_trained_tensors(model, tensors_path, all_tensors=bool(saved.get("backbone_in_file")))
     optimizer.load_state_dict(state["optimizer"])
     if scaler is not None and state.get("scaler"):
         scaler.load_state_dict(state["scaler"])
+    if record is not None:
+        history = list(record["log"])
+    else:  # a run written before commit records: its log.txt up to the checkpoint's epoch
+        log_path = tensors_path.parent / "log.txt"
+        lines = [json.loads(l) for l in log_path.read_text().splitlines() if l.strip()] \
+            if log_path.is_file() else []
+        history = [l for l in lines if l.get("epoch", -1) <= state["epoch"]]
     logger.info("resumed from %s (epoch %d done, best %.4f)", path, state["epoch"], state["best_metric"])
-    return state["epoch"] + 1, state["best_metric"], state["best_epoch"]
+    return state["epoch"] + 1, state["best_metric"], state["best_epoch"], history
 
 
 def cli(argv: list[str] | None = None) -> int:
@@ -659,7 +1003,7 @@ def cli(argv: list[str] | None = None) -> int:
     try:
         main(args)
     except (ArgumentError, NonFiniteLossError, datasets.DataError, mv.PretrainedWeightsError,
-            ckpt.CheckpointError, FileNotFoundError) as err:
+            ckpt.CheckpointError, RunFolderError, OutputError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     finally:

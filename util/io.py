@@ -1,32 +1,105 @@
 """Crash-safe file writes (no torch import: report tools start fast)."""
 from __future__ import annotations
 
+import errno
 import json
+import math
 import os
 import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
+TMP_SUFFIX = ".tmp"
+
+
+class OutputError(OSError):
+    """A file could not be written (disk full, read-only folder, a folder in the way)."""
+
+
+def current_umask() -> int:
+    """The process umask (read without changing it for longer than the call)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def temp_path_for(path: Path) -> str:
+    """A fresh temporary file beside ``path`` with the permissions ``open()`` would give it."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TMP_SUFFIX)
+    # mkstemp creates 0600; results on a shared server must be readable as the umask allows.
+    os.fchmod(fd, 0o666 & ~current_umask())
+    os.close(fd)
+    return tmp
+
+
+def describe_os_error(err: BaseException, path: str | Path) -> str:
+    """One line for a failed write: what happened and to which file."""
+    code = getattr(err, "errno", None)
+    if code == errno.ENOSPC or "No space left" in str(err) or "file write failed" in str(err):
+        return f"no space left on device while writing {path}"
+    if code in (errno.EROFS, errno.EACCES, errno.EPERM):
+        return f"cannot write {path}: {os.strerror(code)}"
+    if code == errno.EISDIR:
+        return f"cannot write {path}: it is a folder"
+    return f"cannot write {path}: {getattr(err, 'strerror', None) or err}"
+
 
 def atomic_write(path: str | Path, write: Callable[[str], Any]) -> None:
-    """Call ``write(tmp_path)`` then rename over ``path``: readers never see a partial file."""
+    """Call ``write(tmp_path)`` then rename over ``path``: readers never see a partial file.
+
+    A failed write (disk full, an error in ``write``) leaves ``path`` as it was and no
+    temporary file behind; OS-level failures are raised as ``OutputError`` with one line
+    naming the file.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+    if path.is_dir():
+        raise OutputError(errno.EISDIR, f"cannot write {path}: it is a folder")
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = temp_path_for(path)
         write(tmp)
         os.replace(tmp, path)
+    except OutputError:
+        raise
+    except OSError as err:
+        raise OutputError(err.errno or 0, describe_os_error(err, path)) from err
+    except RuntimeError as err:  # torch.save reports a full disk as a C++ writer failure
+        if "write" in str(err).lower() and ("fail" in str(err).lower() or "space" in str(err).lower()):
+            raise OutputError(errno.ENOSPC, describe_os_error(err, path)) from err
+        raise
     finally:
-        if os.path.exists(tmp):
+        if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
 
 
+def json_safe(obj: Any) -> Any:
+    """``obj`` with every NaN / infinity replaced by None: JSON has no NaN."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    if hasattr(obj, "item") and getattr(obj, "ndim", None) == 0:  # numpy / torch scalars
+        return json_safe(obj.item())
+    return obj
+
+
 def write_json(path: str | Path, obj: Any) -> None:
-    """Atomically write ``obj`` as indented JSON."""
+    """Atomically write ``obj`` as indented JSON (undefined numbers become null, never NaN)."""
     def write(tmp: str) -> None:
         with open(tmp, "w") as f:
-            json.dump(obj, f, indent=2, default=str)
+            json.dump(json_safe(obj), f, indent=2, default=str, allow_nan=False)
             f.write("\n")
+
+    atomic_write(path, write)
+
+
+def write_text(path: str | Path, text: str) -> None:
+    """Atomically write a text file."""
+    def write(tmp: str) -> None:
+        with open(tmp, "w") as f:
+            f.write(text)
 
     atomic_write(path, write)
