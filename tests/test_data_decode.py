@@ -209,3 +209,54 @@ def test_undecodable_compressed_dicom_names_file_and_syntax(tmp_path):
         load_image(path)
     message = str(err.value)
     assert "lossless14.dcm" in message and "transfer syntax: JPEG Lossless" in message
+
+
+@pytest.mark.parametrize("photometric", ["MONOCHROME2", "MONOCHROME1"])
+@pytest.mark.parametrize("dtype,bits", [(np.uint16, 12), (np.uint8, 8)])
+def test_dicom_paper_scaling(tmp_path, photometric, dtype, bits):
+    """The paper's rule: x * 255 / max rounded, no minimum subtracted (min > 0 here), then
+    MONOCHROME1 inverted as 255 - value; 'minmax' stretches the same values to 0-255."""
+    from datasets.imageio import decode_dicom
+
+    pixels = np.tile(np.array([20, 60, 120, 230], dtype), (3, 2))
+    path = write_dicom(tmp_path / "p.dcm", pixels, photometric, bits_stored=bits)
+    paper = decode_dicom(path, "paper")[0, :4].astype(int)
+    minmax = decode_dicom(path, "minmax")[0, :4].astype(int)
+    if photometric == "MONOCHROME2":
+        assert paper.tolist() == [22, 67, 133, 255] and minmax.tolist() == [0, 49, 121, 255]
+    else:
+        assert paper.tolist() == [233, 188, 122, 0] and minmax.tolist() == [255, 206, 134, 0]
+    assert np.array_equal(np.asarray(load_image(path, dicom_scaling="paper"))[0, :4], paper)
+
+
+def test_dicom_paper_scaling_ignores_rescale_and_window(tmp_path):
+    """The paper's loader reads the stored values: no rescale slope / intercept, no VOI window."""
+    from datasets.imageio import decode_dicom, scale_paper
+
+    pixels = (RAMP * 3000 + 500).astype(np.uint16)
+    plain = decode_dicom(write_dicom(tmp_path / "a.dcm", pixels), "paper")
+    other = decode_dicom(write_dicom(tmp_path / "b.dcm", pixels, WindowCenter=1000, WindowWidth=400,
+                                     RescaleSlope=2, RescaleIntercept=-100), "paper")
+    assert np.array_equal(plain, other)
+    # The lookup table equals the elementwise float32 formula (OpenCV's convertScaleAbs).
+    alpha = np.float32(255.0 / pixels.max())
+    np.testing.assert_array_equal(plain, np.rint(pixels.astype(np.float32) * alpha).astype(np.uint8))
+    np.testing.assert_array_equal(scale_paper(pixels.astype(np.float64)), plain)
+    assert not scale_paper(np.zeros((2, 2), np.uint16)).any()
+    with pytest.raises(ValueError, match="dicom_scaling='raw'"):
+        decode_dicom(tmp_path / "a.dcm", "raw")
+
+
+def test_rsna_data_sets_default_to_the_paper_scaling(tmp_path):
+    from datasets import build_dataset
+
+    for folder, expected in (("RSNA_Pneumonia", "paper"), ("custom_set", "minmax")):
+        root = tmp_path / folder
+        (root / "img").mkdir(parents=True)
+        write_dicom(root / "img/a.dcm", np.tile(np.array([20, 60, 120, 230], np.uint16), (4, 1)))
+        (root / "test_list.txt").write_text("img/a.dcm 1\n")
+        ds = build_dataset("test", root, cache="off")
+        assert ds.dicom_scaling == expected and ds.cache_info["dicom_scaling"] == expected
+        first = np.asarray(ds.load_image(0))[0].tolist()
+        assert first == ([22, 67, 133, 255] if expected == "paper" else [0, 49, 121, 255])
+        assert build_dataset("test", root, cache="off", dicom_scaling="minmax").load_image(0).getpixel((0, 0)) == 0
