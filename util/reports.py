@@ -257,9 +257,9 @@ def save_forest_plot(points: Sequence[ForestPoint], path: str | Path, *, xlabel:
                      zero_line: bool = False) -> tuple[Path, Path]:
     """Write a forest plot as ``<path>.png`` and ``<path>.svg``; returns both paths.
 
-    One row per distinct ``row`` (top to bottom in first-seen order); within a row each
-    series sits on its own line, side by side, and several runs of one series (seeds) are
-    spread a little so their intervals do not overlap.
+    One block per distinct ``row`` (top to bottom in first-seen order); inside it each
+    series present, in legend order, and each of its runs (e.g. seeds) on a line of its
+    own. A series' mean and reference sit on the middle of that series' lines.
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -268,42 +268,56 @@ def save_forest_plot(points: Sequence[ForestPoint], path: str | Path, *, xlabel:
     if not points:
         raise ValueError("save_forest_plot: nothing to plot")
     rows = list(dict.fromkeys(p.row for p in points))
-    series = list(dict.fromkeys(p.series for p in points if p.kind != "reference"))
+    series = list(dict.fromkeys(p.series for p in points))
     colours = dict(zip(series, _palette(len(series))))
-    band = 0.8 / max(len(series), 1)  # each series' share of a row's height
 
-    height = 1.2 + 0.22 * len(rows) * max(len(series), 1) + 0.25 * len(rows)
+    # Lay out lines from the top (y decreasing): runs of one series adjacent, a small gap
+    # between series, a larger one between rows.
+    line_gap, series_gap, row_gap = 1.0, 0.5, 1.2
+    y = 0.0
+    placed: list[tuple[ForestPoint, float]] = []
+    row_spans: list[tuple[str, float, float]] = []
+    for row in rows:
+        top = y
+        present = [s for s in series if any(p.row == row and p.series == s for p in points)]
+        for k, name in enumerate(present):
+            mine = [p for p in points if p.row == row and p.series == name]
+            runs = [p for p in mine if p.kind == "run"] or [None]
+            ys = [y - i * line_gap for i in range(len(runs))]
+            placed += [(p, yy) for p, yy in zip(runs, ys) if p is not None]
+            middle = (ys[0] + ys[-1]) / 2
+            placed += [(p, middle) for p in mine if p.kind != "run"]
+            y = ys[-1] - (series_gap + line_gap if k < len(present) - 1 else 0.0)
+        row_spans.append((row, top, y))
+        y -= row_gap + line_gap
+
+    n_lines = -y / line_gap
     longest = max(len(r) for r in rows)
-    fig = Figure(figsize=(7.5 + 0.07 * longest, max(3.0, height)), dpi=ROC_DPI)
+    height = 1.9 + 0.2 * n_lines
+    fig = Figure(figsize=(7.0 + 0.075 * longest, height), dpi=ROC_DPI)
     FigureCanvasAgg(fig)
     ax = fig.add_subplot(1, 1, 1)
-    for i, row in enumerate(rows):
-        y0 = len(rows) - 1 - i
-        if i % 2 == 0:  # light banding keeps a row's series together for the eye
-            ax.axhspan(y0 - 0.5, y0 + 0.5, color="0.94", zorder=0)
-        for j, name in enumerate(series):
-            mine = [p for p in points if p.row == row and p.series == name]
-            runs = [p for p in mine if p.kind == "run"]
-            centre = y0 + 0.4 - band * (j + 0.5)
-            spread = np.linspace(-band * 0.3, band * 0.3, len(runs)) if len(runs) > 1 else [0.0]
-            for p, dy in zip(runs, spread):
-                y = centre + dy
-                if p.low is not None and p.high is not None:
-                    ax.plot([p.low, p.high], [y, y], color=colours[name], linewidth=1.8, zorder=2)
-                ax.plot([p.value], [y], marker="o", color=colours[name], markersize=5, zorder=3)
-            for p in mine:
-                if p.kind == "mean":
-                    ax.plot([p.value], [centre], marker="D", markerfacecolor="white",
-                            markeredgecolor=colours[name], markeredgewidth=1.6, markersize=7,
-                            zorder=4)
-        for p in points:
-            if p.row == row and p.kind == "reference":
-                ax.plot([p.value], [y0], marker="X", color="black", markersize=8, zorder=5)
+    for i, (_, top, bottom) in enumerate(row_spans):
+        if i % 2 == 0:  # light banding keeps a row's lines together for the eye
+            ax.axhspan(bottom - row_gap / 2, top + row_gap / 2, color="0.94", zorder=0)
+    for p, yy in placed:
+        colour = colours[p.series]
+        if p.kind == "run":
+            if p.low is not None and p.high is not None:
+                ax.plot([p.low, p.high], [yy, yy], color=colour, linewidth=1.8, zorder=2)
+            ax.plot([p.value], [yy], marker="o", color=colour, markersize=5, zorder=3)
+        elif p.kind == "mean":
+            ax.plot([p.value], [yy], marker="D", markerfacecolor="white", markeredgecolor=colour,
+                    markeredgewidth=1.6, markersize=7, zorder=4)
+        else:
+            ax.plot([p.value], [yy], marker="X", markerfacecolor=colour, markeredgecolor="black",
+                    markersize=9, zorder=5)
     if zero_line:
         ax.axvline(0.0, color="black", linewidth=0.9, linestyle="--", zorder=1)
-    ax.set_yticks(range(len(rows)))
-    ax.set_yticklabels(list(reversed(rows)))
-    ax.set_ylim(-0.6, len(rows) - 0.4)
+    ax.set_yticks([(top + bottom) / 2 for _, top, bottom in row_spans])
+    ax.set_yticklabels(rows)
+    ax.set_ylim(y + row_gap / 2 + line_gap / 2, row_gap / 2 + line_gap / 2)
+    ax.tick_params(axis="y", length=0)
     ax.set_xlabel(xlabel)
     ax.set_title(title)
     ax.grid(True, axis="x", linewidth=0.3, alpha=0.6)
@@ -318,11 +332,13 @@ def save_forest_plot(points: Sequence[ForestPoint], path: str | Path, *, xlabel:
                               markeredgecolor="grey", markeredgewidth=1.6))
         labels.append(FOREST_KIND_LABELS["mean"])
     if "reference" in kinds:
-        handles.append(Line2D([], [], linestyle="", marker="X", color="black"))
+        handles.append(Line2D([], [], linestyle="", marker="X", markerfacecolor="grey",
+                              markeredgecolor="black", markersize=9))
         labels.append(FOREST_KIND_LABELS["reference"])
-    ax.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, -0.12 - 0.6 / height),
-              ncol=min(len(labels), 3), fontsize="small", frameon=False)
-    fig.tight_layout()
+    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 3), fontsize="small",
+               frameon=False)
+    legend_rows = math.ceil(len(labels) / min(len(labels), 3))
+    fig.tight_layout(rect=(0, (0.25 + 0.2 * legend_rows) / height, 1, 1))
 
     path = Path(path)
     png, svg = path.with_suffix(".png"), path.with_suffix(".svg")
