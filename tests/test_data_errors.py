@@ -142,3 +142,81 @@ def test_missing_split_file_lists_expected_names(tmp_path):
         build_dataset("test", empty)
     assert "none of the folders searched" in str(err.value) and str(empty) in str(err.value)
     assert "DatasetsSplits" in str(err.value)
+
+
+def _bomb_folder(tmp_path: Path, monkeypatch) -> tuple[Path, int]:
+    """val_list.txt with one image over a lowered decompression-bomb limit; returns root and its line."""
+    root = nih_folder(tmp_path)
+    Image.fromarray(np.zeros((64, 64), np.uint8)).save(root / "all_classes" / "huge.png")
+    line = add_line(root, "huge.png " + " ".join(["0"] * 14))
+    # Pillow refuses images over twice MAX_IMAGE_PIXELS: 64 x 64 is over 2 x 1000.
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    return root, line
+
+
+def test_decompression_bomb_is_a_bad_image(tmp_path, monkeypatch):
+    root, line = _bomb_folder(tmp_path, monkeypatch)
+    split_file = root / "val_list.txt"
+    ds = build_dataset("val", root)
+    with pytest.raises(ImageError) as err:
+        ds[ds.paths.index("huge.png")]
+    assert names(str(err.value), split_file, line, "huge.png") and "decompression-bomb limit" in str(err.value)
+    ds = build_dataset("val", root, skip_bad=True)
+    assert len(ds) == 4 and [b.path for b in ds.skipped] == ["huge.png"]
+    assert "decompression-bomb" in ds.skipped[0].reason
+    with pytest.raises(ImageError, match="decompression-bomb"):
+        build_dataset("val", root, verify_images="header")
+    with pytest.raises(ImageError) as err:
+        build_cache(root, workers=1)
+    assert names(str(err.value), split_file, line, "huge.png") and "decompression-bomb" in str(err.value)
+    build_cache(root, workers=1, skip_bad=True)
+    assert build_dataset("val", root, cache="on", skip_bad=True).skipped[0].path == "huge.png"
+
+
+def test_worker_error_reaches_the_user_as_its_message(tmp_path):
+    """An image error in a DataLoader worker: str() is the one message, not the worker's traceback."""
+    import torch
+
+    root = nih_folder(tmp_path)
+    (root / "all_classes" / "junk.png").write_bytes(b"junk")
+    line = add_line(root, "junk.png " + " ".join(["0"] * 14))
+    ds = build_dataset("val", root)
+    loader = torch.utils.data.DataLoader(ds, batch_size=5, num_workers=2)
+    with pytest.raises(ImageError) as err:
+        list(loader)
+    message = str(err.value)
+    assert "DataLoader worker" in err.value.args[0] and "Traceback" in err.value.args[0]
+    assert "Traceback (most recent" not in message and "DataLoader worker" not in message
+    assert "\n" not in message
+    assert message.startswith(f"{root / 'val_list.txt'}:{line}: image 'junk.png'")
+    assert str(ImageError("plain message")) == "plain message"
+
+
+def test_header_check_of_evaluation_splits(tmp_path):
+    """verify_images='header': missing, unrecognised and header-less files are found at build
+    time without decoding; a file whose pixel data is cut is not (it needs 'full')."""
+    from datasets.synthetic import write_dicom
+
+    root = nih_folder(tmp_path)
+    assert len(build_dataset("val", root, verify_images="header")) == 4
+    (root / "all_classes" / "junk.png").write_bytes(b"not a png at all")
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (128, 128), dtype=np.uint8)).save(
+        root / "all_classes" / "full.png")
+    data = (root / "all_classes" / "full.png").read_bytes()
+    (root / "all_classes" / "cut.png").write_bytes(data[: len(data) // 2])
+    dcm = write_dicom(root / "all_classes" / "ok.dcm", np.zeros((8, 8), np.uint8)).read_bytes()
+    (root / "all_classes" / "nopix.dcm").write_bytes(dcm[:200])
+    junk = add_line(root, "junk.png " + " ".join(["0"] * 14))
+    add_line(root, "cut.png " + " ".join(["0"] * 14))
+    add_line(root, "ok.dcm " + " ".join(["0"] * 14))
+    nopix = add_line(root, "nopix.dcm " + " ".join(["0"] * 14))
+    with pytest.raises(ImageError) as err:
+        build_dataset("val", root, verify_images="header")
+    message = str(err.value)
+    assert names(message, root / "val_list.txt", junk, "junk.png")
+    assert names(message, root / "val_list.txt", nopix, "nopix.dcm")
+    assert "2 of 8 images" in message and "cut.png" not in message and "ok.dcm" not in message
+    with pytest.raises(ImageError, match="3 of 8 images"):
+        build_dataset("val", root, verify_images="full")
+    with pytest.raises(ValueError, match="verify_images='some'"):
+        build_dataset("val", root, verify_images="some")
