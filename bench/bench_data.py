@@ -1,4 +1,4 @@
-"""Images/s of the train-time data pipeline: the original files vs the preprocessed cache.
+"""Images/s of the data pipeline per core: the original files vs the exact and the lossy cache.
 
     python bench/bench_data.py [--num_images 64] [--image_size 1024] [--cache_size 256]
     python bench/bench_data.py --source dicom-jpeg      # RSNA-style DICOMs
@@ -6,7 +6,15 @@
 
 One process, one torch thread ("per core"): the loop is what a single DataLoader worker
 does per sample (decode or cache read, RandomResizedCrop + flip to 224, ToTensor,
-normalise). The originals are synthetic chest-like images:
+normalise), read from
+
+    original  the files, decoded every time;
+    exact     the exact cache (original-size pixels; the crop's rows only): the same tensors;
+    lossy     a cache downsized to shorter side --cache_size: other tensors, for comparison.
+
+The evaluation transform (resize + centre crop) is timed from the files and from the exact
+cache with its evaluation cache. It also reports the exact cache's build rate (one process)
+and bytes per image. The originals are synthetic chest-like images:
 
     png         8-bit PNG, zlib level 6, NIH layout (like NIH ChestX-ray14's files)
     dicom-jpeg  8-bit MONOCHROME2 DICOM, JPEG baseline (like RSNA Pneumonia's files)
@@ -52,7 +60,7 @@ def best_rates(datasets: dict[str, torch.utils.data.Dataset], repeats: int) -> d
 
 def run(num_images: int, image_size: int, cache_size: int, input_size: int, recipe: str,
         repeats: int, workdir: Path, source: str = "png") -> dict:
-    """Build the data, time both paths; returns the numbers."""
+    """Build the data and the caches, time every path; returns the numbers."""
     if source not in SOURCES:
         raise ValueError(f"source={source!r}: expected one of {SOURCES}")
     torch.set_num_threads(1)
@@ -64,13 +72,22 @@ def run(num_images: int, image_size: int, cache_size: int, input_size: int, reci
         image_dir = root / "stage_2_train_images"
     file_bytes = sum(f.stat().st_size for f in image_dir.iterdir()) / num_images
     start = time.perf_counter()
-    build_cache(root, size=cache_size, workers=1)
+    exact_dir = build_cache(root, workers=1, split_files=["train_list.txt"])
     cache_build_s = time.perf_counter() - start
+    cache_bytes = sum(f.stat().st_size for f in exact_dir.glob("images-*.u8"))
+    build_cache(root, size=cache_size, workers=1, split_files=["train_list.txt"])
     transform = build_transform(True, recipe=recipe, input_size=input_size, norm="mrm")
+    eval_tf = build_transform(False, recipe=recipe, input_size=input_size, norm="mrm")
     torch.manual_seed(0)
     original = build_dataset("train", root, transform=transform, cache="off")
-    cached = build_dataset("train", root, transform=transform, cache="on", cache_size=cache_size)
-    rates = best_rates({"original": original, "cache": cached}, repeats)
+    exact = build_dataset("train", root, transform=transform, cache="on")
+    lossy = build_dataset("train", root, transform=transform, cache="lossy", cache_size=cache_size)
+    rates = best_rates({"original": original, "cache": exact, "lossy": lossy}, repeats)
+    eval_original = build_dataset("train", root, transform=eval_tf, cache="off")
+    start = time.perf_counter()
+    eval_cached = build_dataset("train", root, transform=eval_tf, cache="on", num_threads=1)
+    eval_cache_build_s = time.perf_counter() - start
+    eval_rates = best_rates({"original": eval_original, "cache": eval_cached}, repeats)
     original_rate, cache_rate = rates["original"], rates["cache"]
     return {
         "source": source, "images": len(original), "image_size": image_size,
@@ -78,7 +95,14 @@ def run(num_images: int, image_size: int, cache_size: int, input_size: int, reci
         "cache_size": cache_size, "input_size": input_size, "recipe": recipe,
         "original_images_per_s": round(original_rate, 1), "cache_images_per_s": round(cache_rate, 1),
         "ratio": round(cache_rate / original_rate, 1),
+        "lossy_cache_images_per_s": round(rates["lossy"], 1),
+        "lossy_ratio": round(rates["lossy"] / original_rate, 1),
+        "eval_original_images_per_s": round(eval_rates["original"], 1),
+        "eval_cache_images_per_s": round(eval_rates["cache"], 1),
+        "eval_ratio": round(eval_rates["cache"] / eval_rates["original"], 1),
         "cache_build_images_per_s": round(len(original) / cache_build_s, 1),
+        "eval_cache_build_images_per_s": round(len(original) / eval_cache_build_s, 1),
+        "cache_bytes_per_image": round(cache_bytes / len(original)),
         "cpu": platform.processor() or platform.machine(), "torch": torch.__version__,
     }
 
@@ -107,8 +131,10 @@ def main() -> None:
     print(json.dumps(result))
     print(f"| {result['recipe']} train, {result['images']} x {result['image_size']}px {result['source']} "
           f"(~{result['file_kb']} KB) -> {result['input_size']} | {result['original_images_per_s']} "
-          f"| {result['cache_images_per_s']} "
-          f"| {result['ratio']}x |")
+          f"| {result['cache_images_per_s']} | **{result['ratio']}x** "
+          f"| {result['lossy_cache_images_per_s']} ({result['lossy_ratio']}x) "
+          f"| {result['eval_original_images_per_s']} -> {result['eval_cache_images_per_s']} "
+          f"({result['eval_ratio']}x) | {result['cache_build_images_per_s']} |")
 
 
 if __name__ == "__main__":

@@ -213,7 +213,8 @@ class ChestXrayDataset(Dataset):
         interpolation = crop.interpolation
         if isinstance(interpolation, (tuple, list)):  # timm's random interpolation, drawn after the box
             interpolation = random.choice(interpolation)
-        img = TF.resized_crop(img, 0, 0, h, w, crop.size, interpolation, antialias=getattr(crop, "antialias", True))
+        # resized_crop = crop + resize; the region already is the crop, so only the resize is left.
+        img = TF.resize(img, crop.size, interpolation, antialias=getattr(crop, "antialias", True))
         return _apply(plan.steps[plan.crop_at + 1:], img)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
