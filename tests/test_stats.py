@@ -193,3 +193,18 @@ def test_bad_input_is_named():
         stats.auroc_intervals(np.full((4, 1), 2), np.zeros((4, 1)), ["a"])
     with pytest.raises(ValueError, match="resamples"):
         stats.auroc_intervals(np.zeros((4, 1)), np.zeros((4, 1)), ["a"], resamples=-1)
+
+
+def test_speed_benchmark_agrees_with_naive_loop():
+    """bench/bench_stats.py's NIH-like data: the fast path equals the sklearn loop."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "bench_stats.py"
+    spec = importlib.util.spec_from_file_location("bench_stats", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    result = bench.main(["--images", "400", "--classes", "5", "--resamples", "30", "--naive", "4",
+                         "--repeats", "1"])
+    assert result["naive_equals_ours"] is True
+    assert result["ours_s"] > 0 and result["strata"] > 1
