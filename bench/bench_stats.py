@@ -3,8 +3,8 @@
     python bench/bench_stats.py [--images 25596] [--classes 14] [--resamples 1000] [--naive 20]
 
 Random NIH-like data: 25,596 images x 14 classes with roughly NIH's prevalences (0.2% for
-Hernia to 24% for Infiltration), scores rounded to 3 decimals (ties) and informative. Measured in one process with one
-BLAS thread:
+Hernia to 24% for Infiltration), scores rounded to 3 decimals (ties) and informative.
+Measured in one process with one BLAS thread:
 
     ours       util.stats.auroc_intervals: stratified bootstrap (all resamples) + DeLong
     bootstrap  util.stats.bootstrap_aurocs alone

@@ -153,8 +153,9 @@ def table_rows(result: dict[str, Any]) -> list[dict[str, str]]:
             "class": name, "n_pos": str(r.get("n_pos", "")), "auroc_a": _x100(r["auroc_a"], 2),
             "auroc_b": _x100(r["auroc_b"], 2), "diff": _x100(r["diff"], 2),
             "ci_low": _x100(r["ci_low"], 2), "ci_high": _x100(r["ci_high"], 2),
-            "p_bootstrap": _p(r["p_bootstrap"], result["n_resamples"]), "delong_z": "" if r.get("delong_z") is None
-            else f"{r['delong_z']:.3f}", "delong_p": _p(r.get("delong_p")), "note": r["note"] or "",
+            "p_bootstrap": _p(r["p_bootstrap"], result["n_resamples"]),
+            "delong_z": "" if r.get("delong_z") is None else f"{r['delong_z']:.3f}",
+            "delong_p": _p(r.get("delong_p")), "note": r["note"] or "",
         })
     return rows
 
