@@ -132,6 +132,13 @@ def _write_split(path: Path, names: list[str], labels: np.ndarray) -> None:
     path.write_text("".join(lines))
 
 
+def _write_demo_image(job: tuple[Path, np.ndarray, int, int, int, int]) -> None:
+    """Worker: draw and save one demo image from its own generator (seed, index)."""
+    path, row, image_size, seed, index, compress_level = job
+    rng = np.random.default_rng([seed, index])
+    Image.fromarray(make_demo_image(row, image_size, rng), mode="L").save(path, compress_level=compress_level)
+
+
 def make_demo_dataset(
     root: str | Path,
     num_images: int = 1200,
@@ -139,12 +146,15 @@ def make_demo_dataset(
     seed: int = 0,
     images_per_patient: int = 2,
     compress_level: int = 1,
+    workers: int = 1,
 ) -> Path:
     """Write a synthetic data set in NIH layout (root/all_classes/*.png + the five split files); returns root.
 
     About 2/3 of the patients go to train_list, 1/6 each to val_list and test_list
     (patient-disjoint); train_10 and train_1 are nested random subsets of train_list with at
     least MIN_SUBSET images. `compress_level` is the PNG zlib level (NIH's files use 6).
+    `workers` > 1 draws the images in that many processes, each image from its own
+    generator: the same labels as with one worker, other pixels and other split draws.
     """
     if num_images < 12:
         raise ValueError(f"num_images={num_images}: expected at least 12")
@@ -158,10 +168,17 @@ def make_demo_dataset(
     labels = (rng.random((num_images, k)) < np.asarray(DEMO_PREVALENCE)).astype(np.uint8)
     patients = np.arange(num_images) // max(1, images_per_patient)
     names = [f"{p + 1:08d}_{i % max(1, images_per_patient):03d}.png" for i, p in enumerate(patients)]
-    template = chest_template(image_size)
-    for name, row in zip(names, labels):
-        image = Image.fromarray(make_demo_image(row, image_size, rng, template), mode="L")
-        image.save(image_dir / name, compress_level=compress_level)
+    if workers > 1:
+        from multiprocessing import get_context
+
+        jobs = [(image_dir / n, row, image_size, seed, i, compress_level) for i, (n, row) in enumerate(zip(names, labels))]
+        with get_context().Pool(workers) as pool:
+            pool.map(_write_demo_image, jobs, chunksize=4)
+    else:
+        template = chest_template(image_size)
+        for name, row in zip(names, labels):
+            image = Image.fromarray(make_demo_image(row, image_size, rng, template), mode="L")
+            image.save(image_dir / name, compress_level=compress_level)
 
     unique = np.unique(patients)
     order = rng.permutation(unique)
