@@ -268,10 +268,12 @@ def _percentile_interval(samples: np.ndarray, level: float) -> tuple[float | Non
 
 
 def _z(level: float) -> float:
+    """The two-sided normal quantile of a confidence level (1.96 for 0.95)."""
     return NormalDist().inv_cdf(0.5 + level / 2)
 
 
 def _check_settings(resamples: int, level: float) -> None:
+    """A ValueError naming a negative resample count or a level outside (0, 1)."""
     if resamples < 0:
         raise ValueError(f"resamples must be >= 0 (0 turns the bootstrap off), got {resamples}")
     if not 0 < level < 1:
