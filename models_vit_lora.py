@@ -344,12 +344,15 @@ def load_torch_file(path: str | Path, error: type[Exception] = PretrainedWeights
     if kind.format not in ("torch-zip", "torch-legacy"):
         raise error(not_a_checkpoint(path, kind, expected))
     try:
-        if allow_unsafe_pickle:
-            warnings.warn(f"UNSAFE: unpickling {path} with weights_only=False; a malicious file "
-                          "can run arbitrary code", stacklevel=2)
-            return torch.load(path, map_location="cpu", weights_only=False)
-        with torch.serialization.safe_globals(_safe_globals()):
-            return torch.load(path, map_location="cpu", weights_only=True)
+        # An open file, not the path: torch.load picks its parser from a path's suffix
+        # (.safetensors), and the content has already told which format this is.
+        with open(path, "rb") as f:
+            if allow_unsafe_pickle:
+                warnings.warn(f"UNSAFE: unpickling {path} with weights_only=False; a malicious "
+                              "file can run arbitrary code", stacklevel=2)
+                return torch.load(f, map_location="cpu", weights_only=False)
+            with torch.serialization.safe_globals(_safe_globals()):
+                return torch.load(f, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         reason, refused_global = _pickle_reason(err)
         if not refused_global:

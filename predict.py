@@ -454,11 +454,13 @@ def run(args: argparse.Namespace) -> int:
         if not f.reason.startswith(NON_FINITE_REASON):
             logger.warning("skipped %s: %s", f.name, f.reason)
     if non_finite:
+        cause = (f"an overflow in {str(dtype).replace('torch.', '')}? try --amp none"
+                 if dtype is not None else "is the model damaged?")
         logger.error("the model gave NaN or infinite outputs for %d of %d images, left out of "
-                     "%s: %s%s (a model with NaN weights, or an overflow under --amp %s: try "
-                     "--amp none)", len(non_finite), len(images) - (len(failed) - len(non_finite)),
-                     args.output, ", ".join(non_finite[:5]),
-                     f" (+{len(non_finite) - 5} more)" if len(non_finite) > 5 else "", args.amp)
+                     "%s: %s%s (%s)", len(non_finite),
+                     len(images) - (len(failed) - len(non_finite)), args.output,
+                     ", ".join(non_finite[:5]),
+                     f" (+{len(non_finite) - 5} more)" if len(non_finite) > 5 else "", cause)
 
     output = Path(args.output)
     write_predictions(output, [images[i].name for i in good], probs[good], class_names, thresholds)

@@ -157,7 +157,7 @@ def read_json_object(path: Path, kind: str, error: type[Exception]) -> dict[str,
     try:
         obj = json.loads(text)
     except json.JSONDecodeError as err:
-        raise error(f"{path}: damaged {kind} config: invalid JSON ({err.msg} at line "
+        raise error(f"{path}: damaged {kind} config: invalid JSON ({err.msg}: line "
                     f"{err.lineno} column {err.colno}); write or copy it again") from None
     if not isinstance(obj, dict):
         raise error(f"{path}: {kind} config must be a JSON object, found {type(obj).__name__}")
