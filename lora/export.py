@@ -203,7 +203,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         model, config = load_trained(args.checkpoint, args.finetune, device="cpu")
-    except (FileNotFoundError, CheckpointError, ValueError) as err:
+    except (OSError, CheckpointError, ValueError) as err:  # damaged files, NaN weights too
         logger.error("--checkpoint %s: %s", args.checkpoint, err)
         return 2
     try:

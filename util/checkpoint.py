@@ -165,7 +165,7 @@ def read_json_object(path: Path, kind: str, error: type[Exception]) -> dict[str,
 
 
 def read_format_config(config_path: Path, expected: str, kind: str = "checkpoint",
-                       error: type[Exception] = None, required: FieldTypes | None = None,
+                       error: type[Exception] | None = None, required: FieldTypes | None = None,
                        optional: FieldTypes | None = None) -> dict[str, Any]:
     """Read the JSON beside a tensors file, check its ``expected`` format and its fields."""
     error = error or CheckpointError
