@@ -309,8 +309,8 @@ def check_finite(tensors: dict[str, torch.Tensor], source: str | Path,
     """
     bad = non_finite_tensors(tensors)
     if bad:
-        raise error(f"{source}: {len(bad)} tensor{'s' if len(bad) > 1 else ''} hold NaN or "
-                    f"infinite values, so the model cannot predict: {_first(bad, 3)} (a "
+        raise error(f"{source}: {len(bad)} tensor{'s hold' if len(bad) > 1 else ' holds'} NaN "
+                    f"or infinite values, so the model cannot predict: {_first(bad, 3)} (a "
                     "diverged training run or a damaged file)")
 
 

@@ -126,7 +126,7 @@ def test_nonfinite_pretrained_tensor_refused_by_name(tmp_path, bad):
     model = mv.vit_tiny_patch16(depth=2, num_classes=2)
     before = model.blocks[0].attn.qkv.weight.clone()
     with pytest.raises(mv.PretrainedWeightsError,
-                       match=r"diverged\.pth: 1 tensor hold NaN or infinite.*blocks\.1\.attn\.qkv"
+                       match=r"diverged\.pth: 1 tensor holds NaN or infinite.*blocks\.1\.attn\.qkv"
                              r"\.weight \((1 NaN, 0 inf|0 NaN, 1 inf)"):
         mv.load_pretrained(model, tmp_path / "diverged.pth")
     assert torch.equal(model.blocks[0].attn.qkv.weight, before)  # nothing copied
@@ -224,11 +224,11 @@ def test_damaged_checkpoint_or_export_named_by_predict_exit_2(trained, tmp_path,
 def test_nonfinite_checkpoint_and_export_refused_by_name(trained, tmp_path, caplog):
     tensors, _ = copy_pair(checkpoint_paths(trained["stem"]), tmp_path / "ckpt" / "checkpoint-best")
     key = poison(tensors, "head.weight")
-    with pytest.raises(CheckpointError, match=rf"{tensors}: 1 tensor hold NaN.*{key} \(1 NaN"):
+    with pytest.raises(CheckpointError, match=rf"{tensors}: 1 tensor holds NaN.*{key} \(1 NaN"):
         load_trained(tensors)
     merged, _ = copy_pair(export_paths(trained["export"]), tmp_path / "exp" / "merged")
     key = poison(merged, "blocks.0.attn.qkv.weight")
-    with pytest.raises(ExportError, match=rf"{merged}: 1 tensor hold NaN.*{key} \(1 NaN"):
+    with pytest.raises(ExportError, match=rf"{merged}: 1 tensor holds NaN.*{key} \(1 NaN"):
         load_merged(merged)
     # predict names the file and exits 2 instead of writing blank probabilities.
     image = tmp_path / "x.png"
@@ -237,7 +237,7 @@ def test_nonfinite_checkpoint_and_export_refused_by_name(trained, tmp_path, capl
         with caplog.at_level(logging.ERROR):
             rc = predict.main(["--checkpoint", str(ckpt), "--inputs", str(image), "--output",
                                str(tmp_path / "p.csv"), "--num_workers", "0"])
-        assert rc == 2 and f"{ckpt}: 1 tensor hold NaN" in caplog.text
+        assert rc == 2 and f"{ckpt}: 1 tensor holds NaN" in caplog.text
     assert not (tmp_path / "p.csv").exists()
 
 
@@ -367,7 +367,7 @@ def test_entry_script_eval_of_bad_checkpoint(trained, tmp_path, capsys, damage):
     tensors, config = copy_pair(checkpoint_paths(trained["stem"]), tmp_path / "run" / "checkpoint-best")
     if damage == "nan":
         poison(tensors, "head.bias")
-        expected = f"{tensors}: 1 tensor hold NaN or infinite values"
+        expected = f"{tensors}: 1 tensor holds NaN or infinite values"
     else:
         config.write_text("{\"format\": ")
         expected = f"{config}: damaged checkpoint config: invalid JSON"
