@@ -1,13 +1,18 @@
 #!/usr/bin/env bash
-# One prepared benchmark run for a GPU machine (H100 / H200), well under 8 minutes:
-# bench_model.py (ViT-B/16, batch 64, bf16 and fp32: img/s, peak memory, MFU against
-# timm + HF PEFT, the paper-style peer and full fine-tuning), profile_step.py (bf16 step
-# time per operator group, activations kept for backward) and bench_epoch.py (demo epoch
-# with the real loader: data-bound or not), JSON and logs written to $OUT.
+# One prepared benchmark run for a GPU machine (H100 / H200), under 9 minutes:
+# bench_model.py at batch 64 and 128 (ViT-B/16, bf16 (+ fp32 at 64): img/s, peak memory,
+# MFU against timm + HF PEFT, the paper-style peer and full fine-tuning), profile_step.py
+# (bf16 step time per operator group), bench_data.py (per-core rates: 1024-px PNG vs exact
+# cache vs lossy cache, evaluation cache) and bench_epoch.py on NIH-like data (2,000
+# 1024-px 8-bit PNGs, and a JPEG-DICOM variant): epochs/s of (a) ours from the exact cache,
+# compiled, (b) ours from the PNGs, (c) the paper's pipeline (PIL + torchvision in 10
+# workers, paper-style model under fp16 autocast). JSON and logs written to $OUT.
 #
 #   bash bench/gpu_check.sh                  # on the GPU machine; OUT defaults to bench/results/gpu_check
 #   DEVICE=cpu bash bench/gpu_check.sh       # the same steps, CPU-sized (--quick), to test this script
-#   COMPILE=1 bash bench/gpu_check.sh        # also time ours under torch.compile (adds ~2 min)
+#   DEVICE=cpu TINY=1 bash bench/gpu_check.sh  # every step with tiny models and data (~2 min)
+#   COMPILE=1 bash bench/gpu_check.sh        # also time ours under torch.compile in bench_model
+#   EPOCH_IMAGES=3000 bash bench/gpu_check.sh  # a larger end-to-end data set
 #
 # Packages the machine lacks can travel as wheels in .whl/ at the repository root
 # (see bench/README.md); they are installed into /tmp/site first.
@@ -45,36 +50,64 @@ EOF
 IMPLS="ours,ours_bf16w,peft,paper,full"
 if [ "${COMPILE:-0}" = 1 ]; then IMPLS="$IMPLS,ours_compile"; fi
 
-if [ "$DEVICE" = cpu ]; then
-  MODEL_ARGS=(--device cpu --quick --amp fp32 --impls "${IMPLS/ours_bf16w,/}")
-  EPOCH_DEMO=(--device cpu --quick)
-  EPOCH_VITB=()
+EPOCH_IMAGES="${EPOCH_IMAGES:-2000}"
+if [ "${TINY:-0}" = 1 ]; then
+  TINY_MODEL=(--model vit_tiny_patch16 --img_size 32)
+  MODEL_64=(--device "$DEVICE" --quick --amp fp32 --batch_size 2 "${TINY_MODEL[@]}" --impls ours,peft,paper,full)
+  MODEL_128=()
+  PROFILE_ARGS=(--device "$DEVICE" --batch_size 2 --amp fp32 "${TINY_MODEL[@]}" --impls ours,peft)
+  DATA_ARGS=(--num_images 12 --image_size 64 --cache_size 32 --input_size 32 --repeats 1)
+  EPOCH_PNG=(--device "$DEVICE" --quick --num_workers 0 --num_images 12 --image_size 64 --depth 2
+             "${TINY_MODEL[@]}" --batch_size 4 --rank 2)
+  EPOCH_DICOM=("${EPOCH_PNG[@]}" --source dicom-jpeg --variants exact,paper)
+  PROFILE_TIMEOUT=300; MODEL_TIMEOUT=600; DATA_TIMEOUT=300; EPOCH_TIMEOUT=300
+elif [ "$DEVICE" = cpu ]; then
+  MODEL_64=(--device cpu --quick --amp fp32 --impls "${IMPLS/ours_bf16w,/}")
+  MODEL_128=()
   PROFILE_ARGS=(--device cpu --batch_size 2 --amp fp32 --impls ours,peft,paper,full)
+  DATA_ARGS=(--num_images 32)
+  EPOCH_PNG=(--device cpu --quick)
+  EPOCH_DICOM=(--device cpu --quick --source dicom-jpeg --variants exact,paper)
   PROFILE_TIMEOUT=600
   MODEL_TIMEOUT=1500  # a busy 2-core machine: ~3 min idle, much longer under load
+  DATA_TIMEOUT=600
   EPOCH_TIMEOUT=600
 else
-  MODEL_ARGS=(--device "$DEVICE" --batch_size 64 --amp bf16,fp32 --impls "$IMPLS"
-              --steps 10 --rounds 3 --warmup 2 --mem_steps 2)
+  MODEL_64=(--device "$DEVICE" --batch_size 64 --amp bf16,fp32 --impls "$IMPLS"
+            --steps 10 --rounds 3 --warmup 2 --mem_steps 2)
+  MODEL_128=(--device "$DEVICE" --batch_size 128 --amp bf16 --impls "$IMPLS"
+             --steps 10 --rounds 3 --warmup 2 --mem_steps 2)
   WORKERS=$(( $(nproc) > 12 ? 12 : $(nproc) ))
-  EPOCH_DEMO=(--device "$DEVICE" --epochs 3 --num_workers "$WORKERS")
-  EPOCH_VITB=(--device "$DEVICE" --epochs 3 --num_workers "$WORKERS" --model vit_base_patch16
-              --img_size 224 --batch_size 64 --rank 4)
   PROFILE_ARGS=(--device "$DEVICE" --batch_size 64 --amp bf16 --impls ours,ours_bf16w,peft,paper,full)
-  PROFILE_TIMEOUT=60
-  MODEL_TIMEOUT=300  # the timeouts add up to < 10 minutes
-  EPOCH_TIMEOUT=100
+  DATA_ARGS=(--num_images 64)
+  # ViT-B/16 224 px, batch 64, rank 4; 2 epochs per variant (the first pays start-up and compile).
+  EPOCH_COMMON=(--device "$DEVICE" --epochs 2 --num_workers "$WORKERS" --paper_workers 10
+                --model vit_base_patch16 --img_size 224 --batch_size 64 --rank 4
+                --num_images "$EPOCH_IMAGES" --image_size 1024)
+  EPOCH_PNG=("${EPOCH_COMMON[@]}" --data_path /tmp/gpu_check_data/NIH_bench)
+  EPOCH_DICOM=("${EPOCH_COMMON[@]}" --data_path /tmp/gpu_check_data/NIH_bench --source dicom-jpeg
+               --variants exact,paper)
+  PROFILE_TIMEOUT=45
+  MODEL_TIMEOUT=100  # per batch size; the timeouts add up to < 9 minutes (530 s)
+  DATA_TIMEOUT=45
+  EPOCH_TIMEOUT=150  # the PNG run also writes the data (in parallel) and compiles
+  DICOM_TIMEOUT=90
 fi
+DICOM_TIMEOUT="${DICOM_TIMEOUT:-$EPOCH_TIMEOUT}"
 
 status=0
-timeout "$MODEL_TIMEOUT" python3 bench/bench_model.py "${MODEL_ARGS[@]}" --json "$OUT/model.json" \
+timeout "$MODEL_TIMEOUT" python3 bench/bench_model.py "${MODEL_64[@]}" --json "$OUT/model.json" \
   2>&1 | tee "$OUT/model.log" || status=1
-timeout "$PROFILE_TIMEOUT" python3 bench/profile_step.py "${PROFILE_ARGS[@]}" 2>&1 | tee "$OUT/profile.log" || status=1
-timeout "$EPOCH_TIMEOUT" python3 bench/bench_epoch.py "${EPOCH_DEMO[@]}" --json "$OUT/epoch_demo.json" \
-  2>&1 | tee "$OUT/epoch_demo.log" || status=1
-if [ ${#EPOCH_VITB[@]} -gt 0 ]; then
-  timeout "$EPOCH_TIMEOUT" python3 bench/bench_epoch.py "${EPOCH_VITB[@]}" --json "$OUT/epoch_vitb.json" \
-    2>&1 | tee "$OUT/epoch_vitb.log" || status=1
+if [ ${#MODEL_128[@]} -gt 0 ]; then
+  timeout "$MODEL_TIMEOUT" python3 bench/bench_model.py "${MODEL_128[@]}" --json "$OUT/model_b128.json" \
+    2>&1 | tee "$OUT/model_b128.log" || status=1
 fi
+timeout "$PROFILE_TIMEOUT" python3 bench/profile_step.py "${PROFILE_ARGS[@]}" 2>&1 | tee "$OUT/profile.log" || status=1
+timeout "$DATA_TIMEOUT" python3 bench/bench_data.py "${DATA_ARGS[@]}" --out "$OUT/data.json" \
+  2>&1 | tee "$OUT/data.log" || status=1
+timeout "$EPOCH_TIMEOUT" python3 bench/bench_epoch.py "${EPOCH_PNG[@]}" --json "$OUT/epoch_png.json" \
+  2>&1 | tee "$OUT/epoch_png.log" || status=1
+timeout "$DICOM_TIMEOUT" python3 bench/bench_epoch.py "${EPOCH_DICOM[@]}" --json "$OUT/epoch_dicom.json" \
+  2>&1 | tee "$OUT/epoch_dicom.log" || status=1
 echo "gpu_check: results in $OUT (status $status)"
 exit $status
