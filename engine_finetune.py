@@ -40,9 +40,12 @@ class CompiledModule(nn.Module):
         super().__init__()
         self.module = module
         self.name = name
-        self._compiled = torch.compile(module, backend=backend)
         self.failed = False
         self.compile_seconds: float | None = None
+        try:
+            self._compiled = torch.compile(module, backend=backend)
+        except Exception as err:  # noqa: BLE001 -- e.g. an unknown backend: eager, said once
+            self._fall_back(err)
 
     def forward(self, *args, **kwargs):
         if self.failed:
@@ -54,15 +57,19 @@ class CompiledModule(nn.Module):
         except Exception as err:  # noqa: BLE001 -- any backend failure: fall back, say it once
             if not (first or _is_compile_error(err)):
                 raise
-            self.failed = True
-            logger.warning("torch.compile of the %s model failed (%s: %s); continuing eager",
-                           self.name, type(err).__name__, str(err).splitlines()[0][:200] if str(err) else "")
+            self._fall_back(err)
             return self.module(*args, **kwargs)
         if first:
             self.compile_seconds = time.perf_counter() - start
             logger.info("torch.compile: first %s call (compiling) took %.1f s", self.name,
                         self.compile_seconds)
         return out
+
+    def _fall_back(self, err: BaseException) -> None:
+        self.failed = True
+        first_line = str(err).splitlines()[0][:200] if str(err) else ""
+        logger.warning("torch.compile of the %s model failed (%s: %s); continuing eager",
+                       self.name, type(err).__name__, first_line)
 
     def __getattr__(self, name: str):
         # Attributes of the wrapped module show through (e.g. DDP's no_sync).

@@ -547,6 +547,9 @@ class _OnceFilter(logging.Filter):
         return True
 
 
+_METRICS_ONCE = _OnceFilter()
+
+
 def test_and_report(args: argparse.Namespace, checkpoint: Path, out: Path, dist_info: DistInfo,
                     device: torch.device, amp_dtype: torch.dtype | None,
                     dataset: datasets.ChestXrayDataset | None = None,
@@ -767,7 +770,10 @@ def fit(args: argparse.Namespace, out: Path, folder: RunFolder, dist_info: DistI
         raise ArgumentError(f"{val_set.split_file}: no class has both positive and negative "
                             "images, so no validation AUROC exists to select a checkpoint by")
     if val_undefined:
-        logging.getLogger("util.metrics").addFilter(_OnceFilter())
+        _METRICS_ONCE.seen.clear()
+        metrics_logger = logging.getLogger("util.metrics")
+        if _METRICS_ONCE not in metrics_logger.filters:
+            metrics_logger.addFilter(_METRICS_ONCE)
         logger.warning("%s: no AUROC for %s (a single label value); model selection uses the mean "
                        "over the other %d classes", val_set.split_file.name, ", ".join(val_undefined),
                        len(class_names) - len(val_undefined))
