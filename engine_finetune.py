@@ -264,6 +264,10 @@ def predict(
         target_list.append(targets.to(device).float())
     logits = torch.cat(logits_list)
     targets = torch.cat(target_list)
+    if not bool(torch.isfinite(logits).all()):
+        bad = int((~torch.isfinite(logits)).any(dim=1).sum())
+        raise NonFiniteLossError(f"evaluation: the model gave NaN or infinite outputs for {bad} "
+                                 "images (try --amp none; otherwise the weights are damaged)")
     assert len(logits) == len(indices), "sampler and loader disagree on the evaluated images"
     indices = _gather(indices.to(device)).cpu()
     logits = _gather(logits).cpu()

@@ -30,6 +30,8 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, S
 
 import datasets
 import lora
+from datasets.splits import check_split_overlap
+from datasets.transforms import AUG_FILLS
 import models_vit_lora as mv
 from engine_finetune import (AMP_CHOICES, COMPILE_CHOICES, CompiledModule, NonFiniteLossError,
                              evaluate, resolve_amp, train_one_epoch)
@@ -38,8 +40,8 @@ from util.lr_sched import adjust_learning_rate
 from util.io import OutputError, json_safe
 from util.runfolder import RunFolder, RunFolderError, probe_writable
 from util.misc import DistInfo, git_commit, init_distributed, rng_state, seed_everything, setup_logging
-from util.optim import build_optimizer
-from util.presets import PRESETS
+from util.optim import build_optimizer, per_process_batch
+from util.presets import PRESETS, preset_help, resolve_preset
 
 logger = logging.getLogger("main")
 
@@ -87,8 +89,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                formatter_class=HelpFormatter)
     g = p.add_argument_group("run")
     g.add_argument("--preset", choices=sorted(PRESETS), default=None,
-                   help="the paper's hyper-parameters for one of its 18 settings (with --method "
-                        "full: its full fine-tuning recipe); explicit flags win")
+                   help=preset_help().replace("%", "%%"))
     g.add_argument("--demo", action="store_true",
                    help="synthetic demo data + tiny ViT (the default when --data_path is not given)")
     g.add_argument("--output_dir", default="./output_dir", help="parent folder of the run folder")
@@ -118,6 +119,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--dist_eval", action="store_true",
                    help="kept for the paper's scripts: multi-process evaluation is always "
                         "distributed and gathered exactly")
+    g.add_argument("--ci_resamples", type=int, default=1000,
+                   help="bootstrap resamples of the test AUROC's 95%% intervals (0: none)")
     g.add_argument("--valid_freq", type=int, default=1, help="validate every N epochs")
     g.add_argument("--log_freq", type=int, default=10, help="log the train loss every N steps")
     g.add_argument("--progress_freq", type=int, default=100,
@@ -206,6 +209,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--device_aug", action="store_true",
                    help="sgd recipe: crop / flip / normalise uint8 batches on the training device "
                         "instead of in the loader workers")
+    g.add_argument("--aug_fill", default="paper", choices=list(AUG_FILLS),
+                   help="adamw recipe: fill of RandAugment's rotate / shear / translate: 'paper' "
+                        "(grey 36, as the paper's pipeline) or 'neutral' (the normalisation's mid grey)")
     g.add_argument("--aa", type=str, default="rand-m9-mstd0.5-inc1",
                    help="RandAugment policy of the adamw recipe (timm syntax)")
     g.add_argument("--reprob", type=float, default=0.25, help="random erasing probability (adamw recipe)")
@@ -261,8 +267,11 @@ def resolve_args(args: argparse.Namespace, explicit: set[str]) -> argparse.Names
                 setattr(args, key, value)
 
     args.notes = []  # said once in the log when the run starts
+    args.preset_source = None
     if args.preset:
-        fill(PRESETS[args.preset])
+        method = args.method or ("lora" if args.model in mv.LORA_MODELS else "full")
+        values, args.preset_source = resolve_preset(args.preset, method)
+        fill(values)
     args.demo = args.demo or (args.data_path is None and not args.eval)
     if args.demo:
         demo = dict(DEMO_DEFAULTS)
@@ -296,6 +305,8 @@ def resolve_args(args: argparse.Namespace, explicit: set[str]) -> argparse.Names
         if getattr(args, flag):
             raise ArgumentError(f"--{flag} {getattr(args, flag)} is not supported: the paper "
                                 "trains multi-label BCE without it (pass 0)")
+    if args.ci_resamples < 0:
+        raise ArgumentError(f"--ci_resamples must be 0 (off) or positive, got {args.ci_resamples}")
     for flag in ("batch_size", "epochs", "accum_iter", "valid_freq", "input_size", "log_freq"):
         if getattr(args, flag) <= 0:
             raise ArgumentError(f"--{flag} must be positive, got {getattr(args, flag)}")
@@ -307,6 +318,18 @@ def resolve_args(args: argparse.Namespace, explicit: set[str]) -> argparse.Names
         args.notes.append(f"--warmup_epochs {args.warmup_epochs:g} is longer than the run: capped "
                           f"at --epochs {args.epochs}")
         args.warmup_epochs = float(args.epochs)
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if "batch_size" in explicit and "global_batch" not in explicit:
+        args.global_batch = None  # the user's per-process batch wins over a preset's global one
+    if args.global_batch is not None:
+        try:
+            batch, args.accum_iter = per_process_batch(args.global_batch, world, args.accum_iter)
+        except ValueError as err:
+            raise ArgumentError(f"--global_batch: {err}") from None
+        if "batch_size" in explicit and args.batch_size != batch:
+            raise ArgumentError(f"--batch_size {args.batch_size} contradicts --global_batch "
+                                f"{args.global_batch} over {world} processes (gives {batch})")
+        args.batch_size = batch
     if args.progress_freq <= 0:
         raise ArgumentError(f"--progress_freq must be positive, got {args.progress_freq}")
     if args.eval and not args.resume:
@@ -592,6 +615,13 @@ def test_and_report(args: argparse.Namespace, checkpoint: Path, out: Path, dist_
     }
     if eval_info:
         results["evaluation"] = eval_info
+    if args.ci_resamples > 0 and dist_info.is_main:
+        from util.stats import auroc_intervals
+
+        # A fixed seed, not the run's: runs of different training seeds share the resamples.
+        results["intervals"] = auroc_intervals(stats["targets"], stats["probs"],
+                                               list(dataset.class_names),
+                                               resamples=args.ci_resamples, seed=0)
     if dist_info.is_main:
         stem = f"results_{split}"
         ckpt.write_json(out / f"{stem}.json", results)
@@ -751,7 +781,7 @@ def fit(args: argparse.Namespace, out: Path, folder: RunFolder, dist_info: DistI
         train_tf = datasets.build_transform(is_train=True, recipe=args.recipe,
                                            input_size=args.input_size, norm=args.norm, aa=args.aa,
                                            reprob=args.reprob, remode=args.remode,
-                                           recount=args.recount)
+                                           recount=args.recount, aug_fill=args.aug_fill)
     eval_tf = datasets.build_transform(is_train=False, recipe=args.recipe,
                                       input_size=args.input_size, norm=args.norm)
     data_kw = dict(dataset=args.dataset, split_dir=args.split_dir, cache=args.cache,
@@ -761,6 +791,7 @@ def fit(args: argparse.Namespace, out: Path, folder: RunFolder, dist_info: DistI
     val_set = datasets.build_dataset("val", args.data_path, transform=eval_tf, **data_kw)
     # The test split is checked now too: a missing test image must not surface after training.
     test_set = datasets.build_dataset("test", args.data_path, transform=eval_tf, **data_kw)
+    check_split_overlap(train_set, [val_set, test_set], allow=args.allow_overlap)
     class_names = list(train_set.class_names)
     if args.nb_classes is not None and args.nb_classes != len(class_names):
         raise ArgumentError(f"--nb_classes {args.nb_classes} but {train_set.split_file} has "
@@ -918,8 +949,6 @@ def fit(args: argparse.Namespace, out: Path, folder: RunFolder, dist_info: DistI
             print(f"{line}, best {100 * best:.2f} (epoch {best_epoch}), {time.time() - t0:.1f}s",
                   flush=True)
 
-    if writer is not None:
-        writer.close()
     if dist_info.distributed:
         dist.barrier()
     if best_epoch is None:
@@ -927,8 +956,17 @@ def fit(args: argparse.Namespace, out: Path, folder: RunFolder, dist_info: DistI
     if args.resume and start_epoch >= args.epochs:
         logger.info("the run in %s was already complete (%d epochs); testing its best checkpoint "
                     "again", out, args.epochs)
-    return test_and_report(args, out / "checkpoint-best", out, dist_info, device, amp_dtype,
-                           dataset=test_set, folder=folder)
+    results = test_and_report(args, out / "checkpoint-best", out, dist_info, device, amp_dtype,
+                              dataset=test_set, folder=folder)
+    if writer is not None:
+        # The test score with its interval, at the tested epoch, beside the validation curves.
+        writer.add_scalar("test/mean_auroc", results["mean_auroc"], best_epoch)
+        mean_interval = (results.get("intervals") or {}).get("mean") or {}
+        for bound in ("ci_low", "ci_high"):
+            if mean_interval.get(bound) is not None:
+                writer.add_scalar(f"test/mean_auroc_{bound}", mean_interval[bound], best_epoch)
+        writer.close()
+    return results
 
 
 RESUME_MUST_MATCH = ("model", "method", "class_names", "lora", "global_pool", "img_size",

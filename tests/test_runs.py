@@ -421,3 +421,24 @@ def test_failed_compile_falls_back_to_eager_once(caplog):
     warnings = [r for r in caplog.records if "torch.compile of the training model failed" in r.getMessage()]
     assert len(warnings) == 1
     assert list(wrapped.parameters()) == list(model.parameters())
+
+
+def test_test_results_carry_intervals_in_json_and_tensorboard(whole):
+    import pandas as pd
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from util.stats import auroc_intervals
+
+    res = json.loads((whole / "results_test.json").read_text())
+    preds = pd.read_csv(whole / "predictions_test.csv")
+    names = res["class_names"]
+    expected = auroc_intervals(preds[[f"label_{n}" for n in names]].to_numpy(),
+                               preds[names].to_numpy(), names, resamples=1000, seed=0)
+    assert json.loads(json.dumps(expected)) == res["intervals"]
+    acc = EventAccumulator(str(whole / "logs"))
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    assert acc.Scalars("test/mean_auroc")[0].value == pytest.approx(res["mean_auroc"])
+    mean = res["intervals"]["mean"]
+    for bound in ("ci_low", "ci_high"):
+        assert (f"test/mean_auroc_{bound}" in tags) == (mean[bound] is not None)
