@@ -199,8 +199,16 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--split_dir", default=None, help="folder of the split files")
     g.add_argument("--allow_overlap", action="store_true",
                    help="allow images that are both in the training split and in val / test")
-    g.add_argument("--cache", default="auto", choices=["auto", "on", "off"],
-                   help="read the preprocessed image cache (python -m datasets.cache)")
+    g.add_argument("--cache", default="auto", choices=["auto", "on", "lossy", "off"],
+                   help="auto: the exact image cache (python -m datasets.cache) when up to date, "
+                        "same tensors as the files; on: require it; lossy: a downsized cache "
+                        "(--size N; other pixels, warned and recorded); off: the files")
+    g.add_argument("--cache_size", type=int, default=None,
+                   help="with --cache lossy: which downsized cache (its shorter side)")
+    g.add_argument("--dicom_scaling", default=None, choices=list(datasets.DICOM_SCALINGS),
+                   help="DICOM intensity: paper = x * 255 / max (the default for rsna), minmax = "
+                        "VOI window or min-max stretch (the default otherwise); --eval and "
+                        "predict default to the checkpoint's")
     g.add_argument("--skip_bad", action="store_true", help="skip unreadable images, and report them")
     g.add_argument("--norm", default=None, choices=sorted(datasets.NORM_STATS),
                    help="input normalisation; default follows the pre-trained weights")
@@ -539,7 +547,8 @@ def run_settings(args: argparse.Namespace, eff_batch: int, amp_dtype: torch.dtyp
             "preset": args.preset, "preset_source": getattr(args, "preset_source", None),
             "optimizer": args.optimizer, "lr": args.lr, "epochs": args.epochs,
             "global_batch": eff_batch, "precision": precision_name(amp_dtype),
-            "weights": weights_name(args.finetune), "cache": getattr(args, "cache_used", None)}
+            "weights": weights_name(args.finetune), "cache": getattr(args, "cache_used", None),
+            "dicom_scaling": getattr(args, "dicom_scaling_used", None)}
 
 
 def precision_name(amp_dtype: torch.dtype | None) -> str:
@@ -612,6 +621,7 @@ def test_and_report(args: argparse.Namespace, checkpoint: Path, out: Path, dist_
         "class_names": list(dataset.class_names), "checkpoint": str(checkpoint),
         "epoch": config.get("epoch"), "training": trained,
         "precision": precision_name(amp_dtype), "split_file": str(dataset.split_file),
+        "data_cache": dataset.cache_info, "dicom_scaling": dataset.dicom_scaling,
     }
     if eval_info:
         results["evaluation"] = eval_info
@@ -659,11 +669,18 @@ def legacy_run_settings(checkpoint: Path) -> dict:
 
 
 def build_eval_dataset(args: argparse.Namespace, split: str, config: dict) -> datasets.ChestXrayDataset:
-    """The val or test set of --data_path with a checkpoint's evaluation transform."""
+    """The val or test set of --data_path with a checkpoint's evaluation transform and DICOM rule."""
     transform = datasets.build_transform(is_train=False, recipe=config["eval_recipe"],
                                          input_size=config["img_size"], norm=config["norm"])
+    scaling = args.dicom_scaling or config.get("dicom_scaling")
+    if args.dicom_scaling and config.get("dicom_scaling") not in (None, args.dicom_scaling):
+        logger.warning("--dicom_scaling %s differs from the rule the checkpoint was trained with "
+                       "(%s): its DICOM inputs look different now", args.dicom_scaling,
+                       config["dicom_scaling"])
     return datasets.build_dataset(split, args.data_path, dataset=args.dataset, transform=transform,
-                                  split_dir=args.split_dir, cache=args.cache, skip_bad=args.skip_bad)
+                                  split_dir=args.split_dir, cache=args.cache, skip_bad=args.skip_bad,
+                                  cache_size=args.cache_size, dicom_scaling=scaling,
+                                  verify_images="header")
 
 
 def evaluate_checkpoint(args: argparse.Namespace, dist_info: DistInfo, device: torch.device,
@@ -785,13 +802,20 @@ def fit(args: argparse.Namespace, out: Path, folder: RunFolder, dist_info: DistI
     eval_tf = datasets.build_transform(is_train=False, recipe=args.recipe,
                                       input_size=args.input_size, norm=args.norm)
     data_kw = dict(dataset=args.dataset, split_dir=args.split_dir, cache=args.cache,
-                   skip_bad=args.skip_bad)
+                   skip_bad=args.skip_bad, cache_size=args.cache_size,
+                   dicom_scaling=args.dicom_scaling)
     train_set = datasets.build_dataset("train", args.data_path, data_size=args.data_size,
                                        transform=train_tf, **data_kw)
-    val_set = datasets.build_dataset("val", args.data_path, transform=eval_tf, **data_kw)
-    # The test split is checked now too: a missing test image must not surface after training.
-    test_set = datasets.build_dataset("test", args.data_path, transform=eval_tf, **data_kw)
+    # Evaluation splits are checked now (files exist, headers open): a bad validation or
+    # test image must not surface after hours of training.
+    val_set = datasets.build_dataset("val", args.data_path, transform=eval_tf,
+                                     verify_images="header", **data_kw)
+    test_set = datasets.build_dataset("test", args.data_path, transform=eval_tf,
+                                      verify_images="header", **data_kw)
+    args.cache_used = {"train": train_set.cache_info, "val": val_set.cache_info,
+                       "test": test_set.cache_info}
     check_split_overlap(train_set, [val_set, test_set], allow=args.allow_overlap)
+    args.dicom_scaling_used = train_set.dicom_scaling
     class_names = list(train_set.class_names)
     if args.nb_classes is not None and args.nb_classes != len(class_names):
         raise ArgumentError(f"--nb_classes {args.nb_classes} but {train_set.split_file} has "
@@ -867,6 +891,7 @@ def fit(args: argparse.Namespace, out: Path, folder: RunFolder, dist_info: DistI
                     "precision": settings["precision"], "global_batch": eff_batch, "lr": args.lr,
                     "preset_source": settings["preset_source"],
                     "val_undefined_classes": val_undefined, "notes": args.notes,
+                    "data_cache": args.cache_used, "dicom_scaling": args.dicom_scaling_used,
                     "resumed_from_epoch": start_epoch - 1 if args.resume else None,
                     "command": " ".join(sys.argv)}
         ckpt.write_json(out / "config.json", run_info)
@@ -878,6 +903,12 @@ def fit(args: argparse.Namespace, out: Path, folder: RunFolder, dist_info: DistI
         if event_file:
             written.append(Path(event_file))
         folder.record(*written)
+        lossy = [split for split, info in args.cache_used.items() if info.get("kind") == "lossy"]
+        if lossy:
+            logger.warning("the %s images come from a downsized (lossy) cache of shorter side %s: "
+                           "crops and resizes differ from the paper's pipeline on the original "
+                           "files (recorded in config.json as data_cache)", "/".join(lossy),
+                           args.cache_used[lossy[0]].get("size"))
         scaling = f", LoRA scaling alpha/r = {args.lora_alpha / args.lora_rank:g}" if lora_cfg else ""
         print(param_line + scaling)
         logger.info("run folder %s; %d train / %d val / %d test images; global batch %d; lr %.3g; "
@@ -933,7 +964,9 @@ def fit(args: argparse.Namespace, out: Path, folder: RunFolder, dist_info: DistI
                      "scaler": scaler.state_dict() if scaler else None, "epoch": epoch,
                      "best_metric": best, "best_epoch": best_epoch, "rng": rng_state(),
                      "args": {k: v for k, v in vars(args).items() if k not in ("explicit", "notes")}}
-            extra = {"epoch": epoch, "val_mean_auroc": best, "run": settings}
+            # dicom_scaling at the top level: predict and exports decode DICOMs by the same rule.
+            extra = {"epoch": epoch, "val_mean_auroc": best, "run": settings,
+                     "dicom_scaling": settings["dicom_scaling"]}
 
             def stage(pending: Path) -> None:
                 if improved:

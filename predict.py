@@ -184,6 +184,13 @@ def eval_transform(config: dict[str, Any]) -> Callable[[Any], torch.Tensor]:
         raise UsageError(f"checkpoint config: {err}") from None
 
 
+def dicom_scaling(config: dict[str, Any]) -> str:
+    """The DICOM intensity rule a model was trained with (older checkpoints: its data set's default)."""
+    from datasets.imageio import dicom_scaling_for
+
+    return dicom_scaling_for(config.get("dataset") or "custom", config.get("dicom_scaling"))
+
+
 def resolve_amp(amp: str, device: torch.device) -> torch.dtype | None:
     """Autocast dtype for ``--amp`` on ``device`` (the trainer's rule); None means fp32."""
     try:
@@ -204,9 +211,11 @@ def default_device() -> str:
 class ImageFiles(Dataset):
     """Decodes and transforms image files; an unreadable file yields its error, not an exception."""
 
-    def __init__(self, files: Sequence[str | Path], transform: Callable[[Any], torch.Tensor]) -> None:
+    def __init__(self, files: Sequence[str | Path], transform: Callable[[Any], torch.Tensor],
+                 dicom_scaling: str = "minmax") -> None:
         self.files = [Path(f) for f in files]
         self.transform = transform
+        self.dicom_scaling = dicom_scaling
 
     def __len__(self) -> int:
         return len(self.files)
@@ -215,7 +224,7 @@ class ImageFiles(Dataset):
         from datasets import load_image, to_rgb
 
         try:
-            img = load_image(self.files[index])
+            img = load_image(self.files[index], dicom_scaling=self.dicom_scaling)
             if not getattr(self.transform, "grey_input", False):
                 img = to_rgb(img)
             return index, self.transform(img), ""
@@ -256,7 +265,7 @@ def predict_images(
     num_classes = int(config["num_classes"])
     probs = np.full((len(paths), num_classes), np.nan, dtype=np.float32)
     failures: dict[int, str] = {}
-    loader = DataLoader(ImageFiles(paths, transform), batch_size=batch_size, shuffle=False,
+    loader = DataLoader(ImageFiles(paths, transform, dicom_scaling(config)), batch_size=batch_size, shuffle=False,
                         num_workers=num_workers, collate_fn=_collate,
                         pin_memory=device.type == "cuda")
     model.eval()
@@ -472,6 +481,8 @@ def run(args: argparse.Namespace) -> int:
 
     heatmaps = 0
     if heatmap_classes and good:
+        from functools import partial
+
         from datasets import load_image
         from util.heatmap import save_heatmaps
 
@@ -479,7 +490,8 @@ def run(args: argparse.Namespace) -> int:
         for k in heatmap_classes:
             written, _ = save_heatmaps(
                 model, [images[i].file for i in good], [images[i].name for i in good], k,
-                class_names[k], out_dir, transform, load_image, int(config["img_size"]),
+                class_names[k], out_dir, transform,
+                partial(load_image, dicom_scaling=dicom_scaling(config)), int(config["img_size"]),
                 config.get("eval_recipe", "sgd"), batch_size=args.batch_size, amp_dtype=dtype)
             heatmaps += len(written)
         logger.info("wrote %d heatmaps to %s", heatmaps, out_dir)

@@ -33,7 +33,8 @@ logger = logging.getLogger(__name__)
 
 MERGED_FORMAT = "cxr-lora-merged/1"
 # Checkpoint config keys copied into the export for provenance.
-_PROVENANCE = ("method", "lora", "pretrained", "pretrained_sha256", "dataset", "drop_path_rate")
+_PROVENANCE = ("method", "lora", "pretrained", "pretrained_sha256", "dataset", "drop_path_rate",
+               "dicom_scaling")
 # Fields an export config must have for ``load_merged`` and ``predict.py`` (JSON types).
 MERGED_FIELDS: dict[str, tuple[type, ...]] = {
     "timm_model": (str,), "timm_kwargs": (dict,), "num_classes": (int,), "class_names": (list,),

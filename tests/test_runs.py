@@ -442,3 +442,21 @@ def test_test_results_carry_intervals_in_json_and_tensorboard(whole):
     mean = res["intervals"]["mean"]
     for bound in ("ci_low", "ci_high"):
         assert (f"test/mean_auroc_{bound}" in tags) == (mean[bound] is not None)
+
+
+def test_cache_choice_is_recorded_and_a_lossy_cache_is_used_only_when_asked(tmp_path):
+    data = datasets.make_demo_dataset(tmp_path / "NIH_demo", num_images=40, image_size=48, seed=3)
+    weights = tmp_path / "MRM.pth"
+    mrm_checkpoint(weights)
+    datasets.build_cache(data, "nih", size=24)  # a downsized (lossy) cache only
+    auto = tmp_path / "auto"
+    assert mfl.cli(args_for(data, weights, auto, "--epochs", "1")) == 0
+    cache = json.loads((auto / "config.json").read_text())["data_cache"]
+    assert {cache[s]["kind"] for s in ("train", "val", "test")} == {"none"}
+    lossy = tmp_path / "lossy"
+    assert mfl.cli(args_for(data, weights, lossy, "--epochs", "1", "--cache", "lossy")) == 0
+    cache = json.loads((lossy / "config.json").read_text())["data_cache"]
+    assert cache["train"]["kind"] == "lossy" and cache["train"]["size"] == 24
+    assert json.loads((lossy / "results_test.json").read_text())["training"]["cache"]["train"]["kind"] == "lossy"
+    assert "downsized (lossy) cache of shorter side 24" in (lossy / "train.log").read_text()
+    assert "downsized" not in (auto / "train.log").read_text()

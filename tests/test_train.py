@@ -404,3 +404,16 @@ def test_rsna_dicom_run_end_to_end(demo, tmp_path):
     expected = roc_auc_score(preds["label_Pneumonia"], preds["Pneumonia"])
     assert result["mean_auroc"] == pytest.approx(expected, abs=1e-6)
     assert result["auroc"]["Pneumonia"] == pytest.approx(expected, abs=1e-6)
+    # The paper's DICOM rule is the rsna default, kept with the checkpoint, and predict.py
+    # decodes new DICOMs by the same rule: its probabilities equal the test predictions.
+    assert result["dicom_scaling"] == "paper"
+    assert json.loads((out / "checkpoint-best.json").read_text())["dicom_scaling"] == "paper"
+    import predict
+
+    model, config = predict.load_model(out / "checkpoint-best")
+    files = [str(rsna / p) for p in preds["path"]]
+    probs, failures = predict.predict_images(model, config, files, batch_size=4)
+    assert not failures
+    np.testing.assert_allclose(probs[:, 0], preds["Pneumonia"].to_numpy(), atol=1e-6)
+    minmax = predict.predict_images(model, {**config, "dicom_scaling": "minmax"}, files)[0]
+    assert not np.allclose(minmax[:, 0], probs[:, 0], atol=1e-6)  # the rule matters
