@@ -128,6 +128,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--no_progress", action="store_true", help="no progress bar or progress lines")
     g.add_argument("--note", type=str, default="", help="appended to the automatic run folder name")
     g.add_argument("--script", type=str, default="", help="launch script, copied into the run")
+    g.add_argument("--check_args", action="store_true",
+                   help="only check the flags and exit (the launch scripts do this before torchrun)")
 
     g = p.add_argument_group("model")
     g.add_argument("--model", default="vit_base_patch16_lora", choices=sorted(mv.MODELS),
@@ -1077,6 +1079,8 @@ def cli(argv: list[str] | None = None) -> int:
         resolve_args(args, args.explicit)
     except ArgumentError as err:
         parser.error(str(err))
+    if args.check_args:
+        return 0
     try:
         main(args)
     except (ArgumentError, NonFiniteLossError, datasets.DataError, mv.PretrainedWeightsError,

@@ -58,6 +58,13 @@ launch() {
     fi
   fi
 
+  if [ -z "${DRY_RUN:-}" ]; then
+    # Bad flags stop here with the entry script's one-line error, not under torchrun's
+    # traceback of the failed child process.
+    WORLD_SIZE=$(( ${NGPUS:-1} * ${NNODES:-1} )) "${PYTHON:-python3}" main_finetune_lora.py \
+      --check_args --global_batch "$GLOBAL_BATCH" "$@" || return 2
+  fi
+
   for seed in $seeds; do
     # The seed goes before ARGS so that a script's extra arguments (last) still win.
     local cmd=(torchrun --nnodes "${NNODES:-1}" --node_rank "${NODE_RANK:-0}"

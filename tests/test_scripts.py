@@ -29,13 +29,19 @@ def fake_env(tmp_path):
     torchrun = bin_dir / "torchrun"
     torchrun.write_text(FAKE_TORCHRUN)
     torchrun.chmod(0o755)
+    # The flag check before torchrun imports torch: a stand-in keeps these tests fast (one
+    # test below runs the real one).
+    checker = bin_dir / "check-python"
+    checker.write_text("#!/usr/bin/env bash\nexit 0\n")
+    checker.chmod(0o755)
     weights, data = tmp_path / "MRM.pth", tmp_path / "NIH_ChestX-ray"
     weights.write_bytes(b"x")
     data.mkdir()
     env = {k: v for k, v in os.environ.items()
            if k not in ("DRY_RUN", "SEEDS", "NGPUS", "NNODES", "GLOBAL_BATCH")}
     env.update(PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}", WEIGHTS=str(weights),
-               DATA_PATH=str(data), TORCHRUN_CALLS=str(tmp_path / "calls.txt"), FAIL_SEED="none")
+               DATA_PATH=str(data), TORCHRUN_CALLS=str(tmp_path / "calls.txt"), FAIL_SEED="none",
+               PYTHON=str(checker))
     return env
 
 
@@ -140,3 +146,17 @@ def test_dry_run_command_parses(fake_env):
     # --global_batch is the one flag the entry script may not know yet.
     assert unknown in ([], ["--global_batch", "64"])
     assert (args.preset, args.method, args.model) == ("nih-1-cxr_mae", "full", "vit_base_patch16")
+
+
+def test_bad_flags_stop_before_torchrun_with_one_line(fake_env):
+    import sys
+
+    env = {**fake_env, "PYTHON": sys.executable}
+    proc = run("ft_lora_mrm.sh", env, "--epochs", "zero")
+    assert proc.returncode == 2 and calls(fake_env) == []
+    err = proc.stderr.strip().splitlines()
+    assert len(err) == 2 and "--epochs" in err[0] and "--help" in err[1]
+    # Good flags pass the check and reach torchrun.
+    proc = run("ft_lora_mrm.sh", env, "--epochs", "2")
+    assert proc.returncode == 0, proc.stderr
+    assert len(calls(fake_env)) == 1
