@@ -460,3 +460,37 @@ def test_cache_choice_is_recorded_and_a_lossy_cache_is_used_only_when_asked(tmp_
     assert json.loads((lossy / "results_test.json").read_text())["training"]["cache"]["train"]["kind"] == "lossy"
     assert "downsized (lossy) cache of shorter side 24" in (lossy / "train.log").read_text()
     assert "downsized" not in (auto / "train.log").read_text()
+
+
+def test_config_records_preset_source_precision_and_global_batch(demo, tmp_path):
+    data, weights = demo
+    out = tmp_path / "preset"
+    argv = args_for(data, weights, out, "--preset", "nih-1-mrm", "--epochs", "1")
+    argv = [a for a in argv if a not in ("--batch_size", "16")] + ["--global_batch", "16"]
+    assert mfl.cli(argv) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert "paper README" in config["preset_source"]
+    assert (config["precision"], config["global_batch"], config["args"]["batch_size"]) == ("fp32", 16, 16)
+    assert config["lr"] == 0.05
+    results = json.loads((out / "results_test.json").read_text())
+    assert results["precision"] == "fp32" and results["training"]["global_batch"] == 16
+    assert results["training"]["preset_source"] == config["preset_source"]
+
+
+@pytest.mark.parametrize("world,batch", [(1, 64), (2, 32), (4, 16)])
+def test_global_batch_is_kept_over_processes(monkeypatch, tmp_path, world, batch):
+    weights = tmp_path / "MRM.pth"
+    weights.write_bytes(b"x")
+    monkeypatch.setenv("WORLD_SIZE", str(world))
+    parser = mfl.get_args_parser()
+    argv = ["--preset", "nih-1-cxr_mae", "--finetune", str(weights), "--data_path", str(tmp_path)]
+    args = parser.parse_args(argv)
+    mfl.resolve_args(args, mfl.explicit_flags(parser, argv))
+    assert (args.batch_size, args.accum_iter, args.global_batch) == (batch, 1, 64)
+
+
+def test_global_batch_that_does_not_divide_is_refused(monkeypatch, tmp_path, capsys):
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    with pytest.raises(SystemExit):
+        mfl.cli(["--demo", "--global_batch", "64", "--check_args"])
+    assert "does not divide over 3 processes" in capsys.readouterr().err
