@@ -64,7 +64,8 @@ RUN_ONLY_ARGS = frozenset({
     "seed", "output_dir", "run_name", "log_dir", "overwrite", "device", "resume", "start_epoch",
     "eval", "no_progress", "note", "script", "data_path", "cache", "num_workers", "pin_mem",
     "no_pin_mem", "eval_batch_size", "log_freq", "compile", "dist_eval", "world_size",
-    "local_rank", "dist_on_itp", "dist_url", "ci_resamples", "explicit",
+    "local_rank", "dist_on_itp", "dist_url", "ci_resamples", "explicit", "eval_name",
+    "progress_freq", "compile_backend", "check_args", "cache_used", "notes",
 })
 # Legend names on the forest plot, by the table's method label.
 METHOD_PLOT_LABELS = {"LoRA": "LoRA", "full": "full fine-tuning", "linear": "linear probe"}
