@@ -12,16 +12,42 @@ from util import stats
 def data(n=60, k=3, seed=0, decimals=1):
     """Multi-label targets and scores with many ties (scores rounded)."""
     rng = np.random.default_rng(seed)
-    targets = (rng.random((n, k)) < [0.3, 0.5, 0.15][:k]).astype(int)
+    targets = (rng.random((n, k)) < [0.3, 0.5, 0.15, 0.4, 0.2, 0.35][:k]).astype(int)
     scores = np.round(rng.random((n, k)) * 0.7 + 0.3 * targets, decimals)
     return targets, scores
 
 
-def slow_bootstrap(targets, scores, resamples, seed):
-    """The documented draw, written as a plain loop, scored with sklearn: (B, K) AUROCs."""
+def sklearn_auroc(target, score):
+    """sklearn's AUROC, NaN when the labels hold a single value."""
+    return roc_auc_score(target, score) if 0 < target.sum() < len(target) else np.nan
+
+
+def pairs_auroc(target, score):
+    """The AUROC by its O(n^2) definition, NaN when the labels hold a single value."""
+    pos, neg = score[target == 1], score[target == 0]
+    if not len(pos) or not len(neg):
+        return np.nan
+    return ((pos[:, None] > neg) + 0.5 * (pos[:, None] == neg)).mean()
+
+
+def stratum_members(targets, pool_rare=True):
+    """Images of each stratum in draw order: patterns in np.unique order, rare patterns pooled last.
+
+    ``pool_rare=False`` gives the former draw, where an image with a unique pattern is a
+    stratum of its own.
+    """
     patterns, inverse = np.unique(targets, axis=0, return_inverse=True)
     inverse = inverse.ravel()
     members = [np.flatnonzero(inverse == s) for s in range(len(patterns))]
+    if not pool_rare:
+        return members
+    pool = [i for m in members if len(m) == 1 for i in m]
+    return [m for m in members if len(m) > 1] + ([np.array(sorted(pool))] if pool else [])
+
+
+def slow_bootstrap(targets, scores, resamples, seed, pool_rare=True, auroc=sklearn_auroc):
+    """The documented draw, written as a plain loop, one AUROC call per class: (B, K), NaN where undefined."""
+    members = stratum_members(targets, pool_rare)
     rng = np.random.default_rng(seed)
     out = np.empty((resamples, targets.shape[1]))
     for b in range(resamples):
@@ -33,42 +59,184 @@ def slow_bootstrap(targets, scores, resamples, seed):
                 slot += 1
         picks = np.array(picks)
         for k in range(targets.shape[1]):
-            out[b, k] = roc_auc_score(targets[picks, k], scores[picks, k])
+            out[b, k] = auroc(targets[picks, k], scores[picks, k])
     return out
 
 
-def test_bootstrap_matches_slow_loop():
-    targets, scores = data()
+def plain_bootstrap(targets, scores, resamples, seed):
+    """An unstratified bootstrap (n images drawn with replacement): (B, K), NaN where undefined."""
+    rng = np.random.default_rng(seed)
+    out = np.empty((resamples, targets.shape[1]))
+    for b in range(resamples):
+        picks = rng.integers(0, len(targets), len(targets))
+        for k in range(targets.shape[1]):
+            out[b, k] = pairs_auroc(targets[picks, k], scores[picks, k])
+    return out
+
+
+def percentile_width(samples):
+    """Width of the 95% percentile interval of the finite samples."""
+    low, high = np.percentile(samples[np.isfinite(samples)], [2.5, 97.5])
+    return high - low
+
+
+@pytest.mark.parametrize("k", [3, 6])
+def test_bootstrap_matches_slow_loop(k):
+    # k=3: one rare image (a pool of one, fixed); k=6: a pool of 9 rare images.
+    names = list("abcdef")[:k]
+    targets, scores = data(k=k)
     (fast,), strata = stats.bootstrap_aurocs(targets, [scores], resamples=40, seed=7)
     slow = slow_bootstrap(targets, scores, 40, seed=7)
+    np.testing.assert_array_equal(np.isnan(fast), np.isnan(slow))  # the same left-out resamples
     np.testing.assert_allclose(fast, slow, rtol=0, atol=1e-12)
-    assert strata.n_strata == len(np.unique(targets, axis=0))
+    members = stratum_members(targets)
+    assert strata.n_strata == len(members)
+    counts = np.unique(targets, axis=0, return_counts=True)[1]
+    assert strata.n_rare == (counts == 1).sum() and strata.n_fixed == int(strata.n_rare == 1)
+    assert (strata.n_rare, strata.n_fixed) == ((1, 1) if k == 3 else (strata.n_rare, 0))
+    assert k == 3 or strata.n_rare > 5
     # The block size only groups the work: the same draws.
     (small_blocks,), _ = stats.bootstrap_aurocs(targets, [scores], resamples=40, seed=7, block=3)
     np.testing.assert_array_equal(small_blocks, fast)
     # The interval is the percentile interval of those resamples; the mean is joint.
-    res = stats.auroc_intervals(targets, scores, ["a", "b", "c"], resamples=40, seed=7)
-    low, high = np.percentile(slow[:, 1], [2.5, 97.5])
+    res = stats.auroc_intervals(targets, scores, names, resamples=40, seed=7)
+    low, high = np.percentile(slow[np.isfinite(slow[:, 1]), 1], [2.5, 97.5])
     assert res["classes"]["b"]["ci_low"] == pytest.approx(low, abs=1e-12)
     assert res["classes"]["b"]["ci_high"] == pytest.approx(high, abs=1e-12)
-    mlow, mhigh = np.percentile(slow.mean(axis=1), [2.5, 97.5])
+    means = slow.mean(axis=1)
+    mlow, mhigh = np.percentile(means[np.isfinite(means)], [2.5, 97.5])
     assert (res["mean"]["ci_low"], res["mean"]["ci_high"]) == pytest.approx((mlow, mhigh), abs=1e-12)
+    assert res["mean"]["n_undefined_resamples"] == int(np.isnan(means).sum())
     assert res["n_resamples"] == 40 and res["seed"] == 7
-    other = stats.auroc_intervals(targets, scores, ["a", "b", "c"], resamples=40, seed=8)
+    assert res["n_strata"] == strata.n_strata and res["n_rare_images"] == strata.n_rare
+    other = stats.auroc_intervals(targets, scores, names, resamples=40, seed=8)
     assert other["mean"]["ci_low"] != res["mean"]["ci_low"]  # the seed matters
 
 
-def test_resamples_keep_every_class_positives():
-    targets, _ = data(n=80, k=3, seed=1)
+def test_strata_pool_rare_patterns_last():
+    targets, _ = data(n=80, k=5, seed=1)
+    _, inverse, counts = np.unique(targets, axis=0, return_inverse=True, return_counts=True)
+    rare = counts[inverse.ravel()] == 1
     strata = stats.Strata.from_targets(targets)
+    assert 1 < strata.n_rare == rare.sum() and strata.n_fixed == 0
+    assert strata.n_strata == (counts > 1).sum() + 1
+    # The pool is the last stratum and holds exactly the rare images, in image order.
+    pool = strata.slot_start == strata.slot_start[-1]
+    assert strata.order[pool].tolist() == np.flatnonzero(rare).tolist()
     t = targets[strata.order]
-    for counts in stats.resample_counts(strata, resamples=20, seed=0, block=8):
-        assert counts.sum(axis=0).tolist() == [len(targets)] * counts.shape[1]
-        np.testing.assert_array_equal(t.T @ counts, np.repeat(t.sum(0)[:, None], counts.shape[1], 1))
-        # Images never leave their stratum: each stratum's total stays its size.
+    for counts_ in stats.resample_counts(strata, resamples=20, seed=0, block=8):
+        assert counts_.sum(axis=0).tolist() == [len(targets)] * counts_.shape[1]
+        # Images never leave their stratum: each stratum's total stays its size, so the
+        # pattern strata give every resample the same positives; only the pool's vary.
         for start in np.unique(strata.slot_start):
             rows = strata.slot_start == start
-            assert (counts[rows].sum(axis=0) == rows.sum()).all()
+            assert (counts_[rows].sum(axis=0) == rows.sum()).all()
+        shared = t[~pool].T @ counts_[~pool]
+        np.testing.assert_array_equal(shared, np.repeat(t[~pool].sum(0)[:, None], counts_.shape[1], 1))
+    assert (counts_[pool] != 1).any()  # the pool is really resampled
+    # A single rare image is a pool of one: the only image that stays in every resample.
+    one = np.array([[0, 0], [0, 0], [1, 1], [1, 1], [1, 0]])
+    single = stats.Strata.from_targets(one)
+    assert (single.n_strata, single.n_rare, single.n_fixed) == (3, 1, 1)
+    assert single.order.tolist() == [0, 1, 2, 3, 4]
+
+
+def test_small_many_class_set_gets_a_real_interval():
+    """34 images x 14 classes, 29 with a unique pattern: the pool makes them vary again."""
+    rng = np.random.default_rng(1)
+    targets = (rng.random((34, 14)) < 0.35).astype(int)
+    targets[29:31], targets[31:34] = 0, 1  # the only shared patterns
+    scores = np.round(1 / (1 + np.exp(-(rng.normal(size=targets.shape) + 1.2 * targets))), 2)
+    names = [f"c{k}" for k in range(14)]
+    res = stats.auroc_intervals(targets, scores, names, resamples=300, seed=0)
+    assert (res["n_rare_images"], res["n_fixed_images"], res["n_strata"]) == (29, 0, 3)
+    mean = res["mean"]
+    assert mean["ci_low"] < mean["auroc"] < mean["ci_high"]
+    assert mean["n_undefined_resamples"] == 0 and mean["note"] is None
+    width = mean["ci_high"] - mean["ci_low"]
+    # The former draw (each rare image a stratum of its own, always drawn) on the same seed.
+    old = slow_bootstrap(targets, scores, 300, seed=0, pool_rare=False, auroc=pairs_auroc)
+    assert width > 3 * percentile_width(old.mean(axis=1))  # 0.076 against 0.021
+    # Close to a plain unstratified bootstrap, which fixes no image.
+    plain = plain_bootstrap(targets, scores, 300, seed=0)
+    assert 0.6 < width / percentile_width(plain.mean(axis=1)) < 1.5
+    for row in res["classes"].values():
+        assert row["ci_low"] <= row["auroc"] <= row["ci_high"] and row["ci_high"] > row["ci_low"]
+
+
+def rare_positive_targets():
+    """Class c's only 2 positives have unique patterns; a and b live in shared strata.
+
+    The pool is images 0-3 (2 positives of c among 4), so a resample lacks every c-positive
+    with probability (1/2)^4.
+    """
+    targets = np.zeros((60, 3), dtype=int)
+    targets[4::2, :2] = 1                   # (1, 1, 0) and (0, 0, 0), 28 images each
+    targets[:4] = [[0, 0, 1], [1, 1, 1], [0, 1, 0], [1, 0, 0]]
+    return targets
+
+
+def test_class_with_only_rare_positives_counts_left_out_resamples():
+    targets = rare_positive_targets()
+    rng = np.random.default_rng(2)
+    a = np.round(rng.random(targets.shape) * 0.7 + 0.3 * targets, 2)
+    b = np.round(rng.random(targets.shape) * 0.7 + 0.3 * targets, 2)
+    res = stats.auroc_intervals(targets, a, ["a", "b", "c"], resamples=400, seed=3)
+    json.dumps(res, allow_nan=False)
+    assert res["n_rare_images"] == 4
+    slow = slow_bootstrap(targets, a, 400, seed=3, auroc=pairs_auroc)
+    missing = int(np.isnan(slow[:, 2]).sum())
+    assert missing > 0 and np.isfinite(slow[:, :2]).all()
+    c = res["classes"]["c"]
+    assert c["n_undefined_resamples"] == missing
+    assert res["classes"]["a"]["n_undefined_resamples"] == 0 and res["classes"]["a"]["note"] is None
+    assert (c["ci_low"], c["ci_high"]) == pytest.approx(
+        tuple(np.percentile(slow[np.isfinite(slow[:, 2]), 2], [2.5, 97.5])), abs=1e-12)
+    assert f"{missing} of 400 resamples" in c["note"]
+    assert ("unreliable" in c["note"]) == (missing > 0.05 * 400)
+    # The mean averages the same 3 classes in every kept resample: the same ones are left out.
+    mean = res["mean"]
+    assert mean["n_undefined_resamples"] == missing and f"{missing} of 400" in mean["note"]
+    assert mean["ci_low"] == pytest.approx(np.percentile(np.nanmean(slow[np.isfinite(slow[:, 2])],
+                                                                    axis=1), 2.5), abs=1e-12)
+    # Paired: both runs see the same resamples and leave out the same ones.
+    cmp = stats.paired_comparison(targets, a, b, ["a", "b", "c"], resamples=400, seed=3)
+    json.dumps(cmp, allow_nan=False)
+    slow_b = slow_bootstrap(targets, b, 400, seed=3, auroc=pairs_auroc)
+    np.testing.assert_array_equal(np.isnan(slow_b[:, 2]), np.isnan(slow[:, 2]))
+    d = (slow - slow_b)[:, 2]
+    row = cmp["classes"]["c"]
+    assert row["n_undefined_resamples"] == missing == cmp["mean"]["n_undefined_resamples"]
+    assert (row["ci_low"], row["ci_high"]) == pytest.approx(
+        tuple(np.percentile(d[np.isfinite(d)], [2.5, 97.5])), abs=1e-12)
+    kept = d[np.isfinite(d)]
+    expected_p = min(1.0, 2 * min((kept <= 0).sum() + 1, (kept >= 0).sum() + 1) / (kept.size + 1))
+    assert row["p_bootstrap"] == pytest.approx(expected_p)
+
+
+def test_mean_without_enough_defined_resamples_has_no_interval():
+    # Classes b, c, d each have one positive, on its own rare image: each is missing from
+    # about 30% of the resamples, all three present in about 22%, so the mean (which must
+    # average the same 4 classes) has fewer than half of its resamples left: no interval.
+    targets = np.zeros((40, 4), dtype=int)
+    targets[::2, 0] = 1
+    targets[[1, 3, 5], [1, 2, 3]] = 1
+    scores = np.round(np.random.default_rng(4).random(targets.shape) * 0.7 + 0.3 * targets, 2)
+    res = stats.auroc_intervals(targets, scores, list("abcd"), resamples=200, seed=0)
+    json.dumps(res, allow_nan=False)
+    slow = slow_bootstrap(targets, scores, 200, seed=0, auroc=pairs_auroc)
+    left_out = int(np.isnan(slow).any(axis=1).sum())
+    assert left_out > 100
+    mean = res["mean"]
+    assert mean["auroc"] is not None and mean["n_classes"] == 4
+    assert mean["ci_low"] is None and mean["ci_high"] is None
+    assert mean["n_undefined_resamples"] == left_out
+    assert mean["note"].startswith("no interval") and f"{left_out} of 200" in mean["note"]
+    assert res["classes"]["a"]["ci_low"] is not None and res["classes"]["b"]["ci_low"] is None
+    assert res["classes"]["b"]["n_undefined_resamples"] == int(np.isnan(slow[:, 1]).sum())
+    cmp = stats.paired_comparison(targets, scores, scores[::-1], list("abcd"), resamples=200)
+    assert cmp["mean"]["ci_low"] is None and cmp["mean"]["p_bootstrap"] is None
+    assert cmp["mean"]["note"].startswith("no interval")
 
 
 def delong_reference(target, scores):
@@ -176,11 +344,16 @@ def test_degenerate_cases_are_explicit_not_nan():
     assert "1 positive(s) and 1 negative(s)" in two["classes"]["x"]["note"]
     assert two["mean"]["auroc"] == 1.0 and two["mean"]["ci_low"] is None and two["mean"]["note"]
 
-    # Every label pattern unique: the stratified bootstrap cannot vary, and says so.
-    uniq = stats.auroc_intervals([[0, 0], [0, 1], [1, 0], [1, 1]], np.eye(4)[:, :2], ["a", "b"],
-                                 resamples=10)
-    assert uniq["mean"]["ci_low"] is None and "unique" in uniq["mean"]["note"]
-    assert uniq["classes"]["a"]["delong_se"] is not None and "unique" in uniq["classes"]["a"]["note"]
+    # Every label pattern unique: one pooled stratum, a plain bootstrap of the 4 images;
+    # resamples without a positive or a negative of a class are counted, never NaN.
+    uniq_t = np.array([[0, 0], [0, 1], [1, 0], [1, 1]])
+    uniq = stats.auroc_intervals(uniq_t, np.eye(4)[:, :2], ["a", "b"], resamples=40, seed=1)
+    json.dumps(uniq, allow_nan=False)
+    assert (uniq["n_strata"], uniq["n_rare_images"], uniq["n_fixed_images"]) == (1, 4, 0)
+    slow = slow_bootstrap(uniq_t, np.eye(4)[:, :2], 40, seed=1)
+    assert uniq["classes"]["a"]["n_undefined_resamples"] == int(np.isnan(slow[:, 0]).sum()) > 0
+    assert uniq["mean"]["n_undefined_resamples"] == int(np.isnan(slow).any(axis=1).sum())
+    assert "left out" in uniq["classes"]["a"]["note"] and uniq["classes"]["a"]["ci_low"] is not None
 
     empty = stats.auroc_intervals(np.zeros((0, 1)), np.zeros((0, 1)), ["x"])
     assert empty["classes"]["x"]["auroc"] is None and empty["mean"]["auroc"] is None

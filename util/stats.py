@@ -11,20 +11,31 @@ The bootstrap
 -------------
 Classes share images, so one resample draws images (not labels) and every class, and the
 mean AUROC over classes, is computed on the same draw. The resampling is stratified on the
-*label pattern*: images with the same vector of K labels form a stratum, and each stratum is
-resampled with replacement to its own size. Every resample then holds exactly as many
-positives and negatives of every class as the test set, so no class's AUROC becomes
-undefined in a resample and the mean always averages the same classes. The price: an image
-whose label pattern is unique in the set is in every resample (it adds no variance); the
-result counts them under ``n_fixed_images`` (about 1% of NIH's test set).
+*label pattern*: images that share their vector of K labels with at least one other image
+form a stratum per pattern, and every image whose pattern occurs only once goes into one
+pooled *rare-patterns* stratum. Each stratum is resampled with replacement to its own size.
+A pattern stratum holds the same labels on every member, so the positives and negatives it
+contributes never change; only the pool's vary. No image is in every resample unless the
+pool has a single member (``n_fixed_images``, then 1). Stratifying on patterns alone would
+fix every rare image instead: on a small or many-class set that is most of the images, and
+the interval comes out far too narrow.
 
-The draw is defined so that a plain loop can reproduce it: strata are ordered as
-``np.unique(targets, axis=0)`` orders the patterns, images inside a stratum keep their order,
-and the positions of all strata laid end to end form one list of n slots. With
-``rng = np.random.default_rng(seed)``, resample b takes ``u = rng.random(n)`` (resamples in
-order) and slot p of stratum s (members m_0..m_{size-1}) receives image
-``m_floor(u[p] * size)``. The intervals are percentile intervals (``np.percentile``, linear
-interpolation) of the resampled statistic.
+The price of the pool: a resample can lack every positive (or every negative) of a class
+whose positives (negatives) all have rare patterns, and the class has no AUROC in it. Such a
+resample is left out, explicitly and counted: a class's interval is over the resamples where
+that class is defined; the mean AUROC's interval is over the resamples where every class
+defined in the full set is defined, so the mean always averages the same classes. Each
+class and the mean report ``n_undefined_resamples``; when more than 5% are left out the
+note says the interval is unreliable (it is conditional on a subset of the draws), and when
+fewer than half remain there is no interval, with a note.
+
+The draw is defined so that a plain loop can reproduce it: the pattern strata are ordered
+as ``np.unique(targets, axis=0)`` orders their patterns and the pooled stratum comes last;
+images inside a stratum keep their order, and the positions of all strata laid end to end
+form one list of n slots. With ``rng = np.random.default_rng(seed)``, resample b takes
+``u = rng.random(n)`` (resamples in order) and slot p of stratum s (members
+m_0..m_{size-1}) receives image ``m_floor(u[p] * size)``. The intervals are percentile
+intervals (``np.percentile``, linear interpolation) of the resampled statistic.
 
 The fast path never re-ranks a resample. A resample is a vector of image counts w; for a
 class with the negatives sorted by score, a positive with score s beats the negatives below
@@ -56,10 +67,16 @@ DEFAULT_RESAMPLES = 1000
 # Resamples per block of the fast bootstrap: bounds memory at ~block x n x 4 bytes per array.
 BLOCK = 64
 MIN_PER_SIDE = 2  # positives and negatives a class needs for an interval (DeLong's variance)
+# Left-out resamples (a class without positives or negatives in them): above this share the
+# note calls the interval unreliable; below MIN_VALID_SHARE valid ones there is no interval.
+UNRELIABLE_SHARE = 0.05
+MIN_VALID_SHARE = 0.5
 
-BOOTSTRAP_METHOD = ("stratified bootstrap over images (strata: label patterns, so every resample "
-                    "keeps each class's positives and negatives), resampled jointly across "
-                    "classes; percentile interval")
+BOOTSTRAP_METHOD = ("stratified bootstrap over images, resampled jointly across classes (strata: "
+                    "each label pattern shared by 2 or more images, plus one pooled stratum of "
+                    "the images whose pattern is unique); percentile interval over the "
+                    "resamples where the class (for the mean: every class) has positives and "
+                    "negatives")
 DELONG_METHOD = "DeLong variance (midrank form); normal interval clipped to [0, 1]"
 
 
@@ -98,24 +115,31 @@ def _finite_rows(score_sets: Sequence[np.ndarray]) -> np.ndarray:
 
 @dataclass
 class Strata:
-    """Images grouped by label pattern, laid end to end (see the module docstring)."""
+    """Images grouped by label pattern, rare patterns pooled, laid end to end (module docstring)."""
 
-    order: np.ndarray       # slot -> image index, strata in np.unique order
+    order: np.ndarray       # slot -> image index: pattern strata in np.unique order, pool last
     slot_start: np.ndarray  # slot -> first slot of its stratum
     slot_size: np.ndarray   # slot -> size of its stratum
-    n_strata: int
-    n_fixed: int            # images alone in their stratum
+    n_strata: int           # pattern strata, plus 1 for the pool when there is one
+    n_fixed: int            # images alone in their stratum: 1 when the pool has one member, else 0
+    n_rare: int             # images whose pattern is unique (the pooled stratum's size)
 
     @classmethod
     def from_targets(cls, targets: np.ndarray) -> "Strata":
         """Strata of the (N, K) label matrix."""
         _, inverse, counts = np.unique(targets, axis=0, return_inverse=True, return_counts=True)
         inverse = inverse.ravel()
-        order = np.argsort(inverse, kind="stable")  # stable: members keep their order
-        starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
-        stratum = inverse[order]
-        return cls(order=order, slot_start=starts[stratum], slot_size=counts[stratum],
-                   n_strata=len(counts), n_fixed=int((counts == 1).sum()))
+        shared = counts > 1
+        rare = ~shared[inverse]
+        # Shared patterns keep np.unique's order under new numbers; the pool is numbered last.
+        number = np.cumsum(shared) - 1
+        stratum_of = np.where(rare, int(shared.sum()), number[inverse])
+        sizes = np.bincount(stratum_of)
+        order = np.argsort(stratum_of, kind="stable")  # stable: members keep their order
+        starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+        stratum = stratum_of[order]
+        return cls(order=order, slot_start=starts[stratum], slot_size=sizes[stratum],
+                   n_strata=len(sizes), n_fixed=int((sizes == 1).sum()), n_rare=int(rare.sum()))
 
 
 def resample_counts(strata: Strata, resamples: int, seed: int,
@@ -173,7 +197,7 @@ class _WeightedAUROC:
                                           shape=(offset, n))
 
     def __call__(self, counts: np.ndarray) -> np.ndarray:
-        """(b, K) AUROCs for (n, b) counts; NaN for a class with a single label value."""
+        """(b, K) AUROCs for (n, b) counts; NaN where a class has a single label value."""
         sums = self.segments @ counts
         out = np.full((counts.shape[1], len(self.classes)), np.nan)
         for j, cls in enumerate(self.classes):
@@ -184,7 +208,10 @@ class _WeightedAUROC:
             np.cumsum(sums[offset:offset + n_seg], axis=0, out=cum[1:])
             w_pos = counts[pos]
             twice = (w_pos * (cum[i_lo] + cum[i_hi])).sum(axis=0)
-            out[:, j] = twice / (2.0 * w_pos.sum(axis=0) * cum[-1])
+            # A resample that drew no positive or no negative of the class has no AUROC:
+            # left NaN, not divided (0 / 0).
+            pairs = 2.0 * w_pos.sum(axis=0) * cum[-1]
+            np.divide(twice, pairs, out=out[:, j], where=pairs > 0)
         return out
 
 
@@ -192,8 +219,9 @@ def bootstrap_aurocs(targets: np.ndarray, score_sets: Sequence[np.ndarray], resa
                      seed: int = 0, block: int = BLOCK) -> tuple[list[np.ndarray], Strata]:
     """Per-class AUROC of each score set in each stratified resample: a (resamples, K) array per set.
 
-    All score sets see the same resamples (a paired bootstrap). Classes with a single label
-    value are NaN columns.
+    All score sets see the same resamples (a paired bootstrap), so a class is undefined (NaN)
+    in the same resamples for every set: all of them for a class with a single label value in
+    the full set, and those that drew none of its rare-pattern positives (or negatives).
     """
     strata = Strata.from_targets(targets)
     t = targets[strata.order]
@@ -267,6 +295,48 @@ def _percentile_interval(samples: np.ndarray, level: float) -> tuple[float | Non
     return float(low), float(high)
 
 
+@dataclass
+class _Interval:
+    """A bootstrap interval over the defined resamples, how many were left out, and why not."""
+
+    low: float | None
+    high: float | None
+    n_undefined: int
+    note: str | None
+
+
+def _bootstrap_interval(samples: np.ndarray, level: float, whose: str) -> _Interval:
+    """Percentile interval of the resampled statistic over the resamples where it is defined.
+
+    ``samples`` is NaN in a resample that drew no positive or no negative of ``whose``
+    ("the class", "some class"). Those are left out and counted; above UNRELIABLE_SHARE of
+    them the note says the interval is unreliable, and with fewer than MIN_VALID_SHARE of
+    the resamples left there is no interval.
+    """
+    total = samples.size
+    n_undefined = int((~np.isfinite(samples)).sum())
+    valid = total - n_undefined
+    lacking = f"drew no positive or no negative of {whose}"
+    if valid == 0 or valid < MIN_VALID_SHARE * total:
+        return _Interval(None, None, n_undefined,
+                         f"no interval: {n_undefined} of {total} resamples {lacking}; fewer than "
+                         f"{MIN_VALID_SHARE:.0%} of them remain")
+    low, high = _percentile_interval(samples, level)
+    note = None
+    if n_undefined > UNRELIABLE_SHARE * total:
+        note = (f"interval unreliable: {n_undefined} of {total} resamples "
+                f"({n_undefined / total:.0%}) {lacking} and were left out")
+    elif n_undefined:
+        note = f"interval over {valid} of {total} resamples; {n_undefined} {lacking} and were left out"
+    return _Interval(low, high, n_undefined, note)
+
+
+def _join_notes(*notes: str | None) -> str | None:
+    """The notes that are set, joined by '; ', or None."""
+    kept = [n for n in notes if n]
+    return "; ".join(kept) if kept else None
+
+
 def _z(level: float) -> float:
     """The two-sided normal quantile of a confidence level (1.96 for 0.95)."""
     return NormalDist().inv_cdf(0.5 + level / 2)
@@ -290,9 +360,11 @@ def auroc_intervals(targets: np.ndarray, probs: np.ndarray, class_names: Sequenc
     """95% intervals of each class's AUROC (bootstrap and DeLong) and of the mean AUROC.
 
     Returns JSON-ready data: ``classes[name]`` holds auroc, ci_low, ci_high, delong_se,
-    delong_low, delong_high, n_pos, n_neg and note; ``mean`` holds auroc, ci_low, ci_high,
-    n_classes and note; plus the settings and method descriptions. Undefined values are
-    None and ``note`` says why. ``resamples=0`` keeps DeLong and skips the bootstrap.
+    delong_low, delong_high, n_pos, n_neg, n_undefined_resamples and note; ``mean`` holds
+    auroc, ci_low, ci_high, n_classes, n_undefined_resamples and note; plus the settings,
+    the strata counts and the method descriptions. Undefined values are None and ``note``
+    says why (or that resamples were left out). ``resamples=0`` keeps DeLong and skips the
+    bootstrap.
     """
     _check_settings(resamples, level)
     targets, (probs,) = _check_inputs(targets, [probs], class_names)
@@ -304,7 +376,6 @@ def auroc_intervals(targets: np.ndarray, probs: np.ndarray, class_names: Sequenc
     strata = Strata.from_targets(targets) if n else None
     if resamples and n:
         (boot,), strata = bootstrap_aurocs(targets, [probs], resamples, seed)
-    all_fixed = strata is not None and strata.n_fixed == n
 
     classes: dict[str, dict[str, Any]] = {}
     point = np.full(len(class_names), np.nan)
@@ -314,46 +385,51 @@ def auroc_intervals(targets: np.ndarray, probs: np.ndarray, class_names: Sequenc
         n_neg = n - n_pos
         note = _class_counts_note(n_pos, n_neg, n)
         row: dict[str, Any] = dict(auroc=None, ci_low=None, ci_high=None, delong_se=None,
-                                   delong_low=None, delong_high=None, n_pos=n_pos, n_neg=n_neg)
+                                   delong_low=None, delong_high=None, n_pos=n_pos, n_neg=n_neg,
+                                   n_undefined_resamples=None)
         if n_pos and n_neg:
             auc = delong_components(targets[:, k], probs[:, k])[0]
             point[k] = auc[0]
             row["auroc"] = float(auc[0])
+            if boot is not None:
+                row["n_undefined_resamples"] = int((~np.isfinite(boot[:, k])).sum())
             if note is None:
                 cov = delong_covariance(targets[:, k], probs[:, k][None])[1]
                 se = math.sqrt(max(float(cov[0, 0]), 0.0))
                 row.update(delong_se=se, delong_low=max(0.0, float(auc[0]) - z * se),
                            delong_high=min(1.0, float(auc[0]) + z * se))
                 with_interval[k] = True
-                if boot is not None and not all_fixed:
-                    row["ci_low"], row["ci_high"] = _percentile_interval(boot[:, k], level)
+                if boot is None:
+                    note = "no bootstrap interval: bootstrap turned off (0 resamples)"
+                else:
+                    iv = _bootstrap_interval(boot[:, k], level, "the class")
+                    row.update(ci_low=iv.low, ci_high=iv.high)
+                    note = iv.note
         classes[name] = {**row, "note": note}
 
     defined = np.isfinite(point)
     mean: dict[str, Any] = dict(auroc=_float(point[defined].mean()) if defined.any() else None,
-                                ci_low=None, ci_high=None, n_classes=int(defined.sum()), note=None)
+                                ci_low=None, ci_high=None, n_classes=int(defined.sum()),
+                                n_undefined_resamples=None, note=None)
     if not defined.any():
         mean["note"] = "undefined: no class has both positives and negatives"
     elif not with_interval.any():
         mean["note"] = f"no interval: no class has at least {MIN_PER_SIDE} positives and negatives"
-    elif resamples == 0:
+    elif boot is None:
         mean["note"] = "no interval: bootstrap turned off (0 resamples)"
-    elif all_fixed:
-        mean["note"] = "no interval: every image's label pattern is unique, resamples cannot vary"
     else:
-        mean["ci_low"], mean["ci_high"] = _percentile_interval(boot[:, defined].mean(axis=1), level)
-    if resamples == 0 or all_fixed:
-        why = ("bootstrap turned off (0 resamples)" if resamples == 0 else
-               "every image's label pattern is unique, resamples cannot vary")
-        for row in classes.values():
-            if row["auroc"] is not None and row["note"] is None:
-                row["note"] = f"no bootstrap interval: {why}"
+        # NaN in a resample where any class defined in the full set is undefined, so every
+        # mean that is kept averages the same classes.
+        iv = _bootstrap_interval(boot[:, defined].mean(axis=1), level, "some class")
+        mean.update(ci_low=iv.low, ci_high=iv.high, n_undefined_resamples=iv.n_undefined,
+                    note=iv.note)
 
     return {
         "level": level, "n_resamples": int(resamples), "seed": int(seed), "n_images": n,
         "n_dropped": int((~keep).sum()),
         "n_strata": strata.n_strata if strata else 0,
         "n_fixed_images": strata.n_fixed if strata else 0,
+        "n_rare_images": strata.n_rare if strata else 0,
         "bootstrap": BOOTSTRAP_METHOD, "delong": DELONG_METHOD,
         "classes": classes, "mean": mean,
     }
@@ -363,7 +439,8 @@ def _bootstrap_p(diffs: np.ndarray) -> float | None:
     """Two-sided p-value from paired bootstrap differences (the percentile interval inverted).
 
     The smallest two-sided level at which the percentile interval of the difference leaves
-    out 0, with the +1 correction so it is never 0: 2 min(#{d <= 0} + 1, #{d >= 0} + 1) / (B + 1).
+    out 0, with the +1 correction so it is never 0: 2 min(#{d <= 0} + 1, #{d >= 0} + 1) / (B + 1),
+    over the B resamples where the difference is defined.
     """
     diffs = diffs[np.isfinite(diffs)]
     if diffs.size == 0:
@@ -380,7 +457,9 @@ def paired_comparison(targets: np.ndarray, probs_a: np.ndarray, probs_b: np.ndar
 
     Per class also DeLong's paired z test. JSON-ready like ``auroc_intervals``: ``classes[name]``
     holds auroc_a, auroc_b, diff, ci_low, ci_high, p_bootstrap, delong_z, delong_p, n_pos,
-    n_neg, note; ``mean`` holds auroc_a, auroc_b, diff, ci_low, ci_high, p_bootstrap, note.
+    n_neg, n_undefined_resamples, note; ``mean`` holds auroc_a, auroc_b, diff, ci_low,
+    ci_high, p_bootstrap, n_classes, n_undefined_resamples, note. Both runs see the same
+    resamples and leave out the same ones.
     """
     _check_settings(resamples, level)
     targets, (probs_a, probs_b) = _check_inputs(targets, [probs_a, probs_b], class_names)
@@ -391,7 +470,6 @@ def paired_comparison(targets: np.ndarray, probs_a: np.ndarray, probs_b: np.ndar
     strata = Strata.from_targets(targets) if n else None
     if resamples and n:
         boot, strata = bootstrap_aurocs(targets, [probs_a, probs_b], resamples, seed)
-    all_fixed = strata is not None and strata.n_fixed == n
     normal = NormalDist()
 
     classes: dict[str, dict[str, Any]] = {}
@@ -403,12 +481,14 @@ def paired_comparison(targets: np.ndarray, probs_a: np.ndarray, probs_b: np.ndar
         note = _class_counts_note(n_pos, n_neg, n)
         row: dict[str, Any] = dict(auroc_a=None, auroc_b=None, diff=None, ci_low=None,
                                    ci_high=None, p_bootstrap=None, delong_z=None, delong_p=None,
-                                   n_pos=n_pos, n_neg=n_neg)
+                                   n_pos=n_pos, n_neg=n_neg, n_undefined_resamples=None)
         if n_pos and n_neg:
             pair = np.stack([probs_a[:, k], probs_b[:, k]])
             auc = delong_components(targets[:, k], pair)[0]
             point[:, k] = auc
             row.update(auroc_a=float(auc[0]), auroc_b=float(auc[1]), diff=float(auc[0] - auc[1]))
+            if boot is not None:
+                row["n_undefined_resamples"] = int((~np.isfinite(boot[0][:, k])).sum())
             if note is None:
                 cov = delong_covariance(targets[:, k], pair)[1]
                 with_interval[k] = True
@@ -418,28 +498,33 @@ def paired_comparison(targets: np.ndarray, probs_a: np.ndarray, probs_b: np.ndar
                     row.update(delong_z=float(zval), delong_p=2 * (1 - normal.cdf(abs(float(zval)))))
                 else:
                     note = "DeLong test undefined: the difference has zero variance"
-                if boot is not None and not all_fixed:
+                if boot is not None:
                     d = boot[0][:, k] - boot[1][:, k]
-                    row["ci_low"], row["ci_high"] = _percentile_interval(d, level)
-                    row["p_bootstrap"] = _bootstrap_p(d)
+                    iv = _bootstrap_interval(d, level, "the class")
+                    row.update(ci_low=iv.low, ci_high=iv.high)
+                    if iv.low is not None:
+                        row["p_bootstrap"] = _bootstrap_p(d)
+                    note = _join_notes(note, iv.note)
         classes[name] = {**row, "note": note}
 
     defined = np.isfinite(point[0])
     mean: dict[str, Any] = dict(auroc_a=None, auroc_b=None, diff=None, ci_low=None, ci_high=None,
-                                p_bootstrap=None, n_classes=int(defined.sum()), note=None)
+                                p_bootstrap=None, n_classes=int(defined.sum()),
+                                n_undefined_resamples=None, note=None)
     if defined.any():
         a, b = point[0, defined].mean(), point[1, defined].mean()
         mean.update(auroc_a=float(a), auroc_b=float(b), diff=float(a - b))
         if not with_interval.any():
             mean["note"] = f"no interval: no class has at least {MIN_PER_SIDE} positives and negatives"
-        elif resamples == 0:
+        elif boot is None:
             mean["note"] = "no interval: bootstrap turned off (0 resamples)"
-        elif all_fixed:
-            mean["note"] = "no interval: every image's label pattern is unique, resamples cannot vary"
         else:
             d = boot[0][:, defined].mean(axis=1) - boot[1][:, defined].mean(axis=1)
-            mean["ci_low"], mean["ci_high"] = _percentile_interval(d, level)
-            mean["p_bootstrap"] = _bootstrap_p(d)
+            iv = _bootstrap_interval(d, level, "some class")
+            mean.update(ci_low=iv.low, ci_high=iv.high, n_undefined_resamples=iv.n_undefined,
+                        note=iv.note)
+            if iv.low is not None:
+                mean["p_bootstrap"] = _bootstrap_p(d)
     else:
         mean["note"] = "undefined: no class has both positives and negatives"
 
@@ -448,6 +533,7 @@ def paired_comparison(targets: np.ndarray, probs_a: np.ndarray, probs_b: np.ndar
         "n_dropped": int((~keep).sum()),
         "n_strata": strata.n_strata if strata else 0,
         "n_fixed_images": strata.n_fixed if strata else 0,
+        "n_rare_images": strata.n_rare if strata else 0,
         "bootstrap": "paired " + BOOTSTRAP_METHOD + "; p-value: the interval inverted",
         "delong": "DeLong paired z test (per class)",
         "classes": classes, "mean": mean,
