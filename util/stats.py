@@ -27,7 +27,10 @@ that class is defined; the mean AUROC's interval is over the resamples where eve
 defined in the full set is defined, so the mean always averages the same classes. Each
 class and the mean report ``n_undefined_resamples``; when more than 5% are left out the
 note says the interval is unreliable (it is conditional on a subset of the draws), and when
-fewer than half remain there is no interval, with a note.
+fewer than half remain there is no interval, with a note. The share left out is about
+(1 - r/m)^m for a class with r positives among a pool of m: ~37% for one positive, ~13% for
+two; so a set with two or more single-positive classes on rare patterns gives the mean no
+interval (those classes still count in the point estimate).
 
 The draw is defined so that a plain loop can reproduce it: the pattern strata are ordered
 as ``np.unique(targets, axis=0)`` orders their patterns and the pooled stratum comes last;
