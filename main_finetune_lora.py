@@ -26,33 +26,26 @@ import numpy as np
 import timm
 import torch
 import torch.distributed as dist
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, SequentialSampler
 
 import datasets
 import lora
+from datasets.loader import SeededDataset, SeededSampler, build_loader  # noqa: F401  (re-exported)
 from datasets.splits import check_split_overlap
 from datasets.transforms import AUG_FILLS
 import models_vit_lora as mv
 from engine_finetune import (AMP_CHOICES, COMPILE_CHOICES, CompiledModule, NonFiniteLossError,
                              evaluate, resolve_amp, train_one_epoch)
-from util import checkpoint as ckpt
+import checkpoints as ckpt
 from util.lr_sched import adjust_learning_rate
 from util.io import OutputError, json_safe
 from util.runfolder import RunFolder, RunFolderError, probe_writable
 from util.misc import DistInfo, git_commit, init_distributed, rng_state, seed_everything, setup_logging
 from util.optim import build_optimizer, per_process_batch
-from util.presets import PRESETS, preset_help, resolve_preset
+from util.presets import DEMO_DEFAULTS, PRESETS, preset_help, resolve_preset
 
 logger = logging.getLogger("main")
 
 ROOT = Path(__file__).resolve().parent
-DEMO_DEFAULTS: dict[str, Any] = dict(
-    data_path=str(ROOT / "demo_data"), dataset="nih", model="vit_tiny_patch16_lora",
-    input_size=112, epochs=8, batch_size=32, optimizer="sgd", lr=0.3, warmup_epochs=1,
-    weight_decay=0.0, reprob=0.0, norm="mrm", data_size="100%", num_workers=2,
-    output_dir=str(ROOT / "output_dir"), lora_rank=8, lora_dropout=0.0, drop_path=0.0,
-    overwrite=True,
-)
 # The demo's run folder is output_dir/demo-<data set kind>: the NIH and RSNA demos keep apart.
 DEMO_RUN_PREFIX = "demo-"
 # The automatic run name includes these when they differ from the paper's defaults.
@@ -431,60 +424,6 @@ def check_run_folder(out: Path, args: argparse.Namespace, committed: dict | None
         hint = "that run with these settings did not finish: --resume auto continues it"
     markers = [m for m in RUN_MARKERS if (out / m).exists()]
     raise ArgumentError(f"output folder {out} already holds a run ({', '.join(markers)}): {hint}")
-
-
-class SeededSampler(Sampler):
-    """Yields (index, seed) pairs so each sample's augmentation depends only on (seed, epoch,
-    index): the same with any number of workers, and reproducible after a resume."""
-
-    def __init__(self, sampler: DistributedSampler, seed: int) -> None:
-        self.sampler, self.seed, self.epoch = sampler, seed, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-        self.sampler.set_epoch(epoch)
-
-    def __iter__(self):
-        base = (self.seed * 1_000_003 + self.epoch * 7_919) % (2**31)
-        return ((i, (base + i * 104_729) % (2**31)) for i in self.sampler)
-
-    def __len__(self) -> int:
-        return len(self.sampler)
-
-
-class SeededDataset(Dataset):
-    """Reseeds the RNGs before each sample's transform (see SeededSampler)."""
-
-    def __init__(self, dataset: Dataset) -> None:
-        self.dataset = dataset
-
-    def __getitem__(self, item: tuple[int, int]):
-        index, seed = item
-        seed_everything(seed)
-        return self.dataset[index]
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-
-def build_loader(dataset: Dataset, dist_info: DistInfo, *, train: bool, batch_size: int,
-                 seed: int, num_workers: int, pin_memory: bool) -> DataLoader:
-    """Shuffled, seeded training loader or an ordered evaluation loader (sharded when distributed)."""
-    # Pinned host memory only helps copies to an accelerator; without one torch warns.
-    pin_memory = pin_memory and torch.accelerator.is_available()
-    common = dict(batch_size=batch_size, num_workers=num_workers, pin_memory=pin_memory,
-                  persistent_workers=num_workers > 0)
-    if train:
-        base = DistributedSampler(dataset, num_replicas=dist_info.world_size, rank=dist_info.rank,
-                                  shuffle=True, seed=seed)
-        # Dropping the last partial batch (as the paper) only when there is more than one.
-        drop_last = len(base) > batch_size
-        return DataLoader(SeededDataset(dataset), sampler=SeededSampler(base, seed),
-                          drop_last=drop_last, **common)
-    sampler = (DistributedSampler(dataset, num_replicas=dist_info.world_size, rank=dist_info.rank,
-                                  shuffle=False) if dist_info.distributed
-               else SequentialSampler(dataset))
-    return DataLoader(dataset, sampler=sampler, drop_last=False, **common)
 
 
 def build_model(args: argparse.Namespace, num_classes: int) -> tuple[torch.nn.Module, dict | None]:

@@ -152,8 +152,7 @@ def load_model(checkpoint: str | Path, finetune: str | Path | None = None,
 
     A run folder stands for its ``checkpoint-best``.
     """
-    from lora.export import is_merged_export, load_merged
-    from util.checkpoint import load_trained
+    from checkpoints import is_merged_export, load_merged, load_trained
 
     if Path(checkpoint).is_dir():
         checkpoint = Path(checkpoint) / "checkpoint-best"
@@ -389,7 +388,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True,
                    help="adapter checkpoint (stem, .safetensors or .json, e.g. "
                         "output/run/checkpoint-best; a run folder means its checkpoint-best) "
-                        "or a merged export of lora.export")
+                        "or a merged export of export.py")
     p.add_argument("--finetune", default=None,
                    help="pre-trained file the adapter was trained on (default: the path "
                         "recorded in the checkpoint; not needed for a merged export)")

@@ -15,7 +15,7 @@ Variants (``--variants``, epochs interleaved so that a busy machine slows all al
            model (``bench/paper_style.py``) under fp16 autocast + GradScaler (fp32 on a CPU,
            as its loop autocasts on CUDA only).
 
-The real pieces run: ``main_finetune_lora.build_loader`` with DataLoader workers and
+The real pieces run: ``datasets.loader.build_loader`` with DataLoader workers and
 ``engine_finetune.train_one_epoch`` for ours. The loader is wrapped so that the time the
 step spends waiting for its next batch is measured; the rest of the epoch is the step.
 The first batch of each epoch pays the workers' start-up and is reported apart. An epoch
@@ -48,12 +48,13 @@ import datasets  # noqa: E402
 import lora  # noqa: E402
 import models_vit_lora as mv  # noqa: E402
 from datasets.imageio import decode_dicom  # noqa: E402
+from datasets.loader import build_loader  # noqa: E402
 from datasets.synthetic import demo_as_rsna_dicoms  # noqa: E402
 from engine_finetune import resolve_amp, train_one_epoch  # noqa: E402
-from main_finetune_lora import DEMO_DEFAULTS, build_loader  # noqa: E402
 from paper_style import paper_autocast, to_paper_style  # noqa: E402
 from util.misc import DistInfo  # noqa: E402
 from util.io import write_json  # noqa: E402
+from util.presets import DEMO_DEFAULTS  # noqa: E402
 
 DATA_BOUND_FRACTION = 0.10
 VARIANTS: tuple[str, ...] = ("exact", "png", "paper")

@@ -48,6 +48,8 @@ import numpy as np
 import PIL
 from PIL import Image
 
+from util.io import file_sha256
+
 from .constants import ALL_SPLIT_FILES, CLASS_NAMES
 from .errors import BadEntry, CacheError, ImageError
 from .imageio import DICOM_SUFFIXES, _is_dicom_file, dicom_scaling_for, load_image
@@ -90,14 +92,6 @@ def find_lossy_cache_dir(data_path: str | Path, size: int | None = None) -> Path
     raise CacheError(f"several lossy caches in {data_path}: {', '.join(p.name for p in found)}; "
                      f"choose one with cache_size (--cache_size N) or cache_dir")
 
-
-def file_sha256(path: str | Path) -> str:
-    """SHA-256 hex digest of a file's bytes."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def resize_shorter_side(img: Image.Image, size: int) -> Image.Image:

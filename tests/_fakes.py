@@ -9,7 +9,7 @@ import torch
 import lora
 import models_vit_lora as mv
 from datasets import CLASS_NAMES, NORM_STATS
-from util.checkpoint import file_sha256, model_config, save_checkpoint
+from checkpoints import file_sha256, model_config, save_checkpoint
 
 
 def encoder_state(arch: str = "vit_tiny_patch16", depth: int = 2, img_size: int = 224,

@@ -16,8 +16,8 @@ import models_vit_lora as mv
 import predict
 from _fakes import encoder_state, mrm_checkpoint, trained_checkpoint
 from datasets import make_demo_dataset
-from lora.export import ExportError, export_merged, export_paths, load_merged
-from util.checkpoint import (
+from checkpoints import ExportError, export_merged, export_paths, load_merged
+from checkpoints import (
     CheckpointError,
     checkpoint_paths,
     load_resume_state,

@@ -13,7 +13,7 @@ import datasets.imagecache as imagecache
 from datasets import CacheError, ImageError, build_cache, build_dataset, build_transform, make_demo_dataset
 from datasets.imagecache import resize_shorter_side
 from datasets.synthetic import write_dicom
-from main_finetune_lora import build_loader
+from datasets.loader import build_loader
 from util.misc import DistInfo
 
 SIZE = 32  # model input: small, so the tests stay fast

@@ -1,4 +1,4 @@
-"""lora.export: merged .safetensors loads strictly into stock timm and matches the adapter model."""
+"""export.py: merged .safetensors loads strictly into stock timm and matches the adapter model."""
 import json
 
 import numpy as np
@@ -12,7 +12,7 @@ import lora
 import models_vit_lora as mv
 import predict
 from datasets import NORM_STATS
-from lora.export import (
+from checkpoints import (
     MERGED_FORMAT,
     ExportError,
     export_merged,
@@ -20,9 +20,9 @@ from lora.export import (
     load_merged,
     max_output_difference,
 )
-from lora.export import main as export_main
+from export import main as export_main
 from _fakes import trained_checkpoint
-from util.checkpoint import load_trained, model_config
+from checkpoints import load_trained, model_config
 
 CLASSES = ["Atelectasis", "Cardiomegaly", "Effusion"]
 

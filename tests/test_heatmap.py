@@ -7,7 +7,7 @@ from PIL import Image
 import models_vit_lora as mv
 import predict
 from _fakes import trained_checkpoint
-from util.checkpoint import load_trained
+from checkpoints import load_trained
 from util.heatmap import eval_crop_box, eval_resize, grad_cam, heatmap_filename, overlay
 
 CLASSES = ["Atelectasis", "Effusion", "Pleural Effusion"]

@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader
 import predict
 from _fakes import mrm_checkpoint, trained_checkpoint
 from datasets import CLASS_NAMES, build_dataset, build_transform, make_demo_dataset
-from util.checkpoint import load_trained
+from checkpoints import load_trained
 
 NIH = CLASS_NAMES["nih"]
 

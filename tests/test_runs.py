@@ -329,7 +329,7 @@ def test_output_problems_are_one_line(demo, tmp_path, monkeypatch, capsys):
     assert "is a file, not a folder" in capsys.readouterr().err
 
     # Disk full while committing epoch 1: one line, and epoch 0's checkpoint stays usable.
-    from util import checkpoint as ckpt
+    import checkpoints as ckpt
 
     real = ckpt.save_resume_state
     calls = []

@@ -128,7 +128,7 @@ def test_loader_workers_pinned_persistent_give_the_same_batches(tmp_path, recwar
     (random crops and flips) and the eval loader give the same tensors as the single-process
     loader, epoch after epoch."""
     import datasets
-    from main_finetune_lora import build_loader
+    from datasets.loader import accelerator_available, build_loader
     from util.misc import DistInfo
 
     root = datasets.make_demo_dataset(tmp_path / "NIH_demo", num_images=40, image_size=48, seed=2)
@@ -150,7 +150,7 @@ def test_loader_workers_pinned_persistent_give_the_same_batches(tmp_path, recwar
         _, plain = batches(train, num_workers=0, pin_memory=False)
         loader, fast = batches(train, num_workers=2, pin_memory=True)
         assert loader.persistent_workers and loader.num_workers == 2
-        assert loader.pin_memory == torch.accelerator.is_available()
+        assert loader.pin_memory == accelerator_available()
         for epoch_plain, epoch_fast in zip(plain, fast, strict=True):
             assert len(epoch_plain) == len(epoch_fast) > 1
             for (x0, y0), (x1, y1) in zip(epoch_plain, epoch_fast):

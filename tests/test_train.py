@@ -116,7 +116,7 @@ def test_two_epoch_run_outputs_and_exact_reload(demo, tmp_path, capsys):
 def test_vit_base_r4_adapter_file_is_small(tmp_path):
     import lora
     import models_vit_lora as mv
-    from util import checkpoint as ckpt
+    import checkpoints as ckpt
 
     model = mv.vit_base_patch16_lora(num_classes=14, lora_rank=4)
     weights = tmp_path / "MRM.pth"

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import math
 import os
@@ -10,6 +11,15 @@ from pathlib import Path
 from typing import Any, Callable
 
 TMP_SUFFIX = ".tmp"
+
+
+def file_sha256(path: str | Path, chunk: int = 1 << 22) -> str:
+    """SHA-256 hex digest of a file's bytes (read in chunks: weights files are large)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 class OutputError(OSError):

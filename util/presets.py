@@ -19,9 +19,21 @@ saying which of these applies, for the run's config.json.
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 METHODS: tuple[str, ...] = ("lora", "full", "linear")
+
+_ROOT = Path(__file__).resolve().parents[1]
+# The built-in demo (no --data_path): a tiny ViT with a random backbone on synthetic data,
+# a few CPU minutes. The benchmarks time the same setting.
+DEMO_DEFAULTS: dict[str, Any] = dict(
+    data_path=str(_ROOT / "demo_data"), dataset="nih", model="vit_tiny_patch16_lora",
+    input_size=112, epochs=8, batch_size=32, optimizer="sgd", lr=0.3, warmup_epochs=1,
+    weight_decay=0.0, reprob=0.0, norm="mrm", data_size="100%", num_workers=2,
+    output_dir=str(_ROOT / "output_dir"), lora_rank=8, lora_dropout=0.0, drop_path=0.0,
+    overwrite=True,
+)
 # The paper trains every setting on one GPU x 64 images; presets keep that global batch.
 PAPER_GLOBAL_BATCH = 64
 

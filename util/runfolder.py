@@ -16,7 +16,6 @@ Only the main process touches these files.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -26,7 +25,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from util.io import TMP_SUFFIX, OutputError, describe_os_error, write_json, write_text
+from util.io import TMP_SUFFIX, OutputError, describe_os_error, file_sha256, write_json, write_text
 
 logger = logging.getLogger(__name__)
 
@@ -53,14 +52,6 @@ class RunFolderError(ValueError):
 def _fault_point(label: str) -> None:
     """Called between the file operations of a commit; tests replace it to simulate a kill."""
 
-
-def file_sha256(path: str | Path, chunk: int = 1 << 22) -> str:
-    """SHA-256 of a file's bytes."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _fsync_file(path: Path) -> None:

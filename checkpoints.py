@@ -1,4 +1,4 @@
-"""Checkpoints: small adapter files (safetensors + JSON config), resume state, reloading.
+"""Every weight file this tool writes: trained checkpoints, resume states, merged exports.
 
 A checkpoint ``<dir>/checkpoint-best`` is two files:
 - ``checkpoint-best.safetensors``: the trained tensors only (LoRA, fc_norm, head) for
@@ -8,11 +8,22 @@ A checkpoint ``<dir>/checkpoint-best`` is two files:
 ``checkpoint-last`` additionally has ``checkpoint-last.state.pt``: optimizer, scheduler
 position, scaler, epoch, RNG states, best metric and the run arguments, as plain data
 that loads with ``torch.load(weights_only=True)``.
+
+A merged export ``<out>`` (written by ``export.py``) is ``<out>.safetensors`` (every
+tensor, LoRA folded in, timm state-dict names, fp32) and ``<out>.json`` (format
+``cxr-lora-merged/1``: class names, input size, normalisation, eval recipe, the timm
+model name and its keyword arguments). Anyone can load it without this repository:
+
+    import json, timm
+    from safetensors.torch import load_file
+    cfg = json.load(open("nih_1_mrm_lora.json"))
+    model = timm.create_model(cfg["timm_model"], pretrained=False, **cfg["timm_kwargs"])
+    model.load_state_dict(load_file("nih_1_mrm_lora.safetensors"), strict=True)
 """
 from __future__ import annotations
 
-import hashlib
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +33,9 @@ from safetensors.torch import save_file
 
 import lora
 import models_vit_lora as mv
-from util.io import atomic_write, write_json  # noqa: F401  (re-exported)
+from util.io import atomic_write, file_sha256, write_json  # noqa: F401  (re-exported)
+
+logger = logging.getLogger(__name__)
 
 FORMAT = "cxr-lora-checkpoint/1"
 METHODS = ("lora", "full", "linear")
@@ -31,14 +44,6 @@ METHODS = ("lora", "full", "linear")
 class CheckpointError(ValueError):
     """A checkpoint that does not fit the model or pre-trained file it is loaded with."""
 
-
-def file_sha256(path: str | Path, chunk: int = 1 << 22) -> str:
-    """SHA-256 of a file: ties an adapter to the exact pre-trained weights it was trained on."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def model_config(
@@ -87,11 +92,15 @@ def model_config(
 
 
 def checkpoint_paths(path: str | Path) -> tuple[Path, Path]:
-    """(tensors, config) paths of a checkpoint given as its stem, .safetensors or .json."""
+    """(tensors, config) paths of a checkpoint or export given as its stem, .safetensors or .json."""
     path = Path(path)
     if path.suffix in (".safetensors", ".json"):
         path = path.with_suffix("")
     return path.with_suffix(".safetensors"), path.with_suffix(".json")
+
+
+# A merged export is the same pair of files as a checkpoint.
+export_paths = checkpoint_paths
 
 
 def save_checkpoint(path: str | Path, model: nn.Module, config: dict[str, Any],
@@ -304,3 +313,136 @@ def load_resume_state(path: str | Path) -> dict[str, Any]:
         found = sorted(state)[:8] if isinstance(state, dict) else type(state).__name__
         raise CheckpointError(f"{path}: not a resume state of this tool (found {found})")
     return state
+
+
+# ---------------------------------------------------------------------------------------
+# Merged export: one plain timm model, LoRA folded into the backbone
+# ---------------------------------------------------------------------------------------
+
+MERGED_FORMAT = "cxr-lora-merged/1"
+# Checkpoint config keys copied into the export for provenance.
+_PROVENANCE = ("method", "lora", "pretrained", "pretrained_sha256", "dataset", "drop_path_rate",
+               "dicom_scaling")
+# Fields an export config must have for ``load_merged`` and ``predict.py`` (JSON types).
+MERGED_FIELDS: FieldTypes = {
+    "timm_model": (str,), "timm_kwargs": (dict,), "num_classes": (int,), "class_names": (list,),
+    "img_size": (int,), "norm": (str,), "mean": (list,), "std": (list,),
+}
+MERGED_OPTIONAL: FieldTypes = {"eval_recipe": (str,), "model": (str,), "global_pool": (str,)}
+
+
+class ExportError(ValueError):
+    """An export that cannot be written, read or does not reproduce its source model."""
+
+
+def timm_model_name(model: str) -> str:
+    """timm's registered name for one of our architectures ('vit_base_patch16' -> '..._224')."""
+    return f"{model}_224"
+
+
+def merged_config(config: dict[str, Any], source: str | Path | None = None) -> dict[str, Any]:
+    """The export's JSON config, from a training checkpoint config."""
+    global_pool = "avg" if config["global_pool"] else "token"
+    timm_kwargs = {"num_classes": int(config["num_classes"]), "global_pool": global_pool,
+                   "img_size": int(config["img_size"]), **config.get("model_kwargs", {})}
+    return {
+        "format": MERGED_FORMAT,
+        "model": config["model"],
+        "timm_model": timm_model_name(config["model"]),
+        "timm_kwargs": timm_kwargs,
+        "num_classes": int(config["num_classes"]),
+        "class_names": list(config["class_names"]),
+        "img_size": int(config["img_size"]),
+        "global_pool": global_pool,
+        "model_kwargs": dict(config.get("model_kwargs", {})),
+        "norm": config["norm"],
+        "mean": list(config["mean"]),
+        "std": list(config["std"]),
+        "eval_recipe": config.get("eval_recipe", "sgd"),
+        "source_checkpoint": None if source is None else str(source),
+        **{k: config.get(k) for k in _PROVENANCE},
+    }
+
+
+def export_merged(model: nn.Module, config: dict[str, Any], out: str | Path,
+                  source: str | Path | None = None) -> tuple[Path, Path]:
+    """Write ``<out>.safetensors`` (LoRA folded in, timm names) and ``<out>.json``.
+
+    ``model`` is left as it was (merged or not); ``config`` is its checkpoint config.
+    """
+    tensors_path, config_path = export_paths(out)
+    model = getattr(model, "module", model)  # DDP
+    state = lora.merged_state_dict(model)
+    # Stored in fp32 whatever the training dtype: the file is the reference model.
+    tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in state.items()}
+    # A model of NaNs must not leave as a file that looks like a usable model.
+    mv.check_finite(tensors, f"merged model of {source or 'the checkpoint'}", ExportError)
+    cfg = merged_config(config, source)
+    atomic_write(tensors_path,
+                 lambda tmp: save_file(tensors, tmp, metadata={"format": MERGED_FORMAT}))
+    write_json(config_path, cfg)
+    logger.info("exported %d tensors (%d LoRA layers merged) to %s", len(tensors),
+                sum(1 for _ in lora.lora_layers(model)), tensors_path)
+    return tensors_path, config_path
+
+
+def read_merged_config(path: str | Path) -> dict[str, Any]:
+    """The JSON config of an export, checked for its format and fields."""
+    return read_format_config(export_paths(path)[1], MERGED_FORMAT, "merged export", ExportError,
+                              required=MERGED_FIELDS, optional=MERGED_OPTIONAL)
+
+
+def is_merged_export(path: str | Path) -> bool:
+    """True if ``path`` (stem, .safetensors or .json) has a JSON config of the export format."""
+    _, config_path = export_paths(path)
+    try:
+        with open(config_path) as f:
+            return json.load(f).get("format") == MERGED_FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def build_timm_model(config: dict[str, Any]) -> nn.Module:
+    """The empty timm model an export's tensors load into with ``strict=True``."""
+    import timm
+
+    try:
+        return timm.create_model(config["timm_model"], pretrained=False, **config["timm_kwargs"])
+    except (RuntimeError, TypeError, ValueError, AssertionError) as err:
+        # timm says "Unknown model" (RuntimeError) or rejects a keyword (TypeError).
+        raise ExportError(f"export config: timm cannot build {config['timm_model']!r} with "
+                          f"{config['timm_kwargs']} ({err})") from None
+
+
+def load_merged(path: str | Path, device: str | torch.device = "cpu"
+                ) -> tuple[nn.Module, dict[str, Any]]:
+    """Load an export into a stock timm model (strict), in eval mode; returns (model, config).
+
+    A damaged or foreign tensors file, tensors that do not fit, and NaN / inf weights
+    raise ``ExportError`` naming the file.
+    """
+    tensors_path, _ = export_paths(path)
+    config = read_merged_config(path)
+    if not tensors_path.is_file():
+        raise FileNotFoundError(f"export tensors not found: {tensors_path}")
+    model = build_timm_model(config)
+    tensors = mv.read_safetensors(tensors_path, ExportError)
+    mv.check_finite(tensors, tensors_path, ExportError)
+    try:
+        model.load_state_dict(tensors, strict=True)
+    except RuntimeError as err:
+        raise ExportError(f"{tensors_path}: does not fit {config['timm_model']} "
+                          f"{config['timm_kwargs']}: {err}") from err
+    return model.to(device).eval(), config
+
+
+@torch.no_grad()
+def max_output_difference(reference: nn.Module, exported: nn.Module, img_size: int,
+                          batch: int = 2, seed: int = 0) -> float:
+    """Largest absolute logit difference of two models on the same random fp32 inputs."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, 3, img_size, img_size, generator=g)
+    device = next(reference.parameters()).device
+    a = reference.eval()(x.to(device)).float().cpu()
+    b = exported.eval()(x.to(next(exported.parameters()).device)).float().cpu()
+    return float((a - b).abs().max())

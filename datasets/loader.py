@@ -1,0 +1,73 @@
+"""Seeded data loaders: each sample's augmentation depends only on (seed, epoch, index)."""
+from __future__ import annotations
+
+from typing import Iterator
+
+import torch
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, SequentialSampler
+
+from util.misc import DistInfo, seed_everything
+
+
+class SeededSampler(Sampler):
+    """Yields (index, seed) pairs so each sample's augmentation depends only on (seed, epoch,
+    index): the same with any number of workers, and reproducible after a resume."""
+
+    def __init__(self, sampler: DistributedSampler, seed: int) -> None:
+        self.sampler, self.seed, self.epoch = sampler, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Reshuffle for ``epoch`` (and give its samples their own seeds)."""
+        self.epoch = epoch
+        self.sampler.set_epoch(epoch)
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        base = (self.seed * 1_000_003 + self.epoch * 7_919) % (2**31)
+        return ((i, (base + i * 104_729) % (2**31)) for i in self.sampler)
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+
+class SeededDataset(Dataset):
+    """Reseeds the RNGs before each sample's transform (see SeededSampler)."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __getitem__(self, item: tuple[int, int]):
+        index, seed = item
+        seed_everything(seed)
+        return self.dataset[index]
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+
+def accelerator_available() -> bool:
+    """Whether a GPU-like device is present (``torch.accelerator`` exists from torch 2.6 only)."""
+    accelerator = getattr(torch, "accelerator", None)
+    if accelerator is not None:
+        return bool(accelerator.is_available())
+    mps = getattr(torch.backends, "mps", None)
+    return torch.cuda.is_available() or bool(mps is not None and mps.is_available())
+
+
+def build_loader(dataset: Dataset, dist_info: DistInfo, *, train: bool, batch_size: int,
+                 seed: int, num_workers: int, pin_memory: bool) -> DataLoader:
+    """Shuffled, seeded training loader or an ordered evaluation loader (sharded when distributed)."""
+    # Pinned host memory only helps copies to an accelerator; without one torch warns.
+    pin_memory = pin_memory and accelerator_available()
+    common = dict(batch_size=batch_size, num_workers=num_workers, pin_memory=pin_memory,
+                  persistent_workers=num_workers > 0)
+    if train:
+        base = DistributedSampler(dataset, num_replicas=dist_info.world_size, rank=dist_info.rank,
+                                  shuffle=True, seed=seed)
+        # Dropping the last partial batch (as the paper) only when there is more than one.
+        drop_last = len(base) > batch_size
+        return DataLoader(SeededDataset(dataset), sampler=SeededSampler(base, seed),
+                          drop_last=drop_last, **common)
+    sampler = (DistributedSampler(dataset, num_replicas=dist_info.world_size, rank=dist_info.rank,
+                                  shuffle=False) if dist_info.distributed
+               else SequentialSampler(dataset))
+    return DataLoader(dataset, sampler=sampler, drop_last=False, **common)
