@@ -37,8 +37,9 @@ from util.io import atomic_write, file_sha256, write_json  # noqa: F401  (re-exp
 
 logger = logging.getLogger(__name__)
 
-FORMAT = "cxr-lora-checkpoint/1"
-METHODS = ("lora", "full", "linear")
+FORMAT = mv.CONFIG_FORMAT
+METHODS = mv.METHODS
+ModelConfig = mv.ModelConfig
 
 
 class CheckpointError(ValueError):
@@ -63,32 +64,20 @@ def model_config(
     eval_recipe: str = "sgd",
     dataset: str | None = None,
     model_kwargs: dict[str, Any] | None = None,
-) -> dict[str, Any]:
-    """The JSON config stored beside every checkpoint: all that is needed to rebuild it."""
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    if model not in mv.ARCHS:
-        raise ValueError(f"unknown model {model!r}; choose from {sorted(mv.ARCHS)}")
-    return {
-        "format": FORMAT,
-        "model": model,
-        "method": method,
-        "num_classes": len(class_names),
-        "class_names": list(class_names),
-        "img_size": int(img_size),
-        "global_pool": bool(global_pool),
-        "drop_path_rate": float(drop_path_rate),
-        # Architecture overrides for the builder (e.g. {"depth": 2} in tests).
-        "model_kwargs": dict(model_kwargs or {}),
-        "lora": dict(lora_cfg) if lora_cfg else None,
-        "norm": norm,
-        "mean": [float(m) for m in mean],
-        "std": [float(s) for s in std],
-        "eval_recipe": eval_recipe,
-        "pretrained": pretrained,
-        "pretrained_sha256": pretrained_sha256,
-        "dataset": dataset,
-    }
+) -> ModelConfig:
+    """The config stored beside every checkpoint: all that is needed to rebuild it."""
+    return ModelConfig(
+        model=model, method=method, class_names=list(class_names), img_size=int(img_size),
+        global_pool=bool(global_pool), norm=norm, mean=mean, std=std, pretrained=pretrained,
+        pretrained_sha256=pretrained_sha256,
+        lora=mv.LoRASpec.from_json(lora_cfg) if lora_cfg else None,
+        drop_path_rate=float(drop_path_rate), eval_recipe=eval_recipe, dataset=dataset,
+        model_kwargs=dict(model_kwargs or {}))
+
+
+def as_model_config(config: ModelConfig | dict[str, Any]) -> ModelConfig:
+    """A ``ModelConfig`` from itself or from its JSON dict."""
+    return config if isinstance(config, ModelConfig) else ModelConfig.from_json(config)
 
 
 def checkpoint_paths(path: str | Path) -> tuple[Path, Path]:
@@ -103,20 +92,19 @@ def checkpoint_paths(path: str | Path) -> tuple[Path, Path]:
 export_paths = checkpoint_paths
 
 
-def save_checkpoint(path: str | Path, model: nn.Module, config: dict[str, Any],
+def save_checkpoint(path: str | Path, model: nn.Module, config: ModelConfig | dict[str, Any],
                     extra: dict[str, Any] | None = None) -> Path:
     """Write ``<stem>.safetensors`` (trained tensors, or all when needed) and ``<stem>.json``."""
     tensors_path, config_path = checkpoint_paths(path)
     model = getattr(model, "module", model)  # DDP
-    if config["method"] == "full" or config["pretrained"] is None:
-        tensors = {k: v for k, v in model.state_dict().items()}
-        config = {**config, "backbone_in_file": True}
-    else:
-        tensors = lora.lora_state_dict(model)
-        config = {**config, "backbone_in_file": False}
+    config = as_model_config(config)
+    # The random backbone of a run without pre-trained weights cannot be rebuilt: keep it.
+    backbone_in_file = config.method == "full" or config.pretrained is None
+    tensors = dict(model.state_dict()) if backbone_in_file else lora.trainable_state_dict(model)
+    config = config.replace(backbone_in_file=backbone_in_file)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
     atomic_write(tensors_path, lambda tmp: save_file(tensors, tmp, metadata={"format": FORMAT}))
-    write_json(config_path, {**config, **(extra or {})})
+    write_json(config_path, {**config.to_json(), **(extra or {})})
     return tensors_path
 
 
@@ -196,8 +184,8 @@ def read_format_config(config_path: Path, expected: str, kind: str = "checkpoint
     return config
 
 
-def read_config(path: str | Path) -> dict[str, Any]:
-    """The JSON config of a checkpoint, checked for its format and fields."""
+def read_config(path: str | Path) -> ModelConfig:
+    """The config of a checkpoint, its JSON checked for format and fields."""
     config_path = checkpoint_paths(path)[1]
     config = read_format_config(config_path, FORMAT, required=CONFIG_FIELDS,
                                 optional=CONFIG_OPTIONAL)
@@ -213,21 +201,7 @@ def read_config(path: str | Path) -> dict[str, Any]:
         problems += field_problems(config["lora"], LORA_FIELDS, prefix="lora ")
     if problems:
         raise CheckpointError(f"{config_path}: invalid checkpoint config: {'; '.join(problems)}")
-    return config
-
-
-def build_from_config(config: dict[str, Any]) -> nn.Module:
-    """The plain timm ViT described by a checkpoint config (no weights loaded, no LoRA)."""
-    kwargs = config.get("model_kwargs", {})
-    try:
-        return mv.MODELS[config["model"]](
-            num_classes=config["num_classes"], img_size=config["img_size"],
-            global_pool=config["global_pool"], drop_path_rate=config.get("drop_path_rate", 0.0),
-            **kwargs)
-    except (TypeError, ValueError, AssertionError) as err:
-        raise CheckpointError(f"checkpoint config: {config['model']} cannot be built with "
-                              f"img_size {config['img_size']} and model_kwargs {kwargs} "
-                              f"({err})") from None
+    return ModelConfig.from_json(config)
 
 
 def load_trained(
@@ -236,7 +210,7 @@ def load_trained(
     device: str | torch.device = "cpu",
     check_hash: bool = True,
     allow_unsafe_pickle: bool = False,
-) -> tuple[nn.Module, dict[str, Any]]:
+) -> tuple[nn.Module, ModelConfig]:
     """Rebuild a trained model from a checkpoint (and its pre-trained file), in eval mode.
 
     ``pretrained`` defaults to the path recorded in the config. The file's SHA-256 must
@@ -246,31 +220,28 @@ def load_trained(
     config = read_config(checkpoint)
     if not tensors_path.is_file():
         raise FileNotFoundError(f"checkpoint tensors not found: {tensors_path}")
-    model = build_from_config(config)
-    if not config.get("backbone_in_file"):
-        pretrained = pretrained or config.get("pretrained")
+    if config.backbone_in_file:
+        pretrained = None
+    else:
+        pretrained = pretrained or config.pretrained
         if not pretrained:
             raise CheckpointError(f"{tensors_path} holds only adapter tensors: give the "
                                   "pre-trained file it was trained on (--finetune)")
         if not Path(pretrained).is_file():
             raise FileNotFoundError(f"pre-trained weights for {tensors_path} not found: "
                                     f"{pretrained} (pass the right path with --finetune)")
-        if check_hash and config.get("pretrained_sha256"):
+        if check_hash and config.pretrained_sha256:
             digest = file_sha256(pretrained)
-            if digest != config["pretrained_sha256"]:
+            if digest != config.pretrained_sha256:
                 raise CheckpointError(
                     f"{pretrained} is not the pre-trained file {tensors_path} was trained on "
-                    f"(sha256 {digest[:12]}... != recorded {config['pretrained_sha256'][:12]}...)")
-        mv.load_pretrained(model, pretrained, allow_unsafe_pickle=allow_unsafe_pickle)
-    if config.get("lora"):
-        cfg = config["lora"]
-        lora.inject_lora(model, rank=cfg["rank"], alpha=cfg["alpha"],
-                         dropout=cfg.get("dropout", 0.0), pos=cfg["pos"])
-    if config["method"] == "full":
-        model.requires_grad_(True)
-    else:
-        lora.mark_only_lora_as_trainable(model)  # the trained set, as during training
-    load_trained_tensors(model, tensors_path, all_tensors=bool(config.get("backbone_in_file")))
+                    f"(sha256 {digest[:12]}... != recorded {config.pretrained_sha256[:12]}...)")
+    try:
+        # The trained set is marked as during training: it is what the file must hold.
+        model = mv.build_model(config, pretrained, allow_unsafe_pickle=allow_unsafe_pickle)
+    except mv.ModelConfigError as err:
+        raise CheckpointError(f"checkpoint config: {err}") from None
+    load_trained_tensors(model, tensors_path, all_tensors=bool(config.backbone_in_file))
     return model.to(device).eval(), config
 
 
@@ -290,7 +261,7 @@ def load_trained_tensors(model: nn.Module, tensors_path: str | Path, all_tensors
            if v.shape != own[k].shape]
     if bad:
         raise CheckpointError(f"{tensors_path}: wrong shapes: {bad[:5]}")
-    expected = set(own) if all_tensors else set(lora.lora_state_dict(model))
+    expected = set(own) if all_tensors else set(lora.trainable_state_dict(model))
     absent = sorted(expected - set(tensors))
     if absent:
         raise CheckpointError(f"{tensors_path}: missing trained tensors {absent[:5]}")
@@ -340,31 +311,33 @@ def timm_model_name(model: str) -> str:
     return f"{model}_224"
 
 
-def merged_config(config: dict[str, Any], source: str | Path | None = None) -> dict[str, Any]:
+def merged_config(config: ModelConfig | dict[str, Any],
+                  source: str | Path | None = None) -> dict[str, Any]:
     """The export's JSON config, from a training checkpoint config."""
-    global_pool = "avg" if config["global_pool"] else "token"
-    timm_kwargs = {"num_classes": int(config["num_classes"]), "global_pool": global_pool,
-                   "img_size": int(config["img_size"]), **config.get("model_kwargs", {})}
+    config = as_model_config(config)
+    global_pool = "avg" if config.global_pool else "token"
+    timm_kwargs = {"num_classes": config.num_classes, "global_pool": global_pool,
+                   "img_size": int(config.img_size), **config.model_kwargs}
     return {
         "format": MERGED_FORMAT,
-        "model": config["model"],
-        "timm_model": timm_model_name(config["model"]),
+        "model": config.model,
+        "timm_model": timm_model_name(config.model),
         "timm_kwargs": timm_kwargs,
-        "num_classes": int(config["num_classes"]),
-        "class_names": list(config["class_names"]),
-        "img_size": int(config["img_size"]),
+        "num_classes": config.num_classes,
+        "class_names": list(config.class_names),
+        "img_size": int(config.img_size),
         "global_pool": global_pool,
-        "model_kwargs": dict(config.get("model_kwargs", {})),
-        "norm": config["norm"],
-        "mean": list(config["mean"]),
-        "std": list(config["std"]),
-        "eval_recipe": config.get("eval_recipe", "sgd"),
+        "model_kwargs": dict(config.model_kwargs),
+        "norm": config.norm,
+        "mean": list(config.mean),
+        "std": list(config.std),
+        "eval_recipe": config.eval_recipe,
         "source_checkpoint": None if source is None else str(source),
         **{k: config.get(k) for k in _PROVENANCE},
     }
 
 
-def export_merged(model: nn.Module, config: dict[str, Any], out: str | Path,
+def export_merged(model: nn.Module, config: ModelConfig | dict[str, Any], out: str | Path,
                   source: str | Path | None = None) -> tuple[Path, Path]:
     """Write ``<out>.safetensors`` (LoRA folded in, timm names) and ``<out>.json``.
 
@@ -388,8 +361,11 @@ def export_merged(model: nn.Module, config: dict[str, Any], out: str | Path,
 
 def read_merged_config(path: str | Path) -> dict[str, Any]:
     """The JSON config of an export, checked for its format and fields."""
-    return read_format_config(export_paths(path)[1], MERGED_FORMAT, "merged export", ExportError,
-                              required=MERGED_FIELDS, optional=MERGED_OPTIONAL)
+    config = read_format_config(export_paths(path)[1], MERGED_FORMAT, "merged export",
+                                ExportError, required=MERGED_FIELDS, optional=MERGED_OPTIONAL)
+    # Exports written before the recipe was recorded used the sgd recipe's evaluation.
+    config.setdefault("eval_recipe", "sgd")
+    return config
 
 
 def is_merged_export(path: str | Path) -> bool:

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from util.metrics import multilabel_metrics
+from util.precision import AMP_CHOICES, autocast, cpu_has_fast_bf16, resolve_amp  # noqa: F401  (re-exported)
 
 logger = logging.getLogger(__name__)
 
@@ -24,7 +25,6 @@ class NonFiniteLossError(RuntimeError):
     """The training loss became NaN or infinite."""
 
 
-AMP_CHOICES = ("auto", "bf16", "fp16", "none")
 COMPILE_CHOICES = ("auto", "on", "off")
 
 
@@ -83,41 +83,6 @@ def _is_compile_error(err: BaseException) -> bool:
     """Whether an exception comes from dynamo / inductor rather than from the model itself."""
     module = type(err).__module__ or ""
     return module.startswith(("torch._dynamo", "torch._inductor")) or "BackendCompilerFailed" in type(err).__name__
-
-
-def cpu_has_fast_bf16() -> bool:
-    """Whether this CPU computes bf16 natively (AMX or AVX512-BF16); elsewhere bf16 is
-    emulated and several times slower than fp32."""
-    probes = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
-    return any(getattr(torch.cpu, name, lambda: False)() for name in probes)
-
-
-def resolve_amp(amp: str, device: torch.device) -> torch.dtype | None:
-    """Autocast dtype for an ``--amp`` choice on ``device``; None means fp32.
-
-    auto: bf16 on GPUs that support it and on CPUs with native bf16, fp16 on older GPUs,
-    fp32 on other CPUs.
-    """
-    if amp not in AMP_CHOICES:
-        raise ValueError(f"--amp {amp!r}: expected one of {AMP_CHOICES}")
-    if amp == "none":
-        return None
-    if amp == "bf16":
-        return torch.bfloat16
-    if amp == "fp16":
-        return torch.float16
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    if device.type == "cpu" and cpu_has_fast_bf16():
-        return torch.bfloat16
-    return None
-
-
-def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
-    """Mixed precision on any device type; a no-op when ``dtype`` is None (fp32)."""
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
 
 
 def _clock(seconds: float) -> str:

@@ -33,14 +33,14 @@ from datasets.loader import SeededDataset, SeededSampler, build_loader  # noqa: 
 from datasets.splits import check_split_overlap
 from datasets.transforms import AUG_FILLS
 import models_vit_lora as mv
-from engine_finetune import (AMP_CHOICES, COMPILE_CHOICES, CompiledModule, NonFiniteLossError,
-                             evaluate, resolve_amp, train_one_epoch)
+from engine_finetune import COMPILE_CHOICES, CompiledModule, NonFiniteLossError, evaluate, train_one_epoch
 import checkpoints as ckpt
 from util.lr_sched import adjust_learning_rate
 from util.io import OutputError, json_safe
 from util.runfolder import RunFolder, RunFolderError, probe_writable
 from util.misc import DistInfo, git_commit, init_distributed, rng_state, seed_everything, setup_logging
 from util.optim import build_optimizer, per_process_batch
+from util.precision import AMP_CHOICES, precision_name, resolve_amp
 from util.presets import DEMO_DEFAULTS, PRESETS, preset_help, resolve_preset
 
 logger = logging.getLogger("main")
@@ -426,29 +426,30 @@ def check_run_folder(out: Path, args: argparse.Namespace, committed: dict | None
     raise ArgumentError(f"output folder {out} already holds a run ({', '.join(markers)}): {hint}")
 
 
-def build_model(args: argparse.Namespace, num_classes: int) -> tuple[torch.nn.Module, dict | None]:
-    """Plain timm ViT -> pre-trained weights (checked) -> LoRA -> freeze, in that order."""
-    model = mv.MODELS[args.arch](num_classes=num_classes, img_size=args.input_size,
-                                 drop_path_rate=args.drop_path, global_pool=args.global_pool,
-                                 **args.model_kwargs)
-    if args.finetune:
-        mv.load_pretrained(model, args.finetune, allow_unsafe_pickle=args.unsafe_load)
-    else:
-        logger.warning("no --finetune: the backbone is randomly initialised (demo only)")
-    lora_cfg = None
+def model_config_from_args(args: argparse.Namespace, class_names: list[str]) -> mv.ModelConfig:
+    """The model this run trains, from its flags (kept as JSON beside every checkpoint)."""
+    lora_spec = None
     if args.method == "lora":
-        lora.inject_lora(model, rank=args.lora_rank, alpha=args.lora_alpha,
-                         dropout=args.lora_dropout, pos=args.lora_pos)
-        lora_cfg = dict(rank=args.lora_rank, alpha=args.lora_alpha, dropout=args.lora_dropout,
-                        pos=args.lora_pos)
-        lora.mark_only_lora_as_trainable(model)
-    elif args.method == "linear":
-        lora.mark_only_lora_as_trainable(model)  # no adapters: only fc_norm + head
-    else:
-        model.requires_grad_(True)
+        lora_spec = mv.LoRASpec(rank=args.lora_rank, alpha=args.lora_alpha,
+                                dropout=args.lora_dropout, pos=args.lora_pos)
+    pretrained = str(Path(args.finetune).resolve()) if args.finetune else None
+    mean, std = datasets.NORM_STATS[args.norm]
+    return mv.ModelConfig(
+        model=args.arch, method=args.method, class_names=class_names, img_size=args.input_size,
+        global_pool=args.global_pool, norm=args.norm, mean=mean, std=std, pretrained=pretrained,
+        pretrained_sha256=ckpt.file_sha256(pretrained) if pretrained else None, lora=lora_spec,
+        drop_path_rate=args.drop_path, eval_recipe=args.recipe, dataset=args.dataset,
+        model_kwargs=args.model_kwargs)
+
+
+def build_model(args: argparse.Namespace, config: mv.ModelConfig) -> torch.nn.Module:
+    """Plain timm ViT -> pre-trained weights (checked) -> LoRA -> freeze, in that order."""
+    if not args.finetune:
+        logger.warning("no --finetune: the backbone is randomly initialised (demo only)")
+    model = mv.build_model(config, args.finetune or None, allow_unsafe_pickle=args.unsafe_load)
     if args.grad_checkpointing:
         model.set_grad_checkpointing(True)
-    return model, lora_cfg
+    return model
 
 
 def write_predictions(path: Path, dataset, indices: np.ndarray, probs: np.ndarray,
@@ -492,11 +493,6 @@ def run_settings(args: argparse.Namespace, eff_batch: int, amp_dtype: torch.dtyp
             "dicom_scaling": getattr(args, "dicom_scaling_used", None)}
 
 
-def precision_name(amp_dtype: torch.dtype | None) -> str:
-    """bf16 / fp16 autocast or fp32, as recorded in config.json and the results."""
-    return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(amp_dtype, "fp32")
-
-
 def undefined_classes(targets: np.ndarray, class_names: list[str]) -> list[str]:
     """Classes with a single label value in ``targets``: they have no AUROC."""
     targets = np.asarray(targets)
@@ -537,8 +533,8 @@ def test_and_report(args: argparse.Namespace, checkpoint: Path, out: Path, dist_
     lora.merge(model)  # inference at the cost of a plain ViT
     if dataset is None:
         dataset = build_eval_dataset(args, args.eval_split, config)
-    if list(dataset.class_names) != list(config["class_names"]):
-        raise ArgumentError(f"{checkpoint} was trained on classes {config['class_names']}, "
+    if list(dataset.class_names) != config.class_names:
+        raise ArgumentError(f"{checkpoint} was trained on classes {config.class_names}, "
                             f"but {dataset.split_file} has {dataset.class_names}")
     loader = build_loader(dataset, dist_info, train=False, batch_size=args.eval_batch_size,
                           seed=args.seed, num_workers=args.num_workers, pin_memory=args.pin_mem)
@@ -546,13 +542,13 @@ def test_and_report(args: argparse.Namespace, checkpoint: Path, out: Path, dist_
                      progress=not args.no_progress and dist_info.is_main)
     trainable, total = lora.count_parameters(model)  # load_trained restores the trained set
     split = args.eval_split
-    trained = config.get("run") or legacy_run_settings(checkpoint)
+    trained = config.extras.get("run") or legacy_run_settings(checkpoint)
     results = {
-        "split": split, "dataset": trained.get("dataset") or config.get("dataset") or dataset.kind,
+        "split": split, "dataset": trained.get("dataset") or config.dataset or dataset.kind,
         "data_size": trained.get("data_size"), "seed": trained.get("seed"),
-        "weights": Path(config["pretrained"]).stem if config.get("pretrained") else "none",
-        "method": config["method"], "model": config["model"],
-        "lora_rank": (config.get("lora") or {}).get("rank"),
+        "weights": Path(config.pretrained).stem if config.pretrained else "none",
+        "method": config.method, "model": config.model,
+        "lora_rank": config.lora.rank if config.lora else None,
         "trainable_params": int(trainable),
         "total_params": int(total),
         "num_images": stats["num_images"], "loss": stats["loss"],
@@ -560,7 +556,7 @@ def test_and_report(args: argparse.Namespace, checkpoint: Path, out: Path, dist_
         "auroc": nan_to_none(stats["auroc"]), "auprc": nan_to_none(stats["auprc"]),
         "undefined_classes": undefined_classes(stats["targets"], list(dataset.class_names)),
         "class_names": list(dataset.class_names), "checkpoint": str(checkpoint),
-        "epoch": config.get("epoch"), "training": trained,
+        "epoch": config.extras.get("epoch"), "training": trained,
         "precision": precision_name(amp_dtype), "split_file": str(dataset.split_file),
         "data_cache": dataset.cache_info, "dicom_scaling": dataset.dicom_scaling,
     }
@@ -609,15 +605,16 @@ def legacy_run_settings(checkpoint: Path) -> dict:
                                     "epochs")}
 
 
-def build_eval_dataset(args: argparse.Namespace, split: str, config: dict) -> datasets.ChestXrayDataset:
+def build_eval_dataset(args: argparse.Namespace, split: str,
+                       config: mv.ModelConfig) -> datasets.ChestXrayDataset:
     """The val or test set of --data_path with a checkpoint's evaluation transform and DICOM rule."""
-    transform = datasets.build_transform(is_train=False, recipe=config["eval_recipe"],
-                                         input_size=config["img_size"], norm=config["norm"])
-    scaling = args.dicom_scaling or config.get("dicom_scaling")
-    if args.dicom_scaling and config.get("dicom_scaling") not in (None, args.dicom_scaling):
+    transform = datasets.build_transform(is_train=False, recipe=config.eval_recipe,
+                                         input_size=config.img_size, norm=config.norm)
+    scaling = args.dicom_scaling or config.dicom_scaling
+    if args.dicom_scaling and config.dicom_scaling not in (None, args.dicom_scaling):
         logger.warning("--dicom_scaling %s differs from the rule the checkpoint was trained with "
                        "(%s): its DICOM inputs look different now", args.dicom_scaling,
-                       config["dicom_scaling"])
+                       config.dicom_scaling)
     return datasets.build_dataset(split, args.data_path, dataset=args.dataset, transform=transform,
                                   split_dir=args.split_dir, cache=args.cache, skip_bad=args.skip_bad,
                                   cache_size=args.cache_size, dicom_scaling=scaling,
@@ -728,7 +725,6 @@ def fit(args: argparse.Namespace, out: Path, folder: RunFolder, dist_info: DistI
 
     # Data first: a bad split file or image fails here, before anything is written.
     seed_everything(args.seed)
-    norm_mean, norm_std = datasets.NORM_STATS[args.norm]
     batch_transform = None
     if args.device_aug:
         from datasets.device_aug import DeviceAugment, build_uint8_transform
@@ -779,7 +775,8 @@ def fit(args: argparse.Namespace, out: Path, folder: RunFolder, dist_info: DistI
     val_loader = build_loader(val_set, dist_info, train=False, batch_size=args.eval_batch_size,
                               **loader_kw)
 
-    model, lora_cfg = build_model(args, len(class_names))
+    config = model_config_from_args(args, class_names)
+    model = build_model(args, config)
     model.to(device)
     if args.backbone_dtype != "fp32":
         lora.cast_frozen_(model, {"bf16": torch.bfloat16, "fp16": torch.float16}[args.backbone_dtype])
@@ -788,13 +785,6 @@ def fit(args: argparse.Namespace, out: Path, folder: RunFolder, dist_info: DistI
     optimizer = build_optimizer(model, args.optimizer, args.lr, args.weight_decay, args.layer_decay)
     use_scaler = amp_dtype == torch.float16 and device.type == "cuda"
     scaler = torch.amp.GradScaler(device.type) if use_scaler else None
-    pretrained = str(Path(args.finetune).resolve()) if args.finetune else None
-    config = ckpt.model_config(
-        model=args.arch, method=args.method, class_names=class_names, img_size=args.input_size,
-        global_pool=args.global_pool, norm=args.norm, mean=norm_mean, std=norm_std,
-        pretrained=pretrained, pretrained_sha256=ckpt.file_sha256(pretrained) if pretrained else None,
-        lora_cfg=lora_cfg, drop_path_rate=args.drop_path, eval_recipe=args.recipe,
-        dataset=args.dataset, model_kwargs=args.model_kwargs)
     settings = run_settings(args, eff_batch, amp_dtype)
 
     start_epoch, best, best_epoch, history = args.start_epoch, -math.inf, None, []
@@ -828,7 +818,7 @@ def fit(args: argparse.Namespace, out: Path, folder: RunFolder, dist_info: DistI
                     "git_commit": git_commit(), "torch": torch.__version__,
                     "timm": timm.__version__, "python": platform.python_version(),
                     "world_size": dist_info.world_size, "trainable": param_line,
-                    "lora_scaling": (args.lora_alpha / args.lora_rank) if lora_cfg else None,
+                    "lora_scaling": config.lora.scaling if config.lora else None,
                     "precision": settings["precision"], "global_batch": eff_batch, "lr": args.lr,
                     "preset_source": settings["preset_source"],
                     "val_undefined_classes": val_undefined, "notes": args.notes,
@@ -850,7 +840,7 @@ def fit(args: argparse.Namespace, out: Path, folder: RunFolder, dist_info: DistI
                            "crops and resizes differ from the paper's pipeline on the original "
                            "files (recorded in config.json as data_cache)", "/".join(lossy),
                            args.cache_used[lossy[0]].get("size"))
-        scaling = f", LoRA scaling alpha/r = {args.lora_alpha / args.lora_rank:g}" if lora_cfg else ""
+        scaling = f", LoRA scaling alpha/r = {config.lora.scaling:g}" if config.lora else ""
         print(param_line + scaling)
         logger.info("run folder %s; %d train / %d val / %d test images; global batch %d; lr %.3g; "
                     "precision %s; device %s", out, len(train_set), len(val_set), len(test_set),
@@ -952,7 +942,7 @@ RESUME_ARGS_MUST_MATCH = ("dataset", "data_size", "optimizer", "recipe", "lr", "
 
 
 def resume_training(path: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                    scaler, config: dict, args: argparse.Namespace | None = None,
+                    scaler, config: mv.ModelConfig, args: argparse.Namespace | None = None,
                     ) -> tuple[int, float, int | None, list[dict]]:
     """Restore trained tensors, optimizer, scaler and counters after checking that the
     checkpoint is one committed epoch of this same run.
@@ -976,7 +966,7 @@ def resume_training(path: str, model: torch.nn.Module, optimizer: torch.optim.Op
         raise ArgumentError(f"--resume {path}: no resume state ({state_path.name}); only "
                             "checkpoint-last can be resumed")
     state = ckpt.load_resume_state(state_path)
-    epochs = {state_path.name: state.get("epoch"), config_path.name: saved.get("epoch")}
+    epochs = {state_path.name: state.get("epoch"), config_path.name: saved.extras.get("epoch")}
     if record is not None:
         epochs["commit.json"] = record["epoch"]
     if len(set(epochs.values())) != 1:
@@ -993,7 +983,7 @@ def resume_training(path: str, model: torch.nn.Module, optimizer: torch.optim.Op
         if "epochs" in old_args and old_args["epochs"] != args.epochs:
             logger.warning("--resume: --epochs changed from %s to %s: the lr schedule follows the "
                            "new length from here on", old_args["epochs"], args.epochs)
-    ckpt.load_trained_tensors(model, tensors_path, all_tensors=bool(saved.get("backbone_in_file")))
+    ckpt.load_trained_tensors(model, tensors_path, all_tensors=bool(saved.backbone_in_file))
     optimizer.load_state_dict(state["optimizer"])
     if scaler is not None and state.get("scaler"):
         scaler.load_state_dict(state["scaler"])

@@ -1,4 +1,5 @@
-"""ViT builders over timm's VisionTransformer, LoRA variants, and pre-trained weight loading.
+"""ViT builders over timm's VisionTransformer, LoRA variants, pre-trained weight loading, and
+the one model assembly (``ModelConfig`` -> ``build_model``).
 
 The model is timm's own ``VisionTransformer``: ``global_pool='avg'`` already gives the
 MAE fine-tuning head (mean of the patch tokens, then ``fc_norm``, then ``head``), and
@@ -7,11 +8,12 @@ timm's Attention uses the fused scaled-dot-product kernel.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import math
 import pickle
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from functools import partial
 from pathlib import Path
 from typing import Any, Callable
@@ -71,11 +73,8 @@ def reset_head(model: VisionTransformer) -> None:
 def _with_lora(builder: Callable[..., VisionTransformer]) -> Callable[..., VisionTransformer]:
     def build(*, lora_rank: int = 4, lora_alpha: float = 32.0, lora_dropout: float = 0.1,
               lora_pos: str = "attn", **kwargs: Any) -> VisionTransformer:
-        model = builder(**kwargs)
-        lora.inject_lora(model, rank=lora_rank, alpha=lora_alpha, dropout=lora_dropout,
-                         pos=lora_pos)
-        lora.mark_only_lora_as_trainable(model)
-        return model
+        spec = LoRASpec(rank=lora_rank, alpha=lora_alpha, dropout=lora_dropout, pos=lora_pos)
+        return _adapt(builder(**kwargs), spec, "lora")
 
     build.__name__ = builder.__name__ + "_lora"
     build.__doc__ = (f"{builder.__name__} with LoRA adapters (lora_rank, lora_alpha, "
@@ -526,3 +525,171 @@ def load_pretrained(model: nn.Module, path: str | Path, allow_unsafe_pickle: boo
                     _first(report.unexpected))
     logger.info(report.summary())
     return report
+
+
+# ---------------------------------------------------------------------------------------
+# The model's config and its one assembly
+# ---------------------------------------------------------------------------------------
+
+# Version of the config JSON kept beside every trained checkpoint (``checkpoints.py``).
+CONFIG_FORMAT = "cxr-lora-checkpoint/1"
+METHODS = ("lora", "full", "linear")
+
+
+class ModelConfigError(ValueError):
+    """A model config that names no buildable model."""
+
+
+@dataclass(frozen=True)
+class LoRASpec:
+    """Where and how large the LoRA adapters are (``lora.inject_lora``'s arguments)."""
+
+    rank: int
+    alpha: float
+    dropout: float = 0.0
+    pos: str = "attn"
+
+    @property
+    def scaling(self) -> float:
+        """alpha / r: the factor of the low-rank update (changes with r at fixed alpha)."""
+        return self.alpha / self.rank
+
+    def to_json(self) -> dict[str, Any]:
+        """Plain data for the checkpoint JSON."""
+        return {"rank": self.rank, "alpha": self.alpha, "dropout": self.dropout, "pos": self.pos}
+
+    @classmethod
+    def from_json(cls, obj: dict[str, Any]) -> "LoRASpec":
+        """From the checkpoint JSON (older files may lack dropout)."""
+        return cls(rank=obj["rank"], alpha=obj["alpha"], dropout=obj.get("dropout", 0.0),
+                   pos=obj.get("pos", "attn"))
+
+
+@dataclass
+class ModelConfig:
+    """All that rebuilds a trained model and feeds it: architecture, adapters, classes,
+    input size and normalisation, the pre-trained file. Kept as JSON beside every checkpoint
+    (``CONFIG_FORMAT``); keys this version does not know (``epoch``, ``run``, ...) are kept
+    in ``extras`` and written back unchanged.
+
+    Read-only access by JSON key (``config["img_size"]``, ``config.get("epoch")``) serves
+    code that handles checkpoint and merged-export configs alike.
+    """
+
+    model: str
+    method: str
+    class_names: list[str]
+    img_size: int
+    global_pool: bool
+    norm: str
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    pretrained: str | None = None
+    pretrained_sha256: str | None = None
+    lora: LoRASpec | None = None
+    drop_path_rate: float = 0.0
+    eval_recipe: str = "sgd"
+    dataset: str | None = None
+    # Architecture overrides for the builder (e.g. {"depth": 2} in tests).
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
+    # Whether the tensors file holds the backbone too (set when a checkpoint is saved).
+    backbone_in_file: bool | None = None
+    # The DICOM intensity rule of the training data: predictions decode DICOMs the same way.
+    dicom_scaling: str | None = None
+    extras: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+        if self.model not in ARCHS:
+            raise ValueError(f"unknown model {self.model!r}; choose from {sorted(ARCHS)}")
+        if isinstance(self.lora, dict):
+            self.lora = LoRASpec.from_json(self.lora)
+        self.class_names = list(self.class_names)
+        self.mean, self.std = tuple(map(float, self.mean)), tuple(map(float, self.std))
+
+    @property
+    def num_classes(self) -> int:
+        """One output per class name."""
+        return len(self.class_names)
+
+    def to_json(self) -> dict[str, Any]:
+        """The checkpoint JSON (same keys and order as every version of this format)."""
+        obj = {
+            "format": CONFIG_FORMAT, "model": self.model, "method": self.method,
+            "num_classes": self.num_classes, "class_names": list(self.class_names),
+            "img_size": int(self.img_size), "global_pool": bool(self.global_pool),
+            "drop_path_rate": float(self.drop_path_rate), "model_kwargs": dict(self.model_kwargs),
+            "lora": self.lora.to_json() if self.lora else None, "norm": self.norm,
+            "mean": list(self.mean), "std": list(self.std), "eval_recipe": self.eval_recipe,
+            "pretrained": self.pretrained, "pretrained_sha256": self.pretrained_sha256,
+            "dataset": self.dataset,
+        }
+        if self.backbone_in_file is not None:
+            obj["backbone_in_file"] = self.backbone_in_file
+        obj.update(self.extras)
+        if self.dicom_scaling is not None:
+            obj["dicom_scaling"] = self.dicom_scaling
+        return obj
+
+    @classmethod
+    def from_json(cls, obj: dict[str, Any]) -> "ModelConfig":
+        """From a checkpoint JSON whose fields have been checked (``checkpoints.read_config``)."""
+        known = {f.name for f in fields(cls)} - {"extras"}
+        values = {k: v for k, v in obj.items() if k in known}
+        extras = {k: v for k, v in obj.items() if k not in known and k not in ("format", "num_classes")}
+        values.setdefault("model_kwargs", {})
+        for key in ("drop_path_rate", "eval_recipe"):  # older files: the defaults of their day
+            if values.get(key) is None:
+                values.pop(key, None)
+        return cls(**values, extras=extras)
+
+    def replace(self, **changes: Any) -> "ModelConfig":
+        """A copy with some fields changed."""
+        return dataclasses.replace(self, **changes)
+
+    # Read-only access by JSON key, as for a merged export's config dict.
+    def __getitem__(self, key: str) -> Any:
+        return self.to_json()[key]
+
+    def __contains__(self, key: object) -> bool:
+        return key in self.to_json()
+
+    def get(self, key: str, default: Any = None) -> Any:
+        """The JSON value of ``key``, or ``default``."""
+        return self.to_json().get(key, default)
+
+    def keys(self) -> list[str]:
+        """The JSON keys (so that ``{**config, "key": value}`` gives the JSON dict, changed)."""
+        return list(self.to_json())
+
+
+def _adapt(model: VisionTransformer, spec: LoRASpec | None, method: str) -> VisionTransformer:
+    """Inject the adapters (if any), then set the trained set: LoRA + fc_norm + head, or all."""
+    if spec is not None:
+        lora.inject_lora(model, rank=spec.rank, alpha=spec.alpha, dropout=spec.dropout,
+                         pos=spec.pos)
+    if method == "full":
+        model.requires_grad_(True)
+    else:
+        lora.mark_trainable(model)  # linear probe: no adapters, only fc_norm + head
+    return model
+
+
+def build_model(config: ModelConfig, pretrained: str | Path | None = None, *,
+                allow_unsafe_pickle: bool = False) -> VisionTransformer:
+    """The one model assembly: plain timm ViT -> pre-trained weights (checked) -> LoRA -> freeze.
+
+    Used by training, reloading a checkpoint, prediction, export and the benchmarks.
+    Without ``pretrained`` the backbone stays random (demo, or tensors loaded afterwards).
+    """
+    try:
+        model = MODELS[config.model](num_classes=config.num_classes, img_size=config.img_size,
+                                     global_pool=config.global_pool,
+                                     drop_path_rate=config.drop_path_rate, **config.model_kwargs)
+    except (TypeError, ValueError, AssertionError) as err:
+        raise ModelConfigError(f"{config.model} cannot be built with img_size {config.img_size} "
+                               f"and model_kwargs {config.model_kwargs} ({err})") from None
+    if pretrained is not None:
+        load_pretrained(model, pretrained, allow_unsafe_pickle=allow_unsafe_pickle)
+    return _adapt(model, config.lora, config.method)

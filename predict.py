@@ -37,8 +37,8 @@ import torch.nn as nn
 from torch.utils.data import DataLoader, Dataset
 
 import lora
-from engine_finetune import AMP_CHOICES
-from engine_finetune import resolve_amp as engine_resolve_amp
+from util.precision import AMP_CHOICES, autocast
+from util.precision import resolve_amp as precision_resolve_amp
 
 logger = logging.getLogger("predict")
 
@@ -177,7 +177,7 @@ def eval_transform(config: dict[str, Any]) -> Callable[[Any], torch.Tensor]:
         logger.warning("checkpoint mean %s differs from the statistics of norm %r %s; using the "
                        "latter", mean, norm, NORM_STATS[norm][0])
     try:
-        return build_transform(is_train=False, recipe=config.get("eval_recipe", "sgd"),
+        return build_transform(is_train=False, recipe=config["eval_recipe"],
                                input_size=int(config["img_size"]), norm=norm)
     except ValueError as err:
         raise UsageError(f"checkpoint config: {err}") from None
@@ -193,7 +193,7 @@ def dicom_scaling(config: dict[str, Any]) -> str:
 def resolve_amp(amp: str, device: torch.device) -> torch.dtype | None:
     """Autocast dtype for ``--amp`` on ``device`` (the trainer's rule); None means fp32."""
     try:
-        return engine_resolve_amp(amp, device)
+        return precision_resolve_amp(amp, device)
     except ValueError as err:
         raise UsageError(str(err)) from None
 
@@ -274,8 +274,7 @@ def predict_images(
             failures.update(failed)
             if images is not None:
                 images = images.to(device, non_blocking=True)
-                with torch.autocast(device_type=device.type, dtype=dtype or torch.float32,
-                                    enabled=dtype is not None):
+                with autocast(device, dtype):
                     logits = model(images)
                 logits = logits.float().cpu()
                 finite = torch.isfinite(logits).all(dim=1)
@@ -491,7 +490,7 @@ def run(args: argparse.Namespace) -> int:
                 model, [images[i].file for i in good], [images[i].name for i in good], k,
                 class_names[k], out_dir, transform,
                 partial(load_image, dicom_scaling=dicom_scaling(config)), int(config["img_size"]),
-                config.get("eval_recipe", "sgd"), batch_size=args.batch_size, amp_dtype=dtype)
+                config["eval_recipe"], batch_size=args.batch_size, amp_dtype=dtype)
             heatmaps += len(written)
         logger.info("wrote %d heatmaps to %s", heatmaps, out_dir)
 

@@ -45,15 +45,15 @@ for _path in (ROOT, ROOT / "bench"):
         sys.path.insert(0, str(_path))
 
 import datasets  # noqa: E402
-import lora  # noqa: E402
 import models_vit_lora as mv  # noqa: E402
 from datasets.imageio import decode_dicom  # noqa: E402
 from datasets.loader import build_loader  # noqa: E402
 from datasets.synthetic import demo_as_rsna_dicoms  # noqa: E402
-from engine_finetune import resolve_amp, train_one_epoch  # noqa: E402
+from engine_finetune import train_one_epoch  # noqa: E402
 from paper_style import paper_autocast, to_paper_style  # noqa: E402
 from util.misc import DistInfo  # noqa: E402
 from util.io import write_json  # noqa: E402
+from util.precision import resolve_amp  # noqa: E402
 from util.presets import DEMO_DEFAULTS  # noqa: E402
 
 DATA_BOUND_FRACTION = 0.10
@@ -109,14 +109,16 @@ def demo_model(arch: str, num_classes: int, img_size: int, rank: int,
                device: torch.device, paper: bool = False, depth: int | None = None) -> torch.nn.Module:
     """The LoRA model (random backbone, as the demo run without --finetune); ``paper``: the paper-style one."""
     torch.manual_seed(0)
-    extra = {"depth": depth} if depth else {}
-    model = mv.MODELS[arch](num_classes=num_classes, img_size=img_size,
-                            drop_path_rate=DEMO_DEFAULTS["drop_path"], **extra)
+    spec = mv.LoRASpec(rank=rank, alpha=32.0, dropout=DEMO_DEFAULTS["lora_dropout"], pos="attn")
+    mean, std = datasets.NORM_STATS[DEMO_DEFAULTS["norm"]]
+    config = mv.ModelConfig(
+        model=arch, method="full" if paper else "lora",
+        class_names=[f"class{k}" for k in range(num_classes)], img_size=img_size, global_pool=True,
+        norm=DEMO_DEFAULTS["norm"], mean=mean, std=std, lora=None if paper else spec,
+        drop_path_rate=DEMO_DEFAULTS["drop_path"], model_kwargs={"depth": depth} if depth else {})
+    model = mv.build_model(config)
     if paper:
-        to_paper_style(model, rank=rank, alpha=32.0, dropout=DEMO_DEFAULTS["lora_dropout"])
-    else:
-        lora.inject_lora(model, rank=rank, alpha=32.0, dropout=DEMO_DEFAULTS["lora_dropout"], pos="attn")
-        lora.mark_only_lora_as_trainable(model)
+        to_paper_style(model, rank=rank, alpha=spec.alpha, dropout=spec.dropout)
     return model.to(device)
 
 

@@ -68,9 +68,9 @@ for _p in (str(BENCH), str(ROOT)):
 
 import lora  # noqa: E402
 import models_vit_lora as mv  # noqa: E402
-from engine_finetune import autocast, cpu_has_fast_bf16  # noqa: E402
 from paper_style import paper_autocast, to_paper_style  # noqa: E402
 from util.io import write_json  # noqa: E402
+from util.precision import autocast, cpu_has_fast_bf16  # noqa: E402
 
 NUM_CLASSES = 14
 PRECISIONS: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16}
@@ -137,10 +137,15 @@ def build(impl: str, arch: str, img_size: int, rank: int, alpha: float, dropout:
           device: torch.device) -> nn.Module:
     """One implementation's training model on ``device``, trainable parameters set."""
     torch.manual_seed(0)  # the same backbone weights for every implementation
-    model = mv.MODELS[arch](num_classes=NUM_CLASSES, img_size=img_size, drop_path_rate=0.0)
-    if impl in ("ours", "ours_bf16w", "ours_gc", "ours_compile"):
-        lora.inject_lora(model, rank=rank, alpha=alpha, dropout=dropout, pos="attn")
-        lora.mark_only_lora_as_trainable(model)
+    ours = impl in ("ours", "ours_bf16w", "ours_gc", "ours_compile")
+    # Peers start from the plain model (every tensor trainable) and set their own trained set.
+    config = mv.ModelConfig(
+        model=arch, method="lora" if ours else "full",
+        class_names=[f"class{k}" for k in range(NUM_CLASSES)], img_size=img_size, global_pool=True,
+        norm="mrm", mean=(0.5,) * 3, std=(0.25,) * 3,
+        lora=mv.LoRASpec(rank=rank, alpha=alpha, dropout=dropout, pos="attn") if ours else None)
+    model = mv.build_model(config)
+    if ours:
         if impl == "ours_gc":
             model.set_grad_checkpointing(True)  # recompute block activations in backward
     elif impl == "peft":

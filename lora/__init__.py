@@ -3,7 +3,7 @@
     model = vit_base_patch16(num_classes=14)      # plain timm ViT
     load_pretrained(model, "MRM.pth")             # weights first
     inject_lora(model, rank=4, pos="attn")        # then adapters (q, v of qkv)
-    mark_only_lora_as_trainable(model)            # LoRA + fc_norm + head
+    mark_trainable(model)                         # LoRA + fc_norm + head
 """
 from .layers import LoRALinear
 from .model import (
@@ -16,17 +16,19 @@ from .model import (
     lora_layers,
     lora_state_dict,
     mark_only_lora_as_trainable,
+    mark_trainable,
     merge,
     merged_state_dict,
     parse_lora_pos,
     print_trainable_parameters,
     trainable_report,
+    trainable_state_dict,
     unmerge,
 )
 
 __all__ = [
     "HEAD_MODULES", "POSITIONS", "LoRALinear", "canonical_name", "cast_frozen_", "count_parameters",
-    "inject_lora", "lora_layers", "lora_state_dict", "mark_only_lora_as_trainable", "merge",
-    "merged_state_dict", "parse_lora_pos", "print_trainable_parameters", "trainable_report",
-    "unmerge",
+    "inject_lora", "lora_layers", "lora_state_dict", "mark_only_lora_as_trainable", "mark_trainable",
+    "merge", "merged_state_dict", "parse_lora_pos", "print_trainable_parameters", "trainable_report",
+    "trainable_state_dict", "unmerge",
 ]

@@ -78,9 +78,9 @@ def lora_layers(model: nn.Module) -> Iterable[tuple[str, LoRALinear]]:
     return ((n, m) for n, m in model.named_modules() if isinstance(m, LoRALinear))
 
 
-def mark_only_lora_as_trainable(model: nn.Module,
-                                extra_modules: Iterable[str] = HEAD_MODULES) -> None:
-    """Freeze everything except the LoRA tensors and the named top-level modules."""
+def mark_trainable(model: nn.Module, extra_modules: Iterable[str] = HEAD_MODULES) -> None:
+    """Freeze everything except the LoRA tensors and the named top-level modules (by
+    default the classifier, fc_norm + head; with no adapters this is the linear probe)."""
     model.requires_grad_(False)
     for _, layer in lora_layers(model):
         layer.lora_A.requires_grad_(True)
@@ -91,9 +91,18 @@ def mark_only_lora_as_trainable(model: nn.Module,
             module.requires_grad_(True)
 
 
-def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The trainable tensors only (LoRA, fc_norm, head): what an adapter file holds."""
+# The loralib name; it freezes to LoRA *and* the classifier, as ``mark_trainable`` says.
+mark_only_lora_as_trainable = mark_trainable
+
+
+def trainable_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every trainable tensor (LoRA, fc_norm, head after ``mark_trainable``): what an adapter
+    file holds."""
     return {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+
+
+# The loralib name; it returns every trainable tensor, not only LoRA's.
+lora_state_dict = trainable_state_dict
 
 
 def merge(model: nn.Module) -> int:

@@ -22,6 +22,8 @@ import torch
 import torch.nn as nn
 from PIL import Image, ImageDraw, ImageFont
 
+from util.precision import autocast
+
 logger = logging.getLogger(__name__)
 
 
@@ -67,8 +69,7 @@ def grad_cam(
         # Predictions run under inference_mode; gradients must be back on here.
         with torch.inference_mode(False), torch.enable_grad():
             x = images.to(device).clone().requires_grad_(True)
-            with torch.autocast(device_type=device.type, dtype=amp_dtype or torch.float32,
-                                enabled=amp_dtype is not None):
+            with autocast(device, amp_dtype):
                 logits = model(x)
             acts = captured[-1]
             score = logits[:, class_index].float().sum()
