@@ -11,7 +11,6 @@ keyword arguments for the model builder, the data sets and the engine.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import logging
 import math
@@ -455,16 +454,10 @@ def build_model(args: argparse.Namespace, config: mv.ModelConfig) -> torch.nn.Mo
 def write_predictions(path: Path, dataset, indices: np.ndarray, probs: np.ndarray,
                       targets: np.ndarray) -> None:
     """Per-image predictions: path, one probability per class, then the labels."""
-    names = list(dataset.class_names)
+    from util.reports import write_predictions_csv
 
-    def write(tmp: str) -> None:
-        with open(tmp, "w", newline="") as f:
-            w = csv.writer(f)
-            w.writerow(["path", *names, *(f"label_{n}" for n in names)])
-            for i, p, t in zip(indices, probs, targets):
-                w.writerow([dataset.paths[i], *(f"{v:.8f}" for v in p), *(int(v) for v in t)])
-
-    ckpt.atomic_write(path, write)
+    write_predictions_csv(path, [dataset.paths[i] for i in indices], probs,
+                          list(dataset.class_names), labels=targets)
 
 
 def nan_to_none(d: dict[str, float]) -> dict[str, float | None]:

@@ -220,13 +220,12 @@ class ImageFiles(Dataset):
         return len(self.files)
 
     def __getitem__(self, index: int) -> tuple[int, torch.Tensor | None, str]:
-        from datasets import load_image, to_rgb
+        from datasets import load_image
+        from datasets.transforms import apply_transform
 
         try:
             img = load_image(self.files[index], dicom_scaling=self.dicom_scaling)
-            if not getattr(self.transform, "grey_input", False):
-                img = to_rgb(img)
-            return index, self.transform(img), ""
+            return index, apply_transform(self.transform, img), ""
         except Exception as err:  # one bad file must not stop the batch: report it instead
             return index, None, f"{type(err).__name__}: {err}"
 
@@ -321,10 +320,6 @@ def parse_threshold(value: str | None, class_names: Sequence[str]) -> np.ndarray
     return values
 
 
-def _fmt(p: float) -> str:
-    return "" if math.isnan(p) else f"{p:.8f}"
-
-
 def write_predictions(
     path: str | Path,
     names: Sequence[str],
@@ -333,25 +328,9 @@ def write_predictions(
     thresholds: np.ndarray | None = None,
 ) -> Path:
     """Write the CSV: path, a probability per class, then ``pred_<class>`` if thresholds are given."""
-    from util.reports import atomic_write
+    from util.reports import write_predictions_csv
 
-    header = ["path", *class_names]
-    if thresholds is not None:
-        header += [f"pred_{c}" for c in class_names]
-
-    def write(tmp: str) -> None:
-        with open(tmp, "w", newline="") as f:
-            writer = csv.writer(f)
-            writer.writerow(header)
-            for name, row in zip(names, probs):
-                cells = [name, *(_fmt(float(p)) for p in row)]
-                if thresholds is not None:
-                    cells += [str(int(p >= t)) for p, t in zip(row, thresholds)]
-                writer.writerow(cells)
-
-    path = Path(path)
-    atomic_write(path, write)
-    return path
+    return write_predictions_csv(path, names, probs, class_names, thresholds=thresholds)
 
 
 def failures_path(output: str | Path) -> Path:

@@ -27,7 +27,7 @@ from .splits import (
     resolve_data_path,
     resolve_image_paths,
 )
-from .transforms import GreyToRGB, to_float_tensor, to_rgb
+from .transforms import GreyToRGB, apply_transform, to_float_tensor
 
 logger = logging.getLogger(__name__)
 
@@ -228,10 +228,8 @@ class ChestXrayDataset(Dataset):
             img = self.load_image(index)
             if self.transform is None:
                 image = to_float_tensor(img)
-            elif getattr(self.transform, "grey_input", False):
-                image = self.transform(img)
             else:
-                image = self.transform(to_rgb(img))
+                image = apply_transform(self.transform, img)
         target = torch.from_numpy(self.targets[index].astype(np.float32))
         return image, target
 

@@ -28,6 +28,7 @@ import numpy as np
 import pandas as pd
 
 from .constants import CLASS_NAMES
+from .splits import SUBSETS, nested_subsets, write_split_file  # noqa: F401  (re-exported)
 
 logger = logging.getLogger(__name__)
 
@@ -39,7 +40,6 @@ CHEXPERT_UNCERTAIN_TO: dict[str, int] = {
     "Edema": 1,
     "Pleural Effusion": 1,
 }
-SUBSETS: dict[str, float] = {"train_10.txt": 0.10, "train_1.txt": 0.01}
 NIH_NO_FINDING = "No Finding"
 
 
@@ -68,24 +68,6 @@ def split_by_patient(
             pos += 1
     groups = group_of_patient[inverse]
     return {g: np.flatnonzero(groups == g) for g in ("train", *fractions)}
-
-
-def nested_subsets(n: int, rng: np.random.Generator, min_size: int = 1) -> dict[str, np.ndarray]:
-    """Row indices of train_10 and train_1: nested random subsets of n training rows."""
-    perm = rng.permutation(n)
-    out = {}
-    for name, frac in SUBSETS.items():
-        size = min(n, max(min_size, round(frac * n)))
-        out[name] = np.sort(perm[:size])
-    return out
-
-
-def write_split_file(path: Path, paths: list[str], labels: np.ndarray, trailing_space: bool = False) -> None:
-    """Write `path labels...` lines, sorted by path (RSNA's files end each line with a space)."""
-    end = " \n" if trailing_space else "\n"
-    order = sorted(range(len(paths)), key=lambda i: paths[i])
-    text = "".join(f"{paths[i]} {' '.join(str(int(v)) for v in labels[i])}{end}" for i in order)
-    path.write_text(text)
 
 
 def _read_csv(path: Path) -> pd.DataFrame:

@@ -300,3 +300,29 @@ def resolve_image_paths(data_path: str | Path, rel_paths: list[str], kind: str) 
     """`resolve_image_path` for many entries, as strings (pathlib is slow over 78k paths)."""
     root = str(image_root(data_path, kind))
     return [os.path.join(root, p) for p in rel_paths]
+
+
+# ---------------------------------------------------------------------------------------
+# Writing split files
+# ---------------------------------------------------------------------------------------
+
+# The paper's label fractions: train_10 and train_1 are nested random subsets of train_list.
+SUBSETS: dict[str, float] = {"train_10.txt": 0.10, "train_1.txt": 0.01}
+
+
+def nested_subsets(n: int, rng: np.random.Generator, min_size: int = 1) -> dict[str, np.ndarray]:
+    """Row indices of train_10 and train_1: nested random subsets of n training rows."""
+    perm = rng.permutation(n)
+    out = {}
+    for name, frac in SUBSETS.items():
+        size = min(n, max(min_size, round(frac * n)))
+        out[name] = np.sort(perm[:size])
+    return out
+
+
+def write_split_file(path: Path, paths: list[str], labels: np.ndarray, trailing_space: bool = False) -> None:
+    """Write `path labels...` lines, sorted by path (RSNA's files end each line with a space)."""
+    end = " \n" if trailing_space else "\n"
+    order = sorted(range(len(paths)), key=lambda i: paths[i])
+    text = "".join(f"{paths[i]} {' '.join(str(int(v)) for v in labels[i])}{end}" for i in order)
+    path.write_text(text)

@@ -26,6 +26,7 @@ import numpy as np
 from PIL import Image
 
 from .constants import CLASS_NAMES
+from .splits import nested_subsets, write_split_file
 
 logger = logging.getLogger(__name__)
 
@@ -126,12 +127,6 @@ def make_demo_image(labels: np.ndarray, image_size: int, rng: np.random.Generato
     return np.clip(np.rint(img * 255), 0, 255).astype(np.uint8)
 
 
-def _write_split(path: Path, names: list[str], labels: np.ndarray) -> None:
-    """Write a split file in the paper's format."""
-    lines = [f"{n} {' '.join(str(int(v)) for v in row)}\n" for n, row in zip(names, labels)]
-    path.write_text("".join(lines))
-
-
 def _write_demo_image(job: tuple[Path, np.ndarray, int, int, int, int]) -> None:
     """Worker: draw and save one demo image from its own generator (seed, index)."""
     path, row, image_size, seed, index, compress_level = job
@@ -186,19 +181,14 @@ def make_demo_dataset(
     test_p, val_p = set(order[:n_eval]), set(order[n_eval:2 * n_eval])
     split_of = np.array(["test" if p in test_p else "val" if p in val_p else "train" for p in patients])
     idx = {s: np.flatnonzero(split_of == s) for s in ("train", "val", "test")}
-    train = rng.permutation(idx["train"])
-    n_train = len(train)
-    n10 = min(n_train, max(MIN_SUBSET, round(0.10 * n_train)))
-    n1 = min(n10, max(MIN_SUBSET, round(0.01 * n_train)))
-    files = {
-        "train_list.txt": np.sort(train),
-        "train_10.txt": np.sort(train[:n10]),
-        "train_1.txt": np.sort(train[:n1]),
-        "val_list.txt": idx["val"],
-        "test_list.txt": idx["test"],
-    }
+    n_train = len(idx["train"])
+    subsets = nested_subsets(n_train, rng, MIN_SUBSET)
+    files = {"train_list.txt": idx["train"],
+             **{name: idx["train"][rows] for name, rows in subsets.items()},
+             "val_list.txt": idx["val"], "test_list.txt": idx["test"]}
+    n10, n1 = len(files["train_10.txt"]), len(files["train_1.txt"])
     for fname, rows in files.items():
-        _write_split(root / fname, [names[i] for i in rows], labels[rows])
+        write_split_file(root / fname, [names[i] for i in rows], labels[rows])
     logger.info("demo data set: %d images of %d px in %s (train %d / 10%% %d / 1%% %d, val %d, test %d)",
                 num_images, image_size, root, n_train, n10, n1, len(idx["val"]), len(idx["test"]))
     return root

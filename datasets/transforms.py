@@ -141,6 +141,18 @@ def rand_augment_fill_mean(mean: tuple[float, ...], aug_fill: str) -> tuple[floa
     return (mean[0],) if aug_fill == "paper" else (mean[0],) * 3
 
 
+def eval_resize(input_size: int, recipe: str) -> int:
+    """Shorter side after the evaluation resize (then a centre crop of ``input_size``): the
+    sgd recipe resizes to the crop, the adamw recipe to crop / 0.875 as timm's eval."""
+    return input_size if recipe == "sgd" else int(input_size / ADAMW_EVAL_CROP_PCT)
+
+
+def apply_transform(transform: Callable, img: Image.Image) -> torch.Tensor:
+    """Run ``transform`` on a decoded grey image: transforms made here take it as it is
+    (``grey_input``), any other transform receives the 3-channel image it expects."""
+    return transform(img if getattr(transform, "grey_input", False) else to_rgb(img))
+
+
 def build_transform(
     is_train: bool,
     recipe: str = "sgd",
@@ -179,7 +191,7 @@ def build_transform(
     bicubic = InterpolationMode.BICUBIC
 
     if not is_train:
-        resize = input_size if recipe == "sgd" else int(input_size / ADAMW_EVAL_CROP_PCT)
+        resize = eval_resize(input_size, recipe)
         return XrayTransform([T.Resize(resize, interpolation=bicubic), T.CenterCrop(input_size), *tail])
 
     if recipe == "sgd":

@@ -142,3 +142,15 @@ def test_geometric_ops_fill(aug_fill, grey, op_name):
 def test_aug_fill_is_checked():
     with pytest.raises(ValueError, match="aug_fill='black'"):
         build_transform(True, "adamw", 32, aug_fill="black")
+
+
+def test_one_eval_resize_rule_and_grey_dispatch():
+    from datasets.transforms import apply_transform, eval_resize
+    from util.heatmap import eval_resize as heatmap_eval_resize
+
+    assert [eval_resize(224, r) for r in ("sgd", "adamw")] == [224, 256]
+    assert heatmap_eval_resize(224, "adamw") == 256
+    grey = Image.fromarray(np.full((8, 8), 7, np.uint8), mode="L")
+    assert apply_transform(lambda im: im.mode, grey) == "RGB"  # a foreign transform: 3 channels
+    ours = build_transform(is_train=False, recipe="sgd", input_size=8, norm="mrm")
+    assert torch.equal(apply_transform(ours, grey), ours(grey))

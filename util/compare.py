@@ -27,6 +27,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from util.io import atomic_write, write_json
+from util.reports import x100
 from util.stats import DEFAULT_RESAMPLES, paired_comparison
 
 LABEL_PREFIX = "label_"
@@ -132,10 +133,6 @@ def compare(a: Predictions, b: Predictions, resamples: int = DEFAULT_RESAMPLES,
             **result}
 
 
-def _x100(value: Any, digits: int = 1) -> str:
-    return "" if value is None else f"{100 * value:.{digits}f}"
-
-
 def _p(value: Any, resamples: int | None = None) -> str:
     """A p-value with 4 decimals; a bootstrap p at its floor 2 / (B + 1) reads '<=floor'."""
     if value is None:
@@ -150,9 +147,9 @@ def table_rows(result: dict[str, Any]) -> list[dict[str, str]]:
     rows = []
     for name, r in [*result["classes"].items(), ("mean", result["mean"])]:
         rows.append({
-            "class": name, "n_pos": str(r.get("n_pos", "")), "auroc_a": _x100(r["auroc_a"], 2),
-            "auroc_b": _x100(r["auroc_b"], 2), "diff": _x100(r["diff"], 2),
-            "ci_low": _x100(r["ci_low"], 2), "ci_high": _x100(r["ci_high"], 2),
+            "class": name, "n_pos": str(r.get("n_pos", "")), "auroc_a": x100(r["auroc_a"], 2),
+            "auroc_b": x100(r["auroc_b"], 2), "diff": x100(r["diff"], 2),
+            "ci_low": x100(r["ci_low"], 2), "ci_high": x100(r["ci_high"], 2),
             "p_bootstrap": _p(r["p_bootstrap"], result["n_resamples"]),
             "delong_z": "" if r.get("delong_z") is None else f"{r['delong_z']:.3f}",
             "delong_p": _p(r.get("delong_p")), "note": r["note"] or "",

@@ -102,11 +102,9 @@ def eval_crop_box(width: int, height: int, input_size: int, resize: int) -> tupl
 
 def eval_resize(input_size: int, recipe: str) -> int:
     """Shorter side after the eval transform's resize, for a recipe of ``datasets.build_transform``."""
-    if recipe == "sgd":
-        return input_size
-    from datasets.transforms import ADAMW_EVAL_CROP_PCT
+    from datasets.transforms import eval_resize as transform_eval_resize  # one rule, kept there
 
-    return int(input_size / ADAMW_EVAL_CROP_PCT)
+    return transform_eval_resize(input_size, recipe)
 
 
 def overlay(

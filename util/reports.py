@@ -113,12 +113,40 @@ def _palette(n: int) -> list[tuple[float, float, float, float]]:
     return [colours[i % len(colours)] for i in range(n)]
 
 
-def _fmt100(value: Any) -> str:
-    """A 0-1 metric as x100 with one decimal; '' when missing or NaN."""
+def write_predictions_csv(path: str | Path, names: Sequence[str], probs: np.ndarray,
+                          class_names: Sequence[str], labels: np.ndarray | None = None,
+                          thresholds: np.ndarray | None = None) -> Path:
+    """Per-image CSV: path, a probability per class ('' for NaN), then ``pred_<class>`` 0/1
+    columns with ``thresholds`` and ``label_<class>`` columns with ``labels``."""
+    header = ["path", *class_names]
+    if thresholds is not None:
+        header += [f"pred_{c}" for c in class_names]
+    if labels is not None:
+        header += [f"label_{c}" for c in class_names]
+
+    def write(tmp: str) -> None:
+        with open(tmp, "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(header)
+            for i, (name, row) in enumerate(zip(names, probs)):
+                cells = [name, *("" if math.isnan(p) else f"{p:.8f}" for p in map(float, row))]
+                if thresholds is not None:
+                    cells += [str(int(p >= t)) for p, t in zip(row, thresholds)]
+                if labels is not None:
+                    cells += [int(v) for v in labels[i]]
+                writer.writerow(cells)
+
+    path = Path(path)
+    atomic_write(path, write)
+    return path
+
+
+def x100(value: Any, digits: int = 1) -> str:
+    """A 0-1 metric as x100 with ``digits`` decimals; '' when missing or NaN."""
     if value is None:
         return ""
     value = float(value)
-    return "" if math.isnan(value) else f"{100 * value:.1f}"
+    return "" if math.isnan(value) else f"{100 * value:.{digits}f}"
 
 
 def _interval(low: str, high: str) -> str:
@@ -137,14 +165,14 @@ def auroc_rows(results: dict[str, Any]) -> list[dict[str, str]]:
     names = list(results.get("class_names") or auroc)
     if not names:
         raise ValueError("write_auroc_tables: results hold neither 'class_names' nor 'auroc'")
-    rows = [{"class": n, "auroc": _fmt100(auroc.get(n)), "auprc": _fmt100(auprc.get(n))}
+    rows = [{"class": n, "auroc": x100(auroc.get(n)), "auprc": x100(auprc.get(n))}
             for n in names]
     mean_auroc = results.get("mean_auroc")
     if mean_auroc is None:
         defined = [float(v) for v in auroc.values() if v is not None and not math.isnan(float(v))]
         mean_auroc = float(np.mean(defined)) if defined else None
-    rows.append({"class": "mean", "auroc": _fmt100(mean_auroc),
-                 "auprc": _fmt100(results.get("mean_auprc"))})
+    rows.append({"class": "mean", "auroc": x100(mean_auroc),
+                 "auprc": x100(results.get("mean_auprc"))})
     intervals = results.get("intervals")
     if intervals:
         per_class = intervals.get("classes") or {}
@@ -152,10 +180,10 @@ def auroc_rows(results: dict[str, Any]) -> list[dict[str, str]]:
             iv = intervals.get("mean") if row["class"] == "mean" else per_class.get(row["class"])
             iv = iv or {}
             se = iv.get("delong_se")
-            row.update(auroc_ci_low=_fmt100(iv.get("ci_low")), auroc_ci_high=_fmt100(iv.get("ci_high")),
+            row.update(auroc_ci_low=x100(iv.get("ci_low")), auroc_ci_high=x100(iv.get("ci_high")),
                        delong_se="" if se is None else f"{100 * float(se):.2f}",
-                       delong_low=_fmt100(iv.get("delong_low")),
-                       delong_high=_fmt100(iv.get("delong_high")))
+                       delong_low=x100(iv.get("delong_low")),
+                       delong_high=x100(iv.get("delong_high")))
     return rows
 
 

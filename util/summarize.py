@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from util.io import atomic_write
+from util.reports import x100
 
 logger = logging.getLogger(__name__)
 
@@ -219,14 +220,6 @@ def read_reference(path: str | Path) -> dict[tuple[str, str], tuple[float, str]]
     return table
 
 
-def _x100(value: Any) -> str:
-    """A 0-1 metric as x100 with one decimal; '' when missing or NaN."""
-    if value is None:
-        return ""
-    value = float(value)
-    return "" if math.isnan(value) else f"{100 * value:.1f}"
-
-
 def class_columns(runs: Sequence[Run]) -> list[str]:
     """Union of the runs' class names, in first-seen order."""
     names: dict[str, None] = {}
@@ -280,7 +273,7 @@ def summary_rows(runs: Sequence[Run], reference: dict[tuple[str, str], tuple[flo
             "data_size": str(r["data_size"]),
             "weights": str(r["weights"]),
             "method": METHOD_LABELS.get(r["method"], str(r["method"])),
-            "mean_auroc": _x100(r["mean_auroc"]),
+            "mean_auroc": x100(r["mean_auroc"]),
             "trainable_params": "" if trainable is None else str(int(trainable)),
             "trainable_pct": (f"{100 * trainable / total:.2f}" if trainable is not None and total
                               else ""),
@@ -290,9 +283,9 @@ def summary_rows(runs: Sequence[Run], reference: dict[tuple[str, str], tuple[flo
             "_classes": list(r.get("class_names") or r["auroc"]),
         }
         for name in classes:
-            row[name] = _x100(r["auroc"].get(name))
+            row[name] = x100(r["auroc"].get(name))
         low, high = run.mean_interval()
-        row.update(mean_auroc_ci_low=_x100(low), mean_auroc_ci_high=_x100(high),
+        row.update(mean_auroc_ci_low=x100(low), mean_auroc_ci_high=x100(high),
                    seed="" if run.seed is None else str(run.seed), setting=run.setting)
         members = [m for m in groups[group_of[id(run)]] if _defined(m.results["mean_auroc"])]
         values = [100 * float(m.results["mean_auroc"]) for m in members]
