@@ -18,6 +18,7 @@ import os
 import platform
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +45,6 @@ from util.presets import DEMO_DEFAULTS, PRESETS, preset_help, resolve_preset
 
 logger = logging.getLogger("main")
 
-ROOT = Path(__file__).resolve().parent
 # The demo's run folder is output_dir/demo-<data set kind>: the NIH and RSNA demos keep apart.
 DEMO_RUN_PREFIX = "demo-"
 # The automatic run name includes these when they differ from the paper's defaults.
@@ -403,10 +403,15 @@ def run_in_folder(out: Path) -> dict | None:
         return {}
 
 
-def check_run_folder(out: Path, args: argparse.Namespace, committed: dict | None) -> None:
-    """Refuse to write into a folder that holds another run, and say what would be right."""
+def check_run_folder(out: Path, args: argparse.Namespace, committed: dict | None, *,
+                     resume: str | None = None, overwrite: bool | None = None) -> None:
+    """Refuse to write into a folder that holds another run, and say what would be right.
+
+    ``resume`` / ``overwrite``: what --resume / --overwrite came to (default: the flags)."""
+    resume = args.resume if resume is None else resume
+    overwrite = args.overwrite if overwrite is None else overwrite
     old = run_in_folder(out)
-    if old is None or args.resume or args.overwrite:
+    if old is None or resume or overwrite:
         return
     old_args = old.get("args", {})
     same = same_settings(old_args, args)
@@ -475,15 +480,16 @@ def default_eval_name(data_path: str | Path, split_file: str | Path) -> str:
     return "-".join(parts)
 
 
-def run_settings(args: argparse.Namespace, eff_batch: int, amp_dtype: torch.dtype | None) -> dict:
+def run_settings(args: argparse.Namespace, eff_batch: int, amp_dtype: torch.dtype | None,
+                 cache_used: dict | None = None, dicom_scaling_used: str | None = None) -> dict:
     """What a trained checkpoint was trained with, beyond the model: kept in its JSON, so an
     evaluation of it reports the training run's settings, not the evaluating command's."""
     return {"dataset": args.dataset, "data_size": args.data_size, "seed": args.seed,
             "preset": args.preset, "preset_source": getattr(args, "preset_source", None),
             "optimizer": args.optimizer, "lr": args.lr, "epochs": args.epochs,
             "global_batch": eff_batch, "precision": precision_name(amp_dtype),
-            "weights": weights_name(args.finetune), "cache": getattr(args, "cache_used", None),
-            "dicom_scaling": getattr(args, "dicom_scaling_used", None)}
+            "weights": weights_name(args.finetune), "cache": cache_used,
+            "dicom_scaling": dicom_scaling_used}
 
 
 def undefined_classes(targets: np.ndarray, class_names: list[str]) -> list[str]:
@@ -676,47 +682,128 @@ def main(args: argparse.Namespace) -> dict:
         datasets.make_demo_dataset(args.data_path)
     if dist_info.distributed:
         dist.barrier()
-    args.dataset = args.dataset or datasets.infer_dataset_kind(args.data_path)
-    if args.demo and "run_name" not in args.explicit:
-        args.run_name = DEMO_RUN_PREFIX + args.dataset
+    eff_batch = args.batch_size * args.accum_iter * dist_info.world_size
+    args = with_data_defaults(args, eff_batch)
 
     if args.eval:
         return evaluate_checkpoint(args, dist_info, device, amp_dtype)
 
-    eff_batch = args.batch_size * args.accum_iter * dist_info.world_size
-    if args.lr is None:
-        args.lr = args.blr * eff_batch / 256
     out = run_folder(args, eff_batch)
     folder = RunFolder(out)
     if dist_info.is_main:
         probe_writable(out)
         folder.lock.acquire(" ".join(sys.argv))
     try:
-        return fit(args, out, folder, dist_info, device, amp_dtype, eff_batch)
+        plan = plan_run(args, out, folder, dist_info, eff_batch)
+        # Data first: a bad split file or image fails here, before anything is written.
+        data = prepare_data(args, dist_info, device)
+        setup = setup_training(args, plan, data, dist_info, device, amp_dtype)
+        return fit(args, plan, data, setup, folder, dist_info, device, amp_dtype)
     finally:
         folder.lock.release()
 
 
-def fit(args: argparse.Namespace, out: Path, folder: RunFolder, dist_info: DistInfo,
-        device: torch.device, amp_dtype: torch.dtype | None, eff_batch: int) -> dict:
-    """The training run in ``out`` (locked): data, model, resume, epochs, commits, final test."""
+def with_data_defaults(args: argparse.Namespace, eff_batch: int) -> argparse.Namespace:
+    """A copy of the flags with the defaults that need the data folder or the process count
+    filled: the data set kind, the demo's run name, lr from --blr. The caller's flags stay."""
+    args = argparse.Namespace(**vars(args))
+    args.dataset = args.dataset or datasets.infer_dataset_kind(args.data_path)
+    if args.demo and "run_name" not in args.explicit:
+        args.run_name = DEMO_RUN_PREFIX + args.dataset
+    if args.lr is None:
+        args.lr = args.blr * eff_batch / 256
+    return args
+
+
+@dataclass
+class RunPlan:
+    """Where and how this training run goes, beyond its flags: the run folder, its committed
+    epoch, and what --resume auto / --overwrite came to for that folder."""
+
+    out: Path
+    eff_batch: int
+    committed: dict | None
+    resume: str  # the checkpoint continued from; '' for a fresh start
+    overwrite: bool
+    log_dir: Path  # TensorBoard's folder
+
+
+@dataclass
+class RunData:
+    """The data sets and loaders of a training run, and what the data step found."""
+
+    train_set: datasets.ChestXrayDataset
+    val_set: datasets.ChestXrayDataset
+    test_set: datasets.ChestXrayDataset
+    train_loader: Any
+    val_loader: Any
+    batch_transform: Any
+    class_names: list[str]
+    val_undefined: list[str]
+
+    @property
+    def cache_used(self) -> dict:
+        """Which image cache each split read (recorded in config.json and the results)."""
+        return {"train": self.train_set.cache_info, "val": self.val_set.cache_info,
+                "test": self.test_set.cache_info}
+
+    @property
+    def dicom_scaling_used(self) -> str | None:
+        """The DICOM intensity rule of the training images."""
+        return self.train_set.dicom_scaling
+
+
+@dataclass
+class TrainSetup:
+    """The model, its config and optimiser state at the first epoch to run."""
+
+    config: mv.ModelConfig
+    model: torch.nn.Module
+    train_model: torch.nn.Module
+    eval_model: torch.nn.Module
+    params: list
+    param_line: str
+    optimizer: torch.optim.Optimizer
+    scaler: Any
+    start_epoch: int
+    best: float
+    best_epoch: int | None
+    history: list[dict]
+
+
+def run_args(args: argparse.Namespace, plan: RunPlan, data: RunData) -> dict:
+    """The run's arguments as recorded in config.json and the resume state (same keys as
+    ever: the resolved --resume / --overwrite and the data cache and DICOM rule used)."""
+    recorded = {k: v for k, v in vars(args).items() if k not in ("explicit", "notes")}
+    recorded.update(resume=plan.resume, overwrite=plan.overwrite, cache_used=data.cache_used,
+                    dicom_scaling_used=data.dicom_scaling_used)
+    return recorded
+
+
+def plan_run(args: argparse.Namespace, out: Path, folder: RunFolder, dist_info: DistInfo,
+             eff_batch: int) -> RunPlan:
+    """Recover the locked run folder, resolve --resume auto against it, refuse a foreign run."""
     committed = folder.recover() if dist_info.is_main else folder.read_commit()
-    if args.resume == "auto":
+    resume, overwrite = args.resume, args.overwrite
+    if resume == "auto":
         old = run_in_folder(out)
         if committed is not None or (out / "checkpoint-last.json").exists():
-            args.resume = str(out / "checkpoint-last")
+            resume = str(out / "checkpoint-last")
         elif old is not None and not same_settings(old.get("args", {}), args):
             raise ArgumentError(f"--resume auto: {out} holds another run (other settings) with no "
                                 "completed epoch: give this one another --run_name or --note")
         else:
-            args.resume = ""
-            args.overwrite = args.overwrite or old is not None
+            resume = ""
+            overwrite = overwrite or old is not None
             logger.warning("--resume auto: %s has no completed epoch to continue; starting %s",
                            out, "the run afresh there" if old is not None else "a new run")
-    check_run_folder(out, args, committed)
-    log_dir = Path(args.log_dir) if args.log_dir else out / "logs"
+    check_run_folder(out, args, committed, resume=resume, overwrite=overwrite)
+    return RunPlan(out=out, eff_batch=eff_batch, committed=committed, resume=resume,
+                   overwrite=overwrite, log_dir=Path(args.log_dir) if args.log_dir else out / "logs")
 
-    # Data first: a bad split file or image fails here, before anything is written.
+
+def prepare_data(args: argparse.Namespace, dist_info: DistInfo, device: torch.device) -> RunData:
+    """Training, validation and test sets (evaluation images' headers checked) and loaders."""
     seed_everything(args.seed)
     batch_transform = None
     if args.device_aug:
@@ -742,10 +829,7 @@ def fit(args: argparse.Namespace, out: Path, folder: RunFolder, dist_info: DistI
                                      verify_images="header", **data_kw)
     test_set = datasets.build_dataset("test", args.data_path, transform=eval_tf,
                                       verify_images="header", **data_kw)
-    args.cache_used = {"train": train_set.cache_info, "val": val_set.cache_info,
-                       "test": test_set.cache_info}
     check_split_overlap(train_set, [val_set, test_set], allow=args.allow_overlap)
-    args.dicom_scaling_used = train_set.dicom_scaling
     class_names = list(train_set.class_names)
     if args.nb_classes is not None and args.nb_classes != len(class_names):
         raise ArgumentError(f"--nb_classes {args.nb_classes} but {train_set.split_file} has "
@@ -767,8 +851,16 @@ def fit(args: argparse.Namespace, out: Path, folder: RunFolder, dist_info: DistI
                                 **loader_kw)
     val_loader = build_loader(val_set, dist_info, train=False, batch_size=args.eval_batch_size,
                               **loader_kw)
+    return RunData(train_set=train_set, val_set=val_set, test_set=test_set,
+                   train_loader=train_loader, val_loader=val_loader,
+                   batch_transform=batch_transform, class_names=class_names,
+                   val_undefined=val_undefined)
 
-    config = model_config_from_args(args, class_names)
+
+def setup_training(args: argparse.Namespace, plan: RunPlan, data: RunData, dist_info: DistInfo,
+                   device: torch.device, amp_dtype: torch.dtype | None) -> TrainSetup:
+    """Model (built, on the device), optimizer, scaler, resumed state, DDP and compiled wrappers."""
+    config = model_config_from_args(args, data.class_names)
     model = build_model(args, config)
     model.to(device)
     if args.backbone_dtype != "fp32":
@@ -778,18 +870,17 @@ def fit(args: argparse.Namespace, out: Path, folder: RunFolder, dist_info: DistI
     optimizer = build_optimizer(model, args.optimizer, args.lr, args.weight_decay, args.layer_decay)
     use_scaler = amp_dtype == torch.float16 and device.type == "cuda"
     scaler = torch.amp.GradScaler(device.type) if use_scaler else None
-    settings = run_settings(args, eff_batch, amp_dtype)
 
     start_epoch, best, best_epoch, history = args.start_epoch, -math.inf, None, []
-    if args.resume:
+    if plan.resume:
         start_epoch, best, best_epoch, history = resume_training(
-            args.resume, model, optimizer, scaler, config, args)
+            plan.resume, model, optimizer, scaler, config, args)
 
     ddp_model = model
     if dist_info.distributed:
         ddp_model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
-    total_steps = max(0, args.epochs - start_epoch) * len(train_loader) // args.accum_iter
+    total_steps = max(0, args.epochs - start_epoch) * len(data.train_loader) // args.accum_iter
     train_model, eval_model = ddp_model, model
     if decide_compile(args, device, total_steps):
         logger.info("torch.compile (%s backend) for training and evaluation (--compile %s, %d steps)",
@@ -797,17 +888,38 @@ def fit(args: argparse.Namespace, out: Path, folder: RunFolder, dist_info: DistI
         train_model = CompiledModule(ddp_model, backend=args.compile_backend, name="training")
         eval_model = CompiledModule(model, backend=args.compile_backend, name="evaluation")
 
+    return TrainSetup(config=config, model=model, train_model=train_model, eval_model=eval_model,
+                      params=params, param_line=param_line, optimizer=optimizer, scaler=scaler,
+                      start_epoch=start_epoch, best=best, best_epoch=best_epoch, history=history)
+
+
+def fit(args: argparse.Namespace, plan: RunPlan, data: RunData, setup: TrainSetup,
+        folder: RunFolder, dist_info: DistInfo, device: torch.device,
+        amp_dtype: torch.dtype | None) -> dict:
+    """The training run in ``plan.out`` (locked): epochs, commits, final test."""
+    out, eff_batch, committed = plan.out, plan.eff_batch, plan.committed
+    config, model, optimizer, scaler = setup.config, setup.model, setup.optimizer, setup.scaler
+    train_model, eval_model, params, param_line = (setup.train_model, setup.eval_model,
+                                                   setup.params, setup.param_line)
+    start_epoch, best, best_epoch, history = (setup.start_epoch, setup.best, setup.best_epoch,
+                                              list(setup.history))
+    train_loader, val_loader, class_names = data.train_loader, data.val_loader, data.class_names
+    train_set, val_set, test_set = data.train_set, data.val_set, data.test_set
+    batch_transform, val_undefined = data.batch_transform, data.val_undefined
+    settings = run_settings(args, eff_batch, amp_dtype, data.cache_used, data.dicom_scaling_used)
+    recorded_args = run_args(args, plan, data)
+
     writer = None
     if dist_info.is_main:
-        if args.overwrite and not args.resume:
+        if plan.overwrite and not plan.resume:
             removed = folder.remove_own_files()
             if removed:
                 logger.info("--overwrite: removed the previous run's %d files from %s", len(removed), out)
         setup_logging(True, out / "train.log")
         from torch.utils.tensorboard import SummaryWriter
 
-        writer = SummaryWriter(log_dir=str(log_dir))
-        run_info = {"args": {k: v for k, v in vars(args).items() if k not in ("explicit", "notes")},
+        writer = SummaryWriter(log_dir=str(plan.log_dir))
+        run_info = {"args": recorded_args,
                     "git_commit": git_commit(), "torch": torch.__version__,
                     "timm": timm.__version__, "python": platform.python_version(),
                     "world_size": dist_info.world_size, "trainable": param_line,
@@ -815,8 +927,8 @@ def fit(args: argparse.Namespace, out: Path, folder: RunFolder, dist_info: DistI
                     "precision": settings["precision"], "global_batch": eff_batch, "lr": args.lr,
                     "preset_source": settings["preset_source"],
                     "val_undefined_classes": val_undefined, "notes": args.notes,
-                    "data_cache": args.cache_used, "dicom_scaling": args.dicom_scaling_used,
-                    "resumed_from_epoch": start_epoch - 1 if args.resume else None,
+                    "data_cache": data.cache_used, "dicom_scaling": data.dicom_scaling_used,
+                    "resumed_from_epoch": start_epoch - 1 if plan.resume else None,
                     "command": " ".join(sys.argv)}
         ckpt.write_json(out / "config.json", run_info)
         written = [out / "config.json", out / "train.log"]
@@ -827,12 +939,12 @@ def fit(args: argparse.Namespace, out: Path, folder: RunFolder, dist_info: DistI
         if event_file:
             written.append(Path(event_file))
         folder.record(*written)
-        lossy = [split for split, info in args.cache_used.items() if info.get("kind") == "lossy"]
+        lossy = [split for split, info in data.cache_used.items() if info.get("kind") == "lossy"]
         if lossy:
             logger.warning("the %s images come from a downsized (lossy) cache of shorter side %s: "
                            "crops and resizes differ from the paper's pipeline on the original "
                            "files (recorded in config.json as data_cache)", "/".join(lossy),
-                           args.cache_used[lossy[0]].get("size"))
+                           data.cache_used[lossy[0]].get("size"))
         scaling = f", LoRA scaling alpha/r = {config.lora.scaling:g}" if config.lora else ""
         print(param_line + scaling)
         logger.info("run folder %s; %d train / %d val / %d test images; global batch %d; lr %.3g; "
@@ -887,7 +999,7 @@ def fit(args: argparse.Namespace, out: Path, folder: RunFolder, dist_info: DistI
             state = {"optimizer": optimizer.state_dict(),
                      "scaler": scaler.state_dict() if scaler else None, "epoch": epoch,
                      "best_metric": best, "best_epoch": best_epoch, "rng": rng_state(),
-                     "args": {k: v for k, v in vars(args).items() if k not in ("explicit", "notes")}}
+                     "args": recorded_args}
             # dicom_scaling at the top level: predict and exports decode DICOMs by the same rule.
             extra = {"epoch": epoch, "val_mean_auroc": best, "run": settings,
                      "dicom_scaling": settings["dicom_scaling"]}
@@ -910,7 +1022,7 @@ def fit(args: argparse.Namespace, out: Path, folder: RunFolder, dist_info: DistI
         dist.barrier()
     if best_epoch is None:
         raise ArgumentError("no epoch was validated (nothing to test): check --epochs / --start_epoch")
-    if args.resume and start_epoch >= args.epochs:
+    if plan.resume and start_epoch >= args.epochs:
         logger.info("the run in %s was already complete (%d epochs); testing its best checkpoint "
                     "again", out, args.epochs)
     results = test_and_report(args, out / "checkpoint-best", out, dist_info, device, amp_dtype,
