@@ -195,6 +195,9 @@ def interval_notes(intervals: dict[str, Any]) -> list[str]:
     level = round(100 * float(intervals.get("level", 0.95)))
     lines = [f"{level}% CI: {intervals.get('bootstrap', 'bootstrap')}; "
              f"{intervals.get('n_resamples')} resamples, seed {intervals.get('seed')}"
+             + (f"; {intervals['n_rare_images']} of {intervals['n_images']} images have a label "
+                "pattern of their own and are resampled together in one pooled stratum"
+                if intervals.get("n_rare_images") else "")
              + (f"; {intervals['n_fixed_images']} of {intervals['n_images']} images have a unique "
                 "label pattern and stay in every resample" if intervals.get("n_fixed_images") else "")
              + ". DeLong: " + str(intervals.get("delong", "")) + ".", ""]
