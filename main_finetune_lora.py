@@ -209,8 +209,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--recipe", default=None, choices=["sgd", "adamw"],
                    help="augmentation recipe; default follows --optimizer as in the paper")
     g.add_argument("--device_aug", action="store_true",
-                   help="sgd recipe: crop / flip / normalise uint8 batches on the training device "
-                        "instead of in the loader workers")
+                   help="run the train augmentation on uint8 batches on the training device instead "
+                        "of in the loader workers: crop / flip / normalise (sgd recipe), plus "
+                        "RandAugment --aa and random erasing (adamw recipe)")
     g.add_argument("--aug_fill", default="paper", choices=list(AUG_FILLS),
                    help="adamw recipe: fill of RandAugment's rotate / shear / translate: 'paper' "
                         "(grey 36, as the paper's pipeline) or 'neutral' (the normalisation's mid grey)")
@@ -356,9 +357,15 @@ def resolve_args(args: argparse.Namespace, explicit: set[str]) -> argparse.Names
             raise ArgumentError(f"--backbone_dtype {args.backbone_dtype} needs --amp "
                                 f"{args.backbone_dtype} (got --amp {args.amp})")
     args.recipe = args.recipe or args.optimizer
-    if args.device_aug and args.recipe != "sgd":
-        raise ArgumentError("--device_aug implements the sgd recipe (crop + flip) only; the "
-                            f"{args.recipe} recipe's RandAugment runs in the loader")
+    if args.device_aug and args.recipe == "adamw":
+        from datasets.device_aug import build_device_augment
+
+        try:  # the device path reads --aa, --remode, --recount itself: refuse what it cannot run
+            build_device_augment(args.recipe, args.input_size, args.norm, aa=args.aa,
+                                 reprob=args.reprob, remode=args.remode, recount=args.recount,
+                                 aug_fill=args.aug_fill)
+        except ValueError as err:
+            raise ArgumentError(f"--device_aug: {err}") from None
     args.eval_batch_size = args.eval_batch_size or 4 * args.batch_size
     return args
 
@@ -807,10 +814,12 @@ def prepare_data(args: argparse.Namespace, dist_info: DistInfo, device: torch.de
     seed_everything(args.seed)
     batch_transform = None
     if args.device_aug:
-        from datasets.device_aug import DeviceAugment, build_uint8_transform
+        from datasets.device_aug import build_device_augment, build_uint8_transform
 
         train_tf = build_uint8_transform(round(args.input_size * 8 / 7))
-        batch_transform = DeviceAugment(args.input_size, args.norm).to(device)
+        batch_transform = build_device_augment(
+            args.recipe, args.input_size, args.norm, aa=args.aa, reprob=args.reprob,
+            remode=args.remode, recount=args.recount, aug_fill=args.aug_fill).to(device)
     else:
         train_tf = datasets.build_transform(is_train=True, recipe=args.recipe,
                                            input_size=args.input_size, norm=args.norm, aa=args.aa,
