@@ -139,12 +139,17 @@ class DeviceAugment(nn.Module):
 _LUMA_WEIGHTS: dict[int, tuple[int, ...]] = {2: (19595, 38470 + 7471), 3: (19595, 38470, 7471)}
 
 
+def _to(t: torch.Tensor, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
+    # Small parameter tensors go to the GPU without waiting for the queued work (pageable
+    # memory is staged at once), so the host can keep running ahead of the device.
+    return t.to(device=device, dtype=dtype, non_blocking=True)
+
+
 def luma(img: torch.Tensor) -> torch.Tensor:
     """Pillow's ``convert('L')`` of the represented RGB image: N x 1 x H x W uint8."""
     if img.shape[1] == 1:
         return img
-    weights = torch.tensor(_LUMA_WEIGHTS[img.shape[1]], dtype=torch.int32, device=img.device)
-    total = (img.int() * weights.view(1, -1, 1, 1)).sum(1, keepdim=True)
+    total = sum(img[:, i:i + 1].int() * w for i, w in enumerate(_LUMA_WEIGHTS[img.shape[1]]))
     return ((total + 32768) >> 16).to(torch.uint8)
 
 
@@ -153,7 +158,7 @@ def _levels(img: torch.Tensor) -> torch.Tensor:
 
 
 def _per_image(values: torch.Tensor, like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    return values.to(device=like.device, dtype=dtype).view(-1, *([1] * (like.ndim - 1)))
+    return _to(values, like.device, dtype).view(-1, *([1] * (like.ndim - 1)))
 
 
 def _histograms(img: torch.Tensor) -> torch.Tensor:
@@ -161,7 +166,9 @@ def _histograms(img: torch.Tensor) -> torch.Tensor:
     n, c = img.shape[:2]
     offsets = torch.arange(n * c, device=img.device).unsqueeze(1) * 256
     flat = (img.reshape(n * c, -1).long() + offsets).flatten()
-    return torch.bincount(flat, minlength=n * c * 256).view(n, c, 256)
+    # scatter_add, not bincount: CUDA's bincount reads the maximum back to the host.
+    hist = torch.zeros(n * c * 256, dtype=torch.long, device=img.device)
+    return hist.scatter_add_(0, flat, torch.ones_like(flat)).view(n, c, 256)
 
 
 def apply_lut(img: torch.Tensor, lut: torch.Tensor) -> torch.Tensor:
@@ -289,7 +296,7 @@ def affine(img: torch.Tensor, matrix: torch.Tensor, fill: torch.Tensor) -> torch
     """
     n, c, h, w = img.shape
     dtype = torch.float64 if img.device.type != "mps" else torch.float32
-    a = matrix.to(device=img.device, dtype=dtype).view(n, 6, 1, 1)
+    a = _to(matrix, img.device, dtype).view(n, 6, 1, 1)
     ys = torch.arange(h, device=img.device, dtype=dtype).view(1, h, 1) + 0.5
     xs = torch.arange(w, device=img.device, dtype=dtype).view(1, 1, w) + 0.5
     xin = a[:, 0] * xs + a[:, 1] * ys + a[:, 2]
@@ -308,7 +315,7 @@ def affine(img: torch.Tensor, matrix: torch.Tensor, fill: torch.Tensor) -> torch
 
     row_values = [_cubic(*(tap(r, col) for col in cols), dx) for r in rows]
     value = _cubic(*row_values, dy).trunc_().clamp_(0, 255).to(torch.uint8)
-    return torch.where(inside.unsqueeze(1), value, fill.view(1, c, 1, 1).to(img.device))
+    return torch.where(inside.unsqueeze(1), value, _to(fill, img.device).view(1, c, 1, 1))
 
 
 def rotate_matrix(degrees: torch.Tensor, width: int, height: int) -> torch.Tensor:
@@ -573,7 +580,7 @@ class DeviceRandAugment(nn.Module):
                 if op.name in _GEOMETRIC:
                     geometric.append((chosen, _GEOMETRIC[op.name](arg, width, height)))
                     continue
-                index = chosen.to(img.device)
+                index = _to(chosen, img.device)
                 if op.name in _LUTS:
                     lut = _LUTS[op.name](img.index_select(0, index), arg)
                     tables.append((chosen, lut.expand(len(chosen), img.shape[1], 256)))
@@ -581,8 +588,8 @@ class DeviceRandAugment(nn.Module):
                     img.index_copy_(0, index, _IMAGE_OPS[op.name](img.index_select(0, index), arg))
             for group, run in ((geometric, lambda x, m: affine(x, m, self.fill)), (tables, apply_lut)):
                 if group:
-                    index = torch.cat([chosen for chosen, _ in group]).to(img.device)
-                    values = torch.cat([value.to(img.device) for _, value in group])
+                    index = _to(torch.cat([chosen for chosen, _ in group]), img.device)
+                    values = torch.cat([_to(value, img.device) for _, value in group])
                     img.index_copy_(0, index, run(img.index_select(0, index), values))
         return img
 
@@ -592,7 +599,7 @@ class DeviceRandAugment(nn.Module):
         ys = torch.arange(h, device=x.device).view(1, h, 1)
         xs = torch.arange(w, device=x.device).view(1, 1, w)
         for box in range(boxes.shape[1]):
-            top, left, bh, bw = boxes[:, box].to(x.device).unbind(1)
+            top, left, bh, bw = _to(boxes[:, box], x.device).unbind(1)
             if not bool(boxes[:, box, 2].any()):
                 continue
             inside = ((ys >= top.view(-1, 1, 1)) & (ys < (top + bh).view(-1, 1, 1))
