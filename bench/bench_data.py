@@ -3,6 +3,7 @@
     python bench/bench_data.py [--num_images 64] [--image_size 1024] [--cache_size 256]
     python bench/bench_data.py --source dicom-jpeg      # RSNA-style DICOMs
     python bench/bench_data.py --source dicom --image_size 2048
+    python bench/bench_data.py --device_aug cuda --recipe adamw   # --device_aug's batch transform
 
 One process, one torch thread ("per core"): the loop is what a single DataLoader worker
 does per sample (decode or cache read, RandomResizedCrop + flip to 224, ToTensor,
@@ -107,6 +108,45 @@ def run(num_images: int, image_size: int, cache_size: int, input_size: int, reci
     }
 
 
+def device_aug_rates(recipe: str, input_size: int, batch_size: int, device: str,
+                     repeats: int, source_size: int | None = None) -> dict:
+    """Train augmentation from the loader's uint8 square: per-image CPU transform (one core)
+    vs ``--device_aug``'s batch transform on ``device``; images/s of each (best of `repeats`)."""
+    from PIL import Image
+
+    from datasets.device_aug import build_device_augment
+
+    torch.set_num_threads(1)
+    source_size = source_size or round(input_size * 8 / 7)
+    torch.manual_seed(0)
+    batch = torch.randint(0, 256, (batch_size, 1, source_size, source_size), dtype=torch.uint8)
+    images = [Image.fromarray(img[0].numpy(), "L") for img in batch]
+    cpu_tf = build_transform(True, recipe=recipe, input_size=input_size, norm="cxr_mae")
+    aug = build_device_augment(recipe, input_size, "cxr_mae").to(device)
+    on_device = batch.to(device)
+    aug(on_device)  # warm-up (kernels, allocator)
+
+    def sync() -> None:
+        if on_device.is_cuda:
+            torch.cuda.synchronize(on_device.device)
+
+    cpu_s = device_s = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for img in images:
+            cpu_tf(img)
+        cpu_s = min(cpu_s, time.perf_counter() - start)
+        sync()
+        start = time.perf_counter()
+        aug(on_device)
+        sync()
+        device_s = min(device_s, time.perf_counter() - start)
+    return {"recipe": recipe, "input_size": input_size, "source_size": source_size,
+            "batch_size": batch_size, "device": device,
+            "cpu_images_per_s_per_core": round(batch_size / cpu_s, 1),
+            "device_images_per_s": round(batch_size / device_s, 1)}
+
+
 def main() -> None:
     """Command line."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -120,8 +160,20 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--workdir", default=None, help="where to write the images (default: a temp folder)")
     parser.add_argument("--out", default=None, help="also write the numbers as JSON here")
+    parser.add_argument("--device_aug", default=None, metavar="DEVICE",
+                        help="instead: time --device_aug's batch transform on DEVICE (cpu, cuda) "
+                             "against the per-image CPU transform, for --recipe")
+    parser.add_argument("--batch_size", type=int, default=64, help="batch of --device_aug")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
+    if args.device_aug:
+        rates = device_aug_rates(args.recipe, args.input_size, args.batch_size, args.device_aug,
+                                 args.repeats)
+        print(json.dumps(rates))
+        print(f"| --device_aug {rates['recipe']}, batch {rates['batch_size']}, {rates['source_size']}"
+              f" -> {rates['input_size']} px | CPU {rates['cpu_images_per_s_per_core']} images/s per core "
+              f"| {rates['device']} {rates['device_images_per_s']} images/s |")
+        return
     with tempfile.TemporaryDirectory() as tmp:
         result = run(args.num_images, args.image_size, args.cache_size, args.input_size, args.recipe,
                      args.repeats, Path(args.workdir or tmp), source=args.source)

@@ -436,3 +436,16 @@ def test_entry_script_refuses_what_the_device_cannot_run(demo, tmp_path, capsys)
                  "--device_aug", "--aa", "augmix-m5", "--output_dir", str(tmp_path / "x")])
     assert exc.value.code == 2
     assert "--device_aug: --aa 'augmix-m5'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("recipe", ["sgd", "adamw"])
+def test_bench_row_for_device_aug(recipe):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    import bench_data
+
+    rates = bench_data.device_aug_rates(recipe, 32, 4, "cpu", repeats=1)
+    assert rates["source_size"] == 37 and rates["batch_size"] == 4
+    assert rates["cpu_images_per_s_per_core"] > 0 and rates["device_images_per_s"] > 0
