@@ -2,7 +2,7 @@
 
 The loader then only decodes (or reads the cache), resizes to a fixed square and ships
 uint8 (4x fewer bytes than float); the random part runs batched on the GPU, so a fast GPU
-does not wait for CPU workers (RandAugment alone costs ~7 ms per image on a CPU core).
+does not wait for CPU workers.
 
     loader transform: build_uint8_transform(256)      # per image, on the CPU
     model input:      build_device_augment("sgd" | "adamw", 224, norm, ...)(batch.to(device))
@@ -21,10 +21,13 @@ Where the device path differs from the per-image CPU path:
   distributions, other draws. Crop boxes, op choices, magnitudes, signs and erasing boxes
   use the global CPU generator (so a seed gives the same parameters on any device and
   no host sync is needed); erasing noise uses the training device's generator;
-- RandAugment's Sharpness blurs with the same float32 kernel as Pillow but may add in
-  another order: rarely one grey level apart. Every other op reproduces Pillow's integer
-  arithmetic, its bicubic affine resampling (a = -1, clamped edges, truncation) and its
-  fill rule; ``tests/test_device_aug.py`` checks each against timm's op on the same image.
+- not in the RandAugment ops themselves: each reproduces Pillow's arithmetic (integer
+  tables, float32 blends, the float32 SMOOTH kernel of Sharpness, the float64 bicubic
+  affine resampling with a = -1, clamped edges and truncation) and its fill rule, and
+  equals timm's op on the same image bit for bit on the CPU. The tests allow one grey
+  level for Sharpness and the geometric ops, where another summation order (another
+  Pillow build, a GPU) could move a value across an integer;
+- the CPU path's Pillow >= 13 fix is kept: a 0-bit Posterize gives black.
 
 Why fewer channels than RGB are enough: the images are grey, so every colour op acts on
 identical channels, and with a grey fill ('neutral': (f, f, f)) one channel carries the
