@@ -91,7 +91,10 @@ else
   MODEL_TIMEOUT=100  # per batch size; the timeouts add up to < 9 minutes (530 s)
   DATA_TIMEOUT=45
   EPOCH_TIMEOUT=150  # the PNG run also writes the data (in parallel) and compiles
-  DICOM_TIMEOUT=90
+  DICOM_TIMEOUT=60
+  # The adamw recipe's RandAugment + erasing on the GPU (--device_aug) vs per image on a core.
+  DEVAUG_ARGS=(--num_images 64 --recipe adamw --device_aug "$DEVICE" --batch_size 128)
+  DEVAUG_TIMEOUT=30
 fi
 DICOM_TIMEOUT="${DICOM_TIMEOUT:-$EPOCH_TIMEOUT}"
 
@@ -109,5 +112,9 @@ timeout "$EPOCH_TIMEOUT" python3 bench/bench_epoch.py "${EPOCH_PNG[@]}" --json "
   2>&1 | tee "$OUT/epoch_png.log" || status=1
 timeout "$DICOM_TIMEOUT" python3 bench/bench_epoch.py "${EPOCH_DICOM[@]}" --json "$OUT/epoch_dicom.json" \
   2>&1 | tee "$OUT/epoch_dicom.log" || status=1
+if [ -n "${DEVAUG_ARGS+x}" ]; then
+  timeout "$DEVAUG_TIMEOUT" python3 bench/bench_data.py "${DEVAUG_ARGS[@]}" --out "$OUT/device_aug.json" \
+    2>&1 | tee "$OUT/device_aug.log" || status=1
+fi
 echo "gpu_check: results in $OUT (status $status)"
 exit $status

@@ -240,7 +240,7 @@ def test_nonfinite_loss_stops_with_step(demo, tmp_path, capsys):
     (["--method", "full"], "contradicts --model vit_tiny_patch16_lora"),
     (["--eval"], "--eval needs --resume"),
     (["--backbone_dtype", "bf16"], "--backbone_dtype bf16 needs --amp bf16"),
-    (["--device_aug", "--optimizer", "adamw"], "--device_aug implements the sgd recipe"),
+    (["--device_aug", "--optimizer", "adamw", "--aa", "augmix-m5"], "--device_aug: --aa 'augmix-m5'"),
 ])
 def test_bad_flags_stop_with_message(demo, tmp_path, capsys, flags, message):
     data, weights = demo
