@@ -790,7 +790,9 @@ def run_args(args: argparse.Namespace, plan: RunPlan, data: RunData) -> dict:
 def plan_run(args: argparse.Namespace, out: Path, folder: RunFolder, dist_info: DistInfo,
              eff_batch: int) -> RunPlan:
     """Recover the locked run folder, resolve --resume auto against it, refuse a foreign run."""
-    committed = folder.recover() if dist_info.is_main else folder.read_commit()
+    # A run that --overwrite replaces need not be intact (a damaged one must not block it).
+    replacing = args.overwrite and not args.resume
+    committed = folder.recover(verify=not replacing) if dist_info.is_main else folder.read_commit()
     resume, overwrite = args.resume, args.overwrite
     if resume == "auto":
         old = run_in_folder(out)

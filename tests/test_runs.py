@@ -123,6 +123,11 @@ def test_resume_refuses_a_checkpoint_whose_files_disagree(demo, whole, tmp_path,
     assert mfl.cli(args_for(data, weights, out, "--resume", "auto", "--epochs", "3")) == 1
     err = capsys.readouterr().err
     assert "checkpoint-last.safetensors does not belong to the last committed epoch" in err
+    # ... but a damaged run does not block replacing it.
+    damaged = tmp_path / "damaged"
+    shutil.copytree(out, damaged)
+    assert mfl.cli(args_for(data, weights, damaged, "--overwrite", "--epochs", "1")) == 0
+    assert runfolder.RunFolder(damaged).verify()["epoch"] == 0
 
     # A folder written before commit records: state and tensors of different epochs refused.
     shutil.rmtree(out)

@@ -236,11 +236,12 @@ class RunFolder:
         if pending.exists():
             shutil.rmtree(pending)
 
-    def recover(self) -> dict[str, Any] | None:
+    def recover(self, verify: bool = True) -> dict[str, Any] | None:
         """Finish or discard an interrupted commit, clean temporary files, verify the last commit.
 
         Returns the commit record (None when nothing was committed). Raises when a committed
-        file is missing or does not match its hash.
+        file is missing or does not match its hash (unless ``verify`` is False: a run about
+        to be replaced need not be intact).
         """
         for tmp in self.folder.glob(f".*{TMP_SUFFIX}"):
             tmp.unlink(missing_ok=True)  # atomic writes a killed run never finished
@@ -250,7 +251,8 @@ class RunFolder:
                 shutil.rmtree(self.folder / PENDING_DIR)
             return None
         self._roll_forward(record)
-        self.verify(record)
+        if verify:
+            self.verify(record)
         return record
 
     def verify(self, record: dict[str, Any] | None = None) -> dict[str, Any] | None:
