@@ -499,3 +499,35 @@ def test_global_batch_that_does_not_divide_is_refused(monkeypatch, tmp_path, cap
     with pytest.raises(SystemExit):
         mfl.cli(["--demo", "--global_batch", "64", "--check_args"])
     assert "does not divide over 3 processes" in capsys.readouterr().err
+
+
+def test_compiled_run_with_checkpointing_resumes_like_eager(demo, tmp_path, monkeypatch):
+    """--compile on with --grad_checkpointing and merged evaluation, interrupted and resumed,
+    ends where the same eager run ends."""
+    data, weights = demo
+    flags = ("--grad_checkpointing", "--epochs", "2")
+    eager = tmp_path / "eager"
+    assert mfl.cli(args_for(data, weights, eager, *flags)) == 0
+
+    compiled = tmp_path / "compiled"
+    compile_flags = (*flags, "--compile", "on", "--compile_backend", "aot_eager")
+    commits = []
+
+    def fault(label):
+        if label == "mkdir":
+            commits.append(label)
+            if len(commits) == 2:
+                raise Killed(label)
+
+    monkeypatch.setattr(runfolder, "_fault_point", fault)
+    with pytest.raises(Killed):
+        mfl.cli(args_for(data, weights, compiled, *compile_flags))
+    monkeypatch.setattr(runfolder, "_fault_point", lambda label: None)
+    (compiled / runfolder.LOCK_NAME).unlink(missing_ok=True)
+    assert mfl.cli(args_for(data, weights, compiled, *compile_flags, "--resume", "auto")) == 0
+    a, b = tensors(eager, "checkpoint-last"), tensors(compiled, "checkpoint-last")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-4)
+    ra = json.loads((eager / "results_test.json").read_text())
+    rb = json.loads((compiled / "results_test.json").read_text())
+    assert rb["mean_auroc"] == pytest.approx(ra["mean_auroc"], abs=1e-4)
