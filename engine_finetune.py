@@ -251,13 +251,18 @@ def evaluate(
     class_names: Sequence[str],
     amp_dtype: torch.dtype | None = None,
     progress: bool = True,
+    warn_undefined: bool = True,
 ) -> dict:
-    """Loss, per-class and mean AUROC / AUPRC over the whole evaluated set, plus predictions."""
+    """Loss, per-class and mean AUROC / AUPRC over the whole evaluated set, plus predictions.
+
+    ``warn_undefined=False`` keeps quiet about classes with a single label value (a caller
+    that evaluates the same set every epoch says it once).
+    """
     indices, logits, targets = predict(model, loader, device, amp_dtype, progress)
     loss = F.binary_cross_entropy_with_logits(torch.from_numpy(logits),
                                               torch.from_numpy(targets)).item()
     probs = 1.0 / (1.0 + np.exp(-logits.astype(np.float64)))
-    stats = multilabel_metrics(targets, probs, class_names)
+    stats = multilabel_metrics(targets, probs, class_names, warn_undefined=warn_undefined)
     stats.update(loss=loss, num_images=int(len(indices)), indices=indices, probs=probs,
                  targets=targets)
     return stats

@@ -472,11 +472,6 @@ def write_predictions(path: Path, dataset, indices: np.ndarray, probs: np.ndarra
                           list(dataset.class_names), labels=targets)
 
 
-def nan_to_none(d: dict[str, float]) -> dict[str, float | None]:
-    """JSON has no NaN: undefined per-class metrics become null."""
-    return {k: (None if (v is None or math.isnan(v)) else float(v)) for k, v in d.items()}
-
-
 def default_eval_name(data_path: str | Path, split_file: str | Path) -> str:
     """The --eval output folder's name: the data folder, the split folder if elsewhere, the split file."""
     data, split = Path(data_path).resolve(), Path(split_file).resolve()
@@ -505,24 +500,6 @@ def undefined_classes(targets: np.ndarray, class_names: list[str]) -> list[str]:
     if len(targets) == 0:
         return list(class_names)
     return [n for k, n in enumerate(class_names) if targets[:, k].min() == targets[:, k].max()]
-
-
-class _OnceFilter(logging.Filter):
-    """Lets each distinct message through once (a warning per class per epoch says nothing new)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.seen: set[str] = set()
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        msg = record.getMessage().split(" in the ")[0]
-        if msg in self.seen:
-            return False
-        self.seen.add(msg)
-        return True
-
-
-_METRICS_ONCE = _OnceFilter()
 
 
 def test_and_report(args: argparse.Namespace, checkpoint: Path, out: Path, dist_info: DistInfo,
@@ -559,7 +536,7 @@ def test_and_report(args: argparse.Namespace, checkpoint: Path, out: Path, dist_
         "total_params": int(total),
         "num_images": stats["num_images"], "loss": stats["loss"],
         "mean_auroc": stats["mean_auroc"], "mean_auprc": stats["mean_auprc"],
-        "auroc": nan_to_none(stats["auroc"]), "auprc": nan_to_none(stats["auprc"]),
+        "auroc": json_safe(stats["auroc"]), "auprc": json_safe(stats["auprc"]),
         "undefined_classes": undefined_classes(stats["targets"], list(dataset.class_names)),
         "class_names": list(dataset.class_names), "checkpoint": str(checkpoint),
         "epoch": config.extras.get("epoch"), "training": trained,
@@ -849,14 +826,6 @@ def prepare_data(args: argparse.Namespace, dist_info: DistInfo, device: torch.de
     if len(val_undefined) == len(class_names):
         raise ArgumentError(f"{val_set.split_file}: no class has both positive and negative "
                             "images, so no validation AUROC exists to select a checkpoint by")
-    if val_undefined:
-        _METRICS_ONCE.seen.clear()
-        metrics_logger = logging.getLogger("util.metrics")
-        if _METRICS_ONCE not in metrics_logger.filters:
-            metrics_logger.addFilter(_METRICS_ONCE)
-        logger.warning("%s: no AUROC for %s (a single label value); model selection uses the mean "
-                       "over the other %d classes", val_set.split_file.name, ", ".join(val_undefined),
-                       len(class_names) - len(val_undefined))
     loader_kw = dict(seed=args.seed, num_workers=args.num_workers, pin_memory=args.pin_mem)
     train_loader = build_loader(train_set, dist_info, train=True, batch_size=args.batch_size,
                                 **loader_kw)
@@ -884,8 +853,11 @@ def setup_training(args: argparse.Namespace, plan: RunPlan, data: RunData, dist_
 
     start_epoch, best, best_epoch, history = args.start_epoch, -math.inf, None, []
     if plan.resume:
+        # The run folder's own commit was verified by plan_run: not hashed a second time.
+        own = Path(plan.resume).parent.resolve() == plan.out.resolve()
         start_epoch, best, best_epoch, history = resume_training(
-            plan.resume, model, optimizer, scaler, config, args)
+            plan.resume, model, optimizer, scaler, config, args,
+            record=plan.committed if own else None)
 
     ddp_model = model
     if dist_info.distributed:
@@ -950,6 +922,10 @@ def fit(args: argparse.Namespace, plan: RunPlan, data: RunData, setup: TrainSetu
         if event_file:
             written.append(Path(event_file))
         folder.record(*written)
+        if val_undefined:  # said once here, in train.log too; validation itself stays quiet
+            logger.warning("%s: no AUROC for %s (a single label value); model selection uses the "
+                           "mean over the other %d classes", data.val_set.split_file.name,
+                           ", ".join(val_undefined), len(class_names) - len(val_undefined))
         lossy = [split for split, info in data.cache_used.items() if info.get("kind") == "lossy"]
         if lossy:
             logger.warning("the %s images come from a downsized (lossy) cache of shorter side %s: "
@@ -987,15 +963,17 @@ def fit(args: argparse.Namespace, plan: RunPlan, data: RunData, setup: TrainSetu
             # base weights bit-exactly.
             lora.merge(model)
             try:
+                # Classes without a validation AUROC were named once when the run started.
                 stats = evaluate(eval_model, val_loader, device, class_names, amp_dtype,
-                                 progress=not args.no_progress and dist_info.is_main)
+                                 progress=not args.no_progress and dist_info.is_main,
+                                 warn_undefined=False)
             finally:
                 lora.unmerge(model)
             if not math.isfinite(stats["mean_auroc"]):
                 raise NonFiniteLossError(f"validation mean AUROC is {stats['mean_auroc']} at epoch "
                                          f"{epoch}: the model's outputs are not finite")
             log.update(val_loss=stats["loss"], val_mean_auroc=stats["mean_auroc"],
-                       val_mean_auprc=stats["mean_auprc"], val_auroc=nan_to_none(stats["auroc"]))
+                       val_mean_auprc=stats["mean_auprc"], val_auroc=stats["auroc"])
             line += f", val loss {stats['loss']:.4f}, val mean AUROC {100 * stats['mean_auroc']:.2f}"
             if dist_info.is_main:
                 writer.add_scalar("val/loss", stats["loss"], epoch)
@@ -1059,14 +1037,17 @@ RESUME_ARGS_MUST_MATCH = ("dataset", "data_size", "optimizer", "recipe", "lr", "
 
 def resume_training(path: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                     scaler, config: mv.ModelConfig, args: argparse.Namespace | None = None,
-                    ) -> tuple[int, float, int | None, list[dict]]:
+                    record: dict | None = None) -> tuple[int, float, int | None, list[dict]]:
     """Restore trained tensors, optimizer, scaler and counters after checking that the
     checkpoint is one committed epoch of this same run.
 
-    Returns (next epoch, best metric, its epoch, log history).
+    ``record``: the checkpoint folder's commit record when it was already verified against
+    its files; otherwise it is read and verified here. Returns (next epoch, best metric,
+    its epoch, log history).
     """
     tensors_path, config_path = ckpt.checkpoint_paths(path)
-    record = RunFolder(tensors_path.parent).verify()  # every committed file matches its hash
+    if record is None:
+        record = RunFolder(tensors_path.parent).verify()  # every committed file matches its hash
     saved = ckpt.read_config(path)
     for key in RESUME_MUST_MATCH:
         if key in saved and saved.get(key) != config.get(key):

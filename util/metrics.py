@@ -25,11 +25,12 @@ def binary_auroc(target: np.ndarray, score: np.ndarray) -> float:
 
 
 def multilabel_metrics(targets: np.ndarray, probs: np.ndarray,
-                       class_names: Sequence[str]) -> dict:
+                       class_names: Sequence[str], warn_undefined: bool = True) -> dict:
     """Per-class AUROC and AUPRC by class name, and their means over the defined classes.
 
-    A class whose targets are all 0 (or all 1) has no AUROC: it gets NaN, a warning, and
-    is left out of the mean.
+    A class whose targets are all 0 (or all 1) has no AUROC: it gets NaN, a warning (unless
+    ``warn_undefined`` is False, e.g. when the caller said so once already), and is left out
+    of the mean.
     """
     targets = np.asarray(targets)
     probs = np.asarray(probs, dtype=np.float64)
@@ -40,8 +41,9 @@ def multilabel_metrics(targets: np.ndarray, probs: np.ndarray,
     for k, name in enumerate(class_names):
         auroc[name] = binary_auroc(targets[:, k], probs[:, k])
         if math.isnan(auroc[name]):
-            logger.warning("class %r has a single label value in the %d evaluated images: "
-                           "AUROC undefined (NaN), left out of the mean", name, len(targets))
+            if warn_undefined:
+                logger.warning("class %r has a single label value in the %d evaluated images: "
+                               "AUROC undefined (NaN), left out of the mean", name, len(targets))
             auprc[name] = math.nan
         else:
             auprc[name] = float(average_precision_score(targets[:, k], probs[:, k]))

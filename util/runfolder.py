@@ -53,7 +53,6 @@ def _fault_point(label: str) -> None:
     """Called between the file operations of a commit; tests replace it to simulate a kill."""
 
 
-
 def _fsync_file(path: Path) -> None:
     with open(path, "rb") as f:
         os.fsync(f.fileno())
@@ -215,7 +214,7 @@ class RunFolder:
             _fault_point("committed")
             self.record(*hashes, COMMIT_NAME, "log.txt")
             _fault_point("recorded")
-            self._roll_forward(record)
+            self._roll_forward(record, check=False)  # the staged files were just hashed
         except OSError as err:
             kept = f"the last complete checkpoint is {last_complete}" if last_complete \
                 else "no complete checkpoint was written yet"
@@ -223,12 +222,16 @@ class RunFolder:
                 describe_os_error(err, getattr(err, "filename", None) or self.folder)
             raise RunFolderError(f"{what}; {kept}") from None
 
-    def _roll_forward(self, record: dict[str, Any]) -> None:
-        """Move a committed epoch's staged files into place and rewrite log.txt (idempotent)."""
+    def _roll_forward(self, record: dict[str, Any], check: bool = True) -> None:
+        """Move a committed epoch's staged files into place and rewrite log.txt (idempotent).
+
+        ``check``: move a staged file only if it has the committed hash. After a kill,
+        ``.pending/`` may hold a newer, uncommitted epoch's files under the same names.
+        """
         pending = self.folder / PENDING_DIR
         for name, digest in record["files"].items():
             staged = pending / name
-            if staged.is_file() and file_sha256(staged) == digest:
+            if staged.is_file() and (not check or file_sha256(staged) == digest):
                 os.replace(staged, self.folder / name)
                 _fault_point(f"moved {name}")
         write_text(self.folder / "log.txt", "".join(json.dumps(l) + "\n" for l in record["log"]))
