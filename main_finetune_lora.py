@@ -168,9 +168,13 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="linear warm-up epochs (capped at --epochs, with a note)")
     g.add_argument("--weight_decay", type=float, default=0.05, help="weight decay")
     g.add_argument("--clip_grad", type=float, default=None, help="clip the gradient norm to this")
-    g.add_argument("--backbone_dtype", default="fp32", choices=["fp32", "bf16", "fp16"],
+    g.add_argument("--backbone_dtype", default="fp32", choices=["fp32", "bf16", "fp16", "fp8"],
                    help="hold the frozen backbone in this dtype (half the memory, no per-step "
-                        "cast); needs --amp of the same precision; LoRA and head stay fp32")
+                        "cast); bf16 / fp16 need --amp of the same precision; fp8: the frozen "
+                        "block linears compute in float8 (lora/fp8.py; GPUs of compute "
+                        "capability 8.9+, or the CPU), any --amp; validation runs in fp8, "
+                        "the saved adapter is tested and used in ordinary precision; LoRA and "
+                        "head stay fp32")
     g.add_argument("--compile", default="auto", nargs="?", const="on", choices=COMPILE_CHOICES,
                    help="torch.compile the training and evaluation model: auto = on CUDA when "
                         "the run has enough steps to earn back the compile time; a bare "
@@ -353,7 +357,12 @@ def resolve_args(args: argparse.Namespace, explicit: set[str]) -> argparse.Names
         if args.method == "full":
             raise ArgumentError(f"--backbone_dtype {args.backbone_dtype} needs a frozen backbone "
                                 "(--method lora or linear), not full fine-tuning")
-        if args.amp != args.backbone_dtype:
+        if args.backbone_dtype == "fp8":  # products in float8 whatever the autocast dtype
+            try:
+                lora.check_fp8_support(torch.device(args.device))
+            except ValueError as err:
+                raise ArgumentError(str(err)) from None
+        elif args.amp != args.backbone_dtype:
             raise ArgumentError(f"--backbone_dtype {args.backbone_dtype} needs --amp "
                                 f"{args.backbone_dtype} (got --amp {args.amp})")
     args.recipe = args.recipe or args.optimizer
@@ -843,7 +852,10 @@ def setup_training(args: argparse.Namespace, plan: RunPlan, data: RunData, dist_
     config = model_config_from_args(args, data.class_names)
     model = build_model(args, config)
     model.to(device)
-    if args.backbone_dtype != "fp32":
+    if args.backbone_dtype == "fp8":
+        converted = lora.to_float8_(model)
+        logger.info("--backbone_dtype fp8: %d frozen block linears compute in float8", converted)
+    elif args.backbone_dtype != "fp32":
         lora.cast_frozen_(model, {"bf16": torch.bfloat16, "fp16": torch.float16}[args.backbone_dtype])
     params = [p for p in model.parameters() if p.requires_grad]
     param_line = lora.trainable_report(model)

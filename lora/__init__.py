@@ -5,6 +5,7 @@
     inject_lora(model, rank=4, pos="attn")        # then adapters (q, v of qkv)
     mark_trainable(model)                         # LoRA + fc_norm + head
 """
+from .fp8 import Float8Linear, check_fp8_support, to_float8_
 from .layers import LoRALinear
 from .model import (
     HEAD_MODULES,
@@ -27,7 +28,8 @@ from .model import (
 )
 
 __all__ = [
-    "HEAD_MODULES", "POSITIONS", "LoRALinear", "canonical_name", "cast_frozen_", "count_parameters",
+    "HEAD_MODULES", "POSITIONS", "Float8Linear", "LoRALinear", "canonical_name", "cast_frozen_",
+    "check_fp8_support", "count_parameters", "to_float8_",
     "inject_lora", "lora_layers", "lora_state_dict", "mark_only_lora_as_trainable", "mark_trainable",
     "merge", "merged_state_dict", "parse_lora_pos", "print_trainable_parameters", "trainable_report",
     "trainable_state_dict", "unmerge",
