@@ -209,6 +209,69 @@ def test_torchrun_two_processes_gathers_exactly(demo, tmp_path):
     np.testing.assert_allclose(p1.iloc[:, 1:].to_numpy(), p2.iloc[:, 1:].to_numpy(), atol=1e-5)
 
 
+def _torchrun(args, port, cwd, **popen):
+    """A two-process CPU (gloo) torchrun of the entry script."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+           "--master_port", str(port), str(ROOT / "main_finetune_lora.py"), *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True, **popen)
+
+
+def _descendants(pid):
+    """Process ids below `pid` (from /proc): torchrun's workers run in sessions of their own."""
+    parents = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        parents[int(stat.parent.name)] = int(fields[1])
+    found, frontier = [], [pid]
+    while frontier:
+        children = [p for p, parent in parents.items() if parent in frontier]
+        found += children
+        frontier = children
+    return found
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").is_file(), reason="finds torchrun's workers in /proc")
+def test_compiled_distributed_run_killed_and_resumed_equals_eager(demo, tmp_path):
+    """--compile on under DDP (two processes): killed after its first epoch and resumed with
+    --resume auto, it ends where the same eager distributed run ends."""
+    data, weights = demo
+    eager, compiled = tmp_path / "eager", tmp_path / "compiled"
+    proc = _torchrun(base_args(data, weights, eager, "--compile", "off"), 29541, tmp_path)
+    assert proc.wait(timeout=600) == 0, proc.stderr.read()[-3000:]
+
+    compile_flags = ("--compile", "on", "--compile_backend", "aot_eager")
+    proc = _torchrun(base_args(data, weights, compiled, *compile_flags), 29542, tmp_path)
+    marker, deadline = compiled / "checkpoint-last.json", time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if marker.exists() and json.loads(marker.read_text()).get("epoch") == 0:
+            break
+        time.sleep(0.02)
+    for pid in [*_descendants(proc.pid), proc.pid]:  # both workers, then torchrun
+        os.kill(pid, signal.SIGKILL)
+    proc.wait()
+    assert json.loads(marker.read_text())["epoch"] == 0, "the run ended before it could be interrupted"
+    assert not (compiled / "results_test.json").exists()
+    log = (compiled / "train.log").read_text()
+    assert "first training call (compiling)" in log and "continuing eager" not in log
+
+    proc = _torchrun(base_args(data, weights, compiled, *compile_flags, "--resume", "auto"), 29543, tmp_path)
+    assert proc.wait(timeout=600) == 0, proc.stderr.read()[-3000:]
+    log = (compiled / "train.log").read_text()
+    assert "continuing eager" not in log and log.count("first training call (compiling)") == 2
+    a, b = _final_tensors(eager), _final_tensors(compiled)
+    assert set(a) == set(b)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-4, msg=k)
+    ra = json.loads((eager / "results_test.json").read_text())
+    rb = json.loads((compiled / "results_test.json").read_text())
+    assert rb["mean_auroc"] == pytest.approx(ra["mean_auroc"], abs=1e-4)
+
+
 def test_all_negative_class_gives_nan_not_crash(caplog):
     from util.metrics import multilabel_metrics
 
