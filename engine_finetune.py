@@ -26,6 +26,9 @@ class NonFiniteLossError(RuntimeError):
 
 
 COMPILE_CHOICES = ("auto", "on", "off")
+# torch.compile modes (inductor): reduce-overhead replays CUDA graphs, which removes the
+# per-kernel launch cost that dominates small batches on a GPU.
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
 class CompiledModule(nn.Module):
@@ -36,14 +39,19 @@ class CompiledModule(nn.Module):
     loading weights or DDP see one model.
     """
 
-    def __init__(self, module: nn.Module, backend: str = "inductor", name: str = "model") -> None:
+    def __init__(self, module: nn.Module, backend: str = "inductor", name: str = "model",
+                 mode: str = "default") -> None:
         super().__init__()
+        if mode not in COMPILE_MODES:
+            raise ValueError(f"compile mode {mode!r}: expected one of {list(COMPILE_MODES)}")
         self.module = module
         self.name = name
         self.failed = False
         self.compile_seconds: float | None = None
+        # Modes are inductor's: another backend gets none (torch.compile would hand it on).
+        options = {"mode": mode} if mode != "default" else {}
         try:
-            self._compiled = torch.compile(module, backend=backend)
+            self._compiled = torch.compile(module, backend=backend, **options)
         except Exception as err:  # noqa: BLE001 -- e.g. an unknown backend: eager, said once
             self._fall_back(err)
 

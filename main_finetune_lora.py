@@ -33,7 +33,7 @@ from datasets.loader import SeededDataset, SeededSampler, build_loader  # noqa: 
 from datasets.splits import check_split_overlap
 from datasets.transforms import AUG_FILLS
 import models_vit_lora as mv
-from engine_finetune import COMPILE_CHOICES, CompiledModule, NonFiniteLossError, evaluate, train_one_epoch
+from engine_finetune import COMPILE_CHOICES, COMPILE_MODES, CompiledModule, NonFiniteLossError, evaluate, train_one_epoch
 import checkpoints as ckpt
 from util.lr_sched import adjust_learning_rate
 from util.io import OutputError, json_safe
@@ -181,6 +181,11 @@ def get_args_parser() -> argparse.ArgumentParser:
                         "--compile means on")
     g.add_argument("--compile_backend", default="inductor",
                    help="torch.compile backend (aot_eager: quick checks without a compiler)")
+    g.add_argument("--compile_mode", default="default", choices=COMPILE_MODES,
+                   help="torch.compile mode of the inductor backend: reduce-overhead replays "
+                        "CUDA graphs (small batches on a GPU, where kernel launches dominate; "
+                        "more GPU memory); max-autotune searches kernel configurations "
+                        "(minutes more compiling)")
     g.add_argument("--grad_checkpointing", action="store_true",
                    help="recompute block activations in backward (less memory, more compute)")
     g.add_argument("--amp", default="auto", choices=AMP_CHOICES,
@@ -339,6 +344,9 @@ def resolve_args(args: argparse.Namespace, explicit: set[str]) -> argparse.Names
         args.batch_size = batch
     if args.progress_freq <= 0:
         raise ArgumentError(f"--progress_freq must be positive, got {args.progress_freq}")
+    if args.compile_mode != "default" and args.compile_backend != "inductor":
+        raise ArgumentError(f"--compile_mode {args.compile_mode} is a mode of the inductor backend, "
+                            f"not of --compile_backend {args.compile_backend}")
     if args.eval and not args.resume:
         raise ArgumentError("--eval needs --resume <checkpoint> (the model to evaluate)")
     if args.finetune and not Path(args.finetune).is_file():
@@ -878,10 +886,12 @@ def setup_training(args: argparse.Namespace, plan: RunPlan, data: RunData, dist_
     total_steps = max(0, args.epochs - start_epoch) * len(data.train_loader) // args.accum_iter
     train_model, eval_model = ddp_model, model
     if decide_compile(args, device, total_steps):
-        logger.info("torch.compile (%s backend) for training and evaluation (--compile %s, %d steps)",
-                    args.compile_backend, args.compile, total_steps)
-        train_model = CompiledModule(ddp_model, backend=args.compile_backend, name="training")
-        eval_model = CompiledModule(model, backend=args.compile_backend, name="evaluation")
+        logger.info("torch.compile (%s backend, mode %s) for training and evaluation (--compile %s, "
+                    "%d steps)", args.compile_backend, args.compile_mode, args.compile, total_steps)
+        train_model = CompiledModule(ddp_model, backend=args.compile_backend, name="training",
+                                     mode=args.compile_mode)
+        eval_model = CompiledModule(model, backend=args.compile_backend, name="evaluation",
+                                    mode=args.compile_mode)
 
     return TrainSetup(config=config, model=model, train_model=train_model, eval_model=eval_model,
                       params=params, param_line=param_line, optimizer=optimizer, scaler=scaler,

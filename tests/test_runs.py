@@ -432,6 +432,30 @@ def test_failed_compile_falls_back_to_eager_once(caplog):
     assert list(wrapped.parameters()) == list(model.parameters())
 
 
+def test_compile_mode_reaches_torch_compile_and_needs_inductor(monkeypatch, capsys):
+    import engine_finetune
+    from engine_finetune import CompiledModule
+
+    seen = []
+
+    def fake_compile(module, **kwargs):
+        seen.append(kwargs)
+        return module
+
+    monkeypatch.setattr(engine_finetune.torch, "compile", fake_compile)
+    model = torch.nn.Linear(4, 2)
+    CompiledModule(model, backend="inductor", mode="reduce-overhead")
+    CompiledModule(model, backend="aot_eager")
+    assert seen == [{"backend": "inductor", "mode": "reduce-overhead"}, {"backend": "aot_eager"}]
+    with pytest.raises(ValueError, match="compile mode 'fast'"):
+        CompiledModule(model, mode="fast")
+
+    with pytest.raises(SystemExit):
+        mfl.cli(["--demo", "--compile_mode", "reduce-overhead", "--compile_backend", "aot_eager",
+                 "--check_args"])
+    assert "--compile_mode reduce-overhead is a mode of the inductor backend" in capsys.readouterr().err
+
+
 def test_test_results_carry_intervals_in_json_and_tensorboard(whole):
     import pandas as pd
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
