@@ -954,6 +954,9 @@ def fit(args: argparse.Namespace, plan: RunPlan, data: RunData, setup: TrainSetu
                            "crops and resizes differ from the paper's pipeline on the original "
                            "files (recorded in config.json as data_cache)", "/".join(lossy),
                            data.cache_used[lossy[0]].get("size"))
+        crop_resize = data.cache_used["train"].get("crop_resize")
+        if crop_resize:
+            logger.info("training crops are resized by %s", crop_resize)
         scaling = f", LoRA scaling alpha/r = {config.lora.scaling:g}" if config.lora else ""
         print(param_line + scaling)
         logger.info("run folder %s; %d train / %d val / %d test images; global batch %d; lr %.3g; "
