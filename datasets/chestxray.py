@@ -27,6 +27,7 @@ from .splits import (
     resolve_data_path,
     resolve_image_paths,
 )
+from .resample import kernel_name, resize_grey
 from .transforms import GreyToRGB, apply_transform, to_float_tensor
 
 logger = logging.getLogger(__name__)
@@ -35,6 +36,9 @@ logger = logging.getLogger(__name__)
 _LIST_AT_MOST = 5
 
 VERIFY_MODES: tuple[str, ...] = ("none", "header", "full")
+# Interpolations of a random resized crop that `resize_grey` does as Pillow would.
+_PIL_FILTERS = {T.InterpolationMode.BICUBIC: Image.Resampling.BICUBIC,
+                T.InterpolationMode.BILINEAR: Image.Resampling.BILINEAR}
 
 
 def _random_resized_crops() -> tuple[type, ...]:
@@ -174,8 +178,11 @@ class ChestXrayDataset(Dataset):
     def cache_info(self) -> dict:
         """What the images are read from, for config.json and results: kind 'exact' | 'lossy' | 'none'."""
         info = self.cache.info if self.cache is not None else {"kind": "none", "size": None, "dir": None}
+        plan = _plan(self.transform)
+        crop_resize = kernel_name() if plan is not None and plan.crop_at is not None else None
         return {**info, "dicom_scaling": self.dicom_scaling,
-                "eval_cache": self.eval_cache.name if self.eval_cache is not None else None}
+                "eval_cache": self.eval_cache.name if self.eval_cache is not None else None,
+                "crop_resize": crop_resize}
 
     def __repr__(self) -> str:
         source = "original files"
@@ -200,21 +207,39 @@ class ChestXrayDataset(Dataset):
                 f"or skip_bad=True to drop them."
             ) from err
 
-    def _crop_from_cache(self, index: int, plan: _Plan) -> torch.Tensor:
-        """The transform with its random resized crop read from the cache: only the crop's rows."""
-        assert self.cache is not None and plan.crop_at is not None
+    def _resized_crop(self, index: int, plan: _Plan, image: Image.Image | None = None) -> torch.Tensor:
+        """The transform with its random resized crop done here: from the cache only the crop's
+        rows are read, and a grey crop is resized by `resize_grey` (Pillow's bytes, faster).
+
+        `image` is the decoded original; None reads the cache. The random draws are those the
+        crop step makes on the full image: its box, then (timm) its interpolation.
+        """
+        assert plan.crop_at is not None
         crop = plan.steps[plan.crop_at]
         path = self.paths[index]
-        height, width = self.cache.shape(path)
+        height, width = self.cache.shape(path) if image is None else (image.height, image.width)
         # get_params only reads the size: the same random draws as on the full image.
         probe = torch.empty(1, 1, 1).expand(1, height, width)
         top, left, h, w = crop.get_params(probe, crop.scale, crop.ratio)
-        img = _apply(plan.steps[: plan.crop_at], Image.fromarray(self.cache.region(path, top, left, h, w), mode="L"))
         interpolation = crop.interpolation
         if isinstance(interpolation, (tuple, list)):  # timm's random interpolation, drawn after the box
             interpolation = random.choice(interpolation)
-        # resized_crop = crop + resize; the region already is the crop, so only the resize is left.
-        img = TF.resize(img, crop.size, interpolation, antialias=getattr(crop, "antialias", True))
+        size = tuple(crop.size) if isinstance(crop.size, (tuple, list)) else (crop.size, crop.size)
+        filter_ = _PIL_FILTERS.get(interpolation)
+        if plan.crop_at == 0 and filter_ is not None and (image is None or image.mode == "L"):
+            if image is None:
+                region = self.cache.region(path, top, left, h, w)
+            else:
+                region = np.asarray(image)[top: top + h, left: left + w]
+            img = Image.fromarray(resize_grey(region, size, filter_), mode="L")
+        else:
+            if image is None:
+                image = Image.fromarray(self.cache.region(path, top, left, h, w), mode="L")
+            else:
+                image = image.crop((left, top, left + w, top + h))
+            img = _apply(plan.steps[: plan.crop_at], image)
+            # resized_crop = crop + resize; the region already is the crop, so only the resize is left.
+            img = TF.resize(img, list(size), interpolation, antialias=getattr(crop, "antialias", True))
         return _apply(plan.steps[plan.crop_at + 1:], img)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -223,11 +248,13 @@ class ChestXrayDataset(Dataset):
                 self.eval_cache.steps == plan.prefix_steps:
             image = _apply(plan.steps[plan.prefix:], self.eval_cache.get(index))
         elif plan is not None and self.cache is not None and plan.crop_at is not None:
-            image = self._crop_from_cache(index, plan)
+            image = self._resized_crop(index, plan)
         else:
             img = self.load_image(index)
             if self.transform is None:
                 image = to_float_tensor(img)
+            elif plan is not None and plan.crop_at is not None:
+                image = self._resized_crop(index, plan, img)
             else:
                 image = apply_transform(self.transform, img)
         target = torch.from_numpy(self.targets[index].astype(np.float32))
