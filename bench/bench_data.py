@@ -13,6 +13,10 @@ normalise), read from
     exact     the exact cache (original-size pixels; the crop's rows only): the same tensors;
     lossy     a cache downsized to shorter side --cache_size: other tensors, for comparison.
 
+The training crops are resized by `datasets.resample` (Pillow's bytes, native code when it
+builds and passes its check); the original and exact paths are also timed with Pillow
+resizing (`*_pillow`: the pipeline as the paper's code runs it).
+
 The evaluation transform (resize + centre crop) is timed from the files and from the exact
 cache with its evaluation cache. It also reports the exact cache's build rate (one process)
 and bytes per image. The originals are synthetic chest-like images:
@@ -39,9 +43,24 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere in the repo
 
 from datasets import build_cache, build_dataset, build_transform, make_demo_dataset  # noqa: E402
+from datasets.resample import kernel_name, pillow_only  # noqa: E402
 from datasets.synthetic import demo_as_rsna_dicoms  # noqa: E402
 
 SOURCES = ("png", "dicom-jpeg", "dicom")
+
+
+class PillowResized(torch.utils.data.Dataset):
+    """A data set read with Pillow resizing its crops (the pipeline without the native resize)."""
+
+    def __init__(self, dataset: torch.utils.data.Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int):
+        with pillow_only():
+            return self.dataset[index]
 
 
 def best_rates(datasets: dict[str, torch.utils.data.Dataset], repeats: int) -> dict[str, float]:
@@ -83,7 +102,9 @@ def run(num_images: int, image_size: int, cache_size: int, input_size: int, reci
     original = build_dataset("train", root, transform=transform, cache="off")
     exact = build_dataset("train", root, transform=transform, cache="on")
     lossy = build_dataset("train", root, transform=transform, cache="lossy", cache_size=cache_size)
-    rates = best_rates({"original": original, "cache": exact, "lossy": lossy}, repeats)
+    rates = best_rates({"original": original, "cache": exact, "lossy": lossy,
+                        "original_pillow": PillowResized(original), "cache_pillow": PillowResized(exact)},
+                       repeats)
     eval_original = build_dataset("train", root, transform=eval_tf, cache="off")
     start = time.perf_counter()
     eval_cached = build_dataset("train", root, transform=eval_tf, cache="on", num_threads=1)
@@ -96,6 +117,10 @@ def run(num_images: int, image_size: int, cache_size: int, input_size: int, reci
         "cache_size": cache_size, "input_size": input_size, "recipe": recipe,
         "original_images_per_s": round(original_rate, 1), "cache_images_per_s": round(cache_rate, 1),
         "ratio": round(cache_rate / original_rate, 1),
+        "crop_resize": kernel_name(),
+        "original_pillow_images_per_s": round(rates["original_pillow"], 1),
+        "cache_pillow_images_per_s": round(rates["cache_pillow"], 1),
+        "ratio_vs_original_pillow": round(cache_rate / rates["original_pillow"], 1),
         "lossy_cache_images_per_s": round(rates["lossy"], 1),
         "lossy_ratio": round(rates["lossy"] / original_rate, 1),
         "eval_original_images_per_s": round(eval_rates["original"], 1),

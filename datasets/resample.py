@@ -13,6 +13,7 @@ are the same, which the tests check.
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import logging
@@ -23,6 +24,7 @@ import sys
 import tempfile
 import uuid
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import PIL
@@ -145,6 +147,18 @@ def native() -> object | None:
             logger.info("native resize unavailable (%s); resizing with Pillow", why)
     _state["lib"], _state["why"] = fn, why
     return fn
+
+
+@contextlib.contextmanager
+def pillow_only() -> Iterator[None]:
+    """Within the block this process resizes with Pillow (benchmarks: the pipeline as before)."""
+    saved = dict(_state)
+    _state.update(lib=None, why="pillow_only()")
+    try:
+        yield
+    finally:
+        _state.clear()
+        _state.update(saved)
 
 
 def kernel_name() -> str:

@@ -161,6 +161,8 @@ def test_data_bench_dicom_source_keeps_pixels_and_labels(tmp_path, source):
     result = bench_data.run(12, 64, 48, 32, "sgd", 1, tmp_path / "work", source=source)
     assert result["source"] == source and result["images"] == len(png_set)
     assert result["original_images_per_s"] > 0 and result["cache_images_per_s"] > 0
+    assert result["original_pillow_images_per_s"] > 0 and result["cache_pillow_images_per_s"] > 0
+    assert result["crop_resize"].startswith(("native", "Pillow"))
 
 
 def test_profile_step_groups_every_operator(tmp_path):
