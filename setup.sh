@@ -19,3 +19,5 @@ if [ "${1:-}" = "--dev" ]; then
 else
   $PY -m pip install -q -r requirements.txt
 fi
+# Build the native crop resize (Pillow's bytes, faster); without a C compiler Pillow does it.
+$PY -m datasets.resample || true
