@@ -20,4 +20,4 @@ else
   $PY -m pip install -q -r requirements.txt
 fi
 # Build the native crop resize (Pillow's bytes, faster); without a C compiler Pillow does it.
-$PY -m datasets.resample || true
+$PY -c "import sys; from datasets.resample import main; sys.exit(main([]))" || true
