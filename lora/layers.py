@@ -19,6 +19,11 @@ class LoRALinear(nn.Module):
     The pairs are stored stacked, as in loralib's ``MergedLinear``: ``lora_A`` is
     (r * n_adapted) x in and ``lora_B`` is (d * n_adapted) x r.
 
+    The forward adds each adapted slice's ``scaling * B_i @ A_i x`` into the base output
+    in place, from B_i alone: no zero-padded B and no full-width update are built, and the
+    unadapted slices are the base output as it is. ``base_layer`` may be any module that
+    returns a fresh output tensor it does not keep for backward (``nn.Linear`` does).
+
     Args:
         base_layer: the linear layer to adapt; it is kept as ``self.base_layer``, frozen.
         rank: rank r of each adapted slice.
@@ -105,16 +110,29 @@ class LoRALinear(nn.Module):
         return (self._expanded_B() @ self.lora_A) * self.scaling
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.base_layer(x)
         if self.merged:
-            return out
-        x_lora = self.lora_dropout(x)
+            return self.base_layer(x)
+        # The base runs on the 2-D view of the tokens, so that its output is a fresh
+        # tensor and not a view: the update is added into it in place (see
+        # `_AddSliceUpdates`), which on a view would make autograd copy the whole output
+        # gradient in backward.
+        x2d = x.reshape(-1, x.shape[-1])
+        out = self.base_layer(x2d)
+        x_lora = self.lora_dropout(x2d)
         if not torch.is_autocast_enabled(x.device.type):
             # Outside autocast the frozen base may be held in bf16 while LoRA stays fp32.
             x_lora = x_lora.to(self.lora_A.dtype)
         h = F.linear(x_lora, self.lora_A)
-        update = F.linear(h, self._expanded_B()) * self.scaling
-        return out + update.to(out.dtype)
+        # The in-place add takes one dtype (in-place ops are not autocast): the small
+        # factors follow the base output, not the other way round.
+        out = _AddSliceUpdates.apply(out, h.to(out.dtype), self.lora_B.to(out.dtype),
+                                     self.scaling, self._adapted_columns())
+        return out.reshape(*x.shape[:-1], out.shape[-1])
+
+    def _adapted_columns(self) -> tuple[tuple[int, int], ...]:
+        """(start, stop) output columns of each adapted slice, in the order of ``lora_B``."""
+        d = self.slice_size
+        return tuple((i * d, (i + 1) * d) for i, p in enumerate(self.parts) if p)
 
     @torch.no_grad()
     def merge(self) -> None:
@@ -143,3 +161,48 @@ class LoRALinear(nn.Module):
     def extra_repr(self) -> str:
         return (f"rank={self.rank}, alpha={self.alpha}, parts={self.parts}, "
                 f"merged={self.merged}")
+
+
+class _AddSliceUpdates(torch.autograd.Function):
+    """``out[:, a:b] += scaling * h_j @ B_j^T`` in place, for each adapted slice ``j``.
+
+    ``out`` (tokens x out_features) is the base output, ``h`` (tokens x r*n) the LoRA
+    down-projection, ``lora_B`` (d*n x r) the stacked B blocks, all of one dtype. Only the
+    adapted columns are read and written, in forward and in backward; the base output's
+    gradient is passed on as it is, without a copy. Nothing saves the base output for
+    backward (a frozen or trainable linear keeps its input and weight); if a base did,
+    autograd's version check would refuse the backward rather than use a changed tensor.
+    A base output that is a view of a tensor in the graph stays correct, but autograd then
+    copies the full output gradient in backward (``CopySlices``).
+    """
+
+    @staticmethod
+    def forward(ctx, out: torch.Tensor, h: torch.Tensor, lora_B: torch.Tensor,
+                scaling: float, columns: tuple[tuple[int, int], ...]) -> torch.Tensor:
+        r = h.shape[1] // len(columns)
+        d = lora_B.shape[0] // len(columns)
+        for j, (start, stop) in enumerate(columns):
+            out[:, start:stop].addmm_(h[:, j * r:(j + 1) * r], lora_B[j * d:(j + 1) * d].t(),
+                                      alpha=scaling)
+        ctx.mark_dirty(out)
+        ctx.save_for_backward(h, lora_B)
+        ctx.scaling, ctx.columns = scaling, columns
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        h, lora_B = ctx.saved_tensors
+        n = len(ctx.columns)
+        r, d = h.shape[1] // n, lora_B.shape[0] // n
+        grads = [grad[:, start:stop] for start, stop in ctx.columns]
+        grad_h = grad_B = None
+        if ctx.needs_input_grad[1]:
+            # The scaling is folded into the small factor, not the tokens-wide product.
+            scaled_B = lora_B * ctx.scaling
+            grad_h = torch.cat([g.mm(scaled_B[j * d:(j + 1) * d]) for j, g in enumerate(grads)],
+                               dim=1)
+        if ctx.needs_input_grad[2]:
+            scaled_h = h * ctx.scaling
+            grad_B = torch.cat([g.t().mm(scaled_h[:, j * r:(j + 1) * r])
+                                for j, g in enumerate(grads)], dim=0)
+        return grad, grad_h, grad_B, None, None

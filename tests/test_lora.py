@@ -154,3 +154,219 @@ def test_merged_state_dict_loads_into_plain_model():
     x = torch.randn(2, 3, 32, 32)
     torch.testing.assert_close(plain(x), model(x), atol=1e-4, rtol=1e-4)
     assert not any(layer.merged for _, layer in lora.lora_layers(model))
+
+
+# --- The forward against the previous formulation -------------------------------------
+# The previous forward built B expanded to the full output width (zero rows for slices that
+# are not adapted), a full-width update, then scaled and added it. It is the reference.
+
+def reference_forward(layer, x):
+    out = layer.base_layer(x)
+    if layer.merged:
+        return out
+    x_lora = layer.lora_dropout(x)
+    if not torch.is_autocast_enabled(x.device.type):
+        x_lora = x_lora.to(layer.lora_A.dtype)
+    h = torch.nn.functional.linear(x_lora, layer.lora_A)
+    update = torch.nn.functional.linear(h, layer._expanded_B()) * layer.scaling
+    return out + update.to(out.dtype)
+
+
+PATTERNS = [(True,), (True, False, True), (False, True, False), (True, True, True),
+            (False, True, True, False)]
+
+
+def lora_layer(parts, seed=0, dropout=0.0, in_features=16, out_features=48):
+    torch.manual_seed(seed)
+    layer = LoRALinear(nn.Linear(in_features, out_features), rank=2, dropout=dropout, parts=parts)
+    layer.lora_B.data.normal_()
+    return layer
+
+
+def outputs_and_grads(forward, layer, x, amp=None):
+    """Output and the gradients of A, B, x (and of a trainable base) for a fixed output grad."""
+    for p in layer.parameters():
+        p.grad = None
+    x = x.detach().clone().requires_grad_(True)
+    if amp is None:
+        y = forward(x)
+    else:
+        with torch.autocast("cpu", dtype=amp):
+            y = forward(x)
+    weights = torch.linspace(-1, 1, y.numel()).view_as(y)
+    (y.float() * weights).sum().backward()
+    grads = {"y": y.detach(), "x": x.grad}
+    grads.update({n: p.grad for n, p in layer.named_parameters() if p.requires_grad})
+    return grads
+
+
+def assert_same(new, ref, rel=None, **tol):
+    """Same keys, dtypes and values; with ``rel`` the tolerance is relative to each
+    tensor's largest value (bf16 rounds each of them to ~3 significant digits)."""
+    assert set(new) == set(ref)
+    for key in ref:
+        assert new[key].dtype == ref[key].dtype, key
+        if rel is not None:
+            tol = {"atol": rel * ref[key].abs().max().item(), "rtol": 0}
+        torch.testing.assert_close(new[key], ref[key], msg=key, **tol)
+
+
+@pytest.mark.parametrize("parts", PATTERNS)
+@pytest.mark.parametrize("shape", [(7, 16), (2, 5, 16)])
+def test_forward_equals_reference_fp32(parts, shape):
+    layer = lora_layer(parts)
+    x = torch.randn(shape)
+    new = outputs_and_grads(layer, layer, x)
+    ref = outputs_and_grads(lambda t: reference_forward(layer, t), layer, x)
+    assert new["lora_B"].abs().sum() > 0 and new["lora_A"].abs().sum() > 0
+    assert new["y"].shape == (*shape[:-1], 48)
+    assert_same(new, ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("parts", [(True,), (True, False, True), (False, True, True, False)])
+def test_forward_equals_reference_under_bf16_autocast(parts):
+    layer = lora_layer(parts)
+    x = torch.randn(2, 5, 16)
+    new = outputs_and_grads(layer, layer, x, amp=torch.bfloat16)
+    ref = outputs_and_grads(lambda t: reference_forward(layer, t), layer, x, amp=torch.bfloat16)
+    assert new["y"].dtype == torch.bfloat16 and new["lora_A"].dtype == torch.float32
+    assert_same(new, ref, rel=2e-2)
+    # And close to the fp32 result, as far as bf16 allows.
+    exact = outputs_and_grads(layer, layer, x)
+    assert_same({k: v.float() for k, v in new.items()}, exact, rel=2e-2)
+
+
+@pytest.mark.parametrize("parts", [(True,), (True, False, True)])
+def test_forward_with_bf16_base_outside_autocast(parts):
+    layer = lora_layer(parts)
+    layer.base_layer.to(torch.bfloat16)  # as lora.cast_frozen_ leaves it; LoRA stays fp32
+    x = torch.randn(2, 5, 16).to(torch.bfloat16)
+    new = outputs_and_grads(layer, layer, x)
+    ref = outputs_and_grads(lambda t: reference_forward(layer, t), layer, x)
+    assert new["y"].dtype == torch.bfloat16 and new["lora_B"].dtype == torch.float32
+    assert new["x"].dtype == torch.bfloat16
+    assert_same(new, ref, rel=2e-2)
+
+
+def test_forward_never_builds_the_expanded_B():
+    layer = lora_layer((True, False, True))
+
+    def refuse():
+        raise AssertionError("the forward built the full-width B")
+
+    layer._expanded_B = refuse
+    layer(torch.randn(3, 16, requires_grad=True)).sum().backward()
+    assert layer.lora_A.grad is not None and layer.lora_B.grad.abs().sum() > 0
+
+
+def test_unadapted_slice_is_the_base_output():
+    layer = lora_layer((True, False, True))
+    x = torch.randn(4, 16)
+    y = layer(x)
+    assert torch.equal(y[:, 16:32], layer.base_layer(x)[:, 16:32])
+    assert not torch.equal(y[:, :16], layer.base_layer(x)[:, :16])
+
+
+def test_same_dropout_mask_as_reference():
+    layer = lora_layer((True, False, True), dropout=0.5).train()
+    x = torch.randn(2, 5, 16)
+    torch.manual_seed(1)
+    new = outputs_and_grads(layer, layer, x)
+    torch.manual_seed(1)
+    ref = outputs_and_grads(lambda t: reference_forward(layer, t), layer, x)
+    assert_same(new, ref, atol=1e-5, rtol=1e-5)
+    layer.eval()  # dropout off: output no longer depends on the seed
+    torch.manual_seed(2)
+    a = layer(x)
+    torch.manual_seed(3)
+    assert torch.equal(a, layer(x))
+
+
+def test_trainable_base_gets_the_reference_gradients():
+    layer = lora_layer((True, False, True))
+    layer.base_layer.requires_grad_(True)  # e.g. full fine-tuning of a LoRA-wrapped model
+    x = torch.randn(2, 5, 16)
+    new = outputs_and_grads(layer, layer, x)
+    ref = outputs_and_grads(lambda t: reference_forward(layer, t), layer, x)
+    assert "base_layer.weight" in new
+    assert_same(new, ref, atol=1e-5, rtol=1e-5)
+
+
+class _PaddedLinear(nn.Module):
+    """A base whose output is a view (rows padded for the product, then cut off), as a
+    low-precision linear that needs aligned shapes may return."""
+
+    def __init__(self, linear):
+        super().__init__()
+        self.linear = linear
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+
+    def forward(self, x):
+        padded = torch.cat([x, x.new_zeros(3, x.shape[-1])])
+        return self.linear(padded)[: x.shape[0]]
+
+
+class _OutputSavingLinear(nn.Module):
+    """A base that keeps its own output for backward (exp does)."""
+
+    def __init__(self, linear):
+        super().__init__()
+        self.linear = linear
+
+    def forward(self, x):
+        return torch.exp(self.linear(x))
+
+
+def test_base_returning_a_view_gets_the_reference_gradients():
+    layer = lora_layer((True, False, True))
+    layer.base_layer = _PaddedLinear(layer.base_layer)
+    x = torch.randn(2, 5, 16)
+    new = outputs_and_grads(layer, layer, x)
+    ref = outputs_and_grads(lambda t: reference_forward(layer, t.reshape(-1, 16)).view(2, 5, 48),
+                            layer, x)
+    assert_same(new, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_base_that_saves_its_output_is_refused_not_silently_wrong():
+    layer = lora_layer((True, False, True))
+    layer.base_layer = _OutputSavingLinear(layer.base_layer)
+    x = torch.randn(4, 16, requires_grad=True)
+    with pytest.raises(RuntimeError, match="inplace"):
+        layer(x).sum().backward()
+
+
+@pytest.mark.parametrize("parts", [(True,), (True, False, True)])
+def test_forward_equals_reference_compiled(parts):
+    torch._dynamo.reset()
+    layer = lora_layer(parts)
+    compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
+    x = torch.randn(2, 5, 16)
+    new = outputs_and_grads(compiled, layer, x)
+    ref = outputs_and_grads(lambda t: reference_forward(layer, t), layer, x)
+    assert_same(new, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_merged_forward_is_the_base():
+    layer = lora_layer((True, False, True))
+    x = torch.randn(2, 5, 16)
+    unmerged = layer(x)
+    layer.merge()
+    torch.testing.assert_close(layer(x), unmerged, atol=1e-5, rtol=1e-5)
+    assert torch.equal(layer(x), layer.base_layer(x))
+
+
+def test_grad_checkpointing_gives_the_same_gradients():
+    def run(checkpointing):
+        torch.manual_seed(0)
+        model = mv.vit_tiny_patch16_lora(depth=2, num_classes=3, img_size=32, lora_dropout=0.1)
+        randomize_lora(model)
+        model.set_grad_checkpointing(checkpointing)
+        model.train()
+        torch.manual_seed(1)
+        model(torch.randn(2, 3, 32, 32)).sum().backward()
+        return {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+
+    plain, checkpointed = run(False), run(True)
+    assert any(n.endswith("lora_A") for n in plain)
+    for name, grad in plain.items():
+        torch.testing.assert_close(checkpointed[name], grad, atol=1e-5, rtol=1e-4, msg=name)
