@@ -15,6 +15,10 @@ same things (rank-r LoRA + fc_norm + head, or everything for full fine-tuning):
     full        full fine-tuning of the same ViT
     ours_gc     ours with activation (gradient) checkpointing of the blocks (when asked for)
     ours_compile  ours under torch.compile (when asked for with --impls)
+    ours_fp8    ours with the frozen block linears computing in float8 (lora.to_float8_), when
+                asked for with --impls: bf16 autocast on GPUs of compute capability 8.9+
+                (skipped, with a note, on older ones); on a CPU (emulated FP8, for checks
+                only) at every precision asked for
 
 A training step is forward + BCE-with-logits on 14 classes + backward + SGD (momentum)
 step. All models live in one process and are timed round-robin (``--steps`` steps each,
@@ -75,8 +79,9 @@ from util.precision import autocast, cpu_has_fast_bf16  # noqa: E402
 NUM_CLASSES = 14
 PRECISIONS: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16}
 TRAIN_IMPLS = ("ours", "ours_bf16w", "peft", "paper", "full")
-OPTIONAL_IMPLS = ("ours_gc", "ours_compile")
-EVAL_IMPLS = ("plain", "ours_merged", "ours_unmerged", "peft", "paper", "ours_bf16w_merged")
+OPTIONAL_IMPLS = ("ours_gc", "ours_compile", "ours_fp8")
+EVAL_IMPLS = ("plain", "ours_merged", "ours_unmerged", "peft", "paper", "ours_bf16w_merged",
+              "ours_fp8_merged")
 
 # Dense bf16 tensor-core peak (FLOP/s, no sparsity) by device-name fragment, first match wins.
 GPU_BF16_PEAK: tuple[tuple[str, float], ...] = (
@@ -123,11 +128,23 @@ def default_precisions(device: torch.device) -> list[str]:
     return ["fp32", "bf16"] if fast_bf16 else ["fp32"]
 
 
+def fp8_runs_on(device: torch.device) -> bool:
+    """Whether FP8 products run on ``device`` (CUDA compute capability 8.9+, or the CPU)."""
+    try:
+        lora.check_fp8_support(device)
+    except ValueError:
+        return False
+    return True
+
+
 def valid_case(impl: str, prec: str, device: torch.device) -> bool:
     """Whether (implementation, precision) is measured: the paper's code autocasts CUDA only,
-    and the bf16-held backbone only makes sense under bf16 autocast."""
+    the bf16-held backbone only makes sense under bf16 autocast, FP8 needs a device that
+    runs it (on a GPU it is timed under bf16 autocast, its peer)."""
     if impl == "ours_bf16w":
         return prec == "bf16"
+    if impl == "ours_fp8":
+        return fp8_runs_on(device) and (prec == "bf16" or device.type == "cpu")
     if impl == "paper" and prec != "fp32":
         return device.type == "cuda"
     return True
@@ -137,7 +154,7 @@ def build(impl: str, arch: str, img_size: int, rank: int, alpha: float, dropout:
           device: torch.device) -> nn.Module:
     """One implementation's training model on ``device``, trainable parameters set."""
     torch.manual_seed(0)  # the same backbone weights for every implementation
-    ours = impl in ("ours", "ours_bf16w", "ours_gc", "ours_compile")
+    ours = impl in ("ours", "ours_bf16w", "ours_gc", "ours_compile", "ours_fp8")
     # Peers start from the plain model (every tensor trainable) and set their own trained set.
     config = mv.ModelConfig(
         model=arch, method="lora" if ours else "full",
@@ -166,6 +183,8 @@ def build(impl: str, arch: str, img_size: int, rank: int, alpha: float, dropout:
     model.to(device)
     if impl == "ours_bf16w":
         lora.cast_frozen_(model, torch.bfloat16)
+    if impl == "ours_fp8":
+        lora.to_float8_(model)
     if impl == "ours_compile":
         model = torch.compile(model)
     return model
@@ -328,6 +347,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         impls.remove("peft")
     cfg = dict(arch=args.model, img_size=args.img_size, rank=args.rank, alpha=args.alpha,
                dropout=args.dropout, batch_size=args.batch_size)
+    if "ours_fp8" in impls and not fp8_runs_on(device):
+        print(f"no FP8 products on {device} (CUDA compute capability 8.9+ needed): the "
+              "'ours_fp8' contender is skipped", file=sys.stderr)
     cases = [(i, p) for i in impls for p in precs if valid_case(i, p, device)]
     result: dict[str, Any] = {"machine": machine_info(device), "config": {**cfg, "steps": args.steps,
                               "rounds": args.rounds, "precisions": precs, "eval_batch_size": args.eval_batch_size}}
@@ -389,10 +411,11 @@ def run_eval(trainers: dict[str, Trainer], precs: list[str], args: argparse.Name
         lora.merge(merged)
         models["ours_merged"] = merged
         models["ours_unmerged"] = trainers["ours"].model
-    if "ours_bf16w" in trainers:
-        merged = copy.deepcopy(trainers["ours_bf16w"].model)
-        lora.merge(merged)
-        models["ours_bf16w_merged"] = merged
+    for impl in ("ours_bf16w", "ours_fp8"):
+        if impl in trainers:
+            merged = copy.deepcopy(trainers[impl].model)
+            lora.merge(merged)
+            models[f"{impl}_merged"] = merged
     for impl in ("peft", "paper"):
         if impl in trainers:
             models[impl] = trainers[impl].model
@@ -401,7 +424,7 @@ def run_eval(trainers: dict[str, Trainer], precs: list[str], args: argparse.Name
     for name, model in models.items():
         model.eval()
         for prec in precs:
-            impl = "paper" if name == "paper" else ("ours_bf16w" if name.startswith("ours_bf16w") else "ours")
+            impl = next((i for i in ("paper", "ours_bf16w", "ours_fp8") if name.startswith(i)), "ours")
             if not valid_case(impl, prec, device):
                 continue
             amp = amp_context(impl, device, PRECISIONS[prec])
@@ -439,6 +462,11 @@ def ratios(result: dict[str, Any], precs: list[str], device: torch.device) -> di
         put(f"eval unmerged/plain {p}", ev, f"ours_unmerged:{p}", f"plain:{p}", "img_s")
         put(f"eval peft/plain {p}", ev, f"peft:{p}", f"plain:{p}", "img_s")
         put(f"eval paper/plain {p}", ev, f"paper:{p}", f"plain:{p}", "img_s")
+        put(f"train ours_fp8/ours {p}", train, f"ours_fp8:{p}", f"ours:{p}", "img_s")
+        put(f"train ours_fp8/peft {p}", train, f"ours_fp8:{p}", f"peft:{p}", "img_s")
+        put(f"memory ours_fp8/full {p}", mem, f"ours_fp8:{p}", f"full:{p}", "peak_mb")
+        put(f"eval ours_fp8_merged/ours_merged {p}", ev, f"ours_fp8_merged:{p}",
+            f"ours_merged:{p}", "img_s")
     if "bf16" in precs:
         put("train ours_bf16w/peft bf16", train, "ours_bf16w:bf16", "peft:bf16", "img_s")
         put("memory ours_bf16w/full bf16", mem, "ours_bf16w:bf16", "full:bf16", "peak_mb")

@@ -45,9 +45,11 @@ def quantize(t: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.T
     """``t`` scaled so that its largest magnitude maps to the largest finite value of the
     float8 ``dtype``, cast; returns (fp8 tensor, fp32 scalar that undoes the scaling)."""
     fmax = torch.finfo(dtype).max
-    amax = t.detach().abs().amax().float().clamp(min=1e-12)
+    lo, hi = torch.aminmax(t.detach())  # one pass, no |t| temporary
+    amax = torch.maximum(-lo, hi).float().clamp(min=1e-12)
     scale = fmax / amax
-    q = (t.float() * scale).clamp(-fmax, fmax).to(dtype)
+    # The float8 cast does not saturate (e4m3fn overflows to NaN): clamp the rounding slack.
+    q = (t.float() * scale).clamp_(-fmax, fmax).to(dtype)
     return q, scale.reciprocal()
 
 
