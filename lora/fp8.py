@@ -133,6 +133,10 @@ class Float8Linear(nn.Linear):
         """Drop the cached fp8 weight: it is rebuilt from the master weight on the next call."""
         self._fp8, self._fp8_key = None, None
 
+    # Outside any torch.compile graph: the version check must run on every call. (Compiled,
+    # the LoRA tensors of a converted model still get no gradient: --backbone_dtype fp8 is
+    # eager only.)
+    @torch.compiler.disable
     def float8_weight(self) -> Float8Weight:
         """The e4m3 weight and its scale, quantised again if the master weight changed."""
         w = self.weight
@@ -160,10 +164,9 @@ class Float8Linear(nn.Linear):
         x2d = x.reshape(-1, self.in_features).contiguous()  # row-major mat1
         weight = self.float8_weight()
         with torch.autocast(device_type, enabled=False):  # the dtypes are set explicitly here
-            out = _Float8Product.apply(x2d, weight, out_dtype)
-            if self.bias is not None:
-                out = out + self.bias.to(out_dtype)
-        return out.reshape(*lead, self.out_features)
+            out = _Float8Product.apply(x2d, weight, out_dtype).reshape(*lead, self.out_features)
+            # A fresh tensor, not a view: callers (LoRALinear) add their update in place.
+            return out + self.bias.to(out_dtype) if self.bias is not None else out.clone()
 
     def extra_repr(self) -> str:
         path = "fp8 e4m3 x e4m3, dgrad e5m2 x e4m3" if self.fp8_eligible else "fallback: not 16-aligned"

@@ -222,7 +222,8 @@ def test_flag_refused_on_an_old_gpu_and_for_full_fine_tuning(monkeypatch, tmp_pa
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
     for flags, message in ((["--device", "cuda"], "--backbone_dtype fp8 needs a GPU"),
                            (["--device", "cpu", "--method", "full", "--model", "vit_tiny_patch16"],
-                            "--backbone_dtype fp8 needs a frozen backbone")):
+                            "--backbone_dtype fp8 needs a frozen backbone"),
+                           (["--device", "cpu", "--compile"], "--backbone_dtype fp8 runs eagerly")):
         with pytest.raises(SystemExit) as exc:
             mfl.cli(["--demo", "--backbone_dtype", "fp8", "--check_args",
                      "--output_dir", str(tmp_path), *flags])
