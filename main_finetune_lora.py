@@ -370,12 +370,6 @@ def resolve_args(args: argparse.Namespace, explicit: set[str]) -> argparse.Names
                 lora.check_fp8_support(torch.device(args.device))
             except ValueError as err:
                 raise ArgumentError(str(err)) from None
-            # Compiled, the FP8 layers were seen to lose the LoRA gradients: eager only for now.
-            if args.compile == "on":
-                raise ArgumentError("--backbone_dtype fp8 runs eagerly only: drop --compile")
-            if args.compile == "auto":
-                args.compile = "off"
-                args.notes.append("--backbone_dtype fp8: --compile auto is off (FP8 runs eagerly)")
         elif args.amp != args.backbone_dtype:
             raise ArgumentError(f"--backbone_dtype {args.backbone_dtype} needs --amp "
                                 f"{args.backbone_dtype} (got --amp {args.amp})")

@@ -71,25 +71,30 @@ class Float8Weight:
 
 
 class _Float8Product(torch.autograd.Function):
-    """``x @ W^T`` in FP8, input gradient ``dY @ W`` in FP8, no gradient for W."""
+    """``x @ W^T`` in FP8, input gradient ``dY @ W`` in FP8, no gradient for W.
+
+    The fp8 weight travels as tensors (not as the Float8Weight holding them), so that
+    torch.compile traces the function like any other.
+    """
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: Float8Weight,  # type: ignore[override]
+    def forward(ctx, x: torch.Tensor, w_q: torch.Tensor, w_inv: torch.Tensor,  # type: ignore[override]
                 out_dtype: torch.dtype) -> torch.Tensor:
         x_q, x_inv = quantize(x, E4M3)
-        ctx.weight, ctx.in_dtype = weight, x.dtype
-        return torch._scaled_mm(x_q, weight.q.t(), scale_a=x_inv, scale_b=weight.inv_scale,
-                                out_dtype=out_dtype)
+        ctx.save_for_backward(w_q, w_inv)
+        ctx.in_dtype = x.dtype
+        return torch._scaled_mm(x_q, w_q.t(), scale_a=x_inv, scale_b=w_inv, out_dtype=out_dtype)
 
     @staticmethod
-    def backward(ctx, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, None, None]:  # type: ignore[override]
+    def backward(ctx, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, None, None, None]:  # type: ignore[override]
         if not ctx.needs_input_grad[0]:
-            return None, None, None
+            return None, None, None, None
+        w_q, w_inv = ctx.saved_tensors
         g_q, g_inv = quantize(grad_out.contiguous(), E5M2)
-        weight: Float8Weight = ctx.weight
-        grad_in = torch._scaled_mm(g_q, weight.q_t.t(), scale_a=g_inv, scale_b=weight.inv_scale,
-                                   out_dtype=ctx.in_dtype)
-        return grad_in, None, None
+        # mat2 of dY @ W must be column-major: the transpose of a row-major (in, out) copy.
+        w_t = w_q.t().contiguous()
+        grad_in = torch._scaled_mm(g_q, w_t.t(), scale_a=g_inv, scale_b=w_inv, out_dtype=ctx.in_dtype)
+        return grad_in, None, None, None
 
 
 class Float8Linear(nn.Linear):
@@ -133,9 +138,8 @@ class Float8Linear(nn.Linear):
         """Drop the cached fp8 weight: it is rebuilt from the master weight on the next call."""
         self._fp8, self._fp8_key = None, None
 
-    # Outside any torch.compile graph: the version check must run on every call. (Compiled,
-    # the LoRA tensors of a converted model still get no gradient: --backbone_dtype fp8 is
-    # eager only.)
+    # Outside any torch.compile graph: the version check must run on every call (a graph
+    # break; LoRALinear's add is written to keep its gradients across one).
     @torch.compiler.disable
     def float8_weight(self) -> Float8Weight:
         """The e4m3 weight and its scale, quantised again if the master weight changed."""
@@ -164,7 +168,8 @@ class Float8Linear(nn.Linear):
         x2d = x.reshape(-1, self.in_features).contiguous()  # row-major mat1
         weight = self.float8_weight()
         with torch.autocast(device_type, enabled=False):  # the dtypes are set explicitly here
-            out = _Float8Product.apply(x2d, weight, out_dtype).reshape(*lead, self.out_features)
+            out = _Float8Product.apply(x2d, weight.q, weight.inv_scale, out_dtype)
+            out = out.reshape(*lead, self.out_features)
             # A fresh tensor, not a view: callers (LoRALinear) add their update in place.
             return out + self.bias.to(out_dtype) if self.bias is not None else out.clone()
 

@@ -125,8 +125,14 @@ class LoRALinear(nn.Module):
         h = F.linear(x_lora, self.lora_A)
         # The in-place add takes one dtype (in-place ops are not autocast): the small
         # factors follow the base output, not the other way round.
-        out = _AddSliceUpdates.apply(out, h.to(out.dtype), self.lora_B.to(out.dtype),
-                                     self.scaling, self._adapted_columns())
+        h, lora_B, columns = h.to(out.dtype), self.lora_B.to(out.dtype), self._adapted_columns()
+        if torch.compiler.is_compiling():
+            # Traced, the compiler fuses the adds itself; and an in-place custom function on
+            # a graph input (a base output made before a graph break, e.g. an FP8 base)
+            # loses its gradients under AOT autograd.
+            out = _with_slice_updates(out, h, lora_B, self.scaling, columns)
+        else:
+            out = _AddSliceUpdates.apply(out, h, lora_B, self.scaling, columns)
         return out.reshape(*x.shape[:-1], out.shape[-1])
 
     def _adapted_columns(self) -> tuple[tuple[int, int], ...]:
@@ -161,6 +167,23 @@ class LoRALinear(nn.Module):
     def extra_repr(self) -> str:
         return (f"rank={self.rank}, alpha={self.alpha}, parts={self.parts}, "
                 f"merged={self.merged}")
+
+
+def _with_slice_updates(out: torch.Tensor, h: torch.Tensor, lora_B: torch.Tensor, scaling: float,
+                        columns: tuple[tuple[int, int], ...]) -> torch.Tensor:
+    """What `_AddSliceUpdates` computes, out of place (for traced graphs)."""
+    r = h.shape[1] // len(columns)
+    d = lora_B.shape[0] // len(columns)
+    pieces, at = [], 0
+    for j, (start, stop) in enumerate(columns):
+        if start > at:
+            pieces.append(out[:, at:start])
+        pieces.append(torch.addmm(out[:, start:stop], h[:, j * r:(j + 1) * r],
+                                  lora_B[j * d:(j + 1) * d].t(), alpha=scaling))
+        at = stop
+    if at < out.shape[1]:
+        pieces.append(out[:, at:])
+    return torch.cat(pieces, dim=1)
 
 
 class _AddSliceUpdates(torch.autograd.Function):

@@ -153,6 +153,26 @@ def test_lora_gradients_close_to_the_unconverted_model():
             assert cos > 0.98, (name, cos.item())
 
 
+def test_compiled_fp8_model_gives_the_eager_gradients():
+    """Under torch.compile (AOT autograd) the LoRA tensors get the eager fp8 model's gradients:
+    the fp8 weight cache is a graph break, and LoRA's add must not lose them across it."""
+    eager = tiny_vit()
+    to_float8_(eager)
+    compiled_src = copy.deepcopy(eager)
+    compiled = torch.compile(compiled_src, backend="aot_eager")
+    torch.manual_seed(1)
+    x, y = torch.randn(4, 3, 32, 32), torch.randint(0, 2, (4, 14)).float()
+    for model in (eager, compiled):
+        F.binary_cross_entropy_with_logits(model(x), y).backward()
+    got = dict(compiled_src.named_parameters())
+    trained = [n for n, p in eager.named_parameters() if p.requires_grad]
+    assert sum("lora_" in n for n in trained) == 4
+    for name in trained:
+        assert got[name].grad is not None, name
+        torch.testing.assert_close(got[name].grad, dict(eager.named_parameters())[name].grad,
+                                   atol=1e-6, rtol=1e-5, msg=name)
+
+
 def test_merge_and_unmerge_refresh_the_fp8_weight():
     model = tiny_vit()
     reference = copy.deepcopy(model)
@@ -222,8 +242,7 @@ def test_flag_refused_on_an_old_gpu_and_for_full_fine_tuning(monkeypatch, tmp_pa
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
     for flags, message in ((["--device", "cuda"], "--backbone_dtype fp8 needs a GPU"),
                            (["--device", "cpu", "--method", "full", "--model", "vit_tiny_patch16"],
-                            "--backbone_dtype fp8 needs a frozen backbone"),
-                           (["--device", "cpu", "--compile"], "--backbone_dtype fp8 runs eagerly")):
+                            "--backbone_dtype fp8 needs a frozen backbone")):
         with pytest.raises(SystemExit) as exc:
             mfl.cli(["--demo", "--backbone_dtype", "fp8", "--check_args",
                      "--output_dir", str(tmp_path), *flags])
@@ -245,7 +264,8 @@ def test_fp8_run_end_to_end_then_eval_predict_export(tmp_path):
             "--model", "vit_tiny_patch16_lora", "--depth", "2", "--input_size", "32",
             "--batch_size", "16", "--num_workers", "0", "--amp", "bf16", "--epochs", "1",
             "--warmup_epochs", "0", "--lr", "0.05", "--output_dir", str(out), "--run_name", "",
-            "--no_progress", "--ci_resamples", "0", "--backbone_dtype", "fp8"]
+            "--no_progress", "--ci_resamples", "0", "--backbone_dtype", "fp8",
+            "--compile", "on", "--compile_backend", "aot_eager"]
     assert mfl.cli(argv) == 0
     assert json.loads((out / "config.json").read_text())["args"]["backbone_dtype"] == "fp8"
     results = json.loads((out / "results_test.json").read_text())

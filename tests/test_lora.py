@@ -370,3 +370,25 @@ def test_grad_checkpointing_gives_the_same_gradients():
     assert any(n.endswith("lora_A") for n in plain)
     for name, grad in plain.items():
         torch.testing.assert_close(checkpointed[name], grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_compiled_lora_over_a_graph_break_keeps_its_gradients():
+    """A base whose output is made outside the compiled graph (a graph break, as the FP8
+    base's weight cache is) hands that output to the LoRA add as a graph input: the
+    gradients must still reach A and B."""
+    torch.manual_seed(0)
+
+    class OutsideGraph(nn.Linear):
+        @torch.compiler.disable
+        def forward(self, x):
+            return super().forward(x)
+
+    base = OutsideGraph(32, 96).requires_grad_(False)
+    layer = LoRALinear(base, rank=4, parts=(True, False, True))
+    nn.init.normal_(layer.lora_B)
+    x = torch.randn(2, 5, 32, requires_grad=True)
+    eager_grads = torch.autograd.grad(layer(x).square().sum(), [layer.lora_A, layer.lora_B, x])
+    compiled = torch.compile(layer, backend="aot_eager")
+    got = torch.autograd.grad(compiled(x).square().sum(), [layer.lora_A, layer.lora_B, x])
+    for a, b in zip(got, eager_grads):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
