@@ -15,6 +15,9 @@ same things (rank-r LoRA + fc_norm + head, or everything for full fine-tuning):
     full        full fine-tuning of the same ViT
     ours_gc     ours with activation (gradient) checkpointing of the blocks (when asked for)
     ours_compile  ours under torch.compile (when asked for with --impls)
+    ours_cudagraphs  ours under torch.compile(mode="reduce-overhead"): CUDA graphs, what
+                --compile_mode reduce-overhead trains with (when asked for; CUDA only)
+    peft_compile  peft under torch.compile: a PEFT user can compile too (when asked for)
     ours_fp8    ours with the frozen block linears computing in float8 (lora.to_float8_), when
                 asked for with --impls: bf16 autocast on GPUs of compute capability 8.9+
                 (skipped, with a note, on older ones); on a CPU (emulated FP8, for checks
@@ -79,7 +82,8 @@ from util.precision import autocast, cpu_has_fast_bf16  # noqa: E402
 NUM_CLASSES = 14
 PRECISIONS: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16}
 TRAIN_IMPLS = ("ours", "ours_bf16w", "peft", "paper", "full")
-OPTIONAL_IMPLS = ("ours_gc", "ours_compile", "ours_fp8")
+OPTIONAL_IMPLS = ("ours_gc", "ours_compile", "ours_cudagraphs", "peft_compile", "ours_fp8")
+COMPILED_IMPLS = ("ours_compile", "ours_cudagraphs", "peft_compile")
 EVAL_IMPLS = ("plain", "ours_merged", "ours_unmerged", "peft", "paper", "ours_bf16w_merged",
               "ours_fp8_merged")
 
@@ -145,6 +149,8 @@ def valid_case(impl: str, prec: str, device: torch.device) -> bool:
         return prec == "bf16"
     if impl == "ours_fp8":
         return fp8_runs_on(device) and (prec == "bf16" or device.type == "cpu")
+    if impl == "ours_cudagraphs":
+        return device.type == "cuda"
     if impl == "paper" and prec != "fp32":
         return device.type == "cuda"
     return True
@@ -154,7 +160,7 @@ def build(impl: str, arch: str, img_size: int, rank: int, alpha: float, dropout:
           device: torch.device) -> nn.Module:
     """One implementation's training model on ``device``, trainable parameters set."""
     torch.manual_seed(0)  # the same backbone weights for every implementation
-    ours = impl in ("ours", "ours_bf16w", "ours_gc", "ours_compile", "ours_fp8")
+    ours = impl in ("ours", "ours_bf16w", "ours_gc", "ours_compile", "ours_cudagraphs", "ours_fp8")
     # Peers start from the plain model (every tensor trainable) and set their own trained set.
     config = mv.ModelConfig(
         model=arch, method="lora" if ours else "full",
@@ -165,7 +171,7 @@ def build(impl: str, arch: str, img_size: int, rank: int, alpha: float, dropout:
     if ours:
         if impl == "ours_gc":
             model.set_grad_checkpointing(True)  # recompute block activations in backward
-    elif impl == "peft":
+    elif impl in ("peft", "peft_compile"):
         if peft is None:
             raise RuntimeError("the 'peft' peer needs HF PEFT (pip install peft)")
         cfg = peft.LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout,
@@ -185,8 +191,10 @@ def build(impl: str, arch: str, img_size: int, rank: int, alpha: float, dropout:
         lora.cast_frozen_(model, torch.bfloat16)
     if impl == "ours_fp8":
         lora.to_float8_(model)
-    if impl == "ours_compile":
+    if impl in ("ours_compile", "peft_compile"):
         model = torch.compile(model)
+    if impl == "ours_cudagraphs":
+        model = torch.compile(model, mode="reduce-overhead")
     return model
 
 
@@ -342,9 +350,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     device = resolve_device(args.device)
     precs = args.amp.split(",") if args.amp != "auto" else default_precisions(device)
     impls = [i for i in args.impls.split(",")]
-    if peft is None and "peft" in impls:
-        print("HF PEFT not installed: the 'peft' peer is skipped", file=sys.stderr)
-        impls.remove("peft")
+    for name in ("peft", "peft_compile"):
+        if peft is None and name in impls:
+            print(f"HF PEFT not installed: the '{name}' peer is skipped", file=sys.stderr)
+            impls.remove(name)
     cfg = dict(arch=args.model, img_size=args.img_size, rank=args.rank, alpha=args.alpha,
                dropout=args.dropout, batch_size=args.batch_size)
     if "ours_fp8" in impls and not fp8_runs_on(device):
@@ -379,7 +388,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         fn = (lambda t=trainer, a=amp: t.step(x, y, a))
         key = f"{impl}:{prec}"
         # The first warm-up step also counts the FLOPs (they do not depend on the dtype).
-        flops[key] = count_flops(fn) if impl != "ours_compile" else 0
+        flops[key] = count_flops(fn) if impl not in COMPILED_IMPLS else 0
         for _ in range(args.warmup):
             fn()
         train_fns[key] = fn
@@ -453,6 +462,10 @@ def ratios(result: dict[str, Any], precs: list[str], device: torch.device) -> di
         put(f"train ours/peft {p}", train, f"ours:{p}", f"peft:{p}", "img_s")
         put(f"train ours/full {p}", train, f"ours:{p}", f"full:{p}", "img_s")
         put(f"train ours_compile/peft {p}", train, f"ours_compile:{p}", f"peft:{p}", "img_s")
+        put(f"train ours_compile/peft_compile {p}", train, f"ours_compile:{p}", f"peft_compile:{p}", "img_s")
+        put(f"train ours_cudagraphs/peft {p}", train, f"ours_cudagraphs:{p}", f"peft:{p}", "img_s")
+        put(f"train ours_cudagraphs/peft_compile {p}", train, f"ours_cudagraphs:{p}",
+            f"peft_compile:{p}", "img_s")
         put(f"train ours/paper {p}", train, f"ours:{p}", f"paper:{p}", "img_s")
         put(f"memory ours/full {p}", mem, f"ours:{p}", f"full:{p}", "peak_mb")
         put(f"memory ours/peft {p}", mem, f"ours:{p}", f"peft:{p}", "peak_mb")
