@@ -11,6 +11,7 @@ from PIL import Image
 from torchvision import transforms as T
 from torchvision.transforms import InterpolationMode
 
+import datasets.chestxray as chestxray
 import datasets.resample as resample
 from datasets import build_dataset, build_transform, make_demo_dataset
 from datasets.constants import NORM_STATS
@@ -149,3 +150,22 @@ def test_dataset_tensors_equal_the_papers_pipeline(fresh, demo, cache):
             rgb = Image.open(ours.files[index]).convert("RGB")  # the paper's loader
             assert torch.equal(x, reference(rgb)), (index, seed)
     assert ours.cache_info["crop_resize"] == resample.kernel_name()
+
+
+def test_dataset_tensors_equal_the_papers_adamw_pipeline(fresh, demo):
+    """The adamw recipe (timm's crop, RandAugment, erasing) read through the data set, with the
+    native resize: the paper's timm pipeline on the RGB PIL image, bit for bit."""
+    from test_data_transforms import paper_adamw_reference, seed_all
+
+    ours = build_dataset("train", demo, transform=build_transform(True, "adamw", input_size=40,
+                                                                  norm="cxr_mae", reprob=0.25),
+                         cache="off")
+    reference = paper_adamw_reference(40, "cxr_mae", one_value_mean=True)
+    calls = []
+    fresh.setattr(chestxray, "resize_grey", lambda *a: calls.append(a) or resample.resize_grey(*a))
+    for index in range(len(ours)):
+        seed_all(index)
+        x, _ = ours[index]
+        seed_all(index)
+        assert torch.equal(x, reference(Image.open(ours.files[index]).convert("RGB"))), index
+    assert len(calls) == len(ours)  # timm's crop went through resize_grey
