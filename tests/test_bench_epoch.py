@@ -37,3 +37,56 @@ def test_bench_epoch_rejects_unknown_variants():
 
     with pytest.raises(SystemExit):
         bench_epoch.main(TINY + ["--variants", "exact,fast"])
+
+
+FAKE_TIMEOUT = """#!/usr/bin/env bash
+# Records "seconds command..." instead of running the benchmark.
+echo "$*" >> "$CALLS"
+"""
+
+
+def _gpu_check_calls(tmp_path, **env):
+    """The (timeout, command) pairs bench/gpu_check.sh would run on a GPU machine."""
+    import os
+    import subprocess
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    for name, text in (("timeout", FAKE_TIMEOUT), ("python3", "#!/bin/sh\ncat > /dev/null\n")):
+        fake = bin_dir / name  # python3 only prints the environment report here
+        fake.write_text(text)
+        fake.chmod(0o755)
+    calls = tmp_path / "calls.txt"
+    calls.unlink(missing_ok=True)
+    run_env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "CALLS": str(calls),
+               "OUT": str(tmp_path / "out"), "DEVICE": "cuda", **env}
+    proc = subprocess.run(["bash", str(ROOT / "bench" / "gpu_check.sh")], cwd=ROOT, env=run_env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return [(int(line.split()[0]), line.split()[1:]) for line in calls.read_text().splitlines()]
+
+
+def test_gpu_check_fits_its_budget_and_names_real_benches(tmp_path):
+    """On a GPU machine the steps' timeouts add up to at most 540 s (under 9 minutes), every
+    step runs an existing bench script, and every bench_model contender it names exists."""
+    import bench_model
+
+    calls = _gpu_check_calls(tmp_path)
+    assert sum(seconds for seconds, _ in calls) <= 540
+    scripts = [cmd[1] for _, cmd in calls]
+    assert all(cmd[0] == "python3" for _, cmd in calls)
+    assert all((ROOT / script).is_file() for script in scripts)
+    for expected in ("bench/bench_model.py", "bench/bench_lora_layer.py", "bench/profile_step.py",
+                     "bench/bench_data.py", "bench/bench_epoch.py"):
+        assert expected in scripts
+    names = set(bench_model.TRAIN_IMPLS + bench_model.OPTIONAL_IMPLS)
+    named = set()
+    for _, cmd in calls:
+        if cmd[1] == "bench/bench_model.py":
+            named |= set(cmd[cmd.index("--impls") + 1].split(","))
+    assert named <= names and {"ours_fp8", "peft_compile", "ours_compile", "ours_cudagraphs"} <= named
+    # The optional DICOM epoch adds its own timeout; the compiled contenders can be left out.
+    with_dicom = _gpu_check_calls(tmp_path, DICOM="1")
+    assert len(with_dicom) == len(calls) + 1
+    no_compiled = _gpu_check_calls(tmp_path, COMPILED="0")
+    assert not any("peft_compile" in " ".join(cmd) for _, cmd in no_compiled)
