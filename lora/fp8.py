@@ -210,14 +210,17 @@ def check_fp8_support(device: torch.device) -> None:
             raise ValueError(f"{FLAG} needs a GPU with FP8 tensor cores (compute capability "
                              f"{MIN_CUDA_CAPABILITY[0]}.{MIN_CUDA_CAPABILITY[1]}+, Ada or Hopper); "
                              f"{device} has {major}.{minor}")
-        return
-    if device.type != "cpu":
+    elif device.type != "cpu":
         raise ValueError(f"{FLAG} runs on CUDA GPUs (compute capability 8.9+) and the CPU, "
                          f"not on {device.type}")
-    a = torch.zeros(ALIGNMENT, ALIGNMENT).to(E4M3)
-    one = torch.ones(())
-    try:
-        torch._scaled_mm(a, a.t(), scale_a=one, scale_b=one, out_dtype=torch.float32)
-    except (RuntimeError, NotImplementedError) as err:
-        raise ValueError(f"{FLAG}: this torch build has no FP8 product on the CPU "
-                         f"({str(err).splitlines()[0]})") from None
+    if torch.torch_version.TorchVersion(torch.__version__) < (2, 5):
+        # Earlier torch returned (result, amax) from _scaled_mm, with other argument rules.
+        raise ValueError(f"{FLAG} needs torch 2.5 or later (this is {torch.__version__})")
+    if device.type == "cpu":  # not every CPU build has the products: try one
+        a = torch.zeros(ALIGNMENT, ALIGNMENT).to(E4M3)
+        one = torch.ones(())
+        try:
+            torch._scaled_mm(a, a.t(), scale_a=one, scale_b=one, out_dtype=torch.float32)
+        except (RuntimeError, NotImplementedError) as err:
+            raise ValueError(f"{FLAG}: this torch build has no FP8 product on the CPU "
+                             f"({str(err).splitlines()[0]})") from None

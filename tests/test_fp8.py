@@ -237,6 +237,12 @@ def test_cuda_capability_check(monkeypatch, capability, refused):
     check_fp8_support(torch.device("cpu"))  # the CPU runs the products (here: emulated)
 
 
+def test_old_torch_is_refused(monkeypatch):
+    monkeypatch.setattr(torch, "__version__", "2.4.1+cu121")
+    with pytest.raises(ValueError, match="--backbone_dtype fp8 needs torch 2.5 or later"):
+        check_fp8_support(torch.device("cpu"))
+
+
 def test_flag_refused_on_an_old_gpu_and_for_full_fine_tuning(monkeypatch, tmp_path, capsys):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
