@@ -169,3 +169,23 @@ def test_dataset_tensors_equal_the_papers_adamw_pipeline(fresh, demo):
         seed_all(index)
         assert torch.equal(x, reference(Image.open(ours.files[index]).convert("RGB"))), index
     assert len(calls) == len(ours)  # timm's crop went through resize_grey
+
+
+def test_processes_building_at_once_leave_one_good_library(tmp_path):
+    """DataLoader workers may build at the same moment: each renames a finished file into place."""
+    import subprocess
+    import sys
+
+    if shutil.which("cc") is None and shutil.which("gcc") is None:
+        pytest.skip("no C compiler here")
+    code = ("import sys, pathlib; sys.path.insert(0, sys.argv[1]); import datasets.resample as r; "
+            "r.build_dir = lambda: pathlib.Path(sys.argv[2]); fn = r._load(r.compile_library()); "
+            "print(repr(r.self_check(fn, cases=4)))")
+    root = str(resample.SOURCE.parents[1])
+    procs = [subprocess.Popen([sys.executable, "-c", code, root, str(tmp_path)], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(3)]
+    for proc in procs:
+        out, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0, err[-2000:]
+        assert out.strip() == "''"  # the library each loaded agrees with Pillow
+    assert [p.suffix for p in tmp_path.iterdir()] == [".so"]
