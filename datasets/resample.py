@@ -43,8 +43,20 @@ _SELF_CHECK_CASES = 40
 _state: dict[str, object] = {}  # per process: "lib" (ctypes function or None), "why"
 
 
+def _library_name() -> str:
+    """File name of the compiled library: the hash of source, flags and platform."""
+    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(CFLAGS).encode() +
+                         f"{sys.platform}-{os.uname().machine}".encode()).hexdigest()[:16]
+    return f"resample-{key}.so"
+
+
+def _user_cache() -> Path:
+    home = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")  # Path.home may raise
+    return Path(home) / "cxr-lora"
+
+
 def build_dir() -> Path:
-    """Where the compiled library is kept: beside the source if writable, else the user's cache."""
+    """Where the library is built: beside the source if writable, else the user's cache."""
     here = SOURCE.parent / "_build"
     try:
         here.mkdir(exist_ok=True)
@@ -52,24 +64,25 @@ def build_dir() -> Path:
             return here
     except OSError:
         pass
-    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "cxr-lora"
+    cache = _user_cache()
     cache.mkdir(parents=True, exist_ok=True)
     return cache
 
 
 def _library_path() -> Path:
-    """The compiled library's file: named by the hash of source, flags and platform."""
-    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(CFLAGS).encode() +
-                         f"{sys.platform}-{os.uname().machine}".encode()).hexdigest()[:16]
-    return build_dir() / f"resample-{key}.so"
+    """The library's path: an existing build beside the source (e.g. made by setup.sh in a
+    checkout that is read-only now) first, else in `build_dir()`."""
+    prebuilt = SOURCE.parent / "_build" / _library_name()
+    return prebuilt if prebuilt.is_file() else build_dir() / _library_name()
 
 
-def compile_library() -> Path:
-    """Compile _resample.c if its library is not built yet; returns the library's path.
+def compile_library(folder: Path | None = None) -> Path:
+    """Compile _resample.c if its library is not built yet (in `folder`, default: see
+    `_library_path`); returns the library's path.
 
     Raises OSError (no compiler, compile error): callers fall back to Pillow.
     """
-    target = _library_path()
+    target = _library_path() if folder is None else Path(folder) / _library_name()
     if target.is_file():
         return target
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
@@ -98,7 +111,7 @@ def _load(path: Path):
 
 
 def _call(fn, array: np.ndarray, size: tuple[int, int], resample: int) -> np.ndarray:
-    """Run the C resize on a 2-D uint8 array with unit column stride; size = (height, width)."""
+    """One C resize of a 2-D uint8 array with unit column stride; size = (height, width)."""
     out = np.empty(size, np.uint8)
     status = fn(array.ctypes.data, array.shape[0], array.shape[1], array.strides[0], out.ctypes.data,
                 size[0], size[1], resample)
@@ -107,20 +120,46 @@ def _call(fn, array: np.ndarray, size: tuple[int, int], resample: int) -> np.nda
     return out
 
 
+def _resize_native(fn, array: np.ndarray, size: tuple[int, int], resample: int) -> np.ndarray:
+    """The C resize in the order ``Image.resize`` calls Pillow's C code: an image more than
+    100 times taller than wide that shrinks in height is resized vertically first."""
+    (h, w), (oh, ow) = array.shape, size
+    if h > w * 100 and oh < h:
+        return _call(fn, _call(fn, array, (oh, w), resample), (oh, ow), resample)
+    return _call(fn, array, size, resample)
+
+
+def _check_cases(rng: np.random.Generator, cases: int) -> Iterator[tuple[tuple[int, int], tuple[int, int]]]:
+    """(input shape, output size) pairs of the self-check: random, training-like, and the
+    shapes where Pillow's order of passes matters (very tall, very uneven scales)."""
+    for i in range(cases):
+        kind = i % 5
+        if kind == 0:  # the training case: a large crop down to a small square
+            yield (int(rng.integers(200, 400)), int(rng.integers(200, 400))), (56, 56)
+        elif kind == 1:  # more than 100 times taller than wide, shrinking in height
+            w = int(rng.integers(2, 4))
+            yield (int(rng.integers(101 * w, 160 * w)), w), (int(rng.integers(1, 90)), int(rng.integers(1, 40)))
+        elif kind == 2:  # one side scaled down much more than the other
+            a, b = int(rng.integers(150, 300)), int(rng.integers(20, 60))
+            if i % 2:  # the height shrinks a lot, the width grows
+                yield (a, b), (int(rng.integers(2, 12)), int(rng.integers(b, 2 * b)))
+            else:
+                yield (b, a), (int(rng.integers(b, 2 * b)), int(rng.integers(2, 12)))
+        else:
+            yield (tuple(int(v) for v in rng.integers(1, 160, size=2)),  # type: ignore[misc]
+                   tuple(int(v) for v in rng.integers(1, 96, size=2)))
+
+
 def self_check(fn, cases: int = _SELF_CHECK_CASES, seed: int = 0) -> str:
     """'' if the C resize equals Pillow's on random images and sizes, else the first difference."""
     rng = np.random.default_rng(seed)
-    for i in range(cases):
-        h, w = (int(v) for v in rng.integers(1, 160, size=2))
-        oh, ow = (int(v) for v in rng.integers(1, 96, size=2))
-        if i % 4 == 0:  # the training case: a large crop down to a small square
-            h, w, oh, ow = int(rng.integers(200, 400)), int(rng.integers(200, 400)), 56, 56
+    for i, ((h, w), (oh, ow)) in enumerate(_check_cases(rng, cases)):
         array = rng.integers(0, 256, size=(h, w), dtype=np.uint8)
         if i % 3 == 0:  # hard edges drive the bicubic overshoot into the clipping
             array = np.where(array > 127, 255, 0).astype(np.uint8)
         for resample in FILTERS:
             expected = np.asarray(Image.fromarray(array, mode="L").resize((ow, oh), resample))
-            got = _call(fn, array, (oh, ow), resample)
+            got = _resize_native(fn, array, (oh, ow), resample)
             if not np.array_equal(got, expected):
                 return (f"{FILTERS[resample]} {w}x{h} -> {ow}x{oh}: "
                         f"{int((got != expected).sum())} of {got.size} pixels differ")
@@ -142,7 +181,7 @@ def native() -> object | None:
                 logger.warning("native resize differs from Pillow %s (%s); resizing with Pillow",
                                PIL.__version__, why)
                 fn = None
-        except (OSError, subprocess.SubprocessError) as err:
+        except Exception as err:  # noqa: BLE001 -- any failure to build or load: Pillow resizes
             why = str(err).splitlines()[0][:300] if str(err) else type(err).__name__
             logger.info("native resize unavailable (%s); resizing with Pillow", why)
     _state["lib"], _state["why"] = fn, why
@@ -163,7 +202,9 @@ def pillow_only() -> Iterator[None]:
 
 def kernel_name() -> str:
     """What resizes training crops in this process: for logs and config.json."""
-    return "native (same bytes as Pillow, checked)" if native() is not None else f"Pillow {PIL.__version__}"
+    if native() is not None:
+        return f"native (same bytes as Pillow {PIL.__version__}, checked)"
+    return f"Pillow {PIL.__version__}"
 
 
 def resize_grey(array: np.ndarray, size: tuple[int, int], resample: int) -> np.ndarray:
@@ -174,12 +215,14 @@ def resize_grey(array: np.ndarray, size: tuple[int, int], resample: int) -> np.n
     if array.ndim != 2 or array.dtype != np.uint8:
         raise ValueError(f"resize_grey: expected a 2-D uint8 array, got {array.dtype} {array.shape}")
     h, w = size
+    if h <= 0 or w <= 0:
+        raise ValueError(f"resize_grey: height and width must be > 0, got {size}")
     fn = native() if int(resample) in FILTERS else None
     if (h, w) == array.shape:
         return np.array(array)  # Pillow returns a copy for the same size
     if fn is None or array.strides[1] != 1:
         return np.asarray(Image.fromarray(np.ascontiguousarray(array), mode="L").resize((w, h), resample))
-    return _call(fn, array, (h, w), int(resample))
+    return _resize_native(fn, array, (h, w), int(resample))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -42,6 +42,8 @@ def pillow(array, size, filter_):
 def test_same_bytes_as_pillow_on_many_shapes(native):
     rng = np.random.default_rng(1)
     shapes = [((1, 1), (1, 1)), ((1, 9), (4, 3)), ((9, 1), (2, 5)), ((5, 5), (224, 224)),
+              ((300, 2), (100, 20)), ((900, 3), (40, 7)), ((250, 2), (251, 5)),  # Pillow's tall-image order
+              ((200, 40), (3, 70)), ((40, 200), (70, 3)),  # very uneven scales
               ((700, 690), (224, 224)), ((1024, 300), (224, 224)), ((224, 500), (224, 224)),
               ((500, 224), (224, 224)), ((17, 400), (3, 97)), ((300, 300), (299, 301))]
     shapes += [(tuple(int(v) for v in rng.integers(1, 300, 2)), tuple(int(v) for v in rng.integers(1, 120, 2)))
@@ -70,6 +72,15 @@ def test_views_of_a_larger_image_and_other_filters(native):
     assert np.array_equal(same, crop) and not np.shares_memory(same, crop)
     with pytest.raises(ValueError, match="2-D uint8"):
         resample.resize_grey(crop.astype(np.int16), (8, 8), BICUBIC)
+    with pytest.raises(ValueError, match="must be > 0"):
+        resample.resize_grey(crop, (0, 8), BICUBIC)
+
+
+def test_check_covers_pillows_order_of_passes(native, fresh):
+    """Resized in one order where Pillow uses the other (images over 100x taller than wide),
+    the result differs: the self-check must see it."""
+    fresh.setattr(resample, "_resize_native", lambda fn, a, size, f: resample._call(fn, a, size, f))
+    assert "pixels differ" in resample.self_check(native)
 
 
 def test_switched_off_or_failing_its_check_it_is_pillow(fresh, caplog):
@@ -98,8 +109,24 @@ def test_check_catches_a_wrong_kernel(native):
     assert "pixels differ" in resample.self_check(off_by_one, cases=2)
 
 
+def test_without_a_home_or_writable_folder_it_is_pillow(fresh, tmp_path):
+    """Nowhere to build (no writable source folder, no home): Pillow, not an exception."""
+    fresh.setattr(resample, "_library_path", lambda: (_ for _ in ()).throw(RuntimeError("no home")))
+    assert resample.native() is None and "no home" in resample._state["why"]
+
+
+def test_a_prebuilt_library_in_a_read_only_checkout_is_used(fresh, tmp_path):
+    """setup.sh built it beside the source; the folder is not writable any more: it is found."""
+    fresh.setattr(resample.os, "access", lambda path, mode: False)
+    fresh.setattr(resample, "_user_cache", lambda: tmp_path / "cache")
+    built = resample.SOURCE.parent / "_build" / resample._library_name()
+    if not built.is_file():
+        pytest.skip("no library built beside the source here")
+    assert resample._library_path() == built
+
+
 def test_without_a_compiler_it_is_pillow(fresh, tmp_path):
-    fresh.setattr(resample, "build_dir", lambda: tmp_path)  # nothing built there yet
+    fresh.setattr(resample, "_library_path", lambda: tmp_path / resample._library_name())  # not built
     fresh.setenv("CC", str(tmp_path / "no-such-cc"))
     assert resample.native() is None
     assert "no-such-cc" in resample._state["why"] or "No such file" in resample._state["why"]
@@ -112,10 +139,9 @@ def test_without_a_compiler_it_is_pillow(fresh, tmp_path):
 def test_library_is_built_once_into_its_folder(fresh, tmp_path):
     if shutil.which("cc") is None and shutil.which("gcc") is None:
         pytest.skip("no C compiler here")
-    fresh.setattr(resample, "build_dir", lambda: tmp_path)
-    first = resample.compile_library()
+    first = resample.compile_library(tmp_path)
     stamp = first.stat().st_mtime_ns
-    assert resample.compile_library() == first and first.stat().st_mtime_ns == stamp
+    assert resample.compile_library(tmp_path) == first and first.stat().st_mtime_ns == stamp
     assert [p.name for p in tmp_path.iterdir()] == [first.name]  # no temporary file left
 
 
@@ -142,6 +168,8 @@ def test_dataset_tensors_equal_the_papers_pipeline(fresh, demo, cache):
         build_cache(demo, workers=1)
     ours = build_dataset("train", demo, transform=build_transform(True, "sgd", input_size=40), cache=cache)
     reference = paper_sgd(40, "mrm")
+    calls = []
+    fresh.setattr(chestxray, "resize_grey", lambda *a: calls.append(a) or resample.resize_grey(*a))
     for index in range(len(ours)):
         for seed in (index, 100 + index):
             torch.manual_seed(seed), random.seed(seed)
@@ -149,7 +177,8 @@ def test_dataset_tensors_equal_the_papers_pipeline(fresh, demo, cache):
             torch.manual_seed(seed), random.seed(seed)
             rgb = Image.open(ours.files[index]).convert("RGB")  # the paper's loader
             assert torch.equal(x, reference(rgb)), (index, seed)
-    assert ours.cache_info["crop_resize"] == resample.kernel_name()
+    assert len(calls) == 2 * len(ours)  # every crop went through resize_grey
+    assert ours.cache_info["crop_resize"].startswith(("native (same bytes as Pillow", "Pillow"))
 
 
 def test_dataset_tensors_equal_the_papers_adamw_pipeline(fresh, demo):
@@ -179,7 +208,7 @@ def test_processes_building_at_once_leave_one_good_library(tmp_path):
     if shutil.which("cc") is None and shutil.which("gcc") is None:
         pytest.skip("no C compiler here")
     code = ("import sys, pathlib; sys.path.insert(0, sys.argv[1]); import datasets.resample as r; "
-            "r.build_dir = lambda: pathlib.Path(sys.argv[2]); fn = r._load(r.compile_library()); "
+            "fn = r._load(r.compile_library(pathlib.Path(sys.argv[2]))); "
             "print(repr(r.self_check(fn, cases=4)))")
     root = str(resample.SOURCE.parents[1])
     procs = [subprocess.Popen([sys.executable, "-c", code, root, str(tmp_path)], stdout=subprocess.PIPE,
