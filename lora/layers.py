@@ -123,9 +123,12 @@ class LoRALinear(nn.Module):
             # Outside autocast the frozen base may be held in bf16 while LoRA stays fp32.
             x_lora = x_lora.to(self.lora_A.dtype)
         h = F.linear(x_lora, self.lora_A)
-        # The in-place add takes one dtype (in-place ops are not autocast): the small
-        # factors follow the base output, not the other way round.
-        h, lora_B, columns = h.to(out.dtype), self.lora_B.to(out.dtype), self._adapted_columns()
+        lora_B, columns = self.lora_B, self._adapted_columns()
+        if torch.is_autocast_enabled(x.device.type):
+            # In-place ops are not autocast: under autocast the small factors follow the
+            # base output's dtype, as autocast would have cast them. Outside it they stay
+            # in LoRA's dtype (fp32 beside a bf16-held base) and only the update is cast.
+            h, lora_B = h.to(out.dtype), lora_B.to(out.dtype)
         if torch.compiler.is_compiling():
             # Traced, the compiler fuses the adds itself; and an in-place custom function on
             # a graph input (a base output made before a graph break, e.g. an FP8 base)
@@ -178,8 +181,12 @@ def _with_slice_updates(out: torch.Tensor, h: torch.Tensor, lora_B: torch.Tensor
     for j, (start, stop) in enumerate(columns):
         if start > at:
             pieces.append(out[:, at:start])
-        pieces.append(torch.addmm(out[:, start:stop], h[:, j * r:(j + 1) * r],
-                                  lora_B[j * d:(j + 1) * d].t(), alpha=scaling))
+        if h.dtype == out.dtype:
+            pieces.append(torch.addmm(out[:, start:stop], h[:, j * r:(j + 1) * r],
+                                      lora_B[j * d:(j + 1) * d].t(), alpha=scaling))
+        else:
+            update = torch.mm(h[:, j * r:(j + 1) * r], lora_B[j * d:(j + 1) * d].t()) * scaling
+            pieces.append(out[:, start:stop] + update.to(out.dtype))
         at = stop
     if at < out.shape[1]:
         pieces.append(out[:, at:])
@@ -190,7 +197,9 @@ class _AddSliceUpdates(torch.autograd.Function):
     """``out[:, a:b] += scaling * h_j @ B_j^T`` in place, for each adapted slice ``j``.
 
     ``out`` (tokens x out_features) is the base output, ``h`` (tokens x r*n) the LoRA
-    down-projection, ``lora_B`` (d*n x r) the stacked B blocks, all of one dtype. Only the
+    down-projection, ``lora_B`` (d*n x r) the stacked B blocks. ``h`` and ``lora_B`` have
+    ``out``'s dtype (autocast), or their own (fp32 beside a bf16 base: the update is made in
+    fp32 and cast, and their gradients are fp32 products). Only the
     adapted columns are read and written, in forward and in backward; the base output's
     gradient is passed on as it is, without a copy. Nothing saves the base output for
     backward (a frozen or trainable linear keeps its input and weight); if a base did,
@@ -205,8 +214,12 @@ class _AddSliceUpdates(torch.autograd.Function):
         r = h.shape[1] // len(columns)
         d = lora_B.shape[0] // len(columns)
         for j, (start, stop) in enumerate(columns):
-            out[:, start:stop].addmm_(h[:, j * r:(j + 1) * r], lora_B[j * d:(j + 1) * d].t(),
-                                      alpha=scaling)
+            if h.dtype == out.dtype:
+                out[:, start:stop].addmm_(h[:, j * r:(j + 1) * r], lora_B[j * d:(j + 1) * d].t(),
+                                          alpha=scaling)
+            else:  # fp32 factors beside a bf16 / fp16 base: the update is made in fp32
+                update = torch.mm(h[:, j * r:(j + 1) * r], lora_B[j * d:(j + 1) * d].t()) * scaling
+                out[:, start:stop] += update.to(out.dtype)
         ctx.mark_dirty(out)
         ctx.save_for_backward(h, lora_B)
         ctx.scaling, ctx.columns = scaling, columns
@@ -217,7 +230,7 @@ class _AddSliceUpdates(torch.autograd.Function):
         h, lora_B = ctx.saved_tensors
         n = len(ctx.columns)
         r, d = h.shape[1] // n, lora_B.shape[0] // n
-        grads = [grad[:, start:stop] for start, stop in ctx.columns]
+        grads = [grad[:, start:stop].to(h.dtype) for start, stop in ctx.columns]
         grad_h = grad_B = None
         if ctx.needs_input_grad[1]:
             # The scaling is folded into the small factor, not the tokens-wide product.
