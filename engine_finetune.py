@@ -50,6 +50,8 @@ class CompiledModule(nn.Module):
         self.compile_seconds: float | None = None
         # Modes are inductor's: another backend gets none (torch.compile would hand it on).
         options = {"mode": mode} if mode != "default" else {}
+        # These modes replay CUDA graphs, whose outputs the next replay overwrites.
+        self.cudagraphs = mode in ("reduce-overhead", "max-autotune")
         try:
             self._compiled = torch.compile(module, backend=backend, **options)
         except Exception as err:  # noqa: BLE001 -- e.g. an unknown backend: eager, said once
@@ -61,7 +63,11 @@ class CompiledModule(nn.Module):
         first = self.compile_seconds is None
         start = time.perf_counter()
         try:
+            if self.cudagraphs:
+                torch.compiler.cudagraph_mark_step_begin()  # each call is a new step
             out = self._compiled(*args, **kwargs)
+            if self.cudagraphs and isinstance(out, torch.Tensor):
+                out = out.clone()  # the logits outlive the next replay (evaluation keeps them)
         except Exception as err:  # noqa: BLE001 -- any backend failure: fall back, say it once
             if not (first or _is_compile_error(err)):
                 raise

@@ -450,6 +450,18 @@ def test_compile_mode_reaches_torch_compile_and_needs_inductor(monkeypatch, caps
     with pytest.raises(ValueError, match="compile mode 'fast'"):
         CompiledModule(model, mode="fast")
 
+    # CUDA graphs: every call starts a step, and the output is the caller's own tensor.
+    steps = []
+    monkeypatch.setattr(engine_finetune.torch.compiler, "cudagraph_mark_step_begin", lambda: steps.append(1))
+    inner_out = []
+    graphed = CompiledModule(model, backend="inductor", mode="reduce-overhead")
+    model.register_forward_hook(lambda m, i, o: inner_out.append(o))
+    x = torch.randn(3, 4)
+    y = graphed(x)
+    assert steps == [1] and torch.equal(y, inner_out[0]) and y.data_ptr() != inner_out[0].data_ptr()
+    plain = CompiledModule(model, backend="inductor")
+    assert plain(x).data_ptr() == inner_out[-1].data_ptr() and steps == [1]
+
     with pytest.raises(SystemExit):
         mfl.cli(["--demo", "--compile_mode", "reduce-overhead", "--compile_backend", "aot_eager",
                  "--check_args"])
