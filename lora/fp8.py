@@ -12,11 +12,14 @@ finer, but on Hopper ``_scaled_mm`` accepts it only for e4m3 x e4m3 with a bf16 
 which excludes the e5m2 gradient product and fp32 outputs; per-tensor scales run on the
 CPU and on every FP8 GPU for all the products above.
 
-The fp8 weight is a cache beside the master weight, not a parameter or buffer: the state
-dict (keys and values) is the module's as before, DDP does not broadcast it, and it is
-rebuilt whenever the master weight changes (in-place writes such as ``LoRALinear.merge()``
-bump the tensor's version counter; ``.to()`` and ``param.data = ...`` give a new storage).
-Writes through ``weight.data`` bypass the version counter: call ``refresh()`` after those.
+The fp8 weight (and its transpose, for the gradient product) is a cache beside the master
+weight, not a parameter or buffer: the state dict (keys and values) is the module's as
+before and DDP does not broadcast it. It is made when the layer is converted and remade in
+place (the same tensors, so a compiled graph reads the new values without recompiling):
+by ``LoRALinear.merge()`` / ``unmerge()``, and, in eager calls, whenever the master weight
+changed (in-place writes bump the tensor's version counter; ``.to()`` and
+``param.data = ...`` give a new storage). Writes through ``weight.data`` bypass the version
+counter, and a compiled model does not check it: call ``refresh()`` after such changes.
 
     converted = to_float8_(model)     # after inject_lora + mark_trainable
 """
@@ -58,16 +61,8 @@ class Float8Weight:
     """A frozen weight (out x in) in e4m3 with its per-tensor scale, for both products."""
 
     q: torch.Tensor  # (out, in), row-major: ``q.t()`` is the column-major mat2 of the forward
+    q_t: torch.Tensor  # (in, out), row-major: ``q_t.t()`` is the column-major mat2 of dY @ W
     inv_scale: torch.Tensor
-    _q_t: torch.Tensor | None = None
-
-    @property
-    def q_t(self) -> torch.Tensor:
-        """(in, out) row-major copy: ``q_t.t()`` is the column-major mat2 of ``dY @ W``,
-        made on the first backward only (evaluation never needs it)."""
-        if self._q_t is None:
-            self._q_t = self.q.t().contiguous()
-        return self._q_t
 
 
 class _Float8Product(torch.autograd.Function):
@@ -78,23 +73,21 @@ class _Float8Product(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, w_q: torch.Tensor, w_inv: torch.Tensor,  # type: ignore[override]
-                out_dtype: torch.dtype) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, w_q: torch.Tensor, w_q_t: torch.Tensor,  # type: ignore[override]
+                w_inv: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
         x_q, x_inv = quantize(x, E4M3)
-        ctx.save_for_backward(w_q, w_inv)
+        ctx.save_for_backward(w_q_t, w_inv)
         ctx.in_dtype = x.dtype
         return torch._scaled_mm(x_q, w_q.t(), scale_a=x_inv, scale_b=w_inv, out_dtype=out_dtype)
 
     @staticmethod
-    def backward(ctx, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, None, None, None]:  # type: ignore[override]
+    def backward(ctx, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, None, None, None, None]:  # type: ignore[override]
         if not ctx.needs_input_grad[0]:
-            return None, None, None, None
-        w_q, w_inv = ctx.saved_tensors
+            return None, None, None, None, None
+        w_q_t, w_inv = ctx.saved_tensors
         g_q, g_inv = quantize(grad_out.contiguous(), E5M2)
-        # mat2 of dY @ W must be column-major: the transpose of a row-major (in, out) copy.
-        w_t = w_q.t().contiguous()
-        grad_in = torch._scaled_mm(g_q, w_t.t(), scale_a=g_inv, scale_b=w_inv, out_dtype=ctx.in_dtype)
-        return grad_in, None, None, None
+        grad_in = torch._scaled_mm(g_q, w_q_t.t(), scale_a=g_inv, scale_b=w_inv, out_dtype=ctx.in_dtype)
+        return grad_in, None, None, None, None
 
 
 class Float8Linear(nn.Linear):
@@ -134,25 +127,45 @@ class Float8Linear(nn.Linear):
         """Whether the weight's shape meets ``_scaled_mm``'s multiple-of-16 rule."""
         return self.in_features % ALIGNMENT == 0 and self.out_features % ALIGNMENT == 0
 
-    def refresh(self) -> None:
-        """Drop the cached fp8 weight: it is rebuilt from the master weight on the next call."""
-        self._fp8, self._fp8_key = None, None
-
-    # Outside any torch.compile graph: the version check must run on every call (a graph
-    # break; LoRALinear's add is written to keep its gradients across one).
-    @torch.compiler.disable
-    def float8_weight(self) -> Float8Weight:
-        """The e4m3 weight and its scale, quantised again if the master weight changed."""
+    def _key(self) -> tuple:
         w = self.weight
-        key = (w.data_ptr(), w._version, w.device, w.dtype, tuple(w.shape))
-        if self._fp8 is None or self._fp8_key != key:
-            # Under inference_mode the copy would be an inference tensor, unusable by a later
-            # training step: build it as an ordinary tensor.
-            leave = torch.inference_mode(False) if torch.is_inference_mode_enabled() \
-                else contextlib.nullcontext()
-            with leave, torch.no_grad():
-                q, inv = quantize(w, E4M3)
-            self._fp8, self._fp8_key = Float8Weight(q, inv), key
+        return (w.data_ptr(), w._version, w.device, w.dtype, tuple(w.shape))
+
+    @torch.compiler.disable
+    def refresh(self) -> None:
+        """Quantise the master weight again, into the cached tensors when their shape and
+        device still fit (a compiled graph keeps reading the same tensors), else anew."""
+        w = self.weight
+        # Under inference_mode the copy would be an inference tensor, unusable by a later
+        # training step: build it as an ordinary tensor.
+        leave = torch.inference_mode(False) if torch.is_inference_mode_enabled() else contextlib.nullcontext()
+        with leave, torch.no_grad():
+            q, inv = quantize(w, E4M3)
+            old = self._fp8
+            if old is not None and old.q.shape == q.shape and old.q.device == q.device:
+                old.q.copy_(q)
+                old.q_t.copy_(q.t())
+                old.inv_scale.copy_(inv)
+            else:
+                self._fp8 = Float8Weight(q, q.t().contiguous(), inv)
+        self._fp8_key = self._key()
+
+    def float8_weight(self) -> Float8Weight:
+        """The e4m3 weight and its scale, quantised again if the master weight changed.
+
+        Eager calls check the weight's version (in-place writes such as
+        ``LoRALinear.merge()`` bump it) and storage. Inside a torch.compile graph the cache
+        is read as it is, without a graph break: it is made when the layer is converted and
+        refreshed in place by ``LoRALinear.merge()`` / ``unmerge()``; call ``refresh()``
+        after changing the weight of a compiled model any other way.
+        """
+        if torch.compiler.is_compiling():
+            if self._fp8 is None:
+                raise RuntimeError("Float8Linear: no fp8 weight yet; call refresh() before compiling")
+            return self._fp8
+        if self._fp8 is None or self._fp8_key != self._key():
+            self.refresh()
+        assert self._fp8 is not None
         return self._fp8
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -168,7 +181,7 @@ class Float8Linear(nn.Linear):
         x2d = x.reshape(-1, self.in_features).contiguous()  # row-major mat1
         weight = self.float8_weight()
         with torch.autocast(device_type, enabled=False):  # the dtypes are set explicitly here
-            out = _Float8Product.apply(x2d, weight.q, weight.inv_scale, out_dtype)
+            out = _Float8Product.apply(x2d, weight.q, weight.q_t, weight.inv_scale, out_dtype)
             out = out.reshape(*lead, self.out_features)
             # A fresh tensor, not a view: callers (LoRALinear) add their update in place.
             return out + self.bias.to(out_dtype) if self.bias is not None else out.clone()
@@ -196,7 +209,9 @@ def to_float8_(model: nn.Module, within: str = "blocks") -> int:
             continue
         parent_name, _, child = name.rpartition(".")
         parent = blocks.get_submodule(parent_name) if parent_name else blocks
-        setattr(parent, child, Float8Linear.from_linear(module))
+        converted = Float8Linear.from_linear(module)
+        converted.refresh()  # the fp8 weight exists before any (compiled) forward
+        setattr(parent, child, converted)
         count += 1
     return count
 

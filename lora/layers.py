@@ -131,8 +131,8 @@ class LoRALinear(nn.Module):
             h, lora_B = h.to(out.dtype), lora_B.to(out.dtype)
         if torch.compiler.is_compiling():
             # Traced, the compiler fuses the adds itself; and an in-place custom function on
-            # a graph input (a base output made before a graph break, e.g. an FP8 base)
-            # loses its gradients under AOT autograd.
+            # a graph input (a base output made before a graph break) loses its gradients
+            # under AOT autograd.
             out = _with_slice_updates(out, h, lora_B, self.scaling, columns)
         else:
             out = _AddSliceUpdates.apply(out, h, lora_B, self.scaling, columns)
@@ -154,6 +154,7 @@ class LoRALinear(nn.Module):
         # original so that unmerge restores it bit-exactly, however often it is called.
         self._unmerged_weight = weight.detach().clone()
         weight.copy_((weight.float() + self.delta_weight()).to(weight.dtype))
+        self._base_weight_changed()
         self.merged = True
 
     @torch.no_grad()
@@ -164,8 +165,15 @@ class LoRALinear(nn.Module):
             return
         assert self._unmerged_weight is not None, "merged without a saved base weight"
         self.base_layer.weight.copy_(self._unmerged_weight)
+        self._base_weight_changed()
         self._unmerged_weight = None
         self.merged = False
+
+    def _base_weight_changed(self) -> None:
+        """Tell a base that caches a form of its weight (lora.fp8.Float8Linear) to remake it."""
+        refresh = getattr(self.base_layer, "refresh", None)
+        if callable(refresh):
+            refresh()
 
     def extra_repr(self) -> str:
         return (f"rank={self.rank}, alpha={self.alpha}, parts={self.parts}, "

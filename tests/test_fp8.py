@@ -173,6 +173,43 @@ def test_compiled_fp8_model_gives_the_eager_gradients():
                                    atol=1e-6, rtol=1e-5, msg=name)
 
 
+def test_compiled_fp8_model_has_no_graph_breaks_and_follows_merges():
+    """Compiled, the fp8 layers trace without graph breaks (one graph per training batch
+    shape and one for evaluation, not one per linear), and merged evaluation reads the fp8
+    weights remade by merge() / unmerge(): the same logits as the eager model."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    model = tiny_vit()
+    to_float8_(model)
+    eager = copy.deepcopy(model)
+    compiled = torch.compile(model, backend="aot_eager")
+    torch.manual_seed(1)
+    for epoch in range(2):
+        for batch in (4, 3):  # a last, smaller batch
+            x, y = torch.randn(batch, 3, 32, 32), torch.randint(0, 2, (batch, 14)).float()
+            for net, params in ((compiled, model), (eager, eager)):
+                net.train()
+                F.binary_cross_entropy_with_logits(net(x), y).backward()
+                with torch.no_grad():
+                    for p in params.parameters():
+                        if p.grad is not None:
+                            p -= 0.5 * p.grad
+                            p.grad = None
+        lora.merge(model)
+        lora.merge(eager)
+        with torch.inference_mode():
+            model.eval(), eager.eval()
+            x = torch.randn(5, 3, 32, 32)
+            torch.testing.assert_close(compiled(x), eager(x), atol=1e-6, rtol=1e-6)
+        lora.unmerge(model)
+        lora.unmerge(eager)
+    assert counters["stats"]["unique_graphs"] <= 3, dict(counters["stats"])
+    assert not counters["graph_break"], dict(counters["graph_break"])
+
+
 def test_merge_and_unmerge_refresh_the_fp8_weight():
     model = tiny_vit()
     reference = copy.deepcopy(model)
@@ -197,12 +234,17 @@ def test_merge_and_unmerge_refresh_the_fp8_weight():
 def test_cache_follows_a_new_storage_and_refresh():
     fp8 = Float8Linear.from_linear(frozen_linear(32, 32))
     first = fp8.float8_weight()
+    scale = first.inv_scale.clone()
     assert fp8.float8_weight() is first  # unchanged weight: the same cache
     fp8.weight.data = fp8.weight.data * 2  # a new storage (as .to() or cast_frozen_ give)
-    assert torch.equal(fp8.float8_weight().inv_scale, first.inv_scale * 2)
-    second = fp8.float8_weight()
+    assert torch.equal(fp8.float8_weight().inv_scale, scale * 2)
+    # Remade in place: a compiled graph holding these tensors reads the new values.
+    assert fp8.float8_weight() is first
+    fp8.weight.data.mul_(0.5)  # through .data: no version bump, the cache cannot tell
+    assert torch.equal(fp8.float8_weight().inv_scale, scale * 2)
     fp8.refresh()
-    assert fp8.float8_weight() is not second
+    assert torch.equal(fp8.float8_weight().inv_scale, scale)
+    torch.testing.assert_close(fp8.float8_weight().q_t, fp8.float8_weight().q.t(), atol=0, rtol=0)
 
 
 def test_sgd_steps_reduce_the_loss():
