@@ -376,6 +376,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             if device.type == "cuda":
                 torch.cuda.empty_cache()
     result["memory"] = memory
+    if args.json and memory:
+        write_json(args.json, {**result, "partial": "memory done, throughput not"})
 
     x, y = make_batch(args.batch_size, args.img_size, device)
     impls = [i for i in impls if any(c[0] == i for c in cases)]
@@ -402,6 +404,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         r["tflop_s"] = fl * r["img_s"] / args.batch_size / 1e12
         r["mfu"] = r["tflop_s"] * 1e12 / peak if peak else None
     result["train"] = train
+    if args.json:  # kept if a time limit stops the evaluation phase
+        write_json(args.json, {**result, "partial": "training done, evaluation not"})
+    for key, r in train.items():
+        print(f"train {key}: {r['img_s']:.2f} img/s", flush=True)
 
     result["eval"] = run_eval(trainers, precs, args, device)
     result["ratios"] = ratios(result, precs, device)

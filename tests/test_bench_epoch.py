@@ -85,8 +85,10 @@ def test_gpu_check_fits_its_budget_and_names_real_benches(tmp_path):
         if cmd[1] == "bench/bench_model.py":
             named |= set(cmd[cmd.index("--impls") + 1].split(","))
     assert named <= names and {"ours_fp8", "peft_compile", "ours_compile", "ours_cudagraphs"} <= named
-    # The optional DICOM epoch adds its own timeout; the compiled contenders can be left out.
-    with_dicom = _gpu_check_calls(tmp_path, DICOM="1")
-    assert len(with_dicom) == len(calls) + 1
+    # The optional DICOM epoch and data rates add their own timeouts; the compiled contenders
+    # can be left out.
+    with_extras = _gpu_check_calls(tmp_path, DICOM="1", DATA="1")
+    assert len(with_extras) == len(calls) + 2
+    assert {"bench/bench_data.py", "bench/bench_epoch.py"} <= {cmd[1] for _, cmd in with_extras[len(calls) - 3:]}
     no_compiled = _gpu_check_calls(tmp_path, COMPILED="0")
     assert not any("peft_compile" in " ".join(cmd) for _, cmd in no_compiled)
