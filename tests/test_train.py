@@ -209,10 +209,10 @@ def test_torchrun_two_processes_gathers_exactly(demo, tmp_path):
     np.testing.assert_allclose(p1.iloc[:, 1:].to_numpy(), p2.iloc[:, 1:].to_numpy(), atol=1e-5)
 
 
-def _torchrun(args, port, cwd, **popen):
+def _torchrun(args, cwd, **popen):
     """A two-process CPU (gloo) torchrun of the entry script."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-           "--master_port", str(port), str(ROOT / "main_finetune_lora.py"), *args]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(ROOT / "main_finetune_lora.py"), *args]  # --standalone: a free port
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             text=True, **popen)
@@ -241,16 +241,17 @@ def test_compiled_distributed_run_killed_and_resumed_equals_eager(demo, tmp_path
     --resume auto, it ends where the same eager distributed run ends."""
     data, weights = demo
     eager, compiled = tmp_path / "eager", tmp_path / "compiled"
-    proc = _torchrun(base_args(data, weights, eager, "--compile", "off"), 29541, tmp_path)
+    proc = _torchrun(base_args(data, weights, eager, "--compile", "off"), tmp_path)
     assert proc.wait(timeout=600) == 0, proc.stderr.read()[-3000:]
 
     compile_flags = ("--compile", "on", "--compile_backend", "aot_eager")
-    proc = _torchrun(base_args(data, weights, compiled, *compile_flags), 29542, tmp_path)
+    proc = _torchrun(base_args(data, weights, compiled, *compile_flags), tmp_path)
     marker, deadline = compiled / "checkpoint-last.json", time.time() + 300
     while time.time() < deadline and proc.poll() is None:
         if marker.exists() and json.loads(marker.read_text()).get("epoch") == 0:
             break
         time.sleep(0.02)
+    assert proc.poll() is None, f"the run ended before it could be interrupted: {proc.stderr.read()[-3000:]}"
     for pid in [*_descendants(proc.pid), proc.pid]:  # both workers, then torchrun
         os.kill(pid, signal.SIGKILL)
     proc.wait()
@@ -259,7 +260,7 @@ def test_compiled_distributed_run_killed_and_resumed_equals_eager(demo, tmp_path
     log = (compiled / "train.log").read_text()
     assert "first training call (compiling)" in log and "continuing eager" not in log
 
-    proc = _torchrun(base_args(data, weights, compiled, *compile_flags, "--resume", "auto"), 29543, tmp_path)
+    proc = _torchrun(base_args(data, weights, compiled, *compile_flags, "--resume", "auto"), tmp_path)
     assert proc.wait(timeout=600) == 0, proc.stderr.read()[-3000:]
     log = (compiled / "train.log").read_text()
     assert "continuing eager" not in log and log.count("first training call (compiling)") == 2
