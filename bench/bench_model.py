@@ -18,6 +18,7 @@ same things (rank-r LoRA + fc_norm + head, or everything for full fine-tuning):
     ours_cudagraphs  ours under torch.compile(mode="reduce-overhead"): CUDA graphs, what
                 --compile_mode reduce-overhead trains with (when asked for; CUDA only)
     peft_compile  peft under torch.compile: a PEFT user can compile too (when asked for)
+    ours_fp8_compile  ours_fp8 under torch.compile (when asked for; where ours_fp8 runs)
     ours_fp8    ours with the frozen block linears computing in float8 (lora.to_float8_), when
                 asked for with --impls: bf16 autocast on GPUs of compute capability 8.9+
                 (skipped, with a note, on older ones); on a CPU (emulated FP8, for checks
@@ -82,8 +83,9 @@ from util.precision import autocast, cpu_has_fast_bf16  # noqa: E402
 NUM_CLASSES = 14
 PRECISIONS: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16}
 TRAIN_IMPLS = ("ours", "ours_bf16w", "peft", "paper", "full")
-OPTIONAL_IMPLS = ("ours_gc", "ours_compile", "ours_cudagraphs", "peft_compile", "ours_fp8")
-COMPILED_IMPLS = ("ours_compile", "ours_cudagraphs", "peft_compile")
+OPTIONAL_IMPLS = ("ours_gc", "ours_compile", "ours_cudagraphs", "peft_compile", "ours_fp8",
+                  "ours_fp8_compile")
+COMPILED_IMPLS = ("ours_compile", "ours_cudagraphs", "peft_compile", "ours_fp8_compile")
 EVAL_IMPLS = ("plain", "ours_merged", "ours_unmerged", "peft", "paper", "ours_bf16w_merged",
               "ours_fp8_merged")
 
@@ -147,7 +149,7 @@ def valid_case(impl: str, prec: str, device: torch.device) -> bool:
     runs it (on a GPU it is timed under bf16 autocast, its peer)."""
     if impl == "ours_bf16w":
         return prec == "bf16"
-    if impl == "ours_fp8":
+    if impl in ("ours_fp8", "ours_fp8_compile"):
         return fp8_runs_on(device) and (prec == "bf16" or device.type == "cpu")
     if impl == "ours_cudagraphs":
         return device.type == "cuda"
@@ -160,7 +162,8 @@ def build(impl: str, arch: str, img_size: int, rank: int, alpha: float, dropout:
           device: torch.device) -> nn.Module:
     """One implementation's training model on ``device``, trainable parameters set."""
     torch.manual_seed(0)  # the same backbone weights for every implementation
-    ours = impl in ("ours", "ours_bf16w", "ours_gc", "ours_compile", "ours_cudagraphs", "ours_fp8")
+    ours = impl in ("ours", "ours_bf16w", "ours_gc", "ours_compile", "ours_cudagraphs", "ours_fp8",
+                    "ours_fp8_compile")
     # Peers start from the plain model (every tensor trainable) and set their own trained set.
     config = mv.ModelConfig(
         model=arch, method="lora" if ours else "full",
@@ -189,9 +192,9 @@ def build(impl: str, arch: str, img_size: int, rank: int, alpha: float, dropout:
     model.to(device)
     if impl == "ours_bf16w":
         lora.cast_frozen_(model, torch.bfloat16)
-    if impl == "ours_fp8":
+    if impl in ("ours_fp8", "ours_fp8_compile"):
         lora.to_float8_(model)
-    if impl in ("ours_compile", "peft_compile"):
+    if impl in ("ours_compile", "peft_compile", "ours_fp8_compile"):
         model = torch.compile(model)
     if impl == "ours_cudagraphs":
         model = torch.compile(model, mode="reduce-overhead")
@@ -356,7 +359,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             impls.remove(name)
     cfg = dict(arch=args.model, img_size=args.img_size, rank=args.rank, alpha=args.alpha,
                dropout=args.dropout, batch_size=args.batch_size)
-    if "ours_fp8" in impls and not fp8_runs_on(device):
+    if {"ours_fp8", "ours_fp8_compile"} & set(impls) and not fp8_runs_on(device):
         print(f"no FP8 products on {device} (CUDA compute capability 8.9+ needed): the "
               "'ours_fp8' contender is skipped", file=sys.stderr)
     cases = [(i, p) for i in impls for p in precs if valid_case(i, p, device)]
@@ -483,6 +486,9 @@ def ratios(result: dict[str, Any], precs: list[str], device: torch.device) -> di
         put(f"eval paper/plain {p}", ev, f"paper:{p}", f"plain:{p}", "img_s")
         put(f"train ours_fp8/ours {p}", train, f"ours_fp8:{p}", f"ours:{p}", "img_s")
         put(f"train ours_fp8/peft {p}", train, f"ours_fp8:{p}", f"peft:{p}", "img_s")
+        put(f"train ours_fp8_compile/peft_compile {p}", train, f"ours_fp8_compile:{p}",
+            f"peft_compile:{p}", "img_s")
+        put(f"train ours_fp8_compile/peft {p}", train, f"ours_fp8_compile:{p}", f"peft:{p}", "img_s")
         put(f"memory ours_fp8/full {p}", mem, f"ours_fp8:{p}", f"full:{p}", "peak_mb")
         put(f"eval ours_fp8_merged/ours_merged {p}", ev, f"ours_fp8_merged:{p}",
             f"ours_merged:{p}", "img_s")

@@ -90,5 +90,7 @@ def test_gpu_check_fits_its_budget_and_names_real_benches(tmp_path):
     with_extras = _gpu_check_calls(tmp_path, DICOM="1", DATA="1")
     assert len(with_extras) == len(calls) + 2
     assert {"bench/bench_data.py", "bench/bench_epoch.py"} <= {cmd[1] for _, cmd in with_extras[len(calls) - 3:]}
+    fp8_compiled = _gpu_check_calls(tmp_path, FP8_COMPILE="1")
+    assert any("ours_fp8_compile" in " ".join(cmd) for _, cmd in fp8_compiled)
     no_compiled = _gpu_check_calls(tmp_path, COMPILED="0")
     assert not any("peft_compile" in " ".join(cmd) for _, cmd in no_compiled)
