@@ -61,7 +61,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from statistics import NormalDist
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, NamedTuple, Sequence
 
 import numpy as np
 from scipy.stats import rankdata
@@ -357,6 +357,34 @@ def _check_settings(resamples: int, level: float) -> None:
 # Public entries
 # ----------------------------------------------------------------------------------------
 
+class _Prepared(NamedTuple):
+    """Inputs of a report, checked, without rows of non-finite scores, and their bootstrap."""
+
+    targets: np.ndarray
+    scores: list[np.ndarray]
+    boots: list[np.ndarray] | None  # (resamples, K) AUROCs per score set; None: no resamples
+    strata: Strata | None  # None without images
+    n_dropped: int  # rows left out for a non-finite score
+
+
+def _checked_and_resampled(targets: np.ndarray, score_sets: Sequence[np.ndarray],
+                           class_names: Sequence[str], resamples: int, level: float,
+                           seed: int) -> _Prepared:
+    """The checked inputs of `auroc_intervals` / `paired_comparison`, their strata and (with
+    `resamples`) the bootstrap AUROCs of every score set on the same resamples."""
+    _check_settings(resamples, level)
+    targets, score_sets = _check_inputs(targets, score_sets, class_names)
+    keep = _finite_rows(score_sets)
+    targets, score_sets = targets[keep], [scores[keep] for scores in score_sets]
+    n_dropped = int((~keep).sum())
+    if not len(targets):
+        return _Prepared(targets, score_sets, None, None, n_dropped)
+    if resamples:
+        boots, strata = bootstrap_aurocs(targets, score_sets, resamples, seed)
+        return _Prepared(targets, score_sets, boots, strata, n_dropped)
+    return _Prepared(targets, score_sets, None, Strata.from_targets(targets), n_dropped)
+
+
 def auroc_intervals(targets: np.ndarray, probs: np.ndarray, class_names: Sequence[str],
                     resamples: int = DEFAULT_RESAMPLES, seed: int = 0,
                     level: float = 0.95) -> dict[str, Any]:
@@ -369,16 +397,11 @@ def auroc_intervals(targets: np.ndarray, probs: np.ndarray, class_names: Sequenc
     says why (or that resamples were left out). ``resamples=0`` keeps DeLong and skips the
     bootstrap.
     """
-    _check_settings(resamples, level)
-    targets, (probs,) = _check_inputs(targets, [probs], class_names)
-    keep = _finite_rows([probs])
-    targets, probs = targets[keep], probs[keep]
+    targets, (probs,), boots, strata, n_dropped = _checked_and_resampled(
+        targets, [probs], class_names, resamples, level, seed)
     n = len(targets)
     z = _z(level)
-    boot = None
-    strata = Strata.from_targets(targets) if n else None
-    if resamples and n:
-        (boot,), strata = bootstrap_aurocs(targets, [probs], resamples, seed)
+    boot = boots[0] if boots is not None else None
 
     classes: dict[str, dict[str, Any]] = {}
     point = np.full(len(class_names), np.nan)
@@ -429,7 +452,7 @@ def auroc_intervals(targets: np.ndarray, probs: np.ndarray, class_names: Sequenc
 
     return {
         "level": level, "n_resamples": int(resamples), "seed": int(seed), "n_images": n,
-        "n_dropped": int((~keep).sum()),
+        "n_dropped": n_dropped,
         "n_strata": strata.n_strata if strata else 0,
         "n_fixed_images": strata.n_fixed if strata else 0,
         "n_rare_images": strata.n_rare if strata else 0,
@@ -464,15 +487,9 @@ def paired_comparison(targets: np.ndarray, probs_a: np.ndarray, probs_b: np.ndar
     ci_high, p_bootstrap, n_classes, n_undefined_resamples, note. Both runs see the same
     resamples and leave out the same ones.
     """
-    _check_settings(resamples, level)
-    targets, (probs_a, probs_b) = _check_inputs(targets, [probs_a, probs_b], class_names)
-    keep = _finite_rows([probs_a, probs_b])
-    targets, probs_a, probs_b = targets[keep], probs_a[keep], probs_b[keep]
+    targets, (probs_a, probs_b), boot, strata, n_dropped = _checked_and_resampled(
+        targets, [probs_a, probs_b], class_names, resamples, level, seed)
     n = len(targets)
-    boot = None
-    strata = Strata.from_targets(targets) if n else None
-    if resamples and n:
-        boot, strata = bootstrap_aurocs(targets, [probs_a, probs_b], resamples, seed)
     normal = NormalDist()
 
     classes: dict[str, dict[str, Any]] = {}
@@ -533,7 +550,7 @@ def paired_comparison(targets: np.ndarray, probs_a: np.ndarray, probs_b: np.ndar
 
     return {
         "level": level, "n_resamples": int(resamples), "seed": int(seed), "n_images": n,
-        "n_dropped": int((~keep).sum()),
+        "n_dropped": n_dropped,
         "n_strata": strata.n_strata if strata else 0,
         "n_fixed_images": strata.n_fixed if strata else 0,
         "n_rare_images": strata.n_rare if strata else 0,
