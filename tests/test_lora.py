@@ -1,4 +1,7 @@
 """LoRA layer and model helpers: counts, freezing, gradients, merge / unmerge."""
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn as nn
@@ -6,6 +9,9 @@ import torch.nn as nn
 import lora
 import models_vit_lora as mv
 from lora import LoRALinear
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+from bench_lora_layer import ReferenceLoRALinear  # noqa: E402
 
 
 def tiny(**kw):
@@ -158,18 +164,9 @@ def test_merged_state_dict_loads_into_plain_model():
 
 # --- The forward against the previous formulation -------------------------------------
 # The previous forward built B expanded to the full output width (zero rows for slices that
-# are not adapted), a full-width update, then scaled and added it. It is the reference.
-
-def reference_forward(layer, x):
-    out = layer.base_layer(x)
-    if layer.merged:
-        return out
-    x_lora = layer.lora_dropout(x)
-    if not torch.is_autocast_enabled(x.device.type):
-        x_lora = x_lora.to(layer.lora_A.dtype)
-    h = torch.nn.functional.linear(x_lora, layer.lora_A)
-    update = torch.nn.functional.linear(h, layer._expanded_B()) * layer.scaling
-    return out + update.to(out.dtype)
+# are not adapted), a full-width update, then scaled and added it. It is the reference here
+# and the peer of bench/bench_lora_layer.py, which keeps it.
+reference_forward = ReferenceLoRALinear.forward
 
 
 PATTERNS = [(True,), (True, False, True), (False, True, False), (True, True, True),
