@@ -21,6 +21,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.nn as nn
@@ -120,9 +121,10 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def saved_mib(layer: nn.Module, x: torch.Tensor, dtype: torch.dtype | None) -> float:
-    """MiB of distinct non-parameter storages the forward keeps for backward."""
-    params = {p.untyped_storage().data_ptr() for p in layer.parameters()}
+def saved_bytes(model: nn.Module, forward: Callable[[], object]) -> int:
+    """Bytes of the distinct non-parameter storages that ``forward()`` (a forward pass of
+    ``model``) keeps for backward, counted with ``saved_tensors_hooks``."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     seen: dict[int, int] = {}
 
     def pack(t: torch.Tensor) -> torch.Tensor:
@@ -131,12 +133,21 @@ def saved_mib(layer: nn.Module, x: torch.Tensor, dtype: torch.dtype | None) -> f
             seen[storage.data_ptr()] = storage.nbytes()
         return t
 
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        forward()
+    return sum(seen.values())
+
+
+def saved_mib(layer: nn.Module, x: torch.Tensor, dtype: torch.dtype | None) -> float:
+    """MiB of distinct non-parameter storages the forward keeps for backward."""
     amp = (torch.autocast(x.device.type, dtype=dtype) if dtype is not None
            else contextlib.nullcontext())
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), amp:
-        y = layer(x)
-    del y
-    return sum(seen.values()) / 2**20
+
+    def forward() -> None:
+        with amp:
+            layer(x)
+
+    return saved_bytes(layer, forward) / 2**20
 
 
 def peak_mib(layer: nn.Module, x: torch.Tensor, grad: torch.Tensor, dtype: torch.dtype | None) -> float:

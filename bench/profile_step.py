@@ -16,6 +16,7 @@ from collections import defaultdict
 
 import bench_model as bm  # imports PEFT first, then puts the repository on sys.path
 import torch
+from bench_lora_layer import saved_bytes
 from torch.profiler import ProfilerActivity, profile
 
 # Operator-name fragments -> group, first match wins.
@@ -61,19 +62,13 @@ def profile_step(trainer: bm.Trainer, x: torch.Tensor, y: torch.Tensor, device: 
 def saved_activation_bytes(model: torch.nn.Module, x: torch.Tensor, device: torch.device,
                            dtype: torch.dtype | None, impl: str) -> int:
     """Bytes of the distinct non-parameter tensors one training forward keeps for backward."""
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    kept: dict[int, int] = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in params:
-            kept[storage.data_ptr()] = storage.nbytes()
-        return t
-
     model.train()
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), bm.amp_context(impl, device, dtype)():
-        model(x)
-    return sum(kept.values())
+
+    def forward() -> None:
+        with bm.amp_context(impl, device, dtype)():
+            model(x)
+
+    return saved_bytes(model, forward)
 
 
 def format_table(results: dict[str, dict[str, float]]) -> str:
