@@ -1,4 +1,5 @@
-"""Files the tests make themselves: pre-training checkpoints with MAE / MRM key names."""
+"""Files the tests make themselves (pre-training checkpoints with MAE / MRM key names), and
+the command line of a tiny training run."""
 from __future__ import annotations
 
 import argparse
@@ -78,3 +79,12 @@ def trained_checkpoint(root: Path, class_names=None, img_size: int = 64, global_
     stem = root / "run" / "checkpoint-best"
     save_checkpoint(stem, model, config)
     return stem, mrm
+
+
+def tiny_run_args(data, weights, out, *extra: str, seed: int) -> list[str]:
+    """Flags of a fast training run on demo data: depth-2 tiny ViT at 32 px, 2 epochs, fp32."""
+    return ["--data_path", str(data), "--dataset", "nih", "--finetune", str(weights),
+            "--model", "vit_tiny_patch16_lora", "--depth", "2", "--input_size", "32",
+            "--batch_size", "16", "--num_workers", "0", "--amp", "none", "--log_freq", "1",
+            "--epochs", "2", "--warmup_epochs", "1", "--lr", "0.05", "--output_dir", str(out),
+            "--run_name", "", "--no_progress", "--seed", str(seed), *extra]

@@ -11,7 +11,7 @@ import datasets
 import lora
 import main_finetune_lora as mfl
 import models_vit_lora as mv
-from _fakes import mrm_checkpoint
+from _fakes import mrm_checkpoint, tiny_run_args
 from lora.fp8 import Float8Linear, check_fp8_support, to_float8_
 
 # e4m3 keeps 3 mantissa bits (about 2.6% rms relative rounding error per operand), e5m2 two:
@@ -308,12 +308,9 @@ def test_fp8_run_end_to_end_then_eval_predict_export(tmp_path):
     weights = tmp_path / "MRM.pth"
     mrm_checkpoint(weights)
     out = tmp_path / "run"
-    argv = ["--data_path", str(data), "--dataset", "nih", "--finetune", str(weights),
-            "--model", "vit_tiny_patch16_lora", "--depth", "2", "--input_size", "32",
-            "--batch_size", "16", "--num_workers", "0", "--amp", "bf16", "--epochs", "1",
-            "--warmup_epochs", "0", "--lr", "0.05", "--output_dir", str(out), "--run_name", "",
-            "--no_progress", "--ci_resamples", "0", "--backbone_dtype", "fp8",
-            "--compile", "on", "--compile_backend", "aot_eager"]
+    argv = tiny_run_args(data, weights, out, "--amp", "bf16", "--epochs", "1", "--warmup_epochs", "0",
+                         "--ci_resamples", "0", "--backbone_dtype", "fp8",
+                         "--compile", "on", "--compile_backend", "aot_eager", seed=0)
     assert mfl.cli(argv) == 0
     assert json.loads((out / "config.json").read_text())["args"]["backbone_dtype"] == "fp8"
     results = json.loads((out / "results_test.json").read_text())

@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 import datasets
 import main_finetune_lora as mfl
 import util.runfolder as runfolder
-from _fakes import mrm_checkpoint
+from _fakes import mrm_checkpoint, tiny_run_args
 from util.io import atomic_write, write_json
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,11 +33,7 @@ def demo(tmp_path_factory):
 
 
 def args_for(data, weights, out, *extra):
-    return ["--data_path", str(data), "--dataset", "nih", "--finetune", str(weights),
-            "--model", "vit_tiny_patch16_lora", "--depth", "2", "--input_size", "32",
-            "--batch_size", "16", "--num_workers", "0", "--amp", "none", "--log_freq", "1",
-            "--epochs", "2", "--warmup_epochs", "1", "--lr", "0.05", "--output_dir", str(out),
-            "--run_name", "", "--no_progress", "--seed", "5", *extra]
+    return tiny_run_args(data, weights, out, *extra, seed=5)
 
 
 def tensors(folder, stem):

@@ -17,7 +17,7 @@ from sklearn.metrics import roc_auc_score
 
 import datasets
 import main_finetune_lora as mfl
-from _fakes import mrm_checkpoint
+from _fakes import mrm_checkpoint, tiny_run_args
 from util.metrics import binary_auroc
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -34,11 +34,7 @@ def demo(tmp_path_factory):
 
 
 def base_args(data, weights, out, *extra):
-    return ["--data_path", str(data), "--dataset", "nih", "--finetune", str(weights),
-            "--model", "vit_tiny_patch16_lora", "--depth", "2", "--input_size", "32",
-            "--batch_size", "16", "--num_workers", "0", "--amp", "none", "--log_freq", "1",
-            "--epochs", "2", "--warmup_epochs", "1", "--lr", "0.05", "--output_dir", str(out),
-            "--run_name", "", "--no_progress", "--seed", "3", *extra]
+    return tiny_run_args(data, weights, out, *extra, seed=3)
 
 
 def tb_tags(log_dir):
