@@ -211,8 +211,9 @@ class ChestXrayDataset(Dataset):
         """The transform with its random resized crop done here: from the cache only the crop's
         rows are read, and a grey crop is resized by `resize_grey` (Pillow's bytes, faster).
 
-        `image` is the decoded original; None reads the cache. The random draws are those the
-        crop step makes on the full image: its box, then (timm) its interpolation.
+        `image` is the decoded original (8-bit grey, as `load_image` gives); None reads the
+        cache. The random draws are those the crop step makes on the full image: its box, then
+        (timm) its interpolation.
         """
         assert plan.crop_at is not None
         crop = plan.steps[plan.crop_at]
@@ -225,19 +226,13 @@ class ChestXrayDataset(Dataset):
         if isinstance(interpolation, (tuple, list)):  # timm's random interpolation, drawn after the box
             interpolation = random.choice(interpolation)
         size = tuple(crop.size) if isinstance(crop.size, (tuple, list)) else (crop.size, crop.size)
+        region = (self.cache.region(path, top, left, h, w) if image is None
+                  else np.asarray(image)[top: top + h, left: left + w])
         filter_ = _PIL_FILTERS.get(interpolation)
-        if plan.crop_at == 0 and filter_ is not None and (image is None or image.mode == "L"):
-            if image is None:
-                region = self.cache.region(path, top, left, h, w)
-            else:
-                region = np.asarray(image)[top: top + h, left: left + w]
+        if plan.crop_at == 0 and filter_ is not None:
             img = Image.fromarray(resize_grey(region, size, filter_), mode="L")
         else:
-            if image is None:
-                image = Image.fromarray(self.cache.region(path, top, left, h, w), mode="L")
-            else:
-                image = image.crop((left, top, left + w, top + h))
-            img = _apply(plan.steps[: plan.crop_at], image)
+            img = _apply(plan.steps[: plan.crop_at], Image.fromarray(np.ascontiguousarray(region), mode="L"))
             # resized_crop = crop + resize; the region already is the crop, so only the resize is left.
             img = TF.resize(img, list(size), interpolation, antialias=getattr(crop, "antialias", True))
         return _apply(plan.steps[plan.crop_at + 1:], img)

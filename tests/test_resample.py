@@ -218,3 +218,21 @@ def test_processes_building_at_once_leave_one_good_library(tmp_path):
         assert proc.returncode == 0, err[-2000:]
         assert out.strip() == "''"  # the library each loaded agrees with Pillow
     assert [p.suffix for p in tmp_path.iterdir()] == [".so"]
+
+
+@pytest.mark.parametrize("cache", ["off", "on"])
+def test_other_crops_take_the_pillow_path_with_the_same_tensors(demo, cache):
+    """A user's RGB transform whose crop resizes with another filter (nearest): the data set
+    crops as before and Pillow resizes, from the files and from the exact cache alike."""
+    from datasets import build_cache
+
+    if cache == "on":
+        build_cache(demo, workers=1)
+    transform = T.Compose([T.RandomResizedCrop(40, interpolation=InterpolationMode.NEAREST), T.ToTensor()])
+    ours = build_dataset("train", demo, transform=transform, cache=cache)
+    for index in range(len(ours)):
+        torch.manual_seed(index)
+        x, _ = ours[index]
+        torch.manual_seed(index)
+        assert x.shape == (3, 40, 40)
+        assert torch.equal(x, transform(Image.open(ours.files[index]).convert("RGB"))), index
