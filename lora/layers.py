@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import torch
 import torch.nn as nn
@@ -119,12 +119,13 @@ class LoRALinear(nn.Module):
         x2d = x.reshape(-1, x.shape[-1])
         out = self.base_layer(x2d)
         x_lora = self.lora_dropout(x2d)
-        if not torch.is_autocast_enabled(x.device.type):
+        autocast = torch.is_autocast_enabled(x.device.type)
+        if not autocast:
             # Outside autocast the frozen base may be held in bf16 while LoRA stays fp32.
             x_lora = x_lora.to(self.lora_A.dtype)
         h = F.linear(x_lora, self.lora_A)
         lora_B, columns = self.lora_B, self._adapted_columns()
-        if torch.is_autocast_enabled(x.device.type):
+        if autocast:
             # In-place ops are not autocast: under autocast the small factors follow the
             # base output's dtype, as autocast would have cast them. Outside it they stay
             # in LoRA's dtype (fp32 beside a bf16-held base) and only the update is cast.
@@ -180,21 +181,35 @@ class LoRALinear(nn.Module):
                 f"merged={self.merged}")
 
 
+def _slices(h: torch.Tensor, lora_B: torch.Tensor, columns: tuple[tuple[int, int], ...],
+            ) -> Iterator[tuple[int, int, torch.Tensor, torch.Tensor]]:
+    """(start, stop, h_j, B_j) of each adapted slice j: its output columns and its factors."""
+    r = h.shape[1] // len(columns)
+    d = lora_B.shape[0] // len(columns)
+    for j, (start, stop) in enumerate(columns):
+        yield start, stop, h[:, j * r:(j + 1) * r], lora_B[j * d:(j + 1) * d]
+
+
+def _plus_update(base: torch.Tensor, h_j: torch.Tensor, b_j: torch.Tensor, scaling: float,
+                 in_place: bool) -> torch.Tensor:
+    """``base + scaling * h_j @ b_j^T`` in ``base``'s dtype (into ``base`` if ``in_place``):
+    one fused product when the factors share that dtype, else made in theirs and cast."""
+    if h_j.dtype == base.dtype:
+        if in_place:
+            return base.addmm_(h_j, b_j.t(), alpha=scaling)
+        return torch.addmm(base, h_j, b_j.t(), alpha=scaling)
+    update = (torch.mm(h_j, b_j.t()) * scaling).to(base.dtype)
+    return base.add_(update) if in_place else base + update
+
+
 def _with_slice_updates(out: torch.Tensor, h: torch.Tensor, lora_B: torch.Tensor, scaling: float,
                         columns: tuple[tuple[int, int], ...]) -> torch.Tensor:
     """What `_AddSliceUpdates` computes, out of place (for traced graphs)."""
-    r = h.shape[1] // len(columns)
-    d = lora_B.shape[0] // len(columns)
     pieces, at = [], 0
-    for j, (start, stop) in enumerate(columns):
+    for start, stop, h_j, b_j in _slices(h, lora_B, columns):
         if start > at:
             pieces.append(out[:, at:start])
-        if h.dtype == out.dtype:
-            pieces.append(torch.addmm(out[:, start:stop], h[:, j * r:(j + 1) * r],
-                                      lora_B[j * d:(j + 1) * d].t(), alpha=scaling))
-        else:
-            update = torch.mm(h[:, j * r:(j + 1) * r], lora_B[j * d:(j + 1) * d].t()) * scaling
-            pieces.append(out[:, start:stop] + update.to(out.dtype))
+        pieces.append(_plus_update(out[:, start:stop], h_j, b_j, scaling, in_place=False))
         at = stop
     if at < out.shape[1]:
         pieces.append(out[:, at:])
@@ -219,15 +234,8 @@ class _AddSliceUpdates(torch.autograd.Function):
     @staticmethod
     def forward(ctx, out: torch.Tensor, h: torch.Tensor, lora_B: torch.Tensor,
                 scaling: float, columns: tuple[tuple[int, int], ...]) -> torch.Tensor:
-        r = h.shape[1] // len(columns)
-        d = lora_B.shape[0] // len(columns)
-        for j, (start, stop) in enumerate(columns):
-            if h.dtype == out.dtype:
-                out[:, start:stop].addmm_(h[:, j * r:(j + 1) * r], lora_B[j * d:(j + 1) * d].t(),
-                                          alpha=scaling)
-            else:  # fp32 factors beside a bf16 / fp16 base: the update is made in fp32
-                update = torch.mm(h[:, j * r:(j + 1) * r], lora_B[j * d:(j + 1) * d].t()) * scaling
-                out[:, start:stop] += update.to(out.dtype)
+        for start, stop, h_j, b_j in _slices(h, lora_B, columns):
+            _plus_update(out[:, start:stop], h_j, b_j, scaling, in_place=True)
         ctx.mark_dirty(out)
         ctx.save_for_backward(h, lora_B)
         ctx.scaling, ctx.columns = scaling, columns
