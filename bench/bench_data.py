@@ -45,6 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywher
 from datasets import build_cache, build_dataset, build_transform, make_demo_dataset  # noqa: E402
 from datasets.resample import kernel_name, pillow_only  # noqa: E402
 from datasets.synthetic import demo_as_rsna_dicoms  # noqa: E402
+from util.misc import device_sync  # noqa: E402
 
 SOURCES = ("png", "dicom-jpeg", "dicom")
 
@@ -151,20 +152,16 @@ def device_aug_rates(recipe: str, input_size: int, batch_size: int, device: str,
     on_device = batch.to(device)
     aug(on_device)  # warm-up (kernels, allocator)
 
-    def sync() -> None:
-        if on_device.is_cuda:
-            torch.cuda.synchronize(on_device.device)
-
     cpu_s = device_s = float("inf")
     for _ in range(repeats):
         start = time.perf_counter()
         for img in images:
             cpu_tf(img)
         cpu_s = min(cpu_s, time.perf_counter() - start)
-        sync()
+        device_sync(on_device.device)
         start = time.perf_counter()
         aug(on_device)
-        sync()
+        device_sync(on_device.device)
         device_s = min(device_s, time.perf_counter() - start)
     return {"recipe": recipe, "input_size": input_size, "source_size": source_size,
             "batch_size": batch_size, "device": device,

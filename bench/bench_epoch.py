@@ -51,7 +51,7 @@ from datasets.loader import build_loader  # noqa: E402
 from datasets.synthetic import demo_as_rsna_dicoms  # noqa: E402
 from engine_finetune import train_one_epoch  # noqa: E402
 from paper_style import paper_autocast, to_paper_style  # noqa: E402
-from util.misc import DistInfo  # noqa: E402
+from util.misc import DistInfo, device_sync  # noqa: E402
 from util.io import write_json  # noqa: E402
 from util.precision import resolve_amp  # noqa: E402
 from util.presets import DEMO_DEFAULTS  # noqa: E402
@@ -180,8 +180,7 @@ def run_epochs(variants: dict[str, torch.utils.data.Dataset], args: argparse.Nam
             if hasattr(loader.sampler, "set_epoch"):
                 loader.sampler.set_epoch(epoch)
             timed = TimedLoader(loader)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
+            device_sync(device)
             start = time.perf_counter()
             if name == "paper":
                 paper_epoch(model, timed, optimizer, scaler, device)
@@ -189,8 +188,7 @@ def run_epochs(variants: dict[str, torch.utils.data.Dataset], args: argparse.Nam
                 train_one_epoch(model, timed, optimizer, device, epoch, set_lr=lambda e: DEMO_DEFAULTS["lr"],
                                 amp_dtype=amp_dtype, log_freq=10**9, steps_per_epoch=len(loader),
                                 progress=False, params=params)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
+            device_sync(device)
             total = time.perf_counter() - start
             first, rest = timed.waits[0], sum(timed.waits[1:])
             steady = total - first

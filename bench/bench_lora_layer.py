@@ -29,6 +29,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from lora import LoRALinear  # noqa: E402
+from util.misc import device_sync  # noqa: E402
 
 TOKENS_PER_IMAGE = 197  # ViT-B/16 at 224 px: 196 patches + the class token
 WIDTH, RANK, ALPHA = 768, 4, 32.0
@@ -115,12 +116,6 @@ def step(layer: nn.Module, x: torch.Tensor, grad: torch.Tensor, dtype: torch.dty
     x.grad = None
 
 
-def sync(device: torch.device) -> None:
-    """Wait for queued kernels (CUDA) before reading the clock."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def saved_bytes(model: nn.Module, forward: Callable[[], object]) -> int:
     """Bytes of the distinct non-parameter storages that ``forward()`` (a forward pass of
     ``model``) keeps for backward, counted with ``saved_tensors_hooks``."""
@@ -153,11 +148,11 @@ def saved_mib(layer: nn.Module, x: torch.Tensor, dtype: torch.dtype | None) -> f
 def peak_mib(layer: nn.Module, x: torch.Tensor, grad: torch.Tensor, dtype: torch.dtype | None) -> float:
     """CUDA peak memory of one forward + backward above what was allocated before it."""
     device = x.device
-    sync(device)
+    device_sync(device)
     before = torch.cuda.memory_allocated(device)
     torch.cuda.reset_peak_memory_stats(device)
     step(layer, x, grad, dtype)
-    sync(device)
+    device_sync(device)
     return (torch.cuda.max_memory_allocated(device) - before) / 2**20
 
 
@@ -175,11 +170,11 @@ def measure(dropout: float, batch: int, device: torch.device, dtype: torch.dtype
     times: dict[str, list[float]] = {name: [] for name in layers}
     for _ in range(rounds):
         for name, layer in layers.items():
-            sync(device)
+            device_sync(device)
             start = time.perf_counter()
             for _ in range(calls):
                 step(layer, x, grad, dtype)
-            sync(device)
+            device_sync(device)
             times[name].append((time.perf_counter() - start) * 1e3 / calls)
     rows = {}
     for name, layer in layers.items():

@@ -84,9 +84,9 @@ elif [ "$DEVICE" = cpu ]; then
   DATA_TIMEOUT=600
   EPOCH_TIMEOUT=600
 else
-  MODEL_64=(--device "$DEVICE" --batch_size 64 --amp bf16 --impls "$IMPLS"
+  MODEL_64=(--device "$DEVICE" --batch_size 64 --amp bf16,fp16 --impls "$IMPLS"
             --steps 10 --rounds 3 --warmup 2 --mem_steps 2)
-  MODEL_128=(--device "$DEVICE" --batch_size 128 --amp bf16 --impls "$IMPLS"
+  MODEL_128=(--device "$DEVICE" --batch_size 128 --amp bf16,fp16 --impls "$IMPLS"
              --steps 10 --rounds 3 --warmup 2 --mem_steps 2)
   # Both compiled at batch 128 (the >= 1.25x goal), and CUDA graphs where launches dominate.
   COMPILED_IMPLS="ours_compile,peft_compile,peft"

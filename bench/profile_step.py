@@ -18,6 +18,7 @@ import bench_model as bm  # imports PEFT first, then puts the repository on sys.
 import torch
 from bench_lora_layer import saved_bytes
 from torch.profiler import ProfilerActivity, profile
+from util.misc import device_sync
 
 # Operator-name fragments -> group, first match wins.
 GROUPS: tuple[tuple[str, str], ...] = (
@@ -45,11 +46,11 @@ def profile_step(trainer: bm.Trainer, x: torch.Tensor, y: torch.Tensor, device: 
     """Self time (s) per group of one training step, after one warm-up step."""
     amp = bm.amp_context(trainer.impl, device, dtype)
     trainer.step(x, y, amp)
-    bm.sync(device)
+    device_sync(device)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=activities) as prof:
         trainer.step(x, y, amp)
-        bm.sync(device)
+        device_sync(device)
     times: dict[str, float] = defaultdict(float)
     for event in prof.key_averages():
         if event.device_type != torch.autograd.DeviceType.CPU:

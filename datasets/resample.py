@@ -21,7 +21,7 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
+import time
 import uuid
 from pathlib import Path
 from typing import Iterator
@@ -36,6 +36,8 @@ SOURCE = Path(__file__).with_name("_resample.c")
 # Pillow's filter numbers the C code accepts.
 FILTERS = {int(Image.Resampling.BILINEAR): "bilinear", int(Image.Resampling.BICUBIC): "bicubic"}
 CFLAGS = ("-O3", "-shared", "-fPIC", "-ffp-contract=off")
+# A temporary build file older than this was left by a killed build (a build takes seconds).
+STALE_BUILD_S = 600
 # Set to 0 to resize with Pillow only.
 ENV_SWITCH = "CXR_NATIVE_RESIZE"
 _SELF_CHECK_CASES = 40
@@ -89,6 +91,13 @@ def compile_library(folder: Path | None = None) -> Path:
     if not compiler:
         raise OSError("no C compiler (cc / gcc) on PATH")
     # Build beside the target and rename: processes that build at once never see half a file.
+    # A build killed before its clean-up leaves its temporary file; clear those of the past.
+    for stale in target.parent.glob(f"{target.stem}.*.tmp.so"):
+        try:
+            if time.time() - stale.stat().st_mtime > STALE_BUILD_S:
+                stale.unlink()
+        except OSError:  # another process removed it first
+            pass
     tmp = target.with_name(f"{target.stem}.{uuid.uuid4().hex[:8]}.tmp.so")
     cmd = [compiler, *CFLAGS, str(SOURCE), "-o", str(tmp), "-lm"]
     try:

@@ -1,8 +1,11 @@
 """The native crop resize: Pillow's bytes, a fallback to Pillow whenever it cannot be trusted,
 and data set tensors equal to the paper's torchvision pipeline on PIL images."""
 import logging
+import os
 import random
 import shutil
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -143,6 +146,21 @@ def test_library_is_built_once_into_its_folder(fresh, tmp_path):
     stamp = first.stat().st_mtime_ns
     assert resample.compile_library(tmp_path) == first and first.stat().st_mtime_ns == stamp
     assert [p.name for p in tmp_path.iterdir()] == [first.name]  # no temporary file left
+
+
+def test_a_killed_builds_temporary_file_is_cleared(fresh, tmp_path):
+    """A build killed mid-way leaves `<name>.<id>.tmp.so`; the next build clears such files
+    once they are old, and leaves a recent one (another process may be building it)."""
+    if shutil.which("cc") is None and shutil.which("gcc") is None:
+        pytest.skip("no C compiler here")
+    stem = Path(resample._library_name()).stem
+    stale, recent = tmp_path / f"{stem}.dead0001.tmp.so", tmp_path / f"{stem}.live0002.tmp.so"
+    stale.write_bytes(b"half a library")
+    recent.write_bytes(b"being written")
+    old = time.time() - resample.STALE_BUILD_S - 60
+    os.utime(stale, (old, old))
+    built = resample.compile_library(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([built.name, recent.name])
 
 
 @pytest.fixture(scope="module")

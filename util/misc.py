@@ -49,6 +49,12 @@ def init_distributed(device: str) -> tuple[DistInfo, torch.device]:
     return info, dev
 
 
+def device_sync(device: torch.device) -> None:
+    """Wait for the work queued on ``device`` (CUDA); for timing boundaries only."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def seed_everything(seed: int) -> None:
     """Seed Python, NumPy and torch (all devices)."""
     random.seed(seed)
