@@ -559,7 +559,12 @@ def test_and_report(args: argparse.Namespace, checkpoint: Path, out: Path, dist_
         "epoch": config.extras.get("epoch"), "training": trained,
         "precision": precision_name(amp_dtype), "split_file": str(dataset.split_file),
         "data_cache": dataset.cache_info, "dicom_scaling": dataset.dicom_scaling,
+        # The split's own size: with --skip_bad the score covers fewer images than it lists.
+        "split_images": len(dataset) + len(dataset.skipped),
     }
+    if dataset.skipped:
+        results["skipped"] = [{"line": b.line, "path": b.path, "reason": b.reason}
+                              for b in dataset.skipped]
     if eval_info:
         results["evaluation"] = eval_info
     if args.ci_resamples > 0 and dist_info.is_main:

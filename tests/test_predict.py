@@ -91,6 +91,38 @@ def test_cli_split_file_rows_join_with_eval_paths(setup, tmp_path, capsys):
     assert not predict.failures_path(out).exists()
 
 
+def test_eval_with_skipped_images_says_so_in_its_results(setup, tmp_path):
+    """`--eval --skip_bad` scores fewer images than the split lists: the results and the
+    AUROC table name the split's size and the images left out, so the score cannot pass for
+    one on the whole split."""
+    import json
+    import logging
+    import shutil
+
+    trainer = pytest.importorskip("main_finetune_lora")
+    data = tmp_path / "demo"
+    shutil.copytree(setup["data"], data)
+    lines = (data / "test_list.txt").read_text().splitlines()
+    bad_name = lines[2].split()[0]
+    (next(data.rglob(bad_name))).write_bytes(b"not a png")
+    out = tmp_path / "eval"
+    handlers, level = logging.root.handlers[:], logging.root.level
+    try:
+        rc = trainer.cli(["--eval", "--resume", str(setup["stem"]), "--finetune", str(setup["mrm"]),
+                          "--data_path", str(data), "--dataset", "nih", "--cache", "off",
+                          "--skip_bad", "--device", "cpu", "--amp", "none", "--num_workers", "0",
+                          "--output_dir", str(out), "--no_progress"])
+    finally:
+        logging.root.handlers[:], logging.root.level = handlers, level
+    assert rc == 0
+    (written,) = out.rglob("results_test.json")
+    results = json.loads(written.read_text())
+    assert results["split_images"] == len(lines) and results["num_images"] == len(lines) - 1
+    assert [(s["line"], s["path"]) for s in results["skipped"]] == [(3, bad_name)]
+    table = written.with_name("results_test_auroc.md").read_text()
+    assert f"Scored on {len(lines) - 1} of the {len(lines)} images" in table and bad_name in table
+
+
 def test_predictions_equal_eval_predictions_csv(setup, tmp_path):
     """`main_finetune_lora.py --eval` and predict.py on the same test split agree per image."""
     import logging

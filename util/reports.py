@@ -238,6 +238,12 @@ def write_auroc_tables(results: dict[str, Any], out_dir: str | Path,
         lines += [f"**{header}**" + (f" ({results['split']} split, {results['num_images']} images)"
                                       if results.get("split") and results.get("num_images") else ""),
                   ""]
+    if results.get("skipped"):
+        skipped = results["skipped"]
+        lines += [f"Scored on {results['num_images']} of the {results.get('split_images', '?')} images "
+                  f"of {results.get('split_file', 'the split')}: {len(skipped)} could not be read and "
+                  f"were skipped (--skip_bad), e.g. line {skipped[0]['line']} {skipped[0]['path']!r}. "
+                  "The score is not comparable with one on the whole split.", ""]
     if intervals:
         level = round(100 * float(intervals.get("level", 0.95)))
         lines += [f"| class | AUROC | {level}% CI (bootstrap) | {level}% CI (DeLong) | AUPRC |",
