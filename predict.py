@@ -38,6 +38,7 @@ from torch.utils.data import DataLoader, Dataset
 import lora
 from util.precision import AMP_CHOICES, autocast
 from util.precision import resolve_amp as precision_resolve_amp
+from util.runfolder import run_owning
 
 logger = logging.getLogger("predict")
 
@@ -410,6 +411,12 @@ def _heatmap_classes(requested: Sequence[str] | None, class_names: Sequence[str]
 def run(args: argparse.Namespace) -> int:
     """Predict, write the CSV (and heatmaps); return the exit code (0 ok, 1 some inputs failed,
     3 non-finite model outputs)."""
+    output = Path(args.output)
+    for path in (output, failures_path(output)):
+        owner = run_owning(path)
+        if owner is not None:
+            raise UsageError(f"--output {args.output}: {path} is a file of the training run in "
+                             f"{owner} (its own results); write the predictions elsewhere")
     device = torch.device(args.device)
     dtype = resolve_amp(args.amp, device)
     try:
@@ -447,7 +454,6 @@ def run(args: argparse.Namespace) -> int:
                      ", ".join(non_finite[:5]),
                      f" (+{len(non_finite) - 5} more)" if len(non_finite) > 5 else "", cause)
 
-    output = Path(args.output)
     write_predictions(output, [images[i].name for i in good], probs[good], class_names, thresholds)
     failed_csv = failures_path(output)
     if failures:

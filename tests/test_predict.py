@@ -272,3 +272,23 @@ def test_resolve_amp():
     assert predict.resolve_amp("fp16", cpu) is torch.float16
     with pytest.raises(predict.UsageError, match="--amp"):
         predict.resolve_amp("fp8", cpu)
+
+
+def test_predict_refuses_to_write_over_a_runs_own_results(setup, tmp_path, caplog):
+    """A run's predictions_test.csv (with labels, read by util.compare) is not replaced by an
+    unlabelled prediction CSV: predict.py refuses an --output that a run recorded as its own."""
+    from util.runfolder import RunFolder
+
+    run = tmp_path / "run"
+    run.mkdir()
+    mine = run / "predictions_test.csv"
+    mine.write_text("path,label_x\n")
+    RunFolder(run).record(mine)
+    args = ["--checkpoint", str(setup["stem"]), "--inputs", str(setup["data"] / "test_list.txt"),
+            "--amp", "none", "--device", "cpu", "--num_workers", "0"]
+    with caplog.at_level("ERROR", logger="predict"):
+        assert predict.main([*args, "--output", str(mine)]) == 2
+    assert "is a file of the training run in" in caplog.text
+    assert mine.read_text() == "path,label_x\n"
+    other = run / "predictions_external.csv"  # not one of the run's files: allowed
+    assert predict.main([*args, "--output", str(other)]) == 0 and other.is_file()

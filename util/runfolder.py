@@ -275,6 +275,17 @@ class RunFolder:
         return record
 
 
+def run_owning(path: str | Path) -> Path | None:
+    """The run folder that recorded ``path`` as one of its own files (its reports,
+    predictions, checkpoints), or None: other tools must not write over a run's results."""
+    path = Path(path).resolve()
+    for folder in path.parents:
+        names = RunFolder(folder).written() if (folder / MANIFEST_NAME).is_file() else []
+        if os.path.relpath(path, folder) in names:
+            return folder
+    return None
+
+
 def probe_writable(folder: str | Path) -> None:
     """Create ``folder`` if needed and write a probe file into it; raise one line if impossible."""
     folder = Path(folder)
