@@ -201,7 +201,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="fraction of the training labels: the train_1 / train_10 / train_list file")
     g.add_argument("--split_dir", default=None, help="folder of the split files")
     g.add_argument("--allow_overlap", action="store_true",
-                   help="allow images that are both in the training split and in val / test")
+                   help="allow images that are both in the training split and in val / test, "
+                        "or both in val and test")
     g.add_argument("--cache", default="auto", choices=["auto", "on", "lossy", "off"],
                    help="auto: the exact image cache (python -m datasets.cache) when up to date, "
                         "same tensors as the files; on: require it; lossy: a downsized cache "
@@ -840,6 +841,7 @@ def prepare_data(args: argparse.Namespace, dist_info: DistInfo, device: torch.de
     test_set = datasets.build_dataset("test", args.data_path, transform=eval_tf,
                                       verify_images="header", **data_kw)
     check_split_overlap(train_set, [val_set, test_set], allow=args.allow_overlap)
+    check_split_overlap(val_set, [test_set], allow=args.allow_overlap, role="validation")
     class_names = list(train_set.class_names)
     if args.nb_classes is not None and args.nb_classes != len(class_names):
         raise ArgumentError(f"--nb_classes {args.nb_classes} but {train_set.split_file} has "

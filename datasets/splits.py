@@ -258,14 +258,20 @@ def find_overlap(paths_a: Sequence[str], paths_b: Sequence[str]) -> list[str]:
 
 
 def check_split_overlap(train: SplitLike, others: Sequence[SplitLike | str | Path],
-                        allow: bool = False) -> dict[str, int]:
+                        allow: bool = False, role: str = "training") -> dict[str, int]:
     """Refuse images shared between the training split and each of `others` (validation, test).
 
     An image in both is patient leakage in its simplest form: the score is measured on
-    training data. `others` are parsed splits or datasets, or split files (read here). With
+    training data. With ``role="validation"`` the first split is the one checkpoints are
+    selected on, and an image it shares with the test split makes the test score optimistic
+    in the same way. `others` are parsed splits or datasets, or split files (read here). With
     ``allow=True`` the overlap is logged as a warning instead. Returns {other split file:
     number of shared images}.
     """
+    harm = {"training": "the evaluation would score images the model was trained on",
+            "validation": "the test would score images the checkpoint was selected on"}
+    if role not in harm:
+        raise ValueError(f"role={role!r}: expected one of {list(harm)}")
     counts: dict[str, int] = {}
     for other in others:
         table = parse_split_file(other) if isinstance(other, (str, Path)) else other
@@ -273,12 +279,11 @@ def check_split_overlap(train: SplitLike, others: Sequence[SplitLike | str | Pat
         counts[str(table.split_file)] = len(shared)
         if not shared:
             continue
-        message = (f"{len(shared)} images of {table.split_file} are also in the training split "
+        message = (f"{len(shared)} images of {table.split_file} are also in the {role} split "
                    f"{train.split_file}, e.g. {', '.join(repr(p) for p in shared[:_EXAMPLES])}")
         if not allow:
-            raise SplitOverlapError(f"{message}: the evaluation would score images the model was "
-                                    "trained on. Fix the split files, or pass allow=True "
-                                    "(--allow_overlap) to accept it.")
+            raise SplitOverlapError(f"{message}: {harm[role]}. Fix the split files, or pass "
+                                    "allow=True (--allow_overlap) to accept it.")
         logger.warning("%s (allowed)", message)
     return counts
 

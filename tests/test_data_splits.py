@@ -197,6 +197,25 @@ def test_train_test_overlap_refused_naming_both_files(tmp_path, caplog):
     assert "2 images of" in caplog.text and "(allowed)" in caplog.text
 
 
+def test_validation_test_overlap_refused(tmp_path, caplog):
+    """A checkpoint selected on validation images that are also test images gets an
+    optimistic test score: the same refusal, naming both files and the harm."""
+    from datasets.splits import SplitOverlapError, check_split_overlap
+
+    val, test = tmp_path / "val_list.txt", tmp_path / "test_list.txt"
+    val.write_text("p1/a.png 1\np2/b.png 0\n")
+    test.write_text("p3/c.png 0\np2/b.png 0\n")
+    table = parse_split_file(val, 1)
+    with pytest.raises(SplitOverlapError) as err:
+        check_split_overlap(table, [test], role="validation")
+    message = str(err.value)
+    assert f"also in the validation split {val}" in message and str(test) in message
+    assert "'p2/b.png'" in message and "selected on" in message
+    with caplog.at_level("WARNING"):
+        assert check_split_overlap(table, [test], allow=True, role="validation") == {str(test): 1}
+    assert "(allowed)" in caplog.text
+
+
 def test_reference_splits_do_not_overlap(reference_splits):
     from datasets.splits import check_split_overlap
 
