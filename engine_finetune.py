@@ -141,6 +141,10 @@ def train_one_epoch(
     Without a terminal (a log file, a batch job), ``progress`` logs a line every
     ``progress_freq`` steps with the image rate and the epoch's ETA instead of a bar.
     """
+    if clip_grad is not None and not clip_grad > 0:
+        # clip_grad_norm_ with a negative max_norm would reverse the gradient.
+        raise ValueError(f"clip_grad={clip_grad}: the largest gradient norm must be positive "
+                         "(None: no clipping)")
     model.train()
     n_steps = steps_per_epoch or len(loader)  # type: ignore[arg-type]
     params = list(params) if params is not None else [p for p in model.parameters() if p.requires_grad]
@@ -174,16 +178,19 @@ def train_one_epoch(
         window_n += 1
 
         update = (step + 1) % accum_iter == 0 or step + 1 == n_steps
+        # The mean gradient over the step's micro-batches: the epoch's last group may hold
+        # fewer than accum_iter of them (MAE's engine never applies that group's gradient).
+        group = min(accum_iter, n_steps - (step - step % accum_iter))
         sync = model.no_sync() if (hasattr(model, "no_sync") and not update) else contextlib.nullcontext()
         with sync:
             if scaler is not None:
-                scaler.scale(loss / accum_iter).backward()
+                scaler.scale(loss / group).backward()
             else:
-                (loss / accum_iter).backward()
+                (loss / group).backward()
         if update:
             if scaler is not None:
                 scaler.unscale_(optimizer)
-            if clip_grad:
+            if clip_grad is not None:
                 torch.nn.utils.clip_grad_norm_(params, clip_grad)
             if scaler is not None:
                 scaler.step(optimizer)

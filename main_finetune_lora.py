@@ -16,6 +16,7 @@ import logging
 import math
 import os
 import platform
+import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -49,6 +50,8 @@ logger = logging.getLogger("main")
 DEMO_RUN_PREFIX = "demo-"
 # The automatic run name includes these when they differ from the paper's defaults.
 AUTO_NAME_DEFAULTS = {"lora_pos": "attn", "input_size": 224}
+# Flags that name a real data set or weights: without --data_path they are an error, not the demo.
+REAL_RUN_FLAGS = ("preset", "finetune", "dataset", "data_size", "split_dir", "nb_classes")
 # Compiling pays off (CUDA, --compile auto) from about this many optimiser steps in a run.
 COMPILE_AUTO_MIN_STEPS = 5000
 
@@ -75,7 +78,9 @@ class Parser(argparse.ArgumentParser):
 
 def get_args_parser() -> argparse.ArgumentParser:
     """All flags of the paper's scripts (same meaning) plus this tool's own."""
-    p = Parser(prog="main_finetune_lora.py",
+    # allow_abbrev=False: '--epoch 10' must not pass as --epochs while a preset's value wins
+    # over it (explicit_flags matches whole option strings only).
+    p = Parser(prog="main_finetune_lora.py", allow_abbrev=False,
                description="LoRA (or full, or linear-probe) fine-tuning of chest X-ray foundation "
                            "models, with the paper's recipes (--preset).",
                formatter_class=HelpFormatter)
@@ -167,7 +172,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--warmup_epochs", type=float, default=5,
                    help="linear warm-up epochs (capped at --epochs, with a note)")
     g.add_argument("--weight_decay", type=float, default=0.05, help="weight decay")
-    g.add_argument("--clip_grad", type=float, default=None, help="clip the gradient norm to this")
+    g.add_argument("--clip_grad", type=float, default=None, help="clip the gradient norm to this positive value (default: no clipping)")
     g.add_argument("--backbone_dtype", default="fp32", choices=["fp32", "bf16", "fp16", "fp8"],
                    help="hold the frozen backbone in this dtype (half the memory, no per-step "
                         "cast); bf16 / fp16 need --amp of the same precision; fp8: the frozen "
@@ -285,7 +290,16 @@ def resolve_args(args: argparse.Namespace, explicit: set[str]) -> argparse.Names
         method = args.method or ("lora" if args.model in mv.LORA_MODELS else "full")
         values, args.preset_source = resolve_preset(args.preset, method)
         fill(values)
-    args.demo = args.demo or (args.data_path is None and not args.eval)
+    if not args.demo and args.data_path is None and not args.eval:
+        # The demo is the default only for a command that names no data or weights: a real
+        # run's flags without --data_path are a mistake, not a request for synthetic data.
+        real = [f for f in REAL_RUN_FLAGS if f in explicit]
+        if real:
+            raise ArgumentError(f"--{real[0]} needs --data_path (the data set to train on); "
+                                "pass --demo to run the synthetic demo instead")
+        args.demo = True
+    # A demo run replaces the previous demo run, but only in its own default folder.
+    args.demo_replace = bool(args.demo and not {"output_dir", "run_name"} & explicit)
     if args.demo:
         demo = dict(DEMO_DEFAULTS)
         if "data_path" in explicit:  # a data set of the user's (e.g. datasets.demo --rsna): its own kind
@@ -293,10 +307,11 @@ def resolve_args(args: argparse.Namespace, explicit: set[str]) -> argparse.Names
         fill(demo)
         if args.finetune and "model" not in explicit:
             args.model = "vit_base_patch16_lora"
-        if args.resume and "overwrite" not in explicit:
-            args.overwrite = False  # --resume continues a demo run; it never restarts it
     if args.data_path is None:
         raise ArgumentError("--data_path is required with --eval (the data to evaluate on)")
+    if args.resume == "auto" and args.overwrite:
+        raise ArgumentError("--resume auto continues the run in the folder, --overwrite replaces "
+                            "it: give one of them")
 
     if args.method is None:
         args.method = "lora" if args.model in mv.LORA_MODELS else "full"
@@ -345,6 +360,7 @@ def resolve_args(args: argparse.Namespace, explicit: set[str]) -> argparse.Names
         args.batch_size = batch
     if args.progress_freq <= 0:
         raise ArgumentError(f"--progress_freq must be positive, got {args.progress_freq}")
+    check_values(args, world)
     if args.compile_mode != "default" and args.compile_backend != "inductor":
         raise ArgumentError(f"--compile_mode {args.compile_mode} is a mode of the inductor backend, "
                             f"not of --compile_backend {args.compile_backend}")
@@ -386,6 +402,57 @@ def resolve_args(args: argparse.Namespace, explicit: set[str]) -> argparse.Names
             raise ArgumentError(f"--device_aug: {err}") from None
     args.eval_batch_size = args.eval_batch_size or 4 * args.batch_size
     return args
+
+
+def check_values(args: argparse.Namespace, world: int) -> None:
+    """Refuse numbers no run can use (each message names the flag and its value)."""
+    def refuse(flag: str, rule: str) -> None:
+        raise ArgumentError(f"--{flag} {getattr(args, flag)!r} is not valid: {rule}")
+
+    if args.lr is not None and not args.lr > 0:
+        refuse("lr", "the learning rate must be positive")
+    if not args.blr > 0:
+        refuse("blr", "the base learning rate must be positive")
+    if not args.weight_decay >= 0:
+        refuse("weight_decay", "must be 0 or positive")
+    if not 0 < args.layer_decay <= 1:
+        refuse("layer_decay", "the per-layer lr factor must be in (0, 1] (1: no decay)")
+    lr = args.lr if args.lr is not None else args.blr * args.batch_size * args.accum_iter * world / 256
+    if not args.min_lr >= 0:
+        refuse("min_lr", "must be 0 or positive")
+    if args.min_lr > lr:
+        refuse("min_lr", f"the floor of the cosine schedule is above the lr {lr:g} (the "
+                         "schedule would rise instead of decay)")
+    if not 0 <= args.drop_path < 1:
+        refuse("drop_path", "the stochastic depth rate must be in [0, 1)")
+    if not 0 <= args.reprob <= 1:
+        refuse("reprob", "a probability must be in [0, 1]")
+    if args.remode not in ("pixel", "rand", "const"):
+        refuse("remode", "expected pixel, rand or const")
+    if args.recount < 1:
+        refuse("recount", "at least 1 erased box")
+    if args.method == "lora" and not args.lora_alpha > 0:
+        refuse("lora_alpha", "the LoRA scale alpha / r must be positive")
+    if args.clip_grad is not None and not args.clip_grad > 0:
+        refuse("clip_grad", "the largest gradient norm must be positive (leave the flag out for "
+                            "no clipping)")
+    if args.eval_batch_size is not None and args.eval_batch_size <= 0:
+        refuse("eval_batch_size", "must be positive (leave it out for 4 x --batch_size)")
+    if args.num_workers < 0:
+        refuse("num_workers", "must be 0 (load in the main process) or positive")
+    if args.cache_size is not None and args.cache_size <= 0:
+        refuse("cache_size", "must be positive")
+    try:
+        torch.device(args.device)
+    except RuntimeError:
+        refuse("device", "expected a torch device such as cpu, cuda or cuda:1")
+    if args.aa:
+        try:  # the adamw recipe's RandAugment: a policy timm cannot parse fails here, not later
+            datasets.build_transform(is_train=True, recipe="adamw", input_size=args.input_size,
+                                     norm="mrm", aa=args.aa, reprob=0.0)
+        except (AssertionError, ValueError, KeyError, IndexError) as err:
+            refuse("aa", f"not a RandAugment policy timm can read ({err}); e.g. "
+                         "rand-m9-mstd0.5-inc1")
 
 
 def weights_name(finetune: str) -> str:
@@ -436,8 +503,18 @@ def check_run_folder(out: Path, args: argparse.Namespace, committed: dict | None
     resume = args.resume if resume is None else resume
     overwrite = args.overwrite if overwrite is None else overwrite
     old = run_in_folder(out)
-    if old is None or resume or overwrite:
+    if old is None or overwrite:
         return
+    if resume:
+        source = resumed_folder(resume)
+        if source == out.resolve():
+            return
+        markers = [m for m in RUN_MARKERS if (out / m).exists()]
+        raise ArgumentError(
+            f"--resume {resume} continues the run of {source} in {out}, but {out} already holds "
+            f"a run ({', '.join(markers)}): its results would be mixed with this one's. Choose "
+            "an empty --output_dir / --run_name, or --overwrite to replace that run (if it is "
+            "this run's own earlier continuation, --resume auto continues it)")
     old_args = old.get("args", {})
     same = same_settings(old_args, args)
     done = committed is not None and committed["epoch"] + 1 >= int(old_args.get("epochs", -1))
@@ -453,6 +530,11 @@ def check_run_folder(out: Path, args: argparse.Namespace, committed: dict | None
         hint = "that run with these settings did not finish: --resume auto continues it"
     markers = [m for m in RUN_MARKERS if (out / m).exists()]
     raise ArgumentError(f"output folder {out} already holds a run ({', '.join(markers)}): {hint}")
+
+
+def resumed_folder(resume: str) -> Path:
+    """The run folder of a --resume checkpoint (resolved)."""
+    return ckpt.checkpoint_paths(resume)[1].parent.resolve()
 
 
 def model_config_from_args(args: argparse.Namespace, class_names: list[str]) -> mv.ModelConfig:
@@ -733,6 +815,9 @@ class RunPlan:
     resume: str  # the checkpoint continued from; '' for a fresh start
     overwrite: bool
     log_dir: Path  # TensorBoard's folder
+    # The folder of a run continued into this other folder: its best checkpoint is carried
+    # over with the first commit, so the final test is of this run's best model.
+    source: Path | None = None
 
 
 @dataclass
@@ -753,6 +838,13 @@ class RunData:
         """Which image cache each split read (recorded in config.json and the results)."""
         return {"train": self.train_set.cache_info, "val": self.val_set.cache_info,
                 "test": self.test_set.cache_info}
+
+    @property
+    def split_sha256(self) -> dict:
+        """SHA-256 of each split file: what identifies the data a run trains and selects on."""
+        return {"train": ckpt.file_sha256(self.train_set.split_file),
+                "val": ckpt.file_sha256(self.val_set.split_file),
+                "test": ckpt.file_sha256(self.test_set.split_file)}
 
     @property
     def dicom_scaling_used(self) -> str | None:
@@ -783,19 +875,25 @@ def run_args(args: argparse.Namespace, plan: RunPlan, data: RunData) -> dict:
     ever: the resolved --resume / --overwrite and the data cache and DICOM rule used)."""
     recorded = {k: v for k, v in vars(args).items() if k not in ("explicit", "notes")}
     recorded.update(resume=plan.resume, overwrite=plan.overwrite, cache_used=data.cache_used,
-                    dicom_scaling_used=data.dicom_scaling_used)
+                    dicom_scaling_used=data.dicom_scaling_used, split_sha256=data.split_sha256)
     return recorded
 
 
 def plan_run(args: argparse.Namespace, out: Path, folder: RunFolder, dist_info: DistInfo,
              eff_batch: int) -> RunPlan:
     """Recover the locked run folder, resolve --resume auto against it, refuse a foreign run."""
-    # A run that --overwrite replaces need not be intact (a damaged one must not block it).
-    replacing = args.overwrite and not args.resume
-    committed = folder.recover(verify=not replacing) if dist_info.is_main else folder.read_commit()
+    old = run_in_folder(out)
     resume, overwrite = args.resume, args.overwrite
+    own_resume = resume == "auto" or (bool(resume) and resumed_folder(resume) == out.resolve())
+    if overwrite and own_resume:
+        raise ArgumentError(f"--resume {resume} continues the run in {out}, --overwrite replaces "
+                            "it: give one of them")
+    if args.demo_replace and old is not None and (old.get("args") or {}).get("demo") is True:
+        overwrite = True  # the previous demo run in the demo's own folder
+    # A run that --overwrite replaces need not be intact (a damaged one must not block it).
+    replacing = overwrite and not own_resume
+    committed = folder.recover(verify=not replacing) if dist_info.is_main else folder.read_commit()
     if resume == "auto":
-        old = run_in_folder(out)
         if committed is not None or (out / "checkpoint-last.json").exists():
             resume = str(out / "checkpoint-last")
         elif old is not None and not same_settings(old.get("args", {}), args):
@@ -807,8 +905,12 @@ def plan_run(args: argparse.Namespace, out: Path, folder: RunFolder, dist_info: 
             logger.warning("--resume auto: %s has no completed epoch to continue; starting %s",
                            out, "the run afresh there" if old is not None else "a new run")
     check_run_folder(out, args, committed, resume=resume, overwrite=overwrite)
+    source = resumed_folder(resume) if resume and not own_resume else None
+    if overwrite and not (resume and own_resume):
+        committed = None  # the replaced run's commit is not this run's
     return RunPlan(out=out, eff_batch=eff_batch, committed=committed, resume=resume,
-                   overwrite=overwrite, log_dir=Path(args.log_dir) if args.log_dir else out / "logs")
+                   overwrite=overwrite, log_dir=Path(args.log_dir) if args.log_dir else out / "logs",
+                   source=source)
 
 
 def prepare_data(args: argparse.Namespace, dist_info: DistInfo, device: torch.device) -> RunData:
@@ -875,16 +977,21 @@ def setup_training(args: argparse.Namespace, plan: RunPlan, data: RunData, dist_
     params = [p for p in model.parameters() if p.requires_grad]
     param_line = lora.trainable_report(model)
     optimizer = build_optimizer(model, args.optimizer, args.lr, args.weight_decay, args.layer_decay)
-    use_scaler = amp_dtype == torch.float16 and device.type == "cuda"
-    scaler = torch.amp.GradScaler(device.type) if use_scaler else None
+    # fp16 needs loss scaling on every device (small gradients underflow to zero in fp16);
+    # torch.amp.GradScaler runs on the CPU too.
+    scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
 
     start_epoch, best, best_epoch, history = args.start_epoch, -math.inf, None, []
     if plan.resume:
         # The run folder's own commit was verified by plan_run: not hashed a second time.
-        own = Path(plan.resume).parent.resolve() == plan.out.resolve()
         start_epoch, best, best_epoch, history = resume_training(
             plan.resume, model, optimizer, scaler, config, args,
-            record=plan.committed if own else None)
+            record=plan.committed if plan.source is None else None, data=data_identity(data))
+        if plan.source is not None and start_epoch >= args.epochs:
+            raise ArgumentError(
+                f"--resume {plan.resume}: that run already trained {start_epoch} epochs, so "
+                f"--epochs {args.epochs} leaves nothing to train in {plan.out}; to test its best "
+                f"checkpoint use --eval --resume {plan.source / 'checkpoint-best'}")
 
     ddp_model = model
     if dist_info.distributed:
@@ -923,7 +1030,7 @@ def fit(args: argparse.Namespace, plan: RunPlan, data: RunData, setup: TrainSetu
 
     writer = None
     if dist_info.is_main:
-        if plan.overwrite and not plan.resume:
+        if plan.overwrite and (not plan.resume or plan.source is not None):
             removed = folder.remove_own_files()
             if removed:
                 logger.info("--overwrite: removed the previous run's %d files from %s", len(removed), out)
@@ -941,6 +1048,7 @@ def fit(args: argparse.Namespace, plan: RunPlan, data: RunData, setup: TrainSetu
                     "val_undefined_classes": val_undefined, "notes": args.notes,
                     "data_cache": data.cache_used, "dicom_scaling": data.dicom_scaling_used,
                     "resumed_from_epoch": start_epoch - 1 if plan.resume else None,
+                    "resumed_from": str(Path(plan.resume).resolve()) if plan.resume else None,
                     "command": " ".join(sys.argv)}
         ckpt.write_json(out / "config.json", run_info)
         written = [out / "config.json", out / "train.log"]
@@ -970,6 +1078,7 @@ def fit(args: argparse.Namespace, plan: RunPlan, data: RunData, setup: TrainSetu
                     "precision %s; device %s", out, len(train_set), len(val_set), len(test_set),
                     eff_batch, args.lr, settings["precision"], device)
 
+    carry_from = plan.source  # until this folder's first commit holds a checkpoint-best
     set_lr = lambda e: adjust_learning_rate(optimizer, e, args.lr, args.min_lr,  # noqa: E731
                                             args.warmup_epochs, args.epochs)
     for epoch in range(start_epoch, args.epochs):
@@ -1022,19 +1131,24 @@ def fit(args: argparse.Namespace, plan: RunPlan, data: RunData, setup: TrainSetu
                      "best_metric": best, "best_epoch": best_epoch, "rng": rng_state(),
                      "args": recorded_args}
             # dicom_scaling at the top level: predict and exports decode DICOMs by the same rule.
-            extra = {"epoch": epoch, "val_mean_auroc": best, "run": settings,
+            # Each checkpoint records its own epoch's validation score (None when this epoch
+            # was not validated); checkpoint-last also the best so far.
+            extra = {"epoch": epoch, "val_mean_auroc": log.get("val_mean_auroc"), "run": settings,
                      "dicom_scaling": settings["dicom_scaling"]}
 
             def stage(pending: Path) -> None:
                 if improved:
-                    ckpt.save_checkpoint(pending / "checkpoint-best", model, config,
-                                         extra={**extra, "val_mean_auroc": best})
+                    ckpt.save_checkpoint(pending / "checkpoint-best", model, config, extra=extra)
+                elif carry_from is not None:
+                    carry_best(carry_from, pending, best_epoch)
                 ckpt.save_resume_state(pending / "checkpoint-last.state.pt", state)
-                ckpt.save_checkpoint(pending / "checkpoint-last", model, config, extra=extra)
+                ckpt.save_checkpoint(pending / "checkpoint-last", model, config,
+                                     extra={**extra, "best_val_mean_auroc": best,
+                                            "best_epoch": best_epoch})
 
             folder.commit(epoch, stage, history,
                           last_complete=str(out / "checkpoint-last") if committed else "")
-            committed = True
+            committed, carry_from = True, None
             writer.flush()
             print(f"{line}, best {100 * best:.2f} (epoch {best_epoch}), {time.time() - t0:.1f}s",
                   flush=True)
@@ -1059,23 +1173,96 @@ def fit(args: argparse.Namespace, plan: RunPlan, data: RunData, setup: TrainSetu
     return results
 
 
+def carry_best(source: Path, pending: Path, best_epoch: int | None) -> None:
+    """Copy the resumed run's checkpoint-best (the best epoch so far) into this folder's
+    staged commit, checked against the source's commit record and its best epoch."""
+    tensors_path, config_path = ckpt.checkpoint_paths(source / "checkpoint-best")
+    if best_epoch is None and not config_path.exists():
+        return  # no epoch of that run was validated yet: nothing to carry
+    if not (tensors_path.is_file() and config_path.is_file()):
+        raise RunFolderError(f"{tensors_path.with_suffix('')} is missing: the resumed run's best "
+                             f"checkpoint (epoch {best_epoch}) is needed in this run's folder")
+    saved = ckpt.read_config(source / "checkpoint-best").extras.get("epoch")
+    if saved != best_epoch:
+        raise RunFolderError(f"{config_path} is of epoch {saved}, but the resume state's best "
+                             f"epoch is {best_epoch}: the resumed run's files disagree")
+    record = RunFolder(source).read_commit()
+    for path in (tensors_path, config_path):
+        copy = pending / path.name
+        shutil.copyfile(path, copy)
+        if record is not None and record["files"].get(path.name) not in (None, ckpt.file_sha256(copy)):
+            raise RunFolderError(f"{path} changed after its run committed it (sha256 differs from "
+                                 f"{source / 'commit.json'}): not carried into this run")
+
+
+def data_identity(data: "RunData") -> dict:
+    """What identifies a run's data and its pixels, recorded in the resume state and compared
+    on --resume: the split files' contents (not their paths), the cache and the DICOM rule."""
+    return {"split_sha256": data.split_sha256, "cache_used": data.cache_used,
+            "dicom_scaling_used": data.dicom_scaling_used}
+
+
 RESUME_MUST_MATCH = ("model", "method", "class_names", "lora", "global_pool", "img_size",
                      "model_kwargs", "norm", "mean", "std", "pretrained_sha256")
 # Settings of the recipe a resumed run must keep (--epochs may grow: a longer schedule).
 RESUME_ARGS_MUST_MATCH = ("dataset", "data_size", "optimizer", "recipe", "lr", "weight_decay",
                           "layer_decay", "batch_size", "accum_iter", "seed", "aa", "reprob",
-                          "warmup_epochs", "min_lr", "drop_path", "lora_dropout", "clip_grad")
+                          "warmup_epochs", "min_lr", "drop_path", "lora_dropout", "clip_grad",
+                          "aug_fill", "remode", "recount", "device_aug")
+SPLITS = ("train", "val", "test")
+
+
+def cache_pixels(cache_used: dict | None) -> dict:
+    """Per split, whether its pixels come from a lossy cache (and which): an exact cache and
+    the original files give the same tensors, a lossy cache other ones."""
+    cache_used = cache_used or {}
+    return {split: (f"lossy {info.get('size')}px cache" if info.get("kind") == "lossy"
+                    else "original pixels") for split, info in cache_used.items() if info}
+
+
+def check_same_data(path: str, old_args: dict, args: argparse.Namespace, data: dict) -> None:
+    """Refuse to resume on other data or other pixels than the run was trained on.
+
+    The split files are compared by content (SHA-256), so a data folder that moved still
+    resumes; runs recorded before the hashes were kept compare --data_path / --split_dir."""
+    old_hashes = old_args.get("split_sha256")
+    if old_hashes:
+        for split in SPLITS:
+            old, new = old_hashes.get(split), data["split_sha256"].get(split)
+            if old is not None and old != new:
+                raise ArgumentError(
+                    f"--resume {path}: the run was trained on other data: its {split} split file "
+                    f"had sha256 {old[:12]}..., --data_path {args.data_path} / --split_dir "
+                    f"{args.split_dir} give {str(new)[:12]}...; resume on the run's own data, "
+                    "or start a new run")
+    else:
+        for key in ("data_path", "split_dir"):
+            if key in old_args and old_args[key] != getattr(args, key):
+                raise ArgumentError(f"--resume {path}: the run was trained with --{key} "
+                                    f"{old_args[key]!r}, this command gives {getattr(args, key)!r}")
+    if "cache_used" in old_args:
+        old, new = cache_pixels(old_args["cache_used"]), cache_pixels(data["cache_used"])
+        changed = [s for s in old if s in new and old[s] != new[s]]
+        if changed:
+            raise ArgumentError(f"--resume {path}: the run read {changed[0]} images from "
+                                f"{old[changed[0]]}, this command (--cache {args.cache}) from "
+                                f"{new[changed[0]]}; resume with the run's own --cache")
+    old_scaling = old_args.get("dicom_scaling_used")
+    if old_scaling is not None and old_scaling != data["dicom_scaling_used"]:
+        raise ArgumentError(f"--resume {path}: the run was trained with --dicom_scaling "
+                            f"{old_scaling!r}, this command gives {data['dicom_scaling_used']!r}")
 
 
 def resume_training(path: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                     scaler, config: mv.ModelConfig, args: argparse.Namespace | None = None,
-                    record: dict | None = None) -> tuple[int, float, int | None, list[dict]]:
+                    record: dict | None = None, data: dict | None = None
+                    ) -> tuple[int, float, int | None, list[dict]]:
     """Restore trained tensors, optimizer, scaler and counters after checking that the
     checkpoint is one committed epoch of this same run.
 
     ``record``: the checkpoint folder's commit record when it was already verified against
     its files; otherwise it is read and verified here. Returns (next epoch, best metric,
-    its epoch, log history).
+    its epoch, log history). ``data``: this run's ``data_identity``, compared with the run's.
     """
     tensors_path, config_path = ckpt.checkpoint_paths(path)
     if record is None:
@@ -1109,6 +1296,8 @@ def resume_training(path: str, model: torch.nn.Module, optimizer: torch.optim.Op
                 raise ArgumentError(f"--resume {path}: the run was trained with --{key} "
                                     f"{old_args[key]!r}, this command gives {getattr(args, key, None)!r}; "
                                     "resume with the run's own settings, or start a new run")
+        if data is not None:
+            check_same_data(path, old_args, args, data)
         if "epochs" in old_args and old_args["epochs"] != args.epochs:
             logger.warning("--resume: --epochs changed from %s to %s: the lr schedule follows the "
                            "new length from here on", old_args["epochs"], args.epochs)

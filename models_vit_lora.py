@@ -128,6 +128,15 @@ class PretrainedWeightsError(ValueError):
 IGNORED_PREFIXES = ("mask_token", "decoder_", "bert_encoder.", "bert_mlp.")
 # Keys the fine-tuning model may lack in a pre-training file: the new classifier.
 HEAD_PREFIXES = ("head.", "fc_norm.")
+# Never taken from the file: the classifier is always new (MAE main_finetune.py
+# re-initialises head.weight after loading; a file's head belongs to another task).
+NEW_HEAD_PREFIXES = ("head.",)
+
+
+def is_lora_key(key: str) -> bool:
+    """Whether a state-dict key names a LoRA factor (ours: '.lora_A'; peft: '.lora_A.default...')."""
+    return any(part in ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B")
+               for part in key.split("."))
 
 
 def _safe_globals() -> list[Any]:
@@ -457,12 +466,23 @@ def load_pretrained(model: nn.Module, path: str | Path, allow_unsafe_pickle: boo
 
     Works on the plain model and on one with LoRA already injected (``.base_layer``
     names are mapped exactly). Decoder, mask-token and MRM text-branch keys are dropped;
-    a head of another shape is re-initialised; ``pos_embed`` is interpolated to the
-    model's grid. Raises ``PretrainedWeightsError`` before anything is copied when a
-    backbone tensor is missing from the file, has the wrong shape or holds NaN / inf.
+    the classifier ``head`` is always re-initialised (trunc_normal std 2e-5, zero bias) as
+    the MAE / paper fine-tuning recipe does, even when the file holds one of the same
+    shape; ``pos_embed`` is interpolated to the model's grid. Raises
+    ``PretrainedWeightsError`` before anything is copied when a backbone tensor is missing
+    from the file, has the wrong shape or holds NaN / inf, and when the file holds trained
+    LoRA tensors (a fine-tuned checkpoint is not pre-trained weights).
     """
     if state_dict is None:
         state_dict = extract_state_dict(read_checkpoint(path, allow_unsafe_pickle), path)
+    adapters = sorted(k for k in state_dict if is_lora_key(k))
+    if adapters:
+        raise PretrainedWeightsError(
+            f"{path} holds trained LoRA tensors ({_first(adapters, 3)}): it is a fine-tuned "
+            "checkpoint, not pre-trained weights, and its adapters would be dropped here. To "
+            "continue training it use --resume <run>/checkpoint-last; to use it, predict.py "
+            "--checkpoint (or --eval --resume); --finetune takes the pre-trained file "
+            "(MRM.pth, CXR_MAE.pth, ...)")
     report = LoadReport(path=str(path))
     target = {lora.canonical_name(k): k for k in model.state_dict()
               if k.rsplit(".", 1)[-1] not in ("lora_A", "lora_B")}
@@ -485,7 +505,7 @@ def load_pretrained(model: nn.Module, path: str | Path, allow_unsafe_pickle: boo
             prefix = want[1] - grid[0] * grid[1]
             value = resize_pos_embed(value, tuple(grid), num_prefix_tokens=prefix)
             report.pos_embed_resized = (state_dict[key].shape[1], want[1])
-        if key.startswith(HEAD_PREFIXES) and value.shape != want:
+        if key.startswith(NEW_HEAD_PREFIXES) or (key.startswith(HEAD_PREFIXES) and value.shape != want):
             report.head_reinitialised = True
             report.ignored.append(key)
             continue

@@ -32,10 +32,11 @@ def test_recorded_args_keep_their_keys(tmp_path):
     args = mfl.with_data_defaults(resolved(tmp_path, "--resume", "auto"), eff_batch=64)
     plan = mfl.RunPlan(out=tmp_path / "run", eff_batch=64, committed=None, resume="",
                        overwrite=True, log_dir=tmp_path / "run" / "logs")
-    data = SimpleNamespace(cache_used={"train": None}, dicom_scaling_used="minmax")
+    data = SimpleNamespace(cache_used={"train": None}, dicom_scaling_used="minmax",
+                           split_sha256={"train": "ab"})
     recorded = mfl.run_args(args, plan, data)
-    assert set(recorded) == (set(vars(args)) - {"explicit", "notes"}) | {"cache_used",
-                                                                        "dicom_scaling_used"}
+    assert set(recorded) == (set(vars(args)) - {"explicit", "notes"}) | {
+        "cache_used", "dicom_scaling_used", "split_sha256"}
     assert (recorded["resume"], recorded["overwrite"]) == ("", True)
     assert (recorded["cache_used"], recorded["dicom_scaling_used"]) == ({"train": None}, "minmax")
     assert args.resume == "auto" and not hasattr(args, "cache_used")

@@ -139,3 +139,36 @@ def test_numpy_scalars_in_args_are_allowed(tmp_path):
                 "args": argparse.Namespace(lr=np.float64(1e-3), accum=np.float32(2.0))}, path)
     report = mv.load_pretrained(mv.vit_tiny_patch16(depth=2, num_classes=2), path)
     assert len(report.matched) == len(encoder_state()) - 2  # all but norm.* (fc_norm model)
+
+
+def test_a_file_with_trained_lora_tensors_is_refused(tmp_path):
+    """A fine-tuned LoRA model given as --finetune: its adapters must not vanish silently."""
+    trained = mv.vit_tiny_patch16(depth=2, num_classes=14)
+    lora.inject_lora(trained, rank=4)
+    for _, layer in lora.lora_layers(trained):
+        layer.lora_B.data.normal_()
+    save_file({k: v.contiguous() for k, v in trained.state_dict().items()},
+              str(tmp_path / "tuned.safetensors"))
+    peft_style = {**encoder_state(), "blocks.0.attn.qkv.lora_A.default.weight": torch.zeros(4, 192)}
+    torch.save(peft_style, tmp_path / "peft.pth")
+    for name in ("tuned.safetensors", "peft.pth"):
+        model = mv.vit_tiny_patch16(depth=2, num_classes=14)
+        before = model.blocks[0].attn.qkv.weight.clone()
+        with pytest.raises(mv.PretrainedWeightsError, match=r"holds trained LoRA tensors.*--resume"):
+            mv.load_pretrained(model, tmp_path / name)
+        assert torch.equal(model.blocks[0].attn.qkv.weight, before)  # nothing copied
+
+
+def test_head_of_matching_shape_in_the_file_is_reinitialised(tmp_path):
+    """MAE / the paper re-initialise the classifier after loading, whatever the file holds."""
+    enc = encoder_state()
+    enc["head.weight"] = torch.randn(14, 192)
+    enc["head.bias"] = torch.randn(14)
+    enc["fc_norm.weight"] = 1 + torch.rand(192)
+    enc["fc_norm.bias"] = torch.rand(192)
+    torch.save({"model": enc}, tmp_path / "classifier.pth")
+    model = mv.vit_tiny_patch16(depth=2, num_classes=14)
+    report = mv.load_pretrained(model, tmp_path / "classifier.pth")
+    assert report.head_reinitialised and "head.weight" not in report.matched
+    assert model.head.weight.std() < 1e-4 and torch.count_nonzero(model.head.bias) == 0
+    assert torch.equal(model.fc_norm.weight, enc["fc_norm.weight"])  # the pooling norm is kept

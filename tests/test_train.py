@@ -311,6 +311,49 @@ def test_bad_flags_stop_with_message(demo, tmp_path, capsys, flags, message):
     assert not (tmp_path / "x").exists()  # nothing written
 
 
+@pytest.mark.parametrize("flags,message", [
+    (["--lr", "-0.05"], "--lr -0.05 is not valid"),
+    (["--lr", "0"], "--lr 0.0 is not valid"),
+    (["--blr", "-1"], "--blr -1.0 is not valid"),
+    (["--weight_decay", "-1"], "--weight_decay -1.0 is not valid"),
+    (["--layer_decay", "0"], "--layer_decay 0.0 is not valid"),
+    (["--layer_decay", "2"], "--layer_decay 2.0 is not valid"),
+    (["--min_lr", "5"], "--min_lr 5.0 is not valid: the floor of the cosine schedule is above the lr 0.05"),
+    (["--min_lr", "-1"], "--min_lr -1.0 is not valid"),
+    (["--drop_path", "1.0"], "--drop_path 1.0 is not valid"),
+    (["--drop_path", "-0.1"], "--drop_path -0.1 is not valid"),
+    (["--reprob", "1.5"], "--reprob 1.5 is not valid"),
+    (["--lora_alpha", "0"], "--lora_alpha 0.0 is not valid"),
+    (["--lora_alpha", "-8"], "--lora_alpha -8.0 is not valid"),
+    (["--eval_batch_size", "-3"], "--eval_batch_size -3 is not valid"),
+    (["--eval_batch_size", "0"], "--eval_batch_size 0 is not valid"),
+    (["--num_workers", "-1"], "--num_workers -1 is not valid"),
+    (["--device", "cpux"], "--device 'cpux' is not valid"),
+    (["--aa", "garbage"], "--aa 'garbage' is not valid"),
+    (["--clip_grad", "-1"], "--clip_grad -1.0 is not valid"),
+    (["--clip_grad", "0"], "--clip_grad 0.0 is not valid"),
+    (["--remode", "noise"], "--remode 'noise' is not valid"),
+    (["--recount", "0"], "--recount 0 is not valid"),
+])
+def test_bad_numbers_are_refused_by_check_args(demo, tmp_path, capsys, flags, message):
+    """Each value no run can use stops at flag validation (exit 2), naming flag and value."""
+    data, weights = demo
+    with pytest.raises(SystemExit) as exc:
+        mfl.cli(base_args(data, weights, tmp_path / "x", "--check_args", *flags))
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_negative_clip_grad_is_refused_by_the_engine():
+    from engine_finetune import train_one_epoch
+
+    model = torch.nn.Linear(2, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(ValueError, match="clip_grad=-1"):
+        train_one_epoch(model, [(torch.ones(1, 2), torch.ones(1, 1))], opt, torch.device("cpu"), 0,
+                        set_lr=lambda e: 0.1, clip_grad=-1.0, progress=False)
+
+
 def test_output_folder_with_another_run_refused(demo, tmp_path, capsys):
     data, weights = demo
     out = tmp_path / "busy"

@@ -32,8 +32,9 @@ DEMO_DEFAULTS: dict[str, Any] = dict(
     input_size=112, epochs=8, batch_size=32, optimizer="sgd", lr=0.3, warmup_epochs=1,
     weight_decay=0.0, reprob=0.0, norm="mrm", data_size="100%", num_workers=2,
     output_dir=str(_ROOT / "output_dir"), lora_rank=8, lora_dropout=0.0, drop_path=0.0,
-    overwrite=True,
 )
+# A demo run replaces an earlier demo run in its own default folder (output_dir/demo-<kind>)
+# only; never a folder the user named, never a run that was not a demo (main_finetune_lora).
 # The paper trains every setting on one GPU x 64 images; presets keep that global batch.
 PAPER_GLOBAL_BATCH = 64
 
