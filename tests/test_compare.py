@@ -67,6 +67,23 @@ def test_compare_joins_on_path_and_writes_outputs(tmp_path, capsys):
         assert pixels.std() > 10  # not a blank canvas
 
 
+def test_bootstrap_floor_counts_the_defined_resamples():
+    """Of 1000 resamples, 500 drew no positive: the p-value's floor is 2 / (500 + 1), as
+    util.stats computes it over the defined resamples, not 2 / (1000 + 1)."""
+    def entry(p, undefined):
+        return {"auroc_a": 0.9, "auroc_b": 0.6, "diff": 0.3, "ci_low": 0.1, "ci_high": 0.5,
+                "p_bootstrap": p, "delong_p": 0.01, "n_pos": 3, "n_undefined_resamples": undefined,
+                "note": None}
+
+    result = {"n_resamples": 1000, "classes": {"Mass": entry(2 / 501, 500),
+                                               "Nodule": entry(2 / 1001, 0)},
+              "mean": entry(2 / 801, 200)}
+    cells = {r["class"]: r["p_bootstrap"] for r in compare.table_rows(result)}
+    assert cells == {"Mass": "<=0.0040", "Nodule": "<=0.0020", "mean": "<=0.0025"}
+    result["classes"]["Mass"]["p_bootstrap"] = 0.01  # above the floor: the value itself
+    assert compare.table_rows(result)[0]["p_bootstrap"] == "0.0100"
+
+
 def test_compare_refuses_mismatched_test_sets(tmp_path):
     paths, targets, a, b = two_runs(tmp_path)
     other = tmp_path / "other" / "predictions_test.csv"

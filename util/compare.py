@@ -134,7 +134,8 @@ def compare(a: Predictions, b: Predictions, resamples: int = DEFAULT_RESAMPLES,
 
 
 def _p(value: Any, resamples: int | None = None) -> str:
-    """A p-value with 4 decimals; a bootstrap p at its floor 2 / (B + 1) reads '<=floor'."""
+    """A p-value with 4 decimals; a bootstrap p at its floor 2 / (B + 1) reads '<=floor'
+    (``resamples``: B, the resamples where the difference is defined)."""
     if value is None:
         return ""
     if resamples and value <= 2 / (resamples + 1) + 1e-12:
@@ -150,7 +151,9 @@ def table_rows(result: dict[str, Any]) -> list[dict[str, str]]:
             "class": name, "n_pos": str(r.get("n_pos", "")), "auroc_a": x100(r["auroc_a"], 2),
             "auroc_b": x100(r["auroc_b"], 2), "diff": x100(r["diff"], 2),
             "ci_low": x100(r["ci_low"], 2), "ci_high": x100(r["ci_high"], 2),
-            "p_bootstrap": _p(r["p_bootstrap"], result["n_resamples"]),
+            # The floor is set by the resamples where the difference is defined (util.stats).
+            "p_bootstrap": _p(r["p_bootstrap"],
+                              result["n_resamples"] - (r.get("n_undefined_resamples") or 0)),
             "delong_z": "" if r.get("delong_z") is None else f"{r['delong_z']:.3f}",
             "delong_p": _p(r.get("delong_p")), "note": r["note"] or "",
         })
