@@ -8,7 +8,14 @@ import models_vit_lora as mv
 import predict
 from _fakes import trained_checkpoint
 from checkpoints import load_trained
-from util.heatmap import eval_crop_box, eval_resize, grad_cam, heatmap_filename, overlay
+from util.heatmap import (
+    eval_crop_box,
+    eval_resize,
+    grad_cam,
+    heatmap_filename,
+    overlay,
+    save_heatmaps,
+)
 
 CLASSES = ["Atelectasis", "Effusion", "Pleural Effusion"]
 
@@ -75,10 +82,56 @@ def test_crop_box_and_overlay_size():
 
 
 def test_heatmap_filename():
-    assert heatmap_filename("00000001_000.png", "Effusion") == "00000001_000__Effusion.png"
-    name = heatmap_filename("CheXpert-v1.0-small/valid/p1/s1/view1.jpg", "Pleural Effusion")
-    assert name == "CheXpert-v1.0-small__valid__p1__s1__view1__Pleural_Effusion.png"
-    assert "/" not in heatmap_filename("/abs/../x.dcm", "A")
+    assert heatmap_filename("00000001_000.png", "Effusion") == "00000001_000.png__Effusion.png"
+    name = heatmap_filename("CheXpert-v1.0-small/valid/p1/s1/view1_frontal.jpg", "Pleural Effusion")
+    assert name == "CheXpert-v1.0-small__valid__p1__s1__view1_frontal.jpg__Pleural%20Effusion.png"
+    assert heatmap_filename("sub__a.png", "A") == "sub%5F%5Fa.png__A.png"
+    for odd in ("/abs/../x.dcm", ".hidden.png", "a\\b.png", "ünïcode.png"):
+        out = heatmap_filename(odd, "A")
+        assert "/" not in out and "\\" not in out and not out.startswith(".") and out.isascii()
+
+
+def test_heatmap_filenames_never_collide():
+    """Inputs that used to share a file: extensions, '/' against '__', '_' at a part's end."""
+    names = ["img.png", "img.jpg", "img", "sub/a.png", "sub__a.png", "sub_/a.png", "sub/_a.png",
+             "sub___a.png", "/sub/a.png", "sub//a.png", "./sub/a.png", "sub/./a.png",
+             "sub%2Fa.png", "sub a.png", "sub_a.png", "a__b", "a", ".a", "%2Ea", "_a", "a_"]
+    classes = ["Effusion", "Pleural Effusion", "Pleural_Effusion", "b__Effusion", "_x", "x_"]
+    files = [heatmap_filename(n, c) for n in names for c in classes]
+    assert len(set(files)) == len(files)
+
+
+def test_save_heatmaps_writes_one_file_per_input_or_refuses(tmp_path):
+    torch.manual_seed(0)
+    model = mv.vit_tiny_patch16(depth=1, num_classes=2, img_size=32).eval()
+    rng = np.random.default_rng(0)
+    names = ["img.png", "img.jpg", "sub/a.png", "sub__a.png"]
+    files = []
+    for name in names:
+        path = tmp_path / "in" / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (40, 40), dtype=np.uint8), "L").save(
+            path, format="PNG")
+        files.append(path)
+
+    def transform(img):
+        x = torch.from_numpy(np.asarray(img.resize((32, 32)), dtype=np.float32) / 255)
+        return x.expand(3, 32, 32)
+
+    def run(files, names, out):
+        return save_heatmaps(model, files, names, 1, "Effusion", out, transform,
+                             lambda f: Image.open(f).convert("L"), 32, "sgd", batch_size=3)
+
+    written, failures = run(files, names, tmp_path / "maps")
+    assert not failures and len(written) == 4 and len(set(written)) == 4
+    assert sorted(p.name for p in (tmp_path / "maps").iterdir()) == sorted(p.name for p in written)
+    # The same image named twice is drawn once.
+    written, _ = run([files[0], files[0]], ["img.png", "img.png"], tmp_path / "twice")
+    assert len(written) == 1
+    # Two different images with one name (split files of two folders) would share a file.
+    with pytest.raises(ValueError, match=r"two images with one name.*img\.png__Effusion\.png"):
+        run([files[0], files[1]], ["img.png", "img.png"], tmp_path / "clash")
+    assert not (tmp_path / "clash").exists()  # refused before anything was written
 
 
 def test_predict_heatmap_flag(trained, tmp_path):

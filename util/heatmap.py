@@ -13,7 +13,7 @@ attention matrix, and gradients work through it unchanged.
 from __future__ import annotations
 
 import logging
-import re
+import string
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -155,14 +155,52 @@ def _draw_label(img: Image.Image, text: str) -> None:
             return
 
 
+# Characters kept as they are in heatmap file names; any other is written %XX (UTF-8 bytes).
+_PLAIN = frozenset(string.ascii_letters + string.digits + "._-")
+_SEPARATOR = "__"  # between path components, and before the class
+
+
+def _escape(part: str) -> str:
+    """One path component (or the class name) as file-name text without '__' in it, not
+    starting or ending with '_' and not starting with '.': so '__' separates parts unambiguously."""
+    out = []
+    for i, ch in enumerate(part):
+        if ch == "_":
+            plain = 0 < i < len(part) - 1 and part[i - 1] != "_" and part[i + 1] != "_"
+        else:
+            plain = ch in _PLAIN and not (ch == "." and i == 0)  # no hidden files
+        out.append(ch if plain else "".join(f"%{b:02X}" for b in ch.encode("utf-8")))
+    return "".join(out)
+
+
 def heatmap_filename(name: str, class_name: str) -> str:
-    """A file name for the heatmap of image ``name`` (as in the CSV) and a class."""
-    parts = [p for p in re.split(r"[\\/]+", name) if p not in ("", ".", "..")] or ["image"]
-    if "." in parts[-1].lstrip("."):
-        parts[-1] = parts[-1].rsplit(".", 1)[0]
-    stem = "__".join(parts)
-    safe = re.sub(r"[^A-Za-z0-9._-]+", "_", f"{stem}__{class_name}")
-    return safe.lstrip(".") + ".png"
+    """The heatmap file of image ``name`` (as in the CSV) and a class: ``<path>__<class>.png``.
+
+    Path separators become ``__`` and the extension is kept; any other character that could
+    be confused with them, or is unsafe in a file name, is written ``%XX``. Different
+    (name, class) pairs never share a file name: ``img.png`` / ``img.jpg``, ``sub/a.png`` /
+    ``sub__a.png`` and ``Pleural Effusion`` / ``Pleural_Effusion`` all stay apart.
+    """
+    parts = [_escape(p) for p in name.split("/")]
+    return _SEPARATOR.join([*parts, _escape(class_name)]) + ".png"
+
+
+def _heatmap_targets(files: Sequence[str | Path], names: Sequence[str], class_name: str
+                     ) -> dict[int, str]:
+    """{input index: file name} of the inputs to draw: the same image named twice is drawn
+    once; two different images that would write one file raise ``ValueError``."""
+    targets: dict[int, str] = {}
+    first: dict[str, int] = {}
+    for i, name in enumerate(names):
+        target = heatmap_filename(name, class_name)
+        j = first.setdefault(target, i)
+        if j == i:
+            targets[i] = target
+        elif Path(files[i]).resolve() != Path(files[j]).resolve():
+            raise ValueError(f"heatmaps: inputs {names[j]!r} ({files[j]}) and {name!r} "
+                             f"({files[i]}) are two images with one name, so they would write "
+                             f"one heatmap file {target}; give them distinct names (paths)")
+    return targets
 
 
 def save_heatmaps(
@@ -184,15 +222,21 @@ def save_heatmaps(
     ``load`` decodes a file to an 8-bit grey PIL image, ``transform`` makes the model
     input from it (the eval transform). The overlay has the original image's size. An
     image whose probability or map is NaN / inf gets no file and an entry in the errors.
+    File names come from ``heatmap_filename``; two different images with one name raise
+    ``ValueError`` before anything is written (the same image named twice is drawn once).
     """
+    if len(files) != len(names):
+        raise ValueError(f"save_heatmaps: {len(files)} files but {len(names)} names")
+    targets = _heatmap_targets(files, names, class_name)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
     failures: dict[int, str] = {}
     resize = eval_resize(input_size, recipe)
-    for start in range(0, len(files), batch_size):
+    todo = sorted(targets)
+    for start in range(0, len(todo), batch_size):
         batch: list[tuple[int, Image.Image, torch.Tensor]] = []
-        for i in range(start, min(start + batch_size, len(files))):
+        for i in todo[start:start + batch_size]:
             try:
                 img = load(files[i])
                 tensor = transform(img)
@@ -211,7 +255,7 @@ def save_heatmaps(
                 continue
             box = eval_crop_box(img.width, img.height, input_size, resize)
             picture = overlay(img, cam, box, label=f"{class_name}  p={prob:.3f}")
-            path = out_dir / heatmap_filename(names[i], class_name)
+            path = out_dir / targets[i]
             picture.save(path, format="PNG")
             written.append(path)
     return written, failures
