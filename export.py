@@ -6,18 +6,29 @@ writes ``export/nih_1_mrm_lora.safetensors`` (every tensor, timm state-dict name
 and ``export/nih_1_mrm_lora.json`` (format ``cxr-lora-merged/1``; see ``checkpoints``
 for the format and how to load it with timm alone). ``predict.py --checkpoint
 export/nih_1_mrm_lora`` uses it without the pre-trained file.
+
+The pair is written under temporary names, reloaded into timm and compared with the
+adapter model, and only then renamed into place: an export that fails the check leaves
+nothing behind, and an earlier export at ``--output`` as it was.
 """
 from __future__ import annotations
 
 import argparse
 import logging
+import os
+import shutil
 import sys
-from typing import Sequence
+import tempfile
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch.nn as nn
 
 from checkpoints import (  # noqa: F401  (the export API, importable from here too)
     MERGED_FORMAT,
     CheckpointError,
     ExportError,
+    ModelConfig,
     export_merged,
     export_paths,
     is_merged_export,
@@ -30,6 +41,41 @@ from checkpoints import (  # noqa: F401  (the export API, importable from here t
 )
 
 logger = logging.getLogger("export")
+
+
+def export_checked(model: nn.Module, config: ModelConfig | dict[str, Any], output: str | Path,
+                   source: str | Path, atol: float | None) -> tuple[Path, Path]:
+    """Export ``model`` to ``<output>.safetensors`` / ``.json`` once the export is shown to
+    reproduce it (max logit difference <= ``atol``; None skips the check).
+
+    Both files are written into a temporary folder beside ``output`` and renamed into place
+    only after the check: a failed check raises ``ExportError`` with no file written and an
+    earlier export at ``output`` untouched.
+    """
+    tensors_path, config_path = export_paths(output)
+    tensors_path.parent.mkdir(parents=True, exist_ok=True)
+    # Same folder, so the renames stay on one file system (atomic).
+    tmp_dir = Path(tempfile.mkdtemp(dir=tensors_path.parent, prefix=f".{tensors_path.stem}.",
+                                    suffix=".tmp"))
+    try:
+        tmp_tensors, tmp_config = export_merged(model, config, tmp_dir / tensors_path.stem,
+                                                source=source)
+        if atol is not None:
+            exported = load_merged(tmp_tensors)[0]
+            diff = max_output_difference(model, exported, int(config["img_size"]))
+            if not diff <= atol:
+                raise ExportError(f"{tensors_path}: the export's outputs differ from the adapter "
+                                  f"model by {diff:.3g} > --atol {atol:.3g}; nothing written")
+            logger.info("export reloaded into timm %s (strict): max logit difference %.2e",
+                        config_path.name, diff)
+        # An export is recognised by its JSON: drop the old one first and put the new one
+        # last, so an interruption between the renames never pairs old and new files.
+        config_path.unlink(missing_ok=True)
+        os.replace(tmp_tensors, tensors_path)
+        os.replace(tmp_config, config_path)
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+    return tensors_path, config_path
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -60,20 +106,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         logger.error("--checkpoint %s: %s", args.checkpoint, err)
         return 2
     try:
-        tensors_path, config_path = export_merged(model, config, args.output,
-                                                  source=args.checkpoint)
-        exported = None if args.no_verify else load_merged(tensors_path)[0]
+        tensors_path, config_path = export_checked(model, config, args.output, args.checkpoint,
+                                                   atol=None if args.no_verify else args.atol)
     except ExportError as err:
         logger.error("%s", err)
         return 1
-    if exported is not None:
-        diff = max_output_difference(model, exported, int(config["img_size"]))
-        if not diff <= args.atol:
-            logger.error("%s: outputs differ from the adapter model by %.3g > --atol %.3g",
-                         tensors_path, diff, args.atol)
-            return 1
-        logger.info("export reloaded into timm %s (strict): max logit difference %.2e",
-                    config_path.name, diff)
     print(f"exported {args.checkpoint} -> {tensors_path} + {config_path.name}")
     return 0
 

@@ -81,6 +81,30 @@ def test_cli_export_then_predict_without_pretrained_file(trained, tmp_path, caps
     np.testing.assert_allclose(results["merged"], results["adapter"], atol=2e-6)
 
 
+def test_failed_check_writes_nothing_and_keeps_the_earlier_export(trained, tmp_path, monkeypatch,
+                                                                  caplog):
+    """The export is renamed into place only after it reproduced the adapter model."""
+    import export
+
+    stem, _ = trained
+    old = tmp_path / "export" / "model"
+    old.parent.mkdir()
+    earlier = {old.with_suffix(".safetensors"): b"earlier tensors",
+               old.with_suffix(".json"): b'{"format": "earlier"}'}
+    for path, data in earlier.items():
+        path.write_bytes(data)
+    monkeypatch.setattr(export, "max_output_difference", lambda *a, **k: 0.5)  # a bad export
+    new = tmp_path / "export" / "fresh"
+    for out in (old, new):
+        assert export_main(["--checkpoint", str(stem), "--output", str(out)]) == 1
+    assert "differ from the adapter model by 0.5 > --atol" in caplog.text
+    assert {p: p.read_bytes() for p in old.parent.iterdir()} == earlier  # no temporary left
+    monkeypatch.undo()
+    assert export_main(["--checkpoint", str(stem), "--output", str(old)]) == 0
+    assert sorted(p.name for p in old.parent.iterdir()) == ["model.json", "model.safetensors"]
+    assert load_merged(old)[1]["class_names"] == CLASSES
+
+
 def test_load_merged_refuses_an_adapter_checkpoint(trained):
     stem, _ = trained
     with pytest.raises(ExportError, match="not a merged export"):
