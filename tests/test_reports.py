@@ -125,8 +125,9 @@ def test_summary_table_from_results_files(tmp_path, capsys):
     assert nih_header.split(" | ")[4:18] == NIH  # each data set's own class order
     lo = 100 * runs["nih_1_mrm_lora"]["mean_auroc"]
     fu = 100 * runs["nih_1_mrm_full"]["mean_auroc"]
-    assert f"| nih | 1% | MRM | {lo:.1f} | {fu:.1f} | {float(f'{lo:.1f}') - float(f'{fu:.1f}'):+.1f} |" in md
-    assert "LoRA is better in" in md
+    assert (f"| nih | 1% | MRM | vit_base_patch16 | r4, no config.json (n=1) | no config.json (n=1) "
+            f"| {lo:.1f} | {fu:.1f} | {lo - fu:+.1f} |") in md  # the difference before rounding
+    assert f"LoRA is better in {int(lo > fu)} of 1 comparisons" in md
 
 
 def test_summary_files_and_bad_results(tmp_path, capsys, caplog):
@@ -143,7 +144,7 @@ def test_summary_files_and_bad_results(tmp_path, capsys, caplog):
     text = capsys.readouterr().out
     assert text.count("| 1% | MRM | LoRA |") == 1  # the same file named twice counts once
     assert str(bad) in caplog.text and "missing" in caplog.text
-    _, rows, errors = summarize.summarize([tmp_path / "runs"])
+    _, rows, errors, _ = summarize.summarize([tmp_path / "runs"])
     assert len(rows) == len(runs) and len(errors) == 2
     with pytest.raises(SystemExit) as exc:
         summarize.main([str(tmp_path / "nowhere")])

@@ -26,8 +26,9 @@ def run(root, name, method, seed, value, lr=0.05, dataset="nih", size="1%", weig
         res["intervals"] = {"level": 0.95, "classes": {},
                             "mean": {"auroc": value, "ci_low": value - 0.02, "ci_high": value + 0.015}}
     (folder / "results_test.json").write_text(json.dumps(res))
+    # Where the run wrote and how many workers it used do not split seeds; the data does.
     args = {"seed": seed, "lr": lr, "method": method, "output_dir": str(root),
-            "run_name": name, "data_path": f"/data/{name}", "num_workers": seed}
+            "run_name": name, "data_path": f"/data/{dataset}", "num_workers": seed}
     (folder / "config.json").write_text(json.dumps({"args": args, "git_commit": "abc"}))
     return res
 
@@ -94,7 +95,7 @@ def test_without_configs_nothing_is_grouped(tmp_path):
     make(tmp_path / "runs")
     for cfg in (tmp_path / "runs").rglob("config.json"):
         cfg.unlink()
-    columns, rows, errors = summarize.summarize([tmp_path / "runs"])
+    columns, rows, errors, _ = summarize.summarize([tmp_path / "runs"])
     assert not errors and "seed" not in columns and "reference_mean_auroc" not in columns
     assert all(r["seeds_n"] == "1" for r in rows)
     assert "## Seeds" not in summarize.to_markdown(columns, rows)

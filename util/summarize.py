@@ -9,7 +9,19 @@
 RUNS are run folders (searched recursively for results_test.json) or results files. One
 row per run, ordered by data set, label fraction, weights and method; columns: mean AUROC,
 per-class AUROC (x100) and trainable parameters, as in the paper's comparison. The markdown
-adds a LoRA-vs-full table (mean AUROC and difference) where both methods were run.
+adds a LoRA-vs-full table (mean AUROC and difference) where both methods were run: each line
+pairs a LoRA seed group with a full fine-tuning seed group whose runs share every argument
+but the method's own recipe (``METHOD_ARGS``: rank, optimizer, lr, epochs, ...); the
+difference and the count of LoRA wins use the unrounded means.
+
+Evaluations: a results file written by ``main_finetune_lora.py --eval`` (it holds an
+``evaluation`` entry; by default in ``<run>/eval/<name>/``) is a trained checkpoint tested
+again, usually on other data. It carries the training run's data set, fraction, weights,
+method and seed, but it is not a run: it is listed apart ("Evaluations") and kept out of
+the run tables, seeds, LoRA vs full, the reference and the plot.
+
+Incomplete runs: a folder under RUNS holding a run's config.json but no results_test.json
+(still training, stopped, or its test failed) is named in the log and makes the exit code 1.
 
 Intervals: when a run's results carry ``intervals`` (``util.stats.auroc_intervals``), its
 mean AUROC's 95% bootstrap interval is shown beside it.
@@ -18,7 +30,12 @@ Seeds: runs whose ``config.json`` (beside results_test.json) holds the same argu
 the seed and the arguments in ``RUN_ONLY_ARGS`` (where and how the run was executed, not
 what it computes) form one group; the markdown lists each group of two or more runs with n,
 mean +- sample standard deviation of the mean AUROC, and each run's own value and interval.
-A run without config.json is a group of its own.
+A run without config.json is a group of its own. The data is part of the setting: the
+split files' SHA-256 when config.json records them (``split_sha256``; the folder may have
+moved), else the data folder (``--data_path``, ``--split_dir``), which may hold other images
+or labels. So are the pixels: runs that read a downsized (lossy) image cache are never seeds
+of runs on the original images (an exact cache gives the same tensors as the files, so
+``--cache auto / on / off`` does not split a group); the rows show the lossy cache.
 
 Reference (``--reference CSV``): a CSV with the columns ``setting,method,mean_auroc`` and
 optionally ``source``. ``setting`` is ``<dataset>-<percent>-<weights>`` as the presets name
@@ -35,10 +52,11 @@ import csv
 import json
 import logging
 import math
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, NamedTuple, Sequence
 
 from util.io import atomic_write
 from util.reports import x100
@@ -55,19 +73,32 @@ METHOD_ORDER = ("lora", "full", "linear")
 METHOD_LABELS = {"lora": "LoRA", "full": "full", "linear": "linear"}
 LEADING_COLUMNS = ("dataset", "data_size", "weights", "method", "mean_auroc")
 TRAILING_COLUMNS = ("trainable_params", "trainable_pct", "lora_rank", "num_images", "run")
+CACHE_COLUMNS = ("image_cache",)
 INTERVAL_COLUMNS = ("mean_auroc_ci_low", "mean_auroc_ci_high")
 SEED_COLUMNS = ("seed", "seeds_n", "seeds_mean_auroc", "seeds_sd")
 REFERENCE_COLUMNS = ("reference_mean_auroc", "diff_vs_reference")
 CONFIG_NAME = "config.json"
 # Arguments that say where or how a run was executed, not what it computes: runs that
-# differ only in these and the seed are repetitions of one setting.
+# differ only in these and the seed are repetitions of one setting. `cache` and `cache_used`
+# are here because what they change in the pixels (a lossy cache) is compared on its own
+# (Run.image_cache); `data_path` is not: another folder may hold other data.
 RUN_ONLY_ARGS = frozenset({
     "seed", "output_dir", "run_name", "log_dir", "overwrite", "device", "resume", "start_epoch",
-    "eval", "no_progress", "note", "script", "data_path", "cache", "num_workers", "pin_mem",
+    "eval", "no_progress", "note", "script", "cache", "num_workers", "pin_mem",
     "no_pin_mem", "eval_batch_size", "log_freq", "compile", "dist_eval", "world_size",
     "local_rank", "dist_on_itp", "dist_url", "ci_resamples", "explicit", "eval_name",
     "progress_freq", "compile_backend", "check_args", "cache_used", "notes",
 })
+# The arguments a method is tuned with (its recipe), not the data or model it is tested on:
+# LoRA vs full fine-tuning pairs runs that differ only in these (and RUN_ONLY_ARGS).
+METHOD_ARGS = frozenset({
+    "method", "model", "preset_source", "lora_rank", "lora_alpha", "lora_dropout", "lora_pos",
+    "backbone_dtype", "optimizer", "lr", "blr", "min_lr", "layer_decay", "weight_decay",
+    "warmup_epochs", "epochs", "drop_path", "clip_grad", "batch_size", "global_batch",
+    "accum_iter",
+})
+# Shown for each side of a LoRA-vs-full line (other differing recipe arguments are added).
+RECIPE_SHOWN = ("lora_rank", "optimizer", "lr", "blr", "epochs")
 # Legend names on the forest plot, by the table's method label.
 METHOD_PLOT_LABELS = {"LoRA": "LoRA", "full": "full fine-tuning", "linear": "linear probe"}
 
@@ -111,15 +142,94 @@ class Run:
         r = self.results
         return f"{r['dataset']}-{str(r['data_size']).rstrip('%')}-{str(r['weights']).lower()}"
 
+    @property
+    def is_evaluation(self) -> bool:
+        """A ``--eval`` result: a trained checkpoint tested again (on other data), not a run."""
+        return isinstance(self.results.get("evaluation"), dict)
+
+    def setting_args(self) -> dict[str, Any] | None:
+        """The arguments that say what the run computes (all but RUN_ONLY_ARGS), or None."""
+        if self.args is None:
+            return None
+        rest = {k: v for k, v in self.args.items() if k not in RUN_ONLY_ARGS}
+        if isinstance(rest.get("split_sha256"), dict) and rest["split_sha256"]:
+            # The split files' content says which data it was: a moved folder is the same data.
+            rest.pop("data_path", None)
+            rest.pop("split_dir", None)
+        for key in ("data_path", "split_dir"):  # 'data/nih/' and 'data/nih' are one folder
+            if isinstance(rest.get(key), str):
+                rest[key] = os.path.normpath(rest[key])
+        return rest
+
+    def image_caches(self) -> dict[str, dict[str, Any]]:
+        """What each split's images were read from ({split: cache info}), as recorded."""
+        training = self.results.get("training")
+        recorded = ((self.config or {}).get("data_cache"), (self.args or {}).get("cache_used"),
+                    training.get("cache") if isinstance(training, dict) else None)
+        for caches in recorded:
+            if isinstance(caches, dict) and caches:
+                return {k: v for k, v in caches.items() if isinstance(v, dict)}
+        test = self.results.get("data_cache")  # results of the test split alone
+        return {"test": test} if isinstance(test, dict) else {}
+
+    def image_cache(self) -> str:
+        """'' when every split read the original pixels (files or exact cache), else e.g.
+        'lossy 256 px' (with the splits named when not all of them read it)."""
+        caches = self.image_caches()
+        lossy = {split: info.get("size") for split, info in caches.items()
+                 if info.get("kind") == "lossy"}
+        if not lossy and (self.args or {}).get("cache") == "lossy":
+            # --cache lossy fails rather than read the files; a config without the record
+            # of the cache used still says which was asked for.
+            size = self.args.get("cache_size")
+            return "lossy" if size is None else f"lossy {size} px"
+        if not lossy:
+            return ""
+        if len(set(lossy.values())) > 1:
+            return ", ".join(f"{split} lossy {size} px" for split, size in lossy.items())
+        text = f"lossy {next(iter(lossy.values()))} px"
+        return text if set(lossy) == set(caches) else f"{text} ({'/'.join(lossy)})"
+
     def group_key(self) -> tuple:
         """Equal for runs that differ only in seed (and RUN_ONLY_ARGS); unique without a config."""
         r = self.results
         base = (r["dataset"], r["data_size"], r["weights"], r["method"], r.get("model"),
-                r.get("lora_rank"))
-        if self.args is None:
+                r.get("lora_rank"), self.image_cache())
+        rest = self.setting_args()
+        if rest is None:
             return (*base, "run", str(self.path))
-        rest = {k: v for k, v in self.args.items() if k not in RUN_ONLY_ARGS}
-        return (*base, "args", json.dumps(rest, sort_keys=True, default=str))
+        return (*base, "args", _canonical(rest))
+
+    def comparison_key(self) -> tuple:
+        """Equal for runs of one setting whatever their method and its recipe (METHOD_ARGS)."""
+        r = self.results
+        base = (r["dataset"], r["data_size"], r["weights"], r.get("model"), self.image_cache())
+        shared = self.shared_args()
+        return (*base, "no config", None) if shared is None else (*base, "args", _canonical(shared))
+
+    def shared_args(self) -> dict[str, Any] | None:
+        """The setting's arguments without the method's recipe (METHOD_ARGS), or None."""
+        rest = self.setting_args()
+        return None if rest is None else {k: v for k, v in rest.items() if k not in METHOD_ARGS}
+
+    def recipe_args(self) -> dict[str, Any] | None:
+        """The method's recipe: the METHOD_ARGS the run was started with, or None."""
+        rest = self.setting_args()
+        return None if rest is None else {k: v for k, v in rest.items() if k in METHOD_ARGS}
+
+    def recipe(self) -> str:
+        """The method's recipe in a few words, e.g. 'r4, sgd, lr 0.05, 100 ep'."""
+        args = self.args or {}
+        rank = self.results.get("lora_rank", args.get("lora_rank"))
+        parts = [f"r{rank}"] if self.results["method"] == "lora" and rank is not None else []
+        if self.args is None:
+            return ", ".join([*parts, "no config.json"])
+        lr, blr = args.get("lr"), args.get("blr")
+        parts += [str(args.get("optimizer") or ""),
+                  f"lr {lr:g}" if isinstance(lr, (int, float)) else
+                  f"blr {blr:g}" if isinstance(blr, (int, float)) else "",
+                  "" if args.get("epochs") is None else f"{args['epochs']} ep"]
+        return ", ".join(p for p in parts if p)
 
     def mean_interval(self) -> tuple[float | None, float | None]:
         """The mean AUROC's bootstrap interval (0-1) from ``results['intervals']``, if any."""
@@ -135,6 +245,26 @@ class Run:
 
         return (rank(r["dataset"], DATASET_ORDER), rank(r["data_size"], SIZE_ORDER),
                 str(r["weights"]), rank(r["method"], METHOD_ORDER), self.name)
+
+
+def _canonical(args: dict[str, Any]) -> str:
+    """One string per set of arguments (for grouping keys)."""
+    return json.dumps(args, sort_keys=True, default=str)
+
+
+def _short(value: Any, width: int = 40) -> str:
+    text = value if isinstance(value, str) else json.dumps(value, sort_keys=True, default=str)
+    return text if len(text) <= width else text[:width - 3] + "..."
+
+
+def _differing(arg_sets: Sequence[dict[str, Any] | None], skip: Sequence[str] = ()) -> list[str]:
+    """For each set, 'k=v, ...' of the arguments whose values are not the same in every set
+    (what tells apart groups shown under one label); 'no config.json' for None."""
+    known = [a for a in arg_sets if a is not None]
+    names = sorted({k for a in known for k in a} - set(skip))
+    varying = [k for k in names if len({_canonical({"v": a.get(k)}) for a in known}) > 1]
+    return ["no config.json" if a is None and len(arg_sets) > 1 else "" if a is None else
+            ", ".join(f"{k}={_short(a.get(k))}" for k in varying) for a in arg_sets]
 
 
 def find_results(paths: Sequence[str | Path]) -> list[Path]:
@@ -154,6 +284,30 @@ def find_results(paths: Sequence[str | Path]) -> list[Path]:
     for p in found:
         unique.setdefault(p.resolve(), p)
     return list(unique.values())
+
+
+def _is_run_config(path: Path) -> bool:
+    """Whether ``path`` is a training run's config.json (or a damaged one): not another
+    tool's file of that name."""
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return True
+    return isinstance(config, dict) and isinstance(config.get("args"), dict)
+
+
+def find_incomplete(paths: Sequence[str | Path]) -> list[Path]:
+    """Run folders under the folders in ``paths`` that hold a run's config.json but no
+    results_test.json: runs still training, stopped, or whose test failed."""
+    found: dict[Path, Path] = {}
+    for item in map(Path, paths):
+        if not item.is_dir():
+            continue
+        for config in sorted(item.rglob(CONFIG_NAME)):
+            folder = config.parent
+            if not (folder / RESULTS_NAME).exists() and _is_run_config(config):
+                found.setdefault(folder.resolve(), folder)
+    return list(found.values())
 
 
 def read_results(path: str | Path) -> Run:
@@ -249,20 +403,42 @@ def _defined(value: Any) -> bool:
     return value is not None and not math.isnan(float(value))
 
 
+def _group_notes(groups: dict[tuple, list[Run]]) -> dict[tuple, str]:
+    """Per seed group: its lossy cache, and the arguments that tell it apart from the other
+    groups of the same data set, fraction, weights, method and images (e.g. 'lr=0.1')."""
+    by_label: dict[tuple, list[tuple]] = {}
+    for key, members in groups.items():
+        r = members[0].results
+        label = (r["dataset"], r["data_size"], r["weights"], r["method"], members[0].image_cache())
+        by_label.setdefault(label, []).append(key)
+    notes = {}
+    for keys in by_label.values():
+        differs = _differing([groups[k][0].setting_args() for k in keys])
+        for key, text in zip(keys, differs):
+            cache = groups[key][0].image_cache()
+            notes[key] = "; ".join(t for t in (f"{cache} cache" if cache else "", text) if t)
+    return notes
+
+
 def summary_rows(runs: Sequence[Run], reference: dict[tuple[str, str], tuple[float, str]] | None = None
-                 ) -> tuple[list[str], list[dict[str, str]]]:
+                 ) -> tuple[list[str], list[dict[str, Any]]]:
     """(columns, rows) of the comparison table; metrics x100 with one decimal.
 
-    Interval, seed and reference columns are added only when some run has them.
+    Interval, seed, image cache and reference columns are added only when some run has them.
+    Keys starting with '_' are not columns: the unrounded mean AUROC x100 (``_value``), the
+    seed group and LoRA-vs-full keys, the method's recipe and the group's note.
     """
     runs = sorted(runs, key=Run.sort_key)
     classes = class_columns(runs)  # so the first data set's own class order comes first
     groups = seed_groups(runs)
     group_of = {id(run): key for key, members in groups.items() for run in members}
+    notes = _group_notes(groups)
     has_intervals = any(run.mean_interval()[0] is not None for run in runs)
     has_seeds = any(run.seed is not None for run in runs)
+    has_cache = any(run.image_cache() for run in runs)
     columns = [*LEADING_COLUMNS, *(INTERVAL_COLUMNS if has_intervals else ()), *classes,
-               *TRAILING_COLUMNS, *(SEED_COLUMNS if has_seeds else ()),
+               *TRAILING_COLUMNS, *(CACHE_COLUMNS if has_cache else ()),
+               *(SEED_COLUMNS if has_seeds else ()),
                *(REFERENCE_COLUMNS if reference is not None else ())]
     rows = []
     for run in runs:
@@ -280,7 +456,15 @@ def summary_rows(runs: Sequence[Run], reference: dict[tuple[str, str], tuple[flo
             "lora_rank": "" if r.get("lora_rank") is None else str(r["lora_rank"]),
             "num_images": "" if r.get("num_images") is None else str(r["num_images"]),
             "run": str(run.path.parent if run.path.name == RESULTS_NAME else run.path),
+            "image_cache": run.image_cache(),
             "_classes": list(r.get("class_names") or r["auroc"]),
+            "_value": 100 * float(r["mean_auroc"]) if _defined(r["mean_auroc"]) else None,
+            "_model": str(r.get("model") or ""),
+            "_pair": run.comparison_key(),
+            "_shared": run.shared_args(),
+            "_recipe_args": run.recipe_args(),
+            "_recipe": run.recipe(),
+            "_note": notes[group_of[id(run)]],
         }
         for name in classes:
             row[name] = x100(r["auroc"].get(name))
@@ -315,23 +499,51 @@ def _params(row: dict[str, str]) -> str:
     return f"{text} ({row['trainable_pct']}%)" if row["trainable_pct"] else text
 
 
-def lora_vs_full(rows: Sequence[dict[str, str]]) -> list[list[str]]:
-    """Rows (dataset, fraction, weights, LoRA, full, difference) where both methods were run.
+def _recipes(groups: Sequence[list[dict[str, Any]]]) -> list[str]:
+    """'<recipe> (n=<runs>)' per seed group of one method, with any other recipe argument
+    that tells the groups apart."""
+    extra = _differing([g[0]["_recipe_args"] for g in groups], skip=RECIPE_SHOWN)
+    return [f"{g[0]['_recipe']}{f', {more}' if more and g[0]['_recipe_args'] else ''} (n={len(g)})"
+            for g, more in zip(groups, extra)]
 
-    With several runs of one setting (e.g. seeds) the mean of their mean AUROCs is used.
+
+def lora_vs_full(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """LoRA against full fine-tuning, one line per pair of seed groups of one setting.
+
+    A setting is ``Run.comparison_key``: the data, weights, model and every argument but the
+    method's recipe (METHOD_ARGS). Each LoRA group is set against each full group of its
+    setting, so different ranks, lrs or epochs are never averaged together. Values are x100
+    and unrounded: the mean over a group's runs; ``diff`` is LoRA - full.
     """
-    groups: dict[tuple[str, str, str], dict[str, list[float]]] = {}
+    settings: dict[tuple, dict[str, dict[Any, list[dict[str, Any]]]]] = {}
     for row in rows:
-        if row["mean_auroc"] == "" or row["method"] not in ("LoRA", "full"):
+        if row["_value"] is None or row["method"] not in ("LoRA", "full"):
             continue
-        key = (row["dataset"], row["data_size"], row["weights"])
-        groups.setdefault(key, {}).setdefault(row["method"], []).append(float(row["mean_auroc"]))
+        by_method = settings.setdefault(row["_pair"], {})
+        by_method.setdefault(row["method"], {}).setdefault(row["_group"], []).append(row)
+    settings = {k: v for k, v in settings.items() if "LoRA" in v and "full" in v}
+    # What tells apart settings shown under one label (e.g. another --input_size).
+    labels: dict[tuple, list[tuple]] = {}
+    for key in settings:
+        labels.setdefault(key[:5], []).append(key)
+    sample = {k: next(iter(v["LoRA"].values()))[0] for k, v in settings.items()}  # a row of each
+    notes: dict[tuple, str] = {}
+    for keys in labels.values():
+        for key, text in zip(keys, _differing([sample[k]["_shared"] for k in keys])):
+            cache = sample[key]["image_cache"]
+            notes[key] = "; ".join(t for t in (f"{cache} cache" if cache else "", text) if t)
     table = []
-    for key, by_method in groups.items():
-        if "LoRA" in by_method and "full" in by_method:
-            lo = sum(by_method["LoRA"]) / len(by_method["LoRA"])
-            fu = sum(by_method["full"]) / len(by_method["full"])
-            table.append([*key, f"{lo:.1f}", f"{fu:.1f}", f"{lo - fu:+.1f}"])
+    for key, by_method in settings.items():
+        lora_groups, full_groups = list(by_method["LoRA"].values()), list(by_method["full"].values())
+        for lora_group, lora_label in zip(lora_groups, _recipes(lora_groups)):
+            for full_group, full_label in zip(full_groups, _recipes(full_groups)):
+                lo = sum(r["_value"] for r in lora_group) / len(lora_group)
+                fu = sum(r["_value"] for r in full_group) / len(full_group)
+                first = lora_group[0]
+                table.append({"dataset": first["dataset"], "data_size": first["data_size"],
+                              "weights": first["weights"], "model": first["_model"],
+                              "lora": lora_label, "full": full_label, "lora_auroc": lo,
+                              "full_auroc": fu, "diff": lo - fu, "note": notes[key]})
     return table
 
 
@@ -341,9 +553,10 @@ def _ci(row: dict[str, str]) -> str:
     return f"[{low}, {high}]" if low and high else "n/a"
 
 
-def seed_table(rows: Sequence[dict[str, str]]) -> list[list[str]]:
-    """One line per group of two or more runs differing only in seed: n, mean +- sd, each run."""
-    groups: dict[Any, list[dict[str, str]]] = {}
+def seed_table(rows: Sequence[dict[str, Any]]) -> list[list[str]]:
+    """One line per group of two or more runs differing only in seed: n, mean +- sd, each run,
+    and the group's note (lossy cache, what tells it apart from groups of the same label)."""
+    groups: dict[Any, list[dict[str, Any]]] = {}
     for row in rows:
         groups.setdefault(row["_group"], []).append(row)
     table = []
@@ -356,11 +569,12 @@ def seed_table(rows: Sequence[dict[str, str]]) -> list[list[str]]:
         spread = (f"{first['seeds_mean_auroc']} +- {first['seeds_sd']}" if first["seeds_sd"]
                   else first["seeds_mean_auroc"] or "n/a")
         table.append([DATASET_LABELS.get(first["dataset"], first["dataset"]), first["data_size"],
-                      first["weights"], first["method"], first["seeds_n"], spread, runs])
+                      first["weights"], first["method"], first["seeds_n"], spread, runs,
+                      first["_note"]])
     return table
 
 
-def reference_table(rows: Sequence[dict[str, str]]) -> list[list[str]]:
+def reference_table(rows: Sequence[dict[str, Any]]) -> list[list[str]]:
     """One line per seed group with a reference value: ours (mean over seeds), reference, diff."""
     table, seen = [], set()
     for row in rows:
@@ -370,12 +584,42 @@ def reference_table(rows: Sequence[dict[str, str]]) -> list[list[str]]:
         ours = row["seeds_mean_auroc"]
         table.append([row["setting"], row["method"], row["seeds_n"],
                       f"{float(ours):.1f}" if ours else "n/a", row["reference_mean_auroc"],
-                      row["diff_vs_reference"] or "n/a", row["_reference_source"]])
+                      row["diff_vs_reference"] or "n/a", row["_reference_source"], row["_note"]])
     return table
 
 
-def to_markdown(columns: Sequence[str], rows: Sequence[dict[str, str]]) -> str:
-    """The summary as markdown: one table per data set, LoRA vs full, seeds, the reference."""
+def evaluation_rows(evaluations: Sequence[Run]) -> list[dict[str, str]]:
+    """One row per ``--eval`` result: the checkpoint tested, on which data, its mean AUROC."""
+    rows = []
+    for run in sorted(evaluations, key=lambda e: (str(e.results.get("checkpoint")), str(e.path))):
+        r, info = run.results, run.results["evaluation"]
+        low, high = run.mean_interval()
+        data = str(info.get("name") or "?")
+        if info.get("data_path"):
+            data += f" ({info['data_path']})"
+        trained = (f"{r['dataset']} {r['data_size']} {r['weights']} "
+                   f"{METHOD_LABELS.get(r['method'], r['method'])}"
+                   + ("" if run.seed is None else f", seed {run.seed}"))
+        rows.append({"checkpoint": str(r.get("checkpoint") or "?"), "data": data,
+                     "split": str(r.get("split") or "test"), "trained_as": trained,
+                     "mean_auroc": x100(r["mean_auroc"]), "mean_auroc_ci_low": x100(low),
+                     "mean_auroc_ci_high": x100(high),
+                     "num_images": "" if r.get("num_images") is None else str(r["num_images"]),
+                     "folder": str(run.path.parent if run.path.name == RESULTS_NAME else run.path)})
+    return rows
+
+
+def _with_note(header: list[str], cells: list[list[str]]) -> tuple[list[str], list[list[str]]]:
+    """The table with its last cell as a 'note' column, or without it when every note is empty."""
+    if any(c[-1] for c in cells):
+        return header + ["note"], cells
+    return header, [c[:-1] for c in cells]
+
+
+def to_markdown(columns: Sequence[str], rows: Sequence[dict[str, Any]],
+                evaluations: Sequence[dict[str, str]] = ()) -> str:
+    """The summary as markdown: one table per data set, LoRA vs full, seeds, the reference,
+    and the evaluations (``evaluation_rows``) apart."""
     out = ["# Test AUROC (x100)", ""]
     datasets: dict[str, list[dict[str, str]]] = {}
     for row in rows:
@@ -385,36 +629,63 @@ def to_markdown(columns: Sequence[str], rows: Sequence[dict[str, str]]) -> str:
         classes = list(dict.fromkeys(c for r in group for c in r["_classes"]))
         with_ci = any(r.get("mean_auroc_ci_low") for r in group)
         with_seed = any(r.get("seed") for r in group)
+        with_cache = any(r.get("image_cache") for r in group)
         out += [f"## {DATASET_LABELS.get(dataset, dataset)}", ""]
         cells = [[r["data_size"], r["weights"], r["method"], *([r["seed"]] if with_seed else []),
                   f"**{r['mean_auroc'] or 'n/a'}**", *([_ci(r)] if with_ci else []),
-                  *[r[c] or "n/a" for c in classes], _params(r), r["run"]] for r in group]
+                  *[r[c] or "n/a" for c in classes], _params(r),
+                  *([r["image_cache"] or "original"] if with_cache else []), r["run"]]
+                 for r in group]
         header = ["data size", "weights", "method", *(["seed"] if with_seed else []), "mean AUROC",
-                  *(["95% CI"] if with_ci else []), *classes, "trainable params", "run"]
-        out += _md_table(header, cells, right=range(3, len(header) - 1))
+                  *(["95% CI"] if with_ci else []), *classes, "trainable params",
+                  *(["images"] if with_cache else []), "run"]
+        out += _md_table(header, cells, right=range(3, len(header) - 1 - with_cache))
         out.append("")
     comparison = lora_vs_full(rows)
     if comparison:
         out += ["## LoRA vs full fine-tuning (mean AUROC)", ""]
-        out += _md_table(["data set", "data size", "weights", "LoRA", "full", "LoRA - full"],
-                         comparison, right=range(3, 6))
-        wins = sum(float(c[-1]) > 0 for c in comparison)
-        out += ["", f"LoRA is better in {wins} of {len(comparison)} settings.", ""]
+        header, cells = _with_note(
+            ["data set", "data size", "weights", "model", "LoRA runs", "full runs", "LoRA", "full",
+             "LoRA - full"],
+            [[c["dataset"], c["data_size"], c["weights"], c["model"] or "n/a", c["lora"], c["full"],
+              f"{c['lora_auroc']:.1f}", f"{c['full_auroc']:.1f}", f"{c['diff']:+.1f}", c["note"]]
+             for c in comparison])
+        out += _md_table(header, cells, right=range(6, 9))
+        wins = sum(c["diff"] > 0 for c in comparison)
+        out += ["", (f"LoRA is better in {wins} of {len(comparison)} comparisons. Each line "
+                     "sets a group of LoRA runs against a group of full fine-tuning runs with the "
+                     "same data, weights, model and other arguments; only the method's recipe "
+                     "differs (its rank, optimizer, lr and epochs are in the runs columns; n: runs "
+                     "averaged, e.g. seeds). Differences and the count use the unrounded means."),
+                ""]
     seeds = seed_table(rows)
     if seeds:
         out += ["## Seeds (runs that differ only in seed)", ""]
-        out += _md_table(["data set", "data size", "weights", "method", "n",
-                          "mean AUROC, mean +- sd", "each run (95% CI)"], seeds, right=range(4, 6))
+        header, cells = _with_note(["data set", "data size", "weights", "method", "n",
+                                    "mean AUROC, mean +- sd", "each run (95% CI)"], seeds)
+        out += _md_table(header, cells, right=range(4, 6))
         out += ["", "sd: sample standard deviation over the seeds; the intervals are each run's "
                 "own test-set bootstrap interval.", ""]
     if any("reference_mean_auroc" in c for c in columns):
         refs = reference_table(rows)
         out += ["## Against the reference (mean AUROC)", ""]
         if refs:
-            out += _md_table(["setting", "method", "runs", "ours", "reference", "ours - reference",
-                              "source"], refs, right=range(2, 6))
+            header, cells = _with_note(["setting", "method", "runs", "ours", "reference",
+                                        "ours - reference", "source"], refs)
+            out += _md_table(header, cells, right=range(2, 6))
         else:
             out.append("No run matches a setting and method of the reference file.")
+        out.append("")
+    if evaluations:
+        out += ["## Evaluations of trained runs on other data (--eval; not in the tables above)",
+                ""]
+        with_ci = any(e["mean_auroc_ci_low"] for e in evaluations)
+        cells = [[e["checkpoint"], e["data"], e["split"], e["trained_as"],
+                  e["mean_auroc"] or "n/a", *([_ci(e)] if with_ci else []), e["num_images"],
+                  e["folder"]] for e in evaluations]
+        out += _md_table(["checkpoint", "tested on", "split", "trained as", "mean AUROC",
+                          *(["95% CI"] if with_ci else []), "images", "folder"],
+                         cells, right=range(4, 6 + with_ci))
         out.append("")
     return "\n".join(out)
 
@@ -430,34 +701,51 @@ def write_csv(path: str | Path, columns: Sequence[str], rows: Sequence[dict[str,
     atomic_write(path, write)
 
 
+class Summary(NamedTuple):
+    """What ``summarize`` gathered: the run table, what was left out, the evaluations."""
+
+    columns: list[str]
+    rows: list[dict[str, Any]]       # one per run (``summary_rows``)
+    errors: list[str]                # unreadable results files, incomplete runs
+    evaluations: list[dict[str, str]]  # --eval results (``evaluation_rows``), not runs
+
+
 def summarize(paths: Sequence[str | Path], output: str | Path | None = None,
-              reference: str | Path | None = None, plot: bool = False
-              ) -> tuple[list[str], list[dict[str, str]], list[str]]:
+              reference: str | Path | None = None, plot: bool = False) -> Summary:
     """Read every results file under ``paths``; write ``<output>.md`` / ``.csv`` if given.
 
     ``reference``: a reference CSV (module docstring) whose values and differences join the
     rows. ``plot``: also write ``<output>_forest.png`` / ``.svg`` (needs ``output``).
-    Returns (columns, rows, errors): unreadable results files are reported in ``errors``
-    and left out of the table.
+    Unreadable results files and started runs without results are reported in ``errors``
+    and left out of the table; ``--eval`` results are listed apart (``evaluations``).
     """
     ref = read_reference(reference) if reference is not None else None
-    runs, errors = [], []
+    runs, evaluations, errors = [], [], []
     for path in find_results(paths):
         try:
-            runs.append(read_results(path))
+            run = read_results(path)
         except ResultsError as err:
             errors.append(str(err))
+            continue
+        (evaluations if run.is_evaluation else runs).append(run)
+    for folder in find_incomplete(paths):
+        errors.append(f"{folder}: a started run ({CONFIG_NAME}) without {RESULTS_NAME}: still "
+                      "training, stopped, or its test failed; left out")
+    if evaluations:
+        logger.info("%d evaluations (--eval results of trained runs, e.g. %s) are listed apart, "
+                    "not as runs or seeds", len(evaluations), evaluations[0].path.parent)
     columns, rows = summary_rows(runs, ref)
-    if output is not None and rows:
+    listed = evaluation_rows(evaluations)
+    if output is not None and (rows or listed):
         output = Path(output)
         if output.suffix in (".md", ".csv"):
             output = output.with_suffix("")
         write_csv(output.with_suffix(".csv"), columns, rows)
-        markdown = to_markdown(columns, rows)
+        markdown = to_markdown(columns, rows, listed)
         atomic_write(output.with_suffix(".md"), lambda tmp: Path(tmp).write_text(markdown + "\n"))
         if plot:
             save_summary_plot(rows, output.with_name(output.name + "_forest"))
-    return columns, rows, errors
+    return Summary(columns, rows, errors, listed)
 
 
 def save_summary_plot(rows: Sequence[dict[str, str]], path: str | Path) -> tuple[Path, Path]:
@@ -469,7 +757,7 @@ def save_summary_plot(rows: Sequence[dict[str, str]], path: str | Path) -> tuple
         if not row["mean_auroc"]:
             continue
         label = (f"{DATASET_LABELS.get(row['dataset'], row['dataset'])}, {row['data_size']}, "
-                 f"{row['weights']}")
+                 f"{row['weights']}" + (f", {row['image_cache']}" if row["image_cache"] else ""))
         method = METHOD_PLOT_LABELS.get(row["method"], row["method"])
         value = float(row["mean_auroc"])
         low, high = row.get("mean_auroc_ci_low"), row.get("mean_auroc_ci_high")
@@ -487,7 +775,8 @@ def save_summary_plot(rows: Sequence[dict[str, str]], path: str | Path) -> tuple
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Command line: print the markdown summary, optionally write it; 1 if a file was bad."""
+    """Command line: print the markdown summary, optionally write it; 1 if a results file was
+    bad or a started run has no results."""
     parser = argparse.ArgumentParser(
         prog="python -m util.summarize",
         description="Gather results_test.json files of several runs into one table.")
@@ -505,20 +794,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("--plot needs --output")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
-        columns, rows, errors = summarize(args.runs, args.output, args.reference, args.plot)
+        summary = summarize(args.runs, args.output, args.reference, args.plot)
     except (FileNotFoundError, ReferenceFileError) as err:
         parser.error(str(err))
-    for err in errors:
+    for err in summary.errors:
         logger.error("%s", err)
-    if not rows:
+    if not summary.rows and not summary.evaluations:
         logger.error("no usable %s among %s", RESULTS_NAME, " ".join(args.runs))
         return 1
     if args.output is None:
-        print(to_markdown(columns, rows))
+        print(to_markdown(summary.columns, summary.rows, summary.evaluations))
     else:
-        print(f"summarized {len(rows)} runs ({len(errors)} unreadable) -> "
-              f"{Path(args.output).with_suffix('')}.md / .csv")
-    return 1 if errors else 0
+        evaluations = f" and {len(summary.evaluations)} evaluations" if summary.evaluations else ""
+        print(f"summarized {len(summary.rows)} runs{evaluations} ({len(summary.errors)} left out: "
+              f"unreadable or incomplete) -> {Path(args.output).with_suffix('')}.md / .csv")
+    return 1 if summary.errors else 0
 
 
 if __name__ == "__main__":

@@ -1,0 +1,171 @@
+"""util.summarize: --eval results apart from runs, LoRA vs full per setting, incomplete runs
+named, and runs on other data or a lossy cache not taken for seeds of one setting."""
+import csv
+import json
+import logging
+import statistics
+
+import pytest
+
+from util import summarize
+
+CLASSES = ["Mass", "Nodule"]
+EXACT = {"kind": "exact", "size": None, "dir": "/cache/nih", "crop_resize": None}
+
+
+def lossy(size):
+    return {"kind": "lossy", "size": size, "dir": f"/cache/nih-{size}", "crop_resize": None}
+
+
+def run(root, name, method, seed, value, used=None, **args):
+    """A finished run folder: results_test.json and config.json as the training script writes."""
+    folder = root / name
+    folder.mkdir(parents=True)
+    rank = args.get("lora_rank", 4) if method == "lora" else None
+    res = {"split": "test", "dataset": "nih", "data_size": "1%", "weights": "MRM",
+           "method": method, "model": args.pop("arch", "vit_base_patch16"), "lora_rank": rank,
+           "seed": seed, "trainable_params": 10, "total_params": 100, "num_images": 50,
+           "mean_auroc": value, "auroc": {c: value for c in CLASSES}, "class_names": CLASSES,
+           "checkpoint": str(folder / "checkpoint-best")}
+    (folder / "results_test.json").write_text(json.dumps(res))
+    caches = {split: used or EXACT for split in ("train", "val", "test")}
+    recorded = {"seed": seed, "method": method, "lr": 0.05, "epochs": 100, "optimizer": "sgd",
+                "lora_rank": rank, "input_size": 224, "data_path": "/data/nih", "cache": "auto",
+                "output_dir": str(root), "run_name": name, "cache_used": caches, **args}
+    (folder / "config.json").write_text(json.dumps({"args": recorded, "data_cache": caches}))
+    return folder
+
+
+def evaluation(run_folder, name, value):
+    """What ``main_finetune_lora.py --eval`` writes into <run>/eval/<name>: the training run's
+    dataset / fraction / weights / method / seed, the evaluated data under 'evaluation'."""
+    trained = json.loads((run_folder / "results_test.json").read_text())
+    folder = run_folder / "eval" / name
+    folder.mkdir(parents=True)
+    res = {**trained, "mean_auroc": value, "auroc": {c: value for c in CLASSES},
+           "evaluation": {"data_path": f"/data/{name}", "split_file": f"/data/{name}/test_list.txt",
+                          "name": name, "command": "main_finetune_lora.py --eval"}}
+    (folder / "results_test.json").write_text(json.dumps(res))
+    return folder
+
+
+def read_csv(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def by_run(rows):
+    return {r["run"].split("/")[-1]: r for r in rows}
+
+
+def test_evaluations_are_not_seeds_of_the_trained_run(tmp_path, caplog):
+    root = tmp_path / "runs"
+    s0 = run(root, "lora_s0", "lora", 0, 0.80)
+    run(root, "lora_s1", "lora", 1, 0.82)
+    run(root, "full_s0", "full", 0, 0.78)
+    evaluation(s0, "CheXpert-valid", 0.61)
+    evaluation(s0, "NIH_other-test_list", 0.70)
+    out = tmp_path / "summary"
+    assert summarize.main([str(root), "--output", str(out)]) == 0
+    assert sorted(by_run(read_csv(out.with_suffix(".csv")))) == ["full_s0", "lora_s0", "lora_s1"]
+    assert "CheXpert-valid" in out.with_suffix(".md").read_text()
+    with caplog.at_level(logging.INFO, logger="util.summarize"):
+        summary = summarize.summarize([root])
+    rows = by_run(summary.rows)
+    assert sorted(rows) == ["full_s0", "lora_s0", "lora_s1"]  # no evaluation among the runs
+    assert rows["lora_s0"]["seeds_n"] == "2" and rows["lora_s0"]["seeds_mean_auroc"] == "81.00"
+    assert "2 evaluations" in caplog.text
+    comparison = summarize.lora_vs_full(summary.rows)
+    assert len(comparison) == 1 and comparison[0]["lora_auroc"] == pytest.approx(81.0)
+    md = summarize.to_markdown(summary.columns, summary.rows, summary.evaluations)
+    assert "## Evaluations of trained runs on other data" in md
+    section = md.split("## Evaluations")[1]
+    assert f"| {s0 / 'checkpoint-best'} | CheXpert-valid (/data/CheXpert-valid) | test |" in section
+    assert "| 61.0 |" in section and "| 70.0 |" in section and "lora_s1" not in section
+    assert "61.0" not in md.split("## Evaluations")[0]
+
+
+def test_lora_vs_full_pairs_settings_on_unrounded_values(tmp_path):
+    root = tmp_path / "runs"
+    # rank 4: 80.04 on average, full 79.96: rounded both read 80.0, yet LoRA is ahead.
+    run(root, "r4_s0", "lora", 0, 0.8003)
+    run(root, "r4_s1", "lora", 1, 0.8005)
+    run(root, "full_s0", "full", 0, 0.7996, lr=0.01, epochs=200)
+    run(root, "r8_s0", "lora", 0, 0.70, lora_rank=8)            # another rank: its own line
+    run(root, "tiny_lora", "lora", 0, 0.60, arch="vit_tiny_patch16")  # another model: no full
+    run(root, "r4_112", "lora", 0, 0.75, input_size=112)        # other inputs: its own setting
+    run(root, "full_112", "full", 0, 0.74, input_size=112)
+    out = tmp_path / "summary"
+    assert summarize.main([str(root), "--output", str(out)]) == 0
+    md = out.with_suffix(".md").read_text()
+    assert ("| nih | 1% | MRM | vit_base_patch16 | r4, sgd, lr 0.05, 100 ep (n=2) | "
+            "sgd, lr 0.01, 200 ep (n=1) | 80.0 | 80.0 | +0.1 | input_size=224 |") in md
+    assert "| 70.0 | 80.0 | -10.0 | input_size=224 |" in md
+    assert "| 75.0 | 74.0 | +1.0 | input_size=112 |" in md
+    assert "LoRA is better in 2 of 3 comparisons" in md
+    summary = summarize.summarize([root])
+    comparison = summarize.lora_vs_full(summary.rows)
+    assert len(comparison) == 3
+    r4, r8 = sorted((c for c in comparison if c["note"] == "input_size=224"), key=lambda c: c["lora"])
+    assert r4["lora"] == "r4, sgd, lr 0.05, 100 ep (n=2)"
+    assert r8["lora"] == "r8, sgd, lr 0.05, 100 ep (n=1)"
+    assert r4["full"] == "sgd, lr 0.01, 200 ep (n=1)" and r4["model"] == "vit_base_patch16"
+    assert r4["lora_auroc"] == pytest.approx(80.04) and r4["full_auroc"] == pytest.approx(79.96)
+    assert r4["diff"] == pytest.approx(0.08)
+
+
+def test_a_started_run_without_results_is_named_and_fails(tmp_path, caplog):
+    root = tmp_path / "runs"
+    run(root, "done", "lora", 0, 0.80)
+    for name in ("stopped", "deep/still_training"):
+        (root / name).mkdir(parents=True)
+        (root / name / "config.json").write_text(json.dumps({"args": {"seed": 0}}))
+    (root / "weights").mkdir()
+    (root / "weights" / "config.json").write_text('{"model_type": "vit"}')  # not a run of ours
+    with caplog.at_level(logging.ERROR):
+        assert summarize.main([str(root)]) == 1
+    for name in ("stopped", "deep/still_training"):
+        assert f"{root / name}: a started run" in caplog.text
+    assert "weights" not in caplog.text
+    summary = summarize.summarize([root])
+    assert len(summary.rows) == 1 and len(summary.errors) == 2
+
+
+def test_other_data_folder_or_lossy_cache_is_another_setting(tmp_path):
+    root = tmp_path / "runs"
+    run(root, "s0", "lora", 0, 0.80)
+    run(root, "s1", "lora", 1, 0.82, data_path="/data/nih/")  # the same folder
+    run(root, "s2", "lora", 2, 0.81, cache="on")
+    run(root, "off_s3", "lora", 3, 0.79, cache="off", used={"kind": "none", "size": None})
+    run(root, "lossy_s0", "lora", 0, 0.70, cache="lossy", used=lossy(256))
+    run(root, "lossy_s1", "lora", 1, 0.72, cache="lossy", used=lossy(256))
+    run(root, "other_s0", "lora", 0, 0.60, data_path="/data/nih_relabelled")
+    run(root, "other_s1", "lora", 1, 0.62, data_path="/data/nih_relabelled")
+    out = tmp_path / "summary"
+    assert summarize.main([str(root), "--output", str(out)]) == 0
+    rows = by_run(read_csv(out.with_suffix(".csv")))
+    assert rows["s0"]["seeds_n"] == "4"
+    assert rows["s0"]["seeds_mean_auroc"] == f"{statistics.mean([80, 82, 81, 79]):.2f}"
+    assert rows["lossy_s0"]["seeds_n"] == "2" and rows["lossy_s0"]["seeds_mean_auroc"] == "71.00"
+    assert rows["other_s0"]["seeds_n"] == "2" and rows["other_s0"]["seeds_mean_auroc"] == "61.00"
+    assert rows["lossy_s0"]["image_cache"] == "lossy 256 px" and rows["s0"]["image_cache"] == ""
+    md = out.with_suffix(".md").read_text()
+    assert "| images | run |" in md and "| lossy 256 px |" in md and "| original |" in md
+    seeds = md.split("## Seeds")[1]
+    assert "| 2 | 71.00 +- 1.41 | seed 0: 70.0; seed 1: 72.0 | lossy 256 px cache |" in seeds
+    assert "| 2 | 61.00 +- 1.41 | seed 0: 60.0; seed 1: 62.0 | data_path=/data/nih_relabelled |" in seeds
+    # Where the split files' hashes are recorded they say which data it was, not the folder.
+    moved = tmp_path / "moved"
+    for name, seed, path, digest in (("a", 0, "/data/nih", "aa"), ("b", 1, "/mnt/nih", "aa"),
+                                     ("c", 2, "/data/nih", "cc")):
+        run(moved, name, "lora", seed, 0.8, data_path=path, split_sha256={"test": digest})
+    rows = by_run(summarize.summarize([moved]).rows)
+    assert rows["a"]["seeds_n"] == rows["b"]["seeds_n"] == "2" and rows["c"]["seeds_n"] == "1"
+    # A lossy cache of the test images only still changes what was measured.
+    caches = {"train": EXACT, "val": EXACT, "test": lossy(384)}
+    only_test = summarize.Run(root / "x" / "results_test.json", {}, {"data_cache": caches})
+    assert only_test.image_cache() == "lossy 384 px (test)"
+    # A config that does not record the cache used: --cache lossy cannot fall back to the files.
+    asked = summarize.Run(root / "y" / "results_test.json", {},
+                          {"args": {"cache": "lossy", "cache_size": 256}})
+    assert asked.image_cache() == "lossy 256 px"
