@@ -21,6 +21,7 @@ from .constants import CLASS_NAMES
 from .errors import BadEntry, CacheError, ImageError, SplitFileError
 from .imageio import check_image_header, dicom_scaling_for, load_image
 from .splits import (
+    check_label_columns,
     locate_split_file,
     parse_split_file,
     read_class_names,
@@ -274,18 +275,15 @@ def _check_header(file: str) -> str:
         return f"{type(err).__name__}: {err}"
 
 
-def _changed_originals(cache: ImageCache, paths: list[str], files: list[str]) -> list[str]:
-    """Originals whose byte size differs from when they were cached (absent originals are fine:
-    the cache may travel without them)."""
+def _changed_originals(cache: ImageCache, paths: list[str], files: list[str]) -> list[tuple[str, str]]:
+    """(file, why) of each original that differs from when it was cached, bad images included
+    (see `ImageCache.original_changed`; absent originals are fine: the cache may travel without them)."""
     changed = []
     for path, file in zip(paths, files):
-        try:
-            size = os.stat(file).st_size
-        except OSError:
-            continue
-        row = cache.row.get(path)
-        if row is not None and size != cache.src_bytes[row] and path not in cache.bad:
-            changed.append(file)
+        if path in cache.row:
+            why = cache.original_changed(path, file)
+            if why:
+                changed.append((file, why + (" (recorded as bad)" if path in cache.bad else "")))
     return changed
 
 
@@ -412,19 +410,25 @@ def build_dataset(
         class_names = read_class_names([split_file.parent, data_path])
     table = parse_split_file(split_file, len(class_names) if class_names else None, kind)
     if class_names is None:
+        check_label_columns(split_file, table.targets.shape[1])
         class_names = [f"class_{k}" for k in range(table.targets.shape[1])]
     files = resolve_image_paths(data_path, table.paths, kind)
 
     image_cache = _open_cache(mode, Path(cache_dir) if cache_dir else None, data_path, split_file,
                               cache_size, scaling)
     if image_cache is not None and check_files:
+        if not image_cache.records_mtimes:
+            logger.warning("cache %s records the originals' byte sizes but not their modification times "
+                           "(built by an earlier version): an original replaced by a file of the same size "
+                           "is not noticed; rebuild it with `python -m datasets.cache`", image_cache.cache_dir)
         changed = _changed_originals(image_cache, table.paths, files)
         if changed:
-            reason = (f"{len(changed)} original images changed size since the cache was built, "
-                      f"e.g. {changed[0]}")
+            file, why = changed[0]
+            reason = f"{len(changed)} original images changed since the cache was built, e.g. {file} {why}"
             if mode in ("on", "lossy"):
                 raise CacheError(f"cache {image_cache.cache_dir} is stale for {split_file}: {reason}; "
-                                 f"rebuild it with `python -m datasets.cache`")
+                                 f"rebuild it with `python -m datasets.cache` (a copy of the images that "
+                                 f"did not keep their modification times also counts as changed)")
             logger.warning("ignoring stale cache %s: %s (reading the original images)", image_cache.cache_dir, reason)
             image_cache = None
     bad: list[BadEntry] = []

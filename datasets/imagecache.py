@@ -15,7 +15,8 @@ Layout of a cache folder:
 
 - ``images-<id>.u8``  all images, 8-bit grey, row-major, back to back (memory-mapped);
 - ``index-<id>.npz``  per image: relative path (as in the split files), byte offset,
-  height, width, and the byte size of the original file;
+  height, width, and the byte size and modification time (ns) of the original file
+  (also for a bad image; -1 for one that was missing);
 - ``meta.json``  format version, exact or lossy (and the size), the data set kind, the
   DICOM intensity rule, the SHA-256 and line count of every split file it covers, the
   images found bad while building, and the names of the two files above. Replacing it is
@@ -26,7 +27,9 @@ Layout of a cache folder:
 
 A cache is *stale* for a split file whose content changed (hash), for another DICOM
 intensity rule than asked for (if it holds DICOMs), for another size than asked for, for
-an original whose byte size changed, or when its files disagree.
+an original whose byte size or modification time changed (a bad image too: one that was
+missing and now exists counts as changed), or when its files disagree. Caches built before
+modification times were recorded are checked by size only (`ImageCache.original_changed`).
 
 Build one with ``python -m datasets.cache --data_path DIR`` (see ``--help``).
 """
@@ -131,6 +134,8 @@ class ImageCache:
         self.row: dict[str, int] = {}
         self.bad: dict[str, str] = {}
         self._data: np.memmap | None = None
+        # Absent from caches built before modification times were recorded.
+        self.src_mtime_ns: np.ndarray | None = None
         if self.meta.get("version") != CACHE_VERSION:
             return  # check() reports it; the index may have another layout
         try:
@@ -140,6 +145,8 @@ class ImageCache:
                 self.heights = index["heights"].astype(np.int64)
                 self.widths = index["widths"].astype(np.int64)
                 self.src_bytes = index["src_bytes"].astype(np.int64)
+                if "src_mtime_ns" in index.files:
+                    self.src_mtime_ns = index["src_mtime_ns"].astype(np.int64)
         except (OSError, ValueError, KeyError) as err:
             raise CacheError(f"cache in {self.cache_dir} is unreadable: {err}") from err
         self.row = {p: i for i, p in enumerate(self.paths)}
@@ -199,6 +206,40 @@ class ImageCache:
             return CacheStatus(False, f"split file {split_file} changed since the cache was built")
         return CacheStatus(True, "up to date")
 
+    @property
+    def records_mtimes(self) -> bool:
+        """Whether the originals' modification times were recorded (not by caches of earlier builds)."""
+        return self.src_mtime_ns is not None
+
+    def original_changed(self, path: str, file: str) -> str:
+        """Why the original `file` of cached `path` differs from when it was cached; '' if it does not.
+
+        A change of byte size or modification time counts (the pixels may differ at the same
+        size: another PhotometricInterpretation, re-exported pixel data). An absent original
+        does not: the cache may travel without them. For an image recorded as bad, one that
+        was missing and now exists has changed; in a cache without modification times (which
+        did not record bad images' sizes either) a bad image that now decodes has changed.
+        """
+        try:
+            st = os.stat(file)
+        except OSError:
+            return ""
+        i = self.row[path]
+        size = int(self.src_bytes[i])
+        if size < 0:  # a bad image that was missing, or any bad image of an earlier build
+            if self.records_mtimes:
+                return "was missing when the cache was built and now exists"
+            try:
+                load_image(file, dicom_scaling=self.meta.get("dicom_scaling") or "minmax")
+            except (OSError, ValueError):  # still bad (ImageDecodeError is an OSError)
+                return ""
+            return "was bad when the cache was built and now decodes"
+        if st.st_size != size:
+            return f"changed size ({size} -> {st.st_size} bytes)"
+        if self.src_mtime_ns is not None and st.st_mtime_ns != int(self.src_mtime_ns[i]):
+            return "changed modification time (same size)"
+        return ""
+
     def shape(self, path: str) -> tuple[int, int]:
         """(height, width) of a cached image."""
         i = self.row[path]
@@ -219,18 +260,26 @@ class ImageCache:
         return Image.fromarray(np.array(self.array(path)), mode="L")
 
 
-def _load_for_cache(job: tuple[int, str, int | None, str]) -> tuple[int, bytes | None, int, int, int, bool, str]:
-    """Worker: decode (and for a lossy cache resize) one image; never raises (errors travel back as text)."""
+def _load_for_cache(job: tuple[int, str, int | None, str]) -> tuple[int, bytes | None, int, int, int, int, bool, str]:
+    """Worker: decode (and for a lossy cache resize) one image; never raises (errors travel back as text).
+
+    Returns the original's byte size and modification time (-1 if missing) also for a bad
+    image, so that a later fix of the file is seen.
+    """
     i, path, size, scaling = job
     try:
-        src_bytes = os.stat(path).st_size
+        st = os.stat(path)  # before decoding: a file replaced meanwhile is then seen as changed
+        src_bytes, src_mtime_ns = st.st_size, st.st_mtime_ns
+    except OSError:
+        src_bytes = src_mtime_ns = -1
+    try:
         img = load_image(path, dicom_scaling=scaling)
         if size is not None:
             img = resize_shorter_side(img, size)
         dicom = Path(path).suffix.lower() in DICOM_SUFFIXES or _is_dicom_file(Path(path))
-        return i, img.tobytes(), img.height, img.width, src_bytes, dicom, ""
+        return i, img.tobytes(), img.height, img.width, src_bytes, src_mtime_ns, dicom, ""
     except Exception as err:  # reported per image by the parent with split file and line
-        return i, None, 0, 0, -1, False, f"{type(err).__name__}: {err}"
+        return i, None, 0, 0, src_bytes, src_mtime_ns, False, f"{type(err).__name__}: {err}"
 
 
 def _remove_unreferenced(folder: Path, keep: set[str]) -> None:
@@ -309,6 +358,7 @@ def build_cache(
     heights = np.zeros(n, np.int32)
     widths = np.zeros(n, np.int32)
     src_bytes = np.full(n, -1, np.int64)
+    src_mtime_ns = np.full(n, -1, np.int64)
     bad: dict[str, str] = {}
     dicom_images = 0
     jobs = [(i, f, size, scaling) for i, f in enumerate(resolve_image_paths(data_path, paths, kind))]
@@ -319,7 +369,8 @@ def build_cache(
             pool = get_context().Pool(workers) if workers > 1 else None
             try:
                 results = pool.imap(_load_for_cache, jobs, chunksize=8) if pool else map(_load_for_cache, jobs)
-                for done, (i, pixels, h, w, nbytes, dicom, error) in enumerate(results, start=1):
+                for done, (i, pixels, h, w, nbytes, mtime_ns, dicom, error) in enumerate(results, start=1):
+                    src_bytes[i], src_mtime_ns[i] = nbytes, mtime_ns
                     if pixels is None:
                         split_file, line = where[paths[i]]
                         entry = BadEntry(split_file, line, paths[i], f"{error} (file {jobs[i][1]})")
@@ -328,7 +379,7 @@ def build_cache(
                         bad[paths[i]] = entry.reason
                         continue
                     f.write(pixels)
-                    offsets[i], heights[i], widths[i], src_bytes[i] = offset, h, w, nbytes
+                    offsets[i], heights[i], widths[i] = offset, h, w
                     offset += h * w
                     dicom_images += dicom
                     if done % 5000 == 0:
@@ -338,7 +389,7 @@ def build_cache(
                     pool.terminate()
         with open(tmp_index, "wb") as f:  # np.savez appends '.npz' to a bare path name
             np.savez(f, paths=np.asarray(paths, dtype=str), offsets=offsets,
-                     heights=heights, widths=widths, src_bytes=src_bytes)
+                     heights=heights, widths=widths, src_bytes=src_bytes, src_mtime_ns=src_mtime_ns)
         os.replace(tmp_data, out / data_name)
         os.replace(tmp_index, out / index_name)
         build_s = time.perf_counter() - start

@@ -16,12 +16,18 @@ DICOM intensity has two rules (``dicom_scaling``):
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .constants import DEFAULT_DICOM_SCALING, DICOM_SCALING_BY_KIND
+
+if TYPE_CHECKING:
+    from pydicom import Dataset as DicomDataset
 
 logger = logging.getLogger(__name__)
 
@@ -138,11 +144,35 @@ def _is_dicom_file(path: Path) -> bool:
         return False
 
 
-def _first_value(value: object) -> float:
-    """First element of a possibly multi-valued DICOM attribute, as a float."""
+def _first_value(value: object) -> float | None:
+    """First element of a possibly multi-valued DICOM attribute, as a float; None when empty."""
     if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue":
-        value = value[0]  # type: ignore[index]
+        value = value[0] if len(value) else None  # type: ignore[arg-type, index]
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return None  # a zero-length element: pydicom gives None (or '' inside a multi-value)
     return float(value)  # type: ignore[arg-type]
+
+
+@contextmanager
+def _header_errors(path: str | Path) -> Iterator[None]:
+    """Re-raise an error of reading a malformed header element as ImageDecodeError naming the file."""
+    try:
+        yield
+    except ImageDecodeError:
+        raise
+    except Exception as err:  # pydicom raises many types for a value it cannot convert
+        raise ImageDecodeError(f"malformed DICOM header in {path}: {type(err).__name__}: {err}") from err
+
+
+def _voi_window(ds: DicomDataset) -> tuple[float, float, str] | None:
+    """The first VOI window (center, width, function) of a DICOM header; None if absent or empty."""
+    if "WindowCenter" not in ds or "WindowWidth" not in ds:
+        return None
+    center, width = _first_value(ds.WindowCenter), _first_value(ds.WindowWidth)
+    if center is None or width is None:
+        return None  # present but empty (zero-length): as if absent
+    function = str(ds.get("VOILUTFunction", "LINEAR") or "LINEAR")
+    return center, width, function
 
 
 def _window(array: np.ndarray, center: float, width: float, function: str) -> np.ndarray:
@@ -180,7 +210,10 @@ def decode_dicom(path: str | Path, scaling: str = "minmax") -> np.ndarray:
                     f"python-gdcm, pylibjpeg-openjpeg or pyjpegls, from requirements.txt]")
         raise ImageDecodeError(f"cannot decode DICOM pixel data of {path}: {err}{hint}") from err
 
-    samples = int(ds.get("SamplesPerPixel", 1) or 1)
+    with _header_errors(path):
+        samples = int(ds.get("SamplesPerPixel", 1) or 1)
+        # MONOCHROME1 shows low values white: invert so every image has bright bones.
+        invert = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip() == "MONOCHROME1"
     if samples > 1:
         # Colour DICOM (pydicom converts YBR to RGB): take the luma, as for colour PNGs.
         frame = pixels[0] if pixels.ndim == 4 else pixels
@@ -190,22 +223,23 @@ def decode_dicom(path: str | Path, scaling: str = "minmax") -> np.ndarray:
         logger.warning("%s: multi-frame DICOM (%d frames); using the first", path, pixels.shape[0])
         pixels = pixels[0]
 
-    # MONOCHROME1 shows low values white: invert so every image has bright bones.
-    invert = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip() == "MONOCHROME1"
     if scaling == "paper":
         return scale_paper(pixels, invert=invert)  # stored values, as the paper's loader reads them
 
-    modality = np.asarray(apply_modality_lut(pixels, ds))  # rescale slope / intercept
+    with _header_errors(path):
+        modality = np.asarray(apply_modality_lut(pixels, ds))  # rescale slope / intercept
+        voi_lut = "VOILUTSequence" in ds and len(ds.VOILUTSequence) > 0
+        window = None if voi_lut else _voi_window(ds)
     array = modality  # integer unless rescaled: scale_to_uint8 then needs no float copy
     windowed = False
-    if "VOILUTSequence" in ds and len(ds.VOILUTSequence) > 0:
+    if voi_lut:
         # A VOI LUT is indexed by stored values: give it integers, as the standard does.
         lut_input = modality if modality.dtype.kind in "iu" else np.rint(modality).astype(np.int64)
-        array = np.asarray(apply_voi_lut(lut_input, ds, index=0, prefer_lut=True), dtype=np.float64)
-    elif "WindowCenter" in ds and "WindowWidth" in ds:
-        center, width = _first_value(ds.WindowCenter), _first_value(ds.WindowWidth)
+        with _header_errors(path):
+            array = np.asarray(apply_voi_lut(lut_input, ds, index=0, prefer_lut=True), dtype=np.float64)
+    elif window is not None:
+        center, width, function = window
         if width > 0:
-            function = str(ds.get("VOILUTFunction", "LINEAR") or "LINEAR")
             array = _window(modality.astype(np.float64), center, width, function)
             windowed = True
         else:

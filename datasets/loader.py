@@ -1,12 +1,15 @@
 """Seeded data loaders: each sample's augmentation depends only on (seed, epoch, index)."""
 from __future__ import annotations
 
+import random
+from contextlib import contextmanager
 from typing import Iterator
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, SequentialSampler
 
-from util.misc import DistInfo, seed_everything
+from util.misc import DistInfo
 
 
 class SeededSampler(Sampler):
@@ -29,16 +32,37 @@ class SeededSampler(Sampler):
         return len(self.sampler)
 
 
+@contextmanager
+def seeded_rngs(seed: int) -> Iterator[None]:
+    """Seed Python's, NumPy's and torch's CPU generators for a block, then put back their states.
+
+    With ``num_workers=0`` a sample is made in the training process itself, whose generators
+    also drive the model's dropout and drop path: leaving them reseeded would make a run
+    depend on the number of workers. Only the CPU generator of torch is touched, the one the
+    transforms draw from; an accelerator's generators are never reseeded.
+    """
+    states = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.default_generator.manual_seed(seed)
+    try:
+        yield
+    finally:
+        random.setstate(states[0])
+        np.random.set_state(states[1])
+        torch.set_rng_state(states[2])
+
+
 class SeededDataset(Dataset):
-    """Reseeds the RNGs before each sample's transform (see SeededSampler)."""
+    """Seeds the RNGs for each sample's transform (see SeededSampler); the caller's RNG states are kept."""
 
     def __init__(self, dataset: Dataset) -> None:
         self.dataset = dataset
 
     def __getitem__(self, item: tuple[int, int]):
         index, seed = item
-        seed_everything(seed)
-        return self.dataset[index]
+        with seeded_rngs(seed):
+            return self.dataset[index]
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -58,8 +82,11 @@ def build_loader(dataset: Dataset, dist_info: DistInfo, *, train: bool, batch_si
     """Shuffled, seeded training loader or an ordered evaluation loader (sharded when distributed)."""
     # Pinned host memory only helps copies to an accelerator; without one torch warns.
     pin_memory = pin_memory and accelerator_available()
+    # Each new iterator draws a base seed for its workers; from the loader's own generator,
+    # not the global one, since that draw happens once per epoch without workers but only
+    # once per run with persistent workers (the samples are seeded by SeededDataset anyway).
     common = dict(batch_size=batch_size, num_workers=num_workers, pin_memory=pin_memory,
-                  persistent_workers=num_workers > 0)
+                  persistent_workers=num_workers > 0, generator=torch.Generator().manual_seed(seed))
     if train:
         base = DistributedSampler(dataset, num_replicas=dist_info.world_size, rank=dist_info.rank,
                                   shuffle=True, seed=seed)

@@ -159,6 +159,39 @@ def read_class_names(folders: list[Path]) -> list[str] | None:
     return None
 
 
+def label_columns(split_file: str | Path) -> int | None:
+    """The number of labels on the first entry of a split file; None if it has no readable entry."""
+    try:
+        with open(split_file, encoding="utf-8-sig") as f:
+            for raw in f:
+                tokens = raw.split()
+                if tokens:
+                    return len(tokens) - 1
+    except (OSError, UnicodeDecodeError):
+        pass  # reported when that file itself is parsed
+    return None
+
+
+def check_label_columns(split_file: str | Path, num_labels: int) -> None:
+    """Refuse a split file whose K (``num_labels``) differs from that of another split file beside it.
+
+    Without a classes.txt each file of a custom data set gives its own K; a validation or test
+    file with another K than the training file would only fail once the model meets it.
+    """
+    split_file = Path(split_file)
+    for name in ALL_SPLIT_FILES:
+        other = split_file.parent / name
+        if name == split_file.name or not other.is_file():
+            continue
+        found = label_columns(other)
+        if found is not None and found != num_labels:
+            raise SplitFileError(
+                f"{split_file} has {num_labels} label columns but {other} has {found}: every split "
+                f"file of a data set needs the same columns, in the same order (name them in a "
+                f"{CLASSES_FILE} beside the split files to have each file checked against it)"
+            )
+
+
 def parse_split_file(split_file: str | Path, num_classes: int | None = None, kind: str = "custom") -> SplitTable:
     """Parse one split file, checking the label count (K) and that labels are 0 or 1.
 
