@@ -428,6 +428,13 @@ def run(args: argparse.Namespace) -> int:
     heatmap_classes = _heatmap_classes(args.heatmap_class, class_names)
     transform = eval_transform(config)
     images, failures = collect_inputs(args.inputs, args.data_path, args.dataset)
+    if heatmap_classes:  # two images with one name would write one heatmap file: refuse now
+        from util.heatmap import heatmap_targets
+
+        try:
+            heatmap_targets([im.file for im in images], [im.name for im in images], class_names[0])
+        except ValueError as err:
+            raise UsageError(f"--heatmap_class: {err}") from None
     if not images and not failures:
         raise UsageError(f"--inputs {' '.join(args.inputs)}: no images found")
 

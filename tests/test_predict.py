@@ -292,3 +292,24 @@ def test_predict_refuses_to_write_over_a_runs_own_results(setup, tmp_path, caplo
     assert mine.read_text() == "path,label_x\n"
     other = run / "predictions_external.csv"  # not one of the run's files: allowed
     assert predict.main([*args, "--output", str(other)]) == 0 and other.is_file()
+
+
+def test_heatmap_name_clash_is_refused_before_anything_is_written(setup, tmp_path, caplog):
+    """Two split files (each beside its own images) that list one name: their heatmaps would
+    write one file, so the run stops with a usage error before predicting or writing."""
+    src = next(setup["data"].rglob("*.png"))
+    lists = []
+    for sub in ("a", "b"):
+        folder = tmp_path / sub
+        folder.mkdir()
+        img = Image.open(src)
+        (img if sub == "a" else img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)).save(folder / "x.png")
+        (folder / "list.txt").write_text("x.png\n")
+        lists.append(str(folder / "list.txt"))
+    out = tmp_path / "preds.csv"
+    with caplog.at_level("ERROR", logger="predict"):
+        rc = predict.main(["--checkpoint", str(setup["stem"]), "--inputs", *lists, "--output", str(out),
+                           "--heatmap_class", NIH[0], "--amp", "none", "--device", "cpu",
+                           "--num_workers", "0", "--dataset", "custom"])
+    assert rc == 2 and "--heatmap_class" in caplog.text and "one name" in caplog.text
+    assert not out.exists()

@@ -185,7 +185,7 @@ def heatmap_filename(name: str, class_name: str) -> str:
     return _SEPARATOR.join([*parts, _escape(class_name)]) + ".png"
 
 
-def _heatmap_targets(files: Sequence[str | Path], names: Sequence[str], class_name: str
+def heatmap_targets(files: Sequence[str | Path], names: Sequence[str], class_name: str
                      ) -> dict[int, str]:
     """{input index: file name} of the inputs to draw: the same image named twice is drawn
     once; two different images that would write one file raise ``ValueError``."""
@@ -227,7 +227,7 @@ def save_heatmaps(
     """
     if len(files) != len(names):
         raise ValueError(f"save_heatmaps: {len(files)} files but {len(names)} names")
-    targets = _heatmap_targets(files, names, class_name)
+    targets = heatmap_targets(files, names, class_name)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
