@@ -169,3 +169,19 @@ def test_other_data_folder_or_lossy_cache_is_another_setting(tmp_path):
     asked = summarize.Run(root / "y" / "results_test.json", {},
                           {"args": {"cache": "lossy", "cache_size": 256}})
     assert asked.image_cache() == "lossy 256 px"
+
+
+def test_a_run_scored_on_part_of_its_split_says_so(tmp_path, caplog):
+    """A run whose test skipped unreadable images (--skip_bad) shows 'n of N' images and is
+    named in a warning: its AUROC is not one on the whole split."""
+    whole = run(tmp_path, "whole", "lora", 0, 0.8)
+    part = run(tmp_path, "part", "lora", 1, 0.7)
+    res = json.loads((part / "results_test.json").read_text())
+    res.update(num_images=49, split_images=50,
+               skipped=[{"line": 7, "path": "x.png", "reason": "cannot decode"}])
+    (part / "results_test.json").write_text(json.dumps(res))
+    with caplog.at_level(logging.WARNING):
+        summarize.main([str(tmp_path), "--output", str(tmp_path / "summary")])
+    rows = by_run(read_csv(tmp_path / "summary.csv"))
+    assert rows["part"]["num_images"] == "49 of 50" and rows["whole"]["num_images"] == "50"
+    assert "49 of the 50 images" in caplog.text and str(part) in caplog.text

@@ -454,7 +454,10 @@ def summary_rows(runs: Sequence[Run], reference: dict[tuple[str, str], tuple[flo
             "trainable_pct": (f"{100 * trainable / total:.2f}" if trainable is not None and total
                               else ""),
             "lora_rank": "" if r.get("lora_rank") is None else str(r["lora_rank"]),
-            "num_images": "" if r.get("num_images") is None else str(r["num_images"]),
+            # With --skip_bad a run is scored on fewer images than its split lists: say so.
+            "num_images": ("" if r.get("num_images") is None else
+                           f"{r['num_images']} of {r['split_images']}" if r.get("skipped") and
+                           r.get("split_images") is not None else str(r["num_images"])),
             "run": str(run.path.parent if run.path.name == RESULTS_NAME else run.path),
             "image_cache": run.image_cache(),
             "_classes": list(r.get("class_names") or r["auroc"]),
@@ -731,6 +734,12 @@ def summarize(paths: Sequence[str | Path], output: str | Path | None = None,
     for folder in find_incomplete(paths):
         errors.append(f"{folder}: a started run ({CONFIG_NAME}) without {RESULTS_NAME}: still "
                       "training, stopped, or its test failed; left out")
+    for run in runs:
+        if run.results.get("skipped"):
+            logger.warning("%s: scored on %s of the %s images of its test split (%d unreadable, "
+                           "skipped with --skip_bad): not comparable with runs on the whole split",
+                           run.path.parent, run.results.get("num_images"),
+                           run.results.get("split_images", "?"), len(run.results["skipped"]))
     if evaluations:
         logger.info("%d evaluations (--eval results of trained runs, e.g. %s) are listed apart, "
                     "not as runs or seeds", len(evaluations), evaluations[0].path.parent)
