@@ -69,6 +69,8 @@ def atomic_write(path: str | Path, write: Callable[[str], Any]) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = temp_path_for(path)
         write(tmp)
+        # Some writers (safetensors) replace the file with a 0600 one: set the mode again.
+        os.chmod(tmp, 0o666 & ~current_umask())
         os.replace(tmp, path)
     except OutputError:
         raise
