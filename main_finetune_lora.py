@@ -513,8 +513,9 @@ def check_run_folder(out: Path, args: argparse.Namespace, committed: dict | None
         raise ArgumentError(
             f"--resume {resume} continues the run of {source} in {out}, but {out} already holds "
             f"a run ({', '.join(markers)}): its results would be mixed with this one's. Choose "
-            "an empty --output_dir / --run_name, or --overwrite to replace that run (if it is "
-            "this run's own earlier continuation, --resume auto continues it)")
+            "an empty --output_dir / --run_name, or --overwrite to replace that run"
+            + (" (if it is this run's own earlier continuation, --resume auto continues it)"
+               if committed is not None else ""))
     old_args = old.get("args", {})
     same = same_settings(old_args, args)
     done = committed is not None and committed["epoch"] + 1 >= int(old_args.get("epochs", -1))
@@ -888,7 +889,7 @@ def plan_run(args: argparse.Namespace, out: Path, folder: RunFolder, dist_info: 
     if overwrite and own_resume:
         raise ArgumentError(f"--resume {resume} continues the run in {out}, --overwrite replaces "
                             "it: give one of them")
-    if args.demo_replace and old is not None and (old.get("args") or {}).get("demo") is True:
+    if args.demo_replace and not resume and old is not None and (old.get("args") or {}).get("demo") is True:
         overwrite = True  # the previous demo run in the demo's own folder
     # A run that --overwrite replaces need not be intact (a damaged one must not block it).
     replacing = overwrite and not own_resume

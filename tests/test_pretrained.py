@@ -147,7 +147,8 @@ def test_a_file_with_trained_lora_tensors_is_refused(tmp_path):
     lora.inject_lora(trained, rank=4)
     for _, layer in lora.lora_layers(trained):
         layer.lora_B.data.normal_()
-    save_file({k: v.contiguous() for k, v in trained.state_dict().items()},
+    # Plain timm names for the backbone (as a merged or peft-style export has them) plus the factors.
+    save_file({lora.canonical_name(k): v.contiguous() for k, v in trained.state_dict().items()},
               str(tmp_path / "tuned.safetensors"))
     peft_style = {**encoder_state(), "blocks.0.attn.qkv.lora_A.default.weight": torch.zeros(4, 192)}
     torch.save(peft_style, tmp_path / "peft.pth")
