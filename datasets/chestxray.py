@@ -204,8 +204,8 @@ class ChestXrayDataset(Dataset):
             raise ImageError(
                 f"{self.split_file}:{self.lines[index]}: image '{self.paths[index]}' "
                 f"({self.files[index]}) cannot be read: {err}. Build the data set with "
-                f"verify_images=True (or build the cache) to find every bad image before training, "
-                f"or skip_bad=True to drop them."
+                f"verify_images=True, or build the image cache (python -m datasets.cache), to find "
+                f"every bad image before training; skip_bad=True (--skip_bad) drops them."
             ) from err
 
     def _resized_crop(self, index: int, plan: _Plan, image: Image.Image | None = None) -> torch.Tensor:

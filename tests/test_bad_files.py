@@ -309,7 +309,7 @@ def test_nonfinite_outputs_are_failures_not_blank_rows(trained, tmp_path, monkey
     assert "bright.png" in failed and predict.NON_FINITE_REASON in failed
     heatmaps = sorted(p.name for p in (tmp_path / "p_heatmaps").iterdir())
     assert len(heatmaps) == len(config["class_names"])
-    assert all("__dark__" in name for name in heatmaps)
+    assert all("__dark.png__" in name for name in heatmaps)  # only the finite image is drawn
 
 
 def test_heatmaps_skip_nonfinite_outputs(trained, tmp_path):
