@@ -255,8 +255,12 @@ def main(argv: list[str] | None = None) -> None:
         if value is not None and not 0 < value < 1:
             parser.error(f"--{flag} {value}: expected a fraction between 0 and 1")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    counts = make_splits(args.dataset, args.metadata, args.out, args.seed,
-                         args.val_fraction, args.test_fraction, args.min_subset)
+    try:
+        counts = make_splits(args.dataset, args.metadata, args.out, args.seed,
+                             args.val_fraction, args.test_fraction, args.min_subset)
+    except (MetadataError, OSError) as err:
+        # The message names the file and what is wrong with it; a traceback would bury it.
+        parser.exit(1, f"{parser.prog}: error: {err}\n")
     print(" ".join(f"{k}={v}" for k, v in counts.items()))
 
 

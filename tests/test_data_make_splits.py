@@ -132,3 +132,17 @@ def test_bad_metadata(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["nih", "--metadata", str(tmp_path), "--out", str(tmp_path / "o"), "--val_fraction", "2"])
     assert "--val_fraction 2.0" in capsys.readouterr().err
+
+
+
+def test_command_line_bad_metadata_is_one_line(tmp_path, capsys):
+    pd.DataFrame([{"Image": "a.png", "Finding Labels": "Mass", "Patient": 1}]).to_csv(
+        tmp_path / "Data_Entry_2017.csv", index=False)
+    # The message, no traceback: the error is a clean exit, not an exception.
+    with pytest.raises(SystemExit) as stop:
+        main(["nih", "--metadata", str(tmp_path), "--out", str(tmp_path / "out")])
+    assert stop.value.code == 1
+    [line] = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("python -m datasets.make_splits: error: ")
+    assert "Data_Entry_2017.csv: missing column(s) ['Image Index', 'Patient ID']" in line
+    assert not (tmp_path / "out").exists()
