@@ -172,7 +172,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--warmup_epochs", type=float, default=5,
                    help="linear warm-up epochs (capped at --epochs, with a note)")
     g.add_argument("--weight_decay", type=float, default=0.05, help="weight decay")
-    g.add_argument("--clip_grad", type=float, default=None, help="clip the gradient norm to this positive value (default: no clipping)")
+    g.add_argument("--clip_grad", type=float, default=None,
+                   help="clip the gradient norm to this positive value (default: no clipping)")
     g.add_argument("--backbone_dtype", default="fp32", choices=["fp32", "bf16", "fp16", "fp8"],
                    help="hold the frozen backbone in this dtype (half the memory, no per-step "
                         "cast); bf16 / fp16 need --amp of the same precision; fp8: the frozen "
@@ -889,7 +890,8 @@ def plan_run(args: argparse.Namespace, out: Path, folder: RunFolder, dist_info: 
     if overwrite and own_resume:
         raise ArgumentError(f"--resume {resume} continues the run in {out}, --overwrite replaces "
                             "it: give one of them")
-    if args.demo_replace and not resume and old is not None and (old.get("args") or {}).get("demo") is True:
+    old_demo = old is not None and (old.get("args") or {}).get("demo") is True
+    if args.demo_replace and not resume and old_demo:
         overwrite = True  # the previous demo run in the demo's own folder
     # A run that --overwrite replaces need not be intact (a damaged one must not block it).
     replacing = overwrite and not own_resume

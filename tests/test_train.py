@@ -429,7 +429,8 @@ def test_shell_scripts_build_a_valid_command(script):
     assert proc.returncode == 0, proc.stderr
     words = proc.stdout.split()
     assert words[0] == "torchrun" and words[words.index("--nproc_per_node") + 1] == "3"
-    argv = words[words.index("main_finetune_lora.py") + 1:]
+    entry = next(i for i, w in enumerate(words) if Path(w).name == "main_finetune_lora.py")
+    argv = words[entry + 1:]
     assert argv[-2:] == ["--epochs", "2"]  # extra arguments pass through
     args = mfl.get_args_parser().parse_args(argv)
     assert args.preset.startswith("rsna-10-")
