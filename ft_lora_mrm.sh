@@ -6,24 +6,26 @@
 #   SEEDS="0 1 2" ./ft_lora_mrm.sh        # three runs, one after another
 #   DRY_RUN=1 ./ft_lora_mrm.sh            # print the command only
 # docs/REPRODUCE.md lists the command for each of the paper's settings.
+# Paths you set (DATA_PATH, WEIGHTS, OUTPUT_DIR, and paths among the extra arguments) are
+# relative to the folder you run the script from; the defaults below are in the repository.
 set -euo pipefail
-cd "$(dirname "$0")"
+REPO=$(cd "$(dirname "$0")" && pwd)
 
-DATA_PATH=${DATA_PATH:-./data/NIH_ChestX-ray}          # folder with the images (+ split files)
+DATA_PATH=${DATA_PATH:-$REPO/data/NIH_ChestX-ray}      # folder with the images (+ split files)
 DATASET=${DATASET:-nih}                                # nih | chexpert | rsna
-DATA_SIZE=${DATA_SIZE:-1}                              # 1 | 10 | 100 (% of the training labels)
-WEIGHTS=${WEIGHTS:-./pretrained_weights/MRM.pth}       # see pretrained_weights/README.md
+DATA_SIZE=${DATA_SIZE:-1}                              # 1 | 10 | 100 (% of the training labels; 1% = 1)
+WEIGHTS=${WEIGHTS:-$REPO/pretrained_weights/MRM.pth}   # see pretrained_weights/README.md
 NGPUS=${NGPUS:-1}                                      # processes on this node (GPUs)
 GLOBAL_BATCH=${GLOBAL_BATCH:-64}                       # the paper's; split over the processes
-SEEDS=${SEEDS:-0}                                      # e.g. "0 1 2": one run per seed
+SEEDS=${SEEDS:-0}                                      # e.g. "0 1 2": one run per seed (--run_name X: X_s<seed>)
 # Multi-node: also NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT (see scripts/torchrun_launch.sh).
-OUTPUT_DIR=${OUTPUT_DIR:-./output_dir/}
+OUTPUT_DIR=${OUTPUT_DIR:-$REPO/output_dir/}
 
 # The preset fills the paper's lr and rank for this data set and size (SGD, 100
 # epochs, warmup 5, drop path 0.1, batch 64, no weight decay, no random erasing).
-source scripts/torchrun_launch.sh
+source "$REPO/scripts/torchrun_launch.sh"
 launch \
-     --preset "${DATASET}-${DATA_SIZE}-mrm" \
+     --preset "${DATASET}-${DATA_SIZE%\%}-mrm" \
      --method lora \
      --model vit_base_patch16_lora \
      --finetune "$WEIGHTS" \
@@ -32,6 +34,6 @@ launch \
      --lora_pos attn \
      --num_workers 10 \
      --dist_eval \
-     --script "$0" \
+     --script "$REPO/$(basename "$0")" \
      --note lora \
      "$@"

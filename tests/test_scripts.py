@@ -1,7 +1,7 @@
 """The ft_*.sh launch scripts: the paper's global batch, seeds, and stopping before torchrun.
 
-A fake `torchrun` first on PATH records each call instead of training, so these tests
-check exactly what the scripts would launch.
+A fake `torchrun` first on PATH and a fake python (PYTHON) record each call instead of
+training, so these tests check exactly what the scripts would launch.
 """
 import os
 import subprocess
@@ -15,10 +15,17 @@ ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = {"ft_lora_mrm.sh": ("mrm", "lora"), "ft_lora_mae.sh": ("cxr_mae", "lora"),
            "ft_mrm.sh": ("mrm", "full"), "ft_mae.sh": ("cxr_mae", "full")}
 
-FAKE_TORCHRUN = """#!/usr/bin/env bash
-echo "$*" >> "$TORCHRUN_CALLS"
-case " $* " in *" --seed $FAIL_SEED "*) exit 3;; esac
+# Each call is recorded as "<program> <arguments>", and its working folder in <calls>.cwd.
+FAKE_RUNNER = """#!/usr/bin/env bash
+echo "$(basename "$0") $*" >> "$TORCHRUN_CALLS"
+echo "$PWD" >> "$TORCHRUN_CALLS.cwd"
+case " $* " in *" --seed $FAIL_SEED "*) echo "main_finetune_lora.py: error: seed $FAIL_SEED" >&2; exit 3;; esac
 """
+# The flag check before the run imports torch: the stand-in passes it at once, to keep these
+# tests fast (one test below runs the real one).
+FAKE_PYTHON = """#!/usr/bin/env bash
+case " $* " in *" --check_args "*) exit 0;; esac
+""" + FAKE_RUNNER.split("\n", 1)[1]
 
 
 @pytest.fixture
@@ -26,28 +33,25 @@ def fake_env(tmp_path):
     """Environment with a recording torchrun, a weights file and a data folder."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
-    torchrun = bin_dir / "torchrun"
-    torchrun.write_text(FAKE_TORCHRUN)
-    torchrun.chmod(0o755)
-    # The flag check before torchrun imports torch: a stand-in keeps these tests fast (one
-    # test below runs the real one).
-    checker = bin_dir / "check-python"
-    checker.write_text("#!/usr/bin/env bash\nexit 0\n")
-    checker.chmod(0o755)
+    for name, text in (("torchrun", FAKE_RUNNER), ("python", FAKE_PYTHON)):
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
     weights, data = tmp_path / "MRM.pth", tmp_path / "NIH_ChestX-ray"
     weights.write_bytes(b"x")
     data.mkdir()
     env = {k: v for k, v in os.environ.items()
-           if k not in ("DRY_RUN", "SEEDS", "NGPUS", "NNODES", "GLOBAL_BATCH")}
+           if k not in ("DRY_RUN", "SEEDS", "NGPUS", "NNODES", "NODE_RANK", "GLOBAL_BATCH",
+                        "MASTER_ADDR", "MASTER_PORT", "DATASET", "DATA_SIZE", "OUTPUT_DIR")}
     env.update(PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}", WEIGHTS=str(weights),
                DATA_PATH=str(data), TORCHRUN_CALLS=str(tmp_path / "calls.txt"), FAIL_SEED="none",
-               PYTHON=str(checker))
+               PYTHON=str(bin_dir / "python"))
     return env
 
 
-def run(script: str, env: dict, *extra: str, **more: str) -> subprocess.CompletedProcess:
+def run(script: str, env: dict, *extra: str, cwd: Path | None = None,
+        **more: str) -> subprocess.CompletedProcess:
     return subprocess.run(["bash", str(ROOT / script), *extra], capture_output=True, text=True,
-                          env={**env, **more}, timeout=30)
+                          env={**env, **more}, timeout=30, cwd=cwd)
 
 
 def calls(env: dict) -> list[list[str]]:
@@ -117,11 +121,16 @@ def test_bigger_global_batch_is_explicit(fake_env):
     assert flag(second, "--nnodes") == "2"
 
 
-@pytest.mark.parametrize("name,value", [("SEEDS", "0,1"), ("NGPUS", "two"), ("GLOBAL_BATCH", "0")])
-def test_bad_settings_are_named(fake_env, name, value):
+@pytest.mark.parametrize("name,value,allowed", [
+    ("SEEDS", "0,1", "whole numbers separated by spaces"), ("SEEDS", "0 0", "seed 0 is listed twice"),
+    ("NGPUS", "two", "positive whole number"), ("GLOBAL_BATCH", "0", "positive whole number"),
+    ("DATASET", "nih14", "one of nih, chexpert, rsna"), ("DATA_SIZE", "5", "1, 10 or 100"),
+    ("DATA_SIZE", "1 %", "1, 10 or 100"), ("NODE_RANK", "1", "0 to NNODES-1")])
+def test_bad_settings_are_named(fake_env, name, value, allowed):
     proc = run("ft_lora_mrm.sh", fake_env, **{name: value})
     assert proc.returncode == 2 and calls(fake_env) == []
-    assert proc.stderr.startswith(f"error: {name}='{value}'")
+    [line] = proc.stderr.strip().splitlines()
+    assert line.startswith(f"error: {name}='{value}': expected") and allowed in line
 
 
 def test_dry_run_prints_every_command_and_what_would_stop(fake_env, tmp_path):
@@ -141,7 +150,8 @@ def test_dry_run_command_parses(fake_env):
 
     proc = run("ft_mae.sh", fake_env, DRY_RUN="1")
     words = proc.stdout.split()
-    argv = words[words.index("main_finetune_lora.py") + 1:]
+    [entry] = [i for i, w in enumerate(words) if w.endswith("/main_finetune_lora.py")]
+    argv = words[entry + 1:]
     args, unknown = mfl.get_args_parser().parse_known_args(argv)
     # --global_batch is the one flag the entry script may not know yet.
     assert unknown in ([], ["--global_batch", "64"])
@@ -151,7 +161,8 @@ def test_dry_run_command_parses(fake_env):
 def test_bad_flags_stop_before_torchrun_with_one_line(fake_env):
     import sys
 
-    env = {**fake_env, "PYTHON": sys.executable}
+    # Two processes: the run itself goes to the fake torchrun, only the check is real.
+    env = {**fake_env, "PYTHON": sys.executable, "NGPUS": "2"}
     proc = run("ft_lora_mrm.sh", env, "--epochs", "zero")
     assert proc.returncode == 2 and calls(fake_env) == []
     err = proc.stderr.strip().splitlines()
@@ -160,3 +171,104 @@ def test_bad_flags_stop_before_torchrun_with_one_line(fake_env):
     proc = run("ft_lora_mrm.sh", env, "--epochs", "2")
     assert proc.returncode == 0, proc.stderr
     assert len(calls(fake_env)) == 1
+
+
+def test_one_process_runs_python_and_several_run_torchrun_standalone(fake_env):
+    assert run("ft_lora_mrm.sh", fake_env).returncode == 0
+    assert run("ft_lora_mrm.sh", fake_env, NGPUS="2").returncode == 0
+    single, several = calls(fake_env)
+    # One process needs no torchrun, so no port; several on one node: torchrun picks a free port.
+    assert single[0] == "python" and single[1].endswith("/main_finetune_lora.py")
+    assert several[:4] == ["torchrun", "--standalone", "--nproc_per_node", "2"]
+    assert "--master_port" not in several and "--nnodes" not in several
+
+
+@pytest.mark.parametrize("more,addr,port", [
+    ({"NNODES": "2", "NODE_RANK": "1", "MASTER_ADDR": "10.0.0.1"}, "10.0.0.1", "29500"),
+    ({"MASTER_PORT": "29611"}, "127.0.0.1", "29611"),
+])
+def test_multi_node_or_a_given_port_keeps_the_rendezvous(fake_env, more, addr, port):
+    proc = run("ft_lora_mae.sh", fake_env, NGPUS="2", **more)
+    assert proc.returncode == 0, proc.stderr
+    [argv] = calls(fake_env)
+    assert argv[0] == "torchrun" and "--standalone" not in argv
+    assert flag(argv, "--master_addr") == addr and flag(argv, "--master_port") == port
+    assert flag(argv, "--nnodes") == more.get("NNODES", "1")
+    assert flag(argv, "--node_rank") == more.get("NODE_RANK", "0")
+
+
+def test_several_seeds_never_share_a_given_run_name(fake_env):
+    proc = run("ft_lora_mrm.sh", fake_env, "--run_name", "myexp", "--overwrite", SEEDS="0 1")
+    assert proc.returncode == 0, proc.stderr
+    assert [flag(a, "--run_name") for a in calls(fake_env)] == ["myexp_s0", "myexp_s1"]
+    assert run("ft_lora_mrm.sh", fake_env, "--run_name=x", SEEDS="3 4").returncode == 0
+    assert [a[-1] for a in calls(fake_env)[2:]] == ["--run_name=x_s3", "--run_name=x_s4"]
+    # One seed keeps the name as given; 'auto' names each seed's folder by itself.
+    assert run("ft_lora_mrm.sh", fake_env, "--run_name", "myexp").returncode == 0
+    assert run("ft_lora_mrm.sh", fake_env, "--run_name", "auto", SEEDS="0 1").returncode == 0
+    assert [flag(a, "--run_name") for a in calls(fake_env)[4:]] == ["myexp", "auto", "auto"]
+
+
+@pytest.mark.parametrize("extra,message", [
+    (("--run_name", ""), "--run_name '' (the --output_dir itself) with SEEDS='0 1' would put every seed in one folder"),
+    (("--seed", "5"), "--seed 5 with SEEDS='0 1' would give every run that seed"),
+])
+def test_several_seeds_refuse_one_folder_or_one_seed(fake_env, extra, message):
+    proc = run("ft_lora_mrm.sh", fake_env, *extra, SEEDS="0 1")
+    assert proc.returncode == 2 and calls(fake_env) == []
+    assert proc.stderr.startswith(f"error: {message}")
+
+
+def test_user_paths_are_relative_to_where_the_script_runs(fake_env, tmp_path):
+    here = tmp_path / "work"
+    (here / "data" / "NIH_ChestX-ray").mkdir(parents=True)
+    (here / "w").mkdir()
+    (here / "w" / "MRM.pth").write_bytes(b"x")
+    proc = run("ft_lora_mrm.sh", fake_env, "--epochs", "1", cwd=here, SEEDS="0 1",
+               DATA_PATH="data/NIH_ChestX-ray", WEIGHTS="w/MRM.pth", OUTPUT_DIR="runs")
+    assert proc.returncode == 0, proc.stderr
+    cwds = Path(fake_env["TORCHRUN_CALLS"] + ".cwd").read_text().split()
+    assert cwds == [str(here)] * 2  # the run sees the paths from the same folder
+    for argv in calls(fake_env):
+        assert (here / flag(argv, "--finetune")).is_file() and (here / flag(argv, "--data_path")).is_dir()
+        assert flag(argv, "--output_dir") == "runs"
+        assert flag(argv, "--script") == str(ROOT / "ft_lora_mrm.sh")
+    # Not found: the message gives the absolute path tried.
+    proc = run("ft_lora_mae.sh", fake_env, cwd=here, DATA_PATH="data/NIH_ChestX-ray", WEIGHTS="w/CXR_MAE.pth")
+    assert proc.returncode == 2
+    assert proc.stderr.startswith(f"error: weights file '{here / 'w' / 'CXR_MAE.pth'}' not found (WEIGHTS=w/CXR_MAE.pth)")
+
+
+def test_data_size_with_a_percent_sign_picks_the_same_preset(fake_env):
+    for size in ("10%", "10"):
+        assert run("ft_lora_mae.sh", fake_env, DATASET="chexpert", DATA_SIZE=size).returncode == 0
+    assert [flag(a, "--preset") for a in calls(fake_env)] == ["chexpert-10-cxr_mae"] * 2
+
+
+def test_dataset_that_does_not_fit_the_split_files_is_named(fake_env, tmp_path):
+    data = Path(fake_env["DATA_PATH"])
+    (data / "train_1.txt").write_text("a.png" + " 0" * 13 + " 1\n")
+    proc = run("ft_lora_mrm.sh", fake_env, DATASET="chexpert", DATA_SIZE="1")
+    assert proc.returncode == 2 and calls(fake_env) == []
+    [line] = proc.stderr.strip().splitlines()
+    assert line.startswith(f"error: DATASET=chexpert does not fit DATA_PATH='{data}': its split file "
+                           f"{data / 'train_1.txt'} has 14 labels a line, as nih has (chexpert has 5)")
+    assert "set DATASET=nih" in line
+    assert run("ft_lora_mrm.sh", fake_env, DATASET="nih", DATA_SIZE="1").returncode == 0
+    # --split_dir is where the split files are read from, when given.
+    splits = tmp_path / "rsna_splits"
+    splits.mkdir()
+    (splits / "train_10.txt").write_text("x.dcm 1 \n")
+    proc = run("ft_lora_mrm.sh", fake_env, "--split_dir", str(splits), DATASET="nih", DATA_SIZE="10")
+    assert proc.returncode == 2 and "as rsna has (nih has 14)" in proc.stderr
+
+
+def test_a_failed_run_ends_with_its_own_error(fake_env):
+    # One process: the entry script's own error is the last line.
+    proc = run("ft_lora_mrm.sh", fake_env, FAIL_SEED="0")
+    assert proc.returncode == 3
+    assert proc.stderr.strip().splitlines()[-1] == "main_finetune_lora.py: error: seed 0"
+    # Under torchrun, a last line says where the cause is (above torchrun's report).
+    proc = run("ft_lora_mrm.sh", fake_env, NGPUS="2", SEEDS="0 1", FAIL_SEED="0")
+    assert proc.returncode == 3 and len(calls(fake_env)) == 2
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: seed 0 stopped (exit 3)")
