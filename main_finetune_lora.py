@@ -518,13 +518,14 @@ def check_run_folder(out: Path, args: argparse.Namespace, committed: dict | None
             + (" (if it is this run's own earlier continuation, --resume auto continues it)"
                if committed is not None else ""))
     old_args = old.get("args", {})
-    same = same_settings(old_args, args)
+    differ = differing_settings(old_args, args)
     done = committed is not None and committed["epoch"] + 1 >= int(old_args.get("epochs", -1))
     if not old_args:
         hint = "choose another --output_dir / --run_name, or --overwrite to replace it"
-    elif not same:
-        hint = ("it is a different run (other settings): give this one another --run_name or "
-                "--note, or --overwrite to replace that run")
+    elif differ:
+        shown = ", ".join(differ[:4]) + (f" and {len(differ) - 4} more" if len(differ) > 4 else "")
+        hint = (f"it is a different run ({shown}): give this one another --run_name or --note "
+                "to keep both, or --overwrite to replace that run")
     elif done:
         hint = ("that run with these settings is complete: --overwrite to run it again, or "
                 "another --note / --seed for a new run beside it")
@@ -745,11 +746,24 @@ def evaluate_checkpoint(args: argparse.Namespace, dist_info: DistInfo, device: t
         folder.lock.release()
 
 
-def same_settings(old_args: dict, args: argparse.Namespace) -> bool:
-    """Whether a folder's existing run was started with this run's defining settings."""
-    keys = ("dataset", "data_size", "finetune", "method", "optimizer", "lr", "epochs", "seed",
-            "lora_rank", "model")
-    return bool(old_args) and all(old_args.get(k) == getattr(args, k, None) for k in keys)
+# Arguments that say where and how a run executes, not what it computes: a folder's run with
+# other values of these is still the same run (the seed is not one: it is part of a run).
+EXECUTION_ARGS = frozenset({
+    "output_dir", "run_name", "log_dir", "overwrite", "device", "resume", "start_epoch", "eval",
+    "no_progress", "note", "script", "cache", "num_workers", "pin_mem", "no_pin_mem",
+    "eval_batch_size", "log_freq", "compile", "compile_mode", "compile_backend", "dist_eval",
+    "world_size", "local_rank", "dist_on_itp", "dist_url", "ci_resamples", "eval_name",
+    "progress_freq", "check_args", "cache_used", "notes", "explicit", "demo_replace",
+    "split_sha256", "dicom_scaling_used", "resumed_from", "preset_source", "eval_split",
+})
+
+
+def differing_settings(old_args: dict, args: argparse.Namespace) -> list[str]:
+    """The settings (``--flag old -> new``) in which a folder's existing run differs from this
+    command, among the arguments both record; where and how a run executes is left out."""
+    new = json.loads(json.dumps(vars(args), default=str))  # as config.json holds them
+    return [f"--{k} {old_args[k]!r} -> {new[k]!r}" for k in sorted(old_args)
+            if k in new and k not in EXECUTION_ARGS and old_args[k] != new[k]]
 
 
 def decide_compile(args: argparse.Namespace, device: torch.device, total_steps: int) -> bool:
@@ -899,9 +913,11 @@ def plan_run(args: argparse.Namespace, out: Path, folder: RunFolder, dist_info: 
     if resume == "auto":
         if committed is not None or (out / "checkpoint-last.json").exists():
             resume = str(out / "checkpoint-last")
-        elif old is not None and not same_settings(old.get("args", {}), args):
-            raise ArgumentError(f"--resume auto: {out} holds another run (other settings) with no "
-                                "completed epoch: give this one another --run_name or --note")
+        elif old is not None and (not old.get("args") or differing_settings(old["args"], args)):
+            differ = differing_settings(old.get("args") or {}, args)
+            raise ArgumentError(f"--resume auto: {out} holds another run with no completed epoch "
+                                f"({', '.join(differ[:4]) or 'other settings'}): give this one "
+                                "another --run_name or --note")
         else:
             resume = ""
             overwrite = overwrite or old is not None

@@ -295,7 +295,11 @@ def test_refusal_suggests_what_is_right(demo, whole, tmp_path, capsys):
     assert mfl.cli(args_for(data, weights, whole)) == 1
     assert "complete: --overwrite to run it again" in capsys.readouterr().err
     assert mfl.cli(args_for(data, weights, whole, "--seed", "1")) == 1
-    assert "different run (other settings)" in capsys.readouterr().err
+    assert "different run (--seed 5 -> 1)" in capsys.readouterr().err
+    # A setting the folder name leaves out still makes another run: named, not "complete".
+    assert mfl.cli(args_for(data, weights, whole, "--lora_alpha", "16", "--num_workers", "1")) == 1
+    err = capsys.readouterr().err
+    assert "different run (--lora_alpha 32.0 -> 16.0)" in err and "complete" not in err
 
 
 def test_demo_runs_have_their_own_folders_and_resume(tmp_path):
