@@ -374,6 +374,13 @@ def resolve_args(args: argparse.Namespace, explicit: set[str]) -> argparse.Names
                             "backbone would be random. Use --demo for a run on synthetic data.")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise ArgumentError(f"--device {args.device}: CUDA is not available here (use --device cpu)")
+    named = infer_norm(args.finetune) if args.finetune else None
+    if args.preset and named and named != args.norm and "norm" not in explicit:
+        # A preset is the recipe of one kind of weights; other weights are another setting.
+        raise ArgumentError(f"--preset {args.preset} is the recipe for weights normalised as "
+                            f"{args.norm!r}, but --finetune {args.finetune} is named as {named!r} "
+                            "weights: choose the preset of those weights, or pass --norm to say "
+                            "which normalisation they need")
     if args.norm is None:
         args.norm = infer_norm(args.finetune) if args.finetune else "mrm"
         if args.norm is None:

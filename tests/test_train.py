@@ -344,6 +344,25 @@ def test_bad_numbers_are_refused_by_check_args(demo, tmp_path, capsys, flags, me
     assert message in capsys.readouterr().err
 
 
+def test_preset_of_other_weights_is_refused(demo, tmp_path, capsys):
+    """--preset nih-1-mrm with weights named CXR_MAE would train CXR_MAE weights with MRM's
+    normalisation and recipe: refused, unless --norm says what the weights need."""
+    import shutil
+
+    data, weights = demo
+    mae = tmp_path / "CXR_MAE.pth"
+    shutil.copy(weights, mae)
+    with pytest.raises(SystemExit) as exc:
+        mfl.cli(base_args(data, mae, tmp_path / "x", "--check_args", "--preset", "nih-1-mrm"))
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "--preset nih-1-mrm is the recipe for weights normalised as 'mrm'" in err
+    assert f"--finetune {mae} is named as 'cxr_mae' weights" in err
+    assert mfl.cli(base_args(data, mae, tmp_path / "x", "--check_args", "--preset", "nih-1-cxr_mae")) == 0
+    assert mfl.cli(base_args(data, mae, tmp_path / "x", "--check_args", "--preset", "nih-1-mrm",
+                             "--norm", "mrm")) == 0
+
+
 def test_negative_clip_grad_is_refused_by_the_engine():
     from engine_finetune import train_one_epoch
 
