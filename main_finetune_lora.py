@@ -39,7 +39,8 @@ import checkpoints as ckpt
 from util.lr_sched import adjust_learning_rate
 from util.io import OutputError, json_safe
 from util.runfolder import RunFolder, RunFolderError, probe_writable
-from util.misc import DistInfo, git_commit, init_distributed, rng_state, seed_everything, setup_logging
+from util.misc import (SUMMARY_LOGGER, DistInfo, git_commit, init_distributed, rng_state, say,
+                        seed_everything, setup_logging)
 from util.optim import build_optimizer, per_process_batch
 from util.precision import AMP_CHOICES, precision_name, resolve_amp
 from util.presets import DEMO_DEFAULTS, PRESETS, preset_help, resolve_preset
@@ -681,13 +682,13 @@ def test_and_report(args: argparse.Namespace, checkpoint: Path, out: Path, dist_
             folder.record(*(p for p in out.iterdir() if p.is_file() and (
                 p.name.startswith((stem, f"predictions_{split}", f"roc_{split}")))))
         if results["undefined_classes"]:
-            print(f"{split}: no AUROC for {', '.join(results['undefined_classes'])} (a single "
-                  "label value in the evaluated images); the mean is over the other classes")
-        print(f"{split} mean AUROC {100 * results['mean_auroc']:.2f} over {results['num_images']} "
-              f"images ({checkpoint})")
+            say(f"{split}: no AUROC for {', '.join(results['undefined_classes'])} (a single "
+                "label value in the evaluated images); the mean is over the other classes")
+        say(f"{split} mean AUROC {100 * results['mean_auroc']:.2f} over {results['num_images']} "
+            f"images ({checkpoint})")
         table = out / f"{stem}_auroc.md"
         if table.exists():
-            print(table.read_text())
+            say(table.read_text())
     return results
 
 
@@ -1099,7 +1100,7 @@ def fit(args: argparse.Namespace, plan: RunPlan, data: RunData, setup: TrainSetu
         if crop_resize:
             logger.info("training crops are resized by %s", crop_resize)
         scaling = f", LoRA scaling alpha/r = {config.lora.scaling:g}" if config.lora else ""
-        print(param_line + scaling)
+        say(param_line + scaling)
         logger.info("run folder %s; %d train / %d val / %d test images; global batch %d; lr %.3g; "
                     "precision %s; device %s", out, len(train_set), len(val_set), len(test_set),
                     eff_batch, args.lr, settings["precision"], device)
@@ -1176,8 +1177,8 @@ def fit(args: argparse.Namespace, plan: RunPlan, data: RunData, setup: TrainSetu
                           last_complete=str(out / "checkpoint-last") if committed else "")
             committed, carry_from = True, None
             writer.flush()
-            print(f"{line}, best {100 * best:.2f} (epoch {best_epoch}), {time.time() - t0:.1f}s",
-                  flush=True)
+            say(f"{line}, best {100 * best:.2f} (epoch {best_epoch}), {time.time() - t0:.1f}s",
+                flush=True)
 
     if dist_info.distributed:
         dist.barrier()
@@ -1359,6 +1360,7 @@ def cli(argv: list[str] | None = None) -> int:
     except (ArgumentError, NonFiniteLossError, datasets.DataError, mv.PretrainedWeightsError,
             ckpt.CheckpointError, RunFolderError, OutputError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
+        logging.getLogger(SUMMARY_LOGGER).error("error: %s", err)  # the run's log ends with why
         return 1
     finally:
         if dist.is_available() and dist.is_initialized():

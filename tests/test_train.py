@@ -51,6 +51,12 @@ def test_two_epoch_run_outputs_and_exact_reload(demo, tmp_path, capsys):
     assert mfl.cli(base_args(data, weights, out)) == 0
     printed = capsys.readouterr().out
     assert "trainable params:" in printed and "test mean AUROC" in printed
+    # train.log holds the console's story: what was logged before the run folder existed
+    # (the data sets), the printed epoch lines and the test result.
+    log = (out / "train.log").read_text()
+    assert "ChestXrayDataset(kind='nih'" in log and "trainable params:" in log
+    assert "epoch 0: train loss" in log and "epoch 1: train loss" in log
+    assert "test mean AUROC" in log and "| **mean** |" in log
 
     lines = [json.loads(l) for l in (out / "log.txt").read_text().splitlines()]
     assert [l["epoch"] for l in lines] == [0, 1]

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -69,18 +70,57 @@ def rng_state() -> dict:
             "torch": torch.get_rng_state()}
 
 
+# The one-line summaries a user greps for (epoch lines, the test AUROC) are printed; this
+# logger also keeps them in the run's log file.
+SUMMARY_LOGGER = "summary"
+_HELD_MAX = 10_000
+
+
+class _Held(logging.Handler):
+    """Keeps the records logged before the run's log file exists (data, weights, notes)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if len(self.records) < _HELD_MAX:
+            self.records.append(record)
+
+
 def setup_logging(is_main: bool, log_file: Path | None = None) -> None:
-    """Log INFO on the main process only (to stderr and optionally a file)."""
+    """Log INFO on the main process only (to stderr and optionally a file).
+
+    Without ``log_file`` the records are also held, and written at the top of the file once
+    a later call names it: the run's log then starts where its console output started.
+    """
+    held = next((h for h in logging.root.handlers if isinstance(h, _Held)), None)
     handlers: list[logging.Handler] = []
+    file_handler = None
     if is_main:
         handlers.append(logging.StreamHandler(sys.stderr))
-        if log_file is not None:
-            handlers.append(logging.FileHandler(log_file))
+        if log_file is None:
+            handlers.append(_Held())
+        else:
+            file_handler = logging.FileHandler(log_file)
+            handlers.append(file_handler)
     else:
         handlers.append(logging.NullHandler())
     logging.basicConfig(level=logging.INFO if is_main else logging.ERROR, handlers=handlers,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S", force=True)
+    summary = logging.getLogger(SUMMARY_LOGGER)
+    summary.propagate = False  # printed already; only the file gets it
+    summary.handlers = [file_handler] if file_handler is not None else []
+    if file_handler is not None and held is not None:
+        for record in held.records:
+            file_handler.handle(record)
+
+
+def say(line: str, **print_kwargs: Any) -> None:
+    """A one-line summary for the user: printed, and kept in the run's log file."""
+    print(line, **print_kwargs)
+    logging.getLogger(SUMMARY_LOGGER).info(line)
 
 
 def git_commit() -> str | None:
