@@ -969,8 +969,10 @@ def prepare_data(args: argparse.Namespace, dist_info: DistInfo, device: torch.de
                                      verify_images="header", **data_kw)
     test_set = datasets.build_dataset("test", args.data_path, transform=eval_tf,
                                       verify_images="header", **data_kw)
-    check_split_overlap(train_set, [val_set, test_set], allow=args.allow_overlap)
-    check_split_overlap(val_set, [test_set], allow=args.allow_overlap, role="validation")
+    check_split_overlap(train_set, [val_set, test_set], allow=args.allow_overlap,
+                        kind=train_set.kind)
+    check_split_overlap(val_set, [test_set], allow=args.allow_overlap, role="validation",
+                        kind=train_set.kind)
     class_names = list(train_set.class_names)
     if args.nb_classes is not None and args.nb_classes != len(class_names):
         raise ArgumentError(f"--nb_classes {args.nb_classes} but {train_set.split_file} has "

@@ -130,7 +130,10 @@ def collect_inputs(
             root = Path(data_path) if data_path is not None else path.parent
             if not root.is_dir():
                 raise UsageError(f"--data_path {root} is not a folder (needed for split file {path})")
-            kind = dataset or infer_dataset_kind(root)
+            try:
+                kind = dataset or infer_dataset_kind(root)
+            except ValueError as err:  # a folder name that suggests two data set kinds
+                raise UsageError(f"--inputs {path}: {err}") from None
             names = read_split_paths(path)
             if not names:
                 logger.warning("%s: split file has no entries", path)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import os
 import posixpath
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol, Sequence
@@ -15,7 +16,7 @@ from typing import Protocol, Sequence
 import numpy as np
 
 from .constants import ALL_SPLIT_FILES, CLASS_NAMES, DATASET_KINDS, SPLIT_FILES, TRAIN_SPLIT_FILES
-from .errors import SplitFileError
+from .errors import DataError, SplitFileError
 
 logger = logging.getLogger(__name__)
 
@@ -24,7 +25,8 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_SPLITS_ROOT = REPO_ROOT / "DatasetsSplits"
 CLASSES_FILE = "classes.txt"
 
-# Substrings of a data folder's name -> kind, checked in this order (case-insensitive).
+# Substrings of a data folder's name -> kind (case-insensitive); a name that matches two
+# kinds is refused rather than guessed.
 _KIND_PATTERNS: tuple[tuple[str, str], ...] = (
     ("nih", "nih"),
     ("chestx-ray14", "nih"),
@@ -74,9 +76,12 @@ def infer_dataset_kind(data_path: str | Path) -> str:
     """Guess the data set kind ('nih', 'chexpert', 'rsna' or 'custom') from a data folder."""
     path = Path(data_path)
     name = folder_name(path).lower()
-    for pattern, kind in _KIND_PATTERNS:
-        if pattern in name:
-            return kind
+    kinds = sorted({kind for pattern, kind in _KIND_PATTERNS if pattern in name})
+    if len(kinds) > 1:  # e.g. 'RSNA_ChestXray': guessing would read the labels wrongly
+        raise DataError(f"{path}: the folder's name suggests more than one data set kind "
+                        f"({', '.join(kinds)}); pass --dataset")
+    if kinds:
+        return kinds[0]
     # A folder with NIH's layout (images under all_classes/), e.g. the synthetic demo set.
     if (path / "all_classes").is_dir():
         return "nih"
@@ -290,19 +295,49 @@ def find_overlap(paths_a: Sequence[str], paths_b: Sequence[str]) -> list[str]:
     return shared
 
 
+_NIH_NAME = re.compile(r"^(\d{8})_\d{3}\.png$")
+_CHEXPERT_PATIENT = re.compile(r"(?:^|/)(patient\d+)/")
+
+
+def patient_id(kind: str, path: str) -> str | None:
+    """The patient an image of a data set `kind` belongs to, where its path says so: NIH names
+    are <patient>_<follow-up>.png, CheXpert paths hold a patientNNNNN folder. None for RSNA
+    (one image per patient: the image check covers it) and custom data."""
+    if kind == "nih":
+        match = _NIH_NAME.match(posixpath.basename(path))
+    elif kind == "chexpert":
+        match = _CHEXPERT_PATIENT.search(posixpath.normpath(path))
+    else:
+        return None
+    return match.group(1) if match else None
+
+
+def find_patient_overlap(kind: str, paths_a: Sequence[str], paths_b: Sequence[str]) -> list[str]:
+    """Patients with images in both lists (in the order of `paths_b`)."""
+    in_a = {patient_id(kind, p) for p in paths_a} - {None}
+    shared: dict[str, None] = {}
+    for path in paths_b:
+        pid = patient_id(kind, path)
+        if pid in in_a:
+            shared[pid] = None
+    return list(shared)
+
+
 def check_split_overlap(train: SplitLike, others: Sequence[SplitLike | str | Path],
-                        allow: bool = False, role: str = "training") -> dict[str, int]:
+                        allow: bool = False, role: str = "training",
+                        kind: str | None = None) -> dict[str, int]:
     """Refuse images shared between the training split and each of `others` (validation, test).
 
     An image in both is patient leakage in its simplest form: the score is measured on
     training data. With ``role="validation"`` the first split is the one checkpoints are
     selected on, and an image it shares with the test split makes the test score optimistic
-    in the same way. `others` are parsed splits or datasets, or split files (read here). With
-    ``allow=True`` the overlap is logged as a warning instead. Returns {other split file:
-    number of shared images}.
+    in the same way. With the data set `kind` (NIH, CheXpert) the patients are compared too:
+    another image of the same patient leaks in the same way. `others` are parsed splits or
+    datasets, or split files (read here). With ``allow=True`` the overlap is logged as a
+    warning instead. Returns {other split file: number of shared images}.
     """
-    harm = {"training": "the evaluation would score images the model was trained on",
-            "validation": "the test would score images the checkpoint was selected on"}
+    harm = {"training": "the evaluation would score images (or patients) the model was trained on",
+            "validation": "the test would score images (or patients) the checkpoint was selected on"}
     if role not in harm:
         raise ValueError(f"role={role!r}: expected one of {list(harm)}")
     counts: dict[str, int] = {}
@@ -310,10 +345,16 @@ def check_split_overlap(train: SplitLike, others: Sequence[SplitLike | str | Pat
         table = parse_split_file(other) if isinstance(other, (str, Path)) else other
         shared = find_overlap(train.paths, table.paths)
         counts[str(table.split_file)] = len(shared)
-        if not shared:
+        patients = find_patient_overlap(kind, train.paths, table.paths) if kind and not shared else []
+        if shared:
+            message = (f"{len(shared)} images of {table.split_file} are also in the {role} split "
+                       f"{train.split_file}, e.g. {', '.join(repr(p) for p in shared[:_EXAMPLES])}")
+        elif patients:
+            message = (f"{len(patients)} patients of {table.split_file} also have images in the "
+                       f"{role} split {train.split_file}, e.g. "
+                       f"{', '.join(repr(p) for p in patients[:_EXAMPLES])}")
+        else:
             continue
-        message = (f"{len(shared)} images of {table.split_file} are also in the {role} split "
-                   f"{train.split_file}, e.g. {', '.join(repr(p) for p in shared[:_EXAMPLES])}")
         if not allow:
             raise SplitOverlapError(f"{message}: {harm[role]}. Fix the split files, or pass "
                                     "allow=True (--allow_overlap) to accept it.")

@@ -92,6 +92,15 @@ def test_infer_dataset_kind(tmp_path, name, kind):
     assert infer_dataset_kind(str(tmp_path / name) + "/") == kind
 
 
+@pytest.mark.parametrize("name", ["RSNA_ChestXray", "CheXpert_chestxray", "nih_rsna"])
+def test_folder_name_suggesting_two_kinds_is_refused(tmp_path, name):
+    """A name matching two kinds would be read with one kind's labels: ask for --dataset."""
+    from datasets.errors import DataError
+
+    with pytest.raises(DataError, match="more than one data set kind.*pass --dataset"):
+        infer_dataset_kind(tmp_path / name)
+
+
 def test_infer_kind_from_nih_layout(tmp_path):
     (tmp_path / "demo" / "all_classes").mkdir(parents=True)
     assert infer_dataset_kind(tmp_path / "demo") == "nih"
@@ -216,10 +225,46 @@ def test_validation_test_overlap_refused(tmp_path, caplog):
     assert "(allowed)" in caplog.text
 
 
-def test_reference_splits_do_not_overlap(reference_splits):
+def test_patients_shared_between_splits_are_refused(tmp_path, caplog):
+    """Another image of a training patient in val / test leaks like the same image: NIH names
+    carry the patient, CheXpert paths a patient folder. Without the kind only images count."""
+    from datasets.splits import SplitOverlapError, check_split_overlap, patient_id
+
+    assert patient_id("nih", "00000001_002.png") == "00000001"
+    assert patient_id("chexpert", "CheXpert-v1.0-small/train/patient00042/study1/view1_frontal.jpg") == "patient00042"
+    assert patient_id("rsna", "stage_2_train_images/abc.dcm") is None
+    assert patient_id("nih", "my_scan.png") is None
+    train, test = tmp_path / "train_list.txt", tmp_path / "test_list.txt"
+    train.write_text("00000001_000.png 1\n00000002_000.png 0\n")
+    test.write_text("00000003_000.png 0\n00000001_001.png 1\n")
+    table = parse_split_file(train, 1)
+    assert check_split_overlap(table, [test]) == {str(test): 0}  # no image in both
+    with pytest.raises(SplitOverlapError, match="1 patients of .* also have images in the training split") as err:
+        check_split_overlap(table, [test], kind="nih")
+    assert "'00000001'" in str(err.value) and "--allow_overlap" in str(err.value)
+    with caplog.at_level("WARNING"):
+        check_split_overlap(table, [test], kind="nih", allow=True)
+    assert "(allowed)" in caplog.text
+    val, test = tmp_path / "val_list.txt", tmp_path / "test2_list.txt"
+    val.write_text("CheXpert-v1.0-small/valid/patient64541/study1/view1_frontal.jpg 1\n")
+    test.write_text("CheXpert-v1.0-small/test/patient64541/study2/view1_frontal.jpg 0\n")
+    with pytest.raises(SplitOverlapError, match="validation split"):
+        check_split_overlap(parse_split_file(val, 1), [test], role="validation", kind="chexpert")
+
+
+@pytest.mark.parametrize("folder,kind,classes,train_file", [
+    ("RSNA_Pneumonia", "rsna", 1, "train_list.txt"),
+    ("NIH_ChestX-ray", "nih", 14, "train_list.txt"),
+    ("CheXpert", "chexpert", 5, "train_10.txt"),
+])
+def test_reference_splits_do_not_overlap(reference_splits, folder, kind, classes, train_file):
+    """The paper's splits share no image and (where paths name them) no patient."""
     from datasets.splits import check_split_overlap
 
-    folder = reference_splits / "RSNA_Pneumonia"
-    train = parse_split_file(folder / "train_list.txt", 1, "rsna")
-    counts = check_split_overlap(train, [folder / "val_list.txt", folder / "test_list.txt"])
+    folder = reference_splits / folder
+    train = parse_split_file(folder / train_file, classes, kind)
+    counts = check_split_overlap(train, [folder / "val_list.txt", folder / "test_list.txt"], kind=kind)
     assert list(counts.values()) == [0, 0]
+    val = parse_split_file(folder / "val_list.txt", classes, kind)
+    assert check_split_overlap(val, [folder / "test_list.txt"], role="validation", kind=kind) == {
+        str(folder / "test_list.txt"): 0}

@@ -524,7 +524,7 @@ def test_config_records_preset_source_precision_and_global_batch(demo, tmp_path)
 
 @pytest.mark.parametrize("world,batch", [(1, 64), (2, 32), (4, 16)])
 def test_global_batch_is_kept_over_processes(monkeypatch, tmp_path, world, batch):
-    weights = tmp_path / "MRM.pth"
+    weights = tmp_path / "CXR_MAE.pth"
     weights.write_bytes(b"x")
     monkeypatch.setenv("WORLD_SIZE", str(world))
     parser = mfl.get_args_parser()
