@@ -10,3 +10,7 @@ test:
 
 demo:
 	$(PY) main_finetune_lora.py
+
+# A quick CPU benchmark (a few minutes): LoRA training step vs its peers; bench/README.md has the rest.
+bench:
+	$(PY) bench/bench_model.py --quick --device cpu
