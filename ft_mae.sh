@@ -10,23 +10,25 @@
 #   DATA_PATH=data/NIH_ChestX-ray DATASET=nih DATA_SIZE=1 NGPUS=4 ./ft_mae.sh --note try1
 #   SEEDS="0 1 2" ./ft_mae.sh             # three runs, one after another
 #   DRY_RUN=1 ./ft_mae.sh                 # print the command only
+# Paths you set (DATA_PATH, WEIGHTS, OUTPUT_DIR, and paths among the extra arguments) are
+# relative to the folder you run the script from; the defaults below are in the repository.
 set -euo pipefail
-cd "$(dirname "$0")"
+REPO=$(cd "$(dirname "$0")" && pwd)
 
-DATA_PATH=${DATA_PATH:-./data/NIH_ChestX-ray}          # folder with the images (+ split files)
+DATA_PATH=${DATA_PATH:-$REPO/data/NIH_ChestX-ray}      # folder with the images (+ split files)
 DATASET=${DATASET:-nih}                                # nih | chexpert | rsna
-DATA_SIZE=${DATA_SIZE:-1}                              # 1 | 10 | 100 (% of the training labels)
-WEIGHTS=${WEIGHTS:-./pretrained_weights/CXR_MAE.pth}   # see pretrained_weights/README.md
+DATA_SIZE=${DATA_SIZE:-1}                              # 1 | 10 | 100 (% of the training labels; 1% = 1)
+WEIGHTS=${WEIGHTS:-$REPO/pretrained_weights/CXR_MAE.pth} # see pretrained_weights/README.md
 NGPUS=${NGPUS:-1}                                      # processes on this node (GPUs)
 GLOBAL_BATCH=${GLOBAL_BATCH:-64}                       # the paper's; split over the processes
 SEEDS=${SEEDS:-0}                                      # e.g. "0 1 2": one run per seed
 # Multi-node: also NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT (see scripts/torchrun_launch.sh).
-OUTPUT_DIR=${OUTPUT_DIR:-./output_dir/}
+OUTPUT_DIR=${OUTPUT_DIR:-$REPO/output_dir/}
 
 # --method full selects the full fine-tuning preset (not the LoRA one) of this setting.
-source scripts/torchrun_launch.sh
+source "$REPO/scripts/torchrun_launch.sh"
 launch \
-     --preset "${DATASET}-${DATA_SIZE}-cxr_mae" \
+     --preset "${DATASET}-${DATA_SIZE%\%}-cxr_mae" \
      --method full \
      --model vit_base_patch16 \
      --finetune "$WEIGHTS" \
@@ -34,6 +36,6 @@ launch \
      --output_dir "$OUTPUT_DIR" \
      --num_workers 10 \
      --dist_eval \
-     --script "$0" \
+     --script "$REPO/$(basename "$0")" \
      --note full \
      "$@"

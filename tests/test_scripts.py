@@ -219,12 +219,13 @@ def test_several_seeds_refuse_one_folder_or_one_seed(fake_env, extra, message):
     assert proc.stderr.startswith(f"error: {message}")
 
 
-def test_user_paths_are_relative_to_where_the_script_runs(fake_env, tmp_path):
+@pytest.mark.parametrize("script", ["ft_lora_mrm.sh", "ft_mrm.sh"])
+def test_user_paths_are_relative_to_where_the_script_runs(fake_env, tmp_path, script):
     here = tmp_path / "work"
     (here / "data" / "NIH_ChestX-ray").mkdir(parents=True)
     (here / "w").mkdir()
     (here / "w" / "MRM.pth").write_bytes(b"x")
-    proc = run("ft_lora_mrm.sh", fake_env, "--epochs", "1", cwd=here, SEEDS="0 1",
+    proc = run(script, fake_env, "--epochs", "1", cwd=here, SEEDS="0 1",
                DATA_PATH="data/NIH_ChestX-ray", WEIGHTS="w/MRM.pth", OUTPUT_DIR="runs")
     assert proc.returncode == 0, proc.stderr
     cwds = Path(fake_env["TORCHRUN_CALLS"] + ".cwd").read_text().split()
@@ -232,16 +233,17 @@ def test_user_paths_are_relative_to_where_the_script_runs(fake_env, tmp_path):
     for argv in calls(fake_env):
         assert (here / flag(argv, "--finetune")).is_file() and (here / flag(argv, "--data_path")).is_dir()
         assert flag(argv, "--output_dir") == "runs"
-        assert flag(argv, "--script") == str(ROOT / "ft_lora_mrm.sh")
+        assert flag(argv, "--script") == str(ROOT / script)
     # Not found: the message gives the absolute path tried.
-    proc = run("ft_lora_mae.sh", fake_env, cwd=here, DATA_PATH="data/NIH_ChestX-ray", WEIGHTS="w/CXR_MAE.pth")
+    proc = run(script.replace("mrm", "mae"), fake_env, cwd=here, DATA_PATH="data/NIH_ChestX-ray", WEIGHTS="w/CXR_MAE.pth")
     assert proc.returncode == 2
     assert proc.stderr.startswith(f"error: weights file '{here / 'w' / 'CXR_MAE.pth'}' not found (WEIGHTS=w/CXR_MAE.pth)")
 
 
-def test_data_size_with_a_percent_sign_picks_the_same_preset(fake_env):
+@pytest.mark.parametrize("script", ["ft_lora_mae.sh", "ft_mae.sh"])
+def test_data_size_with_a_percent_sign_picks_the_same_preset(fake_env, script):
     for size in ("10%", "10"):
-        assert run("ft_lora_mae.sh", fake_env, DATASET="chexpert", DATA_SIZE=size).returncode == 0
+        assert run(script, fake_env, DATASET="chexpert", DATA_SIZE=size).returncode == 0
     assert [flag(a, "--preset") for a in calls(fake_env)] == ["chexpert-10-cxr_mae"] * 2
 
 
