@@ -1356,6 +1356,14 @@ def cli(argv: list[str] | None = None) -> int:
     except ArgumentError as err:
         parser.error(str(err))
     if args.check_args:
+        if args.data_path is not None and not args.eval:
+            # A launch script checks before torchrun starts: a missing split file is found
+            # here, in one line, not after the launcher's processes have started.
+            try:
+                for split in ("train", "val", "test"):
+                    datasets.locate_split_file(split, args.data_path, args.data_size, args.split_dir)
+            except ValueError as err:
+                parser.error(str(err))
         return 0
     try:
         main(args)

@@ -369,6 +369,20 @@ def test_preset_of_other_weights_is_refused(demo, tmp_path, capsys):
                              "--norm", "mrm")) == 0
 
 
+def test_check_args_finds_a_missing_split_file(demo, tmp_path, capsys):
+    """--check_args (what the launch scripts run before torchrun) locates the split files."""
+    import shutil
+
+    data, weights = demo
+    assert mfl.cli(base_args(data, weights, tmp_path / "x", "--check_args")) == 0
+    copy = tmp_path / "NIH_copy"
+    shutil.copytree(data, copy)
+    (copy / "val_list.txt").unlink()
+    with pytest.raises(SystemExit) as exc:
+        mfl.cli(base_args(copy, weights, tmp_path / "x", "--check_args"))
+    assert exc.value.code == 2 and "split file 'val_list.txt'" in capsys.readouterr().err
+
+
 def test_negative_clip_grad_is_refused_by_the_engine():
     from engine_finetune import train_one_epoch
 
