@@ -167,7 +167,14 @@ def test_bad_flags_stop_before_torchrun_with_one_line(fake_env):
     assert proc.returncode == 2 and calls(fake_env) == []
     err = proc.stderr.strip().splitlines()
     assert len(err) == 2 and "--epochs" in err[0] and "--help" in err[1]
-    # Good flags pass the check and reach torchrun.
+    # A missing split file is found by the check too, before torchrun.
+    proc = run("ft_lora_mrm.sh", env, "--epochs", "2")
+    assert proc.returncode == 2 and calls(fake_env) == []
+    assert "split file 'train_1.txt'" in proc.stderr
+    # Good flags and data pass the check and reach torchrun.
+    data = Path(fake_env["DATA_PATH"])
+    for name in ("train_1.txt", "val_list.txt", "test_list.txt"):
+        (data / name).write_text("00000001_000.png" + " 0" * 14 + "\n")
     proc = run("ft_lora_mrm.sh", env, "--epochs", "2")
     assert proc.returncode == 0, proc.stderr
     assert len(calls(fake_env)) == 1
