@@ -185,3 +185,15 @@ def test_a_run_scored_on_part_of_its_split_says_so(tmp_path, caplog):
     rows = by_run(read_csv(tmp_path / "summary.csv"))
     assert rows["part"]["num_images"] == "49 of 50" and rows["whole"]["num_images"] == "50"
     assert "49 of the 50 images" in caplog.text and str(part) in caplog.text
+
+
+def test_a_seed_twice_in_one_setting_is_named(tmp_path, caplog):
+    """Two folders of one setting with the same seed (a copied run) would be averaged as two
+    seeds: the summary names them."""
+    run(tmp_path, "a", "lora", 0, 0.8)
+    run(tmp_path, "a_copy", "lora", 0, 0.8)
+    run(tmp_path, "b", "lora", 1, 0.7)
+    with caplog.at_level(logging.WARNING):
+        summarize.main([str(tmp_path), "--output", str(tmp_path / "summary")])
+    assert "seed 0 appears 2 times" in caplog.text and "a_copy" in caplog.text
+    assert "seed 1 appears" not in caplog.text

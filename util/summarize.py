@@ -743,6 +743,16 @@ def summarize(paths: Sequence[str | Path], output: str | Path | None = None,
     if evaluations:
         logger.info("%d evaluations (--eval results of trained runs, e.g. %s) are listed apart, "
                     "not as runs or seeds", len(evaluations), evaluations[0].path.parent)
+    for members in seed_groups(runs).values():
+        by_seed: dict[Any, list[Run]] = {}
+        for run in members:
+            if run.seed is not None:
+                by_seed.setdefault(run.seed, []).append(run)
+        for seed, same in by_seed.items():
+            if len(same) > 1:  # a copied run folder, or one run tested twice: counted twice
+                logger.warning("seed %s appears %d times among the seeds of one setting (%s): the "
+                               "mean and sd count each; remove the copies if they are one run",
+                               seed, len(same), ", ".join(str(r.path.parent) for r in same))
     columns, rows = summary_rows(runs, ref)
     listed = evaluation_rows(evaluations)
     if output is not None and (rows or listed):
