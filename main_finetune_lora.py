@@ -1370,7 +1370,9 @@ def cli(argv: list[str] | None = None) -> int:
     except (ArgumentError, NonFiniteLossError, datasets.DataError, mv.PretrainedWeightsError,
             ckpt.CheckpointError, RunFolderError, OutputError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
-        logging.getLogger(SUMMARY_LOGGER).error("error: %s", err)  # the run's log ends with why
+        summary = logging.getLogger(SUMMARY_LOGGER)
+        if summary.handlers:  # the run's log file is open: it ends with why
+            summary.error("error: %s", err)
         return 1
     finally:
         if dist.is_available() and dist.is_initialized():

@@ -296,6 +296,9 @@ def test_nonfinite_loss_stops_with_step(demo, tmp_path, capsys):
     assert code == 1
     err = capsys.readouterr().err
     assert "loss is nan" in err.lower() and "epoch 0, step" in err
+    assert err.count("error:") == 1  # printed once, not echoed by the log
+    last = (tmp_path / "nan" / "train.log").read_text().strip().splitlines()[-1]
+    assert "error:" in last and "loss is nan" in last.lower()  # the run's log ends with why
 
 
 @pytest.mark.parametrize("flags,message", [
