@@ -66,6 +66,9 @@ from .splits import (
 )
 
 logger = logging.getLogger(__name__)
+# Archives keep modification times coarsely (tar: whole seconds, zip: 2 s): a data folder
+# moved through one is the same data. A replaced file gets the time of its writing.
+MTIME_SLACK_NS = 2_000_000_000
 
 CACHE_VERSION = 2
 DEFAULT_LOSSY_SIZE = 256
@@ -236,7 +239,7 @@ class ImageCache:
             return "was bad when the cache was built and now decodes"
         if st.st_size != size:
             return f"changed size ({size} -> {st.st_size} bytes)"
-        if self.src_mtime_ns is not None and st.st_mtime_ns != int(self.src_mtime_ns[i]):
+        if self.src_mtime_ns is not None and abs(st.st_mtime_ns - int(self.src_mtime_ns[i])) >= MTIME_SLACK_NS:
             return "changed modification time (same size)"
         return ""
 

@@ -153,6 +153,17 @@ def test_original_replaced_at_the_same_size_is_not_served_from_the_cache(tmp_pat
     assert np.array_equal(_pixels(ds, 0), new)
 
 
+def test_folder_moved_through_an_archive_keeps_its_cache(tmp_path):
+    """tar keeps whole seconds, zip two: the same files with coarser times are not stale."""
+    root = _dicom_folder(tmp_path / "mydata")
+    build_dataset("val", root, cache="on")
+    for file in (root / "img").iterdir():
+        st = file.stat()
+        coarse = (st.st_mtime_ns // 2_000_000_000) * 2_000_000_000  # as zip stores it
+        os.utime(file, ns=(st.st_atime_ns, coarse))
+    assert build_dataset("val", root, cache="on").cache is not None
+
+
 def _drop_mtimes(cache_dir, bad_sizes_unknown=False):
     """Make a cache look built before modification times were recorded (bad images without a size)."""
     meta = json.loads((cache_dir / "meta.json").read_text())
