@@ -48,6 +48,7 @@ from util.presets import DEMO_DEFAULTS, PRESETS, preset_help, resolve_preset
 logger = logging.getLogger("main")
 
 # The demo's run folder is output_dir/demo-<data set kind>: the NIH and RSNA demos keep apart.
+REPO_ROOT = Path(__file__).resolve().parent
 DEMO_RUN_PREFIX = "demo-"
 # The automatic run name includes these when they differ from the paper's defaults.
 AUTO_NAME_DEFAULTS = {"lora_pos": "attn", "input_size": 224}
@@ -1249,6 +1250,17 @@ def cache_pixels(cache_used: dict | None) -> dict:
                     else "original pixels") for split, info in cache_used.items() if info}
 
 
+def same_folder(old: str | None, new: str | None) -> bool:
+    """Whether a recorded folder is the given one. A relative recorded path may have been
+    given from the working directory or, by the launch scripts of the time, from the
+    repository: either counts."""
+    if old is None or new is None:
+        return old == new
+    here = Path(new).resolve()
+    tried = [Path(old)] if Path(old).is_absolute() else [Path.cwd() / old, REPO_ROOT / old]
+    return any(p.resolve() == here for p in tried)
+
+
 def check_same_data(path: str, old_args: dict, args: argparse.Namespace, data: dict) -> None:
     """Refuse to resume on other data or other pixels than the run was trained on.
 
@@ -1266,9 +1278,11 @@ def check_same_data(path: str, old_args: dict, args: argparse.Namespace, data: d
                     "or start a new run")
     else:
         for key in ("data_path", "split_dir"):
-            if key in old_args and old_args[key] != getattr(args, key):
+            if key in old_args and not same_folder(old_args[key], getattr(args, key)):
                 raise ArgumentError(f"--resume {path}: the run was trained with --{key} "
-                                    f"{old_args[key]!r}, this command gives {getattr(args, key)!r}")
+                                    f"{old_args[key]!r}, this command gives {getattr(args, key)!r} "
+                                    "(the run was recorded before split-file hashes were kept, "
+                                    "so its data is known by its folder)")
     if "cache_used" in old_args:
         old, new = cache_pixels(old_args["cache_used"]), cache_pixels(data["cache_used"])
         changed = [s for s in old if s in new and old[s] != new[s]]

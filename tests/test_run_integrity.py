@@ -283,3 +283,16 @@ def test_last_short_accumulation_group_steps_its_mean_gradient():
                 p -= 0.5 * p.grad
     for a, b in zip(model.parameters(), ref.parameters()):
         torch.testing.assert_close(a, b)
+
+
+def test_a_run_recorded_before_split_hashes_knows_its_data_by_folder(tmp_path, monkeypatch):
+    """Runs without split_sha256 compare folders, resolved: the launch scripts of the time
+    gave them relative to the repository; a trailing slash or another spelling is the same."""
+    data = tmp_path / "NIH"
+    data.mkdir()
+    monkeypatch.chdir(tmp_path)
+    assert mfl.same_folder("NIH", str(data)) and mfl.same_folder("./NIH/", str(data))
+    assert mfl.same_folder(str(data) + "/", "NIH")
+    assert mfl.same_folder("./DatasetsSplits", str(mfl.REPO_ROOT / "DatasetsSplits"))
+    assert not mfl.same_folder("NIH", str(tmp_path))
+    assert mfl.same_folder(None, None) and not mfl.same_folder(None, str(data))
