@@ -197,3 +197,34 @@ def test_a_seed_twice_in_one_setting_is_named(tmp_path, caplog):
         summarize.main([str(tmp_path), "--output", str(tmp_path / "summary")])
     assert "seed 0 appears 2 times" in caplog.text and "a_copy" in caplog.text
     assert "seed 1 appears" not in caplog.text
+
+
+def test_a_stopped_run_continued_elsewhere_is_not_incomplete(tmp_path, caplog):
+    """A run stopped in A and continued into B (--resume A/checkpoint-last): A has no results
+    of its own, B has them; the summary is complete (exit 0) and says where A went."""
+    stopped = tmp_path / "A"
+    stopped.mkdir()
+    (stopped / "config.json").write_text(json.dumps({"args": {"seed": 0}, "resumed_from": None}))
+    b = run(tmp_path, "B", "lora", 0, 0.8)
+    config = json.loads((b / "config.json").read_text())
+    config["resumed_from"] = str(stopped / "checkpoint-last")
+    (b / "config.json").write_text(json.dumps(config))
+    with caplog.at_level(logging.INFO):
+        assert summarize.main([str(tmp_path), "--output", str(tmp_path / "summary")]) == 0
+    assert "continued in" in caplog.text and "without results_test.json" not in caplog.text
+    (b / "config.json").write_text(json.dumps({**config, "resumed_from": None}))
+    assert summarize.main([str(tmp_path), "--output", str(tmp_path / "summary")]) == 1
+
+
+def test_runs_recorded_before_split_hashes_join_their_setting(tmp_path):
+    """A seed run before split-file hashes were kept (data known by folder) and seeds run
+    since (data known by hashes, folder also recorded) of one setting are one group."""
+    hashes = {"train": "a" * 64, "val": "b" * 64, "test": "c" * 64}
+    run(tmp_path, "s0", "lora", 0, 0.80)
+    run(tmp_path, "s1", "lora", 1, 0.70, split_sha256=hashes, demo_replace=False)
+    run(tmp_path, "s2", "lora", 2, 0.75, split_sha256=hashes, demo_replace=False)
+    run(tmp_path, "other", "lora", 3, 0.60, data_path="/data/other")  # another folder
+    summarize.main([str(tmp_path), "--output", str(tmp_path / "summary")])
+    rows = by_run(read_csv(tmp_path / "summary.csv"))
+    assert {rows[n]["seeds_n"] for n in ("s0", "s1", "s2")} == {"3"}
+    assert rows["other"]["seeds_n"] == "1"

@@ -88,6 +88,10 @@ RUN_ONLY_ARGS = frozenset({
     "no_pin_mem", "eval_batch_size", "log_freq", "compile", "dist_eval", "world_size",
     "local_rank", "dist_on_itp", "dist_url", "ci_resamples", "explicit", "eval_name",
     "progress_freq", "compile_backend", "check_args", "cache_used", "notes",
+    # Records and switches that do not change what a run computes (the DICOM rule used is
+    # kept as the dicom_scaling argument and the image cache as the rows' image_cache).
+    "demo_replace", "resumed_from", "dicom_scaling_used", "allow_overlap", "unsafe_load",
+    "grad_checkpointing", "compile_mode",
 })
 # The arguments a method is tuned with (its recipe), not the data or model it is tested on:
 # LoRA vs full fine-tuning pairs runs that differ only in these (and RUN_ONLY_ARGS).
@@ -147,19 +151,30 @@ class Run:
         """A ``--eval`` result: a trained checkpoint tested again (on other data), not a run."""
         return isinstance(self.results.get("evaluation"), dict)
 
-    def setting_args(self) -> dict[str, Any] | None:
-        """The arguments that say what the run computes (all but RUN_ONLY_ARGS), or None."""
+    def setting_args(self, by_folder: bool = False) -> dict[str, Any] | None:
+        """The arguments that say what the run computes (all but RUN_ONLY_ARGS), or None.
+
+        The data is its split files' SHA-256 where recorded (a moved folder is the same
+        data), else its folder; ``by_folder`` gives the folder form for every run, to match
+        runs recorded before the hashes were kept."""
         if self.args is None:
             return None
         rest = {k: v for k, v in self.args.items() if k not in RUN_ONLY_ARGS}
-        if isinstance(rest.get("split_sha256"), dict) and rest["split_sha256"]:
-            # The split files' content says which data it was: a moved folder is the same data.
+        hashes = rest.pop("split_sha256", None)
+        if isinstance(hashes, dict) and hashes and not by_folder:
             rest.pop("data_path", None)
             rest.pop("split_dir", None)
+            rest["split_sha256"] = hashes
         for key in ("data_path", "split_dir"):  # 'data/nih/' and 'data/nih' are one folder
             if isinstance(rest.get(key), str):
                 rest[key] = os.path.normpath(rest[key])
         return rest
+
+    @property
+    def has_split_hashes(self) -> bool:
+        """Whether config.json records the split files' SHA-256 (runs since they were kept)."""
+        hashes = (self.args or {}).get("split_sha256")
+        return isinstance(hashes, dict) and bool(hashes)
 
     def image_caches(self) -> dict[str, dict[str, Any]]:
         """What each split's images were read from ({split: cache info}), as recorded."""
@@ -190,26 +205,26 @@ class Run:
         text = f"lossy {next(iter(lossy.values()))} px"
         return text if set(lossy) == set(caches) else f"{text} ({'/'.join(lossy)})"
 
-    def group_key(self) -> tuple:
+    def group_key(self, by_folder: bool = False) -> tuple:
         """Equal for runs that differ only in seed (and RUN_ONLY_ARGS); unique without a config."""
         r = self.results
         base = (r["dataset"], r["data_size"], r["weights"], r["method"], r.get("model"),
                 r.get("lora_rank"), self.image_cache())
-        rest = self.setting_args()
+        rest = self.setting_args(by_folder)
         if rest is None:
             return (*base, "run", str(self.path))
         return (*base, "args", _canonical(rest))
 
-    def comparison_key(self) -> tuple:
+    def comparison_key(self, by_folder: bool = False) -> tuple:
         """Equal for runs of one setting whatever their method and its recipe (METHOD_ARGS)."""
         r = self.results
         base = (r["dataset"], r["data_size"], r["weights"], r.get("model"), self.image_cache())
-        shared = self.shared_args()
+        shared = self.shared_args(by_folder)
         return (*base, "no config", None) if shared is None else (*base, "args", _canonical(shared))
 
-    def shared_args(self) -> dict[str, Any] | None:
+    def shared_args(self, by_folder: bool = False) -> dict[str, Any] | None:
         """The setting's arguments without the method's recipe (METHOD_ARGS), or None."""
-        rest = self.setting_args()
+        rest = self.setting_args(by_folder)
         return None if rest is None else {k: v for k, v in rest.items() if k not in METHOD_ARGS}
 
     def recipe_args(self) -> dict[str, Any] | None:
@@ -300,14 +315,30 @@ def find_incomplete(paths: Sequence[str | Path]) -> list[Path]:
     """Run folders under the folders in ``paths`` that hold a run's config.json but no
     results_test.json: runs still training, stopped, or whose test failed."""
     found: dict[Path, Path] = {}
+    continued: dict[Path, Path] = {}  # a stopped run's folder -> the run that continued it
     for item in map(Path, paths):
         if not item.is_dir():
             continue
         for config in sorted(item.rglob(CONFIG_NAME)):
             folder = config.parent
+            source = _resumed_folder(config)
+            if source is not None and source != folder.resolve():
+                continued.setdefault(source, folder)
             if not (folder / RESULTS_NAME).exists() and _is_run_config(config):
                 found.setdefault(folder.resolve(), folder)
+    for source, folder in continued.items():
+        if source in found:
+            logger.info("%s: stopped, and continued in %s (--resume)", found.pop(source), folder)
     return list(found.values())
+
+
+def _resumed_folder(config: Path) -> Path | None:
+    """The folder of the checkpoint a run's config.json says it resumed from, or None."""
+    try:
+        resumed = json.loads(config.read_text()).get("resumed_from")
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+        return None
+    return Path(resumed).parent.resolve() if isinstance(resumed, str) and resumed else None
 
 
 def read_results(path: str | Path) -> Run:
@@ -384,10 +415,17 @@ def class_columns(runs: Sequence[Run]) -> list[str]:
 
 
 def seed_groups(runs: Sequence[Run]) -> dict[tuple, list[Run]]:
-    """Runs grouped by ``Run.group_key`` (same setting and arguments, any seed), in order."""
+    """Runs grouped by ``Run.group_key`` (same setting and arguments, any seed), in order.
+
+    A run recorded before split-file hashes were kept joins the group of hashed runs whose
+    data folder it names (with every other argument equal)."""
+    hashed = {run.group_key(by_folder=True): run.group_key() for run in runs if run.has_split_hashes}
     groups: dict[tuple, list[Run]] = {}
     for run in runs:
-        groups.setdefault(run.group_key(), []).append(run)
+        key = run.group_key()
+        if not run.has_split_hashes:
+            key = hashed.get(run.group_key(by_folder=True), key)
+        groups.setdefault(key, []).append(run)
     return groups
 
 
@@ -432,6 +470,9 @@ def summary_rows(runs: Sequence[Run], reference: dict[tuple[str, str], tuple[flo
     classes = class_columns(runs)  # so the first data set's own class order comes first
     groups = seed_groups(runs)
     group_of = {id(run): key for key, members in groups.items() for run in members}
+    # As for the seed groups: a run without split-file hashes pairs by its data folder.
+    hashed_pairs = {run.comparison_key(by_folder=True): run.comparison_key()
+                    for run in runs if run.has_split_hashes}
     notes = _group_notes(groups)
     has_intervals = any(run.mean_interval()[0] is not None for run in runs)
     has_seeds = any(run.seed is not None for run in runs)
@@ -463,7 +504,8 @@ def summary_rows(runs: Sequence[Run], reference: dict[tuple[str, str], tuple[flo
             "_classes": list(r.get("class_names") or r["auroc"]),
             "_value": 100 * float(r["mean_auroc"]) if _defined(r["mean_auroc"]) else None,
             "_model": str(r.get("model") or ""),
-            "_pair": run.comparison_key(),
+            "_pair": (run.comparison_key() if run.has_split_hashes else
+                      hashed_pairs.get(run.comparison_key(by_folder=True), run.comparison_key())),
             "_shared": run.shared_args(),
             "_recipe_args": run.recipe_args(),
             "_recipe": run.recipe(),
