@@ -764,6 +764,7 @@ EXECUTION_ARGS = frozenset({
     "world_size", "local_rank", "dist_on_itp", "dist_url", "ci_resamples", "eval_name",
     "progress_freq", "check_args", "cache_used", "notes", "explicit", "demo_replace",
     "split_sha256", "dicom_scaling_used", "resumed_from", "preset_source", "eval_split",
+    "allow_overlap", "unsafe_load", "grad_checkpointing",  # same results either way
 })
 
 
@@ -904,6 +905,17 @@ def run_args(args: argparse.Namespace, plan: RunPlan, data: RunData) -> dict:
     return recorded
 
 
+def continued_from(old: dict | None, out: Path) -> str | None:
+    """The checkpoint in another folder that the run in ``out`` (its config.json: ``old``)
+    was resuming from, if that checkpoint is still there; else None."""
+    earlier = (old or {}).get("resumed_from")
+    if not isinstance(earlier, str) or not earlier:
+        return None
+    if Path(earlier).parent.resolve() == out.resolve():
+        return None
+    return earlier if Path(earlier + ".json").is_file() else None
+
+
 def plan_run(args: argparse.Namespace, out: Path, folder: RunFolder, dist_info: DistInfo,
              eff_batch: int) -> RunPlan:
     """Recover the locked run folder, resolve --resume auto against it, refuse a foreign run."""
@@ -927,6 +939,12 @@ def plan_run(args: argparse.Namespace, out: Path, folder: RunFolder, dist_info: 
             raise ArgumentError(f"--resume auto: {out} holds another run with no completed epoch "
                                 f"({', '.join(differ[:4]) or 'other settings'}): give this one "
                                 "another --run_name or --note")
+        elif continued_from(old, out) is not None:
+            # A continuation of another run, stopped before its first commit here: continue
+            # that run again (its files here are replaced), not start from the weights.
+            resume, own_resume, overwrite = continued_from(old, out), False, True
+            logger.warning("--resume auto: %s has no completed epoch; it continued %s, which "
+                           "this run continues again", out, resume)
         else:
             resume = ""
             overwrite = overwrite or old is not None

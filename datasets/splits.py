@@ -303,6 +303,7 @@ def patient_id(kind: str, path: str) -> str | None:
     """The patient an image of a data set `kind` belongs to, where its path says so: NIH names
     are <patient>_<follow-up>.png, CheXpert paths hold a patientNNNNN folder. None for RSNA
     (one image per patient: the image check covers it) and custom data."""
+    path = path.replace("\\", "/")  # split files written on Windows
     if kind == "nih":
         match = _NIH_NAME.match(posixpath.basename(path))
     elif kind == "chexpert":

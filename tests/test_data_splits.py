@@ -234,6 +234,7 @@ def test_patients_shared_between_splits_are_refused(tmp_path, caplog):
     assert patient_id("chexpert", "CheXpert-v1.0-small/train/patient00042/study1/view1_frontal.jpg") == "patient00042"
     assert patient_id("rsna", "stage_2_train_images/abc.dcm") is None
     assert patient_id("nih", "my_scan.png") is None
+    assert patient_id("nih", "all_classes\\00000001_002.png") == "00000001"
     train, test = tmp_path / "train_list.txt", tmp_path / "test_list.txt"
     train.write_text("00000001_000.png 1\n00000002_000.png 0\n")
     test.write_text("00000003_000.png 0\n00000001_001.png 1\n")

@@ -296,3 +296,26 @@ def test_a_run_recorded_before_split_hashes_knows_its_data_by_folder(tmp_path, m
     assert mfl.same_folder("./DatasetsSplits", str(mfl.REPO_ROOT / "DatasetsSplits"))
     assert not mfl.same_folder("NIH", str(tmp_path))
     assert mfl.same_folder(None, None) and not mfl.same_folder(None, str(data))
+
+
+def test_a_continuation_stopped_before_its_first_epoch_continues_the_source_again(demo, tmp_path):
+    """A run resumed from A into B and stopped before B's first commit: `--resume auto` in B
+    continues A again (A's epochs, A's best), not a fresh run from the weights."""
+    data, weights = demo
+    source = _resumable(data, weights, tmp_path)  # one epoch done
+    b = tmp_path / "b"
+    argv = args_for(data, weights, b, "--epochs", "2", "--resume", str(source / "checkpoint-last"))
+    assert mfl.cli(argv) == 0
+    # Make B look stopped before its first commit: only its start-up files are left.
+    config = json.loads((b / "config.json").read_text())
+    for f in list(b.iterdir()):
+        if f.is_file():
+            f.unlink()
+        else:
+            shutil.rmtree(f)
+    (b / "config.json").write_text(json.dumps(config))
+    assert mfl.cli(args_for(data, weights, b, "--epochs", "2", "--resume", "auto")) == 0
+    epochs = [json.loads(l)["epoch"] for l in (b / "log.txt").read_text().splitlines()]
+    assert epochs == [0, 1]  # A's epoch 0 carried, epoch 1 trained here
+    assert json.loads((b / "config.json").read_text())["resumed_from"] == str(
+        (source / "checkpoint-last").resolve())
