@@ -161,3 +161,16 @@ def test_heatmap_matches_loaded_model_probability(trained, tmp_path):
     x = predict.eval_transform(config)(Image.open(path).convert("L"))
     _, p = grad_cam(model, x, class_index=2)
     np.testing.assert_allclose(p, probs[:, 2], atol=1e-5)
+
+
+def test_heatmap_filename_of_a_long_path_fits_and_stays_distinct():
+    """Absolute or non-ASCII paths escape to long names: kept under 255 bytes, ending with the
+    image and class, and two long names differing early still give two files."""
+    from util.heatmap import heatmap_filename
+
+    deep = "/".join(["séries_%d" % i for i in range(30)])
+    a = heatmap_filename(f"/data/a/{deep}/img.png", "Effusion")
+    b = heatmap_filename(f"/data/b/{deep}/img.png", "Effusion")
+    assert len(a.encode()) <= 255 and len(b.encode()) <= 255 and a != b
+    assert a.endswith("img.png__Effusion.png")
+    assert heatmap_filename("img.png", "Effusion") == "img.png__Effusion.png"  # short: as before

@@ -12,6 +12,8 @@ attention matrix, and gradients work through it unchanged.
 """
 from __future__ import annotations
 
+import hashlib
+
 import logging
 import string
 from pathlib import Path
@@ -158,6 +160,7 @@ def _draw_label(img: Image.Image, text: str) -> None:
 # Characters kept as they are in heatmap file names; any other is written %XX (UTF-8 bytes).
 _PLAIN = frozenset(string.ascii_letters + string.digits + "._-")
 _SEPARATOR = "__"  # between path components, and before the class
+_MAX_NAME_BYTES = 255  # a file name's limit on common file systems
 
 
 def _escape(part: str) -> str:
@@ -182,7 +185,14 @@ def heatmap_filename(name: str, class_name: str) -> str:
     ``sub__a.png`` and ``Pleural Effusion`` / ``Pleural_Effusion`` all stay apart.
     """
     parts = [_escape(p) for p in name.split("/")]
-    return _SEPARATOR.join([*parts, _escape(class_name)]) + ".png"
+    filename = _SEPARATOR.join([*parts, _escape(class_name)]) + ".png"
+    if len(filename.encode()) <= _MAX_NAME_BYTES:
+        return filename
+    # Too long for a file system (255 bytes): keep the end, which names the image and the
+    # class, and a digest of the whole name so that distinct names stay distinct.
+    digest = hashlib.sha256(filename.encode()).hexdigest()[:16]
+    tail = filename.encode()[-(_MAX_NAME_BYTES - len(digest) - 1):].decode(errors="ignore")
+    return f"{digest}-{tail}"
 
 
 def heatmap_targets(files: Sequence[str | Path], names: Sequence[str], class_name: str
