@@ -535,6 +535,9 @@ def check_run_folder(out: Path, args: argparse.Namespace, committed: dict | None
         shown = ", ".join(differ[:4]) + (f" and {len(differ) - 4} more" if len(differ) > 4 else "")
         hint = (f"it is a different run ({shown}): give this one another --run_name or --note "
                 "to keep both, or --overwrite to replace that run")
+        if (len(differ) == 1 and differ[0].startswith("--epochs ") and committed is not None
+                and args.epochs > int(old_args.get("epochs", args.epochs))):
+            hint += f"; or --resume auto to continue it to {args.epochs} epochs"
     elif done:
         hint = ("that run with these settings is complete: --overwrite to run it again, or "
                 "another --note / --seed for a new run beside it")

@@ -300,6 +300,10 @@ def test_refusal_suggests_what_is_right(demo, whole, tmp_path, capsys):
     assert mfl.cli(args_for(data, weights, whole, "--lora_alpha", "16", "--num_workers", "1")) == 1
     err = capsys.readouterr().err
     assert "different run (--lora_alpha 32.0 -> 16.0)" in err and "complete" not in err
+    # Only a longer --epochs: continuing the run is one of the right answers.
+    whole_epochs = json.loads((whole / "config.json").read_text())["args"]["epochs"]
+    assert mfl.cli(args_for(data, weights, whole, "--epochs", str(whole_epochs + 1))) == 1
+    assert f"--resume auto to continue it to {whole_epochs + 1} epochs" in capsys.readouterr().err
 
 
 def test_demo_runs_have_their_own_folders_and_resume(tmp_path):
