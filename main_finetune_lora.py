@@ -228,8 +228,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="augmentation recipe; default follows --optimizer as in the paper")
     g.add_argument("--device_aug", action="store_true",
                    help="run the train augmentation on uint8 batches on the training device instead "
-                        "of in the loader workers: crop / flip / normalise (sgd recipe), plus "
-                        "RandAugment --aa and random erasing (adamw recipe)")
+                        "of in the loader workers: flip / normalise (sgd recipe), plus RandAugment "
+                        "--aa and random erasing (adamw recipe); the random resized crop stays in "
+                        "the loader, from the full-resolution image")
     g.add_argument("--aug_fill", default="paper", choices=list(AUG_FILLS),
                    help="adamw recipe: fill of RandAugment's rotate / shear / translate: 'paper' "
                         "(grey 36, as the paper's pipeline) or 'neutral' (the normalisation's mid grey)")
@@ -967,12 +968,15 @@ def prepare_data(args: argparse.Namespace, dist_info: DistInfo, device: torch.de
     seed_everything(args.seed)
     batch_transform = None
     if args.device_aug:
-        from datasets.device_aug import build_device_augment, build_uint8_transform
+        from datasets.device_aug import build_device_augment, build_uint8_crop_transform
 
-        train_tf = build_uint8_transform(round(args.input_size * 8 / 7))
+        # The crop is taken from the full-resolution image in the loader, as the CPU recipe
+        # takes it; flip, RandAugment, erasing and normalisation run on the device.
+        train_tf = build_uint8_crop_transform(args.input_size)
         batch_transform = build_device_augment(
             args.recipe, args.input_size, args.norm, aa=args.aa, reprob=args.reprob,
-            remode=args.remode, recount=args.recount, aug_fill=args.aug_fill).to(device)
+            remode=args.remode, recount=args.recount, aug_fill=args.aug_fill,
+            crop=False).to(device)
     else:
         train_tf = datasets.build_transform(is_train=True, recipe=args.recipe,
                                            input_size=args.input_size, norm=args.norm, aa=args.aa,

@@ -136,8 +136,10 @@ def run(num_images: int, image_size: int, cache_size: int, input_size: int, reci
 
 def device_aug_rates(recipe: str, input_size: int, batch_size: int, device: str,
                      repeats: int, source_size: int | None = None) -> dict:
-    """Train augmentation from the loader's uint8 square: per-image CPU transform (one core)
-    vs ``--device_aug``'s batch transform on ``device``; images/s of each (best of `repeats`)."""
+    """Train augmentation: the per-image CPU recipe (one core) from a source square vs
+    ``--device_aug``'s batch transform on ``device`` from the loader's crops (input_size
+    square, as training ships them; the crop itself stays in the loader); images/s of each
+    (best of `repeats`)."""
     from PIL import Image
 
     from datasets.device_aug import build_device_augment
@@ -148,8 +150,8 @@ def device_aug_rates(recipe: str, input_size: int, batch_size: int, device: str,
     batch = torch.randint(0, 256, (batch_size, 1, source_size, source_size), dtype=torch.uint8)
     images = [Image.fromarray(img[0].numpy(), "L") for img in batch]
     cpu_tf = build_transform(True, recipe=recipe, input_size=input_size, norm="cxr_mae")
-    aug = build_device_augment(recipe, input_size, "cxr_mae").to(device)
-    on_device = batch.to(device)
+    aug = build_device_augment(recipe, input_size, "cxr_mae", crop=False).to(device)
+    on_device = batch[..., :input_size, :input_size].contiguous().to(device)
     aug(on_device)  # warm-up (kernels, allocator)
 
     cpu_s = device_s = float("inf")

@@ -1,11 +1,16 @@
 """The train augmentations of both recipes on the training device, from uint8 batches.
 
-The loader then only decodes (or reads the cache), resizes to a fixed square and ships
-uint8 (4x fewer bytes than float); the random part runs batched on the GPU, so a fast GPU
-does not wait for CPU workers.
+The loader then only decodes (or reads the cache), takes the recipe's random resized crop
+from the full-resolution image, as the CPU recipe does, and ships it as uint8 (4x fewer
+bytes than float); the rest runs batched on the GPU, so a fast GPU does not wait for CPU
+workers (RandAugment is the costly part of the adamw recipe).
 
-    loader transform: build_uint8_transform(256)      # per image, on the CPU
-    model input:      build_device_augment("sgd" | "adamw", 224, norm, ...)(batch.to(device))
+    loader transform: build_uint8_crop_transform(224)  # per image, on the CPU
+    model input:      build_device_augment("sgd" | "adamw", 224, norm, ..., crop=False)(batch.to(device))
+
+With ``crop=True`` the batch transforms also crop, from a downsized centred square
+(``build_uint8_transform(256)``): cheaper for the loader, but the crops then see a 256-px
+copy of the image and never its edges outside the square, so training does not use it.
 
 sgd recipe (`DeviceAugment`): RandomResizedCrop + horizontal flip + normalise.
 adamw recipe (`DeviceRandAugment`): the same crop + flip (timm's RandomResizedCrop draws
@@ -14,9 +19,10 @@ Grayscale, normalise, timm RandomErasing, as ``build_transform(is_train=True,
 recipe='adamw')`` does per image.
 
 Where the device path differs from the per-image CPU path:
-- crops are taken from the centred square of the image at ``source_size`` rather than
-  from the full original, and resampled with torch's antialiased bicubic instead of
-  PIL's (sub-grey-level differences; the adamw path then rounds to uint8 as PIL does);
+- with ``crop=True`` only: crops are taken from the centred square of the image at
+  ``source_size`` rather than from the full original, and resampled with torch's
+  antialiased bicubic instead of PIL's (sub-grey-level differences; the adamw path then
+  rounds to uint8 as PIL does);
 - random numbers come from torch's generators, not Python's `random` / NumPy: the same
   distributions, other draws. Crop boxes, op choices, magnitudes, signs and erasing boxes
   use the global CPU generator (so a seed gives the same parameters on any device and
@@ -75,8 +81,35 @@ class Uint8Square:
 
 
 def build_uint8_transform(source_size: int = DEFAULT_SOURCE_SIZE) -> Uint8Square:
-    """The loader-side transform that pairs with ``DeviceAugment`` and ``DeviceRandAugment``."""
+    """A loader-side square source for the batch transforms with ``crop=True`` (they crop on
+    the device, from that downsized square: for benchmarks, not what training uses)."""
     return Uint8Square(source_size)
+
+
+class Uint8RandomResizedCrop:
+    """Per-image loader step of ``--device_aug`` training: the recipe's RandomResizedCrop
+    (bicubic, from the full-resolution grey image, as the CPU recipe crops) -> 1 x S x S
+    uint8. The batch transform built with ``crop=False`` does the rest on the device."""
+
+    grey_input = True  # ChestXrayDataset passes 'L' images to transforms carrying this flag
+
+    def __init__(self, input_size: int = 224, scale: tuple[float, float] = (0.08, 1.0),
+                 ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> None:
+        self.crop = RandomResizedCrop(input_size, scale=scale, ratio=ratio,
+                                      interpolation=InterpolationMode.BICUBIC)
+
+    def __call__(self, img: Image.Image) -> torch.Tensor:
+        return TF.pil_to_tensor(self.crop(img))
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.crop!r})"
+
+
+def build_uint8_crop_transform(input_size: int = 224,
+                               crop_scale: tuple[float, float] = (0.08, 1.0)) -> Uint8RandomResizedCrop:
+    """The loader-side transform of ``--device_aug`` training, paired with
+    ``build_device_augment(..., crop=False)``."""
+    return Uint8RandomResizedCrop(input_size, scale=crop_scale)
 
 
 def _check_batch(batch: torch.Tensor, who: str) -> None:
@@ -93,20 +126,27 @@ class DeviceAugment(nn.Module):
         norm: normalisation statistics name ('mrm', 'cxr_mae', 'imagenet').
         scale: crop area range (torchvision's default, as the paper's recipe).
         ratio: crop aspect-ratio range.
+        crop: False when the loader already cropped (``Uint8RandomResizedCrop``): the batch
+            must be input_size square, and only the flip and normalisation run here.
     """
 
     def __init__(self, input_size: int = 224, norm: str = "mrm",
                  scale: tuple[float, float] = (0.08, 1.0),
-                 ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> None:
+                 ratio: tuple[float, float] = (3 / 4, 4 / 3), crop: bool = True) -> None:
         super().__init__()
         mean, std = norm_stats(norm)
-        self.input_size, self.scale, self.ratio = input_size, scale, ratio
+        self.input_size, self.scale, self.ratio, self.crop = input_size, scale, ratio, crop
         # Per output channel, as GreyToNormalizedTensor: ImageNet statistics differ per channel.
         self.register_buffer("mean", torch.tensor(mean).view(3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std).view(3, 1, 1), persistent=False)
 
     def crop_params(self, height: int, width: int, n: int) -> list[CropParams]:
         """(top, left, h, w, flip) per image, drawn from the global torch generator."""
+        if not self.crop:
+            if (height, width) != (self.input_size, self.input_size):
+                raise ValueError(f"{type(self).__name__}(crop=False) expects {self.input_size} px "
+                                 f"square crops from the loader, got {height} x {width}")
+            return [(0, 0, height, width, bool(torch.rand(()) < 0.5)) for _ in range(n)]
         probe = torch.empty(1, height, width)  # get_params only reads the size
         params = []
         for _ in range(n):
@@ -117,6 +157,10 @@ class DeviceAugment(nn.Module):
     def resized_crops(self, batch: torch.Tensor, params: list[CropParams]) -> torch.Tensor:
         """Crop, resize and flip a uint8 B x 1 x H x W batch: float B x 1 x S x S, 0-255 scale."""
         _check_batch(batch, type(self).__name__)
+        if not self.crop:  # cropped by the loader: only the flips
+            flips = torch.tensor([p[4] for p in params], device=batch.device).view(-1, 1, 1, 1)
+            x = batch.float()
+            return torch.where(flips, x.flip(-1), x)
         size = [self.input_size, self.input_size]
         out = []
         for img, (top, left, h, w, flip) in zip(batch.float(), params):
@@ -472,19 +516,20 @@ class DeviceRandAugment(nn.Module):
         recount: maximum number of erased boxes per image.
         aug_fill: fill of the geometric ops, 'paper' or 'neutral' (`rand_augment_fill_mean`).
         crop_scale: crop area range of the RandomResizedCrop.
+        crop: False when the loader already cropped (see ``DeviceAugment``).
     """
 
     def __init__(self, input_size: int = 224, norm: str = "cxr_mae",
                  aa: str | None = "rand-m9-mstd0.5-inc1", reprob: float = 0.25,
                  remode: str = "pixel", recount: int = 1, aug_fill: str = "paper",
-                 crop_scale: tuple[float, float] = (0.08, 1.0)) -> None:
+                 crop_scale: tuple[float, float] = (0.08, 1.0), crop: bool = True) -> None:
         super().__init__()
         if remode not in ("pixel", "rand", "const"):
             raise ValueError(f"--remode {remode!r}: expected pixel, rand or const")
         if recount < 1:
             raise ValueError(f"--recount {recount}: expected at least 1")
         mean, std = norm_stats(norm)
-        self.crop = DeviceAugment(input_size, norm, scale=crop_scale)
+        self.crop = DeviceAugment(input_size, norm, scale=crop_scale, crop=crop)
         self.input_size, self.reprob, self.remode, self.recount = input_size, reprob, remode, recount
         self.register_buffer("mean", torch.tensor(mean).view(3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std).view(3, 1, 1), persistent=False)
@@ -635,13 +680,14 @@ class DeviceRandAugment(nn.Module):
 def build_device_augment(recipe: str, input_size: int = 224, norm: str = "mrm",
                          aa: str | None = "rand-m9-mstd0.5-inc1", reprob: float = 0.25,
                          remode: str = "pixel", recount: int = 1, aug_fill: str = "paper",
-                         crop_scale: tuple[float, float] = (0.08, 1.0)) -> nn.Module:
-    """The batch transform of a recipe ('sgd' or 'adamw'); arguments as ``build_transform``."""
+                         crop_scale: tuple[float, float] = (0.08, 1.0), crop: bool = True) -> nn.Module:
+    """The batch transform of a recipe ('sgd' or 'adamw'); arguments as ``build_transform``.
+    ``crop=False``: the loader cropped already (``build_uint8_crop_transform``), as training does."""
     if recipe not in RECIPES:
         raise ValueError(f"recipe={recipe!r}: expected one of {list(RECIPES)}")
     if aug_fill not in AUG_FILLS:
         raise ValueError(f"aug_fill={aug_fill!r}: expected one of {list(AUG_FILLS)}")
     if recipe == "sgd":
-        return DeviceAugment(input_size, norm, scale=crop_scale)
+        return DeviceAugment(input_size, norm, scale=crop_scale, crop=crop)
     return DeviceRandAugment(input_size, norm, aa=aa, reprob=reprob, remode=remode,
-                             recount=recount, aug_fill=aug_fill, crop_scale=crop_scale)
+                             recount=recount, aug_fill=aug_fill, crop_scale=crop_scale, crop=crop)

@@ -447,3 +447,51 @@ def test_bench_row_for_device_aug(recipe):
     rates = bench_data.device_aug_rates(recipe, 32, 4, "cpu", repeats=1)
     assert rates["source_size"] == 37 and rates["batch_size"] == 4
     assert rates["cpu_images_per_s_per_core"] > 0 and rates["device_images_per_s"] > 0
+
+
+def test_training_crop_is_the_cpu_recipes_crop_from_the_full_image():
+    """--device_aug training: the loader takes the recipe's random resized crop from the
+    full-resolution image (bit-identical to the CPU recipe's crop for the same seed), and the
+    device only flips and normalises. The crop sees the whole image, edges included."""
+    from torchvision import transforms as T
+
+    from datasets.device_aug import build_device_augment, build_uint8_crop_transform
+
+    img = grey_image(160).resize((120, 160))  # portrait: a centred square would cut top and bottom
+    loader_tf = build_uint8_crop_transform(32)
+    reference = T.RandomResizedCrop(32, interpolation=InterpolationMode.BICUBIC)
+    aug = build_device_augment("sgd", 32, "mrm", crop=False)
+    tops = []
+    for seed in range(40):
+        torch.manual_seed(seed)
+        top, left, h, w = T.RandomResizedCrop.get_params(img, [0.08, 1.0], [3 / 4, 4 / 3])
+        tops.append((top, top + h))
+        torch.manual_seed(seed)
+        crop = loader_tf(img)
+        torch.manual_seed(seed)
+        expected = TF.pil_to_tensor(reference(img))
+        assert crop.shape == (1, 32, 32) and torch.equal(crop, expected)
+        out = aug.apply(crop.unsqueeze(0), [(0, 0, 32, 32, False)])[0]
+        flipped = aug.apply(crop.unsqueeze(0), [(0, 0, 32, 32, True)])[0]
+        mean, std = NORM_STATS["mrm"]
+        ref = ((crop.float() / 255 - mean[0]) / std[0]).expand(3, -1, -1)
+        torch.testing.assert_close(out, ref, rtol=0, atol=1e-6)
+        torch.testing.assert_close(flipped, ref.flip(-1), rtol=0, atol=1e-6)
+    assert min(t for t, _ in tops) < 20 and max(b for _, b in tops) > 140  # rows outside the square
+    with pytest.raises(ValueError, match="expects 32 px square crops"):
+        aug(torch.zeros(1, 1, 40, 40, dtype=torch.uint8))
+
+
+def test_adamw_device_path_on_loader_crops_draws_flips_ops_and_erasing():
+    """The adamw batch transform with crop=False: the same RandAugment and erasing on the
+    loader's crops; flips about half of the images."""
+    from datasets.device_aug import build_device_augment
+
+    aug = build_device_augment("adamw", 32, "cxr_mae", crop=False)
+    torch.manual_seed(0)
+    params = aug.draw_params(32, 32, 400)
+    assert all(p[:4] == (0, 0, 32, 32) for p in params.crops)
+    assert 0.4 < np.mean([p[4] for p in params.crops]) < 0.6
+    batch = torch.from_numpy(np.array(grey_image(32))).view(1, 1, 32, 32).expand(8, -1, -1, -1).contiguous()
+    out = aug(batch)
+    assert out.shape == (8, 3, 32, 32) and torch.isfinite(out).all()
