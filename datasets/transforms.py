@@ -21,7 +21,8 @@ from .constants import NORM_STATS
 RECIPES: tuple[str, ...] = ("sgd", "adamw")
 # RandAugment fill colours of the adamw recipe (see `rand_augment_fill_mean`).
 AUG_FILLS: tuple[str, ...] = ("paper", "neutral")
-# MAE's evaluation resizes to input_size / crop_pct, then centre-crops (224 -> 256 -> 224).
+# MAE's evaluation resizes to input_size / crop_pct, then centre-crops (224 -> 256 -> 224);
+# above 224 px its crop_pct is 1.
 ADAMW_EVAL_CROP_PCT = 0.875
 
 
@@ -131,20 +132,27 @@ def rand_augment_fill_mean(mean: tuple[float, ...], aug_fill: str) -> tuple[floa
     """The mean handed to timm's ``create_transform``, which fills RandAugment's geometric ops
     (rotate, shear, translate) with ``round(255 * mean)`` per channel.
 
-    'paper': the paper passes its one-value statistics (e.g. [0.4785]), so the fill is the
-    1-tuple (122,), which Pillow pads to (122, 0, 0) on the RGB image; the Grayscale step
-    after RandAugment turns that into grey 36. 'neutral': the grey round(255 * mean[0]) in
-    all three channels (122 for cxr_mae), which maps to about 0 after normalisation.
+    'paper': what the paper's code hands over. For the chest X-ray weights it passes
+    one-value statistics (e.g. [0.4785]), so the fill is the 1-tuple (122,), which Pillow
+    pads to (122, 0, 0) on the RGB image; the Grayscale step after RandAugment turns that
+    into grey 36. Per-channel statistics (ImageNet's) are passed whole, as timm's own
+    default: (124, 116, 104). 'neutral': the grey round(255 * mean[0]) in all three channels
+    (122 for cxr_mae), which maps to about 0 after normalisation.
     """
     if aug_fill not in AUG_FILLS:
         raise ValueError(f"aug_fill={aug_fill!r}: expected one of {list(AUG_FILLS)}")
-    return (mean[0],) if aug_fill == "paper" else (mean[0],) * 3
+    if aug_fill == "neutral":
+        return (mean[0],) * 3
+    return (mean[0],) if len(set(mean)) == 1 else tuple(mean)
 
 
 def eval_resize(input_size: int, recipe: str) -> int:
     """Shorter side after the evaluation resize (then a centre crop of ``input_size``): the
-    sgd recipe resizes to the crop, the adamw recipe to crop / 0.875 as timm's eval."""
-    return input_size if recipe == "sgd" else int(input_size / ADAMW_EVAL_CROP_PCT)
+    sgd recipe resizes to the crop; the adamw recipe, as MAE's build_transform, to
+    crop / 0.875 up to 224 px and to the crop itself above (MAE's crop_pct is 1 there)."""
+    if recipe == "sgd" or input_size > 224:
+        return input_size
+    return int(input_size / ADAMW_EVAL_CROP_PCT)
 
 
 def apply_transform(transform: Callable, img: Image.Image) -> torch.Tensor:

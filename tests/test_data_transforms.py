@@ -149,8 +149,23 @@ def test_one_eval_resize_rule_and_grey_dispatch():
     from util.heatmap import eval_resize as heatmap_eval_resize
 
     assert [eval_resize(224, r) for r in ("sgd", "adamw")] == [224, 256]
+    # MAE's build_transform: crop_pct 224/256 up to 224 px, 1 above (no resize margin).
+    assert [eval_resize(n, "adamw") for n in (112, 224, 256, 384)] == [128, 256, 256, 384]
     assert heatmap_eval_resize(224, "adamw") == 256
     grey = Image.fromarray(np.full((8, 8), 7, np.uint8), mode="L")
     assert apply_transform(lambda im: im.mode, grey) == "RGB"  # a foreign transform: 3 channels
     ours = build_transform(is_train=False, recipe="sgd", input_size=8, norm="mrm")
     assert torch.equal(apply_transform(ours, grey), ours(grey))
+
+
+def test_paper_fill_of_per_channel_statistics_is_timms_default():
+    """The paper hands its one-value X-ray statistics to timm (fill (122,) -> grey 36); with
+    ImageNet weights it hands ImageNet's per-channel mean, which timm fills with as is."""
+    from datasets.constants import NORM_STATS
+    from datasets.transforms import rand_augment_fill_mean
+
+    assert rand_augment_fill_mean(NORM_STATS["cxr_mae"][0], "paper") == (0.4785,)
+    imagenet = NORM_STATS["imagenet"][0]
+    assert rand_augment_fill_mean(imagenet, "paper") == tuple(imagenet)
+    assert tuple(round(255 * m) for m in rand_augment_fill_mean(imagenet, "paper")) == (124, 116, 104)
+    assert rand_augment_fill_mean(imagenet, "neutral") == (imagenet[0],) * 3
