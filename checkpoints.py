@@ -230,7 +230,11 @@ def load_trained(
         if not Path(pretrained).is_file():
             raise FileNotFoundError(f"pre-trained weights for {tensors_path} not found: "
                                     f"{pretrained} (pass the right path with --finetune)")
-        if check_hash and config.pretrained_sha256:
+        if check_hash and not config.pretrained_sha256:
+            logger.warning("%s records no SHA-256 of the pre-trained file it was trained on, so "
+                           "%s cannot be checked to be that file: its outputs are right only if "
+                           "it is", tensors_path, pretrained)
+        elif check_hash:
             digest = file_sha256(pretrained)
             if digest != config.pretrained_sha256:
                 raise CheckpointError(

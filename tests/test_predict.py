@@ -234,6 +234,21 @@ def test_wrong_pretrained_file_and_empty_inputs_exit_2(setup, tmp_path, caplog):
     rc = predict.main(["--checkpoint", str(setup["stem"]), "--finetune", str(other),
                        "--inputs", str(img), "--output", str(tmp_path / "p.csv")])
     assert rc == 2 and "not the pre-trained file" in caplog.text
+    # A config without the recorded hash (older or hand-written) cannot be checked: said so.
+    import json
+    import shutil
+
+    stem = tmp_path / "nohash" / "checkpoint-best"
+    stem.parent.mkdir()
+    for suffix in (".safetensors", ".json"):
+        shutil.copy(str(setup["stem"]) + suffix, str(stem) + suffix)
+    config = json.loads(stem.with_suffix(".json").read_text())
+    config["pretrained_sha256"] = None
+    stem.with_suffix(".json").write_text(json.dumps(config))
+    caplog.clear()
+    rc = predict.main(["--checkpoint", str(stem), "--finetune", str(other),
+                       "--inputs", str(img), "--output", str(tmp_path / "p2.csv")])
+    assert rc == 0 and "records no SHA-256 of the pre-trained file" in caplog.text
     (tmp_path / "empty").mkdir()
     rc = predict.main(["--checkpoint", str(setup["stem"]), "--inputs", str(tmp_path / "empty"),
                        "--output", str(tmp_path / "p.csv")])
