@@ -1395,7 +1395,7 @@ def cli(argv: list[str] | None = None) -> int:
     except ArgumentError as err:
         parser.error(str(err))
     if args.check_args:
-        if args.data_path is not None and not args.eval:
+        if args.data_path is not None and not args.eval and not args.demo:  # a demo makes its data
             # A launch script checks before torchrun starts: a missing split file is found
             # here, in one line, not after the launcher's processes have started.
             try:
