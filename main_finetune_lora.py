@@ -917,7 +917,7 @@ def continued_from(old: dict | None, out: Path) -> str | None:
         return None
     if Path(earlier).parent.resolve() == out.resolve():
         return None
-    return earlier if Path(earlier + ".json").is_file() else None
+    return earlier if ckpt.checkpoint_paths(earlier)[1].is_file() else None  # stem or suffixed
 
 
 def plan_run(args: argparse.Namespace, out: Path, folder: RunFolder, dist_info: DistInfo,
@@ -972,7 +972,7 @@ def prepare_data(args: argparse.Namespace, dist_info: DistInfo, device: torch.de
 
         # The crop is taken from the full-resolution image in the loader, as the CPU recipe
         # takes it; flip, RandAugment, erasing and normalisation run on the device.
-        train_tf = build_uint8_crop_transform(args.input_size)
+        train_tf = build_uint8_crop_transform(args.recipe, args.input_size)
         batch_transform = build_device_augment(
             args.recipe, args.input_size, args.norm, aa=args.aa, reprob=args.reprob,
             remode=args.remode, recount=args.recount, aug_fill=args.aug_fill,

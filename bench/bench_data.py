@@ -194,9 +194,10 @@ def main() -> None:
         rates = device_aug_rates(args.recipe, args.input_size, args.batch_size, args.device_aug,
                                  args.repeats)
         print(json.dumps(rates))
-        print(f"| --device_aug {rates['recipe']}, batch {rates['batch_size']}, {rates['source_size']}"
-              f" -> {rates['input_size']} px | CPU {rates['cpu_images_per_s_per_core']} images/s per core "
-              f"| {rates['device']} {rates['device_images_per_s']} images/s |")
+        print(f"| --device_aug {rates['recipe']}, batch {rates['batch_size']}, {rates['input_size']} px "
+              f"| CPU recipe from {rates['source_size']} px {rates['cpu_images_per_s_per_core']} images/s "
+              f"per core | {rates['device']} after the loader's crop {rates['device_images_per_s']} "
+              "images/s |")
         return
     with tempfile.TemporaryDirectory() as tmp:
         result = run(args.num_images, args.image_size, args.cache_size, args.input_size, args.recipe,

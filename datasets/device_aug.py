@@ -5,7 +5,7 @@ from the full-resolution image, as the CPU recipe does, and ships it as uint8 (4
 bytes than float); the rest runs batched on the GPU, so a fast GPU does not wait for CPU
 workers (RandAugment is the costly part of the adamw recipe).
 
-    loader transform: build_uint8_crop_transform(224)  # per image, on the CPU
+    loader transform: build_uint8_crop_transform("sgd" | "adamw", 224)  # per image, on the CPU
     model input:      build_device_augment("sgd" | "adamw", 224, norm, ..., crop=False)(batch.to(device))
 
 With ``crop=True`` the batch transforms also crop, from a downsized centred square
@@ -52,6 +52,7 @@ from typing import Callable
 import torch
 import torch.nn as nn
 from PIL import Image
+from torchvision import transforms as T
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import RandomResizedCrop
 from torchvision.transforms import functional as TF
@@ -86,30 +87,37 @@ def build_uint8_transform(source_size: int = DEFAULT_SOURCE_SIZE) -> Uint8Square
     return Uint8Square(source_size)
 
 
-class Uint8RandomResizedCrop:
-    """Per-image loader step of ``--device_aug`` training: the recipe's RandomResizedCrop
-    (bicubic, from the full-resolution grey image, as the CPU recipe crops) -> 1 x S x S
-    uint8. The batch transform built with ``crop=False`` does the rest on the device."""
+class Uint8RandomResizedCrop(T.Compose):
+    """Per-image loader step of ``--device_aug`` training: the recipe's own random resized
+    crop step (torchvision's for sgd, timm's for adamw: the same random draws as the CPU
+    recipe), from the full-resolution grey image, then a 1 x S x S uint8 tensor. The batch
+    transform built with ``crop=False`` does the rest on the device.
+
+    A Compose of [crop, PILToTensor], so the data set reads only the crop's rows from the
+    exact image cache and resizes them natively, as for the CPU recipe.
+    """
 
     grey_input = True  # ChestXrayDataset passes 'L' images to transforms carrying this flag
 
-    def __init__(self, input_size: int = 224, scale: tuple[float, float] = (0.08, 1.0),
-                 ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> None:
-        self.crop = RandomResizedCrop(input_size, scale=scale, ratio=ratio,
-                                      interpolation=InterpolationMode.BICUBIC)
-
-    def __call__(self, img: Image.Image) -> torch.Tensor:
-        return TF.pil_to_tensor(self.crop(img))
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}({self.crop!r})"
+    def __init__(self, crop: Callable[[Image.Image], Image.Image]) -> None:
+        super().__init__([crop, T.PILToTensor()])
 
 
-def build_uint8_crop_transform(input_size: int = 224,
-                               crop_scale: tuple[float, float] = (0.08, 1.0)) -> Uint8RandomResizedCrop:
+def build_uint8_crop_transform(recipe: str = "sgd", input_size: int = 224) -> Uint8RandomResizedCrop:
     """The loader-side transform of ``--device_aug`` training, paired with
-    ``build_device_augment(..., crop=False)``."""
-    return Uint8RandomResizedCrop(input_size, scale=crop_scale)
+    ``build_device_augment(recipe, ..., crop=False)``: the crop step of ``build_transform``."""
+    from .transforms import build_transform
+
+    def steps(t: Callable) -> list[Callable]:
+        t = getattr(t, "pipeline", t)  # XrayTransform wraps its Compose
+        return [s for inner in t.transforms for s in steps(inner)] if isinstance(t, T.Compose) else [t]
+
+    cpu = build_transform(True, recipe=recipe, input_size=input_size, norm="mrm")
+    crop = next((s for s in steps(cpu) if isinstance(s, RandomResizedCrop)
+                 or type(s).__name__ == "RandomResizedCropAndInterpolation"), None)
+    if crop is None:
+        raise ValueError(f"recipe={recipe!r}: its train transform has no random resized crop")
+    return Uint8RandomResizedCrop(crop)
 
 
 def _check_batch(batch: torch.Tensor, who: str) -> None:

@@ -179,8 +179,8 @@ def build_transform(
         is_train: training augmentation, else the deterministic evaluation transform.
         recipe: 'sgd': RandomResizedCrop (bicubic) + horizontal flip, eval Resize(input_size)
             + CenterCrop; 'adamw': timm ``create_transform`` (RandAugment `aa`, random
-            erasing `reprob` / `remode` / `recount`), eval Resize(input_size / 0.875) +
-            CenterCrop, as in MAE. `aa` and the random-erasing flags apply to 'adamw' only,
+            erasing `reprob` / `remode` / `recount`), eval Resize(input_size / 0.875, or
+            input_size above 224 px) + CenterCrop, as in MAE. `aa` and the random-erasing flags apply to 'adamw' only,
             since the paper's sgd recipe uses neither.
         input_size: side of the square output.
         norm: normalisation statistics, a key of NORM_STATS.

@@ -449,37 +449,61 @@ def test_bench_row_for_device_aug(recipe):
     assert rates["cpu_images_per_s_per_core"] > 0 and rates["device_images_per_s"] > 0
 
 
-def test_training_crop_is_the_cpu_recipes_crop_from_the_full_image():
-    """--device_aug training: the loader takes the recipe's random resized crop from the
-    full-resolution image (bit-identical to the CPU recipe's crop for the same seed), and the
-    device only flips and normalises. The crop sees the whole image, edges included."""
-    from torchvision import transforms as T
+@pytest.mark.parametrize("recipe", ["sgd", "adamw"])
+def test_training_crop_is_the_cpu_recipes_crop_from_the_full_image(recipe):
+    """--device_aug training: the loader takes the recipe's own random resized crop step
+    (torchvision's for sgd, timm's for adamw) from the full-resolution image: bit-identical to
+    the CPU recipe's crop for the same seed; the device only flips and normalises here. The
+    crop sees the whole image, edges included."""
+    import random
 
+    from datasets import build_transform
     from datasets.device_aug import build_device_augment, build_uint8_crop_transform
 
     img = grey_image(160).resize((120, 160))  # portrait: a centred square would cut top and bottom
-    loader_tf = build_uint8_crop_transform(32)
-    reference = T.RandomResizedCrop(32, interpolation=InterpolationMode.BICUBIC)
-    aug = build_device_augment("sgd", 32, "mrm", crop=False)
-    tops = []
+    loader_tf = build_uint8_crop_transform(recipe, 32)
+    cpu_crop = build_transform(True, recipe=recipe, input_size=32, norm="mrm").pipeline.transforms[0]
+    assert type(cpu_crop).__name__ == ("RandomResizedCrop" if recipe == "sgd" else
+                                       "RandomResizedCropAndInterpolation")
+    aug = build_device_augment(recipe, 32, "mrm", aa="", reprob=0.0, crop=False)
+    seen = []
     for seed in range(40):
-        torch.manual_seed(seed)
-        top, left, h, w = T.RandomResizedCrop.get_params(img, [0.08, 1.0], [3 / 4, 4 / 3])
-        tops.append((top, top + h))
-        torch.manual_seed(seed)
+        torch.manual_seed(seed), random.seed(seed)
         crop = loader_tf(img)
-        torch.manual_seed(seed)
-        expected = TF.pil_to_tensor(reference(img))
-        assert crop.shape == (1, 32, 32) and torch.equal(crop, expected)
-        out = aug.apply(crop.unsqueeze(0), [(0, 0, 32, 32, False)])[0]
-        flipped = aug.apply(crop.unsqueeze(0), [(0, 0, 32, 32, True)])[0]
+        torch.manual_seed(seed), random.seed(seed)
+        expected = TF.pil_to_tensor(cpu_crop(img))
+        assert crop.shape == (1, 32, 32) and torch.equal(crop, expected), seed
+        seen.append(crop)
+        out = aug.apply(crop.unsqueeze(0), aug.draw_params(32, 32, 1) if recipe == "adamw" else
+                        [(0, 0, 32, 32, False)])[0]
         mean, std = NORM_STATS["mrm"]
         ref = ((crop.float() / 255 - mean[0]) / std[0]).expand(3, -1, -1)
-        torch.testing.assert_close(out, ref, rtol=0, atol=1e-6)
-        torch.testing.assert_close(flipped, ref.flip(-1), rtol=0, atol=1e-6)
-    assert min(t for t, _ in tops) < 20 and max(b for _, b in tops) > 140  # rows outside the square
+        assert torch.allclose(out, ref, atol=1e-6) or torch.allclose(out, ref.flip(-1), atol=1e-6)
+    assert len({c.sum().item() for c in seen}) > 30  # random crops, not one fixed square
     with pytest.raises(ValueError, match="expects 32 px square crops"):
         aug(torch.zeros(1, 1, 40, 40, dtype=torch.uint8))
+
+
+def test_training_crop_reads_only_the_crop_from_the_exact_cache(tmp_path):
+    """The loader crop is planned like the CPU recipe's: from the exact cache only the crop's
+    rows are read and resized natively, with the same bytes as from the files."""
+    from datasets import build_cache, build_dataset, make_demo_dataset
+    from datasets.device_aug import build_uint8_crop_transform
+
+    demo = make_demo_dataset(tmp_path / "demo", num_images=12, image_size=96)
+    build_cache(demo, workers=1)
+    tf = build_uint8_crop_transform("adamw", 32)
+    cached = build_dataset("train", demo, transform=tf, cache="on")
+    files = build_dataset("train", demo, transform=tf, cache="off")
+    assert cached.cache_info.get("crop_resize")  # the planned crop path, not the whole image
+    import random
+
+    for i in range(len(cached)):
+        torch.manual_seed(i), random.seed(i)  # timm's crop draws from Python's generator
+        a, _ = cached[i]
+        torch.manual_seed(i), random.seed(i)
+        b, _ = files[i]
+        assert a.dtype == torch.uint8 and a.shape == (1, 32, 32) and torch.equal(a, b)
 
 
 def test_adamw_device_path_on_loader_crops_draws_flips_ops_and_erasing():

@@ -304,7 +304,9 @@ def test_a_continuation_stopped_before_its_first_epoch_continues_the_source_agai
     data, weights = demo
     source = _resumable(data, weights, tmp_path)  # one epoch done
     b = tmp_path / "b"
-    argv = args_for(data, weights, b, "--epochs", "2", "--resume", str(source / "checkpoint-last"))
+    # Given with a suffix, as users may: the record still leads back to the checkpoint.
+    argv = args_for(data, weights, b, "--epochs", "2", "--resume",
+                    str(source / "checkpoint-last.safetensors"))
     assert mfl.cli(argv) == 0
     # Make B look stopped before its first commit: only its start-up files are left.
     config = json.loads((b / "config.json").read_text())
@@ -318,4 +320,4 @@ def test_a_continuation_stopped_before_its_first_epoch_continues_the_source_agai
     epochs = [json.loads(l)["epoch"] for l in (b / "log.txt").read_text().splitlines()]
     assert epochs == [0, 1]  # A's epoch 0 carried, epoch 1 trained here
     assert json.loads((b / "config.json").read_text())["resumed_from"] == str(
-        (source / "checkpoint-last").resolve())
+        (source / "checkpoint-last.safetensors").resolve())

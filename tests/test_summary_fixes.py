@@ -228,3 +228,8 @@ def test_runs_recorded_before_split_hashes_join_their_setting(tmp_path):
     rows = by_run(read_csv(tmp_path / "summary.csv"))
     assert {rows[n]["seeds_n"] for n in ("s0", "s1", "s2")} == {"3"}
     assert rows["other"]["seeds_n"] == "1"
+    # The folder later held other split files: which ones s0 read is unknown, so it stays apart.
+    run(tmp_path, "s4", "lora", 4, 0.65, split_sha256={**hashes, "val": "d" * 64}, demo_replace=False)
+    summarize.main([str(tmp_path), "--output", str(tmp_path / "summary")])
+    rows = by_run(read_csv(tmp_path / "summary.csv"))
+    assert rows["s0"]["seeds_n"] == "1" and rows["s1"]["seeds_n"] == "2" and rows["s4"]["seeds_n"] == "1"

@@ -419,7 +419,8 @@ def seed_groups(runs: Sequence[Run]) -> dict[tuple, list[Run]]:
 
     A run recorded before split-file hashes were kept joins the group of hashed runs whose
     data folder it names (with every other argument equal)."""
-    hashed = {run.group_key(by_folder=True): run.group_key() for run in runs if run.has_split_hashes}
+    hashed = _unique_by_folder([(run.group_key(by_folder=True), run.group_key())
+                                for run in runs if run.has_split_hashes])
     groups: dict[tuple, list[Run]] = {}
     for run in runs:
         key = run.group_key()
@@ -427,6 +428,16 @@ def seed_groups(runs: Sequence[Run]) -> dict[tuple, list[Run]]:
             key = hashed.get(run.group_key(by_folder=True), key)
         groups.setdefault(key, []).append(run)
     return groups
+
+
+def _unique_by_folder(pairs: Sequence[tuple[tuple, tuple]]) -> dict[tuple, tuple]:
+    """{folder-form key: hash-form key} for the folder keys that name one hashed setting only:
+    a folder that has held two versions of the split files cannot say which a run without
+    hashes read, so such a run stays apart."""
+    found: dict[tuple, set[tuple]] = {}
+    for folder_key, hash_key in pairs:
+        found.setdefault(folder_key, set()).add(hash_key)
+    return {k: next(iter(v)) for k, v in found.items() if len(v) == 1}
 
 
 def _mean_sd(values: Sequence[float]) -> tuple[float, float | None]:
@@ -471,8 +482,8 @@ def summary_rows(runs: Sequence[Run], reference: dict[tuple[str, str], tuple[flo
     groups = seed_groups(runs)
     group_of = {id(run): key for key, members in groups.items() for run in members}
     # As for the seed groups: a run without split-file hashes pairs by its data folder.
-    hashed_pairs = {run.comparison_key(by_folder=True): run.comparison_key()
-                    for run in runs if run.has_split_hashes}
+    hashed_pairs = _unique_by_folder([(run.comparison_key(by_folder=True), run.comparison_key())
+                                      for run in runs if run.has_split_hashes])
     notes = _group_notes(groups)
     has_intervals = any(run.mean_interval()[0] is not None for run in runs)
     has_seeds = any(run.seed is not None for run in runs)
