@@ -233,7 +233,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                         "the loader, from the full-resolution image")
     g.add_argument("--aug_fill", default="paper", choices=list(AUG_FILLS),
                    help="adamw recipe: fill of RandAugment's rotate / shear / translate: 'paper' "
-                        "(grey 36, as the paper's pipeline) or 'neutral' (the normalisation's mid grey)")
+                        "(as the paper's pipeline: grey 36 for the mrm / cxr_mae statistics, timm's "
+                        "ImageNet mean with --norm imagenet) or 'neutral' (the normalisation's mid grey)")
     g.add_argument("--aa", type=str, default="rand-m9-mstd0.5-inc1",
                    help="RandAugment policy of the adamw recipe (timm syntax)")
     g.add_argument("--reprob", type=float, default=0.25, help="random erasing probability (adamw recipe)")
