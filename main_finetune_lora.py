@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import re
 import math
 import os
 import platform
@@ -910,6 +911,21 @@ def run_args(args: argparse.Namespace, plan: RunPlan, data: RunData) -> dict:
     return recorded
 
 
+def other_length_hint(out: Path) -> str:
+    """For an automatic run name: the same run with another --epochs beside it, if any (a
+    longer run continues it with --resume <that>/checkpoint-last, not --resume auto)."""
+    match = re.search(r"-e(\d+)-", out.name)
+    if match is None or not out.parent.is_dir():
+        return ""
+    pattern = re.compile(re.escape(out.name[:match.start()]) + r"-e\d+-" + re.escape(out.name[match.end():]) + "$")
+    others = sorted(p for p in out.parent.iterdir()
+                    if p != out and pattern.match(p.name) and (p / "checkpoint-last.json").is_file())
+    if not others:
+        return ""
+    return (f" (the same run with other --epochs is in {others[-1]}: --resume "
+            f"{others[-1] / 'checkpoint-last'} continues it)")
+
+
 def continued_from(old: dict | None, out: Path) -> str | None:
     """The checkpoint in another folder that the run in ``out`` (its config.json: ``old``)
     was resuming from, if that checkpoint is still there; else None."""
@@ -953,8 +969,9 @@ def plan_run(args: argparse.Namespace, out: Path, folder: RunFolder, dist_info: 
         else:
             resume = ""
             overwrite = overwrite or old is not None
-            logger.warning("--resume auto: %s has no completed epoch to continue; starting %s",
-                           out, "the run afresh there" if old is not None else "a new run")
+            logger.warning("--resume auto: %s has no completed epoch to continue; starting %s%s",
+                           out, "the run afresh there" if old is not None else "a new run",
+                           other_length_hint(out))
     check_run_folder(out, args, committed, resume=resume, overwrite=overwrite)
     source = resumed_folder(resume) if resume and not own_resume else None
     if overwrite and not (resume and own_resume):

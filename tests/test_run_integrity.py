@@ -321,3 +321,16 @@ def test_a_continuation_stopped_before_its_first_epoch_continues_the_source_agai
     assert epochs == [0, 1]  # A's epoch 0 carried, epoch 1 trained here
     assert json.loads((b / "config.json").read_text())["resumed_from"] == str(
         (source / "checkpoint-last.safetensors").resolve())
+
+
+def test_resume_auto_in_a_new_length_folder_points_to_the_run_beside_it(tmp_path, caplog):
+    """With the automatic name, --resume auto --epochs 3 finds its new -e3 folder empty and
+    starts a new run; the warning names the -e2 run beside it and how to continue that."""
+    done = tmp_path / "nih_1pct_mrm_lora-r4_sgd-lr0.05-e2-b64_s0"
+    done.mkdir()
+    (done / "checkpoint-last.json").write_text("{}")
+    new = tmp_path / "nih_1pct_mrm_lora-r4_sgd-lr0.05-e3-b64_s0"
+    assert mfl.other_length_hint(new) == (f" (the same run with other --epochs is in {done}: "
+                                          f"--resume {done / 'checkpoint-last'} continues it)")
+    assert mfl.other_length_hint(tmp_path / "nih_1pct_mrm_lora-r4_sgd-lr0.05-e3-b64_s1") == ""
+    assert mfl.other_length_hint(tmp_path / "my_run") == ""
