@@ -11,6 +11,7 @@ keyword arguments for the model builder, the data sets and the engine.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import re
@@ -871,9 +872,10 @@ class RunData:
         return {"train": self.train_set.cache_info, "val": self.val_set.cache_info,
                 "test": self.test_set.cache_info}
 
-    @property
+    @functools.cached_property
     def split_sha256(self) -> dict:
-        """SHA-256 of each split file: what identifies the data a run trains and selects on."""
+        """SHA-256 of each split file: what identifies the data a run trains and selects on
+        (read once: the config and the resume check both use it)."""
         return {"train": ckpt.file_sha256(self.train_set.split_file),
                 "val": ckpt.file_sha256(self.val_set.split_file),
                 "test": ckpt.file_sha256(self.test_set.split_file)}

@@ -301,14 +301,18 @@ def find_results(paths: Sequence[str | Path]) -> list[Path]:
     return list(unique.values())
 
 
-def _is_run_config(path: Path) -> bool:
-    """Whether ``path`` is a training run's config.json (or a damaged one): not another
-    tool's file of that name."""
+def _read_config(path: Path) -> dict | None:
+    """A config.json's content, or None when it cannot be read as JSON."""
     try:
-        config = json.loads(path.read_text())
+        return json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return True
-    return isinstance(config, dict) and isinstance(config.get("args"), dict)
+        return None
+
+
+def _is_run_config(config: dict | None) -> bool:
+    """Whether a config.json's content (None: unreadable) is a training run's, or a damaged
+    one's: not another tool's file of that name."""
+    return config is None or (isinstance(config, dict) and isinstance(config.get("args"), dict))
 
 
 def find_incomplete(paths: Sequence[str | Path]) -> list[Path]:
@@ -319,8 +323,8 @@ def find_incomplete(paths: Sequence[str | Path]) -> list[Path]:
     for item in map(Path, paths):
         if not item.is_dir():
             continue
-        for config in sorted(item.rglob(CONFIG_NAME)):
-            folder = config.parent
+        for path in sorted(item.rglob(CONFIG_NAME)):
+            folder, config = path.parent, _read_config(path)
             source = _resumed_folder(config)
             if source is not None and source != folder.resolve():
                 continued.setdefault(source, folder)
@@ -332,12 +336,9 @@ def find_incomplete(paths: Sequence[str | Path]) -> list[Path]:
     return list(found.values())
 
 
-def _resumed_folder(config: Path) -> Path | None:
-    """The folder of the checkpoint a run's config.json says it resumed from, or None."""
-    try:
-        resumed = json.loads(config.read_text()).get("resumed_from")
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
-        return None
+def _resumed_folder(config: dict | None) -> Path | None:
+    """The folder of the checkpoint a run's config says it resumed from, or None."""
+    resumed = config.get("resumed_from") if isinstance(config, dict) else None
     return Path(resumed).parent.resolve() if isinstance(resumed, str) and resumed else None
 
 
