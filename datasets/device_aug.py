@@ -106,15 +106,12 @@ class Uint8RandomResizedCrop(T.Compose):
 def build_uint8_crop_transform(recipe: str = "sgd", input_size: int = 224) -> Uint8RandomResizedCrop:
     """The loader-side transform of ``--device_aug`` training, paired with
     ``build_device_augment(recipe, ..., crop=False)``: the crop step of ``build_transform``."""
+    # The steps and crop types the data set plans the cache's crop path by: one rule for both.
+    from .chestxray import _flatten, _random_resized_crops
     from .transforms import build_transform
 
-    def steps(t: Callable) -> list[Callable]:
-        t = getattr(t, "pipeline", t)  # XrayTransform wraps its Compose
-        return [s for inner in t.transforms for s in steps(inner)] if isinstance(t, T.Compose) else [t]
-
     cpu = build_transform(True, recipe=recipe, input_size=input_size, norm="mrm")
-    crop = next((s for s in steps(cpu) if isinstance(s, RandomResizedCrop)
-                 or type(s).__name__ == "RandomResizedCropAndInterpolation"), None)
+    crop = next((s for s in _flatten(cpu) if isinstance(s, _random_resized_crops())), None)
     if crop is None:
         raise ValueError(f"recipe={recipe!r}: its train transform has no random resized crop")
     return Uint8RandomResizedCrop(crop)
