@@ -40,7 +40,7 @@ from engine_finetune import COMPILE_CHOICES, COMPILE_MODES, CompiledModule, NonF
 import checkpoints as ckpt
 from util.lr_sched import adjust_learning_rate
 from util.io import OutputError, json_safe
-from util.runfolder import RunFolder, RunFolderError, probe_writable
+from util.runfolder import EXECUTION_ARGS, RunFolder, RunFolderError, probe_writable
 from util.misc import (SUMMARY_LOGGER, DistInfo, git_commit, init_distributed, rng_state, say,
                         seed_everything, setup_logging)
 from util.optim import build_optimizer, per_process_batch
@@ -762,17 +762,10 @@ def evaluate_checkpoint(args: argparse.Namespace, dist_info: DistInfo, device: t
         folder.lock.release()
 
 
-# Arguments that say where and how a run executes, not what it computes: a folder's run with
-# other values of these is still the same run (the seed is not one: it is part of a run).
-EXECUTION_ARGS = frozenset({
-    "output_dir", "run_name", "log_dir", "overwrite", "device", "resume", "start_epoch", "eval",
-    "no_progress", "note", "script", "cache", "num_workers", "pin_mem", "no_pin_mem",
-    "eval_batch_size", "log_freq", "compile", "compile_mode", "compile_backend", "dist_eval",
-    "world_size", "local_rank", "dist_on_itp", "dist_url", "ci_resamples", "eval_name",
-    "progress_freq", "check_args", "cache_used", "notes", "explicit", "demo_replace",
-    "split_sha256", "dicom_scaling_used", "resumed_from", "preset_source", "eval_split",
-    "allow_overlap", "unsafe_load", "grad_checkpointing",  # same results either way
-})
+# What does not make a folder's run another run: where and how it executed, and what is
+# compared on its own (the split files' hashes on resume; the values a preset filled in).
+# The seed is not among them: it is part of a run.
+NOT_A_SETTING = EXECUTION_ARGS | {"split_sha256", "preset_source", "eval_split"}
 
 
 def differing_settings(old_args: dict, args: argparse.Namespace) -> list[str]:
@@ -780,7 +773,7 @@ def differing_settings(old_args: dict, args: argparse.Namespace) -> list[str]:
     command, among the arguments both record; where and how a run executes is left out."""
     new = json.loads(json.dumps(vars(args), default=str))  # as config.json holds them
     return [f"--{k} {old_args[k]!r} -> {new[k]!r}" for k in sorted(old_args)
-            if k in new and k not in EXECUTION_ARGS and old_args[k] != new[k]]
+            if k in new and k not in NOT_A_SETTING and old_args[k] != new[k]]
 
 
 def decide_compile(args: argparse.Namespace, device: torch.device, total_steps: int) -> bool:

@@ -45,6 +45,20 @@ LEGACY_RUN_FILES = (
 )
 
 
+# A run's arguments that say where and how it executed, and records that do not change what
+# it computed: runs that differ only in these computed the same thing. (`cache` and
+# `cache_used`: what a cache changes in the pixels, a lossy cache, is compared on its own;
+# the DICOM rule used is kept as the dicom_scaling argument.)
+EXECUTION_ARGS = frozenset({
+    "output_dir", "run_name", "log_dir", "overwrite", "device", "resume", "start_epoch", "eval",
+    "no_progress", "note", "script", "cache", "num_workers", "pin_mem", "no_pin_mem",
+    "eval_batch_size", "log_freq", "compile", "compile_mode", "compile_backend", "dist_eval",
+    "world_size", "local_rank", "dist_on_itp", "dist_url", "ci_resamples", "eval_name",
+    "progress_freq", "check_args", "cache_used", "notes", "explicit", "demo_replace",
+    "dicom_scaling_used", "resumed_from", "allow_overlap", "unsafe_load", "grad_checkpointing",
+})
+
+
 class RunFolderError(ValueError):
     """A run folder that is in use, inconsistent, or cannot be written."""
 

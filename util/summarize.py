@@ -59,6 +59,7 @@ from pathlib import Path
 from typing import Any, NamedTuple, Sequence
 
 from util.io import atomic_write
+from util.runfolder import EXECUTION_ARGS
 from util.reports import x100
 
 logger = logging.getLogger(__name__)
@@ -78,21 +79,10 @@ INTERVAL_COLUMNS = ("mean_auroc_ci_low", "mean_auroc_ci_high")
 SEED_COLUMNS = ("seed", "seeds_n", "seeds_mean_auroc", "seeds_sd")
 REFERENCE_COLUMNS = ("reference_mean_auroc", "diff_vs_reference")
 CONFIG_NAME = "config.json"
-# Arguments that say where or how a run was executed, not what it computes: runs that
-# differ only in these and the seed are repetitions of one setting. `cache` and `cache_used`
-# are here because what they change in the pixels (a lossy cache) is compared on its own
-# (Run.image_cache); `data_path` is not: another folder may hold other data.
-RUN_ONLY_ARGS = frozenset({
-    "seed", "output_dir", "run_name", "log_dir", "overwrite", "device", "resume", "start_epoch",
-    "eval", "no_progress", "note", "script", "cache", "num_workers", "pin_mem",
-    "no_pin_mem", "eval_batch_size", "log_freq", "compile", "dist_eval", "world_size",
-    "local_rank", "dist_on_itp", "dist_url", "ci_resamples", "explicit", "eval_name",
-    "progress_freq", "compile_backend", "check_args", "cache_used", "notes",
-    # Records and switches that do not change what a run computes (the DICOM rule used is
-    # kept as the dicom_scaling argument and the image cache as the rows' image_cache).
-    "demo_replace", "resumed_from", "dicom_scaling_used", "allow_overlap", "unsafe_load",
-    "grad_checkpointing", "compile_mode",
-})
+# Runs that differ only in these are repetitions of one setting: the seed and where or how
+# they executed (util.runfolder.EXECUTION_ARGS). `data_path` is not among them: another
+# folder may hold other data.
+RUN_ONLY_ARGS = EXECUTION_ARGS | {"seed"}
 # The arguments a method is tuned with (its recipe), not the data or model it is tested on:
 # LoRA vs full fine-tuning pairs runs that differ only in these (and RUN_ONLY_ARGS).
 METHOD_ARGS = frozenset({
