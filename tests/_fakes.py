@@ -81,6 +81,16 @@ def trained_checkpoint(root: Path, class_names=None, img_size: int = 64, global_
     return stem, mrm
 
 
+def demo_data_and_weights(root: Path, num_images: int = 60, seed: int = 1) -> tuple[Path, Path]:
+    """A small NIH-layout demo data set (32 px) and a fake depth-2 MRM checkpoint beside it."""
+    from datasets import make_demo_dataset
+
+    data = make_demo_dataset(root / "NIH_demo", num_images=num_images, image_size=32, seed=seed)
+    weights = root / "MRM.pth"
+    mrm_checkpoint(weights)
+    return data, weights
+
+
 def tiny_run_args(data, weights, out, *extra: str, seed: int) -> list[str]:
     """Flags of a fast training run on demo data: depth-2 tiny ViT at 32 px, 2 epochs, fp32."""
     return ["--data_path", str(data), "--dataset", "nih", "--finetune", str(weights),

@@ -13,7 +13,7 @@ from PIL import Image
 
 import datasets
 import main_finetune_lora as mfl
-from _fakes import mrm_checkpoint, tiny_run_args
+from _fakes import demo_data_and_weights, tiny_run_args
 from datasets import CacheError, ImageDecodeError, ImageError, SplitFileError, build_cache, build_dataset
 from datasets.loader import build_loader
 from datasets.synthetic import write_dicom
@@ -29,11 +29,7 @@ SPLITS = ("train_list.txt", "val_list.txt", "test_list.txt")
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
     """A small demo data set (NIH layout) and a fake depth-2 MRM checkpoint."""
-    root = tmp_path_factory.mktemp("demo")
-    data = datasets.make_demo_dataset(root / "NIH_demo", num_images=60, image_size=32, seed=1)
-    weights = root / "MRM.pth"
-    mrm_checkpoint(weights)
-    return data, weights
+    return demo_data_and_weights(tmp_path_factory.mktemp("demo"))
 
 
 def _rng_states():

@@ -396,14 +396,9 @@ def test_bad_settings_are_refused(kwargs, message):
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
-    import datasets
-    from _fakes import mrm_checkpoint
+    from _fakes import demo_data_and_weights
 
-    root = tmp_path_factory.mktemp("demo")
-    data = datasets.make_demo_dataset(root / "NIH_demo", num_images=60, image_size=32, seed=1)
-    weights = root / "MRM.pth"
-    mrm_checkpoint(weights)
-    return data, weights
+    return demo_data_and_weights(tmp_path_factory.mktemp("demo"))
 
 
 def test_adamw_device_aug_trains_and_tests(demo, tmp_path):

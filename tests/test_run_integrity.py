@@ -12,18 +12,14 @@ from safetensors.torch import load_file
 import datasets
 import main_finetune_lora as mfl
 import util.runfolder as runfolder
-from _fakes import mrm_checkpoint, tiny_run_args
+from _fakes import demo_data_and_weights, tiny_run_args
 from engine_finetune import train_one_epoch
 
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
     """A small NIH-layout demo set and a fake depth-2 MRM checkpoint."""
-    root = tmp_path_factory.mktemp("integrity")
-    data = datasets.make_demo_dataset(root / "NIH_demo", num_images=60, image_size=32, seed=2)
-    weights = root / "MRM.pth"
-    mrm_checkpoint(weights)
-    return data, weights
+    return demo_data_and_weights(tmp_path_factory.mktemp("integrity"), seed=2)
 
 
 def args_for(data, weights, out, *extra):

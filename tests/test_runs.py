@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 import datasets
 import main_finetune_lora as mfl
 import util.runfolder as runfolder
-from _fakes import mrm_checkpoint, tiny_run_args
+from _fakes import demo_data_and_weights, mrm_checkpoint, tiny_run_args
 from util.io import atomic_write, write_json
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -25,11 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
     """A small NIH-layout demo set and a fake depth-2 MRM checkpoint."""
-    root = tmp_path_factory.mktemp("runs")
-    data = datasets.make_demo_dataset(root / "NIH_demo", num_images=60, image_size=32, seed=2)
-    weights = root / "MRM.pth"
-    mrm_checkpoint(weights)
-    return data, weights
+    return demo_data_and_weights(tmp_path_factory.mktemp("runs"), seed=2)
 
 
 def args_for(data, weights, out, *extra):

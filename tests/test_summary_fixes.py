@@ -174,7 +174,7 @@ def test_other_data_folder_or_lossy_cache_is_another_setting(tmp_path):
 def test_a_run_scored_on_part_of_its_split_says_so(tmp_path, caplog):
     """A run whose test skipped unreadable images (--skip_bad) shows 'n of N' images and is
     named in a warning: its AUROC is not one on the whole split."""
-    whole = run(tmp_path, "whole", "lora", 0, 0.8)
+    run(tmp_path, "whole", "lora", 0, 0.8)
     part = run(tmp_path, "part", "lora", 1, 0.7)
     res = json.loads((part / "results_test.json").read_text())
     res.update(num_images=49, split_images=50,

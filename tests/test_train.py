@@ -17,7 +17,7 @@ from sklearn.metrics import roc_auc_score
 
 import datasets
 import main_finetune_lora as mfl
-from _fakes import mrm_checkpoint, tiny_run_args
+from _fakes import demo_data_and_weights, tiny_run_args
 from util.metrics import binary_auroc
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -26,11 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
     """A small demo data set (NIH layout) and a fake depth-2 MRM checkpoint."""
-    root = tmp_path_factory.mktemp("demo")
-    data = datasets.make_demo_dataset(root / "NIH_demo", num_images=100, image_size=32, seed=1)
-    weights = root / "MRM.pth"
-    mrm_checkpoint(weights)
-    return data, weights
+    return demo_data_and_weights(tmp_path_factory.mktemp("demo"), num_images=100)
 
 
 def base_args(data, weights, out, *extra):
@@ -301,7 +297,8 @@ def test_nonfinite_loss_stops_with_step(demo, tmp_path, capsys):
     assert "error:" in last and "loss is nan" in last.lower()  # the run's log ends with why
 
 
-@pytest.mark.parametrize("flags,message", [
+# Flags no run can use: a bad choice or combination, and numbers out of range.
+BAD_FLAGS = [
     (["--finetune", "/nonexistent/MRM.pth"], "--finetune: file not found: /nonexistent/MRM.pth"),
     (["--lora_pos", "attention"], "--lora_pos"),
     (["--mixup", "0.8"], "--mixup"),
@@ -310,17 +307,8 @@ def test_nonfinite_loss_stops_with_step(demo, tmp_path, capsys):
     (["--eval"], "--eval needs --resume"),
     (["--backbone_dtype", "bf16"], "--backbone_dtype bf16 needs --amp bf16"),
     (["--device_aug", "--optimizer", "adamw", "--aa", "augmix-m5"], "--device_aug: --aa 'augmix-m5'"),
-])
-def test_bad_flags_stop_with_message(demo, tmp_path, capsys, flags, message):
-    data, weights = demo
-    with pytest.raises(SystemExit) as exc:
-        mfl.cli(base_args(data, weights, tmp_path / "x", *flags))
-    assert exc.value.code == 2
-    assert message in capsys.readouterr().err
-    assert not (tmp_path / "x").exists()  # nothing written
-
-
-@pytest.mark.parametrize("flags,message", [
+]
+BAD_NUMBERS = [
     (["--lr", "-0.05"], "--lr -0.05 is not valid"),
     (["--lr", "0"], "--lr 0.0 is not valid"),
     (["--blr", "-1"], "--blr -1.0 is not valid"),
@@ -343,14 +331,20 @@ def test_bad_flags_stop_with_message(demo, tmp_path, capsys, flags, message):
     (["--clip_grad", "0"], "--clip_grad 0.0 is not valid"),
     (["--remode", "noise"], "--remode 'noise' is not valid"),
     (["--recount", "0"], "--recount 0 is not valid"),
-])
-def test_bad_numbers_are_refused_by_check_args(demo, tmp_path, capsys, flags, message):
-    """Each value no run can use stops at flag validation (exit 2), naming flag and value."""
+]
+
+
+@pytest.mark.parametrize("check", [False, True], ids=["run", "check_args"])
+@pytest.mark.parametrize("flags,message", BAD_FLAGS + BAD_NUMBERS)
+def test_bad_flags_stop_with_message(demo, tmp_path, capsys, flags, message, check):
+    """Each stops at flag validation (exit 2) naming flag and value, in a run and under
+    --check_args (what the launch scripts run before torchrun), and writes nothing."""
     data, weights = demo
     with pytest.raises(SystemExit) as exc:
-        mfl.cli(base_args(data, weights, tmp_path / "x", "--check_args", *flags))
+        mfl.cli(base_args(data, weights, tmp_path / "x", *(["--check_args"] if check else []), *flags))
     assert exc.value.code == 2
     assert message in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()  # nothing written
 
 
 def test_preset_of_other_weights_is_refused(demo, tmp_path, capsys):
