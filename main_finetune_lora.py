@@ -34,7 +34,7 @@ import datasets
 import lora
 from datasets.loader import SeededDataset, SeededSampler, build_loader  # noqa: F401  (re-exported)
 from datasets.splits import check_split_overlap
-from datasets.transforms import AUG_FILLS
+from datasets.transforms import AUG_FILLS, ERASE_MODES
 import models_vit_lora as mv
 from engine_finetune import COMPILE_CHOICES, COMPILE_MODES, CompiledModule, NonFiniteLossError, evaluate, train_one_epoch
 import checkpoints as ckpt
@@ -441,7 +441,7 @@ def check_values(args: argparse.Namespace, world: int) -> None:
         refuse("drop_path", "the stochastic depth rate must be in [0, 1)")
     if not 0 <= args.reprob <= 1:
         refuse("reprob", "a probability must be in [0, 1]")
-    if args.remode not in ("pixel", "rand", "const"):
+    if args.remode not in ERASE_MODES:
         refuse("remode", "expected pixel, rand or const")
     if args.recount < 1:
         refuse("recount", "at least 1 erased box")

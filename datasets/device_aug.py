@@ -57,7 +57,7 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms import RandomResizedCrop
 from torchvision.transforms import functional as TF
 
-from .transforms import AUG_FILLS, RECIPES, norm_stats, rand_augment_fill_mean
+from .transforms import AUG_FILLS, ERASE_MODES, RECIPES, norm_stats, rand_augment_fill_mean
 
 DEFAULT_SOURCE_SIZE = 256
 
@@ -529,7 +529,7 @@ class DeviceRandAugment(nn.Module):
                  remode: str = "pixel", recount: int = 1, aug_fill: str = "paper",
                  crop_scale: tuple[float, float] = (0.08, 1.0), crop: bool = True) -> None:
         super().__init__()
-        if remode not in ("pixel", "rand", "const"):
+        if remode not in ERASE_MODES:
             raise ValueError(f"--remode {remode!r}: expected pixel, rand or const")
         if recount < 1:
             raise ValueError(f"--recount {recount}: expected at least 1")

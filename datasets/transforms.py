@@ -21,6 +21,8 @@ from .constants import NORM_STATS
 RECIPES: tuple[str, ...] = ("sgd", "adamw")
 # RandAugment fill colours of the adamw recipe (see `rand_augment_fill_mean`).
 AUG_FILLS: tuple[str, ...] = ("paper", "neutral")
+# Random erasing fills (timm RandomErasing modes) the adamw recipe accepts.
+ERASE_MODES: tuple[str, ...] = ("pixel", "rand", "const")
 # MAE's evaluation resizes to input_size / crop_pct, then centre-crops (224 -> 256 -> 224);
 # above 224 px its crop_pct is 1.
 ADAMW_EVAL_CROP_PCT = 0.875
