@@ -34,6 +34,7 @@ from safetensors.torch import save_file
 import lora
 import models_vit_lora as mv
 from util.io import atomic_write, file_sha256, write_json  # noqa: F401  (re-exported)
+from util.cli import ToolError
 
 logger = logging.getLogger(__name__)
 
@@ -42,7 +43,7 @@ METHODS = mv.METHODS
 ModelConfig = mv.ModelConfig
 
 
-class CheckpointError(ValueError):
+class CheckpointError(ToolError, ValueError):
     """A checkpoint that does not fit the model or pre-trained file it is loaded with."""
 
 
@@ -306,7 +307,7 @@ MERGED_FIELDS: FieldTypes = {
 MERGED_OPTIONAL: FieldTypes = {"eval_recipe": (str,), "model": (str,), "global_pool": (str,)}
 
 
-class ExportError(ValueError):
+class ExportError(ToolError, ValueError):
     """An export that cannot be written, read or does not reproduce its source model."""
 
 

@@ -17,11 +17,12 @@ from tqdm import tqdm
 
 from util.metrics import multilabel_metrics
 from util.precision import AMP_CHOICES, autocast, cpu_has_fast_bf16, resolve_amp  # noqa: F401  (re-exported)
+from util.cli import ToolError
 
 logger = logging.getLogger(__name__)
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(ToolError, RuntimeError):
     """The training loss became NaN or infinite."""
 
 

@@ -25,6 +25,7 @@ from timm.layers import trunc_normal_
 from timm.models.vision_transformer import VisionTransformer
 
 import lora
+from util.cli import ToolError
 
 logger = logging.getLogger(__name__)
 
@@ -120,7 +121,7 @@ MODELS: dict[str, Callable[..., VisionTransformer]] = {
 # Pre-trained weights
 # ---------------------------------------------------------------------------------------
 
-class PretrainedWeightsError(ValueError):
+class PretrainedWeightsError(ToolError, ValueError):
     """A pre-trained file that cannot be loaded safely and completely into the model."""
 
 
@@ -556,7 +557,7 @@ CONFIG_FORMAT = "cxr-lora-checkpoint/1"
 METHODS = ("lora", "full", "linear")
 
 
-class ModelConfigError(ValueError):
+class ModelConfigError(ToolError, ValueError):
     """A model config that names no buildable model."""
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from util.cli import ToolError
 
 
 def _original_message(text: str, name: str) -> str:
@@ -14,7 +15,7 @@ def _original_message(text: str, name: str) -> str:
     return text[found.end():].strip() if found else text
 
 
-class DataError(ValueError):
+class DataError(ToolError, ValueError):
     """Bad data input: a split file, a label, an image or a cache.
 
     Raised in a DataLoader worker, torch re-raises it in the main process with the worker's

@@ -25,6 +25,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .constants import DEFAULT_DICOM_SCALING, DICOM_SCALING_BY_KIND
+from util.cli import ToolError
 
 if TYPE_CHECKING:
     from pydicom import Dataset as DicomDataset
@@ -42,7 +43,7 @@ _LUT_MAX_RANGE = 1 << 20
 _WIDE_MODES = frozenset({"I", "F", "I;16", "I;16B", "I;16L", "I;16N", "I;16S", "I;32", "I;32S"})
 
 
-class ImageDecodeError(OSError):
+class ImageDecodeError(ToolError, OSError):
     """An image file could not be decoded (unreadable, truncated or unsupported)."""
 
 

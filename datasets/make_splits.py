@@ -29,6 +29,7 @@ import pandas as pd
 
 from .constants import CLASS_NAMES
 from .splits import SUBSETS, nested_subsets, write_split_file  # noqa: F401  (re-exported)
+from util.cli import ToolError
 
 logger = logging.getLogger(__name__)
 
@@ -43,7 +44,7 @@ CHEXPERT_UNCERTAIN_TO: dict[str, int] = {
 NIH_NO_FINDING = "No Finding"
 
 
-class MetadataError(ValueError):
+class MetadataError(ToolError, ValueError):
     """The official metadata is missing or malformed."""
 
 

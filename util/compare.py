@@ -29,12 +29,13 @@ import numpy as np
 from util.io import atomic_write, write_json
 from util.reports import x100
 from util.stats import DEFAULT_RESAMPLES, paired_comparison
+from util.cli import ToolError
 
 LABEL_PREFIX = "label_"
 SHOWN = 3  # examples named in a mismatch message
 
 
-class ComparisonError(ValueError):
+class ComparisonError(ToolError, ValueError):
     """Two prediction files that cannot be compared image by image."""
 
 

@@ -9,6 +9,7 @@ import os
 import tempfile
 from pathlib import Path
 from typing import Any, Callable
+from util.cli import ToolError
 
 TMP_SUFFIX = ".tmp"
 
@@ -22,7 +23,7 @@ def file_sha256(path: str | Path, chunk: int = 1 << 22) -> str:
     return digest.hexdigest()
 
 
-class OutputError(OSError):
+class OutputError(ToolError, OSError):
     """A file could not be written (disk full, read-only folder, a folder in the way)."""
 
 

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from util.io import TMP_SUFFIX, OutputError, describe_os_error, file_sha256, write_json, write_text
+from util.cli import ToolError
 
 logger = logging.getLogger(__name__)
 
@@ -59,7 +60,7 @@ EXECUTION_ARGS = frozenset({
 })
 
 
-class RunFolderError(ValueError):
+class RunFolderError(ToolError, ValueError):
     """A run folder that is in use, inconsistent, or cannot be written."""
 
 

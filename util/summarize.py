@@ -61,6 +61,7 @@ from typing import Any, NamedTuple, Sequence
 from util.io import atomic_write
 from util.runfolder import EXECUTION_ARGS
 from util.reports import x100
+from util.cli import ToolError
 
 logger = logging.getLogger(__name__)
 
@@ -97,11 +98,11 @@ RECIPE_SHOWN = ("lora_rank", "optimizer", "lr", "blr", "epochs")
 METHOD_PLOT_LABELS = {"LoRA": "LoRA", "full": "full fine-tuning", "linear": "linear probe"}
 
 
-class ResultsError(ValueError):
+class ResultsError(ToolError, ValueError):
     """A results file that cannot be read or lacks what the summary needs."""
 
 
-class ReferenceFileError(ValueError):
+class ReferenceFileError(ToolError, ValueError):
     """A reference CSV that cannot be read."""
 
 

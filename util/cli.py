@@ -1,0 +1,130 @@
+"""What every command of the tool shares: its parser and its one error boundary.
+
+    def main(argv=None) -> int:
+        parser = cli.Parser(prog="predict.py", description=...)
+        ...
+    if __name__ == "__main__":
+        sys.exit(cli.run(main))
+
+A command's errors reach the user as one line on stderr and an exit code:
+
+- 2: usage (a flag, a flag value or an input the user named is wrong; nothing was written);
+- 1: failure (the command started and could not finish: a damaged file, a full disk);
+- a command may define its own codes above 2 (predict: some inputs could not be read);
+- 130: interrupted (Ctrl-C).
+
+The traceback is printed only with ``--debug`` on the command line or ``CXR_LORA_DEBUG=1``
+in the environment.
+"""
+from __future__ import annotations
+
+import argparse
+import errno
+import logging
+import os
+import sys
+import traceback
+from typing import Callable, Sequence
+
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+DEBUG_ENV = "CXR_LORA_DEBUG"
+# OS errors a user meets (a full disk, a read-only or missing folder, a file in the way):
+# one line each, never a traceback.
+USER_OS_ERRORS = (errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOENT,
+                  errno.ENOTDIR, errno.EEXIST, errno.EISDIR, errno.EDQUOT, errno.ENAMETOOLONG,
+                  errno.ELOOP)
+
+
+class ToolError(Exception):
+    """An error the user can act on: printed as one line; ``exit_code`` is the command's exit."""
+
+    exit_code = EXIT_FAILURE
+
+
+class UsageError(ToolError):
+    """A flag, a flag value or a named input that cannot work (exit 2)."""
+
+    exit_code = EXIT_USAGE
+
+
+class Parser(argparse.ArgumentParser):
+    """Whole flag names only (no abbreviations), and errors in one line plus a pointer to --help."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n(see {self.prog} --help)\n")
+
+
+def debug_requested(argv: Sequence[str]) -> bool:
+    """Whether the user asked for tracebacks (``--debug`` or CXR_LORA_DEBUG=1)."""
+    return "--debug" in argv or os.environ.get(DEBUG_ENV, "") not in ("", "0")
+
+
+def without_debug(argv: Sequence[str]) -> list[str]:
+    """``argv`` without the boundary's own ``--debug`` switch."""
+    return [a for a in argv if a != "--debug"]
+
+
+def describe(err: BaseException) -> str:
+    """One line for an error: its message, with the file an OS error names."""
+    if isinstance(err, OSError) and not isinstance(err, ToolError):
+        name = err.filename if err.filename is not None else ""
+        what = err.strerror or str(err)
+        if err.errno == errno.ENOSPC:
+            what = "no space left on device"
+        return f"{name}: {what}" if name else what
+    text = str(err).strip() or type(err).__name__
+    return " ".join(text.split("\n")) if "\n" in text and len(text) < 400 else text
+
+
+def exit_code_of(err: BaseException) -> int | None:
+    """The exit code of an error the boundary reports in one line; None for a bug."""
+    code = getattr(err, "exit_code", None)
+    if isinstance(code, int):
+        return code
+    if isinstance(err, OSError) and (err.errno in USER_OS_ERRORS or getattr(err, "one_line", False)):
+        return EXIT_FAILURE
+    return None
+
+
+def report(prog: str, err: BaseException) -> int:
+    """Print ``err`` as the command's one error line; returns its exit code."""
+    code = exit_code_of(err)
+    print(f"{prog}: error: {describe(err)}", file=sys.stderr)
+    summary = logging.getLogger("summary")
+    if summary.handlers:  # a run's log file is open: it ends with why
+        summary.error("error: %s", describe(err))
+    return EXIT_FAILURE if code is None else code
+
+
+def run(main: Callable[[list[str]], int | None], argv: Sequence[str] | None = None, *,
+        prog: str | None = None, interrupted: Callable[[], str] | None = None) -> int:
+    """Call ``main(argv)`` inside the command's error boundary and return its exit code.
+
+    ``interrupted``: called on Ctrl-C for the line that says how to continue (optional).
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    prog = prog or os.path.basename(sys.argv[0]) or "command"
+    debug = debug_requested(argv)
+    try:
+        code = main(without_debug(argv))
+        return 0 if code is None else int(code)
+    except KeyboardInterrupt:
+        if debug:
+            traceback.print_exc()
+        hint = interrupted() if interrupted is not None else ""
+        print(f"{prog}: interrupted" + (f": {hint}" if hint else ""), file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except SystemExit:
+        raise
+    except BaseException as err:  # noqa: BLE001  (the boundary: user errors become one line)
+        if exit_code_of(err) is None or debug:
+            if exit_code_of(err) is None:
+                raise  # a bug: its traceback is what a report needs
+            traceback.print_exc()
+        return report(prog, err)
