@@ -168,7 +168,7 @@ def test_resume_refuses_other_data_and_cache_but_follows_a_moved_folder(demo, tm
     datasets.build_cache(moved, "nih", size=24)
     assert mfl.cli(args_for(moved, weights, out, *resume, "--cache", "lossy")) == 1
     err = capsys.readouterr().err
-    assert "from original pixels, this command (--cache lossy) from lossy 24px cache" in err
+    assert "from original pixels, this command from lossy 24px cache" in err
     # The same split files in a moved data folder: the same data, the run continues.
     assert mfl.cli(args_for(moved, weights, out, *resume, "--cache", "off")) == 0
     epochs = [json.loads(l)["epoch"] for l in (out / "log.txt").read_text().splitlines()]
@@ -210,9 +210,16 @@ def test_demo_replaces_only_its_own_demo_run(demo, demo_home, tmp_path, capsys):
     data, weights = demo
     run = demo_home / "demo-nih"
     assert mfl.cli(demo_argv(data)) == 0
-    assert mfl.cli(demo_argv(data, "--seed", "4")) == 0  # the earlier demo run is replaced
-    assert json.loads((run / "config.json").read_text())["args"]["seed"] == 4
+    (run,) = demo_home.glob("demo-nih*")  # the demo's kind and a digest of the flags given
+    assert mfl.cli(demo_argv(data)) == 0  # the same demo again replaces its own run
+    assert json.loads((run / "config.json").read_text())["settings"]["seed"] == 0
     assert len((run / "log.txt").read_text().splitlines()) == 1
+    kept = snapshot(run)
+    assert mfl.cli(demo_argv(data, "--seed", "4")) == 0  # another seed: a folder of its own
+    (seeded,) = demo_home.glob("demo-nih_s4*")
+    assert json.loads((seeded / "config.json").read_text())["settings"]["seed"] == 4
+    assert snapshot(run) == kept  # the seed-0 demo run is kept
+    shutil.rmtree(seeded)
 
     # A real run the user put in a folder named like the demo's: never replaced by the demo.
     shutil.rmtree(run)
@@ -281,19 +288,6 @@ def test_last_short_accumulation_group_steps_its_mean_gradient():
         torch.testing.assert_close(a, b)
 
 
-def test_a_run_recorded_before_split_hashes_knows_its_data_by_folder(tmp_path, monkeypatch):
-    """Runs without split_sha256 compare folders, resolved: the launch scripts of the time
-    gave them relative to the repository; a trailing slash or another spelling is the same."""
-    data = tmp_path / "NIH"
-    data.mkdir()
-    monkeypatch.chdir(tmp_path)
-    assert mfl.same_folder("NIH", str(data)) and mfl.same_folder("./NIH/", str(data))
-    assert mfl.same_folder(str(data) + "/", "NIH")
-    assert mfl.same_folder("./DatasetsSplits", str(mfl.REPO_ROOT / "DatasetsSplits"))
-    assert not mfl.same_folder("NIH", str(tmp_path))
-    assert mfl.same_folder(None, None) and not mfl.same_folder(None, str(data))
-
-
 def test_a_continuation_stopped_before_its_first_epoch_continues_the_source_again(demo, tmp_path):
     """A run resumed from A into B and stopped before B's first commit: `--resume auto` in B
     continues A again (A's epochs, A's best), not a fresh run from the weights."""
@@ -326,7 +320,7 @@ def test_resume_auto_in_a_new_length_folder_points_to_the_run_beside_it(tmp_path
     done.mkdir()
     (done / "checkpoint-last.json").write_text("{}")
     new = tmp_path / "nih_1pct_mrm_lora-r4_sgd-lr0.05-e3-b64_s0"
-    assert mfl.other_length_hint(new) == (f" (the same run with other --epochs is in {done}: "
+    assert runfolder.other_length_hint(new) == (f" (the same run with other --epochs is in {done}: "
                                           f"--resume {done / 'checkpoint-last'} continues it)")
-    assert mfl.other_length_hint(tmp_path / "nih_1pct_mrm_lora-r4_sgd-lr0.05-e3-b64_s1") == ""
-    assert mfl.other_length_hint(tmp_path / "my_run") == ""
+    assert runfolder.other_length_hint(tmp_path / "nih_1pct_mrm_lora-r4_sgd-lr0.05-e3-b64_s1") == ""
+    assert runfolder.other_length_hint(tmp_path / "my_run") == ""

@@ -74,7 +74,7 @@ def test_two_epoch_run_outputs_and_exact_reload(demo, tmp_path, capsys):
                for k in tensors)
     run_config = json.loads((out / "config.json").read_text())
     assert run_config["torch"] == torch.__version__ and "git_commit" in run_config
-    assert run_config["args"]["lora_rank"] == 4
+    assert run_config["settings"]["lora_rank"] == 4
 
     results = json.loads((out / "results_test.json").read_text())
     test_set = datasets.build_dataset("test", data, "nih")
@@ -402,7 +402,7 @@ def test_output_folder_with_another_run_refused(demo, tmp_path, capsys):
 
 def test_nb_classes_checked_against_data(demo, tmp_path, capsys):
     data, weights = demo
-    assert mfl.cli(base_args(data, weights, tmp_path / "k", "--nb_classes", "5")) == 1
+    assert mfl.cli(base_args(data, weights, tmp_path / "k", "--nb_classes", "5")) == 2
     assert "--nb_classes 5" in capsys.readouterr().err
 
 
@@ -448,7 +448,9 @@ def test_preset_fills_and_explicit_flags_win(tmp_path):
     (["--data_path", "RSNA_demo"], None, "RSNA_demo"),  # the user's: kind from its folder
     (["--data_path", "RSNA_demo", "--dataset", "rsna"], "rsna", "RSNA_demo"),
 ])
-def test_demo_takes_the_kind_of_a_given_data_path(extra, dataset, data_path):
+def test_demo_takes_the_kind_of_a_given_data_path(extra, dataset, data_path, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "RSNA_demo").mkdir()  # a demo set the user wrote (python -m datasets.demo --rsna)
     parser = mfl.get_args_parser()
     argv = ["--demo", *extra]
     args = parser.parse_args(argv)

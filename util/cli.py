@@ -22,6 +22,7 @@ import argparse
 import errno
 import logging
 import os
+import re
 import sys
 import traceback
 from typing import Callable, Sequence
@@ -57,6 +58,8 @@ class Parser(argparse.ArgumentParser):
         super().__init__(*args, **kwargs)
 
     def error(self, message: str):  # type: ignore[override]
+        # "argument --lr: -0.05 is not valid: ..." reads as "--lr -0.05 is not valid: ...".
+        message = re.sub(r"^argument (--\S+?)(?:/\S+)?: (.* is not valid)", r"\1 \2", message)
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n(see {self.prog} --help)\n")
 
 

@@ -1,67 +1,71 @@
-"""A run folder that tells the truth: one run at a time, epochs committed whole, and a
-record of every file the run wrote.
+"""The run folder: one owner for everything a training run keeps on disk.
 
-- ``.lock``: taken with ``O_EXCL`` by the run writing the folder (pid, host, start, command);
-  a second run is refused with the holder's name, a dead holder's lock is taken over.
+The entry script asks it one question per step:
+
+    folder = RunFolder(path)                   # absolute; nothing touched yet
+    folder.lock.acquire(command)               # one run at a time (flock)
+    plan = folder.plan(settings, resume=..., overwrite=..., replace_demo=...)
+    folder.start(plan, run_record)             # removes a replaced run's files, writes config.json
+    folder.commit(epoch, stage, history)       # one epoch, all or nothing
+    folder.best_checkpoint()                   # what the final test loads
+
+Files:
+- ``.lock``: held with ``flock`` by the run writing the folder (the file names the holder:
+  pid, host, start, command). A lock dies with its process, so a killed run never blocks
+  the next one; only the holder removes the file, while still holding it.
+- ``config.json`` (format ``RUN_FORMAT``): the run's ``settings`` (what makes the run this
+  run: see ``differing``), how it executed, and what it found (data cache, precision, ...).
 - ``commit.json``: the last committed epoch. An epoch's files (best and last checkpoint,
   resume state) are first written into ``.pending/``, then ``commit.json`` names them with
   their SHA-256 and the run's log history (one atomic rename: the commit point), then they
   are moved into place and ``log.txt`` is rewritten from that history. A run killed at any
   point leaves either the previous commit or the new one, never a mix: ``recover`` finishes
   or discards an interrupted commit and checks every committed file against its hash.
-- ``run_files.json``: every file the run wrote (relative names); ``--overwrite`` removes
-  exactly these and nothing else.
+- ``run_files.json``: every file the run wrote (names inside the folder); ``--overwrite``
+  removes exactly these and nothing else.
 
 Only the main process touches these files.
 """
 from __future__ import annotations
 
+import errno
+import fcntl
 import json
 import logging
 import os
+import re
 import shutil
 import socket
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from util.io import TMP_SUFFIX, OutputError, describe_os_error, file_sha256, write_json, write_text
 from util.cli import ToolError
+from util.io import TMP_SUFFIX, OutputError, describe_os_error, file_sha256, write_json, write_text
 
 logger = logging.getLogger(__name__)
 
 LOCK_NAME = ".lock"
+CONFIG_NAME = "config.json"
 COMMIT_NAME = "commit.json"
 PENDING_DIR = ".pending"
 MANIFEST_NAME = "run_files.json"
+RUN_FORMAT = "cxr-lora-run/1"
 COMMIT_FORMAT = "cxr-lora-commit/1"
-# What runs written before run_files.json existed wrote: exact names only, never patterns
-# that could match a user's own files.
-LEGACY_RUN_FILES = (
-    "log.txt", "train.log", "config.json",
-    "checkpoint-best.safetensors", "checkpoint-best.json",
-    "checkpoint-last.safetensors", "checkpoint-last.json", "checkpoint-last.state.pt",
-    "results_test.json", "results_test_auroc.csv", "results_test_auroc.md",
-    "predictions_test.csv", "roc_test.png",
-)
-
-
-# A run's arguments that say where and how it executed, and records that do not change what
-# it computed: runs that differ only in these computed the same thing. (`cache` and
-# `cache_used`: what a cache changes in the pixels, a lossy cache, is compared on its own;
-# the DICOM rule used is kept as the dicom_scaling argument.)
-EXECUTION_ARGS = frozenset({
-    "output_dir", "run_name", "log_dir", "overwrite", "device", "resume", "start_epoch", "eval",
-    "no_progress", "note", "script", "cache", "num_workers", "pin_mem", "no_pin_mem",
-    "eval_batch_size", "log_freq", "compile", "compile_mode", "compile_backend", "dist_eval",
-    "world_size", "local_rank", "dist_on_itp", "dist_url", "ci_resamples", "eval_name",
-    "progress_freq", "check_args", "cache_used", "notes", "explicit", "demo_replace",
-    "dicom_scaling_used", "resumed_from", "allow_overlap", "unsafe_load", "grad_checkpointing",
-})
+MANIFEST_FORMAT = "cxr-lora-files/1"
+# Files whose presence says a folder holds a training run.
+RUN_MARKERS = (CONFIG_NAME, "log.txt", "checkpoint-last.json", COMMIT_NAME)
+# Settings a continued run may change: a longer (or shorter) schedule.
+RESUME_MAY_CHANGE = ("epochs",)
 
 
 class RunFolderError(ToolError, ValueError):
     """A run folder that is in use, inconsistent, or cannot be written."""
+
+
+class RunConflict(RunFolderError):
+    """The command asks for something the folder's existing run contradicts."""
 
 
 def _fault_point(label: str) -> None:
@@ -73,115 +77,289 @@ def _fsync_file(path: Path) -> None:
         os.fsync(f.fileno())
 
 
-def _pid_alive(pid: int) -> bool:
+def differing(old: dict[str, Any], new: dict[str, Any], ignore: tuple[str, ...] = ()) -> list[str]:
+    """The settings (``--flag old -> new``) in which two runs differ: the one definition of
+    "another run", used by the folder check, resume and util.summarize."""
+    keys = sorted((set(old) | set(new)) - set(ignore))
+    return [f"--{k} {old.get(k)!r} -> {new.get(k)!r}" for k in keys if old.get(k) != new.get(k)]
+
+
+def read_run_record(folder: str | Path) -> dict[str, Any] | None:
+    """A folder's config.json (None when absent); one line when it is damaged or of another format."""
+    path = Path(folder) / CONFIG_NAME
+    if not path.is_file():
+        return None
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise RunFolderError(f"{path}: unreadable run record ({err})") from None
+    if not isinstance(record, dict) or record.get("format") != RUN_FORMAT:
+        found = record.get("format") if isinstance(record, dict) else None
+        raise RunFolderError(f"{path}: a run record of format {found!r}, this tool reads "
+                             f"{RUN_FORMAT!r}")
+    return record
 
 
 class RunLock:
-    """An ``O_EXCL`` lock file: one run writes a folder at a time."""
+    """An ``flock`` on ``<folder>/.lock``: one run writes a folder at a time.
+
+    The lock is the kernel's, so two processes can never both hold it, and a dead holder's
+    lock is free. The file's content only names the holder for the refusal message.
+    """
 
     def __init__(self, folder: str | Path) -> None:
         self.path = Path(folder) / LOCK_NAME
-        self.held = False
+        self._fd: int | None = None
+
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
 
     def acquire(self, command: str = "") -> None:
-        """Take the lock, or raise naming the run that holds it (a dead holder's lock is taken over)."""
-        info = {"pid": os.getpid(), "host": socket.gethostname(),
-                "started": time.strftime("%Y-%m-%d %H:%M:%S"), "command": command}
-        for _ in range(2):
+        """Take the lock, or raise naming the run that holds it."""
+        while True:
             try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+            except OSError as err:
+                raise RunFolderError(describe_os_error(err, self.path)) from None
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as err:
+                os.close(fd)
+                if err.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
+                    raise RunFolderError(describe_os_error(err, self.path)) from None
                 holder = self._read()
-                if self._stale(holder):
-                    logger.warning("removing the stale lock of a run that is gone (pid %s on %s, "
-                                   "started %s)", holder.get("pid"), holder.get("host"),
-                                   holder.get("started"))
-                    self.path.unlink(missing_ok=True)
-                    continue
                 raise RunFolderError(
                     f"{self.path.parent} is in use by another run (pid {holder.get('pid')} on "
                     f"{holder.get('host')}, started {holder.get('started')}: "
                     f"{holder.get('command') or 'command unknown'}); wait for it to finish or "
-                    f"choose another --output_dir / --run_name. If no such run exists any more, "
-                    f"delete {self.path}") from None
-            except OSError as err:
-                raise RunFolderError(describe_os_error(err, self.path)) from None
-            with os.fdopen(fd, "w") as f:
-                json.dump(info, f)
-            self.held = True
-            return
-        raise RunFolderError(f"could not take the lock {self.path}")
+                    "choose another --output_dir / --run_name") from None
+            try:  # the holder before us may have removed the file after we opened it
+                same = os.fstat(fd).st_ino == os.stat(self.path, follow_symlinks=False).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)
+        info = {"pid": os.getpid(), "host": socket.gethostname(),
+                "started": time.strftime("%Y-%m-%d %H:%M:%S"), "command": command}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(info).encode(), 0)
+        self._fd = fd
 
     def _read(self) -> dict[str, Any]:
         try:
-            return json.loads(self.path.read_text() or "{}")
+            holder = json.loads(self.path.read_text() or "{}")
         except (OSError, ValueError):
             return {}
-
-    @staticmethod
-    def _stale(holder: dict[str, Any]) -> bool:
-        # Only a holder on this host can be checked; a lock written half-way (no pid) by a
-        # process killed in the act is stale too.
-        if "pid" not in holder:
-            return True
-        return holder.get("host") == socket.gethostname() and not _pid_alive(int(holder["pid"]))
+        return holder if isinstance(holder, dict) else {}
 
     def release(self) -> None:
-        """Give the lock back (only if this process holds it)."""
-        if self.held:
+        """Give the lock back (only if this process holds it); the file goes while still held."""
+        if self._fd is not None:
             self.path.unlink(missing_ok=True)
-            self.held = False
+            os.close(self._fd)
+            self._fd = None
+
+
+@dataclass
+class Plan:
+    """What the folder's state makes of --resume / --overwrite for this run."""
+
+    resume: str          # the checkpoint this run continues; '' for a fresh start
+    replace: bool        # remove the folder's previous run (its own files) at the start
+    committed: dict[str, Any] | None  # this folder's last commit, when this run continues it
+    source: Path | None  # the folder of a run continued into this other folder
 
 
 class RunFolder:
-    """The files of one run: what it wrote, its commits, its lock."""
+    """The files of one run: what it wrote, its commits, its lock, its record."""
 
     def __init__(self, folder: str | Path) -> None:
-        self.folder = Path(folder)
+        self.folder = Path(os.path.abspath(folder))
         self.lock = RunLock(self.folder)
 
     # -- what the run wrote -------------------------------------------------------------
     def written(self) -> list[str]:
-        """Relative names of the files this run recorded as its own."""
+        """Names (inside the folder) of the files this run recorded as its own."""
         path = self.folder / MANIFEST_NAME
         if not path.is_file():
             return []
         try:
-            return list(json.loads(path.read_text()).get("files", []))
+            record = json.loads(path.read_text())
         except (OSError, ValueError) as err:
             raise RunFolderError(f"{path}: unreadable record of the run's files ({err})") from None
+        if not isinstance(record, dict) or record.get("format") != MANIFEST_FORMAT:
+            found = record.get("format") if isinstance(record, dict) else None
+            raise RunFolderError(f"{path}: a record of format {found!r}, this tool reads "
+                                 f"{MANIFEST_FORMAT!r}")
+        return [n for n in record.get("files", []) if isinstance(n, str) and self._inside(n)]
+
+    def _inside(self, name: str) -> bool:
+        """Whether a recorded name is a file of this folder (never ``..``, never absolute)."""
+        norm = os.path.normpath(name)
+        return not (os.path.isabs(norm) or norm == ".." or norm.startswith(".." + os.sep)
+                    or norm == ".")
+
+    def name_of(self, path: str | Path) -> str | None:
+        """``path``'s name relative to the folder, or None when it lies outside."""
+        path = Path(path)
+        full = path if path.is_absolute() else self.folder / path
+        rel = os.path.relpath(os.path.abspath(full), self.folder)
+        return rel if self._inside(rel) else None
 
     def record(self, *paths: str | Path) -> None:
-        """Add files (absolute or relative to the folder) to the run's own files."""
+        """Add files (absolute, or relative to the folder) to the run's own files."""
         names = self.written()
         for p in paths:
-            p = Path(p)
-            rel = os.path.relpath(p, self.folder) if p.is_absolute() else str(p)
-            if rel.startswith(".."):
-                continue  # outside the folder (e.g. a --log_dir elsewhere): not ours to remove
-            if rel not in names:
+            rel = self.name_of(p)
+            if rel is not None and rel not in names:  # outside (a --log_dir elsewhere): not ours
                 names.append(rel)
-        write_json(self.folder / MANIFEST_NAME, {"files": names})
+        write_json(self.folder / MANIFEST_NAME, {"format": MANIFEST_FORMAT, "files": names})
+
+    def writable(self, name: str) -> Path:
+        """The path of a file the run is about to write: never through a symlink."""
+        path = self.folder / name
+        if path.is_symlink():
+            raise RunFolderError(f"{path} is a symbolic link: a run does not write through it "
+                                 "(remove it, or choose another --output_dir / --run_name)")
+        return path
 
     def remove_own_files(self) -> list[str]:
         """Delete exactly the files the previous run wrote (for --overwrite); returns them."""
-        names = self.written() if (self.folder / MANIFEST_NAME).is_file() else list(LEGACY_RUN_FILES)
         removed = []
-        for name in [*names, COMMIT_NAME, MANIFEST_NAME]:
+        for name in [*self.written(), COMMIT_NAME, MANIFEST_NAME]:
             path = self.folder / name
-            if path.is_file():
+            if path.is_symlink() or path.is_file():  # a link itself goes, never its target
                 path.unlink()
                 removed.append(name)
         if (self.folder / PENDING_DIR).is_dir():
             shutil.rmtree(self.folder / PENDING_DIR)
         return removed
+
+    # -- which run ----------------------------------------------------------------------
+    def run_record(self) -> dict[str, Any] | None:
+        """This folder's run record (config.json), or None; {} for a run whose record is lost."""
+        if not any((self.folder / m).exists() for m in RUN_MARKERS):
+            return None
+        try:
+            return read_run_record(self.folder) or {}
+        except RunFolderError:
+            return {}
+
+    def plan(self, settings: dict[str, Any], *, resume: str, overwrite: bool,
+             replace_demo: bool = False) -> Plan:
+        """Recover the (locked) folder, resolve --resume auto against it, refuse another run.
+
+        ``resume``: '', 'auto' or a checkpoint path; ``replace_demo``: this is the demo in
+        its own folder, which replaces an earlier demo run there.
+        """
+        old = self.run_record()
+        old_settings = (old or {}).get("settings") or {}
+        own = resume == "auto" or (bool(resume) and checkpoint_folder(resume) == self.folder)
+        if overwrite and own:
+            raise RunConflict(f"--resume {resume} continues the run in {self.folder}, "
+                              "--overwrite replaces it: give one of them")
+        if replace_demo and not resume and old_settings.get("demo") is True:
+            overwrite = True
+        committed = self.recover(verify=not (overwrite and not own))
+        if resume == "auto":
+            resume, own, overwrite = self._resolve_auto(old, committed, settings, overwrite)
+        self._refuse_another_run(old, settings, committed, resume, overwrite)
+        source = checkpoint_folder(resume) if resume and not own else None
+        keep = bool(resume) and own
+        return Plan(resume=resume, replace=overwrite and not keep,
+                    committed=committed if keep else None, source=source)
+
+    def _resolve_auto(self, old: dict | None, committed: dict | None, settings: dict,
+                      overwrite: bool) -> tuple[str, bool, bool]:
+        """What --resume auto means here: (checkpoint, continues this folder, replace)."""
+        if committed is not None or (self.folder / "checkpoint-last.json").exists():
+            return str(self.folder / "checkpoint-last"), True, overwrite
+        differ = differing((old or {}).get("settings") or {}, settings)
+        if old is not None and (not old.get("settings") or differ):
+            raise RunConflict(f"--resume auto: {self.folder} holds another run with no "
+                              f"completed epoch ({', '.join(differ[:4]) or 'other settings'}): "
+                              "give this one another --run_name or --note")
+        earlier = continued_from(old, self.folder)
+        if earlier is not None:
+            # A continuation of another run, stopped before its first commit here: continue
+            # that run again (its files here are replaced), not start from the weights.
+            logger.warning("--resume auto: %s has no completed epoch; it continued %s, which "
+                           "this run continues again", self.folder, earlier)
+            return earlier, False, True
+        logger.warning("--resume auto: %s has no completed epoch to continue; starting %s%s",
+                       self.folder, "the run afresh there" if old is not None else "a new run",
+                       other_length_hint(self.folder))
+        return "", False, overwrite or old is not None
+
+    def _refuse_another_run(self, old: dict | None, settings: dict, committed: dict | None,
+                            resume: str, overwrite: bool) -> None:
+        """Refuse to write into a folder that holds another run, saying what would be right."""
+        if old is None or overwrite:
+            return
+        markers = ", ".join(m for m in RUN_MARKERS if (self.folder / m).exists())
+        if resume:
+            source = checkpoint_folder(resume)
+            if source == self.folder:
+                return
+            raise RunConflict(
+                f"--resume {resume} continues the run of {source} in {self.folder}, but "
+                f"{self.folder} already holds a run ({markers}): its results would be mixed with "
+                "this one's. Choose an empty --output_dir / --run_name, or --overwrite to replace "
+                "that run" + (" (if it is this run's own earlier continuation, --resume auto "
+                              "continues it)" if committed is not None else ""))
+        old_settings = old.get("settings") or {}
+        differ = differing(old_settings, settings)
+        old_epochs = old_settings.get("epochs")
+        if not old_settings:
+            hint = "choose another --output_dir / --run_name, or --overwrite to replace it"
+        elif differ:
+            shown = ", ".join(differ[:4]) + (f" and {len(differ) - 4} more" if len(differ) > 4 else "")
+            hint = (f"it is a different run ({shown}): give this one another --run_name or "
+                    "--note to keep both, or --overwrite to replace that run")
+            if (len(differ) == 1 and differ[0].startswith("--epochs ") and committed is not None
+                    and isinstance(old_epochs, int) and settings.get("epochs", 0) > old_epochs):
+                hint += f"; or --resume auto to continue it to {settings['epochs']} epochs"
+        elif committed is not None and committed["epoch"] + 1 >= int(old_epochs or -1):
+            hint = ("that run with these settings is complete: --overwrite to run it again, or "
+                    "another --note / --seed for a new run beside it")
+        else:
+            hint = "that run with these settings did not finish: --resume auto continues it"
+        raise RunConflict(f"output folder {self.folder} already holds a run ({markers}): {hint}")
+
+    def check_resume(self, checkpoint: str, saved: dict[str, Any], settings: dict[str, Any]) -> None:
+        """Refuse to continue a run (its recorded ``saved`` settings) with other settings."""
+        changed = [k for k in sorted(set(saved) | set(settings))
+                   if k not in RESUME_MAY_CHANGE and saved.get(k) != settings.get(k)]
+        if changed:
+            key = changed[0]
+            raise RunConflict(f"--resume {checkpoint}: {_resume_difference(key, saved.get(key), settings)}")
+        if saved.get("epochs") != settings.get("epochs"):
+            logger.warning("--resume: --epochs changed from %s to %s: the lr schedule follows "
+                           "the new length from here on", saved.get("epochs"), settings.get("epochs"))
+
+    # -- the run's start and its files ----------------------------------------------------
+    def start(self, plan: Plan, record: dict[str, Any], script: str = "") -> None:
+        """Replace a previous run if the plan says so, then write config.json (and the launch
+        script's copy) and record them, with the log file, as this run's."""
+        if plan.replace:
+            removed = self.remove_own_files()
+            if removed:
+                logger.info("--overwrite: removed the previous run's %d files from %s",
+                            len(removed), self.folder)
+        self.writable("train.log")
+        write_json(self.writable(CONFIG_NAME), {"format": RUN_FORMAT, **record})
+        written = [CONFIG_NAME, "train.log"]
+        if script and Path(script).is_file():
+            name = Path(script).name
+            write_text(self.writable(name), Path(script).read_text())
+            written.append(name)
+        self.record(*written)
+
+    def best_checkpoint(self) -> Path:
+        """The checkpoint the final test loads: this folder's best validated epoch."""
+        return self.folder / "checkpoint-best"
 
     # -- commits ------------------------------------------------------------------------
     def read_commit(self) -> dict[str, Any] | None:
@@ -194,9 +372,10 @@ class RunFolder:
         except (OSError, ValueError) as err:
             raise RunFolderError(f"{path}: unreadable commit record ({err}); the run folder is "
                                  "damaged") from None
-        if record.get("format") != COMMIT_FORMAT:
-            raise RunFolderError(f"{path}: not a commit record of this tool "
-                                 f"(format {record.get('format')!r})")
+        if not isinstance(record, dict) or record.get("format") != COMMIT_FORMAT:
+            found = record.get("format") if isinstance(record, dict) else None
+            raise RunFolderError(f"{path}: a commit record of format {found!r}, this tool "
+                                 f"reads {COMMIT_FORMAT!r}")
         return record
 
     def commit(self, epoch: int, stage: Callable[[Path], Any], log: list[dict[str, Any]],
@@ -289,15 +468,95 @@ class RunFolder:
                                      f"{COMMIT_NAME}): it was changed after the run wrote it")
         return record
 
+    def carry_best(self, source: Path, pending: Path, best_epoch: int | None,
+                   saved_epoch: Callable[[Path], Any]) -> None:
+        """Copy a continued run's checkpoint-best into this folder's staged commit, checked
+        against the source's commit record and its best epoch (``saved_epoch(stem)`` reads
+        the epoch a checkpoint's JSON records)."""
+        tensors, config = source / "checkpoint-best.safetensors", source / "checkpoint-best.json"
+        if best_epoch is None and not config.exists():
+            return  # no epoch of that run was validated yet: nothing to carry
+        if not (tensors.is_file() and config.is_file()):
+            raise RunFolderError(f"{source / 'checkpoint-best'} is missing: the resumed run's best "
+                                 f"checkpoint (epoch {best_epoch}) is needed in this run's folder")
+        saved = saved_epoch(source / "checkpoint-best")
+        if saved != best_epoch:
+            raise RunFolderError(f"{config} is of epoch {saved}, but the resume state's best "
+                                 f"epoch is {best_epoch}: the resumed run's files disagree")
+        record = RunFolder(source).read_commit()
+        for path in (tensors, config):
+            copy = pending / path.name
+            shutil.copyfile(path, copy)
+            if record is not None and record["files"].get(path.name) not in (None, file_sha256(copy)):
+                raise RunFolderError(f"{path} changed after its run committed it (sha256 differs "
+                                     f"from {source / COMMIT_NAME}): not carried into this run")
+
+
+def _resume_difference(key: str, old: Any, settings: dict[str, Any]) -> str:
+    """How a run's recorded setting ``key`` (``old``) differs from this command's, in words."""
+    new = settings.get(key)
+    if key == "weights_sha256":
+        return (f"the run was trained on other pre-trained weights (sha256 {str(old)[:12]}...) "
+                f"than --finetune gives (sha256 {str(new)[:12]}...)")
+    if key == "split_sha256":
+        split = next(s for s in sorted(set(old or {}) | set(new or {}))
+                     if (old or {}).get(s) != (new or {}).get(s))
+        return (f"the run was trained on other data: its {split} split file had sha256 "
+                f"{str((old or {}).get(split))[:12]}..., --data_path / --split_dir give "
+                f"{str((new or {}).get(split))[:12]}...; resume on the run's own data, or start "
+                "a new run")
+    if key == "pixels":
+        return (f"the run read its images from {old}, this command from {new}; resume with the "
+                "run's own --cache")
+    return (f"the run was trained with --{key} {old!r}, this command gives {new!r}; resume with "
+            "the run's own settings, or start a new run")
+
+
+def checkpoint_folder(checkpoint: str | Path) -> Path:
+    """The run folder of a checkpoint (``<run>/checkpoint-last``, with or without suffix)."""
+    return Path(os.path.abspath(checkpoint)).parent
+
+
+def continued_from(old: dict | None, folder: Path) -> str | None:
+    """The checkpoint in another folder that the run in ``folder`` (its record: ``old``) was
+    continuing, if that checkpoint is still there; else None."""
+    earlier = (old or {}).get("resumed_from")
+    if not isinstance(earlier, str) or not earlier or checkpoint_folder(earlier) == folder:
+        return None
+    stem = re.sub(r"\.(json|safetensors)$", "", earlier)
+    return earlier if Path(stem + ".json").is_file() else None
+
+
+def other_length_hint(folder: Path) -> str:
+    """For an automatic run name: the same run with another --epochs beside it, if any (a
+    longer run continues it with --resume <that>/checkpoint-last, not --resume auto)."""
+    match = re.search(r"-e(\d+)-", folder.name)
+    if match is None or not folder.parent.is_dir():
+        return ""
+    pattern = re.compile(re.escape(folder.name[:match.start()]) + r"-e\d+-"
+                         + re.escape(folder.name[match.end():]) + "$")
+    others = sorted(p for p in folder.parent.iterdir()
+                    if p != folder and pattern.match(p.name) and (p / "checkpoint-last.json").is_file())
+    if not others:
+        return ""
+    return (f" (the same run with other --epochs is in {others[-1]}: --resume "
+            f"{others[-1] / 'checkpoint-last'} continues it)")
+
 
 def run_owning(path: str | Path) -> Path | None:
     """The run folder that recorded ``path`` as one of its own files (its reports,
     predictions, checkpoints), or None: other tools must not write over a run's results."""
-    path = Path(path).resolve()
-    for folder in path.parents:
-        names = RunFolder(folder).written() if (folder / MANIFEST_NAME).is_file() else []
-        if os.path.relpath(path, folder) in names:
-            return folder
+    path = Path(os.path.abspath(path))
+    for candidate in (path, Path(os.path.realpath(path))):
+        for folder in candidate.parents:
+            if not (folder / MANIFEST_NAME).is_file():
+                continue
+            try:
+                names = RunFolder(folder).written()
+            except RunFolderError:
+                return folder  # a damaged record still marks a run's folder
+            if os.path.relpath(candidate, folder) in names:
+                return folder
     return None
 
 
