@@ -132,6 +132,7 @@ def train_one_epoch(
     params: Sequence[torch.Tensor] | None = None,
     batch_transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
     progress_freq: int = 100,
+    progress_seconds: float = 30.0,
 ) -> dict[str, float]:
     """Train for one epoch with BCE-with-logits; returns mean loss and the last lr.
 
@@ -157,10 +158,15 @@ def train_one_epoch(
     bar = _progress(loader, n_steps, f"epoch {epoch}", progress)
     lines = progress and not hasattr(bar, "set_postfix")
     start, seen = time.perf_counter(), 0
+    last_line = start
     for step, (images, targets) in enumerate(bar):
         seen += len(images)
-        if lines and (step + 1) % progress_freq == 0 and step + 1 < n_steps:
-            elapsed = time.perf_counter() - start
+        now = time.perf_counter()
+        # Every progress_freq steps, and at least every progress_seconds: a short epoch of a
+        # slow model still reports before it ends.
+        due = (step + 1) % progress_freq == 0 or now - last_line >= progress_seconds
+        if lines and due and step + 1 < n_steps:
+            elapsed, last_line = now - start, now
             eta = elapsed / (step + 1) * (n_steps - step - 1)
             logger.info("epoch %d: step %d/%d, %.1f images/s, epoch ETA %s", epoch, step + 1,
                         n_steps, seen / max(elapsed, 1e-9), _clock(eta))

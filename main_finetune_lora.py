@@ -110,6 +110,13 @@ def device_name(text: str) -> str:
     return text
 
 
+def folder_name(text: str) -> str:
+    """An argparse type: one folder name (no path: the folder goes where the command puts it)."""
+    if not text or text in (".", "..") or "/" in text or os.sep in text:
+        raise argparse.ArgumentTypeError(f"{text!r} is not valid: a folder name, not a path")
+    return text
+
+
 class FlagTable:
     """Adds the flags of one group, each with its role (RUN unless said)."""
 
@@ -154,7 +161,7 @@ def get_args_parser() -> argparse.ArgumentParser:
       help="only evaluate --resume on --eval_split of --data_path; results go to <checkpoint "
            "folder>/eval/<name> (or --output_dir), never over the training run's own files")
     f("--eval_split", default="test", choices=["val", "test"], help="the split --eval evaluates")
-    f("--eval_name", default=None,
+    f("--eval_name", default=None, type=folder_name,
       help="name of the --eval output folder <checkpoint folder>/eval/<name> (default: data "
            "folder and split file); with --output_dir, a folder inside it")
     f("--dist_eval", action="store_true",
@@ -886,7 +893,7 @@ class Training:
         args, folder = self.args, self.folder
         record = run_record(args, roles, self.settings, self.plan, self.data, self.config,
                             self.model, start_epoch, self.dist_info, self.precision)
-        folder.start(self.plan, record, script=args.script)
+        folder.start(self.plan, record, script=args.script, overwrite=args.overwrite)
         setup_logging(True, folder.writable("train.log"))
         from torch.utils.tensorboard import SummaryWriter
 
@@ -1182,7 +1189,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     args = parser.parse_args(argv)
     try:
         return resolve_args(args, explicit_flags(parser, argv))
-    except ArgumentError as err:
+    except command.UsageError as err:
         parser.error(str(err))
 
 

@@ -56,6 +56,14 @@ COMMIT_FORMAT = "cxr-lora-commit/1"
 MANIFEST_FORMAT = "cxr-lora-files/1"
 # Files whose presence says a folder holds a training run.
 RUN_MARKERS = (CONFIG_NAME, "log.txt", "checkpoint-last.json", COMMIT_NAME)
+# Every file a training run writes into its folder (with the launch script's copy and the
+# TensorBoard folder): a folder holding a file of these names that no run recorded is
+# somebody else's, and is not written over unless --overwrite says so.
+RUN_OUTPUTS = (CONFIG_NAME, "train.log", "log.txt", COMMIT_NAME, MANIFEST_NAME,
+               "checkpoint-best.safetensors", "checkpoint-best.json", "checkpoint-last.safetensors",
+               "checkpoint-last.json", "checkpoint-last.state.pt", "results_test.json",
+               "results_test_auroc.csv", "results_test_auroc.md", "predictions_test.csv",
+               "roc_test.png")
 # Settings a continued run may change: a longer (or shorter) schedule.
 RESUME_MAY_CHANGE = ("epochs",)
 
@@ -340,9 +348,23 @@ class RunFolder:
                            "the new length from here on", saved.get("epochs"), settings.get("epochs"))
 
     # -- the run's start and its files ----------------------------------------------------
-    def start(self, plan: Plan, record: dict[str, Any], script: str = "") -> None:
+    def start(self, plan: Plan, record: dict[str, Any], script: str = "",
+              overwrite: bool = False) -> None:
         """Replace a previous run if the plan says so, then write config.json (and the launch
-        script's copy) and record them, with the log file, as this run's."""
+        script's copy) and record them, with the log file, as this run's.
+
+        Files of the run's names that no run recorded (a user's own, in a folder given with
+        ``--run_name ''``) are refused unless ``overwrite``; symbolic links always."""
+        names = [*RUN_OUTPUTS, *([Path(script).name] if script else [])]
+        own = set(self.written())
+        for name in names:
+            self.writable(name)
+        foreign = [n for n in names if (self.folder / n).exists() and n not in own
+                   and n not in (COMMIT_NAME, MANIFEST_NAME, "log.txt")]
+        if foreign and not overwrite and not plan.resume:
+            raise RunConflict(f"{self.folder} holds files no run of this tool wrote "
+                              f"({', '.join(foreign[:4])}): a run would write over them; choose "
+                              "another --output_dir / --run_name, or --overwrite to replace them")
         if plan.replace:
             removed = self.remove_own_files()
             if removed:

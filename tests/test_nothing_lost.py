@@ -1,0 +1,261 @@
+"""Nothing a user has is lost or overwritten by a training or --eval command, and each of its
+errors is one line with its exit code (2: usage, nothing written; 1: failure; 130: Ctrl-C)."""
+import json
+import math
+import multiprocessing
+import os
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+
+import main_finetune_lora as mfl
+import util.runfolder as runfolder
+from _fakes import demo_data_and_weights, tiny_run_args
+from engine_finetune import train_one_epoch
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    return demo_data_and_weights(tmp_path_factory.mktemp("lost"), seed=4)
+
+
+@pytest.fixture(scope="module")
+def trained(demo, tmp_path_factory):
+    """A finished one-epoch run R."""
+    data, weights = demo
+    run = tmp_path_factory.mktemp("trained") / "R"
+    assert mfl.cli(args_for(data, weights, run)) == 0
+    return run
+
+
+def args_for(data, weights, out, *extra):
+    return tiny_run_args(data, weights, out, "--epochs", "1", "--ci_resamples", "0", *extra, seed=2)
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+def eval_argv(data, run, *extra):
+    return ["--eval", "--resume", str(run / "checkpoint-best"), "--data_path", str(data),
+            "--amp", "none", "--num_workers", "0", "--no_progress", "--ci_resamples", "0", *extra]
+
+
+@pytest.mark.parametrize("where", [["--eval_name", "..", "--overwrite"],
+                                   ["--eval_name", "../..", "--overwrite"],
+                                   ["--output_dir", "{run}/eval/..", "--overwrite"],
+                                   ["--output_dir", "{run}/logs", "--overwrite"]])
+def test_eval_never_writes_into_or_removes_the_training_run(demo, trained, capsys, where):
+    data, _ = demo
+    before = snapshot(trained)
+    argv = eval_argv(data, trained, *(w.format(run=trained) for w in where))
+    try:
+        code = mfl.cli(argv)
+    except SystemExit as exc:  # refused while parsing the flags
+        code = exc.code
+    assert code == 2
+    err = capsys.readouterr().err
+    assert ("training run's folder" in err or "--eval_name '" in err) and err.count("error:") == 1
+    assert snapshot(trained) == before
+
+
+def test_eval_into_its_own_folder_inside_the_run_still_works(demo, trained):
+    data, _ = demo
+    before = snapshot(trained)
+    assert mfl.cli(eval_argv(data, trained, "--eval_name", "again")) == 0
+    assert (trained / "eval" / "again" / "results_test.json").is_file()
+    assert {k: v for k, v in snapshot(trained).items() if not k.startswith("eval/")} == before
+
+
+def test_a_relative_output_dir_records_every_file_under_its_own_name(demo, tmp_path, monkeypatch):
+    data, weights = demo
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    argv = [a for a in args_for(data, weights, "x") if a != "x"]
+    i = argv.index("--output_dir")
+    argv[i + 1:i + 1] = ["../runs"]
+    argv[argv.index("--run_name") + 1] = "R"
+    assert mfl.cli(argv) == 0
+    run = tmp_path / "runs" / "R"
+    names = set(json.loads((run / runfolder.MANIFEST_NAME).read_text())["files"])
+    on_disk = {str(p.relative_to(run)) for p in run.rglob("*") if p.is_file()}
+    assert on_disk - names == {runfolder.MANIFEST_NAME}  # every file the run wrote is its own
+    assert {"config.json", "train.log", "results_test.json", "predictions_test.csv",
+            "roc_test.png"} <= names
+    assert any(n.startswith("logs/events.out.tfevents") for n in names)
+    # predict.py therefore refuses to write over them (it asks util.runfolder.run_owning).
+    assert runfolder.run_owning("../runs/R/predictions_test.csv") == run
+
+
+def test_overwrite_removes_only_names_inside_the_folder(demo, tmp_path):
+    data, weights = demo
+    run = tmp_path / "runs" / "R"
+    assert mfl.cli(args_for(data, weights, run)) == 0
+    outside, absolute = tmp_path / "runs" / "keep.txt", tmp_path / "abs.txt"
+    outside.write_text("mine")
+    absolute.write_text("mine too")
+    manifest = json.loads((run / runfolder.MANIFEST_NAME).read_text())
+    manifest["files"] += ["../keep.txt", str(absolute), "logs/../../keep.txt"]
+    (run / runfolder.MANIFEST_NAME).write_text(json.dumps(manifest))
+    assert mfl.cli(args_for(data, weights, run, "--overwrite")) == 0
+    assert outside.read_text() == "mine" and absolute.read_text() == "mine too"
+
+
+def test_a_run_never_writes_through_a_symlink_nor_over_a_users_files(demo, tmp_path, capsys):
+    data, weights = demo
+    target = tmp_path / "precious.txt"
+    target.write_text("keep")
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "train.log").symlink_to(target)
+    assert mfl.cli(args_for(data, weights, mine)) == 1
+    assert "is a symbolic link" in capsys.readouterr().err
+    assert target.read_text() == "keep"
+
+    script = tmp_path / "launch.sh"
+    script.write_text("echo hi\n")
+    (mine / "train.log").unlink()
+    (mine / "launch.sh").symlink_to(target)
+    assert mfl.cli(args_for(data, weights, mine, "--script", str(script))) == 1
+    assert "launch.sh is a symbolic link" in capsys.readouterr().err
+    assert target.read_text() == "keep"
+
+    (mine / "launch.sh").unlink()
+    (mine / "predictions_test.csv").write_text("my own table\n")
+    assert mfl.cli(args_for(data, weights, mine)) == 1
+    assert "holds files no run of this tool wrote (predictions_test.csv)" in capsys.readouterr().err
+    assert (mine / "predictions_test.csv").read_text() == "my own table\n"
+    assert sorted(p.name for p in mine.iterdir()) == ["predictions_test.csv"]
+
+
+def _hold(folder: str, barrier, results, index: int) -> None:
+    lock = runfolder.RunLock(folder)
+    barrier.wait()
+    try:
+        lock.acquire(f"contender {index}")
+        results[index] = 1
+    except runfolder.RunFolderError:
+        results[index] = 0
+    barrier.wait()  # every contender has tried while the winner still holds the lock
+    lock.release()
+
+
+@pytest.mark.parametrize("stale", [False, True], ids=["fresh", "stale-file"])
+def test_the_lock_is_held_by_one_process_at_a_time(tmp_path, stale):
+    ctx = multiprocessing.get_context("fork")
+    rounds, contenders = 40, 5
+    for r in range(rounds):
+        folder = tmp_path / f"r{r}"
+        folder.mkdir()
+        if stale:  # a lock file left by a killed run (no process holds it)
+            (folder / runfolder.LOCK_NAME).write_text(json.dumps({"pid": 1, "host": "gone"}))
+        barrier, results = ctx.Barrier(contenders), ctx.Array("i", [-1] * contenders)
+        procs = [ctx.Process(target=_hold, args=(str(folder), barrier, results, i))
+                 for i in range(contenders)]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join(30)
+        assert list(results).count(1) == 1, (r, list(results))
+        assert not (folder / runfolder.LOCK_NAME).exists()
+
+
+def test_the_lock_is_held_by_one_thread_at_a_time(tmp_path):
+    for r in range(200):
+        folder = tmp_path / f"t{r}"
+        folder.mkdir()
+        if r % 2:
+            (folder / runfolder.LOCK_NAME).write_text("")  # empty: killed while writing it
+        barrier, results = threading.Barrier(8), [-1] * 8
+        threads = [threading.Thread(target=_hold, args=(str(folder), barrier, results, i))
+                   for i in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        assert results.count(1) == 1, (r, results)
+
+
+def test_ctrl_c_says_how_to_continue_in_one_line(demo, tmp_path, monkeypatch, capsys):
+    data, weights = demo
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(mfl, "train_one_epoch", interrupted)
+    argv = args_for(data, weights, tmp_path / "run")
+    assert mfl.cli(argv) == 130
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    line = [l for l in err.splitlines() if "interrupted" in l]
+    assert len(line) == 1 and line[0].endswith("--resume auto")
+    assert "continue the run with: python3 main_finetune_lora.py --data_path" in line[0]
+    assert not (tmp_path / "run" / runfolder.LOCK_NAME).exists()
+
+
+def test_a_mistyped_data_path_is_named_first_and_nothing_is_created(tmp_path, capsys):
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as exc:
+        mfl.cli(["--data_path", str(tmp_path / "NIH_typo"), "--output_dir", str(out)])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert f"--data_path {tmp_path / 'NIH_typo'}: no such folder" in err and "--finetune" not in err
+    assert not out.exists()
+
+
+def test_the_demo_writes_data_only_where_it_is_told(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exc:
+        mfl.cli(["--demo", "--data_path", "demo_dta", "--check_args"])
+    assert exc.value.code == 2
+    assert "--demo_out" in capsys.readouterr().err and not (tmp_path / "demo_dta").exists()
+    (tmp_path / "taken").mkdir()
+    with pytest.raises(SystemExit):
+        mfl.cli(["--demo_out", "taken", "--check_args"])
+    assert "already exists" in capsys.readouterr().err
+    small = ["--depth", "2", "--input_size", "32", "--batch_size", "16", "--num_workers", "0",
+             "--amp", "none", "--no_progress", "--epochs", "1", "--ci_resamples", "0",
+             "--output_dir", "out"]
+    assert mfl.cli(["--demo_out", "new_demo", *small]) == 0
+    assert (tmp_path / "new_demo" / "train_list.txt").is_file()
+    assert "wrote the synthetic demo data set to new_demo" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--cache_size", "256"], "--cache_size 256 selects a lossy cache: it needs --cache lossy"),
+    (["--seed", str(2 ** 64)], f"--seed {2 ** 64} is not valid"),
+    (["--seed", "-1"], "--seed -1 is not valid"),
+    (["--device", "meta"], "--device 'meta' is not valid: expected cpu, cuda or cuda:N"),
+    (["--device", "mps"], "--device 'mps' is not valid"),
+    (["--warmup_epochs", "nan"], "--warmup_epochs nan is not valid"),
+    (["--lr", "inf"], "--lr inf is not valid"),
+])
+def test_flag_values_no_run_can_use_are_one_line(demo, tmp_path, capsys, flags, message):
+    data, weights = demo
+    with pytest.raises(SystemExit) as exc:
+        mfl.cli(args_for(data, weights, tmp_path / "x", *flags))
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and "loss is nan" not in err and len(err.strip().splitlines()) == 2
+    assert not (tmp_path / "x").exists()
+
+
+def test_progress_lines_come_every_30_seconds_in_short_epochs(monkeypatch, caplog):
+    """A demo epoch has fewer steps than --progress_freq: progress still reaches the log."""
+    import engine_finetune
+
+    clock = iter(range(0, 10_000, 31))  # 31 s pass between steps
+    monkeypatch.setattr(engine_finetune.time, "perf_counter", lambda: float(next(clock)))
+    model = torch.nn.Linear(4, 2)
+    batches = [(torch.randn(3, 4), torch.zeros(3, 2)) for _ in range(5)]
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    caplog.set_level("INFO", logger="engine_finetune")
+    monkeypatch.setattr(engine_finetune, "_progress", lambda loader, n, desc, progress: loader)
+    train_one_epoch(model, batches, opt, torch.device("cpu"), 0, set_lr=lambda e: 0.1,
+                    progress=True, progress_freq=100)
+    lines = [r.getMessage() for r in caplog.records if "images/s" in r.getMessage()]
+    assert len(lines) == 4 and lines[0].startswith("epoch 0: step 1/5")
+    assert not math.isnan(float(lines[0].split(", ")[1].split()[0]))
