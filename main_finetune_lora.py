@@ -14,32 +14,30 @@ import argparse
 import hashlib
 import json
 import logging
-import math
 import os
 import platform
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import timm
 import torch
 import torch.distributed as dist
 
 import checkpoints as ckpt
 import datasets
+import evaluation
 import lora
 import models_vit_lora as mv
 from datasets.imagecache import check_cache_options
 from datasets.splits import check_split_overlap
 from datasets.transforms import AUG_FILLS, ERASE_MODES
-from engine_finetune import COMPILE_CHOICES, COMPILE_MODES, CompiledModule, NonFiniteLossError, evaluate, train_one_epoch
+from engine_finetune import COMPILE_CHOICES, COMPILE_MODES
+from training import LoopConfig, Progress, Training
 from util import cli as command
 from util.io import json_safe
-from util.lr_sched import adjust_learning_rate
-from util.misc import DistInfo, git_commit, init_distributed, rng_state, say, seed_everything, setup_logging
+from util.misc import DistInfo, decided_by_main, git_commit, init_distributed, say, seed_everything, setup_logging
 from util.optim import build_optimizer, per_process_batch
 from util.precision import AMP_CHOICES, precision_name, resolve_amp
 from util.presets import DEMO_DEFAULTS, PRESETS, preset_help, resolve_preset
@@ -53,14 +51,11 @@ DEMO_RUN_PREFIX = "demo-"
 AUTO_NAME_DEFAULTS = {"lora_pos": "attn", "input_size": 224}
 # Flags that name a real data set or weights: without --data_path they are an error, not the demo.
 REAL_RUN_FLAGS = ("preset", "finetune", "dataset", "data_size", "split_dir", "nb_classes")
-# Compiling pays off (CUDA, --compile auto) from about this many optimiser steps in a run.
-COMPILE_AUTO_MIN_STEPS = 5000
 # The role each flag declares once: RUN flags make the run this run (compared by the run-folder
 # check, by resume and by util.summarize); EXEC flags say where and how it executes; DERIVED
 # flags enter the run's identity through a value derived from them (the weights' and split
 # files' SHA-256, the pixels a cache gives, the global batch, the lr).
 RUN, EXEC, DERIVED = "run", "exec", "derived"
-SEED_LIMIT = 2 ** 32
 
 
 class ArgumentError(command.UsageError):
@@ -74,47 +69,6 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         if action.nargs == 0 or action.default is None or "%(default)" in (action.help or ""):
             return action.help or ""
         return super()._get_help_string(action)
-
-
-def number(kind: type, rule: str, ok) -> Any:
-    """An argparse type: a ``kind`` number for which ``ok(value)`` holds (NaN never does)."""
-    def parse(text: str):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-        if not (isinstance(value, int) or math.isfinite(value)) or not ok(value):
-            raise argparse.ArgumentTypeError(f"{value!r} is not valid: {rule}")
-        return value
-    parse.__name__ = kind.__name__
-    return parse
-
-
-POSITIVE_INT = number(int, "must be positive", lambda v: v > 0)
-POSITIVE = number(float, "must be positive", lambda v: v > 0)
-NON_NEGATIVE = number(float, "must be 0 or positive", lambda v: v >= 0)
-NON_NEGATIVE_INT = number(int, "must be 0 or positive", lambda v: v >= 0)
-FRACTION = number(float, "must be in [0, 1)", lambda v: 0 <= v < 1)
-PROBABILITY = number(float, "a probability must be in [0, 1]", lambda v: 0 <= v <= 1)
-SEED = number(int, f"a seed must be in [0, 2^32)", lambda v: 0 <= v < SEED_LIMIT)
-
-
-def device_name(text: str) -> str:
-    """An argparse type: cpu, cuda or cuda:N (the devices this tool trains on)."""
-    try:
-        kind = torch.device(text).type
-    except RuntimeError:
-        kind = None
-    if kind not in ("cpu", "cuda"):
-        raise argparse.ArgumentTypeError(f"{text!r} is not valid: expected cpu, cuda or cuda:N")
-    return text
-
-
-def folder_name(text: str) -> str:
-    """An argparse type: one folder name (no path: the folder goes where the command puts it)."""
-    if not text or text in (".", "..") or "/" in text or os.sep in text:
-        raise argparse.ArgumentTypeError(f"{text!r} is not valid: a folder name, not a path")
-    return text
 
 
 class FlagTable:
@@ -148,30 +102,30 @@ def get_args_parser() -> argparse.ArgumentParser:
     f("--log_dir", default=None, help="TensorBoard folder (default: <run>/logs)")
     f("--overwrite", action="store_true",
       help="replace the run in the run folder (only the files that run wrote are removed)")
-    f("--device", default="cuda" if torch.cuda.is_available() else "cpu", type=device_name,
+    f("--device", default="cuda" if torch.cuda.is_available() else "cpu", type=command.device_name,
       help="training device (cuda, cuda:1, cpu)")
-    f("--seed", default=0, type=SEED, role=RUN,
+    f("--seed", default=0, type=command.SEED, role=RUN,
       help="seed of the run (data order, augmentation, init)")
     f("--resume", default="",
       help="checkpoint to continue from (<run>/checkpoint-last), or 'auto' for the run folder's "
            "own; with --eval: the checkpoint to evaluate")
-    f("--start_epoch", default=0, type=NON_NEGATIVE_INT,
+    f("--start_epoch", default=0, type=command.NON_NEGATIVE_INT,
       help="first epoch of a fresh run (a resume takes it from the checkpoint)")
     f("--eval", action="store_true",
       help="only evaluate --resume on --eval_split of --data_path; results go to <checkpoint "
            "folder>/eval/<name> (or --output_dir), never over the training run's own files")
     f("--eval_split", default="test", choices=["val", "test"], help="the split --eval evaluates")
-    f("--eval_name", default=None, type=folder_name,
+    f("--eval_name", default=None, type=command.folder_name,
       help="name of the --eval output folder <checkpoint folder>/eval/<name> (default: data "
            "folder and split file); with --output_dir, a folder inside it")
     f("--dist_eval", action="store_true",
       help="kept for the paper's scripts: multi-process evaluation is always distributed and "
            "gathered exactly")
-    f("--ci_resamples", type=NON_NEGATIVE_INT, default=1000,
+    f("--ci_resamples", type=command.NON_NEGATIVE_INT, default=1000,
       help="bootstrap resamples of the test AUROC's 95%% intervals (0: none)")
-    f("--valid_freq", type=POSITIVE_INT, default=1, role=RUN, help="validate every N epochs")
-    f("--log_freq", type=POSITIVE_INT, default=10, help="log the train loss every N steps")
-    f("--progress_freq", type=POSITIVE_INT, default=100,
+    f("--valid_freq", type=command.POSITIVE_INT, default=1, role=RUN, help="validate every N epochs")
+    f("--log_freq", type=command.POSITIVE_INT, default=10, help="log the train loss every N steps")
+    f("--progress_freq", type=command.POSITIVE_INT, default=100,
       help="without a terminal: a progress line (images/s, ETA) every N steps, and at least "
            "every 30 s")
     f("--no_progress", action="store_true", help="no progress bar or progress lines")
@@ -190,14 +144,14 @@ def get_args_parser() -> argparse.ArgumentParser:
       help="pre-trained weights (MRM.pth, CXR_MAE.pth, ...)")
     f("--unsafe_load", action="store_true", role=EXEC,
       help="DANGEROUS: unpickle --finetune without the weights-only guard")
-    f("--depth", default=None, type=POSITIVE_INT,
+    f("--depth", default=None, type=command.POSITIVE_INT,
       help="number of transformer blocks, if not the architecture's (small tests)")
-    f("--input_size", default=224, type=POSITIVE_INT, help="image side in pixels (multiple of 16)")
-    f("--drop_path", type=FRACTION, default=0.1, help="stochastic depth rate")
+    f("--input_size", default=224, type=command.POSITIVE_INT, help="image side in pixels (multiple of 16)")
+    f("--drop_path", type=command.FRACTION, default=0.1, help="stochastic depth rate")
     f("--cls_token", action="store_false", dest="global_pool",
       help="classify from the cls token (off by default: the paper classifies from the mean of "
            "the patch tokens)")
-    f("--nb_classes", default=None, type=POSITIVE_INT,
+    f("--nb_classes", default=None, type=command.POSITIVE_INT,
       help="number of classes (default: from the data set; checked against it)")
     f("--lora_rank", type=int, default=4, help="LoRA rank r")
     f("--lora_alpha", type=float, default=32.0, help="LoRA alpha (scaling alpha / r)")
@@ -206,26 +160,26 @@ def get_args_parser() -> argparse.ArgumentParser:
       help=f"where to put adapters: {sorted(lora.POSITIONS)} or a comma list")
 
     f = FlagTable(p, "optimisation")
-    f("--batch_size", default=64, type=POSITIVE_INT,
+    f("--batch_size", default=64, type=command.POSITIVE_INT,
       help="batch per process (with --global_batch: derived from it)")
-    f("--global_batch", default=None, type=POSITIVE_INT, role=DERIVED,
+    f("--global_batch", default=None, type=command.POSITIVE_INT, role=DERIVED,
       help="images per optimiser step over all processes; sets the per-process batch (and "
            "accumulation) so that any number of GPUs keeps the recipe")
-    f("--eval_batch_size", default=None, type=POSITIVE_INT, role=EXEC,
+    f("--eval_batch_size", default=None, type=command.POSITIVE_INT, role=EXEC,
       help="default: 4 x batch_size")
-    f("--epochs", default=50, type=POSITIVE_INT, help="training epochs")
-    f("--accum_iter", default=1, type=POSITIVE_INT, help="gradient accumulation steps")
+    f("--epochs", default=50, type=command.POSITIVE_INT, help="training epochs")
+    f("--accum_iter", default=1, type=command.POSITIVE_INT, help="gradient accumulation steps")
     f("--optimizer", default="sgd", choices=["sgd", "adamw"], help="sgd (momentum 0.9) or adamw")
-    f("--lr", type=POSITIVE, default=None, help="absolute lr (sgd recipe); default: from --blr")
-    f("--blr", type=POSITIVE, default=1e-3, role=DERIVED, help="lr = blr * effective batch / 256")
-    f("--layer_decay", type=number(float, "the per-layer lr factor must be in (0, 1] (1: no decay)",
+    f("--lr", type=command.POSITIVE, default=None, help="absolute lr (sgd recipe); default: from --blr")
+    f("--blr", type=command.POSITIVE, default=1e-3, role=DERIVED, help="lr = blr * effective batch / 256")
+    f("--layer_decay", type=command.number(float, "the per-layer lr factor must be in (0, 1] (1: no decay)",
                                    lambda v: 0 < v <= 1),
       default=0.75, help="layer-wise lr decay (adamw)")
-    f("--min_lr", type=NON_NEGATIVE, default=1e-6, help="floor of the cosine schedule")
-    f("--warmup_epochs", type=NON_NEGATIVE, default=5,
+    f("--min_lr", type=command.NON_NEGATIVE, default=1e-6, help="floor of the cosine schedule")
+    f("--warmup_epochs", type=command.NON_NEGATIVE, default=5,
       help="linear warm-up epochs (capped at --epochs, with a note)")
-    f("--weight_decay", type=NON_NEGATIVE, default=0.05, help="weight decay")
-    f("--clip_grad", type=POSITIVE, default=None,
+    f("--weight_decay", type=command.NON_NEGATIVE, default=0.05, help="weight decay")
+    f("--clip_grad", type=command.POSITIVE, default=None,
       help="clip the gradient norm to this positive value (default: no clipping)")
     f("--backbone_dtype", default="fp32", choices=["fp32", "bf16", "fp16", "fp8"],
       help="hold the frozen backbone in this dtype (half the memory, no per-step cast); bf16 / "
@@ -285,10 +239,10 @@ def get_args_parser() -> argparse.ArgumentParser:
            "with --norm imagenet) or 'neutral' (the normalisation's mid grey)")
     f("--aa", type=str, default="rand-m9-mstd0.5-inc1",
       help="RandAugment policy of the adamw recipe (timm syntax)")
-    f("--reprob", type=PROBABILITY, default=0.25, help="random erasing probability (adamw recipe)")
+    f("--reprob", type=command.PROBABILITY, default=0.25, help="random erasing probability (adamw recipe)")
     f("--remode", type=str, default="pixel", help=f"random erasing mode: {', '.join(ERASE_MODES)}")
-    f("--recount", type=POSITIVE_INT, default=1, help="random erasing count")
-    f("--num_workers", default=min(8, os.cpu_count() or 1), type=NON_NEGATIVE_INT, role=EXEC,
+    f("--recount", type=command.POSITIVE_INT, default=1, help="random erasing count")
+    f("--num_workers", default=min(8, os.cpu_count() or 1), type=command.NON_NEGATIVE_INT, role=EXEC,
       help="data loading processes")
     f("--pin_mem", action="store_true", default=torch.cuda.is_available(), role=EXEC,
       help="pinned host memory for faster copies to the GPU (on by default with CUDA)")
@@ -640,7 +594,7 @@ def prepare_data(args: argparse.Namespace, dist_info: DistInfo, device: torch.de
     if args.nb_classes is not None and args.nb_classes != len(class_names):
         raise ArgumentError(f"--nb_classes {args.nb_classes} but {train_set.split_file} has "
                             f"{len(class_names)} label columns ({args.dataset})")
-    val_undefined = undefined_classes(val_set.targets, class_names)
+    val_undefined = evaluation.undefined_classes(val_set.targets, class_names)
     if len(val_undefined) == len(class_names):
         raise datasets.DataError(f"{val_set.split_file}: no class has both positive and negative "
                                  "images, so no validation AUROC exists to select a checkpoint by")
@@ -652,14 +606,6 @@ def prepare_data(args: argparse.Namespace, dist_info: DistInfo, device: torch.de
         val_loader=datasets.build_loader(val_set, dist_info, train=False,
                                          batch_size=args.eval_batch_size, **loader_kw),
         val_undefined=val_undefined)
-
-
-def undefined_classes(targets: np.ndarray, class_names: list[str]) -> list[str]:
-    """Classes with a single label value in ``targets``: they have no AUROC."""
-    targets = np.asarray(targets)
-    if len(targets) == 0:
-        return list(class_names)
-    return [n for k, n in enumerate(class_names) if targets[:, k].min() == targets[:, k].max()]
 
 
 def model_config(args: argparse.Namespace, class_names: list[str],
@@ -689,16 +635,6 @@ def build_model(args: argparse.Namespace, config: mv.ModelConfig, device: torch.
     elif args.backbone_dtype != "fp32":
         lora.cast_frozen_(model, {"bf16": torch.bfloat16, "fp16": torch.float16}[args.backbone_dtype])
     return model
-
-
-@dataclass
-class Progress:
-    """Where training stands: the next epoch, the best validation score and its epoch, the log."""
-
-    start_epoch: int
-    best: float = -math.inf
-    best_epoch: int | None = None
-    history: list[dict] | None = None
 
 
 def resume_training(folder: RunFolder, plan: Plan, model: torch.nn.Module, optimizer, scaler,
@@ -739,28 +675,59 @@ def resume_training(folder: RunFolder, plan: Plan, model: torch.nn.Module, optim
     return Progress(state["epoch"] + 1, state["best_metric"], state["best_epoch"], list(record["log"]))
 
 
-def wrap_for_training(args: argparse.Namespace, model: torch.nn.Module, dist_info: DistInfo,
-                      device: torch.device, total_steps: int) -> tuple[torch.nn.Module, torch.nn.Module]:
-    """The training model (DDP, compiled) and the evaluation model (compiled), sharing weights."""
-    ddp_model = model
+def main(args: argparse.Namespace) -> dict:
+    """Train (or only evaluate), then test the best checkpoint. Returns the test results."""
+    dist_info, device = init_distributed(args.device)
+    setup_logging(dist_info.is_main)
+    for note in args.notes:
+        logger.warning(note)
+    amp_dtype = resolve_amp(args.amp, device)
+    own_demo_folder = args.demo_out or args.data_path == DEMO_DEFAULTS["data_path"]
+    if own_demo_folder and dist_info.is_main and not Path(args.data_path, "train_list.txt").exists():
+        datasets.make_demo_dataset(args.data_path)
+        say(f"wrote the synthetic demo data set to {args.data_path}")
     if dist_info.distributed:
-        ddp_model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None)
-    if not decide_compile(args, device, total_steps):
-        return ddp_model, model
-    logger.info("torch.compile (%s backend, mode %s) for training and evaluation (--compile %s, "
-                "%d steps)", args.compile_backend, args.compile_mode, args.compile, total_steps)
-    return (CompiledModule(ddp_model, backend=args.compile_backend, name="training",
-                           mode=args.compile_mode),
-            CompiledModule(model, backend=args.compile_backend, name="evaluation",
-                           mode=args.compile_mode))
+        dist.barrier()
+    eff_batch = args.batch_size * args.accum_iter * dist_info.world_size
+    args = with_data_defaults(args, eff_batch)
+    if args.eval:
+        return evaluate_checkpoint(args, dist_info, device, amp_dtype)
 
-
-def decide_compile(args: argparse.Namespace, device: torch.device, total_steps: int) -> bool:
-    """--compile on/off, or auto: on CUDA once the run is long enough to earn back the compile."""
-    if args.compile in ("on", "off"):
-        return args.compile == "on"
-    return device.type == "cuda" and total_steps >= COMPILE_AUTO_MIN_STEPS
+    # Data first: a bad split file or image fails here, before anything is written.
+    data = prepare_data(args, dist_info, device)
+    roles = flag_roles(get_args_parser())
+    settings = run_settings(args, roles, eff_batch, data)
+    folder = RunFolder(run_folder(args, settings))
+    if dist_info.is_main:
+        probe_writable(folder.folder)
+        folder.lock.acquire(" ".join(sys.argv))
+    try:
+        plan = decided_by_main(dist_info, lambda: folder.plan(
+            settings, resume=args.resume, overwrite=args.overwrite, replace_demo=args.demo_replace))
+        config = model_config(args, list(data.train_set.class_names), settings)
+        model = build_model(args, config, device)
+        optimizer = build_optimizer(model, args.optimizer, args.lr, args.weight_decay, args.layer_decay)
+        # fp16 needs loss scaling on every device (small gradients underflow to zero in fp16).
+        scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
+        progress = Progress(args.start_epoch)
+        if plan.resume:
+            progress = resume_training(folder, plan, model, optimizer, scaler, config, settings)
+            if plan.source is not None and progress.start_epoch >= args.epochs:
+                raise RunConflict(
+                    f"--resume {plan.resume}: that run already trained {progress.start_epoch} "
+                    f"epochs, so --epochs {args.epochs} leaves nothing to train in {folder.folder}; "
+                    f"to test its best checkpoint use --eval --resume {plan.source / 'checkpoint-best'}")
+        writer = start_run(args, roles, settings, folder, plan, data, config, model,
+                           progress.start_epoch, dist_info, precision_name(amp_dtype), device)
+        Training(loop_config(args), folder, model, optimizer, train_loader=data.train_loader,
+                 val_loader=data.val_loader, class_names=list(data.train_set.class_names),
+                 model_config=config, device=device, dist_info=dist_info, amp_dtype=amp_dtype,
+                 scaler=scaler, batch_transform=data.batch_transform, writer=writer,
+                 settings=settings, checkpoint_extra=checkpoint_extra(args, settings, amp_dtype),
+                 carry_from=plan.source, committed=plan.committed is not None).run(progress)
+        return final_test(args, folder, plan, progress, data, writer, dist_info, device, amp_dtype)
+    finally:
+        folder.lock.release()
 
 
 def run_record(args: argparse.Namespace, roles: dict[str, str], settings: dict, plan: Plan,
@@ -805,210 +772,65 @@ def log_start(data: RunData, config: mv.ModelConfig, model: torch.nn.Module, fol
                 len(data.test_set), global_batch, args.lr, precision, device)
 
 
-def validate(model: torch.nn.Module, eval_model: torch.nn.Module, data: RunData,
-             device: torch.device, amp_dtype, args: argparse.Namespace, epoch: int,
-             is_main: bool) -> dict:
-    """The validation scores of the merged model (merging costs exactly a plain ViT; unmerge
-    restores the base weights bit-exactly)."""
-    lora.merge(model)
-    try:  # classes without a validation AUROC were named once when the run started
-        stats = evaluate(eval_model, data.val_loader, device, list(data.train_set.class_names),
-                         amp_dtype, progress=not args.no_progress and is_main, warn_undefined=False)
-    finally:
-        lora.unmerge(model)
-    if not math.isfinite(stats["mean_auroc"]):
-        raise NonFiniteLossError(f"validation mean AUROC is {stats['mean_auroc']} at epoch {epoch}: "
-                                 "the model's outputs are not finite")
-    return stats
+def loop_config(args: argparse.Namespace) -> LoopConfig:
+    """The training loop's knobs from the flags."""
+    return LoopConfig(epochs=args.epochs, seed=args.seed, lr=args.lr, min_lr=args.min_lr,
+                      warmup_epochs=args.warmup_epochs, accum_iter=args.accum_iter,
+                      clip_grad=args.clip_grad, valid_freq=args.valid_freq, log_freq=args.log_freq,
+                      progress_freq=args.progress_freq, progress=not args.no_progress,
+                      compile=args.compile, compile_backend=args.compile_backend,
+                      compile_mode=args.compile_mode)
 
 
-def main(args: argparse.Namespace) -> dict:
-    """Train (or only evaluate), then test the best checkpoint. Returns the test results."""
-    dist_info, device = init_distributed(args.device)
-    setup_logging(dist_info.is_main)
-    for note in args.notes:
-        logger.warning(note)
-    amp_dtype = resolve_amp(args.amp, device)
-    own_demo_folder = args.demo_out or args.data_path == DEMO_DEFAULTS["data_path"]
-    if own_demo_folder and dist_info.is_main and not Path(args.data_path, "train_list.txt").exists():
-        datasets.make_demo_dataset(args.data_path)
-        say(f"wrote the synthetic demo data set to {args.data_path}")
+def checkpoint_extra(args: argparse.Namespace, settings: dict, amp_dtype) -> dict:
+    """What every checkpoint JSON of the run keeps beside the model: the run's settings (an
+    evaluation reports them) and its DICOM rule (predict and exports decode by it)."""
+    return {"run": {**settings, "precision": precision_name(amp_dtype),
+                    "preset_source": args.preset_source},
+            "dicom_scaling": settings["dicom_scaling"]}
+
+
+def start_run(args: argparse.Namespace, roles: dict[str, str], settings: dict, folder: RunFolder,
+              plan: Plan, data: RunData, config: mv.ModelConfig, model: torch.nn.Module,
+              start_epoch: int, dist_info: DistInfo, precision: str, device: torch.device):
+    """On the main process: replace a previous run if planned, write config.json, open
+    train.log and TensorBoard (returned), and log what the run trains on."""
+    if not dist_info.is_main:
+        return None
+    record = run_record(args, roles, settings, plan, data, config, model, start_epoch,
+                        dist_info, precision)
+    folder.start(plan, record, script=args.script, overwrite=args.overwrite)
+    setup_logging(True, folder.writable("train.log"))
+    from torch.utils.tensorboard import SummaryWriter
+
+    writer = SummaryWriter(log_dir=str(Path(args.log_dir) if args.log_dir else folder.folder / "logs"))
+    event_file = getattr(getattr(writer.file_writer, "event_writer", None), "_file_name", None)
+    if event_file:
+        folder.record(Path(os.path.abspath(event_file)))
+    log_start(data, config, model, folder, args, precision, device, settings["global_batch"])
+    return writer
+
+
+def final_test(args: argparse.Namespace, folder: RunFolder, plan: Plan, progress: Progress,
+               data: RunData, writer, dist_info: DistInfo, device: torch.device, amp_dtype) -> dict:
+    """Test the best checkpoint on the test split; its score joins the TensorBoard curves."""
     if dist_info.distributed:
         dist.barrier()
-    eff_batch = args.batch_size * args.accum_iter * dist_info.world_size
-    args = with_data_defaults(args, eff_batch)
-    if args.eval:
-        return evaluate_checkpoint(args, dist_info, device, amp_dtype)
-
-    # Data first: a bad split file or image fails here, before anything is written.
-    data = prepare_data(args, dist_info, device)
-    roles = flag_roles(get_args_parser())
-    settings = run_settings(args, roles, eff_batch, data)
-    folder = RunFolder(run_folder(args, settings))
-    if dist_info.is_main:
-        probe_writable(folder.folder)
-        folder.lock.acquire(" ".join(sys.argv))
-    try:
-        plan = folder.plan(settings, resume=args.resume, overwrite=args.overwrite,
-                           replace_demo=args.demo_replace)
-        config = model_config(args, list(data.train_set.class_names), settings)
-        model = build_model(args, config, device)
-        optimizer = build_optimizer(model, args.optimizer, args.lr, args.weight_decay, args.layer_decay)
-        # fp16 needs loss scaling on every device (small gradients underflow to zero in fp16).
-        scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
-        progress = Progress(args.start_epoch, history=[])
-        if plan.resume:
-            progress = resume_training(folder, plan, model, optimizer, scaler, config, settings)
-            if plan.source is not None and progress.start_epoch >= args.epochs:
-                raise RunConflict(
-                    f"--resume {plan.resume}: that run already trained {progress.start_epoch} "
-                    f"epochs, so --epochs {args.epochs} leaves nothing to train in {folder.folder}; "
-                    f"to test its best checkpoint use --eval --resume {plan.source / 'checkpoint-best'}")
-        run = Training(args, settings, folder, plan, data, config, model, optimizer, scaler,
-                       dist_info, device, amp_dtype)
-        if dist_info.is_main:
-            run.start(roles, progress.start_epoch)
-        run.epochs(progress)
-        return run.test(progress)
-    finally:
-        folder.lock.release()
-
-
-class Training:
-    """One training run in its locked folder: its start, its epochs and their commits, its test."""
-
-    def __init__(self, args, settings, folder: RunFolder, plan: Plan, data: RunData,
-                 config: mv.ModelConfig, model, optimizer, scaler, dist_info: DistInfo,
-                 device: torch.device, amp_dtype) -> None:
-        self.args, self.settings, self.folder, self.plan, self.data = args, settings, folder, plan, data
-        self.config, self.model, self.optimizer, self.scaler = config, model, optimizer, scaler
-        self.dist_info, self.device, self.amp_dtype = dist_info, device, amp_dtype
-        self.precision = precision_name(amp_dtype)
-        self.writer = None
-        self.committed = plan.committed is not None
-        self.carry_from = plan.source  # until this folder's first commit holds a checkpoint-best
-
-    def start(self, roles: dict[str, str], start_epoch: int) -> None:
-        """Replace a previous run if planned, write config.json, open train.log and TensorBoard."""
-        args, folder = self.args, self.folder
-        record = run_record(args, roles, self.settings, self.plan, self.data, self.config,
-                            self.model, start_epoch, self.dist_info, self.precision)
-        folder.start(self.plan, record, script=args.script, overwrite=args.overwrite)
-        setup_logging(True, folder.writable("train.log"))
-        from torch.utils.tensorboard import SummaryWriter
-
-        self.writer = SummaryWriter(log_dir=str(Path(args.log_dir) if args.log_dir
-                                                else folder.folder / "logs"))
-        event_file = getattr(getattr(self.writer.file_writer, "event_writer", None), "_file_name", None)
-        if event_file:
-            folder.record(Path(os.path.abspath(event_file)))
-        log_start(self.data, self.config, self.model, folder, args, self.precision, self.device,
-                  self.settings["global_batch"])
-
-    def epochs(self, progress: Progress) -> None:
-        """Train from ``progress.start_epoch`` to --epochs, committing each epoch."""
-        args = self.args
-        total_steps = max(0, args.epochs - progress.start_epoch) * len(self.data.train_loader) // args.accum_iter
-        train_model, eval_model = wrap_for_training(args, self.model, self.dist_info, self.device,
-                                                    total_steps)
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        set_lr = lambda e: adjust_learning_rate(self.optimizer, e, args.lr, args.min_lr,  # noqa: E731
-                                                args.warmup_epochs, args.epochs)
-        for epoch in range(progress.start_epoch, args.epochs):
-            t0 = time.time()
-            seed_everything(args.seed * 1_000_003 + epoch * 7_919 + self.dist_info.rank)
-            self.data.train_loader.sampler.set_epoch(epoch)
-            try:
-                stats = train_one_epoch(
-                    train_model, self.data.train_loader, self.optimizer, self.device, epoch,
-                    set_lr=set_lr, scaler=self.scaler, amp_dtype=self.amp_dtype,
-                    accum_iter=args.accum_iter, clip_grad=args.clip_grad, log_writer=self.writer,
-                    log_freq=args.log_freq, params=params, batch_transform=self.data.batch_transform,
-                    progress_freq=args.progress_freq,
-                    progress=not args.no_progress and self.dist_info.is_main)
-            except NonFiniteLossError as err:
-                kept = (f"the last good checkpoint is {self.folder.folder / 'checkpoint-last'}"
-                        if self.committed else "no checkpoint was written yet")
-                raise NonFiniteLossError(f"{err}; {kept} (lower --lr or try --amp none)") from None
-            log = {"epoch": epoch, "train_loss": stats["loss"], "lr": stats["lr"]}
-            line = f"epoch {epoch}: train loss {stats['loss']:.4f}, lr {stats['lr']:.3g}"
-            improved = False
-            if (epoch + 1) % args.valid_freq == 0 or epoch + 1 == args.epochs:
-                val = validate(self.model, eval_model, self.data, self.device, self.amp_dtype,
-                               args, epoch, self.dist_info.is_main)
-                log.update(val_loss=val["loss"], val_mean_auroc=val["mean_auroc"],
-                           val_mean_auprc=val["mean_auprc"], val_auroc=val["auroc"])
-                line += f", val loss {val['loss']:.4f}, val mean AUROC {100 * val['mean_auroc']:.2f}"
-                self._log_validation(val, epoch)
-                if val["mean_auroc"] > progress.best or progress.best_epoch is None:
-                    progress.best, progress.best_epoch, improved = val["mean_auroc"], epoch, True
-            progress.history.append(json_safe(log))
-            if self.dist_info.is_main:
-                self.commit(epoch, log, progress, improved)
-                say(f"{line}, best {100 * progress.best:.2f} (epoch {progress.best_epoch}), "
-                    f"{time.time() - t0:.1f}s", flush=True)
-
-    def _log_validation(self, val: dict, epoch: int) -> None:
-        if self.writer is None:
-            return
-        self.writer.add_scalar("val/loss", val["loss"], epoch)
-        self.writer.add_scalar("val/mean_auroc", val["mean_auroc"], epoch)
-        for name, value in val["auroc"].items():
-            if not math.isnan(value):
-                self.writer.add_scalar(f"val/auroc/{name}", value, epoch)
-
-    def commit(self, epoch: int, log: dict, progress: Progress, improved: bool) -> None:
-        """One epoch's checkpoints and resume state, committed together."""
-        state = {"optimizer": self.optimizer.state_dict(),
-                 "scaler": self.scaler.state_dict() if self.scaler else None, "epoch": epoch,
-                 "best_metric": progress.best, "best_epoch": progress.best_epoch,
-                 "rng": rng_state(), "settings": self.settings}
-        # Each checkpoint records its own epoch's validation score (None when this epoch was
-        # not validated); checkpoint-last also the best so far. dicom_scaling at the top level:
-        # predict and exports decode DICOMs by the same rule.
-        extra = {"epoch": epoch, "val_mean_auroc": log.get("val_mean_auroc"),
-                 "run": {**self.settings, "precision": self.precision,
-                         "preset_source": self.args.preset_source},
-                 "dicom_scaling": self.settings["dicom_scaling"]}
-
-        def stage(pending: Path) -> None:
-            if improved:
-                ckpt.save_checkpoint(pending / "checkpoint-best", self.model, self.config, extra=extra)
-            elif self.carry_from is not None:
-                self.folder.carry_best(self.carry_from, pending, progress.best_epoch,
-                                       lambda stem: ckpt.read_config(stem).extras.get("epoch"))
-            ckpt.save_resume_state(pending / "checkpoint-last.state.pt", state)
-            ckpt.save_checkpoint(pending / "checkpoint-last", self.model, self.config,
-                                 extra={**extra, "best_val_mean_auroc": progress.best,
-                                        "best_epoch": progress.best_epoch})
-
-        last = str(self.folder.folder / "checkpoint-last") if self.committed else ""
-        self.folder.commit(epoch, stage, progress.history, last_complete=last)
-        self.committed, self.carry_from = True, None
-        self.writer.flush()
-
-    def test(self, progress: Progress) -> dict:
-        """Test the best checkpoint on the test split; its score joins the TensorBoard curves."""
-        if self.dist_info.distributed:
-            dist.barrier()
-        if progress.best_epoch is None:
-            raise ArgumentError("no epoch was validated (nothing to test): check --epochs / "
-                                "--start_epoch")
-        if self.plan.resume and progress.start_epoch >= self.args.epochs:
-            logger.info("the run in %s was already complete (%d epochs); testing its best "
-                        "checkpoint again", self.folder.folder, self.args.epochs)
-        results = test_and_report(self.args, self.folder.best_checkpoint(), self.folder,
-                                  self.dist_info, self.device, self.amp_dtype,
-                                  dataset=self.data.test_set)
-        if self.writer is not None:
-            self.writer.add_scalar("test/mean_auroc", results["mean_auroc"], progress.best_epoch)
-            mean_interval = (results.get("intervals") or {}).get("mean") or {}
-            for bound in ("ci_low", "ci_high"):
-                if mean_interval.get(bound) is not None:
-                    self.writer.add_scalar(f"test/mean_auroc_{bound}", mean_interval[bound],
-                                           progress.best_epoch)
-            self.writer.close()
-        return results
+    if progress.best_epoch is None:
+        raise ArgumentError("no epoch was validated (nothing to test): check --epochs / --start_epoch")
+    if plan.resume and progress.start_epoch >= args.epochs:
+        logger.info("the run in %s was already complete (%d epochs); testing its best checkpoint "
+                    "again", folder.folder, args.epochs)
+    results = test_checkpoint(args, folder.best_checkpoint(), data.test_set, folder, dist_info,
+                              device, amp_dtype)
+    if writer is not None:
+        writer.add_scalar("test/mean_auroc", results["mean_auroc"], progress.best_epoch)
+        mean_interval = (results.get("intervals") or {}).get("mean") or {}
+        for bound in ("ci_low", "ci_high"):
+            if mean_interval.get(bound) is not None:
+                writer.add_scalar(f"test/mean_auroc_{bound}", mean_interval[bound], progress.best_epoch)
+        writer.close()
+    return results
 
 
 def build_eval_dataset(args: argparse.Namespace, config: mv.ModelConfig) -> datasets.ChestXrayDataset:
@@ -1053,7 +875,7 @@ def evaluate_checkpoint(args: argparse.Namespace, dist_info: DistInfo, device: t
     checkpoint = Path(args.resume)
     config = ckpt.read_config(checkpoint)
     dataset = build_eval_dataset(args, config)
-    name = args.eval_name or default_eval_name(args.data_path, dataset.split_file)
+    name = args.eval_name or evaluation.default_eval_name(args.data_path, dataset.split_file)
     folder = eval_folder(args, checkpoint, name)
     if dist_info.is_main:
         probe_writable(folder.folder)
@@ -1068,106 +890,22 @@ def evaluate_checkpoint(args: argparse.Namespace, dist_info: DistInfo, device: t
                 folder.remove_own_files()
         info = {"data_path": str(Path(args.data_path).resolve()),
                 "split_file": str(dataset.split_file), "name": name, "command": " ".join(sys.argv)}
-        return test_and_report(args, checkpoint, folder, dist_info, device, amp_dtype,
-                               dataset=dataset, eval_info=info)
+        return test_checkpoint(args, checkpoint, dataset, folder, dist_info, device, amp_dtype,
+                               eval_info=info)
     finally:
         folder.lock.release()
 
 
-def default_eval_name(data_path: str | Path, split_file: str | Path) -> str:
-    """The --eval output folder's name: the data folder, the split folder if elsewhere, the split file."""
-    data, split = Path(data_path).resolve(), Path(split_file).resolve()
-    parts = [data.name] + ([split.parent.name] if split.parent != data else []) + [split.stem]
-    return "-".join(parts)
-
-
-def test_and_report(args: argparse.Namespace, checkpoint: Path, folder: RunFolder,
-                    dist_info: DistInfo, device: torch.device, amp_dtype: torch.dtype | None,
-                    dataset: datasets.ChestXrayDataset, eval_info: dict | None = None) -> dict:
-    """Evaluate a saved checkpoint on ``dataset`` and write every report into ``folder``,
-    recording each file as the folder's own. The results carry the training run's settings
-    from the checkpoint's JSON."""
-    model, config = ckpt.load_trained(checkpoint, pretrained=args.finetune or None, device=device,
-                                      allow_unsafe_pickle=args.unsafe_load)
-    lora.merge(model)  # inference at the cost of a plain ViT
-    if list(dataset.class_names) != config.class_names:
-        raise ArgumentError(f"{checkpoint} was trained on classes {config.class_names}, "
-                            f"but {dataset.split_file} has {dataset.class_names}")
-    loader = datasets.build_loader(dataset, dist_info, train=False, batch_size=args.eval_batch_size,
-                                   seed=args.seed, num_workers=args.num_workers,
-                                   pin_memory=args.pin_mem)
-    stats = evaluate(model, loader, device, dataset.class_names, amp_dtype,
-                     progress=not args.no_progress and dist_info.is_main)
-    if not dist_info.is_main:
-        return {}
-    trainable, total = lora.count_parameters(model)  # load_trained restores the trained set
-    results = test_results(args, checkpoint, config, dataset, stats, amp_dtype, trainable, total)
-    if eval_info:
-        results["evaluation"] = eval_info
-    write_reports(results, stats, dataset, folder, args.eval_split)
-    return results
-
-
-def test_results(args: argparse.Namespace, checkpoint: Path, config: mv.ModelConfig,
-                 dataset: datasets.ChestXrayDataset, stats: dict, amp_dtype, trainable: int,
-                 total: int) -> dict:
-    """results_<split>.json: scores, intervals, and what was evaluated with what."""
-    trained = config.extras.get("run") or {}
-    results = {
-        "split": args.eval_split, "dataset": trained.get("dataset") or config.dataset or dataset.kind,
-        "data_size": trained.get("data_size"), "seed": trained.get("seed"),
-        "weights": Path(config.pretrained).stem if config.pretrained else "none",
-        "method": config.method, "model": config.model,
-        "lora_rank": config.lora.rank if config.lora else None,
-        "trainable_params": int(trainable), "total_params": int(total),
-        "num_images": stats["num_images"], "loss": stats["loss"],
-        "mean_auroc": stats["mean_auroc"], "mean_auprc": stats["mean_auprc"],
-        "auroc": json_safe(stats["auroc"]), "auprc": json_safe(stats["auprc"]),
-        "undefined_classes": undefined_classes(stats["targets"], list(dataset.class_names)),
-        "class_names": list(dataset.class_names), "checkpoint": str(checkpoint),
-        "epoch": config.extras.get("epoch"), "training": trained,
-        "precision": precision_name(amp_dtype), "split_file": str(dataset.split_file),
-        "data_cache": dataset.cache_info, "dicom_scaling": dataset.dicom_scaling,
-        # The split's own size: with --skip_bad the score covers fewer images than it lists.
-        "split_images": len(dataset) + len(dataset.skipped),
-    }
-    if dataset.skipped:
-        results["skipped"] = [{"line": b.line, "path": b.path, "reason": b.reason}
-                              for b in dataset.skipped]
-    if args.ci_resamples > 0:
-        from util.stats import auroc_intervals
-
-        # A fixed seed, not the run's: runs of different training seeds share the resamples.
-        results["intervals"] = auroc_intervals(stats["targets"], stats["probs"],
-                                               list(dataset.class_names),
-                                               resamples=args.ci_resamples, seed=0)
-    return results
-
-
-def write_reports(results: dict, stats: dict, dataset: datasets.ChestXrayDataset,
-                  folder: RunFolder, split: str) -> None:
-    """The results JSON, AUROC tables, per-image predictions and ROC curves, recorded as the
-    folder's own files."""
-    from util import reports  # matplotlib is imported only when reports are written
-
-    out, stem = folder.folder, f"results_{split}"
-    ckpt.write_json(folder.writable(f"{stem}.json"), results)
-    reports.write_predictions_csv(folder.writable(f"predictions_{split}.csv"),
-                                  [dataset.paths[i] for i in stats["indices"]], stats["probs"],
-                                  list(dataset.class_names), labels=stats["targets"])
-    reports.write_auroc_tables(results, out, stem=stem)
-    reports.save_roc_curves(stats["targets"], stats["probs"], dataset.class_names,
-                            folder.writable(f"roc_{split}.png"))
-    folder.record(*(p for p in out.iterdir() if p.is_file() and p.name.startswith(
-        (stem, f"predictions_{split}", f"roc_{split}"))))
-    if results["undefined_classes"]:
-        say(f"{split}: no AUROC for {', '.join(results['undefined_classes'])} (a single label "
-            "value in the evaluated images); the mean is over the other classes")
-    say(f"{split} mean AUROC {100 * results['mean_auroc']:.2f} over {results['num_images']} "
-        f"images ({results['checkpoint']})")
-    table = out / f"{stem}_auroc.md"
-    if table.exists():
-        say(table.read_text())
+def test_checkpoint(args: argparse.Namespace, checkpoint: Path, dataset, folder: RunFolder,
+                    dist_info: DistInfo, device: torch.device, amp_dtype,
+                    eval_info: dict | None = None) -> dict:
+    """evaluation.test_checkpoint with this command's evaluation flags."""
+    return evaluation.test_checkpoint(
+        checkpoint, dataset, folder, device=device, dist_info=dist_info, amp_dtype=amp_dtype,
+        split=args.eval_split, batch_size=args.eval_batch_size, num_workers=args.num_workers,
+        pin_memory=args.pin_mem, seed=args.seed, ci_resamples=args.ci_resamples,
+        pretrained=args.finetune or None, allow_unsafe_pickle=args.unsafe_load,
+        progress=not args.no_progress, eval_info=eval_info)
 
 
 def continue_command(argv: list[str]) -> str:

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import main_finetune_lora as mfl
+import training
 import util.runfolder as runfolder
 from _fakes import demo_data_and_weights, tiny_run_args
 from engine_finetune import train_one_epoch
@@ -185,7 +186,7 @@ def test_ctrl_c_says_how_to_continue_in_one_line(demo, tmp_path, monkeypatch, ca
     def interrupted(*a, **k):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(mfl, "train_one_epoch", interrupted)
+    monkeypatch.setattr(training, "train_one_epoch", interrupted)
     argv = args_for(data, weights, tmp_path / "run")
     assert mfl.cli(argv) == 130
     err = capsys.readouterr().err

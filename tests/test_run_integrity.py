@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 
 import datasets
 import main_finetune_lora as mfl
+import training
 import util.runfolder as runfolder
 from _fakes import demo_data_and_weights, tiny_run_args
 from engine_finetune import train_one_epoch
@@ -43,7 +44,7 @@ def first(demo, tmp_path_factory):
 
 def no_improvement(monkeypatch):
     """Validation during training never beats the resumed run's best (test unaffected)."""
-    real = mfl.evaluate
+    real = training.evaluate
 
     def fake(model, loader, *a, **k):
         stats = real(model, loader, *a, **k)
@@ -51,7 +52,7 @@ def no_improvement(monkeypatch):
             stats["mean_auroc"] = 0.1
         return stats
 
-    monkeypatch.setattr(mfl, "evaluate", fake)
+    monkeypatch.setattr(training, "evaluate", fake)
 
 
 def test_resume_with_more_epochs_continues_in_a_new_folder_and_tests_the_best(

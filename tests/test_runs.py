@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 
 import datasets
 import main_finetune_lora as mfl
+import training
 import util.runfolder as runfolder
 from _fakes import demo_data_and_weights, mrm_checkpoint, tiny_run_args
 from util.io import atomic_write, write_json
@@ -399,9 +400,9 @@ def test_compile_auto_is_off_without_cuda_and_forced_compile_matches_eager(demo,
     parser = mfl.get_args_parser()
     args = parser.parse_args([])
     assert args.compile == "auto"
-    assert not mfl.decide_compile(args, torch.device("cpu"), 10**6)
-    assert mfl.decide_compile(args, torch.device("cuda"), mfl.COMPILE_AUTO_MIN_STEPS)
-    assert not mfl.decide_compile(args, torch.device("cuda"), 13)
+    assert not training.decide_compile(args.compile, torch.device("cpu"), 10**6)
+    assert training.decide_compile(args.compile, torch.device("cuda"), training.COMPILE_AUTO_MIN_STEPS)
+    assert not training.decide_compile(args.compile, torch.device("cuda"), 13)
     assert parser.parse_args(["--compile"]).compile == "on"
 
     data, weights = demo

@@ -21,11 +21,12 @@ from __future__ import annotations
 import argparse
 import errno
 import logging
+import math
 import os
 import re
 import sys
 import traceback
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
@@ -61,6 +62,45 @@ class Parser(argparse.ArgumentParser):
         # "argument --lr: -0.05 is not valid: ..." reads as "--lr -0.05 is not valid: ...".
         message = re.sub(r"^argument (--\S+?)(?:/\S+)?: (.* is not valid)", r"\1 \2", message)
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n(see {self.prog} --help)\n")
+
+
+# -- flag types: a value no run can use is refused while parsing, naming flag and value ----
+def number(kind: type, rule: str, ok: Callable[[Any], bool]) -> Callable[[str], Any]:
+    """An argparse type: a ``kind`` number for which ``ok(value)`` holds (NaN and infinity never do)."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if not (isinstance(value, int) or math.isfinite(value)) or not ok(value):
+            raise argparse.ArgumentTypeError(f"{value!r} is not valid: {rule}")
+        return value
+    parse.__name__ = kind.__name__
+    return parse
+
+
+POSITIVE_INT = number(int, "must be positive", lambda v: v > 0)
+NON_NEGATIVE_INT = number(int, "must be 0 or positive", lambda v: v >= 0)
+POSITIVE = number(float, "must be positive", lambda v: v > 0)
+NON_NEGATIVE = number(float, "must be 0 or positive", lambda v: v >= 0)
+FRACTION = number(float, "must be in [0, 1)", lambda v: 0 <= v < 1)
+PROBABILITY = number(float, "a probability must be in [0, 1]", lambda v: 0 <= v <= 1)
+SEED_LIMIT = 2 ** 32  # numpy's seeds; derived per-epoch seeds stay within torch's 64 bits
+SEED = number(int, "a seed must be in [0, 2^32)", lambda v: 0 <= v < SEED_LIMIT)
+
+
+def device_name(text: str) -> str:
+    """An argparse type: cpu, cuda or cuda:N (the devices this tool runs on)."""
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", text):
+        raise argparse.ArgumentTypeError(f"{text!r} is not valid: expected cpu, cuda or cuda:N")
+    return text
+
+
+def folder_name(text: str) -> str:
+    """An argparse type: one folder name (no path: the folder goes where the command puts it)."""
+    if not text or text in (".", "..") or "/" in text or os.sep in text:
+        raise argparse.ArgumentTypeError(f"{text!r} is not valid: a folder name, not a path")
+    return text
 
 
 def debug_requested(argv: Sequence[str]) -> bool:

@@ -8,7 +8,7 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -134,3 +134,20 @@ def git_commit() -> str | None:
     except (OSError, subprocess.SubprocessError):
         return None
     return (sha + ("-dirty" if dirty.strip() else "")) if sha else None
+
+
+def decided_by_main(dist_info: DistInfo, decide: Callable[[], Any]) -> Any:
+    """``decide()`` run on the main process only, its result (or its error) shared with every
+    process: one process reads and repairs the run folder, all act on the same answer."""
+    outcome: list[Any] = [None]
+    if dist_info.is_main:
+        try:
+            outcome[0] = ("ok", decide())
+        except Exception as err:  # noqa: BLE001  (re-raised on every process below)
+            outcome[0] = ("error", err)
+    if dist_info.distributed:
+        dist.broadcast_object_list(outcome, src=0)
+    kind, value = outcome[0]
+    if kind == "error":
+        raise value
+    return value

@@ -1,0 +1,132 @@
+"""Testing a trained checkpoint: its scores with intervals, and the reports a run keeps.
+
+    results = test_checkpoint("output_dir/<run>/checkpoint-best", test_set, RunFolder(out),
+                              device=torch.device("cpu"))
+
+The final test of a training run and ``--eval`` both call ``test_checkpoint``; it writes
+``results_<split>.json``, the AUROC tables, per-image predictions and ROC curves into the
+folder, each recorded as the folder's own file.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import checkpoints as ckpt
+import datasets
+import lora
+from engine_finetune import evaluate
+from util.cli import UsageError
+from util.io import json_safe
+from util.misc import DistInfo, say
+from util.precision import precision_name
+from util.runfolder import RunFolder
+
+
+def undefined_classes(targets: np.ndarray, class_names: list[str]) -> list[str]:
+    """Classes with a single label value in ``targets``: they have no AUROC."""
+    targets = np.asarray(targets)
+    if len(targets) == 0:
+        return list(class_names)
+    return [n for k, n in enumerate(class_names) if targets[:, k].min() == targets[:, k].max()]
+
+
+def default_eval_name(data_path: str | Path, split_file: str | Path) -> str:
+    """An evaluation folder's name: the data folder, the split folder if elsewhere, the split file."""
+    data, split = Path(data_path).resolve(), Path(split_file).resolve()
+    parts = [data.name] + ([split.parent.name] if split.parent != data else []) + [split.stem]
+    return "-".join(parts)
+
+
+def test_checkpoint(checkpoint: str | Path, dataset: datasets.ChestXrayDataset, folder: RunFolder, *,
+                    device: torch.device, dist_info: DistInfo = DistInfo(),
+                    amp_dtype: torch.dtype | None = None, split: str = "test",
+                    batch_size: int = 256, num_workers: int = 0, pin_memory: bool = False,
+                    seed: int = 0, ci_resamples: int = 1000, pretrained: str | None = None,
+                    allow_unsafe_pickle: bool = False, progress: bool = True,
+                    eval_info: dict | None = None) -> dict:
+    """Evaluate a saved checkpoint on ``dataset`` (merged adapters: the cost of a plain ViT)
+    and write every report into ``folder``. The results carry the training run's settings
+    from the checkpoint's JSON; other processes than the main one return {}."""
+    model, config = ckpt.load_trained(checkpoint, pretrained=pretrained, device=device,
+                                      allow_unsafe_pickle=allow_unsafe_pickle)
+    lora.merge(model)
+    if list(dataset.class_names) != config.class_names:
+        raise UsageError(f"{checkpoint} was trained on classes {config.class_names}, "
+                         f"but {dataset.split_file} has {dataset.class_names}")
+    loader = datasets.build_loader(dataset, dist_info, train=False, batch_size=batch_size, seed=seed,
+                                   num_workers=num_workers, pin_memory=pin_memory)
+    stats = evaluate(model, loader, device, dataset.class_names, amp_dtype,
+                     progress=progress and dist_info.is_main)
+    if not dist_info.is_main:
+        return {}
+    trainable, total = lora.count_parameters(model)  # load_trained restores the trained set
+    results = test_results(checkpoint, config, dataset, stats, split=split,
+                           precision=precision_name(amp_dtype), params=(trainable, total))
+    if ci_resamples > 0:
+        from util.stats import auroc_intervals
+
+        # A fixed seed, not the run's: runs of different training seeds share the resamples.
+        results["intervals"] = auroc_intervals(stats["targets"], stats["probs"],
+                                               list(dataset.class_names),
+                                               resamples=ci_resamples, seed=0)
+    if eval_info:
+        results["evaluation"] = eval_info
+    write_reports(results, stats, dataset, folder, split)
+    return results
+
+
+def test_results(checkpoint: str | Path, config, dataset: datasets.ChestXrayDataset, stats: dict, *,
+                 split: str, precision: str, params: tuple[int, int]) -> dict:
+    """results_<split>.json: the scores, and what was evaluated with what."""
+    trained = config.extras.get("run") or {}
+    results = {
+        "split": split, "dataset": trained.get("dataset") or config.dataset or dataset.kind,
+        "data_size": trained.get("data_size"), "seed": trained.get("seed"),
+        "weights": Path(config.pretrained).stem if config.pretrained else "none",
+        "method": config.method, "model": config.model,
+        "lora_rank": config.lora.rank if config.lora else None,
+        "trainable_params": int(params[0]), "total_params": int(params[1]),
+        "num_images": stats["num_images"], "loss": stats["loss"],
+        "mean_auroc": stats["mean_auroc"], "mean_auprc": stats["mean_auprc"],
+        "auroc": json_safe(stats["auroc"]), "auprc": json_safe(stats["auprc"]),
+        "undefined_classes": undefined_classes(stats["targets"], list(dataset.class_names)),
+        "class_names": list(dataset.class_names), "checkpoint": str(checkpoint),
+        "epoch": config.extras.get("epoch"), "training": trained, "precision": precision,
+        "split_file": str(dataset.split_file), "data_cache": dataset.cache_info,
+        "dicom_scaling": dataset.dicom_scaling,
+        # The split's own size: with --skip_bad the score covers fewer images than it lists.
+        "split_images": len(dataset) + len(dataset.skipped),
+    }
+    if dataset.skipped:
+        results["skipped"] = [{"line": b.line, "path": b.path, "reason": b.reason}
+                              for b in dataset.skipped]
+    return results
+
+
+def write_reports(results: dict, stats: dict, dataset: datasets.ChestXrayDataset,
+                  folder: RunFolder, split: str) -> None:
+    """The results JSON, AUROC tables, per-image predictions and ROC curves, recorded as the
+    folder's own files, and the test table printed."""
+    from util import reports  # matplotlib is imported only when reports are written
+
+    out, stem = folder.folder, f"results_{split}"
+    ckpt.write_json(folder.writable(f"{stem}.json"), results)
+    reports.write_predictions_csv(folder.writable(f"predictions_{split}.csv"),
+                                  [dataset.paths[i] for i in stats["indices"]], stats["probs"],
+                                  list(dataset.class_names), labels=stats["targets"])
+    reports.write_auroc_tables(results, out, stem=stem)
+    reports.save_roc_curves(stats["targets"], stats["probs"], dataset.class_names,
+                            folder.writable(f"roc_{split}.png"))
+    folder.record(*(p for p in out.iterdir() if p.is_file() and p.name.startswith(
+        (stem, f"predictions_{split}", f"roc_{split}"))))
+    if results["undefined_classes"]:
+        say(f"{split}: no AUROC for {', '.join(results['undefined_classes'])} (a single label "
+            "value in the evaluated images); the mean is over the other classes")
+    say(f"{split} mean AUROC {100 * results['mean_auroc']:.2f} over {results['num_images']} "
+        f"images ({results['checkpoint']})")
+    table = out / f"{stem}_auroc.md"
+    if table.exists():
+        say(table.read_text())
