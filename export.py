@@ -54,6 +54,7 @@ from util import cli
 from util.cli import UsageError
 from util.io import OutputError, describe_os_error
 from util.reports import check_outputs
+from util.runfolder import probe_writable
 
 logger = logging.getLogger("export")
 PROG = "export.py"
@@ -154,6 +155,8 @@ def run(args: argparse.Namespace) -> int:
     if args.finetune is None and pretrained:
         check_outputs("--output", export_paths(args.output), overwrite=args.overwrite,
                       inputs=[Path(pretrained)])
+    # A read-only folder, or a file where the folder should be, is found before the work.
+    probe_writable(export_paths(args.output)[0].parent)
     tensors_path, config_path = export_checked(model, config, args.output, args.checkpoint,
                                                atol=None if args.no_verify else args.atol)
     print(f"exported {args.checkpoint} -> {tensors_path} + {config_path.name}")

@@ -165,6 +165,41 @@ def test_predict_missing_input_exits_2_and_writes_nothing(trained, tmp_path, cap
     assert list(tmp_path.iterdir()) == []  # no header-only CSV, no _failed.csv
 
 
+def test_predict_nothing_readable_is_a_failure_without_a_csv(trained, tmp_path, capsys):
+    """A split file whose images are all missing (e.g. the wrong --data_path): a CSV of the
+    header alone would pass for a result, so none is written; the failures are listed."""
+    stem, _ = trained
+    split = tmp_path / "list.txt"
+    split.write_text("a.png\nb.png\n")
+    out = tmp_path / "preds.csv"
+    assert predict.main([*predict_args(stem, split, output=out), "--dataset", "custom"]) == 1
+    one_error_line(capsys.readouterr().err, "predict.py", "none of the 2 images",
+                   "preds_failed.csv")
+    assert not out.exists()
+    with open(predict.failures_path(out), newline="") as f:
+        assert [r["path"] for r in csv.DictReader(f)] == ["a.png", "b.png"]
+
+
+def test_predict_existing_heatmap_needs_overwrite(trained, tmp_path, capsys):
+    from util.heatmap import heatmap_filename
+
+    stem, _ = trained
+    image = save_png(tmp_path / "in" / "a.png")
+    maps = tmp_path / "maps"
+    mine = maps / heatmap_filename(str(image), "Effusion")
+    mine.parent.mkdir()
+    mine.write_bytes(b"my own picture")
+    argv = [*predict_args(stem, image, output=tmp_path / "p.csv"), "--heatmap_class", "Effusion",
+            "--heatmap_dir", str(maps)]
+    assert predict.main(argv) == 2
+    one_error_line(capsys.readouterr().err, "predict.py", "--heatmap_dir", str(mine), "exists")
+    assert snapshot(tmp_path / "maps") == {mine.name: b"my own picture"}
+    assert not (tmp_path / "p.csv").exists()
+    assert predict.main([*argv, "--overwrite"]) == 0
+    with Image.open(mine) as img:
+        assert img.format == "PNG"
+
+
 def test_predict_fifo_in_a_folder_or_split_file_is_skipped_not_read(trained, tmp_path):
     """A FIFO named like an image would block the read forever: only regular files are read,
     the FIFO is counted, named and listed as failed; the exit code says some inputs failed."""
@@ -388,6 +423,11 @@ def test_export_read_only_folder_is_one_line(trained, tmp_path, monkeypatch, cap
     one_error_line(capsys.readouterr().err, "export.py", "Read-only file system", str(locked))
     monkeypatch.undo()
     assert list(locked.iterdir()) == []
+    (tmp_path / "afile").write_text("x")
+    rc = export.main(["--checkpoint", str(stem), "--output", str(tmp_path / "afile" / "model")])
+    assert rc == 1
+    one_error_line(capsys.readouterr().err, "export.py", str(tmp_path / "afile"))
+    assert (tmp_path / "afile").read_text() == "x"
 
 
 def test_export_unloadable_checkpoint_is_usage_exit_2(tmp_path, capsys):
@@ -607,6 +647,10 @@ def test_compare_read_only_folder_and_abbreviated_flags(tmp_path, monkeypatch, c
     one_error_line(capsys.readouterr().err, COMPARE, "Read-only file system", str(locked))
     monkeypatch.undo()
     assert list(locked.iterdir()) == []
+    (tmp_path / "afile").write_text("x")
+    assert compare.main([str(tmp_path / "A"), str(tmp_path / "B"), "--resamples", "0",
+                         "--out", str(tmp_path / "afile" / "cmp")]) == 1
+    one_error_line(capsys.readouterr().err, COMPARE, str(tmp_path / "afile"))
     with pytest.raises(SystemExit) as exc:
         compare.main([str(tmp_path / "A"), str(tmp_path / "B"), "--res", "0"])
     assert exc.value.code == 2

@@ -47,7 +47,8 @@ def check_outputs(flag: str, outputs: Iterable[str | Path], *, overwrite: bool =
             raise UsageError(f"{flag}: {path} is a folder, not a file")
         same = given.get(os.path.realpath(path))
         if same is not None:
-            raise UsageError(f"{flag}: {path} is one of this command's inputs ({same}); "
+            spelled = "" if same == str(path) else f" ({same})"
+            raise UsageError(f"{flag}: {path} is one of this command's inputs{spelled}; "
                              "write the output elsewhere")
         owner = run_owning(path)
         if owner is not None:
