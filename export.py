@@ -10,12 +10,21 @@ export/nih_1_mrm_lora`` uses it without the pre-trained file.
 The pair is written under temporary names, reloaded into timm and compared with the
 adapter model, and only then renamed into place: an export that fails the check leaves
 nothing behind, and an earlier export at ``--output`` as it was.
+
+``--output`` never replaces a file the user has: an existing ``<output>.safetensors`` or
+``.json`` needs ``--overwrite``; the checkpoint being exported, the pre-trained file, a
+training run's own files and symbolic links are refused even then.
+
+Exit codes: 0 exported; 1 failure (the export does not reproduce the model, or could not be
+written: a full disk, a read-only folder); 2 usage (a bad flag, a checkpoint that cannot be
+loaded, a refused ``--output``; nothing written).
 """
 from __future__ import annotations
 
 import argparse
 import logging
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -23,11 +32,13 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import torch.nn as nn
+from safetensors import SafetensorError
 
 from checkpoints import (  # noqa: F401  (the export API, importable from here too)
     MERGED_FORMAT,
     CheckpointError,
     ExportError,
+    checkpoint_paths,
     ModelConfig,
     export_merged,
     export_paths,
@@ -39,8 +50,14 @@ from checkpoints import (  # noqa: F401  (the export API, importable from here t
     read_merged_config,
     timm_model_name,
 )
+from util import cli
+from util.cli import UsageError
+from util.io import OutputError, describe_os_error
+from util.reports import check_outputs
+from util.runfolder import probe_writable
 
 logger = logging.getLogger("export")
+PROG = "export.py"
 
 
 def export_checked(model: nn.Module, config: ModelConfig | dict[str, Any], output: str | Path,
@@ -53,13 +70,19 @@ def export_checked(model: nn.Module, config: ModelConfig | dict[str, Any], outpu
     earlier export at ``output`` untouched.
     """
     tensors_path, config_path = export_paths(output)
-    tensors_path.parent.mkdir(parents=True, exist_ok=True)
-    # Same folder, so the renames stay on one file system (atomic).
-    tmp_dir = Path(tempfile.mkdtemp(dir=tensors_path.parent, prefix=f".{tensors_path.stem}.",
-                                    suffix=".tmp"))
     try:
-        tmp_tensors, tmp_config = export_merged(model, config, tmp_dir / tensors_path.stem,
-                                                source=source)
+        tensors_path.parent.mkdir(parents=True, exist_ok=True)
+        # Same folder, so the renames stay on one file system (atomic).
+        tmp_dir = Path(tempfile.mkdtemp(dir=tensors_path.parent, prefix=f".{tensors_path.stem}.",
+                                        suffix=".tmp"))
+    except OSError as err:
+        raise OutputError(err.errno or 0, describe_os_error(err, tensors_path)) from None
+    try:
+        try:
+            tmp_tensors, tmp_config = export_merged(model, config, tmp_dir / tensors_path.stem,
+                                                    source=source)
+        except SafetensorError as err:  # safetensors reports a full disk as its own error
+            raise _write_error(err, tensors_path) from None
         if atol is not None:
             exported = load_merged(tmp_tensors)[0]
             diff = max_output_difference(model, exported, int(config["img_size"]))
@@ -70,20 +93,35 @@ def export_checked(model: nn.Module, config: ModelConfig | dict[str, Any], outpu
                         config_path.name, diff)
         # An export is recognised by its JSON: drop the old one first and put the new one
         # last, so an interruption between the renames never pairs old and new files.
-        config_path.unlink(missing_ok=True)
-        os.replace(tmp_tensors, tensors_path)
-        os.replace(tmp_config, config_path)
+        try:
+            config_path.unlink(missing_ok=True)
+            os.replace(tmp_tensors, tensors_path)
+            os.replace(tmp_config, config_path)
+        except OSError as err:
+            raise OutputError(err.errno or 0, describe_os_error(err, tensors_path)) from None
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
     return tensors_path, config_path
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Command line: merge a checkpoint's LoRA into its backbone and write the export."""
-    parser = argparse.ArgumentParser(
-        prog="export.py",
+def _write_error(err: SafetensorError, path: Path) -> Exception:
+    """A safetensors write failure as the one-line OutputError of an OS error ("os error 28":
+    no space left), or the error itself when it is not one."""
+    found = re.search(r"os error (\d+)", str(err))
+    if found is None:
+        return err
+    code = int(found.group(1))
+    return OutputError(code, describe_os_error(OSError(code, os.strerror(code)), path))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command-line flags (whole names only)."""
+    parser = cli.Parser(
+        prog=PROG,
         description="Merge a trained checkpoint (adapter + pre-trained file, or full) into one "
-                    "timm-loadable .safetensors with a JSON of class names and normalisation.")
+                    "timm-loadable .safetensors with a JSON of class names and normalisation.",
+        epilog="Exit codes: 0 exported; 1 the export failed its check or could not be written; "
+               "2 usage error, nothing written.")
     parser.add_argument("--checkpoint", required=True,
                         help="training checkpoint (stem, .safetensors or .json), e.g. "
                              "output/run/checkpoint-best")
@@ -92,27 +130,47 @@ def main(argv: Sequence[str] | None = None) -> int:
                              "recorded in the checkpoint config)")
     parser.add_argument("--output", required=True,
                         help="export stem: writes <output>.safetensors and <output>.json")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an existing export at --output")
     parser.add_argument("--atol", type=float, default=1e-4,
                         help="largest logit difference allowed between the adapter model and "
                              "the export (checked on random inputs)")
     parser.add_argument("--no_verify", action="store_true",
                         help="skip reloading the export into timm and comparing outputs")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    parser.add_argument("--debug", action="store_true",
+                        help=f"print the traceback of an error (also {cli.DEBUG_ENV}=1)")
+    return parser
 
+
+def run(args: argparse.Namespace) -> int:
+    """Check ``--output``, load the checkpoint, write the checked export; errors are raised."""
+    sources = [*checkpoint_paths(args.checkpoint),
+               *([Path(args.finetune)] if args.finetune is not None else [])]
+    check_outputs("--output", export_paths(args.output), overwrite=args.overwrite, inputs=sources)
     try:
         model, config = load_trained(args.checkpoint, args.finetune, device="cpu")
-    except (OSError, CheckpointError, ValueError) as err:  # damaged files, NaN weights too
-        logger.error("--checkpoint %s: %s", args.checkpoint, err)
-        return 2
-    try:
-        tensors_path, config_path = export_checked(model, config, args.output, args.checkpoint,
-                                                   atol=None if args.no_verify else args.atol)
-    except ExportError as err:
-        logger.error("%s", err)
-        return 1
+    except (OSError, ValueError) as err:  # damaged files, NaN weights too
+        raise UsageError(f"--checkpoint {args.checkpoint}: {err}") from None
+    pretrained = config.get("pretrained")  # the backbone read by default
+    if args.finetune is None and pretrained:
+        check_outputs("--output", export_paths(args.output), overwrite=args.overwrite,
+                      inputs=[Path(pretrained)])
+    # A read-only folder, or a file where the folder should be, is found before the work.
+    probe_writable(export_paths(args.output)[0].parent)
+    tensors_path, config_path = export_checked(model, config, args.output, args.checkpoint,
+                                               atol=None if args.no_verify else args.atol)
     print(f"exported {args.checkpoint} -> {tensors_path} + {config_path.name}")
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """The command inside its error boundary (``util.cli.run``): returns the exit code."""
+    def command(arguments: list[str]) -> int:
+        args = build_parser().parse_args(arguments)
+        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+        return run(args)
+
+    return cli.run(command, argv, prog=PROG)
 
 
 if __name__ == "__main__":

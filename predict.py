@@ -11,11 +11,19 @@ and split files (``*.txt``, one ``relative/path [labels...]`` a line). The CSV h
 per readable image: ``path`` (as given; for split files the relative path as written
 there, so it joins with ``predictions_test.csv`` of ``--eval``), one sigmoid probability
 per class, and with ``--threshold`` the 0/1 ``pred_<class>`` columns. Unreadable inputs
-are logged, listed in ``<output stem>_failed.csv`` and skipped. Images whose model output
-is NaN or infinite are never written as probabilities: they are listed there too. The exit
-code is 0 when every input was predicted, 1 when some inputs failed, 2 on usage errors (a
-bad flag; a checkpoint that is missing, damaged or not a checkpoint, or holds NaN
-weights), 3 when the model gave non-finite outputs for some images.
+are logged, listed in ``<output stem>_failed.csv`` and skipped; only regular files are
+read (a FIFO, socket or device is listed there, never opened). Images whose model output
+is NaN or infinite are never written as probabilities: they are listed there too.
+
+No output replaces a file the user has: an existing ``--output`` (or its ``_failed.csv``,
+or a heatmap) needs ``--overwrite``; an output that is a symbolic link, one of the inputs
+(an image, a split file, the checkpoint) or a file of a training run is refused.
+
+Exit codes: 0 every input predicted; 1 failure (an output could not be written, or no
+image could be predicted); 2 usage (a bad flag, an input or output refused, a checkpoint
+that is missing, damaged, not a checkpoint or holds NaN weights; nothing written); 3 some
+inputs could not be read (the rest were predicted and written); 4 the model gave
+non-finite outputs for some images (the others were written).
 """
 from __future__ import annotations
 
@@ -24,6 +32,7 @@ import csv
 import json
 import logging
 import os
+import stat
 import sys
 import time
 from dataclasses import dataclass
@@ -36,9 +45,12 @@ import torch.nn as nn
 from torch.utils.data import DataLoader, Dataset
 
 import lora
+from util import cli
+from util.cli import ToolError, UsageError
 from util.precision import AMP_CHOICES, autocast
 from util.precision import resolve_amp as precision_resolve_amp
-from util.runfolder import run_owning
+from util.reports import check_outputs
+from util.runfolder import probe_writable
 
 logger = logging.getLogger("predict")
 
@@ -47,14 +59,14 @@ IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".dcm", ".dicom", ".dic", "
                             ".tif", ".tiff", ".webp"})
 SPLIT_SUFFIXES = frozenset({".txt"})
 DATASET_CHOICES = ("nih", "chexpert", "rsna", "custom")
-# Exit code when the model, not an input, failed: non-finite outputs for some images.
-EXIT_NON_FINITE = 3
+PROG = "predict.py"
+# Exit codes beyond util.cli's 0 / 1 (failure) / 2 (usage): the CSV was written, but not
+# for every input.
+EXIT_SOME_FAILED = 3  # some inputs could not be read; the rest were predicted and written
+EXIT_NON_FINITE = 4   # the model, not an input, failed: non-finite outputs for some images
 # Failure reason of an image whose logits are NaN or infinite (matched by ``run``).
 NON_FINITE_REASON = "non-finite model output"
-
-
-class UsageError(ValueError):
-    """A flag or input that makes the whole run impossible (exit code 2)."""
+SHOWN = 5  # inputs named in a one-line message
 
 
 @dataclass(frozen=True)
@@ -78,9 +90,31 @@ class Failure:
 # Inputs
 # ---------------------------------------------------------------------------------------
 
-def _walk_images(folder: Path) -> list[Path]:
-    """Image files under ``folder``, recursively, sorted; hidden entries skipped."""
+def not_regular_reason(path: str | Path) -> str | None:
+    """Why ``path`` is not opened as an image, or None for a regular (or missing) file.
+
+    Only regular files are read: a FIFO blocks the read forever and a device never ends.
+    A missing file is left to the image reader, which names it.
+    """
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return "not a regular file (a broken symbolic link); not read" if os.path.islink(path) else None
+    except OSError:
+        return None
+    if stat.S_ISREG(mode):
+        return None
+    kind = ("a FIFO" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode) else
+            "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else
+            "a folder" if stat.S_ISDIR(mode) else "a special file")
+    return f"not a regular file ({kind}); not read"
+
+
+def _walk_images(folder: Path) -> tuple[list[Path], list[Failure]]:
+    """Image files under ``folder``, recursively, sorted, and the entries with an image
+    suffix that are not regular files (failures, never opened); hidden entries skipped."""
     found: list[Path] = []
+    special: list[Failure] = []
     seen: set[str] = set()
     for root, dirs, files in os.walk(folder, followlinks=True):
         real = os.path.realpath(root)
@@ -89,15 +123,23 @@ def _walk_images(folder: Path) -> list[Path]:
             continue
         seen.add(real)
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        found.extend(Path(root) / f for f in sorted(files)
-                     if not f.startswith(".") and Path(f).suffix.lower() in IMAGE_SUFFIXES)
-    return found
+        for name in sorted(files):
+            if name.startswith(".") or Path(name).suffix.lower() not in IMAGE_SUFFIXES:
+                continue
+            path = Path(root) / name
+            reason = not_regular_reason(path)
+            if reason is None:
+                found.append(path)
+            else:
+                special.append(Failure(str(path), str(path), reason))
+    return found, special
 
 
 def read_split_paths(split_file: Path) -> list[str]:
-    """Relative image paths of a split file: the first field of every non-blank line."""
+    """Relative image paths of a split file: the first field of every non-blank line
+    (a UTF-8 byte-order mark, as some editors write, is not part of the first path)."""
     try:
-        text = split_file.read_text()
+        text = split_file.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as err:
         raise UsageError(f"{split_file}: not a text split file ({err})") from err
     return [line.split()[0] for line in text.splitlines() if line.strip()]
@@ -112,7 +154,8 @@ def collect_inputs(
 
     Split-file paths are resolved with the data set's rule (``nih``:
     ``<data_path>/all_classes/<name>``, else ``<data_path>/<path>``); ``data_path``
-    defaults to the split file's folder and ``dataset`` to one inferred from it.
+    defaults to the split file's folder and ``dataset`` to one inferred from it. Inputs
+    that are not regular files (a FIFO, a socket, a device) are failures, never opened.
     """
     from datasets import infer_dataset_kind, resolve_image_path
 
@@ -120,12 +163,16 @@ def collect_inputs(
     failures: list[Failure] = []
     for item in inputs:
         path = Path(item)
+        special = not_regular_reason(path) if not path.is_dir() else None
         if path.is_dir():
-            found = _walk_images(path)
-            if not found:
+            found, unread = _walk_images(path)
+            if not found and not unread:
                 logger.warning("%s: no image files (%s) in this folder", path,
                                " ".join(sorted(IMAGE_SUFFIXES)))
             images.extend(InputImage(str(f), f) for f in found)
+            failures.extend(unread)
+        elif special is not None:
+            failures.append(Failure(str(item), str(path), special))
         elif path.is_file() and path.suffix.lower() in SPLIT_SUFFIXES:
             root = Path(data_path) if data_path is not None else path.parent
             if not root.is_dir():
@@ -226,6 +273,9 @@ class ImageFiles(Dataset):
         from datasets import load_image
         from datasets.transforms import apply_transform
 
+        reason = not_regular_reason(self.files[index])
+        if reason is not None:  # e.g. a FIFO listed in a split file: opening it would block
+            return index, None, reason
         try:
             img = load_image(self.files[index], dicom_scaling=self.dicom_scaling)
             return index, apply_transform(self.transform, img), ""
@@ -362,9 +412,14 @@ def write_failures(path: str | Path, failures: Sequence[Failure]) -> Path:
 # ---------------------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
-    """The command-line flags."""
-    p = argparse.ArgumentParser(
+    """The command-line flags (whole names only: ``--input`` is no ``--inputs``)."""
+    p = cli.Parser(
+        prog=PROG,
         description="Predict chest X-ray findings with a trained checkpoint or a merged export.",
+        epilog="Exit codes: 0 every input predicted; 1 failure (an output could not be written, "
+               "or no image could be predicted); 2 usage error, nothing written; 3 some inputs "
+               "could not be read (the rest were predicted and written); 4 non-finite model "
+               "outputs for some images (the others were written).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--checkpoint", required=True,
                    help="adapter checkpoint (stem, .safetensors or .json, e.g. "
@@ -380,7 +435,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", default=None, choices=DATASET_CHOICES,
                    help="path rule for split files: nih -> <data_path>/all_classes/<name>, "
                         "else <data_path>/<path> (default: inferred from --data_path)")
-    p.add_argument("--output", default="predictions.csv", help="CSV to write")
+    p.add_argument("--output", default="predictions.csv",
+                   help="CSV to write (refused if it exists, unless --overwrite)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing --output, its _failed.csv and heatmaps")
     p.add_argument("--batch_size", type=int, default=32)
     p.add_argument("--num_workers", type=int, default=2, help="decoding processes (0: in-process)")
     p.add_argument("--device", default=default_device(), help="torch device, e.g. cpu, cuda, cuda:1")
@@ -395,6 +453,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--heatmap_dir", default=None,
                    help="folder of the heatmaps (default: <output stem>_heatmaps next to --output)")
     p.add_argument("--no_progress", action="store_true", help="no progress bar")
+    p.add_argument("--debug", action="store_true",
+                   help=f"print the traceback of an error (also {cli.DEBUG_ENV}=1)")
     return p
 
 
@@ -411,15 +471,42 @@ def _heatmap_classes(requested: Sequence[str] | None, class_names: Sequence[str]
     return [list(class_names).index(c) for c in requested]
 
 
+def _named_inputs(args: argparse.Namespace, images: Sequence[InputImage]) -> list[Path]:
+    """Every file the command reads: images, split files, the checkpoint, the pre-trained
+    file and a threshold table (no output may be one of them)."""
+    from checkpoints import checkpoint_paths
+
+    checkpoint = Path(args.checkpoint)
+    if checkpoint.is_dir():
+        checkpoint = checkpoint / "checkpoint-best"
+    named = [Path(p) for p in args.inputs if Path(p).is_file()]
+    named += [*checkpoint_paths(checkpoint), *(Path(p) for p in (args.finetune, args.threshold)
+                                              if p is not None and Path(p).is_file())]
+    return [*named, *(im.file for im in images)]
+
+
+def _nothing_to_predict(failures: Sequence[Failure]) -> str:
+    """The one line for inputs none of which is an image that can be read."""
+    shown = "; ".join(f"{f.name} ({f.reason})" for f in failures[:SHOWN])
+    more = f" (+{len(failures) - SHOWN} more)" if len(failures) > SHOWN else ""
+    return f"--inputs: nothing to predict: {shown}{more}"
+
+
 def run(args: argparse.Namespace) -> int:
-    """Predict, write the CSV (and heatmaps); return the exit code (0 ok, 1 some inputs failed,
-    3 non-finite model outputs)."""
+    """Predict, write the CSV (and heatmaps); return the exit code (0 every input predicted,
+    EXIT_SOME_FAILED, EXIT_NON_FINITE). Usage errors and failures are raised (``cli.run``
+    turns them into one line): every check that can refuse the command comes before the
+    first file is written."""
+    images, failures = collect_inputs(args.inputs, args.data_path, args.dataset)
+    if not images:
+        if failures:
+            raise UsageError(_nothing_to_predict(failures))
+        raise UsageError(f"--inputs {' '.join(args.inputs)}: no images found")
     output = Path(args.output)
-    for path in (output, failures_path(output)):
-        owner = run_owning(path)
-        if owner is not None:
-            raise UsageError(f"--output {args.output}: {path} is a file of the training run in "
-                             f"{owner} (its own results); write the predictions elsewhere")
+    failed_csv = failures_path(output)
+    inputs = _named_inputs(args, images)
+    check_outputs("--output", [output, failed_csv], overwrite=args.overwrite, inputs=inputs)
+
     device = torch.device(args.device)
     dtype = resolve_amp(args.amp, device)
     try:
@@ -430,16 +517,22 @@ def run(args: argparse.Namespace) -> int:
     thresholds = parse_threshold(args.threshold, class_names)
     heatmap_classes = _heatmap_classes(args.heatmap_class, class_names)
     transform = eval_transform(config)
-    images, failures = collect_inputs(args.inputs, args.data_path, args.dataset)
+    heatmap_dir = Path(args.heatmap_dir or output.with_name(f"{output.stem}_heatmaps"))
     if heatmap_classes:  # two images with one name would write one heatmap file: refuse now
         from util.heatmap import heatmap_targets
 
-        try:
-            heatmap_targets([im.file for im in images], [im.name for im in images], class_names[0])
-        except ValueError as err:
-            raise UsageError(f"--heatmap_class: {err}") from None
-    if not images and not failures:
-        raise UsageError(f"--inputs {' '.join(args.inputs)}: no images found")
+        for k in heatmap_classes:
+            try:
+                targets = heatmap_targets([im.file for im in images], [im.name for im in images],
+                                          class_names[k])
+            except ValueError as err:
+                raise UsageError(f"--heatmap_class: {err}") from None
+            check_outputs("--heatmap_dir", [heatmap_dir / t for t in targets.values()],
+                          overwrite=args.overwrite, inputs=inputs)
+    # A read-only or unusable output folder is found before the images are predicted.
+    probe_writable(output.parent)
+    if heatmap_classes:
+        probe_writable(heatmap_dir)
 
     start = time.perf_counter()
     probs, failed = predict_images(
@@ -461,32 +554,34 @@ def run(args: argparse.Namespace) -> int:
         logger.error("the model gave NaN or infinite outputs for %d of %d images, left out of "
                      "%s: %s%s (%s)", len(non_finite),
                      len(images) - (len(failed) - len(non_finite)), args.output,
-                     ", ".join(non_finite[:5]),
-                     f" (+{len(non_finite) - 5} more)" if len(non_finite) > 5 else "", cause)
+                     ", ".join(non_finite[:SHOWN]),
+                     f" (+{len(non_finite) - SHOWN} more)" if len(non_finite) > SHOWN else "",
+                     cause)
 
-    write_predictions(output, [images[i].name for i in good], probs[good], class_names, thresholds)
-    failed_csv = failures_path(output)
     if failures:
         write_failures(failed_csv, failures)
     elif failed_csv.is_file():
-        failed_csv.unlink()  # a list left by an earlier run would describe other inputs
+        failed_csv.unlink()  # with --overwrite: a list left by an earlier run describes other inputs
+    if not good:  # a CSV of the header alone would pass for a result
+        raise ToolError(f"none of the {len(images)} images could be predicted (listed in "
+                        f"{failed_csv}); {output} not written")
+    write_predictions(output, [images[i].name for i in good], probs[good], class_names, thresholds)
 
     heatmaps = 0
-    if heatmap_classes and good:
+    if heatmap_classes:
         from functools import partial
 
         from datasets import load_image
         from util.heatmap import save_heatmaps
 
-        out_dir = Path(args.heatmap_dir or output.with_name(f"{output.stem}_heatmaps"))
         for k in heatmap_classes:
             written, _ = save_heatmaps(
                 model, [images[i].file for i in good], [images[i].name for i in good], k,
-                class_names[k], out_dir, transform,
+                class_names[k], heatmap_dir, transform,
                 partial(load_image, dicom_scaling=dicom_scaling(config)), int(config["img_size"]),
                 config["eval_recipe"], batch_size=args.batch_size, amp_dtype=dtype)
             heatmaps += len(written)
-        logger.info("wrote %d heatmaps to %s", heatmaps, out_dir)
+        logger.info("wrote %d heatmaps to %s", heatmaps, heatmap_dir)
 
     rate = len(images) / seconds if seconds > 0 else float("inf")
     print(f"predicted {len(good)} images, {len(failures)} failed"
@@ -495,29 +590,34 @@ def run(args: argparse.Namespace) -> int:
           f"[{device.type}, {str(dtype).replace('torch.', '') if dtype else 'fp32'}, {rate:.1f} img/s]")
     if non_finite:
         return EXIT_NON_FINITE
-    return 1 if failures else 0
+    return EXIT_SOME_FAILED if failures else 0
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point: parse flags, run, map usage errors to exit code 2."""
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """The flags, checked (a bad one exits 2 with one line)."""
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.batch_size < 1:
         parser.error(f"--batch_size {args.batch_size}: must be at least 1")
     if args.num_workers < 0:
         parser.error(f"--num_workers {args.num_workers}: must be at least 0")
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         device = torch.device(args.device)
     except RuntimeError as err:
         parser.error(f"--device {args.device!r}: {err}")
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error(f"--device {args.device}: no CUDA GPU is visible (use --device cpu)")
-    try:
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """The command inside its error boundary (``util.cli.run``): returns the exit code."""
+    def command(arguments: list[str]) -> int:
+        args = parse_args(arguments)
+        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
         return run(args)
-    except UsageError as err:
-        logger.error("%s", err)
-        return 2
+
+    return cli.run(command, argv, prog=PROG)
 
 
 if __name__ == "__main__":

@@ -84,7 +84,7 @@ def test_bootstrap_floor_counts_the_defined_resamples():
     assert compare.table_rows(result)[0]["p_bootstrap"] == "0.0100"
 
 
-def test_compare_refuses_mismatched_test_sets(tmp_path):
+def test_compare_refuses_mismatched_test_sets(tmp_path, capsys):
     paths, targets, a, b = two_runs(tmp_path)
     other = tmp_path / "other" / "predictions_test.csv"
     write_predictions(other, [*paths[:-1], "images/extra.png"], b, targets)
@@ -100,9 +100,10 @@ def test_compare_refuses_mismatched_test_sets(tmp_path):
         compare.compare(compare.read_predictions(tmp_path / "lora" / "predictions_test.csv"),
                         compare.read_predictions(other))
     write_predictions(other, paths, b, targets, classes=["Mass", "Nodule", "Edema"])
-    with pytest.raises(SystemExit) as exc:
-        compare.main([str(tmp_path / "lora"), str(other)])
-    assert exc.value.code == 2
+    assert compare.main([str(tmp_path / "lora"), str(other)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("python -m util.compare: error: the runs have different classes")
+    assert err.count("\n") == 1
     broken = tmp_path / "broken.csv"
     broken.write_text("path,Mass,label_Mass\na.png,0.5,1\na.png,0.4,0\n")
     with pytest.raises(compare.ComparisonError, match="appears twice"):

@@ -82,7 +82,7 @@ def test_cli_export_then_predict_without_pretrained_file(trained, tmp_path, caps
 
 
 def test_failed_check_writes_nothing_and_keeps_the_earlier_export(trained, tmp_path, monkeypatch,
-                                                                  caplog):
+                                                                  capsys):
     """The export is renamed into place only after it reproduced the adapter model."""
     import export
 
@@ -96,11 +96,17 @@ def test_failed_check_writes_nothing_and_keeps_the_earlier_export(trained, tmp_p
     monkeypatch.setattr(export, "max_output_difference", lambda *a, **k: 0.5)  # a bad export
     new = tmp_path / "export" / "fresh"
     for out in (old, new):
-        assert export_main(["--checkpoint", str(stem), "--output", str(out)]) == 1
-    assert "differ from the adapter model by 0.5 > --atol" in caplog.text
+        assert export_main(["--checkpoint", str(stem), "--output", str(out), "--overwrite"]) == 1
+        err = capsys.readouterr().err
+        assert err.startswith("export.py: error: ") and err.count("\n") == 1
+        assert "differ from the adapter model by 0.5 > --atol" in err
     assert {p: p.read_bytes() for p in old.parent.iterdir()} == earlier  # no temporary left
     monkeypatch.undo()
-    assert export_main(["--checkpoint", str(stem), "--output", str(old)]) == 0
+    # An export is a file the user has: replaced only when asked.
+    assert export_main(["--checkpoint", str(stem), "--output", str(old)]) == 2
+    assert "exists; pass --overwrite" in capsys.readouterr().err
+    assert {p: p.read_bytes() for p in old.parent.iterdir()} == earlier
+    assert export_main(["--checkpoint", str(stem), "--output", str(old), "--overwrite"]) == 0
     assert sorted(p.name for p in old.parent.iterdir()) == ["model.json", "model.safetensors"]
     assert load_merged(old)[1]["class_names"] == CLASSES
 

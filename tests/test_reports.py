@@ -146,9 +146,10 @@ def test_summary_files_and_bad_results(tmp_path, capsys, caplog):
     assert str(bad) in caplog.text and "missing" in caplog.text
     _, rows, errors, _ = summarize.summarize([tmp_path / "runs"])
     assert len(rows) == len(runs) and len(errors) == 2
-    with pytest.raises(SystemExit) as exc:
-        summarize.main([str(tmp_path / "nowhere")])
-    assert exc.value.code == 2
+    assert summarize.main([str(tmp_path / "nowhere")]) == 2
+    err = capsys.readouterr().err
+    assert err == (f"python -m util.summarize: error: run not found: {tmp_path / 'nowhere'} "
+                   "(RUNS are run folders or results_test.json files)\n")
 
 
 def test_nan_mean_is_blank(tmp_path):

@@ -213,7 +213,8 @@ def test_a_stopped_run_continued_elsewhere_is_not_incomplete(tmp_path, caplog):
         assert summarize.main([str(tmp_path), "--output", str(tmp_path / "summary")]) == 0
     assert "continued in" in caplog.text and "without results_test.json" not in caplog.text
     (b / "config.json").write_text(json.dumps({**config, "resumed_from": None}))
-    assert summarize.main([str(tmp_path), "--output", str(tmp_path / "summary")]) == 1
+    assert summarize.main([str(tmp_path), "--output", str(tmp_path / "summary"),
+                           "--overwrite"]) == 1
 
 
 def test_runs_recorded_before_split_hashes_join_their_setting(tmp_path):
@@ -230,6 +231,6 @@ def test_runs_recorded_before_split_hashes_join_their_setting(tmp_path):
     assert rows["other"]["seeds_n"] == "1"
     # The folder later held other split files: which ones s0 read is unknown, so it stays apart.
     run(tmp_path, "s4", "lora", 4, 0.65, split_sha256={**hashes, "val": "d" * 64}, demo_replace=False)
-    summarize.main([str(tmp_path), "--output", str(tmp_path / "summary")])
+    summarize.main([str(tmp_path), "--output", str(tmp_path / "summary"), "--overwrite"])
     rows = by_run(read_csv(tmp_path / "summary.csv"))
     assert rows["s0"]["seeds_n"] == "1" and rows["s1"]["seeds_n"] == "2" and rows["s4"]["seeds_n"] == "1"

@@ -13,12 +13,23 @@ Per class and for the mean AUROC: each run's AUROC, the difference A - B, its pa
 stratified-bootstrap interval and p-value (both runs scored on the same resamples, see
 ``util.stats``), and per class DeLong's paired test. The p-values are per class and not
 adjusted for multiple comparisons. ``--out DIR`` writes ``comparison.{md,csv,json}`` (and
-``comparison_forest.{png,svg}`` with ``--plot``); the markdown is always printed.
+``comparison_forest.{png,svg}`` with ``--plot``); the markdown is always printed. Those
+files are never written over unless ``--overwrite`` is given; the predictions read, a
+training run's own files and symbolic links are refused even then.
+
+A probability cell may be empty (the project's CSV writer leaves it empty for an image
+without a finite prediction): such images are left out of the comparison and counted. A
+UTF-8 byte-order mark at the start of a file is ignored.
+
+Exit codes: 0 compared; 1 an output could not be written; 2 usage (a bad flag, a run or
+file that does not exist or cannot be compared with the other, a refused ``--out``;
+nothing written).
 """
 from __future__ import annotations
 
 import argparse
 import csv
+import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,17 +37,18 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from util import cli
 from util.io import atomic_write, write_json
-from util.reports import x100
+from util.reports import check_outputs, x100
 from util.stats import DEFAULT_RESAMPLES, paired_comparison
-from util.cli import ToolError
+from util.cli import UsageError
 
 LABEL_PREFIX = "label_"
 SHOWN = 3  # examples named in a mismatch message
 
 
-class ComparisonError(ToolError, ValueError):
-    """Two prediction files that cannot be compared image by image."""
+class ComparisonError(UsageError, ValueError):
+    """Two prediction files that cannot be compared image by image (files the user named: exit 2)."""
 
 
 @dataclass
@@ -65,9 +77,13 @@ def predictions_file(run: str | Path, split: str = "test") -> Path:
 
 
 def read_predictions(path: str | Path, name: str | None = None) -> Predictions:
-    """Read and check a predictions CSV (``path``, K probabilities, K ``label_`` columns)."""
+    """Read and check a predictions CSV (``path``, K probabilities, K ``label_`` columns).
+
+    An empty probability cell (how the project writes NaN) reads as NaN: ``compare`` leaves
+    such images out and counts them.
+    """
     path = Path(path)
-    with open(path, newline="") as f:
+    with open(path, newline="", encoding="utf-8-sig") as f:
         reader = csv.reader(f)
         header = next(reader, None)
         if not header or header[0] != "path":
@@ -83,10 +99,10 @@ def read_predictions(path: str | Path, name: str | None = None) -> Predictions:
             if len(cells) != len(header):
                 raise ComparisonError(f"{path}, line {line}: {len(cells)} cells, expected {len(header)}")
             try:
-                probs.append([float(c) for c in cells[1:1 + k]])
+                probs.append([float(c) if c.strip() else math.nan for c in cells[1:1 + k]])
                 targets.append([int(c) for c in cells[1 + k:]])
             except ValueError as err:
-                raise ComparisonError(f"{path}, line {line}: {err}") from err
+                raise ComparisonError(f"{path}, line {line}: {err}") from None
             paths.append(cells[0])
     seen: dict[str, int] = {}
     for i, p in enumerate(paths):
@@ -189,11 +205,18 @@ def to_markdown(result: dict[str, Any]) -> str:
     return "\n".join(out).rstrip() + "\n"
 
 
+def output_paths(out_dir: str | Path, plot: bool = False) -> list[Path]:
+    """The files ``write_outputs`` writes: comparison.{md,csv,json} (+ the forest plot)."""
+    out_dir = Path(out_dir)
+    files = [out_dir / f"comparison.{ext}" for ext in ("md", "csv", "json")]
+    return files + ([out_dir / f"comparison_forest.{ext}" for ext in ("png", "svg")] if plot else [])
+
+
 def write_outputs(result: dict[str, Any], out_dir: str | Path, plot: bool = False) -> list[Path]:
     """Write comparison.{md,csv,json} (and the forest plot) into ``out_dir``; returns the paths."""
     out_dir = Path(out_dir)
     rows = table_rows(result)
-    md, csv_path, js = (out_dir / f"comparison.{ext}" for ext in ("md", "csv", "json"))
+    md, csv_path, js = output_paths(out_dir)
     markdown = to_markdown(result)
     atomic_write(md, lambda tmp: Path(tmp).write_text(markdown))
 
@@ -231,38 +254,64 @@ def save_difference_plot(result: dict[str, Any], path: str | Path) -> tuple[Path
                             title=f"{result['run_a']} vs {result['run_b']}", zero_line=True)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Command line: print the markdown comparison, optionally write it; 2 on bad input."""
-    parser = argparse.ArgumentParser(
-        prog="python -m util.compare",
-        description="Paired comparison of two runs' test predictions (bootstrap and DeLong).")
+PROG = "python -m util.compare"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command-line flags (whole names only)."""
+    parser = cli.Parser(
+        prog=PROG,
+        description="Paired comparison of two runs' test predictions (bootstrap and DeLong).",
+        epilog="Exit codes: 0 compared; 1 an output could not be written; 2 usage error, "
+               "nothing written.")
     parser.add_argument("run_a", metavar="RUN_A", help="run folder or predictions CSV")
     parser.add_argument("run_b", metavar="RUN_B", help="run folder or predictions CSV")
     parser.add_argument("--out", default=None, help="write comparison.{md,csv,json} into this folder")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace comparison files already in --out")
     parser.add_argument("--resamples", type=int, default=DEFAULT_RESAMPLES,
                         help="bootstrap resamples (0: DeLong only)")
     parser.add_argument("--seed", type=int, default=0, help="bootstrap seed")
     parser.add_argument("--split", default="test", help="which predictions_<split>.csv of a run folder")
     parser.add_argument("--plot", action="store_true",
                         help="also write comparison_forest.{png,svg} (needs --out)")
-    args = parser.parse_args(argv)
-    if args.plot and args.out is None:
-        parser.error("--plot needs --out DIR")
-    if args.resamples < 0:
-        parser.error(f"--resamples must be >= 0, got {args.resamples}")
+    parser.add_argument("--debug", action="store_true",
+                        help=f"print the traceback of an error (also {cli.DEBUG_ENV}=1)")
+    return parser
+
+
+def run(args: argparse.Namespace) -> int:
+    """Print the markdown comparison, optionally write it; errors are raised (one line each)."""
     try:
-        a = read_predictions(predictions_file(args.run_a, args.split))
-        b = read_predictions(predictions_file(args.run_b, args.split))
-        if a.name == b.name:  # two runs from folders of the same name: keep them apart
-            a.name, b.name = str(a.source.parent), str(b.source.parent)
-        result = compare(a, b, resamples=args.resamples, seed=args.seed)
-    except (FileNotFoundError, ComparisonError) as err:
-        parser.error(str(err))
+        files = [predictions_file(args.run_a, args.split), predictions_file(args.run_b, args.split)]
+    except FileNotFoundError as err:
+        raise UsageError(str(err)) from None
+    if args.out is not None:
+        check_outputs("--out", output_paths(args.out, args.plot), overwrite=args.overwrite,
+                      inputs=files)
+    a, b = (read_predictions(f) for f in files)
+    if a.name == b.name:  # two runs from folders of the same name: keep them apart
+        a.name, b.name = str(a.source.parent), str(b.source.parent)
+    result = compare(a, b, resamples=args.resamples, seed=args.seed)
     print(to_markdown(result), end="")
     if args.out is not None:
         written = write_outputs(result, args.out, plot=args.plot)
         print("wrote " + ", ".join(str(p) for p in written))
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """The command inside its error boundary (``util.cli.run``): returns the exit code."""
+    def command(arguments: list[str]) -> int:
+        parser = build_parser()
+        args = parser.parse_args(arguments)
+        if args.plot and args.out is None:
+            parser.error("--plot needs --out DIR")
+        if args.resamples < 0:
+            parser.error(f"--resamples must be >= 0, got {args.resamples}")
+        return run(args)
+
+    return cli.run(command, argv, prog=PROG)
 
 
 if __name__ == "__main__":

@@ -28,9 +28,9 @@ def multilabel_metrics(targets: np.ndarray, probs: np.ndarray,
                        class_names: Sequence[str], warn_undefined: bool = True) -> dict:
     """Per-class AUROC and AUPRC by class name, and their means over the defined classes.
 
-    A class whose targets are all 0 (or all 1) has no AUROC: it gets NaN, a warning (unless
-    ``warn_undefined`` is False, e.g. when the caller said so once already), and is left out
-    of the mean.
+    A class whose targets are all 0 (or all 1), or whose scores hold NaN, has no AUROC: it
+    gets NaN, a warning saying which of the two (unless ``warn_undefined`` is False, e.g.
+    when the caller said so once already), and is left out of the mean.
     """
     targets = np.asarray(targets)
     probs = np.asarray(probs, dtype=np.float64)
@@ -42,8 +42,11 @@ def multilabel_metrics(targets: np.ndarray, probs: np.ndarray,
         auroc[name] = binary_auroc(targets[:, k], probs[:, k])
         if math.isnan(auroc[name]):
             if warn_undefined:
-                logger.warning("class %r has a single label value in the %d evaluated images: "
-                               "AUROC undefined (NaN), left out of the mean", name, len(targets))
+                n_nan = int(np.isnan(probs[:, k]).sum())
+                why = (f"NaN scores for {n_nan} of the {len(targets)} evaluated images" if n_nan
+                       else f"a single label value in the {len(targets)} evaluated images")
+                logger.warning("class %r has %s: AUROC undefined (NaN), left out of the mean",
+                               name, why)
             auprc[name] = math.nan
         else:
             auprc[name] = float(average_precision_score(targets[:, k], probs[:, k]))

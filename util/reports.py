@@ -11,18 +11,52 @@ from __future__ import annotations
 
 import csv
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterable, Sequence
 
 import numpy as np
 
+from util.cli import UsageError
 from util.io import atomic_write
+from util.runfolder import run_owning
 
 # The ROC figure is a fixed 8 x 8 inch canvas at 100 dpi (800 x 800 px, no tight bbox) so
 # that every report has the same size, whatever the legend holds.
 ROC_FIGSIZE = (8.0, 8.0)
 ROC_DPI = 100
+
+
+def check_outputs(flag: str, outputs: Iterable[str | Path], *, overwrite: bool = False,
+                  inputs: Iterable[str | Path] = ()) -> None:
+    """Refuse, before anything is written, an output file that would lose something the user has.
+
+    Each of ``outputs`` (files the command is about to write, named by ``flag``) must not be
+    a symbolic link (writing would change the file it points to, or replace the link), a
+    folder, one of ``inputs`` (the same file under any spelling), a file a training run
+    recorded as its own (``util.runfolder.run_owning``), nor, without ``overwrite``, an
+    existing file. Raises ``UsageError`` naming the flag and the file.
+    """
+    given = {os.path.realpath(p): str(p) for p in inputs}
+    for path in map(Path, outputs):
+        if path.is_symlink():
+            raise UsageError(f"{flag}: {path} is a symbolic link (to {os.readlink(path)}); "
+                             "refusing to write through it or replace it: name a plain file")
+        if path.is_dir():
+            raise UsageError(f"{flag}: {path} is a folder, not a file")
+        same = given.get(os.path.realpath(path))
+        if same is not None:
+            spelled = "" if same == str(path) else f" ({same})"
+            raise UsageError(f"{flag}: {path} is one of this command's inputs{spelled}; "
+                             "write the output elsewhere")
+        owner = run_owning(path)
+        if owner is not None:
+            raise UsageError(f"{flag}: {path} is a file of the training run in {owner} (its own "
+                             "results); write the output elsewhere")
+        if not overwrite and path.exists():
+            raise UsageError(f"{flag}: {path} exists; pass --overwrite to replace it, or choose "
+                             "another name")
 
 
 def _auroc_or_none(target: np.ndarray, prob: np.ndarray) -> float | None:

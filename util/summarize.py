@@ -22,6 +22,17 @@ the run tables, seeds, LoRA vs full, the reference and the plot.
 
 Incomplete runs: a folder under RUNS holding a run's config.json but no results_test.json
 (still training, stopped, or its test failed) is named in the log and makes the exit code 1.
+So does a results file that cannot be read, or whose AUROCs are not numbers in [0, 1] (a
+hand-edited ``mean_auroc`` of 1.7 or "0.8" is refused naming the file and the key).
+
+Outputs: ``--output`` never replaces a file the user has: an existing ``<output>.md`` /
+``.csv`` (or forest plot) needs ``--overwrite``; a training run's own files (e.g.
+``--output RUN/results_test_auroc``), the results and reference files read, and symbolic
+links are refused even then.
+
+Exit codes: 0 every run summarized; 1 some results files were left out (unreadable,
+incomplete) or an output could not be written; 2 usage (a bad flag, a RUNS path that does
+not exist, a bad reference file, a refused ``--output``; nothing written).
 
 Intervals: when a run's results carry ``intervals`` (``util.stats.auroc_intervals``), its
 mean AUROC's 95% bootstrap interval is shown beside it.
@@ -58,10 +69,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple, Sequence
 
+from util import cli
 from util.io import atomic_write
 from util.runfolder import EXECUTION_ARGS
-from util.reports import x100
-from util.cli import ToolError
+from util.reports import check_outputs, x100
+from util.cli import ToolError, UsageError
 
 logger = logging.getLogger(__name__)
 
@@ -102,8 +114,8 @@ class ResultsError(ToolError, ValueError):
     """A results file that cannot be read or lacks what the summary needs."""
 
 
-class ReferenceFileError(ToolError, ValueError):
-    """A reference CSV that cannot be read."""
+class ReferenceFileError(UsageError, ValueError):
+    """A reference CSV that cannot be read (a file the user named: exit 2)."""
 
 
 @dataclass
@@ -347,6 +359,14 @@ def read_results(path: str | Path) -> Run:
         raise ResultsError(f"{path}: missing {missing} (is this a results_test.json of this tool?)")
     if not isinstance(results["auroc"], dict):
         raise ResultsError(f"{path}: 'auroc' must map class names to values")
+    _check_auroc(path, "'mean_auroc'", results["mean_auroc"])
+    for name, value in results["auroc"].items():
+        _check_auroc(path, f"'auroc' of {name!r}", value)
+    intervals = results.get("intervals")
+    mean_interval = intervals.get("mean") if isinstance(intervals, dict) else None
+    if isinstance(mean_interval, dict):
+        for key in ("ci_low", "ci_high"):
+            _check_auroc(path, f"the mean's {key!r} in 'intervals'", mean_interval.get(key))
     config = results.get("config") if isinstance(results.get("config"), dict) else None
     config_path = path.parent / CONFIG_NAME
     if config is None and path.name == RESULTS_NAME and config_path.is_file():
@@ -356,6 +376,18 @@ def read_results(path: str | Path) -> Run:
             logger.warning("%s: unreadable (%s); this run is not grouped with its seeds",
                            config_path, err)
     return Run(path, results, config if isinstance(config, dict) else None)
+
+
+def _check_auroc(path: Path, key: str, value: Any) -> None:
+    """An AUROC as the training script stores it: a number in [0, 1], or null / NaN (undefined)."""
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ResultsError(f"{path}: {key} is {value!r}, not a number (an AUROC in [0, 1], or "
+                           "null when undefined)")
+    if not math.isnan(value) and not 0 <= value <= 1:
+        raise ResultsError(f"{path}: {key} is {value!r}, outside [0, 1] (AUROCs are stored as "
+                           "fractions: 0.806, not 80.6 or 1.7)")
 
 
 REFERENCE_REQUIRED = ("setting", "method", "mean_auroc")
@@ -466,8 +498,9 @@ def summary_rows(runs: Sequence[Run], reference: dict[tuple[str, str], tuple[flo
     """(columns, rows) of the comparison table; metrics x100 with one decimal.
 
     Interval, seed, image cache and reference columns are added only when some run has them.
-    Keys starting with '_' are not columns: the unrounded mean AUROC x100 (``_value``), the
-    seed group and LoRA-vs-full keys, the method's recipe and the group's note.
+    Keys starting with '_' are not columns: the unrounded mean AUROC x100 of the run
+    (``_value``) and of its seed group (``_seeds_mean``), the seed group and LoRA-vs-full
+    keys, the method's recipe and the group's note.
     """
     runs = sorted(runs, key=Run.sort_key)
     classes = class_columns(runs)  # so the first data set's own class order comes first
@@ -523,7 +556,8 @@ def summary_rows(runs: Sequence[Run], reference: dict[tuple[str, str], tuple[flo
         values = [100 * float(m.results["mean_auroc"]) for m in members]
         mean, sd = _mean_sd(values) if values else (None, None)
         row.update(seeds_n=str(len(values)), seeds_mean_auroc="" if mean is None else f"{mean:.2f}",
-                   seeds_sd="" if sd is None else f"{sd:.2f}", _group=group_of[id(run)])
+                   seeds_sd="" if sd is None else f"{sd:.2f}", _group=group_of[id(run)],
+                   _seeds_mean=mean)
         ref = (reference or {}).get((run.setting, str(r["method"]).lower()))
         row.update(reference_mean_auroc="" if ref is None else f"{ref[0]:.1f}",
                    diff_vs_reference="" if ref is None or mean is None else f"{mean - ref[0]:+.1f}",
@@ -629,9 +663,9 @@ def reference_table(rows: Sequence[dict[str, Any]]) -> list[list[str]]:
         if not row.get("reference_mean_auroc") or row["_group"] in seen:
             continue
         seen.add(row["_group"])
-        ours = row["seeds_mean_auroc"]
+        ours = row["_seeds_mean"]  # unrounded: rounding the 2-decimal column again could differ
         table.append([row["setting"], row["method"], row["seeds_n"],
-                      f"{float(ours):.1f}" if ours else "n/a", row["reference_mean_auroc"],
+                      "n/a" if ours is None else f"{ours:.1f}", row["reference_mean_auroc"],
                       row["diff_vs_reference"] or "n/a", row["_reference_source"], row["_note"]])
     return table
 
@@ -758,18 +792,39 @@ class Summary(NamedTuple):
     evaluations: list[dict[str, str]]  # --eval results (``evaluation_rows``), not runs
 
 
+def output_paths(output: str | Path, plot: bool = False) -> list[Path]:
+    """The files ``summarize`` writes for ``--output``: ``<output>.csv``, ``.md`` and, with
+    ``plot``, ``<output>_forest.png`` / ``.svg`` (a ``.md`` / ``.csv`` suffix is dropped)."""
+    output = Path(output)
+    if output.suffix in (".md", ".csv"):
+        output = output.with_suffix("")
+    files = [output.with_suffix(".csv"), output.with_suffix(".md")]
+    if plot:
+        forest = output.with_name(output.name + "_forest")
+        files += [forest.with_suffix(".png"), forest.with_suffix(".svg")]
+    return files
+
+
 def summarize(paths: Sequence[str | Path], output: str | Path | None = None,
-              reference: str | Path | None = None, plot: bool = False) -> Summary:
+              reference: str | Path | None = None, plot: bool = False,
+              overwrite: bool = False) -> Summary:
     """Read every results file under ``paths``; write ``<output>.md`` / ``.csv`` if given.
 
     ``reference``: a reference CSV (module docstring) whose values and differences join the
     rows. ``plot``: also write ``<output>_forest.png`` / ``.svg`` (needs ``output``).
     Unreadable results files and started runs without results are reported in ``errors``
     and left out of the table; ``--eval`` results are listed apart (``evaluations``).
+    An output that exists (unless ``overwrite``), is a run's own file, one of the files
+    read or a symbolic link raises ``UsageError`` before anything is written.
     """
     ref = read_reference(reference) if reference is not None else None
+    found = find_results(paths)
+    if output is not None:
+        read = [*found, *(p.parent / CONFIG_NAME for p in found),
+                *([Path(reference)] if reference is not None else [])]
+        check_outputs("--output", output_paths(output, plot), overwrite=overwrite, inputs=read)
     runs, evaluations, errors = [], [], []
-    for path in find_results(paths):
+    for path in found:
         try:
             run = read_results(path)
         except ResultsError as err:
@@ -801,14 +856,12 @@ def summarize(paths: Sequence[str | Path], output: str | Path | None = None,
     columns, rows = summary_rows(runs, ref)
     listed = evaluation_rows(evaluations)
     if output is not None and (rows or listed):
-        output = Path(output)
-        if output.suffix in (".md", ".csv"):
-            output = output.with_suffix("")
-        write_csv(output.with_suffix(".csv"), columns, rows)
+        csv_path, md_path, *forest = output_paths(output, plot)
+        write_csv(csv_path, columns, rows)
         markdown = to_markdown(columns, rows, listed)
-        atomic_write(output.with_suffix(".md"), lambda tmp: Path(tmp).write_text(markdown + "\n"))
+        atomic_write(md_path, lambda tmp: Path(tmp).write_text(markdown + "\n"))
         if plot:
-            save_summary_plot(rows, output.with_name(output.name + "_forest"))
+            save_summary_plot(rows, forest[0].with_suffix(""))
     return Summary(columns, rows, errors, listed)
 
 
@@ -838,29 +891,39 @@ def save_summary_plot(rows: Sequence[dict[str, str]], path: str | Path) -> tuple
                             title="Mean AUROC per setting")
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Command line: print the markdown summary, optionally write it; 1 if a results file was
-    bad or a started run has no results."""
-    parser = argparse.ArgumentParser(
-        prog="python -m util.summarize",
-        description="Gather results_test.json files of several runs into one table.")
+PROG = "python -m util.summarize"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command-line flags (whole names only)."""
+    parser = cli.Parser(
+        prog=PROG,
+        description="Gather results_test.json files of several runs into one table.",
+        epilog="Exit codes: 0 every run summarized; 1 some results files were left out or an "
+               "output could not be written; 2 usage error, nothing written.")
     parser.add_argument("runs", nargs="+", metavar="RUNS",
                         help="run folders (searched recursively) or results_test.json files")
     parser.add_argument("--output", default=None,
                         help="write <output>.md and <output>.csv (default: print markdown only)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace existing <output>.md / .csv (and forest plots)")
     parser.add_argument("--reference", default=None, metavar="CSV",
                         help="published values to lay beside ours: columns setting,method,mean_auroc"
                              "[,source], e.g. docs/reference_results.csv")
     parser.add_argument("--plot", action="store_true",
                         help="also write <output>_forest.png / .svg (needs --output)")
-    args = parser.parse_args(argv)
-    if args.plot and args.output is None:
-        parser.error("--plot needs --output")
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    parser.add_argument("--debug", action="store_true",
+                        help=f"print the traceback of an error (also {cli.DEBUG_ENV}=1)")
+    return parser
+
+
+def run(args: argparse.Namespace) -> int:
+    """Print the markdown summary, or write it; 1 if a results file was bad or a started run
+    has no results. Usage errors and write failures are raised."""
     try:
-        summary = summarize(args.runs, args.output, args.reference, args.plot)
-    except (FileNotFoundError, ReferenceFileError) as err:
-        parser.error(str(err))
+        summary = summarize(args.runs, args.output, args.reference, args.plot, args.overwrite)
+    except FileNotFoundError as err:  # a RUNS path that does not exist
+        raise UsageError(str(err)) from None
     for err in summary.errors:
         logger.error("%s", err)
     if not summary.rows and not summary.evaluations:
@@ -870,9 +933,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(to_markdown(summary.columns, summary.rows, summary.evaluations))
     else:
         evaluations = f" and {len(summary.evaluations)} evaluations" if summary.evaluations else ""
+        csv_path, md_path, *_ = output_paths(args.output)
         print(f"summarized {len(summary.rows)} runs{evaluations} ({len(summary.errors)} left out: "
-              f"unreadable or incomplete) -> {Path(args.output).with_suffix('')}.md / .csv")
+              f"unreadable or incomplete) -> {md_path} / {csv_path.name}")
     return 1 if summary.errors else 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """The command inside its error boundary (``util.cli.run``): returns the exit code."""
+    def command(arguments: list[str]) -> int:
+        parser = build_parser()
+        args = parser.parse_args(arguments)
+        if args.plot and args.output is None:
+            parser.error("--plot needs --output")
+        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+        return run(args)
+
+    return cli.run(command, argv, prog=PROG)
 
 
 if __name__ == "__main__":
