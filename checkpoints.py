@@ -4,15 +4,15 @@ A checkpoint ``<dir>/checkpoint-best`` is two files:
 - ``checkpoint-best.safetensors``: the trained tensors only (LoRA, fc_norm, head) for
   LoRA and linear probing; every tensor for full fine-tuning or when no pre-trained
   file was used (the random backbone cannot be rebuilt otherwise);
-- ``checkpoint-best.json``: the model config (see ``model_config``), plain data.
+- ``checkpoint-best.json``: the model config (``models_vit_lora.ModelConfig``), plain data.
 ``checkpoint-last`` additionally has ``checkpoint-last.state.pt``: optimizer, scheduler
 position, scaler, epoch, RNG states, best metric and the run arguments, as plain data
 that loads with ``torch.load(weights_only=True)``.
 
 A merged export ``<out>`` (written by ``export.py``) is ``<out>.safetensors`` (every
 tensor, LoRA folded in, timm state-dict names, fp32) and ``<out>.json`` (format
-``cxr-lora-merged/1``: class names, input size, normalisation, eval recipe, the timm
-model name and its keyword arguments). Anyone can load it without this repository:
+``MERGED_FORMAT``: the checkpoint's model config with the timm model name and its keyword
+arguments beside it). Anyone can load it without this repository:
 
     import json, timm
     from safetensors.torch import load_file
@@ -22,19 +22,23 @@ model name and its keyword arguments). Anyone can load it without this repositor
 """
 from __future__ import annotations
 
+import errno
 import json
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn as nn
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 
 import lora
+import methods
 import models_vit_lora as mv
-from util.io import atomic_write, file_sha256, write_json  # noqa: F401  (re-exported)
 from util.cli import ToolError
+from util.io import OutputError, atomic_write, file_sha256, write_json  # noqa: F401  (re-exported)
+from util.runfolder import RunFolder
 
 logger = logging.getLogger(__name__)
 
@@ -47,38 +51,9 @@ class CheckpointError(ToolError, ValueError):
     """A checkpoint that does not fit the model or pre-trained file it is loaded with."""
 
 
-
-def model_config(
-    *,
-    model: str,
-    method: str,
-    class_names: list[str],
-    img_size: int,
-    global_pool: bool,
-    norm: str,
-    mean: tuple[float, ...],
-    std: tuple[float, ...],
-    pretrained: str | None,
-    pretrained_sha256: str | None,
-    lora_cfg: dict[str, Any] | None,
-    drop_path_rate: float = 0.0,
-    eval_recipe: str = "sgd",
-    dataset: str | None = None,
-    model_kwargs: dict[str, Any] | None = None,
-) -> ModelConfig:
-    """The config stored beside every checkpoint: all that is needed to rebuild it."""
-    return ModelConfig(
-        model=model, method=method, class_names=list(class_names), img_size=int(img_size),
-        global_pool=bool(global_pool), norm=norm, mean=mean, std=std, pretrained=pretrained,
-        pretrained_sha256=pretrained_sha256,
-        lora=mv.LoRASpec.from_json(lora_cfg) if lora_cfg else None,
-        drop_path_rate=float(drop_path_rate), eval_recipe=eval_recipe, dataset=dataset,
-        model_kwargs=dict(model_kwargs or {}))
-
-
-def as_model_config(config: ModelConfig | dict[str, Any]) -> ModelConfig:
-    """A ``ModelConfig`` from itself or from its JSON dict."""
-    return config if isinstance(config, ModelConfig) else ModelConfig.from_json(config)
+def model_config(*, lora_cfg: dict[str, Any] | None, **fields: Any) -> ModelConfig:
+    """A ``ModelConfig`` whose LoRA settings are given as their JSON object."""
+    return ModelConfig(lora=mv.LoRASpec(**lora_cfg) if lora_cfg else None, **fields)
 
 
 def checkpoint_paths(path: str | Path) -> tuple[Path, Path]:
@@ -93,54 +68,33 @@ def checkpoint_paths(path: str | Path) -> tuple[Path, Path]:
 export_paths = checkpoint_paths
 
 
-def save_checkpoint(path: str | Path, model: nn.Module, config: ModelConfig | dict[str, Any],
+def _write_safetensors(path: Path, tensors: dict[str, torch.Tensor], file_format: str) -> None:
+    """Atomically write a safetensors file; a failed write (a full disk) raises ``OutputError``
+    naming ``path`` and leaves an earlier file there as it was."""
+    def write(tmp: str) -> None:
+        try:
+            save_file(tensors, tmp, metadata={"format": file_format})
+        except SafetensorError as err:  # the Rust writer reports I/O errors as its own
+            code = errno.ENOSPC if "os error 28" in str(err) else errno.EIO
+            raise OSError(code, str(err)) from err
+
+    atomic_write(path, write)
+
+
+def save_checkpoint(path: str | Path, model: nn.Module, config: ModelConfig,
                     extra: dict[str, Any] | None = None) -> Path:
     """Write ``<stem>.safetensors`` (trained tensors, or all when needed) and ``<stem>.json``."""
     tensors_path, config_path = checkpoint_paths(path)
     model = getattr(model, "module", model)  # DDP
-    config = as_model_config(config)
-    # The random backbone of a run without pre-trained weights cannot be rebuilt: keep it.
-    backbone_in_file = config.method == "full" or config.pretrained is None
+    # A method that trains every parameter, and a random backbone (no pre-trained file),
+    # cannot be rebuilt from the pre-trained file: the file holds every tensor then.
+    backbone_in_file = config.pretrained is None or all(p.requires_grad for p in model.parameters())
     tensors = dict(model.state_dict()) if backbone_in_file else lora.trainable_state_dict(model)
     config = config.replace(backbone_in_file=backbone_in_file)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-    atomic_write(tensors_path, lambda tmp: save_file(tensors, tmp, metadata={"format": FORMAT}))
+    _write_safetensors(tensors_path, tensors, FORMAT)
     write_json(config_path, {**config.to_json(), **(extra or {})})
     return tensors_path
-
-
-# JSON types of config fields; bool never passes for int (json true is not a count).
-FieldTypes = dict[str, tuple[type, ...]]
-_NUMBER = (int, float)
-# Fields every checkpoint config has (see ``model_config``), and fields it may have.
-CONFIG_FIELDS: FieldTypes = {
-    "model": (str,), "method": (str,), "num_classes": (int,), "class_names": (list,),
-    "img_size": (int,), "global_pool": (bool,), "norm": (str,), "mean": (list,),
-    "std": (list,), "lora": (dict, type(None)),
-}
-CONFIG_OPTIONAL: FieldTypes = {
-    "model_kwargs": (dict,), "drop_path_rate": _NUMBER, "eval_recipe": (str,),
-    "pretrained": (str, type(None)), "pretrained_sha256": (str, type(None)),
-    "backbone_in_file": (bool,),
-}
-LORA_FIELDS: FieldTypes = {"rank": (int,), "alpha": _NUMBER, "pos": (str,)}
-
-
-def _type_ok(value: Any, types: tuple[type, ...]) -> bool:
-    if isinstance(value, bool) and bool not in types:
-        return False
-    return isinstance(value, types)
-
-
-def field_problems(obj: dict[str, Any], required: FieldTypes,
-                   optional: FieldTypes | None = None, prefix: str = "") -> list[str]:
-    """What is wrong with the fields of a JSON object: missing keys and wrong types."""
-    problems = [f"{prefix}{k!r} missing" for k in required if k not in obj]
-    for key, types in {**(optional or {}), **required}.items():
-        if key in obj and not _type_ok(obj[key], types):
-            names = " or ".join("null" if t is type(None) else t.__name__ for t in types)
-            problems.append(f"{prefix}{key!r} is {obj[key]!r:.40} (expected {names})")
-    return problems
 
 
 def read_json_object(path: Path, kind: str, error: type[Exception]) -> dict[str, Any]:
@@ -162,47 +116,43 @@ def read_json_object(path: Path, kind: str, error: type[Exception]) -> dict[str,
     return obj
 
 
-def read_format_config(config_path: Path, expected: str, kind: str = "checkpoint",
-                       error: type[Exception] | None = None, required: FieldTypes | None = None,
-                       optional: FieldTypes | None = None) -> dict[str, Any]:
-    """Read the JSON beside a tensors file, check its ``expected`` format and its fields."""
-    error = error or CheckpointError
+def read_model_config(config_path: Path, expected: str, kind: str,
+                      error: type[Exception]) -> ModelConfig:
+    """The ``ModelConfig`` of the JSON beside a tensors file, of format ``expected``; every
+    problem raises ``error`` in one line naming the file (and the keys at fault)."""
     if not config_path.is_file():
         raise FileNotFoundError(f"{kind} config not found: {config_path} (a {kind} is a "
                                 ".safetensors file with a .json of the same name)")
-    config = read_json_object(config_path, kind, error)
-    if config.get("format") != expected:
-        raise error(
-            f"{config_path}: not a {kind} config of this tool (format "
-            f"{config.get('format')!r:.60}, expected {expected!r})")
-    problems = field_problems(config, required or {}, optional)
-    if not problems and "class_names" in config and "num_classes" in config:
-        if len(config["class_names"]) != config["num_classes"]:
-            problems.append(f"{len(config['class_names'])} class_names for num_classes "
-                            f"{config['num_classes']}")
-    if problems:
-        raise error(f"{config_path}: invalid {kind} config: {'; '.join(problems[:5])}")
-    return config
+    obj = read_json_object(config_path, kind, error)
+    if obj.get("format") != expected:
+        raise error(f"{config_path}: not a {kind} config of this version of the tool (format "
+                    f"{obj.get('format')!r:.60}, expected {expected!r})")
+    try:
+        return ModelConfig.from_json(obj)
+    except mv.ModelConfigError as err:
+        raise error(f"{config_path}: invalid {kind} config: {err}") from None
+
+
+def check_committed(*paths: Path) -> None:
+    """Raise ``CheckpointError`` for a file of a run folder that differs from what the
+    folder's commit record says the run wrote (edited or replaced after the commit)."""
+    for path in paths:
+        record = RunFolder(path.parent).read_commit()
+        digest = (record or {}).get("files", {}).get(path.name)
+        if digest is not None and file_sha256(path) != digest:
+            raise CheckpointError(
+                f"{path} changed after its run committed it (sha256 differs from "
+                f"{path.parent / 'commit.json'}): its outputs would not be the run's; restore "
+                "the file or train again")
 
 
 def read_config(path: str | Path) -> ModelConfig:
-    """The config of a checkpoint, its JSON checked for format and fields."""
+    """The config of a checkpoint: format, fields and values checked, and, in a run folder,
+    the file checked to be the one the run committed."""
     config_path = checkpoint_paths(path)[1]
-    config = read_format_config(config_path, FORMAT, required=CONFIG_FIELDS,
-                                optional=CONFIG_OPTIONAL)
-    problems = []
-    if config["model"] not in mv.ARCHS:
-        problems.append(f"model {config['model']!r} is not one of {sorted(mv.ARCHS)}")
-    if config["method"] not in METHODS:
-        problems.append(f"method {config['method']!r} is not one of {list(METHODS)}")
-    if config["num_classes"] < 1 or config["img_size"] < 1:
-        problems.append(f"num_classes {config['num_classes']} and img_size "
-                        f"{config['img_size']} must be positive")
-    if config["lora"] is not None:
-        problems += field_problems(config["lora"], LORA_FIELDS, prefix="lora ")
-    if problems:
-        raise CheckpointError(f"{config_path}: invalid checkpoint config: {'; '.join(problems)}")
-    return ModelConfig.from_json(config)
+    config = read_model_config(config_path, FORMAT, "checkpoint", CheckpointError)
+    check_committed(config_path)
+    return config
 
 
 def load_trained(
@@ -216,11 +166,13 @@ def load_trained(
 
     ``pretrained`` defaults to the path recorded in the config. The file's SHA-256 must
     equal the recorded one (``check_hash``): an adapter on other weights is meaningless.
+    In a run folder, both checkpoint files must be the ones its ``commit.json`` names.
     """
     tensors_path, _ = checkpoint_paths(checkpoint)
     config = read_config(checkpoint)
     if not tensors_path.is_file():
         raise FileNotFoundError(f"checkpoint tensors not found: {tensors_path}")
+    check_committed(tensors_path)
     if config.backbone_in_file:
         pretrained = None
     else:
@@ -275,16 +227,35 @@ def load_trained_tensors(model: nn.Module, tensors_path: str | Path, all_tensors
 
 
 def save_resume_state(path: str | Path, state: dict[str, Any]) -> None:
-    """Atomically write the resume state (plain data and tensors only)."""
-    atomic_write(path, lambda tmp: torch.save(state, tmp))
+    """Atomically write the resume state (plain data and tensors only); a failed write (a
+    full disk) raises ``OutputError`` naming ``path`` and leaves an earlier state as it was."""
+    def write(tmp: str) -> None:
+        try:
+            torch.save(state, tmp)
+        except RuntimeError as err:
+            # torch's zip writer reports a short write as "[enforce fail at
+            # inline_container.cc:...] . unexpected pos ...": the disk filled up.
+            if "inline_container" not in str(err):
+                raise
+            raise OSError(errno.ENOSPC, str(err)) from err
+
+    atomic_write(path, write)
+
+
+# What a resume state that is not plain data is told (--unsafe_load reads pre-trained files
+# only: this tool never writes such a state, so there is nothing to unlock).
+_FOREIGN_STATE = ("The resume states this tool writes hold only tensors and plain data, so this "
+                  "one was not written by it: resume from a run you trust, or start the run again.")
 
 
 def load_resume_state(path: str | Path) -> dict[str, Any]:
     """Read a resume state written by ``save_resume_state`` without executing code.
 
-    A file that is not one (damaged, cut off, another kind) raises ``CheckpointError``.
+    A file that is not one (damaged, cut off, another kind, objects beyond plain data)
+    raises ``CheckpointError``.
     """
-    state = mv.load_torch_file(path, CheckpointError, expected="resume state (a torch.save file)")
+    state = mv.load_torch_file(path, CheckpointError, expected="resume state (a torch.save file)",
+                               refused_advice=_FOREIGN_STATE)
     if not isinstance(state, dict) or not {"optimizer", "epoch"} <= set(state):
         found = sorted(state)[:8] if isinstance(state, dict) else type(state).__name__
         raise CheckpointError(f"{path}: not a resume state of this tool (found {found})")
@@ -292,19 +263,10 @@ def load_resume_state(path: str | Path) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------------
-# Merged export: one plain timm model, LoRA folded into the backbone
+# Merged export: one plain timm model, the method folded into the backbone
 # ---------------------------------------------------------------------------------------
 
-MERGED_FORMAT = "cxr-lora-merged/1"
-# Checkpoint config keys copied into the export for provenance.
-_PROVENANCE = ("method", "lora", "pretrained", "pretrained_sha256", "dataset", "drop_path_rate",
-               "dicom_scaling")
-# Fields an export config must have for ``load_merged`` and ``predict.py`` (JSON types).
-MERGED_FIELDS: FieldTypes = {
-    "timm_model": (str,), "timm_kwargs": (dict,), "num_classes": (int,), "class_names": (list,),
-    "img_size": (int,), "norm": (str,), "mean": (list,), "std": (list,),
-}
-MERGED_OPTIONAL: FieldTypes = {"eval_recipe": (str,), "model": (str,), "global_pool": (str,)}
+MERGED_FORMAT = "cxr-lora-merged/2"
 
 
 class ExportError(ToolError, ValueError):
@@ -316,87 +278,79 @@ def timm_model_name(model: str) -> str:
     return f"{model}_224"
 
 
-def merged_config(config: ModelConfig | dict[str, Any],
-                  source: str | Path | None = None) -> dict[str, Any]:
-    """The export's JSON config, from a training checkpoint config."""
-    config = as_model_config(config)
-    global_pool = "avg" if config.global_pool else "token"
-    timm_kwargs = {"num_classes": config.num_classes, "global_pool": global_pool,
-                   "img_size": int(config.img_size), **config.model_kwargs}
-    return {
-        "format": MERGED_FORMAT,
-        "model": config.model,
-        "timm_model": timm_model_name(config.model),
-        "timm_kwargs": timm_kwargs,
-        "num_classes": config.num_classes,
-        "class_names": list(config.class_names),
-        "img_size": int(config.img_size),
-        "global_pool": global_pool,
-        "model_kwargs": dict(config.model_kwargs),
-        "norm": config.norm,
-        "mean": list(config.mean),
-        "std": list(config.std),
-        "eval_recipe": config.eval_recipe,
-        "source_checkpoint": None if source is None else str(source),
-        **{k: config.get(k) for k in _PROVENANCE},
-    }
+def merged_config(config: ModelConfig, source: str | Path | None = None) -> dict[str, Any]:
+    """The export's JSON: the checkpoint's config (with every tensor in the file) and what
+    timm needs to build the model (``timm_model``, ``timm_kwargs``)."""
+    timm_kwargs = {"num_classes": config.num_classes,
+                   "global_pool": "avg" if config.global_pool else "token",
+                   "img_size": config.img_size, **config.model_kwargs}
+    return {**config.replace(backbone_in_file=True).to_json(), "format": MERGED_FORMAT,
+            "timm_model": timm_model_name(config.model), "timm_kwargs": timm_kwargs,
+            "source_checkpoint": None if source is None else str(source)}
 
 
-def export_merged(model: nn.Module, config: ModelConfig | dict[str, Any], out: str | Path,
+def export_merged(model: nn.Module, config: ModelConfig, out: str | Path,
                   source: str | Path | None = None) -> tuple[Path, Path]:
-    """Write ``<out>.safetensors`` (LoRA folded in, timm names) and ``<out>.json``.
+    """Write ``<out>.safetensors`` (the method folded in, timm names) and ``<out>.json``.
 
-    ``model`` is left as it was (merged or not); ``config`` is its checkpoint config.
+    ``model`` is left as it was (merged or not); ``config`` is its checkpoint config. A
+    method that cannot be merged raises ``ExportError`` with its reason.
     """
+    method = methods.get(config.method)
+    if method.not_mergeable:
+        raise ExportError(f"{source or 'the checkpoint'}: method {method.name!r} cannot be merged "
+                          f"into a plain timm ViT: {method.not_mergeable}")
     tensors_path, config_path = export_paths(out)
     model = getattr(model, "module", model)  # DDP
-    state = lora.merged_state_dict(model)
+    state = method.merged_state_dict(model)
     # Stored in fp32 whatever the training dtype: the file is the reference model.
     tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in state.items()}
     # A model of NaNs must not leave as a file that looks like a usable model.
     mv.check_finite(tensors, f"merged model of {source or 'the checkpoint'}", ExportError)
-    cfg = merged_config(config, source)
-    atomic_write(tensors_path,
-                 lambda tmp: save_file(tensors, tmp, metadata={"format": MERGED_FORMAT}))
-    write_json(config_path, cfg)
-    logger.info("exported %d tensors (%d LoRA layers merged) to %s", len(tensors),
-                sum(1 for _ in lora.lora_layers(model)), tensors_path)
+    _write_safetensors(tensors_path, tensors, MERGED_FORMAT)
+    write_json(config_path, merged_config(config, source))
+    logger.info("exported %d tensors (method %s merged) to %s", len(tensors), method.name,
+                tensors_path)
     return tensors_path, config_path
 
 
-def read_merged_config(path: str | Path) -> dict[str, Any]:
-    """The JSON config of an export, checked for its format and fields."""
-    config = read_format_config(export_paths(path)[1], MERGED_FORMAT, "merged export",
-                                ExportError, required=MERGED_FIELDS, optional=MERGED_OPTIONAL)
-    # Exports written before the recipe was recorded used the sgd recipe's evaluation.
-    config.setdefault("eval_recipe", "sgd")
+def read_merged_config(path: str | Path) -> ModelConfig:
+    """The config of an export, checked for its format, fields and timm model."""
+    config_path = export_paths(path)[1]
+    config = read_model_config(config_path, MERGED_FORMAT, "merged export", ExportError)
+    timm_model, timm_kwargs = config.extras.get("timm_model"), config.extras.get("timm_kwargs")
+    if not isinstance(timm_model, str) or not isinstance(timm_kwargs, dict):
+        raise ExportError(f"{config_path}: invalid merged export config: 'timm_model' "
+                          f"{timm_model!r:.40} and 'timm_kwargs' {timm_kwargs!r:.40} must be a "
+                          "string and an object")
     return config
 
 
 def is_merged_export(path: str | Path) -> bool:
-    """True if ``path`` (stem, .safetensors or .json) has a JSON config of the export format."""
+    """True if ``path`` (stem, .safetensors or .json) has a JSON config of an export format
+    (of any version: ``read_merged_config`` refuses another one, naming both)."""
     _, config_path = export_paths(path)
     try:
         with open(config_path) as f:
-            return json.load(f).get("format") == MERGED_FORMAT
+            return str(json.load(f).get("format")).startswith(MERGED_FORMAT.split("/")[0] + "/")
     except (OSError, ValueError, AttributeError):
         return False
 
 
-def build_timm_model(config: dict[str, Any]) -> nn.Module:
+def build_timm_model(timm_model: str, timm_kwargs: dict[str, Any]) -> nn.Module:
     """The empty timm model an export's tensors load into with ``strict=True``."""
     import timm
 
     try:
-        return timm.create_model(config["timm_model"], pretrained=False, **config["timm_kwargs"])
-    except (RuntimeError, TypeError, ValueError, AssertionError) as err:
+        return timm.create_model(timm_model, pretrained=False, **timm_kwargs)
+    except (RuntimeError, TypeError, ValueError, AssertionError, KeyError) as err:
         # timm says "Unknown model" (RuntimeError) or rejects a keyword (TypeError).
-        raise ExportError(f"export config: timm cannot build {config['timm_model']!r} with "
-                          f"{config['timm_kwargs']} ({err})") from None
+        raise ExportError(f"export config: timm cannot build {timm_model!r} with "
+                          f"{timm_kwargs} ({err})") from None
 
 
 def load_merged(path: str | Path, device: str | torch.device = "cpu"
-                ) -> tuple[nn.Module, dict[str, Any]]:
+                ) -> tuple[nn.Module, ModelConfig]:
     """Load an export into a stock timm model (strict), in eval mode; returns (model, config).
 
     A damaged or foreign tensors file, tensors that do not fit, and NaN / inf weights
@@ -406,14 +360,15 @@ def load_merged(path: str | Path, device: str | torch.device = "cpu"
     config = read_merged_config(path)
     if not tensors_path.is_file():
         raise FileNotFoundError(f"export tensors not found: {tensors_path}")
-    model = build_timm_model(config)
+    timm_model, timm_kwargs = config.extras["timm_model"], config.extras["timm_kwargs"]
+    model = build_timm_model(timm_model, timm_kwargs)
     tensors = mv.read_safetensors(tensors_path, ExportError)
     mv.check_finite(tensors, tensors_path, ExportError)
     try:
         model.load_state_dict(tensors, strict=True)
     except RuntimeError as err:
-        raise ExportError(f"{tensors_path}: does not fit {config['timm_model']} "
-                          f"{config['timm_kwargs']}: {err}") from err
+        raise ExportError(f"{tensors_path}: does not fit {timm_model} {timm_kwargs}: "
+                          f"{err}") from err
     return model.to(device).eval(), config
 
 

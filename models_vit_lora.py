@@ -12,6 +12,8 @@ import dataclasses
 import logging
 import math
 import pickle
+import types
+import typing
 import warnings
 from dataclasses import dataclass, field, fields
 from functools import partial
@@ -25,7 +27,11 @@ from timm.layers import trunc_normal_
 from timm.models.vision_transformer import VisionTransformer
 
 import lora
-from util.cli import ToolError
+import methods
+import weights
+from methods import ModelConfigError
+from methods.lora import LoRASpec
+from weights import PretrainedWeightsError
 
 logger = logging.getLogger(__name__)
 
@@ -74,8 +80,12 @@ def reset_head(model: VisionTransformer) -> None:
 def _with_lora(builder: Callable[..., VisionTransformer]) -> Callable[..., VisionTransformer]:
     def build(*, lora_rank: int = 4, lora_alpha: float = 32.0, lora_dropout: float = 0.1,
               lora_pos: str = "attn", **kwargs: Any) -> VisionTransformer:
-        spec = LoRASpec(rank=lora_rank, alpha=lora_alpha, dropout=lora_dropout, pos=lora_pos)
-        return _adapt(builder(**kwargs), spec, "lora")
+        model = builder(**kwargs)
+        method = methods.get("lora")
+        method.inject(model, LoRASpec(rank=lora_rank, alpha=lora_alpha, dropout=lora_dropout,
+                                      pos=lora_pos))
+        method.mark_trainable(model)
+        return model
 
     build.__name__ = builder.__name__ + "_lora"
     build.__doc__ = (f"{builder.__name__} with LoRA adapters (lora_rank, lora_alpha, "
@@ -121,12 +131,6 @@ MODELS: dict[str, Callable[..., VisionTransformer]] = {
 # Pre-trained weights
 # ---------------------------------------------------------------------------------------
 
-class PretrainedWeightsError(ToolError, ValueError):
-    """A pre-trained file that cannot be loaded safely and completely into the model."""
-
-
-# Keys of MAE / MRM pre-training files that are not part of the ViT encoder.
-IGNORED_PREFIXES = ("mask_token", "decoder_", "bert_encoder.", "bert_mlp.")
 # Keys the fine-tuning model may lack in a pre-training file: the new classifier.
 HEAD_PREFIXES = ("head.", "fc_norm.")
 # Never taken from the file: the classifier is always new (MAE main_finetune.py
@@ -336,15 +340,21 @@ def _pickle_reason(err: Exception) -> tuple[str, bool]:
     return (useful[-1] if useful else (lines[0] if lines else repr(err))), False
 
 
+# What a pre-trained file holding objects beyond tensors and plain data is told.
+_UNSAFE_ADVICE = ("If you trust its origin, re-save it as a state dict, or pass --unsafe_load "
+                  "(allow_unsafe_pickle=True).")
+
+
 def load_torch_file(path: str | Path, error: type[Exception] = PretrainedWeightsError,
-                    allow_unsafe_pickle: bool = False, expected: str = "PyTorch checkpoint") -> Any:
+                    allow_unsafe_pickle: bool = False, expected: str = "PyTorch checkpoint",
+                    refused_advice: str = _UNSAFE_ADVICE) -> Any:
     """``torch.load`` of a file checked first to be a ``torch.save`` file; nothing runs code.
 
     Reads with ``weights_only=True`` and the allow-list of ``_safe_globals`` unless
     ``allow_unsafe_pickle``. Every failure raises ``error`` with one line naming the file:
     what it looks like when it is no torch file, "damaged" or "truncated" when it is one
-    that cannot be read, and the --unsafe_load advice only for a real pickle whose
-    objects go beyond tensors and plain data.
+    that cannot be read, and ``refused_advice`` (by default the --unsafe_load advice) only
+    for a real pickle whose objects go beyond tensors and plain data.
     """
     path = Path(path)
     if not path.is_file():
@@ -369,9 +379,7 @@ def load_torch_file(path: str | Path, error: type[Exception] = PretrainedWeights
                         "again") from None
         raise error(
             f"{path}: refused to unpickle: the file holds objects beyond tensors and plain "
-            f"data ({reason}). Loading it could run code. If you trust its origin, re-save "
-            "it as a state dict, or pass --unsafe_load (allow_unsafe_pickle=True)."
-        ) from None
+            f"data ({reason}). Loading it could run code. {refused_advice}") from None
     except EOFError:
         raise error(f"{path}: truncated {kind.description} (it ends early; an interrupted "
                     "download or copy?)") from None
@@ -435,9 +443,10 @@ def resize_pos_embed(pos_embed: torch.Tensor, grid: tuple[int, int],
 
 @dataclass
 class LoadReport:
-    """What ``load_pretrained`` did: which keys matched, were missing, unused or ignored."""
+    """What ``load_pretrained`` did: its format, which keys matched, were missing, unused or ignored."""
 
     path: str
+    format: str = ""
     matched: list[str] = field(default_factory=list)
     missing: list[str] = field(default_factory=list)
     unexpected: list[str] = field(default_factory=list)
@@ -447,7 +456,7 @@ class LoadReport:
 
     def summary(self) -> str:
         """One line for the log."""
-        text = (f"loaded {self.path}: {len(self.matched)} tensors matched, "
+        text = (f"loaded {self.path} (weights format {self.format}): {len(self.matched)} tensors matched, "
                 f"{len(self.ignored)} pre-training keys ignored, missing (expected) "
                 f"{self.missing}")
         if self.unexpected:
@@ -463,16 +472,19 @@ def _first(items: list[Any], n: int = 5) -> str:
 
 def load_pretrained(model: nn.Module, path: str | Path, allow_unsafe_pickle: bool = False,
                     state_dict: dict[str, torch.Tensor] | None = None) -> LoadReport:
-    """Load an MRM / CXR_MAE / MAE / timm ViT checkpoint into ``model``, checking coverage.
+    """Load pre-trained ViT weights of any registered format (``weights``) into ``model``,
+    checking coverage.
 
-    Works on the plain model and on one with LoRA already injected (``.base_layer``
-    names are mapped exactly). Decoder, mask-token and MRM text-branch keys are dropped;
-    the classifier ``head`` is always re-initialised (trunc_normal std 2e-5, zero bias) as
+    The format is recognised from the keys and logged; its converter maps them to timm's
+    names and drops what is not the encoder (decoders, text branches). Works on the plain
+    model and on one with LoRA already injected (``.base_layer`` names are mapped exactly).
+    The classifier ``head`` is always re-initialised (trunc_normal std 2e-5, zero bias) as
     the MAE / paper fine-tuning recipe does, even when the file holds one of the same
     shape; ``pos_embed`` is interpolated to the model's grid. Raises
-    ``PretrainedWeightsError`` before anything is copied when a backbone tensor is missing
-    from the file, has the wrong shape or holds NaN / inf, and when the file holds trained
-    LoRA tensors (a fine-tuned checkpoint is not pre-trained weights).
+    ``PretrainedWeightsError`` before anything is copied when the format is unknown or
+    ambiguous, when a backbone tensor is missing from the file, has the wrong shape or
+    holds NaN / inf, and when the file holds trained LoRA tensors (a fine-tuned checkpoint
+    is not pre-trained weights).
     """
     if state_dict is None:
         state_dict = extract_state_dict(read_checkpoint(path, allow_unsafe_pickle), path)
@@ -484,17 +496,16 @@ def load_pretrained(model: nn.Module, path: str | Path, allow_unsafe_pickle: boo
             "continue training it use --resume <run>/checkpoint-last; to use it, predict.py "
             "--checkpoint (or --eval --resume); --finetune takes the pre-trained file "
             "(MRM.pth, CXR_MAE.pth, ...)")
-    report = LoadReport(path=str(path))
+    fmt = weights.detect(state_dict, path)
+    state, dropped = fmt.to_timm(state_dict)
+    report = LoadReport(path=str(path), format=fmt.name, ignored=list(dropped))
     target = {lora.canonical_name(k): k for k in model.state_dict()
               if k.rsplit(".", 1)[-1] not in ("lora_A", "lora_B")}
     shapes = {k: v.shape for k, v in model.state_dict().items()}
 
     to_load: dict[str, torch.Tensor] = {}
     mismatched = []
-    for key, value in state_dict.items():
-        if key.startswith(IGNORED_PREFIXES):
-            report.ignored.append(key)
-            continue
+    for key, value in state.items():
         if key not in target:
             report.unexpected.append(key)
             continue
@@ -504,8 +515,8 @@ def load_pretrained(model: nn.Module, path: str | Path, allow_unsafe_pickle: boo
             if grid is None:
                 raise PretrainedWeightsError(f"{path}: cannot resize pos_embed for this model")
             prefix = want[1] - grid[0] * grid[1]
+            report.pos_embed_resized = (value.shape[1], want[1])
             value = resize_pos_embed(value, tuple(grid), num_prefix_tokens=prefix)
-            report.pos_embed_resized = (state_dict[key].shape[1], want[1])
         if key.startswith(NEW_HEAD_PREFIXES) or (key.startswith(HEAD_PREFIXES) and value.shape != want):
             report.head_reinitialised = True
             report.ignored.append(key)
@@ -520,8 +531,7 @@ def load_pretrained(model: nn.Module, path: str | Path, allow_unsafe_pickle: boo
             f"{path}: {len(mismatched)} tensors have the wrong shape for "
             f"{type(model).__name__} (wrong architecture? e.g. ViT-L weights into ViT-B): "
             f"{_first(mismatched)}")
-    present = {k for k in state_dict if k in target}
-    missing = sorted(k for k in target if k not in present)
+    missing = sorted(k for k in target if k not in state)
     backbone_missing = [k for k in missing if not k.startswith(HEAD_PREFIXES)]
     if backbone_missing:
         raise PretrainedWeightsError(
@@ -549,52 +559,97 @@ def load_pretrained(model: nn.Module, path: str | Path, allow_unsafe_pickle: boo
 
 
 # ---------------------------------------------------------------------------------------
-# The model's config and its one assembly
+# The model's config (the schema of the checkpoint JSON) and its one assembly
 # ---------------------------------------------------------------------------------------
 
 # Version of the config JSON kept beside every trained checkpoint (``checkpoints.py``).
-CONFIG_FORMAT = "cxr-lora-checkpoint/1"
-METHODS = ("lora", "full", "linear")
+CONFIG_FORMAT = "cxr-lora-checkpoint/2"
+# The registered fine-tuning methods (a live view: a method registered later is in it).
+METHODS = methods.REGISTRY.keys()
 
 
-class ModelConfigError(ToolError, ValueError):
-    """A model config that names no buildable model."""
+def _positive_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
 
-@dataclass(frozen=True)
-class LoRASpec:
-    """Where and how large the LoRA adapters are (``lora.inject_lora``'s arguments)."""
+# The architecture settings a config may override (``model_kwargs``), each with its check.
+MODEL_KWARGS: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "depth": (_positive_int, "a positive integer (--depth)"),
+}
 
-    rank: int
-    alpha: float
-    dropout: float = 0.0
-    pos: str = "attn"
 
-    @property
-    def scaling(self) -> float:
-        """alpha / r: the factor of the low-rank update (changes with r at fixed alpha)."""
-        return self.alpha / self.rank
+def _json_type_ok(value: Any, hint: Any) -> bool:
+    """Whether a JSON value has a field's type (bool never passes for a number)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_json_type_ok(value, a) for a in args)
+    if hint is type(None):
+        return value is None
+    if hint in (int, float):
+        return not isinstance(value, bool) and isinstance(value, int if hint is int else (int, float))
+    if origin in (list, tuple):
+        return isinstance(value, list) and all(_json_type_ok(v, args[0]) for v in value)
+    if origin is dict or dataclasses.is_dataclass(hint):
+        return isinstance(value, dict)
+    return isinstance(value, hint)
 
-    def to_json(self) -> dict[str, Any]:
-        """Plain data for the checkpoint JSON."""
-        return {"rank": self.rank, "alpha": self.alpha, "dropout": self.dropout, "pos": self.pos}
 
-    @classmethod
-    def from_json(cls, obj: dict[str, Any]) -> "LoRASpec":
-        """From the checkpoint JSON (older files may lack dropout)."""
-        return cls(rank=obj["rank"], alpha=obj["alpha"], dropout=obj.get("dropout", 0.0),
-                   pos=obj.get("pos", "attn"))
+def _json_type_name(hint: Any) -> str:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_json_type_name(a) for a in args)
+    if origin in (list, tuple):
+        return f"list of {_json_type_name(args[0])}"
+    if origin is dict or dataclasses.is_dataclass(hint):
+        return "object"
+    return {type(None): "null", float: "number"}.get(hint, getattr(hint, "__name__", str(hint)))
+
+
+def _dataclass_of(hint: Any) -> type | None:
+    """The dataclass a field holds (``LoRASpec | None`` -> LoRASpec), or None."""
+    return next((a for a in (hint, *typing.get_args(hint)) if dataclasses.is_dataclass(a)), None)
+
+
+def _read_fields(cls: type, obj: dict[str, Any], where: str = ""
+                 ) -> tuple[dict[str, Any], dict[str, Any], list[str]]:
+    """The fields of dataclass ``cls`` from a JSON object, each checked against its type hint:
+    (values, the object's other keys, problems). Every field must be present."""
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in fields(cls) if f.name != "extras"]
+    values: dict[str, Any] = {}
+    problems: list[str] = []
+    for name in names:
+        key = where + name
+        if name not in obj:
+            problems.append(f"{key!r} missing")
+            continue
+        value, hint = obj[name], hints[name]
+        if not _json_type_ok(value, hint):
+            problems.append(f"{key!r} is {value!r:.40} (expected {_json_type_name(hint)})")
+            continue
+        nested = _dataclass_of(hint)
+        if nested is not None and value is not None:
+            inner, other, wrong = _read_fields(nested, value, key + ".")
+            wrong += [f"{key + '.' + k!r} is not a setting of {key}" for k in other]
+            if not wrong:
+                try:
+                    value = nested(**inner)
+                except ModelConfigError as err:
+                    wrong.append(f"{key}: {err}")
+            problems += wrong
+        values[name] = value
+    return values, {k: v for k, v in obj.items() if k not in names}, problems
 
 
 @dataclass
 class ModelConfig:
-    """All that rebuilds a trained model and feeds it: architecture, adapters, classes,
-    input size and normalisation, the pre-trained file. Kept as JSON beside every checkpoint
-    (``CONFIG_FORMAT``); keys this version does not know (``epoch``, ``run``, ...) are kept
-    in ``extras`` and written back unchanged.
+    """All that rebuilds a trained model and feeds it: architecture, method and its settings,
+    classes, input size and normalisation, the pre-trained file. The one schema of the JSON
+    kept beside every checkpoint and export (``to_json`` / ``from_json``); keys that are no
+    field (``epoch``, ``run``, ...) are kept in ``extras`` and written back unchanged.
 
-    Read-only access by JSON key (``config["img_size"]``, ``config.get("epoch")``) serves
-    code that handles checkpoint and merged-export configs alike.
+    Values are checked on creation (``ModelConfigError`` naming the flag); JSON types when
+    a JSON is read.
     """
 
     model: str
@@ -607,11 +662,12 @@ class ModelConfig:
     std: tuple[float, ...]
     pretrained: str | None = None
     pretrained_sha256: str | None = None
+    # LoRA's settings: the ``settings`` of the method (see ``methods``), None for full / linear.
     lora: LoRASpec | None = None
     drop_path_rate: float = 0.0
     eval_recipe: str = "sgd"
     dataset: str | None = None
-    # Architecture overrides for the builder (e.g. {"depth": 2} in tests).
+    # Architecture overrides for the builder (e.g. {"depth": 2} in tests): MODEL_KWARGS.
     model_kwargs: dict[str, Any] = field(default_factory=dict)
     # Whether the tensors file holds the backbone too (set when a checkpoint is saved).
     backbone_in_file: bool | None = None
@@ -620,12 +676,28 @@ class ModelConfig:
     extras: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+        method = methods.get(self.method)
         if self.model not in ARCHS:
-            raise ValueError(f"unknown model {self.model!r}; choose from {sorted(ARCHS)}")
-        if isinstance(self.lora, dict):
-            self.lora = LoRASpec.from_json(self.lora)
+            raise ModelConfigError(f"unknown model {self.model!r} (--model); choose from "
+                                   f"{sorted(ARCHS)}")
+        if method.settings is None and self.lora is not None:
+            raise ModelConfigError(f"method {method.name!r} takes no LoRA settings, got {self.lora}")
+        if method.settings is not None and not isinstance(self.lora, method.settings):
+            raise ModelConfigError(f"method {method.name!r} needs its {method.settings.__name__} "
+                                   f"(--method {method.name} {method.size_flag} ...), got "
+                                   f"{self.lora!r}")
+        if not self.class_names:
+            raise ModelConfigError("a model needs at least one class")
+        if not _positive_int(self.img_size):
+            raise ModelConfigError(f"input size must be a positive integer (--input_size), got "
+                                   f"{self.img_size!r}")
+        for key, value in self.model_kwargs.items():
+            check, expected = MODEL_KWARGS.get(key, (None, ""))
+            if check is None:
+                raise ModelConfigError(f"model_kwargs key {key!r} is not an architecture setting "
+                                       f"this tool knows ({', '.join(MODEL_KWARGS)})")
+            if not check(value):
+                raise ModelConfigError(f"model_kwargs {key} {value!r} is not {expected}")
         self.class_names = list(self.class_names)
         self.mean, self.std = tuple(map(float, self.mean)), tuple(map(float, self.std))
 
@@ -635,75 +707,53 @@ class ModelConfig:
         return len(self.class_names)
 
     def to_json(self) -> dict[str, Any]:
-        """The checkpoint JSON (same keys and order as every version of this format)."""
-        obj = {
-            "format": CONFIG_FORMAT, "model": self.model, "method": self.method,
-            "num_classes": self.num_classes, "class_names": list(self.class_names),
-            "img_size": int(self.img_size), "global_pool": bool(self.global_pool),
-            "drop_path_rate": float(self.drop_path_rate), "model_kwargs": dict(self.model_kwargs),
-            "lora": self.lora.to_json() if self.lora else None, "norm": self.norm,
-            "mean": list(self.mean), "std": list(self.std), "eval_recipe": self.eval_recipe,
-            "pretrained": self.pretrained, "pretrained_sha256": self.pretrained_sha256,
-            "dataset": self.dataset,
-        }
-        if self.backbone_in_file is not None:
-            obj["backbone_in_file"] = self.backbone_in_file
-        obj.update(self.extras)
-        if self.dicom_scaling is not None:
-            obj["dicom_scaling"] = self.dicom_scaling
-        return obj
+        """The checkpoint JSON: ``format``, every field, ``num_classes`` (for readers without
+        this tool) and the extras."""
+        obj: dict[str, Any] = {"format": CONFIG_FORMAT}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name == "extras":
+                continue
+            if dataclasses.is_dataclass(value):
+                value = dataclasses.asdict(value)
+            obj[f.name] = list(value) if isinstance(value, tuple) else value
+            if f.name == "method":
+                obj["num_classes"] = self.num_classes
+        return {**obj, **self.extras}
 
     @classmethod
     def from_json(cls, obj: dict[str, Any]) -> "ModelConfig":
-        """From a checkpoint JSON whose fields have been checked (``checkpoints.read_config``)."""
-        known = {f.name for f in fields(cls)} - {"extras"}
-        values = {k: v for k, v in obj.items() if k in known}
-        extras = {k: v for k, v in obj.items() if k not in known and k not in ("format", "num_classes")}
-        values.setdefault("model_kwargs", {})
-        for key in ("drop_path_rate", "eval_recipe"):  # older files: the defaults of their day
-            if values.get(key) is None:
-                values.pop(key, None)
+        """From a checkpoint or export JSON whose ``format`` the reader has checked.
+
+        Every field must be there with its JSON type; a problem raises ``ModelConfigError``
+        naming the keys at fault.
+        """
+        values, extras, problems = _read_fields(cls, obj)
+        extras.pop("format", None)
+        num_classes = extras.pop("num_classes", None)
+        if num_classes is None:
+            problems.append("'num_classes' missing")
+        elif not problems and num_classes != len(values["class_names"]):
+            problems.append(f"{len(values['class_names'])} class_names for num_classes "
+                            f"{num_classes!r}")
+        if problems:
+            raise ModelConfigError("; ".join(problems[:5]))
         return cls(**values, extras=extras)
 
     def replace(self, **changes: Any) -> "ModelConfig":
         """A copy with some fields changed."""
         return dataclasses.replace(self, **changes)
 
-    # Read-only access by JSON key, as for a merged export's config dict.
-    def __getitem__(self, key: str) -> Any:
-        return self.to_json()[key]
-
-    def __contains__(self, key: object) -> bool:
-        return key in self.to_json()
-
-    def get(self, key: str, default: Any = None) -> Any:
-        """The JSON value of ``key``, or ``default``."""
-        return self.to_json().get(key, default)
-
-    def keys(self) -> list[str]:
-        """The JSON keys (so that ``{**config, "key": value}`` gives the JSON dict, changed)."""
-        return list(self.to_json())
-
-
-def _adapt(model: VisionTransformer, spec: LoRASpec | None, method: str) -> VisionTransformer:
-    """Inject the adapters (if any), then set the trained set: LoRA + fc_norm + head, or all."""
-    if spec is not None:
-        lora.inject_lora(model, rank=spec.rank, alpha=spec.alpha, dropout=spec.dropout,
-                         pos=spec.pos)
-    if method == "full":
-        model.requires_grad_(True)
-    else:
-        lora.mark_trainable(model)  # linear probe: no adapters, only fc_norm + head
-    return model
-
 
 def build_model(config: ModelConfig, pretrained: str | Path | None = None, *,
                 allow_unsafe_pickle: bool = False) -> VisionTransformer:
-    """The one model assembly: plain timm ViT -> pre-trained weights (checked) -> LoRA -> freeze.
+    """The one model assembly: plain timm ViT -> pre-trained weights (checked) -> the method's
+    modules -> freeze to what the method trains.
 
     Used by training, reloading a checkpoint, prediction, export and the benchmarks.
     Without ``pretrained`` the backbone stays random (demo, or tensors loaded afterwards).
     """
+    method = methods.get(config.method)
     try:
         model = MODELS[config.model](num_classes=config.num_classes, img_size=config.img_size,
                                      global_pool=config.global_pool,
@@ -713,4 +763,6 @@ def build_model(config: ModelConfig, pretrained: str | Path | None = None, *,
                                f"and model_kwargs {config.model_kwargs} ({err})") from None
     if pretrained is not None:
         load_pretrained(model, pretrained, allow_unsafe_pickle=allow_unsafe_pickle)
-    return _adapt(model, config.lora, config.method)
+    method.inject(model, config.lora)
+    method.mark_trainable(model)
+    return model

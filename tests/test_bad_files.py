@@ -308,7 +308,7 @@ def test_nonfinite_outputs_are_failures_not_blank_rows(trained, tmp_path, monkey
     failed = predict.failures_path(out).read_text()
     assert "bright.png" in failed and predict.NON_FINITE_REASON in failed
     heatmaps = sorted(p.name for p in (tmp_path / "p_heatmaps").iterdir())
-    assert len(heatmaps) == len(config["class_names"])
+    assert len(heatmaps) == len(config.class_names)
     assert all("__dark.png__" in name for name in heatmaps)  # only the finite image is drawn
 
 
@@ -322,7 +322,7 @@ def test_heatmaps_skip_nonfinite_outputs(trained, tmp_path):
     image = tmp_path / "x.png"
     Image.fromarray(np.zeros((40, 40), dtype=np.uint8)).save(image)
     written, failures = save_heatmaps(model, [image], ["x.png"], 2, "c", tmp_path / "h",
-                                      predict.eval_transform(config), load_image, 32, "sgd")
+                                      predict.eval_transform(config), load_image, 32, 32)
     assert written == [] and "non-finite" in failures[0]
 
 
@@ -376,3 +376,108 @@ def test_entry_script_eval_of_bad_checkpoint(trained, tmp_path, capsys, damage):
                      "none", "--output_dir", str(tmp_path / "eval"), "--no_progress"])
     assert rc == 1
     assert expected in _error_line(capsys)
+
+
+# ---------------------------------------------------------------------------------------
+# A run's committed checkpoint edited afterwards; a full disk while writing
+# ---------------------------------------------------------------------------------------
+
+def _committed_run(trained, tmp_path):
+    """A run folder whose commit.json names a copy of the trained checkpoint."""
+    from util.runfolder import RunFolder
+
+    folder = tmp_path / "run"
+    folder.mkdir()
+    RunFolder(folder).commit(1, lambda pending: copy_pair(checkpoint_paths(trained["stem"]),
+                                                          pending / "checkpoint-best"), log=[])
+    return folder / "checkpoint-best"
+
+
+@pytest.mark.parametrize("edit", [
+    lambda o: o.update(class_names=[*o["class_names"][1:], o["class_names"][0]]),
+    lambda o: o["lora"].update(alpha=64.0),
+    lambda o: o.update(img_size=64),
+])
+def test_checkpoint_json_edited_after_its_run_committed_it_is_refused(trained, tmp_path, edit,
+                                                                      capsys):
+    stem = _committed_run(trained, tmp_path)
+    load_trained(stem)  # as committed: loads
+    tensors, config = checkpoint_paths(stem)
+    obj = json.loads(config.read_text())
+    edit(obj)
+    config.write_text(json.dumps(obj))
+    with pytest.raises(CheckpointError, match=rf"{config} changed after its run committed it"):
+        load_trained(stem)
+    image = tmp_path / "x.png"
+    Image.fromarray(np.zeros((40, 40), dtype=np.uint8)).save(image)
+    out = tmp_path / "p.csv"
+    rc = predict.main(["--checkpoint", str(stem), "--inputs", str(image), "--output", str(out),
+                       "--num_workers", "0", "--amp", "none"])
+    assert rc != 0 and not out.exists()
+
+
+def test_tensors_replaced_after_the_commit_are_refused(trained, tmp_path):
+    stem = _committed_run(trained, tmp_path)
+    tensors, _ = checkpoint_paths(stem)
+    state = load_file(str(tensors))
+    state["head.bias"] = state["head.bias"] + 1
+    save_file(state, str(tensors))
+    with pytest.raises(CheckpointError, match=rf"{tensors} changed after its run committed it"):
+        load_trained(stem)
+
+
+class _Touch:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
+def test_evil_resume_state_is_refused_without_the_unsafe_load_advice(tmp_path):
+    marker = tmp_path / "pwned"
+    path = tmp_path / "checkpoint-last.state.pt"
+    torch.save({"optimizer": {}, "epoch": 1, "payload": _Touch(marker)}, path)
+    with pytest.raises(CheckpointError) as info:
+        load_resume_state(path)
+    message = str(info.value)
+    assert message.startswith(f"{path}: refused to unpickle") and "\n" not in message
+    assert UNSAFE not in message and "was not written by it" in message
+    assert not marker.exists()
+
+
+def _full_disk_safetensors(*args, **kwargs):
+    from safetensors import SafetensorError
+
+    # What safetensors raises on a full disk (seen on a 64 kB tmpfs).
+    raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+
+def _full_disk_torch_save(*args, **kwargs):
+    # What torch.save raises on a full disk (seen on a 64 kB tmpfs).
+    raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534")
+
+
+def test_full_disk_while_saving_keeps_the_earlier_files(trained, tmp_path, monkeypatch):
+    import checkpoints
+    from util.io import OutputError
+
+    model, config = load_trained(trained["stem"])
+    stem, state = tmp_path / "run" / "checkpoint-last", tmp_path / "run" / "checkpoint-last.state.pt"
+    export = tmp_path / "export" / "merged"
+    checkpoints.save_checkpoint(stem, model, config)
+    save_resume_state(state, {"optimizer": {}, "epoch": 1})
+    export_merged(model, config, export)
+    folders = (stem.parent, export.parent)
+    before = {p: p.read_bytes() for folder in folders for p in folder.iterdir()}
+
+    monkeypatch.setattr(checkpoints, "save_file", _full_disk_safetensors)
+    for write, target in ((lambda: checkpoints.save_checkpoint(stem, model, config),
+                           checkpoint_paths(stem)[0]),
+                          (lambda: export_merged(model, config, export), export_paths(export)[0])):
+        with pytest.raises(OutputError, match=rf"no space left on device while writing {target}$"):
+            write()
+    monkeypatch.setattr(checkpoints.torch, "save", _full_disk_torch_save)
+    with pytest.raises(OutputError, match=rf"no space left on device while writing {state}$"):
+        save_resume_state(state, {"optimizer": {}, "epoch": 2})
+    assert {p: p.read_bytes() for folder in folders for p in folder.iterdir()} == before

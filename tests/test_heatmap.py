@@ -8,9 +8,9 @@ import models_vit_lora as mv
 import predict
 from _fakes import trained_checkpoint
 from checkpoints import load_trained
+from datasets.transforms import eval_resize
 from util.heatmap import (
     eval_crop_box,
-    eval_resize,
     grad_cam,
     heatmap_filename,
     overlay,
@@ -120,7 +120,7 @@ def test_save_heatmaps_writes_one_file_per_input_or_refuses(tmp_path):
 
     def run(files, names, out):
         return save_heatmaps(model, files, names, 1, "Effusion", out, transform,
-                             lambda f: Image.open(f).convert("L"), 32, "sgd", batch_size=3)
+                             lambda f: Image.open(f).convert("L"), 32, 32, batch_size=3)
 
     written, failures = run(files, names, tmp_path / "maps")
     assert not failures and len(written) == 4 and len(set(written)) == 4

@@ -25,21 +25,50 @@ def test_json_round_trip_keeps_unknown_keys():
     config = tiny_config(dicom_scaling="paper", backbone_in_file=False)
     obj = {**config.to_json(), "epoch": 7, "val_mean_auroc": 0.81, "run": {"seed": 3}}
     again = mv.ModelConfig.from_json(json.loads(json.dumps(obj)))
-    assert again.to_json() == obj
+    assert again.to_json() == obj and again == config.replace(extras=again.extras)
     assert again.extras == {"epoch": 7, "val_mean_auroc": 0.81, "run": {"seed": 3}}
     assert (again.dicom_scaling, again.backbone_in_file, again.num_classes) == ("paper", False, 3)
-    assert again.lora == config.lora and again["lora"]["rank"] == 4 and again.get("epoch") == 7
-    assert {**again, "epoch": 8} == {**obj, "epoch": 8}
-    assert obj["format"] == mv.CONFIG_FORMAT == ckpt.FORMAT
+    assert again.lora == config.lora and again.lora.rank == 4
+    assert obj["format"] == mv.CONFIG_FORMAT == ckpt.FORMAT and obj["num_classes"] == 3
+
+
+def test_config_is_a_plain_dataclass():
+    config = tiny_config()
+    for access in (lambda: config["img_size"], lambda: config.get("img_size"), lambda: {**config}):
+        with pytest.raises((TypeError, AttributeError)):
+            access()
 
 
 def test_lora_scaling_and_bad_fields():
     assert tiny_config().lora.scaling == 8.0
-    assert tiny_config(lora={"rank": 32, "alpha": 32.0, "pos": "attn"}).lora.scaling == 1.0
-    with pytest.raises(ValueError, match="method"):
+    assert tiny_config(lora=mv.LoRASpec(rank=32, alpha=32.0, pos="attn")).lora.scaling == 1.0
+    with pytest.raises(mv.ModelConfigError, match="unknown method 'prefix' \\(--method\\)"):
         tiny_config(method="prefix")
-    with pytest.raises(ValueError, match="unknown model"):
+    with pytest.raises(mv.ModelConfigError, match="unknown model 'resnet50' \\(--model\\)"):
         tiny_config(model="resnet50")
+    with pytest.raises(mv.ModelConfigError, match="'full' takes no LoRA settings"):
+        tiny_config(method="full")
+    with pytest.raises(mv.ModelConfigError, match="'lora' needs its LoRASpec .*--lora_rank"):
+        tiny_config(lora=None)
+
+
+@pytest.mark.parametrize("changes, message", [
+    (dict(rank=0), "LoRA rank must be a positive integer (--lora_rank), got 0"),
+    (dict(rank=2.5), "LoRA rank must be a positive integer (--lora_rank), got 2.5"),
+    (dict(alpha=0.0), "LoRA alpha must be positive (--lora_alpha), got 0.0"),
+    (dict(alpha=float("nan")), "LoRA alpha must be positive (--lora_alpha), got nan"),
+    (dict(dropout=1.0), "LoRA dropout must be in [0, 1) (--lora_dropout), got 1.0"),
+    (dict(dropout=-0.1), "LoRA dropout must be in [0, 1) (--lora_dropout), got -0.1"),
+    (dict(pos="attn,foo"), "unknown lora_pos 'foo' in 'attn,foo'"),
+])
+def test_lora_spec_checks_its_values_naming_the_flag(changes, message):
+    values = dict(rank=4, alpha=32.0, dropout=0.1, pos="attn") | changes
+    with pytest.raises(mv.ModelConfigError) as info:
+        mv.LoRASpec(**values)
+    assert message in str(info.value) and "\n" not in str(info.value)
+    assert info.value.exit_code == 2  # from flags: a usage error
+    if "pos" in changes:
+        assert str(info.value).endswith("(--lora_pos)")
 
 
 def test_build_model_is_build_load_inject_freeze(tmp_path):
@@ -71,19 +100,38 @@ def test_unbuildable_config_is_one_error():
         mv.build_model(tiny_config(model_kwargs={"depth": 2, "bogus": 1}))
 
 
-def test_old_checkpoint_json_still_loads(tmp_path):
-    """A config without the fields added later (model_kwargs aside) reads with their defaults."""
-    stem, _ = trained_checkpoint(tmp_path, img_size=32)
+def _edit_json(stem, change):
     _, config_path = ckpt.checkpoint_paths(stem)
     obj = json.loads(config_path.read_text())
-    for key in ("drop_path_rate", "eval_recipe", "dataset", "backbone_in_file"):
-        obj.pop(key, None)
-    obj["lora"].pop("dropout")
+    change(obj)
     config_path.write_text(json.dumps(obj))
-    model, config = ckpt.load_trained(stem)
-    assert isinstance(config, mv.ModelConfig)
-    assert (config.eval_recipe, config.drop_path_rate, config.lora.dropout) == ("sgd", 0.0, 0.0)
-    assert config["class_names"] == obj["class_names"] and not model.training
+    return config_path
+
+
+@pytest.mark.parametrize("change, words", [
+    (lambda o: o["model_kwargs"].update(act_layer="bogus"),
+     "model_kwargs key 'act_layer' is not an architecture setting this tool knows (depth)"),
+    (lambda o: o["model_kwargs"].update(depth=0),
+     "model_kwargs depth 0 is not a positive integer (--depth)"),
+    (lambda o: o["lora"].update(rank=0), "lora: LoRA rank must be a positive integer"),
+    (lambda o: o["lora"].update(rnk=4), "'lora.rnk' is not a setting of lora"),
+    (lambda o: o["lora"].pop("dropout"), "'lora.dropout' missing"),
+    (lambda o: o.pop("eval_recipe"), "'eval_recipe' missing"),
+    (lambda o: o.update(global_pool="avg"), "'global_pool' is 'avg' (expected bool)"),
+    (lambda o: o.update(mean=[0.5, "x", 0.5]), "'mean' is [0.5, 'x', 0.5] (expected list of number)"),
+    (lambda o: o.update(method="vpt"), "unknown method 'vpt'"),
+    (lambda o: o.update(num_classes=3), "14 class_names for num_classes 3"),
+    (lambda o: o.update(format="cxr-lora-checkpoint/1"),
+     "format 'cxr-lora-checkpoint/1', expected 'cxr-lora-checkpoint/2'"),
+])
+def test_bad_checkpoint_json_is_one_line_naming_file_and_key(tmp_path, change, words):
+    stem, _ = trained_checkpoint(tmp_path, img_size=32)
+    config_path = _edit_json(stem, change)
+    with pytest.raises(ckpt.CheckpointError) as info:
+        ckpt.load_trained(stem)
+    message = str(info.value)
+    assert message.startswith(f"{config_path}: ") and words in message and "\n" not in message
+    assert info.value.exit_code == 1  # a damaged file, not a usage error
 
 
 def test_lora_helper_names_and_aliases():

@@ -29,6 +29,7 @@ def test_mrm_checkpoint_loads_every_encoder_key(tmp_path, with_lora):
     if with_lora:
         lora.inject_lora(model, rank=4)
     report = mv.load_pretrained(model, path)
+    assert report.format == "mae"
     encoder_keys = {k for k in enc if not k.startswith("norm.")}
     assert set(report.matched) == encoder_keys
     assert set(report.missing) == {"head.weight", "head.bias", "fc_norm.weight", "fc_norm.bias"}
@@ -56,7 +57,7 @@ def test_bare_timm_and_safetensors_files(tmp_path):
         torch.manual_seed(1)
         model = mv.vit_tiny_patch16(depth=2, num_classes=3).eval()
         report = mv.load_pretrained(model, tmp_path / name)
-        assert report.head_reinitialised
+        assert report.head_reinitialised and report.format == "timm"
         assert len(report.matched) == len(enc) - 4  # all but head.* and norm.*
         outs.append(model.forward_features(torch.ones(1, 3, 224, 224)))
     torch.testing.assert_close(outs[0], outs[1])
@@ -80,9 +81,11 @@ def test_missing_backbone_keys_fail(tmp_path):
     torch.save({"model": enc}, tmp_path / "partial.pth")
     with pytest.raises(mv.PretrainedWeightsError, match=r"missing.*blocks\.1\.mlp\.fc2\.weight"):
         mv.load_pretrained(mv.vit_tiny_patch16(depth=2, num_classes=2), tmp_path / "partial.pth")
-    # A checkpoint of something else entirely.
+    # A checkpoint of something else entirely: no weights format recognises it.
     torch.save({"model": {"conv1.weight": torch.zeros(3)}}, tmp_path / "resnet.pth")
-    with pytest.raises(mv.PretrainedWeightsError, match="backbone tensors are missing"):
+    with pytest.raises(mv.PretrainedWeightsError,
+                       match=r"resnet\.pth: its tensors \(conv1\.weight\) match no known weights "
+                             r"format \(mae, timm\)"):
         mv.load_pretrained(mv.vit_tiny_patch16(depth=2, num_classes=2), tmp_path / "resnet.pth")
 
 

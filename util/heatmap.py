@@ -102,13 +102,6 @@ def eval_crop_box(width: int, height: int, input_size: int, resize: int) -> tupl
     return left, top, left + side, top + side
 
 
-def eval_resize(input_size: int, recipe: str) -> int:
-    """Shorter side after the eval transform's resize, for a recipe of ``datasets.build_transform``."""
-    from datasets.transforms import eval_resize as transform_eval_resize  # one rule, kept there
-
-    return transform_eval_resize(input_size, recipe)
-
-
 def overlay(
     image: Image.Image,
     cam: np.ndarray,
@@ -223,14 +216,16 @@ def save_heatmaps(
     transform: Callable[[Image.Image], torch.Tensor],
     load: Callable[[str | Path], Image.Image],
     input_size: int,
-    recipe: str,
+    resize: int,
     batch_size: int = 16,
     amp_dtype: torch.dtype | None = None,
 ) -> tuple[list[Path], dict[int, str]]:
     """Write one overlay PNG per image for one class; returns (written paths, {index: error}).
 
     ``load`` decodes a file to an 8-bit grey PIL image, ``transform`` makes the model
-    input from it (the eval transform). The overlay has the original image's size. An
+    input from it (the eval transform: the shorter side resized to ``resize``, then a centre
+    crop of ``input_size``, as ``datasets.transforms.eval_resize`` says), so that the map is
+    drawn where the crop lies. The overlay has the original image's size. An
     image whose probability or map is NaN / inf gets no file and an entry in the errors.
     File names come from ``heatmap_filename``; two different images with one name raise
     ``ValueError`` before anything is written (the same image named twice is drawn once).
@@ -242,7 +237,6 @@ def save_heatmaps(
     out_dir.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
     failures: dict[int, str] = {}
-    resize = eval_resize(input_size, recipe)
     todo = sorted(targets)
     for start in range(0, len(todo), batch_size):
         batch: list[tuple[int, Image.Image, torch.Tensor]] = []
