@@ -26,7 +26,7 @@ import errno
 import json
 import logging
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn as nn

@@ -3,7 +3,7 @@
     python export.py --checkpoint output/nih_1/checkpoint-best --output export/nih_1_mrm_lora
 
 writes ``export/nih_1_mrm_lora.safetensors`` (every tensor, timm state-dict names, fp32)
-and ``export/nih_1_mrm_lora.json`` (format ``cxr-lora-merged/1``; see ``checkpoints``
+and ``export/nih_1_mrm_lora.json`` (format ``cxr-lora-merged/2``; see ``checkpoints``
 for the format and how to load it with timm alone). ``predict.py --checkpoint
 export/nih_1_mrm_lora`` uses it without the pre-trained file.
 
@@ -85,7 +85,7 @@ def export_checked(model: nn.Module, config: ModelConfig | dict[str, Any], outpu
             raise _write_error(err, tensors_path) from None
         if atol is not None:
             exported = load_merged(tmp_tensors)[0]
-            diff = max_output_difference(model, exported, int(config["img_size"]))
+            diff = max_output_difference(model, exported, config.img_size)
             if not diff <= atol:
                 raise ExportError(f"{tensors_path}: the export's outputs differ from the adapter "
                                   f"model by {diff:.3g} > --atol {atol:.3g}; nothing written")
@@ -151,7 +151,7 @@ def run(args: argparse.Namespace) -> int:
         model, config = load_trained(args.checkpoint, args.finetune, device="cpu")
     except (OSError, ValueError) as err:  # damaged files, NaN weights too
         raise UsageError(f"--checkpoint {args.checkpoint}: {err}") from None
-    pretrained = config.get("pretrained")  # the backbone read by default
+    pretrained = config.pretrained  # the backbone read by default
     if args.finetune is None and pretrained:
         check_outputs("--output", export_paths(args.output), overwrite=args.overwrite,
                       inputs=[Path(pretrained)])

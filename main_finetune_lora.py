@@ -77,9 +77,11 @@ class FlagTable:
     def __init__(self, parser: argparse.ArgumentParser, title: str, role: str = RUN) -> None:
         self.group, self.role = parser.add_argument_group(title), role
 
-    def __call__(self, *names: str, role: str | None = None, **kwargs: Any) -> None:
+    def __call__(self, *names: str, role: str | None = None, recipe: bool = False,
+                 **kwargs: Any) -> None:
         action = self.group.add_argument(*names, **kwargs)
         action.role = role or self.role  # type: ignore[attr-defined]
+        action.recipe = recipe  # type: ignore[attr-defined]  (the method's own tuning)
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -89,7 +91,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                                    "foundation models, with the paper's recipes (--preset).")
     p.set_defaults(global_pool=True)
     f = FlagTable(p, "run", role=EXEC)
-    f("--preset", choices=sorted(PRESETS), default=None, role=RUN,
+    f("--preset", recipe=True, choices=sorted(PRESETS), default=None, role=RUN,
       help=preset_help().replace("%", "%%"))
     f("--demo", action="store_true", role=RUN,
       help="synthetic demo data + tiny ViT (the default when --data_path is not given)")
@@ -135,9 +137,9 @@ def get_args_parser() -> argparse.ArgumentParser:
       help="only check the flags and exit (the launch scripts do this before torchrun)")
 
     f = FlagTable(p, "model")
-    f("--model", default="vit_base_patch16_lora", choices=sorted(mv.MODELS),
+    f("--model", recipe=True, default="vit_base_patch16_lora", choices=sorted(mv.MODELS),
       help="architecture; *_lora variants inject LoRA adapters")
-    f("--method", default=None, choices=list(ckpt.METHODS),
+    f("--method", recipe=True, default=None, choices=list(ckpt.METHODS),
       help="lora | full (fine-tuning) | linear (probe); default: lora for *_lora models, full "
            "otherwise")
     f("--finetune", default="", role=DERIVED,
@@ -147,41 +149,41 @@ def get_args_parser() -> argparse.ArgumentParser:
     f("--depth", default=None, type=command.POSITIVE_INT,
       help="number of transformer blocks, if not the architecture's (small tests)")
     f("--input_size", default=224, type=command.POSITIVE_INT, help="image side in pixels (multiple of 16)")
-    f("--drop_path", type=command.FRACTION, default=0.1, help="stochastic depth rate")
+    f("--drop_path", recipe=True, type=command.FRACTION, default=0.1, help="stochastic depth rate")
     f("--cls_token", action="store_false", dest="global_pool",
       help="classify from the cls token (off by default: the paper classifies from the mean of "
            "the patch tokens)")
     f("--nb_classes", default=None, type=command.POSITIVE_INT,
       help="number of classes (default: from the data set; checked against it)")
-    f("--lora_rank", type=int, default=4, help="LoRA rank r")
-    f("--lora_alpha", type=float, default=32.0, help="LoRA alpha (scaling alpha / r)")
-    f("--lora_dropout", type=float, default=0.1, help="dropout on the LoRA input")
-    f("--lora_pos", type=str, default="attn",
+    f("--lora_rank", recipe=True, type=int, default=4, help="LoRA rank r")
+    f("--lora_alpha", recipe=True, type=float, default=32.0, help="LoRA alpha (scaling alpha / r)")
+    f("--lora_dropout", recipe=True, type=float, default=0.1, help="dropout on the LoRA input")
+    f("--lora_pos", recipe=True, type=str, default="attn",
       help=f"where to put adapters: {sorted(lora.POSITIONS)} or a comma list")
 
     f = FlagTable(p, "optimisation")
-    f("--batch_size", default=64, type=command.POSITIVE_INT,
+    f("--batch_size", recipe=True, default=64, type=command.POSITIVE_INT,
       help="batch per process (with --global_batch: derived from it)")
-    f("--global_batch", default=None, type=command.POSITIVE_INT, role=DERIVED,
+    f("--global_batch", recipe=True, default=None, type=command.POSITIVE_INT, role=DERIVED,
       help="images per optimiser step over all processes; sets the per-process batch (and "
            "accumulation) so that any number of GPUs keeps the recipe")
     f("--eval_batch_size", default=None, type=command.POSITIVE_INT, role=EXEC,
       help="default: 4 x batch_size")
-    f("--epochs", default=50, type=command.POSITIVE_INT, help="training epochs")
-    f("--accum_iter", default=1, type=command.POSITIVE_INT, help="gradient accumulation steps")
-    f("--optimizer", default="sgd", choices=["sgd", "adamw"], help="sgd (momentum 0.9) or adamw")
-    f("--lr", type=command.POSITIVE, default=None, help="absolute lr (sgd recipe); default: from --blr")
-    f("--blr", type=command.POSITIVE, default=1e-3, role=DERIVED, help="lr = blr * effective batch / 256")
-    f("--layer_decay", type=command.number(float, "the per-layer lr factor must be in (0, 1] (1: no decay)",
+    f("--epochs", recipe=True, default=50, type=command.POSITIVE_INT, help="training epochs")
+    f("--accum_iter", recipe=True, default=1, type=command.POSITIVE_INT, help="gradient accumulation steps")
+    f("--optimizer", recipe=True, default="sgd", choices=["sgd", "adamw"], help="sgd (momentum 0.9) or adamw")
+    f("--lr", recipe=True, type=command.POSITIVE, default=None, help="absolute lr (sgd recipe); default: from --blr")
+    f("--blr", recipe=True, type=command.POSITIVE, default=1e-3, role=DERIVED, help="lr = blr * effective batch / 256")
+    f("--layer_decay", recipe=True, type=command.number(float, "the per-layer lr factor must be in (0, 1] (1: no decay)",
                                    lambda v: 0 < v <= 1),
       default=0.75, help="layer-wise lr decay (adamw)")
-    f("--min_lr", type=command.NON_NEGATIVE, default=1e-6, help="floor of the cosine schedule")
-    f("--warmup_epochs", type=command.NON_NEGATIVE, default=5,
+    f("--min_lr", recipe=True, type=command.NON_NEGATIVE, default=1e-6, help="floor of the cosine schedule")
+    f("--warmup_epochs", recipe=True, type=command.NON_NEGATIVE, default=5,
       help="linear warm-up epochs (capped at --epochs, with a note)")
-    f("--weight_decay", type=command.NON_NEGATIVE, default=0.05, help="weight decay")
-    f("--clip_grad", type=command.POSITIVE, default=None,
+    f("--weight_decay", recipe=True, type=command.NON_NEGATIVE, default=0.05, help="weight decay")
+    f("--clip_grad", recipe=True, type=command.POSITIVE, default=None,
       help="clip the gradient norm to this positive value (default: no clipping)")
-    f("--backbone_dtype", default="fp32", choices=["fp32", "bf16", "fp16", "fp8"],
+    f("--backbone_dtype", recipe=True, default="fp32", choices=["fp32", "bf16", "fp16", "fp8"],
       help="hold the frozen backbone in this dtype (half the memory, no per-step cast); bf16 / "
            "fp16 need --amp of the same precision; fp8: the frozen block linears compute in "
            "float8 (lora/fp8.py; GPUs of compute capability 8.9+, or the CPU), any --amp; "
@@ -269,6 +271,12 @@ def get_args_parser() -> argparse.ArgumentParser:
 def flag_roles(parser: argparse.ArgumentParser) -> dict[str, str]:
     """Each destination's role (RUN, EXEC or DERIVED), as the flag table declares it."""
     return {a.dest: a.role for a in parser._actions if hasattr(a, "role")}
+
+
+def recipe_flags(parser: argparse.ArgumentParser) -> list[str]:
+    """The flags a method is tuned by (its recipe), not the data or model it is tested on:
+    util.summarize sets LoRA against full fine-tuning on runs that differ only in these."""
+    return sorted(a.dest for a in parser._actions if getattr(a, "recipe", False))
 
 
 def explicit_flags(parser: argparse.ArgumentParser, argv: list[str]) -> set[str]:
@@ -369,11 +377,8 @@ def lora_spec(args: argparse.Namespace) -> mv.LoRASpec | None:
     """The LoRA flags as the spec that checks them (None for other methods)."""
     if args.method != "lora":
         return None
-    try:
-        return mv.LoRASpec(rank=args.lora_rank, alpha=args.lora_alpha, dropout=args.lora_dropout,
-                           pos=args.lora_pos)
-    except ValueError as err:
-        raise ArgumentError(str(err)) from None
+    return mv.LoRASpec(rank=args.lora_rank, alpha=args.lora_alpha, dropout=args.lora_dropout,
+                       pos=args.lora_pos)
 
 
 def choose_norm(args: argparse.Namespace, explicit: set[str]) -> str:
@@ -734,7 +739,7 @@ def run_record(args: argparse.Namespace, roles: dict[str, str], settings: dict, 
                data: RunData, config: mv.ModelConfig, model: torch.nn.Module, start_epoch: int,
                dist_info: DistInfo, precision: str) -> dict:
     """config.json: the run's settings, how it executed, and what it found."""
-    return {"settings": settings,
+    return {"settings": settings, "recipe": recipe_flags(get_args_parser()),
             "execution": json_safe({k: getattr(args, k) for k, r in roles.items() if r != RUN}),
             "preset_source": args.preset_source, "precision": precision, "lr": args.lr,
             "global_batch": settings["global_batch"], "world_size": dist_info.world_size,

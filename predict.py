@@ -37,20 +37,23 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
 import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader, Dataset
 
-import lora
+import methods
 from util import cli
 from util.cli import ToolError, UsageError
 from util.precision import AMP_CHOICES, autocast
 from util.precision import resolve_amp as precision_resolve_amp
 from util.reports import check_outputs
 from util.runfolder import probe_writable
+
+if TYPE_CHECKING:
+    from models_vit_lora import ModelConfig
 
 logger = logging.getLogger("predict")
 
@@ -211,33 +214,33 @@ def load_model(checkpoint: str | Path, finetune: str | Path | None = None,
             logger.info("--finetune ignored: %s is a merged export holding every tensor", checkpoint)
         return load_merged(checkpoint, device)
     model, config = load_trained(checkpoint, finetune, device)
-    lora.merge(model)  # inference at the cost of a plain ViT
+    methods.get(config.method).merge(model)  # inference at the cost of a plain ViT
     return model, config
 
 
-def eval_transform(config: dict[str, Any]) -> Callable[[Any], torch.Tensor]:
+def eval_transform(config: "ModelConfig") -> Callable[[Any], torch.Tensor]:
     """The evaluation transform a checkpoint was trained for (recipe, input size, normalisation)."""
     from datasets import NORM_STATS, build_transform
 
-    norm = config.get("norm")
+    norm = config.norm
     if norm not in NORM_STATS:
         raise UsageError(f"checkpoint normalisation {norm!r} is not one of {list(NORM_STATS)}")
-    mean = config.get("mean")
+    mean = config.mean
     if mean is not None and not np.allclose(mean, NORM_STATS[norm][0], atol=1e-6):
         logger.warning("checkpoint mean %s differs from the statistics of norm %r %s; using the "
                        "latter", mean, norm, NORM_STATS[norm][0])
     try:
-        return build_transform(is_train=False, recipe=config["eval_recipe"],
-                               input_size=int(config["img_size"]), norm=norm)
+        return build_transform(is_train=False, recipe=config.eval_recipe,
+                               input_size=config.img_size, norm=norm)
     except ValueError as err:
         raise UsageError(f"checkpoint config: {err}") from None
 
 
-def dicom_scaling(config: dict[str, Any]) -> str:
-    """The DICOM intensity rule a model was trained with (older checkpoints: its data set's default)."""
+def dicom_scaling(config: "ModelConfig") -> str:
+    """The DICOM intensity rule a model was trained with (a merged export: its data set's default)."""
     from datasets.imageio import dicom_scaling_for
 
-    return dicom_scaling_for(config.get("dataset") or "custom", config.get("dicom_scaling"))
+    return dicom_scaling_for(config.dataset or "custom", config.dicom_scaling)
 
 
 def resolve_amp(amp: str, device: torch.device) -> torch.dtype | None:
@@ -313,7 +316,7 @@ def predict_images(
     device = torch.device(device)
     dtype = resolve_amp(amp, device) if isinstance(amp, str) else amp
     transform = transform if transform is not None else eval_transform(config)
-    num_classes = int(config["num_classes"])
+    num_classes = config.num_classes
     probs = np.full((len(paths), num_classes), np.nan, dtype=np.float32)
     failures: dict[int, str] = {}
     loader = DataLoader(ImageFiles(paths, transform, dicom_scaling(config)), batch_size=batch_size, shuffle=False,
@@ -513,7 +516,7 @@ def run(args: argparse.Namespace) -> int:
         model, config = load_model(args.checkpoint, args.finetune, device)
     except (OSError, ValueError) as err:  # CheckpointError, ExportError, PretrainedWeightsError
         raise UsageError(f"--checkpoint {args.checkpoint}: {err}") from None
-    class_names = list(config["class_names"])
+    class_names = list(config.class_names)
     thresholds = parse_threshold(args.threshold, class_names)
     heatmap_classes = _heatmap_classes(args.heatmap_class, class_names)
     transform = eval_transform(config)
@@ -572,14 +575,16 @@ def run(args: argparse.Namespace) -> int:
         from functools import partial
 
         from datasets import load_image
+        from datasets.transforms import eval_resize
         from util.heatmap import save_heatmaps
 
         for k in heatmap_classes:
             written, _ = save_heatmaps(
                 model, [images[i].file for i in good], [images[i].name for i in good], k,
                 class_names[k], heatmap_dir, transform,
-                partial(load_image, dicom_scaling=dicom_scaling(config)), int(config["img_size"]),
-                config["eval_recipe"], batch_size=args.batch_size, amp_dtype=dtype)
+                partial(load_image, dicom_scaling=dicom_scaling(config)), config.img_size,
+                eval_resize(config.img_size, config.eval_recipe), batch_size=args.batch_size,
+                amp_dtype=dtype)
             heatmaps += len(written)
         logger.info("wrote %d heatmaps to %s", heatmaps, heatmap_dir)
 

@@ -199,7 +199,7 @@ DAMAGE = {
 
 @pytest.mark.parametrize("damage", sorted(DAMAGE))
 @pytest.mark.parametrize("kind", ["checkpoint", "export"])
-def test_damaged_checkpoint_or_export_named_by_predict_exit_2(trained, tmp_path, caplog, damage,
+def test_damaged_checkpoint_or_export_named_by_predict_exit_2(trained, tmp_path, capsys, damage,
                                                               kind):
     source = checkpoint_paths(trained["stem"]) if kind == "checkpoint" else export_paths(trained["export"])
     tensors, config = copy_pair(source, tmp_path / kind / "model")
@@ -208,20 +208,20 @@ def test_damaged_checkpoint_or_export_named_by_predict_exit_2(trained, tmp_path,
     image = tmp_path / "x.png"
     Image.fromarray(np.zeros((40, 40), dtype=np.uint8)).save(image)
     out = tmp_path / "p.csv"
-    with caplog.at_level(logging.ERROR):
-        rc = predict.main(["--checkpoint", str(tensors.with_suffix("")), "--inputs", str(image),
-                           "--output", str(out), "--num_workers", "0", "--amp", "none"])
+    rc = predict.main(["--checkpoint", str(tensors.with_suffix("")), "--inputs", str(image),
+                       "--output", str(out), "--num_workers", "0", "--amp", "none"])
     assert rc == 2
-    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
-    assert len(errors) == 1 and errors[0].exc_info is None
-    message = errors[0].getMessage()
-    assert words in message and "\n" not in message
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("predict.py: error: ")]
+    assert len(errors) == 1 and "Traceback" not in err
+    message = errors[0]
+    assert words in message
     assert str(tensors if "tensors" in damage else config) in message
     assert UNSAFE not in message
     assert not out.exists()
 
 
-def test_nonfinite_checkpoint_and_export_refused_by_name(trained, tmp_path, caplog):
+def test_nonfinite_checkpoint_and_export_refused_by_name(trained, tmp_path, capsys):
     tensors, _ = copy_pair(checkpoint_paths(trained["stem"]), tmp_path / "ckpt" / "checkpoint-best")
     key = poison(tensors, "head.weight")
     with pytest.raises(CheckpointError, match=rf"{tensors}: 1 tensor holds NaN.*{key} \(1 NaN"):
@@ -234,10 +234,9 @@ def test_nonfinite_checkpoint_and_export_refused_by_name(trained, tmp_path, capl
     image = tmp_path / "x.png"
     Image.fromarray(np.zeros((40, 40), dtype=np.uint8)).save(image)
     for ckpt in (tensors, merged):
-        with caplog.at_level(logging.ERROR):
-            rc = predict.main(["--checkpoint", str(ckpt), "--inputs", str(image), "--output",
-                               str(tmp_path / "p.csv"), "--num_workers", "0"])
-        assert rc == 2 and f"{ckpt}: 1 tensor holds NaN" in caplog.text
+        rc = predict.main(["--checkpoint", str(ckpt), "--inputs", str(image), "--output",
+                           str(tmp_path / "p.csv"), "--num_workers", "0"])
+        assert rc == 2 and f"{ckpt}: 1 tensor holds NaN" in capsys.readouterr().err
     assert not (tmp_path / "p.csv").exists()
 
 

@@ -3,7 +3,6 @@ errors is one line with its exit code (2: usage, nothing written; 1: failure; 13
 import json
 import math
 import multiprocessing
-import os
 import threading
 from pathlib import Path
 

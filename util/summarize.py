@@ -11,7 +11,8 @@ row per run, ordered by data set, label fraction, weights and method; columns: m
 per-class AUROC (x100) and trainable parameters, as in the paper's comparison. The markdown
 adds a LoRA-vs-full table (mean AUROC and difference) where both methods were run: each line
 pairs a LoRA seed group with a full fine-tuning seed group whose runs share every argument
-but the method's own recipe (``METHOD_ARGS``: rank, optimizer, lr, epochs, ...); the
+but the method's own recipe (the settings config.json lists under ``recipe``: rank,
+optimizer, lr, epochs, ...); the
 difference and the count of LoRA wins use the unrounded means.
 
 Evaluations: a results file written by ``main_finetune_lora.py --eval`` (it holds an
@@ -37,16 +38,15 @@ not exist, a bad reference file, a refused ``--output``; nothing written).
 Intervals: when a run's results carry ``intervals`` (``util.stats.auroc_intervals``), its
 mean AUROC's 95% bootstrap interval is shown beside it.
 
-Seeds: runs whose ``config.json`` (beside results_test.json) holds the same arguments except
-the seed and the arguments in ``RUN_ONLY_ARGS`` (where and how the run was executed, not
-what it computes) form one group; the markdown lists each group of two or more runs with n,
-mean +- sample standard deviation of the mean AUROC, and each run's own value and interval.
-A run without config.json is a group of its own. The data is part of the setting: the
-split files' SHA-256 when config.json records them (``split_sha256``; the folder may have
-moved), else the data folder (``--data_path``, ``--split_dir``), which may hold other images
-or labels. So are the pixels: runs that read a downsized (lossy) image cache are never seeds
-of runs on the original images (an exact cache gives the same tensors as the files, so
-``--cache auto / on / off`` does not split a group); the rows show the lossy cache.
+Seeds: runs whose ``config.json`` (beside results_test.json) records the same ``settings``
+but the seed form one group (the settings are what makes a run this run, as the entry
+script's flag table declares: never where or how it executed); the markdown lists each group
+of two or more runs with n, mean +- sample standard deviation of the mean AUROC, and each
+run's own value and interval. A run without config.json is a group of its own. The data is
+part of the settings by its split files' SHA-256 (a moved folder is the same data), and so
+are the pixels: runs that read a downsized (lossy) image cache are never seeds of runs on the
+original images (an exact cache gives the same tensors as the files); the rows show the
+lossy cache.
 
 Reference (``--reference CSV``): a CSV with the columns ``setting,method,mean_auroc`` and
 optionally ``source``. ``setting`` is ``<dataset>-<percent>-<weights>`` as the presets name
@@ -71,7 +71,7 @@ from typing import Any, NamedTuple, Sequence
 
 from util import cli
 from util.io import atomic_write
-from util.runfolder import EXECUTION_ARGS
+from util.runfolder import RUN_FORMAT, RunFolderError, read_run_record
 from util.reports import check_outputs, x100
 from util.cli import ToolError, UsageError
 
@@ -92,18 +92,6 @@ INTERVAL_COLUMNS = ("mean_auroc_ci_low", "mean_auroc_ci_high")
 SEED_COLUMNS = ("seed", "seeds_n", "seeds_mean_auroc", "seeds_sd")
 REFERENCE_COLUMNS = ("reference_mean_auroc", "diff_vs_reference")
 CONFIG_NAME = "config.json"
-# Runs that differ only in these are repetitions of one setting: the seed and where or how
-# they executed (util.runfolder.EXECUTION_ARGS). `data_path` is not among them: another
-# folder may hold other data.
-RUN_ONLY_ARGS = EXECUTION_ARGS | {"seed"}
-# The arguments a method is tuned with (its recipe), not the data or model it is tested on:
-# LoRA vs full fine-tuning pairs runs that differ only in these (and RUN_ONLY_ARGS).
-METHOD_ARGS = frozenset({
-    "method", "model", "preset_source", "lora_rank", "lora_alpha", "lora_dropout", "lora_pos",
-    "backbone_dtype", "optimizer", "lr", "blr", "min_lr", "layer_decay", "weight_decay",
-    "warmup_epochs", "epochs", "drop_path", "clip_grad", "batch_size", "global_batch",
-    "accum_iter",
-})
 # Shown for each side of a LoRA-vs-full line (other differing recipe arguments are added).
 RECIPE_SHOWN = ("lora_rank", "optimizer", "lr", "blr", "epochs")
 # Legend names on the forest plot, by the table's method label.
@@ -132,15 +120,15 @@ class Run:
         return self.path.parent.name if self.path.name == RESULTS_NAME else self.path.stem
 
     @property
-    def args(self) -> dict[str, Any] | None:
-        """The run's arguments (config.json's ``args``), or None when unknown."""
-        args = (self.config or {}).get("args")
-        return args if isinstance(args, dict) else None
+    def settings(self) -> dict[str, Any] | None:
+        """What makes the run this run (config.json's ``settings``), or None when unknown."""
+        settings = (self.config or {}).get("settings")
+        return settings if isinstance(settings, dict) else None
 
     @property
     def seed(self) -> int | None:
         """The training seed, from the results or the config; None when unknown."""
-        seed = self.results.get("seed", (self.args or {}).get("seed"))
+        seed = self.results.get("seed", (self.settings or {}).get("seed"))
         return None if seed is None else int(seed)
 
     @property
@@ -154,39 +142,23 @@ class Run:
         """A ``--eval`` result: a trained checkpoint tested again (on other data), not a run."""
         return isinstance(self.results.get("evaluation"), dict)
 
-    def setting_args(self, by_folder: bool = False) -> dict[str, Any] | None:
-        """The arguments that say what the run computes (all but RUN_ONLY_ARGS), or None.
-
-        The data is its split files' SHA-256 where recorded (a moved folder is the same
-        data), else its folder; ``by_folder`` gives the folder form for every run, to match
-        runs recorded before the hashes were kept."""
-        if self.args is None:
+    def setting_args(self) -> dict[str, Any] | None:
+        """The settings that say what the run computes, but its seed; None when unknown."""
+        if self.settings is None:
             return None
-        rest = {k: v for k, v in self.args.items() if k not in RUN_ONLY_ARGS}
-        hashes = rest.pop("split_sha256", None)
-        if isinstance(hashes, dict) and hashes and not by_folder:
-            rest.pop("data_path", None)
-            rest.pop("split_dir", None)
-            rest["split_sha256"] = hashes
-        for key in ("data_path", "split_dir"):  # 'data/nih/' and 'data/nih' are one folder
-            if isinstance(rest.get(key), str):
-                rest[key] = os.path.normpath(rest[key])
-        return rest
+        return {k: v for k, v in self.settings.items() if k != "seed"}
 
     @property
-    def has_split_hashes(self) -> bool:
-        """Whether config.json records the split files' SHA-256 (runs since they were kept)."""
-        hashes = (self.args or {}).get("split_sha256")
-        return isinstance(hashes, dict) and bool(hashes)
+    def recipe_keys(self) -> set[str]:
+        """The settings that are the method's recipe (config.json's ``recipe``)."""
+        keys = (self.config or {}).get("recipe")
+        return set(keys) if isinstance(keys, list) else set()
 
     def image_caches(self) -> dict[str, dict[str, Any]]:
         """What each split's images were read from ({split: cache info}), as recorded."""
-        training = self.results.get("training")
-        recorded = ((self.config or {}).get("data_cache"), (self.args or {}).get("cache_used"),
-                    training.get("cache") if isinstance(training, dict) else None)
-        for caches in recorded:
-            if isinstance(caches, dict) and caches:
-                return {k: v for k, v in caches.items() if isinstance(v, dict)}
+        caches = (self.config or {}).get("data_cache")
+        if isinstance(caches, dict) and caches:
+            return {k: v for k, v in caches.items() if isinstance(v, dict)}
         test = self.results.get("data_cache")  # results of the test split alone
         return {"test": test} if isinstance(test, dict) else {}
 
@@ -196,11 +168,6 @@ class Run:
         caches = self.image_caches()
         lossy = {split: info.get("size") for split, info in caches.items()
                  if info.get("kind") == "lossy"}
-        if not lossy and (self.args or {}).get("cache") == "lossy":
-            # --cache lossy fails rather than read the files; a config without the record
-            # of the cache used still says which was asked for.
-            size = self.args.get("cache_size")
-            return "lossy" if size is None else f"lossy {size} px"
         if not lossy:
             return ""
         if len(set(lossy.values())) > 1:
@@ -208,39 +175,39 @@ class Run:
         text = f"lossy {next(iter(lossy.values()))} px"
         return text if set(lossy) == set(caches) else f"{text} ({'/'.join(lossy)})"
 
-    def group_key(self, by_folder: bool = False) -> tuple:
-        """Equal for runs that differ only in seed (and RUN_ONLY_ARGS); unique without a config."""
+    def group_key(self) -> tuple:
+        """Equal for runs that differ only in seed; unique without a config."""
         r = self.results
         base = (r["dataset"], r["data_size"], r["weights"], r["method"], r.get("model"),
                 r.get("lora_rank"), self.image_cache())
-        rest = self.setting_args(by_folder)
+        rest = self.setting_args()
         if rest is None:
             return (*base, "run", str(self.path))
         return (*base, "args", _canonical(rest))
 
-    def comparison_key(self, by_folder: bool = False) -> tuple:
-        """Equal for runs of one setting whatever their method and its recipe (METHOD_ARGS)."""
+    def comparison_key(self) -> tuple:
+        """Equal for runs of one setting whatever their method and its recipe."""
         r = self.results
         base = (r["dataset"], r["data_size"], r["weights"], r.get("model"), self.image_cache())
-        shared = self.shared_args(by_folder)
+        shared = self.shared_args()
         return (*base, "no config", None) if shared is None else (*base, "args", _canonical(shared))
 
-    def shared_args(self, by_folder: bool = False) -> dict[str, Any] | None:
-        """The setting's arguments without the method's recipe (METHOD_ARGS), or None."""
-        rest = self.setting_args(by_folder)
-        return None if rest is None else {k: v for k, v in rest.items() if k not in METHOD_ARGS}
+    def shared_args(self) -> dict[str, Any] | None:
+        """The setting's arguments without the method's recipe, or None."""
+        rest = self.setting_args()
+        return None if rest is None else {k: v for k, v in rest.items() if k not in self.recipe_keys}
 
     def recipe_args(self) -> dict[str, Any] | None:
-        """The method's recipe: the METHOD_ARGS the run was started with, or None."""
+        """The method's recipe: the recipe settings the run was started with, or None."""
         rest = self.setting_args()
-        return None if rest is None else {k: v for k, v in rest.items() if k in METHOD_ARGS}
+        return None if rest is None else {k: v for k, v in rest.items() if k in self.recipe_keys}
 
     def recipe(self) -> str:
         """The method's recipe in a few words, e.g. 'r4, sgd, lr 0.05, 100 ep'."""
-        args = self.args or {}
+        args = self.settings or {}
         rank = self.results.get("lora_rank", args.get("lora_rank"))
         parts = [f"r{rank}"] if self.results["method"] == "lora" and rank is not None else []
-        if self.args is None:
+        if self.settings is None:
             return ", ".join([*parts, "no config.json"])
         lr, blr = args.get("lr"), args.get("blr")
         parts += [str(args.get("optimizer") or ""),
@@ -315,7 +282,8 @@ def _read_config(path: Path) -> dict | None:
 def _is_run_config(config: dict | None) -> bool:
     """Whether a config.json's content (None: unreadable) is a training run's, or a damaged
     one's: not another tool's file of that name."""
-    return config is None or (isinstance(config, dict) and isinstance(config.get("args"), dict))
+    return config is None or (isinstance(config, dict) and config.get("format") == RUN_FORMAT
+                              and isinstance(config.get("settings"), dict))
 
 
 def find_incomplete(paths: Sequence[str | Path]) -> list[Path]:
@@ -371,10 +339,9 @@ def read_results(path: str | Path) -> Run:
     config_path = path.parent / CONFIG_NAME
     if config is None and path.name == RESULTS_NAME and config_path.is_file():
         try:
-            config = json.loads(config_path.read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-            logger.warning("%s: unreadable (%s); this run is not grouped with its seeds",
-                           config_path, err)
+            config = read_run_record(path.parent)
+        except RunFolderError as err:
+            logger.warning("%s; this run is not grouped with its seeds", err)
     return Run(path, results, config if isinstance(config, dict) else None)
 
 
@@ -439,29 +406,11 @@ def class_columns(runs: Sequence[Run]) -> list[str]:
 
 
 def seed_groups(runs: Sequence[Run]) -> dict[tuple, list[Run]]:
-    """Runs grouped by ``Run.group_key`` (same setting and arguments, any seed), in order.
-
-    A run recorded before split-file hashes were kept joins the group of hashed runs whose
-    data folder it names (with every other argument equal)."""
-    hashed = _unique_by_folder([(run.group_key(by_folder=True), run.group_key())
-                                for run in runs if run.has_split_hashes])
+    """Runs grouped by ``Run.group_key`` (same setting and arguments, any seed), in order."""
     groups: dict[tuple, list[Run]] = {}
     for run in runs:
-        key = run.group_key()
-        if not run.has_split_hashes:
-            key = hashed.get(run.group_key(by_folder=True), key)
-        groups.setdefault(key, []).append(run)
+        groups.setdefault(run.group_key(), []).append(run)
     return groups
-
-
-def _unique_by_folder(pairs: Sequence[tuple[tuple, tuple]]) -> dict[tuple, tuple]:
-    """{folder-form key: hash-form key} for the folder keys that name one hashed setting only:
-    a folder that has held two versions of the split files cannot say which a run without
-    hashes read, so such a run stays apart."""
-    found: dict[tuple, set[tuple]] = {}
-    for folder_key, hash_key in pairs:
-        found.setdefault(folder_key, set()).add(hash_key)
-    return {k: next(iter(v)) for k, v in found.items() if len(v) == 1}
 
 
 def _mean_sd(values: Sequence[float]) -> tuple[float, float | None]:
@@ -506,9 +455,6 @@ def summary_rows(runs: Sequence[Run], reference: dict[tuple[str, str], tuple[flo
     classes = class_columns(runs)  # so the first data set's own class order comes first
     groups = seed_groups(runs)
     group_of = {id(run): key for key, members in groups.items() for run in members}
-    # As for the seed groups: a run without split-file hashes pairs by its data folder.
-    hashed_pairs = _unique_by_folder([(run.comparison_key(by_folder=True), run.comparison_key())
-                                      for run in runs if run.has_split_hashes])
     notes = _group_notes(groups)
     has_intervals = any(run.mean_interval()[0] is not None for run in runs)
     has_seeds = any(run.seed is not None for run in runs)
@@ -540,8 +486,7 @@ def summary_rows(runs: Sequence[Run], reference: dict[tuple[str, str], tuple[flo
             "_classes": list(r.get("class_names") or r["auroc"]),
             "_value": 100 * float(r["mean_auroc"]) if _defined(r["mean_auroc"]) else None,
             "_model": str(r.get("model") or ""),
-            "_pair": (run.comparison_key() if run.has_split_hashes else
-                      hashed_pairs.get(run.comparison_key(by_folder=True), run.comparison_key())),
+            "_pair": run.comparison_key(),
             "_shared": run.shared_args(),
             "_recipe_args": run.recipe_args(),
             "_recipe": run.recipe(),
@@ -593,7 +538,7 @@ def lora_vs_full(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     """LoRA against full fine-tuning, one line per pair of seed groups of one setting.
 
     A setting is ``Run.comparison_key``: the data, weights, model and every argument but the
-    method's recipe (METHOD_ARGS). Each LoRA group is set against each full group of its
+    method's recipe (config.json's ``recipe``). Each LoRA group is set against each full group of its
     setting, so different ranks, lrs or epochs are never averaged together. Values are x100
     and unrounded: the mean over a group's runs; ``diff`` is LoRA - full.
     """
