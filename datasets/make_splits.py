@@ -88,7 +88,7 @@ def _require_columns(df: pd.DataFrame, columns: list[str], path: Path) -> None:
 
 
 def _read_list(path: Path) -> list[str]:
-    return [ln.strip() for ln in path.read_text().splitlines() if ln.strip()]
+    return [ln.strip() for ln in path.read_text(encoding="utf-8-sig").splitlines() if ln.strip()]
 
 
 def nih_table(metadata: Path) -> pd.DataFrame:

@@ -267,7 +267,7 @@ def demo_as_rsna_dicoms(nih_root: str | Path, dest: str | Path, jpeg: bool = Tru
         raise FileNotFoundError(f"no split files (*.txt) in {nih_root}: expected a demo data set")
     for split_file in split_files:
         lines = []
-        for line in split_file.read_text().splitlines():
+        for line in split_file.read_text(encoding="utf-8-sig").splitlines():
             name, *labels = line.split()
             rel = f"stage_2_train_images/{Path(name).stem}.dcm"
             if not (dest / rel).exists():

@@ -135,7 +135,7 @@ def test_original_replaced_at_the_same_size_is_not_served_from_the_cache(tmp_pat
     assert file.stat().st_size == size
 
     with pytest.raises(CacheError, match=r"changed since the cache was built, e\.g\. .*0\.dcm changed "
-                                         r"modification time \(same size\)") as err:
+                                         r"content \(same size, other SHA-256\)") as err:
         build_dataset("val", root, cache="on")
     assert "rebuild it" in str(err.value)
     ds = build_dataset("val", root)  # auto: the originals, with a warning naming the file
@@ -158,33 +158,6 @@ def test_folder_moved_through_an_archive_keeps_its_cache(tmp_path):
         coarse = (st.st_mtime_ns // 2_000_000_000) * 2_000_000_000  # as zip stores it
         os.utime(file, ns=(st.st_atime_ns, coarse))
     assert build_dataset("val", root, cache="on").cache is not None
-
-
-def _drop_mtimes(cache_dir, bad_sizes_unknown=False):
-    """Make a cache look built before modification times were recorded (bad images without a size)."""
-    meta = json.loads((cache_dir / "meta.json").read_text())
-    index_file = cache_dir / meta["index_file"]
-    with np.load(index_file) as index:
-        arrays = {k: index[k] for k in index.files if k != "src_mtime_ns"}
-    if bad_sizes_unknown:
-        rows = [i for i, p in enumerate(arrays["paths"]) if str(p) in meta["bad"]]
-        arrays["src_bytes"][rows] = -1
-    with open(index_file, "wb") as f:
-        np.savez(f, **arrays)
-
-
-def test_cache_without_modification_times_checks_sizes_and_warns(tmp_path, caplog):
-    root = _dicom_folder(tmp_path / "mydata")
-    _drop_mtimes(root / "_cache")
-    assert build_dataset("val", root, cache="on").cache is not None  # still read ...
-    assert "not their modification times" in caplog.text and "rebuild it" in caplog.text  # ... with a warning
-    write_dicom(root / "img/1.dcm", _texture(1)[:20])  # a change of size is still seen
-    with pytest.raises(CacheError, match=r"1\.dcm changed size"):
-        build_dataset("val", root, cache="on")
-    build_cache(root, workers=1)  # a rebuild records the times again
-    caplog.clear()
-    assert build_dataset("val", root, cache="on").cache is not None
-    assert "modification times" not in caplog.text
 
 
 # ---------------------------------------------------------------------------------------
@@ -226,16 +199,6 @@ def test_bad_image_fixed_after_the_cache_was_built_is_read(tmp_path, caplog, fix
     with pytest.raises(ImageError) as err:  # the one still bad, not the fixed one
         build_dataset("val", root, verify_images="full")
     assert f"image 'img/{fixed}'" not in str(err.value) and "1 of 5 images" in str(err.value)
-
-
-def test_bad_image_of_a_cache_without_modification_times(tmp_path):
-    root = _png_folder(tmp_path / "mydata")
-    _drop_mtimes(root / "_cache", bad_sizes_unknown=True)
-    # Unchanged bad images stay bad (the truncated one is decoded again to tell).
-    assert len(build_dataset("val", root, cache="on", skip_bad=True)) == 3
-    _good_png(root / "img/0.png", seed=7)
-    with pytest.raises(CacheError, match=r"0\.png was bad when the cache was built and now decodes"):
-        build_dataset("val", root, cache="on", skip_bad=True)
 
 
 # ---------------------------------------------------------------------------------------
