@@ -66,6 +66,7 @@ from util.io import OutputError, describe_os_error, file_sha256
 from .constants import ALL_SPLIT_FILES, CLASS_NAMES
 from .errors import BadEntry, CacheError, DataUsageError, ImageError
 from .imageio import DICOM_SUFFIXES, _is_dicom_file, dicom_scaling_for, load_image
+from .staging import make_folders, remove_empty
 from .splits import (
     find_class_file,
     find_split_dir,
@@ -442,13 +443,7 @@ def _make_folder(folder: Path, flag: str | None) -> list[Path]:
     if folder.exists() and not folder.is_dir():
         where = f"{flag} {folder}" if flag else f"{folder} (choose another cache folder with --cache_dir)"
         raise DataUsageError(f"{where}: is a file, not a folder")
-    created = []
-    for parent in (folder, *folder.parents):
-        if parent.exists():
-            break
-        created.append(parent)
-    folder.mkdir(parents=True, exist_ok=True)
-    return created
+    return make_folders(folder)
 
 
 def _committed_build_id(folder: Path) -> str | None:
@@ -599,11 +594,7 @@ def build_cache(
         if _committed_build_id(out) != build_id:
             for done_file in (out / data_name, out / index_name):  # renamed but never committed
                 done_file.unlink(missing_ok=True)
-        for made in created:  # folders this build made, if nothing else is in them
-            try:
-                made.rmdir()
-            except OSError:
-                break
+        remove_empty(created)  # folders this build made, if nothing else is in them
         if isinstance(err, OSError) and not isinstance(err, ToolError):  # disk full, read-only, ...
             raise OutputError(f"{describe_os_error(err, writing)}; the committed cache (if any) is "
                               f"unchanged") from err
