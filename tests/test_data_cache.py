@@ -279,3 +279,23 @@ def test_resize_shorter_side_never_upscales():
     img = Image.new("L", (300, 200))
     assert resize_shorter_side(img, 100).size == (150, 100)
     assert resize_shorter_side(img, 256).size == (300, 200)
+
+
+def test_cache_options_are_checked_once_naming_the_flags():
+    """`check_cache_options` is the one check of --cache / --cache_size (the entry script and
+    build_dataset both use it): a usage error (exit 2) that names the flags."""
+    from datasets import check_cache_options
+
+    for cache, size in (("auto", None), ("on", None), ("off", None), ("lossy", None), ("lossy", 256)):
+        check_cache_options(cache, size)
+    cases = [("auto", 256, "--cache_size 256 chooses a downsized cache: pass it with --cache lossy "
+                           "(--cache auto reads no lossy cache)"),
+             ("on", 128, "--cache_size 128 chooses a downsized cache: pass it with --cache lossy"),
+             ("lossy", 0, "--cache_size 0: expected a positive number of pixels"),
+             ("lossy", -5, "--cache_size -5: expected a positive number of pixels"),
+             ("sometimes", None, "--cache sometimes: expected one of auto, on, lossy, off")]
+    for cache, size, message in cases:
+        with pytest.raises(UsageError) as err:
+            check_cache_options(cache, size)
+        assert str(err.value).startswith(message) and err.value.exit_code == 2
+        assert "=" not in str(err.value)  # flags, not Python keywords
