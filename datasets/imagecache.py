@@ -178,6 +178,8 @@ class ImageCache:
             self.data_file = self.cache_dir / str(self.meta["data_file"])
             index_file = self.cache_dir / str(self.meta["index_file"])
             self.block_bytes = int(self.meta["block_bytes"])
+            if self.block_bytes <= 0:
+                raise ValueError("block_bytes")
         except (KeyError, TypeError, ValueError) as err:
             raise CacheError(f"{meta_path}: not a readable cache record (no {err}); {_REBUILD}") from err
         index = _read_index(index_file)
