@@ -13,8 +13,10 @@ See datasets/imagecache.py.
 """
 from __future__ import annotations
 
-import argparse
 import logging
+import sys
+
+from util import cli
 
 from .constants import ALL_SPLIT_FILES, DATASET_KINDS
 from .imagecache import build_cache
@@ -44,10 +46,13 @@ def build_eval_caches(data_path: str, dataset: str | None, split_dir: str | None
                         ds.eval_cache.name if ds.eval_cache else "no evaluation cache")
 
 
-def main(argv: list[str] | None = None) -> None:
-    """Command line: build the cache of a data set."""
-    parser = argparse.ArgumentParser(
-        prog="python -m datasets.cache",
+PROG = "python -m datasets.cache"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command line: build the cache of a data set (errors: see util.cli; run it through `cli.run`)."""
+    parser = cli.Parser(
+        prog=PROG,
         description="Decode every image of a data set's split files once into a memory-mapped cache.",
     )
     parser.add_argument("--data_path", required=True, help="data set folder")
@@ -73,8 +78,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--eval_recipes", nargs="+", choices=["sgd", "adamw"], default=["sgd", "adamw"],
                         help="recipes whose evaluation transform --eval_input_size stores (default: both)")
     args = parser.parse_args(argv)
-    if args.size is not None and args.size < 8:
-        parser.error(f"--size {args.size}: expected at least 8 pixels")
+    if args.workers < 0:
+        parser.error(f"--workers {args.workers}: expected 0 (one per core) or more")
     if args.eval_input_size is not None and args.eval_input_size < 8:
         parser.error(f"--eval_input_size {args.eval_input_size}: expected at least 8 pixels")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -85,7 +90,8 @@ def main(argv: list[str] | None = None) -> None:
                           args.size is not None, args.cache_dir, args.size, args.dicom_scaling)
     kind = "exact" if args.size is None else f"LOSSY (shorter side {args.size}; read only with --cache lossy)"
     print(f"{kind} cache written to {out}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(cli.run(main, prog=PROG))

@@ -16,12 +16,20 @@ from torch.utils.data import Dataset
 from torchvision import transforms as T
 from torchvision.transforms import functional as TF
 
-from .imagecache import CACHE_MODES, CACHE_VERSION, EvalCache, ImageCache, default_cache_dir, find_lossy_cache_dir, open_eval_cache
+from .imagecache import (
+    EvalCache,
+    ImageCache,
+    check_cache_options,
+    default_cache_dir,
+    find_lossy_cache_dir,
+    open_eval_cache,
+)
 from .constants import CLASS_NAMES
 from .errors import BadEntry, CacheError, ImageError, SplitFileError
 from .imageio import check_image_header, dicom_scaling_for, load_image
 from .splits import (
     check_label_columns,
+    find_class_file,
     locate_split_file,
     parse_split_file,
     read_class_names,
@@ -203,9 +211,9 @@ class ChestXrayDataset(Dataset):
             # Lazy check: decoding errors surface here, naming the split-file line at fault.
             raise ImageError(
                 f"{self.split_file}:{self.lines[index]}: image '{self.paths[index]}' "
-                f"({self.files[index]}) cannot be read: {err}. Build the data set with "
-                f"verify_images=True, or build the image cache (python -m datasets.cache), to find "
-                f"every bad image before training; skip_bad=True (--skip_bad) drops them."
+                f"({self.files[index]}) cannot be read: {err}. Build the image cache "
+                f"(python -m datasets.cache) to find every bad image before training; --skip_bad "
+                f"drops them."
             ) from err
 
     def _resized_crop(self, index: int, plan: _Plan, image: Image.Image | None = None) -> torch.Tensor:
@@ -275,18 +283,6 @@ def _check_header(file: str) -> str:
         return f"{type(err).__name__}: {err}"
 
 
-def _changed_originals(cache: ImageCache, paths: list[str], files: list[str]) -> list[tuple[str, str]]:
-    """(file, why) of each original that differs from when it was cached, bad images included
-    (see `ImageCache.original_changed`; absent originals are fine: the cache may travel without them)."""
-    changed = []
-    for path, file in zip(paths, files):
-        if path in cache.row:
-            why = cache.original_changed(path, file)
-            if why:
-                changed.append((file, why + (" (recorded as bad)" if path in cache.bad else "")))
-    return changed
-
-
 def _report(bad: list[BadEntry]) -> str:
     """A few bad entries, one a line, and how many more there are."""
     shown = "\n  ".join(str(b) for b in bad[:_LIST_AT_MOST])
@@ -302,25 +298,33 @@ def _open_cache(
     cache_size: int | None,
     dicom_scaling: str,
 ) -> ImageCache | None:
-    """The cache to read `split_file` from, None to read originals; raises if mode 'on' / 'lossy' cannot be met."""
+    """The cache to read `split_file` from, None to read originals; raises if mode 'on' / 'lossy' cannot be met.
+
+    Mode 'auto' reads no cache where there is none (silently) or where it cannot serve this
+    split (with a warning saying why: another format, damaged, stale, lossy).
+    """
     if mode == "off":
         return None
     rebuild = "rebuild it with `python -m datasets.cache`" + (f" --size {cache_size}" if mode == "lossy" else "")
     try:
         if cache_dir is None:
             cache_dir = find_lossy_cache_dir(data_path, cache_size) if mode == "lossy" else default_cache_dir(data_path)
+        if mode == "auto" and not (cache_dir / "meta.json").is_file():
+            return None  # no cache: the files, as asked
         cache = ImageCache(cache_dir)
     except CacheError as err:
         if mode in ("on", "lossy"):
-            raise CacheError(f"{err}; build it with `python -m datasets.cache --data_path ...`"
+            if cache_dir is not None and (cache_dir / "meta.json").is_file():
+                raise  # the message says what is wrong with the cache and how to rebuild it
+            raise CacheError(f"{err}; build it with `python -m datasets.cache --data_path {data_path}`"
                              + (" --size N" if mode == "lossy" else "")) from err
-        logger.debug("no cache used: %s", err)
+        logger.warning("not using the cache: %s (reading the original images)", err)
         return None
     if mode == "lossy" and cache.exact:
-        raise CacheError(f"cache {cache_dir} is exact, not lossy: read it with cache='on' (--cache on)")
-    if mode != "lossy" and cache.meta.get("version") == CACHE_VERSION and not cache.exact:
+        raise CacheError(f"cache {cache_dir} is exact, not lossy: read it with --cache on")
+    if mode != "lossy" and not cache.exact:
         reason = (f"cache {cache_dir} is LOSSY (images downsized to shorter side {cache.size}), so its "
-                  f"tensors differ from the originals'; only cache='lossy' (--cache lossy) reads it")
+                  f"tensors differ from the originals'; only --cache lossy reads it")
         if mode == "on":
             raise CacheError(reason)
         logger.warning("not using %s; reading the original images", reason)
@@ -377,10 +381,17 @@ def build_dataset(
         cache: 'auto' reads the exact cache when present and up to date, 'on' requires it,
             'lossy' requires a downsized cache (tensors then differ from the originals';
             logged as a warning and shown in ``cache_info``), 'off' reads the original files.
-            'auto' never reads a lossy cache. True / False mean 'on' / 'off'.
+            'auto' never reads a lossy cache. True / False mean 'on' / 'off'. A cache that
+            cannot serve the split (stale: the split file or an original image changed; of
+            another format; damaged) is refused: 'on' / 'lossy' raise CacheError naming the
+            cause (the first changed image) and how to rebuild; 'auto' logs that warning and
+            reads the split's original files. A cache block that fails its checksum when read
+            raises CacheError naming the cache file and image.
         skip_bad: drop missing or undecodable images (all are decoded once to find them)
             instead of raising; they are listed in ``.skipped`` and logged.
         check_files: check that every image exists (cheap; the cache makes it unnecessary).
+            With a cache, check instead that no original changed since the cache was built
+            (one stat per image; see `ImageCache.changed_originals`).
         verify_images: 'header' (cheap: every file's header opens; use it for val / test so a
             run cannot fail at its first validation), 'full' or True (decode every image now;
             slow on a full data set), 'none' or False (a bad image fails when first loaded).
@@ -395,20 +406,19 @@ def build_dataset(
             cache folder and read it from then on: no resampling per epoch, same tensors.
     """
     mode = {True: "on", False: "off"}.get(cache, cache) if isinstance(cache, bool) else cache
-    if mode not in CACHE_MODES:
-        raise ValueError(f"cache={cache!r}: expected one of {list(CACHE_MODES)}")
-    if cache_size is not None and mode != "lossy":
-        raise ValueError(f"cache_size={cache_size} chooses a lossy cache: pass cache='lossy' with it")
+    check_cache_options(mode, cache_size)
     verify = _verify_mode(verify_images)
     data_path, kind = resolve_data_path(data_path, dataset)
     scaling = dicom_scaling_for(kind, dicom_scaling)
 
     split_file = locate_split_file(split, data_path, data_size, split_dir)
+    classes_file = None
     if kind in CLASS_NAMES:
         class_names: list[str] | None = list(CLASS_NAMES[kind])
     else:
         class_names = read_class_names([split_file.parent, data_path])
-    table = parse_split_file(split_file, len(class_names) if class_names else None, kind)
+        classes_file = find_class_file([split_file.parent, data_path]) if class_names else None
+    table = parse_split_file(split_file, len(class_names) if class_names else None, kind, classes_file)
     if class_names is None:
         check_label_columns(split_file, table.targets.shape[1])
         class_names = [f"class_{k}" for k in range(table.targets.shape[1])]
@@ -417,18 +427,13 @@ def build_dataset(
     image_cache = _open_cache(mode, Path(cache_dir) if cache_dir else None, data_path, split_file,
                               cache_size, scaling)
     if image_cache is not None and check_files:
-        if not image_cache.records_mtimes:
-            logger.warning("cache %s records the originals' byte sizes but not their modification times "
-                           "(built by an earlier version): an original replaced by a file of the same size "
-                           "is not noticed; rebuild it with `python -m datasets.cache`", image_cache.cache_dir)
-        changed = _changed_originals(image_cache, table.paths, files)
+        changed = image_cache.changed_originals(table.paths, files, num_threads)
         if changed:
             file, why = changed[0]
             reason = f"{len(changed)} original images changed since the cache was built, e.g. {file} {why}"
             if mode in ("on", "lossy"):
                 raise CacheError(f"cache {image_cache.cache_dir} is stale for {split_file}: {reason}; "
-                                 f"rebuild it with `python -m datasets.cache` (a copy of the images that "
-                                 f"did not keep their modification times also counts as changed)")
+                                 f"rebuild it with `python -m datasets.cache`")
             logger.warning("ignoring stale cache %s: %s (reading the original images)", image_cache.cache_dir, reason)
             image_cache = None
     bad: list[BadEntry] = []
@@ -447,7 +452,7 @@ def build_dataset(
         if bad and not skip_bad:
             raise ImageError(f"{len(bad)} of {len(table)} images of {split_file} are missing "
                              f"(kind '{kind}' resolves paths as e.g. {files[0]}):{_report(bad)}\n"
-                             f"Check --data_path / --dataset, or pass skip_bad=True (--skip_bad) to skip them.")
+                             f"Check --data_path / --dataset, or pass --skip_bad to skip them.")
     if image_cache is None and (verify != "none" or skip_bad):
         known = {b.path for b in bad}
         todo = [i for i, p in enumerate(table.paths) if p not in known]
@@ -459,7 +464,7 @@ def build_dataset(
         bad.sort(key=lambda b: b.line)
     if bad and not skip_bad:
         raise ImageError(f"{len(bad)} of {len(table)} images of {split_file} cannot be read:{_report(bad)}\n"
-                         f"Pass skip_bad=True (--skip_bad) to skip them.")
+                         f"Pass --skip_bad to skip them.")
     if bad:
         logger.warning("skipping %d of %d images of %s:%s", len(bad), len(table), split_file, _report(bad))
         drop = {b.path for b in bad}

@@ -2,19 +2,27 @@
 
     python -m datasets.demo --out demo_data [--num_images 1200] [--image_size 128] [--seed 0]
     python -m datasets.demo --out RSNA_demo --rsna     # the same images as RSNA-layout DICOMs
+
+Errors are one line on stderr (exit 2: a flag; 1: the set could not be written, e.g. a full
+disk); nothing partial is left in --out.
 """
 from __future__ import annotations
 
-import argparse
 import logging
+import sys
 import tempfile
+from pathlib import Path
+
+from util import cli
 
 from .synthetic import demo_as_rsna_dicoms, make_demo_dataset
 
+PROG = "python -m datasets.demo"
 
-def main(argv: list[str] | None = None) -> None:
-    """Command line: write the demo data set."""
-    parser = argparse.ArgumentParser(prog="python -m datasets.demo", description="Write the synthetic NIH-layout demo data set.")
+
+def main(argv: list[str] | None = None) -> int:
+    """Command line: write the demo data set (run it through `cli.run`)."""
+    parser = cli.Parser(prog=PROG, description="Write the synthetic NIH-layout demo data set.")
     parser.add_argument("--out", default="demo_data", help="output folder (default %(default)s)")
     parser.add_argument("--num_images", type=int, default=1200)
     parser.add_argument("--image_size", type=int, default=128)
@@ -22,15 +30,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rsna", action="store_true",
                         help="write RSNA Pneumonia's layout instead: JPEG DICOMs, one label")
     args = parser.parse_args(argv)
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        parser.error(f"--out {args.out}: is a file, not a folder")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if args.rsna:
         with tempfile.TemporaryDirectory() as tmp:
-            nih = make_demo_dataset(tmp, args.num_images, args.image_size, args.seed)
+            nih = make_demo_dataset(Path(tmp) / "nih", args.num_images, args.image_size, args.seed)
             root = demo_as_rsna_dicoms(nih, args.out)
     else:
         root = make_demo_dataset(args.out, args.num_images, args.image_size, args.seed)
     print(f"demo data set written to {root}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(cli.run(main, prog=PROG))

@@ -4,7 +4,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from util.cli import ToolError
+from util.cli import ToolError, UsageError
 
 
 def _original_message(text: str, name: str) -> str:
@@ -28,6 +28,11 @@ class DataError(ToolError, ValueError):
         if text.startswith("Caught ") and "Traceback (most recent call last)" in text:
             return _original_message(text, type(self).__name__)
         return text
+
+
+class DataUsageError(DataError, UsageError):
+    """A data option the user gave cannot work: a data folder that is not one, an unknown data
+    set kind, a --cache / --cache_size pair that does not go together (a usage error: exit 2)."""
 
 
 class SplitFileError(DataError):

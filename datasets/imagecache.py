@@ -14,22 +14,29 @@ Two kinds, never confused with each other:
 Layout of a cache folder:
 
 - ``images-<id>.u8``  all images, 8-bit grey, row-major, back to back (memory-mapped);
-- ``index-<id>.npz``  per image: relative path (as in the split files), byte offset,
-  height, width, and the byte size and modification time (ns) of the original file
-  (also for a bad image; -1 for one that was missing);
-- ``meta.json``  format version, exact or lossy (and the size), the data set kind, the
-  DICOM intensity rule, the SHA-256 and line count of every split file it covers, the
-  images found bad while building, and the names of the two files above. Replacing it is
-  the one atomic step that commits a build: a failed or killed rebuild leaves the previous
-  cache valid, and its partial files (``*.tmp``) are removed.
+- ``index-<id>.npz``  its ``format`` and, per image: relative path (as in the split files),
+  byte offset, height, width, and the original file's byte size, modification and change
+  times (ns), inode and SHA-256 (also for a bad image; size -1 for one that was missing);
+  and the CRC-32 of each ``block_bytes`` block of the pixel file;
+- ``meta.json``  ``format`` (`CACHE_FORMAT`), exact or lossy (and the size), the data set
+  kind, the DICOM intensity rule, the SHA-256 and line count of every split file it covers,
+  the images found bad while building, and the names of the two files above. Replacing it
+  is the one atomic step that commits a build: a failed or killed rebuild leaves the
+  committed cache valid, and its partial files (``*.tmp``) are removed.
 - ``eval-<key>.u8`` / ``eval-<key>.json``  the stored output of a deterministic evaluation
-  transform prefix (resize + centre crop) for one split, made on first use (`EvalCache`).
+  transform prefix (resize + centre crop) for one split, made on first use (`EvalCache`),
+  with a CRC-32 per row.
 
-A cache is *stale* for a split file whose content changed (hash), for another DICOM
-intensity rule than asked for (if it holds DICOMs), for another size than asked for, for
-an original whose byte size or modification time changed (a bad image too: one that was
-missing and now exists counts as changed), or when its files disagree. Caches built before
-modification times were recorded are checked by size only (`ImageCache.original_changed`).
+A cache of another ``format`` is refused (rebuild it). A cache is *stale* for a split file
+whose content changed (hash), for another DICOM intensity rule than asked for (if it holds
+DICOMs), for another size than asked for, for an original image that changed, or when its
+files disagree. An original counts as unchanged when its size, modification and change
+times and inode are those recorded (one ``stat``); when only the times or inode differ
+(a copied, restored or touched folder, or a file replaced by ``mv`` or ``cp -p``), its
+SHA-256 decides (`ImageCache.changed_originals`). A stale cache is never read (see
+`datasets.build_dataset`). Each block of the pixel file is checked against its CRC-32 the
+first time a process reads it: a damaged cache file fails with one line naming the file
+and the image.
 
 Build one with ``python -m datasets.cache --data_path DIR`` (see ``--help``).
 """
@@ -41,6 +48,8 @@ import logging
 import os
 import time
 import uuid
+import zipfile
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from multiprocessing import get_context
@@ -51,12 +60,15 @@ import numpy as np
 import PIL
 from PIL import Image
 
-from util.io import file_sha256
+from util.cli import ToolError
+from util.io import OutputError, describe_os_error, file_sha256
 
 from .constants import ALL_SPLIT_FILES, CLASS_NAMES
-from .errors import BadEntry, CacheError, ImageError
+from .errors import BadEntry, CacheError, DataUsageError, ImageError
 from .imageio import DICOM_SUFFIXES, _is_dicom_file, dicom_scaling_for, load_image
+from .staging import make_folders, remove_empty
 from .splits import (
+    find_class_file,
     find_split_dir,
     parse_split_file,
     read_class_names,
@@ -66,17 +78,37 @@ from .splits import (
 )
 
 logger = logging.getLogger(__name__)
-# Archives keep modification times coarsely (tar: whole seconds, zip: 2 s): a data folder
-# moved through one is the same data. A replaced file gets the time of its writing.
-MTIME_SLACK_NS = 2_000_000_000
 
-CACHE_VERSION = 2
+# The layout of a cache (meta.json + index + pixel file); a cache of another format is refused.
+CACHE_FORMAT = 3
+# The layout of an evaluation cache (part of its key: one of another format is made again).
+EVAL_CACHE_FORMAT = 2
+# Bytes of the pixel file per CRC-32: a crop reads at most two blocks more than its rows.
+BLOCK_BYTES = 1 << 16
 DEFAULT_LOSSY_SIZE = 256
 DEFAULT_CACHE_DIRNAME = "_cache"
 # auto: the exact cache when present and up to date; on: require it; lossy: require a
 # downsized one (explicit opt-in, warned about); off: the original files.
 CACHE_MODES: tuple[str, ...] = ("auto", "on", "lossy", "off")
 _META = "meta.json"
+_REBUILD = "rebuild it with `python -m datasets.cache`"
+# Arrays of the index, one row per image.
+_INDEX_ROWS = ("paths", "offsets", "heights", "widths", "src_bytes", "src_mtime_ns", "src_ctime_ns",
+               "src_inode", "src_sha256")
+
+
+def check_cache_options(cache: str, cache_size: int | None) -> None:
+    """Refuse a --cache mode / --cache_size pair that cannot work, naming the flags (cli.UsageError)."""
+    if cache not in CACHE_MODES:
+        raise DataUsageError(f"--cache {cache}: expected one of {', '.join(CACHE_MODES)}")
+    if cache_size is None:
+        return
+    if cache != "lossy":
+        raise DataUsageError(f"--cache_size {cache_size} chooses a downsized cache: pass it with "
+                             f"--cache lossy (--cache {cache} reads no lossy cache)")
+    if cache_size <= 0:
+        raise DataUsageError(f"--cache_size {cache_size}: expected a positive number of pixels "
+                             f"(the shorter side of the lossy cache to read)")
 
 
 def default_cache_dir(data_path: str | Path, size: int | None = None) -> Path:
@@ -96,8 +128,7 @@ def find_lossy_cache_dir(data_path: str | Path, size: int | None = None) -> Path
         raise CacheError(f"no lossy cache in {data_path} ({DEFAULT_CACHE_DIRNAME}_<N>px); build one with "
                          f"`python -m datasets.cache --data_path {data_path} --size N`")
     raise CacheError(f"several lossy caches in {data_path}: {', '.join(p.name for p in found)}; "
-                     f"choose one with cache_size (--cache_size N) or cache_dir")
-
+                     f"choose one with --cache_size N")
 
 
 def resize_shorter_side(img: Image.Image, size: int) -> Image.Image:
@@ -122,7 +153,11 @@ class CacheStatus:
 
 
 class ImageCache:
-    """Read access to a built cache; picklable, so DataLoader workers map the file themselves."""
+    """Read access to a built cache; picklable, so DataLoader workers map the file themselves.
+
+    Opening checks the format and that the index is whole; it raises CacheError (one line
+    naming the file) for a cache that is missing, of another format or damaged.
+    """
 
     def __init__(self, cache_dir: str | Path) -> None:
         self.cache_dir = Path(cache_dir)
@@ -130,30 +165,41 @@ class ImageCache:
         if not meta_path.is_file():
             raise CacheError(f"no complete cache in {self.cache_dir} ({_META} missing)")
         try:
-            self.meta = json.loads(meta_path.read_text())
+            self.meta = json.loads(meta_path.read_text(encoding="utf-8"))
+            if not isinstance(self.meta, dict):
+                raise ValueError("not a JSON object")
         except (OSError, ValueError) as err:
-            raise CacheError(f"cache in {self.cache_dir} is unreadable: {err}") from err
-        self.paths: list[str] = []
-        self.row: dict[str, int] = {}
-        self.bad: dict[str, str] = {}
-        self._data: np.memmap | None = None
-        # Absent from caches built before modification times were recorded.
-        self.src_mtime_ns: np.ndarray | None = None
-        if self.meta.get("version") != CACHE_VERSION:
-            return  # check() reports it; the index may have another layout
+            raise CacheError(f"{meta_path}: not a readable cache record ({err}); {_REBUILD}") from err
+        found = self.meta.get("format")
+        if found != CACHE_FORMAT:
+            raise CacheError(f"{meta_path}: cache format {found}, this version reads format "
+                             f"{CACHE_FORMAT}; {_REBUILD}")
         try:
-            with np.load(self.cache_dir / self.meta["index_file"], allow_pickle=False) as index:
-                self.paths = [str(p) for p in index["paths"]]
-                self.offsets = index["offsets"].astype(np.int64)
-                self.heights = index["heights"].astype(np.int64)
-                self.widths = index["widths"].astype(np.int64)
-                self.src_bytes = index["src_bytes"].astype(np.int64)
-                if "src_mtime_ns" in index.files:
-                    self.src_mtime_ns = index["src_mtime_ns"].astype(np.int64)
-        except (OSError, ValueError, KeyError) as err:
-            raise CacheError(f"cache in {self.cache_dir} is unreadable: {err}") from err
-        self.row = {p: i for i, p in enumerate(self.paths)}
-        self.bad = dict(self.meta.get("bad", {}))
+            self.data_file = self.cache_dir / str(self.meta["data_file"])
+            index_file = self.cache_dir / str(self.meta["index_file"])
+            self.block_bytes = int(self.meta["block_bytes"])
+            if self.block_bytes <= 0:
+                raise ValueError("block_bytes")
+        except (KeyError, TypeError, ValueError) as err:
+            raise CacheError(f"{meta_path}: not a readable cache record (no {err}); {_REBUILD}") from err
+        index = _read_index(index_file)
+        self.paths: list[str] = [str(p) for p in index["paths"]]
+        self.offsets = index["offsets"].astype(np.int64)
+        self.heights = index["heights"].astype(np.int64)
+        self.widths = index["widths"].astype(np.int64)
+        self.src_bytes = index["src_bytes"].astype(np.int64)
+        self.src_stat = np.stack([index["src_mtime_ns"], index["src_ctime_ns"],
+                                  index["src_inode"]], axis=1).astype(np.int64)
+        self.src_sha256 = index["src_sha256"]
+        self.block_crc32 = index["block_crc32"].astype(np.uint32)
+        self.num_bytes = int((self.heights * self.widths).sum())
+        if len(self.block_crc32) != -(-self.num_bytes // self.block_bytes):
+            raise CacheError(f"{index_file}: {len(self.block_crc32)} block checksums for "
+                             f"{self.num_bytes} bytes of pixels; {_REBUILD}")
+        self.row: dict[str, int] = {p: i for i, p in enumerate(self.paths)}
+        self.bad: dict[str, str] = dict(self.meta.get("bad", {}))
+        self._data: np.memmap | None = None
+        self._verified: np.ndarray | None = None  # blocks this process checked
 
     @property
     def exact(self) -> bool:
@@ -178,30 +224,26 @@ class ImageCache:
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
-        state["_data"] = None  # each worker process maps the file itself
+        state["_data"] = None  # each worker process maps the file itself ...
+        state["_verified"] = None  # ... and checks the blocks it reads
         return state
 
     def _mapped(self) -> np.memmap:
         if self._data is None:
-            self._data = np.memmap(self.cache_dir / self.meta["data_file"], dtype=np.uint8, mode="r")
+            self._data = np.memmap(self.data_file, dtype=np.uint8, mode="r")
         return self._data
 
     def check(self, split_file: Path, dicom_scaling: str | None = None, size: int | None = None) -> CacheStatus:
         """Whether this cache serves `split_file` unchanged (with that DICOM rule and lossy `size`, if given)."""
-        version = self.meta.get("version")
-        if version != CACHE_VERSION:
-            return CacheStatus(False, f"cache format version {version} != {CACHE_VERSION}")
         if size is not None and self.size != size:
             return CacheStatus(False, f"cache images have size {self.size}, asked for {size}")
         built_with = self.meta.get("dicom_scaling")
         if dicom_scaling is not None and self.meta.get("dicom_images", 0) and built_with != dicom_scaling:
-            return CacheStatus(False, f"its DICOMs were scaled with dicom_scaling '{built_with}', "
-                                      f"asked for '{dicom_scaling}'")
-        data_file = self.cache_dir / self.meta["data_file"]
-        expected_bytes = int((self.heights * self.widths).sum())
-        actual = data_file.stat().st_size if data_file.is_file() else -1
-        if actual != expected_bytes:
-            return CacheStatus(False, f"{data_file.name} holds {actual} bytes, index expects {expected_bytes}")
+            return CacheStatus(False, f"its DICOMs were scaled with --dicom_scaling {built_with}, "
+                                      f"asked for {dicom_scaling}")
+        actual = self.data_file.stat().st_size if self.data_file.is_file() else -1
+        if actual != self.num_bytes:
+            return CacheStatus(False, f"{self.data_file.name} holds {actual} bytes, index expects {self.num_bytes}")
         entry = self.meta.get("splits", {}).get(split_file.name)
         if entry is None:
             return CacheStatus(False, f"cache does not cover split file {split_file.name}")
@@ -209,39 +251,68 @@ class ImageCache:
             return CacheStatus(False, f"split file {split_file} changed since the cache was built")
         return CacheStatus(True, "up to date")
 
-    @property
-    def records_mtimes(self) -> bool:
-        """Whether the originals' modification times were recorded (not by caches of earlier builds)."""
-        return self.src_mtime_ns is not None
+    def changed_originals(self, paths: list[str], files: list[str],
+                          num_threads: int = 8) -> list[tuple[str, str]]:
+        """(file, why) of each original that differs from when it was cached, in the order of `paths`.
 
-    def original_changed(self, path: str, file: str) -> str:
-        """Why the original `file` of cached `path` differs from when it was cached; '' if it does not.
-
-        A change of byte size or modification time counts (the pixels may differ at the same
-        size: another PhotometricInterpretation, re-exported pixel data). An absent original
-        does not: the cache may travel without them. For an image recorded as bad, one that
-        was missing and now exists has changed; in a cache without modification times (which
-        did not record bad images' sizes either) a bad image that now decodes has changed.
+        One ``stat`` per image: an original whose size, modification and change times and
+        inode are those recorded is unchanged. A size change, or a bad image that was missing
+        and now exists, is a change. When only times or inode differ (a folder copied,
+        restored from an archive or touched, or a file replaced by ``mv`` or ``cp -p``), the
+        file's SHA-256 is compared with the one taken at build time, in `num_threads`
+        threads. An absent original is fine: the cache may travel without them.
         """
-        try:
-            st = os.stat(file)
-        except OSError:
-            return ""
-        i = self.row[path]
-        size = int(self.src_bytes[i])
-        if size < 0:  # a bad image that was missing, or any bad image of an earlier build
-            if self.records_mtimes:
-                return "was missing when the cache was built and now exists"
+        changed: dict[int, tuple[str, str]] = {}
+        suspects: dict[int, str] = {}
+        for path, file in zip(paths, files):
+            i = self.row[path]
             try:
-                load_image(file, dicom_scaling=self.meta.get("dicom_scaling") or "minmax")
-            except (OSError, ValueError):  # still bad (ImageDecodeError is an OSError)
-                return ""
-            return "was bad when the cache was built and now decodes"
-        if st.st_size != size:
-            return f"changed size ({size} -> {st.st_size} bytes)"
-        if self.src_mtime_ns is not None and abs(st.st_mtime_ns - int(self.src_mtime_ns[i])) >= MTIME_SLACK_NS:
-            return "changed modification time (same size)"
-        return ""
+                st = os.stat(file)
+            except OSError:
+                continue
+            recorded = int(self.src_bytes[i])
+            note = " (recorded as bad)" if path in self.bad else ""
+            if recorded < 0:
+                changed[i] = (file, "was missing when the cache was built and now exists" + note)
+            elif st.st_size != recorded:
+                changed[i] = (file, f"changed size ({recorded} -> {st.st_size} bytes){note}")
+            elif (st.st_mtime_ns, st.st_ctime_ns, st.st_ino) != tuple(self.src_stat[i]):
+                suspects[i] = file
+        if suspects:
+            start = time.perf_counter()
+            rows = list(suspects)
+            with ThreadPoolExecutor(max(1, num_threads)) as pool:  # hashlib releases the GIL
+                digests = list(pool.map(_sha256_or_none, [suspects[i] for i in rows]))
+            for i, digest in zip(rows, digests):
+                if digest is not None and digest != self.src_sha256[i].tobytes():
+                    note = " (recorded as bad)" if self.paths[i] in self.bad else ""
+                    changed[i] = (suspects[i], f"changed content (same size, other SHA-256){note}")
+            same = len(rows) - sum(i in changed for i in rows)
+            if same:
+                logger.warning("%d original images have other file times or inodes than when the cache "
+                               "%s was built (a copied or restored folder?); their contents are unchanged "
+                               "(SHA-256, checked in %.1f s); rebuild the cache with `python -m "
+                               "datasets.cache` to record them and skip this check", same, self.cache_dir,
+                               time.perf_counter() - start)
+        order = {self.row[p]: n for n, p in reversed(list(enumerate(paths)))}
+        return [changed[i] for i in sorted(changed, key=order.__getitem__)]
+
+    def _verify(self, path: str, start: int, stop: int) -> None:
+        """Check the pixel-file blocks that bytes [start, stop) lie in against their CRC-32s,
+        once per block and process; raises CacheError naming the file and image."""
+        if stop <= start:
+            return
+        if self._verified is None:
+            self._verified = np.zeros(len(self.block_crc32), dtype=bool)
+        first, last = start // self.block_bytes, (stop - 1) // self.block_bytes
+        todo = np.flatnonzero(~self._verified[first: last + 1]) + first
+        data = self._mapped()
+        for block in todo:
+            lo = int(block) * self.block_bytes
+            if zlib.crc32(data[lo: lo + self.block_bytes]) != int(self.block_crc32[block]):
+                raise CacheError(f"{self.data_file}: pixels of image '{path}' fail their checksum "
+                                 f"(block {int(block)}): the cache file is damaged; {_REBUILD}")
+            self._verified[block] = True
 
     def shape(self, path: str) -> tuple[int, int]:
         """(height, width) of a cached image."""
@@ -249,49 +320,140 @@ class ImageCache:
         return int(self.heights[i]), int(self.widths[i])
 
     def array(self, path: str) -> np.ndarray:
-        """The cached image as a read-only H x W uint8 view of the mapped file (no copy)."""
+        """The cached image as a read-only H x W uint8 view of the mapped file (checked, no copy)."""
         i = self.row[path]
         h, w, off = int(self.heights[i]), int(self.widths[i]), int(self.offsets[i])
+        self._verify(path, off, off + h * w)
         return self._mapped()[off: off + h * w].reshape(h, w)
 
     def region(self, path: str, top: int, left: int, height: int, width: int) -> np.ndarray:
-        """A crop of a cached image as a contiguous array: only its rows are read from disk."""
-        return np.ascontiguousarray(self.array(path)[top: top + height, left: left + width])
+        """A crop of a cached image as a contiguous array: only its rows are read (and checked)."""
+        i = self.row[path]
+        h, w, off = int(self.heights[i]), int(self.widths[i]), int(self.offsets[i])
+        rows = slice(max(0, top), min(h, top + height))
+        self._verify(path, off + rows.start * w, off + rows.stop * w)
+        image = self._mapped()[off: off + h * w].reshape(h, w)
+        return np.ascontiguousarray(image[top: top + height, left: left + width])
 
     def get(self, path: str) -> Image.Image:
         """The cached 8-bit grey image of a split-file path."""
         return Image.fromarray(np.array(self.array(path)), mode="L")
 
 
-def _load_for_cache(job: tuple[int, str, int | None, str]) -> tuple[int, bytes | None, int, int, int, int, bool, str]:
+def _read_index(index_file: Path) -> dict[str, np.ndarray]:
+    """The arrays of a cache index, checked to be whole; CacheError naming the file if not."""
+    unreadable = (f"{index_file}: not a readable cache index (damaged, or not written by "
+                  f"`python -m datasets.cache`); {_REBUILD}")
+    try:
+        with np.load(index_file, allow_pickle=False) as index:
+            arrays = {name: index[name] for name in (*_INDEX_ROWS, "block_crc32", "format")}
+    except FileNotFoundError as err:
+        raise CacheError(f"{index_file}: cache index missing; {_REBUILD}") from err
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, EOFError, zipfile.BadZipFile) as err:
+        # numpy's own message for a file that is no .npz advises allow_pickle: never here.
+        raise CacheError(unreadable) from err
+    found = arrays["format"]
+    if found.shape != () or found.dtype.kind not in "iu":
+        raise CacheError(unreadable)
+    if int(found) != CACHE_FORMAT:
+        raise CacheError(f"{index_file}: cache index format {int(found)}, this version reads "
+                         f"format {CACHE_FORMAT}; {_REBUILD}")
+    rows = {len(arrays[name]) for name in _INDEX_ROWS}
+    sha = arrays["src_sha256"]
+    if len(rows) != 1 or sha.dtype != np.uint8 or sha.shape[1:] != (32,) or arrays["paths"].dtype.kind != "U":
+        raise CacheError(unreadable)
+    return arrays
+
+
+def _sha256_or_none(file: str) -> bytes | None:
+    """The SHA-256 of a file's bytes; None if it cannot be read (then it is absent, as far as the cache goes)."""
+    try:
+        return bytes.fromhex(file_sha256(file))
+    except OSError:
+        return None
+
+
+class _BlockChecksums:
+    """CRC-32 of each `block` bytes of a stream written piece by piece."""
+
+    def __init__(self, block: int) -> None:
+        self.block, self.crcs, self.crc, self.fill = block, [], 0, 0
+
+    def update(self, data: bytes) -> None:
+        view, pos = memoryview(data), 0
+        while pos < len(view):
+            take = min(self.block - self.fill, len(view) - pos)
+            self.crc = zlib.crc32(view[pos: pos + take], self.crc)
+            self.fill, pos = self.fill + take, pos + take
+            if self.fill == self.block:
+                self.crcs.append(self.crc)
+                self.crc, self.fill = 0, 0
+
+    def finish(self) -> np.ndarray:
+        if self.fill:
+            self.crcs.append(self.crc)
+        return np.asarray(self.crcs, dtype=np.uint32)
+
+
+def _fingerprint(path: str) -> tuple[int, int, int, int]:
+    """(byte size, modification time ns, change time ns, inode) of a file; -1s if it is absent."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return -1, -1, -1, -1
+    return st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino
+
+
+_NO_SHA256 = bytes(32)
+
+
+def _load_for_cache(job: tuple[int, str, int | None, str]) -> tuple:
     """Worker: decode (and for a lossy cache resize) one image; never raises (errors travel back as text).
 
-    Returns the original's byte size and modification time (-1 if missing) also for a bad
-    image, so that a later fix of the file is seen.
+    Returns (row, pixels or None, height, width, fingerprint, SHA-256, is DICOM, error). The
+    original's fingerprint and SHA-256 are returned for a bad image too, so that a later fix
+    of the file is seen. A file that changes while it is read is an error.
     """
     i, path, size, scaling = job
-    try:
-        st = os.stat(path)  # before decoding: a file replaced meanwhile is then seen as changed
-        src_bytes, src_mtime_ns = st.st_size, st.st_mtime_ns
-    except OSError:
-        src_bytes = src_mtime_ns = -1
+    before = _fingerprint(path)
+    digest = _sha256_or_none(path) or _NO_SHA256
     try:
         img = load_image(path, dicom_scaling=scaling)
         if size is not None:
             img = resize_shorter_side(img, size)
+        if _fingerprint(path) != before:
+            raise ImageError(f"{path} changed while it was read: build the cache again once it is written")
         dicom = Path(path).suffix.lower() in DICOM_SUFFIXES or _is_dicom_file(Path(path))
-        return i, img.tobytes(), img.height, img.width, src_bytes, src_mtime_ns, dicom, ""
+        return i, img.tobytes(), img.height, img.width, before, digest, dicom, ""
     except Exception as err:  # reported per image by the parent with split file and line
-        return i, None, 0, 0, src_bytes, src_mtime_ns, False, f"{type(err).__name__}: {err}"
+        return i, None, 0, 0, before, digest, False, f"{type(err).__name__}: {err}"
 
 
 def _remove_unreferenced(folder: Path, keep: set[str]) -> None:
-    """Delete cache files of earlier builds (and partial ones) that the committed meta.json does not name."""
-    patterns = ("images-*.u8", "index-*.npz", "eval-*", "*.tmp", "images.u8", "index.npz")
-    for pattern in patterns:
+    """Delete cache files of other builds (and partial ones) that the committed meta.json does not name."""
+    for pattern in ("images-*.u8", "index-*.npz", "eval-*", "*.tmp"):
         for f in folder.glob(pattern):
             if f.name not in keep and f.is_file():
                 f.unlink(missing_ok=True)
+
+
+def _make_folder(folder: Path, flag: str | None) -> list[Path]:
+    """Create `folder` (and missing parents); returns the folders created, deepest first.
+
+    `flag`: the flag that named the folder (None: a default place), for the message.
+    """
+    if folder.exists() and not folder.is_dir():
+        where = f"{flag} {folder}" if flag else f"{folder} (choose another cache folder with --cache_dir)"
+        raise DataUsageError(f"{where}: is a file, not a folder")
+    return make_folders(folder)
+
+
+def _committed_build_id(folder: Path) -> str | None:
+    """The build id the folder's meta.json commits, None if there is none (or it is unreadable)."""
+    try:
+        return json.loads((folder / _META).read_text(encoding="utf-8")).get("build_id")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def build_cache(
@@ -320,21 +482,24 @@ def build_cache(
         dicom_scaling: DICOM intensity rule ('paper' | 'minmax'); default the kind's (see imageio).
 
     A rebuild over an existing cache writes new files beside it and commits them by
-    replacing ``meta.json`` in one step: if it fails, the previous cache stays valid.
+    replacing ``meta.json`` in one step: if it fails, the committed cache stays valid, and
+    neither partial files nor folders this call created are left behind.
     """
     data_path, kind = resolve_data_path(data_path, dataset)
     scaling = dicom_scaling_for(kind, dicom_scaling)
     if size is not None and size < 8:
-        raise ValueError(f"size={size}: expected at least 8 pixels")
+        raise DataUsageError(f"--size {size}: expected at least 8 pixels")
     folder = find_split_dir(data_path, split_dir)
     if folder is None:
         searched = ", ".join(str(f) for f in split_dir_candidates(data_path, split_dir))
         raise CacheError(f"no split files ({', '.join(ALL_SPLIT_FILES)}) found in: {searched}")
     names = split_files or [n for n in ALL_SPLIT_FILES if (folder / n).is_file()]
     num_classes = len(CLASS_NAMES[kind]) if kind in CLASS_NAMES else None
+    classes_file = None
     if num_classes is None:
         classes = read_class_names([folder, data_path])
         num_classes = len(classes) if classes else None
+        classes_file = find_class_file([folder, data_path]) if classes else None
 
     # Union of the images over all split files, first occurrence kept for error messages.
     where: dict[str, tuple[Path, int]] = {}
@@ -342,15 +507,15 @@ def build_cache(
     for name in names:
         split_file = folder / name
         if not split_file.is_file():
-            raise CacheError(f"split file {split_file} not found (asked for by --splits)")
-        table = parse_split_file(split_file, num_classes, kind)
+            raise DataUsageError(f"--splits: split file {split_file} not found")
+        table = parse_split_file(split_file, num_classes, kind, classes_file)
         splits_meta[name] = {"sha256": file_sha256(split_file), "lines": len(table)}
         for path, line in zip(table.paths, table.lines):
             where.setdefault(path, (split_file, line))
     paths = list(where)
 
     out = Path(cache_dir) if cache_dir is not None else default_cache_dir(data_path, size)
-    out.mkdir(parents=True, exist_ok=True)
+    created = _make_folder(out, "--cache_dir" if cache_dir is not None else None)
     for partial in out.glob("*.tmp"):  # left by a build that was killed
         partial.unlink(missing_ok=True)
     build_id = uuid.uuid4().hex[:12]
@@ -360,20 +525,22 @@ def build_cache(
     offsets = np.zeros(n, np.int64)
     heights = np.zeros(n, np.int32)
     widths = np.zeros(n, np.int32)
-    src_bytes = np.full(n, -1, np.int64)
-    src_mtime_ns = np.full(n, -1, np.int64)
+    stats = np.full((n, 4), -1, np.int64)  # size, mtime_ns, ctime_ns, inode
+    sha256 = np.zeros((n, 32), np.uint8)
+    checksums = _BlockChecksums(BLOCK_BYTES)
     bad: dict[str, str] = {}
     dicom_images = 0
     jobs = [(i, f, size, scaling) for i, f in enumerate(resolve_image_paths(data_path, paths, kind))]
     workers = workers or os.cpu_count() or 1
     start, offset = time.perf_counter(), 0
+    writing = tmp_data  # the file being written, for the message of a failed write
     try:
         with open(tmp_data, "wb") as f:
             pool = get_context().Pool(workers) if workers > 1 else None
             try:
                 results = pool.imap(_load_for_cache, jobs, chunksize=8) if pool else map(_load_for_cache, jobs)
-                for done, (i, pixels, h, w, nbytes, mtime_ns, dicom, error) in enumerate(results, start=1):
-                    src_bytes[i], src_mtime_ns[i] = nbytes, mtime_ns
+                for done, (i, pixels, h, w, stat, digest, dicom, error) in enumerate(results, start=1):
+                    stats[i], sha256[i] = stat, np.frombuffer(digest, np.uint8)
                     if pixels is None:
                         split_file, line = where[paths[i]]
                         entry = BadEntry(split_file, line, paths[i], f"{error} (file {jobs[i][1]})")
@@ -382,6 +549,7 @@ def build_cache(
                         bad[paths[i]] = entry.reason
                         continue
                     f.write(pixels)
+                    checksums.update(pixels)
                     offsets[i], heights[i], widths[i] = offset, h, w
                     offset += h * w
                     dicom_images += dicom
@@ -390,14 +558,17 @@ def build_cache(
             finally:
                 if pool is not None:
                     pool.terminate()
+        writing = tmp_index
         with open(tmp_index, "wb") as f:  # np.savez appends '.npz' to a bare path name
-            np.savez(f, paths=np.asarray(paths, dtype=str), offsets=offsets,
-                     heights=heights, widths=widths, src_bytes=src_bytes, src_mtime_ns=src_mtime_ns)
+            np.savez(f, format=np.int64(CACHE_FORMAT), paths=np.asarray(paths, dtype=str), offsets=offsets,
+                     heights=heights, widths=widths, src_bytes=stats[:, 0], src_mtime_ns=stats[:, 1],
+                     src_ctime_ns=stats[:, 2], src_inode=stats[:, 3], src_sha256=sha256,
+                     block_crc32=checksums.finish())
         os.replace(tmp_data, out / data_name)
         os.replace(tmp_index, out / index_name)
         build_s = time.perf_counter() - start
         meta = {
-            "version": CACHE_VERSION,
+            "format": CACHE_FORMAT,
             "exact": size is None,
             "size": size,
             "kind": kind,
@@ -406,6 +577,7 @@ def build_cache(
             "build_id": build_id,
             "data_file": data_name,
             "index_file": index_name,
+            "block_bytes": BLOCK_BYTES,
             "pillow": PIL.__version__,
             "data_path": str(data_path.resolve()),
             "split_dir": str(folder.resolve()),
@@ -415,15 +587,19 @@ def build_cache(
             "build_s": round(build_s, 1),
             "bad": bad,
         }
-        tmp_meta = out / (_META + ".tmp")
+        writing = tmp_meta = out / (_META + ".tmp")
         tmp_meta.write_text(json.dumps(meta, indent=1))
-        os.replace(tmp_meta, out / _META)  # the commit: before it the old cache is intact
-    except BaseException:
+        os.replace(tmp_meta, out / _META)  # the commit: before it the committed cache is intact
+    except BaseException as err:
         for partial in (tmp_data, tmp_index, out / (_META + ".tmp")):
             partial.unlink(missing_ok=True)
-        if not (out / _META).is_file() or json.loads((out / _META).read_text()).get("build_id") != build_id:
+        if _committed_build_id(out) != build_id:
             for done_file in (out / data_name, out / index_name):  # renamed but never committed
                 done_file.unlink(missing_ok=True)
+        remove_empty(created)  # folders this build made, if nothing else is in them
+        if isinstance(err, OSError) and not isinstance(err, ToolError):  # disk full, read-only, ...
+            raise OutputError(f"{describe_os_error(err, writing)}; the committed cache (if any) is "
+                              f"unchanged") from err
         raise
     _remove_unreferenced(out, {_META, data_name, index_name})
     logger.info("cached %d images (%d bad) of %s in %s (%s): %.1f MB, %.0f s", n, len(bad), ", ".join(names),
@@ -437,8 +613,9 @@ class EvalCache:
     """The stored uint8 output of a deterministic transform prefix (e.g. Resize + CenterCrop), one per row.
 
     Row i is entry i of the data set it was made for; the key ties it to the image cache's
-    build, the prefix's steps, Pillow's version and the data set's paths, so it is used
-    only where it gives exactly the bytes the prefix would.
+    build, the prefix's steps, Pillow's version, the data set's paths and its own format, so
+    it is used only where it gives exactly the bytes the prefix would. Each row is checked
+    against its CRC-32 when read.
     """
 
     def __init__(self, folder: Path, name: str) -> None:
@@ -447,6 +624,7 @@ class EvalCache:
         self.offsets = np.asarray(self.meta["offsets"], np.int64)
         self.heights = np.asarray(self.meta["heights"], np.int64)
         self.widths = np.asarray(self.meta["widths"], np.int64)
+        self.crc32 = np.asarray(self.meta["crc32"], np.int64)
         self.steps: str = self.meta["key"]["steps"]
         self._data: np.memmap | None = None
 
@@ -463,14 +641,18 @@ class EvalCache:
         if self._data is None:
             self._data = np.memmap(self.folder / self.meta["data_file"], dtype=np.uint8, mode="r")
         h, w, off = int(self.heights[index]), int(self.widths[index]), int(self.offsets[index])
-        return Image.fromarray(np.array(self._data[off: off + h * w]).reshape(h, w), mode="L")
+        pixels = np.array(self._data[off: off + h * w])
+        if zlib.crc32(pixels) != int(self.crc32[index]):
+            raise CacheError(f"{self.folder / self.meta['data_file']}: row {index} fails its checksum: the "
+                             f"evaluation cache is damaged; delete it (it is made again on first use)")
+        return Image.fromarray(pixels.reshape(h, w), mode="L")
 
 
 def eval_cache_key(cache: ImageCache, steps: str, paths: list[str]) -> tuple[str, dict]:
     """File stem and content of the key of an evaluation cache."""
     import torchvision
 
-    key = {"build_id": cache.build_id, "steps": steps, "pillow": PIL.__version__,
+    key = {"format": EVAL_CACHE_FORMAT, "build_id": cache.build_id, "steps": steps, "pillow": PIL.__version__,
            "torchvision": torchvision.__version__,
            "paths_sha256": hashlib.sha256("\n".join(paths).encode()).hexdigest()}
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
@@ -505,17 +687,19 @@ def open_eval_cache(cache: ImageCache, steps: str, paths: list[str], prefix: Cal
         return np.asarray(img)
 
     start = time.perf_counter()
-    offsets, heights, widths, offset = [], [], [], 0
+    offsets, heights, widths, crcs, offset = [], [], [], [], 0
     try:
         with open(tmp_data, "wb") as f, ThreadPoolExecutor(max(1, num_threads)) as pool:
             for arr in pool.map(one, paths):
-                f.write(arr.tobytes())
+                pixels = arr.tobytes()
+                f.write(pixels)
+                crcs.append(zlib.crc32(pixels))
                 offsets.append(offset)
                 heights.append(int(arr.shape[0]))
                 widths.append(int(arr.shape[1]))
                 offset += arr.size
         tmp_json.write_text(json.dumps({"key": key, "data_file": data_name, "offsets": offsets,
-                                        "heights": heights, "widths": widths}))
+                                        "heights": heights, "widths": widths, "crc32": crcs}))
         os.replace(tmp_data, folder / data_name)
         os.replace(tmp_json, folder / f"{name}.json")  # written last: the commit
     except (OSError, TypeError) as err:

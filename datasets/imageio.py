@@ -16,6 +16,7 @@ DICOM intensity has two rules (``dicom_scaling``):
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -38,6 +39,13 @@ DICOM_SCALINGS: tuple[str, ...] = ("paper", "minmax")  # see the module docstrin
 
 # Integer images whose value range is below this are scaled through a lookup table.
 _LUT_MAX_RANGE = 1 << 20
+
+# Leading bytes of the image formats a file named like a DICOM may really be.
+_IMAGE_MAGIC: tuple[tuple[bytes, str], ...] = (
+    (b"\x89PNG\r\n\x1a\n", "PNG"), (b"\xff\xd8\xff", "JPEG"), (b"GIF87a", "GIF"), (b"GIF89a", "GIF"),
+    (b"II*\x00", "TIFF"), (b"MM\x00*", "TIFF"), (b"\x00\x00\x00\x0cjP  \r\n", "JPEG 2000"),
+    (b"RIFF", "WebP"), (b"BM", "BMP"),
+)
 
 # Pillow modes holding more than 8 bits per pixel in one channel.
 _WIDE_MODES = frozenset({"I", "F", "I;16", "I;16B", "I;16L", "I;16N", "I;16S", "I;32", "I;32S"})
@@ -83,7 +91,7 @@ def dicom_scaling_for(kind: str, scaling: str | None = None) -> str:
     if scaling is None:
         return DICOM_SCALING_BY_KIND.get(kind, DEFAULT_DICOM_SCALING)
     if scaling not in DICOM_SCALINGS:
-        raise ValueError(f"dicom_scaling={scaling!r}: expected one of {list(DICOM_SCALINGS)}")
+        raise ValueError(f"--dicom_scaling {scaling}: expected one of {', '.join(DICOM_SCALINGS)}")
     return scaling
 
 
@@ -145,6 +153,41 @@ def _is_dicom_file(path: Path) -> bool:
         return False
 
 
+def sniff_image_format(path: str | Path) -> str | None:
+    """The format a file's leading bytes say it is ('PNG', 'JPEG', ...); None if not one of those.
+
+    A DICOM file (the 'DICM' magic at byte 128) is 'DICOM', whatever its preamble holds.
+    """
+    try:
+        with open(path, "rb") as f:
+            head = f.read(132)
+    except OSError:
+        return None
+    if head[128:132] == b"DICM":
+        return "DICOM"
+    return next((name for magic, name in _IMAGE_MAGIC if head.startswith(magic)), None)
+
+
+def _refuse_other_format(path: Path) -> None:
+    """Raise if a file named as a DICOM is really a PNG, JPEG, ... (its bytes say so)."""
+    found = sniff_image_format(path)
+    if found is not None and found != "DICOM":
+        raise ImageDecodeError(f"{path} is a {found} image, not a DICOM file (its name ends in "
+                               f"{path.suffix}): rename it to its format's extension, or convert it")
+
+
+def _check_rescale(ds: DicomDataset, path: str | Path) -> None:
+    """Refuse a RescaleSlope / RescaleIntercept that is not a finite number (it would blank the image)."""
+    for name in ("RescaleSlope", "RescaleIntercept"):
+        if name not in ds:
+            continue
+        raw = ds[name].value
+        value = _first_value(raw)
+        if value is not None and not math.isfinite(value):
+            raise ImageDecodeError(f"{path}: DICOM {name} is {str(raw)!r}, not a finite number "
+                                   f"(the image would decode blank); fix the file's header or leave it out")
+
+
 def _first_value(value: object) -> float | None:
     """First element of a possibly multi-valued DICOM attribute, as a float; None when empty."""
     if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue":
@@ -191,10 +234,12 @@ def _window(array: np.ndarray, center: float, width: float, function: str) -> np
 def decode_dicom(path: str | Path, scaling: str = "minmax") -> np.ndarray:
     """Decode a DICOM file to a 2-D uint8 array by the ``scaling`` rule ('paper' or 'minmax', see above)."""
     if scaling not in DICOM_SCALINGS:
-        raise ValueError(f"dicom_scaling={scaling!r}: expected one of {list(DICOM_SCALINGS)}")
+        raise ValueError(f"--dicom_scaling {scaling}: expected one of {', '.join(DICOM_SCALINGS)}")
     import pydicom  # imported lazily: PNG/JPEG-only users never pay for it
     from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
+    path = Path(path)
+    _refuse_other_format(path)
     ds = None
     try:
         ds = pydicom.dcmread(path, force=True)
@@ -212,6 +257,7 @@ def decode_dicom(path: str | Path, scaling: str = "minmax") -> np.ndarray:
         raise ImageDecodeError(f"cannot decode DICOM pixel data of {path}: {err}{hint}") from err
 
     with _header_errors(path):
+        _check_rescale(ds, path)
         samples = int(ds.get("SamplesPerPixel", 1) or 1)
         # MONOCHROME1 shows low values white: invert so every image has bright bones.
         invert = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip() == "MONOCHROME1"
@@ -310,6 +356,7 @@ def check_image_header(path: str | Path) -> None:
             raise ImageDecodeError(f"cannot read the header of {path}: {err}") from err
     import pydicom
 
+    _refuse_other_format(path)
     try:
         ds = pydicom.dcmread(path, force=True, defer_size="64 KB")
         has_pixels = any(k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData"))
@@ -318,3 +365,5 @@ def check_image_header(path: str | Path) -> None:
         raise ImageDecodeError(f"cannot read the DICOM header of {path}: {err}") from err
     if not has_pixels or rows <= 0 or cols <= 0:
         raise ImageDecodeError(f"DICOM file has no pixel data ({rows} x {cols}): {path}")
+    with _header_errors(path):
+        _check_rescale(ds, path)

@@ -19,9 +19,9 @@ train_10 are nested random subsets of train_list. Lines are sorted by path.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import logging
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +29,10 @@ import pandas as pd
 
 from .constants import CLASS_NAMES
 from .splits import SUBSETS, nested_subsets, write_split_file  # noqa: F401  (re-exported)
+from util import cli
 from util.cli import ToolError
+
+from .staging import staged_folder
 
 logger = logging.getLogger(__name__)
 
@@ -88,7 +91,7 @@ def _require_columns(df: pd.DataFrame, columns: list[str], path: Path) -> None:
 
 
 def _read_list(path: Path) -> list[str]:
-    return [ln.strip() for ln in path.read_text().splitlines() if ln.strip()]
+    return [ln.strip() for ln in path.read_text(encoding="utf-8-sig").splitlines() if ln.strip()]
 
 
 def nih_table(metadata: Path) -> pd.DataFrame:
@@ -216,7 +219,6 @@ def make_splits(
             if seen.setdefault(patient, name) != name:
                 raise MetadataError(f"patient {patient} is in both {seen[patient]} and {name}: "
                                     f"the official lists are not patient-disjoint")
-    out.mkdir(parents=True, exist_ok=True)
     trailing = kind == "rsna"  # the paper's RSNA files end each line with a space
     train = frames["train"].reset_index(drop=True)
     files = {"train_list.txt": train, "val_list.txt": frames["val"], "test_list.txt": frames["test"]}
@@ -226,19 +228,25 @@ def make_splits(
     for name, frame in files.items():
         if len(frame) == 0:
             raise MetadataError(f"{name} would be empty ({len(train)} training images); use more data or other fractions")
-        write_split_file(out / name, frame["path"].tolist(), frame[classes].to_numpy(), trailing)
         counts[name] = len(frame)
     info = {"kind": kind, "seed": seed, "metadata": str(metadata.resolve()), "lines": counts,
             "patients": {g: int(f["patient"].nunique()) for g, f in frames.items()}}
-    (out / "splits_info.json").write_text(json.dumps(info, indent=1))
+    # All files or none: a failed write (a full disk) leaves `out` as it was.
+    with staged_folder(out, last=("train_list.txt",)) as staged:
+        for name, frame in files.items():
+            write_split_file(staged / name, frame["path"].tolist(), frame[classes].to_numpy(), trailing)
+        (staged / "splits_info.json").write_text(json.dumps(info, indent=1))
     logger.info("wrote %s to %s", counts, out)
     return counts
 
 
-def main(argv: list[str] | None = None) -> None:
-    """Command line: write the split files of one data set."""
-    parser = argparse.ArgumentParser(
-        prog="python -m datasets.make_splits",
+PROG = "python -m datasets.make_splits"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command line: write the split files of one data set (run it through `cli.run`)."""
+    parser = cli.Parser(
+        prog=PROG,
         description="Write patient-disjoint split files in the paper's format from official metadata.",
     )
     parser.add_argument("dataset", choices=list(CLASS_NAMES), help="data set kind")
@@ -255,15 +263,18 @@ def main(argv: list[str] | None = None) -> None:
         value = getattr(args, flag)
         if value is not None and not 0 < value < 1:
             parser.error(f"--{flag} {value}: expected a fraction between 0 and 1")
+    if args.min_subset < 1:
+        parser.error(f"--min_subset {args.min_subset}: expected at least 1 image")
+    if not Path(args.metadata).is_dir():
+        parser.error(f"--metadata {args.metadata}: not a folder")
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        parser.error(f"--out {args.out}: is a file, not a folder")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        counts = make_splits(args.dataset, args.metadata, args.out, args.seed,
-                             args.val_fraction, args.test_fraction, args.min_subset)
-    except (MetadataError, OSError) as err:
-        # The message names the file and what is wrong with it; a traceback would bury it.
-        parser.exit(1, f"{parser.prog}: error: {err}\n")
+    counts = make_splits(args.dataset, args.metadata, args.out, args.seed,
+                         args.val_fraction, args.test_fraction, args.min_subset)
     print(" ".join(f"{k}={v}" for k, v in counts.items()))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(cli.run(main, prog=PROG))

@@ -6,7 +6,7 @@ Pillow runs it one pixel at a time. ``_resample.c`` computes exactly Pillow's ar
 (its weights, its 22-bit fixed point, its two passes and rounding) in an order the
 compiler vectorises. It is compiled on first use with the system C compiler and then
 checked against Pillow itself on random images and sizes; it is used only if every byte
-agrees, otherwise (or without a compiler) Pillow resizes, as before. Either way the tensors
+agrees, otherwise (or without a compiler) Pillow resizes. Either way the tensors
 are the same, which the tests check.
 
     resize_grey(array, (224, 224), Image.BICUBIC)  # -> 224 x 224 uint8, as Image.resize gives
@@ -41,6 +41,7 @@ STALE_BUILD_S = 600
 # Set to 0 to resize with Pillow only.
 ENV_SWITCH = "CXR_NATIVE_RESIZE"
 _SELF_CHECK_CASES = 40
+PROG = "python -m datasets.resample"
 
 _state: dict[str, object] = {}  # per process: "lib" (ctypes function or None), "why"
 
@@ -91,7 +92,7 @@ def compile_library(folder: Path | None = None) -> Path:
     if not compiler:
         raise OSError("no C compiler (cc / gcc) on PATH")
     # Build beside the target and rename: processes that build at once never see half a file.
-    # A build killed before its clean-up leaves its temporary file; clear those of the past.
+    # A build killed before its clean-up leaves its temporary file: remove the stale ones.
     for stale in target.parent.glob(f"{target.stem}.*.tmp.so"):
         try:
             if time.time() - stale.stat().st_mtime > STALE_BUILD_S:
@@ -199,7 +200,7 @@ def native() -> object | None:
 
 @contextlib.contextmanager
 def pillow_only() -> Iterator[None]:
-    """Within the block this process resizes with Pillow (benchmarks: the pipeline as before)."""
+    """Within the block this process resizes with Pillow (benchmarks: Pillow's resize for comparison)."""
     saved = dict(_state)
     _state.update(lib=None, why="pillow_only()")
     try:
@@ -236,10 +237,9 @@ def resize_grey(array: np.ndarray, size: tuple[int, int], resample: int) -> np.n
 
 def main(argv: list[str] | None = None) -> int:
     """`python -m datasets.resample`: build and check the native resize, say which is used."""
-    import argparse
+    from util import cli
 
-    parser = argparse.ArgumentParser(prog="python -m datasets.resample", description=main.__doc__)
-    parser.parse_args(argv)
+    cli.Parser(prog=PROG, description=main.__doc__).parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     fn = native()
     print(f"training crops are resized by: {kernel_name()}"
@@ -248,4 +248,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from util import cli
+
+    sys.exit(cli.run(main, prog=PROG))

@@ -5,6 +5,7 @@ separated by single spaces (RSNA lines end with a trailing space). Paths hold no
 """
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import posixpath
@@ -16,7 +17,7 @@ from typing import Protocol, Sequence
 import numpy as np
 
 from .constants import ALL_SPLIT_FILES, CLASS_NAMES, DATASET_KINDS, SPLIT_FILES, TRAIN_SPLIT_FILES
-from .errors import DataError, SplitFileError
+from .errors import DataUsageError, SplitFileError
 
 logger = logging.getLogger(__name__)
 
@@ -52,7 +53,11 @@ class SplitTable:
 
 
 class SplitLike(Protocol):
-    """Anything with a split file and its image paths: a SplitTable or a ChestXrayDataset."""
+    """Anything with a split file and its image paths: a SplitTable or a ChestXrayDataset.
+
+    Optional: ``lines`` (the 1-based split-file line of each entry, for messages) and
+    ``files`` (where each image lives; a ChestXrayDataset has them).
+    """
 
     split_file: Path
     paths: list[str]
@@ -78,8 +83,8 @@ def infer_dataset_kind(data_path: str | Path) -> str:
     name = folder_name(path).lower()
     kinds = sorted({kind for pattern, kind in _KIND_PATTERNS if pattern in name})
     if len(kinds) > 1:  # e.g. 'RSNA_ChestXray': guessing would read the labels wrongly
-        raise DataError(f"{path}: the folder's name suggests more than one data set kind "
-                        f"({', '.join(kinds)}); pass --dataset")
+        raise DataUsageError(f"{path}: the folder's name suggests more than one data set kind "
+                             f"({', '.join(kinds)}); pass --dataset")
     if kinds:
         return kinds[0]
     # A folder with NIH's layout (images under all_classes/), e.g. the synthetic demo set.
@@ -92,10 +97,11 @@ def resolve_data_path(data_path: str | Path, dataset: str | None = None) -> tupl
     """The data folder (checked) and its data set kind (given, or inferred from the folder)."""
     data_path = Path(data_path).expanduser()
     if not data_path.is_dir():
-        raise FileNotFoundError(f"data_path '{data_path}' is not a folder (--data_path)")
+        what = "is a file, not a folder" if data_path.exists() else "does not exist"
+        raise DataUsageError(f"--data_path {data_path}: {what} (expected the data set's folder)")
     kind = dataset or infer_dataset_kind(data_path)
     if kind not in DATASET_KINDS:
-        raise ValueError(f"dataset={kind!r}: expected one of {list(DATASET_KINDS)}")
+        raise DataUsageError(f"--dataset {kind!r}: expected one of {', '.join(DATASET_KINDS)}")
     return data_path, kind
 
 
@@ -105,9 +111,7 @@ def split_file_name(split: str, data_size: str = "100%") -> str:
         raise ValueError(f"split={split!r}: expected one of {sorted(SPLIT_FILES)}")
     if split == "train":
         if data_size not in TRAIN_SPLIT_FILES:
-            raise ValueError(
-                f"data_size={data_size!r}: expected one of {list(TRAIN_SPLIT_FILES)}"
-            )
+            raise DataUsageError(f"--data_size {data_size}: expected one of {', '.join(TRAIN_SPLIT_FILES)}")
         return TRAIN_SPLIT_FILES[data_size]
     return SPLIT_FILES[split]  # type: ignore[return-value]
 
@@ -144,24 +148,37 @@ def locate_split_file(
         f"the split folder {folder} lacks it" if folder is not None
         else "none of the folders searched holds any split file"
     )
+    size = f" (--data_size {data_size})" if split == "train" else ""
     raise SplitFileError(
-        f"split file '{name}' for split={split!r}, data_size={data_size!r} not found ({where}). "
+        f"split file '{name}' of the {split} split{size} not found ({where}). "
         f"Expected the split files {', '.join(ALL_SPLIT_FILES)} in one of: {', '.join(searched)}. "
-        f"Pass split_dir= (--split_dir) to point at them, or write them with "
+        f"Pass --split_dir to point at them, or write them with "
         f"`python -m datasets.make_splits` (see DatasetsSplits/README.md)."
     )
 
 
-def read_class_names(folders: list[Path]) -> list[str] | None:
-    """Class names from the first `classes.txt` (one name a line) found in `folders`."""
+def find_class_file(folders: list[Path]) -> Path | None:
+    """The first `classes.txt` found in `folders`, or None."""
     for folder in folders:
         path = folder / CLASSES_FILE
         if path.is_file():
-            names = [ln.strip() for ln in path.read_text(encoding="utf-8-sig").splitlines() if ln.strip()]
-            if not names:
-                raise SplitFileError(f"{path}: class file is empty (expected one class name a line)")
-            return names
+            return path
     return None
+
+
+def read_class_names(folders: list[Path]) -> list[str] | None:
+    """Class names from the first `classes.txt` (one name a line) found in `folders`."""
+    path = find_class_file(folders)
+    if path is None:
+        return None
+    try:
+        text = path.read_text(encoding="utf-8-sig")  # a byte order mark is not part of the first name
+    except UnicodeDecodeError as err:
+        raise SplitFileError(f"{path}: not a text file of class names ({err})") from err
+    names = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    if not names:
+        raise SplitFileError(f"{path}: class file is empty (expected one class name a line)")
+    return names
 
 
 def label_columns(split_file: str | Path) -> int | None:
@@ -197,11 +214,31 @@ def check_label_columns(split_file: str | Path, num_labels: int) -> None:
             )
 
 
-def parse_split_file(split_file: str | Path, num_classes: int | None = None, kind: str = "custom") -> SplitTable:
+def _is_number(token: str) -> bool:
+    """Whether a split-file token reads as a number (a label, even a wrong one like 2 or -1)."""
+    try:
+        float(token)
+    except ValueError:
+        return False
+    return True
+
+
+def _spaced_path(split_file: Path, line_no: int, tokens: list[str]) -> SplitFileError:
+    """The error for a line whose image path holds a space: the path is what precedes its numbers."""
+    labels = sum(1 for _ in itertools.takewhile(_is_number, reversed(tokens[1:])))
+    path = " ".join(tokens[: len(tokens) - labels])
+    return SplitFileError(f"{split_file}:{line_no}: image path '{path}' contains a space: image paths "
+                          f"may not contain spaces (each line is 'relative/path L1 ... LK', separated "
+                          f"by single spaces)")
+
+
+def parse_split_file(split_file: str | Path, num_classes: int | None = None, kind: str = "custom",
+                     classes_file: str | Path | None = None) -> SplitTable:
     """Parse one split file, checking the label count (K) and that labels are 0 or 1.
 
     With ``num_classes=None`` (custom data sets without classes.txt) K is taken from the
-    first line and every other line must agree.
+    first line and every other line must agree. `classes_file`: the classes.txt that gave
+    `num_classes`, named when a line disagrees with it.
     """
     split_file = Path(split_file)
     try:
@@ -224,14 +261,12 @@ def parse_split_file(split_file: str | Path, num_classes: int | None = None, kin
                     f"{split_file}:{line_no}: image '{tokens[0]}' has no labels "
                     f"(expected 'relative/path L1 ... LK')"
                 )
+            if not _is_number(tokens[1]):  # K would count the rest of the path as labels
+                raise _spaced_path(split_file, line_no, tokens)
             expected = len(tokens) - 1
         if len(tokens) != expected + 1:
-            what = f"data set kind '{kind}'" if kind in CLASS_NAMES else "this file"
-            hint = " (paths may not contain spaces)" if len(tokens) > expected + 1 else ""
-            raise SplitFileError(
-                f"{split_file}:{line_no}: image '{tokens[0]}' has {len(tokens) - 1} labels, "
-                f"expected {expected} for {what}{hint}"
-            )
+            raise _label_count_error(split_file, line_no, tokens, expected, kind, classes_file,
+                                     lines[0] if lines else line_no)
         paths.append(tokens[0])
         flat.extend(tokens[1:])
         lines.append(line_no)
@@ -244,6 +279,8 @@ def parse_split_file(split_file: str | Path, num_classes: int | None = None, kin
     if not valid.all():
         first = int(np.argmin(valid))
         row, col = divmod(first, expected)
+        if col == 0 and not _is_number(flat[first]):
+            raise _spaced_path(split_file, lines[row], [paths[row], *flat[first: first + expected]])
         raise SplitFileError(
             f"{split_file}:{lines[row]}: image '{paths[row]}': label {col + 1} is {flat[first]!r}, "
             f"expected 0 or 1 (map uncertain / blank labels when making the split)"
@@ -254,6 +291,23 @@ def parse_split_file(split_file: str | Path, num_classes: int | None = None, kin
         _warn_duplicates(split_file, paths, targets, duplicates)
     return SplitTable(split_file=split_file, paths=paths, targets=targets, lines=lines,
                       duplicates=duplicates)
+
+
+def _label_count_error(split_file: Path, line_no: int, tokens: list[str], expected: int, kind: str,
+                       classes_file: str | Path | None, first_line: int) -> SplitFileError:
+    """The error for a line with another number of labels than `expected`, saying where K came from."""
+    found = len(tokens) - 1
+    if found > expected and not _is_number(tokens[1]):
+        return _spaced_path(split_file, line_no, tokens)
+    where = f"{split_file}:{line_no}: image '{tokens[0]}' has {found} labels"
+    if kind in CLASS_NAMES:
+        return SplitFileError(f"{where}, expected {expected} for data set kind '{kind}'")
+    if classes_file is not None:
+        return SplitFileError(f"{classes_file} names {expected} classes but {split_file} has {found} "
+                              f"label columns (line {line_no}: image '{tokens[0]}'): give each line "
+                              f"one 0/1 label per class name, in the order of {CLASSES_FILE}")
+    return SplitFileError(f"{where} but line {first_line} has {expected}: every line of a split "
+                          f"file needs the same label columns")
 
 
 def _duplicates(paths: list[str], lines: list[int]) -> dict[str, list[int]]:
@@ -283,15 +337,58 @@ def _warn_duplicates(split_file: Path, paths: list[str], targets: np.ndarray,
         split_file, repeats, len(duplicates), conflicting, examples)
 
 
-def find_overlap(paths_a: Sequence[str], paths_b: Sequence[str]) -> list[str]:
-    """Images in both lists, in the order of `paths_b`; './a.png' and 'a.png' are the same image."""
-    in_a = {posixpath.normpath(p) for p in paths_a}
+def real_paths(files: Sequence[str]) -> list[str]:
+    """The real path of each file (symlinks, '..' and '.' resolved; absent files too).
+
+    Folders are resolved once each (a split's images share a few folders), and only a file that
+    is itself a symlink is resolved again.
+    """
+    real_dirs: dict[str, str] = {}
+    out = []
+    for file in files:
+        head, tail = os.path.split(file)
+        if tail in ("", ".", ".."):
+            out.append(os.path.realpath(file))
+            continue
+        real = real_dirs.get(head)
+        if real is None:
+            real = real_dirs[head] = os.path.realpath(head or ".")
+        path = os.path.join(real, tail)
+        out.append(os.path.realpath(path) if os.path.islink(path) else path)
+    return out
+
+
+def _image_keys(split: SplitLike, other: SplitLike) -> tuple[list[str], list[str]]:
+    """Keys the two spellings of one image share, for each entry of `split` and of `other`.
+
+    Where both know their image files (data sets), the files' real paths: an absolute path,
+    ``../<folder>/images/x.png`` and a symlinked folder then all match. Otherwise (parsed split
+    files alone) the normalised relative paths: './a.png' and 'a.png' match.
+    """
+    files_a, files_b = getattr(split, "files", None), getattr(other, "files", None)
+    if files_a is not None and files_b is not None:
+        return real_paths(files_a), real_paths(files_b)
+    return [posixpath.normpath(p) for p in split.paths], [posixpath.normpath(p) for p in other.paths]
+
+
+def _line(split: SplitLike, row: int) -> int:
+    """The split-file line of entry `row` (entries of a bare path list count from 1)."""
+    lines = getattr(split, "lines", None)
+    return lines[row] if lines is not None else row + 1
+
+
+def shared_images(split: SplitLike, other: SplitLike) -> list[tuple[int, int, str]]:
+    """Images of `other` that are also in `split`: (row in other, row in split, the file), in
+    the order of `other`, each image once."""
+    keys_a, keys_b = _image_keys(split, other)
+    first: dict[str, int] = {}
+    for row, key in enumerate(keys_a):
+        first.setdefault(key, row)
     shared, seen = [], set()
-    for path in paths_b:
-        norm = posixpath.normpath(path)
-        if norm in in_a and norm not in seen:
-            shared.append(norm)
-            seen.add(norm)
+    for row, key in enumerate(keys_b):
+        if key in first and key not in seen:
+            shared.append((row, first[key], key))
+            seen.add(key)
     return shared
 
 
@@ -313,15 +410,20 @@ def patient_id(kind: str, path: str) -> str | None:
     return match.group(1) if match else None
 
 
-def find_patient_overlap(kind: str, paths_a: Sequence[str], paths_b: Sequence[str]) -> list[str]:
-    """Patients with images in both lists (in the order of `paths_b`)."""
-    in_a = {patient_id(kind, p) for p in paths_a} - {None}
-    shared: dict[str, None] = {}
-    for path in paths_b:
+def shared_patients(kind: str, split: SplitLike, other: SplitLike) -> list[tuple[int, int, str]]:
+    """Patients with images in both splits: (row in other, row in split, patient), in the order
+    of `other`, each patient once."""
+    first: dict[str, int] = {}
+    for row, path in enumerate(split.paths):
         pid = patient_id(kind, path)
-        if pid in in_a:
-            shared[pid] = None
-    return list(shared)
+        if pid is not None:
+            first.setdefault(pid, row)
+    shared: dict[str, tuple[int, int, str]] = {}
+    for row, path in enumerate(other.paths):
+        pid = patient_id(kind, path)
+        if pid in first and pid not in shared:
+            shared[pid] = (row, first[pid], pid)
+    return list(shared.values())
 
 
 def check_split_overlap(train: SplitLike, others: Sequence[SplitLike | str | Path],
@@ -332,10 +434,13 @@ def check_split_overlap(train: SplitLike, others: Sequence[SplitLike | str | Pat
     An image in both is patient leakage in its simplest form: the score is measured on
     training data. With ``role="validation"`` the first split is the one checkpoints are
     selected on, and an image it shares with the test split makes the test score optimistic
-    in the same way. With the data set `kind` (NIH, CheXpert) the patients are compared too:
+    in the same way. Two entries are the same image when they are the same file: data sets
+    (which know their files) compare real paths, so another spelling of a path (absolute,
+    through ``..`` or a symlinked folder) is caught; bare split files compare normalised
+    relative paths. With the data set `kind` (NIH, CheXpert) the patients are compared too:
     another image of the same patient leaks in the same way. `others` are parsed splits or
-    datasets, or split files (read here). With ``allow=True`` the overlap is logged as a
-    warning instead. Returns {other split file: number of shared images}.
+    datasets, or split files (read here). With ``allow=True`` (``--allow_overlap``) the
+    overlap is logged as a warning instead. Returns {other split file: number of shared images}.
     """
     harm = {"training": "the evaluation would score images (or patients) the model was trained on",
             "validation": "the test would score images (or patients) the checkpoint was selected on"}
@@ -344,21 +449,27 @@ def check_split_overlap(train: SplitLike, others: Sequence[SplitLike | str | Pat
     counts: dict[str, int] = {}
     for other in others:
         table = parse_split_file(other) if isinstance(other, (str, Path)) else other
-        shared = find_overlap(train.paths, table.paths)
+        shared = shared_images(train, table)
         counts[str(table.split_file)] = len(shared)
-        patients = find_patient_overlap(kind, train.paths, table.paths) if kind and not shared else []
+        here, there = Path(table.split_file).name, Path(train.split_file).name
         if shared:
+            examples = "; ".join(
+                f"{here}:{_line(table, b)} '{table.paths[b]}' and {there}:{_line(train, a)} "
+                f"'{train.paths[a]}' are the same file" + (f" {key}" if os.path.isabs(key) else "")
+                for b, a, key in shared[:_EXAMPLES])
             message = (f"{len(shared)} images of {table.split_file} are also in the {role} split "
-                       f"{train.split_file}, e.g. {', '.join(repr(p) for p in shared[:_EXAMPLES])}")
-        elif patients:
-            message = (f"{len(patients)} patients of {table.split_file} also have images in the "
-                       f"{role} split {train.split_file}, e.g. "
-                       f"{', '.join(repr(p) for p in patients[:_EXAMPLES])}")
+                       f"{train.split_file}, e.g. {examples}")
         else:
-            continue
+            patients = shared_patients(kind, train, table) if kind else []
+            if not patients:
+                continue
+            examples = "; ".join(f"'{pid}' ({here}:{_line(table, b)}, {there}:{_line(train, a)})"
+                                 for b, a, pid in patients[:_EXAMPLES])
+            message = (f"{len(patients)} patients of {table.split_file} also have images in the "
+                       f"{role} split {train.split_file}, e.g. {examples}")
         if not allow:
             raise SplitOverlapError(f"{message}: {harm[role]}. Fix the split files, or pass "
-                                    "allow=True (--allow_overlap) to accept it.")
+                                    "--allow_overlap to accept it.")
         logger.warning("%s (allowed)", message)
     return counts
 
@@ -366,7 +477,7 @@ def check_split_overlap(train: SplitLike, others: Sequence[SplitLike | str | Pat
 def image_root(data_path: str | Path, kind: str) -> Path:
     """The folder that split-file paths of a data set `kind` are relative to."""
     if kind not in DATASET_KINDS:
-        raise ValueError(f"dataset={kind!r}: expected one of {list(DATASET_KINDS)}")
+        raise DataUsageError(f"--dataset {kind!r}: expected one of {', '.join(DATASET_KINDS)}")
     # NIH split files hold bare image names; the images sit in one folder.
     return Path(data_path) / "all_classes" if kind == "nih" else Path(data_path)
 

@@ -26,7 +26,9 @@ import numpy as np
 from PIL import Image
 
 from .constants import CLASS_NAMES
+from .errors import DataUsageError
 from .splits import nested_subsets, write_split_file
+from .staging import staged_folder
 
 logger = logging.getLogger(__name__)
 
@@ -145,6 +147,9 @@ def make_demo_dataset(
 ) -> Path:
     """Write a synthetic data set in NIH layout (root/all_classes/*.png + the five split files); returns root.
 
+    Written beside `root` first, then moved in (train_list.txt last): a failure (a full
+    disk) leaves `root` as it was; files of a demo set already in `root` are replaced.
+
     About 2/3 of the patients go to train_list, 1/6 each to val_list and test_list
     (patient-disjoint); train_10 and train_1 are nested random subsets of train_list with at
     least MIN_SUBSET images. `compress_level` is the PNG zlib level (NIH's files use 6).
@@ -152,12 +157,23 @@ def make_demo_dataset(
     generator: the same labels as with one worker, other pixels and other split draws.
     """
     if num_images < 12:
-        raise ValueError(f"num_images={num_images}: expected at least 12")
+        raise DataUsageError(f"--num_images {num_images}: expected at least 12")
     if image_size < 32:
-        raise ValueError(f"image_size={image_size}: expected at least 32 pixels")
+        raise DataUsageError(f"--image_size {image_size}: expected at least 32 pixels")
     root = Path(root)
+    with staged_folder(root, last=("train_list.txt",)) as staged:
+        counts = _write_demo(staged, num_images, image_size, seed, images_per_patient, compress_level, workers)
+    logger.info("demo data set: %d images of %d px in %s (%s)", num_images, image_size, root,
+                ", ".join(f"{name} {n}" for name, n in counts.items()))
+    return root
+
+
+def _write_demo(root: Path, num_images: int, image_size: int, seed: int, images_per_patient: int,
+                compress_level: int, workers: int) -> dict[str, int]:
+    """Write the demo data set's images and split files into `root` (see `make_demo_dataset`);
+    returns the line count of each split file."""
     image_dir = root / "all_classes"
-    image_dir.mkdir(parents=True, exist_ok=True)
+    image_dir.mkdir()
     rng = np.random.default_rng(seed)
     k = len(CLASS_NAMES["nih"])
     labels = (rng.random((num_images, k)) < np.asarray(DEMO_PREVALENCE)).astype(np.uint8)
@@ -186,12 +202,9 @@ def make_demo_dataset(
     files = {"train_list.txt": idx["train"],
              **{name: idx["train"][rows] for name, rows in subsets.items()},
              "val_list.txt": idx["val"], "test_list.txt": idx["test"]}
-    n10, n1 = len(files["train_10.txt"]), len(files["train_1.txt"])
     for fname, rows in files.items():
         write_split_file(root / fname, [names[i] for i in rows], labels[rows])
-    logger.info("demo data set: %d images of %d px in %s (train %d / 10%% %d / 1%% %d, val %d, test %d)",
-                num_images, image_size, root, n_train, n10, n1, len(idx["val"]), len(idx["test"]))
-    return root
+    return {fname: len(rows) for fname, rows in files.items()}
 
 
 def write_dicom(path: str | Path, pixels: np.ndarray, photometric: str = "MONOCHROME2",
@@ -261,13 +274,20 @@ def demo_as_rsna_dicoms(nih_root: str | Path, dest: str | Path, jpeg: bool = Tru
         raise ValueError(f"label_class={label_class!r}: expected one of {names}")
     column = names.index(label_class)
     nih_root, dest = Path(nih_root), Path(dest)
-    (dest / "stage_2_train_images").mkdir(parents=True, exist_ok=True)
     split_files = sorted(nih_root.glob("*.txt"))
     if not split_files:
-        raise FileNotFoundError(f"no split files (*.txt) in {nih_root}: expected a demo data set")
+        raise DataUsageError(f"no split files (*.txt) in {nih_root}: expected a demo data set")
+    with staged_folder(dest, last=("train_list.txt",)) as staged:
+        _write_rsna(nih_root, staged, split_files, column, jpeg)
+    return dest
+
+
+def _write_rsna(nih_root: Path, dest: Path, split_files: list[Path], column: int, jpeg: bool) -> None:
+    """Write the RSNA-layout DICOMs and split files into `dest` (see `demo_as_rsna_dicoms`)."""
+    (dest / "stage_2_train_images").mkdir()
     for split_file in split_files:
         lines = []
-        for line in split_file.read_text().splitlines():
+        for line in split_file.read_text(encoding="utf-8-sig").splitlines():
             name, *labels = line.split()
             rel = f"stage_2_train_images/{Path(name).stem}.dcm"
             if not (dest / rel).exists():
@@ -278,4 +298,3 @@ def demo_as_rsna_dicoms(nih_root: str | Path, dest: str | Path, jpeg: bool = Tru
                     write_dicom(dest / rel, pixels.astype(np.uint16) * 16 + 8, bits_stored=12)
             lines.append(f"{rel} {labels[column]}\n")
         (dest / split_file.name).write_text("".join(lines))
-    return dest

@@ -243,7 +243,7 @@ def test_dicom_paper_scaling_ignores_rescale_and_window(tmp_path):
     np.testing.assert_array_equal(plain, np.rint(pixels.astype(np.float32) * alpha).astype(np.uint8))
     np.testing.assert_array_equal(scale_paper(pixels.astype(np.float64)), plain)
     assert not scale_paper(np.zeros((2, 2), np.uint16)).any()
-    with pytest.raises(ValueError, match="dicom_scaling='raw'"):
+    with pytest.raises(ValueError, match="--dicom_scaling raw: expected one of paper, minmax"):
         decode_dicom(tmp_path / "a.dcm", "raw")
 
 
@@ -260,3 +260,53 @@ def test_rsna_data_sets_default_to_the_paper_scaling(tmp_path):
         first = np.asarray(ds.load_image(0))[0].tolist()
         assert first == ([22, 67, 133, 255] if expected == "paper" else [0, 49, 121, 255])
         assert build_dataset("test", root, cache="off", dicom_scaling="minmax").load_image(0).getpixel((0, 0)) == 0
+
+
+@pytest.mark.parametrize("scaling", ["minmax", "paper"])
+@pytest.mark.parametrize("name,value", [("RescaleSlope", "nan"), ("RescaleIntercept", "inf"),
+                                        ("RescaleSlope", "-inf")])
+def test_non_finite_rescale_is_refused_naming_the_file(tmp_path, scaling, name, value):
+    """A slope of "nan" would decode as a blank image (every value nan, then 0): refused, by the
+    decoder and by the cheap header check, in one line naming the file and the element."""
+    import warnings
+
+    from datasets import build_dataset, check_image_header
+
+    pixels = (RAMP * 3000 + 500).astype(np.uint16)
+    root = tmp_path / "mydata"
+    (root / "img").mkdir(parents=True)
+    with warnings.catch_warnings():  # pydicom warns that 'nan' is no valid DS value while writing it
+        warnings.simplefilter("ignore")
+        bad = write_dicom(root / "img/bad.dcm", pixels, **{name: value})
+        with pytest.raises(ImageDecodeError) as err:
+            load_image(bad, dicom_scaling=scaling)
+        message = str(err.value)
+        assert message == (f"{bad}: DICOM {name} is '{value}', not a finite number (the image would decode "
+                           f"blank); fix the file's header or leave it out")
+        with pytest.raises(ImageDecodeError, match=rf"{name} is '{value}', not a finite number"):
+            check_image_header(bad)
+        write_dicom(root / "img/good.dcm", pixels, RescaleSlope=2, RescaleIntercept=-100)
+        (root / "val_list.txt").write_text("img/good.dcm 0\nimg/bad.dcm 1\n")
+        with pytest.raises(Exception, match=rf"val_list\.txt:2: image 'img/bad\.dcm'.*not a finite number"):
+            build_dataset("val", root, verify_images="header", dicom_scaling=scaling)
+    assert np.asarray(load_image(root / "img/good.dcm")).max() == 255  # finite values: decoded
+
+
+@pytest.mark.parametrize("fmt,magic_name", [("PNG", "PNG"), ("JPEG", "JPEG"), ("TIFF", "TIFF")])
+def test_other_image_named_dcm_says_what_it_is(tmp_path, fmt, magic_name):
+    """A PNG (or JPEG, TIFF) renamed to .dcm: the message says what the file really is, from its
+    leading bytes, not that a DICOM has no pixel data."""
+    from datasets import check_image_header
+
+    path = tmp_path / "scan.dcm"
+    Image.fromarray((RAMP * 255).astype(np.uint8), "L").save(path, format=fmt)
+    expected = f"{path} is a {magic_name} image, not a DICOM file (its name ends in .dcm)"
+    for read in (load_image, check_image_header):
+        with pytest.raises(ImageDecodeError) as err:
+            read(path)
+        assert str(err.value).startswith(expected) and "no pixel data" not in str(err.value)
+    # A real DICOM, and a headerless file that is neither, keep their own messages.
+    assert load_image(write_dicom(tmp_path / "real.dcm", (RAMP * 255).astype(np.uint8))).size == (32, 24)
+    (tmp_path / "junk.dcm").write_bytes(b"\x00" * 300)
+    with pytest.raises(ImageDecodeError, match="no pixel data"):
+        load_image(tmp_path / "junk.dcm")

@@ -2,6 +2,7 @@
 alone, a cache never serves pixels of an original that changed (a fixed bad image included),
 empty or malformed DICOM header values, split files that disagree on their label columns."""
 import json
+import logging
 import os
 import random
 
@@ -135,7 +136,7 @@ def test_original_replaced_at_the_same_size_is_not_served_from_the_cache(tmp_pat
     assert file.stat().st_size == size
 
     with pytest.raises(CacheError, match=r"changed since the cache was built, e\.g\. .*0\.dcm changed "
-                                         r"modification time \(same size\)") as err:
+                                         r"content \(same size, other SHA-256\)") as err:
         build_dataset("val", root, cache="on")
     assert "rebuild it" in str(err.value)
     ds = build_dataset("val", root)  # auto: the originals, with a warning naming the file
@@ -149,8 +150,11 @@ def test_original_replaced_at_the_same_size_is_not_served_from_the_cache(tmp_pat
     assert np.array_equal(_pixels(ds, 0), new)
 
 
-def test_folder_moved_through_an_archive_keeps_its_cache(tmp_path):
-    """tar keeps whole seconds, zip two: the same files with coarser times are not stale."""
+def test_folder_moved_through_an_archive_keeps_its_cache(tmp_path, caplog):
+    """tar keeps whole seconds, zip two, a copy gets new inodes: the same contents are not stale
+    (their hashes decide), with a warning that a rebuild makes the check cheap again."""
+    import shutil
+
     root = _dicom_folder(tmp_path / "mydata")
     build_dataset("val", root, cache="on")
     for file in (root / "img").iterdir():
@@ -158,33 +162,141 @@ def test_folder_moved_through_an_archive_keeps_its_cache(tmp_path):
         coarse = (st.st_mtime_ns // 2_000_000_000) * 2_000_000_000  # as zip stores it
         os.utime(file, ns=(st.st_atime_ns, coarse))
     assert build_dataset("val", root, cache="on").cache is not None
+    assert "4 original images have other file times or inodes" in caplog.text
+    copy = shutil.copytree(root, tmp_path / "copy" / "mydata")  # new inodes, times kept
+    caplog.clear()
+    ds = build_dataset("val", copy, cache="on")
+    assert ds.cache is not None and "contents are unchanged" in caplog.text
+    build_cache(copy, workers=1)
+    caplog.clear()
+    assert build_dataset("val", copy, cache="on").cache is not None
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
 
 
-def _drop_mtimes(cache_dir, bad_sizes_unknown=False):
-    """Make a cache look built before modification times were recorded (bad images without a size)."""
-    meta = json.loads((cache_dir / "meta.json").read_text())
-    index_file = cache_dir / meta["index_file"]
+def _swap(a, b):
+    """Swap two files by renaming (``mv a t; mv b a; mv t b``)."""
+    tmp = a.with_name("swap.tmp")
+    os.rename(a, tmp)
+    os.rename(b, a)
+    os.rename(tmp, b)
+
+
+@pytest.mark.parametrize("how", ["mv", "cp -p"])
+def test_same_size_originals_swapped_or_copied_over_within_seconds_are_stale(tmp_path, caplog, how):
+    """Same-size images written within 2 s of each other: swapped with mv (each keeps its inode
+    and times) or one copied over the other with cp -p (same inode, the other's times). The
+    cache is refused ('on') or passed over for the files ('auto'); a rebuild serves the new pixels."""
+    import shutil
+
+    root = _dicom_folder(tmp_path / "mydata")
+    first, second = root / "img/0.dcm", root / "img/1.dcm"
+    assert first.stat().st_size == second.stat().st_size
+    assert abs(first.stat().st_mtime_ns - second.stat().st_mtime_ns) < 2_000_000_000
+    cached = build_dataset("val", root, cache="on")
+    before = [_pixels(cached, i) for i in range(2)]
+    if how == "mv":
+        _swap(first, second)
+    else:
+        shutil.copy2(second, first)  # cp -p 1.dcm 0.dcm
+    with pytest.raises(CacheError) as err:
+        build_dataset("val", root, cache="on")
+    assert f"e.g. {first} changed content (same size, other SHA-256)" in str(err.value)
+    assert "rebuild it with `python -m datasets.cache`" in str(err.value)
+    auto = build_dataset("val", root)
+    assert auto.cache is None and "ignoring stale cache" in caplog.text
+    assert np.array_equal(_pixels(auto, 0), before[1])  # the new content of 0.dcm, from its file
+    build_cache(root, workers=1)
+    assert np.array_equal(_pixels(build_dataset("val", root, cache="on"), 0), before[1])
+
+
+def _cache_meta(root):
+    return json.loads((root / "_cache" / "meta.json").read_text())
+
+
+def test_damaged_pixel_file_fails_naming_the_file_and_image(tmp_path):
+    """A byte of the pixel file changed (same size): the block's CRC-32 no longer matches, and
+    reading that image fails in one line naming the cache file and the image."""
+    root = _dicom_folder(tmp_path / "mydata", n=50)  # 50 x 1440 bytes: two 64 KiB blocks
+    data_file = root / "_cache" / _cache_meta(root)["data_file"]
+    ds = build_dataset("val", root, cache="on")
+    victim = ds.paths.index("img/47.dcm")  # at byte 47 x 1440, in the second block
+    offset = int(ds.cache.offsets[ds.cache.row["img/47.dcm"]]) + 17
+    raw = bytearray(data_file.read_bytes())
+    raw[offset] ^= 0xFF
+    data_file.write_bytes(raw)
+    fresh = build_dataset("val", root, cache="on")  # same size: opening does not read the pixels
+    assert np.asarray(fresh.load_image(ds.paths.index("img/0.dcm"))).shape == (40, 36)  # another block
+    with pytest.raises(CacheError) as err:
+        fresh.load_image(victim)
+    assert str(err.value) == (f"{data_file}: pixels of image 'img/47.dcm' fail their checksum (block 1): the "
+                              f"cache file is damaged; rebuild it with `python -m datasets.cache`")
+    # Through DataLoader workers and a training crop: the same one line.
+    train = build_dataset("val", root, cache="on", transform=datasets.build_transform(True, "sgd", input_size=16))
+    loader = torch.utils.data.DataLoader(train, batch_size=50, num_workers=1)
+    with pytest.raises(CacheError) as err:
+        next(iter(loader))
+    assert str(err.value).startswith(f"{data_file}: pixels of image 'img/") and "\n" not in str(err.value)
+
+
+def test_damaged_evaluation_cache_fails_naming_its_file(tmp_path):
+    root = _dicom_folder(tmp_path / "mydata")
+    ds = build_dataset("val", root, cache="on", transform=datasets.build_transform(False, "sgd", input_size=16))
+    stored = root / "_cache" / f"{ds.eval_cache.name}.u8"
+    raw = bytearray(stored.read_bytes())
+    raw[5] ^= 0x01
+    stored.write_bytes(raw)
+    with pytest.raises(CacheError, match=rf"^{stored}: row 0 fails its checksum"):
+        ds[0]
+
+
+def test_cache_of_another_format_is_refused_naming_both_formats(tmp_path, caplog):
+    from datasets.imagecache import CACHE_FORMAT
+
+    root = _dicom_folder(tmp_path / "mydata")
+    meta_file = root / "_cache" / "meta.json"
+    meta = _cache_meta(root)
+    meta["format"] = CACHE_FORMAT - 1
+    meta_file.write_text(json.dumps(meta))
+    with pytest.raises(CacheError) as err:
+        build_dataset("val", root, cache="on")
+    assert str(err.value) == (f"{meta_file}: cache format {CACHE_FORMAT - 1}, this version reads format "
+                              f"{CACHE_FORMAT}; rebuild it with `python -m datasets.cache`")
+    auto = build_dataset("val", root)  # auto: the files, saying why
+    assert auto.cache is None and f"cache format {CACHE_FORMAT - 1}, this version reads" in caplog.text
+    del meta["format"]
+    meta_file.write_text(json.dumps(meta))
+    with pytest.raises(CacheError, match="cache format None, this version reads format"):
+        build_dataset("val", root, cache="on")
+    # The index carries the format too.
+    build_cache(root, workers=1)
+    index_file = root / "_cache" / _cache_meta(root)["index_file"]
     with np.load(index_file) as index:
-        arrays = {k: index[k] for k in index.files if k != "src_mtime_ns"}
-    if bad_sizes_unknown:
-        rows = [i for i, p in enumerate(arrays["paths"]) if str(p) in meta["bad"]]
-        arrays["src_bytes"][rows] = -1
+        arrays = dict(index)
+    arrays["format"] = np.int64(CACHE_FORMAT + 1)
     with open(index_file, "wb") as f:
         np.savez(f, **arrays)
-
-
-def test_cache_without_modification_times_checks_sizes_and_warns(tmp_path, caplog):
-    root = _dicom_folder(tmp_path / "mydata")
-    _drop_mtimes(root / "_cache")
-    assert build_dataset("val", root, cache="on").cache is not None  # still read ...
-    assert "not their modification times" in caplog.text and "rebuild it" in caplog.text  # ... with a warning
-    write_dicom(root / "img/1.dcm", _texture(1)[:20])  # a change of size is still seen
-    with pytest.raises(CacheError, match=r"1\.dcm changed size"):
+    with pytest.raises(CacheError, match=rf"^{index_file}: cache index format {CACHE_FORMAT + 1}, this "
+                                         rf"version reads format {CACHE_FORMAT}; rebuild it"):
         build_dataset("val", root, cache="on")
-    build_cache(root, workers=1)  # a rebuild records the times again
-    caplog.clear()
-    assert build_dataset("val", root, cache="on").cache is not None
-    assert "modification times" not in caplog.text
+
+
+@pytest.mark.parametrize("garbage", [b"garbage, not a zip", b"PK\x03\x04 cut short", None])
+def test_garbage_cache_index_is_one_line_naming_it(tmp_path, garbage):
+    """Not numpy's advice to pass allow_pickle=True (which would run a pickle): the file and a rebuild."""
+    root = _dicom_folder(tmp_path / "mydata")
+    index_file = root / "_cache" / _cache_meta(root)["index_file"]
+    if garbage is None:  # a real .npz that holds a pickled object array
+        with open(index_file, "wb") as f:
+            np.savez(f, paths=np.array([{"x": 1}], dtype=object))
+    else:
+        index_file.write_bytes(garbage)
+    with pytest.raises(CacheError) as err:
+        build_dataset("val", root, cache="on")
+    assert str(err.value) == (f"{index_file}: not a readable cache index (damaged, or not written by "
+                              f"`python -m datasets.cache`); rebuild it with `python -m datasets.cache`")
+    (root / "_cache" / "meta.json").write_text("{not json")
+    with pytest.raises(CacheError, match=rf"^{root / '_cache' / 'meta.json'}: not a readable cache record"):
+        build_dataset("val", root, cache="on")
 
 
 # ---------------------------------------------------------------------------------------
@@ -226,16 +338,6 @@ def test_bad_image_fixed_after_the_cache_was_built_is_read(tmp_path, caplog, fix
     with pytest.raises(ImageError) as err:  # the one still bad, not the fixed one
         build_dataset("val", root, verify_images="full")
     assert f"image 'img/{fixed}'" not in str(err.value) and "1 of 5 images" in str(err.value)
-
-
-def test_bad_image_of_a_cache_without_modification_times(tmp_path):
-    root = _png_folder(tmp_path / "mydata")
-    _drop_mtimes(root / "_cache", bad_sizes_unknown=True)
-    # Unchanged bad images stay bad (the truncated one is decoded again to tell).
-    assert len(build_dataset("val", root, cache="on", skip_bad=True)) == 3
-    _good_png(root / "img/0.png", seed=7)
-    with pytest.raises(CacheError, match=r"0\.png was bad when the cache was built and now decodes"):
-        build_dataset("val", root, cache="on", skip_bad=True)
 
 
 # ---------------------------------------------------------------------------------------

@@ -142,19 +142,29 @@ def test_custom_kind_classes(tmp_path):
     (tmp_path / "classes.txt").write_text("cat\ndog\nbird\n")
     assert build_dataset("train", tmp_path).class_names == ["cat", "dog", "bird"]
     (tmp_path / "classes.txt").write_text("cat\ndog\n")
-    with pytest.raises(SplitFileError, match=r"train_list.txt:1: .* 3 labels, expected 2"):
+    with pytest.raises(SplitFileError) as err:
         build_dataset("train", tmp_path)
+    # How many names classes.txt has and how many label columns the split file has.
+    assert str(err.value).startswith(f"{tmp_path / 'classes.txt'} names 2 classes but "
+                                     f"{tmp_path / 'train_list.txt'} has 3 label columns (line 1: image 'img/a.png')")
+    assert "expected" not in str(err.value)
 
 
 def test_bad_arguments(tmp_path):
+    """A programming error names the Python argument; what a user chose names the flag (exit 2)."""
+    from util.cli import UsageError
+
     with pytest.raises(ValueError, match="split='training'"):
         build_dataset("training", tmp_path)
-    with pytest.raises(ValueError, match="data_size='5%'"):
+    with pytest.raises(UsageError, match="^--data_size 5%: expected one of 1%, 10%, 100%$"):
         build_dataset("train", tmp_path, data_size="5%")
-    with pytest.raises(ValueError, match="dataset='mimic'"):
+    with pytest.raises(UsageError, match="^--dataset 'mimic': expected one of"):
         build_dataset("train", tmp_path, dataset="mimic")
-    with pytest.raises(FileNotFoundError, match="--data_path"):
+    with pytest.raises(UsageError, match=f"^--data_path {tmp_path / 'nope'}: does not exist"):
         build_dataset("train", tmp_path / "nope")
+    (tmp_path / "file").write_text("")
+    with pytest.raises(UsageError, match="--data_path .*file: is a file, not a folder"):
+        build_dataset("train", tmp_path / "file")
 
 
 def test_byte_order_mark_is_accepted(tmp_path):
@@ -185,7 +195,7 @@ def test_duplicate_lines_are_warned_with_counts_and_examples(tmp_path, caplog):
 
 
 def test_train_test_overlap_refused_naming_both_files(tmp_path, caplog):
-    from datasets.splits import SplitOverlapError, check_split_overlap, find_overlap
+    from datasets.splits import SplitOverlapError, check_split_overlap
 
     train = tmp_path / "train_list.txt"
     train.write_text("p1/a.png 0\np1/b.png 1\np2/c.png 0\np3/d.png 1\n")
@@ -193,12 +203,14 @@ def test_train_test_overlap_refused_naming_both_files(tmp_path, caplog):
     val.write_text("p9/x.png 0\n")
     test.write_text("p2/c.png 1\n./p1/a.png 0\np8/y.png 0\n")
     table = parse_split_file(train, 1)
-    assert find_overlap(table.paths, ["./p1/a.png", "p1//b.png", "z.png"]) == ["p1/a.png", "p1/b.png"]
     with pytest.raises(SplitOverlapError) as err:
         check_split_overlap(table, [val, test])
     message = str(err.value)
     assert str(train) in message and str(test) in message and "2 images" in message
-    assert "'p2/c.png'" in message and "--allow_overlap" in message
+    # Both lines of each pair, by file and line number.
+    assert "test_list.txt:1 'p2/c.png' and train_list.txt:3 'p2/c.png' are the same file" in message
+    assert "test_list.txt:2 './p1/a.png' and train_list.txt:1 'p1/a.png' are the same file" in message
+    assert "--allow_overlap" in message and "allow=" not in message
     assert isinstance(err.value, SplitFileError)  # the entry script reports data errors in one line
     with caplog.at_level("WARNING", logger="datasets.splits"):
         counts = check_split_overlap(table, [parse_split_file(val, 1), test], allow=True)
@@ -269,3 +281,104 @@ def test_reference_splits_do_not_overlap(reference_splits, folder, kind, classes
     val = parse_split_file(folder / "val_list.txt", classes, kind)
     assert check_split_overlap(val, [folder / "test_list.txt"], role="validation", kind=kind) == {
         str(folder / "test_list.txt"): 0}
+
+
+def _image_folder(root, names):
+    """A custom data set folder with a small PNG for each relative path in `names`."""
+    from PIL import Image
+
+    for i, name in enumerate(names):
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        Image.new("L", (8, 8), 10 * i).save(root / name)
+    return root
+
+
+def test_training_image_under_another_spelling_is_refused(tmp_path, caplog):
+    """An absolute path, '../<folder>/img/x.png' and a symlinked folder all name the training
+    image's file: refused like the same relative path, naming both files and both lines."""
+    from datasets.splits import SplitOverlapError, check_split_overlap
+
+    root = _image_folder(tmp_path / "mydata", ["img/a.png", "img/b.png", "img/c.png", "img/d.png",
+                                               "img/e.png"])
+    (root / "linked").symlink_to(root / "img", target_is_directory=True)
+    (root / "train_list.txt").write_text("img/a.png 1\nimg/b.png 0\nimg/c.png 1\n")
+    (root / "val_list.txt").write_text("img/e.png 0\n")
+    (root / "test_list.txt").write_text(f"img/d.png 0\n{root / 'img/a.png'} 1\n../mydata/img/b.png 0\n"
+                                        f"linked/c.png 1\n")
+    train, val, test = (build_dataset(s, root) for s in ("train", "val", "test"))
+    with pytest.raises(SplitOverlapError) as err:
+        check_split_overlap(train, [val, test])
+    message = str(err.value)
+    assert message.startswith(f"3 images of {root / 'test_list.txt'} are also in the training split "
+                              f"{root / 'train_list.txt'}, e.g. ")
+    real = (root / "img").resolve()
+    for test_line, spelling, train_line, name in ((2, str(root / "img/a.png"), 1, "a.png"),
+                                                  (3, "../mydata/img/b.png", 2, "b.png"),
+                                                  (4, "linked/c.png", 3, "c.png")):
+        assert (f"test_list.txt:{test_line} '{spelling}' and train_list.txt:{train_line} 'img/{name}' "
+                f"are the same file {real / name}") in message
+    assert "--allow_overlap" in message and "allow=" not in message
+    with caplog.at_level("WARNING", logger="datasets.splits"):
+        counts = check_split_overlap(train, [val, test], allow=True)
+    assert counts == {str(root / "val_list.txt"): 0, str(root / "test_list.txt"): 3}
+    assert "(allowed)" in caplog.text
+    # Without the other spellings nothing is refused.
+    (root / "test_list.txt").write_text("img/d.png 0\n")
+    assert check_split_overlap(train, [val, build_dataset("test", root)]) == {
+        str(root / "val_list.txt"): 0, str(root / "test_list.txt"): 0}
+
+
+def test_shared_patient_names_both_lines(tmp_path):
+    from datasets.splits import SplitOverlapError, check_split_overlap
+
+    root = _image_folder(tmp_path / "NIH_x" / "all_classes", ["00000001_000.png", "00000001_001.png",
+                                                             "00000002_000.png"]).parent
+    labels = " ".join(["0"] * 14)
+    (root / "train_list.txt").write_text(f"00000002_000.png {labels}\n00000001_000.png {labels}\n")
+    (root / "test_list.txt").write_text(f"00000001_001.png {labels}\n")
+    train, test = build_dataset("train", root), build_dataset("test", root)
+    with pytest.raises(SplitOverlapError, match=r"1 patients of .*test_list\.txt also have images in the "
+                                                r"training split .*, e\.g\. '00000001' \(test_list\.txt:1, "
+                                                r"train_list\.txt:2\)"):
+        check_split_overlap(train, [test], kind="nih")
+
+
+def test_space_in_an_image_path_blames_its_line(tmp_path):
+    """A space inside a path would shift the labels: the message names the line with the space
+    (also the first line of a file whose K is taken from it) and says paths may not hold spaces."""
+    f = tmp_path / "train_list.txt"
+    f.write_text("img/my scan.png 1 0\nimg/b.png 0 1\n")
+    with pytest.raises(SplitFileError) as err:
+        parse_split_file(f)
+    assert str(err.value).startswith(f"{f}:1: image path 'img/my scan.png' contains a space: image paths "
+                                     f"may not contain spaces")
+    f.write_text("img/a.png 1 0\nimg/b.png 0 1\nimg/my  old scan.png 0 1\n")
+    with pytest.raises(SplitFileError, match=rf"^{f}:3: image path 'img/my old scan.png' contains a space"):
+        parse_split_file(f)
+    # Known K (a data set kind): more fields than labels, or as many with a word among them.
+    zeros = " ".join(["0"] * 14)
+    f.write_text(f"00000001_000.png {zeros}\nmy scan.png {zeros}\n")
+    with pytest.raises(SplitFileError, match=rf"^{f}:2: image path 'my scan.png' contains a space"):
+        parse_split_file(f, 14, "nih")
+    f.write_text(f"my scan.png {' '.join(['0'] * 13)}\n")
+    with pytest.raises(SplitFileError, match=rf"^{f}:1: image path 'my scan.png' contains a space"):
+        parse_split_file(f, 14, "nih")
+    # A line that only has another number of labels says which line set K.
+    f.write_text("img/a.png 1 0\nimg/b.png 1\n")
+    with pytest.raises(SplitFileError, match=rf"^{f}:2: image 'img/b.png' has 1 labels but line 1 has 2"):
+        parse_split_file(f)
+
+
+def test_byte_order_marks_in_a_custom_data_set(tmp_path):
+    """Split files and classes.txt saved with a BOM (Windows editors) build as without one:
+    the first image is found, the class names are clean, the files' label columns agree."""
+    root = _image_folder(tmp_path / "mydata", ["img/a.png", "img/b.png", "img/c.png"])
+    bom = "\ufeff"
+    (root / "classes.txt").write_bytes(f"{bom}cat\ndog\n".encode("utf-8"))
+    (root / "train_list.txt").write_bytes(f"{bom}img/a.png 0 1\nimg/b.png 1 0\n".encode("utf-8"))
+    (root / "val_list.txt").write_bytes(f"{bom}img/c.png 1 1\n".encode("utf-8"))
+    train = build_dataset("train", root)
+    assert train.paths == ["img/a.png", "img/b.png"] and train.class_names == ["cat", "dog"]
+    assert build_dataset("val", root).paths == ["img/c.png"]
+    (root / "classes.txt").unlink()  # each file's K is then compared with the other files'
+    assert build_dataset("val", root).num_classes == 2
