@@ -30,7 +30,7 @@ import datasets
 import evaluation
 import lora
 import models_vit_lora as mv
-from datasets.imagecache import check_cache_options
+
 from datasets.splits import check_split_overlap
 from datasets.transforms import AUG_FILLS, ERASE_MODES
 from engine_finetune import COMPILE_CHOICES, COMPILE_MODES
@@ -432,7 +432,7 @@ def check_combinations(args: argparse.Namespace, world: int) -> None:
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise ArgumentError(f"--device {args.device}: CUDA is not available here (use --device cpu)")
     try:
-        check_cache_options(args.cache, args.cache_size)
+        datasets.check_cache_options(args.cache, args.cache_size)
         check_precision(args)
         check_augmentation(args)
     except ValueError as err:

@@ -711,15 +711,3 @@ def open_eval_cache(cache: ImageCache, steps: str, paths: list[str], prefix: Cal
                 time.perf_counter() - start)
     return EvalCache(folder, name)
 
-
-def check_cache_options(cache: str, cache_size: int | None) -> None:
-    """Refuse a --cache_size that no --cache mode reads (the lossy cache's size, positive)."""
-    from util.cli import UsageError
-
-    if cache_size is None:
-        return
-    if cache != "lossy":
-        raise UsageError(f"--cache_size {cache_size} selects a lossy cache: it needs --cache lossy "
-                         f"(got --cache {cache})")
-    if cache_size <= 0:
-        raise UsageError(f"--cache_size {cache_size} is not valid: must be positive")

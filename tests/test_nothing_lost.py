@@ -225,7 +225,7 @@ def test_the_demo_writes_data_only_where_it_is_told(tmp_path, monkeypatch, capsy
 
 
 @pytest.mark.parametrize("flags,message", [
-    (["--cache_size", "256"], "--cache_size 256 selects a lossy cache: it needs --cache lossy"),
+    (["--cache_size", "256"], "--cache_size 256 chooses a downsized cache: pass it with --cache lossy"),
     (["--seed", str(2 ** 64)], f"--seed {2 ** 64} is not valid"),
     (["--seed", "-1"], "--seed -1 is not valid"),
     (["--device", "meta"], "--device 'meta' is not valid: expected cpu, cuda or cuda:N"),
