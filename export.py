@@ -83,6 +83,8 @@ def export_checked(model: nn.Module, config: ModelConfig | dict[str, Any], outpu
                                                     source=source)
         except SafetensorError as err:  # safetensors reports a full disk as its own error
             raise _write_error(err, tensors_path) from None
+        except OutputError as err:  # named by the temporary file: say the output's name
+            raise OutputError(err.errno or 0, describe_os_error(err, tensors_path)) from None
         if atol is not None:
             exported = load_merged(tmp_tensors)[0]
             diff = max_output_difference(model, exported, config.img_size)

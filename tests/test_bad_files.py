@@ -342,7 +342,7 @@ def _train_cli(args):
 def _error_line(capsys):
     err = capsys.readouterr().err
     assert "Traceback" not in err
-    lines = [ln for ln in err.splitlines() if ln.startswith("error:")]
+    lines = [ln for ln in err.splitlines() if ln.startswith("main_finetune_lora.py: error:")]
     assert len(lines) == 1, err
     return lines[0]
 

@@ -146,12 +146,10 @@ def test_aug_fill_is_checked():
 
 def test_one_eval_resize_rule_and_grey_dispatch():
     from datasets.transforms import apply_transform, eval_resize
-    from util.heatmap import eval_resize as heatmap_eval_resize
 
     assert [eval_resize(224, r) for r in ("sgd", "adamw")] == [224, 256]
     # MAE's build_transform: crop_pct 224/256 up to 224 px, 1 above (no resize margin).
     assert [eval_resize(n, "adamw") for n in (112, 224, 256, 384)] == [128, 256, 256, 384]
-    assert heatmap_eval_resize(224, "adamw") == 256
     grey = Image.fromarray(np.full((8, 8), 7, np.uint8), mode="L")
     assert apply_transform(lambda im: im.mode, grey) == "RGB"  # a foreign transform: 3 channels
     ours = build_transform(is_train=False, recipe="sgd", input_size=8, norm="mrm")

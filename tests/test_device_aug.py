@@ -417,7 +417,7 @@ def test_adamw_device_aug_trains_and_tests(demo, tmp_path):
     results = json.loads((out / "results_test.json").read_text())
     assert math.isfinite(results["mean_auroc"])
     config = json.loads((out / "config.json").read_text())
-    assert config["args"]["device_aug"] is True and config["args"]["recipe"] == "adamw"
+    assert config["settings"]["device_aug"] is True and config["settings"]["recipe"] == "adamw"
 
 
 def test_entry_script_refuses_what_the_device_cannot_run(demo, tmp_path, capsys):

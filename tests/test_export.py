@@ -49,7 +49,7 @@ def test_export_loads_strict_into_timm_and_matches(trained, tmp_path):
     assert cfg["format"] == MERGED_FORMAT
     assert cfg["class_names"] == CLASSES and cfg["num_classes"] == 3
     assert cfg["model"] == "vit_tiny_patch16" and cfg["timm_model"] == "vit_tiny_patch16_224"
-    assert cfg["img_size"] == 64 and cfg["global_pool"] == "avg"
+    assert cfg["img_size"] == 64 and cfg["global_pool"] is True and cfg["timm_kwargs"]["global_pool"] == "avg"
     assert cfg["norm"] == "mrm" and cfg["mean"] == list(NORM_STATS["mrm"][0])
     assert cfg["std"] == list(NORM_STATS["mrm"][1]) and cfg["eval_recipe"] == "sgd"
     # The JSON alone rebuilds the model, as the export's docstring promises.
@@ -108,7 +108,7 @@ def test_failed_check_writes_nothing_and_keeps_the_earlier_export(trained, tmp_p
     assert {p: p.read_bytes() for p in old.parent.iterdir()} == earlier
     assert export_main(["--checkpoint", str(stem), "--output", str(old), "--overwrite"]) == 0
     assert sorted(p.name for p in old.parent.iterdir()) == ["model.json", "model.safetensors"]
-    assert load_merged(old)[1]["class_names"] == CLASSES
+    assert load_merged(old)[1].class_names == CLASSES
 
 
 def test_load_merged_refuses_an_adapter_checkpoint(trained):
@@ -135,7 +135,8 @@ def test_export_of_merged_model_and_token_pooling(tmp_path):
     lora.merge(model)  # an already merged model exports the same tensors (no double delta)
     export_merged(model, config, tmp_path / "m")
     loaded, cfg = load_merged(tmp_path / "m.json")
-    assert cfg["global_pool"] == "token" and cfg["eval_recipe"] == "adamw"
+    assert cfg.global_pool is False and cfg.extras["timm_kwargs"]["global_pool"] == "token"
+    assert cfg.eval_recipe == "adamw"
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), expected, atol=1e-4, rtol=0)
 

@@ -312,7 +312,7 @@ def test_fp8_run_end_to_end_then_eval_predict_export(tmp_path):
                          "--ci_resamples", "0", "--backbone_dtype", "fp8",
                          "--compile", "on", "--compile_backend", "aot_eager", seed=0)
     assert mfl.cli(argv) == 0
-    assert json.loads((out / "config.json").read_text())["args"]["backbone_dtype"] == "fp8"
+    assert json.loads((out / "config.json").read_text())["settings"]["backbone_dtype"] == "fp8"
     results = json.loads((out / "results_test.json").read_text())
     again = tmp_path / "eval"
     assert mfl.cli(["--eval", "--resume", str(out / "checkpoint-best"), "--data_path", str(data),

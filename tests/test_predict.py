@@ -53,8 +53,8 @@ def setup(tmp_path_factory):
 def direct_probs(model, config, data):
     """Probabilities of the model evaluated directly on the test split (the `--eval` path)."""
     ds = build_dataset("test", data, dataset="nih", cache="off",
-                       transform=build_transform(is_train=False, recipe=config["eval_recipe"],
-                                                 input_size=config["img_size"], norm=config["norm"]))
+                       transform=build_transform(is_train=False, recipe=config.eval_recipe,
+                                                 input_size=config.img_size, norm=config.norm))
     out = []
     with torch.no_grad():
         for x, _ in DataLoader(ds, batch_size=3):

@@ -1,4 +1,5 @@
 """The training entry point end to end on demo data, with a depth-2 tiny ViT at 32 px."""
+import dataclasses
 import json
 import math
 import os
@@ -320,8 +321,8 @@ BAD_NUMBERS = [
     (["--drop_path", "1.0"], "--drop_path 1.0 is not valid"),
     (["--drop_path", "-0.1"], "--drop_path -0.1 is not valid"),
     (["--reprob", "1.5"], "--reprob 1.5 is not valid"),
-    (["--lora_alpha", "0"], "--lora_alpha 0.0 is not valid"),
-    (["--lora_alpha", "-8"], "--lora_alpha -8.0 is not valid"),
+    (["--lora_alpha", "0"], "LoRA alpha must be positive (--lora_alpha), got 0.0"),
+    (["--lora_alpha", "-8"], "LoRA alpha must be positive (--lora_alpha), got -8.0"),
     (["--eval_batch_size", "-3"], "--eval_batch_size -3 is not valid"),
     (["--eval_batch_size", "0"], "--eval_batch_size 0 is not valid"),
     (["--num_workers", "-1"], "--num_workers -1 is not valid"),
@@ -557,5 +558,5 @@ def test_rsna_dicom_run_end_to_end(demo, tmp_path):
     probs, failures = predict.predict_images(model, config, files, batch_size=4)
     assert not failures
     np.testing.assert_allclose(probs[:, 0], preds["Pneumonia"].to_numpy(), atol=1e-6)
-    minmax = predict.predict_images(model, {**config, "dicom_scaling": "minmax"}, files)[0]
+    minmax = predict.predict_images(model, dataclasses.replace(config, dicom_scaling="minmax"), files)[0]
     assert not np.allclose(minmax[:, 0], probs[:, 0], atol=1e-6)  # the rule matters

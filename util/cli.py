@@ -115,6 +115,8 @@ def without_debug(argv: Sequence[str]) -> list[str]:
 
 def describe(err: BaseException) -> str:
     """One line for an error: its message, with the file an OS error names."""
+    if isinstance(err, OSError) and isinstance(err, ToolError) and err.strerror:
+        return err.strerror  # the project's own line (util.io.OutputError)
     if isinstance(err, OSError) and not isinstance(err, ToolError):
         name = err.filename if err.filename is not None else ""
         what = err.strerror or str(err)

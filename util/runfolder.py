@@ -577,7 +577,8 @@ def run_owning(path: str | Path) -> Path | None:
                 names = RunFolder(folder).written()
             except RunFolderError:
                 return folder  # a damaged record still marks a run's folder
-            if os.path.relpath(candidate, folder) in names:
+            rel = os.path.relpath(candidate, folder)
+            if rel in names or rel in (MANIFEST_NAME, COMMIT_NAME, LOCK_NAME, PENDING_DIR):
                 return folder
     return None
 
