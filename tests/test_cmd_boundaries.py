@@ -522,10 +522,18 @@ def test_summarize_refuses_an_auroc_that_is_not_a_fraction(tmp_path, capsys, cap
 def test_summarize_reference_table_rounds_once(tmp_path):
     """A seed group of mean 80.649 reads 80.6 in the reference table as in LoRA vs full
     (rounding the 2-decimal 80.65 again gave 80.7)."""
+    from util.runfolder import RUN_FORMAT
+
     runs = tmp_path / "runs"
-    a_run(runs, "lora_s0", results("lora", 0, 0.80600))
-    a_run(runs, "lora_s1", results("lora", 1, 0.80698))
-    a_run(runs, "full_s0", results("full", 0, 0.79))
+    for name, method, seed, mean in (("lora_s0", "lora", 0, 0.80600),
+                                     ("lora_s1", "lora", 1, 0.80698), ("full_s0", "full", 0, 0.79)):
+        folder = a_run(runs, name, results(method, seed, mean))
+        # The seeds share their settings; LoRA and full differ only in the recipe flags.
+        settings = {"seed": seed, "method": method, "lr": 0.05, "dataset": "nih",
+                    "data_size": "1%", "split_sha256": {"train": "a", "val": "b", "test": "c"}}
+        (folder / "config.json").write_text(json.dumps(
+            {"format": RUN_FORMAT, "settings": settings, "recipe": ["lr", "method"],
+             "execution": {"output_dir": str(runs), "run_name": name, "data_path": "/data/nih"}}))
     ref = tmp_path / "ref.csv"
     ref.write_text("setting,method,mean_auroc\nnih-1-mrm,lora,80.6\n")
     out = tmp_path / "summary"

@@ -8,10 +8,26 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import main_finetune_lora as mfl
 from util import summarize
+from util.runfolder import RUN_FORMAT
 
 ROOT = Path(__file__).resolve().parents[1]
 CLASSES = ["Mass", "Nodule"]
+PARSER = mfl.get_args_parser()
+EXACT = {"kind": "exact", "size": None, "dir": "/cache", "crop_resize": None}
+
+
+def run_record(settings, execution):
+    """config.json as the training script writes it: every RUN flag (its default unless in
+    ``settings``) and the derived settings, the recipe flags, and how the run executed."""
+    defaults = {k: PARSER.get_default(k) for k, role in mfl.flag_roles(PARSER).items()
+                if role == mfl.RUN}
+    derived = {"global_batch": 64, "weights_sha256": "f" * 64, "pixels": "original pixels"}
+    return {"format": RUN_FORMAT, "settings": {**defaults, **derived, **settings},
+            "recipe": mfl.recipe_flags(PARSER), "execution": execution,
+            "data_cache": {split: EXACT for split in ("train", "val", "test")},
+            "resumed_from": None, "git_commit": "abc"}
 
 
 def run(root, name, method, seed, value, lr=0.05, dataset="nih", size="1%", weights="MRM",
@@ -27,9 +43,12 @@ def run(root, name, method, seed, value, lr=0.05, dataset="nih", size="1%", weig
                             "mean": {"auroc": value, "ci_low": value - 0.02, "ci_high": value + 0.015}}
     (folder / "results_test.json").write_text(json.dumps(res))
     # Where the run wrote and how many workers it used do not split seeds; the data does.
-    args = {"seed": seed, "lr": lr, "method": method, "output_dir": str(root),
-            "run_name": name, "data_path": f"/data/{dataset}", "num_workers": seed}
-    (folder / "config.json").write_text(json.dumps({"args": args, "git_commit": "abc"}))
+    hashes = {split: f"{dataset}-{split}" for split in ("train", "val", "test")}
+    settings = {"seed": seed, "lr": lr, "method": method, "dataset": dataset,
+                "data_size": size, "split_sha256": hashes}
+    execution = {"output_dir": str(root), "run_name": name, "data_path": f"/data/{dataset}",
+                 "num_workers": seed}
+    (folder / "config.json").write_text(json.dumps(run_record(settings, execution)))
     return res
 
 

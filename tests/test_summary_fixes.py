@@ -7,32 +7,59 @@ import statistics
 
 import pytest
 
+import main_finetune_lora as mfl
 from util import summarize
+from util.runfolder import RUN_FORMAT
 
 CLASSES = ["Mass", "Nodule"]
 EXACT = {"kind": "exact", "size": None, "dir": "/cache/nih", "crop_resize": None}
+SPLITS = ("train", "val", "test")
+HASHES = {"train": "a" * 64, "val": "b" * 64, "test": "c" * 64}
+PARSER = mfl.get_args_parser()
 
 
 def lossy(size):
     return {"kind": "lossy", "size": size, "dir": f"/cache/nih-{size}", "crop_resize": None}
 
 
-def run(root, name, method, seed, value, used=None, **args):
-    """A finished run folder: results_test.json and config.json as the training script writes."""
+def run_record(caches=None, execution=None, **settings):
+    """config.json as the training script writes it: every RUN flag of its flag table (the
+    default unless given) with the derived settings, the recipe flags, how the run executed
+    and the cache each split read (``caches``: {split: info}, exact by default)."""
+    caches = caches or {split: EXACT for split in SPLITS}
+    train = caches["train"]
+    defaults = {k: PARSER.get_default(k) for k, role in mfl.flag_roles(PARSER).items()
+                if role == mfl.RUN}
+    derived = {"lr": 0.05, "global_batch": 64, "weights_sha256": "f" * 64, "split_sha256": HASHES,
+               "pixels": f"lossy {train['size']}px cache" if train.get("kind") == "lossy"
+               else "original pixels"}
+    return {"format": RUN_FORMAT,
+            "settings": {**defaults, "dataset": "nih", "data_size": "1%", **derived, **settings},
+            "recipe": mfl.recipe_flags(PARSER),
+            "execution": {"output_dir": "runs", "num_workers": 8, "data_path": "/data/nih",
+                          "cache": "auto", **(execution or {})},
+            "data_cache": caches, "resumed_from": None}
+
+
+def run(root, name, method, seed, value, used=None, data_path="/data/nih", cache="auto",
+        arch="vit_base_patch16", **settings):
+    """A finished run folder: results_test.json and config.json as the training script writes
+    (``used``: the cache every split read; ``settings``: what else this run was run with)."""
     folder = root / name
     folder.mkdir(parents=True)
-    rank = args.get("lora_rank", 4) if method == "lora" else None
+    record = run_record({split: used or EXACT for split in SPLITS},
+                        {"output_dir": str(root), "run_name": name, "data_path": data_path,
+                         "cache": cache},
+                        **{"seed": seed, "method": method, "model": arch, "epochs": 100,
+                           **settings})
     res = {"split": "test", "dataset": "nih", "data_size": "1%", "weights": "MRM",
-           "method": method, "model": args.pop("arch", "vit_base_patch16"), "lora_rank": rank,
+           "method": method, "model": arch,
+           "lora_rank": record["settings"]["lora_rank"] if method == "lora" else None,
            "seed": seed, "trainable_params": 10, "total_params": 100, "num_images": 50,
            "mean_auroc": value, "auroc": {c: value for c in CLASSES}, "class_names": CLASSES,
            "checkpoint": str(folder / "checkpoint-best")}
     (folder / "results_test.json").write_text(json.dumps(res))
-    caches = {split: used or EXACT for split in ("train", "val", "test")}
-    recorded = {"seed": seed, "method": method, "lr": 0.05, "epochs": 100, "optimizer": "sgd",
-                "lora_rank": rank, "input_size": 224, "data_path": "/data/nih", "cache": "auto",
-                "output_dir": str(root), "run_name": name, "cache_used": caches, **args}
-    (folder / "config.json").write_text(json.dumps({"args": recorded, "data_cache": caches}))
+    (folder / "config.json").write_text(json.dumps(record))
     return folder
 
 
@@ -119,7 +146,7 @@ def test_a_started_run_without_results_is_named_and_fails(tmp_path, caplog):
     run(root, "done", "lora", 0, 0.80)
     for name in ("stopped", "deep/still_training"):
         (root / name).mkdir(parents=True)
-        (root / name / "config.json").write_text(json.dumps({"args": {"seed": 0}}))
+        (root / name / "config.json").write_text(json.dumps(run_record(seed=0)))
     (root / "weights").mkdir()
     (root / "weights" / "config.json").write_text('{"model_type": "vit"}')  # not a run of ours
     with caplog.at_level(logging.ERROR):
@@ -131,7 +158,10 @@ def test_a_started_run_without_results_is_named_and_fails(tmp_path, caplog):
     assert len(summary.rows) == 1 and len(summary.errors) == 2
 
 
-def test_other_data_folder_or_lossy_cache_is_another_setting(tmp_path):
+def test_other_data_or_lossy_cache_is_another_setting(tmp_path):
+    """Seeds share their data (the split files' SHA-256, wherever the folder is) and their
+    pixels: where the images were read from (files or an exact cache) does not split them."""
+    relabelled = {**HASHES, "train": "d" * 64, "test": "e" * 64}
     root = tmp_path / "runs"
     run(root, "s0", "lora", 0, 0.80)
     run(root, "s1", "lora", 1, 0.82, data_path="/data/nih/")  # the same folder
@@ -139,8 +169,8 @@ def test_other_data_folder_or_lossy_cache_is_another_setting(tmp_path):
     run(root, "off_s3", "lora", 3, 0.79, cache="off", used={"kind": "none", "size": None})
     run(root, "lossy_s0", "lora", 0, 0.70, cache="lossy", used=lossy(256))
     run(root, "lossy_s1", "lora", 1, 0.72, cache="lossy", used=lossy(256))
-    run(root, "other_s0", "lora", 0, 0.60, data_path="/data/nih_relabelled")
-    run(root, "other_s1", "lora", 1, 0.62, data_path="/data/nih_relabelled")
+    run(root, "other_s0", "lora", 0, 0.60, data_path="/data/nih_relabelled", split_sha256=relabelled)
+    run(root, "other_s1", "lora", 1, 0.62, data_path="/data/nih_relabelled", split_sha256=relabelled)
     out = tmp_path / "summary"
     assert summarize.main([str(root), "--output", str(out)]) == 0
     rows = by_run(read_csv(out.with_suffix(".csv")))
@@ -153,22 +183,18 @@ def test_other_data_folder_or_lossy_cache_is_another_setting(tmp_path):
     assert "| images | run |" in md and "| lossy 256 px |" in md and "| original |" in md
     seeds = md.split("## Seeds")[1]
     assert "| 2 | 71.00 +- 1.41 | seed 0: 70.0; seed 1: 72.0 | lossy 256 px cache |" in seeds
-    assert "| 2 | 61.00 +- 1.41 | seed 0: 60.0; seed 1: 62.0 | data_path=/data/nih_relabelled |" in seeds
-    # Where the split files' hashes are recorded they say which data it was, not the folder.
+    assert "| 2 | 61.00 +- 1.41 | seed 0: 60.0; seed 1: 62.0 | split_sha256=" in seeds
+    # The split files' hashes say which data it was, not the folder it was read from.
     moved = tmp_path / "moved"
-    for name, seed, path, digest in (("a", 0, "/data/nih", "aa"), ("b", 1, "/mnt/nih", "aa"),
-                                     ("c", 2, "/data/nih", "cc")):
-        run(moved, name, "lora", seed, 0.8, data_path=path, split_sha256={"test": digest})
+    for name, seed, path, hashes in (("a", 0, "/data/nih", HASHES), ("b", 1, "/mnt/nih", HASHES),
+                                     ("c", 2, "/data/nih", {**HASHES, "test": "c" * 63 + "0"})):
+        run(moved, name, "lora", seed, 0.8, data_path=path, split_sha256=hashes)
     rows = by_run(summarize.summarize([moved]).rows)
     assert rows["a"]["seeds_n"] == rows["b"]["seeds_n"] == "2" and rows["c"]["seeds_n"] == "1"
     # A lossy cache of the test images only still changes what was measured.
     caches = {"train": EXACT, "val": EXACT, "test": lossy(384)}
-    only_test = summarize.Run(root / "x" / "results_test.json", {}, {"data_cache": caches})
+    only_test = summarize.Run(root / "x" / "results_test.json", {}, run_record(caches))
     assert only_test.image_cache() == "lossy 384 px (test)"
-    # A config that does not record the cache used: --cache lossy cannot fall back to the files.
-    asked = summarize.Run(root / "y" / "results_test.json", {},
-                          {"args": {"cache": "lossy", "cache_size": 256}})
-    assert asked.image_cache() == "lossy 256 px"
 
 
 def test_a_run_scored_on_part_of_its_split_says_so(tmp_path, caplog):
@@ -204,7 +230,7 @@ def test_a_stopped_run_continued_elsewhere_is_not_incomplete(tmp_path, caplog):
     of its own, B has them; the summary is complete (exit 0) and says where A went."""
     stopped = tmp_path / "A"
     stopped.mkdir()
-    (stopped / "config.json").write_text(json.dumps({"args": {"seed": 0}, "resumed_from": None}))
+    (stopped / "config.json").write_text(json.dumps(run_record(seed=0, method="lora")))
     b = run(tmp_path, "B", "lora", 0, 0.8)
     config = json.loads((b / "config.json").read_text())
     config["resumed_from"] = str(stopped / "checkpoint-last")
@@ -215,22 +241,3 @@ def test_a_stopped_run_continued_elsewhere_is_not_incomplete(tmp_path, caplog):
     (b / "config.json").write_text(json.dumps({**config, "resumed_from": None}))
     assert summarize.main([str(tmp_path), "--output", str(tmp_path / "summary"),
                            "--overwrite"]) == 1
-
-
-def test_runs_recorded_before_split_hashes_join_their_setting(tmp_path):
-    """A seed run before split-file hashes were kept (data known by folder) and seeds run
-    since (data known by hashes, folder also recorded) of one setting are one group."""
-    hashes = {"train": "a" * 64, "val": "b" * 64, "test": "c" * 64}
-    run(tmp_path, "s0", "lora", 0, 0.80)
-    run(tmp_path, "s1", "lora", 1, 0.70, split_sha256=hashes, demo_replace=False)
-    run(tmp_path, "s2", "lora", 2, 0.75, split_sha256=hashes, demo_replace=False)
-    run(tmp_path, "other", "lora", 3, 0.60, data_path="/data/other")  # another folder
-    summarize.main([str(tmp_path), "--output", str(tmp_path / "summary")])
-    rows = by_run(read_csv(tmp_path / "summary.csv"))
-    assert {rows[n]["seeds_n"] for n in ("s0", "s1", "s2")} == {"3"}
-    assert rows["other"]["seeds_n"] == "1"
-    # The folder later held other split files: which ones s0 read is unknown, so it stays apart.
-    run(tmp_path, "s4", "lora", 4, 0.65, split_sha256={**hashes, "val": "d" * 64}, demo_replace=False)
-    summarize.main([str(tmp_path), "--output", str(tmp_path / "summary"), "--overwrite"])
-    rows = by_run(read_csv(tmp_path / "summary.csv"))
-    assert rows["s0"]["seeds_n"] == "1" and rows["s1"]["seeds_n"] == "2" and rows["s4"]["seeds_n"] == "1"
