@@ -37,7 +37,7 @@ from engine_finetune import COMPILE_CHOICES, COMPILE_MODES
 from training import LoopConfig, Progress, Training
 from util import cli as command
 from util.io import json_safe
-from util.misc import DistInfo, decided_by_main, git_commit, init_distributed, say, seed_everything, setup_logging
+from util.misc import DistInfo, close_log_file, decided_by_main, git_commit, init_distributed, say, seed_everything, setup_logging
 from util.optim import build_optimizer, per_process_batch
 from util.precision import AMP_CHOICES, precision_name, resolve_amp
 from util.presets import DEMO_DEFAULTS, PRESETS, preset_help, resolve_preset
@@ -228,7 +228,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     f("--skip_bad", action="store_true", help="skip unreadable images, and report them")
     f("--norm", default=None, choices=sorted(datasets.NORM_STATS),
       help="input normalisation; default follows the pre-trained weights")
-    f("--recipe", default=None, choices=["sgd", "adamw"],
+    f("--recipe", recipe=True, default=None, choices=["sgd", "adamw"],
       help="augmentation recipe; default follows --optimizer as in the paper")
     f("--device_aug", action="store_true",
       help="run the train augmentation on uint8 batches on the training device instead of in "
@@ -239,11 +239,11 @@ def get_args_parser() -> argparse.ArgumentParser:
       help="adamw recipe: fill of RandAugment's rotate / shear / translate: 'paper' (as the "
            "paper's pipeline: grey 36 for the mrm / cxr_mae statistics, timm's ImageNet mean "
            "with --norm imagenet) or 'neutral' (the normalisation's mid grey)")
-    f("--aa", type=str, default="rand-m9-mstd0.5-inc1",
+    f("--aa", recipe=True, type=str, default="rand-m9-mstd0.5-inc1",
       help="RandAugment policy of the adamw recipe (timm syntax)")
-    f("--reprob", type=command.PROBABILITY, default=0.25, help="random erasing probability (adamw recipe)")
-    f("--remode", type=str, default="pixel", help=f"random erasing mode: {', '.join(ERASE_MODES)}")
-    f("--recount", type=command.POSITIVE_INT, default=1, help="random erasing count")
+    f("--reprob", recipe=True, type=command.PROBABILITY, default=0.25, help="random erasing probability (adamw recipe)")
+    f("--remode", recipe=True, type=str, default="pixel", help=f"random erasing mode: {', '.join(ERASE_MODES)}")
+    f("--recount", recipe=True, type=command.POSITIVE_INT, default=1, help="random erasing count")
     f("--num_workers", default=min(8, os.cpu_count() or 1), type=command.NON_NEGATIVE_INT, role=EXEC,
       help="data loading processes")
     f("--pin_mem", action="store_true", default=torch.cuda.is_available(), role=EXEC,
@@ -960,8 +960,11 @@ def run_command(argv: list[str]) -> int:
 def cli(argv: list[str] | None = None) -> int:
     """The command: one line and an exit code for every error a user can act on."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    return command.run(run_command, argv, prog=PROG,
-                       interrupted=lambda: f"continue the run with: {continue_command(argv)}")
+    try:
+        return command.run(run_command, argv, prog=PROG,
+                           interrupted=lambda: f"continue the run with: {continue_command(argv)}")
+    finally:
+        close_log_file()  # after the error line reached it
 
 
 if __name__ == "__main__":

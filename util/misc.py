@@ -88,6 +88,30 @@ class _Held(logging.Handler):
             self.records.append(record)
 
 
+class _Stderr(logging.StreamHandler):
+    """A handler on whatever ``sys.stderr`` is when a record is written (not when the
+    handler was made): a caller that swaps stderr never leaves it writing to a closed stream."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
+
+    @property  # type: ignore[override]
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
+def close_log_file() -> None:
+    """Stop writing the run's log file (at the end of a run: later records go to stderr only)."""
+    for handler in [h for h in logging.root.handlers if isinstance(h, logging.FileHandler)]:
+        logging.root.removeHandler(handler)
+        handler.close()
+    logging.getLogger(SUMMARY_LOGGER).handlers = []
+
+
 def setup_logging(is_main: bool, log_file: Path | None = None) -> None:
     """Log INFO on the main process only (to stderr and optionally a file).
 
@@ -98,7 +122,7 @@ def setup_logging(is_main: bool, log_file: Path | None = None) -> None:
     handlers: list[logging.Handler] = []
     file_handler = None
     if is_main:
-        handlers.append(logging.StreamHandler(sys.stderr))
+        handlers.append(_Stderr())
         if log_file is None:
             handlers.append(_Held())
         else:
