@@ -15,6 +15,19 @@ os.environ.setdefault("OMP_NUM_THREADS", "2")
 SHARED = ROOT.parent / "shared"
 
 
+@pytest.fixture(autouse=True)
+def fresh_logging():
+    """Each test starts with logging as a new process has it: a command run in-process by an
+    earlier test (its handlers, its run's log file) does not write into this one's output."""
+    import logging
+
+    yield
+    for handler in list(logging.root.handlers):
+        logging.root.removeHandler(handler)
+        handler.close()
+    logging.root.setLevel(logging.WARNING)
+
+
 @pytest.fixture(scope="session")
 def reference_splits() -> Path:
     """The paper's published split files, or skip when ../shared is absent."""

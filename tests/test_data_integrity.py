@@ -190,6 +190,12 @@ def test_same_size_originals_swapped_or_copied_over_within_seconds_are_stale(tmp
 
     root = _dicom_folder(tmp_path / "mydata")
     first, second = root / "img/0.dcm", root / "img/1.dcm"
+    # Same size by construction (DICOM UIDs vary in length): 1.dcm is 0.dcm with other pixels
+    # at the end of its pixel data.
+    data = bytearray(first.read_bytes())
+    data[-64:] = bytes(255 - b for b in data[-64:])
+    second.write_bytes(bytes(data))
+    build_cache(root, workers=1)
     assert first.stat().st_size == second.stat().st_size
     assert abs(first.stat().st_mtime_ns - second.stat().st_mtime_ns) < 2_000_000_000
     cached = build_dataset("val", root, cache="on")
