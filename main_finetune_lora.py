@@ -325,22 +325,28 @@ def resolve_args(args: argparse.Namespace, explicit: set[str]) -> argparse.Names
                           f"at --epochs {args.epochs}")
         args.warmup_epochs = float(args.epochs)
     world = int(os.environ.get("WORLD_SIZE", 1))
-    if "batch_size" in explicit and "global_batch" not in explicit:
-        args.global_batch = None  # the user's per-process batch wins over a preset's global one
-    if args.global_batch is not None:
-        try:
-            batch, args.accum_iter = per_process_batch(args.global_batch, world, args.accum_iter)
-        except ValueError as err:
-            raise ArgumentError(f"--global_batch: {err}") from None
-        if "batch_size" in explicit and args.batch_size != batch:
-            raise ArgumentError(f"--batch_size {args.batch_size} contradicts --global_batch "
-                                f"{args.global_batch} over {world} processes (gives {batch})")
-        args.batch_size = batch
+    resolve_batch(args, explicit, world)
     args.recipe = args.recipe or args.optimizer
     args.norm = choose_norm(args, explicit)
     args.eval_batch_size = args.eval_batch_size or 4 * args.batch_size
     check_combinations(args, world)
     return args
+
+
+def resolve_batch(args: argparse.Namespace, explicit: set[str], world: int) -> None:
+    """The per-process batch and accumulation that make --global_batch over ``world`` processes."""
+    if "batch_size" in explicit and "global_batch" not in explicit:
+        args.global_batch = None  # the user's per-process batch wins over a preset's global one
+    if args.global_batch is None:
+        return
+    try:
+        batch, args.accum_iter = per_process_batch(args.global_batch, world, args.accum_iter)
+    except ValueError as err:
+        raise ArgumentError(f"--global_batch: {err}") from None
+    if "batch_size" in explicit and args.batch_size != batch:
+        raise ArgumentError(f"--batch_size {args.batch_size} contradicts --global_batch "
+                            f"{args.global_batch} over {world} processes (gives {batch})")
+    args.batch_size = batch
 
 
 def default_method(model: str) -> str:
@@ -422,6 +428,17 @@ def check_combinations(args: argparse.Namespace, world: int) -> None:
     if args.compile_mode != "default" and args.compile_backend != "inductor":
         raise ArgumentError(f"--compile_mode {args.compile_mode} is a mode of the inductor backend, "
                             f"not of --compile_backend {args.compile_backend}")
+    try:
+        check_inputs(args)
+        datasets.check_cache_options(args.cache, args.cache_size)
+        check_precision(args)
+        check_augmentation(args)
+    except ValueError as err:
+        raise ArgumentError(str(err)) from None
+
+
+def check_inputs(args: argparse.Namespace) -> None:
+    """The files and device the flags name exist, and what the command needs is given."""
     if args.eval and not args.resume:
         raise ArgumentError("--eval needs --resume <checkpoint> (the model to evaluate)")
     if args.finetune and not Path(args.finetune).is_file():
@@ -429,14 +446,10 @@ def check_combinations(args: argparse.Namespace, world: int) -> None:
     if not args.finetune and not args.demo and not args.eval:
         raise ArgumentError("--finetune is required (the pre-trained weights); without it the "
                             "backbone would be random. Use --demo for a run on synthetic data.")
+    if args.log_dir and Path(args.log_dir).exists() and not Path(args.log_dir).is_dir():
+        raise ArgumentError(f"--log_dir {args.log_dir} is a file, not a folder")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise ArgumentError(f"--device {args.device}: CUDA is not available here (use --device cpu)")
-    try:
-        datasets.check_cache_options(args.cache, args.cache_size)
-        check_precision(args)
-        check_augmentation(args)
-    except ValueError as err:
-        raise ArgumentError(str(err)) from None
 
 
 def check_precision(args: argparse.Namespace) -> None:

@@ -259,3 +259,14 @@ def test_progress_lines_come_every_30_seconds_in_short_epochs(monkeypatch, caplo
     lines = [r.getMessage() for r in caplog.records if "images/s" in r.getMessage()]
     assert len(lines) == 4 and lines[0].startswith("epoch 0: step 1/5")
     assert not math.isnan(float(lines[0].split(", ")[1].split()[0]))
+
+
+def test_a_log_dir_that_is_a_file_is_one_line_before_anything_is_written(demo, tmp_path, capsys):
+    data, weights = demo
+    a_file = tmp_path / "logs"
+    a_file.write_text("mine")
+    with pytest.raises(SystemExit) as exc:
+        mfl.cli(args_for(data, weights, tmp_path / "run", "--log_dir", str(a_file)))
+    assert exc.value.code == 2
+    assert f"--log_dir {a_file} is a file, not a folder" in capsys.readouterr().err
+    assert a_file.read_text() == "mine" and not (tmp_path / "run").exists()
