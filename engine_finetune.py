@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from util.metrics import multilabel_metrics
-from util.precision import AMP_CHOICES, autocast, cpu_has_fast_bf16, resolve_amp  # noqa: F401  (re-exported)
+from util.precision import autocast
 from util.cli import ToolError
 
 logger = logging.getLogger(__name__)
