@@ -656,7 +656,7 @@ def build_model(args: argparse.Namespace, config: mv.ModelConfig, device: torch.
 
 
 def resume_training(folder: RunFolder, plan: Plan, model: torch.nn.Module, optimizer, scaler,
-                    config: mv.ModelConfig, settings: dict[str, Any]) -> Progress:
+                    settings: dict[str, Any]) -> Progress:
     """Restore trained tensors, optimizer, scaler and counters after checking that the
     checkpoint is one committed epoch of this same run."""
     path = plan.resume
@@ -667,11 +667,6 @@ def resume_training(folder: RunFolder, plan: Plan, model: torch.nn.Module, optim
         raise ckpt.CheckpointError(f"--resume {path}: {tensors_path.parent} has no commit record "
                                    "(commit.json), so the checkpoint is not a committed epoch")
     saved = ckpt.read_config(path)
-    for key in ("model", "method", "class_names", "lora", "global_pool", "img_size",
-                "model_kwargs", "norm", "mean", "std"):
-        if getattr(saved, key) != getattr(config, key):
-            raise RunConflict(f"--resume {path}: {key} is {getattr(saved, key)!r} there but "
-                                f"{getattr(config, key)!r} in this run")
     state_path = tensors_path.with_suffix(".state.pt")
     if not state_path.is_file():
         raise RunConflict(f"--resume {path}: no resume state ({state_path.name}); only "
@@ -729,7 +724,7 @@ def main(args: argparse.Namespace) -> dict:
         scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
         progress = Progress(args.start_epoch)
         if plan.resume:
-            progress = resume_training(folder, plan, model, optimizer, scaler, config, settings)
+            progress = resume_training(folder, plan, model, optimizer, scaler, settings)
             if plan.source is not None and progress.start_epoch >= args.epochs:
                 raise RunConflict(
                     f"--resume {plan.resume}: that run already trained {progress.start_epoch} "

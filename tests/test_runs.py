@@ -139,7 +139,7 @@ def test_resume_checks_weights_normalisation_and_recipe(demo, whole, tmp_path, c
     other = tmp_path / "MRM_other.pth"
     mrm_checkpoint(other, seed=9)
     cases = [(["--finetune", str(other)], "other pre-trained weights"),
-             (["--norm", "cxr_mae"], "norm is 'mrm' there but 'cxr_mae'"),
+             (["--norm", "cxr_mae"], "trained with --norm 'mrm', this command gives 'cxr_mae'"),
              (["--lr", "0.1"], "trained with --lr 0.05")]
     for flags, message in cases:
         assert mfl.cli(args_for(data, weights, out, "--resume", "auto", "--epochs", "3", *flags)) == 1

@@ -92,20 +92,24 @@ def differing(old: dict[str, Any], new: dict[str, Any], ignore: tuple[str, ...] 
     return [f"--{k} {old.get(k)!r} -> {new.get(k)!r}" for k in keys if old.get(k) != new.get(k)]
 
 
-def read_run_record(folder: str | Path) -> dict[str, Any] | None:
-    """A folder's config.json (None when absent); one line when it is damaged or of another format."""
-    path = Path(folder) / CONFIG_NAME
+def _read_record(path: Path, fmt: str, what: str) -> dict[str, Any] | None:
+    """One of the folder's JSON records (None when absent); one line when it is damaged or of
+    another format than ``fmt``."""
     if not path.is_file():
         return None
     try:
         record = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as err:
-        raise RunFolderError(f"{path}: unreadable run record ({err})") from None
-    if not isinstance(record, dict) or record.get("format") != RUN_FORMAT:
+        raise RunFolderError(f"{path}: unreadable {what} ({err}); the run folder is damaged") from None
+    if not isinstance(record, dict) or record.get("format") != fmt:
         found = record.get("format") if isinstance(record, dict) else None
-        raise RunFolderError(f"{path}: a run record of format {found!r}, this tool reads "
-                             f"{RUN_FORMAT!r}")
+        raise RunFolderError(f"{path}: a {what} of format {found!r}, this tool reads {fmt!r}")
     return record
+
+
+def read_run_record(folder: str | Path) -> dict[str, Any] | None:
+    """A folder's config.json (None when absent); one line when it is damaged or of another format."""
+    return _read_record(Path(folder) / CONFIG_NAME, RUN_FORMAT, "run record")
 
 
 class RunLock:
@@ -190,18 +194,9 @@ class RunFolder:
     # -- what the run wrote -------------------------------------------------------------
     def written(self) -> list[str]:
         """Names (inside the folder) of the files this run recorded as its own."""
-        path = self.folder / MANIFEST_NAME
-        if not path.is_file():
-            return []
-        try:
-            record = json.loads(path.read_text())
-        except (OSError, ValueError) as err:
-            raise RunFolderError(f"{path}: unreadable record of the run's files ({err})") from None
-        if not isinstance(record, dict) or record.get("format") != MANIFEST_FORMAT:
-            found = record.get("format") if isinstance(record, dict) else None
-            raise RunFolderError(f"{path}: a record of format {found!r}, this tool reads "
-                                 f"{MANIFEST_FORMAT!r}")
-        return [n for n in record.get("files", []) if isinstance(n, str) and self._inside(n)]
+        record = _read_record(self.folder / MANIFEST_NAME, MANIFEST_FORMAT, "record of the run's files")
+        files = (record or {}).get("files", [])
+        return [n for n in files if isinstance(n, str) and self._inside(n)]
 
     def _inside(self, name: str) -> bool:
         """Whether a recorded name is a file of this folder (never ``..``, never absolute)."""
@@ -386,19 +381,7 @@ class RunFolder:
     # -- commits ------------------------------------------------------------------------
     def read_commit(self) -> dict[str, Any] | None:
         """The last committed epoch's record, or None when nothing was committed."""
-        path = self.folder / COMMIT_NAME
-        if not path.is_file():
-            return None
-        try:
-            record = json.loads(path.read_text())
-        except (OSError, ValueError) as err:
-            raise RunFolderError(f"{path}: unreadable commit record ({err}); the run folder is "
-                                 "damaged") from None
-        if not isinstance(record, dict) or record.get("format") != COMMIT_FORMAT:
-            found = record.get("format") if isinstance(record, dict) else None
-            raise RunFolderError(f"{path}: a commit record of format {found!r}, this tool "
-                                 f"reads {COMMIT_FORMAT!r}")
-        return record
+        return _read_record(self.folder / COMMIT_NAME, COMMIT_FORMAT, "commit record")
 
     def commit(self, epoch: int, stage: Callable[[Path], Any], log: list[dict[str, Any]],
                last_complete: str = "") -> None:
