@@ -863,23 +863,12 @@ def build_eval_dataset(args: argparse.Namespace, config: mv.ModelConfig) -> data
 
 
 def eval_folder(args: argparse.Namespace, checkpoint: Path, name: str) -> RunFolder:
-    """--eval's own folder (resolved): never a training run's folder, nor one inside it but eval/."""
-    run = checkpoint_folder(checkpoint)
-    if "output_dir" in args.explicit:  # the user's folder (with --eval_name: a folder inside it)
+    """--eval's own folder: <run>/eval/<name>, or --output_dir (with --eval_name inside it)."""
+    if "output_dir" in args.explicit:
         out = Path(args.output_dir) / args.eval_name if args.eval_name else Path(args.output_dir)
     else:
-        out = run / "eval" / name
-    out = Path(os.path.realpath(out))
-    for folder in (out, *out.parents):
-        if any((folder / m).exists() for m in ("commit.json", "checkpoint-last.json")):
-            inside_eval = folder == Path(os.path.realpath(run)) and out.is_relative_to(folder / "eval") \
-                and out != folder / "eval"
-            if not inside_eval:
-                raise ArgumentError(f"{out} is {'' if folder == out else 'inside '}a training run's "
-                                    f"folder ({folder}): --eval writes its own folder (leave out "
-                                    "--output_dir and give a plain --eval_name for "
-                                    "<run>/eval/<name>)")
-    return RunFolder(out)
+        out = checkpoint_folder(checkpoint) / "eval" / name
+    return RunFolder.for_evaluation(out, checkpoint)
 
 
 def evaluate_checkpoint(args: argparse.Namespace, dist_info: DistInfo, device: torch.device,

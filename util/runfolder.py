@@ -41,7 +41,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from util.cli import ToolError
+from util.cli import ToolError, UsageError
 from util.io import TMP_SUFFIX, OutputError, describe_os_error, file_sha256, write_json, write_text
 
 logger = logging.getLogger(__name__)
@@ -190,6 +190,20 @@ class RunFolder:
     def __init__(self, folder: str | Path) -> None:
         self.folder = Path(os.path.abspath(folder))
         self.lock = RunLock(self.folder)
+
+    @classmethod
+    def for_evaluation(cls, folder: str | Path, checkpoint: str | Path) -> "RunFolder":
+        """The folder an evaluation of ``checkpoint`` writes (resolved first): never a training
+        run's folder, nor a folder inside one but the checkpoint's own ``eval/<name>``."""
+        out, run = Path(os.path.realpath(folder)), Path(os.path.realpath(checkpoint_folder(checkpoint)))
+        for parent in (out, *out.parents):
+            if any((parent / m).exists() for m in (COMMIT_NAME, "checkpoint-last.json")):
+                if not (parent == run and out.parent != run and out.is_relative_to(run / "eval")):
+                    raise UsageError(
+                        f"{out} is {'' if parent == out else 'inside '}a training run's folder "
+                        f"({parent}): --eval writes its own folder (leave out --output_dir and "
+                        "give a plain --eval_name for <run>/eval/<name>)")
+        return cls(out)
 
     # -- what the run wrote -------------------------------------------------------------
     def written(self) -> list[str]:
