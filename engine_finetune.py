@@ -113,6 +113,116 @@ def _progress(iterable: Iterable, total: int, desc: str, enabled: bool) -> Itera
     return tqdm(iterable, total=total, desc=desc, dynamic_ncols=True, leave=False)
 
 
+class _ProgressLines:
+    """Progress log lines for runs without a terminal: the image rate and the epoch's ETA."""
+
+    def __init__(self, epoch: int, n_steps: int, enabled: bool, every_steps: int,
+                 every_seconds: float) -> None:
+        self.epoch, self.n_steps, self.enabled = epoch, n_steps, enabled
+        self.every_steps, self.every_seconds = every_steps, every_seconds
+        self.start = self.last = time.perf_counter()
+        self.seen = 0
+
+    def step(self, step: int, batch_size: int) -> None:
+        """Count a batch; log a line when one is due (never after the last step)."""
+        self.seen += batch_size
+        now = time.perf_counter()
+        # Every every_steps steps, and at least every every_seconds: a short epoch of a
+        # slow model still reports before it ends.
+        due = (step + 1) % self.every_steps == 0 or now - self.last >= self.every_seconds
+        if self.enabled and due and step + 1 < self.n_steps:
+            elapsed, self.last = now - self.start, now
+            eta = elapsed / (step + 1) * (self.n_steps - step - 1)
+            logger.info("epoch %d: step %d/%d, %.1f images/s, epoch ETA %s", self.epoch, step + 1,
+                        self.n_steps, self.seen / max(elapsed, 1e-9), _clock(eta))
+
+
+class _LossSums:
+    """The training loss summed on the device, over the epoch and over the current log window."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.epoch = torch.zeros((), device=device)
+        self.window = torch.zeros((), device=device)
+        self.window_n = 0
+
+    def add(self, loss: torch.Tensor) -> None:
+        detached = loss.detach()
+        self.epoch += detached
+        self.window += detached
+        self.window_n += 1
+
+    def read_window(self, epoch: int, step: int, n_steps: int) -> float:
+        """The window's mean loss (the one host sync per log window); starts the next window."""
+        window = self.window.item() / self.window_n
+        if not math.isfinite(window):
+            raise NonFiniteLossError(
+                f"loss is {window} at epoch {epoch}, step {step + 1}/{n_steps} (between "
+                f"steps {step + 2 - self.window_n} and {step + 1}); stopping")
+        self.window.zero_()
+        self.window_n = 0
+        return window
+
+
+def _check_clip_grad(clip_grad: float | None) -> None:
+    if clip_grad is not None and not clip_grad > 0:
+        # clip_grad_norm_ with a negative max_norm would reverse the gradient.
+        raise ValueError(f"clip_grad={clip_grad}: the largest gradient norm must be positive "
+                         "(None: no clipping)")
+
+
+def _batch_loss(model: nn.Module, images: torch.Tensor, targets: torch.Tensor,
+                device: torch.device, amp_dtype: torch.dtype | None,
+                batch_transform: Callable[[torch.Tensor], torch.Tensor] | None) -> torch.Tensor:
+    """BCE-with-logits of one batch, moved to the device (and transformed there)."""
+    images = images.to(device, non_blocking=True)
+    if batch_transform is not None:
+        images = batch_transform(images)
+    targets = targets.to(device, non_blocking=True).float()
+    with autocast(device, amp_dtype):
+        logits = model(images)
+    return F.binary_cross_entropy_with_logits(logits.float(), targets)
+
+
+def _accumulation(step: int, n_steps: int, accum_iter: int) -> tuple[bool, int]:
+    """Whether micro-batch ``step`` ends an optimisation step, and how many micro-batches
+    that step averages: the epoch's last group may hold fewer than ``accum_iter`` (MAE's
+    engine never applies that group's gradient)."""
+    update = (step + 1) % accum_iter == 0 or step + 1 == n_steps
+    return update, min(accum_iter, n_steps - (step - step % accum_iter))
+
+
+def _backward(model: nn.Module, loss: torch.Tensor, scaler: torch.amp.GradScaler | None,
+              sync: bool) -> None:
+    """Accumulate ``loss``'s gradient; DDP all-reduces only when ``sync`` (a step follows)."""
+    no_sync = model.no_sync() if (hasattr(model, "no_sync") and not sync) else contextlib.nullcontext()
+    with no_sync:
+        (scaler.scale(loss) if scaler is not None else loss).backward()
+
+
+def _optimizer_step(optimizer: torch.optim.Optimizer, params: Sequence[torch.Tensor],
+                    scaler: torch.amp.GradScaler | None, clip_grad: float | None) -> None:
+    """Apply the accumulated gradient (clipped after unscaling), then clear it."""
+    if scaler is not None:
+        scaler.unscale_(optimizer)
+    if clip_grad is not None:
+        torch.nn.utils.clip_grad_norm_(params, clip_grad)
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def _publish(loss: float, lr: float, global_step: int, log_writer, bar: Iterable) -> None:
+    """A log window's loss and lr to the TensorBoard writer and the progress bar."""
+    if log_writer is not None:
+        log_writer.add_scalar("train/loss", loss, global_step)
+        log_writer.add_scalar("train/lr", lr, global_step)
+    if hasattr(bar, "set_postfix"):
+        bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
+
+
 def train_one_epoch(
     model: nn.Module,
     loader: Iterable,
@@ -143,84 +253,30 @@ def train_one_epoch(
     Without a terminal (a log file, a batch job), ``progress`` logs a line every
     ``progress_freq`` steps with the image rate and the epoch's ETA instead of a bar.
     """
-    if clip_grad is not None and not clip_grad > 0:
-        # clip_grad_norm_ with a negative max_norm would reverse the gradient.
-        raise ValueError(f"clip_grad={clip_grad}: the largest gradient norm must be positive "
-                         "(None: no clipping)")
+    _check_clip_grad(clip_grad)
     model.train()
     n_steps = steps_per_epoch or len(loader)  # type: ignore[arg-type]
     params = list(params) if params is not None else [p for p in model.parameters() if p.requires_grad]
-    loss_sum = torch.zeros((), device=device)
-    window_sum = torch.zeros((), device=device)
-    window_n = 0
+    losses = _LossSums(device)
     lr = float("nan")
     optimizer.zero_grad(set_to_none=True)
     bar = _progress(loader, n_steps, f"epoch {epoch}", progress)
-    lines = progress and not hasattr(bar, "set_postfix")
-    start, seen = time.perf_counter(), 0
-    last_line = start
+    lines = _ProgressLines(epoch, n_steps, progress and not hasattr(bar, "set_postfix"),
+                           progress_freq, progress_seconds)
     for step, (images, targets) in enumerate(bar):
-        seen += len(images)
-        now = time.perf_counter()
-        # Every progress_freq steps, and at least every progress_seconds: a short epoch of a
-        # slow model still reports before it ends.
-        due = (step + 1) % progress_freq == 0 or now - last_line >= progress_seconds
-        if lines and due and step + 1 < n_steps:
-            elapsed, last_line = now - start, now
-            eta = elapsed / (step + 1) * (n_steps - step - 1)
-            logger.info("epoch %d: step %d/%d, %.1f images/s, epoch ETA %s", epoch, step + 1,
-                        n_steps, seen / max(elapsed, 1e-9), _clock(eta))
+        lines.step(step, len(images))
         if step % accum_iter == 0:
             lr = set_lr(epoch + step / n_steps)
-        images = images.to(device, non_blocking=True)
-        if batch_transform is not None:
-            images = batch_transform(images)
-        targets = targets.to(device, non_blocking=True).float()
-        with autocast(device, amp_dtype):
-            logits = model(images)
-        loss = F.binary_cross_entropy_with_logits(logits.float(), targets)
-        detached = loss.detach()
-        loss_sum += detached
-        window_sum += detached
-        window_n += 1
-
-        update = (step + 1) % accum_iter == 0 or step + 1 == n_steps
-        # The mean gradient over the step's micro-batches: the epoch's last group may hold
-        # fewer than accum_iter of them (MAE's engine never applies that group's gradient).
-        group = min(accum_iter, n_steps - (step - step % accum_iter))
-        sync = model.no_sync() if (hasattr(model, "no_sync") and not update) else contextlib.nullcontext()
-        with sync:
-            if scaler is not None:
-                scaler.scale(loss / group).backward()
-            else:
-                (loss / group).backward()
+        loss = _batch_loss(model, images, targets, device, amp_dtype, batch_transform)
+        losses.add(loss)
+        update, group = _accumulation(step, n_steps, accum_iter)
+        _backward(model, loss / group, scaler, sync=update)
         if update:
-            if scaler is not None:
-                scaler.unscale_(optimizer)
-            if clip_grad is not None:
-                torch.nn.utils.clip_grad_norm_(params, clip_grad)
-            if scaler is not None:
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-
+            _optimizer_step(optimizer, params, scaler, clip_grad)
         if (step + 1) % log_freq == 0 or step + 1 == n_steps:
-            window = window_sum.item() / window_n  # the one host sync per log window
-            if not math.isfinite(window):
-                raise NonFiniteLossError(
-                    f"loss is {window} at epoch {epoch}, step {step + 1}/{n_steps} (between "
-                    f"steps {step + 2 - window_n} and {step + 1}); stopping")
-            global_step = epoch * n_steps + step
-            if log_writer is not None:
-                log_writer.add_scalar("train/loss", window, global_step)
-                log_writer.add_scalar("train/lr", lr, global_step)
-            if hasattr(bar, "set_postfix"):
-                bar.set_postfix(loss=f"{window:.4f}", lr=f"{lr:.2e}")
-            window_sum.zero_()
-            window_n = 0
-    return {"loss": loss_sum.item() / max(n_steps, 1), "lr": lr}
+            window = losses.read_window(epoch, step, n_steps)
+            _publish(window, lr, epoch * n_steps + step, log_writer, bar)
+    return {"loss": losses.epoch.item() / max(n_steps, 1), "lr": lr}
 
 
 def _gather(tensor: torch.Tensor) -> torch.Tensor:

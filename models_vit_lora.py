@@ -470,6 +470,87 @@ def _first(items: list[Any], n: int = 5) -> str:
     return ", ".join(map(str, items[:n])) + (f" (+{len(items) - n} more)" if len(items) > n else "")
 
 
+def _is_lora_factor(model_key: str) -> bool:
+    """Whether a key of the model's own state dict is an injected LoRA factor (never pre-trained)."""
+    return model_key.rsplit(".", 1)[-1] in ("lora_A", "lora_B")
+
+
+def _refuse_adapters(state_dict: dict[str, torch.Tensor], path: str | Path) -> None:
+    """A file with trained LoRA tensors is a fine-tuned checkpoint: say what to use it with."""
+    adapters = sorted(k for k in state_dict if is_lora_key(k))
+    if adapters:
+        raise PretrainedWeightsError(
+            f"{path} holds trained LoRA tensors ({_first(adapters, 3)}): it is a fine-tuned "
+            "checkpoint, not pre-trained weights, and its adapters would be dropped here. To "
+            "continue training it use --resume <run>/checkpoint-last; to use it, predict.py "
+            "--checkpoint (or --eval --resume); --finetune takes the pre-trained file "
+            "(MRM.pth, CXR_MAE.pth, ...)")
+
+
+def _fit_pos_embed(model: nn.Module, value: torch.Tensor, want: torch.Size, report: LoadReport,
+                   path: str | Path) -> torch.Tensor:
+    """``pos_embed`` interpolated to the model's patch grid when only its number of positions differs."""
+    if value.shape == want or value.shape[-1] != want[-1]:
+        return value
+    grid = getattr(model.patch_embed, "grid_size", None)
+    if grid is None:
+        raise PretrainedWeightsError(f"{path}: cannot resize pos_embed for this model")
+    prefix = want[1] - grid[0] * grid[1]
+    report.pos_embed_resized = (value.shape[1], want[1])
+    return resize_pos_embed(value, tuple(grid), num_prefix_tokens=prefix)
+
+
+def _match_tensors(model: nn.Module, state: dict[str, torch.Tensor], target: dict[str, str],
+                   report: LoadReport, path: str | Path) -> dict[str, torch.Tensor]:
+    """The file's tensors under the model's own names; the classifier and keys the model
+    lacks go to ``report``. Any backbone tensor of the wrong shape is refused."""
+    shapes = {k: v.shape for k, v in model.state_dict().items()}
+    to_load: dict[str, torch.Tensor] = {}
+    mismatched = []
+    for key, value in state.items():
+        if key not in target:
+            report.unexpected.append(key)
+            continue
+        want = shapes[target[key]]
+        if key == "pos_embed":
+            value = _fit_pos_embed(model, value, want, report, path)
+        if key.startswith(NEW_HEAD_PREFIXES) or (key.startswith(HEAD_PREFIXES) and value.shape != want):
+            report.head_reinitialised = True
+            report.ignored.append(key)
+        elif value.shape != want:
+            mismatched.append(f"{key}: file {tuple(value.shape)} vs model {tuple(want)}")
+        else:
+            to_load[target[key]] = value
+    if mismatched:
+        raise PretrainedWeightsError(
+            f"{path}: {len(mismatched)} tensors have the wrong shape for "
+            f"{type(model).__name__} (wrong architecture? e.g. ViT-L weights into ViT-B): "
+            f"{_first(mismatched)}")
+    return to_load
+
+
+def _check_backbone_covered(target: dict[str, str], state: dict[str, torch.Tensor],
+                            path: str | Path) -> None:
+    """Every model tensor but the classifier comes from the file: none stays random."""
+    backbone_missing = sorted(k for k in target if k not in state and not k.startswith(HEAD_PREFIXES))
+    if backbone_missing:
+        raise PretrainedWeightsError(
+            f"{path}: {len(backbone_missing)} backbone tensors are missing from the file, so "
+            f"part of the ViT would stay random: {_first(backbone_missing)}. Is this a "
+            "ViT encoder checkpoint of the same architecture?")
+
+
+def _copy_into(model: nn.Module, to_load: dict[str, torch.Tensor], report: LoadReport) -> None:
+    """Copy the checked tensors; what the model still lacks must be its classifier alone."""
+    result = model.load_state_dict(to_load, strict=False)
+    loaded_missing = sorted(lora.canonical_name(k) for k in result.missing_keys
+                            if not _is_lora_factor(k))
+    assert not result.unexpected_keys, f"unexpected keys after mapping: {result.unexpected_keys}"
+    assert all(k.startswith(HEAD_PREFIXES) for k in loaded_missing), loaded_missing
+    report.missing = loaded_missing
+    report.matched = sorted(lora.canonical_name(k) for k in to_load)
+
+
 def load_pretrained(model: nn.Module, path: str | Path, allow_unsafe_pickle: bool = False,
                     state_dict: dict[str, torch.Tensor] | None = None) -> LoadReport:
     """Load pre-trained ViT weights of any registered format (``weights``) into ``model``,
@@ -488,66 +569,17 @@ def load_pretrained(model: nn.Module, path: str | Path, allow_unsafe_pickle: boo
     """
     if state_dict is None:
         state_dict = extract_state_dict(read_checkpoint(path, allow_unsafe_pickle), path)
-    adapters = sorted(k for k in state_dict if is_lora_key(k))
-    if adapters:
-        raise PretrainedWeightsError(
-            f"{path} holds trained LoRA tensors ({_first(adapters, 3)}): it is a fine-tuned "
-            "checkpoint, not pre-trained weights, and its adapters would be dropped here. To "
-            "continue training it use --resume <run>/checkpoint-last; to use it, predict.py "
-            "--checkpoint (or --eval --resume); --finetune takes the pre-trained file "
-            "(MRM.pth, CXR_MAE.pth, ...)")
+    _refuse_adapters(state_dict, path)
     fmt = weights.detect(state_dict, path)
     state, dropped = fmt.to_timm(state_dict)
     report = LoadReport(path=str(path), format=fmt.name, ignored=list(dropped))
-    target = {lora.canonical_name(k): k for k in model.state_dict()
-              if k.rsplit(".", 1)[-1] not in ("lora_A", "lora_B")}
-    shapes = {k: v.shape for k, v in model.state_dict().items()}
-
-    to_load: dict[str, torch.Tensor] = {}
-    mismatched = []
-    for key, value in state.items():
-        if key not in target:
-            report.unexpected.append(key)
-            continue
-        want = shapes[target[key]]
-        if key == "pos_embed" and value.shape != want and value.shape[-1] == want[-1]:
-            grid = getattr(model.patch_embed, "grid_size", None)
-            if grid is None:
-                raise PretrainedWeightsError(f"{path}: cannot resize pos_embed for this model")
-            prefix = want[1] - grid[0] * grid[1]
-            report.pos_embed_resized = (value.shape[1], want[1])
-            value = resize_pos_embed(value, tuple(grid), num_prefix_tokens=prefix)
-        if key.startswith(NEW_HEAD_PREFIXES) or (key.startswith(HEAD_PREFIXES) and value.shape != want):
-            report.head_reinitialised = True
-            report.ignored.append(key)
-            continue
-        if value.shape != want:
-            mismatched.append(f"{key}: file {tuple(value.shape)} vs model {tuple(want)}")
-            continue
-        to_load[target[key]] = value
-
-    if mismatched:
-        raise PretrainedWeightsError(
-            f"{path}: {len(mismatched)} tensors have the wrong shape for "
-            f"{type(model).__name__} (wrong architecture? e.g. ViT-L weights into ViT-B): "
-            f"{_first(mismatched)}")
-    missing = sorted(k for k in target if k not in state)
-    backbone_missing = [k for k in missing if not k.startswith(HEAD_PREFIXES)]
-    if backbone_missing:
-        raise PretrainedWeightsError(
-            f"{path}: {len(backbone_missing)} backbone tensors are missing from the file, so "
-            f"part of the ViT would stay random: {_first(backbone_missing)}. Is this a "
-            "ViT encoder checkpoint of the same architecture?")
+    # The model's tensors by their plain-model name, mapped to the name they carry here.
+    target = {lora.canonical_name(k): k for k in model.state_dict() if not _is_lora_factor(k)}
+    to_load = _match_tensors(model, state, target, report, path)
+    _check_backbone_covered(target, state, path)
     # Checked once here, before anything is copied: every later use trusts these weights.
     check_finite(to_load, path)
-
-    result = model.load_state_dict(to_load, strict=False)
-    loaded_missing = sorted(lora.canonical_name(k) for k in result.missing_keys
-                            if k.rsplit(".", 1)[-1] not in ("lora_A", "lora_B"))
-    assert not result.unexpected_keys, f"unexpected keys after mapping: {result.unexpected_keys}"
-    assert all(k.startswith(HEAD_PREFIXES) for k in loaded_missing), loaded_missing
-    report.missing = loaded_missing
-    report.matched = sorted(lora.canonical_name(k) for k in to_load)
+    _copy_into(model, to_load, report)
     if "head.weight" in report.missing or report.head_reinitialised:
         reset_head(model)
     if report.unexpected:
