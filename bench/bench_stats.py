@@ -25,11 +25,12 @@ good model B (noise correlated 0.5 with A's), and scores, on --resamples resampl
 
     plain      util.stats's bootstrap: unstratified, joint over classes (percentile)
     plain BCa  the same resamples, bias-corrected and accelerated (jackknife acceleration)
-    patterns   the former draw: strata of label patterns shared by 2+ images, the images
-               with a unique pattern pooled in one stratum (percentile)
+    patterns   strata of label patterns shared by 2+ images, the images with a unique
+               pattern pooled in one stratum (percentile)
     label      each class stratified on its own label (positives and negatives resampled
                apart; per class only)
     DeLong     normal interval clipped to [0, 1]; DeLong logit: on the logit scale
+               (util.stats.delong_interval, what the reports give)
 
 Coverage: the share of repetitions whose 95% interval holds the true AUROC (A's
 intervals). Type-I: the share whose paired test of A - B rejects at alpha 0.05 (bootstrap
@@ -60,7 +61,7 @@ from sklearn.metrics import roc_auc_score  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere in the repo
 
 from util.stats import (Strata, _bootstrap_p, auroc_intervals, bootstrap_aurocs,  # noqa: E402
-                        delong_components, delong_covariance)
+                        delong_components, delong_covariance, delong_interval)
 
 # Roughly NIH ChestX-ray14's positive rates per class (column order of FACTS.md).
 NIH_PREVALENCE = (0.12, 0.04, 0.18, 0.24, 0.07, 0.05, 0.02, 0.10, 0.07, 0.04, 0.04, 0.02,
@@ -130,7 +131,7 @@ def simulation_labels() -> tuple[np.ndarray, str]:
 
 
 def pattern_strata(targets: np.ndarray) -> Strata:
-    """The former stratification: one stratum per label pattern shared by 2+ images, one pool."""
+    """Label-pattern strata: one per pattern shared by 2+ images, one pool of the unique ones."""
     _, inverse, counts = np.unique(targets, axis=0, return_inverse=True, return_counts=True)
     inverse = inverse.ravel()
     return Strata.from_ids(np.where(counts[inverse] > 1, inverse, len(counts)))
@@ -213,9 +214,7 @@ def simulate_one(job: tuple[np.ndarray, int, int]) -> dict[str, np.ndarray]:
         auc, cov = delong_covariance(targets[:, j], np.stack([a[:, j], b[:, j]]))
         se = math.sqrt(cov[0, 0])
         cover("DeLong", j, max(0.0, auc[0] - z * se), min(1.0, auc[0] + z * se))
-        logit, se_logit = math.log(auc[0] / (1 - auc[0])), se / (auc[0] * (1 - auc[0]))
-        cover("DeLong logit", j, 1 / (1 + math.exp(-(logit - z * se_logit))),
-              1 / (1 + math.exp(-(logit + z * se_logit))))
+        cover("DeLong logit", j, *delong_interval(float(auc[0]), se, z))
         var = cov[0, 0] + cov[1, 1] - 2 * cov[0, 1]
         p = math.erfc(abs(auc[0] - auc[1]) / math.sqrt(2 * var)) if var > 0 else 1.0
         rejected["DeLong"][j] = float(p < ALPHA)

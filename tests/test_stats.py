@@ -56,7 +56,7 @@ def slow_bootstrap(targets, scores, resamples, seed, stratum_of=None, auroc=skle
 
 
 def pattern_ids(targets):
-    """Each image's label-pattern number (np.unique order): the strata of the former draw."""
+    """Each image's label-pattern number (np.unique order): strata that keep too little variance."""
     return np.unique(targets, axis=0, return_inverse=True)[1].ravel()
 
 

@@ -17,7 +17,7 @@ Why unstratified. A stratum keeps its own size in every resample, so the resampl
 statistic varies only within strata; a stratum of s images keeps (s - 1) / s of its
 variance. Strata defined by each image's whole label pattern (the vector of K labels) are
 small on a multi-label set, and the positives of a rare class sit mostly in small patterns:
-the intervals came out too narrow (a class with 40 positives in 20 patterns of 2 images: a
+the intervals come out too narrow (a class with 40 positives in 20 patterns of 2 images: a
 bootstrap SD of 0.73 DeLong standard errors) and the paired test rejected too often.
 Stratifying each class on its own label alone would need a draw per class, and the mean
 AUROC would then be resampled differently from its classes; the plain joint draw treats the
