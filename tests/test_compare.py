@@ -58,6 +58,8 @@ def test_compare_joins_on_path_and_writes_outputs(tmp_path, capsys):
     assert [r["class"] for r in rows] == [*CLASSES, "mean"]
     assert rows[0]["diff"] == f"{100 * expected['classes']['Mass']['diff']:.2f}"
     md = (out / "comparison.md").read_text()
+    assert "unstratified" in md
+    assert "- Mass, Nodule: 30 or fewer positives (or negatives); there both intervals" in md
     assert "| **mean** |" in md and "- Hernia: no interval" in md
     for ext in ("png", "svg"):
         plot = out / f"comparison_forest.{ext}"

@@ -188,3 +188,8 @@ def test_auroc_tables_with_intervals(tmp_path):
     assert "| Hernia | n/a | n/a | n/a |" in md
     assert "- Hernia: undefined: only negatives among the 80 images." in md
     assert "50 resamples, seed 0" in md
+    # The note says how the intervals were made, and names the classes where they under-cover.
+    assert "95% CI: bootstrap over images, unstratified, resampled jointly across classes" in md
+    assert "pattern" not in md
+    assert max(mass["n_pos"], res["intervals"]["classes"]["Nodule"]["n_pos"]) <= 30
+    assert "- Mass, Nodule: 30 or fewer positives (or negatives); there both intervals under-cover" in md

@@ -1,4 +1,4 @@
-"""util.stats: the fast stratified bootstrap against a slow loop, DeLong against O(n^2) sums."""
+"""util.stats: the fast bootstrap against a slow loop, DeLong against O(n^2) sums."""
 import json
 import math
 
@@ -30,24 +30,16 @@ def pairs_auroc(target, score):
     return ((pos[:, None] > neg) + 0.5 * (pos[:, None] == neg)).mean()
 
 
-def stratum_members(targets, pool_rare=True):
-    """Images of each stratum in draw order: patterns in np.unique order, rare patterns pooled last.
-
-    ``pool_rare=False`` gives the former draw, where an image with a unique pattern is a
-    stratum of its own.
-    """
-    patterns, inverse = np.unique(targets, axis=0, return_inverse=True)
-    inverse = inverse.ravel()
-    members = [np.flatnonzero(inverse == s) for s in range(len(patterns))]
-    if not pool_rare:
-        return members
-    pool = [i for m in members if len(m) == 1 for i in m]
-    return [m for m in members if len(m) > 1] + ([np.array(sorted(pool))] if pool else [])
+def stratum_members(targets, stratum_of=None):
+    """Images of each stratum in draw order (strata by id, members in image order); one by default."""
+    if stratum_of is None:
+        return [np.arange(len(targets))]
+    return [np.flatnonzero(stratum_of == s) for s in np.unique(stratum_of)]
 
 
-def slow_bootstrap(targets, scores, resamples, seed, pool_rare=True, auroc=sklearn_auroc):
+def slow_bootstrap(targets, scores, resamples, seed, stratum_of=None, auroc=sklearn_auroc):
     """The documented draw, written as a plain loop, one AUROC call per class: (B, K), NaN where undefined."""
-    members = stratum_members(targets, pool_rare)
+    members = stratum_members(targets, stratum_of)
     rng = np.random.default_rng(seed)
     out = np.empty((resamples, targets.shape[1]))
     for b in range(resamples):
@@ -63,40 +55,21 @@ def slow_bootstrap(targets, scores, resamples, seed, pool_rare=True, auroc=sklea
     return out
 
 
-def plain_bootstrap(targets, scores, resamples, seed):
-    """An unstratified bootstrap (n images drawn with replacement): (B, K), NaN where undefined."""
-    rng = np.random.default_rng(seed)
-    out = np.empty((resamples, targets.shape[1]))
-    for b in range(resamples):
-        picks = rng.integers(0, len(targets), len(targets))
-        for k in range(targets.shape[1]):
-            out[b, k] = pairs_auroc(targets[picks, k], scores[picks, k])
-    return out
-
-
-def percentile_width(samples):
-    """Width of the 95% percentile interval of the finite samples."""
-    low, high = np.percentile(samples[np.isfinite(samples)], [2.5, 97.5])
-    return high - low
+def pattern_ids(targets):
+    """Each image's label-pattern number (np.unique order): strata that keep too little variance."""
+    return np.unique(targets, axis=0, return_inverse=True)[1].ravel()
 
 
 @pytest.mark.parametrize("k", [3, 6])
 def test_bootstrap_matches_slow_loop(k):
-    # k=3: one rare image (a pool of one, fixed); k=6: a pool of 9 rare images.
     names = list("abcdef")[:k]
     targets, scores = data(k=k)
-    (fast,), strata = stats.bootstrap_aurocs(targets, [scores], resamples=40, seed=7)
+    (fast,) = stats.bootstrap_aurocs(targets, [scores], resamples=40, seed=7)
     slow = slow_bootstrap(targets, scores, 40, seed=7)
     np.testing.assert_array_equal(np.isnan(fast), np.isnan(slow))  # the same left-out resamples
     np.testing.assert_allclose(fast, slow, rtol=0, atol=1e-12)
-    members = stratum_members(targets)
-    assert strata.n_strata == len(members)
-    counts = np.unique(targets, axis=0, return_counts=True)[1]
-    assert strata.n_rare == (counts == 1).sum() and strata.n_fixed == int(strata.n_rare == 1)
-    assert (strata.n_rare, strata.n_fixed) == ((1, 1) if k == 3 else (strata.n_rare, 0))
-    assert k == 3 or strata.n_rare > 5
     # The block size only groups the work: the same draws.
-    (small_blocks,), _ = stats.bootstrap_aurocs(targets, [scores], resamples=40, seed=7, block=3)
+    (small_blocks,) = stats.bootstrap_aurocs(targets, [scores], resamples=40, seed=7, block=3)
     np.testing.assert_array_equal(small_blocks, fast)
     # The interval is the percentile interval of those resamples; the mean is joint.
     res = stats.auroc_intervals(targets, scores, names, resamples=40, seed=7)
@@ -108,68 +81,83 @@ def test_bootstrap_matches_slow_loop(k):
     assert (res["mean"]["ci_low"], res["mean"]["ci_high"]) == pytest.approx((mlow, mhigh), abs=1e-12)
     assert res["mean"]["n_undefined_resamples"] == int(np.isnan(means).sum())
     assert res["n_resamples"] == 40 and res["seed"] == 7
-    assert res["n_strata"] == strata.n_strata and res["n_rare_images"] == strata.n_rare
+    assert "unstratified" in res["bootstrap"]
     other = stats.auroc_intervals(targets, scores, names, resamples=40, seed=8)
     assert other["mean"]["ci_low"] != res["mean"]["ci_low"]  # the seed matters
 
 
-def test_strata_pool_rare_patterns_last():
-    targets, _ = data(n=80, k=5, seed=1)
-    _, inverse, counts = np.unique(targets, axis=0, return_inverse=True, return_counts=True)
-    rare = counts[inverse.ravel()] == 1
-    strata = stats.Strata.from_targets(targets)
-    assert 1 < strata.n_rare == rare.sum() and strata.n_fixed == 0
-    assert strata.n_strata == (counts > 1).sum() + 1
-    # The pool is the last stratum and holds exactly the rare images, in image order.
-    pool = strata.slot_start == strata.slot_start[-1]
-    assert strata.order[pool].tolist() == np.flatnonzero(rare).tolist()
-    t = targets[strata.order]
-    for counts_ in stats.resample_counts(strata, resamples=20, seed=0, block=8):
-        assert counts_.sum(axis=0).tolist() == [len(targets)] * counts_.shape[1]
-        # Images never leave their stratum: each stratum's total stays its size, so the
-        # pattern strata give every resample the same positives; only the pool's vary.
+def test_given_strata_are_resampled_within():
+    targets, scores = data(n=80, k=5, seed=1)
+    ids = pattern_ids(targets)
+    strata = stats.Strata.from_ids(ids)
+    assert strata.n_strata == len(np.unique(ids)) > 5
+    (fast,) = stats.bootstrap_aurocs(targets, [scores], 30, seed=2, strata=strata)
+    slow = slow_bootstrap(targets, scores, 30, seed=2, stratum_of=ids)
+    np.testing.assert_allclose(fast, slow, rtol=0, atol=1e-12, equal_nan=True)
+    for counts in stats.resample_counts(strata, resamples=20, seed=0, block=8):
+        assert counts.sum(axis=0).tolist() == [len(targets)] * counts.shape[1]
+        # Images never leave their stratum: each stratum's total stays its size.
         for start in np.unique(strata.slot_start):
             rows = strata.slot_start == start
-            assert (counts_[rows].sum(axis=0) == rows.sum()).all()
-        shared = t[~pool].T @ counts_[~pool]
-        np.testing.assert_array_equal(shared, np.repeat(t[~pool].sum(0)[:, None], counts_.shape[1], 1))
-    assert (counts_[pool] != 1).any()  # the pool is really resampled
-    # A single rare image is a pool of one: the only image that stays in every resample.
-    one = np.array([[0, 0], [0, 0], [1, 1], [1, 1], [1, 0]])
-    single = stats.Strata.from_targets(one)
-    assert (single.n_strata, single.n_rare, single.n_fixed) == (3, 1, 1)
-    assert single.order.tolist() == [0, 1, 2, 3, 4]
+            assert (counts[rows].sum(axis=0) == rows.sum()).all()
+    whole = stats.Strata.whole(len(targets))
+    assert whole.n_strata == 1 and whole.order.tolist() == list(range(len(targets)))
+    with pytest.raises(ValueError, match="strata cover 79 images, targets 80"):
+        stats.bootstrap_aurocs(targets, [scores], 5, strata=stats.Strata.whole(79))
 
 
-def test_small_many_class_set_gets_a_real_interval():
-    """34 images x 14 classes, 29 with a unique pattern: the pool makes them vary again."""
-    rng = np.random.default_rng(1)
-    targets = (rng.random((34, 14)) < 0.35).astype(int)
-    targets[29:31], targets[31:34] = 0, 1  # the only shared patterns
-    scores = np.round(1 / (1 + np.exp(-(rng.normal(size=targets.shape) + 1.2 * targets))), 2)
-    names = [f"c{k}" for k in range(14)]
-    res = stats.auroc_intervals(targets, scores, names, resamples=300, seed=0)
-    assert (res["n_rare_images"], res["n_fixed_images"], res["n_strata"]) == (29, 0, 3)
-    mean = res["mean"]
-    assert mean["ci_low"] < mean["auroc"] < mean["ci_high"]
-    assert mean["n_undefined_resamples"] == 0 and mean["note"] is None
-    width = mean["ci_high"] - mean["ci_low"]
-    # The former draw (each rare image a stratum of its own, always drawn) on the same seed.
-    old = slow_bootstrap(targets, scores, 300, seed=0, pool_rare=False, auroc=pairs_auroc)
-    assert width > 3 * percentile_width(old.mean(axis=1))  # 0.076 against 0.021
-    # Close to a plain unstratified bootstrap, which fixes no image.
-    plain = plain_bootstrap(targets, scores, 300, seed=0)
-    assert 0.6 < width / percentile_width(plain.mean(axis=1)) < 1.5
-    for row in res["classes"].values():
-        assert row["ci_low"] <= row["auroc"] <= row["ci_high"] and row["ci_high"] > row["ci_low"]
+def small_pattern_case(seed=0):
+    """40 positives of class 0 in 20 label patterns of 2 images (the other 5 classes spell the
+    pattern), 200 negatives; two correlated, equally good binormal score sets."""
+    rng = np.random.default_rng(seed)
+    targets = np.zeros((240, 6), dtype=int)
+    targets[:40, 0] = 1
+    targets[:40, 1:] = (np.repeat(np.arange(1, 21), 2)[:, None] >> np.arange(5)) & 1
+    noise = rng.normal(size=240)
+    a = 1.2 * targets[:, 0] + noise
+    b = 1.2 * targets[:, 0] + 0.5 * noise + math.sqrt(0.75) * rng.normal(size=240)
+    return targets, np.repeat(a[:, None], 6, 1), np.repeat(b[:, None], 6, 1)
+
+
+def test_class_in_small_label_patterns_keeps_its_variance():
+    """Strata of whole label patterns kept ~half the positives' variance (SD / SE ~0.7);
+    the unstratified draw keeps all of it (~1), for the interval and for the paired test."""
+    targets, a, b = small_pattern_case()
+    assert len(np.unique(targets[:40], axis=0)) == 20
+    auc, cov = stats.delong_covariance(targets[:, 0], np.stack([a[:, 0], b[:, 0]]))
+    se, se_diff = math.sqrt(cov[0, 0]), math.sqrt(cov[0, 0] + cov[1, 1] - 2 * cov[0, 1])
+    boot_a, boot_b = stats.bootstrap_aurocs(targets, [a, b], 2000, seed=0)
+    assert boot_a[:, 0].std() / se > 0.9
+    assert (boot_a - boot_b)[:, 0].std() / se_diff > 0.9
+    old_a, old_b = stats.bootstrap_aurocs(targets, [a, b], 2000, seed=0,
+                                          strata=stats.Strata.from_ids(pattern_ids(targets)))
+    assert old_a[:, 0].std() / se < 0.8 and (old_a - old_b)[:, 0].std() / se_diff < 0.85
+    # The reports' interval is as wide as DeLong's.
+    names = [f"c{k}" for k in range(6)]
+    row = stats.auroc_intervals(targets, a, names, resamples=2000)["classes"]["c0"]
+    assert 0.9 < (row["ci_high"] - row["ci_low"]) / (row["delong_high"] - row["delong_low"]) < 1.15
+    cmp = stats.paired_comparison(targets, a, b, names, resamples=2000)["classes"]["c0"]
+    assert 0.9 < (cmp["ci_high"] - cmp["ci_low"]) / (2 * 1.96 * se_diff) < 1.15
+
+
+def test_small_classes_are_named_in_a_note():
+    targets, scores = data(n=200, k=3, seed=9)
+    targets[:, 2] = 0
+    targets[:25, 2] = 1
+    res = stats.auroc_intervals(targets, scores, ["big", "mid", "small"], resamples=0)
+    assert [r["n_pos"] for r in res["classes"].values()][2] == 25
+    assert min(res["classes"]["big"]["n_pos"], res["classes"]["mid"]["n_pos"]) > 30
+    note = stats.small_class_note(res["classes"])
+    assert note.startswith("small: 30 or fewer positives") and "under-cover" in note
+    targets[:, 2] = 0
+    targets[:31, 2] = 1
+    assert stats.small_class_note(stats.auroc_intervals(
+        targets, scores, ["big", "mid", "small"], resamples=0)["classes"]) is None
 
 
 def rare_positive_targets():
-    """Class c's only 2 positives have unique patterns; a and b live in shared strata.
-
-    The pool is images 0-3 (2 positives of c among 4), so a resample lacks every c-positive
-    with probability (1/2)^4.
-    """
+    """Class c has 2 positives among 60 images: a resample lacks both with probability
+    (58/60)^60, ~13%; a and b have 28 and 30."""
     targets = np.zeros((60, 3), dtype=int)
     targets[4::2, :2] = 1                   # (1, 1, 0) and (0, 0, 0), 28 images each
     targets[:4] = [[0, 0, 1], [1, 1, 1], [0, 1, 0], [1, 0, 0]]
@@ -183,7 +171,6 @@ def test_class_with_only_rare_positives_counts_left_out_resamples():
     b = np.round(rng.random(targets.shape) * 0.7 + 0.3 * targets, 2)
     res = stats.auroc_intervals(targets, a, ["a", "b", "c"], resamples=400, seed=3)
     json.dumps(res, allow_nan=False)
-    assert res["n_rare_images"] == 4
     slow = slow_bootstrap(targets, a, 400, seed=3, auroc=pairs_auroc)
     missing = int(np.isnan(slow[:, 2]).sum())
     assert missing > 0 and np.isfinite(slow[:, :2]).all()
@@ -282,8 +269,13 @@ def test_delong_hand_computed():
     res = stats.auroc_intervals(target, score, ["x"], resamples=0)
     row = res["classes"]["x"]
     assert row["delong_se"] == pytest.approx(math.sqrt(1 / 18))
-    assert row["delong_low"] == pytest.approx(5 / 6 - 1.959964 * math.sqrt(1 / 18), abs=1e-6)
-    assert row["delong_high"] == 1.0  # clipped
+    # On the logit scale: ln 5 +- 1.959964 * sqrt(1/18) / (5/36), mapped back.
+    se_logit = math.sqrt(1 / 18) / (5 / 36)
+    assert row["delong_low"] == pytest.approx(1 / (1 + math.exp(-(math.log(5) - 1.959964 * se_logit))),
+                                              abs=1e-6)
+    assert row["delong_high"] == pytest.approx(1 / (1 + math.exp(-(math.log(5) + 1.959964 * se_logit))),
+                                               abs=1e-6)
+    assert 0.15 < row["delong_low"] < 0.16 and 0.99 < row["delong_high"] < 1  # inside (0, 1)
     assert row["ci_low"] is None and "bootstrap turned off" in row["note"]
     # Paired, by hand: B ranks the 0.4 positive above both negatives -> AUROC 1.
     # V10_B = [1, 1, 1], V01_B = [1, 1]: zero variance, so Var(A - B) = Var(A) = 1/18.
@@ -344,12 +336,10 @@ def test_degenerate_cases_are_explicit_not_nan():
     assert "1 positive(s) and 1 negative(s)" in two["classes"]["x"]["note"]
     assert two["mean"]["auroc"] == 1.0 and two["mean"]["ci_low"] is None and two["mean"]["note"]
 
-    # Every label pattern unique: one pooled stratum, a plain bootstrap of the 4 images;
-    # resamples without a positive or a negative of a class are counted, never NaN.
+    # 4 images: resamples without a positive or a negative of a class are counted, never NaN.
     uniq_t = np.array([[0, 0], [0, 1], [1, 0], [1, 1]])
     uniq = stats.auroc_intervals(uniq_t, np.eye(4)[:, :2], ["a", "b"], resamples=40, seed=1)
     json.dumps(uniq, allow_nan=False)
-    assert (uniq["n_strata"], uniq["n_rare_images"], uniq["n_fixed_images"]) == (1, 4, 0)
     slow = slow_bootstrap(uniq_t, np.eye(4)[:, :2], 40, seed=1)
     assert uniq["classes"]["a"]["n_undefined_resamples"] == int(np.isnan(slow[:, 0]).sum()) > 0
     assert uniq["mean"]["n_undefined_resamples"] == int(np.isnan(slow).any(axis=1).sum())
@@ -370,6 +360,15 @@ def test_bad_input_is_named():
 
 def test_speed_benchmark_agrees_with_naive_loop():
     """bench/bench_stats.py's NIH-like data: the fast path equals the sklearn loop."""
+    bench = load_bench()
+    result = bench.main(["--images", "400", "--classes", "5", "--resamples", "30", "--naive", "4",
+                         "--repeats", "1"])
+    assert result["naive_equals_ours"] is True
+    assert result["ours_s"] > 0
+
+
+def load_bench():
+    """bench/bench_stats.py as a module."""
     import importlib.util
     from pathlib import Path
 
@@ -377,7 +376,24 @@ def test_speed_benchmark_agrees_with_naive_loop():
     spec = importlib.util.spec_from_file_location("bench_stats", path)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
-    result = bench.main(["--images", "400", "--classes", "5", "--resamples", "30", "--naive", "4",
-                         "--repeats", "1"])
-    assert result["naive_equals_ours"] is True
-    assert result["ours_s"] > 0 and result["strata"] > 1
+    return bench
+
+
+def test_simulation_jackknife_and_tables():
+    """The simulation's leave-one-out AUROCs equal recomputed ones; its tables are shares."""
+    bench = load_bench()
+    targets, scores = data(n=50, k=2, seed=11, decimals=2)
+    auc, jack = bench.jackknife_aurocs(targets, scores)
+    for i in (0, 7, 31):
+        keep = np.arange(50) != i
+        for k in range(2):
+            assert jack[i, k] == pytest.approx(pairs_auroc(targets[keep, k], scores[keep, k]), abs=1e-12)
+    assert auc == pytest.approx([pairs_auroc(targets[:, k], scores[:, k]) for k in range(2)])
+    result = bench.main(["--simulate", "--repetitions", "3", "--resamples", "40", "--workers", "1"])
+    assert len(result["sets"]) == 2
+    for s in result["sets"].values():
+        assert s["rows"][-1] == "mean AUROC" and len(s["rows"]) == len(s["positives"]) + 1
+        assert s["covered label"][-1] is None and s["covered plain"][-1] is not None
+        for key, values in s.items():
+            if key.startswith(("covered", "rejected")):
+                assert all(v is None or v in (0.0, 33.3, 66.7, 100.0) for v in values), key

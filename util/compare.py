@@ -10,8 +10,8 @@ the same images, the same classes in the same order and the same labels, or the
 comparison is refused with the mismatch named.
 
 Per class and for the mean AUROC: each run's AUROC, the difference A - B, its paired
-stratified-bootstrap interval and p-value (both runs scored on the same resamples, see
-``util.stats``), and per class DeLong's paired test. The p-values are per class and not
+bootstrap interval and p-value (images resampled jointly across classes, unstratified; both
+runs scored on the same resamples, see ``util.stats``), and per class DeLong's paired test. The p-values are per class and not
 adjusted for multiple comparisons. ``--out DIR`` writes ``comparison.{md,csv,json}`` (and
 ``comparison_forest.{png,svg}`` with ``--plot``); the markdown is always printed. Those
 files are never written over unless ``--overwrite`` is given; the predictions read, a
@@ -40,7 +40,7 @@ import numpy as np
 from util import cli
 from util.io import atomic_write, write_json
 from util.reports import check_outputs, x100
-from util.stats import DEFAULT_RESAMPLES, paired_comparison
+from util.stats import DEFAULT_RESAMPLES, paired_comparison, small_class_note
 from util.cli import UsageError
 
 LABEL_PREFIX = "label_"
@@ -196,6 +196,9 @@ def to_markdown(result: dict[str, Any]) -> str:
     out += ["", f"A = {a} ({result['file_a']}), B = {b} ({result['file_b']}).",
             f"{result['bootstrap']}; {result['n_resamples']} resamples, seed {result['seed']}. "
             f"{result['delong']}. p-values are not adjusted for multiple comparisons.", ""]
+    small = small_class_note(result["classes"])
+    if small:
+        out.append(f"- {small}.")
     for name, r in [*result["classes"].items(), ("mean", result["mean"])]:
         if r["note"]:
             out.append(f"- {name}: {r['note']}.")

@@ -21,6 +21,7 @@ import numpy as np
 from util.cli import UsageError
 from util.io import atomic_write
 from util.runfolder import run_owning
+from util.stats import small_class_note
 
 # The ROC figure is a fixed 8 x 8 inch canvas at 100 dpi (800 x 800 px, no tight bbox) so
 # that every report has the same size, whatever the legend holds.
@@ -229,12 +230,10 @@ def interval_notes(intervals: dict[str, Any]) -> list[str]:
     level = round(100 * float(intervals.get("level", 0.95)))
     lines = [f"{level}% CI: {intervals.get('bootstrap', 'bootstrap')}; "
              f"{intervals.get('n_resamples')} resamples, seed {intervals.get('seed')}"
-             + (f"; {intervals['n_rare_images']} of {intervals['n_images']} images have a label "
-                "pattern of their own and are resampled together in one pooled stratum"
-                if intervals.get("n_rare_images") else "")
-             + (f"; {intervals['n_fixed_images']} of {intervals['n_images']} images have a unique "
-                "label pattern and stay in every resample" if intervals.get("n_fixed_images") else "")
              + ". DeLong: " + str(intervals.get("delong", "")) + ".", ""]
+    small = small_class_note(intervals.get("classes") or {})
+    if small:
+        lines.append(f"- {small}.")
     if intervals.get("n_dropped"):
         lines.append(f"- {intervals['n_dropped']} images without a finite prediction were left out.")
     for name, iv in (intervals.get("classes") or {}).items():

@@ -10,35 +10,42 @@ with a ``note`` that says why, never NaN.
 The bootstrap
 -------------
 Classes share images, so one resample draws images (not labels) and every class, and the
-mean AUROC over classes, is computed on the same draw. The resampling is stratified on the
-*label pattern*: images that share their vector of K labels with at least one other image
-form a stratum per pattern, and every image whose pattern occurs only once goes into one
-pooled *rare-patterns* stratum. Each stratum is resampled with replacement to its own size.
-A pattern stratum holds the same labels on every member, so the positives and negatives it
-contributes never change; only the pool's vary. No image is in every resample unless the
-pool has a single member (``n_fixed_images``, then 1). Stratifying on patterns alone would
-fix every rare image instead: on a small or many-class set that is most of the images, and
-the interval comes out far too narrow.
+mean AUROC over classes, is computed on the same draw: n images drawn with replacement from
+the n images, with no strata. A paired comparison scores both runs on the same draws.
 
-The price of the pool: a resample can lack every positive (or every negative) of a class
-whose positives (negatives) all have rare patterns, and the class has no AUROC in it. Such a
-resample is left out, explicitly and counted: a class's interval is over the resamples where
-that class is defined; the mean AUROC's interval is over the resamples where every class
-defined in the full set is defined, so the mean always averages the same classes. Each
-class and the mean report ``n_undefined_resamples``; when more than 5% are left out the
-note says the interval is unreliable (it is conditional on a subset of the draws), and when
-fewer than half remain there is no interval, with a note. The share left out is about
-(1 - r/m)^m for a class with r positives among a pool of m: ~37% for one positive, ~13% for
-two; so a set with two or more single-positive classes on rare patterns gives the mean no
-interval (those classes still count in the point estimate).
+Why unstratified. A stratum keeps its own size in every resample, so the resampled
+statistic varies only within strata; a stratum of s images keeps (s - 1) / s of its
+variance. Strata defined by each image's whole label pattern (the vector of K labels) are
+small on a multi-label set, and the positives of a rare class sit mostly in small patterns:
+the intervals come out too narrow (a class with 40 positives in 20 patterns of 2 images: a
+bootstrap SD of 0.73 DeLong standard errors) and the paired test rejected too often.
+Stratifying each class on its own label alone would need a draw per class, and the mean
+AUROC would then be resampled differently from its classes; the plain joint draw treats the
+test images as what they are, a random sample of images (so the positives' count varies
+too), keeps the mean and its classes on the same resamples, and costs one draw. Its
+coverage and type-I error, measured by simulation on the paper's CheXpert test labels, are
+in docs/BENCHMARKS.md (bench/bench_stats.py --simulate): close to nominal from ~100
+positives on; below ~30 positives every interval here under-covers (the report says so,
+``SMALL_CLASS``).
 
-The draw is defined so that a plain loop can reproduce it: the pattern strata are ordered
-as ``np.unique(targets, axis=0)`` orders their patterns and the pooled stratum comes last;
-images inside a stratum keep their order, and the positions of all strata laid end to end
-form one list of n slots. With ``rng = np.random.default_rng(seed)``, resample b takes
-``u = rng.random(n)`` (resamples in order) and slot p of stratum s (members
-m_0..m_{size-1}) receives image ``m_floor(u[p] * size)``. The intervals are percentile
-intervals (``np.percentile``, linear interpolation) of the resampled statistic.
+The price: a resample can lack every positive (or every negative) of a class with few of
+them, and the class has no AUROC in it. Such a resample is left out, explicitly and
+counted: a class's interval is over the resamples where that class is defined; the mean
+AUROC's interval is over the resamples where every class defined in the full set is
+defined, so the mean always averages the same classes. Each class and the mean report
+``n_undefined_resamples``; when more than 5% are left out the note says the interval is
+unreliable (it is conditional on a subset of the draws), and when fewer than half remain
+there is no interval, with a note. The share left out is about (1 - r/n)^n, e^-r, for a
+class with r positives: ~37% for one positive, ~13% for two, ~5% for three.
+
+The draw is defined so that a plain loop can reproduce it. With
+``rng = np.random.default_rng(seed)``, resample b takes ``u = rng.random(n)`` (resamples in
+order) and slot p receives image ``floor(u[p] * n)``. `Strata` generalises this to any
+partition of the images (slot p of stratum s, members m_0..m_{size-1} in image order,
+strata in order of their ids laid end to end, receives ``m_floor(u[p] * size)``), which
+``bootstrap_aurocs(strata=...)`` accepts to measure other designs (bench/bench_stats.py);
+the reports always use the single stratum. The intervals are percentile intervals
+(``np.percentile``, linear interpolation) of the resampled statistic.
 
 The fast path never re-ranks a resample. A resample is a vector of image counts w; for a
 class with the negatives sorted by score, a positive with score s beats the negatives below
@@ -53,7 +60,9 @@ DeLong
 ------
 Variance of the AUROC from its structural components (DeLong et al., Biometrics 1988),
 computed from midranks in O(n log n) (Sun & Xu, IEEE SPL 2014); the interval is the normal
-one, AUROC +- z * SE, clipped to [0, 1]. The paired test of two score sets on the same images
+one on the logit scale, logit(AUROC) +- z * SE / (AUROC (1 - AUROC)), mapped back
+(`delong_interval`): in the simulation it covers better than AUROC +- z * SE clipped to
+[0, 1] at 30 or fewer positives (89-95% against 83-93%) and as well above. The paired test of two score sets on the same images
 uses the covariance of their components. Both need at least 2 positives and 2 negatives.
 """
 from __future__ import annotations
@@ -75,12 +84,17 @@ MIN_PER_SIDE = 2  # positives and negatives a class needs for an interval (DeLon
 UNRELIABLE_SHARE = 0.05
 MIN_VALID_SHARE = 0.5
 
-BOOTSTRAP_METHOD = ("stratified bootstrap over images, resampled jointly across classes (strata: "
-                    "each label pattern shared by 2 or more images, plus one pooled stratum of "
-                    "the images whose pattern is unique); percentile interval over the "
+BOOTSTRAP_METHOD = ("bootstrap over images, unstratified, resampled jointly across classes (each "
+                    "resample draws n of the n images with replacement; every class and the "
+                    "mean AUROC are computed on the same draws); percentile interval over the "
                     "resamples where the class (for the mean: every class) has positives and "
                     "negatives")
-DELONG_METHOD = "DeLong variance (midrank form); normal interval clipped to [0, 1]"
+# At or below this many positives (or negatives) the intervals under-cover (docs/BENCHMARKS.md).
+SMALL_CLASS = 30
+# Simulated coverage of the nominal 95% at 6 to 30 positives (bench/bench_stats.py --simulate).
+SMALL_CLASS_COVERAGE = "86-94% for the bootstrap, 89-95% for DeLong"
+DELONG_METHOD = ("DeLong variance (midrank form); normal interval on the logit scale (delta "
+                 "method), mapped back to (0, 1)")
 
 
 def _check_inputs(targets: np.ndarray, score_sets: Sequence[np.ndarray],
@@ -113,36 +127,34 @@ def _finite_rows(score_sets: Sequence[np.ndarray]) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------------------
-# Stratified resampling
+# Resampling
 # ----------------------------------------------------------------------------------------
 
 @dataclass
 class Strata:
-    """Images grouped by label pattern, rare patterns pooled, laid end to end (module docstring)."""
+    """A partition of the images laid end to end as slots (module docstring); one stratum by default."""
 
-    order: np.ndarray       # slot -> image index: pattern strata in np.unique order, pool last
+    order: np.ndarray       # slot -> image index: strata in order of their ids, members in image order
     slot_start: np.ndarray  # slot -> first slot of its stratum
     slot_size: np.ndarray   # slot -> size of its stratum
-    n_strata: int           # pattern strata, plus 1 for the pool when there is one
-    n_fixed: int            # images alone in their stratum: 1 when the pool has one member, else 0
-    n_rare: int             # images whose pattern is unique (the pooled stratum's size)
+    n_strata: int
 
     @classmethod
-    def from_targets(cls, targets: np.ndarray) -> "Strata":
-        """Strata of the (N, K) label matrix."""
-        _, inverse, counts = np.unique(targets, axis=0, return_inverse=True, return_counts=True)
-        inverse = inverse.ravel()
-        shared = counts > 1
-        rare = ~shared[inverse]
-        # Shared patterns keep np.unique's order under new numbers; the pool is numbered last.
-        number = np.cumsum(shared) - 1
-        stratum_of = np.where(rare, int(shared.sum()), number[inverse])
-        sizes = np.bincount(stratum_of)
-        order = np.argsort(stratum_of, kind="stable")  # stable: members keep their order
+    def from_ids(cls, stratum_of: np.ndarray) -> "Strata":
+        """Strata from each image's stratum id (any integers; the ids' order orders the strata)."""
+        _, stratum = np.unique(np.asarray(stratum_of).ravel(), return_inverse=True)
+        stratum = stratum.ravel()
+        sizes = np.bincount(stratum)
+        order = np.argsort(stratum, kind="stable")  # stable: members keep their order
         starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
-        stratum = stratum_of[order]
-        return cls(order=order, slot_start=starts[stratum], slot_size=sizes[stratum],
-                   n_strata=len(sizes), n_fixed=int((sizes == 1).sum()), n_rare=int(rare.sum()))
+        slot_stratum = stratum[order]
+        return cls(order=order, slot_start=starts[slot_stratum], slot_size=sizes[slot_stratum],
+                   n_strata=len(sizes))
+
+    @classmethod
+    def whole(cls, n: int) -> "Strata":
+        """All n images in one stratum: the plain bootstrap."""
+        return cls.from_ids(np.zeros(n, dtype=np.int64))
 
 
 def resample_counts(strata: Strata, resamples: int, seed: int,
@@ -219,14 +231,18 @@ class _WeightedAUROC:
 
 
 def bootstrap_aurocs(targets: np.ndarray, score_sets: Sequence[np.ndarray], resamples: int,
-                     seed: int = 0, block: int = BLOCK) -> tuple[list[np.ndarray], Strata]:
-    """Per-class AUROC of each score set in each stratified resample: a (resamples, K) array per set.
+                     seed: int = 0, block: int = BLOCK,
+                     strata: Strata | None = None) -> list[np.ndarray]:
+    """Per-class AUROC of each score set in each resample: a (resamples, K) array per set.
 
     All score sets see the same resamples (a paired bootstrap), so a class is undefined (NaN)
     in the same resamples for every set: all of them for a class with a single label value in
-    the full set, and those that drew none of its rare-pattern positives (or negatives).
+    the full set, and those that drew none of its positives (or negatives). ``strata``
+    (default: one stratum, the plain bootstrap) resamples within each stratum instead.
     """
-    strata = Strata.from_targets(targets)
+    strata = Strata.whole(len(targets)) if strata is None else strata
+    if len(strata.order) != len(targets):
+        raise ValueError(f"strata cover {len(strata.order)} images, targets {len(targets)}")
     t = targets[strata.order]
     aucs = [_WeightedAUROC(t, s[strata.order]) for s in score_sets]
     out = [np.empty((resamples, t.shape[1])) for _ in score_sets]
@@ -236,7 +252,7 @@ def bootstrap_aurocs(targets: np.ndarray, score_sets: Sequence[np.ndarray], resa
         for auc, dest in zip(aucs, out):
             dest[rows] = auc(counts)
         first += counts.shape[1]
-    return out, strata
+    return out
 
 
 # ----------------------------------------------------------------------------------------
@@ -271,6 +287,19 @@ def delong_covariance(target: np.ndarray, scores: np.ndarray) -> tuple[np.ndarra
     return auc, s10 / v10.shape[1] + s01 / v01.shape[1]
 
 
+def delong_interval(auc: float, se: float, z: float) -> tuple[float, float]:
+    """AUROC +- z SE on the logit scale, mapped back: always inside (0, 1), wider on the side
+    away from 1 (the normal interval clipped to [0, 1] under-covers at few positives).
+
+    The logit's standard error is SE / (AUROC (1 - AUROC)) (the delta method); an AUROC of 0
+    or 1, or a zero SE, gives the point itself.
+    """
+    if not 0 < auc < 1 or se == 0:
+        return auc, auc
+    logit, se_logit = math.log(auc / (1 - auc)), se / (auc * (1 - auc))
+    return (1 / (1 + math.exp(-(logit - z * se_logit))), 1 / (1 + math.exp(-(logit + z * se_logit))))
+
+
 def _class_counts_note(n_pos: int, n_neg: int, n_images: int) -> str | None:
     """Why a class has no AUROC or no interval, or None when it has both."""
     if n_pos == 0 or n_neg == 0:
@@ -280,6 +309,18 @@ def _class_counts_note(n_pos: int, n_neg: int, n_images: int) -> str | None:
         return (f"no interval: {n_pos} positive(s) and {n_neg} negative(s); an interval needs "
                 f"at least {MIN_PER_SIDE} of each")
     return None
+
+
+def small_class_note(classes: dict[str, dict[str, Any]]) -> str | None:
+    """A line naming the classes with an interval and at most SMALL_CLASS positives (or
+    negatives), where both interval kinds under-cover; None when there are none."""
+    small = [name for name, row in classes.items()
+             if MIN_PER_SIDE <= min(row.get("n_pos") or 0, row.get("n_neg") or 0) <= SMALL_CLASS]
+    if not small:
+        return None
+    return (f"{', '.join(small)}: {SMALL_CLASS} or fewer positives (or negatives); there both "
+            f"intervals under-cover (simulated coverage of the nominal 95%: "
+            f"{SMALL_CLASS_COVERAGE}, docs/BENCHMARKS.md)")
 
 
 def _float(value: float) -> float | None:
@@ -363,26 +404,22 @@ class _Prepared(NamedTuple):
     targets: np.ndarray
     scores: list[np.ndarray]
     boots: list[np.ndarray] | None  # (resamples, K) AUROCs per score set; None: no resamples
-    strata: Strata | None  # None without images
     n_dropped: int  # rows left out for a non-finite score
 
 
 def _checked_and_resampled(targets: np.ndarray, score_sets: Sequence[np.ndarray],
                            class_names: Sequence[str], resamples: int, level: float,
                            seed: int) -> _Prepared:
-    """The checked inputs of `auroc_intervals` / `paired_comparison`, their strata and (with
-    `resamples`) the bootstrap AUROCs of every score set on the same resamples."""
+    """The checked inputs of `auroc_intervals` / `paired_comparison` and (with `resamples`)
+    the bootstrap AUROCs of every score set on the same resamples."""
     _check_settings(resamples, level)
     targets, score_sets = _check_inputs(targets, score_sets, class_names)
     keep = _finite_rows(score_sets)
     targets, score_sets = targets[keep], [scores[keep] for scores in score_sets]
     n_dropped = int((~keep).sum())
-    if not len(targets):
-        return _Prepared(targets, score_sets, None, None, n_dropped)
-    if resamples:
-        boots, strata = bootstrap_aurocs(targets, score_sets, resamples, seed)
-        return _Prepared(targets, score_sets, boots, strata, n_dropped)
-    return _Prepared(targets, score_sets, None, Strata.from_targets(targets), n_dropped)
+    boots = (bootstrap_aurocs(targets, score_sets, resamples, seed)
+             if resamples and len(targets) else None)
+    return _Prepared(targets, score_sets, boots, n_dropped)
 
 
 def auroc_intervals(targets: np.ndarray, probs: np.ndarray, class_names: Sequence[str],
@@ -392,12 +429,12 @@ def auroc_intervals(targets: np.ndarray, probs: np.ndarray, class_names: Sequenc
 
     Returns JSON-ready data: ``classes[name]`` holds auroc, ci_low, ci_high, delong_se,
     delong_low, delong_high, n_pos, n_neg, n_undefined_resamples and note; ``mean`` holds
-    auroc, ci_low, ci_high, n_classes, n_undefined_resamples and note; plus the settings,
-    the strata counts and the method descriptions. Undefined values are None and ``note``
+    auroc, ci_low, ci_high, n_classes, n_undefined_resamples and note; plus the settings and
+    the method descriptions. Undefined values are None and ``note``
     says why (or that resamples were left out). ``resamples=0`` keeps DeLong and skips the
     bootstrap.
     """
-    targets, (probs,), boots, strata, n_dropped = _checked_and_resampled(
+    targets, (probs,), boots, n_dropped = _checked_and_resampled(
         targets, [probs], class_names, resamples, level, seed)
     n = len(targets)
     z = _z(level)
@@ -422,8 +459,8 @@ def auroc_intervals(targets: np.ndarray, probs: np.ndarray, class_names: Sequenc
             if note is None:
                 cov = delong_covariance(targets[:, k], probs[:, k][None])[1]
                 se = math.sqrt(max(float(cov[0, 0]), 0.0))
-                row.update(delong_se=se, delong_low=max(0.0, float(auc[0]) - z * se),
-                           delong_high=min(1.0, float(auc[0]) + z * se))
+                low, high = delong_interval(float(auc[0]), se, z)
+                row.update(delong_se=se, delong_low=low, delong_high=high)
                 with_interval[k] = True
                 if boot is None:
                     note = "no bootstrap interval: bootstrap turned off (0 resamples)"
@@ -453,9 +490,6 @@ def auroc_intervals(targets: np.ndarray, probs: np.ndarray, class_names: Sequenc
     return {
         "level": level, "n_resamples": int(resamples), "seed": int(seed), "n_images": n,
         "n_dropped": n_dropped,
-        "n_strata": strata.n_strata if strata else 0,
-        "n_fixed_images": strata.n_fixed if strata else 0,
-        "n_rare_images": strata.n_rare if strata else 0,
         "bootstrap": BOOTSTRAP_METHOD, "delong": DELONG_METHOD,
         "classes": classes, "mean": mean,
     }
@@ -487,7 +521,7 @@ def paired_comparison(targets: np.ndarray, probs_a: np.ndarray, probs_b: np.ndar
     ci_high, p_bootstrap, n_classes, n_undefined_resamples, note. Both runs see the same
     resamples and leave out the same ones.
     """
-    targets, (probs_a, probs_b), boot, strata, n_dropped = _checked_and_resampled(
+    targets, (probs_a, probs_b), boot, n_dropped = _checked_and_resampled(
         targets, [probs_a, probs_b], class_names, resamples, level, seed)
     n = len(targets)
     normal = NormalDist()
@@ -551,9 +585,6 @@ def paired_comparison(targets: np.ndarray, probs_a: np.ndarray, probs_b: np.ndar
     return {
         "level": level, "n_resamples": int(resamples), "seed": int(seed), "n_images": n,
         "n_dropped": n_dropped,
-        "n_strata": strata.n_strata if strata else 0,
-        "n_fixed_images": strata.n_fixed if strata else 0,
-        "n_rare_images": strata.n_rare if strata else 0,
         "bootstrap": "paired " + BOOTSTRAP_METHOD + "; p-value: the interval inverted",
         "delong": "DeLong paired z test (per class)",
         "classes": classes, "mean": mean,
