@@ -431,11 +431,12 @@ def _forest_legend(series: Sequence[str], colours: dict[str, Any], kinds: set[st
     present (only when markers mean different things)."""
     from matplotlib.lines import Line2D
 
-    keys = {"run": dict(color="grey", linewidth=1.8),
-            "mean": dict(linestyle="", markerfacecolor="white", markeredgecolor="grey",
-                         markeredgewidth=1.6),
-            "reference": dict(linestyle="", markerfacecolor="grey", markeredgecolor="black",
-                              markersize=9)}
+    keys: dict[str, dict[str, Any]] = {
+        "run": {"color": "grey", "linewidth": 1.8},
+        "mean": {"linestyle": "", "markerfacecolor": "white", "markeredgecolor": "grey",
+                 "markeredgewidth": 1.6},
+        "reference": {"linestyle": "", "markerfacecolor": "grey", "markeredgecolor": "black",
+                      "markersize": 9}}
     handles = [Line2D([], [], color=colours[s], marker="o", linewidth=1.8) for s in series]
     labels = list(series)
     if kinds != {"run"}:

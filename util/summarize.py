@@ -724,11 +724,11 @@ def _lora_vs_full_section(comparison: Sequence[dict[str, Any]]) -> list[str]:
     wins = sum(c["diff"] > 0 for c in comparison)
     return ["## LoRA vs full fine-tuning (mean AUROC)", "",
             *_md_table(header, cells, right=range(6, 9)), "",
-            f"LoRA is better in {wins} of {len(comparison)} comparisons. Each line "
-            "sets a group of LoRA runs against a group of full fine-tuning runs with the "
-            "same data, weights, model and other arguments; only the method's recipe "
-            "differs (its rank, optimizer, lr and epochs are in the runs columns; n: runs "
-            "averaged, e.g. seeds). Differences and the count use the unrounded means.", ""]
+            (f"LoRA is better in {wins} of {len(comparison)} comparisons. Each line "
+             "sets a group of LoRA runs against a group of full fine-tuning runs with the "
+             "same data, weights, model and other arguments; only the method's recipe "
+             "differs (its rank, optimizer, lr and epochs are in the runs columns; n: runs "
+             "averaged, e.g. seeds). Differences and the count use the unrounded means."), ""]
 
 
 def _seeds_section(seeds: list[list[str]]) -> list[str]:
@@ -739,8 +739,8 @@ def _seeds_section(seeds: list[list[str]]) -> list[str]:
                                 "mean AUROC, mean +- sd", "each run (95% CI)"], seeds)
     return ["## Seeds (runs that differ only in seed)", "",
             *_md_table(header, cells, right=range(4, 6)), "",
-            "sd: sample standard deviation over the seeds; the intervals are each run's "
-            "own test-set bootstrap interval.", ""]
+            ("sd: sample standard deviation over the seeds; the intervals are each run's "
+             "own test-set bootstrap interval."), ""]
 
 
 def _reference_section(refs: list[list[str]]) -> list[str]:
