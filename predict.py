@@ -491,8 +491,17 @@ def _named_inputs(args: argparse.Namespace, images: Sequence[InputImage]) -> lis
 def _nothing_to_predict(failures: Sequence[Failure]) -> str:
     """The one line for inputs none of which is an image that can be read."""
     shown = "; ".join(f"{f.name} ({f.reason})" for f in failures[:SHOWN])
-    more = f" (+{len(failures) - SHOWN} more)" if len(failures) > SHOWN else ""
-    return f"--inputs: nothing to predict: {shown}{more}"
+    return f"--inputs: nothing to predict: {shown}{_more(len(failures))}"
+
+
+def _more(count: int) -> str:
+    """' (+N more)' for the items of a one-line message beyond the first SHOWN."""
+    return f" (+{count - SHOWN} more)" if count > SHOWN else ""
+
+
+def _precision(dtype: torch.dtype | None) -> str:
+    """The autocast dtype's name in messages (e.g. 'bfloat16'; 'fp32' without autocast)."""
+    return "fp32" if dtype is None else str(dtype).replace("torch.", "")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -500,11 +509,7 @@ def run(args: argparse.Namespace) -> int:
     EXIT_SOME_FAILED, EXIT_NON_FINITE). Usage errors and failures are raised (``cli.run``
     turns them into one line): every check that can refuse the command comes before the
     first file is written."""
-    images, failures = collect_inputs(args.inputs, args.data_path, args.dataset)
-    if not images:
-        if failures:
-            raise UsageError(_nothing_to_predict(failures))
-        raise UsageError(f"--inputs {' '.join(args.inputs)}: no images found")
+    images, failures = _images_to_predict(args)
     output = Path(args.output)
     failed_csv = failures_path(output)
     inputs = _named_inputs(args, images)
@@ -512,26 +517,15 @@ def run(args: argparse.Namespace) -> int:
 
     device = torch.device(args.device)
     dtype = resolve_amp(args.amp, device)
-    try:
-        model, config = load_model(args.checkpoint, args.finetune, device)
-    except (OSError, ValueError) as err:  # CheckpointError, ExportError, PretrainedWeightsError
-        raise UsageError(f"--checkpoint {args.checkpoint}: {err}") from None
+    model, config = _load_checkpoint(args.checkpoint, args.finetune, device)
     class_names = list(config.class_names)
     thresholds = parse_threshold(args.threshold, class_names)
     heatmap_classes = _heatmap_classes(args.heatmap_class, class_names)
     transform = eval_transform(config)
     heatmap_dir = Path(args.heatmap_dir or output.with_name(f"{output.stem}_heatmaps"))
-    if heatmap_classes:  # two images with one name would write one heatmap file: refuse now
-        from util.heatmap import heatmap_targets
-
-        for k in heatmap_classes:
-            try:
-                targets = heatmap_targets([im.file for im in images], [im.name for im in images],
-                                          class_names[k])
-            except ValueError as err:
-                raise UsageError(f"--heatmap_class: {err}") from None
-            check_outputs("--heatmap_dir", [heatmap_dir / t for t in targets.values()],
-                          overwrite=args.overwrite, inputs=inputs)
+    if heatmap_classes:
+        _check_heatmap_outputs(images, [class_names[k] for k in heatmap_classes], heatmap_dir,
+                               overwrite=args.overwrite, inputs=inputs)
     # A read-only or unusable output folder is found before the images are predicted.
     probe_writable(output.parent)
     if heatmap_classes:
@@ -543,59 +537,128 @@ def run(args: argparse.Namespace) -> int:
         amp=dtype, num_workers=args.num_workers, transform=transform,
         progress=not args.no_progress and sys.stderr.isatty())
     seconds = time.perf_counter() - start
-    failures += [Failure(images[i].name, str(images[i].file), reason)
-                 for i, reason in sorted(failed.items())]
-    good = [i for i in range(len(images)) if i not in failed]
-    non_finite = [images[i].name for i, reason in sorted(failed.items())
-                  if reason.startswith(NON_FINITE_REASON)]
-    for f in failures:
-        if not f.reason.startswith(NON_FINITE_REASON):
-            logger.warning("skipped %s: %s", f.name, f.reason)
-    if non_finite:
-        cause = (f"an overflow in {str(dtype).replace('torch.', '')}? try --amp none"
-                 if dtype is not None else "is the model damaged?")
-        logger.error("the model gave NaN or infinite outputs for %d of %d images, left out of "
-                     "%s: %s%s (%s)", len(non_finite),
-                     len(images) - (len(failed) - len(non_finite)), args.output,
-                     ", ".join(non_finite[:SHOWN]),
-                     f" (+{len(non_finite) - SHOWN} more)" if len(non_finite) > SHOWN else "",
-                     cause)
+    rate = len(images) / seconds if seconds > 0 else float("inf")
+    good, unpredicted, non_finite = _sort_outcomes(images, failed)
+    failures += unpredicted
+    _log_failures(failures, non_finite, len(good) + len(non_finite), args.output, dtype)
 
-    if failures:
-        write_failures(failed_csv, failures)
-    elif failed_csv.is_file():
-        failed_csv.unlink()  # with --overwrite: a list left by an earlier run describes other inputs
+    _write_failure_list(failed_csv, failures)
     if not good:  # a CSV of the header alone would pass for a result
         raise ToolError(f"none of the {len(images)} images could be predicted (listed in "
                         f"{failed_csv}); {output} not written")
     write_predictions(output, [images[i].name for i in good], probs[good], class_names, thresholds)
-
-    heatmaps = 0
     if heatmap_classes:
-        from functools import partial
-
-        from datasets import load_image
-        from datasets.transforms import eval_resize
-        from util.heatmap import save_heatmaps
-
-        for k in heatmap_classes:
-            written, _ = save_heatmaps(
-                model, [images[i].file for i in good], [images[i].name for i in good], k,
-                class_names[k], heatmap_dir, transform,
-                partial(load_image, dicom_scaling=dicom_scaling(config)), config.img_size,
-                eval_resize(config.img_size, config.eval_recipe), batch_size=args.batch_size,
-                amp_dtype=dtype)
-            heatmaps += len(written)
-        logger.info("wrote %d heatmaps to %s", heatmaps, heatmap_dir)
-
-    rate = len(images) / seconds if seconds > 0 else float("inf")
-    print(f"predicted {len(good)} images, {len(failures)} failed"
-          f"{f' ({len(non_finite)} with non-finite model outputs)' if non_finite else ''}"
-          f"{f' (listed in {failed_csv})' if failures else ''} -> {output} "
-          f"[{device.type}, {str(dtype).replace('torch.', '') if dtype else 'fp32'}, {rate:.1f} img/s]")
+        _write_heatmaps(model, config, [images[i] for i in good], heatmap_classes, heatmap_dir,
+                        transform, batch_size=args.batch_size, dtype=dtype)
+    print(_summary_line(len(good), failures, non_finite, failed_csv, output, device, dtype, rate))
     if non_finite:
         return EXIT_NON_FINITE
     return EXIT_SOME_FAILED if failures else 0
+
+
+def _images_to_predict(args: argparse.Namespace) -> tuple[list[InputImage], list[Failure]]:
+    """The images named by ``--inputs`` and the inputs that failed already; refused when
+    there is no image at all."""
+    images, failures = collect_inputs(args.inputs, args.data_path, args.dataset)
+    if images:
+        return images, failures
+    if failures:
+        raise UsageError(_nothing_to_predict(failures))
+    raise UsageError(f"--inputs {' '.join(args.inputs)}: no images found")
+
+
+def _load_checkpoint(checkpoint: str, finetune: str | None, device: torch.device
+                     ) -> tuple[nn.Module, "ModelConfig"]:
+    """``load_model``, with a checkpoint that cannot be used named as the flag at fault."""
+    try:
+        return load_model(checkpoint, finetune, device)
+    except (OSError, ValueError) as err:  # CheckpointError, ExportError, PretrainedWeightsError
+        raise UsageError(f"--checkpoint {checkpoint}: {err}") from None
+
+
+def _check_heatmap_outputs(images: Sequence[InputImage], classes: Sequence[str], heatmap_dir: Path,
+                           *, overwrite: bool, inputs: Sequence[Path]) -> None:
+    """Refuse, before predicting, heatmap files that ``check_outputs`` refuses, and two images
+    with one name (they would write one heatmap file)."""
+    from util.heatmap import heatmap_targets
+
+    files, names = [im.file for im in images], [im.name for im in images]
+    for name in classes:
+        try:
+            targets = heatmap_targets(files, names, name)
+        except ValueError as err:
+            raise UsageError(f"--heatmap_class: {err}") from None
+        check_outputs("--heatmap_dir", [heatmap_dir / t for t in targets.values()],
+                      overwrite=overwrite, inputs=inputs)
+
+
+def _sort_outcomes(images: Sequence[InputImage], failed: dict[int, str]
+                   ) -> tuple[list[int], list[Failure], list[str]]:
+    """The indices of the images predicted, the failures of the others (in input order) and
+    the names of those whose model outputs were not finite."""
+    ordered = sorted(failed.items())
+    good = [i for i in range(len(images)) if i not in failed]
+    failures = [Failure(images[i].name, str(images[i].file), reason) for i, reason in ordered]
+    non_finite = [images[i].name for i, reason in ordered if reason.startswith(NON_FINITE_REASON)]
+    return good, failures, non_finite
+
+
+def _log_failures(failures: Sequence[Failure], non_finite: Sequence[str], predicted: int,
+                  output: str, dtype: torch.dtype | None) -> None:
+    """Log each input skipped, and in one line the images the model gave non-finite outputs
+    for (of the ``predicted`` ones whose model outputs were computed)."""
+    for f in failures:
+        if not f.reason.startswith(NON_FINITE_REASON):
+            logger.warning("skipped %s: %s", f.name, f.reason)
+    if non_finite:
+        cause = (f"an overflow in {_precision(dtype)}? try --amp none" if dtype is not None
+                 else "is the model damaged?")
+        logger.error("the model gave NaN or infinite outputs for %d of %d images, left out of "
+                     "%s: %s%s (%s)", len(non_finite), predicted, output,
+                     ", ".join(non_finite[:SHOWN]), _more(len(non_finite)), cause)
+
+
+def _write_failure_list(path: Path, failures: Sequence[Failure]) -> None:
+    """Write the failed inputs, or remove a list that would describe other inputs (one left
+    by an earlier command, replaced with --overwrite)."""
+    if failures:
+        write_failures(path, failures)
+    elif path.is_file():
+        path.unlink()
+
+
+def _write_heatmaps(model: nn.Module, config: "ModelConfig", images: Sequence[InputImage],
+                    classes: Sequence[int], heatmap_dir: Path,
+                    transform: Callable[[Any], torch.Tensor], *, batch_size: int,
+                    dtype: torch.dtype | None) -> None:
+    """A Grad-CAM overlay per image for each class index in ``classes``, read and resized
+    as the images were for the prediction."""
+    from functools import partial
+
+    from datasets import load_image
+    from datasets.transforms import eval_resize
+    from util.heatmap import save_heatmaps
+
+    load = partial(load_image, dicom_scaling=dicom_scaling(config))
+    resize = eval_resize(config.img_size, config.eval_recipe)
+    heatmaps = 0
+    for k in classes:
+        written, _ = save_heatmaps(
+            model, [im.file for im in images], [im.name for im in images], k,
+            config.class_names[k], heatmap_dir, transform, load, config.img_size, resize,
+            batch_size=batch_size, amp_dtype=dtype)
+        heatmaps += len(written)
+    logger.info("wrote %d heatmaps to %s", heatmaps, heatmap_dir)
+
+
+def _summary_line(predicted: int, failures: Sequence[Failure], non_finite: Sequence[str],
+                  failed_csv: Path, output: Path, device: torch.device, dtype: torch.dtype | None,
+                  rate: float) -> str:
+    """The one line a user greps for: what was predicted, what failed, where it went, how fast."""
+    return (f"predicted {predicted} images, {len(failures)} failed"
+            f"{f' ({len(non_finite)} with non-finite model outputs)' if non_finite else ''}"
+            f"{f' (listed in {failed_csv})' if failures else ''} -> {output} "
+            f"[{device.type}, {_precision(dtype)}, {rate:.1f} img/s]")
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:

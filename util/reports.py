@@ -333,78 +333,35 @@ def save_forest_plot(points: Sequence[ForestPoint], path: str | Path, *, xlabel:
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
-    from matplotlib.lines import Line2D
 
     if not points:
         raise ValueError("save_forest_plot: nothing to plot")
     rows = list(dict.fromkeys(p.row for p in points))
     series = list(dict.fromkeys(p.series for p in points))
     colours = dict(zip(series, _palette(len(series))))
+    placed, row_spans, bottom = _forest_layout(points, rows, series)
 
-    # Lay out lines from the top (y decreasing): runs of one series adjacent, a small gap
-    # between series, a larger one between rows.
-    line_gap, series_gap, row_gap = 1.0, 0.5, 1.2
-    y = 0.0
-    placed: list[tuple[ForestPoint, float]] = []
-    row_spans: list[tuple[str, float, float]] = []
-    for row in rows:
-        top = y
-        present = [s for s in series if any(p.row == row and p.series == s for p in points)]
-        for k, name in enumerate(present):
-            mine = [p for p in points if p.row == row and p.series == name]
-            runs = [p for p in mine if p.kind == "run"] or [None]
-            ys = [y - i * line_gap for i in range(len(runs))]
-            placed += [(p, yy) for p, yy in zip(runs, ys) if p is not None]
-            middle = (ys[0] + ys[-1]) / 2
-            placed += [(p, middle) for p in mine if p.kind != "run"]
-            y = ys[-1] - (series_gap + line_gap if k < len(present) - 1 else 0.0)
-        row_spans.append((row, top, y))
-        y -= row_gap + line_gap
-
-    n_lines = -y / line_gap
-    longest = max(len(r) for r in rows)
-    height = 1.9 + 0.2 * n_lines
-    fig = Figure(figsize=(7.0 + 0.075 * longest, height), dpi=ROC_DPI)
+    height = 1.9 + 0.2 * (-bottom / FOREST_LINE_GAP)
+    fig = Figure(figsize=(7.0 + 0.075 * max(len(r) for r in rows), height), dpi=ROC_DPI)
     FigureCanvasAgg(fig)
     ax = fig.add_subplot(1, 1, 1)
-    for i, (_, top, bottom) in enumerate(row_spans):
+    for i, (_, top, row_bottom) in enumerate(row_spans):
         if i % 2 == 0:  # light banding keeps a row's lines together for the eye
-            ax.axhspan(bottom - row_gap / 2, top + row_gap / 2, color="0.94", zorder=0)
-    for p, yy in placed:
-        colour = colours[p.series]
-        if p.kind == "run":
-            if p.low is not None and p.high is not None:
-                ax.plot([p.low, p.high], [yy, yy], color=colour, linewidth=1.8, zorder=2)
-            ax.plot([p.value], [yy], marker="o", color=colour, markersize=5, zorder=3)
-        elif p.kind == "mean":
-            ax.plot([p.value], [yy], marker="D", markerfacecolor="white", markeredgecolor=colour,
-                    markeredgewidth=1.6, markersize=7, zorder=4)
-        else:
-            ax.plot([p.value], [yy], marker="X", markerfacecolor=colour, markeredgecolor="black",
-                    markersize=9, zorder=5)
+            ax.axhspan(row_bottom - FOREST_ROW_GAP / 2, top + FOREST_ROW_GAP / 2, color="0.94",
+                       zorder=0)
+    for point, y in placed:
+        _draw_forest_point(ax, point, y, colours[point.series])
     if zero_line:
         ax.axvline(0.0, color="black", linewidth=0.9, linestyle="--", zorder=1)
-    ax.set_yticks([(top + bottom) / 2 for _, top, bottom in row_spans])
+    ax.set_yticks([(top + row_bottom) / 2 for _, top, row_bottom in row_spans])
     ax.set_yticklabels(rows)
-    ax.set_ylim(y + row_gap / 2 + line_gap / 2, row_gap / 2 + line_gap / 2)
+    ax.set_ylim(bottom + FOREST_ROW_GAP / 2 + FOREST_LINE_GAP / 2,
+                FOREST_ROW_GAP / 2 + FOREST_LINE_GAP / 2)
     ax.tick_params(axis="y", length=0)
     ax.set_xlabel(xlabel)
     ax.set_title(title)
     ax.grid(True, axis="x", linewidth=0.3, alpha=0.6)
-    handles = [Line2D([], [], color=colours[s], marker="o", linewidth=1.8) for s in series]
-    labels = list(series)
-    kinds = {p.kind for p in points}
-    if kinds != {"run"}:  # the marker key only helps when markers mean different things
-        handles.append(Line2D([], [], color="grey", marker="o", linewidth=1.8))
-        labels.append(FOREST_KIND_LABELS["run"])
-    if "mean" in kinds:
-        handles.append(Line2D([], [], linestyle="", marker="D", markerfacecolor="white",
-                              markeredgecolor="grey", markeredgewidth=1.6))
-        labels.append(FOREST_KIND_LABELS["mean"])
-    if "reference" in kinds:
-        handles.append(Line2D([], [], linestyle="", marker="X", markerfacecolor="grey",
-                              markeredgecolor="black", markersize=9))
-        labels.append(FOREST_KIND_LABELS["reference"])
+    handles, labels = _forest_legend(series, colours, {p.kind for p in points})
     fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 3), fontsize="small",
                frameon=False)
     legend_rows = math.ceil(len(labels) / min(len(labels), 3))
@@ -415,3 +372,74 @@ def save_forest_plot(points: Sequence[ForestPoint], path: str | Path, *, xlabel:
     atomic_write(png, lambda tmp: fig.savefig(tmp, format="png", dpi=ROC_DPI))
     atomic_write(svg, lambda tmp: fig.savefig(tmp, format="svg"))
     return png, svg
+
+
+# Vertical spacing of a forest plot, in units of one line: runs of one series adjacent, a
+# small gap between series, a larger one between rows.
+FOREST_LINE_GAP, FOREST_SERIES_GAP, FOREST_ROW_GAP = 1.0, 0.5, 1.2
+
+
+def _forest_layout(points: Sequence[ForestPoint], rows: Sequence[str], series: Sequence[str]
+                   ) -> tuple[list[tuple[ForestPoint, float]], list[tuple[str, float, float]], float]:
+    """Each point with its y, each row with the y of its first and last line, and the y
+    below the last row; lines are laid out from the top (y decreasing from 0)."""
+    y = 0.0
+    placed: list[tuple[ForestPoint, float]] = []
+    row_spans: list[tuple[str, float, float]] = []
+    for row in rows:
+        top = y
+        present = [s for s in series if any(p.row == row and p.series == s for p in points)]
+        for k, name in enumerate(present):
+            mine, y = _place_series([p for p in points if p.row == row and p.series == name], y)
+            placed += mine
+            if k < len(present) - 1:
+                y -= FOREST_SERIES_GAP + FOREST_LINE_GAP
+        row_spans.append((row, top, y))
+        y -= FOREST_ROW_GAP + FOREST_LINE_GAP
+    return placed, row_spans, y
+
+
+def _place_series(points: Sequence[ForestPoint], top: float
+                  ) -> tuple[list[tuple[ForestPoint, float]], float]:
+    """One series of one row: each run on a line of its own from ``top`` down (one line
+    when it has none), its mean and reference on the middle of them; and its last line's y."""
+    runs = [p for p in points if p.kind == "run"]
+    ys = [top - i * FOREST_LINE_GAP for i in range(max(len(runs), 1))]
+    middle = (ys[0] + ys[-1]) / 2
+    return [*zip(runs, ys), *((p, middle) for p in points if p.kind != "run")], ys[-1]
+
+
+def _draw_forest_point(ax: Any, point: ForestPoint, y: float, colour: Any) -> None:
+    """A run as a dot with its interval bar, a mean as an open diamond, a reference as a cross."""
+    marker = FOREST_MARKERS[point.kind]
+    if point.kind == "run":
+        if point.low is not None and point.high is not None:
+            ax.plot([point.low, point.high], [y, y], color=colour, linewidth=1.8, zorder=2)
+        ax.plot([point.value], [y], marker=marker, color=colour, markersize=5, zorder=3)
+    elif point.kind == "mean":
+        ax.plot([point.value], [y], marker=marker, markerfacecolor="white", markeredgecolor=colour,
+                markeredgewidth=1.6, markersize=7, zorder=4)
+    else:
+        ax.plot([point.value], [y], marker=marker, markerfacecolor=colour, markeredgecolor="black",
+                markersize=9, zorder=5)
+
+
+def _forest_legend(series: Sequence[str], colours: dict[str, Any], kinds: set[str]
+                   ) -> tuple[list[Any], list[str]]:
+    """Legend handles and labels: one per series, then a key to the markers of the kinds
+    present (only when markers mean different things)."""
+    from matplotlib.lines import Line2D
+
+    keys: dict[str, dict[str, Any]] = {
+        "run": {"color": "grey", "linewidth": 1.8},
+        "mean": {"linestyle": "", "markerfacecolor": "white", "markeredgecolor": "grey",
+                 "markeredgewidth": 1.6},
+        "reference": {"linestyle": "", "markerfacecolor": "grey", "markeredgecolor": "black",
+                      "markersize": 9}}
+    handles = [Line2D([], [], color=colours[s], marker="o", linewidth=1.8) for s in series]
+    labels = list(series)
+    if kinds != {"run"}:
+        shown = [k for k in FOREST_KIND_LABELS if k == "run" or k in kinds]
+        handles += [Line2D([], [], marker=FOREST_MARKERS[k], **keys[k]) for k in shown]
+        labels += [FOREST_KIND_LABELS[k] for k in shown]
+    return handles, labels

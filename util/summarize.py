@@ -456,59 +456,88 @@ def summary_rows(runs: Sequence[Run], reference: dict[tuple[str, str], tuple[flo
     groups = seed_groups(runs)
     group_of = {id(run): key for key, members in groups.items() for run in members}
     notes = _group_notes(groups)
+    seeds = {key: _seed_cells(key, members) for key, members in groups.items()}
+    rows = []
+    for run in runs:
+        key = group_of[id(run)]
+        row = {**_run_cells(run, classes, notes[key]), **seeds[key]}
+        ref = (reference or {}).get((run.setting, str(run.results["method"]).lower()))
+        row.update(_reference_cells(ref, row["_seeds_mean"]))
+        rows.append(row)
+    return _summary_columns(runs, classes, reference is not None), rows
+
+
+def _summary_columns(runs: Sequence[Run], classes: Sequence[str], with_reference: bool) -> list[str]:
+    """The table's columns: the optional ones only when some run has a value for them."""
     has_intervals = any(run.mean_interval()[0] is not None for run in runs)
     has_seeds = any(run.seed is not None for run in runs)
     has_cache = any(run.image_cache() for run in runs)
-    columns = [*LEADING_COLUMNS, *(INTERVAL_COLUMNS if has_intervals else ()), *classes,
-               *TRAILING_COLUMNS, *(CACHE_COLUMNS if has_cache else ()),
-               *(SEED_COLUMNS if has_seeds else ()),
-               *(REFERENCE_COLUMNS if reference is not None else ())]
-    rows = []
-    for run in runs:
-        r = run.results
-        trainable, total = r.get("trainable_params"), r.get("total_params")
-        row = {
-            "dataset": str(r["dataset"]),
-            "data_size": str(r["data_size"]),
-            "weights": str(r["weights"]),
-            "method": METHOD_LABELS.get(r["method"], str(r["method"])),
-            "mean_auroc": x100(r["mean_auroc"]),
-            "trainable_params": "" if trainable is None else str(int(trainable)),
-            "trainable_pct": (f"{100 * trainable / total:.2f}" if trainable is not None and total
-                              else ""),
-            "lora_rank": "" if r.get("lora_rank") is None else str(r["lora_rank"]),
-            # With --skip_bad a run is scored on fewer images than its split lists: say so.
-            "num_images": ("" if r.get("num_images") is None else
-                           f"{r['num_images']} of {r['split_images']}" if r.get("skipped") and
-                           r.get("split_images") is not None else str(r["num_images"])),
-            "run": str(run.path.parent if run.path.name == RESULTS_NAME else run.path),
-            "image_cache": run.image_cache(),
-            "_classes": list(r.get("class_names") or r["auroc"]),
-            "_value": 100 * float(r["mean_auroc"]) if _defined(r["mean_auroc"]) else None,
-            "_model": str(r.get("model") or ""),
-            "_pair": run.comparison_key(),
-            "_shared": run.shared_args(),
-            "_recipe_args": run.recipe_args(),
-            "_recipe": run.recipe(),
-            "_note": notes[group_of[id(run)]],
-        }
-        for name in classes:
-            row[name] = x100(r["auroc"].get(name))
-        low, high = run.mean_interval()
-        row.update(mean_auroc_ci_low=x100(low), mean_auroc_ci_high=x100(high),
-                   seed="" if run.seed is None else str(run.seed), setting=run.setting)
-        members = [m for m in groups[group_of[id(run)]] if _defined(m.results["mean_auroc"])]
-        values = [100 * float(m.results["mean_auroc"]) for m in members]
-        mean, sd = _mean_sd(values) if values else (None, None)
-        row.update(seeds_n=str(len(values)), seeds_mean_auroc="" if mean is None else f"{mean:.2f}",
-                   seeds_sd="" if sd is None else f"{sd:.2f}", _group=group_of[id(run)],
-                   _seeds_mean=mean)
-        ref = (reference or {}).get((run.setting, str(r["method"]).lower()))
-        row.update(reference_mean_auroc="" if ref is None else f"{ref[0]:.1f}",
-                   diff_vs_reference="" if ref is None or mean is None else f"{mean - ref[0]:+.1f}",
-                   _reference_source="" if ref is None else ref[1])
-        rows.append(row)
-    return columns, rows
+    return [*LEADING_COLUMNS, *(INTERVAL_COLUMNS if has_intervals else ()), *classes,
+            *TRAILING_COLUMNS, *(CACHE_COLUMNS if has_cache else ()),
+            *(SEED_COLUMNS if has_seeds else ()), *(REFERENCE_COLUMNS if with_reference else ())]
+
+
+def _run_cells(run: Run, classes: Sequence[str], note: str) -> dict[str, Any]:
+    """One run's own cells (and private keys): its results, recipe and seed group's note."""
+    r = run.results
+    row = {
+        "dataset": str(r["dataset"]),
+        "data_size": str(r["data_size"]),
+        "weights": str(r["weights"]),
+        "method": METHOD_LABELS.get(r["method"], str(r["method"])),
+        "mean_auroc": x100(r["mean_auroc"]),
+        **_trainable_cells(r.get("trainable_params"), r.get("total_params")),
+        "lora_rank": "" if r.get("lora_rank") is None else str(r["lora_rank"]),
+        "num_images": _num_images(r),
+        "run": str(run.path.parent if run.path.name == RESULTS_NAME else run.path),
+        "image_cache": run.image_cache(),
+        "_classes": list(r.get("class_names") or r["auroc"]),
+        "_value": 100 * float(r["mean_auroc"]) if _defined(r["mean_auroc"]) else None,
+        "_model": str(r.get("model") or ""),
+        "_pair": run.comparison_key(),
+        "_shared": run.shared_args(),
+        "_recipe_args": run.recipe_args(),
+        "_recipe": run.recipe(),
+        "_note": note,
+    }
+    row.update({name: x100(r["auroc"].get(name)) for name in classes})
+    low, high = run.mean_interval()
+    row.update(mean_auroc_ci_low=x100(low), mean_auroc_ci_high=x100(high),
+               seed="" if run.seed is None else str(run.seed), setting=run.setting)
+    return row
+
+
+def _trainable_cells(trainable: Any, total: Any) -> dict[str, str]:
+    """The trainable parameter count and its share of all parameters (%), blank when unknown."""
+    return {"trainable_params": "" if trainable is None else str(int(trainable)),
+            "trainable_pct": f"{100 * trainable / total:.2f}" if trainable is not None and total else ""}
+
+
+def _num_images(results: dict[str, Any]) -> str:
+    """The images scored; with --skip_bad fewer than the split lists, and the cell says so."""
+    if results.get("num_images") is None:
+        return ""
+    if results.get("skipped") and results.get("split_images") is not None:
+        return f"{results['num_images']} of {results['split_images']}"
+    return str(results["num_images"])
+
+
+def _seed_cells(key: tuple, members: Sequence[Run]) -> dict[str, Any]:
+    """A seed group's cells: n, mean and sample sd (x100) of its runs' defined mean AUROCs."""
+    values = [100 * float(m.results["mean_auroc"]) for m in members
+              if _defined(m.results["mean_auroc"])]
+    mean, sd = _mean_sd(values) if values else (None, None)
+    return {"seeds_n": str(len(values)), "seeds_mean_auroc": "" if mean is None else f"{mean:.2f}",
+            "seeds_sd": "" if sd is None else f"{sd:.2f}", "_group": key, "_seeds_mean": mean}
+
+
+def _reference_cells(ref: tuple[float, str] | None, mean: float | None) -> dict[str, str]:
+    """The reference value (x100), ours - reference (ours: the seed group's mean) and its source."""
+    if ref is None:
+        return {"reference_mean_auroc": "", "diff_vs_reference": "", "_reference_source": ""}
+    return {"reference_mean_auroc": f"{ref[0]:.1f}",
+            "diff_vs_reference": "" if mean is None else f"{mean - ref[0]:+.1f}",
+            "_reference_source": ref[1]}
 
 
 def _md_table(columns: Sequence[str], rows: Sequence[Sequence[str]], right: range) -> list[str]:
@@ -648,73 +677,95 @@ def to_markdown(columns: Sequence[str], rows: Sequence[dict[str, Any]],
     """The summary as markdown: one table per data set, LoRA vs full, seeds, the reference,
     and the evaluations (``evaluation_rows``) apart."""
     out = ["# Test AUROC (x100)", ""]
-    datasets: dict[str, list[dict[str, str]]] = {}
+    datasets: dict[str, list[dict[str, Any]]] = {}
     for row in rows:
         datasets.setdefault(row["dataset"], []).append(row)
     for dataset, group in datasets.items():
-        # This data set's classes in its own order (a union if its runs disagree).
-        classes = list(dict.fromkeys(c for r in group for c in r["_classes"]))
-        with_ci = any(r.get("mean_auroc_ci_low") for r in group)
-        with_seed = any(r.get("seed") for r in group)
-        with_cache = any(r.get("image_cache") for r in group)
-        out += [f"## {DATASET_LABELS.get(dataset, dataset)}", ""]
-        cells = [[r["data_size"], r["weights"], r["method"], *([r["seed"]] if with_seed else []),
-                  f"**{r['mean_auroc'] or 'n/a'}**", *([_ci(r)] if with_ci else []),
-                  *[r[c] or "n/a" for c in classes], _params(r),
-                  *([r["image_cache"] or "original"] if with_cache else []), r["run"]]
-                 for r in group]
-        header = ["data size", "weights", "method", *(["seed"] if with_seed else []), "mean AUROC",
-                  *(["95% CI"] if with_ci else []), *classes, "trainable params",
-                  *(["images"] if with_cache else []), "run"]
-        out += _md_table(header, cells, right=range(3, len(header) - 1 - with_cache))
-        out.append("")
-    comparison = lora_vs_full(rows)
-    if comparison:
-        out += ["## LoRA vs full fine-tuning (mean AUROC)", ""]
-        header, cells = _with_note(
-            ["data set", "data size", "weights", "model", "LoRA runs", "full runs", "LoRA", "full",
-             "LoRA - full"],
-            [[c["dataset"], c["data_size"], c["weights"], c["model"] or "n/a", c["lora"], c["full"],
-              f"{c['lora_auroc']:.1f}", f"{c['full_auroc']:.1f}", f"{c['diff']:+.1f}", c["note"]]
-             for c in comparison])
-        out += _md_table(header, cells, right=range(6, 9))
-        wins = sum(c["diff"] > 0 for c in comparison)
-        out += ["", (f"LoRA is better in {wins} of {len(comparison)} comparisons. Each line "
-                     "sets a group of LoRA runs against a group of full fine-tuning runs with the "
-                     "same data, weights, model and other arguments; only the method's recipe "
-                     "differs (its rank, optimizer, lr and epochs are in the runs columns; n: runs "
-                     "averaged, e.g. seeds). Differences and the count use the unrounded means."),
-                ""]
-    seeds = seed_table(rows)
-    if seeds:
-        out += ["## Seeds (runs that differ only in seed)", ""]
-        header, cells = _with_note(["data set", "data size", "weights", "method", "n",
-                                    "mean AUROC, mean +- sd", "each run (95% CI)"], seeds)
-        out += _md_table(header, cells, right=range(4, 6))
-        out += ["", "sd: sample standard deviation over the seeds; the intervals are each run's "
-                "own test-set bootstrap interval.", ""]
+        out += _dataset_section(dataset, group)
+    out += _lora_vs_full_section(lora_vs_full(rows))
+    out += _seeds_section(seed_table(rows))
     if any("reference_mean_auroc" in c for c in columns):
-        refs = reference_table(rows)
-        out += ["## Against the reference (mean AUROC)", ""]
-        if refs:
-            header, cells = _with_note(["setting", "method", "runs", "ours", "reference",
-                                        "ours - reference", "source"], refs)
-            out += _md_table(header, cells, right=range(2, 6))
-        else:
-            out.append("No run matches a setting and method of the reference file.")
-        out.append("")
+        out += _reference_section(reference_table(rows))
     if evaluations:
-        out += ["## Evaluations of trained runs on other data (--eval; not in the tables above)",
-                ""]
-        with_ci = any(e["mean_auroc_ci_low"] for e in evaluations)
-        cells = [[e["checkpoint"], e["data"], e["split"], e["trained_as"],
-                  e["mean_auroc"] or "n/a", *([_ci(e)] if with_ci else []), e["num_images"],
-                  e["folder"]] for e in evaluations]
-        out += _md_table(["checkpoint", "tested on", "split", "trained as", "mean AUROC",
-                          *(["95% CI"] if with_ci else []), "images", "folder"],
-                         cells, right=range(4, 6 + with_ci))
-        out.append("")
+        out += _evaluations_section(evaluations)
     return "\n".join(out)
+
+
+def _dataset_section(dataset: str, group: Sequence[dict[str, Any]]) -> list[str]:
+    """One data set's table: a line per run, and the seed, interval and image columns only
+    when some run has them."""
+    # This data set's classes in its own order (a union if its runs disagree).
+    classes = list(dict.fromkeys(c for r in group for c in r["_classes"]))
+    with_ci = any(r.get("mean_auroc_ci_low") for r in group)
+    with_seed = any(r.get("seed") for r in group)
+    with_cache = any(r.get("image_cache") for r in group)
+    cells = [[r["data_size"], r["weights"], r["method"], *([r["seed"]] if with_seed else []),
+              f"**{r['mean_auroc'] or 'n/a'}**", *([_ci(r)] if with_ci else []),
+              *[r[c] or "n/a" for c in classes], _params(r),
+              *([r["image_cache"] or "original"] if with_cache else []), r["run"]]
+             for r in group]
+    header = ["data size", "weights", "method", *(["seed"] if with_seed else []), "mean AUROC",
+              *(["95% CI"] if with_ci else []), *classes, "trainable params",
+              *(["images"] if with_cache else []), "run"]
+    return [f"## {DATASET_LABELS.get(dataset, dataset)}", "",
+            *_md_table(header, cells, right=range(3, len(header) - 1 - with_cache)), ""]
+
+
+def _lora_vs_full_section(comparison: Sequence[dict[str, Any]]) -> list[str]:
+    """The LoRA-vs-full table (``lora_vs_full``) and the count of LoRA wins; nothing without pairs."""
+    if not comparison:
+        return []
+    header, cells = _with_note(
+        ["data set", "data size", "weights", "model", "LoRA runs", "full runs", "LoRA", "full",
+         "LoRA - full"],
+        [[c["dataset"], c["data_size"], c["weights"], c["model"] or "n/a", c["lora"], c["full"],
+          f"{c['lora_auroc']:.1f}", f"{c['full_auroc']:.1f}", f"{c['diff']:+.1f}", c["note"]]
+         for c in comparison])
+    wins = sum(c["diff"] > 0 for c in comparison)
+    return ["## LoRA vs full fine-tuning (mean AUROC)", "",
+            *_md_table(header, cells, right=range(6, 9)), "",
+            (f"LoRA is better in {wins} of {len(comparison)} comparisons. Each line "
+             "sets a group of LoRA runs against a group of full fine-tuning runs with the "
+             "same data, weights, model and other arguments; only the method's recipe "
+             "differs (its rank, optimizer, lr and epochs are in the runs columns; n: runs "
+             "averaged, e.g. seeds). Differences and the count use the unrounded means."), ""]
+
+
+def _seeds_section(seeds: list[list[str]]) -> list[str]:
+    """The table of seed groups (``seed_table``); nothing when no group has two runs."""
+    if not seeds:
+        return []
+    header, cells = _with_note(["data set", "data size", "weights", "method", "n",
+                                "mean AUROC, mean +- sd", "each run (95% CI)"], seeds)
+    return ["## Seeds (runs that differ only in seed)", "",
+            *_md_table(header, cells, right=range(4, 6)), "",
+            ("sd: sample standard deviation over the seeds; the intervals are each run's "
+             "own test-set bootstrap interval."), ""]
+
+
+def _reference_section(refs: list[list[str]]) -> list[str]:
+    """Our seed groups against the reference values (``reference_table``), or a line saying
+    that none matched."""
+    out = ["## Against the reference (mean AUROC)", ""]
+    if refs:
+        header, cells = _with_note(["setting", "method", "runs", "ours", "reference",
+                                    "ours - reference", "source"], refs)
+        out += _md_table(header, cells, right=range(2, 6))
+    else:
+        out.append("No run matches a setting and method of the reference file.")
+    return [*out, ""]
+
+
+def _evaluations_section(evaluations: Sequence[dict[str, str]]) -> list[str]:
+    """The ``--eval`` results (``evaluation_rows``), kept apart from the runs."""
+    with_ci = any(e["mean_auroc_ci_low"] for e in evaluations)
+    cells = [[e["checkpoint"], e["data"], e["split"], e["trained_as"],
+              e["mean_auroc"] or "n/a", *([_ci(e)] if with_ci else []), e["num_images"],
+              e["folder"]] for e in evaluations]
+    header = ["checkpoint", "tested on", "split", "trained as", "mean AUROC",
+              *(["95% CI"] if with_ci else []), "images", "folder"]
+    return ["## Evaluations of trained runs on other data (--eval; not in the tables above)", "",
+            *_md_table(header, cells, right=range(4, 6 + with_ci)), ""]
 
 
 def write_csv(path: str | Path, columns: Sequence[str], rows: Sequence[dict[str, str]]) -> None:
