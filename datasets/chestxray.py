@@ -16,7 +16,9 @@ from torch.utils.data import Dataset
 from torchvision import transforms as T
 from torchvision.transforms import functional as TF
 
+from ._class_names import split_class_names
 from .imagecache import (
+    REBUILD_HINT,
     EvalCache,
     ImageCache,
     check_cache_options,
@@ -24,15 +26,13 @@ from .imagecache import (
     find_lossy_cache_dir,
     open_eval_cache,
 )
-from .constants import CLASS_NAMES
 from .errors import BadEntry, CacheError, ImageError, SplitFileError
 from .imageio import check_image_header, dicom_scaling_for, load_image
 from .splits import (
+    SplitTable,
     check_label_columns,
-    find_class_file,
     locate_split_file,
     parse_split_file,
-    read_class_names,
     resolve_data_path,
     resolve_image_paths,
 )
@@ -290,6 +290,48 @@ def _report(bad: list[BadEntry]) -> str:
     return f"\n  {shown}{more}"
 
 
+def _required(mode: str) -> bool:
+    """Whether a cache mode insists on its cache ('on', 'lossy'): then a cache it cannot read is an error."""
+    return mode in ("on", "lossy")
+
+
+def _stale_error(cache_dir: Path, split_file: Path, reason: str, rebuild: str) -> CacheError:
+    """The error of a required cache that cannot serve `split_file`."""
+    return CacheError(f"cache {cache_dir} is stale for {split_file}: {reason}; {rebuild}")
+
+
+def _read_cache(mode: str, cache_dir: Path | None, data_path: Path, cache_size: int | None) -> ImageCache | None:
+    """The cache `mode` reads (default folder unless `cache_dir`), None where 'auto' finds none or cannot open it."""
+    try:
+        if cache_dir is None:
+            cache_dir = find_lossy_cache_dir(data_path, cache_size) if mode == "lossy" else default_cache_dir(data_path)
+        if mode == "auto" and not (cache_dir / "meta.json").is_file():
+            return None  # no cache: the files, as asked
+        return ImageCache(cache_dir)
+    except CacheError as err:
+        if _required(mode):
+            if cache_dir is not None and (cache_dir / "meta.json").is_file():
+                raise  # the message says what is wrong with the cache and how to rebuild it
+            raise CacheError(f"{err}; build it with `python -m datasets.cache --data_path {data_path}`"
+                             + (" --size N" if mode == "lossy" else "")) from err
+        logger.warning("not using the cache: %s (reading the original images)", err)
+        return None
+
+
+def _is_kind_asked(mode: str, cache: ImageCache) -> bool:
+    """Whether the cache is of the kind `mode` reads (lossy for 'lossy', else exact); raises where required."""
+    if mode == "lossy" and cache.exact:
+        raise CacheError(f"cache {cache.cache_dir} is exact, not lossy: read it with --cache on")
+    if mode != "lossy" and not cache.exact:
+        reason = (f"cache {cache.cache_dir} is LOSSY (images downsized to shorter side {cache.size}), so its "
+                  f"tensors differ from the originals'; only --cache lossy reads it")
+        if mode == "on":
+            raise CacheError(reason)
+        logger.warning("not using %s; reading the original images", reason)
+        return False
+    return True
+
+
 def _open_cache(
     mode: str,
     cache_dir: Path | None,
@@ -305,42 +347,36 @@ def _open_cache(
     """
     if mode == "off":
         return None
-    rebuild = "rebuild it with `python -m datasets.cache`" + (f" --size {cache_size}" if mode == "lossy" else "")
-    try:
-        if cache_dir is None:
-            cache_dir = find_lossy_cache_dir(data_path, cache_size) if mode == "lossy" else default_cache_dir(data_path)
-        if mode == "auto" and not (cache_dir / "meta.json").is_file():
-            return None  # no cache: the files, as asked
-        cache = ImageCache(cache_dir)
-    except CacheError as err:
-        if mode in ("on", "lossy"):
-            if cache_dir is not None and (cache_dir / "meta.json").is_file():
-                raise  # the message says what is wrong with the cache and how to rebuild it
-            raise CacheError(f"{err}; build it with `python -m datasets.cache --data_path {data_path}`"
-                             + (" --size N" if mode == "lossy" else "")) from err
-        logger.warning("not using the cache: %s (reading the original images)", err)
+    cache = _read_cache(mode, cache_dir, data_path, cache_size)
+    if cache is None or not _is_kind_asked(mode, cache):
         return None
-    if mode == "lossy" and cache.exact:
-        raise CacheError(f"cache {cache_dir} is exact, not lossy: read it with --cache on")
-    if mode != "lossy" and not cache.exact:
-        reason = (f"cache {cache_dir} is LOSSY (images downsized to shorter side {cache.size}), so its "
-                  f"tensors differ from the originals'; only --cache lossy reads it")
-        if mode == "on":
-            raise CacheError(reason)
-        logger.warning("not using %s; reading the original images", reason)
-        return None
+    rebuild = REBUILD_HINT + (f" --size {cache_size}" if mode == "lossy" else "")
     status = cache.check(split_file, dicom_scaling, cache_size if mode == "lossy" else None)
     if not status.usable:
-        if mode in ("on", "lossy"):
-            raise CacheError(f"cache {cache_dir} is stale for {split_file}: {status.reason}; {rebuild}")
+        if _required(mode):
+            raise _stale_error(cache.cache_dir, split_file, status.reason, rebuild)
         logger.warning("ignoring stale cache %s for %s: %s (reading the original images; %s)",
-                       cache_dir, split_file.name, status.reason, rebuild)
+                       cache.cache_dir, split_file.name, status.reason, rebuild)
         return None
     if not cache.exact:
         logger.warning("reading the LOSSY cache %s: images downsized to shorter side %d, so training crops and "
                        "evaluation resample a smaller image than the originals' (not the paper's pipeline)",
-                       cache_dir, cache.size)
+                       cache.cache_dir, cache.size)
     return cache
+
+
+def _unless_originals_changed(cache: ImageCache, mode: str, table: SplitTable, files: list[str],
+                              split_file: Path, num_threads: int) -> ImageCache | None:
+    """The cache, or None ('auto', warned) when an original image changed since it was built."""
+    changed = cache.changed_originals(table.paths, files, num_threads)
+    if not changed:
+        return cache
+    file, why = changed[0]
+    reason = f"{len(changed)} original images changed since the cache was built, e.g. {file} {why}"
+    if _required(mode):
+        raise _stale_error(cache.cache_dir, split_file, reason, REBUILD_HINT)
+    logger.warning("ignoring stale cache %s: %s (reading the original images)", cache.cache_dir, reason)
+    return None
 
 
 def _verify_mode(verify_images: bool | str | None) -> str:
@@ -349,6 +385,92 @@ def _verify_mode(verify_images: bool | str | None) -> str:
     if mode not in VERIFY_MODES:
         raise ValueError(f"verify_images={verify_images!r}: expected one of {list(VERIFY_MODES)} (or True / False)")
     return mode  # type: ignore[return-value]
+
+
+def _read_split(split: str, data_path: Path, data_size: str, split_dir: str | Path | None,
+                kind: str) -> tuple[Path, SplitTable, list[str]]:
+    """The split file, its parsed entries and the K class names (``class_<k>`` where no file names them)."""
+    split_file = locate_split_file(split, data_path, data_size, split_dir)
+    class_names, classes_file = split_class_names(kind, [split_file.parent, data_path])
+    table = parse_split_file(split_file, len(class_names) if class_names else None, kind, classes_file)
+    if class_names is None:
+        check_label_columns(split_file, table.targets.shape[1])
+        class_names = [f"class_{k}" for k in range(table.targets.shape[1])]
+    return split_file, table, class_names
+
+
+def _bad_in_cache(cache: ImageCache, table: SplitTable, split_file: Path) -> list[BadEntry]:
+    """The entries the cache's build found bad; raises if the cache lacks an image of the split."""
+    missing = [p for p in table.paths if p not in cache.row]
+    if missing:  # cannot happen for an unchanged split file unless the cache was edited
+        raise CacheError(f"cache {cache.cache_dir} lacks {len(missing)} images of {split_file}, "
+                         f"e.g. '{missing[0]}'; rebuild it")
+    return [BadEntry(split_file, line, path, cache.bad[path])
+            for path, line in zip(table.paths, table.lines) if path in cache.bad]
+
+
+def _missing_files(table: SplitTable, files: list[str], split_file: Path, kind: str,
+                   skip_bad: bool) -> list[BadEntry]:
+    """The entries whose image file does not exist; raises unless `skip_bad`."""
+    bad = [BadEntry(split_file, line, path, f"file not found: {file}")
+           for path, line, file in zip(table.paths, table.lines, files) if not os.path.isfile(file)]
+    if bad and not skip_bad:
+        raise ImageError(f"{len(bad)} of {len(table)} images of {split_file} are missing "
+                         f"(kind '{kind}' resolves paths as e.g. {files[0]}):{_report(bad)}\n"
+                         f"Check --data_path / --dataset, or pass --skip_bad to skip them.")
+    return bad
+
+
+def _unreadable_files(table: SplitTable, files: list[str], split_file: Path, known: list[BadEntry],
+                      full: bool, dicom_scaling: str, num_threads: int) -> list[BadEntry]:
+    """The entries not yet `known` as bad whose image fails to decode (`full`) or whose header does not open."""
+    seen = {b.path for b in known}
+    todo = [i for i, p in enumerate(table.paths) if p not in seen]
+    check = (lambda f: _check_decodable(f, dicom_scaling)) if full else _check_header
+    with ThreadPoolExecutor(max(1, num_threads)) as pool:
+        reasons = list(pool.map(check, [files[i] for i in todo]))
+    return [BadEntry(split_file, table.lines[i], table.paths[i], r) for i, r in zip(todo, reasons) if r]
+
+
+def _bad_originals(table: SplitTable, files: list[str], split_file: Path, kind: str, check_files: bool,
+                   skip_bad: bool, verify: str, dicom_scaling: str, num_threads: int) -> list[BadEntry]:
+    """The entries whose original image is missing (`check_files`; raises unless `skip_bad`), or, with
+    `verify` or `skip_bad`, fails to open: in line order."""
+    bad = _missing_files(table, files, split_file, kind, skip_bad) if check_files else []
+    if verify != "none" or skip_bad:
+        bad += _unreadable_files(table, files, split_file, bad, verify == "full" or skip_bad, dicom_scaling,
+                                 num_threads)
+        bad.sort(key=lambda b: b.line)
+    return bad
+
+
+def _drop_bad(table: SplitTable, files: list[str], bad: list[BadEntry], split_file: Path,
+              skip_bad: bool) -> list[str]:
+    """Remove the bad entries from `table` (logged) and return the files kept; raises unless `skip_bad`."""
+    if bad and not skip_bad:
+        raise ImageError(f"{len(bad)} of {len(table)} images of {split_file} cannot be read:{_report(bad)}\n"
+                         f"Pass --skip_bad to skip them.")
+    if not bad:
+        return files
+    logger.warning("skipping %d of %d images of %s:%s", len(bad), len(table), split_file, _report(bad))
+    drop = {b.path for b in bad}
+    keep = [i for i, p in enumerate(table.paths) if p not in drop]
+    if not keep:
+        raise SplitFileError(f"{split_file}: every one of its {len(table)} images is bad:{_report(bad)}")
+    table.paths = [table.paths[i] for i in keep]
+    table.lines = [table.lines[i] for i in keep]
+    table.targets = table.targets[keep]
+    return [files[i] for i in keep]
+
+
+def _stored_prefix(cache: ImageCache, transform: Callable | None, paths: list[str],
+                   num_threads: int) -> EvalCache | None:
+    """The evaluation cache of the transform's deterministic prefix, None if it has none (or none can be made)."""
+    plan = _plan(transform)
+    if plan is None or not plan.prefix:
+        return None
+    prefix_steps = plan.steps[: plan.prefix]
+    return open_eval_cache(cache, plan.prefix_steps, paths, lambda img: _apply(prefix_steps, img), num_threads)
 
 
 def build_dataset(
@@ -410,78 +532,22 @@ def build_dataset(
     verify = _verify_mode(verify_images)
     data_path, kind = resolve_data_path(data_path, dataset)
     scaling = dicom_scaling_for(kind, dicom_scaling)
-
-    split_file = locate_split_file(split, data_path, data_size, split_dir)
-    classes_file = None
-    if kind in CLASS_NAMES:
-        class_names: list[str] | None = list(CLASS_NAMES[kind])
-    else:
-        class_names = read_class_names([split_file.parent, data_path])
-        classes_file = find_class_file([split_file.parent, data_path]) if class_names else None
-    table = parse_split_file(split_file, len(class_names) if class_names else None, kind, classes_file)
-    if class_names is None:
-        check_label_columns(split_file, table.targets.shape[1])
-        class_names = [f"class_{k}" for k in range(table.targets.shape[1])]
+    split_file, table, class_names = _read_split(split, data_path, data_size, split_dir, kind)
     files = resolve_image_paths(data_path, table.paths, kind)
 
     image_cache = _open_cache(mode, Path(cache_dir) if cache_dir else None, data_path, split_file,
                               cache_size, scaling)
     if image_cache is not None and check_files:
-        changed = image_cache.changed_originals(table.paths, files, num_threads)
-        if changed:
-            file, why = changed[0]
-            reason = f"{len(changed)} original images changed since the cache was built, e.g. {file} {why}"
-            if mode in ("on", "lossy"):
-                raise CacheError(f"cache {image_cache.cache_dir} is stale for {split_file}: {reason}; "
-                                 f"rebuild it with `python -m datasets.cache`")
-            logger.warning("ignoring stale cache %s: %s (reading the original images)", image_cache.cache_dir, reason)
-            image_cache = None
-    bad: list[BadEntry] = []
+        image_cache = _unless_originals_changed(image_cache, mode, table, files, split_file, num_threads)
     if image_cache is not None:
-        missing = [p for p in table.paths if p not in image_cache.row]
-        if missing:  # cannot happen for an unchanged split file unless the cache was edited
-            raise CacheError(f"cache {image_cache.cache_dir} lacks {len(missing)} images of {split_file}, "
-                             f"e.g. '{missing[0]}'; rebuild it")
-        for path, line in zip(table.paths, table.lines):
-            if path in image_cache.bad:
-                bad.append(BadEntry(split_file, line, path, image_cache.bad[path]))
-    elif check_files:
-        for path, line, file in zip(table.paths, table.lines, files):
-            if not os.path.isfile(file):
-                bad.append(BadEntry(split_file, line, path, f"file not found: {file}"))
-        if bad and not skip_bad:
-            raise ImageError(f"{len(bad)} of {len(table)} images of {split_file} are missing "
-                             f"(kind '{kind}' resolves paths as e.g. {files[0]}):{_report(bad)}\n"
-                             f"Check --data_path / --dataset, or pass --skip_bad to skip them.")
-    if image_cache is None and (verify != "none" or skip_bad):
-        known = {b.path for b in bad}
-        todo = [i for i, p in enumerate(table.paths) if p not in known]
-        full = verify == "full" or skip_bad
-        check = (lambda f: _check_decodable(f, scaling)) if full else _check_header
-        with ThreadPoolExecutor(max(1, num_threads)) as pool:
-            reasons = list(pool.map(check, [files[i] for i in todo]))
-        bad += [BadEntry(split_file, table.lines[i], table.paths[i], r) for i, r in zip(todo, reasons) if r]
-        bad.sort(key=lambda b: b.line)
-    if bad and not skip_bad:
-        raise ImageError(f"{len(bad)} of {len(table)} images of {split_file} cannot be read:{_report(bad)}\n"
-                         f"Pass --skip_bad to skip them.")
-    if bad:
-        logger.warning("skipping %d of %d images of %s:%s", len(bad), len(table), split_file, _report(bad))
-        drop = {b.path for b in bad}
-        keep = [i for i, p in enumerate(table.paths) if p not in drop]
-        if not keep:
-            raise SplitFileError(f"{split_file}: every one of its {len(table)} images is bad:{_report(bad)}")
-        table.paths = [table.paths[i] for i in keep]
-        table.lines = [table.lines[i] for i in keep]
-        table.targets = table.targets[keep]
-        files = [files[i] for i in keep]
+        bad = _bad_in_cache(image_cache, table, split_file)
+    else:
+        bad = _bad_originals(table, files, split_file, kind, check_files, skip_bad, verify, scaling, num_threads)
+    files = _drop_bad(table, files, bad, split_file, skip_bad)
 
     stored = None
-    plan = _plan(transform)
-    if image_cache is not None and eval_cache and plan is not None and plan.prefix:
-        prefix_steps = plan.steps[: plan.prefix]
-        stored = open_eval_cache(image_cache, plan.prefix_steps, table.paths,
-                                 lambda img: _apply(prefix_steps, img), num_threads)
+    if image_cache is not None and eval_cache:
+        stored = _stored_prefix(image_cache, transform, table.paths, num_threads)
     ds = ChestXrayDataset(table.paths, table.targets, class_names, kind, split_file, files,
                           table.lines, transform, image_cache, bad, scaling, stored)
     logger.info("%s", ds)

@@ -51,10 +51,11 @@ import uuid
 import zipfile
 import zlib
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from multiprocessing import get_context
 from pathlib import Path
-from typing import Callable
+from typing import BinaryIO, Callable, Iterable, Iterator
 
 import numpy as np
 import PIL
@@ -63,15 +64,14 @@ from PIL import Image
 from util.cli import ToolError
 from util.io import OutputError, describe_os_error, file_sha256
 
-from .constants import ALL_SPLIT_FILES, CLASS_NAMES
+from ._class_names import split_class_names
+from .constants import ALL_SPLIT_FILES
 from .errors import BadEntry, CacheError, DataUsageError, ImageError
 from .imageio import DICOM_SUFFIXES, _is_dicom_file, dicom_scaling_for, load_image
 from .staging import make_folders, remove_empty
 from .splits import (
-    find_class_file,
     find_split_dir,
     parse_split_file,
-    read_class_names,
     resolve_data_path,
     resolve_image_paths,
     split_dir_candidates,
@@ -91,7 +91,8 @@ DEFAULT_CACHE_DIRNAME = "_cache"
 # downsized one (explicit opt-in, warned about); off: the original files.
 CACHE_MODES: tuple[str, ...] = ("auto", "on", "lossy", "off")
 _META = "meta.json"
-_REBUILD = "rebuild it with `python -m datasets.cache`"
+# How a message about an unusable cache ends.
+REBUILD_HINT = "rebuild it with `python -m datasets.cache`"
 # Arrays of the index, one row per image.
 _INDEX_ROWS = ("paths", "offsets", "heights", "widths", "src_bytes", "src_mtime_ns", "src_ctime_ns",
                "src_inode", "src_sha256")
@@ -169,11 +170,11 @@ class ImageCache:
             if not isinstance(self.meta, dict):
                 raise ValueError("not a JSON object")
         except (OSError, ValueError) as err:
-            raise CacheError(f"{meta_path}: not a readable cache record ({err}); {_REBUILD}") from err
+            raise CacheError(f"{meta_path}: not a readable cache record ({err}); {REBUILD_HINT}") from err
         found = self.meta.get("format")
         if found != CACHE_FORMAT:
             raise CacheError(f"{meta_path}: cache format {found}, this version reads format "
-                             f"{CACHE_FORMAT}; {_REBUILD}")
+                             f"{CACHE_FORMAT}; {REBUILD_HINT}")
         try:
             self.data_file = self.cache_dir / str(self.meta["data_file"])
             index_file = self.cache_dir / str(self.meta["index_file"])
@@ -181,7 +182,7 @@ class ImageCache:
             if self.block_bytes <= 0:
                 raise ValueError("block_bytes")
         except (KeyError, TypeError, ValueError) as err:
-            raise CacheError(f"{meta_path}: not a readable cache record (no {err}); {_REBUILD}") from err
+            raise CacheError(f"{meta_path}: not a readable cache record (no {err}); {REBUILD_HINT}") from err
         index = _read_index(index_file)
         self.paths: list[str] = [str(p) for p in index["paths"]]
         self.offsets = index["offsets"].astype(np.int64)
@@ -195,7 +196,7 @@ class ImageCache:
         self.num_bytes = int((self.heights * self.widths).sum())
         if len(self.block_crc32) != -(-self.num_bytes // self.block_bytes):
             raise CacheError(f"{index_file}: {len(self.block_crc32)} block checksums for "
-                             f"{self.num_bytes} bytes of pixels; {_REBUILD}")
+                             f"{self.num_bytes} bytes of pixels; {REBUILD_HINT}")
         self.row: dict[str, int] = {p: i for i, p in enumerate(self.paths)}
         self.bad: dict[str, str] = dict(self.meta.get("bad", {}))
         self._data: np.memmap | None = None
@@ -271,11 +272,10 @@ class ImageCache:
             except OSError:
                 continue
             recorded = int(self.src_bytes[i])
-            note = " (recorded as bad)" if path in self.bad else ""
             if recorded < 0:
-                changed[i] = (file, "was missing when the cache was built and now exists" + note)
+                changed[i] = (file, "was missing when the cache was built and now exists" + self._bad_note(path))
             elif st.st_size != recorded:
-                changed[i] = (file, f"changed size ({recorded} -> {st.st_size} bytes){note}")
+                changed[i] = (file, f"changed size ({recorded} -> {st.st_size} bytes){self._bad_note(path)}")
             elif (st.st_mtime_ns, st.st_ctime_ns, st.st_ino) != tuple(self.src_stat[i]):
                 suspects[i] = file
         if suspects:
@@ -285,8 +285,8 @@ class ImageCache:
                 digests = list(pool.map(_sha256_or_none, [suspects[i] for i in rows]))
             for i, digest in zip(rows, digests):
                 if digest is not None and digest != self.src_sha256[i].tobytes():
-                    note = " (recorded as bad)" if self.paths[i] in self.bad else ""
-                    changed[i] = (suspects[i], f"changed content (same size, other SHA-256){note}")
+                    changed[i] = (suspects[i], f"changed content (same size, other SHA-256)"
+                                               f"{self._bad_note(self.paths[i])}")
             same = len(rows) - sum(i in changed for i in rows)
             if same:
                 logger.warning("%d original images have other file times or inodes than when the cache "
@@ -296,6 +296,10 @@ class ImageCache:
                                time.perf_counter() - start)
         order = {self.row[p]: n for n, p in reversed(list(enumerate(paths)))}
         return [changed[i] for i in sorted(changed, key=order.__getitem__)]
+
+    def _bad_note(self, path: str) -> str:
+        """Said of a changed original that the build recorded as bad."""
+        return " (recorded as bad)" if path in self.bad else ""
 
     def _verify(self, path: str, start: int, stop: int) -> None:
         """Check the pixel-file blocks that bytes [start, stop) lie in against their CRC-32s,
@@ -311,7 +315,7 @@ class ImageCache:
             lo = int(block) * self.block_bytes
             if zlib.crc32(data[lo: lo + self.block_bytes]) != int(self.block_crc32[block]):
                 raise CacheError(f"{self.data_file}: pixels of image '{path}' fail their checksum "
-                                 f"(block {int(block)}): the cache file is damaged; {_REBUILD}")
+                                 f"(block {int(block)}): the cache file is damaged; {REBUILD_HINT}")
             self._verified[block] = True
 
     def shape(self, path: str) -> tuple[int, int]:
@@ -343,12 +347,12 @@ class ImageCache:
 def _read_index(index_file: Path) -> dict[str, np.ndarray]:
     """The arrays of a cache index, checked to be whole; CacheError naming the file if not."""
     unreadable = (f"{index_file}: not a readable cache index (damaged, or not written by "
-                  f"`python -m datasets.cache`); {_REBUILD}")
+                  f"`python -m datasets.cache`); {REBUILD_HINT}")
     try:
         with np.load(index_file, allow_pickle=False) as index:
             arrays = {name: index[name] for name in (*_INDEX_ROWS, "block_crc32", "format")}
     except FileNotFoundError as err:
-        raise CacheError(f"{index_file}: cache index missing; {_REBUILD}") from err
+        raise CacheError(f"{index_file}: cache index missing; {REBUILD_HINT}") from err
     except (OSError, ValueError, KeyError, TypeError, AttributeError, EOFError, zipfile.BadZipFile) as err:
         # numpy's own message for a file that is no .npz advises allow_pickle: never here.
         raise CacheError(unreadable) from err
@@ -357,7 +361,7 @@ def _read_index(index_file: Path) -> dict[str, np.ndarray]:
         raise CacheError(unreadable)
     if int(found) != CACHE_FORMAT:
         raise CacheError(f"{index_file}: cache index format {int(found)}, this version reads "
-                         f"format {CACHE_FORMAT}; {_REBUILD}")
+                         f"format {CACHE_FORMAT}; {REBUILD_HINT}")
     rows = {len(arrays[name]) for name in _INDEX_ROWS}
     sha = arrays["src_sha256"]
     if len(rows) != 1 or sha.dtype != np.uint8 or sha.shape[1:] != (32,) or arrays["paths"].dtype.kind != "U":
@@ -456,6 +460,145 @@ def _committed_build_id(folder: Path) -> str | None:
         return None
 
 
+def _splits_to_cache(data_path: Path, kind: str, split_dir: str | Path | None,
+                     split_files: list[str] | None) -> tuple[Path, list[str], dict[str, tuple[Path, int]], dict]:
+    """The split folder, the names of the split files to cover, where each of their images is first
+    listed (split file, line: for error messages) and each file's record for meta.json."""
+    folder = find_split_dir(data_path, split_dir)
+    if folder is None:
+        searched = ", ".join(str(f) for f in split_dir_candidates(data_path, split_dir))
+        raise CacheError(f"no split files ({', '.join(ALL_SPLIT_FILES)}) found in: {searched}")
+    names = split_files or [n for n in ALL_SPLIT_FILES if (folder / n).is_file()]
+    classes, classes_file = split_class_names(kind, [folder, data_path])
+    num_classes = len(classes) if classes else None
+    where: dict[str, tuple[Path, int]] = {}
+    splits_meta: dict[str, dict] = {}
+    for name in names:
+        split_file = folder / name
+        if not split_file.is_file():
+            raise DataUsageError(f"--splits: split file {split_file} not found")
+        table = parse_split_file(split_file, num_classes, kind, classes_file)
+        splits_meta[name] = {"sha256": file_sha256(split_file), "lines": len(table)}
+        for path, line in zip(table.paths, table.lines):
+            where.setdefault(path, (split_file, line))
+    return folder, names, where, splits_meta
+
+
+class _IndexRows:
+    """The index of a cache being built, one row per image, and what the build found."""
+
+    def __init__(self, paths: list[str]) -> None:
+        n = len(paths)
+        self.paths = paths
+        self.offsets = np.zeros(n, np.int64)
+        self.heights = np.zeros(n, np.int32)
+        self.widths = np.zeros(n, np.int32)
+        self.stats = np.full((n, 4), -1, np.int64)  # size, mtime_ns, ctime_ns, inode
+        self.sha256 = np.zeros((n, 32), np.uint8)
+        self.checksums = _BlockChecksums(BLOCK_BYTES)
+        self.bad: dict[str, str] = {}
+        self.dicom_images = 0
+        self.bytes = 0
+
+    def add(self, i: int, pixels: bytes, height: int, width: int, dicom: bool) -> None:
+        """Record image `i`, whose pixels were just appended to the pixel file."""
+        self.checksums.update(pixels)
+        self.offsets[i], self.heights[i], self.widths[i] = self.bytes, height, width
+        self.bytes += height * width
+        self.dicom_images += dicom
+
+    def save(self, f: BinaryIO) -> None:
+        """Write the index (.npz) to the open file `f`."""
+        np.savez(f, format=np.int64(CACHE_FORMAT), paths=np.asarray(self.paths, dtype=str), offsets=self.offsets,
+                 heights=self.heights, widths=self.widths, src_bytes=self.stats[:, 0],
+                 src_mtime_ns=self.stats[:, 1], src_ctime_ns=self.stats[:, 2], src_inode=self.stats[:, 3],
+                 src_sha256=self.sha256, block_crc32=self.checksums.finish())
+
+
+@contextmanager
+def _decoded(jobs: list[tuple[int, str, int | None, str]], workers: int) -> Iterator[Iterable[tuple]]:
+    """The `_load_for_cache` results of the jobs, in their order, from `workers` processes (1: this one)."""
+    pool = get_context().Pool(workers) if workers > 1 else None
+    try:
+        yield pool.imap(_load_for_cache, jobs, chunksize=8) if pool else map(_load_for_cache, jobs)
+    finally:
+        if pool is not None:
+            pool.terminate()
+
+
+def _write_pixels(data_file: Path, jobs: list[tuple[int, str, int | None, str]], where: dict[str, tuple[Path, int]],
+                  workers: int, skip_bad: bool, start: float) -> _IndexRows:
+    """Decode every image into `data_file`, back to back, and return the index rows. A bad image
+    raises ImageError naming its split-file line, or with `skip_bad` is recorded in ``.bad``."""
+    rows = _IndexRows(list(where))
+    paths, n = rows.paths, len(rows.paths)
+    with open(data_file, "wb") as f, _decoded(jobs, workers) as results:
+        for done, (i, pixels, h, w, stat, digest, dicom, error) in enumerate(results, start=1):
+            rows.stats[i], rows.sha256[i] = stat, np.frombuffer(digest, np.uint8)
+            if pixels is None:
+                split_file, line = where[paths[i]]
+                entry = BadEntry(split_file, line, paths[i], f"{error} (file {jobs[i][1]})")
+                if not skip_bad:
+                    raise ImageError(f"{entry}; rerun with --skip_bad to record it and go on")
+                rows.bad[paths[i]] = entry.reason
+                continue
+            f.write(pixels)
+            rows.add(i, pixels, h, w, dicom)
+            if done % 5000 == 0:
+                logger.info("cached %d / %d images (%.0f/s)", done, n, done / (time.perf_counter() - start))
+    return rows
+
+
+class _BuildFiles:
+    """The files one build writes in `out`, each first under its name + '.tmp' and renamed when whole."""
+
+    def __init__(self, out: Path, build_id: str) -> None:
+        self.out, self.build_id = out, build_id
+        self.data = out / f"images-{build_id}.u8"
+        self.index = out / f"index-{build_id}.npz"
+        self.meta = out / _META
+
+    @staticmethod
+    def partial(file: Path) -> Path:
+        """Where `file` is written until it is whole."""
+        return file.with_name(file.name + ".tmp")
+
+    def discard(self, created: list[Path]) -> None:
+        """Remove what a failed build left: partial files, renamed files meta.json does not commit, and
+        the folders it created (`created`) if nothing else is in them."""
+        for file in (self.data, self.index, self.meta):
+            self.partial(file).unlink(missing_ok=True)
+        if _committed_build_id(self.out) != self.build_id:
+            for done_file in (self.data, self.index):  # renamed but never committed
+                done_file.unlink(missing_ok=True)
+        remove_empty(created)
+
+
+def _cache_record(build: _BuildFiles, rows: _IndexRows, *, size: int | None, kind: str, dicom_scaling: str,
+                  data_path: Path, split_dir: Path, splits_meta: dict, build_s: float) -> dict:
+    """The content of meta.json for a build."""
+    return {
+        "format": CACHE_FORMAT,
+        "exact": size is None,
+        "size": size,
+        "kind": kind,
+        "dicom_scaling": dicom_scaling,
+        "dicom_images": rows.dicom_images,
+        "build_id": build.build_id,
+        "data_file": build.data.name,
+        "index_file": build.index.name,
+        "block_bytes": BLOCK_BYTES,
+        "pillow": PIL.__version__,
+        "data_path": str(data_path.resolve()),
+        "split_dir": str(split_dir.resolve()),
+        "splits": splits_meta,
+        "num_images": len(rows.paths),
+        "bytes": rows.bytes,
+        "build_s": round(build_s, 1),
+        "bad": rows.bad,
+    }
+
+
 def build_cache(
     data_path: str | Path,
     dataset: str | None = None,
@@ -489,123 +632,42 @@ def build_cache(
     scaling = dicom_scaling_for(kind, dicom_scaling)
     if size is not None and size < 8:
         raise DataUsageError(f"--size {size}: expected at least 8 pixels")
-    folder = find_split_dir(data_path, split_dir)
-    if folder is None:
-        searched = ", ".join(str(f) for f in split_dir_candidates(data_path, split_dir))
-        raise CacheError(f"no split files ({', '.join(ALL_SPLIT_FILES)}) found in: {searched}")
-    names = split_files or [n for n in ALL_SPLIT_FILES if (folder / n).is_file()]
-    num_classes = len(CLASS_NAMES[kind]) if kind in CLASS_NAMES else None
-    classes_file = None
-    if num_classes is None:
-        classes = read_class_names([folder, data_path])
-        num_classes = len(classes) if classes else None
-        classes_file = find_class_file([folder, data_path]) if classes else None
-
-    # Union of the images over all split files, first occurrence kept for error messages.
-    where: dict[str, tuple[Path, int]] = {}
-    splits_meta: dict[str, dict] = {}
-    for name in names:
-        split_file = folder / name
-        if not split_file.is_file():
-            raise DataUsageError(f"--splits: split file {split_file} not found")
-        table = parse_split_file(split_file, num_classes, kind, classes_file)
-        splits_meta[name] = {"sha256": file_sha256(split_file), "lines": len(table)}
-        for path, line in zip(table.paths, table.lines):
-            where.setdefault(path, (split_file, line))
-    paths = list(where)
+    folder, names, where, splits_meta = _splits_to_cache(data_path, kind, split_dir, split_files)
 
     out = Path(cache_dir) if cache_dir is not None else default_cache_dir(data_path, size)
     created = _make_folder(out, "--cache_dir" if cache_dir is not None else None)
     for partial in out.glob("*.tmp"):  # left by a build that was killed
         partial.unlink(missing_ok=True)
-    build_id = uuid.uuid4().hex[:12]
-    data_name, index_name = f"images-{build_id}.u8", f"index-{build_id}.npz"
-    tmp_data, tmp_index = out / (data_name + ".tmp"), out / (index_name + ".tmp")
-    n = len(paths)
-    offsets = np.zeros(n, np.int64)
-    heights = np.zeros(n, np.int32)
-    widths = np.zeros(n, np.int32)
-    stats = np.full((n, 4), -1, np.int64)  # size, mtime_ns, ctime_ns, inode
-    sha256 = np.zeros((n, 32), np.uint8)
-    checksums = _BlockChecksums(BLOCK_BYTES)
-    bad: dict[str, str] = {}
-    dicom_images = 0
-    jobs = [(i, f, size, scaling) for i, f in enumerate(resolve_image_paths(data_path, paths, kind))]
+    build = _BuildFiles(out, uuid.uuid4().hex[:12])
+    jobs = [(i, f, size, scaling) for i, f in enumerate(resolve_image_paths(data_path, list(where), kind))]
     workers = workers or os.cpu_count() or 1
-    start, offset = time.perf_counter(), 0
-    writing = tmp_data  # the file being written, for the message of a failed write
+    start = time.perf_counter()
+    writing = build.partial(build.data)  # the file being written, for the message of a failed write
     try:
-        with open(tmp_data, "wb") as f:
-            pool = get_context().Pool(workers) if workers > 1 else None
-            try:
-                results = pool.imap(_load_for_cache, jobs, chunksize=8) if pool else map(_load_for_cache, jobs)
-                for done, (i, pixels, h, w, stat, digest, dicom, error) in enumerate(results, start=1):
-                    stats[i], sha256[i] = stat, np.frombuffer(digest, np.uint8)
-                    if pixels is None:
-                        split_file, line = where[paths[i]]
-                        entry = BadEntry(split_file, line, paths[i], f"{error} (file {jobs[i][1]})")
-                        if not skip_bad:
-                            raise ImageError(f"{entry}; rerun with --skip_bad to record it and go on")
-                        bad[paths[i]] = entry.reason
-                        continue
-                    f.write(pixels)
-                    checksums.update(pixels)
-                    offsets[i], heights[i], widths[i] = offset, h, w
-                    offset += h * w
-                    dicom_images += dicom
-                    if done % 5000 == 0:
-                        logger.info("cached %d / %d images (%.0f/s)", done, n, done / (time.perf_counter() - start))
-            finally:
-                if pool is not None:
-                    pool.terminate()
-        writing = tmp_index
-        with open(tmp_index, "wb") as f:  # np.savez appends '.npz' to a bare path name
-            np.savez(f, format=np.int64(CACHE_FORMAT), paths=np.asarray(paths, dtype=str), offsets=offsets,
-                     heights=heights, widths=widths, src_bytes=stats[:, 0], src_mtime_ns=stats[:, 1],
-                     src_ctime_ns=stats[:, 2], src_inode=stats[:, 3], src_sha256=sha256,
-                     block_crc32=checksums.finish())
-        os.replace(tmp_data, out / data_name)
-        os.replace(tmp_index, out / index_name)
+        rows = _write_pixels(writing, jobs, where, workers, skip_bad, start)
+        writing = build.partial(build.index)
+        with open(writing, "wb") as f:  # np.savez appends '.npz' to a bare path name
+            rows.save(f)
+        os.replace(build.partial(build.data), build.data)
+        os.replace(build.partial(build.index), build.index)
         build_s = time.perf_counter() - start
-        meta = {
-            "format": CACHE_FORMAT,
-            "exact": size is None,
-            "size": size,
-            "kind": kind,
-            "dicom_scaling": scaling,
-            "dicom_images": dicom_images,
-            "build_id": build_id,
-            "data_file": data_name,
-            "index_file": index_name,
-            "block_bytes": BLOCK_BYTES,
-            "pillow": PIL.__version__,
-            "data_path": str(data_path.resolve()),
-            "split_dir": str(folder.resolve()),
-            "splits": splits_meta,
-            "num_images": n,
-            "bytes": offset,
-            "build_s": round(build_s, 1),
-            "bad": bad,
-        }
-        writing = tmp_meta = out / (_META + ".tmp")
-        tmp_meta.write_text(json.dumps(meta, indent=1))
-        os.replace(tmp_meta, out / _META)  # the commit: before it the committed cache is intact
+        meta = _cache_record(build, rows, size=size, kind=kind, dicom_scaling=scaling, data_path=data_path,
+                             split_dir=folder, splits_meta=splits_meta, build_s=build_s)
+        writing = build.partial(build.meta)
+        writing.write_text(json.dumps(meta, indent=1))
+        os.replace(writing, build.meta)  # the commit: before it the committed cache is intact
     except BaseException as err:
-        for partial in (tmp_data, tmp_index, out / (_META + ".tmp")):
-            partial.unlink(missing_ok=True)
-        if _committed_build_id(out) != build_id:
-            for done_file in (out / data_name, out / index_name):  # renamed but never committed
-                done_file.unlink(missing_ok=True)
-        remove_empty(created)  # folders this build made, if nothing else is in them
+        build.discard(created)
         if isinstance(err, OSError) and not isinstance(err, ToolError):  # disk full, read-only, ...
             raise OutputError(f"{describe_os_error(err, writing)}; the committed cache (if any) is "
                               f"unchanged") from err
         raise
-    _remove_unreferenced(out, {_META, data_name, index_name})
-    logger.info("cached %d images (%d bad) of %s in %s (%s): %.1f MB, %.0f s", n, len(bad), ", ".join(names),
-                out, "exact" if size is None else f"LOSSY, shorter side {size}", offset / 1e6, build_s)
-    if bad:
-        logger.warning("%d bad images recorded in the cache, e.g. %s", len(bad), next(iter(bad.items())))
+    _remove_unreferenced(out, {_META, build.data.name, build.index.name})
+    logger.info("cached %d images (%d bad) of %s in %s (%s): %.1f MB, %.0f s", len(rows.paths), len(rows.bad),
+                ", ".join(names), out, "exact" if size is None else f"LOSSY, shorter side {size}",
+                rows.bytes / 1e6, build_s)
+    if rows.bad:
+        logger.warning("%d bad images recorded in the cache, e.g. %s", len(rows.bad), next(iter(rows.bad.items())))
     return out
 
 
