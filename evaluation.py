@@ -17,6 +17,7 @@ import torch
 import checkpoints as ckpt
 import datasets
 import lora
+import methods
 from engine_finetune import evaluate
 from util.cli import UsageError
 from util.io import json_safe
@@ -52,7 +53,7 @@ def test_checkpoint(checkpoint: str | Path, dataset: datasets.ChestXrayDataset, 
     from the checkpoint's JSON; other processes than the main one return {}."""
     model, config = ckpt.load_trained(checkpoint, pretrained=pretrained, device=device,
                                       allow_unsafe_pickle=allow_unsafe_pickle)
-    lora.merge(model)
+    methods.get(config.method).merge(model)
     if list(dataset.class_names) != config.class_names:
         raise UsageError(f"{checkpoint} was trained on classes {config.class_names}, "
                          f"but {dataset.split_file} has {dataset.class_names}")

@@ -708,7 +708,8 @@ def main(args: argparse.Namespace) -> dict:
 
     # Data first: a bad split file or image fails here, before anything is written.
     data = prepare_data(args, dist_info, device)
-    roles = flag_roles(get_args_parser())
+    parser = get_args_parser()
+    roles = flag_roles(parser)
     settings = run_settings(args, roles, eff_batch, data)
     folder = RunFolder(run_folder(args, settings))
     if dist_info.is_main:
@@ -730,7 +731,7 @@ def main(args: argparse.Namespace) -> dict:
                     f"--resume {plan.resume}: that run already trained {progress.start_epoch} "
                     f"epochs, so --epochs {args.epochs} leaves nothing to train in {folder.folder}; "
                     f"to test its best checkpoint use --eval --resume {plan.source / 'checkpoint-best'}")
-        writer = start_run(args, roles, settings, folder, plan, data, config, model,
+        writer = start_run(args, parser, settings, folder, plan, data, config, model,
                            progress.start_epoch, dist_info, precision_name(amp_dtype), device)
         Training(loop_config(args), folder, model, optimizer, train_loader=data.train_loader,
                  val_loader=data.val_loader, class_names=list(data.train_set.class_names),
@@ -743,11 +744,12 @@ def main(args: argparse.Namespace) -> dict:
         folder.lock.release()
 
 
-def run_record(args: argparse.Namespace, roles: dict[str, str], settings: dict, plan: Plan,
+def run_record(args: argparse.Namespace, parser: argparse.ArgumentParser, settings: dict, plan: Plan,
                data: RunData, config: mv.ModelConfig, model: torch.nn.Module, start_epoch: int,
                dist_info: DistInfo, precision: str) -> dict:
     """config.json: the run's settings, how it executed, and what it found."""
-    return {"settings": settings, "recipe": recipe_flags(get_args_parser()),
+    roles = flag_roles(parser)
+    return {"settings": settings, "recipe": recipe_flags(parser),
             "execution": json_safe({k: getattr(args, k) for k, r in roles.items() if r != RUN}),
             "preset_source": args.preset_source, "precision": precision, "lr": args.lr,
             "global_batch": settings["global_batch"], "world_size": dist_info.world_size,
@@ -803,14 +805,14 @@ def checkpoint_extra(args: argparse.Namespace, settings: dict, amp_dtype) -> dic
             "dicom_scaling": settings["dicom_scaling"]}
 
 
-def start_run(args: argparse.Namespace, roles: dict[str, str], settings: dict, folder: RunFolder,
+def start_run(args: argparse.Namespace, parser: argparse.ArgumentParser, settings: dict, folder: RunFolder,
               plan: Plan, data: RunData, config: mv.ModelConfig, model: torch.nn.Module,
               start_epoch: int, dist_info: DistInfo, precision: str, device: torch.device):
     """On the main process: replace a previous run if planned, write config.json, open
     train.log and TensorBoard (returned), and log what the run trains on."""
     if not dist_info.is_main:
         return None
-    record = run_record(args, roles, settings, plan, data, config, model, start_epoch,
+    record = run_record(args, parser, settings, plan, data, config, model, start_epoch,
                         dist_info, precision)
     folder.start(plan, record, script=args.script, overwrite=args.overwrite)
     setup_logging(True, folder.writable("train.log"))

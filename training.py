@@ -19,7 +19,7 @@ from typing import Any, Callable
 import torch
 
 import checkpoints as ckpt
-import lora
+import methods
 from engine_finetune import CompiledModule, NonFiniteLossError, evaluate, train_one_epoch
 from util.io import json_safe
 from util.lr_sched import adjust_learning_rate
@@ -145,13 +145,14 @@ class Training:
     def validate(self, eval_model: torch.nn.Module, epoch: int) -> dict:
         """The validation scores of the merged model (merging costs exactly a plain ViT; unmerge
         restores the base weights bit-exactly), logged to TensorBoard."""
-        lora.merge(self.model)
+        method = methods.get(self.model_config.method)
+        method.merge(self.model)
         try:  # classes without a validation AUROC were named once when the run started
             val = evaluate(eval_model, self.val_loader, self.device, self.class_names, self.amp_dtype,
                            progress=self.config.progress and self.dist_info.is_main,
                            warn_undefined=False)
         finally:
-            lora.unmerge(self.model)
+            method.unmerge(self.model)
         if not math.isfinite(val["mean_auroc"]):
             raise NonFiniteLossError(f"validation mean AUROC is {val['mean_auroc']} at epoch "
                                      f"{epoch}: the model's outputs are not finite")
