@@ -43,7 +43,6 @@ from util.runfolder import RunFolder
 logger = logging.getLogger(__name__)
 
 FORMAT = mv.CONFIG_FORMAT
-METHODS = mv.METHODS
 ModelConfig = mv.ModelConfig
 
 
@@ -51,9 +50,11 @@ class CheckpointError(ToolError, ValueError):
     """A checkpoint that does not fit the model or pre-trained file it is loaded with."""
 
 
-def model_config(*, lora_cfg: dict[str, Any] | None, **fields: Any) -> ModelConfig:
-    """A ``ModelConfig`` whose LoRA settings are given as their JSON object."""
-    return ModelConfig(lora=mv.LoRASpec(**lora_cfg) if lora_cfg else None, **fields)
+def model_config(*, method_settings: dict[str, Any] | None = None, **fields: Any) -> ModelConfig:
+    """A ``ModelConfig`` whose method settings are given as their JSON object."""
+    settings = methods.get(fields["method"]).settings
+    return ModelConfig(method_settings=settings(**method_settings) if method_settings else None,
+                       **fields)
 
 
 def checkpoint_paths(path: str | Path) -> tuple[Path, Path]:
@@ -266,7 +267,7 @@ def load_resume_state(path: str | Path) -> dict[str, Any]:
 # Merged export: one plain timm model, the method folded into the backbone
 # ---------------------------------------------------------------------------------------
 
-MERGED_FORMAT = "cxr-lora-merged/2"
+MERGED_FORMAT = "cxr-lora-merged/3"
 
 
 class ExportError(ToolError, ValueError):

@@ -29,6 +29,7 @@ import checkpoints as ckpt
 import datasets
 import evaluation
 import lora
+import methods
 import models_vit_lora as mv
 
 from datasets.splits import check_split_overlap
@@ -48,7 +49,7 @@ logger = logging.getLogger("main")
 PROG = "main_finetune_lora.py"
 DEMO_RUN_PREFIX = "demo-"
 # The automatic run name includes these when they differ from the paper's defaults.
-AUTO_NAME_DEFAULTS = {"lora_pos": "attn", "input_size": 224}
+AUTO_NAME_DEFAULTS = {"input_size": 224}
 # Flags that name a real data set or weights: without --data_path they are an error, not the demo.
 REAL_RUN_FLAGS = ("preset", "finetune", "dataset", "data_size", "split_dir", "nb_classes")
 # The role each flag declares once: RUN flags make the run this run (compared by the run-folder
@@ -139,9 +140,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     f = FlagTable(p, "model")
     f("--model", recipe=True, default="vit_base_patch16_lora", choices=sorted(mv.MODELS),
       help="architecture; *_lora variants inject LoRA adapters")
-    f("--method", recipe=True, default=None, choices=list(ckpt.METHODS),
-      help="lora | full (fine-tuning) | linear (probe); default: lora for *_lora models, full "
-           "otherwise")
+    f("--method", recipe=True, default=None, choices=list(methods.REGISTRY),
+      help="; ".join(f"{m.name}: {m.summary}" for m in methods.REGISTRY.values())
+           + ". Default: lora for *_lora models, full otherwise")
     f("--finetune", default="", role=DERIVED,
       help="pre-trained weights (MRM.pth, CXR_MAE.pth, ...)")
     f("--unsafe_load", action="store_true", role=EXEC,
@@ -155,11 +156,10 @@ def get_args_parser() -> argparse.ArgumentParser:
            "the patch tokens)")
     f("--nb_classes", default=None, type=command.POSITIVE_INT,
       help="number of classes (default: from the data set; checked against it)")
-    f("--lora_rank", recipe=True, type=int, default=4, help="LoRA rank r")
-    f("--lora_alpha", recipe=True, type=float, default=32.0, help="LoRA alpha (scaling alpha / r)")
-    f("--lora_dropout", recipe=True, type=float, default=0.1, help="dropout on the LoRA input")
-    f("--lora_pos", recipe=True, type=str, default="attn",
-      help=f"where to put adapters: {sorted(lora.POSITIONS)} or a comma list")
+
+    f = FlagTable(p, "method settings (each method's own; see --method)")
+    for method_flag in methods.all_flags():
+        f(*method_flag.names, recipe=True, **method_flag.options)
 
     f = FlagTable(p, "optimisation")
     f("--batch_size", recipe=True, default=64, type=command.POSITIVE_INT,
@@ -307,7 +307,8 @@ def resolve_args(args: argparse.Namespace, explicit: set[str]) -> argparse.Names
 
     args.explicit, args.notes, args.preset_source = explicit, [], None
     if args.preset:
-        values, args.preset_source = resolve_preset(args.preset, args.method or default_method(args.model))
+        method = methods.get(args.method or default_method(args.model))
+        values, args.preset_source = resolve_preset(args.preset, method.name, method.preset_lr)
         fill(values)
     choose_data(args, explicit)
     if args.demo:
@@ -319,7 +320,7 @@ def resolve_args(args: argparse.Namespace, explicit: set[str]) -> argparse.Names
     args.method = args.method or default_method(args.model)
     args.arch = mv.LORA_MODELS.get(args.model, args.model)
     args.model_kwargs = {"depth": args.depth} if args.depth else {}
-    args.lora_spec = lora_spec(args)
+    args.method_settings = methods.get(args.method).from_flags(vars(args))
     if args.warmup_epochs > args.epochs:
         args.notes.append(f"--warmup_epochs {args.warmup_epochs:g} is longer than the run: capped "
                           f"at --epochs {args.epochs}")
@@ -377,14 +378,6 @@ def choose_data(args: argparse.Namespace, explicit: set[str]) -> None:
         raise ArgumentError(f"--data_path {args.data_path}: no such folder"
                             + (" (to write a new demo data set there, use --demo_out)"
                                if args.demo else ""))
-
-
-def lora_spec(args: argparse.Namespace) -> mv.LoRASpec | None:
-    """The LoRA flags as the spec that checks them (None for other methods)."""
-    if args.method != "lora":
-        return None
-    return mv.LoRASpec(rank=args.lora_rank, alpha=args.lora_alpha, dropout=args.lora_dropout,
-                       pos=args.lora_pos)
 
 
 def choose_norm(args: argparse.Namespace, explicit: set[str]) -> str:
@@ -456,9 +449,9 @@ def check_precision(args: argparse.Namespace) -> None:
     """--backbone_dtype against --method, --amp and the device."""
     if args.backbone_dtype == "fp32":
         return
-    if args.method == "full":
-        raise ValueError(f"--backbone_dtype {args.backbone_dtype} needs a frozen backbone "
-                         "(--method lora or linear), not full fine-tuning")
+    if methods.get(args.method).trains_backbone:
+        raise ValueError(f"--backbone_dtype {args.backbone_dtype} needs a frozen backbone, "
+                         f"not --method {args.method}, which trains it")
     if args.backbone_dtype == "fp8":  # products in float8 whatever the autocast dtype
         lora.check_fp8_support(torch.device(args.device))
     elif args.amp != args.backbone_dtype:
@@ -529,9 +522,8 @@ def run_folder(args: argparse.Namespace, settings: dict[str, Any]) -> Path:
         return Path(args.output_dir) / demo_run_name(args, settings)
     if args.run_name != "auto":
         return Path(args.output_dir) / args.run_name if args.run_name else Path(args.output_dir)
-    method = args.method + (f"-r{args.lora_rank}" if args.method == "lora" else "")
-    if args.method == "lora" and args.lora_pos != AUTO_NAME_DEFAULTS["lora_pos"]:
-        method += f"-{args.lora_pos.replace(',', '+')}"
+    tag = methods.get(args.method).tag(args.method_settings)
+    method = args.method + (f"-{tag}" if tag else "")
     parts = [args.dataset, args.data_size.replace("%", "pct"), weights_name(args.finetune), method,
              f"{args.optimizer}-lr{args.lr:g}-e{args.epochs}-b{settings['global_batch']}",
              f"s{args.seed}"]
@@ -634,7 +626,7 @@ def model_config(args: argparse.Namespace, class_names: list[str],
         model=args.arch, method=args.method, class_names=class_names, img_size=args.input_size,
         global_pool=args.global_pool, norm=args.norm, mean=mean, std=std,
         pretrained=str(Path(args.finetune).resolve()) if args.finetune else None,
-        pretrained_sha256=settings["weights_sha256"], lora=args.lora_spec,
+        pretrained_sha256=settings["weights_sha256"], method_settings=args.method_settings,
         drop_path_rate=args.drop_path, eval_recipe=args.recipe, dataset=args.dataset,
         model_kwargs=args.model_kwargs)
 
@@ -754,7 +746,7 @@ def run_record(args: argparse.Namespace, parser: argparse.ArgumentParser, settin
             "preset_source": args.preset_source, "precision": precision, "lr": args.lr,
             "global_batch": settings["global_batch"], "world_size": dist_info.world_size,
             "trainable": lora.trainable_report(model),
-            "lora_scaling": config.lora.scaling if config.lora else None,
+            "method_settings": json_safe(config.to_json()["method_settings"]),
             "val_undefined_classes": data.val_undefined, "notes": args.notes,
             "data_cache": data.cache_used,
             "resumed_from_epoch": start_epoch - 1 if plan.resume else None,
@@ -780,7 +772,8 @@ def log_start(data: RunData, config: mv.ModelConfig, model: torch.nn.Module, fol
                        data.cache_used[lossy[0]].get("size"))
     if data.cache_used["train"].get("crop_resize"):
         logger.info("training crops are resized by %s", data.cache_used["train"]["crop_resize"])
-    scaling = f", LoRA scaling alpha/r = {config.lora.scaling:g}" if config.lora else ""
+    scaling = getattr(config.method_settings, "scaling", None)
+    scaling = f", scaling alpha/r = {scaling:g}" if scaling is not None else ""
     say(lora.trainable_report(model) + scaling)
     logger.info("run folder %s; %d train / %d val / %d test images; global batch %d; lr %.3g; "
                 "precision %s; device %s", folder.folder, len(data.train_set), len(data.val_set),

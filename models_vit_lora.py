@@ -30,7 +30,7 @@ import lora
 import methods
 import weights
 from methods import ModelConfigError
-from methods.lora import LoRASpec
+from methods.lora import LoRASpec  # noqa: F401  (the settings of the *_lora builders)
 from weights import PretrainedWeightsError
 
 logger = logging.getLogger(__name__)
@@ -595,9 +595,7 @@ def load_pretrained(model: nn.Module, path: str | Path, allow_unsafe_pickle: boo
 # ---------------------------------------------------------------------------------------
 
 # Version of the config JSON kept beside every trained checkpoint (``checkpoints.py``).
-CONFIG_FORMAT = "cxr-lora-checkpoint/2"
-# The registered fine-tuning methods (a live view: a method registered later is in it).
-METHODS = methods.REGISTRY.keys()
+CONFIG_FORMAT = "cxr-lora-checkpoint/3"
 
 
 def _positive_int(value: Any) -> bool:
@@ -613,6 +611,8 @@ MODEL_KWARGS: dict[str, tuple[Callable[[Any], bool], str]] = {
 def _json_type_ok(value: Any, hint: Any) -> bool:
     """Whether a JSON value has a field's type (bool never passes for a number)."""
     origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is Any:
+        return True
     if origin in (typing.Union, types.UnionType):
         return any(_json_type_ok(value, a) for a in args)
     if hint is type(None):
@@ -637,11 +637,6 @@ def _json_type_name(hint: Any) -> str:
     return {type(None): "null", float: "number"}.get(hint, getattr(hint, "__name__", str(hint)))
 
 
-def _dataclass_of(hint: Any) -> type | None:
-    """The dataclass a field holds (``LoRASpec | None`` -> LoRASpec), or None."""
-    return next((a for a in (hint, *typing.get_args(hint)) if dataclasses.is_dataclass(a)), None)
-
-
 def _read_fields(cls: type, obj: dict[str, Any], where: str = ""
                  ) -> tuple[dict[str, Any], dict[str, Any], list[str]]:
     """The fields of dataclass ``cls`` from a JSON object, each checked against its type hint:
@@ -659,18 +654,27 @@ def _read_fields(cls: type, obj: dict[str, Any], where: str = ""
         if not _json_type_ok(value, hint):
             problems.append(f"{key!r} is {value!r:.40} (expected {_json_type_name(hint)})")
             continue
-        nested = _dataclass_of(hint)
-        if nested is not None and value is not None:
-            inner, other, wrong = _read_fields(nested, value, key + ".")
-            wrong += [f"{key + '.' + k!r} is not a setting of {key}" for k in other]
-            if not wrong:
-                try:
-                    value = nested(**inner)
-                except ModelConfigError as err:
-                    wrong.append(f"{key}: {err}")
-            problems += wrong
         values[name] = value
     return values, {k: v for k, v in obj.items() if k not in names}, problems
+
+
+def _read_method_settings(values: dict[str, Any]) -> tuple[Any, list[str]]:
+    """The JSON object of ``method_settings`` as its method's settings dataclass."""
+    obj, key = values["method_settings"], "method_settings"
+    settings = methods.REGISTRY[values["method"]].settings if values["method"] in methods.REGISTRY \
+        else None  # an unknown method is ModelConfig's to refuse
+    if settings is None or obj is None:
+        return obj, []  # ModelConfig itself says when one is missing or not wanted
+    if not isinstance(obj, dict):
+        return None, [f"{key!r} is {obj!r:.40} (expected object)"]
+    inner, other, wrong = _read_fields(settings, obj, key + ".")
+    wrong += [f"{key + '.' + k!r} is not a setting of {values['method']}" for k in other]
+    if wrong:
+        return None, wrong
+    try:
+        return settings(**inner), []
+    except ModelConfigError as err:
+        return None, [f"{key}: {err}"]
 
 
 @dataclass
@@ -694,8 +698,9 @@ class ModelConfig:
     std: tuple[float, ...]
     pretrained: str | None = None
     pretrained_sha256: str | None = None
-    # LoRA's settings: the ``settings`` of the method (see ``methods``), None for full / linear.
-    lora: LoRASpec | None = None
+    # The method's own settings (its ``Method.settings`` dataclass, e.g. ``LoRASpec``), None
+    # for a method without any (full, linear).
+    method_settings: Any = None
     drop_path_rate: float = 0.0
     eval_recipe: str = "sgd"
     dataset: str | None = None
@@ -712,12 +717,13 @@ class ModelConfig:
         if self.model not in ARCHS:
             raise ModelConfigError(f"unknown model {self.model!r} (--model); choose from "
                                    f"{sorted(ARCHS)}")
-        if method.settings is None and self.lora is not None:
-            raise ModelConfigError(f"method {method.name!r} takes no LoRA settings, got {self.lora}")
-        if method.settings is not None and not isinstance(self.lora, method.settings):
+        if method.settings is None and self.method_settings is not None:
+            raise ModelConfigError(f"method {method.name!r} takes no settings, got "
+                                   f"{self.method_settings}")
+        if method.settings is not None and not isinstance(self.method_settings, method.settings):
             raise ModelConfigError(f"method {method.name!r} needs its {method.settings.__name__} "
-                                   f"(--method {method.name} {method.size_flag} ...), got "
-                                   f"{self.lora!r}")
+                                   f"(--method {method.name} {method.size_flag or ''} ...), got "
+                                   f"{self.method_settings!r}")
         if not self.class_names:
             raise ModelConfigError("a model needs at least one class")
         if not _positive_int(self.img_size):
@@ -761,6 +767,9 @@ class ModelConfig:
         naming the keys at fault.
         """
         values, extras, problems = _read_fields(cls, obj)
+        if not problems:
+            values["method_settings"], wrong = _read_method_settings(values)
+            problems += wrong
         extras.pop("format", None)
         num_classes = extras.pop("num_classes", None)
         if num_classes is None:
@@ -795,6 +804,6 @@ def build_model(config: ModelConfig, pretrained: str | Path | None = None, *,
                                f"and model_kwargs {config.model_kwargs} ({err})") from None
     if pretrained is not None:
         load_pretrained(model, pretrained, allow_unsafe_pickle=allow_unsafe_pickle)
-    method.inject(model, config.lora)
+    method.inject(model, config.method_settings)
     method.mark_trainable(model)
     return model

@@ -114,7 +114,7 @@ def demo_model(arch: str, num_classes: int, img_size: int, rank: int,
     config = mv.ModelConfig(
         model=arch, method="full" if paper else "lora",
         class_names=[f"class{k}" for k in range(num_classes)], img_size=img_size, global_pool=True,
-        norm=DEMO_DEFAULTS["norm"], mean=mean, std=std, lora=None if paper else spec,
+        norm=DEMO_DEFAULTS["norm"], mean=mean, std=std, method_settings=None if paper else spec,
         drop_path_rate=DEMO_DEFAULTS["drop_path"], model_kwargs={"depth": depth} if depth else {})
     model = mv.build_model(config)
     if paper:

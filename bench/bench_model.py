@@ -215,7 +215,7 @@ def build(impl: str, arch: str, img_size: int, rank: int, alpha: float, dropout:
         model=arch, method="lora" if ours else "full",
         class_names=[f"class{k}" for k in range(NUM_CLASSES)], img_size=img_size, global_pool=True,
         norm="mrm", mean=(0.5,) * 3, std=(0.25,) * 3,
-        lora=mv.LoRASpec(rank=rank, alpha=alpha, dropout=dropout, pos="attn") if ours else None)
+        method_settings=mv.LoRASpec(rank=rank, alpha=alpha, dropout=dropout, pos="attn") if ours else None)
     model = mv.build_model(config)
     if ours:
         if impl == "ours_gc":

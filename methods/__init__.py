@@ -1,20 +1,25 @@
 """Fine-tuning methods (``--method``): each is one module of this package that registers itself.
 
 A method says what it adds to a plain timm ViT (``inject``), what it trains
-(``mark_trainable``), the settings it is built from and the flag of its size, and how its
-trained model becomes plain timm weights (``merge`` / ``unmerge`` for evaluation,
-``merged_state_dict`` for export) or why it cannot (``not_mergeable``). The model
-assembly, the checkpoints and the export ask this registry; nothing else knows the list.
+(``mark_trainable``), its own flags and the settings they build (``flags``, ``settings``,
+``from_flags``), how its runs are named (``tag``), where its learning rate comes from when
+a preset gives LoRA's (``preset_lr``), and how its trained model becomes plain timm weights
+(``merge`` / ``unmerge`` for evaluation, ``merged_state_dict`` for export) or why it cannot
+(``not_mergeable``). The entry script, the model assembly, the checkpoints, the presets
+and the export ask this registry; nothing else knows the list.
 
     register(Method(name="bitfit", inject=..., mark_trainable=..., ...))
+
+Adding a method is one module here that calls ``register`` and one import line at the end of
+this file (docs/ADDING_A_METHOD.md).
 
 The package sits above ``lora/`` (torch only) and below ``models_vit_lora``: a method may
 use any layer library, and the model code finds it by name.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Callable
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping
 
 import torch
 import torch.nn as nn
@@ -37,6 +42,36 @@ def plain_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 @dataclass(frozen=True)
+class Flag:
+    """One command-line flag a method owns: ``parser.add_argument(*names, **options)``.
+
+    The entry script adds every registered method's flags to its "method" group, each as a
+    setting of the run and part of the method's recipe.
+    """
+
+    names: tuple[str, ...]
+    options: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def dest(self) -> str:
+        """The attribute the parsed value lands in (``--lora_rank`` -> ``lora_rank``)."""
+        return self.options.get("dest") or self.names[0].lstrip("-").replace("-", "_")
+
+
+def flag(*names: str, **options: Any) -> Flag:
+    """``Flag(names, options)``, written like ``add_argument``."""
+    return Flag(names, options)
+
+
+def _no_settings(values: Mapping[str, Any]) -> None:
+    return None
+
+
+def _plain_tag(settings: Any) -> str:
+    return ""
+
+
+@dataclass(frozen=True)
 class Method:
     """One fine-tuning method, as the model assembly, the checkpoints and the export see it.
 
@@ -46,8 +81,19 @@ class Method:
         inject: ``inject(model, settings)`` adds the method's modules to a ViT whose
             pre-trained weights are loaded (``settings`` is None for a method without any).
         mark_trainable: sets ``requires_grad``: exactly what the method trains.
-        settings: the dataclass of its settings (``ModelConfig.lora``), None if it has none.
+        settings: the dataclass of its settings (``ModelConfig.method_settings``), None if it
+            has none; it checks its own values on creation (``ModelConfigError`` naming the flag).
+        from_flags: ``from_flags(values)`` -> its settings, from the parsed flag values by
+            destination (its own flags and any other method's it shares, e.g. DoRA LoRA's).
+        flags: the flags it owns (``Flag``); shared flags are declared once, by one method.
         size_flag: the flag of its size knob (``--lora_rank``), None without one.
+        tag: ``tag(settings)`` -> what follows the method's name in an automatic run name
+            ("r4" for LoRA rank 4), "" for nothing.
+        trains_backbone: whether every backbone weight is trained (then the backbone cannot be
+            held in a lower precision, and checkpoints hold every tensor).
+        preset_lr: for a method without a published recipe of its own, the learning rate its
+            paper recommends, used with a ``--preset`` unless ``--lr`` is given, and where it
+            comes from; None keeps the preset's (the paper's LoRA) value.
         merge, unmerge: fold the trained modules into the base weights and back, for
             evaluation at the cost of a plain ViT; each returns the number of layers changed.
         merged_state_dict: the plain timm state dict with the method folded in (export),
@@ -61,7 +107,12 @@ class Method:
     inject: Callable[[nn.Module, Any], None]
     mark_trainable: Callable[[nn.Module], None]
     settings: type | None = None
+    from_flags: Callable[[Mapping[str, Any]], Any] = _no_settings
+    flags: tuple[Flag, ...] = ()
     size_flag: str | None = None
+    tag: Callable[[Any], str] = _plain_tag
+    trains_backbone: bool = False
+    preset_lr: tuple[float, str] | None = None
     merge: Callable[[nn.Module], int] = no_merge
     unmerge: Callable[[nn.Module], int] = no_merge
     merged_state_dict: Callable[[nn.Module], dict[str, torch.Tensor]] = plain_state_dict
@@ -76,6 +127,10 @@ def register(method: Method) -> Method:
     """Add ``method`` to the registry; a second method of the same name is refused."""
     if method.name in REGISTRY:
         raise ValueError(f"a method named {method.name!r} is already registered")
+    taken = {f.dest for m in REGISTRY.values() for f in m.flags}
+    clash = sorted(taken & {f.dest for f in method.flags})
+    if clash:
+        raise ValueError(f"method {method.name!r}: flags {clash} are already declared")
     REGISTRY[method.name] = method
     return method
 
@@ -87,6 +142,11 @@ def get(name: str) -> Method:
     except KeyError:
         raise ModelConfigError(f"unknown method {name!r} (--method); choose from "
                                f"{list(REGISTRY)}") from None
+
+
+def all_flags() -> list[Flag]:
+    """Every registered method's own flags, in registration order (the entry script adds them)."""
+    return [f for m in REGISTRY.values() for f in m.flags]
 
 
 # Each registers itself, in the order --help lists them (lora, the default, first).

@@ -15,4 +15,5 @@ def _train_everything(model: nn.Module) -> None:
 
 
 FULL = register(Method(name="full", summary="full fine-tuning: every parameter trained",
-                       inject=_nothing_to_inject, mark_trainable=_train_everything))
+                       inject=_nothing_to_inject, mark_trainable=_train_everything,
+                       trains_backbone=True))

@@ -3,11 +3,12 @@ block (by default q and v of the fused qkv), trained with fc_norm + head; mergea
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, Mapping
 
 import torch.nn as nn
 
 import lora
-from methods import Method, ModelConfigError, register
+from methods import Method, ModelConfigError, flag, register
 
 
 @dataclass(frozen=True)
@@ -48,8 +49,27 @@ def _inject(model: nn.Module, spec: LoRASpec) -> None:
     lora.inject_lora(model, rank=spec.rank, alpha=spec.alpha, dropout=spec.dropout, pos=spec.pos)
 
 
+def spec_from_flags(values: Mapping[str, Any]) -> LoRASpec:
+    """The LoRA flags as the spec that checks them."""
+    return LoRASpec(rank=values["lora_rank"], alpha=values["lora_alpha"],
+                    dropout=values["lora_dropout"], pos=values["lora_pos"])
+
+
+def _tag(spec: LoRASpec) -> str:
+    """r<rank>, and the positions when they are not the paper's q and v."""
+    return f"r{spec.rank}" + ("" if spec.pos == "attn" else "-" + spec.pos.replace(",", "+"))
+
+
+FLAGS = (
+    flag("--lora_rank", type=int, default=4, help="LoRA rank r"),
+    flag("--lora_alpha", type=float, default=32.0, help="LoRA alpha (scaling alpha / r)"),
+    flag("--lora_dropout", type=float, default=0.1, help="dropout on the LoRA input"),
+    flag("--lora_pos", type=str, default="attn",
+         help=f"where to put adapters: {sorted(lora.POSITIONS)} or a comma list"),
+)
+
 LORA = register(Method(
     name="lora", summary="LoRA adapters on --lora_pos, trained with fc_norm + head",
     inject=_inject, mark_trainable=lora.mark_trainable, settings=LoRASpec,
-    size_flag="--lora_rank", merge=lora.merge, unmerge=lora.unmerge,
-    merged_state_dict=lora.merged_state_dict))
+    from_flags=spec_from_flags, flags=FLAGS, size_flag="--lora_rank", tag=_tag,
+    merge=lora.merge, unmerge=lora.unmerge, merged_state_dict=lora.merged_state_dict))

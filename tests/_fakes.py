@@ -74,7 +74,7 @@ def trained_checkpoint(root: Path, class_names=None, img_size: int = 64, global_
         model="vit_tiny_patch16", method="lora", class_names=class_names, img_size=img_size,
         global_pool=global_pool, norm="mrm", mean=mean, std=std, pretrained=str(mrm),
         pretrained_sha256=file_sha256(mrm),
-        lora_cfg={"rank": 4, "alpha": 32.0, "dropout": 0.1, "pos": "attn"},
+        method_settings={"rank": 4, "alpha": 32.0, "dropout": 0.1, "pos": "attn"},
         model_kwargs={"depth": 2}, dataset="nih", eval_recipe="sgd")
     stem = root / "run" / "checkpoint-best"
     save_checkpoint(stem, model, config)

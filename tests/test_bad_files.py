@@ -394,7 +394,7 @@ def _committed_run(trained, tmp_path):
 
 @pytest.mark.parametrize("edit", [
     lambda o: o.update(class_names=[*o["class_names"][1:], o["class_names"][0]]),
-    lambda o: o["lora"].update(alpha=64.0),
+    lambda o: o["method_settings"].update(alpha=64.0),
     lambda o: o.update(img_size=64),
 ])
 def test_checkpoint_json_edited_after_its_run_committed_it_is_refused(trained, tmp_path, edit,

@@ -127,7 +127,7 @@ def test_export_of_merged_model_and_token_pooling(tmp_path):
     config = model_config(model="vit_tiny_patch16", method="lora", class_names=["a", "b"],
                           img_size=32, global_pool=False, norm="cxr_mae", mean=mean, std=std,
                           pretrained=None, pretrained_sha256=None,
-                          lora_cfg={"rank": 4, "alpha": 32.0, "dropout": 0.1, "pos": "attn"},
+                          method_settings={"rank": 4, "alpha": 32.0, "dropout": 0.1, "pos": "attn"},
                           model_kwargs={"depth": 2}, eval_recipe="adamw")
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
@@ -160,7 +160,7 @@ def test_vit_base_export_strict_timm(tmp_path):
                           class_names=[f"c{i}" for i in range(14)], img_size=224,
                           global_pool=True, norm="mrm", mean=mean, std=std, pretrained=None,
                           pretrained_sha256=None,
-                          lora_cfg={"rank": 4, "alpha": 32.0, "dropout": 0.1, "pos": "attn"})
+                          method_settings={"rank": 4, "alpha": 32.0, "dropout": 0.1, "pos": "attn"})
     x = torch.randn(1, 3, 224, 224, generator=g)
     with torch.no_grad():
         expected = model(x)

@@ -45,15 +45,16 @@ def toy():
     del methods.REGISTRY["toyscale"]
 
 
-def toy_config(method="toyscale", pretrained=None):
+def toy_config(method="toyscale", pretrained=None, settings=None):
     mean, std = NORM_STATS["mrm"]
     return mv.ModelConfig(model="vit_tiny_patch16", method=method, class_names=["a", "b"],
                           img_size=32, global_pool=True, norm="mrm", mean=mean, std=std,
-                          pretrained=pretrained, model_kwargs={"depth": 2})
+                          pretrained=pretrained, model_kwargs={"depth": 2},
+                          method_settings=settings)
 
 
 def test_the_built_in_methods_are_the_registry(toy):
-    assert list(ckpt.METHODS)[:3] == ["lora", "full", "linear"] and "toyscale" in ckpt.METHODS
+    assert list(methods.REGISTRY)[:3] == ["lora", "full", "linear"] and "toyscale" in methods.REGISTRY
     assert methods.get("lora").settings is mv.LoRASpec and methods.get("full").settings is None
     with pytest.raises(ValueError, match="already registered"):
         methods.register(toy)
@@ -99,3 +100,47 @@ def test_a_checkpoint_of_an_unregistered_method_is_one_line(toy, tmp_path):
             ckpt.load_trained(stem)
     finally:
         methods.REGISTRY["toyscale"] = toy
+
+
+def test_a_method_brings_its_own_flags_settings_and_run_name(tmp_path):
+    """A method's flags reach the entry script, its settings the checkpoint JSON, its tag the
+    run folder's name, without another file knowing the method."""
+    from dataclasses import dataclass
+
+    import main_finetune_lora as mfl
+
+    @dataclass(frozen=True)
+    class ToySettings:
+        size: int
+
+        def __post_init__(self):
+            if self.size <= 0:
+                raise methods.ModelConfigError(f"toy size must be positive (--toy_size), got {self.size}")
+
+    methods.register(methods.Method(
+        name="toysized", summary="toy", inject=lambda model, settings: None,
+        mark_trainable=_train_scales_and_head, settings=ToySettings,
+        from_flags=lambda values: ToySettings(values["toy_size"]),
+        flags=(methods.flag("--toy_size", type=int, default=3, help="toy size"),),
+        size_flag="--toy_size", tag=lambda s: f"n{s.size}"))
+    try:
+        with pytest.raises(ValueError, match=r"flags \['toy_size'\] are already declared"):
+            methods.register(methods.Method(name="toyclash", summary="", inject=_inject_scales,
+                                            mark_trainable=_train_scales_and_head,
+                                            flags=(methods.flag("--toy_size"),)))
+        args = mfl.parse(["--demo", "--method", "toysized", "--model", "vit_tiny_patch16",
+                          "--toy_size", "5", "--run_name", "auto", "--output_dir", str(tmp_path)])
+        assert args.method_settings == ToySettings(5)
+        assert "toy_size" in mfl.recipe_flags(mfl.get_args_parser())
+        with pytest.raises(SystemExit):  # the settings' own check, as a usage error
+            mfl.parse(["--demo", "--method", "toysized", "--model", "vit_tiny_patch16",
+                       "--toy_size", "0"])
+        config = toy_config(method="toysized", settings=ToySettings(5))
+        again = mv.ModelConfig.from_json(config.to_json())
+        assert again.method_settings == ToySettings(5)
+        bad = config.to_json()
+        bad["method_settings"] = {"size": 0}
+        with pytest.raises(mv.ModelConfigError, match=r"method_settings: toy size must be positive"):
+            mv.ModelConfig.from_json(bad)
+    finally:
+        del methods.REGISTRY["toysized"]

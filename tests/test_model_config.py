@@ -15,7 +15,7 @@ def tiny_config(**changes):
     mean, std = NORM_STATS["mrm"]
     values = dict(model="vit_tiny_patch16", method="lora", class_names=["a", "b", "c"],
                   img_size=32, global_pool=True, norm="mrm", mean=mean, std=std,
-                  lora=mv.LoRASpec(rank=4, alpha=32.0, dropout=0.1, pos="attn"),
+                  method_settings=mv.LoRASpec(rank=4, alpha=32.0, dropout=0.1, pos="attn"),
                   model_kwargs={"depth": 2})
     values.update(changes)
     return mv.ModelConfig(**values)
@@ -28,7 +28,7 @@ def test_json_round_trip_keeps_unknown_keys():
     assert again.to_json() == obj and again == config.replace(extras=again.extras)
     assert again.extras == {"epoch": 7, "val_mean_auroc": 0.81, "run": {"seed": 3}}
     assert (again.dicom_scaling, again.backbone_in_file, again.num_classes) == ("paper", False, 3)
-    assert again.lora == config.lora and again.lora.rank == 4
+    assert again.method_settings == config.method_settings and again.method_settings.rank == 4
     assert obj["format"] == mv.CONFIG_FORMAT == ckpt.FORMAT and obj["num_classes"] == 3
 
 
@@ -40,16 +40,16 @@ def test_config_is_a_plain_dataclass():
 
 
 def test_lora_scaling_and_bad_fields():
-    assert tiny_config().lora.scaling == 8.0
-    assert tiny_config(lora=mv.LoRASpec(rank=32, alpha=32.0, pos="attn")).lora.scaling == 1.0
+    assert tiny_config().method_settings.scaling == 8.0
+    assert tiny_config(method_settings=mv.LoRASpec(rank=32, alpha=32.0, pos="attn")).method_settings.scaling == 1.0
     with pytest.raises(mv.ModelConfigError, match="unknown method 'prefix' \\(--method\\)"):
         tiny_config(method="prefix")
     with pytest.raises(mv.ModelConfigError, match="unknown model 'resnet50' \\(--model\\)"):
         tiny_config(model="resnet50")
-    with pytest.raises(mv.ModelConfigError, match="'full' takes no LoRA settings"):
+    with pytest.raises(mv.ModelConfigError, match="'full' takes no settings"):
         tiny_config(method="full")
     with pytest.raises(mv.ModelConfigError, match="'lora' needs its LoRASpec .*--lora_rank"):
-        tiny_config(lora=None)
+        tiny_config(method_settings=None)
 
 
 @pytest.mark.parametrize("changes, message", [
@@ -88,9 +88,9 @@ def test_build_model_is_build_load_inject_freeze(tmp_path):
     assert "blocks.0.attn.qkv.base_layer.weight" not in trained
     for (name, a), b in zip(built.state_dict().items(), by_hand.state_dict().values()):
         assert torch.equal(a, b), name
-    full = mv.build_model(tiny_config(method="full", lora=None))
+    full = mv.build_model(tiny_config(method="full", method_settings=None))
     assert all(p.requires_grad for p in full.parameters())
-    probe = mv.build_model(tiny_config(method="linear", lora=None))
+    probe = mv.build_model(tiny_config(method="linear", method_settings=None))
     assert {n for n, p in probe.named_parameters() if p.requires_grad} == {
         "fc_norm.weight", "fc_norm.bias", "head.weight", "head.bias"}
 
@@ -113,16 +113,16 @@ def _edit_json(stem, change):
      "model_kwargs key 'act_layer' is not an architecture setting this tool knows (depth)"),
     (lambda o: o["model_kwargs"].update(depth=0),
      "model_kwargs depth 0 is not a positive integer (--depth)"),
-    (lambda o: o["lora"].update(rank=0), "lora: LoRA rank must be a positive integer"),
-    (lambda o: o["lora"].update(rnk=4), "'lora.rnk' is not a setting of lora"),
-    (lambda o: o["lora"].pop("dropout"), "'lora.dropout' missing"),
+    (lambda o: o["method_settings"].update(rank=0), "method_settings: LoRA rank must be a positive integer"),
+    (lambda o: o["method_settings"].update(rnk=4), "'method_settings.rnk' is not a setting of lora"),
+    (lambda o: o["method_settings"].pop("dropout"), "'method_settings.dropout' missing"),
     (lambda o: o.pop("eval_recipe"), "'eval_recipe' missing"),
     (lambda o: o.update(global_pool="avg"), "'global_pool' is 'avg' (expected bool)"),
     (lambda o: o.update(mean=[0.5, "x", 0.5]), "'mean' is [0.5, 'x', 0.5] (expected list of number)"),
     (lambda o: o.update(method="vpt"), "unknown method 'vpt'"),
     (lambda o: o.update(num_classes=3), "14 class_names for num_classes 3"),
-    (lambda o: o.update(format="cxr-lora-checkpoint/1"),
-     "format 'cxr-lora-checkpoint/1', expected 'cxr-lora-checkpoint/2'"),
+    (lambda o: o.update(format="cxr-lora-checkpoint/2"),
+     "format 'cxr-lora-checkpoint/2', expected 'cxr-lora-checkpoint/3'"),
 ])
 def test_bad_checkpoint_json_is_one_line_naming_file_and_key(tmp_path, change, words):
     stem, _ = trained_checkpoint(tmp_path, img_size=32)

@@ -2,7 +2,7 @@
 import pytest
 
 from conftest import SHARED
-from util.presets import FULL_PRESETS, LINEAR_PRESETS, METHODS, PRESETS, preset_help, resolve_preset
+from util.presets import FULL_PRESETS, LINEAR_PRESETS, PRESETS, preset_help, resolve_preset
 
 # The paper README's tables, copied verbatim from the project's facts sheet (rows as written there).
 MRM_TABLE = """\
@@ -110,11 +110,19 @@ def test_resolved_values_are_copies():
 
 
 def test_bad_names():
-    with pytest.raises(ValueError, match="method='lorra'"):
-        resolve_preset("nih-1-mrm", "lorra")
     with pytest.raises(ValueError, match="preset 'nih-5-mrm'"):
         resolve_preset("nih-5-mrm", "full")
-    assert set(METHODS) == {"lora", "full", "linear"}
+
+
+def test_a_method_without_a_recipe_keeps_the_data_and_schedule_and_takes_its_own_lr():
+    lora_values, _ = resolve_preset("chexpert-10-mrm", "lora")
+    values, source = resolve_preset("chexpert-10-mrm", "ssf", method_lr=(5e-3, "SSF paper"))
+    assert values["lr"] == 5e-3 and "lora_rank" not in values
+    assert {k: v for k, v in values.items() if k != "lr"} == \
+        {k: v for k, v in lora_values.items() if k not in ("lr", "lora_rank")}
+    assert "lr 0.005 (SSF paper)" in source
+    same, _ = resolve_preset("chexpert-10-mrm", "ssf")
+    assert same["lr"] == lora_values["lr"]
     assert "full" in preset_help() and "preset_source" in preset_help()
 
 

@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 
 import datasets
 import main_finetune_lora as mfl
+import methods
 import training
 import util.runfolder as runfolder
 from _fakes import demo_data_and_weights, mrm_checkpoint, tiny_run_args
@@ -272,6 +273,7 @@ def test_run_names_keep_settings_apart():
         args = parser.parse_args(["--data_path", "d", "--finetune", "x", *argv])
         args.explicit = mfl.explicit_flags(parser, list(argv))
         args.notes, args.method = [], "lora"
+        args.method_settings = methods.get("lora").from_flags(vars(args))
         args.dataset = args.dataset or "nih"
         args.lr = args.lr or 0.05
         return mfl.run_folder(args, {"global_batch": 64}).name

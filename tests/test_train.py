@@ -125,7 +125,7 @@ def test_vit_base_r4_adapter_file_is_small(tmp_path):
                                global_pool=True, norm="mrm", mean=(0.5,) * 3, std=(0.2,) * 3,
                                pretrained=str(weights),
                                pretrained_sha256=ckpt.file_sha256(weights),
-                               lora_cfg=dict(rank=4, alpha=32, dropout=0.1, pos="attn"))
+                               method_settings=dict(rank=4, alpha=32, dropout=0.1, pos="attn"))
     path = ckpt.save_checkpoint(tmp_path / "checkpoint-best", model, config)
     assert path.stat().st_size < 2 * 1024 * 1024
     assert sum(t.numel() for t in load_file(str(path)).values()) == 159_758

@@ -11,18 +11,19 @@ What the paper publishes, and what is chosen here where it publishes nothing:
   here is that script's settings with the epochs of the paper's LoRA preset for the same
   setting (the paper ties epochs to data set and size only in its LoRA table, and this gives
   both methods the same number of steps).
-- Linear probe (``LINEAR_PRESETS``): no published recipe; the rule is the paper's LoRA preset
-  for the same setting, without the adapters (the probe trains the same fc_norm + head).
+- Every other method (``LINEAR_PRESETS`` for the linear probe, and any method of
+  ``methods``): no published recipe; the rule is the paper's LoRA preset for the same setting
+  without the LoRA rank (data, schedule and augmentation are the paper's), with the
+  learning rate the method's own paper recommends where the method names one
+  (``Method.preset_lr``, passed in as ``method_lr``).
 
-`resolve_preset(name, method)` returns a preset's values and a one-line ``preset_source``
-saying which of these applies, for the run's config.json.
+`resolve_preset(name, method, method_lr)` returns a preset's values and a one-line
+``preset_source`` saying which of these applies, for the run's config.json.
 """
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
-
-METHODS: tuple[str, ...] = ("lora", "full", "linear")
 
 _ROOT = Path(__file__).resolve().parents[1]
 # The built-in demo (no --data_path): a tiny ViT with a random backbone on synthetic data,
@@ -119,10 +120,9 @@ LINEAR_PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-def preset_source(name: str, method: str = "lora") -> str:
+def preset_source(name: str, method: str = "lora",
+                  method_lr: tuple[float, str] | None = None) -> str:
     """Where the preset `name` for `method` comes from, in one line (for config.json and --help)."""
-    if method not in METHODS:
-        raise ValueError(f"method={method!r}: expected one of {list(METHODS)}")
     if name not in PRESETS:
         raise ValueError(f"preset {name!r}: expected one of {sorted(PRESETS)}")
     weights = _WEIGHT_NAMES[_split_name(name)[2]]
@@ -130,15 +130,27 @@ def preset_source(name: str, method: str = "lora") -> str:
         return f"paper README table (LoRA, {weights} weights)"
     if method == "full":
         return _FULL_SOURCES[name]
-    return (f"no published recipe: the paper's LoRA preset {name} (README table, {weights} "
-            "weights) without the adapters")
+    source = (f"no published recipe: the paper's LoRA preset {name} (README table, {weights} "
+              "weights) without the adapters")
+    if method_lr is not None:
+        source += f", lr {method_lr[0]:g} ({method_lr[1]})"
+    return source
 
 
-def resolve_preset(name: str, method: str = "lora") -> tuple[dict[str, Any], str]:
-    """The values of preset `name` for `method` ('lora', 'full' or 'linear') and their source."""
-    source = preset_source(name, method)  # validates both names
-    table = {"lora": PRESETS, "full": FULL_PRESETS, "linear": LINEAR_PRESETS}[method]
-    return dict(table[name]), source
+def resolve_preset(name: str, method: str = "lora",
+                   method_lr: tuple[float, str] | None = None) -> tuple[dict[str, Any], str]:
+    """The values of preset `name` for `method` and their source.
+
+    ``method_lr`` is (lr, its source) for a method whose own paper recommends one; LoRA and
+    full fine-tuning take the paper's values.
+    """
+    source = preset_source(name, method, method_lr)  # validates the name
+    if method in ("lora", "full"):
+        return dict({"lora": PRESETS, "full": FULL_PRESETS}[method][name]), source
+    values = dict(LINEAR_PRESETS[name])
+    if method_lr is not None:
+        values["lr"] = method_lr[0]
+    return values, source
 
 
 def preset_help() -> str:
@@ -146,5 +158,6 @@ def preset_help() -> str:
     return ("the paper's hyper-parameters for one of its 18 settings, for --method lora (paper "
             "README table), full (paper ft_mrm.sh / ft_cxrmae.sh, published for NIH 1% only; "
             "other settings use that script with the epochs of the LoRA preset) or linear (no "
-            "published recipe: the LoRA preset without adapters); the run's config.json records "
+            "published recipe: the LoRA preset without adapters; as for every other method, "
+            "with the lr of the method's own paper where it names one); the run's config.json records "
             "the source as preset_source; explicit flags win")
