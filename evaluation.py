@@ -26,14 +26,6 @@ from util.precision import precision_name
 from util.runfolder import RunFolder
 
 
-def undefined_classes(targets: np.ndarray, class_names: list[str]) -> list[str]:
-    """Classes with a single label value in ``targets``: they have no AUROC."""
-    targets = np.asarray(targets)
-    if len(targets) == 0:
-        return list(class_names)
-    return [n for k, n in enumerate(class_names) if targets[:, k].min() == targets[:, k].max()]
-
-
 def default_eval_name(data_path: str | Path, split_file: str | Path) -> str:
     """An evaluation folder's name: the data folder, the split folder if elsewhere, the split file."""
     data, split = Path(data_path).resolve(), Path(split_file).resolve()
@@ -94,7 +86,7 @@ def test_results(checkpoint: str | Path, config, dataset: datasets.ChestXrayData
         "num_images": stats["num_images"], "loss": stats["loss"],
         "mean_auroc": stats["mean_auroc"], "mean_auprc": stats["mean_auprc"],
         "auroc": json_safe(stats["auroc"]), "auprc": json_safe(stats["auprc"]),
-        "undefined_classes": undefined_classes(stats["targets"], list(dataset.class_names)),
+        "undefined_classes": datasets.undefined_classes(stats["targets"], list(dataset.class_names)),
         "class_names": list(dataset.class_names), "checkpoint": str(checkpoint),
         "epoch": config.extras.get("epoch"), "training": trained, "precision": precision,
         "split_file": str(dataset.split_file), "data_cache": dataset.cache_info,

@@ -32,9 +32,9 @@ import lora
 import methods
 import models_vit_lora as mv
 
-from datasets.splits import check_split_overlap
 from datasets.transforms import AUG_FILLS, ERASE_MODES
 from engine_finetune import COMPILE_CHOICES, COMPILE_MODES
+import training
 from training import LoopConfig, Progress, Training
 from util import cli as command
 from util.io import json_safe
@@ -425,7 +425,7 @@ def check_combinations(args: argparse.Namespace, world: int) -> None:
         check_inputs(args)
         datasets.check_cache_options(args.cache, args.cache_size)
         check_precision(args)
-        check_augmentation(args)
+        augmentation(args)
     except ValueError as err:
         raise ArgumentError(str(err)) from None
 
@@ -459,27 +459,6 @@ def check_precision(args: argparse.Namespace) -> None:
                          f"{args.backbone_dtype} (got --amp {args.amp})")
 
 
-def check_augmentation(args: argparse.Namespace) -> None:
-    """--aa must parse as timm's RandAugment; --device_aug must be able to run the recipe."""
-    if args.remode not in ERASE_MODES:
-        raise ValueError(f"--remode {args.remode!r} is not valid: expected {', '.join(ERASE_MODES)}")
-    try:
-        datasets.build_transform(is_train=True, recipe="adamw", input_size=args.input_size,
-                                 norm="mrm", aa=args.aa, reprob=0.0)
-    except (AssertionError, ValueError, KeyError, IndexError) as err:
-        raise ValueError(f"--aa {args.aa!r} is not valid: not a RandAugment policy timm can "
-                         f"read ({err}); e.g. rand-m9-mstd0.5-inc1") from None
-    if args.device_aug and args.recipe == "adamw":
-        from datasets.device_aug import build_device_augment
-
-        try:  # the device path reads --aa, --remode, --recount itself: refuse what it cannot run
-            build_device_augment(args.recipe, args.input_size, args.norm, aa=args.aa,
-                                 reprob=args.reprob, remode=args.remode, recount=args.recount,
-                                 aug_fill=args.aug_fill)
-        except ValueError as err:
-            raise ValueError(f"--device_aug: {err}") from None
-
-
 def with_data_defaults(args: argparse.Namespace, eff_batch: int) -> argparse.Namespace:
     """A copy of the flags with the defaults that need the data folder or the process count
     filled: the data set kind, its DICOM rule, lr from --blr. The caller's flags stay."""
@@ -497,7 +476,7 @@ def weights_name(finetune: str) -> str:
 
 
 def run_settings(args: argparse.Namespace, roles: dict[str, str], eff_batch: int,
-                 data: "RunData") -> dict[str, Any]:
+                 data: datasets.TrainingData) -> dict[str, Any]:
     """What makes this run this run: its RUN flags and the values derived from the DERIVED ones."""
     settings = {k: getattr(args, k) for k, role in roles.items() if role == RUN}
     cache = data.train_set.cache_info
@@ -546,76 +525,28 @@ def demo_run_name(args: argparse.Namespace, settings: dict[str, Any]) -> str:
     return name
 
 
-@dataclass
-class RunData:
-    """The data sets and loaders of a training run."""
-
-    train_set: datasets.ChestXrayDataset
-    val_set: datasets.ChestXrayDataset
-    test_set: datasets.ChestXrayDataset
-    train_loader: Any
-    val_loader: Any
-    batch_transform: Any
-    val_undefined: list[str]
-
-    @property
-    def cache_used(self) -> dict:
-        """Which image cache each split read (recorded once, in config.json)."""
-        return {"train": self.train_set.cache_info, "val": self.val_set.cache_info,
-                "test": self.test_set.cache_info}
-
-
-def prepare_data(args: argparse.Namespace, dist_info: DistInfo, device: torch.device) -> RunData:
-    """Training, validation and test sets (evaluation images' headers checked) and loaders."""
+def prepare_data(args: argparse.Namespace, dist_info: DistInfo,
+                 device: torch.device) -> tuple[datasets.TrainingData, torch.nn.Module | None]:
+    """The run's splits and loaders, and the augmentation to run on the device (--device_aug)."""
     seed_everything(args.seed)
-    batch_transform = None
-    if args.device_aug:
-        from datasets.device_aug import build_device_augment, build_uint8_crop_transform
-
-        # The crop is taken from the full-resolution image in the loader, as the CPU recipe
-        # takes it; flip, RandAugment, erasing and normalisation run on the device.
-        train_tf = build_uint8_crop_transform(args.recipe, args.input_size)
-        batch_transform = build_device_augment(
-            args.recipe, args.input_size, args.norm, aa=args.aa, reprob=args.reprob,
-            remode=args.remode, recount=args.recount, aug_fill=args.aug_fill,
-            crop=False).to(device)
-    else:
-        train_tf = datasets.build_transform(is_train=True, recipe=args.recipe,
-                                           input_size=args.input_size, norm=args.norm, aa=args.aa,
-                                           reprob=args.reprob, remode=args.remode,
-                                           recount=args.recount, aug_fill=args.aug_fill)
+    train_tf, batch_transform = augmentation(args)
     eval_tf = datasets.build_transform(is_train=False, recipe=args.recipe,
-                                      input_size=args.input_size, norm=args.norm)
-    data_kw = dict(dataset=args.dataset, split_dir=args.split_dir, cache=args.cache,
-                   skip_bad=args.skip_bad, cache_size=args.cache_size,
-                   dicom_scaling=args.dicom_scaling)
-    train_set = datasets.build_dataset("train", args.data_path, data_size=args.data_size,
-                                       transform=train_tf, **data_kw)
-    # Evaluation splits are checked now (files exist, headers open): a bad validation or
-    # test image must not surface after hours of training.
-    val_set = datasets.build_dataset("val", args.data_path, transform=eval_tf,
-                                     verify_images="header", **data_kw)
-    test_set = datasets.build_dataset("test", args.data_path, transform=eval_tf,
-                                      verify_images="header", **data_kw)
-    check_split_overlap(train_set, [val_set, test_set], allow=args.allow_overlap, kind=train_set.kind)
-    check_split_overlap(val_set, [test_set], allow=args.allow_overlap, role="validation",
-                        kind=train_set.kind)
-    class_names = list(train_set.class_names)
-    if args.nb_classes is not None and args.nb_classes != len(class_names):
-        raise ArgumentError(f"--nb_classes {args.nb_classes} but {train_set.split_file} has "
-                            f"{len(class_names)} label columns ({args.dataset})")
-    val_undefined = evaluation.undefined_classes(val_set.targets, class_names)
-    if len(val_undefined) == len(class_names):
-        raise datasets.DataError(f"{val_set.split_file}: no class has both positive and negative "
-                                 "images, so no validation AUROC exists to select a checkpoint by")
-    loader_kw = dict(seed=args.seed, num_workers=args.num_workers, pin_memory=args.pin_mem)
-    return RunData(
-        train_set=train_set, val_set=val_set, test_set=test_set, batch_transform=batch_transform,
-        train_loader=datasets.build_loader(train_set, dist_info, train=True,
-                                           batch_size=args.batch_size, **loader_kw),
-        val_loader=datasets.build_loader(val_set, dist_info, train=False,
-                                         batch_size=args.eval_batch_size, **loader_kw),
-        val_undefined=val_undefined)
+                                       input_size=args.input_size, norm=args.norm)
+    data = datasets.training_data(
+        args.data_path, dataset=args.dataset, data_size=args.data_size, train_transform=train_tf,
+        eval_transform=eval_tf, batch_size=args.batch_size, eval_batch_size=args.eval_batch_size,
+        split_dir=args.split_dir, cache=args.cache, cache_size=args.cache_size,
+        skip_bad=args.skip_bad, dicom_scaling=args.dicom_scaling,
+        allow_overlap=args.allow_overlap, nb_classes=args.nb_classes, seed=args.seed,
+        num_workers=args.num_workers, pin_memory=args.pin_mem, dist_info=dist_info)
+    return data, batch_transform.to(device) if batch_transform is not None else None
+
+
+def augmentation(args: argparse.Namespace) -> tuple[Any, torch.nn.Module | None]:
+    """The training augmentation of the flags: (loader transform, device batch transform)."""
+    return datasets.train_transforms(args.recipe, args.input_size, args.norm, aa=args.aa,
+                                     reprob=args.reprob, remode=args.remode, recount=args.recount,
+                                     aug_fill=args.aug_fill, on_device=args.device_aug)
 
 
 def model_config(args: argparse.Namespace, class_names: list[str],
@@ -647,39 +578,6 @@ def build_model(args: argparse.Namespace, config: mv.ModelConfig, device: torch.
     return model
 
 
-def resume_training(folder: RunFolder, plan: Plan, model: torch.nn.Module, optimizer, scaler,
-                    settings: dict[str, Any]) -> Progress:
-    """Restore trained tensors, optimizer, scaler and counters after checking that the
-    checkpoint is one committed epoch of this same run."""
-    path = plan.resume
-    tensors_path, config_path = ckpt.checkpoint_paths(path)
-    # This folder's own commit was verified when the plan recovered it.
-    record = plan.committed if plan.source is None else RunFolder(tensors_path.parent).verify()
-    if record is None:
-        raise ckpt.CheckpointError(f"--resume {path}: {tensors_path.parent} has no commit record "
-                                   "(commit.json), so the checkpoint is not a committed epoch")
-    saved = ckpt.read_config(path)
-    state_path = tensors_path.with_suffix(".state.pt")
-    if not state_path.is_file():
-        raise RunConflict(f"--resume {path}: no resume state ({state_path.name}); only "
-                            "checkpoint-last can be resumed")
-    state = ckpt.load_resume_state(state_path)
-    epochs = {state_path.name: state.get("epoch"), config_path.name: saved.extras.get("epoch"),
-              "commit.json": record["epoch"] if record else None}
-    if len(set(epochs.values())) != 1:
-        raise ckpt.CheckpointError(f"--resume {path}: its files are from different epochs ("
-                                   + ", ".join(f"{k}: {v}" for k, v in epochs.items()) +
-                                   "); the checkpoint is not one consistent epoch, refusing to "
-                                   "resume it")
-    folder.check_resume(path, state.get("settings") or {}, settings)
-    ckpt.load_trained_tensors(model, tensors_path, all_tensors=bool(saved.backbone_in_file))
-    optimizer.load_state_dict(state["optimizer"])
-    if scaler is not None and state.get("scaler"):
-        scaler.load_state_dict(state["scaler"])
-    logger.info("resumed from %s (epoch %d done, best %.4f)", path, state["epoch"], state["best_metric"])
-    return Progress(state["epoch"] + 1, state["best_metric"], state["best_epoch"], list(record["log"]))
-
-
 def main(args: argparse.Namespace) -> dict:
     """Train (or only evaluate), then test the best checkpoint. Returns the test results."""
     dist_info, device = init_distributed(args.device)
@@ -699,7 +597,7 @@ def main(args: argparse.Namespace) -> dict:
         return evaluate_checkpoint(args, dist_info, device, amp_dtype)
 
     # Data first: a bad split file or image fails here, before anything is written.
-    data = prepare_data(args, dist_info, device)
+    data, batch_transform = prepare_data(args, dist_info, device)
     parser = get_args_parser()
     roles = flag_roles(parser)
     settings = run_settings(args, roles, eff_batch, data)
@@ -717,7 +615,7 @@ def main(args: argparse.Namespace) -> dict:
         scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
         progress = Progress(args.start_epoch)
         if plan.resume:
-            progress = resume_training(folder, plan, model, optimizer, scaler, settings)
+            progress = training.resume(folder, plan, model, optimizer, scaler, settings)
             if plan.source is not None and progress.start_epoch >= args.epochs:
                 raise RunConflict(
                     f"--resume {plan.resume}: that run already trained {progress.start_epoch} "
@@ -728,7 +626,7 @@ def main(args: argparse.Namespace) -> dict:
         Training(loop_config(args), folder, model, optimizer, train_loader=data.train_loader,
                  val_loader=data.val_loader, class_names=list(data.train_set.class_names),
                  model_config=config, device=device, dist_info=dist_info, amp_dtype=amp_dtype,
-                 scaler=scaler, batch_transform=data.batch_transform, writer=writer,
+                 scaler=scaler, batch_transform=batch_transform, writer=writer,
                  settings=settings, checkpoint_extra=checkpoint_extra(args, settings, amp_dtype),
                  carry_from=plan.source, committed=plan.committed is not None).run(progress)
         return final_test(args, folder, plan, progress, data, writer, dist_info, device, amp_dtype)
@@ -737,7 +635,7 @@ def main(args: argparse.Namespace) -> dict:
 
 
 def run_record(args: argparse.Namespace, parser: argparse.ArgumentParser, settings: dict, plan: Plan,
-               data: RunData, config: mv.ModelConfig, model: torch.nn.Module, start_epoch: int,
+               data: datasets.TrainingData, config: mv.ModelConfig, model: torch.nn.Module, start_epoch: int,
                dist_info: DistInfo, precision: str) -> dict:
     """config.json: the run's settings, how it executed, and what it found."""
     roles = flag_roles(parser)
@@ -755,26 +653,13 @@ def run_record(args: argparse.Namespace, parser: argparse.ArgumentParser, settin
             "python": platform.python_version(), "command": " ".join(sys.argv)}
 
 
-def log_start(data: RunData, config: mv.ModelConfig, model: torch.nn.Module, folder: RunFolder,
-              args: argparse.Namespace, precision: str, device: torch.device,
+def log_start(data: datasets.TrainingData, config: mv.ModelConfig, model: torch.nn.Module,
+              folder: RunFolder, args: argparse.Namespace, precision: str, device: torch.device,
               global_batch: int) -> None:
     """The lines that open a run's log: what it trains on, with what, and where."""
-    if data.val_undefined:  # said once here, in train.log too; validation itself stays quiet
-        logger.warning("%s: no AUROC for %s (a single label value); model selection uses the "
-                       "mean over the other %d classes", data.val_set.split_file.name,
-                       ", ".join(data.val_undefined),
-                       len(data.train_set.class_names) - len(data.val_undefined))
-    lossy = [split for split, info in data.cache_used.items() if info.get("kind") == "lossy"]
-    if lossy:
-        logger.warning("the %s images come from a downsized (lossy) cache of shorter side %s: "
-                       "crops and resizes differ from the paper's pipeline on the original files "
-                       "(recorded in config.json as data_cache)", "/".join(lossy),
-                       data.cache_used[lossy[0]].get("size"))
-    if data.cache_used["train"].get("crop_resize"):
-        logger.info("training crops are resized by %s", data.cache_used["train"]["crop_resize"])
+    data.log_summary()
     scaling = getattr(config.method_settings, "scaling", None)
-    scaling = f", scaling alpha/r = {scaling:g}" if scaling is not None else ""
-    say(lora.trainable_report(model) + scaling)
+    say(lora.trainable_report(model) + (f", scaling alpha/r = {scaling:g}" if scaling else ""))
     logger.info("run folder %s; %d train / %d val / %d test images; global batch %d; lr %.3g; "
                 "precision %s; device %s", folder.folder, len(data.train_set), len(data.val_set),
                 len(data.test_set), global_batch, args.lr, precision, device)
@@ -799,7 +684,7 @@ def checkpoint_extra(args: argparse.Namespace, settings: dict, amp_dtype) -> dic
 
 
 def start_run(args: argparse.Namespace, parser: argparse.ArgumentParser, settings: dict, folder: RunFolder,
-              plan: Plan, data: RunData, config: mv.ModelConfig, model: torch.nn.Module,
+              plan: Plan, data: datasets.TrainingData, config: mv.ModelConfig, model: torch.nn.Module,
               start_epoch: int, dist_info: DistInfo, precision: str, device: torch.device):
     """On the main process: replace a previous run if planned, write config.json, open
     train.log and TensorBoard (returned), and log what the run trains on."""
@@ -820,7 +705,7 @@ def start_run(args: argparse.Namespace, parser: argparse.ArgumentParser, setting
 
 
 def final_test(args: argparse.Namespace, folder: RunFolder, plan: Plan, progress: Progress,
-               data: RunData, writer, dist_info: DistInfo, device: torch.device, amp_dtype) -> dict:
+               data: datasets.TrainingData, writer, dist_info: DistInfo, device: torch.device, amp_dtype) -> dict:
     """Test the best checkpoint on the test split; its score joins the TensorBoard curves."""
     if dist_info.distributed:
         dist.barrier()

@@ -24,7 +24,7 @@ from engine_finetune import CompiledModule, NonFiniteLossError, evaluate, train_
 from util.io import json_safe
 from util.lr_sched import adjust_learning_rate
 from util.misc import DistInfo, rng_state, say, seed_everything
-from util.runfolder import RunFolder
+from util.runfolder import Plan, RunConflict, RunFolder
 
 logger = logging.getLogger("main")
 
@@ -192,3 +192,36 @@ class Training:
         self.committed, self.carry_from = True, None
         if self.writer is not None:
             self.writer.flush()
+
+
+def resume(folder: RunFolder, plan: Plan, model: torch.nn.Module, optimizer, scaler,
+           settings: dict[str, Any]) -> Progress:
+    """Restore trained tensors, optimizer, scaler and counters from ``plan.resume`` after
+    checking that the checkpoint is one committed epoch of this same run."""
+    path = plan.resume
+    tensors_path, config_path = ckpt.checkpoint_paths(path)
+    # This folder's own commit was verified when the plan recovered it.
+    record = plan.committed if plan.source is None else RunFolder(tensors_path.parent).verify()
+    if record is None:
+        raise ckpt.CheckpointError(f"--resume {path}: {tensors_path.parent} has no commit record "
+                                   "(commit.json), so the checkpoint is not a committed epoch")
+    saved = ckpt.read_config(path)
+    state_path = tensors_path.with_suffix(".state.pt")
+    if not state_path.is_file():
+        raise RunConflict(f"--resume {path}: no resume state ({state_path.name}); only "
+                          "checkpoint-last can be resumed")
+    state = ckpt.load_resume_state(state_path)
+    epochs = {state_path.name: state.get("epoch"), config_path.name: saved.extras.get("epoch"),
+              "commit.json": record["epoch"] if record else None}
+    if len(set(epochs.values())) != 1:
+        raise ckpt.CheckpointError(f"--resume {path}: its files are from different epochs ("
+                                   + ", ".join(f"{k}: {v}" for k, v in epochs.items()) +
+                                   "); the checkpoint is not one consistent epoch, refusing to "
+                                   "resume it")
+    folder.check_resume(path, state.get("settings") or {}, settings)
+    ckpt.load_trained_tensors(model, tensors_path, all_tensors=bool(saved.backbone_in_file))
+    optimizer.load_state_dict(state["optimizer"])
+    if scaler is not None and state.get("scaler"):
+        scaler.load_state_dict(state["scaler"])
+    logger.info("resumed from %s (epoch %d done, best %.4f)", path, state["epoch"], state["best_metric"])
+    return Progress(state["epoch"] + 1, state["best_metric"], state["best_epoch"], list(record["log"]))

@@ -16,6 +16,8 @@ from .loader import build_loader
 from .imageio import DICOM_SCALINGS, ImageDecodeError, check_image_header, decode_dicom, load_image
 from .splits import infer_dataset_kind, locate_split_file, parse_split_file, resolve_image_path
 from .transforms import GreyToRGB, build_transform, to_rgb
+from .device_aug import train_transforms
+from .run_data import TrainingData, training_data, undefined_classes
 
 __all__ = [
     "ALL_SPLIT_FILES", "BadEntry", "CACHE_MODES", "CLASS_NAMES", "CacheError", "ChestXrayDataset",

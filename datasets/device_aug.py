@@ -696,3 +696,24 @@ def build_device_augment(recipe: str, input_size: int = 224, norm: str = "mrm",
         return DeviceAugment(input_size, norm, scale=crop_scale, crop=crop)
     return DeviceRandAugment(input_size, norm, aa=aa, reprob=reprob, remode=remode,
                              recount=recount, aug_fill=aug_fill, crop_scale=crop_scale, crop=crop)
+
+
+def train_transforms(recipe: str, input_size: int, norm: str, *, aa: str | None, reprob: float,
+                     remode: str, recount: int, aug_fill: str, on_device: bool
+                     ) -> tuple[Callable, nn.Module | None]:
+    """A run's training augmentation: (the loaders' transform, the batch transform to run on
+    the training device, or None). ``on_device`` (``--device_aug``): the loader crops from
+    the full-resolution image, as the CPU recipe does, and flip, RandAugment, erasing and
+    normalisation run on uint8 batches on the device. A setting either path cannot run
+    raises ``ValueError`` naming its flag."""
+    from .transforms import build_transform
+
+    options = dict(aa=aa, reprob=reprob, remode=remode, recount=recount, aug_fill=aug_fill)
+    cpu = build_transform(True, recipe=recipe, input_size=input_size, norm=norm, **options)
+    if not on_device:
+        return cpu, None
+    try:
+        return (build_uint8_crop_transform(recipe, input_size),
+                build_device_augment(recipe, input_size, norm, crop=False, **options))
+    except ValueError as err:
+        raise ValueError(f"--device_aug: {err}") from None

@@ -214,25 +214,32 @@ def build_transform(
     from timm.data import create_transform  # timm only for the adamw recipe
     from timm.data.random_erasing import RandomErasing
 
+    if remode not in ERASE_MODES:
+        raise ValueError(f"--remode {remode!r} is not valid: expected {', '.join(ERASE_MODES)}")
+
     # The paper's pipeline: RGB image -> crop, flip -> RandAugment -> Grayscale(3) ->
     # ToTensor, Normalize -> RandomErasing. Here crop and flip run on the grey image
     # (identical per channel, a third of the work), RandAugment on RGB (its fill and
     # colour ops are RGB), and the Grayscale result becomes the 3 identical channels.
     # Only timm's crop, flip, RandAugment and erasing are used; its Normalize is not, so
     # `fill_mean` decides the fill colour alone.
-    crop_flip, rand_augment, final = create_transform(
-        input_size=input_size,
-        is_training=True,
-        color_jitter=None,
-        auto_augment=aa if aa else None,
-        interpolation="bicubic",
-        re_prob=reprob,
-        re_mode=remode,
-        re_count=recount,
-        mean=fill_mean,
-        std=(std[0],) * len(fill_mean),
-        separate=True,
-    )
+    try:
+        crop_flip, rand_augment, final = create_transform(
+            input_size=input_size,
+            is_training=True,
+            color_jitter=None,
+            auto_augment=aa if aa else None,
+            interpolation="bicubic",
+            re_prob=reprob,
+            re_mode=remode,
+            re_count=recount,
+            mean=fill_mean,
+            std=(std[0],) * len(fill_mean),
+            separate=True,
+        )
+    except (AssertionError, ValueError, KeyError, IndexError) as err:
+        raise ValueError(f"--aa {aa!r} is not valid: not a RandAugment policy timm can read "
+                         f"({err}); e.g. rand-m9-mstd0.5-inc1") from None
     _fix_rand_augment(rand_augment)
     erasing = [t for t in final.transforms if isinstance(t, RandomErasing)]
     augment: list[Callable] = []
