@@ -9,6 +9,7 @@ folder, each recorded as the folder's own file.
 """
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +24,9 @@ from util.cli import UsageError
 from util.io import json_safe
 from util.misc import DistInfo, say
 from util.precision import precision_name
-from util.runfolder import RunFolder
+from util.runfolder import RunFolder, checkpoint_folder, probe_writable
+
+logger = logging.getLogger("main")
 
 
 def default_eval_name(data_path: str | Path, split_file: str | Path) -> str:
@@ -124,3 +127,62 @@ def write_reports(results: dict, stats: dict, dataset: datasets.ChestXrayDataset
     table = out / f"{stem}_auroc.md"
     if table.exists():
         say(table.read_text())
+
+
+def evaluation_dataset(checkpoint: str | Path, config, data_path: str | Path, *, split: str,
+                       dataset: str, split_dir: str | None, cache: str, cache_size: int | None,
+                       skip_bad: bool, dicom_scaling: str | None) -> datasets.ChestXrayDataset:
+    """``split`` of ``data_path`` with the checkpoint's evaluation transform and DICOM rule
+    (``dicom_scaling`` overrides that rule, with a warning when it differs)."""
+    transform = datasets.build_transform(is_train=False, recipe=config.eval_recipe,
+                                         input_size=config.img_size, norm=config.norm)
+    if dicom_scaling is not None and config.dicom_scaling not in (None, dicom_scaling):
+        logger.warning("--dicom_scaling %s differs from the rule %s was trained with (%s): its "
+                       "DICOM inputs look different now", dicom_scaling, checkpoint,
+                       config.dicom_scaling)
+    scaling = dicom_scaling or config.dicom_scaling or datasets.imageio.dicom_scaling_for(dataset)
+    return datasets.build_dataset(split, data_path, dataset=dataset, transform=transform,
+                                  split_dir=split_dir, cache=cache, skip_bad=skip_bad,
+                                  cache_size=cache_size, verify_images="header",
+                                  dicom_scaling=scaling)
+
+
+def evaluate_checkpoint(checkpoint: str | Path, data_path: str | Path, *, dataset: str,
+                        split: str = "test", split_dir: str | None = None, cache: str = "auto",
+                        cache_size: int | None = None, skip_bad: bool = False,
+                        dicom_scaling: str | None = None, output_dir: str | Path | None = None,
+                        name: str | None = None, overwrite: bool = False, command: str = "",
+                        dist_info: DistInfo = DistInfo(), **options) -> dict:
+    """Test a checkpoint on ``split`` of ``data_path`` into the evaluation's own folder, never
+    over a training run's files: ``<checkpoint folder>/eval/<name>`` (``name`` by default from
+    the data folder and split file), or ``output_dir`` (``/<name>`` inside it when given).
+    A folder already holding this split's results is refused unless ``overwrite``, which
+    removes only that evaluation's own files. ``options`` go to ``test_checkpoint``."""
+    checkpoint = Path(checkpoint)
+    config = ckpt.read_config(checkpoint)
+    data = evaluation_dataset(checkpoint, config, data_path, split=split, dataset=dataset,
+                              split_dir=split_dir, cache=cache, cache_size=cache_size,
+                              skip_bad=skip_bad, dicom_scaling=dicom_scaling)
+    if output_dir is not None:
+        out = Path(output_dir) / name if name else Path(output_dir)
+    name = name or default_eval_name(data_path, data.split_file)
+    if output_dir is None:
+        out = checkpoint_folder(checkpoint) / "eval" / name
+    folder = RunFolder.for_evaluation(out, checkpoint)
+    if dist_info.is_main:
+        probe_writable(folder.folder)
+        folder.lock.acquire(command)
+    try:
+        stem = f"results_{split}.json"
+        if (folder.folder / stem).exists():
+            if not overwrite:
+                raise UsageError(f"{folder.folder} already holds an evaluation ({stem}): pass "
+                                 "--eval_name <name> to keep both, or --overwrite to replace it")
+            if dist_info.is_main:
+                folder.remove_own_files()
+        info = {"data_path": str(Path(data_path).resolve()), "split_file": str(data.split_file),
+                "name": name, "command": command}
+        return test_checkpoint(checkpoint, data, folder, dist_info=dist_info, split=split,
+                               eval_info=info, **options)
+    finally:
+        folder.lock.release()

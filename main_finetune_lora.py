@@ -11,7 +11,6 @@ keyword arguments for the model builder, the data sets and the engine.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import logging
 import os
@@ -42,14 +41,11 @@ from util.misc import DistInfo, close_log_file, decided_by_main, git_commit, ini
 from util.optim import build_optimizer, per_process_batch
 from util.precision import AMP_CHOICES, precision_name, resolve_amp
 from util.presets import DEMO_DEFAULTS, PRESETS, preset_help, resolve_preset
-from util.runfolder import Plan, RunConflict, RunFolder, checkpoint_folder, probe_writable
+from util.runfolder import Plan, RunConflict, RunFolder, auto_run_name, demo_run_name, probe_writable
 
 logger = logging.getLogger("main")
 
 PROG = "main_finetune_lora.py"
-DEMO_RUN_PREFIX = "demo-"
-# The automatic run name includes these when they differ from the paper's defaults.
-AUTO_NAME_DEFAULTS = {"input_size": 224}
 # Flags that name a real data set or weights: without --data_path they are an error, not the demo.
 REAL_RUN_FLAGS = ("preset", "finetune", "dataset", "data_size", "split_dir", "nb_classes")
 # The role each flag declares once: RUN flags make the run this run (compared by the run-folder
@@ -470,11 +466,6 @@ def with_data_defaults(args: argparse.Namespace, eff_batch: int) -> argparse.Nam
     return args
 
 
-def weights_name(finetune: str) -> str:
-    """A short name of the pre-trained weights for run names and tables ('random' without)."""
-    return Path(finetune).stem.lower() if finetune else "random"
-
-
 def run_settings(args: argparse.Namespace, roles: dict[str, str], eff_batch: int,
                  data: datasets.TrainingData) -> dict[str, Any]:
     """What makes this run this run: its RUN flags and the values derived from the DERIVED ones."""
@@ -490,39 +481,15 @@ def run_settings(args: argparse.Namespace, roles: dict[str, str], eff_batch: int
 
 
 def run_folder(args: argparse.Namespace, settings: dict[str, Any]) -> Path:
-    """The run folder: named after what makes a run distinct, or as given.
-
-    The automatic name is <dataset>_<fraction>_<weights>_<method>[-r<rank>]_<optimizer>
-    -lr<lr>-e<epochs>-b<global batch>_s<seed>[_<note>]: runs that differ in data set, label
-    fraction, weights, method, recipe or seed never share a folder. A demo run is
-    demo-<kind>, with its seed and a digest of the other settings given on the command line.
-    """
+    """The run folder: --output_dir/--run_name, or named after what makes the run distinct."""
     if args.demo and "run_name" not in args.explicit:
-        return Path(args.output_dir) / demo_run_name(args, settings)
+        given = [k for k in args.explicit if k not in ("demo", "dataset", "seed", "epochs")]
+        return Path(args.output_dir) / demo_run_name(settings, given)
     if args.run_name != "auto":
         return Path(args.output_dir) / args.run_name if args.run_name else Path(args.output_dir)
-    tag = methods.get(args.method).tag(args.method_settings)
-    method = args.method + (f"-{tag}" if tag else "")
-    parts = [args.dataset, args.data_size.replace("%", "pct"), weights_name(args.finetune), method,
-             f"{args.optimizer}-lr{args.lr:g}-e{args.epochs}-b{settings['global_batch']}",
-             f"s{args.seed}"]
-    if args.input_size != AUTO_NAME_DEFAULTS["input_size"]:
-        parts.insert(4, f"{args.input_size}px")
-    if args.note:
-        parts.append(args.note)
-    return Path(args.output_dir) / "_".join(parts)
-
-
-def demo_run_name(args: argparse.Namespace, settings: dict[str, Any]) -> str:
-    """demo-<kind>[_s<seed>][_<digest>]: demo runs that differ in a setting keep apart; a demo
-    run of another length stays in its folder (--resume auto continues it)."""
-    name = DEMO_RUN_PREFIX + args.dataset + (f"_s{args.seed}" if args.seed else "")
-    given = sorted(k for k in args.explicit if k in settings
-                   and k not in ("demo", "dataset", "seed", "epochs"))
-    if given:
-        text = json.dumps({k: settings[k] for k in given}, sort_keys=True)
-        name += "_" + hashlib.sha256(text.encode()).hexdigest()[:6]
-    return name
+    return Path(args.output_dir) / auto_run_name(
+        settings, Path(args.finetune).stem if args.finetune else "",
+        methods.get(args.method).tag(args.method_settings), args.note)
 
 
 def prepare_data(args: argparse.Namespace, dist_info: DistInfo,
@@ -714,8 +681,8 @@ def final_test(args: argparse.Namespace, folder: RunFolder, plan: Plan, progress
     if plan.resume and progress.start_epoch >= args.epochs:
         logger.info("the run in %s was already complete (%d epochs); testing its best checkpoint "
                     "again", folder.folder, args.epochs)
-    results = test_checkpoint(args, folder.best_checkpoint(), data.test_set, folder, dist_info,
-                              device, amp_dtype)
+    results = evaluation.test_checkpoint(folder.best_checkpoint(), data.test_set, folder,
+                                         **test_options(args, dist_info, device, amp_dtype))
     if writer is not None:
         writer.add_scalar("test/mean_auroc", results["mean_auroc"], progress.best_epoch)
         mean_interval = (results.get("intervals") or {}).get("mean") or {}
@@ -726,68 +693,27 @@ def final_test(args: argparse.Namespace, folder: RunFolder, plan: Plan, progress
     return results
 
 
-def build_eval_dataset(args: argparse.Namespace, config: mv.ModelConfig) -> datasets.ChestXrayDataset:
-    """The --eval_split of --data_path with a checkpoint's evaluation transform and DICOM rule."""
-    transform = datasets.build_transform(is_train=False, recipe=config.eval_recipe,
-                                         input_size=config.img_size, norm=config.norm)
-    given = "dicom_scaling" in args.explicit
-    if given and config.dicom_scaling not in (None, args.dicom_scaling):
-        logger.warning("--dicom_scaling %s differs from the rule the checkpoint was trained with "
-                       "(%s): its DICOM inputs look different now", args.dicom_scaling,
-                       config.dicom_scaling)
-    return datasets.build_dataset(
-        args.eval_split, args.data_path, dataset=args.dataset, transform=transform,
-        split_dir=args.split_dir, cache=args.cache, skip_bad=args.skip_bad,
-        cache_size=args.cache_size, verify_images="header",
-        dicom_scaling=args.dicom_scaling if given else (config.dicom_scaling or args.dicom_scaling))
-
-
-def eval_folder(args: argparse.Namespace, checkpoint: Path, name: str) -> RunFolder:
-    """--eval's own folder: <run>/eval/<name>, or --output_dir (with --eval_name inside it)."""
-    if "output_dir" in args.explicit:
-        out = Path(args.output_dir) / args.eval_name if args.eval_name else Path(args.output_dir)
-    else:
-        out = checkpoint_folder(checkpoint) / "eval" / name
-    return RunFolder.for_evaluation(out, checkpoint)
+def test_options(args: argparse.Namespace, dist_info: DistInfo, device: torch.device,
+                 amp_dtype: torch.dtype | None) -> dict[str, Any]:
+    """How this command tests a checkpoint (evaluation.test_checkpoint's options)."""
+    return dict(device=device, dist_info=dist_info, amp_dtype=amp_dtype, split=args.eval_split,
+                batch_size=args.eval_batch_size, num_workers=args.num_workers,
+                pin_memory=args.pin_mem, seed=args.seed, ci_resamples=args.ci_resamples,
+                pretrained=args.finetune or None, allow_unsafe_pickle=args.unsafe_load,
+                progress=not args.no_progress)
 
 
 def evaluate_checkpoint(args: argparse.Namespace, dist_info: DistInfo, device: torch.device,
                         amp_dtype: torch.dtype | None) -> dict:
-    """--eval: test a checkpoint on --data_path into its own folder, never over the run's files."""
-    checkpoint = Path(args.resume)
-    config = ckpt.read_config(checkpoint)
-    dataset = build_eval_dataset(args, config)
-    name = args.eval_name or evaluation.default_eval_name(args.data_path, dataset.split_file)
-    folder = eval_folder(args, checkpoint, name)
-    if dist_info.is_main:
-        probe_writable(folder.folder)
-        folder.lock.acquire(" ".join(sys.argv))
-    try:
-        stem = f"results_{args.eval_split}.json"
-        if (folder.folder / stem).exists():
-            if not args.overwrite:
-                raise ArgumentError(f"{folder.folder} already holds an evaluation ({stem}): pass "
-                                    "--eval_name <name> to keep both, or --overwrite to replace it")
-            if dist_info.is_main:
-                folder.remove_own_files()
-        info = {"data_path": str(Path(args.data_path).resolve()),
-                "split_file": str(dataset.split_file), "name": name, "command": " ".join(sys.argv)}
-        return test_checkpoint(args, checkpoint, dataset, folder, dist_info, device, amp_dtype,
-                               eval_info=info)
-    finally:
-        folder.lock.release()
-
-
-def test_checkpoint(args: argparse.Namespace, checkpoint: Path, dataset, folder: RunFolder,
-                    dist_info: DistInfo, device: torch.device, amp_dtype,
-                    eval_info: dict | None = None) -> dict:
-    """evaluation.test_checkpoint with this command's evaluation flags."""
-    return evaluation.test_checkpoint(
-        checkpoint, dataset, folder, device=device, dist_info=dist_info, amp_dtype=amp_dtype,
-        split=args.eval_split, batch_size=args.eval_batch_size, num_workers=args.num_workers,
-        pin_memory=args.pin_mem, seed=args.seed, ci_resamples=args.ci_resamples,
-        pretrained=args.finetune or None, allow_unsafe_pickle=args.unsafe_load,
-        progress=not args.no_progress, eval_info=eval_info)
+    """--eval: test --resume on --eval_split of --data_path, in the evaluation's own folder."""
+    explicit = args.explicit
+    return evaluation.evaluate_checkpoint(
+        args.resume, args.data_path, dataset=args.dataset, split_dir=args.split_dir,
+        cache=args.cache, cache_size=args.cache_size, skip_bad=args.skip_bad,
+        dicom_scaling=args.dicom_scaling if "dicom_scaling" in explicit else None,
+        output_dir=args.output_dir if "output_dir" in explicit else None, name=args.eval_name,
+        overwrite=args.overwrite, command=" ".join(sys.argv),
+        **test_options(args, dist_info, device, amp_dtype))
 
 
 def continue_command(argv: list[str]) -> str:

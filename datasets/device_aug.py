@@ -710,6 +710,8 @@ def train_transforms(recipe: str, input_size: int, norm: str, *, aa: str | None,
 
     options = dict(aa=aa, reprob=reprob, remode=remode, recount=recount, aug_fill=aug_fill)
     cpu = build_transform(True, recipe=recipe, input_size=input_size, norm=norm, **options)
+    if recipe != "adamw":  # a mistyped --aa / --remode is an error even where it is unused
+        build_transform(True, recipe="adamw", input_size=input_size, norm=norm, **options)
     if not on_device:
         return cpu, None
     try:

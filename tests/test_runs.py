@@ -15,7 +15,6 @@ from safetensors.torch import load_file
 
 import datasets
 import main_finetune_lora as mfl
-import methods
 import training
 import util.runfolder as runfolder
 from _fakes import demo_data_and_weights, mrm_checkpoint, tiny_run_args
@@ -267,23 +266,17 @@ def test_no_defined_validation_class_stops_before_training(tmp_path, capsys):
 
 
 def test_run_names_keep_settings_apart():
-    parser = mfl.get_args_parser()
+    settings = dict(dataset="nih", data_size="1%", method="lora", optimizer="sgd", lr=0.05,
+                    epochs=50, global_batch=64, seed=0, input_size=224)
 
-    def name(*argv):
-        args = parser.parse_args(["--data_path", "d", "--finetune", "x", *argv])
-        args.explicit = mfl.explicit_flags(parser, list(argv))
-        args.notes, args.method = [], "lora"
-        args.method_settings = methods.get("lora").from_flags(vars(args))
-        args.dataset = args.dataset or "nih"
-        args.lr = args.lr or 0.05
-        return mfl.run_folder(args, {"global_batch": 64}).name
+    def name(weights="MRM", tag="r4", note="", **changes):
+        return runfolder.auto_run_name({**settings, **changes}, weights, tag, note)
 
-    base = ["--dataset", "nih", "--data_size", "1%", "--finetune", "pretrained_weights/MRM.pth"]
-    names = {name(*base), name("--dataset", "chexpert", *base[2:]),
-             name(*base[:4], "--finetune", "pretrained_weights/CXR_MAE.pth"),
-             name(*base, "--seed", "1"), name(*base, "--data_size", "10%")}
-    assert len(names) == 5
-    assert name(*base) == "nih_1pct_mrm_lora-r4_sgd-lr0.05-e50-b64_s0"
+    names = {name(), name(dataset="chexpert"), name(weights="CXR_MAE"), name(seed=1),
+             name(data_size="10%"), name(tag="r8"), name(input_size=448), name(note="x")}
+    assert len(names) == 8
+    assert name() == "nih_1pct_mrm_lora-r4_sgd-lr0.05-e50-b64_s0"
+    assert name(weights="", method="full", tag="") == "nih_1pct_random_full_sgd-lr0.05-e50-b64_s0"
 
 
 def test_refusal_suggests_what_is_right(demo, whole, tmp_path, capsys):

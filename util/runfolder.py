@@ -29,6 +29,7 @@ Only the main process touches these files.
 from __future__ import annotations
 
 import errno
+import hashlib
 import fcntl
 import json
 import logging
@@ -529,6 +530,36 @@ def _resume_difference(key: str, old: Any, settings: dict[str, Any]) -> str:
                 "run's own --cache")
     return (f"the run was trained with --{key} {old!r}, this command gives {new!r}; resume with "
             "the run's own settings, or start a new run")
+
+
+DEMO_RUN_PREFIX = "demo-"
+
+
+def auto_run_name(settings: dict[str, Any], weights: str, method_tag: str, note: str = "") -> str:
+    """<dataset>_<fraction>_<weights>_<method>[-<tag>]_[<size>px_]<optimizer>-lr<lr>-e<epochs>
+    -b<global batch>_s<seed>[_<note>]: runs that differ in data set, label fraction, weights,
+    method or its size, recipe or seed never share a folder (``settings`` as config.json holds
+    them; ``weights``: the pre-trained file's stem, '' for none)."""
+    method = settings["method"] + (f"-{method_tag}" if method_tag else "")
+    parts = [settings["dataset"], settings["data_size"].replace("%", "pct"),
+             weights.lower() or "random", method,
+             f"{settings['optimizer']}-lr{settings['lr']:g}-e{settings['epochs']}"
+             f"-b{settings['global_batch']}", f"s{settings['seed']}"]
+    if settings["input_size"] != 224:  # the paper's size goes without saying
+        parts.insert(4, f"{settings['input_size']}px")
+    return "_".join(parts + ([note] if note else []))
+
+
+def demo_run_name(settings: dict[str, Any], given: list[str]) -> str:
+    """demo-<kind>[_s<seed>][_<digest>]: demo runs that differ in a setting ``given`` on the
+    command line keep apart; a demo run of another length stays in its folder (``--resume
+    auto`` continues it)."""
+    name = DEMO_RUN_PREFIX + settings["dataset"] + (f"_s{settings['seed']}" if settings["seed"] else "")
+    shown = sorted(k for k in given if k in settings)
+    if shown:
+        text = json.dumps({k: settings[k] for k in shown}, sort_keys=True)
+        name += "_" + hashlib.sha256(text.encode()).hexdigest()[:6]
+    return name
 
 
 def checkpoint_folder(checkpoint: str | Path) -> Path:
