@@ -16,7 +16,6 @@ import logging
 import os
 import platform
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -41,56 +40,27 @@ from util.misc import DistInfo, close_log_file, decided_by_main, git_commit, ini
 from util.optim import build_optimizer, per_process_batch
 from util.precision import AMP_CHOICES, precision_name, resolve_amp
 from util.presets import DEMO_DEFAULTS, PRESETS, preset_help, resolve_preset
-from util.runfolder import Plan, RunConflict, RunFolder, auto_run_name, demo_run_name, probe_writable
+from util.runfolder import Plan, RunFolder, auto_run_name, demo_run_name, probe_writable
 
 logger = logging.getLogger("main")
 
 PROG = "main_finetune_lora.py"
 # Flags that name a real data set or weights: without --data_path they are an error, not the demo.
 REAL_RUN_FLAGS = ("preset", "finetune", "dataset", "data_size", "split_dir", "nb_classes")
-# The role each flag declares once: RUN flags make the run this run (compared by the run-folder
-# check, by resume and by util.summarize); EXEC flags say where and how it executes; DERIVED
-# flags enter the run's identity through a value derived from them (the weights' and split
-# files' SHA-256, the pixels a cache gives, the global batch, the lr).
-RUN, EXEC, DERIVED = "run", "exec", "derived"
-
-
 class ArgumentError(command.UsageError):
     """A flag value or combination that cannot run."""
 
 
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Each flag's default once, and none for on/off switches (their help says it)."""
-
-    def _get_help_string(self, action: argparse.Action) -> str:
-        if action.nargs == 0 or action.default is None or "%(default)" in (action.help or ""):
-            return action.help or ""
-        return super()._get_help_string(action)
-
-
-class FlagTable:
-    """Adds the flags of one group, each with its role (RUN unless said)."""
-
-    def __init__(self, parser: argparse.ArgumentParser, title: str, role: str = RUN) -> None:
-        self.group, self.role = parser.add_argument_group(title), role
-
-    def __call__(self, *names: str, role: str | None = None, recipe: bool = False,
-                 **kwargs: Any) -> None:
-        action = self.group.add_argument(*names, **kwargs)
-        action.role = role or self.role  # type: ignore[attr-defined]
-        action.recipe = recipe  # type: ignore[attr-defined]  (the method's own tuning)
-
-
 def get_args_parser() -> argparse.ArgumentParser:
     """All flags of the paper's scripts (same meaning) plus this tool's own, with their roles."""
-    p = command.Parser(prog=PROG, formatter_class=HelpFormatter,
+    p = command.Parser(prog=PROG, formatter_class=command.HelpFormatter,
                        description="LoRA (or full, or linear-probe) fine-tuning of chest X-ray "
                                    "foundation models, with the paper's recipes (--preset).")
     p.set_defaults(global_pool=True)
-    f = FlagTable(p, "run", role=EXEC)
-    f("--preset", recipe=True, choices=sorted(PRESETS), default=None, role=RUN,
+    f = command.FlagTable(p, "run", role=command.EXEC)
+    f("--preset", recipe=True, choices=sorted(PRESETS), default=None, role=command.RUN,
       help=preset_help().replace("%", "%%"))
-    f("--demo", action="store_true", role=RUN,
+    f("--demo", action="store_true", role=command.RUN,
       help="synthetic demo data + tiny ViT (the default when --data_path is not given)")
     f("--demo_out", default=None,
       help="write a new demo data set into this folder (it must not exist) and train on it")
@@ -103,7 +73,7 @@ def get_args_parser() -> argparse.ArgumentParser:
       help="replace the run in the run folder (only the files that run wrote are removed)")
     f("--device", default="cuda" if torch.cuda.is_available() else "cpu", type=command.device_name,
       help="training device (cuda, cuda:1, cpu)")
-    f("--seed", default=0, type=command.SEED, role=RUN,
+    f("--seed", default=0, type=command.SEED, role=command.RUN,
       help="seed of the run (data order, augmentation, init)")
     f("--resume", default="",
       help="checkpoint to continue from (<run>/checkpoint-last), or 'auto' for the run folder's "
@@ -111,65 +81,61 @@ def get_args_parser() -> argparse.ArgumentParser:
     f("--start_epoch", default=0, type=command.NON_NEGATIVE_INT,
       help="first epoch of a fresh run (a resume takes it from the checkpoint)")
     f("--eval", action="store_true",
-      help="only evaluate --resume on --eval_split of --data_path; results go to <checkpoint "
-           "folder>/eval/<name> (or --output_dir), never over the training run's own files")
+      help="only evaluate --resume on --eval_split of --data_path, into <checkpoint "
+           "folder>/eval/<name> (or --output_dir)")
     f("--eval_split", default="test", choices=["val", "test"], help="the split --eval evaluates")
     f("--eval_name", default=None, type=command.folder_name,
-      help="name of the --eval output folder <checkpoint folder>/eval/<name> (default: data "
-           "folder and split file); with --output_dir, a folder inside it")
+      help="--eval's folder <checkpoint folder>/eval/<name> (default: data folder and split "
+           "file); with --output_dir, a folder inside it")
     f("--dist_eval", action="store_true",
-      help="kept for the paper's scripts: multi-process evaluation is always distributed and "
-           "gathered exactly")
+      help="kept for the paper's scripts (evaluation is always distributed, gathered exactly)")
     f("--ci_resamples", type=command.NON_NEGATIVE_INT, default=1000,
       help="bootstrap resamples of the test AUROC's 95%% intervals (0: none)")
-    f("--valid_freq", type=command.POSITIVE_INT, default=1, role=RUN, help="validate every N epochs")
+    f("--valid_freq", type=command.POSITIVE_INT, default=1, role=command.RUN, help="validate every N epochs")
     f("--log_freq", type=command.POSITIVE_INT, default=10, help="log the train loss every N steps")
     f("--progress_freq", type=command.POSITIVE_INT, default=100,
-      help="without a terminal: a progress line (images/s, ETA) every N steps, and at least "
-           "every 30 s")
+      help="without a terminal: a progress line every N steps (and every 30 s)")
     f("--no_progress", action="store_true", help="no progress bar or progress lines")
     f("--note", type=str, default="", help="appended to the automatic run folder name")
     f("--script", type=str, default="", help="launch script, copied into the run")
     f("--check_args", action="store_true",
       help="only check the flags and exit (the launch scripts do this before torchrun)")
 
-    f = FlagTable(p, "model")
+    f = command.FlagTable(p, "model")
     f("--model", recipe=True, default="vit_base_patch16_lora", choices=sorted(mv.MODELS),
       help="architecture; *_lora variants inject LoRA adapters")
     f("--method", recipe=True, default=None, choices=list(methods.REGISTRY),
       help="; ".join(f"{m.name}: {m.summary}" for m in methods.REGISTRY.values())
            + ". Default: lora for *_lora models, full otherwise")
-    f("--finetune", default="", role=DERIVED,
+    f("--finetune", default="", role=command.DERIVED,
       help="pre-trained weights (MRM.pth, CXR_MAE.pth, ...)")
-    f("--unsafe_load", action="store_true", role=EXEC,
+    f("--unsafe_load", action="store_true", role=command.EXEC,
       help="DANGEROUS: unpickle --finetune without the weights-only guard")
     f("--depth", default=None, type=command.POSITIVE_INT,
       help="number of transformer blocks, if not the architecture's (small tests)")
     f("--input_size", default=224, type=command.POSITIVE_INT, help="image side in pixels (multiple of 16)")
     f("--drop_path", recipe=True, type=command.FRACTION, default=0.1, help="stochastic depth rate")
     f("--cls_token", action="store_false", dest="global_pool",
-      help="classify from the cls token (off by default: the paper classifies from the mean of "
-           "the patch tokens)")
+      help="classify from the cls token (off by default: the paper pools the patch tokens)")
     f("--nb_classes", default=None, type=command.POSITIVE_INT,
       help="number of classes (default: from the data set; checked against it)")
 
-    f = FlagTable(p, "method settings (each method's own; see --method)")
+    f = command.FlagTable(p, "method settings (each method's own; see --method)")
     for method_flag in methods.all_flags():
         f(*method_flag.names, recipe=True, **method_flag.options)
 
-    f = FlagTable(p, "optimisation")
+    f = command.FlagTable(p, "optimisation")
     f("--batch_size", recipe=True, default=64, type=command.POSITIVE_INT,
       help="batch per process (with --global_batch: derived from it)")
-    f("--global_batch", recipe=True, default=None, type=command.POSITIVE_INT, role=DERIVED,
-      help="images per optimiser step over all processes; sets the per-process batch (and "
-           "accumulation) so that any number of GPUs keeps the recipe")
-    f("--eval_batch_size", default=None, type=command.POSITIVE_INT, role=EXEC,
+    f("--global_batch", recipe=True, default=None, type=command.POSITIVE_INT, role=command.DERIVED,
+      help="images per optimiser step over all processes (sets --batch_size, --accum_iter)")
+    f("--eval_batch_size", default=None, type=command.POSITIVE_INT, role=command.EXEC,
       help="default: 4 x batch_size")
     f("--epochs", recipe=True, default=50, type=command.POSITIVE_INT, help="training epochs")
     f("--accum_iter", recipe=True, default=1, type=command.POSITIVE_INT, help="gradient accumulation steps")
     f("--optimizer", recipe=True, default="sgd", choices=["sgd", "adamw"], help="sgd (momentum 0.9) or adamw")
     f("--lr", recipe=True, type=command.POSITIVE, default=None, help="absolute lr (sgd recipe); default: from --blr")
-    f("--blr", recipe=True, type=command.POSITIVE, default=1e-3, role=DERIVED, help="lr = blr * effective batch / 256")
+    f("--blr", recipe=True, type=command.POSITIVE, default=1e-3, role=command.DERIVED, help="lr = blr * effective batch / 256")
     f("--layer_decay", recipe=True, type=command.number(float, "the per-layer lr factor must be in (0, 1] (1: no decay)",
                                    lambda v: 0 < v <= 1),
       default=0.75, help="layer-wise lr decay (adamw)")
@@ -180,76 +146,63 @@ def get_args_parser() -> argparse.ArgumentParser:
     f("--clip_grad", recipe=True, type=command.POSITIVE, default=None,
       help="clip the gradient norm to this positive value (default: no clipping)")
     f("--backbone_dtype", recipe=True, default="fp32", choices=["fp32", "bf16", "fp16", "fp8"],
-      help="hold the frozen backbone in this dtype (half the memory, no per-step cast); bf16 / "
-           "fp16 need --amp of the same precision; fp8: the frozen block linears compute in "
-           "float8 (lora/fp8.py; GPUs of compute capability 8.9+, or the CPU), any --amp; "
-           "validation runs in fp8, the saved adapter is tested and used in ordinary precision; "
-           "LoRA and head stay fp32")
-    f("--compile", default="auto", nargs="?", const="on", choices=COMPILE_CHOICES, role=EXEC,
-      help="torch.compile the training and evaluation model: auto = on CUDA when the run has "
-           "enough steps to earn back the compile time; a bare --compile means on")
-    f("--compile_backend", default="inductor", role=EXEC,
+      help="dtype of the frozen backbone (bf16 / fp16 need that --amp; fp8: block linears in "
+           "float8, GPUs of compute capability 8.9+ or the CPU; docs/BENCHMARKS.md)")
+    f("--compile", default="auto", nargs="?", const="on", choices=COMPILE_CHOICES, role=command.EXEC,
+      help="torch.compile the model: auto = on CUDA for runs long enough to earn it back")
+    f("--compile_backend", default="inductor", role=command.EXEC,
       help="torch.compile backend (aot_eager: quick checks without a compiler)")
-    f("--compile_mode", default="default", choices=COMPILE_MODES, role=EXEC,
-      help="torch.compile mode of the inductor backend: reduce-overhead replays CUDA graphs "
-           "(small batches on a GPU, where kernel launches dominate; more GPU memory); "
-           "max-autotune searches kernel configurations (minutes more compiling)")
-    f("--grad_checkpointing", action="store_true", role=EXEC,
+    f("--compile_mode", default="default", choices=COMPILE_MODES, role=command.EXEC,
+      help="inductor mode: reduce-overhead (CUDA graphs, small GPU batches), max-autotune")
+    f("--grad_checkpointing", action="store_true", role=command.EXEC,
       help="recompute block activations in backward (less memory, more compute)")
     f("--amp", default="auto", choices=AMP_CHOICES,
-      help="auto: bf16 where the device computes it natively (recent GPUs, CPUs with AMX / "
-           "AVX512-BF16), fp16 with loss scaling on older GPUs, else fp32; fp16 + GradScaler "
-           "is the paper's exact mode")
+      help="auto: bf16 where native (recent GPUs, AMX CPUs), fp16 + loss scaling on older GPUs "
+           "(the paper's mode), else fp32")
 
-    f = FlagTable(p, "data")
-    f("--data_path", default=None, role=DERIVED, help="data set folder (default: the demo set)")
+    f = command.FlagTable(p, "data")
+    f("--data_path", default=None, role=command.DERIVED, help="data set folder (default: the demo set)")
     f("--dataset", default=None, choices=list(datasets.DATASET_KINDS),
       help="default: inferred from the --data_path folder name")
     f("--data_size", default="100%", choices=sorted(datasets.TRAIN_SPLIT_FILES),
       help="fraction of the training labels: the train_1 / train_10 / train_list file")
-    f("--split_dir", default=None, role=DERIVED, help="folder of the split files")
-    f("--allow_overlap", action="store_true", role=EXEC,
-      help="allow images that are both in the training split and in val / test, or both in "
-           "val and test")
-    f("--cache", default="auto", choices=["auto", "on", "lossy", "off"], role=DERIVED,
-      help="auto: the exact image cache (python -m datasets.cache) when up to date, same "
-           "tensors as the files; on: require it; lossy: a downsized cache (--size N; other "
-           "pixels, warned and recorded); off: the files")
-    f("--cache_size", type=int, default=None, role=DERIVED,
+    f("--split_dir", default=None, role=command.DERIVED, help="folder of the split files")
+    f("--allow_overlap", action="store_true", role=command.EXEC,
+      help="allow images shared between the training and evaluation splits")
+    f("--cache", default="auto", choices=["auto", "on", "lossy", "off"], role=command.DERIVED,
+      help="auto: the exact image cache (python -m datasets.cache) when up to date; on: require "
+           "it; lossy: a downsized one (other pixels, recorded); off: the files")
+    f("--cache_size", type=int, default=None, role=command.DERIVED,
       help="with --cache lossy: which downsized cache (its shorter side)")
     f("--dicom_scaling", default=None, choices=list(datasets.DICOM_SCALINGS),
-      help="DICOM intensity: paper = x * 255 / max (the default for rsna), minmax = VOI window "
-           "or min-max stretch (the default otherwise); --eval and predict default to the "
-           "checkpoint's")
+      help="DICOM intensity: paper = x * 255 / max (rsna's default), minmax = VOI window or "
+           "min-max (the others'); --eval and predict default to the checkpoint's")
     f("--skip_bad", action="store_true", help="skip unreadable images, and report them")
     f("--norm", default=None, choices=sorted(datasets.NORM_STATS),
       help="input normalisation; default follows the pre-trained weights")
     f("--recipe", recipe=True, default=None, choices=["sgd", "adamw"],
       help="augmentation recipe; default follows --optimizer as in the paper")
     f("--device_aug", action="store_true",
-      help="run the train augmentation on uint8 batches on the training device instead of in "
-           "the loader workers: flip / normalise (sgd recipe), plus RandAugment --aa and random "
-           "erasing (adamw recipe); the random resized crop stays in the loader, from the "
-           "full-resolution image")
+      help="augment uint8 batches on the training device (the crop stays in the loaders)")
     f("--aug_fill", default="paper", choices=list(AUG_FILLS),
-      help="adamw recipe: fill of RandAugment's rotate / shear / translate: 'paper' (as the "
-           "paper's pipeline: grey 36 for the mrm / cxr_mae statistics, timm's ImageNet mean "
-           "with --norm imagenet) or 'neutral' (the normalisation's mid grey)")
+      help="fill of RandAugment's geometric ops: 'paper' (its pipeline's grey) or 'neutral'")
     f("--aa", recipe=True, type=str, default="rand-m9-mstd0.5-inc1",
       help="RandAugment policy of the adamw recipe (timm syntax)")
     f("--reprob", recipe=True, type=command.PROBABILITY, default=0.25, help="random erasing probability (adamw recipe)")
     f("--remode", recipe=True, type=str, default="pixel", help=f"random erasing mode: {', '.join(ERASE_MODES)}")
     f("--recount", recipe=True, type=command.POSITIVE_INT, default=1, help="random erasing count")
-    f("--num_workers", default=min(8, os.cpu_count() or 1), type=command.NON_NEGATIVE_INT, role=EXEC,
+    f("--num_workers", default=min(8, os.cpu_count() or 1), type=command.NON_NEGATIVE_INT, role=command.EXEC,
       help="data loading processes")
-    f("--pin_mem", action="store_true", default=torch.cuda.is_available(), role=EXEC,
+    f("--pin_mem", action="store_true", default=torch.cuda.is_available(), role=command.EXEC,
       help="pinned host memory for faster copies to the GPU (on by default with CUDA)")
-    f("--no_pin_mem", action="store_false", dest="pin_mem", role=EXEC, help="no pinned memory")
+    f("--no_pin_mem", action="store_false", dest="pin_mem", role=command.EXEC, help="no pinned memory")
 
     # Flags of the reference code, accepted so that its scripts run unchanged.
-    f = FlagTable(p, "accepted for compatibility", role=EXEC)
+    f = command.FlagTable(p, "accepted for compatibility", role=command.EXEC)
+    zero = command.number(float, "the paper trains multi-label BCE without it (pass 0)",
+                          lambda v: v == 0)
     for flag in ("--smoothing", "--mixup", "--cutmix"):
-        f(flag, type=float, default=0.0, help="must be 0 (multi-label BCE)")
+        f(flag, type=zero, default=0.0, help="must be 0 (multi-label BCE)")
     f("--color_jitter", type=float, default=None, help="unused (RandAugment)")
     f("--resplit", action="store_true", help="unused")
     f("--cutmix_minmax", type=float, nargs="+", default=None, help="unused")
@@ -262,23 +215,6 @@ def get_args_parser() -> argparse.ArgumentParser:
     f("--dist_on_itp", action="store_true", help="unused")
     f("--dist_url", default="env://", help="unused (torchrun sets the rendezvous)")
     return p
-
-
-def flag_roles(parser: argparse.ArgumentParser) -> dict[str, str]:
-    """Each destination's role (RUN, EXEC or DERIVED), as the flag table declares it."""
-    return {a.dest: a.role for a in parser._actions if hasattr(a, "role")}
-
-
-def recipe_flags(parser: argparse.ArgumentParser) -> list[str]:
-    """The flags a method is tuned by (its recipe), not the data or model it is tested on:
-    util.summarize sets LoRA against full fine-tuning on runs that differ only in these."""
-    return sorted(a.dest for a in parser._actions if getattr(a, "recipe", False))
-
-
-def explicit_flags(parser: argparse.ArgumentParser, argv: list[str]) -> set[str]:
-    """Destinations of the flags written on the command line (so presets do not override them)."""
-    given = {a.split("=", 1)[0] for a in argv if a.startswith("-")}
-    return {a.dest for a in parser._actions if given & set(a.option_strings)}
 
 
 def infer_norm(finetune: str) -> str | None:
@@ -403,10 +339,6 @@ def check_combinations(args: argparse.Namespace, world: int) -> None:
     if args.method != "lora" and args.model in mv.LORA_MODELS:
         raise ArgumentError(f"--method {args.method} contradicts --model {args.model}: use "
                             f"--model {mv.LORA_MODELS[args.model]}")
-    for flag in ("smoothing", "mixup", "cutmix"):
-        if getattr(args, flag):
-            raise ArgumentError(f"--{flag} {getattr(args, flag)} is not supported: the paper "
-                                "trains multi-label BCE without it (pass 0)")
     if args.input_size % 16:
         raise ArgumentError(f"--input_size {args.input_size} is not a multiple of the patch size 16")
     lr = args.lr if args.lr is not None else args.blr * args.batch_size * args.accum_iter * world / 256
@@ -469,7 +401,7 @@ def with_data_defaults(args: argparse.Namespace, eff_batch: int) -> argparse.Nam
 def run_settings(args: argparse.Namespace, roles: dict[str, str], eff_batch: int,
                  data: datasets.TrainingData) -> dict[str, Any]:
     """What makes this run this run: its RUN flags and the values derived from the DERIVED ones."""
-    settings = {k: getattr(args, k) for k, role in roles.items() if role == RUN}
+    settings = {k: getattr(args, k) for k, role in roles.items() if role == command.RUN}
     cache = data.train_set.cache_info
     settings.update(
         lr=args.lr, global_batch=eff_batch,
@@ -566,7 +498,7 @@ def main(args: argparse.Namespace) -> dict:
     # Data first: a bad split file or image fails here, before anything is written.
     data, batch_transform = prepare_data(args, dist_info, device)
     parser = get_args_parser()
-    roles = flag_roles(parser)
+    roles = command.flag_roles(parser)
     settings = run_settings(args, roles, eff_batch, data)
     folder = RunFolder(run_folder(args, settings))
     if dist_info.is_main:
@@ -583,11 +515,6 @@ def main(args: argparse.Namespace) -> dict:
         progress = Progress(args.start_epoch)
         if plan.resume:
             progress = training.resume(folder, plan, model, optimizer, scaler, settings)
-            if plan.source is not None and progress.start_epoch >= args.epochs:
-                raise RunConflict(
-                    f"--resume {plan.resume}: that run already trained {progress.start_epoch} "
-                    f"epochs, so --epochs {args.epochs} leaves nothing to train in {folder.folder}; "
-                    f"to test its best checkpoint use --eval --resume {plan.source / 'checkpoint-best'}")
         writer = start_run(args, parser, settings, folder, plan, data, config, model,
                            progress.start_epoch, dist_info, precision_name(amp_dtype), device)
         Training(loop_config(args), folder, model, optimizer, train_loader=data.train_loader,
@@ -605,9 +532,9 @@ def run_record(args: argparse.Namespace, parser: argparse.ArgumentParser, settin
                data: datasets.TrainingData, config: mv.ModelConfig, model: torch.nn.Module, start_epoch: int,
                dist_info: DistInfo, precision: str) -> dict:
     """config.json: the run's settings, how it executed, and what it found."""
-    roles = flag_roles(parser)
-    return {"settings": settings, "recipe": recipe_flags(parser),
-            "execution": json_safe({k: getattr(args, k) for k, r in roles.items() if r != RUN}),
+    roles = command.flag_roles(parser)
+    return {"settings": settings, "recipe": command.recipe_flags(parser),
+            "execution": json_safe({k: getattr(args, k) for k, r in roles.items() if r != command.RUN}),
             "preset_source": args.preset_source, "precision": precision, "lr": args.lr,
             "global_batch": settings["global_batch"], "world_size": dist_info.world_size,
             "trainable": lora.trainable_report(model),
@@ -661,12 +588,7 @@ def start_run(args: argparse.Namespace, parser: argparse.ArgumentParser, setting
                         dist_info, precision)
     folder.start(plan, record, script=args.script, overwrite=args.overwrite)
     setup_logging(True, folder.writable("train.log"))
-    from torch.utils.tensorboard import SummaryWriter
-
-    writer = SummaryWriter(log_dir=str(Path(args.log_dir) if args.log_dir else folder.folder / "logs"))
-    event_file = getattr(getattr(writer.file_writer, "event_writer", None), "_file_name", None)
-    if event_file:
-        folder.record(Path(os.path.abspath(event_file)))
+    writer = training.open_writer(folder, args.log_dir)
     log_start(data, config, model, folder, args, precision, device, settings["global_batch"])
     return writer
 
@@ -684,12 +606,7 @@ def final_test(args: argparse.Namespace, folder: RunFolder, plan: Plan, progress
     results = evaluation.test_checkpoint(folder.best_checkpoint(), data.test_set, folder,
                                          **test_options(args, dist_info, device, amp_dtype))
     if writer is not None:
-        writer.add_scalar("test/mean_auroc", results["mean_auroc"], progress.best_epoch)
-        mean_interval = (results.get("intervals") or {}).get("mean") or {}
-        for bound in ("ci_low", "ci_high"):
-            if mean_interval.get(bound) is not None:
-                writer.add_scalar(f"test/mean_auroc_{bound}", mean_interval[bound], progress.best_epoch)
-        writer.close()
+        training.log_test(writer, results, progress.best_epoch)
     return results
 
 
@@ -734,7 +651,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     parser = get_args_parser()
     args = parser.parse_args(argv)
     try:
-        return resolve_args(args, explicit_flags(parser, argv))
+        return resolve_args(args, command.explicit_flags(parser, argv))
     except command.UsageError as err:
         parser.error(str(err))
 

@@ -62,6 +62,30 @@ class Progress:
     history: list[dict] = field(default_factory=list)
 
 
+def open_writer(folder: RunFolder, log_dir: str | None = None):
+    """The run's TensorBoard writer (in ``log_dir``, by default ``<run>/logs``); its event file
+    is recorded as the run's own."""
+    import os
+
+    from torch.utils.tensorboard import SummaryWriter
+
+    writer = SummaryWriter(log_dir=str(Path(log_dir) if log_dir else folder.folder / "logs"))
+    event_file = getattr(getattr(writer.file_writer, "event_writer", None), "_file_name", None)
+    if event_file:
+        folder.record(Path(os.path.abspath(event_file)))
+    return writer
+
+
+def log_test(writer, results: dict, best_epoch: int) -> None:
+    """The final test's mean AUROC (and its interval) beside the validation curves; closes ``writer``."""
+    writer.add_scalar("test/mean_auroc", results["mean_auroc"], best_epoch)
+    interval = (results.get("intervals") or {}).get("mean") or {}
+    for bound in ("ci_low", "ci_high"):
+        if interval.get(bound) is not None:
+            writer.add_scalar(f"test/mean_auroc_{bound}", interval[bound], best_epoch)
+    writer.close()
+
+
 def decide_compile(choice: str, device: torch.device, total_steps: int) -> bool:
     """--compile on/off, or auto: on CUDA once the run is long enough to earn back the compile."""
     if choice in ("on", "off"):
@@ -223,5 +247,10 @@ def resume(folder: RunFolder, plan: Plan, model: torch.nn.Module, optimizer, sca
     optimizer.load_state_dict(state["optimizer"])
     if scaler is not None and state.get("scaler"):
         scaler.load_state_dict(state["scaler"])
+    if plan.source is not None and state["epoch"] + 1 >= settings["epochs"]:
+        raise RunConflict(f"--resume {path}: that run already trained {state['epoch'] + 1} epochs, "
+                          f"so --epochs {settings['epochs']} leaves nothing to train in "
+                          f"{folder.folder}; to test its best checkpoint use --eval --resume "
+                          f"{plan.source / 'checkpoint-best'}")
     logger.info("resumed from %s (epoch %d done, best %.4f)", path, state["epoch"], state["best_metric"])
     return Progress(state["epoch"] + 1, state["best_metric"], state["best_epoch"], list(record["log"]))

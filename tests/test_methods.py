@@ -108,6 +108,7 @@ def test_a_method_brings_its_own_flags_settings_and_run_name(tmp_path):
     from dataclasses import dataclass
 
     import main_finetune_lora as mfl
+    from util import cli
 
     @dataclass(frozen=True)
     class ToySettings:
@@ -131,7 +132,7 @@ def test_a_method_brings_its_own_flags_settings_and_run_name(tmp_path):
         args = mfl.parse(["--demo", "--method", "toysized", "--model", "vit_tiny_patch16",
                           "--toy_size", "5", "--run_name", "auto", "--output_dir", str(tmp_path)])
         assert args.method_settings == ToySettings(5)
-        assert "toy_size" in mfl.recipe_flags(mfl.get_args_parser())
+        assert "toy_size" in cli.recipe_flags(mfl.get_args_parser())
         with pytest.raises(SystemExit):  # the settings' own check, as a usage error
             mfl.parse(["--demo", "--method", "toysized", "--model", "vit_tiny_patch16",
                        "--toy_size", "0"])

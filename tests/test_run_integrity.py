@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 
 import datasets
 import main_finetune_lora as mfl
+from util import cli
 import training
 import util.runfolder as runfolder
 from _fakes import demo_data_and_weights, tiny_run_args
@@ -252,7 +253,7 @@ def test_real_run_flags_without_data_path_are_refused_not_a_demo(capsys, flags):
 def test_no_arguments_still_runs_the_demo():
     parser = mfl.get_args_parser()
     args = parser.parse_args([])
-    mfl.resolve_args(args, mfl.explicit_flags(parser, []))
+    mfl.resolve_args(args, cli.explicit_flags(parser, []))
     assert args.demo and args.demo_replace and not args.overwrite
     assert args.data_path == mfl.DEMO_DEFAULTS["data_path"]
     assert mfl.cli(["--check_args"]) == 0

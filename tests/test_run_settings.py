@@ -5,6 +5,7 @@ import json
 import pytest
 
 import main_finetune_lora as mfl
+from util import cli
 from _fakes import demo_data_and_weights, tiny_run_args
 from util.runfolder import RUN_FORMAT, differing
 
@@ -22,22 +23,22 @@ def run(tmp_path_factory):
 
 
 def test_every_flag_declares_one_role():
-    roles = mfl.flag_roles(mfl.get_args_parser())
+    roles = cli.flag_roles(mfl.get_args_parser())
     dests = {a.dest for a in mfl.get_args_parser()._actions if a.dest != "help"}
     assert set(roles) == dests
-    assert set(roles.values()) == {mfl.RUN, mfl.EXEC, mfl.DERIVED}
+    assert set(roles.values()) == {cli.RUN, cli.EXEC, cli.DERIVED}
     # Where and how a run executes never makes it another run; what it computes does.
-    assert {roles[k] for k in ("output_dir", "num_workers", "device", "compile", "resume")} == {mfl.EXEC}
-    assert {roles[k] for k in ("seed", "lora_rank", "epochs", "optimizer", "norm")} == {mfl.RUN}
-    assert {roles[k] for k in ("finetune", "data_path", "cache", "blr")} == {mfl.DERIVED}
+    assert {roles[k] for k in ("output_dir", "num_workers", "device", "compile", "resume")} == {cli.EXEC}
+    assert {roles[k] for k in ("seed", "lora_rank", "epochs", "optimizer", "norm")} == {cli.RUN}
+    assert {roles[k] for k in ("finetune", "data_path", "cache", "blr")} == {cli.DERIVED}
 
 
 def test_config_records_settings_and_execution_from_the_table(run):
     _, out = run
     config = json.loads((out / "config.json").read_text())
     assert config["format"] == RUN_FORMAT
-    roles = mfl.flag_roles(mfl.get_args_parser())
-    run_flags = {k for k, r in roles.items() if r == mfl.RUN}
+    roles = cli.flag_roles(mfl.get_args_parser())
+    run_flags = {k for k, r in roles.items() if r == cli.RUN}
     assert set(config["settings"]) == run_flags | DERIVED_SETTINGS
     assert set(config["execution"]) == set(roles) - run_flags
     assert config["settings"]["seed"] == 1 and config["execution"]["num_workers"] == 0

@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 
 import datasets
 import main_finetune_lora as mfl
+from util import cli
 import training
 import util.runfolder as runfolder
 from _fakes import demo_data_and_weights, mrm_checkpoint, tiny_run_args
@@ -371,11 +372,11 @@ def test_warmup_longer_than_the_run_is_capped_with_a_note():
     parser = mfl.get_args_parser()
     argv = ["--demo", "--epochs", "2"]
     args = parser.parse_args(argv)
-    mfl.resolve_args(args, mfl.explicit_flags(parser, argv))
+    mfl.resolve_args(args, cli.explicit_flags(parser, argv))
     assert args.warmup_epochs == 1  # the demo's own warm-up fits
     argv = ["--demo", "--epochs", "2", "--warmup_epochs", "5"]
     args = parser.parse_args(argv)
-    mfl.resolve_args(args, mfl.explicit_flags(parser, argv))
+    mfl.resolve_args(args, cli.explicit_flags(parser, argv))
     assert args.warmup_epochs == 2 and "capped" in args.notes[0]
 
 
@@ -523,7 +524,7 @@ def test_global_batch_is_kept_over_processes(monkeypatch, tmp_path, world, batch
     parser = mfl.get_args_parser()
     argv = ["--preset", "nih-1-cxr_mae", "--finetune", str(weights), "--data_path", str(tmp_path)]
     args = parser.parse_args(argv)
-    mfl.resolve_args(args, mfl.explicit_flags(parser, argv))
+    mfl.resolve_args(args, cli.explicit_flags(parser, argv))
     assert (args.batch_size, args.accum_iter, args.global_batch) == (batch, 1, 64)
 
 

@@ -9,6 +9,7 @@ import pytest
 from PIL import Image
 
 import main_finetune_lora as mfl
+from util import cli
 from util import summarize
 from util.runfolder import RUN_FORMAT
 
@@ -21,11 +22,11 @@ EXACT = {"kind": "exact", "size": None, "dir": "/cache", "crop_resize": None}
 def run_record(settings, execution):
     """config.json as the training script writes it: every RUN flag (its default unless in
     ``settings``) and the derived settings, the recipe flags, and how the run executed."""
-    defaults = {k: PARSER.get_default(k) for k, role in mfl.flag_roles(PARSER).items()
-                if role == mfl.RUN}
+    defaults = {k: PARSER.get_default(k) for k, role in cli.flag_roles(PARSER).items()
+                if role == cli.RUN}
     derived = {"global_batch": 64, "weights_sha256": "f" * 64, "pixels": "original pixels"}
     return {"format": RUN_FORMAT, "settings": {**defaults, **derived, **settings},
-            "recipe": mfl.recipe_flags(PARSER), "execution": execution,
+            "recipe": cli.recipe_flags(PARSER), "execution": execution,
             "data_cache": {split: EXACT for split in ("train", "val", "test")},
             "resumed_from": None, "git_commit": "abc"}
 

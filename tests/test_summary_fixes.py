@@ -8,6 +8,7 @@ import statistics
 import pytest
 
 import main_finetune_lora as mfl
+from util import cli
 from util import summarize
 from util.runfolder import RUN_FORMAT
 
@@ -28,14 +29,14 @@ def run_record(caches=None, execution=None, **settings):
     and the cache each split read (``caches``: {split: info}, exact by default)."""
     caches = caches or {split: EXACT for split in SPLITS}
     train = caches["train"]
-    defaults = {k: PARSER.get_default(k) for k, role in mfl.flag_roles(PARSER).items()
-                if role == mfl.RUN}
+    defaults = {k: PARSER.get_default(k) for k, role in cli.flag_roles(PARSER).items()
+                if role == cli.RUN}
     derived = {"lr": 0.05, "global_batch": 64, "weights_sha256": "f" * 64, "split_sha256": HASHES,
                "pixels": f"lossy {train['size']}px cache" if train.get("kind") == "lossy"
                else "original pixels"}
     return {"format": RUN_FORMAT,
             "settings": {**defaults, "dataset": "nih", "data_size": "1%", **derived, **settings},
-            "recipe": mfl.recipe_flags(PARSER),
+            "recipe": cli.recipe_flags(PARSER),
             "execution": {"output_dir": "runs", "num_workers": 8, "data_path": "/data/nih",
                           "cache": "auto", **(execution or {})},
             "data_cache": caches, "resumed_from": None}

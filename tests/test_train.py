@@ -18,6 +18,7 @@ from sklearn.metrics import roc_auc_score
 
 import datasets
 import main_finetune_lora as mfl
+from util import cli
 from _fakes import demo_data_and_weights, tiny_run_args
 from util.metrics import binary_auroc
 
@@ -426,7 +427,7 @@ def test_paper_script_flags_parse_unchanged(tmp_path, line, norm_file):
     argv = line.format(w=weights, d=tmp_path).split()
     parser = mfl.get_args_parser()
     args = parser.parse_args(argv)
-    mfl.resolve_args(args, mfl.explicit_flags(parser, argv))
+    mfl.resolve_args(args, cli.explicit_flags(parser, argv))
     assert args.method == "lora" and args.arch == "vit_base_patch16"
     assert args.norm == ("mrm" if norm_file == "MRM.pth" else "cxr_mae")
     assert args.recipe == args.optimizer and args.data_size == "1%" and args.lora_rank == 4
@@ -439,7 +440,7 @@ def test_preset_fills_and_explicit_flags_win(tmp_path):
     argv = ["--preset", "chexpert-10-mrm", "--finetune", str(weights), "--data_path", str(tmp_path),
             "--epochs", "7"]
     args = parser.parse_args(argv)
-    mfl.resolve_args(args, mfl.explicit_flags(parser, argv))
+    mfl.resolve_args(args, cli.explicit_flags(parser, argv))
     assert (args.lr, args.lora_rank, args.optimizer, args.epochs) == (0.05, 16, "sgd", 7)
     assert (args.dataset, args.data_size, args.norm, args.weight_decay) == ("chexpert", "10%", "mrm", 0.0)
 
@@ -455,7 +456,7 @@ def test_demo_takes_the_kind_of_a_given_data_path(extra, dataset, data_path, tmp
     parser = mfl.get_args_parser()
     argv = ["--demo", *extra]
     args = parser.parse_args(argv)
-    mfl.resolve_args(args, mfl.explicit_flags(parser, argv))
+    mfl.resolve_args(args, cli.explicit_flags(parser, argv))
     assert (args.dataset, args.data_path) == (dataset, data_path)
     assert args.model == "vit_tiny_patch16_lora" and args.epochs == 8
 

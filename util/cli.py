@@ -173,3 +173,50 @@ def run(main: Callable[[list[str]], int | None], argv: Sequence[str] | None = No
                 raise  # a bug: its traceback is what a report needs
             traceback.print_exc()
         return report(prog, err)
+
+
+# --- a command's flag table ---------------------------------------------------------------
+# The role each flag declares once: RUN flags make a run this run (compared by the run-folder
+# check, by resume and by util.summarize); EXEC flags say where and how it executes; DERIVED
+# flags enter the run's identity through a value derived from them (a file's SHA-256, the
+# pixels a cache gives, the global batch, the lr).
+RUN, EXEC, DERIVED = "run", "exec", "derived"
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Each flag's default once, and none for on/off switches (their help says it)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.nargs == 0 or action.default is None or "%(default)" in (action.help or ""):
+            return action.help or ""
+        return super()._get_help_string(action)
+
+
+class FlagTable:
+    """Adds the flags of one group, each with its role (RUN unless said)."""
+
+    def __init__(self, parser: argparse.ArgumentParser, title: str, role: str = RUN) -> None:
+        self.group, self.role = parser.add_argument_group(title), role
+
+    def __call__(self, *names: str, role: str | None = None, recipe: bool = False,
+                 **kwargs: Any) -> None:
+        action = self.group.add_argument(*names, **kwargs)
+        action.role = role or self.role  # type: ignore[attr-defined]
+        action.recipe = recipe  # type: ignore[attr-defined]  (the method's own tuning)
+
+
+def flag_roles(parser: argparse.ArgumentParser) -> dict[str, str]:
+    """Each destination's role (RUN, EXEC or DERIVED), as the flag table declares it."""
+    return {a.dest: a.role for a in parser._actions if hasattr(a, "role")}
+
+
+def recipe_flags(parser: argparse.ArgumentParser) -> list[str]:
+    """The flags a method is tuned by (its recipe), not the data or model it is tested on:
+    util.summarize sets LoRA against full fine-tuning on runs that differ only in these."""
+    return sorted(a.dest for a in parser._actions if getattr(a, "recipe", False))
+
+
+def explicit_flags(parser: argparse.ArgumentParser, argv: list[str]) -> set[str]:
+    """Destinations of the flags written on the command line (so presets do not override them)."""
+    given = {a.split("=", 1)[0] for a in argv if a.startswith("-")}
+    return {a.dest for a in parser._actions if given & set(a.option_strings)}
