@@ -159,6 +159,66 @@ def rsna_table(metadata: Path) -> pd.DataFrame:
     })
 
 
+def _nih_frames(metadata: Path, rng: np.random.Generator, val_fraction: float | None,
+                test_fraction: float | None) -> dict[str, pd.DataFrame]:
+    """NIH: the official test list when present (val drawn from train_val), else every split drawn."""
+    table = nih_table(metadata)
+    official_tv, official_test = metadata / "train_val_list.txt", metadata / "test_list.txt"
+    if not (official_tv.is_file() and official_test.is_file()):
+        logger.info("no official train_val_list.txt / test_list.txt in %s: drawing every split", metadata)
+        groups = split_by_patient(table["patient"].to_numpy(),
+                                  {"test": test_fraction or 0.2, "val": val_fraction or 0.1}, rng)
+        return {g: table.iloc[groups[g]] for g in ("train", "val", "test")}
+    test_names, tv_names = set(_read_list(official_test)), set(_read_list(official_tv))
+    unknown = (test_names | tv_names) - set(table["path"])
+    if unknown:
+        raise MetadataError(f"{len(unknown)} images of the official lists are not in the CSV, "
+                            f"e.g. {sorted(unknown)[0]!r}")
+    train_val = table[table["path"].isin(tv_names)].reset_index(drop=True)
+    groups = split_by_patient(train_val["patient"].to_numpy(), {"val": val_fraction or 0.125}, rng)
+    return {"train": train_val.iloc[groups["train"]], "val": train_val.iloc[groups["val"]],
+            "test": table[table["path"].isin(test_names)]}
+
+
+def _chexpert_frames(metadata: Path, rng: np.random.Generator, val_fraction: float | None,
+                     test_fraction: float | None) -> dict[str, pd.DataFrame]:
+    """CheXpert: valid.csv and a test CSV where present, the missing ones drawn from train.csv."""
+    train = chexpert_table(metadata / "train.csv")
+    test_csv = next((metadata / n for n in ("test.csv", "test_labels.csv") if (metadata / n).is_file()), None)
+    valid_csv = metadata / "valid.csv"
+    fractions = {}
+    if test_csv is None:
+        fractions["test"] = test_fraction or 0.05
+    if not valid_csv.is_file():
+        fractions["val"] = val_fraction or 0.05
+    groups = split_by_patient(train["patient"].to_numpy(), fractions, rng)
+    return {"train": train.iloc[groups["train"]],
+            "val": train.iloc[groups["val"]] if "val" in fractions else chexpert_table(valid_csv),
+            "test": train.iloc[groups["test"]] if test_csv is None else chexpert_table(test_csv)}
+
+
+def _rsna_frames(metadata: Path, rng: np.random.Generator, val_fraction: float | None,
+                 test_fraction: float | None) -> dict[str, pd.DataFrame]:
+    """RSNA: every split drawn by patient."""
+    table = rsna_table(metadata)
+    groups = split_by_patient(table["patient"].to_numpy(),
+                              {"test": test_fraction or 0.1, "val": val_fraction or 0.05}, rng)
+    return {g: table.iloc[groups[g]] for g in ("train", "val", "test")}
+
+
+FRAMES = {"nih": _nih_frames, "chexpert": _chexpert_frames, "rsna": _rsna_frames}
+
+
+def _check_patient_disjoint(frames: dict[str, pd.DataFrame]) -> None:
+    """Patient-disjointness is the point of the exercise: checked rather than trusted."""
+    seen: dict[str, str] = {}
+    for name, frame in frames.items():
+        for patient in set(frame["patient"]):
+            if seen.setdefault(patient, name) != name:
+                raise MetadataError(f"patient {patient} is in both {seen[patient]} and {name}: "
+                                    f"the official lists are not patient-disjoint")
+
+
 def make_splits(
     kind: str,
     metadata: str | Path,
@@ -173,68 +233,25 @@ def make_splits(
         raise ValueError(f"kind={kind!r}: expected one of {list(CLASS_NAMES)}")
     metadata, out = Path(metadata), Path(out)
     rng = np.random.default_rng(seed)
-    classes = CLASS_NAMES[kind]
-    frames: dict[str, pd.DataFrame] = {}
-
-    if kind == "nih":
-        table = nih_table(metadata)
-        official_tv, official_test = metadata / "train_val_list.txt", metadata / "test_list.txt"
-        if official_tv.is_file() and official_test.is_file():
-            test_names, tv_names = set(_read_list(official_test)), set(_read_list(official_tv))
-            unknown = (test_names | tv_names) - set(table["path"])
-            if unknown:
-                raise MetadataError(f"{len(unknown)} images of the official lists are not in the CSV, e.g. {sorted(unknown)[0]!r}")
-            frames["test"] = table[table["path"].isin(test_names)]
-            train_val = table[table["path"].isin(tv_names)].reset_index(drop=True)
-            groups = split_by_patient(train_val["patient"].to_numpy(), {"val": val_fraction or 0.125}, rng)
-        else:
-            logger.info("no official train_val_list.txt / test_list.txt in %s: drawing every split", metadata)
-            train_val = table
-            groups = split_by_patient(table["patient"].to_numpy(),
-                                      {"test": test_fraction or 0.2, "val": val_fraction or 0.1}, rng)
-            frames["test"] = train_val.iloc[groups["test"]]
-        frames["train"], frames["val"] = train_val.iloc[groups["train"]], train_val.iloc[groups["val"]]
-    elif kind == "chexpert":
-        train = chexpert_table(metadata / "train.csv")
-        test_csv = next((metadata / n for n in ("test.csv", "test_labels.csv") if (metadata / n).is_file()), None)
-        fractions = {}
-        if test_csv is None:
-            fractions["test"] = test_fraction or 0.05
-        if not (metadata / "valid.csv").is_file():
-            fractions["val"] = val_fraction or 0.05
-        groups = split_by_patient(train["patient"].to_numpy(), fractions, rng)
-        frames["train"] = train.iloc[groups["train"]]
-        frames["val"] = chexpert_table(metadata / "valid.csv") if "val" not in fractions else train.iloc[groups["val"]]
-        frames["test"] = chexpert_table(test_csv) if test_csv is not None else train.iloc[groups["test"]]
-    else:
-        table = rsna_table(metadata)
-        groups = split_by_patient(table["patient"].to_numpy(),
-                                  {"test": test_fraction or 0.1, "val": val_fraction or 0.05}, rng)
-        frames = {g: table.iloc[groups[g]] for g in ("train", "val", "test")}
-
-    # Patient-disjointness is the point of the exercise: check it rather than trust it.
-    seen: dict[str, str] = {}
-    for name, frame in frames.items():
-        for patient in set(frame["patient"]):
-            if seen.setdefault(patient, name) != name:
-                raise MetadataError(f"patient {patient} is in both {seen[patient]} and {name}: "
-                                    f"the official lists are not patient-disjoint")
-    trailing = kind == "rsna"  # the paper's RSNA files end each line with a space
+    frames = FRAMES[kind](metadata, rng, val_fraction, test_fraction)
+    _check_patient_disjoint(frames)
     train = frames["train"].reset_index(drop=True)
     files = {"train_list.txt": train, "val_list.txt": frames["val"], "test_list.txt": frames["test"]}
     for name, rows in nested_subsets(len(train), rng, min_subset).items():
         files[name] = train.iloc[rows]
-    counts = {}
-    for name, frame in files.items():
-        if len(frame) == 0:
-            raise MetadataError(f"{name} would be empty ({len(train)} training images); use more data or other fractions")
-        counts[name] = len(frame)
+    empty = next((name for name, frame in files.items() if len(frame) == 0), None)
+    if empty:
+        raise MetadataError(f"{empty} would be empty ({len(train)} training images); use more "
+                            "data or other fractions")
+    counts = {name: len(frame) for name, frame in files.items()}
     info = {"kind": kind, "seed": seed, "metadata": str(metadata.resolve()), "lines": counts,
             "patients": {g: int(f["patient"].nunique()) for g, f in frames.items()}}
+    trailing = kind == "rsna"  # the paper's RSNA files end each line with a space
     # All files or none: a failed write (a full disk) leaves `out` as it was.
     with staged_folder(out, last=("train_list.txt",)) as staged:
         for name, frame in files.items():
-            write_split_file(staged / name, frame["path"].tolist(), frame[classes].to_numpy(), trailing)
+            write_split_file(staged / name, frame["path"].tolist(), frame[CLASS_NAMES[kind]].to_numpy(),
+                             trailing)
         (staged / "splits_info.json").write_text(json.dumps(info, indent=1))
     logger.info("wrote %s to %s", counts, out)
     return counts
