@@ -41,6 +41,7 @@ import logging
 import os
 import posixpath
 import re
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
@@ -124,7 +125,7 @@ class Metadata:
 def _key(path: str) -> str:
     """A path as the join compares it: '/' separators, no leading './'."""
     path = posixpath.normpath(str(path).replace("\\", "/"))
-    return path[2:] if path.startswith("./") else path
+    return path.removeprefix("./")
 
 
 def parse_sex(value: Any, where: str) -> str | None:
@@ -273,9 +274,13 @@ def _dicom_record(file: str) -> tuple[ImageMeta, bool]:
     if fmt not in ("DICOM", None):
         raise MetadataError(f"{file}: a {fmt} image has no DICOM header to read sex, age and view from")
     try:
-        ds = pydicom.dcmread(file, stop_before_pixels=True, force=True,
-                             specific_tags=["PatientSex", "PatientAge", "ViewPosition"])
-        sex, age, view = (ds.get(k) for k in ("PatientSex", "PatientAge", "ViewPosition"))
+        with warnings.catch_warnings():
+            # RSNA writes ages as '58', not DICOM's '058Y': pydicom warns per value; parse_age
+            # reads both and refuses what is neither.
+            warnings.simplefilter("ignore", UserWarning)
+            ds = pydicom.dcmread(file, stop_before_pixels=True, force=True,
+                                 specific_tags=["PatientSex", "PatientAge", "ViewPosition"])
+            sex, age, view = (ds.get(k) for k in ("PatientSex", "PatientAge", "ViewPosition"))
     except Exception as err:  # pydicom raises many types for a damaged header
         raise MetadataError(f"{file}: cannot read its DICOM header ({type(err).__name__}: {err})") from err
     where = f"{file} (DICOM header)"
@@ -353,19 +358,29 @@ def resolve_metadata(given: Any, *, split_file: str | Path, paths: Sequence[str]
         if not found:
             return None
         try:
-            meta = read_metadata_files(found)
+            meta = _naming_some(read_metadata_files(found), paths, split_file)
         except MetadataError as err:
             logger.warning("no subgroups: %s (found beside the data; pass --metadata FILE or "
                            "--metadata none)", err)
             return None
         logger.info("subgroup metadata found: %s", meta.source)
         return meta
+    if isinstance(given, str) and not Path(given).is_file() and "," in given:
+        given = given.split(",")  # a comma list of files (--metadata train.csv,valid.csv)
     given_files = [Path(p) for p in ([given] if isinstance(given, (str, Path)) else given)]
     for p in given_files:
         if not p.is_file():
             raise DataUsageError(f"--metadata {p}: no such file (expected a metadata CSV, "
                                  f"'{DICOM_SOURCE}' or '{OFF}')")
-    return read_metadata_files(given_files)
+    return _naming_some(read_metadata_files(given_files), paths, split_file)
+
+
+def _naming_some(meta: Metadata, paths: Sequence[str], split_file: str | Path) -> Metadata:
+    """``meta``, or an error when it names none of the images: the metadata of other images."""
+    if paths and not any(r is not None for r in meta.lookup(paths)):
+        raise MetadataError(f"{meta.source} names none of the {len(paths)} images of {split_file} "
+                            f"(e.g. '{paths[0]}'): the metadata of other images?")
+    return meta
 
 
 def records_from_mapping(records: Mapping[str, Mapping[str, Any]]) -> Metadata:

@@ -93,7 +93,7 @@ def eval_set(data, kind, size=64):
 
 
 def test_an_nih_checkpoint_is_scored_on_a_chexpert_split_by_the_shared_columns(tmp_path):
-    stem, mrm = trained_checkpoint(tmp_path / "ckpt")
+    stem, _ = trained_checkpoint(tmp_path / "ckpt")
     data = tmp_path / "CheXpert"
     labels = chexpert_like(data)
     dataset = eval_set(data, "chexpert")

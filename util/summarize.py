@@ -79,7 +79,6 @@ import csv
 import json
 import logging
 import math
-import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
