@@ -26,11 +26,13 @@ import checkpoints as ckpt
 import datasets
 import lora
 import methods
+from datasets.metadata import resolve_metadata
 from engine_finetune import evaluate
 from util.io import json_safe
 from util.misc import DistInfo, say
 from util.precision import precision_name
 from util.runfolder import RunFolder
+from util.subgroups import write_subgroup_report
 
 
 def undefined_classes(targets: np.ndarray, class_names: list[str]) -> list[str]:
@@ -116,36 +118,6 @@ def add_test_set(results: dict, config, dataset: datasets.ChestXrayDataset, matc
                              "class_map": match.record()}
 
 
-def subgroup_metadata(metadata: Any, dataset: datasets.ChestXrayDataset):
-    """The metadata of the subgroup report (``datasets.metadata.resolve_metadata``), or None."""
-    from datasets.metadata import resolve_metadata
-
-    return resolve_metadata(metadata, split_file=dataset.split_file, paths=dataset.paths,
-                            files=dataset.files, kind=dataset.kind)
-
-
-def write_subgroups(results: dict, stats: dict, dataset: datasets.ChestXrayDataset,
-                    folder: RunFolder, split: str, metadata, resamples: int) -> None:
-    """AUROC per subgroup (``util.subgroups``) into results and ``subgroups_<split>.*``."""
-    if metadata is None:
-        return
-    from util import reports
-    from util.subgroups import subgroup_report, summary_line
-
-    report = subgroup_report(stats["targets"], stats["probs"],
-                             [dataset.paths[i] for i in stats["indices"]],
-                             list(dataset.class_names), metadata, resamples=resamples, seed=0)
-    results["subgroups"] = report
-    stem = f"subgroups_{split}"
-    for suffix in (".csv", ".md", ".png", ".svg"):
-        folder.writable(stem + suffix)  # never through a symbolic link
-    written = reports.write_subgroup_tables(report, list(dataset.class_names), folder.folder,
-                                            stem=stem)
-    plot = reports.save_subgroup_plot(report, folder.folder / stem)
-    folder.record(*written, *(plot or ()))
-    say(summary_line(report) + f" ({folder.folder / stem}.md)")
-
-
 def test_checkpoint(checkpoint: str | Path, dataset: datasets.ChestXrayDataset, folder: RunFolder, *,
                     device: torch.device, dist_info: DistInfo = DistInfo(),
                     amp_dtype: torch.dtype | None = None, split: str = "test",
@@ -168,7 +140,9 @@ def test_checkpoint(checkpoint: str | Path, dataset: datasets.ChestXrayDataset, 
     methods.get(config.method).merge(model)
     trained = model
     model, dataset, match = shared_classes(model, config, dataset, class_map)
-    meta = subgroup_metadata(metadata, dataset)  # before the forward pass: a bad file fails now
+    # Before the forward pass: a bad metadata file fails now, not after the test.
+    meta = resolve_metadata(metadata, split_file=dataset.split_file, paths=dataset.paths,
+                            files=dataset.files, kind=dataset.kind)
     loader = datasets.build_loader(dataset, dist_info, train=False, batch_size=batch_size, seed=seed,
                                    num_workers=num_workers, pin_memory=pin_memory)
     stats = evaluate(model, loader, device, dataset.class_names, amp_dtype,
@@ -186,7 +160,9 @@ def test_checkpoint(checkpoint: str | Path, dataset: datasets.ChestXrayDataset, 
                                                list(dataset.class_names),
                                                resamples=ci_resamples, seed=0)
     add_test_set(results, config, dataset, match, eval_info)
-    write_subgroups(results, stats, dataset, folder, split, meta, ci_resamples)
+    if meta is not None:
+        write_subgroup_report(results, stats, dataset.paths, list(dataset.class_names), folder,
+                              split, meta, ci_resamples)
     write_reports(results, stats, dataset, folder, split)
     return results
 

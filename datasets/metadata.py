@@ -44,7 +44,7 @@ import re
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 from .errors import DataError, DataUsageError
 from .imageio import sniff_image_format
@@ -393,13 +393,3 @@ def records_from_mapping(records: Mapping[str, Mapping[str, Any]]) -> Metadata:
         out[_key(path)] = ImageMeta(parse_sex(rec.get("sex"), where), age,
                                     parse_view(rec.get("view"), where), where)
     return Metadata(out, f"{len(out)} records given", implausible_ages=odd)
-
-
-def describe_missing(paths: Iterable[str], found: Sequence[ImageMeta | None], at_most: int = 3) -> str:
-    """'N of M images have no metadata, e.g. ...' ('' when every image has a record)."""
-    paths = list(paths)
-    missing = [p for p, r in zip(paths, found) if r is None]
-    if not missing:
-        return ""
-    return (f"{len(missing)} of {len(paths)} images have no metadata record, e.g. "
-            + ", ".join(f"'{p}'" for p in missing[:at_most]))

@@ -39,13 +39,30 @@ from __future__ import annotations
 
 import math
 from statistics import NormalDist
-from typing import Any, Sequence
+from typing import Any, Protocol, Sequence
 
 import numpy as np
 
-from datasets.metadata import ImageMeta, Metadata, describe_missing
+from util.misc import say
 from util.stats import (DEFAULT_RESAMPLES, _bootstrap_interval, _bootstrap_p, auroc_intervals,
                         bootstrap_aurocs)
+
+class Record(Protocol):
+    """One image's metadata (``datasets.metadata.ImageMeta``): None where unknown."""
+
+    sex: str | None
+    age: int | None
+    view: str | None
+
+
+class MetadataLike(Protocol):
+    """Records by image path (``datasets.metadata.Metadata``), where they came from, notes."""
+
+    source: str
+    notes: list[str]
+
+    def lookup(self, paths: Sequence[str]) -> list[Any]: ...
+
 
 SUBGROUPS_FORMAT = "cxr-lora-subgroups/1"
 ATTRIBUTES = ("sex", "age", "view")
@@ -71,7 +88,7 @@ def age_band(age: int | None) -> str | None:
     raise AssertionError(f"age {age} outside every band")  # the bands cover every integer
 
 
-def subgroup_of(record: ImageMeta | None, attribute: str) -> str | None:
+def subgroup_of(record: Record | None, attribute: str) -> str | None:
     """The subgroup of one image for an attribute, None when its record leaves it unknown."""
     if record is None:
         return None
@@ -158,7 +175,7 @@ def _mean_gap(groups: dict[str, dict[str, Any]], boots: dict[str, np.ndarray],
 
 
 def subgroup_report(targets: np.ndarray, probs: np.ndarray, paths: Sequence[str],
-                    class_names: Sequence[str], metadata: Metadata,
+                    class_names: Sequence[str], metadata: MetadataLike,
                     resamples: int = DEFAULT_RESAMPLES, seed: int = 0,
                     level: float = 0.95) -> dict[str, Any]:
     """Per-subgroup AUROC with intervals and the largest gap of each attribute (module
@@ -175,7 +192,8 @@ def subgroup_report(targets: np.ndarray, probs: np.ndarray, paths: Sequence[str]
         "n_resamples": int(resamples), "seed": int(seed), "mean_gap_test": MEAN_GAP_TEST,
         "class_gap_test": CLASS_GAP_TEST, "adjustment": ADJUSTMENT, "attributes": {}}
     if missing:
-        report["notes"].insert(0, describe_missing(paths, records)
+        report["notes"].insert(0, f"{len(missing)} of {len(paths)} images have no metadata "
+                               "record, e.g. " + ", ".join(f"'{p}'" for p in missing[:3])
                                + "; they are in no subgroup")
     index = 0
     for attribute in ATTRIBUTES:
@@ -216,3 +234,27 @@ def summary_line(report: dict[str, Any]) -> str:
     head = (f"subgroups of {report['n_images']} images ({report['source']}"
             + (f"; {lacking} without metadata" if lacking else "") + ")")
     return f"{head}: largest mean-AUROC gaps: " + "; ".join(parts)
+
+
+def write_subgroup_report(results: dict[str, Any], stats: dict[str, Any], paths: Sequence[str],
+                          class_names: Sequence[str], folder: Any, split: str,
+                          metadata: MetadataLike, resamples: int) -> dict[str, Any]:
+    """A test's subgroup report: into ``results["subgroups"]`` and, in the run folder
+    (``util.runfolder.RunFolder``), ``subgroups_<split>.{md,csv,png,svg}`` recorded as its own.
+
+    ``stats`` is ``engine_finetune.evaluate``'s (targets, probs, and the data set ``indices``
+    of its rows into ``paths``). Returns the report.
+    """
+    from util import reports  # matplotlib is imported only when reports are written
+
+    report = subgroup_report(stats["targets"], stats["probs"], [paths[i] for i in stats["indices"]],
+                             list(class_names), metadata, resamples=resamples, seed=0)
+    results["subgroups"] = report
+    stem = f"subgroups_{split}"
+    for suffix in (".csv", ".md", ".png", ".svg"):
+        folder.writable(stem + suffix)  # never through a symbolic link
+    written = reports.write_subgroup_tables(report, list(class_names), folder.folder, stem=stem)
+    plot = reports.save_subgroup_plot(report, folder.folder / stem)
+    folder.record(*written, *(plot or ()))
+    say(summary_line(report) + f" ({folder.folder / stem}.md)")
+    return report
