@@ -6,24 +6,33 @@
 The final test of a training run and ``--eval`` both call ``test_checkpoint``; it writes
 ``results_<split>.json``, the AUROC tables, per-image predictions and ROC curves into the
 folder, each recorded as the folder's own file.
+
+A data set whose classes differ from the checkpoint's (external validation) is scored on
+the classes the two share (``datasets.class_map``); with patient metadata (``--metadata``,
+or found beside the split files: ``datasets.metadata``) the test adds AUROC per subgroup
+(``util.subgroups``) in ``subgroups_<split>.{md,csv,png,svg}``.
 """
 from __future__ import annotations
 
+import copy
 import logging
 from pathlib import Path
+from typing import Any
 
 import torch
+import torch.nn as nn
 
 import checkpoints as ckpt
 import datasets
 import lora
 import methods
+from datasets.metadata import resolve_metadata
 from engine_finetune import evaluate
-from util.cli import UsageError
 from util.io import json_safe
 from util.misc import DistInfo, say
 from util.precision import precision_name
 from util.runfolder import RunFolder, checkpoint_folder, probe_writable
+from util.subgroups import write_subgroup_report
 
 logger = logging.getLogger("main")
 
@@ -35,29 +44,106 @@ def default_eval_name(data_path: str | Path, split_file: str | Path) -> str:
     return "-".join(parts)
 
 
+class _SharedOutputs(nn.Module):
+    """A model whose outputs are the checkpoint's columns of the classes a data set shares."""
+
+    def __init__(self, model: nn.Module, columns: list[int]) -> None:
+        super().__init__()
+        self.model = model
+        self.register_buffer("columns", torch.tensor(columns, dtype=torch.long), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x).index_select(1, self.columns.to(x.device))
+
+
+def shared_classes(model: nn.Module, config, dataset: datasets.ChestXrayDataset,
+                   class_map: Any = None) -> tuple[nn.Module, datasets.ChestXrayDataset, Any]:
+    """The model and data set scored on the classes they share (``datasets.class_map``), and
+    the match: unchanged when the classes are the checkpoint's. ``class_map``: a table file
+    or ``ClassMap`` (default: the shipped one). Raises ClassMapError when none is shared."""
+    from datasets.class_map import ClassMap, match_classes, read_class_map
+
+    same = list(dataset.class_names) == list(config.class_names)
+    # The table is read only when needed: a run's own test never depends on it.
+    table = class_map if isinstance(class_map, ClassMap) or same else read_class_map(class_map)
+    match = match_classes(config.class_names, config.dataset, list(dataset.class_names),
+                          dataset.kind, table)
+    if not match.mapped:
+        return model, dataset, match
+    say(f"external test: scoring the {len(match.pairs)} classes {dataset.split_file} shares with "
+        f"the checkpoint ({match.rule}: " + ", ".join(d if d == c else f"{d} = {c}" for d, c in match.pairs)
+        + "); left out: checkpoint " + (", ".join(match.left_out_checkpoint) or "none")
+        + "; data set " + (", ".join(match.left_out_dataset) or "none"))
+    columns = [list(dataset.class_names).index(d) for d, _ in match.pairs]
+    view = copy.copy(dataset)  # the same images and transform, the shared label columns
+    view.targets = dataset.targets[:, columns]
+    view.class_names = [d for d, _ in match.pairs]
+    outputs = [config.class_names.index(c) for _, c in match.pairs]
+    return _SharedOutputs(model, outputs), view, match
+
+
+def test_set_record(dataset: datasets.ChestXrayDataset) -> dict:
+    """What names a test set in results: its split file, name, SHA-256 and size."""
+    split_file = Path(dataset.split_file)
+    return {"name": f"{split_file.parent.name}/{split_file.name}", "split_file": str(split_file),
+            "sha256": ckpt.file_sha256(split_file), "images": len(dataset) + len(dataset.skipped),
+            "kind": dataset.kind}
+
+
+def add_test_set(results: dict, config, dataset: datasets.ChestXrayDataset, match: Any,
+                 eval_info: dict | None) -> None:
+    """results' test_set and method_tag, and for an evaluation (``eval_info``, or classes
+    mapped to another data set's) its ``evaluation`` entry: external or not, test set, class map.
+
+    External: another data set's classes or kind, or a split file other than the training
+    run's test split (by SHA-256); None when the checkpoint records no test split to compare.
+    """
+    test_set = test_set_record(dataset)
+    results["test_set"] = test_set
+    results["method_tag"] = methods.get(config.method).tag(config.method_settings)
+    if not eval_info and not match.mapped:
+        return
+    own = ((config.extras.get("run") or {}).get("split_sha256") or {}).get("test")
+    if match.mapped or (config.dataset is not None and config.dataset != dataset.kind):
+        external = True
+    else:
+        external = None if own is None else own != test_set["sha256"]
+    results["evaluation"] = {**(eval_info or {}), "external": external, "test_set": test_set,
+                             "class_map": match.record()}
+
+
 def test_checkpoint(checkpoint: str | Path, dataset: datasets.ChestXrayDataset, folder: RunFolder, *,
                     device: torch.device, dist_info: DistInfo = DistInfo(),
                     amp_dtype: torch.dtype | None = None, split: str = "test",
                     batch_size: int = 256, num_workers: int = 0, pin_memory: bool = False,
                     seed: int = 0, ci_resamples: int = 1000, pretrained: str | None = None,
                     allow_unsafe_pickle: bool = False, progress: bool = True,
-                    eval_info: dict | None = None) -> dict:
+                    eval_info: dict | None = None, metadata: Any = None,
+                    class_map: Any = None) -> dict:
     """Evaluate a saved checkpoint on ``dataset`` (merged adapters: the cost of a plain ViT)
     and write every report into ``folder``. The results carry the training run's settings
-    from the checkpoint's JSON; other processes than the main one return {}."""
+    from the checkpoint's JSON; other processes than the main one return {}.
+
+    A data set of other classes is scored on the classes it shares with the checkpoint
+    (``class_map``: a table file, default the shipped ``datasets/class_map.csv``).
+    ``metadata`` (a CSV, several, 'dicom', 'none', or records; None: the documented files
+    beside the data when there) adds the subgroup report.
+    """
     model, config = ckpt.load_trained(checkpoint, pretrained=pretrained, device=device,
                                       allow_unsafe_pickle=allow_unsafe_pickle)
     methods.get(config.method).merge(model)
-    if list(dataset.class_names) != config.class_names:
-        raise UsageError(f"{checkpoint} was trained on classes {config.class_names}, "
-                         f"but {dataset.split_file} has {dataset.class_names}")
+    trained = model
+    model, dataset, match = shared_classes(model, config, dataset, class_map)
+    # Before the forward pass: a bad metadata file fails now, not after the test.
+    meta = resolve_metadata(metadata, split_file=dataset.split_file, paths=dataset.paths,
+                            files=dataset.files, kind=dataset.kind)
     loader = datasets.build_loader(dataset, dist_info, train=False, batch_size=batch_size, seed=seed,
                                    num_workers=num_workers, pin_memory=pin_memory)
     stats = evaluate(model, loader, device, dataset.class_names, amp_dtype,
                      progress=progress and dist_info.is_main)
     if not dist_info.is_main:
         return {}
-    trainable, total = lora.count_parameters(model)  # load_trained restores the trained set
+    trainable, total = lora.count_parameters(trained)  # load_trained restores the trained set
     results = test_results(checkpoint, config, dataset, stats, split=split,
                            precision=precision_name(amp_dtype), params=(trainable, total))
     if ci_resamples > 0:
@@ -67,8 +153,10 @@ def test_checkpoint(checkpoint: str | Path, dataset: datasets.ChestXrayDataset, 
         results["intervals"] = auroc_intervals(stats["targets"], stats["probs"],
                                                list(dataset.class_names),
                                                resamples=ci_resamples, seed=0)
-    if eval_info:
-        results["evaluation"] = eval_info
+    add_test_set(results, config, dataset, match, eval_info)
+    if meta is not None:
+        write_subgroup_report(results, stats, dataset.paths, list(dataset.class_names), folder,
+                              split, meta, ci_resamples)
     write_reports(results, stats, dataset, folder, split)
     return results
 

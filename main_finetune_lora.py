@@ -91,6 +91,13 @@ def get_args_parser() -> argparse.ArgumentParser:
       help="kept for the paper's scripts (evaluation is always distributed, gathered exactly)")
     f("--ci_resamples", type=command.NON_NEGATIVE_INT, default=1000,
       help="bootstrap resamples of the test AUROC's 95%% intervals (0: none)")
+    f("--metadata", default=None, metavar="FILE|dicom|none",
+      help="patient metadata for the test AUROC per sex, age band and view: a CSV (NIH "
+           "Data_Entry_2017, CheXpert train/valid.csv, or path,sex,age,view), 'dicom' or 'none'; "
+           "default: found beside the split file or in the data folder (docs/USING_A_MODEL.md)")
+    f("--class_map", default=None, metavar="FILE",
+      help="--eval on a data set of other classes: the classes they share (default: "
+           "datasets/class_map.csv)")
     f("--valid_freq", type=command.POSITIVE_INT, default=1, role=command.RUN, help="validate every N epochs")
     f("--log_freq", type=command.POSITIVE_INT, default=10, help="log the train loss every N steps")
     f("--progress_freq", type=command.POSITIVE_INT, default=100,
@@ -617,7 +624,7 @@ def test_options(args: argparse.Namespace, dist_info: DistInfo, device: torch.de
                 batch_size=args.eval_batch_size, num_workers=args.num_workers,
                 pin_memory=args.pin_mem, seed=args.seed, ci_resamples=args.ci_resamples,
                 pretrained=args.finetune or None, allow_unsafe_pickle=args.unsafe_load,
-                progress=not args.no_progress)
+                progress=not args.no_progress, metadata=args.metadata, class_map=args.class_map)
 
 
 def evaluate_checkpoint(args: argparse.Namespace, dist_info: DistInfo, device: torch.device,

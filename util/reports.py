@@ -443,3 +443,117 @@ def _forest_legend(series: Sequence[str], colours: dict[str, Any], kinds: set[st
         handles += [Line2D([], [], marker=FOREST_MARKERS[k], **keys[k]) for k in shown]
         labels += [FOREST_KIND_LABELS[k] for k in shown]
     return handles, labels
+
+
+# ----------------------------------------------------------------------------------------
+# Subgroups (util.subgroups)
+# ----------------------------------------------------------------------------------------
+
+def _p(value: Any) -> str:
+    """A p-value in three decimals ('<0.001' below), 'n/a' when undefined."""
+    if value is None:
+        return "n/a"
+    return "<0.001" if value < 0.001 else f"{value:.3f}"
+
+
+def _gap(diff: Any) -> str:
+    """An AUROC difference x100 with its sign, 'n/a' when undefined."""
+    return "n/a" if diff is None else f"{100 * diff:+.1f}"
+
+
+def subgroup_rows(report: dict[str, Any], class_names: Sequence[str]) -> list[dict[str, str]]:
+    """One row per subgroup: attribute, subgroup, images, mean AUROC with its interval and
+    each class's AUROC (x100; '' where undefined)."""
+    rows = []
+    for attribute, entry in report["attributes"].items():
+        for name, group in entry["groups"].items():
+            mean = group["mean"]
+            rows.append({"attribute": attribute, "subgroup": name, "images": str(group["n_images"]),
+                         "mean_auroc": x100(mean["auroc"]), "mean_ci_low": x100(mean["ci_low"]),
+                         "mean_ci_high": x100(mean["ci_high"]), "mean_classes": str(mean["n_classes"]),
+                         **{c: x100(group["classes"][c]["auroc"]) for c in class_names}})
+    return rows
+
+
+def write_subgroup_tables(report: dict[str, Any], class_names: Sequence[str], out_dir: str | Path,
+                          stem: str = "subgroups_test") -> tuple[Path, Path]:
+    """Write ``<stem>.csv`` (a row per subgroup) and ``<stem>.md`` (per attribute: its
+    subgroups, the largest gap of the mean and of each class with their tests, and every
+    image without metadata or with the attribute unknown counted)."""
+    rows = subgroup_rows(report, class_names)
+    out_dir = Path(out_dir)
+    csv_path, md_path = out_dir / f"{stem}.csv", out_dir / f"{stem}.md"
+    fields = ["attribute", "subgroup", "images", "mean_auroc", "mean_ci_low", "mean_ci_high",
+              "mean_classes", *class_names]
+
+    def write_csv(tmp: str) -> None:
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=fields)
+            writer.writeheader()
+            writer.writerows(rows)
+
+    level = round(100 * float(report.get("level", 0.95)))
+    lines = ["# Test AUROC (x100) by subgroup", "",
+             f"{report['n_images']} images; metadata: {report['source']}.", ""]
+    lines += [f"- {note}." for note in report["notes"]]
+    lines += [f"- {report['age_bands']}.", ""]
+    for attribute, entry in report["attributes"].items():
+        lines += [f"## {attribute}", ""]
+        if entry["unknown"]:
+            lines += [f"{entry['unknown']} images with metadata have no {attribute}: in no "
+                      f"subgroup below.", ""]
+        if not entry["groups"]:
+            lines += ["No image has this attribute.", ""]
+            continue
+        lines += [f"| subgroup | images | mean AUROC | {level}% CI | " + " | ".join(class_names) + " |",
+                  "|---|---:|---:|---:|" + "---:|" * len(class_names)]
+        for row in (r for r in rows if r["attribute"] == attribute):
+            lines.append(f"| {row['subgroup']} | {row['images']} | {row['mean_auroc'] or 'n/a'} | "
+                         f"{_interval(row['mean_ci_low'], row['mean_ci_high']) or 'n/a'} | "
+                         + " | ".join(row[c] or "n/a" for c in class_names) + " |")
+        gap = entry["gap"]["mean"]
+        lines.append("")
+        if gap["diff"] is None:
+            lines.append(f"Largest gap of the mean AUROC: none ({gap['note']}).")
+        else:
+            ci = _interval(x100(gap["ci_low"]), x100(gap["ci_high"]))
+            lines.append(f"Largest gap of the mean AUROC (over {len(gap['classes'])} classes "
+                         f"defined in every subgroup): {gap['high']} - {gap['low']} = "
+                         f"{_gap(gap['diff'])}" + (f" {ci}" if ci else "")
+                         + f", p {_p(gap['p_bootstrap'])} (adjusted {_p(gap['p_adjusted'])})"
+                         + (f"; {gap['note']}" if gap["note"] else "") + ".")
+        lines += ["", "| class | highest | lowest | gap | DeLong p | adjusted p |",
+                  "|---|---|---|---:|---:|---:|"]
+        for name, g in entry["gap"]["classes"].items():
+            lines.append(f"| {name} | {g['high'] or 'n/a'} | {g['low'] or 'n/a'} | {_gap(g['diff'])} | "
+                         f"{_p(g['delong_p'])} | {_p(g['p_adjusted'])} |")
+        lines.append("")
+    lines += [f"Intervals: {level}% bootstrap ({report['n_resamples']} resamples) per subgroup, "
+              f"as in the test table. Mean gap: {report['mean_gap_test']}. Per-class gap: "
+              f"{report['class_gap_test']}. {report['adjustment']}.", ""]
+
+    atomic_write(csv_path, write_csv)
+    atomic_write(md_path, lambda tmp: Path(tmp).write_text("\n".join(lines)))
+    return csv_path, md_path
+
+
+def save_subgroup_plot(report: dict[str, Any], path: str | Path) -> tuple[Path, Path] | None:
+    """Forest plot of each subgroup's mean AUROC x100 with its bootstrap interval, a block of
+    lines per attribute (``<path>.png`` / ``.svg``); None when no subgroup has a mean."""
+    points = []
+    for attribute, entry in report["attributes"].items():
+        for name, group in entry["groups"].items():
+            mean = group["mean"]
+            if mean["auroc"] is None:
+                continue
+            low, high = mean["ci_low"], mean["ci_high"]
+            points.append(ForestPoint(f"{attribute}: {name} (n={group['n_images']})", attribute,
+                                      100 * mean["auroc"], None if low is None else 100 * low,
+                                      None if high is None else 100 * high))
+    if not points:
+        return None
+    lacking = report["n_without_metadata"]
+    title = "Mean AUROC by subgroup" + (f" ({lacking} of {report['n_images']} images without "
+                                        "metadata)" if lacking else "")
+    return save_forest_plot(points, path, xlabel="test mean AUROC x100 (95% bootstrap CI)",
+                            title=title)

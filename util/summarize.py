@@ -35,6 +35,22 @@ Exit codes: 0 every run summarized; 1 some results files were left out (unreadab
 incomplete) or an output could not be written; 2 usage (a bad flag, a RUNS path that does
 not exist, a bad reference file, a refused ``--output``; nothing written).
 
+Test sets: every number is labelled with the test set it was scored on, named by its split
+file and told apart by the file's SHA-256 (results' ``test_set``; for a run also config.json's
+``settings.split_sha256.test``). Runs of one data set on different test sets (the paper's NIH
+split and the official one) get a table each, never one column; the CSV names each row's
+test set. ``--eval`` results are listed apart, one table per test set, each marked internal
+(the training run's own test split), external (another data set, or another split) or
+unknown (the checkpoint records no test split to compare).
+
+Setting x method: a table with a line per setting (data set, fraction, weights and every
+argument but the method's recipe, on one test set) and a column per method: the method's name
+and size as its results record them (``method`` and ``method_tag``, e.g. ``lora r4``;
+groups of one label that differ in other recipe arguments get those added), each cell the
+mean +- sample sd of the mean AUROC over the seeds, n, and the trainable share of the
+parameters, both read from the results. Methods are taken from the records, so a new method
+needs nothing here.
+
 Intervals: when a run's results carry ``intervals`` (``util.stats.auroc_intervals``), its
 mean AUROC's 95% bootstrap interval is shown beside it.
 
@@ -63,7 +79,6 @@ import csv
 import json
 import logging
 import math
-import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -86,7 +101,8 @@ SIZE_ORDER = ("1%", "10%", "100%")
 METHOD_ORDER = ("lora", "full", "linear")
 METHOD_LABELS = {"lora": "LoRA", "full": "full", "linear": "linear"}
 LEADING_COLUMNS = ("dataset", "data_size", "weights", "method", "mean_auroc")
-TRAILING_COLUMNS = ("trainable_params", "trainable_pct", "lora_rank", "num_images", "run")
+TRAILING_COLUMNS = ("trainable_params", "trainable_pct", "lora_rank", "method_tag", "num_images",
+                    "test_set", "test_sha256", "run")
 CACHE_COLUMNS = ("image_cache",)
 INTERVAL_COLUMNS = ("mean_auroc_ci_low", "mean_auroc_ci_high")
 SEED_COLUMNS = ("seed", "seeds_n", "seeds_mean_auroc", "seeds_sd")
@@ -141,6 +157,37 @@ class Run:
     def is_evaluation(self) -> bool:
         """A ``--eval`` result: a trained checkpoint tested again (on other data), not a run."""
         return isinstance(self.results.get("evaluation"), dict)
+
+    def test_set(self) -> dict[str, Any]:
+        """The test set scored, as recorded: {name, sha256 (None when unrecorded), images}.
+
+        From the results' ``test_set`` (an evaluation's also under ``evaluation``), else the
+        split file the results name and config.json's ``settings.split_sha256.test``.
+        """
+        evaluation = self.results.get("evaluation")
+        evaluation = evaluation if isinstance(evaluation, dict) else {}
+        for recorded in (self.results.get("test_set"), evaluation.get("test_set")):
+            if isinstance(recorded, dict):
+                sha = recorded.get("sha256")
+                return {"name": str(recorded.get("name") or "?"),
+                        "sha256": sha if isinstance(sha, str) and sha else None,
+                        "images": recorded.get("images")}
+        hashes = (self.settings or {}).get("split_sha256")
+        sha = hashes.get("test") if isinstance(hashes, dict) and not self.is_evaluation else None
+        split_file = evaluation.get("split_file") or self.results.get("split_file")
+        name = "/".join(Path(str(split_file)).parts[-2:]) if split_file else "split file not recorded"
+        return {"name": name, "sha256": sha if isinstance(sha, str) and sha else None,
+                "images": self.results.get("split_images")}
+
+    def test_key(self) -> str:
+        """Equal for results on the same test set: its SHA-256, else its recorded name."""
+        test = self.test_set()
+        return test["sha256"] or f"name:{test['name']}"
+
+    def method_label(self) -> str:
+        """The method's name and size as the results record them, e.g. 'lora r4', 'full'."""
+        tag = self.results.get("method_tag")
+        return f"{self.results['method']} {tag}" if tag else str(self.results["method"])
 
     def setting_args(self) -> dict[str, Any] | None:
         """The settings that say what the run computes, but its seed; None when unknown."""
@@ -488,7 +535,13 @@ def _run_cells(run: Run, classes: Sequence[str], note: str) -> dict[str, Any]:
         "mean_auroc": x100(r["mean_auroc"]),
         **_trainable_cells(r.get("trainable_params"), r.get("total_params")),
         "lora_rank": "" if r.get("lora_rank") is None else str(r["lora_rank"]),
+        "method_tag": str(r.get("method_tag") or ""),
         "num_images": _num_images(r),
+        "test_set": run.test_set()["name"],
+        "test_sha256": run.test_set()["sha256"] or "",
+        "_test_key": run.test_key(),
+        "_test_label": test_set_label(run.test_set()),
+        "_method_label": run.method_label(),
         "run": str(run.path.parent if run.path.name == RESULTS_NAME else run.path),
         "image_cache": run.image_cache(),
         "_classes": list(r.get("class_names") or r["auroc"]),
@@ -505,6 +558,14 @@ def _run_cells(run: Run, classes: Sequence[str], note: str) -> dict[str, Any]:
     row.update(mean_auroc_ci_low=x100(low), mean_auroc_ci_high=x100(high),
                seed="" if run.seed is None else str(run.seed), setting=run.setting)
     return row
+
+
+def test_set_label(test: dict[str, Any]) -> str:
+    """'<name> (sha256 <first 8>, <N> images)' of a ``Run.test_set``."""
+    parts = [f"sha256 {test['sha256'][:8]}" if test["sha256"] else "no SHA-256 recorded"]
+    if test.get("images") is not None:
+        parts.append(f"{int(test['images']):,} images")
+    return f"{test['name']} ({', '.join(parts)})"
 
 
 def _trainable_cells(trainable: Any, total: Any) -> dict[str, str]:
@@ -656,8 +717,16 @@ def evaluation_rows(evaluations: Sequence[Run]) -> list[dict[str, str]]:
         trained = (f"{r['dataset']} {r['data_size']} {r['weights']} "
                    f"{METHOD_LABELS.get(r['method'], r['method'])}"
                    + ("" if run.seed is None else f", seed {run.seed}"))
+        external = info.get("external")
+        scope = {True: "external", False: "internal"}.get(external, "unknown")
+        class_map = info.get("class_map") if isinstance(info.get("class_map"), dict) else {}
+        pairs = class_map.get("pairs") if isinstance(class_map.get("pairs"), dict) else {}
+        classes = ", ".join(d if d == c else f"{d} = {c}" for d, c in pairs.items()) \
+            if class_map.get("rule") not in (None, "same classes") else "all"
         rows.append({"checkpoint": str(r.get("checkpoint") or "?"), "data": data,
                      "split": str(r.get("split") or "test"), "trained_as": trained,
+                     "scope": scope, "classes": classes,
+                     "test_set": test_set_label(run.test_set()), "_test_key": run.test_key(),
                      "mean_auroc": x100(r["mean_auroc"]), "mean_auroc_ci_low": x100(low),
                      "mean_auroc_ci_high": x100(high),
                      "num_images": "" if r.get("num_images") is None else str(r["num_images"]),
@@ -677,11 +746,12 @@ def to_markdown(columns: Sequence[str], rows: Sequence[dict[str, Any]],
     """The summary as markdown: one table per data set, LoRA vs full, seeds, the reference,
     and the evaluations (``evaluation_rows``) apart."""
     out = ["# Test AUROC (x100)", ""]
-    datasets: dict[str, list[dict[str, Any]]] = {}
+    datasets: dict[tuple[str, str], list[dict[str, Any]]] = {}
     for row in rows:
-        datasets.setdefault(row["dataset"], []).append(row)
-    for dataset, group in datasets.items():
+        datasets.setdefault((row["dataset"], row["_test_key"]), []).append(row)
+    for (dataset, _), group in datasets.items():
         out += _dataset_section(dataset, group)
+    out += _setting_method_section(setting_method_table(rows))
     out += _lora_vs_full_section(lora_vs_full(rows))
     out += _seeds_section(seed_table(rows))
     if any("reference_mean_auroc" in c for c in columns):
@@ -707,8 +777,91 @@ def _dataset_section(dataset: str, group: Sequence[dict[str, Any]]) -> list[str]
     header = ["data size", "weights", "method", *(["seed"] if with_seed else []), "mean AUROC",
               *(["95% CI"] if with_ci else []), *classes, "trainable params",
               *(["images"] if with_cache else []), "run"]
-    return [f"## {DATASET_LABELS.get(dataset, dataset)}", "",
+    return [f"## {DATASET_LABELS.get(dataset, dataset)}, test set {group[0]['_test_label']}", "",
             *_md_table(header, cells, right=range(3, len(header) - 1 - with_cache)), ""]
+
+
+def setting_method_table(rows: Sequence[dict[str, Any]]) -> tuple[list[str], list[dict[str, Any]]]:
+    """(method columns, lines) of the setting x method table (module docstring).
+
+    A line is a ``Run.comparison_key`` (one setting on one test set), a column a method label
+    (``Run.method_label``), a cell the list of that method's seed groups in that setting:
+    {mean, sd, n, trainable_pct, variant}, the mean and sd x100 and unrounded; ``variant``
+    names the recipe arguments that tell apart two groups of one cell ('' for a single one).
+    Columns in the order of METHOD_ORDER, then by name.
+    """
+    settings: dict[tuple, dict[Any, list[dict[str, Any]]]] = {}
+    for row in rows:
+        settings.setdefault(row["_pair"], {}).setdefault(row["_group"], []).append(row)
+    labels: dict[tuple, list[tuple]] = {}
+    for key in settings:
+        labels.setdefault(key[:5], []).append(key)
+    notes: dict[tuple, str] = {}
+    for keys in labels.values():
+        texts = _differing([next(iter(settings[k].values()))[0]["_shared"] for k in keys])
+        for key, text in zip(keys, texts):
+            cache = next(iter(settings[key].values()))[0]["image_cache"]
+            notes[key] = "; ".join(t for t in (f"{cache} cache" if cache else "", text) if t)
+    lines, columns = [], []
+    for key, groups in settings.items():
+        by_label: dict[str, list[list[dict[str, Any]]]] = {}
+        for members in groups.values():
+            by_label.setdefault(members[0]["_method_label"], []).append(members)
+        cells: dict[str, list[dict[str, Any]]] = {}
+        for label, same in by_label.items():
+            variants = _differing([m[0]["_recipe_args"] for m in same]) if len(same) > 1 else [""]
+            for members, variant in zip(same, variants):
+                values = [r["_value"] for r in members if r["_value"] is not None]
+                mean, sd = _mean_sd(values) if values else (None, None)
+                pcts = sorted({r["trainable_pct"] for r in members if r["trainable_pct"]})
+                cells.setdefault(label, []).append({"mean": mean, "sd": sd, "n": len(values),
+                                                    "trainable_pct": "/".join(pcts),
+                                                    "variant": variant})
+            if label not in columns:
+                columns.append(label)
+        first = next(iter(groups.values()))[0]
+        lines.append({"dataset": first["dataset"], "data_size": first["data_size"],
+                      "weights": first["weights"], "test_set": first["_test_label"],
+                      "cells": cells, "note": notes[key]})
+
+    def order(column: str) -> tuple:
+        method = column.split(" ")[0]
+        return (METHOD_ORDER.index(method) if method in METHOD_ORDER else len(METHOD_ORDER), column)
+
+    return sorted(columns, key=order), lines
+
+
+def _method_cell(groups: Sequence[dict[str, Any]] | None) -> str:
+    """'mean +- sd (n=N, P%)' x100 of each seed group of one cell, '; ' between them (each
+    with what tells it apart); '' for a method not run there."""
+    texts = []
+    for cell in groups or ():
+        if cell["mean"] is None:
+            texts.append("n/a")
+            continue
+        spread = f"{cell['mean']:.1f}" + (f" +- {cell['sd']:.1f}" if cell["sd"] is not None else "")
+        extra = ([cell["variant"]] if cell["variant"] else []) + [f"n={cell['n']}"] \
+            + ([f"{cell['trainable_pct']}%"] if cell["trainable_pct"] else [])
+        texts.append(f"{spread} ({', '.join(extra)})")
+    return "; ".join(texts)
+
+
+def _setting_method_section(table: tuple[list[str], list[dict[str, Any]]]) -> list[str]:
+    """The setting x method table; nothing when no setting has two methods or seeds."""
+    columns, lines = table
+    if not lines or (len(columns) < 2 and all(g["n"] < 2 for ln in lines
+                                              for cell in ln["cells"].values() for g in cell)):
+        return []
+    header, cells = _with_note(
+        ["data set", "data size", "weights", *columns, "test set"],
+        [[DATASET_LABELS.get(ln["dataset"], ln["dataset"]), ln["data_size"], ln["weights"],
+          *[_method_cell(ln["cells"].get(c)) for c in columns], ln["test_set"], ln["note"]]
+         for ln in lines])
+    return ["## Setting x method (mean AUROC over seeds)", "",
+            *_md_table(header, cells, right=range(3, 3 + len(columns))), "",
+            ("Each cell: mean +- sample sd over the seeds of one method's runs (n: runs), and "
+             "the share of trainable parameters the results record. A line is one setting: "
+             "the same data, test set, weights, model and arguments but the method's recipe."), ""]
 
 
 def _lora_vs_full_section(comparison: Sequence[dict[str, Any]]) -> list[str]:
@@ -757,15 +910,22 @@ def _reference_section(refs: list[list[str]]) -> list[str]:
 
 
 def _evaluations_section(evaluations: Sequence[dict[str, str]]) -> list[str]:
-    """The ``--eval`` results (``evaluation_rows``), kept apart from the runs."""
-    with_ci = any(e["mean_auroc_ci_low"] for e in evaluations)
-    cells = [[e["checkpoint"], e["data"], e["split"], e["trained_as"],
-              e["mean_auroc"] or "n/a", *([_ci(e)] if with_ci else []), e["num_images"],
-              e["folder"]] for e in evaluations]
-    header = ["checkpoint", "tested on", "split", "trained as", "mean AUROC",
-              *(["95% CI"] if with_ci else []), "images", "folder"]
-    return ["## Evaluations of trained runs on other data (--eval; not in the tables above)", "",
-            *_md_table(header, cells, right=range(4, 6 + with_ci)), ""]
+    """The ``--eval`` results (``evaluation_rows``), kept apart from the runs: a table per
+    test set, each headed by its name and SHA-256."""
+    out = ["## Evaluations of trained runs on other data (--eval; not in the tables above)", ""]
+    by_test: dict[str, list[dict[str, str]]] = {}
+    for e in evaluations:
+        by_test.setdefault(e["_test_key"], []).append(e)
+    for group in by_test.values():
+        with_ci = any(e["mean_auroc_ci_low"] for e in group)
+        cells = [[e["checkpoint"], e["data"], e["split"], e["trained_as"], e["scope"],
+                  e["classes"], e["mean_auroc"] or "n/a", *([_ci(e)] if with_ci else []),
+                  e["num_images"], e["folder"]] for e in group]
+        header = ["checkpoint", "tested on", "split", "trained as", "test", "classes scored",
+                  "mean AUROC", *(["95% CI"] if with_ci else []), "images", "folder"]
+        out += [f"### Test set {group[0]['test_set']}", "",
+                *_md_table(header, cells, right=range(6, 8 + with_ci)), ""]
+    return out
 
 
 def write_csv(path: str | Path, columns: Sequence[str], rows: Sequence[dict[str, str]]) -> None:
