@@ -72,8 +72,8 @@ def test_checkpoint(checkpoint: str | Path, dataset: datasets.ChestXrayDataset, 
     if list(dataset.class_names) != config.class_names:
         raise UsageError(f"{checkpoint} was trained on classes {config.class_names}, "
                          f"but {dataset.split_file} has {dataset.class_names}")
-    loader_args = dict(batch_size=batch_size, seed=seed, num_workers=num_workers,
-                       pin_memory=pin_memory)
+    loader_args = {"batch_size": batch_size, "seed": seed, "num_workers": num_workers,
+                   "pin_memory": pin_memory}
     calibration_stats = None
     if calibration_set is not None:
         if list(calibration_set.class_names) != config.class_names:
@@ -118,8 +118,15 @@ def fit_calibration(stats: dict, dataset: datasets.ChestXrayDataset,
                     method: str = "temperature") -> ckpt.StoredCalibration:
     """The temperature(s) and operating-point thresholds of a model's predictions
     (``evaluate``'s ``stats``) on the calibration split ``dataset``."""
-    from util.calibration import TEMPERATURE_BOUNDS, apply_temperatures, at_bound, \
-        binary_cross_entropy, expected_calibration_error, fit_temperatures, logits_from_probs
+    from util.calibration import (
+        TEMPERATURE_BOUNDS,
+        apply_temperatures,
+        at_bound,
+        binary_cross_entropy,
+        expected_calibration_error,
+        fit_temperatures,
+        logits_from_probs,
+    )
     from util.io import file_sha256
     from util.operating_points import choose_thresholds
 
@@ -260,6 +267,7 @@ def write_calibration_reports(results: dict, stats: dict, folder: RunFolder, spl
     """The calibration and operating-point tables and the reliability diagram, recorded as
     the folder's own files, and the calibration summary line printed."""
     from util import reports
+    from util.calibration import temperature_text
 
     stem = f"results_{split}"
     written = [*reports.write_calibration_tables(results, folder.folder, stem=stem),
@@ -273,11 +281,8 @@ def write_calibration_reports(results: dict, stats: dict, folder: RunFolder, spl
     line = (f"{split} calibration: pooled ECE x100 {100 * before['pooled_ece']:.2f}, mean Brier "
             f"{before['mean_brier']:.4f}")
     if after:
-        temps = sorted(set(section["temperature"].values()))
-        shown = f"temperature {temps[0]:.3f}" if len(temps) == 1 else \
-            f"temperatures {temps[0]:.3f}..{temps[-1]:.3f}"
-        line += (f" -> {100 * after['pooled_ece']:.2f}, {after['mean_brier']:.4f} with {shown} "
-                 f"({section['source']})")
+        line += (f" -> {100 * after['pooled_ece']:.2f}, {after['mean_brier']:.4f} with "
+                 f"{temperature_text(section['temperature'].values())} ({section['source']})")
     else:
         line += f" ({section['note']})"
     say(line)

@@ -633,10 +633,9 @@ def _calibration_text(calibration: "StoredCalibration | None", calibrated: bool,
         return "uncalibrated (the checkpoint carries no calibration)"
     if not calibrated:
         return "uncalibrated (--no_calibrated)"
-    temps = sorted(set(calibration.temperatures(class_names).tolist()))
-    shown = f"temperature {temps[0]:.3f}" if len(temps) == 1 else \
-        f"per-class temperatures {temps[0]:.3f}..{temps[-1]:.3f}"
-    return f"calibrated, {shown}"
+    from util.calibration import temperature_text
+
+    return f"calibrated, {temperature_text(calibration.temperatures(class_names))}"
 
 
 def _load_checkpoint(checkpoint: str, finetune: str | None, device: torch.device

@@ -1,18 +1,17 @@
 """Calibration: ECE, Brier and reliability bins against hand counts, temperature scaling on a
 case with a known answer, the checkpoint's stored section, and the test report's section."""
-import csv
 import json
 import logging
 
 import numpy as np
 import pytest
 import torch
+from _fakes import trained_checkpoint
 from PIL import Image
 from scipy.special import expit
 
 import checkpoints as ckpt
 import evaluation
-from _fakes import trained_checkpoint
 from datasets import build_dataset, build_transform, make_demo_dataset
 from util import calibration as cal
 from util.metrics import binary_auroc

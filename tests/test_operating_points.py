@@ -7,12 +7,12 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from _fakes import trained_checkpoint
 from scipy.special import expit
 
 import checkpoints as ckpt
 import evaluation
 import predict
-from _fakes import trained_checkpoint
 from datasets import build_dataset, build_transform, make_demo_dataset
 from util import operating_points as op
 from util.runfolder import RunFolder

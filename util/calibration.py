@@ -178,3 +178,11 @@ def at_bound(temperature: float) -> bool:
 def apply_temperatures(logits: np.ndarray, temperatures: np.ndarray | float) -> np.ndarray:
     """Calibrated probabilities sigmoid(logit / T), T per class (broadcast over the columns)."""
     return expit(np.asarray(logits, dtype=np.float64) / np.asarray(temperatures, dtype=np.float64))
+
+
+def temperature_text(temperatures: Sequence[float]) -> str:
+    """'temperature 1.370' for one shared value, else 'per-class temperatures 0.900..1.600'."""
+    values = sorted({float(t) for t in temperatures})
+    if len(values) == 1:
+        return f"temperature {values[0]:.3f}"
+    return f"per-class temperatures {values[0]:.3f}..{values[-1]:.3f}"

@@ -485,18 +485,12 @@ def calibration_rows(results: dict[str, Any]) -> list[dict[str, str]]:
     return rows
 
 
-def _temperature_text(section: dict[str, Any]) -> str:
-    """'temperature 1.370' or 'per-class temperatures 0.9..1.6'."""
-    temps = sorted(set(section["temperature"].values()))
-    if len(temps) == 1:
-        return f"temperature {temps[0]:.3f}"
-    return f"per-class temperatures {temps[0]:.3f}..{temps[-1]:.3f}"
-
-
 def write_calibration_tables(results: dict[str, Any], out_dir: str | Path,
                              stem: str = "results_test") -> tuple[Path, Path]:
     """Write ``<stem>_calibration.csv`` and ``.md``: ECE x100 and Brier per class, their
     mean and the pooled ECE, before and (when the checkpoint carries one) after calibration."""
+    from util.calibration import temperature_text
+
     section = results["calibration"]
     rows = calibration_rows(results)
     calibrated = bool(section.get("after"))
@@ -522,12 +516,13 @@ def write_calibration_tables(results: dict[str, Any], out_dir: str | Path,
         cells = [row[f] or "n/a" for f in fields[1:]]
         label = row["class"] if row["class"] not in ("mean", "pooled") else f"**{row['class']}**"
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
-    lines += ["", f"- ECE: {section['binning']}; mean: over classes; pooled: every image x class "
-                  "pair binned together. Brier: mean of (probability - label)^2.",
-              "- Reliability diagram: " + f"reliability_{split}.png."]
+    lines += ["", (f"- ECE: {section['binning']}; mean: over classes; pooled: every image x "
+                   "class pair binned together. Brier: mean of (probability - label)^2."),
+              f"- Reliability diagram: reliability_{split}.png."]
     if calibrated:
         fitted = section.get("fitted_on") or {}
-        lines.append(f"- Calibrated: sigmoid(logit / T), {_temperature_text(section)} "
+        lines.append(f"- Calibrated: sigmoid(logit / T), "
+                     f"{temperature_text(section['temperature'].values())} "
                      f"({section.get('method')}), fitted on {fitted.get('split_file', '?')} "
                      f"({fitted.get('num_images', '?')} images); {section.get('source')}.")
         if fitted.get("note"):
@@ -590,8 +585,8 @@ def write_operating_point_tables(results: dict[str, Any], out_dir: str | Path,
 
     level = round(100 * float(section.get("level", 0.95)))
     split = results.get("split", "test")
-    lines = [f"**Operating points** ({split} split, {results.get('num_images', '?')} images; "
-             f"thresholds chosen on {section.get('thresholds_from')})", "",
+    lines = [(f"**Operating points** ({split} split, {results.get('num_images', '?')} images; "
+              f"thresholds chosen on {section.get('thresholds_from')})"), "",
              "| class | kind | threshold (p >=) | sensitivity | specificity | PPV | NPV | F1 |",
              "|---|---|---:|---:|---:|---:|---:|---:|"]
     for row in rows:
@@ -606,8 +601,8 @@ def write_operating_point_tables(results: dict[str, Any], out_dir: str | Path,
         lines.append(f"| {row['class']} | {row['kind']} | {row['threshold']} | "
                      + " | ".join(cells) + " |")
     intervals = section.get("intervals") or {}
-    lines += ["", f"- x100, with {level}% intervals: sensitivity, specificity, PPV, NPV: "
-                  f"{intervals.get('proportions')}; F1: {intervals.get('f1')}.",
+    lines += ["", (f"- x100, with {level}% intervals: sensitivity, specificity, PPV, NPV: "
+                   f"{intervals.get('proportions')}; F1: {intervals.get('f1')}."),
               "- " + "; ".join(f"{k}: {v}" for k, v in (section.get("kinds") or {}).items()) + ".",
               f"- {section.get('rule')}; never chosen on the {split} split."]
 
