@@ -4,7 +4,10 @@ A checkpoint ``<dir>/checkpoint-best`` is two files:
 - ``checkpoint-best.safetensors``: the trained tensors only (LoRA, fc_norm, head) for
   LoRA and linear probing; every tensor for full fine-tuning or when no pre-trained
   file was used (the random backbone cannot be rebuilt otherwise);
-- ``checkpoint-best.json``: the model config (``models_vit_lora.ModelConfig``), plain data.
+- ``checkpoint-best.json``: the model config (``models_vit_lora.ModelConfig``), plain data;
+  after the final test of its run also a ``calibration`` section (``StoredCalibration``):
+  the temperature and the operating-point thresholds fitted on the validation split, which
+  ``--eval`` reports and ``predict.py`` applies (a merged export carries it over).
 ``checkpoint-last`` additionally has ``checkpoint-last.state.pt``: optimizer, scheduler
 position, scaler, epoch, RNG states, best metric and the run arguments, as plain data
 that loads with ``torch.load(weights_only=True)``.
@@ -25,9 +28,12 @@ from __future__ import annotations
 import errno
 import json
 import logging
+import math
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
+import numpy as np
 import torch
 import torch.nn as nn
 from safetensors import SafetensorError
@@ -154,6 +160,134 @@ def read_config(path: str | Path) -> ModelConfig:
     config = read_model_config(config_path, FORMAT, "checkpoint", CheckpointError)
     check_committed(config_path)
     return config
+
+
+# ---------------------------------------------------------------------------------------
+# Calibration: the temperature and operating-point thresholds stored in a checkpoint JSON
+# ---------------------------------------------------------------------------------------
+
+CALIBRATION_KEY = "calibration"
+CALIBRATION_FORMAT = "cxr-lora-calibration/1"
+
+
+@dataclass(frozen=True)
+class StoredCalibration:
+    """The ``calibration`` section of a checkpoint (or export) JSON, fitted on a validation
+    split by the final test of the checkpoint's run (``evaluation.test_checkpoint``).
+
+    ``temperature``: {class: T}, probabilities sigmoid(logit / T) (``util.calibration``;
+    ``method`` "temperature": one T shared by every class, "class_temperature": one per
+    class). ``thresholds``: {kind: {class: {"logit", "sensitivity", "specificity"}}} for
+    each kind of ``util.operating_points.THRESHOLD_KINDS``, on the model's logits (a class
+    without one: ``logit`` null and a ``note``), with the sensitivity and specificity they
+    reached on validation. ``fitted_on``: the calibration split (file, SHA-256, images) and
+    its BCE before and after.
+    """
+
+    method: str
+    temperature: dict[str, float]
+    thresholds: dict[str, dict[str, dict[str, Any]]]
+    fitted_on: dict[str, Any] = field(default_factory=dict)
+
+    def temperatures(self, class_names: Sequence[str]) -> np.ndarray:
+        """The temperatures in ``class_names``' order."""
+        return np.array([self.temperature[n] for n in class_names], dtype=np.float64)
+
+    def threshold_logits(self, kind: str, class_names: Sequence[str]) -> np.ndarray:
+        """One kind's thresholds on the logit scale, NaN for a class without one."""
+        per_class = self.thresholds[kind]
+        return np.array([np.nan if per_class[n].get("logit") is None else per_class[n]["logit"]
+                         for n in class_names], dtype=np.float64)
+
+    def threshold_probabilities(self, kind: str, class_names: Sequence[str], *,
+                                calibrated: bool) -> np.ndarray:
+        """One kind's thresholds on the probability scale the caller writes (calibrated or
+        the model's own), NaN for a class without one."""
+        from scipy.special import expit
+
+        logits = self.threshold_logits(kind, class_names)
+        return expit(logits / self.temperatures(class_names) if calibrated else logits)
+
+    def to_json(self) -> dict[str, Any]:
+        """The section as written into the checkpoint JSON."""
+        return {"format": CALIBRATION_FORMAT, "method": self.method,
+                "temperature": dict(self.temperature), "thresholds": self.thresholds,
+                "fitted_on": self.fitted_on}
+
+    @classmethod
+    def from_json(cls, obj: Any, class_names: Sequence[str]) -> "StoredCalibration":
+        """Read a section, checked against the model's classes; a ValueError says what is wrong."""
+        from util.calibration import METHODS
+        from util.operating_points import THRESHOLD_KINDS
+
+        if not isinstance(obj, dict) or obj.get("format") != CALIBRATION_FORMAT:
+            found = obj.get("format") if isinstance(obj, dict) else type(obj).__name__
+            raise ValueError(f"'{CALIBRATION_KEY}' is of format {found!r:.60}, this tool reads "
+                             f"{CALIBRATION_FORMAT!r}")
+        method, temperature, thresholds = obj.get("method"), obj.get("temperature"), obj.get("thresholds")
+        if method not in METHODS:
+            raise ValueError(f"'{CALIBRATION_KEY}.method' {method!r:.40} is not one of {METHODS}")
+        names = list(class_names)
+        if not isinstance(temperature, dict) or sorted(temperature) != sorted(names) or not all(
+                _number(t) and t > 0 for t in temperature.values()):
+            raise ValueError(f"'{CALIBRATION_KEY}.temperature' must give a positive number for "
+                             f"each of the classes {names}")
+        if not isinstance(thresholds, dict) or sorted(thresholds) != sorted(THRESHOLD_KINDS):
+            raise ValueError(f"'{CALIBRATION_KEY}.thresholds' must hold the kinds {THRESHOLD_KINDS}")
+        for kind, per_class in thresholds.items():
+            if not isinstance(per_class, dict) or sorted(per_class) != sorted(names) or not all(
+                    isinstance(t, dict) and (t.get("logit") is None or _number(t["logit"]))
+                    for t in per_class.values()):
+                raise ValueError(f"'{CALIBRATION_KEY}.thresholds.{kind}' must give a 'logit' "
+                                 f"(a number or null) for each of the classes {names}")
+        fitted_on = obj.get("fitted_on") or {}
+        return cls(method=method, temperature={n: float(temperature[n]) for n in names},
+                   thresholds=thresholds, fitted_on=fitted_on if isinstance(fitted_on, dict) else {})
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def read_calibration(config: ModelConfig, path: str | Path) -> StoredCalibration | None:
+    """The calibration stored in the JSON of checkpoint or export ``path`` (its ``config``),
+    or None; a damaged section raises ``CheckpointError`` naming the file."""
+    section = config.extras.get(CALIBRATION_KEY)
+    if section is None:
+        return None
+    try:
+        return StoredCalibration.from_json(section, config.class_names)
+    except ValueError as err:
+        raise CheckpointError(f"{checkpoint_paths(path)[1]}: {err}") from None
+
+
+def store_calibration(checkpoint: str | Path, calibration: StoredCalibration,
+                      folder: RunFolder) -> Path:
+    """Write ``calibration`` as the ``calibration`` section of the checkpoint's JSON (an
+    earlier one is replaced); returns the JSON's path.
+
+    The JSON is one of the files a run's ``commit.json`` names with its SHA-256: there the
+    new JSON becomes a new commit of the same epoch and log through ``folder``, which must
+    be the checkpoint's own run folder, locked by this process (the final test of its run),
+    so that every committed file still matches its record and a kill leaves the old or the
+    new JSON, never a mix. A checkpoint no commit names (one copied out of its run) is
+    rewritten in place, atomically.
+    """
+    _, config_path = checkpoint_paths(checkpoint)
+    obj = read_json_object(config_path, "checkpoint", CheckpointError)
+    obj[CALIBRATION_KEY] = calibration.to_json()
+    owner = RunFolder(config_path.parent)
+    record = owner.read_commit()
+    if record is None or config_path.name not in record.get("files", {}):
+        write_json(config_path, obj)
+        return config_path
+    if folder.folder != owner.folder or not folder.lock.held:
+        raise CheckpointError(f"{config_path} is a committed file of the run in {owner.folder}: "
+                              "only that run, holding its folder's lock, stores a calibration "
+                              "in it (its final test)")
+    folder.commit(record["epoch"], lambda pending: write_json(pending / config_path.name, obj),
+                  record["log"])
+    return config_path
 
 
 def load_trained(

@@ -611,6 +611,7 @@ def final_test(args: argparse.Namespace, folder: RunFolder, plan: Plan, progress
         logger.info("the run in %s was already complete (%d epochs); testing its best checkpoint "
                     "again", folder.folder, args.epochs)
     results = evaluation.test_checkpoint(folder.best_checkpoint(), data.test_set, folder,
+                                         calibration_set=data.val_set,
                                          **test_options(args, dist_info, device, amp_dtype))
     if writer is not None:
         training.log_test(writer, results, progress.best_epoch)

@@ -10,7 +10,10 @@ Inputs are image files (PNG 8/16-bit, JPEG, DICOM, ...), folders (searched recur
 and split files (``*.txt``, one ``relative/path [labels...]`` a line). The CSV has one row
 per readable image: ``path`` (as given; for split files the relative path as written
 there, so it joins with ``predictions_test.csv`` of ``--eval``), one sigmoid probability
-per class, and with ``--threshold`` the 0/1 ``pred_<class>`` columns. Unreadable inputs
+per class (calibrated, sigmoid(logit / T), when the checkpoint carries the temperature its
+run's final test fitted on validation, unless ``--no_calibrated``; the log and the last
+line say which), and with ``--threshold`` (a number, a JSON table, or an operating point
+stored in the checkpoint: youden, sens90, ...) the 0/1 ``pred_<class>`` columns. Unreadable inputs
 are logged, listed in ``<output stem>_failed.csv`` and skipped; only regular files are
 read (a FIFO, socket or device is listed there, never opened). Images whose model output
 is NaN or infinite are never written as probabilities: they are listed there too.
@@ -53,6 +56,7 @@ from util.reports import check_outputs
 from util.runfolder import probe_writable
 
 if TYPE_CHECKING:
+    from checkpoints import StoredCalibration
     from models_vit_lora import ModelConfig
 
 logger = logging.getLogger("predict")
@@ -304,12 +308,15 @@ def predict_images(
     num_workers: int = 0,
     transform: Callable[[Any], torch.Tensor] | None = None,
     progress: bool = False,
+    temperatures: Sequence[float] | np.ndarray | None = None,
 ) -> tuple[np.ndarray, dict[int, str]]:
     """Sigmoid probabilities (N x K, NaN rows for failed images) and {index: reason} of failures.
 
     ``amp`` is an ``--amp`` choice or a dtype (None: fp32). The model should already be on
     ``device`` and in eval mode. An image whose logits are NaN or infinite is a failure
     (reason starting with ``NON_FINITE_REASON``), never a row of probabilities.
+    ``temperatures`` (one per class, e.g. the checkpoint's calibration): probabilities
+    sigmoid(logit / T) instead of sigmoid(logit).
     """
     from tqdm import tqdm
 
@@ -317,6 +324,8 @@ def predict_images(
     dtype = resolve_amp(amp, device) if isinstance(amp, str) else amp
     transform = transform if transform is not None else eval_transform(config)
     num_classes = config.num_classes
+    scale = None if temperatures is None else torch.as_tensor(np.asarray(temperatures),
+                                                             dtype=torch.float32)
     probs = np.full((len(paths), num_classes), np.nan, dtype=np.float32)
     failures: dict[int, str] = {}
     loader = DataLoader(ImageFiles(paths, transform, dicom_scaling(config)), batch_size=batch_size, shuffle=False,
@@ -339,7 +348,8 @@ def predict_images(
                     failures[indices[row]] = (f"{NON_FINITE_REASON} (NaN or inf logits for "
                                               f"{len(bad)} of {num_classes} classes)")
                 keep = [i for i, ok in zip(indices, finite.tolist()) if ok]
-                probs[keep] = torch.sigmoid(logits[finite]).numpy()
+                kept = logits[finite] if scale is None else logits[finite] / scale
+                probs[keep] = torch.sigmoid(kept).numpy()
             bar.update(len(indices) + len(failed))
     return probs, failures
 
@@ -348,17 +358,30 @@ def predict_images(
 # Output
 # ---------------------------------------------------------------------------------------
 
-def parse_threshold(value: str | None, class_names: Sequence[str]) -> np.ndarray | None:
-    """Per-class thresholds from ``--threshold``: one number for all classes, or a JSON file
-    mapping every class name to its threshold."""
+def parse_threshold(value: str | None, class_names: Sequence[str],
+                    calibration: "StoredCalibration | None" = None, *, calibrated: bool = False,
+                    checkpoint: str | Path = "the checkpoint") -> np.ndarray | None:
+    """Per-class thresholds from ``--threshold``: one number for all classes, a JSON file
+    mapping every class name to its threshold, or a kind of operating point
+    (``THRESHOLD_KINDS``) read from the checkpoint's ``calibration`` on the probability
+    scale written (``calibrated`` or the model's own; NaN for a class without one)."""
+    from util.operating_points import THRESHOLD_KINDS
+
     if value is None:
         return None
+    if value in THRESHOLD_KINDS:
+        if calibration is None:
+            raise UsageError(f"--threshold {value}: {checkpoint} carries no validation "
+                             "thresholds (the final test of a training run stores them); give a "
+                             "number or a JSON file")
+        return calibration.threshold_probabilities(value, class_names, calibrated=calibrated)
     try:
         t = float(value)
     except ValueError:
         path = Path(value)
         if not path.is_file():
-            raise UsageError(f"--threshold {value!r}: neither a number nor a JSON file") from None
+            raise UsageError(f"--threshold {value!r}: neither a number, a JSON file nor one of "
+                             f"{'|'.join(THRESHOLD_KINDS)}") from None
         try:
             table = json.loads(path.read_text())
         except (OSError, json.JSONDecodeError) as err:
@@ -449,8 +472,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="mixed precision: auto = bf16 on GPUs and CPUs that compute it natively, "
                         "fp16 on older GPUs, fp32 on other CPUs; none = fp32")
     p.add_argument("--threshold", default=None,
-                   help="add 0/1 pred_<class> columns: one threshold for all classes, or a JSON "
-                        "file {class name: threshold}")
+                   help="add 0/1 pred_<class> columns: one threshold for all classes, a JSON "
+                        "file {class name: threshold}, or youden|sens90|sens95|spec90|spec95: "
+                        "the operating points chosen on validation and stored in the checkpoint")
+    calibrated = p.add_mutually_exclusive_group()
+    calibrated.add_argument("--calibrated", dest="calibrated", action="store_true", default=None,
+                            help="write probabilities calibrated by the temperature stored in "
+                                 "the checkpoint (default when it carries one)")
+    calibrated.add_argument("--no_calibrated", dest="calibrated", action="store_false",
+                            help="write the model's own probabilities sigmoid(logit)")
     p.add_argument("--heatmap_class", nargs="+", default=None, metavar="NAME",
                    help="write a Grad-CAM overlay PNG per image for these classes ('all': every class)")
     p.add_argument("--heatmap_dir", default=None,
@@ -519,7 +549,13 @@ def run(args: argparse.Namespace) -> int:
     dtype = resolve_amp(args.amp, device)
     model, config = _load_checkpoint(args.checkpoint, args.finetune, device)
     class_names = list(config.class_names)
-    thresholds = parse_threshold(args.threshold, class_names)
+    calibration, calibrated = _calibration(args, config)
+    thresholds = parse_threshold(args.threshold, class_names, calibration, calibrated=calibrated,
+                                 checkpoint=args.checkpoint)
+    if thresholds is not None and np.isnan(thresholds).any():
+        logger.warning("--threshold %s: no threshold for %s (a single label value in the "
+                       "validation split): their pred_ cells are empty", args.threshold,
+                       ", ".join(c for c, t in zip(class_names, thresholds) if np.isnan(t)))
     heatmap_classes = _heatmap_classes(args.heatmap_class, class_names)
     transform = eval_transform(config)
     heatmap_dir = Path(args.heatmap_dir or output.with_name(f"{output.stem}_heatmaps"))
@@ -535,7 +571,8 @@ def run(args: argparse.Namespace) -> int:
     probs, failed = predict_images(
         model, config, [im.file for im in images], batch_size=args.batch_size, device=device,
         amp=dtype, num_workers=args.num_workers, transform=transform,
-        progress=not args.no_progress and sys.stderr.isatty())
+        progress=not args.no_progress and sys.stderr.isatty(),
+        temperatures=calibration.temperatures(class_names) if calibrated else None)
     seconds = time.perf_counter() - start
     rate = len(images) / seconds if seconds > 0 else float("inf")
     good, unpredicted, non_finite = _sort_outcomes(images, failed)
@@ -550,7 +587,8 @@ def run(args: argparse.Namespace) -> int:
     if heatmap_classes:
         _write_heatmaps(model, config, [images[i] for i in good], heatmap_classes, heatmap_dir,
                         transform, batch_size=args.batch_size, dtype=dtype)
-    print(_summary_line(len(good), failures, non_finite, failed_csv, output, device, dtype, rate))
+    print(_summary_line(len(good), failures, non_finite, failed_csv, output, device, dtype, rate,
+                        _calibration_text(calibration, calibrated, class_names)))
     if non_finite:
         return EXIT_NON_FINITE
     return EXIT_SOME_FAILED if failures else 0
@@ -565,6 +603,39 @@ def _images_to_predict(args: argparse.Namespace) -> tuple[list[InputImage], list
     if failures:
         raise UsageError(_nothing_to_predict(failures))
     raise UsageError(f"--inputs {' '.join(args.inputs)}: no images found")
+
+
+def _calibration(args: argparse.Namespace, config: "ModelConfig"
+                 ) -> tuple["StoredCalibration | None", bool]:
+    """The checkpoint's stored calibration (or None) and whether the probabilities written
+    are calibrated (``--calibrated``, on by default when there is one; ``--no_calibrated``)."""
+    from checkpoints import read_calibration
+
+    checkpoint = Path(args.checkpoint)
+    if checkpoint.is_dir():
+        checkpoint = checkpoint / "checkpoint-best"
+    try:
+        calibration = read_calibration(config, checkpoint)
+    except ValueError as err:
+        raise UsageError(f"--checkpoint {args.checkpoint}: {err}") from None
+    if args.calibrated and calibration is None:
+        raise UsageError(f"--calibrated: {args.checkpoint} carries no calibration (the final "
+                         "test of a training run stores one); leave the flag out")
+    calibrated = calibration is not None and args.calibrated is not False
+    logger.info("probabilities: %s", _calibration_text(calibration, calibrated, config.class_names))
+    return calibration, calibrated
+
+
+def _calibration_text(calibration: "StoredCalibration | None", calibrated: bool,
+                      class_names: Sequence[str]) -> str:
+    """Which probabilities the CSV holds, in words."""
+    if calibration is None:
+        return "uncalibrated (the checkpoint carries no calibration)"
+    if not calibrated:
+        return "uncalibrated (--no_calibrated)"
+    from util.calibration import temperature_text
+
+    return f"calibrated, {temperature_text(calibration.temperatures(class_names))}"
 
 
 def _load_checkpoint(checkpoint: str, finetune: str | None, device: torch.device
@@ -653,12 +724,14 @@ def _write_heatmaps(model: nn.Module, config: "ModelConfig", images: Sequence[In
 
 def _summary_line(predicted: int, failures: Sequence[Failure], non_finite: Sequence[str],
                   failed_csv: Path, output: Path, device: torch.device, dtype: torch.dtype | None,
-                  rate: float) -> str:
-    """The one line a user greps for: what was predicted, what failed, where it went, how fast."""
+                  rate: float, probabilities: str = "") -> str:
+    """The one line a user greps for: what was predicted, what failed, where it went, how
+    fast, and which probabilities (calibrated or not)."""
     return (f"predicted {predicted} images, {len(failures)} failed"
             f"{f' ({len(non_finite)} with non-finite model outputs)' if non_finite else ''}"
             f"{f' (listed in {failed_csv})' if failures else ''} -> {output} "
-            f"[{device.type}, {_precision(dtype)}, {rate:.1f} img/s]")
+            f"[{device.type}, {_precision(dtype)}, {rate:.1f} img/s]"
+            f"{f' probabilities {probabilities}' if probabilities else ''}")
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:

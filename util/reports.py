@@ -1,8 +1,13 @@
-"""Evaluation reports: ROC curves (PNG), per-class AUROC tables, forest plots (PNG + SVG).
+"""Evaluation reports: ROC curves (PNG), per-class AUROC tables, forest plots (PNG + SVG),
+calibration and operating-point tables, reliability diagrams (PNG).
 
     save_roc_curves(targets, probs, class_names, out_dir / "roc_test.png")
     write_auroc_tables(results, out_dir)  # results_test_auroc.csv and results_test_auroc.md
     save_forest_plot(points, out_dir / "forest", xlabel=..., title=...)  # forest.png + .svg
+    write_calibration_tables(results, out_dir)        # results_test_calibration.{csv,md}
+    write_operating_point_tables(results, out_dir)    # results_test_operating_points.{csv,md}
+    save_reliability_diagram(targets, probs, class_names, out_dir / "reliability_test.png",
+                             calibrated=calibrated_probs)
 
 Plots are drawn on a bare ``matplotlib.figure.Figure`` with the Agg canvas, never through
 ``pyplot``: nothing global (the backend, open figures) changes in the calling process.
@@ -152,7 +157,8 @@ def write_predictions_csv(path: str | Path, names: Sequence[str], probs: np.ndar
                           class_names: Sequence[str], labels: np.ndarray | None = None,
                           thresholds: np.ndarray | None = None) -> Path:
     """Per-image CSV: path, a probability per class ('' for NaN), then ``pred_<class>`` 0/1
-    columns with ``thresholds`` and ``label_<class>`` columns with ``labels``."""
+    columns with ``thresholds`` ('' for a NaN threshold) and ``label_<class>`` columns with
+    ``labels``."""
     header = ["path", *class_names]
     if thresholds is not None:
         header += [f"pred_{c}" for c in class_names]
@@ -165,8 +171,9 @@ def write_predictions_csv(path: str | Path, names: Sequence[str], probs: np.ndar
             writer.writerow(header)
             for i, (name, row) in enumerate(zip(names, probs)):
                 cells = [name, *("" if math.isnan(p) else f"{p:.8f}" for p in map(float, row))]
-                if thresholds is not None:
-                    cells += [str(int(p >= t)) for p, t in zip(row, thresholds)]
+                if thresholds is not None:  # a NaN threshold (a class without one): empty
+                    cells += ["" if math.isnan(t) else str(int(p >= t))
+                              for p, t in zip(row, thresholds)]
                 if labels is not None:
                     cells += [int(v) for v in labels[i]]
                 writer.writerow(cells)
@@ -557,3 +564,227 @@ def save_subgroup_plot(report: dict[str, Any], path: str | Path) -> tuple[Path, 
                                         "metadata)" if lacking else "")
     return save_forest_plot(points, path, xlabel="test mean AUROC x100 (95% bootstrap CI)",
                             title=title)
+
+
+# ---------------------------------------------------------------------------------------
+# Calibration and operating points (results["calibration"], results["operating_points"])
+# ---------------------------------------------------------------------------------------
+
+def _ece(value: Any) -> str:
+    """An ECE as x100 with 2 decimals; '' when missing."""
+    return x100(value, 2)
+
+
+def _brier(value: Any) -> str:
+    """A Brier score with 4 decimals; '' when missing."""
+    return "" if value is None or math.isnan(float(value)) else f"{float(value):.4f}"
+
+
+def calibration_rows(results: dict[str, Any]) -> list[dict[str, str]]:
+    """Per-class rows (ECE x100 and Brier, before and after calibration), then the mean over
+    classes and the pooled row (every image x class pair: its ECE; Brier equals the mean)."""
+    section = results["calibration"]
+    before, after = section["before"], section.get("after") or {}
+    rows = []
+    for name in results["class_names"]:
+        rows.append({"class": name, "ece_before": _ece(before["ece"][name]),
+                     "ece_after": _ece((after.get("ece") or {}).get(name)),
+                     "brier_before": _brier(before["brier"][name]),
+                     "brier_after": _brier((after.get("brier") or {}).get(name))})
+    for label, ece_key in (("mean", "mean_ece"), ("pooled", "pooled_ece")):
+        rows.append({"class": label, "ece_before": _ece(before[ece_key]),
+                     "ece_after": _ece(after.get(ece_key)),
+                     "brier_before": _brier(before["mean_brier"]),
+                     "brier_after": _brier(after.get("mean_brier"))})
+    return rows
+
+
+def write_calibration_tables(results: dict[str, Any], out_dir: str | Path,
+                             stem: str = "results_test") -> tuple[Path, Path]:
+    """Write ``<stem>_calibration.csv`` and ``.md``: ECE x100 and Brier per class, their
+    mean and the pooled ECE, before and (when the checkpoint carries one) after calibration."""
+    from util.calibration import temperature_text
+
+    section = results["calibration"]
+    rows = calibration_rows(results)
+    calibrated = bool(section.get("after"))
+    fields = ["class", "ece_before", *(["ece_after"] if calibrated else []),
+              "brier_before", *(["brier_after"] if calibrated else [])]
+    out_dir = Path(out_dir)
+    csv_path, md_path = out_dir / f"{stem}_calibration.csv", out_dir / f"{stem}_calibration.md"
+
+    def write_csv(tmp: str) -> None:
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
+            writer.writeheader()
+            writer.writerows(rows)
+
+    split = results.get("split", "test")
+    lines = [f"**Calibration** ({split} split, {results.get('num_images', '?')} images)", ""]
+    if calibrated:
+        lines += ["| class | ECE x100 | ECE x100, calibrated | Brier | Brier, calibrated |",
+                  "|---|---:|---:|---:|---:|"]
+    else:
+        lines += ["| class | ECE x100 | Brier |", "|---|---:|---:|"]
+    for row in rows:
+        cells = [row[f] or "n/a" for f in fields[1:]]
+        label = row["class"] if row["class"] not in ("mean", "pooled") else f"**{row['class']}**"
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    lines += ["", (f"- ECE: {section['binning']}; mean: over classes; pooled: every image x "
+                   "class pair binned together. Brier: mean of (probability - label)^2."),
+              f"- Reliability diagram: reliability_{split}.png."]
+    if calibrated:
+        fitted = section.get("fitted_on") or {}
+        lines.append(f"- Calibrated: sigmoid(logit / T), "
+                     f"{temperature_text(section['temperature'].values())} "
+                     f"({section.get('method')}), fitted on {fitted.get('split_file', '?')} "
+                     f"({fitted.get('num_images', '?')} images); {section.get('source')}.")
+        if fitted.get("note"):
+            lines.append(f"- Note: {fitted['note']}.")
+    else:
+        lines.append(f"- Not calibrated: {section.get('note')}.")
+
+    atomic_write(csv_path, write_csv)
+    atomic_write(md_path, lambda tmp: Path(tmp).write_text("\n".join(lines) + "\n"))
+    return csv_path, md_path
+
+
+OPERATING_POINT_METRICS = ("sensitivity", "specificity", "ppv", "npv", "f1")
+OPERATING_POINT_FIELDS = ("class", "kind", "threshold", "threshold_model", "threshold_logit",
+                          "val_sensitivity", "val_specificity", "tp", "fp", "tn", "fn",
+                          *(f"{m}{end}" for m in OPERATING_POINT_METRICS for end in ("", "_low", "_high")))
+
+
+def operating_point_rows(results: dict[str, Any]) -> list[dict[str, str]]:
+    """One row per class x threshold kind (class-major): thresholds, counts, and the five
+    rates x100 with their interval bounds; empty cells where undefined."""
+    points = (results.get("operating_points") or {}).get("points") or {}
+    rows = []
+    for name in results["class_names"]:
+        for kind, per_class in points.items():
+            p = per_class.get(name) or {}
+            row = {"class": name, "kind": kind}
+            for key in ("threshold", "threshold_model", "threshold_logit"):
+                row[key] = "" if p.get(key) is None else f"{p[key]:.6g}"
+            for key in ("val_sensitivity", "val_specificity"):
+                row[key] = x100(p.get(key))
+            for key in ("tp", "fp", "tn", "fn"):
+                row[key] = "" if p.get(key) is None else str(p[key])
+            for m in OPERATING_POINT_METRICS:
+                for end in ("", "_low", "_high"):
+                    row[m + end] = x100(p.get(m + end))
+            row["note"] = p.get("note") or ""
+            rows.append(row)
+    return rows
+
+
+def write_operating_point_tables(results: dict[str, Any], out_dir: str | Path,
+                                 stem: str = "results_test") -> tuple[Path, ...]:
+    """Write ``<stem>_operating_points.csv`` and ``.md``: per class and threshold kind, the
+    validation-chosen threshold and the test sensitivity, specificity, PPV, NPV and F1 x100
+    with their intervals; nothing (an empty tuple) when the checkpoint has no thresholds."""
+    section = results.get("operating_points") or {}
+    if not section.get("points"):
+        return ()
+    rows = operating_point_rows(results)
+    out_dir = Path(out_dir)
+    csv_path = out_dir / f"{stem}_operating_points.csv"
+    md_path = out_dir / f"{stem}_operating_points.md"
+
+    def write_csv(tmp: str) -> None:
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=[*OPERATING_POINT_FIELDS, "note"])
+            writer.writeheader()
+            writer.writerows(rows)
+
+    level = round(100 * float(section.get("level", 0.95)))
+    split = results.get("split", "test")
+    lines = [(f"**Operating points** ({split} split, {results.get('num_images', '?')} images; "
+              f"thresholds chosen on {section.get('thresholds_from')})"), "",
+             "| class | kind | threshold (p >=) | sensitivity | specificity | PPV | NPV | F1 |",
+             "|---|---|---:|---:|---:|---:|---:|---:|"]
+    for row in rows:
+        if not row["threshold"]:
+            lines.append(f"| {row['class']} | {row['kind']} | n/a | {row['note']} | | | | |")
+            continue
+        cells = []
+        for m in OPERATING_POINT_METRICS:
+            value = row[m] or "n/a"
+            interval = _interval(row[f"{m}_low"], row[f"{m}_high"])
+            cells.append(f"{value} {interval}".strip())
+        lines.append(f"| {row['class']} | {row['kind']} | {row['threshold']} | "
+                     + " | ".join(cells) + " |")
+    intervals = section.get("intervals") or {}
+    lines += ["", (f"- x100, with {level}% intervals: sensitivity, specificity, PPV, NPV: "
+                   f"{intervals.get('proportions')}; F1: {intervals.get('f1')}."),
+              "- " + "; ".join(f"{k}: {v}" for k, v in (section.get("kinds") or {}).items()) + ".",
+              f"- {section.get('rule')}; never chosen on the {split} split."]
+
+    atomic_write(csv_path, write_csv)
+    atomic_write(md_path, lambda tmp: Path(tmp).write_text("\n".join(lines) + "\n"))
+    return csv_path, md_path
+
+
+# A reliability diagram's panel: 2.4 inches square at ROC_DPI.
+RELIABILITY_PANEL = 2.4
+
+
+def save_reliability_diagram(targets: np.ndarray, probs: np.ndarray, class_names: Sequence[str],
+                             path: str | Path, calibrated: np.ndarray | None = None,
+                             bins: int | None = None) -> Path:
+    """Write one PNG of reliability diagrams as small multiples: a panel per class and one of
+    every image x class pair pooled, each the fraction positive against the mean probability
+    per equal-width bin (``util.calibration.BINNING``), before and (with ``calibrated``)
+    after calibration, the ECE x100 of each in the panel's title."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    from util.calibration import ECE_BINS, expected_calibration_error, reliability_bins
+
+    bins = bins or ECE_BINS
+    targets = np.asarray(targets)
+    probs = np.asarray(probs, dtype=np.float64)
+    targets, probs = (targets[:, None], probs[:, None]) if targets.ndim == 1 else (targets, probs)
+    series = [("model", probs, "tab:blue", "o")]
+    if calibrated is not None:
+        calibrated = np.asarray(calibrated, dtype=np.float64).reshape(probs.shape)
+        series.append(("calibrated", calibrated, "tab:orange", "s"))
+    panels = [*((n, k) for k, n in enumerate(class_names)), ("all pairs", None)]
+    cols = math.ceil(math.sqrt(len(panels)))
+    rows = math.ceil(len(panels) / cols)
+    width, height = cols * RELIABILITY_PANEL + 0.6, rows * RELIABILITY_PANEL + 1.1
+    fig = Figure(figsize=(width, height), dpi=ROC_DPI)
+    FigureCanvasAgg(fig)
+    # A fixed layout (tight_layout costs seconds for a grid of 15 panels): panels share
+    # their axes, tick labels on the outer ones only.
+    fig.subplots_adjust(left=0.6 / width, right=1 - 0.1 / width, bottom=0.5 / height,
+                        top=1 - 0.6 / height, wspace=0.12, hspace=0.32)
+    axes = fig.subplots(rows, cols, sharex=True, sharey=True, squeeze=False).ravel()
+    for ax in axes[len(panels):]:
+        ax.set_visible(False)
+    for i, (name, k) in enumerate(panels):
+        ax = axes[i]
+        ax.plot([0, 1], [0, 1], color="grey", linestyle="--", linewidth=0.8)
+        eces = []
+        for label, p, colour, marker in series:
+            p_k, y_k = (p, targets) if k is None else (p[:, k], targets[:, k])
+            table = reliability_bins(p_k, y_k, bins)
+            used = table["count"] > 0
+            ax.plot(table["mean_prob"][used], table["frequency"][used], color=colour,
+                    marker=marker, markersize=3, linewidth=1.1, label=label)
+            eces.append(f"{100 * expected_calibration_error(p_k, y_k, bins):.1f}")
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1)
+        ax.tick_params(labelsize=6)
+        ax.set_title(f"{name}\nECE x100 {' -> '.join(eces)}", fontsize=7)
+        ax.grid(True, linewidth=0.3, alpha=0.6)
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="upper center", ncol=len(series), fontsize="small",
+               frameon=False, bbox_to_anchor=(0.5, 1.0))
+    fig.supxlabel("mean predicted probability (per bin)", fontsize=8, y=0.1 / height,
+                  va="bottom")
+    fig.supylabel("fraction positive", fontsize=8, x=0.1 / width, ha="left")
+
+    path = Path(path)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=ROC_DPI))
+    return path
