@@ -147,7 +147,7 @@ def test_section_round_trip_and_damaged_sections(tmp_path):
            ({**stored.to_json(), "method": "isotonic"}, "method")]
     config = ckpt.model_config(model="vit_tiny_patch16", method="full", class_names=names,
                                img_size=32, global_pool=True, norm="mrm", mean=(0.5,), std=(0.2,),
-                               lora_cfg=None)
+                               method_settings=None)
     for section, word in bad:
         damaged = config.replace(extras={"calibration": section})
         with pytest.raises(ckpt.CheckpointError, match=f"checkpoint-best.json: .*{word}"):
