@@ -666,6 +666,22 @@ def load_pretrained(model: nn.Module, path: str | Path, allow_unsafe_pickle: boo
     return report
 
 
+def describe_weights(path: str | Path, allow_unsafe_pickle: bool = False,
+                     state_dict: dict[str, torch.Tensor] | None = None) -> weights.WeightsInfo:
+    """What a pre-trained file holds (``weights.describe``), its architecture named among
+    ``ARCHS``: the defaults of ``--model``, ``--input_size``, ``--norm`` and the pooling."""
+    if state_dict is None:
+        state_dict = extract_state_dict(read_checkpoint(path, allow_unsafe_pickle), path)
+    return weights.describe(state_dict, path, {name: arch_settings(name) for name in ARCHS})
+
+
+def check_model_fits(info: weights.WeightsInfo, model: str,
+                     model_kwargs: dict[str, Any] | None = None) -> None:
+    """Refuse (one line naming both) a ``--model`` (a ``MODELS`` name, with its
+    ``model_kwargs`` overrides) that does not fit the file ``info`` describes."""
+    weights.check_model(info, model, {**arch_settings(model), **(model_kwargs or {})})
+
+
 # ---------------------------------------------------------------------------------------
 # The model's config (the schema of the checkpoint JSON) and its one assembly
 # ---------------------------------------------------------------------------------------

@@ -7,12 +7,14 @@ so the originals are built in one subprocess that imports them with another cwd 
 the repository on its path; it writes the files and the reference features, which this
 process reads. Where a library is absent its tests skip.
 
-Sizes: RAD-DINO has its published layout and width (768, patch 14, 518 px, a 37 x 37 grid)
-with 2 of its 12 layers; DINOv2 with registers is reduced to 192 wide and 224 px; BiomedCLIP's
-and CheXzero's image towers are the published ViT-B/16 and ViT-B/32 in full, their text
-towers tiny (they are dropped). BiomedCLIP is open_clip's CustomTextCLIP with the timm trunk
-of its open_clip_config.json and an open_clip text tower instead of PubMedBERT (which would
-need a download): the same `visual.*` keys and the same `text.` / `logit_scale` prefixes.
+Sizes: the compared models have their published layout, width and patch size with 2 of
+their 12 blocks (RAD-DINO: 768 wide, patch 14, 518 px, a 37 x 37 grid; BiomedCLIP's ViT-B/16;
+CheXzero's ViT-B/32) and tiny text towers (they are dropped); DINOv2 with registers is 192
+wide at 224 px. The architecture a file names is checked on the full-size models as the
+libraries build them (names and shapes only, on the meta device). BiomedCLIP is open_clip's
+CustomTextCLIP with the timm trunk of its open_clip_config.json and an open_clip text tower
+instead of PubMedBERT (which would need a download): the same `visual.*` keys and the same
+`text.` / `logit_scale` prefixes.
 """
 from __future__ import annotations
 
@@ -62,6 +64,12 @@ ORIGINALS = textwrap.dedent('''
         save_file({k: v.detach().clone().contiguous() for k, v in tensors.items()},
                   str(folder / "reference.safetensors"))
 
+    shapes = {}  # full-size models as their libraries build them: names and shapes only
+
+    def full_size(name, build):
+        with torch.device("meta"):
+            shapes[name] = {k: list(v.shape) for k, v in build().state_dict().items()}
+
     if "transformers" in libs:
         from transformers import (BitImageProcessor, Dinov2Config, Dinov2Model,
                                   Dinov2WithRegistersConfig, Dinov2WithRegistersModel)
@@ -91,12 +99,11 @@ ORIGINALS = textwrap.dedent('''
             o = model(pixel_values=x)
         reference(folder, x=x, tokens=o.last_hidden_state, pooled=o.pooler_output)
 
-        # A ViT-L/14 file (facebook/dinov2-large's config): its names and shapes only.
-        with torch.device("meta"):
-            large = Dinov2Model(Dinov2Config(hidden_size=1024, num_hidden_layers=24,
-                                             num_attention_heads=16, patch_size=14, image_size=518))
-        (out / "dinov2-large-shapes.json").write_text(json.dumps(
-            {k: list(v.shape) for k, v in large.state_dict().items()}))
+        full_size("rad-dino", lambda: Dinov2Model(Dinov2Config(num_hidden_layers=12, **rad)))
+        # A ViT-L/14 (facebook/dinov2-large's config).
+        full_size("dinov2-large", lambda: Dinov2Model(Dinov2Config(
+            hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, patch_size=14,
+            image_size=518)))
 
     if "open_clip" in libs:
         from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg, CustomTextCLIP
@@ -105,8 +112,12 @@ ORIGINALS = textwrap.dedent('''
         # BiomedCLIP's open_clip_config.json vision_cfg.
         vision = dict(timm_model_name="vit_base_patch16_224", timm_model_pretrained=False,
                       timm_pool="", timm_proj="linear", image_size=224)
-        model = perturbed(CustomTextCLIP(embed_dim=512, vision_cfg=CLIPVisionCfg(**vision),
-                                         text_cfg=tiny_text), 3)
+        biomedclip = lambda: CustomTextCLIP(embed_dim=512, vision_cfg=CLIPVisionCfg(**vision),
+                                            text_cfg=tiny_text)
+        full_size("biomedclip", biomedclip)
+        model = biomedclip()
+        model.visual.trunk.blocks = model.visual.trunk.blocks[:2]  # 2 of its 12 blocks
+        model = perturbed(model, 3)
         folder = out / "biomedclip"
         folder.mkdir()
         torch.save(model.state_dict(), folder / "open_clip_pytorch_model.bin")
@@ -119,9 +130,12 @@ ORIGINALS = textwrap.dedent('''
             reference(folder, x=x, pooled=model.visual.trunk(x), projected=model.encode_image(x))
 
         # OpenAI's ViT-B/32 (CheXzero's clip.load("ViT-B/32")): pre-norm, QuickGELU.
-        model = perturbed(CLIP(embed_dim=512, quick_gelu=True, text_cfg=tiny_text,
-                               vision_cfg=CLIPVisionCfg(layers=12, width=768, head_width=64,
-                                                        patch_size=32, image_size=224)), 4)
+        chexzero = lambda layers: CLIP(embed_dim=512, quick_gelu=True, text_cfg=tiny_text,
+                                       vision_cfg=CLIPVisionCfg(layers=layers, width=768,
+                                                                head_width=64, patch_size=32,
+                                                                image_size=224))
+        full_size("chexzero", lambda: chexzero(12))
+        model = perturbed(chexzero(2), 4)
         folder = out / "chexzero"
         folder.mkdir()
         torch.save(model.state_dict(), folder / "best_64_5e-05_original_22000_0.864.pt")
@@ -131,6 +145,8 @@ ORIGINALS = textwrap.dedent('''
             model.visual.proj = None
             pooled = model.encode_image(x)
         reference(folder, x=x, pooled=pooled, projected=projected)
+
+    (out / "full-size-shapes.json").write_text(json.dumps(shapes))
 ''')
 
 
@@ -181,14 +197,13 @@ def test_rad_dino_equals_transformers_dinov2(originals):
     path = originals / "rad-dino" / "model.safetensors"
     ref = _reference(path.parent)
     state = mv.extract_state_dict(mv.read_checkpoint(path), path)
-    info = weights.describe(state, path)
+    info = mv.describe_weights(path, state_dict=state)
     assert (info.format.name, info.global_pool, info.input_size, info.patch_size) == \
         ("dinov2_hf", "token", 518, 14)
     assert info.geometry.grid == (37, 37) and info.geometry.layer_scale and not info.geometry.reg_tokens
     assert info.norm == "rad_dino" and "preprocessor_config.json" in info.norm_from
-    assert info.arch is None  # 2 blocks: no registered architecture, the published 12 would be
-    settings = {**mv.arch_settings("vit_base_patch14_dinov2"), "depth": 2}
-    weights.check_model(info, "vit_base_patch14_dinov2", settings)
+    assert info.arch is None  # 2 blocks fit no architecture; its published 12 are vit_base_patch14_dinov2
+    mv.check_model_fits(info, "vit_base_patch14_dinov2_lora", {"depth": 2})
 
     model, report = _loaded(info, state, arch="vit_base_patch14_dinov2", depth=2)
     assert report.format == "dinov2_hf" and report.ignored == ["embeddings.mask_token"]
@@ -208,7 +223,8 @@ def test_rad_dino_equals_transformers_dinov2(originals):
     with torch.no_grad():
         qkv.lora_B.normal_()
     delta = qkv.delta_weight().detach()
-    assert delta[768:1536].abs().max() == 0 and delta[:768].abs().max() > 0 and delta[1536:].abs().max() > 0
+    q, k, v = delta.split(768)
+    assert k.abs().max() == 0 and q.abs().max() > 0 and v.abs().max() > 0
 
 
 @needs_transformers
@@ -216,7 +232,7 @@ def test_dinov2_with_registers_equals_transformers(originals):
     path = originals / "dinov2-reg" / "model.safetensors"
     ref = _reference(path.parent)
     state = mv.extract_state_dict(mv.read_checkpoint(path), path)
-    info = weights.describe(state, path)
+    info = mv.describe_weights(path, state_dict=state)
     g = info.geometry
     assert (g.reg_tokens, g.no_embed_class, g.grid, g.embed_dim) == (4, True, (16, 16), 192)
     # No preprocessor_config.json beside it: the format's default (RAD-DINO's) is said so.
@@ -235,11 +251,11 @@ def test_biomedclip_equals_open_clip(originals):
     path = originals / "biomedclip" / "open_clip_pytorch_model.bin"
     ref = _reference(path.parent)
     state = mv.extract_state_dict(mv.read_checkpoint(path), path)
-    info = weights.describe(state, path)
-    assert (info.format.name, info.arch, info.global_pool, info.input_size) == \
-        ("open_clip", "vit_base_patch16", "token", 224)
+    info = mv.describe_weights(path, state_dict=state)
+    assert (info.format.name, info.global_pool, info.input_size, info.geometry.depth) == \
+        ("open_clip", "token", 224, 2)
     assert info.norm == "clip" and "open_clip_config.json" in info.norm_from
-    model, report = _loaded(info, state)
+    model, report = _loaded(info, state, arch="vit_base_patch16", depth=2)
     assert "visual.head.proj.weight" in report.ignored and "logit_scale" in report.ignored
     assert any(k.startswith("text.") for k in report.ignored) and not report.unexpected
     pooled = _pooled(model, ref["x"])
@@ -252,11 +268,11 @@ def test_chexzero_equals_openai_clip(originals):
     path = originals / "chexzero" / "best_64_5e-05_original_22000_0.864.pt"
     ref = _reference(path.parent)
     state = mv.extract_state_dict(mv.read_checkpoint(path), path)
-    info = weights.describe(state, path)
-    assert (info.format.name, info.arch, info.global_pool, info.input_size, info.patch_size) == \
-        ("openai_clip", "vit_base_patch32_clip_quickgelu", "token", 224, 32)
+    info = mv.describe_weights(path, state_dict=state)
+    assert (info.format.name, info.global_pool, info.input_size, info.patch_size) == \
+        ("openai_clip", "token", 224, 32)
     assert info.norm == "chexzero" and info.geometry.pre_norm
-    model, report = _loaded(info, state)
+    model, report = _loaded(info, state, arch="vit_base_patch32_clip_quickgelu", depth=2)
     assert {"visual.proj", "logit_scale", "token_embedding.weight",
             "positional_embedding"} <= set(report.ignored)
     assert not report.unexpected
@@ -266,31 +282,32 @@ def test_chexzero_equals_openai_clip(originals):
 
 
 def test_medical_mae_equals_timm_mae(tmp_path):
-    """Medical MAE's ViT-S/16 (MAE's models_vit: timm's ViT, mean pooling + a new fc_norm)."""
+    """Medical MAE's ViT-S/16 (MAE's models_vit: timm's ViT, mean pooling + a new fc_norm),
+    2 of its 12 blocks."""
     torch.manual_seed(0)
     encoder = timm.create_model("vit_small_patch16_224", pretrained=False, num_classes=0,
-                                global_pool="token")
+                                global_pool="token", depth=2)
     with torch.no_grad():
         for p in encoder.parameters():
             p.add_(0.02 * torch.randn_like(p))
     enc = encoder.state_dict()
     pretraining = {**enc, "mask_token": torch.zeros(1, 1, 512),
-                   "decoder_embed.weight": torch.randn(512, 384), "decoder_pred.bias": torch.zeros(768)}
+                   "decoder_embed.weight": torch.randn(512, 384),
+                   "decoder_pred.bias": torch.zeros(768)}
     path = tmp_path / "vit-s_CXR_0.3M_mae.pth"
     torch.save({"model": pretraining, "epoch": 799, "args": argparse.Namespace(model="mae")}, path)
 
     state = mv.extract_state_dict(mv.read_checkpoint(path), path)
-    info = weights.describe(state, path)
-    assert (info.format.name, info.arch, info.global_pool, info.norm) == \
-        ("mae", "vit_small_patch16", "avg", None)  # MRM, CXR_MAE and Medical MAE: --norm decides
-    model, report = _loaded(info, state)
+    info = mv.describe_weights(path, state_dict=state)
+    assert (info.format.name, info.global_pool, info.norm) == ("mae", "avg", None)
+    model, report = _loaded(info, state, arch="vit_small_patch16", depth=2)
     assert set(report.unexpected) == {"norm.weight", "norm.bias"}  # replaced by fc_norm
 
     reference = timm.create_model("vit_small_patch16_224", pretrained=False, num_classes=0,
-                                  global_pool="avg").eval()
+                                  global_pool="avg", depth=2).eval()
     missing, unexpected = reference.load_state_dict(enc, strict=False)
     assert set(missing) == {"fc_norm.weight", "fc_norm.bias"}
-    x = torch.randn(2, 3, 224, 224)
+    x = torch.randn(1, 3, 224, 224)
     with torch.no_grad():
         torch.testing.assert_close(_pooled(model, x), reference(x), **TOL)
 
@@ -308,37 +325,59 @@ def _meta_state(arch: str, **kwargs) -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize("arch", sorted(mv.ARCHS))
 def test_describe_names_the_architecture_of_the_shapes(arch):
-    info = weights.describe(_meta_state(arch), f"{arch}.pth")
+    info = mv.describe_weights(f"{arch}.pth", state_dict=_meta_state(arch))
     assert info.format.name == "timm" and info.arch == arch
     assert info.input_size == 224  # the builders' default grid
-    weights.check_model(info, f"{arch}_lora", mv.arch_settings(f"{arch}_lora"))
+    mv.check_model_fits(info, f"{arch}_lora")
+    assert weights.describe(_meta_state(arch), "x.pth").arch is None  # no architectures given
 
 
-def test_medical_mae_vit_b_is_vit_base_patch16():
-    state = {**_meta_state("vit_base_patch16"), "mask_token": torch.empty(1, 1, 512),
+@pytest.mark.parametrize("arch,name", [("vit_small_patch16", "vit-s_CXR_0.3M_mae.pth"),
+                                       ("vit_base_patch16", "vit-b_CXR_0.5M_mae.pth")])
+def test_medical_mae_files_name_their_architecture(arch, name):
+    state = {**_meta_state(arch), "mask_token": torch.empty(1, 1, 512),
              "decoder_embed.weight": torch.empty(512, 768)}
-    info = weights.describe(state, "vit-b_CXR_0.5M_mae.pth")
-    assert (info.format.name, info.arch) == ("mae", "vit_base_patch16")
+    info = mv.describe_weights(name, state_dict=state)
+    assert (info.format.name, info.arch, info.global_pool) == ("mae", arch, "avg")
+    # MRM, CXR_MAE and Medical MAE share the layout, not the statistics: --norm decides.
+    assert info.norm is None and info.norm_from is None
 
 
 def test_a_model_that_does_not_fit_the_file_is_refused_naming_both():
-    info = weights.describe(_meta_state("vit_base_patch14_dinov2"), "RAD.pth")
+    info = mv.describe_weights("RAD.pth", state_dict=_meta_state("vit_base_patch14_dinov2"))
     with pytest.raises(weights.PretrainedWeightsError) as err:
-        weights.check_model(info, "vit_base_patch16_lora", mv.arch_settings("vit_base_patch16_lora"))
+        mv.check_model_fits(info, "vit_base_patch16_lora")
     text = _one_line(err)
     assert text.startswith("--model vit_base_patch16_lora does not fit --finetune RAD.pth")
     assert "it holds vit_base_patch14_dinov2" in text and "patch: file 14, model 16" in text
     assert "layer scale: file True, model False" in text
 
 
+def _full_size(originals: Path, name: str) -> dict[str, torch.Tensor]:
+    """A full-size model's tensors as its library names them (their values are never read)."""
+    shapes = json.loads((originals / "full-size-shapes.json").read_text())[name]
+    return {k: torch.empty(v) for k, v in shapes.items()}
+
+
+@pytest.mark.parametrize("name,lib,fmt,arch", [
+    ("rad-dino", "transformers", "dinov2_hf", "vit_base_patch14_dinov2"),
+    ("biomedclip", "open_clip", "open_clip", "vit_base_patch16"),
+    ("chexzero", "open_clip", "openai_clip", "vit_base_patch32_clip_quickgelu")])
+def test_the_full_size_models_name_their_architecture(originals, name, lib, fmt, arch):
+    if not HAVE[lib]:
+        pytest.skip(f"{lib} not installed")
+    info = mv.describe_weights(f"{name}.pth", state_dict=_full_size(originals, name))
+    assert (info.format.name, info.arch, info.geometry.depth) == (fmt, arch, 12)
+    mv.check_model_fits(info, f"{arch}_lora")
+
+
 @needs_transformers
 def test_a_vit_large_file_is_refused(originals):
-    shapes = json.loads((originals / "dinov2-large-shapes.json").read_text())
-    state = {k: torch.empty(v) for k, v in shapes.items()}  # shapes are all that is read
-    info = weights.describe(state, "dinov2-large.safetensors")
+    state = _full_size(originals, "dinov2-large")
+    info = mv.describe_weights("dinov2-large.safetensors", state_dict=state)
     assert info.arch is None and info.geometry.embed_dim == 1024 and info.geometry.depth == 24
     with pytest.raises(weights.PretrainedWeightsError) as err:
-        weights.check_model(info, "vit_base_patch14_dinov2", mv.arch_settings("vit_base_patch14_dinov2"))
+        mv.check_model_fits(info, "vit_base_patch14_dinov2")
     assert "no --model of this tool builds it" in _one_line(err)
     assert "width: file 1024, model 768; blocks: file 24, model 12" in str(err.value)
     model = mv.vit_base_patch14_dinov2(num_classes=2, depth=2)
@@ -463,8 +502,8 @@ def test_every_method_builds_trains_and_merges_on_the_new_architectures(arch, tm
 def test_timm_builds_each_architecture_under_its_registered_name(arch):
     torch.manual_seed(0)
     side = _side(arch)
-    ours = mv.MODELS[arch](depth=2, num_classes=3, img_size=side, global_pool=False).eval()
-    theirs = timm.create_model(mv.TIMM_NAMES[arch], pretrained=False, depth=2, num_classes=3,
+    ours = mv.MODELS[arch](depth=1, num_classes=3, img_size=side, global_pool=False).eval()
+    theirs = timm.create_model(mv.TIMM_NAMES[arch], pretrained=False, depth=1, num_classes=3,
                                img_size=side, global_pool="token").eval()
     theirs.load_state_dict(ours.state_dict(), strict=True)
     x = torch.randn(1, 3, side, side)

@@ -5,8 +5,9 @@ A converter says how to recognise a state dict by its keys, how to map its keys 
 ``VisionTransformer``, and what its pre-training assumed: normalisation and pooling, and the
 architecture settings its shapes cannot show (an activation, a LayerNorm epsilon). Width,
 depth, patch size, position grid, registers, layer scale and pre-norm are read from the
-tensors themselves (``vit_geometry``), so the input size and the architecture
-(``models_vit_lora.ARCHS``) of a file follow from the file. ``models_vit_lora.load_pretrained``
+tensors themselves (``vit_geometry``), so the input size and the architecture of a file
+follow from the file (``describe``; ``models_vit_lora.describe_weights`` names its
+architecture among ``models_vit_lora.ARCHS``). ``models_vit_lora.load_pretrained``
 asks ``detect`` for the format, maps the keys with it and then checks, as for every format,
 that each backbone tensor of the model is in the file with its shape. Reading the file
 (never unpickling code) is done before, whatever the format.
@@ -309,22 +310,18 @@ def stats_from(obj: Mapping[str, Any], mean_key: str, std_key: str, config: Path
 
 def describe(state_dict: StateDict, source: object,
              archs: Mapping[str, Mapping[str, Any]] | None = None) -> WeightsInfo:
-    """What the file ``source`` holds: its format, the architecture its shapes are, its
-    input size, normalisation and pooling.
+    """What the file ``source`` holds: its format, its ViT's shapes and the architecture they
+    are, its input size, normalisation and pooling.
 
-    ``archs`` maps architecture names to all their settings (default: every
-    ``models_vit_lora.ARCHS`` entry through ``models_vit_lora.arch_settings``). Raises
-    ``PretrainedWeightsError`` (one line naming ``source``) when the format is unknown or
-    ambiguous or the tensors are no ViT.
+    ``archs`` maps architecture names to all their settings (``models_vit_lora`` passes its
+    ``ARCHS``: ``models_vit_lora.describe_weights``); the first that fits is ``arch``, None
+    without ``archs`` or when none fits. Raises ``PretrainedWeightsError`` (one line naming
+    ``source``) when the format is unknown or ambiguous or the tensors are no ViT.
     """
     fmt = detect(state_dict, source)
     state, dropped = convert(fmt, state_dict, source)
     geometry = vit_geometry(state, source)
-    if archs is None:
-        import models_vit_lora as mv  # the architectures live with their builders
-
-        archs = {name: mv.arch_settings(name) for name in mv.ARCHS}
-    arch = next((name for name, settings in archs.items()
+    arch = next((name for name, settings in (archs or {}).items()
                  if not geometry.misfits(settings, fmt.arch_settings)), None)
     norm, mean, std, norm_from = _statistics(fmt, source)
     return WeightsInfo(source=str(source), format=fmt, geometry=geometry, arch=arch, norm=norm,
@@ -332,8 +329,8 @@ def describe(state_dict: StateDict, source: object,
 
 
 def check_model(info: WeightsInfo, model: str, settings: Mapping[str, Any]) -> None:
-    """Refuse, with one line naming both, a ``--model`` whose ``settings`` (all of them, as
-    ``models_vit_lora.arch_settings`` gives, with any overrides) do not fit the file."""
+    """Refuse, with one line naming both, a ``--model`` whose ``settings`` (all of them, with
+    any overrides: ``models_vit_lora.check_model_fits``) do not fit the file."""
     misfits = info.geometry.misfits(settings, info.format.arch_settings)
     if misfits:
         holds = f"it holds {info.arch}" if info.arch else "no --model of this tool builds it"

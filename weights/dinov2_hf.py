@@ -4,8 +4,9 @@ facebook/dinov2-* in the same layout.
 
 The separate query / key / value linears (``attention.attention.{query,key,value}`` as
 saved, ``attention.{q,k,v}_proj`` in transformers 5's own state dict) are fused into timm's
-``attn.qkv`` (rows q, k, v), so ``--lora_pos attn`` adapts q and v exactly as on MAE weights. ``layer_scale{1,2}.lambda1``
-become ``ls{1,2}.gamma``, ``layernorm`` the final ``norm``. With registers, transformers adds
+``attn.qkv`` (rows q, k, v), so ``--lora_pos attn`` adapts q and v exactly as on MAE
+weights. ``layer_scale{1,2}.lambda1`` become ``ls{1,2}.gamma``, ``layernorm`` the final
+``norm``. With registers, transformers adds
 ``position_embeddings`` to the class token and the patches and nothing to the registers; timm
 (``no_embed_class``) adds positions to the patches only, so the class position is added to
 ``cls_token`` here and the table keeps the patch positions: the same sums. ``mask_token``
@@ -100,7 +101,8 @@ def _read_norm(weights_path: Path):
     obj = read_json_beside(weights_path, "preprocessor_config.json")
     if obj is None:
         return None
-    return stats_from(obj, "image_mean", "image_std", weights_path.parent / "preprocessor_config.json")
+    return stats_from(obj, "image_mean", "image_std",
+                      weights_path.parent / "preprocessor_config.json")
 
 
 DINOV2_HF = register(WeightsFormat(

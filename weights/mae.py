@@ -26,7 +26,8 @@ def _to_timm(state: StateDict) -> tuple[StateDict, list[str]]:
 
 
 MAE = register(WeightsFormat(
-    name="mae", description="MAE / MRM / CXR_MAE / Medical MAE pre-training checkpoint (encoder + decoder)",
+    name="mae",
+    description="MAE / MRM / CXR_MAE / Medical MAE pre-training checkpoint (encoder + decoder)",
     recognise=_recognise, to_timm=_to_timm,
     # MAE's models_vit: timm's ViT with GELU and LayerNorm eps 1e-6.
     arch_settings={"act_layer": None, "norm_eps": 1e-6}))

@@ -39,7 +39,8 @@ def _read_norm(weights_path: Path):
     obj = read_json_beside(weights_path, "open_clip_config.json")
     if obj is None or not isinstance(obj.get("preprocess_cfg"), dict):
         return None
-    return stats_from(obj["preprocess_cfg"], "mean", "std", weights_path.parent / "open_clip_config.json")
+    return stats_from(obj["preprocess_cfg"], "mean", "std",
+                      weights_path.parent / "open_clip_config.json")
 
 
 OPEN_CLIP = register(WeightsFormat(
