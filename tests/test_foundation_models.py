@@ -516,3 +516,11 @@ def test_each_format_names_statistics_of_the_norm_table():
         assert fmt.norm is None or fmt.norm in NORM_STATS, fmt.name
     assert NORM_STATS["chexzero"][0][0] * 255 == pytest.approx(101.48761)
     assert weights.FORMATS["openai_clip"].arch_settings["act_layer"] == "quick_gelu"
+
+
+def test_a_file_of_no_format_is_told_every_layout():
+    with pytest.raises(mv.PretrainedWeightsError) as err:
+        weights.detect({"conv1.weight": torch.zeros(3)}, "resnet.pth")
+    assert _one_line(err).endswith(
+        "match no known weights format (mae, timm) nor the layouts of transformers (dinov2_hf), "
+        "open_clip (open_clip), OpenAI CLIP (openai_clip): is it a ViT checkpoint?")
