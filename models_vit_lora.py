@@ -35,12 +35,42 @@ from weights import PretrainedWeightsError
 
 logger = logging.getLogger(__name__)
 
-ARCHS: dict[str, dict[str, int]] = {
+# Each architecture: the VisionTransformer settings that differ from ``ARCH_DEFAULTS``.
+# ``norm_eps`` is the LayerNorm epsilon; ``act_layer`` a timm activation name (None: GELU).
+ARCHS: dict[str, dict[str, Any]] = {
     "vit_tiny_patch16": dict(embed_dim=192, depth=12, num_heads=3),
     "vit_small_patch16": dict(embed_dim=384, depth=12, num_heads=6),
     "vit_base_patch16": dict(embed_dim=768, depth=12, num_heads=12),
     "vit_large_patch16": dict(embed_dim=1024, depth=24, num_heads=16),
+    # DINOv2 ViT-B/14 (RAD-DINO): layer scale; 518 px = a 37 x 37 grid in pre-training.
+    "vit_base_patch14_dinov2": dict(embed_dim=768, depth=12, num_heads=12, patch_size=14,
+                                    init_values=1e-5),
+    # DINOv2 with 4 registers: the patch positions only, the class position folded into
+    # cls_token (the registers have none).
+    "vit_base_patch14_reg4_dinov2": dict(embed_dim=768, depth=12, num_heads=12, patch_size=14,
+                                         init_values=1e-5, reg_tokens=4, no_embed_class=True),
+    # OpenAI CLIP ViT-B/32 (CheXzero): LayerNorm before the blocks (ln_pre), QuickGELU, eps 1e-5.
+    "vit_base_patch32_clip_quickgelu": dict(embed_dim=768, depth=12, num_heads=12, patch_size=32,
+                                            pre_norm=True, act_layer="quick_gelu", norm_eps=1e-5),
 }
+# What an ARCHS entry leaves out (timm's own defaults, and MAE's LayerNorm epsilon).
+ARCH_DEFAULTS: dict[str, Any] = dict(
+    patch_size=16, mlp_ratio=4.0, qkv_bias=True, init_values=None, class_token=True,
+    reg_tokens=0, no_embed_class=False, pre_norm=False, act_layer=None, norm_eps=1e-6)
+# timm's registered name of each architecture (``timm.create_model`` builds the same model).
+TIMM_NAMES: dict[str, str] = {
+    **{arch: f"{arch}_224" for arch in ("vit_tiny_patch16", "vit_small_patch16",
+                                         "vit_base_patch16", "vit_large_patch16")},
+    "vit_base_patch14_dinov2": "vit_base_patch14_dinov2",
+    "vit_base_patch14_reg4_dinov2": "vit_base_patch14_reg4_dinov2",
+    "vit_base_patch32_clip_quickgelu": "vit_base_patch32_clip_quickgelu_224",
+}
+
+
+def arch_settings(arch: str) -> dict[str, Any]:
+    """Every setting of an architecture (an ``ARCHS`` or ``MODELS`` name): its entry over
+    ``ARCH_DEFAULTS``."""
+    return {**ARCH_DEFAULTS, **ARCHS[LORA_MODELS.get(arch, arch)]}
 
 
 def _build_vit(
@@ -52,14 +82,11 @@ def _build_vit(
     **kwargs: Any,
 ) -> VisionTransformer:
     """A timm ViT with the MAE fine-tuning layout; ``kwargs`` override the architecture."""
-    cfg: dict[str, Any] = dict(ARCHS[arch])
-    cfg.update(kwargs)
+    cfg = {**arch_settings(arch), **kwargs}
+    norm_layer = partial(nn.LayerNorm, eps=cfg.pop("norm_eps"))
     model = VisionTransformer(
         img_size=img_size,
-        patch_size=16,
-        mlp_ratio=4,
-        qkv_bias=True,
-        norm_layer=partial(nn.LayerNorm, eps=1e-6),
+        norm_layer=norm_layer,
         num_classes=num_classes,
         # 'avg' = mean over patch tokens (cls excluded) followed by fc_norm, as MAE/MRM.
         global_pool="avg" if global_pool else "token",
@@ -113,10 +140,28 @@ def vit_large_patch16(**kwargs: Any) -> VisionTransformer:
     return _build_vit("vit_large_patch16", **kwargs)
 
 
+def vit_base_patch14_dinov2(**kwargs: Any) -> VisionTransformer:
+    """DINOv2 ViT-B/14 (768 wide, 12 blocks, layer scale): the architecture of RAD-DINO."""
+    return _build_vit("vit_base_patch14_dinov2", **kwargs)
+
+
+def vit_base_patch14_reg4_dinov2(**kwargs: Any) -> VisionTransformer:
+    """DINOv2 ViT-B/14 with 4 register tokens."""
+    return _build_vit("vit_base_patch14_reg4_dinov2", **kwargs)
+
+
+def vit_base_patch32_clip_quickgelu(**kwargs: Any) -> VisionTransformer:
+    """OpenAI CLIP ViT-B/32 image tower (pre-norm, QuickGELU): the architecture of CheXzero."""
+    return _build_vit("vit_base_patch32_clip_quickgelu", **kwargs)
+
+
 vit_tiny_patch16_lora = _with_lora(vit_tiny_patch16)
 vit_small_patch16_lora = _with_lora(vit_small_patch16)
 vit_base_patch16_lora = _with_lora(vit_base_patch16)
 vit_large_patch16_lora = _with_lora(vit_large_patch16)
+vit_base_patch14_dinov2_lora = _with_lora(vit_base_patch14_dinov2)
+vit_base_patch14_reg4_dinov2_lora = _with_lora(vit_base_patch14_reg4_dinov2)
+vit_base_patch32_clip_quickgelu_lora = _with_lora(vit_base_patch32_clip_quickgelu)
 
 # Builder names, as the paper's scripts pass them to --model. A `_lora` builder is the
 # plain architecture with adapters injected (LORA_MODELS maps it to that architecture).
@@ -428,9 +473,11 @@ def extract_state_dict(obj: dict[str, Any], path: str | Path = "<checkpoint>") -
 
 def resize_pos_embed(pos_embed: torch.Tensor, grid: tuple[int, int],
                      num_prefix_tokens: int = 1) -> torch.Tensor:
-    """Bicubic interpolation of the patch positions to a new grid; cls position kept."""
+    """Bicubic interpolation of the patch positions to a new grid; the first
+    ``num_prefix_tokens`` positions (class token, registers; 0 for a table of patch
+    positions only) are kept as they are."""
     prefix, patches = pos_embed[:, :num_prefix_tokens], pos_embed[:, num_prefix_tokens:]
-    old = int(math.sqrt(patches.shape[1]))
+    old = math.isqrt(patches.shape[1])
     if old * old != patches.shape[1]:
         raise PretrainedWeightsError(f"pos_embed with {patches.shape[1]} patch positions is "
                                      "not a square grid")
@@ -489,14 +536,25 @@ def _refuse_adapters(state_dict: dict[str, torch.Tensor], path: str | Path) -> N
 
 def _fit_pos_embed(model: nn.Module, value: torch.Tensor, want: torch.Size, report: LoadReport,
                    path: str | Path) -> torch.Tensor:
-    """``pos_embed`` interpolated to the model's patch grid when only its number of positions differs."""
-    if value.shape == want or value.shape[-1] != want[-1]:
+    """``pos_embed`` interpolated to the model's patch grid when only its number of positions
+    differs (another input size or patch grid); logged."""
+    if value.shape == want or value.ndim != 3 or value.shape[-1] != want[-1]:
         return value
     grid = getattr(model.patch_embed, "grid_size", None)
     if grid is None:
         raise PretrainedWeightsError(f"{path}: cannot resize pos_embed for this model")
+    # Positions before the patches: class token and registers, none with no_embed_class.
     prefix = want[1] - grid[0] * grid[1]
+    old = math.isqrt(max(value.shape[1] - prefix, 0))
+    if prefix < 0 or old * old != value.shape[1] - prefix:
+        raise PretrainedWeightsError(
+            f"{path}: pos_embed has {value.shape[1]} positions, the model {want[1]} ({prefix} "
+            f"before a {grid[0]}x{grid[1]} grid): no square grid after {prefix} class / register "
+            "positions (a model with registers or a class position the file lacks?)")
     report.pos_embed_resized = (value.shape[1], want[1])
+    logger.info("%s: pos_embed interpolated (bicubic) from a %dx%d to a %dx%d patch grid for "
+                "input size %s", path, old, old, grid[0], grid[1],
+                getattr(model.patch_embed, "img_size", "?"))
     return resize_pos_embed(value, tuple(grid), num_prefix_tokens=prefix)
 
 
@@ -540,6 +598,21 @@ def _check_backbone_covered(target: dict[str, str], state: dict[str, torch.Tenso
             "ViT encoder checkpoint of the same architecture?")
 
 
+# Encoder tensors a model may leave unused: the final norm, replaced by fc_norm when the
+# model pools the patch tokens (MAE's fine-tuning).
+UNUSED_OK_PREFIXES = ("norm.",)
+
+
+def _refuse_stray_tensors(report: LoadReport, path: str | Path) -> None:
+    """A file tensor the model has no place for (a register, layer scale, pre-norm of another
+    architecture) would be silently lost: refuse it, naming the keys."""
+    stray = [k for k in report.unexpected if not k.startswith(HEAD_PREFIXES + UNUSED_OK_PREFIXES)]
+    if stray:
+        raise PretrainedWeightsError(
+            f"{path}: {len(stray)} backbone tensors of the file have no place in the model, so "
+            f"they would be lost: {_first(stray)}. Is the --model the file's architecture?")
+
+
 def _copy_into(model: nn.Module, to_load: dict[str, torch.Tensor], report: LoadReport) -> None:
     """Copy the checked tensors; what the model still lacks must be its classifier alone."""
     result = model.load_state_dict(to_load, strict=False)
@@ -563,20 +636,23 @@ def load_pretrained(model: nn.Module, path: str | Path, allow_unsafe_pickle: boo
     the MAE / paper fine-tuning recipe does, even when the file holds one of the same
     shape; ``pos_embed`` is interpolated to the model's grid. Raises
     ``PretrainedWeightsError`` before anything is copied when the format is unknown or
-    ambiguous, when a backbone tensor is missing from the file, has the wrong shape or
-    holds NaN / inf, and when the file holds trained LoRA tensors (a fine-tuned checkpoint
-    is not pre-trained weights).
+    ambiguous, when its converter meets a key it cannot map, when a backbone tensor is
+    missing from the file, has the wrong shape or holds NaN / inf, when a file tensor has no
+    place in the model (only the final ``norm`` may go unused, replaced by ``fc_norm``), and
+    when the file holds trained LoRA tensors (a fine-tuned checkpoint is not pre-trained
+    weights).
     """
     if state_dict is None:
         state_dict = extract_state_dict(read_checkpoint(path, allow_unsafe_pickle), path)
     _refuse_adapters(state_dict, path)
     fmt = weights.detect(state_dict, path)
-    state, dropped = fmt.to_timm(state_dict)
+    state, dropped = weights.convert(fmt, state_dict, path)
     report = LoadReport(path=str(path), format=fmt.name, ignored=list(dropped))
     # The model's tensors by their plain-model name, mapped to the name they carry here.
     target = {lora.canonical_name(k): k for k in model.state_dict() if not _is_lora_factor(k)}
     to_load = _match_tensors(model, state, target, report, path)
     _check_backbone_covered(target, state, path)
+    _refuse_stray_tensors(report, path)
     # Checked once here, before anything is copied: every later use trusts these weights.
     check_finite(to_load, path)
     _copy_into(model, to_load, report)
@@ -588,6 +664,22 @@ def load_pretrained(model: nn.Module, path: str | Path, allow_unsafe_pickle: boo
                     _first(report.unexpected))
     logger.info(report.summary())
     return report
+
+
+def describe_weights(path: str | Path, allow_unsafe_pickle: bool = False,
+                     state_dict: dict[str, torch.Tensor] | None = None) -> weights.WeightsInfo:
+    """What a pre-trained file holds (``weights.describe``), its architecture named among
+    ``ARCHS``: the defaults of ``--model``, ``--input_size``, ``--norm`` and the pooling."""
+    if state_dict is None:
+        state_dict = extract_state_dict(read_checkpoint(path, allow_unsafe_pickle), path)
+    return weights.describe(state_dict, path, {name: arch_settings(name) for name in ARCHS})
+
+
+def check_model_fits(info: weights.WeightsInfo, model: str,
+                     model_kwargs: dict[str, Any] | None = None) -> None:
+    """Refuse (one line naming both) a ``--model`` (a ``MODELS`` name, with its
+    ``model_kwargs`` overrides) that does not fit the file ``info`` describes."""
+    weights.check_model(info, model, {**arch_settings(model), **(model_kwargs or {})})
 
 
 # ---------------------------------------------------------------------------------------

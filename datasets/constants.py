@@ -48,4 +48,13 @@ NORM_STATS: dict[str, tuple[tuple[float, float, float], tuple[float, float, floa
     "mrm": ((0.4978,) * 3, (0.2449,) * 3),
     "cxr_mae": ((0.4785,) * 3, (0.2834,) * 3),
     "imagenet": (_IMAGENET_MEAN, _IMAGENET_STD),
+    # The foundation models of weights/ (README "Supported foundation models"), as published:
+    # RAD-DINO: microsoft/rad-dino preprocessor_config.json.
+    "rad_dino": ((0.5307,) * 3, (0.2583,) * 3),
+    # OpenAI CLIP (and BiomedCLIP's open_clip_config.json preprocess_cfg).
+    "clip": ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)),
+    # CheXzero train.py / zero_shot.py: Normalize(101.48761, 83.43944) on 0-255 pixels.
+    "chexzero": ((101.48761 / 255,) * 3, (83.43944 / 255,) * 3),
+    # Medical MAE (lambert-x/medical_mae util/datasets.py, chest X-ray data sets).
+    "medical_mae": ((0.5056,) * 3, (0.252,) * 3),
 }

@@ -1,7 +1,9 @@
 """timm's own ViT state dicts (and encoder-only MAE releases, which use the same names).
 
 A classifier (``head.*``) from another task is left to the loader, which always starts a
-new one; ``norm.*`` is unused by a model that pools with ``fc_norm``.
+new one; ``norm.*`` is unused by a model that pools with ``fc_norm``. The names do not tell
+the activation or the LayerNorm epsilon (timm's CLIP and DINOv2 models share them with
+MAE's), so the architecture is matched by shapes alone.
 """
 from __future__ import annotations
 
