@@ -410,7 +410,7 @@ class ExportError(ToolError, ValueError):
 
 def timm_model_name(model: str) -> str:
     """timm's registered name for one of our architectures ('vit_base_patch16' -> '..._224')."""
-    return f"{model}_224"
+    return mv.TIMM_NAMES[mv.LORA_MODELS.get(model, model)]
 
 
 def merged_config(config: ModelConfig, source: str | Path | None = None) -> dict[str, Any]:

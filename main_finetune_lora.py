@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import platform
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -233,18 +234,23 @@ def infer_norm(finetune: str) -> str | None:
         return "cxr_mae"
     if "imagenet" in name or "mae_pretrain" in name:
         return "imagenet"
+    if re.search(r"_cxr_0\.\dm_mae", name):  # Medical MAE's release names
+        return "medical_mae"
     return None
 
 
 def resolve_args(args: argparse.Namespace, explicit: set[str]) -> argparse.Namespace:
     """Fill preset / demo defaults and values derived from several flags, then check the
     combinations (single values were checked by their flag's type or their own class)."""
+    filled: set[str] = set()
+
     def fill(values: dict[str, Any]) -> None:
         for key, value in values.items():
             if key not in explicit:
                 setattr(args, key, value)
+                filled.add(key)
 
-    args.explicit, args.notes, args.preset_source = explicit, [], None
+    args.explicit, args.notes, args.preset_source, args.weights_info = explicit, [], None, None
     if args.preset:
         method = methods.get(args.method or default_method(args.model))
         values, args.preset_source = resolve_preset(args.preset, method.name, method.preset_lr)
@@ -255,6 +261,8 @@ def resolve_args(args: argparse.Namespace, explicit: set[str]) -> argparse.Names
               and not (k == "dataset" and "data_path" in explicit)})
         if args.finetune and "model" not in explicit:
             args.model = "vit_base_patch16_lora"
+    if args.finetune and not args.eval and Path(args.finetune).is_file():
+        args.weights_info = weights_defaults(args, explicit | filled)
     args.demo_replace = bool(args.demo and not {"output_dir", "run_name"} & explicit)
     args.method = args.method or default_method(args.model)
     args.arch = mv.LORA_MODELS.get(args.model, args.model)
@@ -319,9 +327,34 @@ def choose_data(args: argparse.Namespace, explicit: set[str]) -> None:
                                if args.demo else ""))
 
 
+def weights_defaults(args: argparse.Namespace, given: set[str]):
+    """What the --finetune file holds (its format and shapes, logged): the defaults of
+    --model, --input_size and the pooling where no flag or preset set them; a --model that
+    does not fit the file is refused."""
+    info = mv.describe_weights(args.finetune, allow_unsafe_pickle=args.unsafe_load)
+    args.notes.append(info.summary())
+    if "model" not in given:
+        if info.arch is None:
+            raise ArgumentError(f"--finetune {args.finetune}: {info.geometry.text()}: no --model "
+                                "of this tool builds it")
+        lora_model = (args.method or "lora") == "lora"
+        args.model = info.arch + ("_lora" if lora_model else "")
+    try:
+        mv.check_model_fits(info, args.model, {"depth": args.depth} if args.depth else {})
+    except mv.PretrainedWeightsError as err:
+        raise ArgumentError(str(err)) from None
+    if "input_size" not in given:
+        args.input_size = info.input_size
+    if "global_pool" not in given:
+        args.global_pool = info.global_pool == "avg"
+    return info
+
+
 def choose_norm(args: argparse.Namespace, explicit: set[str]) -> str:
-    """The input normalisation the weights need (named by the file), refusing a preset of others."""
-    named = infer_norm(args.finetune) if args.finetune else None
+    """The input normalisation the weights need (known from the file, or named by it),
+    refusing a preset of others."""
+    info = args.weights_info
+    named = (info.norm if info else None) or (infer_norm(args.finetune) if args.finetune else None)
     if args.preset and named and named != args.norm and "norm" not in explicit:
         # A preset is the recipe of one kind of weights; other weights are another setting.
         raise ArgumentError(f"--preset {args.preset} is the recipe for weights normalised as "
@@ -334,7 +367,7 @@ def choose_norm(args: argparse.Namespace, explicit: set[str]) -> str:
         return "mrm"
     if named is None:
         raise ArgumentError(f"--norm: cannot tell the normalisation of {args.finetune}; pass "
-                            "--norm mrm, cxr_mae or imagenet")
+                            f"--norm {' | '.join(sorted(datasets.NORM_STATS))}")
     return named
 
 
@@ -346,8 +379,6 @@ def check_combinations(args: argparse.Namespace, world: int) -> None:
     if args.method != "lora" and args.model in mv.LORA_MODELS:
         raise ArgumentError(f"--method {args.method} contradicts --model {args.model}: use "
                             f"--model {mv.LORA_MODELS[args.model]}")
-    if args.input_size % 16:
-        raise ArgumentError(f"--input_size {args.input_size} is not a multiple of the patch size 16")
     lr = args.lr if args.lr is not None else args.blr * args.batch_size * args.accum_iter * world / 256
     if args.min_lr > lr:
         raise ArgumentError(f"--min_lr {args.min_lr!r} is not valid: the floor of the cosine "
@@ -356,6 +387,7 @@ def check_combinations(args: argparse.Namespace, world: int) -> None:
     if args.compile_mode != "default" and args.compile_backend != "inductor":
         raise ArgumentError(f"--compile_mode {args.compile_mode} is a mode of the inductor backend, "
                             f"not of --compile_backend {args.compile_backend}")
+    mv.check_input_size(args.model, args.input_size)
     try:
         check_inputs(args)
         datasets.check_cache_options(args.cache, args.cache_size)

@@ -769,6 +769,14 @@ def _read_method_settings(values: dict[str, Any]) -> tuple[Any, list[str]]:
         return None, [f"{key}: {err}"]
 
 
+def check_input_size(model: str, img_size: int) -> None:
+    """An input side the architecture's patches tile (``ModelConfigError`` naming --input_size)."""
+    patch = arch_settings(model)["patch_size"]
+    if img_size % patch:
+        raise ModelConfigError(f"--input_size {img_size} is not a multiple of the patch size "
+                               f"{patch} of {model}")
+
+
 @dataclass
 class ModelConfig:
     """All that rebuilds a trained model and feeds it: architecture, method and its settings,
@@ -821,6 +829,7 @@ class ModelConfig:
         if not _positive_int(self.img_size):
             raise ModelConfigError(f"input size must be a positive integer (--input_size), got "
                                    f"{self.img_size!r}")
+        check_input_size(self.model, self.img_size)
         for key, value in self.model_kwargs.items():
             check, expected = MODEL_KWARGS.get(key, (None, ""))
             if check is None:

@@ -35,3 +35,20 @@ def reference_splits() -> Path:
     if not path.is_dir():
         pytest.skip("../shared/reference_splits not present")
     return path
+
+
+@pytest.fixture(scope="session")
+def vit_base_file(tmp_path_factory):
+    """A ViT-B/16 pre-training file in MAE's layout (12 blocks, 224 px), written once: tests
+    of the paper's flags hard-link it under the names they need (MRM.pth, CXR_MAE.pth)."""
+    from _fakes import mrm_checkpoint
+
+    path = tmp_path_factory.mktemp("vit_base") / "vit_base_mae.pth"
+    mrm_checkpoint(path, arch="vit_base_patch16", depth=12)
+
+    def named(folder: Path, name: str) -> Path:
+        target = Path(folder) / name
+        os.link(path, target)
+        return target
+
+    return named

@@ -517,9 +517,8 @@ def test_config_records_preset_source_precision_and_global_batch(demo, tmp_path)
 
 
 @pytest.mark.parametrize("world,batch", [(1, 64), (2, 32), (4, 16)])
-def test_global_batch_is_kept_over_processes(monkeypatch, tmp_path, world, batch):
-    weights = tmp_path / "CXR_MAE.pth"
-    weights.write_bytes(b"x")
+def test_global_batch_is_kept_over_processes(monkeypatch, tmp_path, world, batch, vit_base_file):
+    weights = vit_base_file(tmp_path, "CXR_MAE.pth")
     monkeypatch.setenv("WORLD_SIZE", str(world))
     parser = mfl.get_args_parser()
     argv = ["--preset", "nih-1-cxr_mae", "--finetune", str(weights), "--data_path", str(tmp_path)]

@@ -421,9 +421,8 @@ PAPER_MAE = ("--num_workers 10 --batch_size 64 --model vit_base_patch16_lora --f
 
 
 @pytest.mark.parametrize("line,norm_file", [(PAPER_MRM, "MRM.pth"), (PAPER_MAE, "CXR_MAE.pth")])
-def test_paper_script_flags_parse_unchanged(tmp_path, line, norm_file):
-    weights = tmp_path / norm_file
-    weights.write_bytes(b"x")
+def test_paper_script_flags_parse_unchanged(tmp_path, line, norm_file, vit_base_file):
+    weights = vit_base_file(tmp_path, norm_file)
     argv = line.format(w=weights, d=tmp_path).split()
     parser = mfl.get_args_parser()
     args = parser.parse_args(argv)
@@ -433,9 +432,8 @@ def test_paper_script_flags_parse_unchanged(tmp_path, line, norm_file):
     assert args.recipe == args.optimizer and args.data_size == "1%" and args.lora_rank == 4
 
 
-def test_preset_fills_and_explicit_flags_win(tmp_path):
-    weights = tmp_path / "w.pth"
-    weights.write_bytes(b"x")
+def test_preset_fills_and_explicit_flags_win(tmp_path, vit_base_file):
+    weights = vit_base_file(tmp_path, "w.pth")
     parser = mfl.get_args_parser()
     argv = ["--preset", "chexpert-10-mrm", "--finetune", str(weights), "--data_path", str(tmp_path),
             "--epochs", "7"]

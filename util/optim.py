@@ -10,7 +10,8 @@ NO_WEIGHT_DECAY = ("cls_token", "pos_embed", "dist_token")
 
 def layer_id(name: str, num_layers: int) -> int:
     """Depth of a parameter for layer-wise decay: embeddings 0, block i -> i + 1, rest top."""
-    if name.startswith(("cls_token", "pos_embed", "patch_embed", "dist_token", "reg_token")):
+    if name.startswith(("cls_token", "pos_embed", "patch_embed", "dist_token", "reg_token",
+                        "norm_pre")):
         return 0
     if name.startswith("blocks."):
         return int(name.split(".")[1]) + 1
