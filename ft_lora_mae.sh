@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# LoRA fine-tuning from CXR_MAE weights with the paper's recipe (paper README table: AdamW,
-# layer decay 0.65, RandAugment, random erasing).
+# Fine-tuning from CXR_MAE weights with the paper's recipe (paper README table: AdamW, layer
+# decay 0.65, RandAugment, random erasing): LoRA by default, or any other method (METHOD),
+# each with the same data, schedule and augmentation (docs/METHODS.md: each method's lr and size).
 # Edit the variables (or set them in the environment); extra arguments pass through:
 #   DATA_PATH=data/NIH_ChestX-ray DATASET=nih DATA_SIZE=1 NGPUS=4 ./ft_lora_mae.sh --note try1
+#   METHOD="lora vpt ssf" ./ft_lora_mae.sh  # one method after another (see scripts/method_launch.sh)
 #   SEEDS="0 1 2" ./ft_lora_mae.sh        # three runs, one after another
 #   DRY_RUN=1 ./ft_lora_mae.sh            # print the command only
 # docs/REPRODUCE.md lists the command for each of the paper's settings.
@@ -18,23 +20,13 @@ WEIGHTS=${WEIGHTS:-$REPO/pretrained_weights/CXR_MAE.pth}  # see pretrained_weigh
 NGPUS=${NGPUS:-1}                                      # processes on this node (GPUs)
 GLOBAL_BATCH=${GLOBAL_BATCH:-64}                       # the paper's; split over the processes
 SEEDS=${SEEDS:-0}                                      # e.g. "0 1 2": one run per seed (--run_name X: X_s<seed>)
+METHOD=${METHOD:-lora}                                 # e.g. "lora vpt": one run (per seed) per method
 # Multi-node: also NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT (see scripts/torchrun_launch.sh).
 OUTPUT_DIR=${OUTPUT_DIR:-$REPO/output_dir/}
 
 # The preset fills the paper's settings for this data set and size (AdamW, epochs, base lr
 # and rank per setting, layer decay 0.65, weight decay 0.05, random erasing 0.25, batch 64;
-# RandAugment fills as the paper's pipeline does, see --aug_fill).
-source "$REPO/scripts/torchrun_launch.sh"
-launch \
-     --preset "${DATASET}-${DATA_SIZE%\%}-cxr_mae" \
-     --method lora \
-     --model vit_base_patch16_lora \
-     --finetune "$WEIGHTS" \
-     --data_path "$DATA_PATH" \
-     --output_dir "$OUTPUT_DIR" \
-     --lora_pos attn \
-     --num_workers 10 \
-     --dist_eval \
-     --script "$REPO/$(basename "$0")" \
-     --note lora \
-     "$@"
+# RandAugment fills as the paper's pipeline does, see --aug_fill); another method than LoRA
+# keeps all but the rank, with its own paper's lr (docs/METHODS.md).
+source "$REPO/scripts/method_launch.sh"
+launch_methods "${DATASET}-${DATA_SIZE%\%}-cxr_mae" "$REPO/$(basename "$0")" "$@"

@@ -8,6 +8,7 @@
 # override any value with its flag.
 # Edit the variables (or set them in the environment); extra arguments pass through:
 #   DATA_PATH=data/NIH_ChestX-ray DATASET=nih DATA_SIZE=1 NGPUS=4 ./ft_mae.sh --note try1
+#   METHOD="full vpt ssf" ./ft_mae.sh    # one method after another (see scripts/method_launch.sh)
 #   SEEDS="0 1 2" ./ft_mae.sh             # three runs, one after another
 #   DRY_RUN=1 ./ft_mae.sh                 # print the command only
 # Paths you set (DATA_PATH, WEIGHTS, OUTPUT_DIR, and paths among the extra arguments) are
@@ -22,20 +23,11 @@ WEIGHTS=${WEIGHTS:-$REPO/pretrained_weights/CXR_MAE.pth} # see pretrained_weight
 NGPUS=${NGPUS:-1}                                      # processes on this node (GPUs)
 GLOBAL_BATCH=${GLOBAL_BATCH:-64}                       # the paper's; split over the processes
 SEEDS=${SEEDS:-0}                                      # e.g. "0 1 2": one run per seed
+METHOD=${METHOD:-full}                                 # e.g. "full vpt": one run (per seed) per method
 # Multi-node: also NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT (see scripts/torchrun_launch.sh).
 OUTPUT_DIR=${OUTPUT_DIR:-$REPO/output_dir/}
 
-# --method full selects the full fine-tuning preset (not the LoRA one) of this setting.
-source "$REPO/scripts/torchrun_launch.sh"
-launch \
-     --preset "${DATASET}-${DATA_SIZE%\%}-cxr_mae" \
-     --method full \
-     --model vit_base_patch16 \
-     --finetune "$WEIGHTS" \
-     --data_path "$DATA_PATH" \
-     --output_dir "$OUTPUT_DIR" \
-     --num_workers 10 \
-     --dist_eval \
-     --script "$REPO/$(basename "$0")" \
-     --note full \
-     "$@"
+# METHOD=full selects the full fine-tuning preset (not the LoRA one) of this setting; another
+# method takes the LoRA preset without the rank, with its own paper's lr (docs/METHODS.md).
+source "$REPO/scripts/method_launch.sh"
+launch_methods "${DATASET}-${DATA_SIZE%\%}-cxr_mae" "$REPO/$(basename "$0")" "$@"

@@ -281,3 +281,56 @@ def test_a_failed_run_ends_with_its_own_error(fake_env):
     proc = run("ft_lora_mrm.sh", fake_env, NGPUS="2", SEEDS="0 1", FAIL_SEED="0")
     assert proc.returncode == 3 and len(calls(fake_env)) == 2
     assert proc.stderr.strip().splitlines()[-1].startswith("error: seed 0 stopped (exit 3)")
+
+
+@pytest.mark.parametrize("script", sorted(SCRIPTS))
+def test_several_methods_run_one_after_another_named_by_method(fake_env, script):
+    proc = run(script, fake_env, "--run_name", "cmp", METHOD="lora vpt ssf", SEEDS="0 1")
+    assert proc.returncode == 0, proc.stderr
+    runs = calls(fake_env)
+    assert [(flag(a, "--method"), flag(a, "--seed")) for a in runs] == [
+        ("lora", "0"), ("lora", "1"), ("vpt", "0"), ("vpt", "1"), ("ssf", "0"), ("ssf", "1")]
+    assert [flag(a, "--run_name") for a in runs] == [
+        "cmp_lora_s0", "cmp_lora_s1", "cmp_vpt_s0", "cmp_vpt_s1", "cmp_ssf_s0", "cmp_ssf_s1"]
+    weights = SCRIPTS[script][0]
+    for argv in runs:
+        method = flag(argv, "--method")
+        assert flag(argv, "--preset") == f"nih-1-{weights}" and argv.count("--method") == 1
+        # LoRA on the paper's q, v of its *_lora model; the others on the plain ViT-B.
+        assert flag(argv, "--model") == ("vit_base_patch16_lora" if method == "lora" else "vit_base_patch16")
+        assert ("--lora_pos" in argv) == (method == "lora")
+        assert "--note" not in argv  # the automatic run name already holds the method
+    # One method keeps a given name as it is; the default method is the script's own.
+    assert run(script, fake_env, "--run_name", "one", METHOD="adaptformer").returncode == 0
+    assert run(script, fake_env).returncode == 0
+    one, default = calls(fake_env)[-2:]
+    assert flag(one, "--run_name") == "one" and flag(one, "--method") == "adaptformer"
+    assert flag(default, "--method") == SCRIPTS[script][1]
+
+
+@pytest.mark.parametrize("more,extra,message", [
+    ({"METHOD": "lora lora"}, (), "METHOD='lora lora': expected different methods; lora is listed twice"),
+    ({"METHOD": "lora,vpt"}, (), "METHOD='lora,vpt': expected method names separated by spaces"),
+    ({"METHOD": " "}, (), "METHOD=' ': expected one or more methods"),
+    ({"METHOD": "lora vpt"}, ("--method", "ssf"), "--method ssf with METHOD='lora vpt' would give every run that method"),
+    ({"METHOD": "lora vpt"}, ("--run_name", ""), "--run_name '' (the --output_dir itself) with METHOD='lora vpt' would put every method in one folder"),
+])
+def test_bad_methods_are_named_before_anything_runs(fake_env, more, extra, message):
+    proc = run("ft_lora_mrm.sh", fake_env, *extra, **more)
+    assert proc.returncode == 2 and calls(fake_env) == []
+    [line] = proc.stderr.strip().splitlines()
+    assert line.startswith(f"error: {message}")
+
+
+def test_a_misspelt_method_stops_before_the_first_method_trains(fake_env, tmp_path):
+    # A stand-in for the entry script's flag check that knows every method but 'vtp'.
+    checker = tmp_path / "bin" / "python"
+    checker.write_text("""#!/usr/bin/env bash
+case " $* " in *" --check_args "*" --method vtp "*)
+  echo "main_finetune_lora.py: error: argument --method: invalid choice: 'vtp'" >&2; exit 2;; esac
+""" + FAKE_PYTHON.split("\n", 1)[1])
+    proc = run("ft_lora_mrm.sh", fake_env, METHOD="lora vtp")
+    assert proc.returncode == 2 and calls(fake_env) == []  # lora did not start either
+    assert proc.stderr.strip().splitlines()[-1].endswith("invalid choice: 'vtp'")
+    assert run("ft_lora_mrm.sh", fake_env, METHOD="lora vpt").returncode == 0
+    assert [flag(a, "--method") for a in calls(fake_env)] == ["lora", "vpt"]

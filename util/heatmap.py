@@ -1,8 +1,8 @@
 """Grad-CAM heatmaps for the ViT classifier, drawn over the original X-ray.
 
 Grad-CAM needs spatial feature maps; a ViT has tokens. The activations of the last block
-are taken, the prefix (cls) token is dropped, and the patch tokens are reshaped to the
-patch grid (14 x 14 for 224 px inputs). The channel weights are the mean gradients of
+are taken, the prefix tokens (cls, and VPT's prompts: ``num_prefix_tokens``) are dropped, and
+the patch tokens are reshaped to the patch grid (14 x 14 for 224 px inputs). The channel weights are the mean gradients of
 the class logit over the patch tokens, as in Grad-CAM. With MAE-style average pooling
 (``global_pool='avg'``) every patch token gets the same gradient, so the map is the
 exact linear contribution of each patch to the class score before ``fc_norm``.
@@ -34,14 +34,17 @@ def target_layer(model: nn.Module) -> nn.Module:
 
     With average pooling: the last block (its patch tokens are what is pooled). With cls
     token pooling the last block's patch outputs get no gradient, so the input of its
-    attention (``norm1``, the usual ViT Grad-CAM choice) is used instead.
+    attention (``norm1``, the usual ViT Grad-CAM choice) is used instead; a block that a
+    method wraps (VPT's prompted block keeps timm's block as ``.block``) is looked into.
+    Tokens before the patch grid (cls, and VPT's prompts) are the model's ``num_prefix_tokens``.
     """
     blocks = getattr(model, "blocks", None)
     if blocks is None or len(blocks) == 0:
         raise ValueError(f"grad_cam: {type(model).__name__} has no `blocks`; expected a timm ViT")
     if getattr(model, "global_pool", "avg") == "avg":
         return blocks[-1]
-    return blocks[-1].norm1
+    last = blocks[-1]
+    return getattr(last, "block", last).norm1
 
 
 def grad_cam(

@@ -1,0 +1,201 @@
+"""SSF (Lian, Zhou, Feng and Wang, NeurIPS 2022, "Scaling & Shifting Your Features"): a learned
+per-channel scale and shift after each operation of the frozen ViT, ``y = x * scale + shift``
+(the paper's formula), trained with fc_norm + head and folded into the preceding layer's weight
+and bias for inference (mergeable, as the paper re-parameterises it).
+
+Where, as the paper's code puts them: after the patch embedding, and in every block after
+``norm1``, the fused ``qkv``, the attention's ``proj``, ``norm2``, ``fc1`` and ``fc2``; after the
+final ``norm`` when the model has one (cls-token pooling). With average pooling that norm is
+timm's Identity and the trained ``fc_norm`` follows the pooling, so there is nothing there to
+scale (a scale before a LayerNorm could not be folded either). Initialisation as the paper's
+code: scale ~ N(1, 0.02), shift ~ N(0, 0.02), so the model starts close to (not exactly at)
+the pre-trained one. A ViT-B/16 trains 204,288 SSF parameters (16,896 per block, 1,536 at the
+patch embedding) + 12,302 in fc_norm + head with 14 classes: a fixed size.
+"""
+from __future__ import annotations
+
+import warnings
+from typing import Iterable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import lora
+from methods import Method, register
+
+# The operations of a timm ViT block that SSF follows, by module path inside the block.
+BLOCK_TARGETS = ("norm1", "attn.qkv", "attn.proj", "norm2", "mlp.fc1", "mlp.fc2")
+# The paper's initialisation: scale ~ N(1, INIT_STD), shift ~ N(0, INIT_STD).
+INIT_STD = 0.02
+
+
+class ScaleShift(nn.Module):
+    """Wraps a frozen ``nn.Linear``, ``nn.Conv2d`` or ``nn.LayerNorm`` and scales and shifts its
+    output per channel: ``base(x) * scale + shift`` (channels: the last dimension, or dim 1 of
+    a convolution's output).
+
+    ``merge()`` folds the two vectors into the base layer's weight and bias (``W' = diag(s) W``,
+    ``b' = s * b + t``; for a LayerNorm ``gamma' = s * gamma``, ``beta' = s * beta + t``) and
+    ``unmerge()`` restores the saved originals bit-exactly. A LayerNorm is computed with the
+    folded affine in one ``layer_norm`` call (the same function, no extra pass over the tokens).
+
+    Args:
+        base_layer: the layer whose output is scaled; it keeps its parameters, frozen.
+        init_std: standard deviation of the initial scale (mean 1) and shift (mean 0).
+    """
+
+    def __init__(self, base_layer: nn.Module, init_std: float = INIT_STD) -> None:
+        super().__init__()
+        if type(base_layer) not in (nn.Linear, nn.Conv2d, nn.LayerNorm):
+            raise TypeError(f"ScaleShift wraps an nn.Linear, nn.Conv2d or nn.LayerNorm, got "
+                            f"{type(base_layer).__name__}")
+        if getattr(base_layer, "bias", None) is None or getattr(base_layer, "weight", None) is None:
+            raise ValueError(f"ScaleShift folds into a weight and a bias: {base_layer} lacks one")
+        self.base_layer = base_layer
+        self.base_layer.requires_grad_(False)
+        channels = base_layer.weight.shape[0]
+        factory = {"device": base_layer.weight.device, "dtype": torch.float32}
+        self.ssf_scale = nn.Parameter(torch.empty(channels, **factory))
+        self.ssf_shift = nn.Parameter(torch.empty(channels, **factory))
+        nn.init.normal_(self.ssf_scale, mean=1.0, std=init_std)
+        nn.init.normal_(self.ssf_shift, mean=0.0, std=init_std)
+        self.merged = False
+        self._unmerged: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def folded(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The base layer's (weight, bias) with the scale and shift folded in, in fp32
+        (differentiable in the scale and shift)."""
+        weight, bias = self.base_layer.weight, self.base_layer.bias
+        per_row = self.ssf_scale.view(-1, *([1] * (weight.ndim - 1)))
+        return weight.float() * per_row, bias.float() * self.ssf_scale + self.ssf_shift
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        base = self.base_layer
+        if self.merged:
+            return base(x)
+        if isinstance(base, nn.LayerNorm):
+            weight, bias = self.folded()
+            return F.layer_norm(x, base.normalized_shape, weight, bias, base.eps)
+        out = base(x)
+        scale, shift = self.ssf_scale.to(out.dtype), self.ssf_shift.to(out.dtype)
+        if isinstance(base, nn.Conv2d):
+            scale, shift = scale.view(-1, 1, 1), shift.view(-1, 1, 1)
+        return torch.addcmul(shift, out, scale)
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Fold the scale and shift into the base weight and bias (inference at a plain layer's cost)."""
+        if self.merged:
+            warnings.warn("SSF layer is already merged; merge() ignored", stacklevel=2)
+            return
+        weight, bias = self.base_layer.weight, self.base_layer.bias
+        # s * W / s is not W in floating point: keep the originals for an exact unmerge.
+        self._unmerged = (weight.detach().clone(), bias.detach().clone())
+        new_weight, new_bias = self.folded()
+        weight.copy_(new_weight.to(weight.dtype))
+        bias.copy_(new_bias.to(bias.dtype))
+        self._base_changed()
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Undo ``merge()``: restore the base weight and bias."""
+        if not self.merged:
+            warnings.warn("SSF layer is not merged; unmerge() ignored", stacklevel=2)
+            return
+        assert self._unmerged is not None, "merged without the saved base tensors"
+        self.base_layer.weight.copy_(self._unmerged[0])
+        self.base_layer.bias.copy_(self._unmerged[1])
+        self._unmerged = None
+        self._base_changed()
+        self.merged = False
+
+    def _base_changed(self) -> None:
+        """Tell a base that caches a form of its weight (lora.fp8.Float8Linear) to remake it."""
+        refresh = getattr(self.base_layer, "refresh", None)
+        if callable(refresh):
+            refresh()
+
+    def extra_repr(self) -> str:
+        return f"channels={self.ssf_scale.numel()}, merged={self.merged}"
+
+
+def _targets(model: nn.Module) -> list[str]:
+    """Qualified names of the modules SSF follows in a timm ViT."""
+    names = ["patch_embed.proj"]
+    names += [f"blocks.{i}.{t}" for i in range(len(model.blocks)) for t in BLOCK_TARGETS]
+    if isinstance(getattr(model, "norm", None), nn.LayerNorm):
+        names.append("norm")  # cls-token pooling: the final norm feeds the head
+    return names
+
+
+def inject(model: nn.Module, settings: None) -> None:
+    """Wrap every operation SSF follows (``_targets``) in a ``ScaleShift``."""
+    if any(isinstance(m, ScaleShift) for m in model.modules()):
+        raise ValueError("model already has SSF layers")
+    for name in _targets(model):
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, ScaleShift(getattr(parent, child)))
+
+
+def ssf_layers(model: nn.Module) -> Iterable[tuple[str, ScaleShift]]:
+    """All (name, ScaleShift) pairs of the model."""
+    return ((n, m) for n, m in model.named_modules() if isinstance(m, ScaleShift))
+
+
+def mark_trainable(model: nn.Module) -> None:
+    """Freeze everything but the scales, the shifts and the classifier (fc_norm + head)."""
+    lora.mark_trainable(model)
+    for _, layer in ssf_layers(model):
+        layer.ssf_scale.requires_grad_(True)
+        layer.ssf_shift.requires_grad_(True)
+
+
+def merge(model: nn.Module) -> int:
+    """Fold every scale and shift into its layer. Returns the number of layers merged."""
+    layers = [layer for _, layer in ssf_layers(model)]
+    if any(layer.merged for layer in layers):
+        warnings.warn("model already merged; merge() left it as it is", stacklevel=2)
+        return 0
+    for layer in layers:
+        layer.merge()
+    return len(layers)
+
+
+def unmerge(model: nn.Module) -> int:
+    """Undo ``merge``. Returns the number of layers unmerged."""
+    count = 0
+    for _, layer in ssf_layers(model):
+        if layer.merged:
+            layer.unmerge()
+            count += 1
+    return count
+
+
+def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The plain timm state dict (timm names) with every scale and shift folded in; the model
+    itself is left as it is, merged or not."""
+    folded: dict[str, torch.Tensor] = {}
+    for name, layer in ssf_layers(model):
+        if not layer.merged:
+            weight, bias = layer.folded()
+            base = layer.base_layer
+            folded[f"{name}.base_layer.weight"] = weight.detach().to(base.weight.dtype)
+            folded[f"{name}.base_layer.bias"] = bias.detach().to(base.bias.dtype)
+    out: dict[str, torch.Tensor] = {}
+    for key, value in model.state_dict().items():
+        if key.rsplit(".", 1)[-1] in ("ssf_scale", "ssf_shift"):
+            continue
+        out[lora.canonical_name(key)] = folded.get(key, value).detach().clone()
+    return out
+
+
+SSF = register(Method(
+    name="ssf", summary="SSF: per-channel scale and shift after each operation (+ fc_norm, "
+                        "head); folded into the weights for inference",
+    inject=inject, mark_trainable=mark_trainable, merge=merge, unmerge=unmerge,
+    merged_state_dict=merged_state_dict,
+    preset_lr=(5e-3, "SSF official VTAB-1k scripts (train_scripts/vit/vtab/*/train_ssf.sh): "
+                     "AdamW, lr 5e-3 at 2 GPUs x 32 = 64 images a step")))
