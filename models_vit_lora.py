@@ -298,10 +298,10 @@ def sniff_weights_file(path: str | Path) -> FileKind:
         head = f.read(4096)
     if head.startswith((b"PK\x03\x04", b"PK\x05\x06")):
         return _sniff_zip(path, head)
-    if head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):
-        if _TORCH_LEGACY_MAGIC in head[:32]:
-            return FileKind("torch-legacy", "PyTorch checkpoint (legacy format)")
-        return FileKind(None, "a Python pickle not written by torch.save")
+    pickle_start = head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05")
+    if pickle_start and _TORCH_LEGACY_MAGIC in head[:32]:
+        return FileKind("torch-legacy", "PyTorch checkpoint (legacy format)")
+    # Before the pickle test: a safetensors header length can begin with the byte 0x80.
     if size >= 10 and head[8:9] == b"{":
         header = int.from_bytes(head[:8], "little")
         if 8 + header <= size:
@@ -309,6 +309,8 @@ def sniff_weights_file(path: str | Path) -> FileKind:
         return FileKind(None, f"truncated safetensors file (its header needs {8 + header} "
                               f"bytes, the file has {size}; an interrupted download or copy?)",
                         damaged=True)
+    if pickle_start:
+        return FileKind(None, "a Python pickle not written by torch.save")
     for magic, what in _OTHER_MAGIC:
         if head.startswith(magic):
             return FileKind(None, what)

@@ -91,9 +91,10 @@ class Method:
             ("r4" for LoRA rank 4), "" for nothing.
         trains_backbone: whether every backbone weight is trained (then the backbone cannot be
             held in a lower precision, and checkpoints hold every tensor).
-        preset_lr: for a method without a published recipe of its own, the learning rate its
-            paper recommends, used with a ``--preset`` unless ``--lr`` is given, and where it
-            comes from; None keeps the preset's (the paper's LoRA) value.
+        preset_lr: for a method without a published recipe of its own, (the learning rate its
+            paper recommends, where it comes from, the optimizer it is for): used with a
+            ``--preset`` of that optimizer unless ``--lr`` is given; None, or a preset of the
+            other optimizer, keeps the preset's (the paper's LoRA) value.
         merge, unmerge: fold the trained modules into the base weights and back, for
             evaluation at the cost of a plain ViT; each returns the number of layers changed.
         merged_state_dict: the plain timm state dict with the method folded in (export),
@@ -112,7 +113,7 @@ class Method:
     size_flag: str | None = None
     tag: Callable[[Any], str] = _plain_tag
     trains_backbone: bool = False
-    preset_lr: tuple[float, str] | None = None
+    preset_lr: tuple[float, str, str] | None = None
     merge: Callable[[nn.Module], int] = no_merge
     unmerge: Callable[[nn.Module], int] = no_merge
     merged_state_dict: Callable[[nn.Module], dict[str, torch.Tensor]] = plain_state_dict

@@ -143,7 +143,7 @@ ADAPTFORMER = register(Method(
     inject=inject, mark_trainable=mark_trainable, settings=AdaptFormerSettings,
     from_flags=from_flags, flags=FLAGS, size_flag="--adapter_dim", tag=lambda s: f"d{s.dim}",
     preset_lr=(0.025, "AdaptFormer official main_image.py: SGD (momentum 0.9), base lr 0.1, "
-                      "lr = 0.1 x 64 / 256 at 64 images a step"),
+                      "lr = 0.1 x 64 / 256 at 64 images a step", "sgd"),
     not_mergeable="its adapters add a ReLU bottleneck beside each MLP, which no weight of a "
                   "plain ViT can hold; use the checkpoint itself (predict.py --checkpoint, "
                   "--eval --resume)"))

@@ -198,4 +198,4 @@ SSF = register(Method(
     inject=inject, mark_trainable=mark_trainable, merge=merge, unmerge=unmerge,
     merged_state_dict=merged_state_dict,
     preset_lr=(5e-3, "SSF official VTAB-1k scripts (train_scripts/vit/vtab/*/train_ssf.sh): "
-                     "AdamW, lr 5e-3 at 2 GPUs x 32 = 64 images a step")))
+                     "AdamW, lr 5e-3 at 2 GPUs x 32 = 64 images a step", "adamw")))

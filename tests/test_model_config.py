@@ -119,7 +119,7 @@ def _edit_json(stem, change):
     (lambda o: o.pop("eval_recipe"), "'eval_recipe' missing"),
     (lambda o: o.update(global_pool="avg"), "'global_pool' is 'avg' (expected bool)"),
     (lambda o: o.update(mean=[0.5, "x", 0.5]), "'mean' is [0.5, 'x', 0.5] (expected list of number)"),
-    (lambda o: o.update(method="vpt"), "unknown method 'vpt'"),
+    (lambda o: o.update(method="prefix_tuning"), "unknown method 'prefix_tuning'"),
     (lambda o: o.update(num_classes=3), "14 class_names for num_classes 3"),
     (lambda o: o.update(format="cxr-lora-checkpoint/2"),
      "format 'cxr-lora-checkpoint/2', expected 'cxr-lora-checkpoint/3'"),

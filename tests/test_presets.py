@@ -116,13 +116,15 @@ def test_bad_names():
 
 def test_a_method_without_a_recipe_keeps_the_data_and_schedule_and_takes_its_own_lr():
     lora_values, _ = resolve_preset("chexpert-10-mrm", "lora")
-    values, source = resolve_preset("chexpert-10-mrm", "ssf", method_lr=(5e-3, "SSF paper"))
+    values, source = resolve_preset("chexpert-10-mrm", "ssf", method_lr=(5e-3, "SSF paper", "sgd"))
     assert values["lr"] == 5e-3 and "lora_rank" not in values
     assert {k: v for k, v in values.items() if k != "lr"} == \
         {k: v for k, v in lora_values.items() if k not in ("lr", "lora_rank")}
     assert "lr 0.005 (SSF paper)" in source
     same, _ = resolve_preset("chexpert-10-mrm", "ssf")
     assert same["lr"] == lora_values["lr"]
+    other, source = resolve_preset("chexpert-10-mrm", "ssf", method_lr=(5e-3, "SSF paper", "adamw"))
+    assert other["lr"] == lora_values["lr"] and "is for adamw" in source
     assert "full" in preset_help() and "preset_source" in preset_help()
 
 

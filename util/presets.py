@@ -121,7 +121,7 @@ LINEAR_PRESETS: dict[str, dict[str, Any]] = {
 
 
 def preset_source(name: str, method: str = "lora",
-                  method_lr: tuple[float, str] | None = None) -> str:
+                  method_lr: tuple[float, str, str] | None = None) -> str:
     """Where the preset `name` for `method` comes from, in one line (for config.json and --help)."""
     if name not in PRESETS:
         raise ValueError(f"preset {name!r}: expected one of {sorted(PRESETS)}")
@@ -133,22 +133,27 @@ def preset_source(name: str, method: str = "lora",
     source = (f"no published recipe: the paper's LoRA preset {name} (README table, {weights} "
               "weights) without the adapters")
     if method_lr is not None:
-        source += f", lr {method_lr[0]:g} ({method_lr[1]})"
+        lr, origin, optimizer = method_lr
+        if optimizer == PRESETS[name]["optimizer"]:
+            source += f", lr {lr:g} ({origin})"
+        else:
+            source += (f"; its own lr {lr:g} is for {optimizer} ({origin}), this preset trains "
+                       f"with {PRESETS[name]['optimizer']}: the preset's lr is kept")
     return source
 
 
 def resolve_preset(name: str, method: str = "lora",
-                   method_lr: tuple[float, str] | None = None) -> tuple[dict[str, Any], str]:
+                   method_lr: tuple[float, str, str] | None = None) -> tuple[dict[str, Any], str]:
     """The values of preset `name` for `method` and their source.
 
-    ``method_lr`` is (lr, its source) for a method whose own paper recommends one; LoRA and
-    full fine-tuning take the paper's values.
+    ``method_lr`` is (lr, its source, its optimizer) for a method whose own paper recommends
+    one, applied to presets of that optimizer; LoRA and full fine-tuning take the paper's values.
     """
     source = preset_source(name, method, method_lr)  # validates the name
     if method in ("lora", "full"):
         return dict({"lora": PRESETS, "full": FULL_PRESETS}[method][name]), source
     values = dict(LINEAR_PRESETS[name])
-    if method_lr is not None:
+    if method_lr is not None and method_lr[2] == values["optimizer"]:
         values["lr"] = method_lr[0]
     return values, source
 
