@@ -123,7 +123,10 @@ class ScaleShift(nn.Module):
 
 def _targets(model: nn.Module) -> list[str]:
     """Qualified names of the modules SSF follows in a timm ViT."""
-    names = ["patch_embed.proj"]
+    # The patch embedding, or where it has no bias to fold a shift into (CLIP), the LayerNorm
+    # that follows it.
+    has_bias = model.patch_embed.proj.bias is not None
+    names = ["patch_embed.proj"] if has_bias else ["norm_pre"]
     names += [f"blocks.{i}.{t}" for i in range(len(model.blocks)) for t in BLOCK_TARGETS]
     if isinstance(getattr(model, "norm", None), nn.LayerNorm):
         names.append("norm")  # cls-token pooling: the final norm feeds the head

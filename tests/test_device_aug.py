@@ -426,7 +426,8 @@ def test_entry_script_refuses_what_the_device_cannot_run(demo, tmp_path, capsys)
     data, weights = demo
     with pytest.raises(SystemExit) as exc:
         mfl.cli(["--data_path", str(data), "--finetune", str(weights), "--optimizer", "adamw",
-                 "--device_aug", "--aa", "augmix-m5", "--output_dir", str(tmp_path / "x")])
+                 "--model", "vit_tiny_patch16_lora", "--depth", "2", "--device_aug", "--aa",
+                 "augmix-m5", "--output_dir", str(tmp_path / "x")])
     assert exc.value.code == 2
     assert "--device_aug: --aa 'augmix-m5'" in capsys.readouterr().err
 

@@ -413,7 +413,8 @@ def test_demo_run_resumes_exactly_and_its_checkpoint_evaluates_and_predicts(
     extra = ["--heatmap_class", "Effusion", "--heatmap_dir", str(tmp_path / "maps")] \
         if method == "vpt" else []
     assert predict.main(["--checkpoint", str(whole / "checkpoint-best"), "--inputs", *map(str, images),
-                         "--output", str(out), "--amp", "none", "--num_workers", "0", *extra]) == 0
+                         "--output", str(out), "--amp", "none", "--num_workers", "0",
+                         "--no_calibrated", *extra]) == 0  # the test table's own probabilities
     import pandas as pd
 
     mine, theirs = pd.read_csv(out), pd.read_csv(whole / "predictions_test.csv")

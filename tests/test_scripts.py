@@ -29,15 +29,15 @@ case " $* " in *" --check_args "*) exit 0;; esac
 
 
 @pytest.fixture
-def fake_env(tmp_path):
-    """Environment with a recording torchrun, a weights file and a data folder."""
+def fake_env(tmp_path, vit_base_file):
+    """Environment with a recording torchrun, a weights file (ViT-B/16 in MRM's layout) and a
+    data folder."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     for name, text in (("torchrun", FAKE_RUNNER), ("python", FAKE_PYTHON)):
         (bin_dir / name).write_text(text)
         (bin_dir / name).chmod(0o755)
-    weights, data = tmp_path / "MRM.pth", tmp_path / "NIH_ChestX-ray"
-    weights.write_bytes(b"x")
+    weights, data = vit_base_file(tmp_path, "MRM.pth"), tmp_path / "NIH_ChestX-ray"
     data.mkdir()
     env = {k: v for k, v in os.environ.items()
            if k not in ("DRY_RUN", "SEEDS", "NGPUS", "NNODES", "NODE_RANK", "GLOBAL_BATCH",
