@@ -712,7 +712,8 @@ def main(args: argparse.Namespace) -> dict:
             settings, resume=args.resume, overwrite=args.overwrite, replace_demo=args.demo_replace))
         config = model_config(args, list(data.train_set.class_names), settings)
         model = build_model(args, config, device)
-        optimizer = build_optimizer(model, args.optimizer, args.lr, args.weight_decay, args.layer_decay)
+        optimizer = build_optimizer(model, args.optimizer, args.lr, args.weight_decay, args.layer_decay,
+                                    lr_scale=getattr(args.method_settings, "lr_scale", None))
         # fp16 needs loss scaling on every device (small gradients underflow to zero in fp16).
         scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
         progress = Progress(args.start_epoch)

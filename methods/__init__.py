@@ -150,4 +150,4 @@ def all_flags() -> list[Flag]:
 
 
 # Each registers itself, in the order --help lists them (lora, the default, first).
-from methods import lora, full, linear  # noqa: E402,F401,I001
+from methods import lora, full, linear, dora, ia3  # noqa: E402,F401,I001
