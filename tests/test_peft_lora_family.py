@@ -273,3 +273,36 @@ def test_lora_plus_reaches_the_optimizer_of_a_run(demo, tmp_path):
     assert all(g["lr"] == pytest.approx(g["lr_scale"] * groups[0]["lr"] / groups[0]["lr_scale"])
                for g in groups)
     assert json.loads((out / "config.json").read_text())["settings"]["lora_plus_ratio"] == 16.0
+
+
+def test_every_registered_method_is_a_bench_contender(tmp_path, capsys):
+    """bench_model.py --methods all times every method of the registry (built as training
+    builds it, evaluated merged where it merges) and the PEFT peers of the same targets."""
+    import sys
+
+    sys.path.insert(0, str(mv.Path(__file__).resolve().parents[1] / "bench"))
+    import bench_model as bm
+
+    result = bm.main(["--model", "vit_tiny_patch16", "--img_size", "32", "--batch_size", "2",
+                      "--steps", "1", "--rounds", "1", "--warmup", "0", "--no_memory",
+                      "--amp", "fp32", "--impls", "ours,full", "--methods", "all"])
+    capsys.readouterr()
+    train, evaluated = result["train"], result["eval"]
+    for name, method in methods.REGISTRY.items():
+        impl = bm.BUILT_IN.get(name, name)
+        assert f"{impl}:fp32" in train, name
+        if name not in bm.BUILT_IN:
+            cfg = config("lora", LoRASpec(4, 32.0)).replace(  # the bench's: 12 blocks, 14 classes
+                method=name, method_settings=bm.method_settings(name, 4, 32.0, 0.1),
+                class_names=[f"c{k}" for k in range(bm.NUM_CLASSES)], model_kwargs={})
+            expected = lora.count_parameters(mv.build_model(cfg))[0]
+            assert train[f"{impl}:fp32"]["trainable"] == expected, name
+            assert f"{impl}{'' if method.not_mergeable else '_merged'}:fp32" in evaluated, name
+    # The same-target variants: DoRA on all of qkv, IA3 on q too.
+    assert train["dora_qkv:fp32"]["trainable"] > train["dora:fp32"]["trainable"]
+    assert train["ia3_qkv:fp32"]["trainable"] - train["ia3:fp32"]["trainable"] == 12 * DIM
+    if bm.peft is not None:
+        assert train["ia3_qkv:fp32"]["trainable"] == train["peft_ia3:fp32"]["trainable"]
+        assert {"train dora_qkv/peft_dora fp32", "train ia3_qkv/peft_ia3 fp32"} <= set(result["ratios"])
+        assert "train dora_qkv/peft_dora fp32" in {g["ratio"] for g in result["goals"]}
+    assert "train dora/ours fp32" in result["ratios"] and "eval ia3_merged/plain fp32" in result["ratios"]
