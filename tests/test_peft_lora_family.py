@@ -306,3 +306,31 @@ def test_every_registered_method_is_a_bench_contender(tmp_path, capsys):
         assert {"train dora_qkv/peft_dora fp32", "train ia3_qkv/peft_ia3 fp32"} <= set(result["ratios"])
         assert "train dora_qkv/peft_dora fp32" in {g["ratio"] for g in result["goals"]}
     assert "train dora/ours fp32" in result["ratios"] and "eval ia3_merged/plain fp32" in result["ratios"]
+
+
+def test_dora_trains_under_two_process_ddp(demo, tmp_path):
+    """Two CPU processes (gloo): every DoRA tensor gets its gradient reduced (DDP refuses a
+    trainable tensor without one), and the single-process --eval of the result agrees."""
+    import os
+    import subprocess
+    import sys
+
+    data, weights = demo
+    root = mv.Path(__file__).resolve().parents[1]
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(root / "main_finetune_lora.py"),
+           *tiny_run_args(data, weights, out, "--model", "vit_tiny_patch16", "--method", "dora",
+                          "--epochs", "1", "--warmup_epochs", "0", "--ci_resamples", "0", seed=7)]
+    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    distributed = json.loads((out / "results_test.json").read_text())
+    assert set(load_file(str(out / "checkpoint-best.safetensors"))) == EXPECTED["dora"]
+    again = tmp_path / "eval"
+    assert mfl.cli(["--eval", "--resume", str(out / "checkpoint-best"), "--data_path", str(data),
+                    "--amp", "none", "--num_workers", "0", "--output_dir", str(again),
+                    "--no_progress", "--ci_resamples", "0"]) == 0
+    single = json.loads((again / "results_test.json").read_text())
+    assert single["num_images"] == distributed["num_images"]
+    assert single["mean_auroc"] == pytest.approx(distributed["mean_auroc"], abs=1e-6)
