@@ -24,6 +24,7 @@ costs two products of the size of A per step instead of a pass over the full wei
 """
 from __future__ import annotations
 
+import contextlib
 import warnings
 from typing import Sequence
 
@@ -78,7 +79,12 @@ class DoRALinear(LoRALinear):
         w = self.base_layer.weight
         key = (w.data_ptr(), w._version, w.dtype, w.device, tuple(w.shape))
         if torch.compiler.is_compiling() or self._wsq is None or self._wsq_key != key:
-            rows = torch.cat([r.float().pow(2).sum(1) for r in self._adapted_rows(w.detach())])
+            # Under inference_mode the cache would be an inference tensor, unusable by a later
+            # training step: it is made as an ordinary tensor.
+            leave = torch.inference_mode(False) if torch.is_inference_mode_enabled() \
+                else contextlib.nullcontext()
+            with leave, torch.no_grad():
+                rows = torch.cat([r.float().pow(2).sum(1) for r in self._adapted_rows(w.detach())])
             if torch.compiler.is_compiling():
                 return rows
             self._wsq, self._wsq_key = rows, key
@@ -92,11 +98,11 @@ class DoRALinear(LoRALinear):
         a, b = self.lora_A.detach().float(), self.lora_B.detach().float()
         r, d = self.rank, self.slice_size
         cross, square = [], []
-        for j, rows in enumerate(self._adapted_rows(w)):
-            a_j, b_j = a[j * r:(j + 1) * r], b[j * d:(j + 1) * d]
-            wa = rows.float() @ a_j.t() if rows.dtype != torch.float32 else rows @ a_j.t()
-            cross.append((b_j * wa).sum(1))
-            square.append(((b_j @ (a_j @ a_j.t())) * b_j).sum(1))
+        with torch.autocast(w.device.type, enabled=False):  # fp32 products, whatever the step's
+            for j, rows in enumerate(self._adapted_rows(w)):
+                a_j, b_j = a[j * r:(j + 1) * r], b[j * d:(j + 1) * d]
+                cross.append((b_j * (rows.float() @ a_j.t())).sum(1))
+                square.append(((b_j @ (a_j @ a_j.t())) * b_j).sum(1))
         sq = self._frozen_row_sq_norms() + 2 * s * torch.cat(cross) + s * s * torch.cat(square)
         return sq.clamp_min(0).sqrt()
 
@@ -113,11 +119,14 @@ class DoRALinear(LoRALinear):
         out = self.base_layer(x2d)  # a fresh tensor: updated in place below
         dropped = self.training and isinstance(self.lora_dropout, nn.Dropout)
         x_lora = self.lora_dropout(x2d)
-        if not torch.is_autocast_enabled(x.device.type):
+        autocast = torch.is_autocast_enabled(x.device.type)
+        if not autocast:
             x_lora = x_lora.to(self.lora_A.dtype)
         h = F.linear(x_lora, self.lora_A)
-        # W x_d of the adapted rows: needed only when the dropped input differs from x.
-        wx_d = F.linear(x_lora, self._adapted_weight().to(x_lora.dtype)) if dropped else None
+        wx_d = None
+        if dropped:  # W x_d of the adapted rows: only when the dropped input differs from x
+            w_adapted = self._adapted_weight()
+            wx_d = F.linear(x_lora, w_adapted if autocast else w_adapted.to(x_lora.dtype))
         dtype = out.dtype
         g = self.magnitude_scale()
         bias = self._adapted_bias()
@@ -151,7 +160,8 @@ class DoRALinear(LoRALinear):
     def merged_weight(self) -> torch.Tensor:
         """The base weight with the adapted rows replaced by ``g * (W + s B A)`` (fp32); the
         norm of each row is taken from the sum itself, as PEFT's merge takes it."""
-        weight = self.base_layer.weight.float() + self.delta_weight()
+        with torch.autocast(self.base_layer.weight.device.type, enabled=False):
+            weight = self.base_layer.weight.float() + self.delta_weight()
         m = self.lora_magnitude.detach().float()
         d = self.slice_size
         for j, (start, stop) in enumerate(self._adapted_columns()):

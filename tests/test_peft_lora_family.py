@@ -85,6 +85,26 @@ def test_shapes_and_exactly_the_trained_set(method):
     assert any(p.grad.abs().sum() > 0 for p in adapted)
 
 
+@pytest.mark.parametrize("method", ["dora", "ia3"])
+def test_bf16_autocast_with_a_bf16_backbone_follows_fp32(method):
+    """Under bf16 autocast, with the frozen backbone held in bf16 (--backbone_dtype bf16), the
+    logits follow the fp32 model's and the trained tensors get fp32 gradients."""
+    torch.manual_seed(0)
+    model = perturbed(mv.build_model(config(method, SETTINGS[method] if method == "ia3" else
+                                            LoRASpec(rank=4, alpha=32.0, dropout=0.0))))
+    x = torch.randn(2, 3, 32, 32)
+    model.train()
+    expected = model(x).detach()
+    lora.cast_frozen_(model, torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = model(x)
+    torch.testing.assert_close(logits.float(), expected, atol=0.1, rtol=0.05)
+    logits.float().sum().backward()
+    grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    assert set(grads) == EXPECTED[method]
+    assert all(g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads.values())
+
+
 def test_dora_update_equals_its_formula_with_and_without_dropout():
     """The in-place step equals ``out - base + g (base + s h B^T)`` out of place, gradients too."""
     torch.manual_seed(0)
