@@ -529,8 +529,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
               "'ours_fp8' contender is skipped", file=sys.stderr)
     cases = [(i, p) for i in impls for p in precs if valid_case(i, p, device)]
     result: dict[str, Any] = {"machine": machine_info(device), "config": {**cfg, "steps": args.steps,
-                              "rounds": args.rounds, "precisions": precs, "eval_batch_size": args.eval_batch_size,
-                              "impls": impls}}
+                              "rounds": args.rounds, "precisions": precs, "eval_batch_size": args.eval_batch_size}}
+    result["config"]["impls"] = impls
 
     # Peak memory first, while nothing else is allocated.
     memory: dict[str, Any] = {}
@@ -752,7 +752,8 @@ def get_parser() -> argparse.ArgumentParser:
                    help=f"comma list from {all_impls()}")
     p.add_argument("--methods", default="",
                    help="also time these registered methods (comma list, or all), each with its "
-                        f"same-target variant and HF PEFT peer where there is one: {list(methods.REGISTRY)}")
+                        "same-target variant and HF PEFT peer where there is one: "
+                        f"{list(methods.REGISTRY)}")
     p.add_argument("--no_memory", action="store_true", help="skip the peak-memory measurements")
     p.add_argument("--quick", action="store_true",
                    help="batch 4, 2 steps, 1 round, no extra warm-up, 1 memory step: a few minutes on a CPU")

@@ -101,7 +101,8 @@ def spec_tag(spec: LoRASpec) -> str:
 
 FLAGS = (
     flag("--lora_rank", type=int, default=4, help="LoRA rank r"),
-    flag("--lora_alpha", type=float, default=32.0, help="LoRA alpha (scaling alpha / r)"),
+    flag("--lora_alpha", type=float, default=32.0,
+         help="LoRA alpha: the update is scaled by alpha / r (alpha / sqrt(r) with rslora)"),
     flag("--lora_dropout", type=float, default=0.1, help="dropout on the LoRA input"),
     flag("--lora_pos", type=str, default="attn",
          help=f"where to put adapters: {sorted(lora.POSITIONS)} or a comma list"),

@@ -253,7 +253,8 @@ def test_demo_run_tests_resumes_bit_equal_and_evaluates(method, demo, tmp_path, 
     record = json.loads((whole / "config.json").read_text())
     saved = load_file(str(whole / "checkpoint-best.safetensors"))
     assert record["settings"]["method"] == method
-    assert record["trainable"].startswith(f"trainable params: {sum(t.numel() for t in saved.values()):,} ")
+    count = sum(t.numel() for t in saved.values())
+    assert record["trainable"].startswith(f"trainable params: {count:,} ")
 
     cut, seen = tmp_path / "cut", []
 

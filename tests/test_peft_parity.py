@@ -172,8 +172,8 @@ FAMILY_SCRIPT = textwrap.dedent("""
                     ours_mod.ia3_scale.uniform_(0.5, 1.5)
                 peft_l = theirs.get_submodule(name).ia3_l["default"]
                 peft_l.data.copy_(ours_mod.ia3_scale.reshape(peft_l.shape))
-                own = f"blocks.{i}.attn.qkv.ia3_scale" if name.endswith("qkv") else f"blocks.{i}.mlp.act.ia3_scale"
-                names[own] = f"{name}.ia3_l.default"
+                own = "attn.qkv" if name.endswith("qkv") else "mlp.act"
+                names[f"blocks.{i}.{own}.ia3_scale"] = f"{name}.ia3_l.default"
         return compare(ours, theirs, base, names)
 
     print(json.dumps({"dora_qkv": dora_case(["qkv"], 0.0), "dora_mlp": dora_case(["fc1", "fc2"], 0.0),

@@ -38,7 +38,9 @@ def param_groups_lrd(model: nn.Module, weight_decay: float = 0.05,
         no_decay = param.ndim == 1 or name in NO_WEIGHT_DECAY
         lid = layer_id(name, num_layers)
         factor = _factor(lr_scale, name)
-        key = f"layer_{lid}_{'no_decay' if no_decay else 'decay'}" + (f"_x{factor:g}" if factor != 1 else "")
+        key = f"layer_{lid}_{'no_decay' if no_decay else 'decay'}"
+        if factor != 1:
+            key += f"_x{factor:g}"
         group = groups.setdefault(key, {"params": [], "names": [], "lr_scale": scales[lid] * factor,
                                         "weight_decay": 0.0 if no_decay else weight_decay})
         group["params"].append(param)
