@@ -401,7 +401,7 @@ def load_resume_state(path: str | Path) -> dict[str, Any]:
 # Merged export: one plain timm model, the method folded into the backbone
 # ---------------------------------------------------------------------------------------
 
-MERGED_FORMAT = "cxr-lora-merged/3"
+MERGED_FORMAT = "cxr-lora-merged/4"
 
 
 class ExportError(ToolError, ValueError):

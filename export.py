@@ -3,7 +3,7 @@
     python export.py --checkpoint output/nih_1/checkpoint-best --output export/nih_1_mrm_lora
 
 writes ``export/nih_1_mrm_lora.safetensors`` (every tensor, timm state-dict names, fp32)
-and ``export/nih_1_mrm_lora.json`` (format ``cxr-lora-merged/3``; see ``checkpoints``
+and ``export/nih_1_mrm_lora.json`` (format ``cxr-lora-merged/4``; see ``checkpoints``
 for the format and how to load it with timm alone). ``predict.py --checkpoint
 export/nih_1_mrm_lora`` uses it without the pre-trained file.
 

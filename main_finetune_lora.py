@@ -253,7 +253,8 @@ def resolve_args(args: argparse.Namespace, explicit: set[str]) -> argparse.Names
     args.explicit, args.notes, args.preset_source, args.weights_info = explicit, [], None, None
     if args.preset:
         method = methods.get(args.method or default_method(args.model))
-        values, args.preset_source = resolve_preset(args.preset, method.name, method.preset_lr)
+        values, args.preset_source = resolve_preset(args.preset, method.name, method.preset_lr,
+                                                    lora_rank=method.size_flag == "--lora_rank")
         fill(values)
     choose_data(args, explicit)
     if args.demo:
@@ -548,7 +549,8 @@ def main(args: argparse.Namespace) -> dict:
             settings, resume=args.resume, overwrite=args.overwrite, replace_demo=args.demo_replace))
         config = model_config(args, list(data.train_set.class_names), settings)
         model = build_model(args, config, device)
-        optimizer = build_optimizer(model, args.optimizer, args.lr, args.weight_decay, args.layer_decay)
+        optimizer = build_optimizer(model, args.optimizer, args.lr, args.weight_decay, args.layer_decay,
+                                    lr_scale=getattr(args.method_settings, "lr_scale", None))
         # fp16 needs loss scaling on every device (small gradients underflow to zero in fp16).
         scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
         progress = Progress(args.start_epoch)
@@ -592,7 +594,7 @@ def log_start(data: datasets.TrainingData, config: mv.ModelConfig, model: torch.
     """The lines that open a run's log: what it trains on, with what, and where."""
     data.log_summary()
     scaling = getattr(config.method_settings, "scaling", None)
-    say(lora.trainable_report(model) + (f", scaling alpha/r = {scaling:g}" if scaling else ""))
+    say(lora.trainable_report(model) + (f", update scaling {scaling:g}" if scaling else ""))
     logger.info("run folder %s; %d train / %d val / %d test images; global batch %d; lr %.3g; "
                 "precision %s; device %s", folder.folder, len(data.train_set), len(data.val_set),
                 len(data.test_set), global_batch, args.lr, precision, device)

@@ -185,7 +185,8 @@ NEW_HEAD_PREFIXES = ("head.",)
 
 def is_lora_key(key: str) -> bool:
     """Whether a state-dict key names a LoRA factor (ours: '.lora_A'; peft: '.lora_A.default...')."""
-    return any(part in ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B")
+    return any(part in ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B",
+                        "lora_magnitude", "ia3_scale")
                for part in key.split("."))
 
 
@@ -689,7 +690,7 @@ def check_model_fits(info: weights.WeightsInfo, model: str,
 # ---------------------------------------------------------------------------------------
 
 # Version of the config JSON kept beside every trained checkpoint (``checkpoints.py``).
-CONFIG_FORMAT = "cxr-lora-checkpoint/3"
+CONFIG_FORMAT = "cxr-lora-checkpoint/4"
 
 
 def _positive_int(value: Any) -> bool:

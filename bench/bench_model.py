@@ -26,6 +26,19 @@ same things (rank-r LoRA + fc_norm + head, or everything for full fine-tuning):
                 (skipped, with a note, on older ones); on a CPU (emulated FP8, for checks
                 only) at every precision asked for
 
+Every other registered fine-tuning method (``methods.REGISTRY``: linear, dora, ia3, ...) is
+a contender of its own name, built like ours through ``ModelConfig`` + ``build_model`` with
+its flags' defaults (LoRA's rank, alpha and dropout from this script's flags), and trained
+and evaluated the same way (merged where the method merges). ``--methods all`` (or a comma
+list of method names) adds them, with the peers of the same targets where HF PEFT has the
+method:
+
+    dora_qkv    DoRA on the whole fused qkv (--lora_pos qkv), the targets of peft_dora
+    peft_dora   timm ViT + HF PEFT LoraConfig(use_dora=True, target_modules=['qkv'])
+    ia3_qkv     IA3 scaling q, k and v (--ia3_attn qkv) and the MLP, the targets of peft_ia3
+    peft_ia3    timm ViT + HF PEFT IA3Config(target_modules=['qkv', 'fc2'],
+                feedforward_modules=['fc2'])
+
 A training step is forward + BCE-with-logits on 14 classes + backward + SGD (momentum)
 step. All models live in one process and are timed round-robin (``--steps`` steps each,
 ``--rounds`` times, median), so a busy machine slows them alike; compare the ratios.
@@ -77,6 +90,7 @@ for _p in (str(BENCH), str(ROOT)):
         sys.path.insert(0, _p)
 
 import lora  # noqa: E402
+import methods  # noqa: E402
 import models_vit_lora as mv  # noqa: E402
 from paper_style import paper_autocast, to_paper_style  # noqa: E402
 from util.io import write_json  # noqa: E402
@@ -92,6 +106,16 @@ OPTIONAL_IMPLS = ("ours_gc", "ours_compile", "ours_cudagraphs", "peft_compile", 
 COMPILED_IMPLS = ("ours_compile", "ours_cudagraphs", "peft_compile", "ours_fp8_compile")
 EVAL_IMPLS = ("plain", "ours_merged", "ours_unmerged", "peft", "paper", "ours_bf16w_merged",
               "ours_fp8_merged")
+# Methods of the registry that already are contenders under another name.
+BUILT_IN = {"lora": "ours", "full": "full"}
+# Contenders that are a method at other settings than its defaults (flag destination ->
+# value): the targets HF PEFT's version of the method adapts on timm's ViT.
+VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
+    "dora_qkv": ("dora", {"lora_pos": "qkv"}),
+    "ia3_qkv": ("ia3", {"ia3_attn": "qkv"}),
+}
+# HF PEFT's versions of registered methods: peer -> the method it is compared with.
+PEERS = {"peft_dora": "dora", "peft_ia3": "ia3"}
 
 # Dense bf16 tensor-core peak (FLOP/s, no sparsity) by device-name fragment, first match wins.
 GPU_BF16_PEAK: tuple[tuple[str, float], ...] = (
@@ -121,6 +145,10 @@ GOALS: tuple[tuple[str, str, float], ...] = (
     ("memory ours_gc/full", "<=", 0.6),
     ("eval merged/plain", ">=", 0.97),
     ("mfu ours", ">=", 0.35),  # each of our contenders; the issue asks it at batch 128
+    # The PEFT-methods issue: each method against HF PEFT's at the same targets and batch.
+    ("train dora_qkv/peft_dora", ">=", 1.5),
+    ("memory dora_qkv/peft_dora", "<=", 0.8),
+    ("train ia3_qkv/peft_ia3", ">=", 1.2),
 )
 
 # The ratios reported, (name, table, numerator, denominator); "{p}" stands for each
@@ -150,6 +178,16 @@ RATIOS: tuple[tuple[str, str, str, str], ...] = (
     ("eval peft/plain {p}", "eval", "peft:{p}", "plain:{p}"),
     ("eval paper/plain {p}", "eval", "paper:{p}", "plain:{p}"),
     ("eval ours_fp8_merged/ours_merged {p}", "eval", "ours_fp8_merged:{p}", "ours_merged:{p}"),
+    ("train dora_qkv/peft_dora {p}", "train", "dora_qkv:{p}", "peft_dora:{p}"),
+    ("memory dora_qkv/peft_dora {p}", "memory", "dora_qkv:{p}", "peft_dora:{p}"),
+    ("train dora/peft_dora {p}", "train", "dora:{p}", "peft_dora:{p}"),
+    ("memory dora/peft_dora {p}", "memory", "dora:{p}", "peft_dora:{p}"),
+    ("train ia3_qkv/peft_ia3 {p}", "train", "ia3_qkv:{p}", "peft_ia3:{p}"),
+    ("memory ia3_qkv/peft_ia3 {p}", "memory", "ia3_qkv:{p}", "peft_ia3:{p}"),
+    ("train ia3/peft_ia3 {p}", "train", "ia3:{p}", "peft_ia3:{p}"),
+    ("memory ia3/peft_ia3 {p}", "memory", "ia3:{p}", "peft_ia3:{p}"),
+    ("eval peft_dora/plain {p}", "eval", "peft_dora:{p}", "plain:{p}"),
+    ("eval peft_ia3/plain {p}", "eval", "peft_ia3:{p}", "plain:{p}"),
 )
 FIELDS = {"train": "img_s", "eval": "img_s", "memory": "peak_mb"}
 
@@ -204,37 +242,105 @@ def valid_case(impl: str, prec: str, device: torch.device) -> bool:
     return True
 
 
+def method_contenders() -> dict[str, tuple[str, dict[str, Any]]]:
+    """Every registered method that is not a built-in contender, under its own name, and the
+    same-target variants of those that have a PEFT peer: contender -> (method, flag values
+    that differ from the flags' defaults)."""
+    found: dict[str, tuple[str, dict[str, Any]]] = {
+        name: (name, {}) for name in methods.REGISTRY if name not in BUILT_IN}
+    found.update({name: v for name, v in VARIANTS.items() if v[0] in methods.REGISTRY})
+    return found
+
+
+def peers() -> dict[str, str]:
+    """The PEFT peers whose method is registered: peer -> method."""
+    return {name: m for name, m in PEERS.items() if m in methods.REGISTRY}
+
+
+def all_impls() -> tuple[str, ...]:
+    """Every contender name ``--impls`` accepts."""
+    return TRAIN_IMPLS + OPTIONAL_IMPLS + tuple(method_contenders()) + tuple(peers())
+
+
+def expand_methods(spec: str) -> list[str]:
+    """The contenders ``--methods`` adds: for each method named ("all": every registered
+    one), its contender, and its same-target variant and PEFT peer where they exist."""
+    if not spec:
+        return []
+    names = list(methods.REGISTRY) if spec == "all" else [n.strip() for n in spec.split(",")]
+    unknown = [n for n in names if n not in methods.REGISTRY]
+    if unknown:
+        raise ValueError(f"--methods: unknown {unknown}; choose from {list(methods.REGISTRY)} or all")
+    out: list[str] = []
+    contenders, peer_of = method_contenders(), peers()
+    for name in names:
+        out.append(BUILT_IN.get(name, name))
+        if name == "lora":
+            out.append("peft")
+        out += [c for c, (m, flags) in contenders.items() if m == name and flags]
+        out += [p for p, m in peer_of.items() if m == name]
+    return list(dict.fromkeys(out))
+
+
+def method_settings(method: str, rank: int, alpha: float, dropout: float,
+                    overrides: dict[str, Any] | None = None) -> Any:
+    """A method's settings from its flags' defaults, LoRA's rank, alpha and dropout as this
+    script's flags give them, and ``overrides`` (flag destination -> value)."""
+    values = {f.dest: f.options.get("default") for f in methods.all_flags()}
+    values.update(lora_rank=rank, lora_alpha=alpha, lora_dropout=dropout, **(overrides or {}))
+    return methods.get(method).from_flags(values)
+
+
+def build_peer(impl: str, model: nn.Module, rank: int, alpha: float, dropout: float) -> nn.Module:
+    """A HF PEFT peer on the plain ViT ``model``: its adapters, and fc_norm + head trained."""
+    if peft is None:
+        raise RuntimeError(f"the '{impl}' peer needs HF PEFT (pip install peft)")
+    if impl in ("peft", "peft_compile", "peft_dora"):
+        cfg = peft.LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout,
+                              target_modules=["qkv"], use_dora=impl == "peft_dora")
+    elif impl == "peft_ia3":
+        # PEFT scales the output of a target and the input of a feedforward one: q, k, v
+        # (the whole fused qkv) and fc2's input, the MLP's inner activation.
+        cfg = peft.IA3Config(target_modules=["qkv", "fc2"], feedforward_modules=["fc2"])
+    else:
+        raise ValueError(f"unknown PEFT peer {impl!r}")
+    # get_peft_model adapts the timm ViT in place; its forward is the ViT's own.
+    model = peft.get_peft_model(model, cfg).base_model.model
+    for name in lora.HEAD_MODULES:  # the same classifier is trained as in ours
+        getattr(model, name).requires_grad_(True)
+    return model
+
+
 def build(impl: str, arch: str, img_size: int, rank: int, alpha: float, dropout: float,
           device: torch.device) -> nn.Module:
     """One implementation's training model on ``device``, trainable parameters set."""
     torch.manual_seed(0)  # the same backbone weights for every implementation
     ours = impl in ("ours", "ours_bf16w", "ours_gc", "ours_compile", "ours_cudagraphs", "ours_fp8",
                     "ours_fp8_compile")
-    # Peers start from the plain model (every tensor trainable) and set their own trained set.
-    config = mv.ModelConfig(
-        model=arch, method="lora" if ours else "full",
-        class_names=[f"class{k}" for k in range(NUM_CLASSES)], img_size=img_size, global_pool=True,
-        norm="mrm", mean=(0.5,) * 3, std=(0.25,) * 3,
-        method_settings=mv.LoRASpec(rank=rank, alpha=alpha, dropout=dropout, pos="attn") if ours else None)
-    model = mv.build_model(config)
+    contender = method_contenders().get(impl)
     if ours:
+        method, settings = "lora", mv.LoRASpec(rank=rank, alpha=alpha, dropout=dropout, pos="attn")
+    elif contender is not None:
+        method, settings = contender[0], method_settings(contender[0], rank, alpha, dropout,
+                                                         contender[1])
+    else:  # peers start from the plain model (every tensor trainable), set their own trained set
+        method, settings = "full", None
+    config = mv.ModelConfig(
+        model=arch, method=method, class_names=[f"class{k}" for k in range(NUM_CLASSES)],
+        img_size=img_size, global_pool=True, norm="mrm", mean=(0.5,) * 3, std=(0.25,) * 3,
+        method_settings=settings)
+    model = mv.build_model(config)
+    if ours or contender is not None:
         if impl == "ours_gc":
             model.set_grad_checkpointing(True)  # recompute block activations in backward
-    elif impl in ("peft", "peft_compile"):
-        if peft is None:
-            raise RuntimeError("the 'peft' peer needs HF PEFT (pip install peft)")
-        cfg = peft.LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout,
-                              target_modules=["qkv"])
-        # get_peft_model adapts the timm ViT in place; its forward is the ViT's own.
-        model = peft.get_peft_model(model, cfg).base_model.model
-        for name in lora.HEAD_MODULES:  # the same classifier is trained as in ours
-            getattr(model, name).requires_grad_(True)
+    elif impl in ("peft", "peft_compile") or impl in PEERS:
+        model = build_peer(impl, model, rank, alpha, dropout)
     elif impl == "paper":
         to_paper_style(model, rank=rank, alpha=alpha, dropout=dropout)
     elif impl == "full":
         model.requires_grad_(True)
     else:
-        raise ValueError(f"unknown implementation {impl!r}; choose from {TRAIN_IMPLS + OPTIONAL_IMPLS}")
+        raise ValueError(f"unknown implementation {impl!r}; choose from {all_impls()}")
     model.to(device)
     if impl == "ours_bf16w":
         lora.cast_frozen_(model, torch.bfloat16)
@@ -411,8 +517,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     """All measurements; returns the results as plain data."""
     device = resolve_device(args.device)
     precs = args.amp.split(",") if args.amp != "auto" else default_precisions(device)
-    impls = [i for i in args.impls.split(",")]
-    for name in ("peft", "peft_compile"):
+    impls = list(dict.fromkeys(args.impls.split(",") + expand_methods(args.methods)))
+    for name in ("peft", "peft_compile", *PEERS):
         if peft is None and name in impls:
             print(f"HF PEFT not installed: the '{name}' peer is skipped", file=sys.stderr)
             impls.remove(name)
@@ -424,6 +530,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     cases = [(i, p) for i in impls for p in precs if valid_case(i, p, device)]
     result: dict[str, Any] = {"machine": machine_info(device), "config": {**cfg, "steps": args.steps,
                               "rounds": args.rounds, "precisions": precs, "eval_batch_size": args.eval_batch_size}}
+    result["config"]["impls"] = impls
 
     # Peak memory first, while nothing else is allocated.
     memory: dict[str, Any] = {}
@@ -492,9 +599,18 @@ def run_eval(trainers: dict[str, Trainer], precs: list[str], args: argparse.Name
             merged = copy.deepcopy(trainers[impl].model)
             lora.merge(merged)
             models[f"{impl}_merged"] = merged
-    for impl in ("peft", "paper"):
+    for impl in ("peft", "paper", *PEERS):
         if impl in trainers:
             models[impl] = trainers[impl].model
+    for impl, (name, _) in method_contenders().items():
+        if impl in trainers:  # merged where the method merges, as evaluation runs it
+            method = methods.get(name)
+            if method.not_mergeable:
+                models[impl] = trainers[impl].model
+            else:
+                merged = copy.deepcopy(trainers[impl].model)
+                method.merge(merged)
+                models[f"{impl}_merged"] = merged
     xe, _ = make_batch(args.eval_batch_size, args.img_size, device)
     fns: dict[str, Callable[[], None]] = {}
     for name, model in models.items():
@@ -528,6 +644,11 @@ def ratios(result: dict[str, Any], precs: list[str], device: torch.device) -> di
     for p in precs:
         for name, table, num, den in RATIOS:
             put(name.format(p=p), table, num.format(p=p), den.format(p=p))
+        for impl, (method, _) in method_contenders().items():  # each method against LoRA
+            put(f"train {impl}/ours {p}", "train", f"{impl}:{p}", f"ours:{p}")
+            put(f"memory {impl}/ours {p}", "memory", f"{impl}:{p}", f"ours:{p}")
+            evaluated = impl if methods.get(method).not_mergeable else f"{impl}_merged"
+            put(f"eval {evaluated}/plain {p}", "eval", f"{evaluated}:{p}", f"plain:{p}")
     # "As the paper's code runs": ours at the precision our loop picks on this device against
     # the paper's engine at its own (fp16 + GradScaler on CUDA, fp32 elsewhere).
     best = "bf16" if "bf16" in precs and "bf16" in default_precisions(device) else "fp32"
@@ -628,7 +749,11 @@ def get_parser() -> argparse.ArgumentParser:
                    help="comma list of fp32,bf16,fp16 (fp16: the paper peer only, CUDA); "
                         "auto: fp32, plus bf16 where it is native, plus fp16 on CUDA")
     p.add_argument("--impls", default=",".join(TRAIN_IMPLS),
-                   help=f"comma list from {TRAIN_IMPLS + OPTIONAL_IMPLS}")
+                   help=f"comma list from {all_impls()}")
+    p.add_argument("--methods", default="",
+                   help="also time these registered methods (comma list, or all), each with its "
+                        "same-target variant and HF PEFT peer where there is one: "
+                        f"{list(methods.REGISTRY)}")
     p.add_argument("--no_memory", action="store_true", help="skip the peak-memory measurements")
     p.add_argument("--quick", action="store_true",
                    help="batch 4, 2 steps, 1 round, no extra warm-up, 1 memory step: a few minutes on a CPU")
@@ -656,9 +781,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     bad = [p for p in args.amp.split(",") if p not in PRECISIONS] if args.amp != "auto" else []
     if bad:
         parser.error(f"--amp: unknown precision(s) {bad}; use a comma list of {sorted(PRECISIONS)}")
-    unknown = [i for i in args.impls.split(",") if i not in TRAIN_IMPLS + OPTIONAL_IMPLS]
+    unknown = [i for i in args.impls.split(",") if i not in all_impls()]
     if unknown:
-        parser.error(f"--impls: unknown {unknown}; choose from {TRAIN_IMPLS + OPTIONAL_IMPLS}")
+        parser.error(f"--impls: unknown {unknown}; choose from {all_impls()}")
+    try:
+        expand_methods(args.methods)
+    except ValueError as err:
+        parser.error(str(err))
     if args.img_size % 16:
         parser.error(f"--img_size {args.img_size} is not a multiple of the patch size 16")
 

@@ -151,4 +151,4 @@ def all_flags() -> list[Flag]:
 
 
 # Each registers itself, in the order --help lists them (lora, the default, first).
-from methods import lora, full, linear, bitfit, ssf, adaptformer, vpt  # noqa: E402,F401,I001
+from methods import lora, full, linear, dora, ia3, bitfit, ssf, adaptformer, vpt  # noqa: E402,F401,I001

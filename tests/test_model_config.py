@@ -121,8 +121,8 @@ def _edit_json(stem, change):
     (lambda o: o.update(mean=[0.5, "x", 0.5]), "'mean' is [0.5, 'x', 0.5] (expected list of number)"),
     (lambda o: o.update(method="prefix_tuning"), "unknown method 'prefix_tuning'"),
     (lambda o: o.update(num_classes=3), "14 class_names for num_classes 3"),
-    (lambda o: o.update(format="cxr-lora-checkpoint/2"),
-     "format 'cxr-lora-checkpoint/2', expected 'cxr-lora-checkpoint/3'"),
+    (lambda o: o.update(format="cxr-lora-checkpoint/3"),
+     "format 'cxr-lora-checkpoint/3', expected 'cxr-lora-checkpoint/4'"),
 ])
 def test_bad_checkpoint_json_is_one_line_naming_file_and_key(tmp_path, change, words):
     stem, _ = trained_checkpoint(tmp_path, img_size=32)

@@ -1,8 +1,13 @@
 """Optimizers as the paper uses them: SGD (momentum 0.9) and AdamW with layer-wise lr decay."""
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn as nn
+
+# A learning-rate factor per trainable parameter name (LoRA+: the ratio for every lora_B).
+LrScale = Callable[[str], float]
 
 # Parameters never decayed, whatever their shape (MAE / timm convention).
 NO_WEIGHT_DECAY = ("cls_token", "pos_embed", "dist_token")
@@ -19,8 +24,9 @@ def layer_id(name: str, num_layers: int) -> int:
 
 
 def param_groups_lrd(model: nn.Module, weight_decay: float = 0.05,
-                     layer_decay: float = 0.75) -> list[dict]:
-    """Trainable parameters grouped by (layer, decay) with ``lr_scale = decay ** (top - layer)``.
+                     layer_decay: float = 0.75, lr_scale: LrScale | None = None) -> list[dict]:
+    """Trainable parameters grouped by (layer, decay) with ``lr_scale = decay ** (top - layer)``,
+    times ``lr_scale(name)`` when given (parameters of another factor get groups of their own).
 
     1-D tensors (biases, norms) and the embeddings in ``NO_WEIGHT_DECAY`` get no weight decay.
     """
@@ -32,22 +38,51 @@ def param_groups_lrd(model: nn.Module, weight_decay: float = 0.05,
             continue
         no_decay = param.ndim == 1 or name in NO_WEIGHT_DECAY
         lid = layer_id(name, num_layers)
+        factor = _factor(lr_scale, name)
         key = f"layer_{lid}_{'no_decay' if no_decay else 'decay'}"
-        group = groups.setdefault(key, {"params": [], "names": [], "lr_scale": scales[lid],
+        if factor != 1:
+            key += f"_x{factor:g}"
+        group = groups.setdefault(key, {"params": [], "names": [], "lr_scale": scales[lid] * factor,
                                         "weight_decay": 0.0 if no_decay else weight_decay})
         group["params"].append(param)
         group["names"].append(name)
     return list(groups.values())
 
 
+def _factor(lr_scale: LrScale | None, name: str) -> float:
+    factor = 1.0 if lr_scale is None else float(lr_scale(name))
+    if not factor > 0:
+        raise ValueError(f"learning-rate factor of {name} must be positive, got {factor!r}")
+    return factor
+
+
+def sgd_param_groups(model: nn.Module, lr_scale: LrScale | None = None) -> list[dict]:
+    """The trainable tensors in one group per ``lr_scale(name)`` factor (first seen first),
+    each with its ``lr_scale`` (what the schedule multiplies)."""
+    groups: dict[float, dict] = {}
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            factor = _factor(lr_scale, name)
+            groups.setdefault(factor, {"params": [], "lr_scale": factor})["params"].append(param)
+    return list(groups.values())
+
+
 def build_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float,
-                    layer_decay: float) -> torch.optim.Optimizer:
-    """SGD over the trainable tensors (absolute lr), or AdamW over layer-decayed groups."""
+                    layer_decay: float, lr_scale: LrScale | None = None) -> torch.optim.Optimizer:
+    """SGD over the trainable tensors (absolute lr), or AdamW over layer-decayed groups.
+
+    ``lr_scale(name)`` multiplies a parameter's learning rate (a method's settings may give
+    one: ``LoRASpec.lr_scale``, LoRA+); with every factor 1 the optimizer is the plain one.
+    The schedule (``util.lr_sched``) sets each group's lr to its value times ``lr_scale``.
+    """
     if name == "sgd":
-        params = [p for p in model.parameters() if p.requires_grad]
-        return torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=weight_decay)
+        groups = sgd_param_groups(model, lr_scale)
+        if len(groups) == 1 and groups[0]["lr_scale"] == 1:
+            return torch.optim.SGD(groups[0]["params"], lr=lr, momentum=0.9,
+                                   weight_decay=weight_decay)
+        return torch.optim.SGD(groups, lr=lr, momentum=0.9, weight_decay=weight_decay)
     if name == "adamw":
-        groups = param_groups_lrd(model, weight_decay, layer_decay)
+        groups = param_groups_lrd(model, weight_decay, layer_decay, lr_scale)
         for g in groups:
             g.pop("names")
         return torch.optim.AdamW(groups, lr=lr)

@@ -143,16 +143,20 @@ def preset_source(name: str, method: str = "lora",
 
 
 def resolve_preset(name: str, method: str = "lora",
-                   method_lr: tuple[float, str, str] | None = None) -> tuple[dict[str, Any], str]:
+                   method_lr: tuple[float, str, str] | None = None,
+                   lora_rank: bool = False) -> tuple[dict[str, Any], str]:
     """The values of preset `name` for `method` and their source.
 
     ``method_lr`` is (lr, its source, its optimizer) for a method whose own paper recommends
     one, applied to presets of that optimizer; LoRA and full fine-tuning take the paper's values.
+    ``lora_rank``: the method is sized by LoRA's rank (DoRA), which keeps the preset's.
     """
     source = preset_source(name, method, method_lr)  # validates the name
     if method in ("lora", "full"):
         return dict({"lora": PRESETS, "full": FULL_PRESETS}[method][name]), source
     values = dict(LINEAR_PRESETS[name])
+    if lora_rank:
+        values["lora_rank"] = PRESETS[name]["lora_rank"]
     if method_lr is not None and method_lr[2] == values["optimizer"]:
         values["lr"] = method_lr[0]
     return values, source

@@ -1,0 +1,321 @@
+"""(IA)^3 (Liu et al. 2022, "Few-Shot Parameter-Efficient Fine-Tuning is Better and Cheaper
+than In-Context Learning"): learned vectors that rescale the keys, the values and the MLP's
+inner activations of every block, initialised to 1 (the model starts as the base).
+
+In a timm ViT the keys and values are the k and v thirds of the fused ``attn.qkv`` output
+(bias included: the vector multiplies the linear's output, as PEFT's IA3 does), and the
+MLP's inner activation is the output of ``mlp.act``, which is ``mlp.fc2``'s input (timm's
+``mlp.drop1`` is elementwise and ``mlp.norm`` must be the identity). Both fold into the
+weights: the qkv rows (and their bias) and the fc2 columns.
+
+    inject_ia3(model)                 # k, v + MLP; parts=(True, True, True) scales q too
+    mark_trainable(model)             # the vectors + fc_norm + head
+"""
+from __future__ import annotations
+
+import warnings
+from typing import Iterator, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .model import HEAD_MODULES, canonical_name
+
+# The k and v thirds of timm's fused qkv linear (rows [q; k; v]), as the paper scales them.
+KV = (False, True, True)
+
+
+class IA3Linear(nn.Module):
+    """Wraps a frozen ``nn.Linear`` and multiplies the marked slices of its output by a
+    learned vector ``ia3_scale`` (one value per output feature of those slices).
+
+    Args:
+        base_layer: the linear to rescale; kept as ``self.base_layer``, frozen.
+        parts: which of its equal output slices are rescaled (``KV`` for a fused qkv).
+    """
+
+    def __init__(self, base_layer: nn.Linear, parts: Sequence[bool] = (True,)) -> None:
+        super().__init__()
+        if not isinstance(base_layer, nn.Linear):
+            raise TypeError(f"IA3Linear wraps an nn.Linear, got {type(base_layer).__name__}")
+        parts = tuple(bool(p) for p in parts)
+        if not any(parts):
+            raise ValueError(f"at least one output slice must be rescaled, got parts={parts}")
+        if base_layer.out_features % len(parts):
+            raise ValueError(f"out_features={base_layer.out_features} is not divisible into "
+                             f"{len(parts)} slices")
+        self.base_layer = base_layer
+        self.base_layer.requires_grad_(False)
+        self.parts = parts
+        self.slice_size = base_layer.out_features // len(parts)
+        self.ia3_scale = nn.Parameter(torch.ones(self.slice_size * sum(parts), dtype=torch.float32,
+                                                 device=base_layer.weight.device))
+        self.merged = False
+        self._unmerged: tuple[torch.Tensor, torch.Tensor | None] | None = None
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.base_layer.bias
+
+    def columns(self) -> list[tuple[int, int]]:
+        """(start, stop) output columns of each rescaled slice, in the order of ``ia3_scale``."""
+        d = self.slice_size
+        return [(i * d, (i + 1) * d) for i, p in enumerate(self.parts) if p]
+
+    def output_scale(self) -> torch.Tensor:
+        """The vector multiplying the whole output: ``ia3_scale`` on the marked slices, 1 elsewhere."""
+        if all(self.parts):
+            return self.ia3_scale
+        ones = self.ia3_scale.new_ones(self.slice_size).detach()
+        pieces, j = [], 0
+        for p in self.parts:
+            if p:
+                pieces.append(self.ia3_scale[j * self.slice_size:(j + 1) * self.slice_size])
+                j += 1
+            else:
+                pieces.append(ones)
+        return torch.cat(pieces)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base_layer(x)
+        if self.merged:
+            return out
+        return out * self.output_scale().to(out.dtype)
+
+    @torch.no_grad()
+    def merged_weight_and_bias(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The base weight and bias with the marked rows multiplied by the vector (their dtype)."""
+        scale = self.output_scale().detach().float()
+        weight = (self.base_layer.weight.float() * scale.unsqueeze(1)).to(self.base_layer.weight.dtype)
+        bias = self.base_layer.bias
+        if bias is not None:
+            bias = (bias.float() * scale).to(bias.dtype)
+        return weight, bias
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Fold the vector into the rows of the base weight and bias."""
+        if self.merged:
+            warnings.warn("IA3 layer is already merged; merge() ignored", stacklevel=2)
+            return
+        base = self.base_layer
+        self._unmerged = (base.weight.detach().clone(),
+                          None if base.bias is None else base.bias.detach().clone())
+        weight, bias = self.merged_weight_and_bias()
+        base.weight.copy_(weight)
+        if bias is not None:
+            base.bias.copy_(bias)
+        _refresh(base)
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Restore the saved base weight and bias bit-exactly."""
+        if not self.merged:
+            warnings.warn("IA3 layer is not merged; unmerge() ignored", stacklevel=2)
+            return
+        assert self._unmerged is not None, "merged without a saved base weight"
+        weight, bias = self._unmerged
+        self.base_layer.weight.copy_(weight)
+        if bias is not None:
+            self.base_layer.bias.copy_(bias)
+        _refresh(self.base_layer)
+        self._unmerged, self.merged = None, False
+
+    def extra_repr(self) -> str:
+        return f"parts={self.parts}, merged={self.merged}"
+
+
+class IA3Activation(nn.Module):
+    """An MLP activation followed by a learned per-channel vector ``ia3_scale`` (the input of
+    the block's ``fc2``). Merged, the vector lives in fc2's columns and this is ``act`` alone.
+
+    For ``nn.GELU`` the two are one autograd step that keeps only the activation's input for
+    backward (as GELU alone does) and recomputes its output there for the vector's gradient.
+
+    Args:
+        act: the activation module (timm's ``mlp.act``).
+        features: the number of channels (fc1's ``out_features``).
+    """
+
+    def __init__(self, act: nn.Module, features: int) -> None:
+        super().__init__()
+        self.act = act
+        self.ia3_scale = nn.Parameter(torch.ones(features, dtype=torch.float32))
+        self.merged = False
+        self._unmerged_fc2: torch.Tensor | None = None
+
+    def forward(self, u: torch.Tensor) -> torch.Tensor:
+        if self.merged:
+            return self.act(u)
+        if isinstance(self.act, nn.GELU) and not torch.compiler.is_compiling():
+            return _ScaledGELU.apply(u, self.ia3_scale, self.act.approximate)
+        h = self.act(u)
+        return h * self.ia3_scale.to(h.dtype)
+
+    @torch.no_grad()
+    def merged_fc2_weight(self, fc2: nn.Linear) -> torch.Tensor:
+        """fc2's weight with its columns multiplied by the vector (fc2's dtype)."""
+        return (fc2.weight.float() * self.ia3_scale.detach().float()).to(fc2.weight.dtype)
+
+    @torch.no_grad()
+    def merge_into(self, fc2: nn.Linear) -> None:
+        """Fold the vector into ``fc2``'s columns (the linear this activation feeds)."""
+        if self.merged:
+            warnings.warn("IA3 activation is already merged; merge ignored", stacklevel=2)
+            return
+        self._unmerged_fc2 = fc2.weight.detach().clone()
+        fc2.weight.copy_(self.merged_fc2_weight(fc2))
+        _refresh(fc2)
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge_from(self, fc2: nn.Linear) -> None:
+        """Restore ``fc2``'s saved weight bit-exactly."""
+        if not self.merged:
+            warnings.warn("IA3 activation is not merged; unmerge ignored", stacklevel=2)
+            return
+        assert self._unmerged_fc2 is not None, "merged without a saved fc2 weight"
+        fc2.weight.copy_(self._unmerged_fc2)
+        _refresh(fc2)
+        self._unmerged_fc2, self.merged = None, False
+
+    def extra_repr(self) -> str:
+        return f"features={self.ia3_scale.numel()}, merged={self.merged}"
+
+
+class _ScaledGELU(torch.autograd.Function):
+    """``gelu(u) * l`` keeping only ``u`` for backward (GELU's own input)."""
+
+    @staticmethod
+    def forward(ctx, u: torch.Tensor, scale: torch.Tensor, approximate: str) -> torch.Tensor:
+        ctx.save_for_backward(u, scale)
+        ctx.approximate = approximate
+        return F.gelu(u, approximate=approximate) * scale.to(u.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        u, scale = ctx.saved_tensors
+        grad_u = grad_scale = None
+        if ctx.needs_input_grad[0]:
+            grad_u = torch.ops.aten.gelu_backward(grad * scale.to(grad.dtype), u,
+                                                  approximate=ctx.approximate)
+        if ctx.needs_input_grad[1]:
+            h = F.gelu(u, approximate=ctx.approximate)
+            grad_scale = (grad * h).reshape(-1, h.shape[-1]).sum(0, dtype=torch.float32)
+        return grad_u, grad_scale, None
+
+
+def _refresh(linear: nn.Module) -> None:
+    """Tell a linear that caches a form of its weight (lora.fp8.Float8Linear) to remake it."""
+    refresh = getattr(linear, "refresh", None)
+    if callable(refresh):
+        refresh()
+
+
+def _blocks(model: nn.Module) -> nn.Module:
+    blocks = getattr(model, "blocks", None)
+    if not isinstance(blocks, nn.Module):
+        raise ValueError(f"IA3: {type(model).__name__} has no 'blocks' of a timm ViT")
+    return blocks
+
+
+def inject_ia3(model: nn.Module, parts: Sequence[bool] = KV) -> int:
+    """Rescale ``parts`` of every block's fused qkv output and its MLP's inner activation.
+
+    Pre-trained weights should already be loaded. Returns the number of blocks adapted.
+    """
+    count = 0
+    for i, block in enumerate(_blocks(model)):
+        qkv, mlp = block.attn.qkv, block.mlp
+        if isinstance(qkv, IA3Linear) or isinstance(mlp.act, IA3Activation):
+            raise ValueError(f"model already has IA3 vectors (block {i})")
+        if not isinstance(qkv, nn.Linear) or not isinstance(mlp.fc2, nn.Linear):
+            raise ValueError(f"IA3: block {i} has no nn.Linear attn.qkv and mlp.fc2")
+        if not isinstance(getattr(mlp, "norm", nn.Identity()), nn.Identity):
+            raise ValueError(f"IA3: block {i}'s mlp.norm is {type(mlp.norm).__name__}: the MLP "
+                             "activation's vector would not be fc2's input scaling")
+        block.attn.qkv = IA3Linear(qkv, parts)
+        mlp.act = IA3Activation(mlp.act, mlp.fc2.in_features).to(mlp.fc2.weight.device)
+        count += 1
+    return count
+
+
+def ia3_modules(model: nn.Module) -> Iterator[tuple[str, IA3Linear | IA3Activation]]:
+    """All (name, IA3 module) pairs of the model."""
+    return ((n, m) for n, m in model.named_modules() if isinstance(m, (IA3Linear, IA3Activation)))
+
+
+def mark_trainable(model: nn.Module, extra_modules: Sequence[str] = HEAD_MODULES) -> None:
+    """Freeze everything except the IA3 vectors and the classifier (fc_norm + head)."""
+    model.requires_grad_(False)
+    for _, module in ia3_modules(model):
+        module.ia3_scale.requires_grad_(True)
+    for name in extra_modules:
+        module = getattr(model, name, None)
+        if module is not None:
+            module.requires_grad_(True)
+
+
+def _block_pairs(model: nn.Module) -> Iterator[tuple[nn.Module, IA3Activation | None, IA3Linear | None]]:
+    for block in _blocks(model):
+        act, qkv = block.mlp.act, block.attn.qkv
+        yield (block, act if isinstance(act, IA3Activation) else None,
+               qkv if isinstance(qkv, IA3Linear) else None)
+
+
+def merge(model: nn.Module) -> int:
+    """Fold every vector into its weights (qkv rows, fc2 columns). Returns the layers changed."""
+    if any(m.merged for _, m in ia3_modules(model)):
+        warnings.warn("model already merged; merge() left it as it is", stacklevel=2)
+        return 0
+    count = 0
+    for block, act, qkv in _block_pairs(model):
+        if qkv is not None:
+            qkv.merge()
+            count += 1
+        if act is not None:
+            act.merge_into(block.mlp.fc2)
+            count += 1
+    return count
+
+
+def unmerge(model: nn.Module) -> int:
+    """Undo ``merge``. Returns the number of layers restored."""
+    count = 0
+    for block, act, qkv in _block_pairs(model):
+        if qkv is not None and qkv.merged:
+            qkv.unmerge()
+            count += 1
+        if act is not None and act.merged:
+            act.unmerge_from(block.mlp.fc2)
+            count += 1
+    return count
+
+
+def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The plain timm state dict with every vector folded in; the model is left as it is."""
+    folded: dict[str, torch.Tensor] = {}
+    for name, module in ia3_modules(model):
+        if module.merged:
+            continue
+        if isinstance(module, IA3Linear):
+            weight, bias = module.merged_weight_and_bias()
+            folded[f"{name}.base_layer.weight"] = weight
+            if bias is not None:
+                folded[f"{name}.base_layer.bias"] = bias
+        else:
+            mlp_name = name.rpartition(".")[0]
+            fc2 = model.get_submodule(f"{mlp_name}.fc2")
+            folded[f"{mlp_name}.fc2.weight"] = module.merged_fc2_weight(fc2)
+    out: dict[str, torch.Tensor] = {}
+    for key, value in model.state_dict().items():
+        if key.rsplit(".", 1)[-1] == "ia3_scale":
+            continue
+        out[canonical_name(key)] = folded.get(key, value).detach().clone()
+    return out
