@@ -118,6 +118,14 @@ def read_class_map(path: str | Path | None = None) -> ClassMap:
     return ClassMap(tuple(header), tuple(rows), str(path))
 
 
+def _table_pairs(table: ClassMap, checkpoint_kind: str, dataset_kind: str, ckpt: list[str],
+                 data: list[str]) -> list[tuple[str, str]]:
+    """(data set class, checkpoint class) pairs of the table's rows, in the data set's order."""
+    to_ckpt = {d: c for c, d in zip(table.column(checkpoint_kind), table.column(dataset_kind))
+               if c and d}
+    return [(d, to_ckpt[d]) for d in data if to_ckpt.get(d) in ckpt]
+
+
 def match_classes(checkpoint_classes: Sequence[str], checkpoint_kind: str | None,
                   dataset_classes: Sequence[str], dataset_kind: str | None,
                   table: ClassMap | None = None) -> ClassMatch:
@@ -127,19 +135,15 @@ def match_classes(checkpoint_classes: Sequence[str], checkpoint_kind: str | None
     if ckpt == data:
         return ClassMatch([(c, c) for c in data])
     by_table = (table is not None and checkpoint_kind != dataset_kind
-                and checkpoint_kind in table.kinds and dataset_kind in table.kinds)
+                and {checkpoint_kind, dataset_kind} <= set(table.kinds))
     if by_table:
-        assert table is not None
-        to_ckpt = {d: c for c, d in zip(table.column(checkpoint_kind), table.column(dataset_kind))
-                   if c and d}
-        pairs = [(d, to_ckpt[d]) for d in data if d in to_ckpt and to_ckpt[d] in ckpt]
+        pairs = _table_pairs(table, checkpoint_kind, dataset_kind, ckpt, data)
         rule, source = "class map", table.source
+        how = f"the class map {table.source} pairs none of them"
     else:
         pairs = [(d, d) for d in data if d in ckpt]
-        rule, source = "identical names", None
+        rule, source, how = "identical names", None, "no class has the same name on both sides"
     if not pairs:
-        how = (f"the class map {table.source} pairs none of them" if by_table and table
-               else "no class has the same name on both sides")
         raise ClassMapError(f"the checkpoint's classes ({checkpoint_kind or 'unknown kind'}: "
                             f"{', '.join(ckpt)}) and the data set's ({dataset_kind or 'unknown kind'}: "
                             f"{', '.join(data)}) share no class: {how}; edit or pass --class_map FILE")
