@@ -531,3 +531,27 @@ def test_a_file_of_no_format_is_told_every_layout():
     assert _one_line(err).endswith(
         "match no known weights format (mae, timm) nor the layouts of transformers (dinov2_hf), "
         "open_clip (open_clip), OpenAI CLIP (openai_clip): is it a ViT checkpoint?")
+
+
+@needs_transformers
+def test_the_entry_script_takes_model_size_norm_and_pooling_from_the_file(originals, tmp_path, capsys):
+    """A RAD-DINO file and nothing else set: the file's architecture, 518 px, its statistics
+    and cls-token pooling; a --model of another architecture is refused naming both."""
+    import main_finetune_lora as mfl
+
+    path = tmp_path / "rad-dino.safetensors"
+    save_file({k: torch.zeros(v.shape) for k, v in _full_size(originals, "rad-dino").items()},
+              str(path))
+    args = mfl.parse(["--finetune", str(path), "--data_path", str(tmp_path), "--dataset", "nih"])
+    assert (args.model, args.method, args.input_size) == ("vit_base_patch14_dinov2_lora", "lora", 518)
+    assert args.norm == "rad_dino" and args.global_pool is False
+    assert args.method_settings.pos == "attn"  # q and v of the fused qkv
+    given = mfl.parse(["--finetune", str(path), "--data_path", str(tmp_path), "--dataset", "nih",
+                       "--input_size", "224", "--method", "full"])
+    assert (given.model, given.input_size) == ("vit_base_patch14_dinov2", 224)
+    with pytest.raises(SystemExit) as exc:
+        mfl.parse(["--finetune", str(path), "--data_path", str(tmp_path), "--model",
+                   "vit_base_patch16_lora"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[0]
+    assert "vit_base_patch16" in err and "14" in err
