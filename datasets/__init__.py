@@ -24,5 +24,6 @@ __all__ = [
     "DATASET_KINDS", "DICOM_SCALINGS", "DataError", "DataUsageError", "EvalCache", "GreyToRGB", "ImageCache", "ImageDecodeError", "ImageError", "NORM_STATS",
     "SPLIT_FILES", "SplitFileError", "TRAIN_SPLIT_FILES", "build_cache", "build_dataset", "check_cache_options",
     "build_loader", "build_transform", "check_image_header", "decode_dicom", "infer_dataset_kind", "load_image", "locate_split_file",
-    "make_demo_dataset", "parse_split_file", "resolve_image_path", "to_rgb",
+    "make_demo_dataset", "parse_split_file", "resolve_image_path", "to_rgb", "train_transforms",
+    "TrainingData", "training_data", "undefined_classes",
 ]

@@ -10,6 +10,18 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
+def check_rank(rank: object) -> None:
+    """A LoRA rank is a positive integer (``ValueError`` naming the value otherwise)."""
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0:
+        raise ValueError(f"LoRA rank must be a positive integer, got {rank!r}")
+
+
+def check_dropout(dropout: object) -> None:
+    """A LoRA dropout probability is in [0, 1) (``ValueError`` naming the value otherwise)."""
+    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
+        raise ValueError(f"LoRA dropout must be in [0, 1), got {dropout!r}")
+
+
 class LoRALinear(nn.Module):
     """Wraps a frozen ``nn.Linear`` and adds ``scaling * B @ A`` to (parts of) its output.
 
@@ -43,10 +55,8 @@ class LoRALinear(nn.Module):
         super().__init__()
         if not isinstance(base_layer, nn.Linear):
             raise TypeError(f"LoRALinear wraps an nn.Linear, got {type(base_layer).__name__}")
-        if not isinstance(rank, int) or rank <= 0:
-            raise ValueError(f"LoRA rank must be a positive integer, got {rank!r}")
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"LoRA dropout must be in [0, 1), got {dropout!r}")
+        check_rank(rank)
+        check_dropout(dropout)
         parts = tuple(bool(p) for p in parts)
         if not any(parts):
             raise ValueError(f"at least one output slice must be adapted, got parts={parts}")

@@ -17,6 +17,7 @@ from typing import Any, Mapping
 import torch.nn as nn
 
 import lora
+from lora.layers import check_dropout, check_rank
 from methods import Method, ModelConfigError, flag, register
 
 # How the update's scaling divides alpha, by --lora_scaling.
@@ -41,16 +42,15 @@ class LoRASpec:
     plus_ratio: float = 1.0
 
     def __post_init__(self) -> None:
-        if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank <= 0:
-            raise ModelConfigError(f"LoRA rank must be a positive integer (--lora_rank), "
-                                   f"got {self.rank!r}")
+        for check, value, name in ((check_rank, self.rank, "--lora_rank"),
+                                   (check_dropout, self.dropout, "--lora_dropout")):
+            try:
+                check(value)
+            except ValueError as err:
+                raise ModelConfigError(f"{err} ({name})") from None
         if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) \
                 or not self.alpha > 0:
             raise ModelConfigError(f"LoRA alpha must be positive (--lora_alpha), got {self.alpha!r}")
-        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) \
-                or not 0 <= self.dropout < 1:
-            raise ModelConfigError(f"LoRA dropout must be in [0, 1) (--lora_dropout), "
-                                   f"got {self.dropout!r}")
         try:
             lora.parse_lora_pos(self.pos)
         except ValueError as err:
