@@ -105,26 +105,34 @@ def trainable_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 lora_state_dict = trainable_state_dict
 
 
+def merge_layers(layers: Iterable[nn.Module]) -> int:
+    """``merge()`` each layer (anything with ``merged`` / ``merge`` / ``unmerge``); a model
+    already merged is left as it is, with a warning. Returns the number of layers merged."""
+    layers = list(layers)
+    if any(layer.merged for layer in layers):
+        warnings.warn("model already merged; merge() left it as it is", stacklevel=3)
+        return 0
+    for layer in layers:
+        layer.merge()
+    return len(layers)
+
+
+def unmerge_layers(layers: Iterable[nn.Module]) -> int:
+    """``unmerge()`` each merged layer. Returns the number of layers unmerged."""
+    merged = [layer for layer in layers if layer.merged]
+    for layer in merged:
+        layer.unmerge()
+    return len(merged)
+
+
 def merge(model: nn.Module) -> int:
     """Fold every LoRA update into its base weight. Returns the number of layers merged."""
-    count = 0
-    for _, layer in lora_layers(model):
-        if layer.merged:
-            warnings.warn("model already merged; merge() left it as it is", stacklevel=2)
-            return 0
-        layer.merge()
-        count += 1
-    return count
+    return merge_layers(layer for _, layer in lora_layers(model))
 
 
 def unmerge(model: nn.Module) -> int:
     """Undo ``merge``. Returns the number of layers unmerged."""
-    count = 0
-    for _, layer in lora_layers(model):
-        if layer.merged:
-            layer.unmerge()
-            count += 1
-    return count
+    return unmerge_layers(layer for _, layer in lora_layers(model))
 
 
 def cast_frozen_(model: nn.Module, dtype: torch.dtype) -> int:

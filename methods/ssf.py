@@ -22,6 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import lora
+from lora.model import merge_layers, unmerge_layers
 from methods import Method, register
 
 # The operations of a timm ViT block that SSF follows, by module path inside the block.
@@ -158,23 +159,12 @@ def mark_trainable(model: nn.Module) -> None:
 
 def merge(model: nn.Module) -> int:
     """Fold every scale and shift into its layer. Returns the number of layers merged."""
-    layers = [layer for _, layer in ssf_layers(model)]
-    if any(layer.merged for layer in layers):
-        warnings.warn("model already merged; merge() left it as it is", stacklevel=2)
-        return 0
-    for layer in layers:
-        layer.merge()
-    return len(layers)
+    return merge_layers(layer for _, layer in ssf_layers(model))
 
 
 def unmerge(model: nn.Module) -> int:
     """Undo ``merge``. Returns the number of layers unmerged."""
-    count = 0
-    for _, layer in ssf_layers(model):
-        if layer.merged:
-            layer.unmerge()
-            count += 1
-    return count
+    return unmerge_layers(layer for _, layer in ssf_layers(model))
 
 
 def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
