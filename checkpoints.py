@@ -71,6 +71,13 @@ def checkpoint_paths(path: str | Path) -> tuple[Path, Path]:
     return path.with_suffix(".safetensors"), path.with_suffix(".json")
 
 
+def resolve_checkpoint(path: str | Path) -> Path:
+    """The checkpoint a command that uses a trained model (predict, export) reads: a run
+    folder stands for its ``checkpoint-best``; any other path is the checkpoint itself."""
+    path = Path(path)
+    return path / "checkpoint-best" if path.is_dir() else path
+
+
 # A merged export is the same pair of files as a checkpoint.
 export_paths = checkpoint_paths
 

@@ -48,6 +48,7 @@ from checkpoints import (  # noqa: F401  (the export API, importable from here t
     max_output_difference,
     merged_config,
     read_merged_config,
+    resolve_checkpoint,
     timm_model_name,
 )
 from util import cli
@@ -126,7 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
                "2 usage error, nothing written.")
     parser.add_argument("--checkpoint", required=True,
                         help="training checkpoint (stem, .safetensors or .json), e.g. "
-                             "output/run/checkpoint-best")
+                             "output/run/checkpoint-best; a run folder means its checkpoint-best")
     parser.add_argument("--finetune", default=None,
                         help="pre-trained file the adapter was trained on (default: the path "
                              "recorded in the checkpoint config)")
@@ -146,6 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     """Check ``--output``, load the checkpoint, write the checked export; errors are raised."""
+    args.checkpoint = str(resolve_checkpoint(args.checkpoint))
     sources = [*checkpoint_paths(args.checkpoint),
                *([Path(args.finetune)] if args.finetune is not None else [])]
     check_outputs("--output", export_paths(args.output), overwrite=args.overwrite, inputs=sources)

@@ -11,11 +11,11 @@ keyword arguments for the model builder, the data sets and the engine.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
 import platform
-import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -30,6 +30,7 @@ import evaluation
 import lora
 import methods
 import models_vit_lora as mv
+import weights
 
 from datasets.transforms import AUG_FILLS, ERASE_MODES
 from engine_finetune import COMPILE_CHOICES, COMPILE_MODES
@@ -40,7 +41,7 @@ from util.io import json_safe
 from util.misc import DistInfo, close_log_file, decided_by_main, git_commit, init_distributed, say, seed_everything, setup_logging
 from util.optim import build_optimizer, per_process_batch
 from util.precision import AMP_CHOICES, precision_name, resolve_amp
-from util.presets import DEMO_DEFAULTS, PRESETS, preset_help, resolve_preset
+from util.presets import DEMO_DEFAULTS, PRESETS, preset_help, reference_script_flags, resolve_preset
 from util.runfolder import Plan, RunFolder, auto_run_name, demo_run_name, probe_writable
 
 logger = logging.getLogger("main")
@@ -48,6 +49,8 @@ logger = logging.getLogger("main")
 PROG = "main_finetune_lora.py"
 # Flags that name a real data set or weights: without --data_path they are an error, not the demo.
 REAL_RUN_FLAGS = ("preset", "finetune", "dataset", "data_size", "split_dir", "nb_classes")
+
+
 class ArgumentError(command.UsageError):
     """A flag value or combination that cannot run."""
 
@@ -206,37 +209,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     f("--no_pin_mem", action="store_false", dest="pin_mem", role=command.EXEC, help="no pinned memory")
 
     # Flags of the reference code, accepted so that its scripts run unchanged.
-    f = command.FlagTable(p, "accepted for compatibility", role=command.EXEC)
-    zero = command.number(float, "the paper trains multi-label BCE without it (pass 0)",
-                          lambda v: v == 0)
-    for flag in ("--smoothing", "--mixup", "--cutmix"):
-        f(flag, type=zero, default=0.0, help="must be 0 (multi-label BCE)")
-    f("--color_jitter", type=float, default=None, help="unused (RandAugment)")
-    f("--resplit", action="store_true", help="unused")
-    f("--cutmix_minmax", type=float, nargs="+", default=None, help="unused")
-    f("--mixup_prob", type=float, default=1.0, help="unused")
-    f("--mixup_switch_prob", type=float, default=0.5, help="unused")
-    f("--mixup_mode", type=str, default="batch", help="unused")
-    f("--from_begin", action="store_true", help="unused")
-    f("--world_size", default=1, type=int, help="set by torchrun")
-    f("--local_rank", "--local-rank", default=-1, type=int, help="set by torchrun")
-    f("--dist_on_itp", action="store_true", help="unused")
-    f("--dist_url", default="env://", help="unused (torchrun sets the rendezvous)")
+    reference_script_flags(command.FlagTable(p, "accepted for compatibility", role=command.EXEC))
     return p
-
-
-def infer_norm(finetune: str) -> str | None:
-    """The reference code's rule, made explicit: the normalisation named by the weights file."""
-    name = Path(finetune).name.lower()
-    if "mrm" in name:
-        return "mrm"
-    if "cxr_mae" in name or "cxrmae" in name:
-        return "cxr_mae"
-    if "imagenet" in name or "mae_pretrain" in name:
-        return "imagenet"
-    if re.search(r"_cxr_0\.\dm_mae", name):  # Medical MAE's release names
-        return "medical_mae"
-    return None
 
 
 def resolve_args(args: argparse.Namespace, explicit: set[str]) -> argparse.Namespace:
@@ -334,20 +308,17 @@ def weights_defaults(args: argparse.Namespace, given: set[str]):
     does not fit the file is refused."""
     info = mv.describe_weights(args.finetune, allow_unsafe_pickle=args.unsafe_load)
     args.notes.append(info.summary())
-    if "model" not in given:
-        if info.arch is None:
-            raise ArgumentError(f"--finetune {args.finetune}: {info.geometry.text()}: no --model "
-                                "of this tool builds it")
-        lora_model = (args.method or "lora") == "lora"
-        args.model = info.arch + ("_lora" if lora_model else "")
+    if info.arch is None and "model" not in given:
+        raise ArgumentError(f"--finetune {args.finetune}: {info.geometry.text()}: no --model "
+                            "of this tool builds it")
+    for key, value in {"model": f"{info.arch}{'_lora' if (args.method or 'lora') == 'lora' else ''}",
+                       "input_size": info.input_size, "global_pool": info.global_pool == "avg"}.items():
+        if key not in given:
+            setattr(args, key, value)
     try:
         mv.check_model_fits(info, args.model, {"depth": args.depth} if args.depth else {})
     except mv.PretrainedWeightsError as err:
         raise ArgumentError(str(err)) from None
-    if "input_size" not in given:
-        args.input_size = info.input_size
-    if "global_pool" not in given:
-        args.global_pool = info.global_pool == "avg"
     return info
 
 
@@ -355,7 +326,7 @@ def choose_norm(args: argparse.Namespace, explicit: set[str]) -> str:
     """The input normalisation the weights need (known from the file, or named by it),
     refusing a preset of others."""
     info = args.weights_info
-    named = (info.norm if info else None) or (infer_norm(args.finetune) if args.finetune else None)
+    named = (info.norm if info else None) or (weights.norm_named_by(args.finetune) if args.finetune else None)
     if args.preset and named and named != args.norm and "norm" not in explicit:
         # A preset is the recipe of one kind of weights; other weights are another setting.
         raise ArgumentError(f"--preset {args.preset} is the recipe for weights normalised as "
@@ -388,18 +359,11 @@ def check_combinations(args: argparse.Namespace, world: int) -> None:
     if args.compile_mode != "default" and args.compile_backend != "inductor":
         raise ArgumentError(f"--compile_mode {args.compile_mode} is a mode of the inductor backend, "
                             f"not of --compile_backend {args.compile_backend}")
-    mv.check_input_size(args.model, args.input_size)
-    try:
-        check_inputs(args)
-        datasets.check_cache_options(args.cache, args.cache_size)
-        check_precision(args)
-        augmentation(args)
-    except ValueError as err:
-        raise ArgumentError(str(err)) from None
+    check_inputs(args)
 
 
 def check_inputs(args: argparse.Namespace) -> None:
-    """The files and device the flags name exist, and what the command needs is given."""
+    """What the command needs is given, and what the flags name exists and can run."""
     if args.eval and not args.resume:
         raise ArgumentError("--eval needs --resume <checkpoint> (the model to evaluate)")
     if args.finetune and not Path(args.finetune).is_file():
@@ -411,20 +375,20 @@ def check_inputs(args: argparse.Namespace) -> None:
         raise ArgumentError(f"--log_dir {args.log_dir} is a file, not a folder")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise ArgumentError(f"--device {args.device}: CUDA is not available here (use --device cpu)")
-
-
-def check_precision(args: argparse.Namespace) -> None:
-    """--backbone_dtype against --method, --amp and the device."""
-    if args.backbone_dtype == "fp32":
-        return
-    if methods.get(args.method).trains_backbone:
-        raise ValueError(f"--backbone_dtype {args.backbone_dtype} needs a frozen backbone, "
-                         f"not --method {args.method}, which trains it")
-    if args.backbone_dtype == "fp8":  # products in float8 whatever the autocast dtype
-        lora.check_fp8_support(torch.device(args.device))
-    elif args.amp != args.backbone_dtype:
-        raise ValueError(f"--backbone_dtype {args.backbone_dtype} needs --amp "
-                         f"{args.backbone_dtype} (got --amp {args.amp})")
+    mv.check_input_size(args.model, args.input_size)
+    try:
+        datasets.check_cache_options(args.cache, args.cache_size)
+        lora.check_backbone_dtype(args.backbone_dtype, args.amp, torch.device(args.device),
+                                  args.method, methods.get(args.method).trains_backbone)
+        # The training augmentation (built once here, which checks --aa, --remode, --device_aug).
+        args.augmentation = datasets.train_transforms(
+            args.recipe, args.input_size, args.norm, aa=args.aa, reprob=args.reprob,
+            remode=args.remode, recount=args.recount, aug_fill=args.aug_fill, on_device=args.device_aug)
+        if args.check_args and not args.eval and not args.demo:  # before torchrun starts
+            for split in ("train", "val", "test"):
+                datasets.locate_split_file(split, args.data_path, args.data_size, args.split_dir)
+    except ValueError as err:
+        raise ArgumentError(str(err)) from None
 
 
 def with_data_defaults(args: argparse.Namespace, eff_batch: int) -> argparse.Namespace:
@@ -468,7 +432,7 @@ def prepare_data(args: argparse.Namespace, dist_info: DistInfo,
                  device: torch.device) -> tuple[datasets.TrainingData, torch.nn.Module | None]:
     """The run's splits and loaders, and the augmentation to run on the device (--device_aug)."""
     seed_everything(args.seed)
-    train_tf, batch_transform = augmentation(args)
+    train_tf, batch_transform = args.augmentation
     eval_tf = datasets.build_transform(is_train=False, recipe=args.recipe,
                                        input_size=args.input_size, norm=args.norm)
     data = datasets.training_data(
@@ -479,13 +443,6 @@ def prepare_data(args: argparse.Namespace, dist_info: DistInfo,
         allow_overlap=args.allow_overlap, nb_classes=args.nb_classes, seed=args.seed,
         num_workers=args.num_workers, pin_memory=args.pin_mem, dist_info=dist_info)
     return data, batch_transform.to(device) if batch_transform is not None else None
-
-
-def augmentation(args: argparse.Namespace) -> tuple[Any, torch.nn.Module | None]:
-    """The training augmentation of the flags: (loader transform, device batch transform)."""
-    return datasets.train_transforms(args.recipe, args.input_size, args.norm, aa=args.aa,
-                                     reprob=args.reprob, remode=args.remode, recount=args.recount,
-                                     aug_fill=args.aug_fill, on_device=args.device_aug)
 
 
 def model_config(args: argparse.Namespace, class_names: list[str],
@@ -509,11 +466,9 @@ def build_model(args: argparse.Namespace, config: mv.ModelConfig, device: torch.
     if args.grad_checkpointing:
         model.set_grad_checkpointing(True)
     model.to(device)
-    if args.backbone_dtype == "fp8":
-        converted = lora.to_float8_(model)
-        logger.info("--backbone_dtype fp8: %d frozen block linears compute in float8", converted)
-    elif args.backbone_dtype != "fp32":
-        lora.cast_frozen_(model, {"bf16": torch.bfloat16, "fp16": torch.float16}[args.backbone_dtype])
+    if lora.set_backbone_dtype_(model, args.backbone_dtype):
+        logger.info("--backbone_dtype %s: the frozen backbone's products in %s",
+                    args.backbone_dtype, args.backbone_dtype)
     return model
 
 
@@ -533,7 +488,14 @@ def main(args: argparse.Namespace) -> dict:
     eff_batch = args.batch_size * args.accum_iter * dist_info.world_size
     args = with_data_defaults(args, eff_batch)
     if args.eval:
-        return evaluate_checkpoint(args, dist_info, device, amp_dtype)
+        # --eval: test --resume on --eval_split of --data_path, in the evaluation's own folder.
+        return evaluation.evaluate_checkpoint(
+            args.resume, args.data_path, dataset=args.dataset, split_dir=args.split_dir,
+            cache=args.cache, cache_size=args.cache_size, skip_bad=args.skip_bad,
+            dicom_scaling=args.dicom_scaling if "dicom_scaling" in args.explicit else None,
+            output_dir=args.output_dir if "output_dir" in args.explicit else None,
+            name=args.eval_name, overwrite=args.overwrite, command=" ".join(sys.argv),
+            **test_options(args, dist_info, device, amp_dtype))
 
     # Data first: a bad split file or image fails here, before anything is written.
     data, batch_transform = prepare_data(args, dist_info, device)
@@ -569,45 +531,10 @@ def main(args: argparse.Namespace) -> dict:
         folder.lock.release()
 
 
-def run_record(args: argparse.Namespace, parser: argparse.ArgumentParser, settings: dict, plan: Plan,
-               data: datasets.TrainingData, config: mv.ModelConfig, model: torch.nn.Module, start_epoch: int,
-               dist_info: DistInfo, precision: str) -> dict:
-    """config.json: the run's settings, how it executed, and what it found."""
-    roles = command.flag_roles(parser)
-    return {"settings": settings, "recipe": command.recipe_flags(parser),
-            "execution": json_safe({k: getattr(args, k) for k, r in roles.items() if r != command.RUN}),
-            "preset_source": args.preset_source, "precision": precision, "lr": args.lr,
-            "global_batch": settings["global_batch"], "world_size": dist_info.world_size,
-            "trainable": lora.trainable_report(model),
-            "method_settings": json_safe(config.to_json()["method_settings"]),
-            "val_undefined_classes": data.val_undefined, "notes": args.notes,
-            "data_cache": data.cache_used,
-            "resumed_from_epoch": start_epoch - 1 if plan.resume else None,
-            "resumed_from": str(Path(plan.resume).resolve()) if plan.resume else None,
-            "git_commit": git_commit(), "torch": torch.__version__, "timm": timm.__version__,
-            "python": platform.python_version(), "command": " ".join(sys.argv)}
-
-
-def log_start(data: datasets.TrainingData, config: mv.ModelConfig, model: torch.nn.Module,
-              folder: RunFolder, args: argparse.Namespace, precision: str, device: torch.device,
-              global_batch: int) -> None:
-    """The lines that open a run's log: what it trains on, with what, and where."""
-    data.log_summary()
-    scaling = getattr(config.method_settings, "scaling", None)
-    say(lora.trainable_report(model) + (f", update scaling {scaling:g}" if scaling else ""))
-    logger.info("run folder %s; %d train / %d val / %d test images; global batch %d; lr %.3g; "
-                "precision %s; device %s", folder.folder, len(data.train_set), len(data.val_set),
-                len(data.test_set), global_batch, args.lr, precision, device)
-
-
 def loop_config(args: argparse.Namespace) -> LoopConfig:
-    """The training loop's knobs from the flags."""
-    return LoopConfig(epochs=args.epochs, seed=args.seed, lr=args.lr, min_lr=args.min_lr,
-                      warmup_epochs=args.warmup_epochs, accum_iter=args.accum_iter,
-                      clip_grad=args.clip_grad, valid_freq=args.valid_freq, log_freq=args.log_freq,
-                      progress_freq=args.progress_freq, progress=not args.no_progress,
-                      compile=args.compile, compile_backend=args.compile_backend,
-                      compile_mode=args.compile_mode)
+    """The training loop's knobs from the flags of the same names."""
+    return LoopConfig(**{k.name: getattr(args, k.name) for k in dataclasses.fields(LoopConfig)
+                         if k.name != "progress"}, progress=not args.no_progress)
 
 
 def checkpoint_extra(args: argparse.Namespace, settings: dict, amp_dtype) -> dict:
@@ -621,16 +548,34 @@ def checkpoint_extra(args: argparse.Namespace, settings: dict, amp_dtype) -> dic
 def start_run(args: argparse.Namespace, parser: argparse.ArgumentParser, settings: dict, folder: RunFolder,
               plan: Plan, data: datasets.TrainingData, config: mv.ModelConfig, model: torch.nn.Module,
               start_epoch: int, dist_info: DistInfo, precision: str, device: torch.device):
-    """On the main process: replace a previous run if planned, write config.json, open
-    train.log and TensorBoard (returned), and log what the run trains on."""
+    """On the main process: replace a previous run if planned, write config.json (the run's
+    settings, how it executes, what it found), open train.log and TensorBoard (returned),
+    and log what the run trains on."""
     if not dist_info.is_main:
         return None
-    record = run_record(args, parser, settings, plan, data, config, model, start_epoch,
-                        dist_info, precision)
+    roles = command.flag_roles(parser)
+    trainable = lora.trainable_report(model)
+    record = {
+        "settings": settings, "recipe": command.recipe_flags(parser),
+        "execution": json_safe({k: getattr(args, k) for k, r in roles.items() if r != command.RUN}),
+        "preset_source": args.preset_source, "precision": precision, "lr": args.lr,
+        "global_batch": settings["global_batch"], "world_size": dist_info.world_size,
+        "trainable": trainable, "method_settings": json_safe(config.to_json()["method_settings"]),
+        "val_undefined_classes": data.val_undefined, "notes": args.notes,
+        "data_cache": data.cache_used,
+        "resumed_from_epoch": start_epoch - 1 if plan.resume else None,
+        "resumed_from": str(Path(plan.resume).resolve()) if plan.resume else None,
+        "git_commit": git_commit(), "torch": torch.__version__, "timm": timm.__version__,
+        "python": platform.python_version(), "command": " ".join(sys.argv)}
     folder.start(plan, record, script=args.script, overwrite=args.overwrite)
     setup_logging(True, folder.writable("train.log"))
     writer = training.open_writer(folder, args.log_dir)
-    log_start(data, config, model, folder, args, precision, device, settings["global_batch"])
+    data.log_summary()
+    scaling = getattr(config.method_settings, "scaling", None)
+    say(trainable + (f", update scaling {scaling:g}" if scaling else ""))
+    logger.info("run folder %s; %d train / %d val / %d test images; global batch %d; lr %.3g; "
+                "precision %s; device %s", folder.folder, len(data.train_set), len(data.val_set),
+                len(data.test_set), settings["global_batch"], args.lr, precision, device)
     return writer
 
 
@@ -662,32 +607,6 @@ def test_options(args: argparse.Namespace, dist_info: DistInfo, device: torch.de
                 progress=not args.no_progress, metadata=args.metadata, class_map=args.class_map)
 
 
-def evaluate_checkpoint(args: argparse.Namespace, dist_info: DistInfo, device: torch.device,
-                        amp_dtype: torch.dtype | None) -> dict:
-    """--eval: test --resume on --eval_split of --data_path, in the evaluation's own folder."""
-    explicit = args.explicit
-    return evaluation.evaluate_checkpoint(
-        args.resume, args.data_path, dataset=args.dataset, split_dir=args.split_dir,
-        cache=args.cache, cache_size=args.cache_size, skip_bad=args.skip_bad,
-        dicom_scaling=args.dicom_scaling if "dicom_scaling" in explicit else None,
-        output_dir=args.output_dir if "output_dir" in explicit else None, name=args.eval_name,
-        overwrite=args.overwrite, command=" ".join(sys.argv),
-        **test_options(args, dist_info, device, amp_dtype))
-
-
-def continue_command(argv: list[str]) -> str:
-    """The command that continues an interrupted run: the same flags with --resume auto."""
-    kept, skip = [], False
-    for arg in argv:
-        if skip:
-            skip = False
-        elif arg in ("--resume", "--overwrite") or arg.startswith("--resume="):
-            skip = arg == "--resume"
-        else:
-            kept.append(arg)
-    return " ".join(["python3", PROG, *kept, "--resume", "auto"])
-
-
 def parse(argv: list[str]) -> argparse.Namespace:
     """The flags of ``argv``, resolved and checked (exit 2 with one line when they cannot run)."""
     parser = get_args_parser()
@@ -699,17 +618,9 @@ def parse(argv: list[str]) -> argparse.Namespace:
 
 
 def run_command(argv: list[str]) -> int:
-    """Parse, check, and run (or, with --check_args, only check)."""
+    """Parse and check (all --check_args asks), then run."""
     args = parse(argv)
-    if args.check_args:
-        if not args.eval and not args.demo:  # a demo makes its data
-            # A launch script checks before torchrun starts: a missing split file is found
-            # here, in one line, not after the launcher's processes have started.
-            try:
-                for split in ("train", "val", "test"):
-                    datasets.locate_split_file(split, args.data_path, args.data_size, args.split_dir)
-            except ValueError as err:
-                get_args_parser().error(str(err))
+    if args.check_args:  # what the launch scripts ask before torchrun starts
         return 0
     try:
         main(args)
@@ -724,7 +635,7 @@ def cli(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         return command.run(run_command, argv, prog=PROG,
-                           interrupted=lambda: f"continue the run with: {continue_command(argv)}")
+                           interrupted=lambda: "continue the run with: " + command.resume_command(PROG, argv))
     finally:
         close_log_file()  # after the error line reached it
 

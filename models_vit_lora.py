@@ -333,10 +333,11 @@ def not_a_checkpoint(path: str | Path, kind: FileKind, expected: str = "PyTorch 
     return f"{path}: not a {expected}: it looks like {kind.description}"
 
 
-def read_safetensors(path: str | Path,
-                     error: type[Exception] = PretrainedWeightsError) -> dict[str, torch.Tensor]:
-    """Every tensor of a safetensors file (on the CPU); a foreign or damaged file raises ``error``."""
-    from safetensors import SafetensorError
+def read_safetensors(path: str | Path, error: type[Exception] = PretrainedWeightsError,
+                     device: str = "cpu") -> dict[str, torch.Tensor]:
+    """Every tensor of a safetensors file (on the CPU; on ``device`` "meta" only their shapes
+    and dtypes, from the header); a foreign or damaged file raises ``error``."""
+    from safetensors import SafetensorError, safe_open
     from safetensors.torch import load_file
 
     path = Path(path)
@@ -346,9 +347,20 @@ def read_safetensors(path: str | Path,
     if kind.format != "safetensors":
         raise error(not_a_checkpoint(path, kind, "safetensors file"))
     try:
-        return load_file(str(path), device="cpu")
+        if device != "meta":
+            return load_file(str(path), device=device)
+        with safe_open(str(path), "pt") as f:
+            return {k: torch.empty(f.get_slice(k).get_shape(), device="meta",
+                                   dtype=_SAFETENSORS_DTYPES.get(f.get_slice(k).get_dtype(), torch.uint8))
+                    for k in f.keys()}
     except SafetensorError as err:
         raise error(f"{path}: damaged safetensors file ({err}); write or copy it again") from None
+
+
+# safetensors' dtype names (its header) -> torch dtypes, for shapes read without the data.
+_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
+                       "BF16": torch.bfloat16, "I64": torch.int64, "I32": torch.int32,
+                       "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
 
 
 def non_finite_tensors(tensors: dict[str, torch.Tensor]) -> list[str]:
@@ -395,14 +407,15 @@ _UNSAFE_ADVICE = ("If you trust its origin, re-save it as a state dict, or pass 
 
 def load_torch_file(path: str | Path, error: type[Exception] = PretrainedWeightsError,
                     allow_unsafe_pickle: bool = False, expected: str = "PyTorch checkpoint",
-                    refused_advice: str = _UNSAFE_ADVICE) -> Any:
+                    refused_advice: str = _UNSAFE_ADVICE, map_location: str = "cpu") -> Any:
     """``torch.load`` of a file checked first to be a ``torch.save`` file; nothing runs code.
 
     Reads with ``weights_only=True`` and the allow-list of ``_safe_globals`` unless
     ``allow_unsafe_pickle``. Every failure raises ``error`` with one line naming the file:
     what it looks like when it is no torch file, "damaged" or "truncated" when it is one
     that cannot be read, and ``refused_advice`` (by default the --unsafe_load advice) only
-    for a real pickle whose objects go beyond tensors and plain data.
+    for a real pickle whose objects go beyond tensors and plain data. ``map_location``
+    "meta" reads the tensors' shapes and dtypes without their data.
     """
     path = Path(path)
     if not path.is_file():
@@ -417,9 +430,9 @@ def load_torch_file(path: str | Path, error: type[Exception] = PretrainedWeights
             if allow_unsafe_pickle:
                 warnings.warn(f"UNSAFE: unpickling {path} with weights_only=False; a malicious "
                               "file can run arbitrary code", stacklevel=2)
-                return torch.load(f, map_location="cpu", weights_only=False)
+                return torch.load(f, map_location=map_location, weights_only=False)
             with torch.serialization.safe_globals(_safe_globals()):
-                return torch.load(f, map_location="cpu", weights_only=True)
+                return torch.load(f, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
         reason, refused_global = _pickle_reason(err)
         if not refused_global:
@@ -438,7 +451,8 @@ def load_torch_file(path: str | Path, error: type[Exception] = PretrainedWeights
                     "again") from None
 
 
-def read_checkpoint(path: str | Path, allow_unsafe_pickle: bool = False) -> dict[str, Any]:
+def read_checkpoint(path: str | Path, allow_unsafe_pickle: bool = False,
+                    device: str = "cpu") -> dict[str, Any]:
     """Read a checkpoint file without executing code: safetensors or a restricted unpickle.
 
     Returns the top-level object (a dict). The format is taken from the file's first
@@ -446,13 +460,14 @@ def read_checkpoint(path: str | Path, allow_unsafe_pickle: bool = False) -> dict
     file) is refused with what it looks like. Pickled files are read with
     ``weights_only=True`` and an allow-list (argparse.Namespace, numpy scalars); any other
     global is refused unless ``allow_unsafe_pickle`` is set, which runs arbitrary code.
+    With ``device`` "meta" the tensors carry their shapes and dtypes only (nothing else read).
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"pre-trained weights not found: {path}")
     if sniff_weights_file(path).format == "safetensors":
-        return read_safetensors(path)
-    obj = load_torch_file(path, allow_unsafe_pickle=allow_unsafe_pickle)
+        return read_safetensors(path, device=device)
+    obj = load_torch_file(path, allow_unsafe_pickle=allow_unsafe_pickle, map_location=device)
     if not isinstance(obj, dict):
         raise PretrainedWeightsError(f"{path}: expected a dict, found {type(obj).__name__}")
     return obj
@@ -671,10 +686,11 @@ def load_pretrained(model: nn.Module, path: str | Path, allow_unsafe_pickle: boo
 
 def describe_weights(path: str | Path, allow_unsafe_pickle: bool = False,
                      state_dict: dict[str, torch.Tensor] | None = None) -> weights.WeightsInfo:
-    """What a pre-trained file holds (``weights.describe``), its architecture named among
-    ``ARCHS``: the defaults of ``--model``, ``--input_size``, ``--norm`` and the pooling."""
+    """What a pre-trained file holds (``weights.describe``, from the tensors' shapes: their
+    data is not read), its architecture named among ``ARCHS``: the defaults of ``--model``,
+    ``--input_size``, ``--norm`` and the pooling."""
     if state_dict is None:
-        state_dict = extract_state_dict(read_checkpoint(path, allow_unsafe_pickle), path)
+        state_dict = extract_state_dict(read_checkpoint(path, allow_unsafe_pickle, device="meta"), path)
     return weights.describe(state_dict, path, {name: arch_settings(name) for name in ARCHS})
 
 

@@ -209,10 +209,9 @@ def load_model(checkpoint: str | Path, finetune: str | Path | None = None,
 
     A run folder stands for its ``checkpoint-best``.
     """
-    from checkpoints import is_merged_export, load_merged, load_trained
+    from checkpoints import is_merged_export, load_merged, load_trained, resolve_checkpoint
 
-    if Path(checkpoint).is_dir():
-        checkpoint = Path(checkpoint) / "checkpoint-best"
+    checkpoint = resolve_checkpoint(checkpoint)
     if is_merged_export(checkpoint):
         if finetune:
             logger.info("--finetune ignored: %s is a merged export holding every tensor", checkpoint)
@@ -509,11 +508,8 @@ def _named_inputs(args: argparse.Namespace, images: Sequence[InputImage]) -> lis
     file and a threshold table (no output may be one of them)."""
     from checkpoints import checkpoint_paths
 
-    checkpoint = Path(args.checkpoint)
-    if checkpoint.is_dir():
-        checkpoint = checkpoint / "checkpoint-best"
     named = [Path(p) for p in args.inputs if Path(p).is_file()]
-    named += [*checkpoint_paths(checkpoint), *(Path(p) for p in (args.finetune, args.threshold)
+    named += [*checkpoint_paths(args.checkpoint), *(Path(p) for p in (args.finetune, args.threshold)
                                               if p is not None and Path(p).is_file())]
     return [*named, *(im.file for im in images)]
 
@@ -611,11 +607,8 @@ def _calibration(args: argparse.Namespace, config: "ModelConfig"
     are calibrated (``--calibrated``, on by default when there is one; ``--no_calibrated``)."""
     from checkpoints import read_calibration
 
-    checkpoint = Path(args.checkpoint)
-    if checkpoint.is_dir():
-        checkpoint = checkpoint / "checkpoint-best"
     try:
-        calibration = read_calibration(config, checkpoint)
+        calibration = read_calibration(config, args.checkpoint)
     except ValueError as err:
         raise UsageError(f"--checkpoint {args.checkpoint}: {err}") from None
     if args.calibrated and calibration is None:
@@ -736,8 +729,11 @@ def _summary_line(predicted: int, failures: Sequence[Failure], non_finite: Seque
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """The flags, checked (a bad one exits 2 with one line)."""
+    from checkpoints import resolve_checkpoint
+
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.checkpoint = str(resolve_checkpoint(args.checkpoint))
     if args.batch_size < 1:
         parser.error(f"--batch_size {args.batch_size}: must be at least 1")
     if args.num_workers < 0:

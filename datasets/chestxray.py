@@ -16,7 +16,6 @@ from torch.utils.data import Dataset
 from torchvision import transforms as T
 from torchvision.transforms import functional as TF
 
-from ._class_names import split_class_names
 from .imagecache import (
     REBUILD_HINT,
     EvalCache,
@@ -35,6 +34,7 @@ from .splits import (
     parse_split_file,
     resolve_data_path,
     resolve_image_paths,
+    split_class_names,
 )
 from .resample import kernel_name, resize_grey
 from .transforms import GreyToRGB, apply_transform, to_float_tensor

@@ -64,7 +64,6 @@ from PIL import Image
 from util.cli import ToolError
 from util.io import OutputError, describe_os_error, file_sha256
 
-from ._class_names import split_class_names
 from .constants import ALL_SPLIT_FILES
 from .errors import BadEntry, CacheError, DataUsageError, ImageError
 from .imageio import DICOM_SUFFIXES, _is_dicom_file, dicom_scaling_for, load_image
@@ -75,6 +74,7 @@ from .splits import (
     resolve_data_path,
     resolve_image_paths,
     split_dir_candidates,
+    split_class_names,
 )
 
 logger = logging.getLogger(__name__)

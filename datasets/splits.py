@@ -168,9 +168,18 @@ def find_class_file(folders: list[Path]) -> Path | None:
 
 def read_class_names(folders: list[Path]) -> list[str] | None:
     """Class names from the first `classes.txt` (one name a line) found in `folders`."""
+    return split_class_names("custom", folders)[0]
+
+
+def split_class_names(kind: str, folders: list[Path]) -> tuple[list[str] | None, Path | None]:
+    """(class names, the classes.txt they came from) of a split of ``kind``: a known kind's
+    fixed names (no file), else those of the first `classes.txt` in ``folders`` (one name a
+    line), else (None, None)."""
+    if kind in CLASS_NAMES:
+        return list(CLASS_NAMES[kind]), None
     path = find_class_file(folders)
     if path is None:
-        return None
+        return None, None
     try:
         text = path.read_text(encoding="utf-8-sig")  # a byte order mark is not part of the first name
     except UnicodeDecodeError as err:
@@ -178,7 +187,7 @@ def read_class_names(folders: list[Path]) -> list[str] | None:
     names = [ln.strip() for ln in text.splitlines() if ln.strip()]
     if not names:
         raise SplitFileError(f"{path}: class file is empty (expected one class name a line)")
-    return names
+    return names, path
 
 
 def label_columns(split_file: str | Path) -> int | None:

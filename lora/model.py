@@ -7,6 +7,7 @@ from typing import Iterable
 import torch
 import torch.nn as nn
 
+from .fp8 import check_fp8_support, to_float8_
 from .layers import LoRALinear
 
 # Where each `lora_pos` keyword puts adapters: module path suffix inside a ViT block ->
@@ -147,6 +148,36 @@ def cast_frozen_(model: nn.Module, dtype: torch.dtype) -> int:
             param.data = param.data.to(dtype)
             count += 1
     return count
+
+
+BACKBONE_DTYPES = ("fp32", "bf16", "fp16", "fp8")
+
+
+def check_backbone_dtype(dtype: str, amp: str, device: torch.device, method: str,
+                         trains_backbone: bool) -> None:
+    """Raise ValueError (one line naming the flags) where the frozen backbone cannot be held
+    in ``dtype`` (a ``BACKBONE_DTYPES`` name): a ``method`` that trains it, bf16 / fp16 without
+    that --amp, FP8 where ``device`` has no FP8 products."""
+    if dtype == "fp32":
+        return
+    if trains_backbone:
+        raise ValueError(f"--backbone_dtype {dtype} needs a frozen backbone, not --method "
+                         f"{method}, which trains it")
+    if dtype == "fp8":  # products in float8 whatever the autocast dtype
+        check_fp8_support(device)
+    elif amp != dtype:
+        raise ValueError(f"--backbone_dtype {dtype} needs --amp {dtype} (got --amp {amp})")
+
+
+def set_backbone_dtype_(model: nn.Module, dtype: str) -> int:
+    """Hold the frozen backbone in ``dtype`` (checked by ``check_backbone_dtype``): bf16 /
+    fp16 frozen parameters, or FP8 products for the frozen block linears. Returns how many
+    tensors (or, for fp8, linears) changed."""
+    if dtype == "fp8":
+        return to_float8_(model)
+    if dtype == "fp32":
+        return 0
+    return cast_frozen_(model, {"bf16": torch.bfloat16, "fp16": torch.float16}[dtype])
 
 
 def canonical_name(key: str) -> str:

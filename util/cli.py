@@ -175,6 +175,19 @@ def run(main: Callable[[list[str]], int | None], argv: Sequence[str] | None = No
         return report(prog, err)
 
 
+def resume_command(prog: str, argv: Sequence[str]) -> str:
+    """The command that continues an interrupted run: the same flags with --resume auto."""
+    kept, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg in ("--resume", "--overwrite") or arg.startswith("--resume="):
+            skip = arg == "--resume"
+        else:
+            kept.append(arg)
+    return " ".join(["python3", prog, *kept, "--resume", "auto"])
+
+
 # --- a command's flag table ---------------------------------------------------------------
 # The role each flag declares once: RUN flags make a run this run (compared by the run-folder
 # check, by resume and by util.summarize); EXEC flags say where and how it executes; DERIVED

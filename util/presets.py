@@ -23,7 +23,9 @@ What the paper publishes, and what is chosen here where it publishes nothing:
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
+
+from util.cli import number
 
 _ROOT = Path(__file__).resolve().parents[1]
 # The built-in demo (no --data_path): a tiny ViT with a random backbone on synthetic data,
@@ -170,3 +172,22 @@ def preset_help() -> str:
             "published recipe: the LoRA preset without adapters; as for every other method, "
             "with the lr of the method's own paper where it names one); the run's config.json records "
             "the source as preset_source; explicit flags win")
+
+
+def reference_script_flags(f: Callable[..., None]) -> None:
+    """Add, with ``f`` (a ``util.cli.FlagTable``), the flags of the paper's scripts this tool
+    does not use, so that those scripts run unchanged: the multi-label BCE recipe has no label
+    smoothing, mixup or cutmix (0 is the only value), the rest are accepted and ignored."""
+    zero = number(float, "the paper trains multi-label BCE without it (pass 0)", lambda v: v == 0)
+    for flag in ("--smoothing", "--mixup", "--cutmix"):
+        f(flag, type=zero, default=0.0, help="must be 0 (multi-label BCE)")
+    for flag, kind, default in (("--color_jitter", float, None), ("--cutmix_minmax", float, None),
+                                ("--mixup_prob", float, 1.0), ("--mixup_switch_prob", float, 0.5),
+                                ("--mixup_mode", str, "batch")):
+        f(flag, type=kind, default=default, nargs="+" if flag == "--cutmix_minmax" else None,
+          help="unused")
+    for flag in ("--resplit", "--from_begin", "--dist_on_itp"):
+        f(flag, action="store_true", help="unused")
+    f("--world_size", default=1, type=int, help="set by torchrun")
+    f("--local_rank", "--local-rank", default=-1, type=int, help="set by torchrun")
+    f("--dist_url", default="env://", help="unused (torchrun sets the rendezvous)")

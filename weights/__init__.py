@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Collection, Mapping
@@ -306,6 +307,21 @@ def stats_from(obj: Mapping[str, Any], mean_key: str, std_key: str, config: Path
         raise PretrainedWeightsError(f"{config}: {mean_key} {mean!r:.40} and {std_key} "
                                      f"{std!r:.40} must be lists of 3 numbers")
     return tuple(map(float, mean)), tuple(map(float, std)), config
+
+
+def norm_named_by(path: str | Path) -> str | None:
+    """The reference code's rule for a file whose tensors tell no normalisation: the one its
+    name says (MRM, CXR_MAE, ImageNet MAE, Medical MAE's release names), else None."""
+    name = Path(path).name.lower()
+    if "mrm" in name:
+        return "mrm"
+    if "cxr_mae" in name or "cxrmae" in name:
+        return "cxr_mae"
+    if "imagenet" in name or "mae_pretrain" in name:
+        return "imagenet"
+    if re.search(r"_cxr_0\.\dm_mae", name):  # Medical MAE's release names
+        return "medical_mae"
+    return None
 
 
 def describe(state_dict: StateDict, source: object,
