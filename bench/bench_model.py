@@ -513,64 +513,96 @@ def median_rates(cases: dict[str, Callable[[], None]], batch_size: int, steps: i
             for name, r in rates.items()}
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
-    """All measurements; returns the results as plain data."""
-    device = resolve_device(args.device)
-    precs = args.amp.split(",") if args.amp != "auto" else default_precisions(device)
+def selected_impls(args: argparse.Namespace) -> list[str]:
+    """The contenders asked for (``--impls`` + ``--methods``), less the PEFT peers when HF
+    PEFT is not installed (with a note)."""
     impls = list(dict.fromkeys(args.impls.split(",") + expand_methods(args.methods)))
     for name in ("peft", "peft_compile", *PEERS):
         if peft is None and name in impls:
             print(f"HF PEFT not installed: the '{name}' peer is skipped", file=sys.stderr)
             impls.remove(name)
-    cfg = dict(arch=args.model, img_size=args.img_size, rank=args.rank, alpha=args.alpha,
-               dropout=args.dropout, batch_size=args.batch_size)
-    if {"ours_fp8", "ours_fp8_compile"} & set(impls) and not fp8_runs_on(device):
-        print(f"no FP8 products on {device} (CUDA compute capability 8.9+ needed): the "
-              "'ours_fp8' contender is skipped", file=sys.stderr)
-    cases = [(i, p) for i in impls for p in precs if valid_case(i, p, device)]
-    result: dict[str, Any] = {"machine": machine_info(device), "config": {**cfg, "steps": args.steps,
-                              "rounds": args.rounds, "precisions": precs, "eval_batch_size": args.eval_batch_size}}
-    result["config"]["impls"] = impls
+    return impls
 
-    # Peak memory first, while nothing else is allocated.
+
+def bench_config(args: argparse.Namespace) -> dict[str, Any]:
+    """What every contender is built and stepped with."""
+    return dict(arch=args.model, img_size=args.img_size, rank=args.rank, alpha=args.alpha,
+                dropout=args.dropout, batch_size=args.batch_size)
+
+
+def measure_memories(cases: list[tuple[str, str]], cfg: dict[str, Any], args: argparse.Namespace,
+                     device: torch.device) -> dict[str, Any]:
+    """Peak memory of each (contender, precision): in this process on CUDA, in a fresh
+    subprocess each on a CPU."""
     memory: dict[str, Any] = {}
-    if not args.no_memory:
-        for impl, prec in cases:
-            if device.type == "cuda":
-                memory[f"{impl}:{prec}"] = measure_memory_here(impl, prec, cfg, device, args.mem_steps)
-            else:
-                memory[f"{impl}:{prec}"] = measure_memory_subprocess(impl, prec, args)
-            print(f"memory {impl}:{prec} {memory[f'{impl}:{prec}']['peak_mb']} MB", file=sys.stderr)
-            gc.collect()
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-    result["memory"] = memory
-    if args.json and memory:
-        write_json(args.json, {**result, "partial": "memory done, throughput not"})
+    for impl, prec in cases:
+        if device.type == "cuda":
+            memory[f"{impl}:{prec}"] = measure_memory_here(impl, prec, cfg, device, args.mem_steps)
+        else:
+            memory[f"{impl}:{prec}"] = measure_memory_subprocess(impl, prec, args)
+        print(f"memory {impl}:{prec} {memory[f'{impl}:{prec}']['peak_mb']} MB", file=sys.stderr)
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return memory
 
-    x, y = make_batch(args.batch_size, args.img_size, device)
-    impls = [i for i in impls if any(c[0] == i for c in cases)]
-    trainers = {impl: Trainer(impl, build(impl, args.model, args.img_size, args.rank, args.alpha,
-                                          args.dropout, device)) for impl in impls}
+
+def prepare_steps(trainers: dict[str, Trainer], cases: list[tuple[str, str]], x: torch.Tensor,
+                  y: torch.Tensor, warmup: int, device: torch.device,
+                  ) -> tuple[dict[str, Callable[[], None]], dict[str, int]]:
+    """One step closure per case, warmed up; the first step of each also counts its FLOPs
+    (they do not depend on the dtype; compiled contenders are not counted)."""
     train_fns: dict[str, Callable[[], None]] = {}
     flops: dict[str, int] = {}
     for impl, prec in cases:
         fn = step_fn(trainers[impl], prec, x, y, device)
         key = f"{impl}:{prec}"
-        # The first warm-up step also counts the FLOPs (they do not depend on the dtype).
         flops[key] = count_flops(fn) if impl not in COMPILED_IMPLS else 0
-        for _ in range(args.warmup):
+        for _ in range(warmup):
             fn()
         train_fns[key] = fn
-    train = median_rates(train_fns, args.batch_size, args.steps, args.rounds, device)
+    return train_fns, flops
+
+
+def annotate_train(train: dict[str, dict[str, Any]], trainers: dict[str, Trainer],
+                   flops: dict[str, int], batch_size: int, device: torch.device) -> None:
+    """Add the trainable count, GFLOP per step, TFLOP/s and MFU to each training row."""
     peak = bf16_peak_flops(device)
     for key, r in train.items():
         impl = key.split(":")[0]
         r["trainable"] = sum(p.numel() for p in trainers[impl].params)
         fl = flops.get(key) or flops.get(f"ours:{key.split(':')[1]}", 0)  # compiled = same work
         r["gflop_step"] = round(fl / 1e9, 2)
-        r["tflop_s"] = fl * r["img_s"] / args.batch_size / 1e12
+        r["tflop_s"] = fl * r["img_s"] / batch_size / 1e12
         r["mfu"] = r["tflop_s"] * 1e12 / peak if peak else None
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """All measurements; returns the results as plain data."""
+    device = resolve_device(args.device)
+    precs = args.amp.split(",") if args.amp != "auto" else default_precisions(device)
+    impls = selected_impls(args)
+    cfg = bench_config(args)
+    if {"ours_fp8", "ours_fp8_compile"} & set(impls) and not fp8_runs_on(device):
+        print(f"no FP8 products on {device} (CUDA compute capability 8.9+ needed): the "
+              "'ours_fp8' contender is skipped", file=sys.stderr)
+    cases = [(i, p) for i in impls for p in precs if valid_case(i, p, device)]
+    result: dict[str, Any] = {"machine": machine_info(device), "config": {
+        **cfg, "steps": args.steps, "rounds": args.rounds, "precisions": precs,
+        "eval_batch_size": args.eval_batch_size, "impls": impls}}
+
+    # Peak memory first, while nothing else is allocated.
+    result["memory"] = {} if args.no_memory else measure_memories(cases, cfg, args, device)
+    if args.json and result["memory"]:
+        write_json(args.json, {**result, "partial": "memory done, throughput not"})
+
+    x, y = make_batch(args.batch_size, args.img_size, device)
+    impls = [i for i in impls if any(c[0] == i for c in cases)]
+    trainers = {impl: Trainer(impl, build(impl, args.model, args.img_size, args.rank, args.alpha,
+                                          args.dropout, device)) for impl in impls}
+    train_fns, flops = prepare_steps(trainers, cases, x, y, args.warmup, device)
+    train = median_rates(train_fns, args.batch_size, args.steps, args.rounds, device)
+    annotate_train(train, trainers, flops, args.batch_size, device)
     result["train"] = train
     if args.json:  # kept if a time limit stops the evaluation phase
         write_json(args.json, {**result, "partial": "training done, evaluation not"})
@@ -762,17 +794,17 @@ def get_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any] | None:
-    """Command line."""
-    parser = get_parser()
-    args = parser.parse_args(argv)
-    if args.quick:
-        given = {a.split("=")[0] for a in (argv if argv is not None else sys.argv[1:])}
-        for flag, value in (("batch_size", 4), ("steps", 2), ("rounds", 1), ("warmup", 0),
-                            ("mem_steps", 1)):
-            if f"--{flag}" not in given:
-                setattr(args, flag, value)
-    args.eval_batch_size = args.eval_batch_size or args.batch_size
+def apply_quick(args: argparse.Namespace, argv: list[str] | None) -> None:
+    """``--quick``: the short settings, for each flag not given on the command line."""
+    given = {a.split("=")[0] for a in (argv if argv is not None else sys.argv[1:])}
+    for flag, value in (("batch_size", 4), ("steps", 2), ("rounds", 1), ("warmup", 0),
+                        ("mem_steps", 1)):
+        if f"--{flag}" not in given:
+            setattr(args, flag, value)
+
+
+def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Refuse (``parser.error``) counts, precisions, contenders and sizes that cannot run."""
     if args.warmup < 0:
         parser.error(f"--warmup must be >= 0, got {args.warmup}")
     for flag in ("batch_size", "steps", "rounds", "mem_steps", "rank"):
@@ -791,14 +823,22 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     if args.img_size % 16:
         parser.error(f"--img_size {args.img_size} is not a multiple of the patch size 16")
 
+
+def main(argv: list[str] | None = None) -> dict[str, Any] | None:
+    """Command line."""
+    parser = get_parser()
+    args = parser.parse_args(argv)
+    if args.quick:
+        apply_quick(args, argv)
+    args.eval_batch_size = args.eval_batch_size or args.batch_size
+    check_args(parser, args)
+
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.memory_worker:
         impl, prec = args.memory_worker.split(":")
-        cfg = dict(arch=args.model, img_size=args.img_size, rank=args.rank, alpha=args.alpha,
-                   dropout=args.dropout, batch_size=args.batch_size)
-        print(json.dumps(measure_memory_here(impl, prec, cfg, resolve_device(args.device),
-                                             args.mem_steps)))
+        device = resolve_device(args.device)
+        print(json.dumps(measure_memory_here(impl, prec, bench_config(args), device, args.mem_steps)))
         return None
 
     result = run(args)

@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # One prepared benchmark run for a GPU machine (H100 / H200), under 9 minutes:
-# bench_model.py at batch 64 and 128 (ViT-B/16, bf16: img/s, peak memory, MFU against
-# timm + HF PEFT, the paper-style peer and full fine-tuning, and ours with the FP8 backbone),
-# the compiled contenders (ours vs PEFT both compiled at batch 128; CUDA graphs,
-# --compile_mode reduce-overhead, at batch 32 against PEFT eager), bench_lora_layer.py
+# bench_model.py at batch 64 (ViT-B/16, bf16: img/s, peak memory, MFU against timm + HF PEFT,
+# the paper-style peer and full fine-tuning, and ours with the FP8 backbone), every
+# registered fine-tuning method at batch 64 (--methods all: DoRA and IA3 against HF PEFT's
+# at the same targets, train and eval img/s, peak memory, trainable parameters), the
+# compiled contenders (ours eager and compiled vs PEFT eager and compiled at batch 128; CUDA
+# graphs, --compile_mode reduce-overhead, at batch 32 against PEFT eager), bench_lora_layer.py
 # (the LoRA layer's forward + backward, new vs the earlier formulation), profile_step.py
 # (bf16 step time per operator group), bench_data.py (per-core rates: 1024-px PNG vs exact
 # cache vs lossy cache, evaluation cache) and bench_epoch.py on NIH-like data (2,000
@@ -17,6 +19,7 @@
 #   COMPILED=0 bash bench/gpu_check.sh       # skip the compiled contenders (they compile for ~2 min)
 #   DICOM=1 DATA=1 bash bench/gpu_check.sh   # also the JPEG-DICOM epoch and the per-core data rates
 #   FP8_COMPILE=1 bash bench/gpu_check.sh    # also ours with the FP8 backbone compiled (+60 s)
+#   B128=1 bash bench/gpu_check.sh           # also the eager contenders at batch 128 (+60 s)
 #   EPOCH_IMAGES=3000 bash bench/gpu_check.sh  # a larger end-to-end data set
 #
 # Packages the machine lacks can travel as wheels in .whl/ at the repository root
@@ -59,6 +62,8 @@ if [ "${TINY:-0}" = 1 ]; then
   TINY_MODEL=(--model vit_tiny_patch16 --img_size 32)
   MODEL_64=(--device "$DEVICE" --quick --amp fp32 --batch_size 2 "${TINY_MODEL[@]}" --impls ours,peft,paper,full)
   MODEL_128=()
+  METHODS_ARGS=(--device "$DEVICE" --quick --amp fp32 --batch_size 2 "${TINY_MODEL[@]}"
+                --impls ours --methods all)
   COMPILED_ARGS=(--device "$DEVICE" --quick --amp fp32 --batch_size 2 "${TINY_MODEL[@]}"
                  --impls ours,peft,peft_compile --no_memory)
   SMALL_ARGS=()
@@ -72,6 +77,7 @@ if [ "${TINY:-0}" = 1 ]; then
 elif [ "$DEVICE" = cpu ]; then
   MODEL_64=(--device cpu --quick --amp fp32 --impls "${IMPLS/ours_bf16w,ours_fp8,/}")
   MODEL_128=()
+  METHODS_ARGS=(--device cpu --quick --amp fp32 --impls ours --methods dora,ia3)
   COMPILED_ARGS=()
   SMALL_ARGS=()
   LORA_ARGS=(--device cpu --batch 2 --rounds 3 --calls 2 --amp fp32)
@@ -86,10 +92,18 @@ elif [ "$DEVICE" = cpu ]; then
 else
   MODEL_64=(--device "$DEVICE" --batch_size 64 --amp bf16,fp16 --impls "$IMPLS"
             --steps 10 --rounds 3 --warmup 2 --mem_steps 2)
-  MODEL_128=(--device "$DEVICE" --batch_size 128 --amp bf16,fp16 --impls "$IMPLS"
-             --steps 10 --rounds 3 --warmup 2 --mem_steps 2)
-  # Both compiled at batch 128 (the >= 1.25x goal), and CUDA graphs where launches dominate.
-  COMPILED_IMPLS="ours_compile,peft_compile,peft"
+  MODEL_128=()
+  if [ "${B128:-0}" = 1 ]; then
+    MODEL_128=(--device "$DEVICE" --batch_size 128 --amp bf16,fp16 --impls "$IMPLS"
+               --steps 10 --rounds 3 --warmup 2 --mem_steps 2)
+  fi
+  # Every registered method, and HF PEFT's DoRA and IA3 at the same targets (dora_qkv vs
+  # peft_dora, ia3_qkv vs peft_ia3, ours vs peft): one round-robin at batch 64, bf16.
+  METHODS_ARGS=(--device "$DEVICE" --batch_size 64 --amp bf16 --impls ours --methods all
+                --steps 5 --rounds 3 --warmup 1 --mem_steps 1)
+  # Both compiled at batch 128 (the >= 1.25x goal; ours eager gives the FLOPs of the MFU of
+  # ours compiled), and CUDA graphs where launches dominate.
+  COMPILED_IMPLS="ours,ours_compile,peft_compile,peft"
   if [ "${FP8_COMPILE:-0}" = 1 ]; then COMPILED_IMPLS="$COMPILED_IMPLS,ours_fp8_compile"; fi
   COMPILED_ARGS=(--device "$DEVICE" --batch_size 128 --amp bf16 --impls "$COMPILED_IMPLS"
                  --steps 10 --rounds 3 --warmup 3 --no_memory)
@@ -108,11 +122,13 @@ else
                --variants exact,paper)
   # The timeouts add up to 540 s (9 minutes). Left out unless asked for: the JPEG-DICOM
   # epoch (DICOM=1, 50 s) and the per-core data rates (DATA=1, 40 s; measured on any CPU).
+  # The batch-128 eager step (B128=1) adds 60 s: over 540 s.
   PROFILE_TIMEOUT=20
   MODEL_TIMEOUT=60  # per batch size
+  METHODS_TIMEOUT=75  # 14 contenders, each built twice (memory, then throughput)
   COMPILED_TIMEOUT=150  # two inductor compiles of ViT-B, forward and backward
   if [ "${FP8_COMPILE:-0}" = 1 ]; then COMPILED_TIMEOUT=210; fi  # a third compile: over 540 s
-  SMALL_TIMEOUT=90  # one compile with CUDA graphs
+  SMALL_TIMEOUT=75  # one compile with CUDA graphs
   LORA_TIMEOUT=15
   DATA_TIMEOUT=40
   EPOCH_TIMEOUT=125  # the PNG run also writes the data (in parallel) and compiles
@@ -123,6 +139,7 @@ else
   DEVAUG_ARGS=(--num_images 64 --recipe adamw --device_aug "$DEVICE" --batch_size 128)
   DEVAUG_TIMEOUT=20
 fi
+METHODS_TIMEOUT="${METHODS_TIMEOUT:-$MODEL_TIMEOUT}"
 COMPILED_TIMEOUT="${COMPILED_TIMEOUT:-$MODEL_TIMEOUT}"; SMALL_TIMEOUT="${SMALL_TIMEOUT:-$MODEL_TIMEOUT}"
 LORA_TIMEOUT="${LORA_TIMEOUT:-$PROFILE_TIMEOUT}"
 if [ "${COMPILED:-1}" = 0 ]; then COMPILED_ARGS=(); SMALL_ARGS=(); fi
@@ -134,6 +151,10 @@ timeout "$MODEL_TIMEOUT" python3 bench/bench_model.py "${MODEL_64[@]}" --json "$
 if [ ${#MODEL_128[@]} -gt 0 ]; then
   timeout "$MODEL_TIMEOUT" python3 bench/bench_model.py "${MODEL_128[@]}" --json "$OUT/model_b128.json" \
     2>&1 | tee "$OUT/model_b128.log" || status=1
+fi
+if [ ${#METHODS_ARGS[@]} -gt 0 ]; then
+  timeout "$METHODS_TIMEOUT" python3 bench/bench_model.py "${METHODS_ARGS[@]}" --json "$OUT/model_methods.json" \
+    2>&1 | tee "$OUT/model_methods.log" || status=1
 fi
 if [ ${#COMPILED_ARGS[@]} -gt 0 ]; then
   timeout "$COMPILED_TIMEOUT" python3 bench/bench_model.py "${COMPILED_ARGS[@]}" --json "$OUT/model_compiled.json" \

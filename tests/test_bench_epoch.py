@@ -85,6 +85,19 @@ def test_gpu_check_fits_its_budget_and_names_real_benches(tmp_path):
         if cmd[1] == "bench/bench_model.py":
             named |= set(cmd[cmd.index("--impls") + 1].split(","))
     assert named <= names and {"ours_fp8", "peft_compile", "ours_compile", "ours_cudagraphs"} <= named
+    # Every registered method and HF PEFT's DoRA and IA3 at the same targets, at a GPU batch.
+    methods_steps = [cmd for _, cmd in calls if "--methods" in cmd]
+    assert len(methods_steps) == 1
+    step = methods_steps[0]
+    assert step[step.index("--methods") + 1] == "all" and int(step[step.index("--batch_size") + 1]) >= 64
+    assert set(bench_model.expand_methods("all")) >= {"dora_qkv", "peft_dora", "ia3_qkv", "peft_ia3",
+                                                      "ours", "peft"}
+    # The eager batch-128 step is asked for apart: over the budget with it.
+    b128 = _gpu_check_calls(tmp_path, B128="1")
+    assert len(b128) == len(calls) + 1 and sum(seconds for seconds, _ in b128) > 540
+    assert any(cmd[cmd.index("--batch_size") + 1] == "128"
+               and "ours_fp8" in cmd[cmd.index("--impls") + 1].split(",")
+               for _, cmd in b128 if "--impls" in cmd)
     # The optional DICOM epoch and data rates add their own timeouts; the compiled contenders
     # can be left out.
     with_extras = _gpu_check_calls(tmp_path, DICOM="1", DATA="1")
