@@ -287,7 +287,7 @@ def test_non_finite_rescale_is_refused_naming_the_file(tmp_path, scaling, name, 
             check_image_header(bad)
         write_dicom(root / "img/good.dcm", pixels, RescaleSlope=2, RescaleIntercept=-100)
         (root / "val_list.txt").write_text("img/good.dcm 0\nimg/bad.dcm 1\n")
-        with pytest.raises(Exception, match=rf"val_list\.txt:2: image 'img/bad\.dcm'.*not a finite number"):
+        with pytest.raises(Exception, match=r"val_list\.txt:2: image 'img/bad\.dcm'.*not a finite number"):
             build_dataset("val", root, verify_images="header", dicom_scaling=scaling)
     assert np.asarray(load_image(root / "img/good.dcm")).max() == 255  # finite values: decoded
 
