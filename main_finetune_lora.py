@@ -156,7 +156,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     f("--weight_decay", recipe=True, type=command.NON_NEGATIVE, default=0.05, help="weight decay")
     f("--clip_grad", recipe=True, type=command.POSITIVE, default=None,
       help="clip the gradient norm to this positive value (default: no clipping)")
-    f("--backbone_dtype", recipe=True, default="fp32", choices=["fp32", "bf16", "fp16", "fp8"],
+    f("--backbone_dtype", recipe=True, default="fp32", choices=lora.BACKBONE_DTYPES,
       help="dtype of the frozen backbone (bf16 / fp16 need that --amp; fp8: block linears in "
            "float8, GPUs of compute capability 8.9+ or the CPU; docs/BENCHMARKS.md)")
     f("--compile", default="auto", nargs="?", const="on", choices=COMPILE_CHOICES, role=command.EXEC,
@@ -466,9 +466,11 @@ def build_model(args: argparse.Namespace, config: mv.ModelConfig, device: torch.
     if args.grad_checkpointing:
         model.set_grad_checkpointing(True)
     model.to(device)
-    if lora.set_backbone_dtype_(model, args.backbone_dtype):
-        logger.info("--backbone_dtype %s: the frozen backbone's products in %s",
-                    args.backbone_dtype, args.backbone_dtype)
+    changed = lora.set_backbone_dtype_(model, args.backbone_dtype)
+    if changed:
+        logger.info("--backbone_dtype %s: %d frozen %s", args.backbone_dtype, changed,
+                    "block linears compute in float8" if args.backbone_dtype == "fp8"
+                    else f"tensors held in {args.backbone_dtype}")
     return model
 
 

@@ -350,9 +350,10 @@ def read_safetensors(path: str | Path, error: type[Exception] = PretrainedWeight
         if device != "meta":
             return load_file(str(path), device=device)
         with safe_open(str(path), "pt") as f:
-            return {k: torch.empty(f.get_slice(k).get_shape(), device="meta",
-                                   dtype=_SAFETENSORS_DTYPES.get(f.get_slice(k).get_dtype(), torch.uint8))
-                    for k in f.keys()}
+            slices = {k: f.get_slice(k) for k in f.keys()}
+            return {k: torch.empty(t.get_shape(), device="meta",
+                                   dtype=_SAFETENSORS_DTYPES.get(t.get_dtype(), torch.uint8))
+                    for k, t in slices.items()}
     except SafetensorError as err:
         raise error(f"{path}: damaged safetensors file ({err}); write or copy it again") from None
 
