@@ -11,16 +11,13 @@ keyword arguments for the model builder, the data sets and the engine.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import logging
 import os
-import platform
 import sys
 from pathlib import Path
 from typing import Any
 
-import timm
 import torch
 import torch.distributed as dist
 
@@ -30,19 +27,18 @@ import evaluation
 import lora
 import methods
 import models_vit_lora as mv
+import training
 import weights
-
 from datasets.transforms import AUG_FILLS, ERASE_MODES
 from engine_finetune import COMPILE_CHOICES, COMPILE_MODES
-import training
 from training import LoopConfig, Progress, Training
 from util import cli as command
 from util.io import json_safe
-from util.misc import DistInfo, close_log_file, decided_by_main, git_commit, init_distributed, say, seed_everything, setup_logging
+from util.misc import DistInfo, close_log_file, code_versions, decided_by_main, init_distributed, say, seed_everything, setup_logging
 from util.optim import build_optimizer, per_process_batch
 from util.precision import AMP_CHOICES, precision_name, resolve_amp
 from util.presets import DEMO_DEFAULTS, PRESETS, preset_help, reference_script_flags, resolve_preset
-from util.runfolder import Plan, RunFolder, auto_run_name, demo_run_name, probe_writable
+from util.runfolder import Plan, RunFolder, probe_writable, run_path
 
 logger = logging.getLogger("main")
 
@@ -51,9 +47,7 @@ PROG = "main_finetune_lora.py"
 REAL_RUN_FLAGS = ("preset", "finetune", "dataset", "data_size", "split_dir", "nb_classes")
 
 
-class ArgumentError(command.UsageError):
-    """A flag value or combination that cannot run."""
-
+ArgumentError = command.UsageError  # a flag value or combination that cannot run
 
 def get_args_parser() -> argparse.ArgumentParser:
     """All flags of the paper's scripts (same meaning) plus this tool's own, with their roles."""
@@ -66,13 +60,13 @@ def get_args_parser() -> argparse.ArgumentParser:
       help=preset_help().replace("%", "%%"))
     f("--demo", action="store_true", role=command.RUN,
       help="synthetic demo data + tiny ViT (the default when --data_path is not given)")
-    f("--demo_out", default=None,
+    f("--demo_out", default=None, type=command.new_folder,
       help="write a new demo data set into this folder (it must not exist) and train on it")
     f("--output_dir", default="./output_dir", help="parent folder of the run folder")
     f("--run_name", default="auto",
       help="run folder inside --output_dir; 'auto' names it after the data set, label fraction, "
            "weights, method, recipe and seed; '' uses --output_dir itself")
-    f("--log_dir", default=None, help="TensorBoard folder (default: <run>/logs)")
+    f("--log_dir", default=None, type=command.folder_path, help="TensorBoard folder (default: <run>/logs)")
     f("--overwrite", action="store_true",
       help="replace the run in the run folder (only the files that run wrote are removed)")
     f("--device", default="cuda" if torch.cuda.is_available() else "cpu", type=command.device_name,
@@ -118,7 +112,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     f("--method", recipe=True, default=None, choices=list(methods.REGISTRY),
       help="; ".join(f"{m.name}: {m.summary}" for m in methods.REGISTRY.values())
            + ". Default: lora for *_lora models, full otherwise")
-    f("--finetune", default="", role=command.DERIVED,
+    f("--finetune", default="", type=command.existing_file, role=command.DERIVED,
       help="pre-trained weights (MRM.pth, CXR_MAE.pth, ...)")
     f("--unsafe_load", action="store_true", role=command.EXEC,
       help="DANGEROUS: unpickle --finetune without the weights-only guard")
@@ -236,7 +230,7 @@ def resolve_args(args: argparse.Namespace, explicit: set[str]) -> argparse.Names
               and not (k == "dataset" and "data_path" in explicit)})
         if args.finetune and "model" not in explicit:
             args.model = "vit_base_patch16_lora"
-    if args.finetune and not args.eval and Path(args.finetune).is_file():
+    if args.finetune and not args.eval:
         args.weights_info = weights_defaults(args, explicit | filled)
     args.demo_replace = bool(args.demo and not {"output_dir", "run_name"} & explicit)
     args.method = args.method or default_method(args.model)
@@ -249,10 +243,12 @@ def resolve_args(args: argparse.Namespace, explicit: set[str]) -> argparse.Names
         args.warmup_epochs = float(args.epochs)
     world = int(os.environ.get("WORLD_SIZE", 1))
     resolve_batch(args, explicit, world)
+    if args.lr is None:
+        args.lr = args.blr * args.batch_size * args.accum_iter * world / 256
     args.recipe = args.recipe or args.optimizer
     args.norm = choose_norm(args, explicit)
     args.eval_batch_size = args.eval_batch_size or 4 * args.batch_size
-    check_combinations(args, world)
+    check_combinations(args)
     return args
 
 
@@ -260,16 +256,12 @@ def resolve_batch(args: argparse.Namespace, explicit: set[str], world: int) -> N
     """The per-process batch and accumulation that make --global_batch over ``world`` processes."""
     if "batch_size" in explicit and "global_batch" not in explicit:
         args.global_batch = None  # the user's per-process batch wins over a preset's global one
-    if args.global_batch is None:
-        return
-    try:
-        batch, args.accum_iter = per_process_batch(args.global_batch, world, args.accum_iter)
-    except ValueError as err:
-        raise ArgumentError(f"--global_batch: {err}") from None
-    if "batch_size" in explicit and args.batch_size != batch:
-        raise ArgumentError(f"--batch_size {args.batch_size} contradicts --global_batch "
-                            f"{args.global_batch} over {world} processes (gives {batch})")
-    args.batch_size = batch
+    elif args.global_batch is not None:
+        try:
+            args.batch_size, args.accum_iter = per_process_batch(
+                args.global_batch, world, args.accum_iter, args.batch_size if "batch_size" in explicit else None)
+        except ValueError as err:
+            raise ArgumentError(f"--global_batch: {err}") from None
 
 
 def default_method(model: str) -> str:
@@ -278,11 +270,11 @@ def default_method(model: str) -> str:
 
 
 def choose_data(args: argparse.Namespace, explicit: set[str]) -> None:
-    """The data to train on: --data_path, or the demo's (written later, where the user allows)."""
+    """The data to train on (--data_path, or the demo's, written later where the user allows),
+    and the weights (or with --eval the checkpoint) a run on it needs."""
+    if args.eval and not args.resume:
+        raise ArgumentError("--eval needs --resume <checkpoint> (the model to evaluate)")
     if args.demo_out:
-        if Path(args.demo_out).exists():
-            raise ArgumentError(f"--demo_out {args.demo_out} already exists: the demo writes a new "
-                                "data set only into a new folder")
         args.demo, args.data_path = True, args.demo_out
     if not args.demo and args.data_path is None and not args.eval:
         # The demo is the default only for a command that names no data or weights: a real
@@ -300,6 +292,9 @@ def choose_data(args: argparse.Namespace, explicit: set[str]) -> None:
         raise ArgumentError(f"--data_path {args.data_path}: no such folder"
                             + (" (to write a new demo data set there, use --demo_out)"
                                if args.demo else ""))
+    if not args.finetune and not args.demo and not args.eval:
+        raise ArgumentError("--finetune is required (the pre-trained weights); without it the "
+                            "backbone would be random. Use --demo for a run on synthetic data.")
 
 
 def weights_defaults(args: argparse.Namespace, given: set[str]):
@@ -343,38 +338,25 @@ def choose_norm(args: argparse.Namespace, explicit: set[str]) -> str:
     return named
 
 
-def check_combinations(args: argparse.Namespace, world: int) -> None:
-    """The checks that involve several flags (each message names them)."""
+def check_combinations(args: argparse.Namespace) -> None:
+    """The checks that involve several flags: what the command needs is given, and what the
+    flags name can run together (each message names its flags)."""
     if args.resume == "auto" and args.overwrite:
         raise ArgumentError("--resume auto continues the run in the folder, --overwrite replaces "
                             "it: give one of them")
     if args.method != "lora" and args.model in mv.LORA_MODELS:
         raise ArgumentError(f"--method {args.method} contradicts --model {args.model}: use "
                             f"--model {mv.LORA_MODELS[args.model]}")
-    lr = args.lr if args.lr is not None else args.blr * args.batch_size * args.accum_iter * world / 256
-    if args.min_lr > lr:
+    if args.min_lr > args.lr:
         raise ArgumentError(f"--min_lr {args.min_lr!r} is not valid: the floor of the cosine "
-                            f"schedule is above the lr {lr:g} (the schedule would rise instead "
+                            f"schedule is above the lr {args.lr:g} (the schedule would rise instead "
                             "of decay)")
     if args.compile_mode != "default" and args.compile_backend != "inductor":
         raise ArgumentError(f"--compile_mode {args.compile_mode} is a mode of the inductor backend, "
                             f"not of --compile_backend {args.compile_backend}")
-    check_inputs(args)
-
-
-def check_inputs(args: argparse.Namespace) -> None:
-    """What the command needs is given, and what the flags name exists and can run."""
-    if args.eval and not args.resume:
-        raise ArgumentError("--eval needs --resume <checkpoint> (the model to evaluate)")
-    if args.finetune and not Path(args.finetune).is_file():
-        raise ArgumentError(f"--finetune: file not found: {args.finetune}")
-    if not args.finetune and not args.demo and not args.eval:
-        raise ArgumentError("--finetune is required (the pre-trained weights); without it the "
-                            "backbone would be random. Use --demo for a run on synthetic data.")
-    if args.log_dir and Path(args.log_dir).exists() and not Path(args.log_dir).is_dir():
-        raise ArgumentError(f"--log_dir {args.log_dir} is a file, not a folder")
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise ArgumentError(f"--device {args.device}: CUDA is not available here (use --device cpu)")
+    if args.start_epoch >= args.epochs and not args.resume:
+        raise ArgumentError(f"--start_epoch {args.start_epoch} leaves no epoch of --epochs "
+                            f"{args.epochs} to train")
     mv.check_input_size(args.model, args.input_size)
     try:
         datasets.check_cache_options(args.cache, args.cache_size)
@@ -391,14 +373,12 @@ def check_inputs(args: argparse.Namespace) -> None:
         raise ArgumentError(str(err)) from None
 
 
-def with_data_defaults(args: argparse.Namespace, eff_batch: int) -> argparse.Namespace:
-    """A copy of the flags with the defaults that need the data folder or the process count
-    filled: the data set kind, its DICOM rule, lr from --blr. The caller's flags stay."""
+def with_data_defaults(args: argparse.Namespace) -> argparse.Namespace:
+    """A copy of the flags with the defaults that need the data folder filled: the data set
+    kind and its DICOM rule. The caller's flags stay."""
     args = argparse.Namespace(**vars(args))
     args.dataset = args.dataset or datasets.infer_dataset_kind(args.data_path)
     args.dicom_scaling = datasets.imageio.dicom_scaling_for(args.dataset, args.dicom_scaling)
-    if args.lr is None:
-        args.lr = args.blr * eff_batch / 256
     return args
 
 
@@ -414,18 +394,6 @@ def run_settings(args: argparse.Namespace, roles: dict[str, str], eff_batch: int
                       (("train", data.train_set), ("val", data.val_set), ("test", data.test_set))},
         pixels=f"lossy {cache.get('size')}px cache" if cache.get("kind") == "lossy" else "original pixels")
     return json.loads(json.dumps(settings, default=str))  # as config.json holds them
-
-
-def run_folder(args: argparse.Namespace, settings: dict[str, Any]) -> Path:
-    """The run folder: --output_dir/--run_name, or named after what makes the run distinct."""
-    if args.demo and "run_name" not in args.explicit:
-        given = [k for k in args.explicit if k not in ("demo", "dataset", "seed", "epochs")]
-        return Path(args.output_dir) / demo_run_name(settings, given)
-    if args.run_name != "auto":
-        return Path(args.output_dir) / args.run_name if args.run_name else Path(args.output_dir)
-    return Path(args.output_dir) / auto_run_name(
-        settings, Path(args.finetune).stem if args.finetune else "",
-        methods.get(args.method).tag(args.method_settings), args.note)
 
 
 def prepare_data(args: argparse.Namespace, dist_info: DistInfo,
@@ -466,8 +434,7 @@ def build_model(args: argparse.Namespace, config: mv.ModelConfig, device: torch.
     if args.grad_checkpointing:
         model.set_grad_checkpointing(True)
     model.to(device)
-    changed = lora.set_backbone_dtype_(model, args.backbone_dtype)
-    if changed:
+    if changed := lora.set_backbone_dtype_(model, args.backbone_dtype):
         logger.info("--backbone_dtype %s: %d frozen %s", args.backbone_dtype, changed,
                     "block linears compute in float8" if args.backbone_dtype == "fp8"
                     else f"tensors held in {args.backbone_dtype}")
@@ -488,7 +455,7 @@ def main(args: argparse.Namespace) -> dict:
     if dist_info.distributed:
         dist.barrier()
     eff_batch = args.batch_size * args.accum_iter * dist_info.world_size
-    args = with_data_defaults(args, eff_batch)
+    args = with_data_defaults(args)
     if args.eval:
         # --eval: test --resume on --eval_split of --data_path, in the evaluation's own folder.
         return evaluation.evaluate_checkpoint(
@@ -502,9 +469,12 @@ def main(args: argparse.Namespace) -> dict:
     # Data first: a bad split file or image fails here, before anything is written.
     data, batch_transform = prepare_data(args, dist_info, device)
     parser = get_args_parser()
-    roles = command.flag_roles(parser)
-    settings = run_settings(args, roles, eff_batch, data)
-    folder = RunFolder(run_folder(args, settings))
+    settings = run_settings(args, command.flag_roles(parser), eff_batch, data)
+    demo_given = [k for k in args.explicit if k not in ("demo", "dataset", "seed", "epochs")]
+    folder = RunFolder(run_path(
+        args.output_dir, args.run_name, settings, weights=Path(args.finetune or "").stem, note=args.note,
+        method_tag=methods.get(args.method).tag(args.method_settings),
+        demo_given=demo_given if args.demo and "run_name" not in args.explicit else None))
     if dist_info.is_main:
         probe_writable(folder.folder)
         folder.lock.acquire(" ".join(sys.argv))
@@ -522,29 +492,18 @@ def main(args: argparse.Namespace) -> dict:
             progress = training.resume(folder, plan, model, optimizer, scaler, settings)
         writer = start_run(args, parser, settings, folder, plan, data, config, model,
                            progress.start_epoch, dist_info, precision_name(amp_dtype), device)
-        Training(loop_config(args), folder, model, optimizer, train_loader=data.train_loader,
+        # Every checkpoint JSON keeps the run's settings (an evaluation reports them) and its
+        # DICOM rule (predict and exports decode by it).
+        run = {**settings, "precision": precision_name(amp_dtype), "preset_source": args.preset_source}
+        Training(LoopConfig.from_flags(vars(args)), folder, model, optimizer, train_loader=data.train_loader,
                  val_loader=data.val_loader, class_names=list(data.train_set.class_names),
                  model_config=config, device=device, dist_info=dist_info, amp_dtype=amp_dtype,
                  scaler=scaler, batch_transform=batch_transform, writer=writer,
-                 settings=settings, checkpoint_extra=checkpoint_extra(args, settings, amp_dtype),
+                 settings=settings, checkpoint_extra={"run": run, "dicom_scaling": settings["dicom_scaling"]},
                  carry_from=plan.source, committed=plan.committed is not None).run(progress)
         return final_test(args, folder, plan, progress, data, writer, dist_info, device, amp_dtype)
     finally:
         folder.lock.release()
-
-
-def loop_config(args: argparse.Namespace) -> LoopConfig:
-    """The training loop's knobs from the flags of the same names."""
-    return LoopConfig(**{k.name: getattr(args, k.name) for k in dataclasses.fields(LoopConfig)
-                         if k.name != "progress"}, progress=not args.no_progress)
-
-
-def checkpoint_extra(args: argparse.Namespace, settings: dict, amp_dtype) -> dict:
-    """What every checkpoint JSON of the run keeps beside the model: the run's settings (an
-    evaluation reports them) and its DICOM rule (predict and exports decode by it)."""
-    return {"run": {**settings, "precision": precision_name(amp_dtype),
-                    "preset_source": args.preset_source},
-            "dicom_scaling": settings["dicom_scaling"]}
 
 
 def start_run(args: argparse.Namespace, parser: argparse.ArgumentParser, settings: dict, folder: RunFolder,
@@ -560,15 +519,13 @@ def start_run(args: argparse.Namespace, parser: argparse.ArgumentParser, setting
     record = {
         "settings": settings, "recipe": command.recipe_flags(parser),
         "execution": json_safe({k: getattr(args, k) for k, r in roles.items() if r != command.RUN}),
-        "preset_source": args.preset_source, "precision": precision, "lr": args.lr,
-        "global_batch": settings["global_batch"], "world_size": dist_info.world_size,
-        "trainable": trainable, "method_settings": json_safe(config.to_json()["method_settings"]),
+        "preset_source": args.preset_source, "precision": precision,
+        "world_size": dist_info.world_size, "trainable": trainable, "method_settings": json_safe(config.to_json()["method_settings"]),
         "val_undefined_classes": data.val_undefined, "notes": args.notes,
         "data_cache": data.cache_used,
         "resumed_from_epoch": start_epoch - 1 if plan.resume else None,
         "resumed_from": str(Path(plan.resume).resolve()) if plan.resume else None,
-        "git_commit": git_commit(), "torch": torch.__version__, "timm": timm.__version__,
-        "python": platform.python_version(), "command": " ".join(sys.argv)}
+        **code_versions(), "command": " ".join(sys.argv)}
     folder.start(plan, record, script=args.script, overwrite=args.overwrite)
     setup_logging(True, folder.writable("train.log"))
     writer = training.open_writer(folder, args.log_dir)
@@ -586,16 +543,13 @@ def final_test(args: argparse.Namespace, folder: RunFolder, plan: Plan, progress
     """Test the best checkpoint on the test split; its score joins the TensorBoard curves."""
     if dist_info.distributed:
         dist.barrier()
-    if progress.best_epoch is None:
-        raise ArgumentError("no epoch was validated (nothing to test): check --epochs / --start_epoch")
     if plan.resume and progress.start_epoch >= args.epochs:
         logger.info("the run in %s was already complete (%d epochs); testing its best checkpoint "
                     "again", folder.folder, args.epochs)
     results = evaluation.test_checkpoint(folder.best_checkpoint(), data.test_set, folder,
                                          calibration_set=data.val_set,
                                          **test_options(args, dist_info, device, amp_dtype))
-    if writer is not None:
-        training.log_test(writer, results, progress.best_epoch)
+    training.log_test(writer, results, progress.best_epoch)
     return results
 
 
@@ -603,10 +557,10 @@ def test_options(args: argparse.Namespace, dist_info: DistInfo, device: torch.de
                  amp_dtype: torch.dtype | None) -> dict[str, Any]:
     """How this command tests a checkpoint (evaluation.test_checkpoint's options)."""
     return dict(device=device, dist_info=dist_info, amp_dtype=amp_dtype, split=args.eval_split,
-                batch_size=args.eval_batch_size, num_workers=args.num_workers,
-                pin_memory=args.pin_mem, seed=args.seed, ci_resamples=args.ci_resamples,
-                pretrained=args.finetune or None, allow_unsafe_pickle=args.unsafe_load,
-                progress=not args.no_progress, metadata=args.metadata, class_map=args.class_map)
+                batch_size=args.eval_batch_size, num_workers=args.num_workers, pin_memory=args.pin_mem,
+                seed=args.seed, ci_resamples=args.ci_resamples, pretrained=args.finetune or None,
+                allow_unsafe_pickle=args.unsafe_load, progress=not args.no_progress,
+                metadata=args.metadata, class_map=args.class_map)
 
 
 def parse(argv: list[str]) -> argparse.Namespace:

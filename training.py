@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable
 
@@ -51,6 +51,12 @@ class LoopConfig:
     compile_backend: str = "inductor"
     compile_mode: str = "default"
 
+    @classmethod
+    def from_flags(cls, flags: dict[str, Any]) -> LoopConfig:
+        """The knobs from the flags of the same names (``progress``: not --no_progress)."""
+        return cls(**{f.name: flags[f.name] for f in fields(cls) if f.name != "progress"},
+                   progress=not flags["no_progress"])
+
 
 @dataclass
 class Progress:
@@ -77,7 +83,10 @@ def open_writer(folder: RunFolder, log_dir: str | None = None):
 
 
 def log_test(writer, results: dict, best_epoch: int) -> None:
-    """The final test's mean AUROC (and its interval) beside the validation curves; closes ``writer``."""
+    """The final test's mean AUROC (and its interval) beside the validation curves; closes
+    ``writer`` (None on processes that write no curves)."""
+    if writer is None:
+        return
     writer.add_scalar("test/mean_auroc", results["mean_auroc"], best_epoch)
     interval = (results.get("intervals") or {}).get("mean") or {}
     for bound in ("ci_low", "ci_high"):

@@ -268,5 +268,5 @@ def test_a_log_dir_that_is_a_file_is_one_line_before_anything_is_written(demo, t
     with pytest.raises(SystemExit) as exc:
         mfl.cli(args_for(data, weights, tmp_path / "run", "--log_dir", str(a_file)))
     assert exc.value.code == 2
-    assert f"--log_dir {a_file} is a file, not a folder" in capsys.readouterr().err
+    assert f"--log_dir: {a_file} is a file, not a folder" in capsys.readouterr().err
     assert a_file.read_text() == "mine" and not (tmp_path / "run").exists()

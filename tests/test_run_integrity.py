@@ -242,7 +242,9 @@ def test_demo_replaces_only_its_own_demo_run(demo, demo_home, tmp_path, capsys):
 
 @pytest.mark.parametrize("flags", [["--preset", "nih-1-mrm"], ["--finetune", "MRM.pth"],
                                    ["--data_size", "1%"]])
-def test_real_run_flags_without_data_path_are_refused_not_a_demo(capsys, flags):
+def test_real_run_flags_without_data_path_are_refused_not_a_demo(capsys, flags, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    Path("MRM.pth").touch()  # a weights file that exists: only --data_path is missing
     with pytest.raises(SystemExit) as exc:
         mfl.cli([*flags, "--check_args"])
     assert exc.value.code == 2

@@ -509,8 +509,8 @@ def test_config_records_preset_source_precision_and_global_batch(demo, tmp_path)
     assert mfl.cli(argv) == 0
     config = json.loads((out / "config.json").read_text())
     assert "paper README" in config["preset_source"]
-    assert (config["precision"], config["global_batch"], config["settings"]["batch_size"]) == ("fp32", 16, 16)
-    assert config["lr"] == 0.05
+    assert (config["precision"], config["settings"]["global_batch"], config["settings"]["batch_size"]) == ("fp32", 16, 16)
+    assert config["settings"]["lr"] == 0.05
     results = json.loads((out / "results_test.json").read_text())
     assert results["precision"] == "fp32" and results["training"]["global_batch"] == 16
     assert results["training"]["preset_source"] == config["preset_source"]
@@ -532,6 +532,16 @@ def test_global_batch_that_does_not_divide_is_refused(monkeypatch, tmp_path, cap
     with pytest.raises(SystemExit):
         mfl.cli(["--demo", "--global_batch", "64", "--check_args"])
     assert "does not divide over 3 processes" in capsys.readouterr().err
+
+
+def test_a_batch_size_that_contradicts_the_global_batch_is_refused(monkeypatch, capsys):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(SystemExit) as exc:
+        mfl.cli(["--demo", "--global_batch", "64", "--batch_size", "16", "--check_args"])
+    assert exc.value.code == 2
+    assert ("--global_batch: --batch_size 16 contradicts global batch 64 over 2 processes x "
+            "accum_iter 1 (gives 32)") in capsys.readouterr().err
+    assert mfl.cli(["--demo", "--global_batch", "64", "--batch_size", "32", "--check_args"]) == 0
 
 
 def test_compiled_run_with_checkpointing_resumes_like_eager(demo, tmp_path, monkeypatch):

@@ -460,8 +460,11 @@ def test_demo_takes_the_kind_of_a_given_data_path(extra, dataset, data_path, tmp
 
 
 @pytest.mark.parametrize("script", ["ft_lora_mrm.sh", "ft_lora_mae.sh", "ft_mrm.sh", "ft_mae.sh"])
-def test_shell_scripts_build_a_valid_command(script):
-    env = {**os.environ, "DRY_RUN": "1", "NGPUS": "3", "DATA_SIZE": "10", "DATASET": "rsna"}
+def test_shell_scripts_build_a_valid_command(script, tmp_path):
+    weights = tmp_path / "weights.pth"
+    weights.touch()  # the flags name files that exist
+    env = {**os.environ, "DRY_RUN": "1", "NGPUS": "3", "DATA_SIZE": "10", "DATASET": "rsna",
+           "WEIGHTS": str(weights)}
     proc = subprocess.run(["bash", str(ROOT / script), "--epochs", "2"], capture_output=True,
                           text=True, env=env, timeout=60)
     assert proc.returncode == 0, proc.stderr

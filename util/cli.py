@@ -60,7 +60,9 @@ class Parser(argparse.ArgumentParser):
 
     def error(self, message: str):  # type: ignore[override]
         # "argument --lr: -0.05 is not valid: ..." reads as "--lr -0.05 is not valid: ...".
+        # Any other "argument --flag: message" reads as "--flag: message".
         message = re.sub(r"^argument (--\S+?)(?:/\S+)?: (.* is not valid)", r"\1 \2", message)
+        message = re.sub(r"^argument (--\S+?)(?:/\S+)?: ", r"\1: ", message)
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n(see {self.prog} --help)\n")
 
 
@@ -90,9 +92,34 @@ SEED = number(int, "a seed must be in [0, 2^32)", lambda v: 0 <= v < SEED_LIMIT)
 
 
 def device_name(text: str) -> str:
-    """An argparse type: cpu, cuda or cuda:N (the devices this tool runs on)."""
+    """An argparse type: cpu, or cuda / cuda:N where CUDA is available."""
     if not re.fullmatch(r"cpu|cuda(:\d+)?", text):
         raise argparse.ArgumentTypeError(f"{text!r} is not valid: expected cpu, cuda or cuda:N")
+    if text != "cpu":
+        import torch  # only for a CUDA device: the other commands start without torch
+        if not torch.cuda.is_available():
+            raise argparse.ArgumentTypeError(f"{text}: CUDA is not available here (use --device cpu)")
+    return text
+
+
+def existing_file(text: str) -> str:
+    """An argparse type: the path of a file ('' for none)."""
+    if text and not os.path.isfile(text):
+        raise argparse.ArgumentTypeError(f"file not found: {text}")
+    return text
+
+
+def folder_path(text: str) -> str:
+    """An argparse type: a folder, existing or to be made (not a file)."""
+    if os.path.exists(text) and not os.path.isdir(text):
+        raise argparse.ArgumentTypeError(f"{text} is a file, not a folder")
+    return text
+
+
+def new_folder(text: str) -> str:
+    """An argparse type: a folder to make (nothing may be there yet)."""
+    if os.path.lexists(text):
+        raise argparse.ArgumentTypeError(f"{text} already exists: a new folder is written there")
     return text
 
 

@@ -160,6 +160,15 @@ def git_commit() -> str | None:
     return (sha + ("-dirty" if dirty.strip() else "")) if sha else None
 
 
+def code_versions() -> dict[str, str | None]:
+    """The code a run ran: this repository's commit and the versions of Python, torch, timm."""
+    import platform
+
+    import timm
+    return {"git_commit": git_commit(), "torch": torch.__version__, "timm": timm.__version__,
+            "python": platform.python_version()}
+
+
 def decided_by_main(dist_info: DistInfo, decide: Callable[[], Any]) -> Any:
     """``decide()`` run on the main process only, its result (or its error) shared with every
     process: one process reads and repairs the run folder, all act on the same answer."""

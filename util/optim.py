@@ -89,8 +89,10 @@ def build_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float,
     raise ValueError(f"unknown optimizer {name!r}: choose 'sgd' or 'adamw'")
 
 
-def per_process_batch(global_batch: int, world_size: int, accum_iter: int = 1) -> tuple[int, int]:
-    """(per-process batch, accum_iter) that make ``global_batch`` images per optimizer step.
+def per_process_batch(global_batch: int, world_size: int, accum_iter: int = 1,
+                      batch_size: int | None = None) -> tuple[int, int]:
+    """(per-process batch, accum_iter) that make ``global_batch`` images per optimizer step
+    (a per-process ``batch_size`` given beside it must be that batch).
 
     The paper trains on one GPU x 64; splitting those 64 over processes (and accumulation
     steps) keeps its lr, steps per epoch and gradient: a ViT has no batch norm, and DDP
@@ -110,4 +112,7 @@ def per_process_batch(global_batch: int, world_size: int, accum_iter: int = 1) -
             f"processes, or a global batch that is a multiple of {parts} (e.g. "
             f"{(global_batch // parts) * parts or parts} or {(global_batch // parts + 1) * parts}; "
             f"this changes the recipe)")
+    if batch_size is not None and batch_size != global_batch // parts:
+        raise ValueError(f"--batch_size {batch_size} contradicts global batch {global_batch} over "
+                         f"{world_size} processes x accum_iter {accum_iter} (gives {global_batch // parts})")
     return global_batch // parts, accum_iter

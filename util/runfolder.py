@@ -52,7 +52,7 @@ CONFIG_NAME = "config.json"
 COMMIT_NAME = "commit.json"
 PENDING_DIR = ".pending"
 MANIFEST_NAME = "run_files.json"
-RUN_FORMAT = "cxr-lora-run/1"
+RUN_FORMAT = "cxr-lora-run/2"
 COMMIT_FORMAT = "cxr-lora-commit/1"
 MANIFEST_FORMAT = "cxr-lora-files/1"
 # Files whose presence says a folder holds a training run.
@@ -548,6 +548,18 @@ def auto_run_name(settings: dict[str, Any], weights: str, method_tag: str, note:
     if settings["input_size"] != 224:  # the paper's size goes without saying
         parts.insert(4, f"{settings['input_size']}px")
     return "_".join(parts + ([note] if note else []))
+
+
+def run_path(output_dir: str | Path, run_name: str, settings: dict[str, Any], *, weights: str = "",
+             method_tag: str = "", note: str = "", demo_given: list[str] | None = None) -> Path:
+    """The run folder: ``output_dir/run_name`` ('' for ``output_dir`` itself); for 'auto',
+    named after what makes the run distinct (``auto_run_name``), or for a demo after its kind
+    and the settings ``demo_given`` on the command line (``demo_run_name``)."""
+    if demo_given is not None:
+        return Path(output_dir) / demo_run_name(settings, demo_given)
+    if run_name != "auto":
+        return Path(output_dir) / run_name
+    return Path(output_dir) / auto_run_name(settings, weights, method_tag, note)
 
 
 def demo_run_name(settings: dict[str, Any], given: list[str]) -> str:
