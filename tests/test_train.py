@@ -309,6 +309,10 @@ BAD_FLAGS = [
     (["--eval"], "--eval needs --resume"),
     (["--backbone_dtype", "bf16"], "--backbone_dtype bf16 needs --amp bf16"),
     (["--device_aug", "--optimizer", "adamw", "--aa", "augmix-m5"], "--device_aug: --aa 'augmix-m5'"),
+    (["--start_epoch", "3", "--epochs", "3"], "--start_epoch 3 leaves no epoch of --epochs 3 to train"),
+    (["--demo_out", "."], "--demo_out: . already exists"),
+    *([(["--device", "cuda:0"], "--device: cuda:0: CUDA is not available here")]
+      if not torch.cuda.is_available() else []),
 ]
 BAD_NUMBERS = [
     (["--lr", "-0.05"], "--lr -0.05 is not valid"),
