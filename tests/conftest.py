@@ -9,8 +9,10 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-# Tests are CPU-only and small; two threads match the CI machine.
-os.environ.setdefault("OMP_NUM_THREADS", "2")
+# Tests are CPU-only and small: two threads (the CI machine's cores), shared among the
+# test processes of ``pytest -n N``; commands the tests start inherit the same count.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+os.environ.setdefault("OMP_NUM_THREADS", str(max(1, 2 // _WORKERS)))
 
 SHARED = ROOT.parent / "shared"
 

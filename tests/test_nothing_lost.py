@@ -143,23 +143,33 @@ def _hold(folder: str, barrier, results, index: int) -> None:
     lock.release()
 
 
+def _contend(folders: list[str], barrier, results, index: int, contenders: int) -> None:
+    """One contending process: a round per folder, all contenders starting each round at once."""
+    for r, folder in enumerate(folders):
+        won = [-1] * contenders
+        _hold(folder, barrier, won, index)
+        results[r * contenders + index] = won[index]
+
+
 @pytest.mark.parametrize("stale", [False, True], ids=["fresh", "stale-file"])
 def test_the_lock_is_held_by_one_process_at_a_time(tmp_path, stale):
     ctx = multiprocessing.get_context("fork")
     rounds, contenders = 40, 5
-    for r in range(rounds):
-        folder = tmp_path / f"r{r}"
+    folders = [tmp_path / f"r{r}" for r in range(rounds)]
+    for folder in folders:
         folder.mkdir()
         if stale:  # a lock file left by a killed run (no process holds it)
             (folder / runfolder.LOCK_NAME).write_text(json.dumps({"pid": 1, "host": "gone"}))
-        barrier, results = ctx.Barrier(contenders), ctx.Array("i", [-1] * contenders)
-        procs = [ctx.Process(target=_hold, args=(str(folder), barrier, results, i))
-                 for i in range(contenders)]
-        for p in procs:
-            p.start()
-        for p in procs:
-            p.join(30)
-        assert list(results).count(1) == 1, (r, list(results))
+    barrier, results = ctx.Barrier(contenders), ctx.Array("i", [-1] * (rounds * contenders))
+    procs = [ctx.Process(target=_contend, args=([str(f) for f in folders], barrier, results, i, contenders))
+             for i in range(contenders)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+    assert [p.exitcode for p in procs] == [0] * contenders
+    for r, folder in enumerate(folders):
+        assert list(results[r * contenders:(r + 1) * contenders]).count(1) == 1, (r, list(results))
         assert not (folder / runfolder.LOCK_NAME).exists()
 
 
