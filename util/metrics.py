@@ -6,8 +6,6 @@ import math
 from typing import Sequence
 
 import numpy as np
-from scipy.stats import rankdata
-from sklearn.metrics import average_precision_score
 
 logger = logging.getLogger(__name__)
 
@@ -20,6 +18,8 @@ def binary_auroc(target: np.ndarray, score: np.ndarray) -> float:
     n_neg = target.size - n_pos
     if n_pos == 0 or n_neg == 0:
         return math.nan
+    from scipy.stats import rankdata  # here, not at the top: every command starts without scipy
+
     ranks = rankdata(score)  # average ranks: ties count one half
     return float((ranks[target].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
@@ -37,6 +37,8 @@ def multilabel_metrics(targets: np.ndarray, probs: np.ndarray,
     if targets.shape != probs.shape or targets.ndim != 2 or targets.shape[1] != len(class_names):
         raise ValueError(f"targets {targets.shape} and probs {probs.shape} must both be "
                          f"(N, {len(class_names)})")
+    from sklearn.metrics import average_precision_score  # here: commands start without sklearn
+
     auroc, auprc = {}, {}
     for k, name in enumerate(class_names):
         auroc[name] = binary_auroc(targets[:, k], probs[:, k])

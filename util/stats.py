@@ -73,7 +73,6 @@ from statistics import NormalDist
 from typing import Any, Iterator, NamedTuple, Sequence
 
 import numpy as np
-from scipy.stats import rankdata
 
 DEFAULT_RESAMPLES = 1000
 # Resamples per block of the fast bootstrap: bounds memory at ~block x n x 4 bytes per array.
@@ -265,6 +264,8 @@ def delong_components(target: np.ndarray, scores: np.ndarray) -> tuple[np.ndarra
     Returns (auc (M,), v10 (M, n_pos), v01 (M, n_neg)): v10[i] is the share of negatives a
     positive beats (ties count one half), v01[j] the share of positives that beat a negative.
     """
+    from scipy.stats import rankdata  # here, not at the top: every command starts without scipy
+
     target = np.asarray(target).astype(bool)
     scores = np.atleast_2d(np.asarray(scores, dtype=np.float64))
     pos, neg = scores[:, target], scores[:, ~target]
