@@ -6,7 +6,7 @@ install:
 	bash setup.sh --dev
 
 test:
-	$(PY) -m pytest -q -n 2 tests
+	$(PY) -m pytest -q -n 2 --dist loadgroup tests
 
 demo:
 	$(PY) main_finetune_lora.py

@@ -174,24 +174,30 @@ def test_killed_and_resumed_run_equals_uninterrupted(demo, tmp_path):
     assert cut_res["mean_auroc"] == pytest.approx(whole_res["mean_auroc"], abs=1e-6)
 
 
-def test_torchrun_two_processes_gathers_exactly(demo, tmp_path):
+@pytest.fixture(scope="module")
+def eager_ddp_run(demo, tmp_path_factory):
+    """A two-process (gloo) run on an odd-sized test list, the distributed sampler must pad
+    it with a duplicate: (run folder, split folder)."""
     data, weights = demo
-    # An odd-sized test list: the distributed sampler must pad it with a duplicate.
-    splits = tmp_path / "splits"
+    root = tmp_path_factory.mktemp("ddp")
+    splits = root / "splits"
     splits.mkdir()
     for name in datasets.ALL_SPLIT_FILES:
         lines = (Path(data) / name).read_text().splitlines(keepends=True)
         if name == "test_list.txt" and len(lines) % 2 == 0:
             lines = lines[:-1]
         (splits / name).write_text("".join(lines))
+    out = root / "eager"
+    proc = _torchrun(base_args(data, weights, out, "--compile", "off", "--split_dir", str(splits)), root)
+    assert proc.wait(timeout=600) == 0, proc.stderr.read()[-3000:]
+    return out, splits
+
+
+@pytest.mark.xdist_group("eager_ddp_run")
+def test_torchrun_two_processes_gathers_exactly(demo, eager_ddp_run, tmp_path):
+    data, weights = demo
+    out, splits = eager_ddp_run
     split_flags = ["--split_dir", str(splits)]
-    out = tmp_path / "ddp"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-           "--master_port", "29517", str(ROOT / "main_finetune_lora.py"),
-           *base_args(data, weights, out, "--epochs", "1", "--warmup_epochs", "0", *split_flags)]
-    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600, env=env)
-    assert proc.returncode == 0, proc.stderr[-3000:]
     distributed = json.loads((out / "results_test.json").read_text())
     n_test = len(datasets.build_dataset("test", data, "nih", split_dir=splits))
     assert n_test % 2 == 1  # the sampler pads one duplicate, which must not be counted
@@ -236,15 +242,13 @@ def _descendants(pid):
 
 
 @pytest.mark.skipif(not Path("/proc/self/stat").is_file(), reason="finds torchrun's workers in /proc")
-def test_compiled_distributed_run_killed_and_resumed_equals_eager(demo, tmp_path):
+@pytest.mark.xdist_group("eager_ddp_run")
+def test_compiled_distributed_run_killed_and_resumed_equals_eager(demo, eager_ddp_run, tmp_path):
     """--compile on under DDP (two processes): killed after its first epoch and resumed with
     --resume auto, it ends where the same eager distributed run ends."""
     data, weights = demo
-    eager, compiled = tmp_path / "eager", tmp_path / "compiled"
-    proc = _torchrun(base_args(data, weights, eager, "--compile", "off"), tmp_path)
-    assert proc.wait(timeout=600) == 0, proc.stderr.read()[-3000:]
-
-    compile_flags = ("--compile", "on", "--compile_backend", "aot_eager")
+    (eager, splits), compiled = eager_ddp_run, tmp_path / "compiled"
+    compile_flags = ("--compile", "on", "--compile_backend", "aot_eager", "--split_dir", str(splits))
     proc = _torchrun(base_args(data, weights, compiled, *compile_flags), tmp_path)
     marker, deadline = compiled / "checkpoint-last.json", time.time() + 300
     while time.time() < deadline and proc.poll() is None:
