@@ -49,6 +49,7 @@ REAL_RUN_FLAGS = ("preset", "finetune", "dataset", "data_size", "split_dir", "nb
 
 ArgumentError = command.UsageError  # a flag value or combination that cannot run
 
+
 def get_args_parser() -> argparse.ArgumentParser:
     """All flags of the paper's scripts (same meaning) plus this tool's own, with their roles."""
     p = command.Parser(prog=PROG, formatter_class=command.HelpFormatter,
@@ -470,11 +471,10 @@ def main(args: argparse.Namespace) -> dict:
     data, batch_transform = prepare_data(args, dist_info, device)
     parser = get_args_parser()
     settings = run_settings(args, command.flag_roles(parser), eff_batch, data)
-    demo_given = [k for k in args.explicit if k not in ("demo", "dataset", "seed", "epochs")]
     folder = RunFolder(run_path(
         args.output_dir, args.run_name, settings, weights=Path(args.finetune or "").stem, note=args.note,
         method_tag=methods.get(args.method).tag(args.method_settings),
-        demo_given=demo_given if args.demo and "run_name" not in args.explicit else None))
+        demo_given=sorted(args.explicit) if args.demo and "run_name" not in args.explicit else None))
     if dist_info.is_main:
         probe_writable(folder.folder)
         folder.lock.acquire(" ".join(sys.argv))

@@ -567,7 +567,8 @@ def demo_run_name(settings: dict[str, Any], given: list[str]) -> str:
     command line keep apart; a demo run of another length stays in its folder (``--resume
     auto`` continues it)."""
     name = DEMO_RUN_PREFIX + settings["dataset"] + (f"_s{settings['seed']}" if settings["seed"] else "")
-    shown = sorted(k for k in given if k in settings)
+    # Named already (demo, data set kind, seed), or continued in the folder (epochs).
+    shown = sorted(k for k in given if k in settings and k not in ("demo", "dataset", "seed", "epochs"))
     if shown:
         text = json.dumps({k: settings[k] for k in shown}, sort_keys=True)
         name += "_" + hashlib.sha256(text.encode()).hexdigest()[:6]
