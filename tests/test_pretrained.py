@@ -65,9 +65,9 @@ def test_bare_timm_and_safetensors_files(tmp_path):
 
 
 def test_vit_large_into_vit_base_fails_clearly():
-    meta = mv.vit_large_patch16(num_classes=0, global_pool=False)
-    state = {k: torch.empty(v.shape) for k, v in meta.state_dict().items()}
-    del meta
+    with torch.device("meta"):  # its shapes only
+        large = mv.vit_large_patch16(num_classes=0, global_pool=False)
+    state = {k: torch.empty(v.shape) for k, v in large.state_dict().items()}
     model = mv.vit_base_patch16(num_classes=14)
     before = model.blocks[0].attn.qkv.weight.clone()
     with pytest.raises(mv.PretrainedWeightsError, match=r"wrong shape.*cls_token.*1024.*768"):
