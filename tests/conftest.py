@@ -54,3 +54,9 @@ def vit_base_file(tmp_path_factory):
         return target
 
     return named
+
+
+def pytest_configure(config):
+    # Known without pytest-xdist too (a plain `pytest tests` warns of no unknown mark).
+    config.addinivalue_line("markers", "xdist_group(name): tests sharing one module fixture, "
+                                       "run by one test process under --dist loadgroup")
