@@ -472,21 +472,24 @@ def _defined(value: Any) -> bool:
     return value is not None and not math.isnan(float(value))
 
 
-def _group_notes(groups: dict[tuple, list[Run]]) -> dict[tuple, str]:
-    """Per seed group: its lossy cache, and the arguments that tell it apart from the other
-    groups of the same data set, fraction, weights, method and images (e.g. 'lr=0.1')."""
-    by_label: dict[tuple, list[tuple]] = {}
-    for key, members in groups.items():
-        r = members[0].results
-        label = (r["dataset"], r["data_size"], r["weights"], r["method"], members[0].image_cache())
+def _notes(samples: dict[Any, tuple[tuple, dict[str, Any] | None, str]]) -> dict[Any, str]:
+    """Per key of ``samples`` ({key: (label, arguments, image cache)}): its lossy cache, and the
+    arguments that tell it apart from the other keys of its label (e.g. 'lr=0.1')."""
+    by_label: dict[tuple, list[Any]] = {}
+    for key, (label, _, _) in samples.items():
         by_label.setdefault(label, []).append(key)
     notes = {}
     for keys in by_label.values():
-        differs = _differing([groups[k][0].setting_args() for k in keys])
-        for key, text in zip(keys, differs):
-            cache = groups[key][0].image_cache()
+        for key, text in zip(keys, _differing([samples[k][1] for k in keys])):
+            cache = samples[key][2]
             notes[key] = "; ".join(t for t in (f"{cache} cache" if cache else "", text) if t)
     return notes
+
+
+def _setting_notes(settings: dict[tuple, Any], sample: dict[tuple, dict[str, Any]]) -> dict[tuple, str]:
+    """``_notes`` of settings (``Run.comparison_key``s) shown under one label, from a row of each."""
+    return _notes({key: (key[:5], sample[key]["_shared"], sample[key]["image_cache"])
+                   for key in settings})
 
 
 def summary_rows(runs: Sequence[Run], reference: dict[tuple[str, str], tuple[float, str]] | None = None
@@ -502,7 +505,12 @@ def summary_rows(runs: Sequence[Run], reference: dict[tuple[str, str], tuple[flo
     classes = class_columns(runs)  # so the first data set's own class order comes first
     groups = seed_groups(runs)
     group_of = {id(run): key for key, members in groups.items() for run in members}
-    notes = _group_notes(groups)
+    samples = {}  # what tells apart groups of one data set, fraction, weights, method and images
+    for key, (first, *_) in groups.items():
+        r = first.results
+        label = (r["dataset"], r["data_size"], r["weights"], r["method"], first.image_cache())
+        samples[key] = (label, first.setting_args(), first.image_cache())
+    notes = _notes(samples)
     seeds = {key: _seed_cells(key, members) for key, members in groups.items()}
     rows = []
     for run in runs:
@@ -640,15 +648,7 @@ def lora_vs_full(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
         by_method.setdefault(row["method"], {}).setdefault(row["_group"], []).append(row)
     settings = {k: v for k, v in settings.items() if "LoRA" in v and "full" in v}
     # What tells apart settings shown under one label (e.g. another --input_size).
-    labels: dict[tuple, list[tuple]] = {}
-    for key in settings:
-        labels.setdefault(key[:5], []).append(key)
-    sample = {k: next(iter(v["LoRA"].values()))[0] for k, v in settings.items()}  # a row of each
-    notes: dict[tuple, str] = {}
-    for keys in labels.values():
-        for key, text in zip(keys, _differing([sample[k]["_shared"] for k in keys])):
-            cache = sample[key]["image_cache"]
-            notes[key] = "; ".join(t for t in (f"{cache} cache" if cache else "", text) if t)
+    notes = _setting_notes(settings, {k: next(iter(v["LoRA"].values()))[0] for k, v in settings.items()})
     table = []
     for key, by_method in settings.items():
         lora_groups, full_groups = list(by_method["LoRA"].values()), list(by_method["full"].values())
@@ -793,15 +793,7 @@ def setting_method_table(rows: Sequence[dict[str, Any]]) -> tuple[list[str], lis
     settings: dict[tuple, dict[Any, list[dict[str, Any]]]] = {}
     for row in rows:
         settings.setdefault(row["_pair"], {}).setdefault(row["_group"], []).append(row)
-    labels: dict[tuple, list[tuple]] = {}
-    for key in settings:
-        labels.setdefault(key[:5], []).append(key)
-    notes: dict[tuple, str] = {}
-    for keys in labels.values():
-        texts = _differing([next(iter(settings[k].values()))[0]["_shared"] for k in keys])
-        for key, text in zip(keys, texts):
-            cache = next(iter(settings[key].values()))[0]["image_cache"]
-            notes[key] = "; ".join(t for t in (f"{cache} cache" if cache else "", text) if t)
+    notes = _setting_notes(settings, {k: next(iter(v.values()))[0] for k, v in settings.items()})
     lines, columns = [], []
     for key, groups in settings.items():
         by_label: dict[str, list[list[dict[str, Any]]]] = {}
