@@ -201,18 +201,15 @@ class Run:
         keys = (self.config or {}).get("recipe")
         return set(keys) if isinstance(keys, list) else set()
 
-    def image_caches(self) -> dict[str, dict[str, Any]]:
-        """What each split's images were read from ({split: cache info}), as recorded."""
-        caches = (self.config or {}).get("data_cache")
-        if isinstance(caches, dict) and caches:
-            return {k: v for k, v in caches.items() if isinstance(v, dict)}
-        test = self.results.get("data_cache")  # results of the test split alone
-        return {"test": test} if isinstance(test, dict) else {}
-
     def image_cache(self) -> str:
         """'' when every split read the original pixels (files or exact cache), else e.g.
         'lossy 256 px' (with the splits named when not all of them read it)."""
-        caches = self.image_caches()
+        caches = (self.config or {}).get("data_cache")  # {split: what its images were read from}
+        if isinstance(caches, dict) and caches:
+            caches = {k: v for k, v in caches.items() if isinstance(v, dict)}
+        else:  # the results' own record, of the test split alone
+            test = self.results.get("data_cache")
+            caches = {"test": test} if isinstance(test, dict) else {}
         lossy = {split: info.get("size") for split, info in caches.items()
                  if info.get("kind") == "lossy"}
         if not lossy:
@@ -318,21 +315,6 @@ def find_results(paths: Sequence[str | Path]) -> list[Path]:
     return list(unique.values())
 
 
-def _read_config(path: Path) -> dict | None:
-    """A config.json's content, or None when it cannot be read as JSON."""
-    try:
-        return json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return None
-
-
-def _is_run_config(config: dict | None) -> bool:
-    """Whether a config.json's content (None: unreadable) is a training run's, or a damaged
-    one's: not another tool's file of that name."""
-    return config is None or (isinstance(config, dict) and config.get("format") == RUN_FORMAT
-                              and isinstance(config.get("settings"), dict))
-
-
 def find_incomplete(paths: Sequence[str | Path]) -> list[Path]:
     """Run folders under the folders in ``paths`` that hold a run's config.json but no
     results_test.json: runs still training, stopped, or whose test failed."""
@@ -342,22 +324,25 @@ def find_incomplete(paths: Sequence[str | Path]) -> list[Path]:
         if not item.is_dir():
             continue
         for path in sorted(item.rglob(CONFIG_NAME)):
-            folder, config = path.parent, _read_config(path)
-            source = _resumed_folder(config)
-            if source is not None and source != folder.resolve():
-                continued.setdefault(source, folder)
-            if not (folder / RESULTS_NAME).exists() and _is_run_config(config):
+            folder = path.parent
+            try:
+                config = json.loads(path.read_text())
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+                config = None  # a damaged run record is a run's
+            resumed = config.get("resumed_from") if isinstance(config, dict) else None
+            if isinstance(resumed, str) and resumed:  # the folder of the checkpoint it resumed
+                source = Path(resumed).parent.resolve()
+                if source != folder.resolve():
+                    continued.setdefault(source, folder)
+            # Another tool's file of that name is not a run's.
+            is_run = config is None or (isinstance(config, dict) and config.get("format") == RUN_FORMAT
+                                        and isinstance(config.get("settings"), dict))
+            if is_run and not (folder / RESULTS_NAME).exists():
                 found.setdefault(folder.resolve(), folder)
     for source, folder in continued.items():
         if source in found:
             logger.info("%s: stopped, and continued in %s (--resume)", found.pop(source), folder)
     return list(found.values())
-
-
-def _resumed_folder(config: dict | None) -> Path | None:
-    """The folder of the checkpoint a run's config says it resumed from, or None."""
-    resumed = config.get("resumed_from") if isinstance(config, dict) else None
-    return Path(resumed).parent.resolve() if isinstance(resumed, str) and resumed else None
 
 
 def read_results(path: str | Path) -> Run:
@@ -382,14 +367,13 @@ def read_results(path: str | Path) -> Run:
     if isinstance(mean_interval, dict):
         for key in ("ci_low", "ci_high"):
             _check_auroc(path, f"the mean's {key!r} in 'intervals'", mean_interval.get(key))
-    config = results.get("config") if isinstance(results.get("config"), dict) else None
-    config_path = path.parent / CONFIG_NAME
-    if config is None and path.name == RESULTS_NAME and config_path.is_file():
+    config = None
+    if path.name == RESULTS_NAME and (path.parent / CONFIG_NAME).is_file():
         try:
             config = read_run_record(path.parent)
         except RunFolderError as err:
             logger.warning("%s; this run is not grouped with its seeds", err)
-    return Run(path, results, config if isinstance(config, dict) else None)
+    return Run(path, results, config)
 
 
 def _check_auroc(path: Path, key: str, value: Any) -> None:
@@ -443,15 +427,6 @@ def read_reference(path: str | Path) -> dict[tuple[str, str], tuple[float, str]]
     return table
 
 
-def class_columns(runs: Sequence[Run]) -> list[str]:
-    """Union of the runs' class names, in first-seen order."""
-    names: dict[str, None] = {}
-    for run in runs:
-        for name in run.results.get("class_names") or run.results["auroc"]:
-            names.setdefault(name, None)
-    return list(names)
-
-
 def seed_groups(runs: Sequence[Run]) -> dict[tuple, list[Run]]:
     """Runs grouped by ``Run.group_key`` (same setting and arguments, any seed), in order."""
     groups: dict[tuple, list[Run]] = {}
@@ -502,7 +477,9 @@ def summary_rows(runs: Sequence[Run], reference: dict[tuple[str, str], tuple[flo
     keys, the method's recipe and the group's note.
     """
     runs = sorted(runs, key=Run.sort_key)
-    classes = class_columns(runs)  # so the first data set's own class order comes first
+    # The union of the runs' classes, so the first data set's own class order comes first.
+    classes = list(dict.fromkeys(c for run in runs for c in run.results.get("class_names")
+                                 or run.results["auroc"]))
     groups = seed_groups(runs)
     group_of = {id(run): key for key, members in groups.items() for run in members}
     samples = {}  # what tells apart groups of one data set, fraction, weights, method and images
@@ -517,7 +494,10 @@ def summary_rows(runs: Sequence[Run], reference: dict[tuple[str, str], tuple[flo
         key = group_of[id(run)]
         row = {**_run_cells(run, classes, notes[key]), **seeds[key]}
         ref = (reference or {}).get((run.setting, str(run.results["method"]).lower()))
-        row.update(_reference_cells(ref, row["_seeds_mean"]))
+        mean = row["_seeds_mean"]  # ours - reference: the seed group's mean against it
+        row.update(reference_mean_auroc="" if ref is None else f"{ref[0]:.1f}",
+                   diff_vs_reference="" if ref is None or mean is None else f"{mean - ref[0]:+.1f}",
+                   _reference_source="" if ref is None else ref[1])
         rows.append(row)
     return _summary_columns(runs, classes, reference is not None), rows
 
@@ -535,13 +515,15 @@ def _summary_columns(runs: Sequence[Run], classes: Sequence[str], with_reference
 def _run_cells(run: Run, classes: Sequence[str], note: str) -> dict[str, Any]:
     """One run's own cells (and private keys): its results, recipe and seed group's note."""
     r = run.results
+    trainable, total = r.get("trainable_params"), r.get("total_params")
     row = {
         "dataset": str(r["dataset"]),
         "data_size": str(r["data_size"]),
         "weights": str(r["weights"]),
         "method": METHOD_LABELS.get(r["method"], str(r["method"])),
         "mean_auroc": x100(r["mean_auroc"]),
-        **_trainable_cells(r.get("trainable_params"), r.get("total_params")),
+        "trainable_params": "" if trainable is None else str(int(trainable)),
+        "trainable_pct": f"{100 * trainable / total:.2f}" if trainable is not None and total else "",
         "lora_rank": "" if r.get("lora_rank") is None else str(r["lora_rank"]),
         "method_tag": str(r.get("method_tag") or ""),
         "num_images": _num_images(r),
@@ -576,12 +558,6 @@ def test_set_label(test: dict[str, Any]) -> str:
     return f"{test['name']} ({', '.join(parts)})"
 
 
-def _trainable_cells(trainable: Any, total: Any) -> dict[str, str]:
-    """The trainable parameter count and its share of all parameters (%), blank when unknown."""
-    return {"trainable_params": "" if trainable is None else str(int(trainable)),
-            "trainable_pct": f"{100 * trainable / total:.2f}" if trainable is not None and total else ""}
-
-
 def _num_images(results: dict[str, Any]) -> str:
     """The images scored; with --skip_bad fewer than the split lists, and the cell says so."""
     if results.get("num_images") is None:
@@ -598,15 +574,6 @@ def _seed_cells(key: tuple, members: Sequence[Run]) -> dict[str, Any]:
     mean, sd = _mean_sd(values) if values else (None, None)
     return {"seeds_n": str(len(values)), "seeds_mean_auroc": "" if mean is None else f"{mean:.2f}",
             "seeds_sd": "" if sd is None else f"{sd:.2f}", "_group": key, "_seeds_mean": mean}
-
-
-def _reference_cells(ref: tuple[float, str] | None, mean: float | None) -> dict[str, str]:
-    """The reference value (x100), ours - reference (ours: the seed group's mean) and its source."""
-    if ref is None:
-        return {"reference_mean_auroc": "", "diff_vs_reference": "", "_reference_source": ""}
-    return {"reference_mean_auroc": f"{ref[0]:.1f}",
-            "diff_vs_reference": "" if mean is None else f"{mean - ref[0]:+.1f}",
-            "_reference_source": ref[1]}
 
 
 def _md_table(columns: Sequence[str], rows: Sequence[Sequence[str]], right: range) -> list[str]:
