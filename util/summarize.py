@@ -637,9 +637,9 @@ def _ci(row: dict[str, str]) -> str:
     return f"[{low}, {high}]" if low and high else "n/a"
 
 
-def seed_table(rows: Sequence[dict[str, Any]]) -> list[list[str]]:
-    """One line per group of two or more runs differing only in seed: n, mean +- sd, each run,
-    and the group's note (lossy cache, what tells it apart from groups of the same label)."""
+def _seeds_section(rows: Sequence[dict[str, Any]]) -> list[str]:
+    """The seeds table: a line per group of two or more runs differing only in seed (n, mean
+    +- sd, each run and the group's note); nothing when there is none."""
     groups: dict[Any, list[dict[str, Any]]] = {}
     for row in rows:
         groups.setdefault(row["_group"], []).append(row)
@@ -655,11 +655,19 @@ def seed_table(rows: Sequence[dict[str, Any]]) -> list[list[str]]:
         table.append([DATASET_LABELS.get(first["dataset"], first["dataset"]), first["data_size"],
                       first["weights"], first["method"], first["seeds_n"], spread, runs,
                       first["_note"]])
-    return table
+    if not table:
+        return []
+    header, cells = _with_note(["data set", "data size", "weights", "method", "n",
+                                "mean AUROC, mean +- sd", "each run (95% CI)"], table)
+    return ["## Seeds (runs that differ only in seed)", "",
+            *_md_table(header, cells, right=range(4, 6)), "",
+            ("sd: sample standard deviation over the seeds; the intervals are each run's "
+             "own test-set bootstrap interval."), ""]
 
 
-def reference_table(rows: Sequence[dict[str, Any]]) -> list[list[str]]:
-    """One line per seed group with a reference value: ours (mean over seeds), reference, diff."""
+def _reference_section(rows: Sequence[dict[str, Any]]) -> list[str]:
+    """Our seed groups against the reference: a line per group with a reference value (ours:
+    the mean over seeds, the reference, the difference), or a line saying none matched."""
     table, seen = [], set()
     for row in rows:
         if not row.get("reference_mean_auroc") or row["_group"] in seen:
@@ -669,7 +677,14 @@ def reference_table(rows: Sequence[dict[str, Any]]) -> list[list[str]]:
         table.append([row["setting"], row["method"], row["seeds_n"],
                       "n/a" if ours is None else f"{ours:.1f}", row["reference_mean_auroc"],
                       row["diff_vs_reference"] or "n/a", row["_reference_source"], row["_note"]])
-    return table
+    out = ["## Against the reference (mean AUROC)", ""]
+    if table:
+        header, cells = _with_note(["setting", "method", "runs", "ours", "reference",
+                                    "ours - reference", "source"], table)
+        out += _md_table(header, cells, right=range(2, 6))
+    else:
+        out.append("No run matches a setting and method of the reference file.")
+    return [*out, ""]
 
 
 def evaluation_rows(evaluations: Sequence[Run]) -> list[dict[str, str]]:
@@ -720,9 +735,9 @@ def to_markdown(columns: Sequence[str], rows: Sequence[dict[str, Any]],
         out += _dataset_section(dataset, group)
     out += _setting_method_section(setting_method_table(rows))
     out += _lora_vs_full_section(lora_vs_full(rows))
-    out += _seeds_section(seed_table(rows))
+    out += _seeds_section(rows)
     if any("reference_mean_auroc" in c for c in columns):
-        out += _reference_section(reference_table(rows))
+        out += _reference_section(rows)
     if evaluations:
         out += _evaluations_section(evaluations)
     return "\n".join(out)
@@ -841,31 +856,6 @@ def _lora_vs_full_section(comparison: Sequence[dict[str, Any]]) -> list[str]:
              "same data, weights, model and other arguments; only the method's recipe "
              "differs (its rank, optimizer, lr and epochs are in the runs columns; n: runs "
              "averaged, e.g. seeds). Differences and the count use the unrounded means."), ""]
-
-
-def _seeds_section(seeds: list[list[str]]) -> list[str]:
-    """The table of seed groups (``seed_table``); nothing when no group has two runs."""
-    if not seeds:
-        return []
-    header, cells = _with_note(["data set", "data size", "weights", "method", "n",
-                                "mean AUROC, mean +- sd", "each run (95% CI)"], seeds)
-    return ["## Seeds (runs that differ only in seed)", "",
-            *_md_table(header, cells, right=range(4, 6)), "",
-            ("sd: sample standard deviation over the seeds; the intervals are each run's "
-             "own test-set bootstrap interval."), ""]
-
-
-def _reference_section(refs: list[list[str]]) -> list[str]:
-    """Our seed groups against the reference values (``reference_table``), or a line saying
-    that none matched."""
-    out = ["## Against the reference (mean AUROC)", ""]
-    if refs:
-        header, cells = _with_note(["setting", "method", "runs", "ours", "reference",
-                                    "ours - reference", "source"], refs)
-        out += _md_table(header, cells, right=range(2, 6))
-    else:
-        out.append("No run matches a setting and method of the reference file.")
-    return [*out, ""]
 
 
 def _evaluations_section(evaluations: Sequence[dict[str, str]]) -> list[str]:
