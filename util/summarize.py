@@ -195,12 +195,6 @@ class Run:
             return None
         return {k: v for k, v in self.settings.items() if k != "seed"}
 
-    @property
-    def recipe_keys(self) -> set[str]:
-        """The settings that are the method's recipe (config.json's ``recipe``)."""
-        keys = (self.config or {}).get("recipe")
-        return set(keys) if isinstance(keys, list) else set()
-
     def image_cache(self) -> str:
         """'' when every split read the original pixels (files or exact cache), else e.g.
         'lossy 256 px' (with the splits named when not all of them read it)."""
@@ -225,26 +219,24 @@ class Run:
         base = (r["dataset"], r["data_size"], r["weights"], r["method"], r.get("model"),
                 r.get("lora_rank"), self.image_cache())
         rest = self.setting_args()
-        if rest is None:
-            return (*base, "run", str(self.path))
-        return (*base, "args", _canonical(rest))
+        return (*base, "run", str(self.path)) if rest is None else (*base, "args", _canonical(rest))
 
     def comparison_key(self) -> tuple:
         """Equal for runs of one setting whatever their method and its recipe."""
         r = self.results
         base = (r["dataset"], r["data_size"], r["weights"], r.get("model"), self.image_cache())
-        shared = self.shared_args()
+        shared = self.split_args()[0]
         return (*base, "no config", None) if shared is None else (*base, "args", _canonical(shared))
 
-    def shared_args(self) -> dict[str, Any] | None:
-        """The setting's arguments without the method's recipe, or None."""
+    def split_args(self) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+        """(the setting's arguments but the method's recipe, the recipe's: config.json's
+        ``recipe``), or (None, None) when unknown."""
         rest = self.setting_args()
-        return None if rest is None else {k: v for k, v in rest.items() if k not in self.recipe_keys}
-
-    def recipe_args(self) -> dict[str, Any] | None:
-        """The method's recipe: the recipe settings the run was started with, or None."""
-        rest = self.setting_args()
-        return None if rest is None else {k: v for k, v in rest.items() if k in self.recipe_keys}
+        if rest is None:
+            return None, None
+        keys = (self.config or {}).get("recipe")
+        keys = set(keys) if isinstance(keys, list) else set()
+        return {k: v for k, v in rest.items() if k not in keys}, {k: v for k, v in rest.items() if k in keys}
 
     def recipe(self) -> str:
         """The method's recipe in a few words, e.g. 'r4, sgd, lr 0.05, 100 ep'."""
@@ -276,13 +268,13 @@ class Run:
                 str(r["weights"]), rank(r["method"], METHOD_ORDER), self.name)
 
 
-def _canonical(args: dict[str, Any]) -> str:
+def _canonical(args: Any) -> str:
     """One string per set of arguments (for grouping keys)."""
     return json.dumps(args, sort_keys=True, default=str)
 
 
 def _short(value: Any, width: int = 40) -> str:
-    text = value if isinstance(value, str) else json.dumps(value, sort_keys=True, default=str)
+    text = value if isinstance(value, str) else _canonical(value)
     return text if len(text) <= width else text[:width - 3] + "..."
 
 
@@ -538,8 +530,8 @@ def _run_cells(run: Run, classes: Sequence[str], note: str) -> dict[str, Any]:
         "_value": 100 * float(r["mean_auroc"]) if _defined(r["mean_auroc"]) else None,
         "_model": str(r.get("model") or ""),
         "_pair": run.comparison_key(),
-        "_shared": run.shared_args(),
-        "_recipe_args": run.recipe_args(),
+        "_shared": run.split_args()[0],
+        "_recipe_args": run.split_args()[1],
         "_recipe": run.recipe(),
         "_note": note,
     }
