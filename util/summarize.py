@@ -2,75 +2,45 @@
 
     python -m util.summarize runs/ --output summary          # summary.md + summary.csv
     python -m util.summarize runs/nih_1_lora runs/nih_1_full/results_test.json
-
     python -m util.summarize runs/ --output summary --plot   # + summary_forest.png / .svg
     python -m util.summarize runs/ --reference docs/reference_results.csv
 
-RUNS are run folders (searched recursively for results_test.json) or results files. One
-row per run, ordered by data set, label fraction, weights and method; columns: mean AUROC,
-per-class AUROC (x100) and trainable parameters, as in the paper's comparison. The markdown
-adds a LoRA-vs-full table (mean AUROC and difference) where both methods were run: each line
-pairs a LoRA seed group with a full fine-tuning seed group whose runs share every argument
-but the method's own recipe (the settings config.json lists under ``recipe``: rank,
-optimizer, lr, epochs, ...); the
-difference and the count of LoRA wins use the unrounded means.
+RUNS are run folders (searched recursively for results_test.json) or results files. The
+tables are described for users in docs/USING_A_MODEL.md ("Comparing runs"); in short:
 
-Evaluations: a results file written by ``main_finetune_lora.py --eval`` (it holds an
-``evaluation`` entry; by default in ``<run>/eval/<name>/``) is a trained checkpoint tested
-again, usually on other data. It carries the training run's data set, fraction, weights,
-method and seed, but it is not a run: it is listed apart ("Evaluations") and kept out of
-the run tables, seeds, LoRA vs full, the reference and the plot.
+- Runs: a row per run, in the order of the paper's tables (data set, label fraction,
+  weights, method): mean AUROC (with its 95% bootstrap interval when the results carry
+  ``intervals``), per-class AUROC (x100) and trainable parameters. Every number is labelled
+  with the test set it was scored on, its split file told apart by SHA-256 (results'
+  ``test_set``, else config.json's ``settings.split_sha256.test``): one data set on two test
+  sets gets two tables, and the CSV names each row's test set.
+- Seeds: runs whose config.json records the same ``settings`` but the seed form a group (the
+  settings are what makes a run this run, never where or how it executed; the data is in
+  them by its split files' SHA-256, and a lossy image cache is other pixels); a run without
+  config.json is a group of its own.
+- Setting x method: a line per setting (every setting but the method's recipe, the names
+  config.json lists under ``recipe``), a column per method as its results name it
+  (``method`` and ``method_tag``, e.g. ``lora r4``): so a new method needs nothing here.
+- LoRA vs full: each LoRA seed group against each full fine-tuning group of its setting;
+  the difference and the count of LoRA wins use the unrounded means.
+- Evaluations: results of ``main_finetune_lora.py --eval`` (they hold ``evaluation``) test a
+  trained checkpoint again, usually on other data: listed apart, a table per test set marked
+  internal, external or unknown, and kept out of the run tables, seeds, LoRA vs full, the
+  reference and the plot.
 
-Incomplete runs: a folder under RUNS holding a run's config.json but no results_test.json
-(still training, stopped, or its test failed) is named in the log and makes the exit code 1.
-So does a results file that cannot be read, or whose AUROCs are not numbers in [0, 1] (a
-hand-edited ``mean_auroc`` of 1.7 or "0.8" is refused naming the file and the key).
+Reference (``--reference CSV``): the columns ``setting,method,mean_auroc`` and optionally
+``source``; ``setting`` is ``<dataset>-<percent>-<weights>`` as the presets name them
+(``nih-1-mrm``; the weights are the checkpoint file's stem, lower case), ``method`` is
+``lora``, ``full`` or ``linear``, ``mean_auroc`` is x100 (80.6) and a row without it is
+skipped. Each matching seed group gets the reference and ours - reference.
 
-Outputs: ``--output`` never replaces a file the user has: an existing ``<output>.md`` /
-``.csv`` (or forest plot) needs ``--overwrite``; a training run's own files (e.g.
-``--output RUN/results_test_auroc``), the results and reference files read, and symbolic
-links are refused even then.
+Outputs: ``--output`` replaces an existing ``<output>.md`` / ``.csv`` (or forest plot) only
+with ``--overwrite``; a training run's own files, the files read and symbolic links never.
 
-Exit codes: 0 every run summarized; 1 some results files were left out (unreadable,
-incomplete) or an output could not be written; 2 usage (a bad flag, a RUNS path that does
-not exist, a bad reference file, a refused ``--output``; nothing written).
-
-Test sets: every number is labelled with the test set it was scored on, named by its split
-file and told apart by the file's SHA-256 (results' ``test_set``; for a run also config.json's
-``settings.split_sha256.test``). Runs of one data set on different test sets (the paper's NIH
-split and the official one) get a table each, never one column; the CSV names each row's
-test set. ``--eval`` results are listed apart, one table per test set, each marked internal
-(the training run's own test split), external (another data set, or another split) or
-unknown (the checkpoint records no test split to compare).
-
-Setting x method: a table with a line per setting (data set, fraction, weights and every
-argument but the method's recipe, on one test set) and a column per method: the method's name
-and size as its results record them (``method`` and ``method_tag``, e.g. ``lora r4``;
-groups of one label that differ in other recipe arguments get those added), each cell the
-mean +- sample sd of the mean AUROC over the seeds, n, and the trainable share of the
-parameters, both read from the results. Methods are taken from the records, so a new method
-needs nothing here.
-
-Intervals: when a run's results carry ``intervals`` (``util.stats.auroc_intervals``), its
-mean AUROC's 95% bootstrap interval is shown beside it.
-
-Seeds: runs whose ``config.json`` (beside results_test.json) records the same ``settings``
-but the seed form one group (the settings are what makes a run this run, as the entry
-script's flag table declares: never where or how it executed); the markdown lists each group
-of two or more runs with n, mean +- sample standard deviation of the mean AUROC, and each
-run's own value and interval. A run without config.json is a group of its own. The data is
-part of the settings by its split files' SHA-256 (a moved folder is the same data), and so
-are the pixels: runs that read a downsized (lossy) image cache are never seeds of runs on the
-original images (an exact cache gives the same tensors as the files); the rows show the
-lossy cache.
-
-Reference (``--reference CSV``): a CSV with the columns ``setting,method,mean_auroc`` and
-optionally ``source``. ``setting`` is ``<dataset>-<percent>-<weights>`` as the presets name
-them (``nih-1-mrm``, ``chexpert-10-cxr_mae``; the weights are the checkpoint file's stem,
-lower case), ``method`` is ``lora``, ``full`` or ``linear``, ``mean_auroc`` is x100 (80.6); a
-row with an empty mean_auroc is skipped (a value not yet filled in). Each matching row of
-the summary gets the reference and the difference ours - reference (ours: the mean over a
-seed group). docs/reference_results.csv ships the paper's one stated value.
+Exit codes: 0 every run summarized; 1 some results files were left out (unreadable, AUROCs
+that are not numbers in [0, 1], or a started run's config.json without results_test.json)
+or an output could not be written; 2 usage (a bad flag, a RUNS path that does not exist, a
+bad reference file, a refused ``--output``; nothing written).
 """
 from __future__ import annotations
 
@@ -85,7 +55,7 @@ from pathlib import Path
 from typing import Any, NamedTuple, Sequence
 
 from util import cli
-from util.io import atomic_write
+from util.io import atomic_write, write_text
 from util.runfolder import RUN_FORMAT, RunFolderError, read_run_record
 from util.reports import check_outputs, x100
 from util.cli import ToolError, UsageError
@@ -461,13 +431,9 @@ def _setting_notes(settings: dict[tuple, Any], sample: dict[tuple, dict[str, Any
 
 def summary_rows(runs: Sequence[Run], reference: dict[tuple[str, str], tuple[float, str]] | None = None
                  ) -> tuple[list[str], list[dict[str, Any]]]:
-    """(columns, rows) of the comparison table; metrics x100 with one decimal.
-
-    Interval, seed, image cache and reference columns are added only when some run has them.
-    Keys starting with '_' are not columns: the unrounded mean AUROC x100 of the run
-    (``_value``) and of its seed group (``_seeds_mean``), the seed group and LoRA-vs-full
-    keys, the method's recipe and the group's note.
-    """
+    """(columns, rows) of the comparison table; metrics x100 with one decimal. Keys starting
+    with '_' are not columns: unrounded values (``_value``, ``_seeds_mean``), the grouping
+    keys and notes the markdown tables use."""
     runs = sorted(runs, key=Run.sort_key)
     # The union of the runs' classes, so the first data set's own class order comes first.
     classes = list(dict.fromkeys(c for run in runs for c in run.results.get("class_names")
@@ -592,13 +558,9 @@ def _recipes(groups: Sequence[list[dict[str, Any]]]) -> list[str]:
 
 
 def lora_vs_full(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """LoRA against full fine-tuning, one line per pair of seed groups of one setting.
-
-    A setting is ``Run.comparison_key``: the data, weights, model and every argument but the
-    method's recipe (config.json's ``recipe``). Each LoRA group is set against each full group of its
-    setting, so different ranks, lrs or epochs are never averaged together. Values are x100
-    and unrounded: the mean over a group's runs; ``diff`` is LoRA - full.
-    """
+    """LoRA against full fine-tuning, a line per pair of seed groups of one setting
+    (``Run.comparison_key``), so different ranks, lrs or epochs are never averaged together.
+    Values are x100 and unrounded: the mean over a group's runs; ``diff`` is LoRA - full."""
     settings: dict[tuple, dict[str, dict[Any, list[dict[str, Any]]]]] = {}
     for row in rows:
         if row["_value"] is None or row["method"] not in ("LoRA", "full"):
@@ -756,14 +718,10 @@ def _dataset_section(dataset: str, group: Sequence[dict[str, Any]]) -> list[str]
 
 
 def setting_method_table(rows: Sequence[dict[str, Any]]) -> tuple[list[str], list[dict[str, Any]]]:
-    """(method columns, lines) of the setting x method table (module docstring).
-
-    A line is a ``Run.comparison_key`` (one setting on one test set), a column a method label
-    (``Run.method_label``), a cell the list of that method's seed groups in that setting:
-    {mean, sd, n, trainable_pct, variant}, the mean and sd x100 and unrounded; ``variant``
-    names the recipe arguments that tell apart two groups of one cell ('' for a single one).
-    Columns in the order of METHOD_ORDER, then by name.
-    """
+    """(method columns, lines) of the setting x method table: a line per ``Run.comparison_key``,
+    a column per ``Run.method_label`` (in METHOD_ORDER, then by name), a cell the list of the
+    method's seed groups there: {mean, sd (x100, unrounded), n, trainable_pct, variant: the
+    recipe arguments that tell apart two groups of one cell}."""
     settings: dict[tuple, dict[Any, list[dict[str, Any]]]] = {}
     for row in rows:
         settings.setdefault(row["_pair"], {}).setdefault(row["_group"], []).append(row)
@@ -905,14 +863,11 @@ def output_paths(output: str | Path, plot: bool = False) -> list[Path]:
 def summarize(paths: Sequence[str | Path], output: str | Path | None = None,
               reference: str | Path | None = None, plot: bool = False,
               overwrite: bool = False) -> Summary:
-    """Read every results file under ``paths``; write ``<output>.md`` / ``.csv`` if given.
+    """Read every results file under ``paths``; write ``output_paths(output, plot)`` if given.
 
-    ``reference``: a reference CSV (module docstring) whose values and differences join the
-    rows. ``plot``: also write ``<output>_forest.png`` / ``.svg`` (needs ``output``).
-    Unreadable results files and started runs without results are reported in ``errors``
-    and left out of the table; ``--eval`` results are listed apart (``evaluations``).
-    An output that exists (unless ``overwrite``), is a run's own file, one of the files
-    read or a symbolic link raises ``UsageError`` before anything is written.
+    ``reference``: a reference CSV (module docstring). Unreadable results files and started
+    runs without results are reported in ``errors``; a refused output (module docstring)
+    raises ``UsageError`` before anything is written.
     """
     ref = read_reference(reference) if reference is not None else None
     found = find_results(paths)
@@ -955,8 +910,7 @@ def summarize(paths: Sequence[str | Path], output: str | Path | None = None,
     if output is not None and (rows or listed):
         csv_path, md_path, *forest = output_paths(output, plot)
         write_csv(csv_path, columns, rows)
-        markdown = to_markdown(columns, rows, listed)
-        atomic_write(md_path, lambda tmp: Path(tmp).write_text(markdown + "\n"))
+        write_text(md_path, to_markdown(columns, rows, listed) + "\n")
         if plot:
             save_summary_plot(rows, forest[0].with_suffix(""))
     return Summary(columns, rows, errors, listed)
