@@ -51,8 +51,9 @@ import logging
 import math
 import sys
 from dataclasses import dataclass
+from operator import itemgetter
 from pathlib import Path
-from typing import Any, NamedTuple, Sequence
+from typing import Any, Callable, Iterable, NamedTuple, Sequence, TypeVar
 
 from util import cli
 from util.io import atomic_write, write_text
@@ -61,6 +62,7 @@ from util.reports import check_outputs, x100
 from util.cli import ToolError, UsageError
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 RESULTS_NAME = "results_test.json"
 REQUIRED_KEYS = ("dataset", "data_size", "weights", "method", "mean_auroc", "auroc")
@@ -230,12 +232,8 @@ class Run:
     def sort_key(self) -> tuple:
         """Order of the paper's tables: data set, label fraction, weights, method."""
         r = self.results
-
-        def rank(value: Any, order: Sequence[str]) -> tuple[int, str]:
-            return (order.index(value) if value in order else len(order), str(value))
-
-        return (rank(r["dataset"], DATASET_ORDER), rank(r["data_size"], SIZE_ORDER),
-                str(r["weights"]), rank(r["method"], METHOD_ORDER), self.name)
+        return (_rank(r["dataset"], DATASET_ORDER), _rank(r["data_size"], SIZE_ORDER),
+                str(r["weights"]), _rank(r["method"], METHOD_ORDER), self.name)
 
 
 def _canonical(args: Any) -> str:
@@ -389,12 +387,17 @@ def read_reference(path: str | Path) -> dict[tuple[str, str], tuple[float, str]]
     return table
 
 
-def seed_groups(runs: Sequence[Run]) -> dict[tuple, list[Run]]:
-    """Runs grouped by ``Run.group_key`` (same setting and arguments, any seed), in order."""
-    groups: dict[tuple, list[Run]] = {}
-    for run in runs:
-        groups.setdefault(run.group_key(), []).append(run)
+def _group_by(items: Iterable[T], key: Callable[[T], Any]) -> dict[Any, list[T]]:
+    """``items`` grouped by ``key``, the groups and their members in first-seen order."""
+    groups: dict[Any, list[T]] = {}
+    for item in items:
+        groups.setdefault(key(item), []).append(item)
     return groups
+
+
+def _rank(value: Any, order: Sequence[str]) -> tuple[int, str]:
+    """Sorts ``value`` by its place in ``order``, anything else after, by name."""
+    return (order.index(value) if value in order else len(order), str(value))
 
 
 def _mean_sd(values: Sequence[float]) -> tuple[float, float | None]:
@@ -412,11 +415,8 @@ def _defined(value: Any) -> bool:
 def _notes(samples: dict[Any, tuple[tuple, dict[str, Any] | None, str]]) -> dict[Any, str]:
     """Per key of ``samples`` ({key: (label, arguments, image cache)}): its lossy cache, and the
     arguments that tell it apart from the other keys of its label (e.g. 'lr=0.1')."""
-    by_label: dict[tuple, list[Any]] = {}
-    for key, (label, _, _) in samples.items():
-        by_label.setdefault(label, []).append(key)
     notes = {}
-    for keys in by_label.values():
+    for keys in _group_by(samples, lambda key: samples[key][0]).values():
         for key, text in zip(keys, _differing([samples[k][1] for k in keys])):
             cache = samples[key][2]
             notes[key] = "; ".join(t for t in (f"{cache} cache" if cache else "", text) if t)
@@ -438,7 +438,7 @@ def summary_rows(runs: Sequence[Run], reference: dict[tuple[str, str], tuple[flo
     # The union of the runs' classes, so the first data set's own class order comes first.
     classes = list(dict.fromkeys(c for run in runs for c in run.results.get("class_names")
                                  or run.results["auroc"]))
-    groups = seed_groups(runs)
+    groups = _group_by(runs, Run.group_key)  # seeds of one setting
     group_of = {id(run): key for key, members in groups.items() for run in members}
     samples = {}  # what tells apart groups of one data set, fraction, weights, method and images
     for key, (first, *_) in groups.items():
@@ -594,11 +594,8 @@ def _ci(row: dict[str, str]) -> str:
 def _seeds_section(rows: Sequence[dict[str, Any]]) -> list[str]:
     """The seeds table: a line per group of two or more runs differing only in seed (n, mean
     +- sd, each run and the group's note); nothing when there is none."""
-    groups: dict[Any, list[dict[str, Any]]] = {}
-    for row in rows:
-        groups.setdefault(row["_group"], []).append(row)
     table = []
-    for members in groups.values():
+    for members in _group_by(rows, itemgetter("_group")).values():
         if len(members) < 2:
             continue
         first = members[0]
@@ -682,10 +679,7 @@ def to_markdown(columns: Sequence[str], rows: Sequence[dict[str, Any]],
     """The summary as markdown: one table per data set, LoRA vs full, seeds, the reference,
     and the evaluations (``evaluation_rows``) apart."""
     out = ["# Test AUROC (x100)", ""]
-    datasets: dict[tuple[str, str], list[dict[str, Any]]] = {}
-    for row in rows:
-        datasets.setdefault((row["dataset"], row["_test_key"]), []).append(row)
-    for (dataset, _), group in datasets.items():
+    for (dataset, _), group in _group_by(rows, itemgetter("dataset", "_test_key")).items():
         out += _dataset_section(dataset, group)
     out += _setting_method_section(setting_method_table(rows))
     out += _lora_vs_full_section(lora_vs_full(rows))
@@ -728,10 +722,8 @@ def setting_method_table(rows: Sequence[dict[str, Any]]) -> tuple[list[str], lis
     notes = _setting_notes(settings, {k: next(iter(v.values()))[0] for k, v in settings.items()})
     lines, columns = [], []
     for key, groups in settings.items():
-        by_label: dict[str, list[list[dict[str, Any]]]] = {}
-        for members in groups.values():
-            by_label.setdefault(members[0]["_method_label"], []).append(members)
         cells: dict[str, list[dict[str, Any]]] = {}
+        by_label = _group_by(groups.values(), lambda members: members[0]["_method_label"])
         for label, same in by_label.items():
             variants = _differing([m[0]["_recipe_args"] for m in same]) if len(same) > 1 else [""]
             for members, variant in zip(same, variants):
@@ -747,12 +739,8 @@ def setting_method_table(rows: Sequence[dict[str, Any]]) -> tuple[list[str], lis
         lines.append({"dataset": first["dataset"], "data_size": first["data_size"],
                       "weights": first["weights"], "test_set": first["_test_label"],
                       "cells": cells, "note": notes[key]})
-
-    def order(column: str) -> tuple:
-        method = column.split(" ")[0]
-        return (METHOD_ORDER.index(method) if method in METHOD_ORDER else len(METHOD_ORDER), column)
-
-    return sorted(columns, key=order), lines
+    # Columns by method (the label's first word) in METHOD_ORDER, then by label.
+    return sorted(columns, key=lambda c: (_rank(c.split(" ")[0], METHOD_ORDER)[0], c)), lines
 
 
 def _method_cell(groups: Sequence[dict[str, Any]] | None) -> str:
@@ -812,10 +800,7 @@ def _evaluations_section(evaluations: Sequence[dict[str, str]]) -> list[str]:
     """The ``--eval`` results (``evaluation_rows``), kept apart from the runs: a table per
     test set, each headed by its name and SHA-256."""
     out = ["## Evaluations of trained runs on other data (--eval; not in the tables above)", ""]
-    by_test: dict[str, list[dict[str, str]]] = {}
-    for e in evaluations:
-        by_test.setdefault(e["_test_key"], []).append(e)
-    for group in by_test.values():
+    for group in _group_by(evaluations, itemgetter("_test_key")).values():
         with_ci = any(e["mean_auroc_ci_low"] for e in group)
         cells = [[e["checkpoint"], e["data"], e["split"], e["trained_as"], e["scope"],
                   e["classes"], e["mean_auroc"] or "n/a", *([_ci(e)] if with_ci else []),
@@ -895,7 +880,7 @@ def summarize(paths: Sequence[str | Path], output: str | Path | None = None,
     if evaluations:
         logger.info("%d evaluations (--eval results of trained runs, e.g. %s) are listed apart, "
                     "not as runs or seeds", len(evaluations), evaluations[0].path.parent)
-    for members in seed_groups(runs).values():
+    for members in _group_by(runs, Run.group_key).values():
         by_seed: dict[Any, list[Run]] = {}
         for run in members:
             if run.seed is not None:
