@@ -123,10 +123,8 @@ def align(a: Predictions, b: Predictions) -> tuple[np.ndarray, np.ndarray, np.nd
     only_a = [p for p in a.paths if p not in index_b]
     only_b = sorted(set(b.paths) - set(a.paths))
     if only_a or only_b:
-        parts = []
-        for src, only in ((a.source, only_a), (b.source, only_b)):
-            if only:
-                parts.append(f"{len(only)} only in {src} (e.g. {', '.join(only[:SHOWN])})")
+        parts = [f"{len(only)} only in {src} (e.g. {', '.join(only[:SHOWN])})"
+                 for src, only in ((a.source, only_a), (b.source, only_b)) if only]
         raise ComparisonError("the runs were tested on different images: " + "; ".join(parts))
     order = np.array([index_b[p] for p in a.paths], dtype=np.int64)
     targets_b = b.targets[order]

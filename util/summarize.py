@@ -51,7 +51,7 @@ import logging
 import math
 import sys
 from dataclasses import dataclass
-from operator import itemgetter
+from operator import attrgetter, itemgetter
 from pathlib import Path
 from typing import Any, Callable, Iterable, NamedTuple, Sequence, TypeVar
 
@@ -881,11 +881,8 @@ def summarize(paths: Sequence[str | Path], output: str | Path | None = None,
         logger.info("%d evaluations (--eval results of trained runs, e.g. %s) are listed apart, "
                     "not as runs or seeds", len(evaluations), evaluations[0].path.parent)
     for members in _group_by(runs, Run.group_key).values():
-        by_seed: dict[Any, list[Run]] = {}
-        for run in members:
-            if run.seed is not None:
-                by_seed.setdefault(run.seed, []).append(run)
-        for seed, same in by_seed.items():
+        seeded = [run for run in members if run.seed is not None]
+        for seed, same in _group_by(seeded, attrgetter("seed")).items():
             if len(same) > 1:  # a copied run folder, or one run tested twice: counted twice
                 logger.warning("seed %s appears %d times among the seeds of one setting (%s): the "
                                "mean and sd count each; remove the copies if they are one run",
