@@ -57,7 +57,7 @@ from typing import Any, Callable, Iterable, NamedTuple, Sequence, TypeVar
 
 from util import cli
 from util.io import atomic_write, write_text
-from util.runfolder import RUN_FORMAT, RunFolderError, read_run_record
+from util.runfolder import CONFIG_NAME, RUN_FORMAT, RunFolderError, read_run_record
 from util.reports import check_outputs, x100
 from util.cli import ToolError, UsageError
 
@@ -79,7 +79,6 @@ CACHE_COLUMNS = ("image_cache",)
 INTERVAL_COLUMNS = ("mean_auroc_ci_low", "mean_auroc_ci_high")
 SEED_COLUMNS = ("seed", "seeds_n", "seeds_mean_auroc", "seeds_sd")
 REFERENCE_COLUMNS = ("reference_mean_auroc", "diff_vs_reference")
-CONFIG_NAME = "config.json"
 # Shown for each side of a LoRA-vs-full line (other differing recipe arguments are added).
 RECIPE_SHOWN = ("lora_rank", "optimizer", "lr", "blr", "epochs")
 # Legend names on the forest plot, by the table's method label.
@@ -269,10 +268,7 @@ def find_results(paths: Sequence[str | Path]) -> list[Path]:
             found.extend(hits)
         else:
             raise FileNotFoundError(f"run not found: {item} (RUNS are run folders or {RESULTS_NAME} files)")
-    unique: dict[Path, Path] = {}
-    for p in found:
-        unique.setdefault(p.resolve(), p)
-    return list(unique.values())
+    return [same[0] for same in _group_by(found, Path.resolve).values()]  # each file once
 
 
 def find_incomplete(paths: Sequence[str | Path]) -> list[Path]:
@@ -348,16 +344,13 @@ def _check_auroc(path: Path, key: str, value: Any) -> None:
                            "fractions: 0.806, not 80.6 or 1.7)")
 
 
-REFERENCE_REQUIRED = ("setting", "method", "mean_auroc")
-
-
 def read_reference(path: str | Path) -> dict[tuple[str, str], tuple[float, str]]:
     """{(setting, method): (mean AUROC x100, source)} from a reference CSV (module docstring)."""
     path = Path(path)
     try:
         with open(path, newline="") as f:
             reader = csv.DictReader(f)
-            missing = [c for c in REFERENCE_REQUIRED if c not in (reader.fieldnames or [])]
+            missing = [c for c in ("setting", "method", "mean_auroc") if c not in (reader.fieldnames or [])]
             if missing:
                 raise ReferenceFileError(f"{path}: missing column(s) {missing}; expected a header "
                                          "setting,method,mean_auroc[,source]")
@@ -400,8 +393,10 @@ def _rank(value: Any, order: Sequence[str]) -> tuple[int, str]:
     return (order.index(value) if value in order else len(order), str(value))
 
 
-def _mean_sd(values: Sequence[float]) -> tuple[float, float | None]:
-    """Mean and sample standard deviation (None for a single value)."""
+def _mean_sd(values: Sequence[float]) -> tuple[float | None, float | None]:
+    """Mean and sample standard deviation (None for no value, the sd None for one)."""
+    if not values:
+        return None, None
     mean = sum(values) / len(values)
     if len(values) < 2:
         return mean, None
@@ -446,7 +441,13 @@ def summary_rows(runs: Sequence[Run], reference: dict[tuple[str, str], tuple[flo
         label = (r["dataset"], r["data_size"], r["weights"], r["method"], first.image_cache())
         samples[key] = (label, first.setting_args(), first.image_cache())
     notes = _notes(samples)
-    seeds = {key: _seed_cells(key, members) for key, members in groups.items()}
+    seeds = {}  # each group's n, mean and sample sd (x100) of its runs' defined mean AUROCs
+    for key, members in groups.items():
+        values = [100 * float(m.results["mean_auroc"]) for m in members
+                  if _defined(m.results["mean_auroc"])]
+        mean, sd = _mean_sd(values)
+        seeds[key] = {"seeds_n": str(len(values)), "seeds_mean_auroc": "" if mean is None else f"{mean:.2f}",
+                      "seeds_sd": "" if sd is None else f"{sd:.2f}", "_group": key, "_seeds_mean": mean}
     rows = []
     for run in runs:
         key = group_of[id(run)]
@@ -525,21 +526,11 @@ def _num_images(results: dict[str, Any]) -> str:
     return str(results["num_images"])
 
 
-def _seed_cells(key: tuple, members: Sequence[Run]) -> dict[str, Any]:
-    """A seed group's cells: n, mean and sample sd (x100) of its runs' defined mean AUROCs."""
-    values = [100 * float(m.results["mean_auroc"]) for m in members
-              if _defined(m.results["mean_auroc"])]
-    mean, sd = _mean_sd(values) if values else (None, None)
-    return {"seeds_n": str(len(values)), "seeds_mean_auroc": "" if mean is None else f"{mean:.2f}",
-            "seeds_sd": "" if sd is None else f"{sd:.2f}", "_group": key, "_seeds_mean": mean}
-
-
 def _md_table(columns: Sequence[str], rows: Sequence[Sequence[str]], right: range) -> list[str]:
     """A markdown table; the columns at indices in ``right`` are right-aligned."""
     align = ["---:" if i in right else "---" for i in range(len(columns))]
-    lines = ["| " + " | ".join(columns) + " |", "|" + "|".join(align) + "|"]
-    lines += ["| " + " | ".join(cells) + " |" for cells in rows]
-    return lines
+    return ["| " + " | ".join(columns) + " |", "|" + "|".join(align) + "|",
+            *("| " + " | ".join(cells) + " |" for cells in rows)]
 
 
 def _params(row: dict[str, str]) -> str:
@@ -728,7 +719,7 @@ def setting_method_table(rows: Sequence[dict[str, Any]]) -> tuple[list[str], lis
             variants = _differing([m[0]["_recipe_args"] for m in same]) if len(same) > 1 else [""]
             for members, variant in zip(same, variants):
                 values = [r["_value"] for r in members if r["_value"] is not None]
-                mean, sd = _mean_sd(values) if values else (None, None)
+                mean, sd = _mean_sd(values)
                 pcts = sorted({r["trainable_pct"] for r in members if r["trainable_pct"]})
                 cells.setdefault(label, []).append({"mean": mean, "sd": sd, "n": len(values),
                                                     "trainable_pct": "/".join(pcts),
