@@ -130,11 +130,8 @@ class Run:
         return isinstance(self.results.get("evaluation"), dict)
 
     def test_set(self) -> dict[str, Any]:
-        """The test set scored, as recorded: {name, sha256 (None when unrecorded), images}.
-
-        From the results' ``test_set`` (an evaluation's also under ``evaluation``), else the
-        split file the results name and config.json's ``settings.split_sha256.test``.
-        """
+        """The test set scored: {name, sha256 (None when unrecorded), images}, from the results'
+        ``test_set`` (or the evaluation's), else their split file and config.json's hash."""
         evaluation = self.results.get("evaluation")
         evaluation = evaluation if isinstance(evaluation, dict) else {}
         for recorded in (self.results.get("test_set"), evaluation.get("test_set")):
@@ -641,8 +638,7 @@ def evaluation_rows(evaluations: Sequence[Run]) -> list[dict[str, str]]:
         trained = (f"{r['dataset']} {r['data_size']} {r['weights']} "
                    f"{METHOD_LABELS.get(r['method'], r['method'])}"
                    + ("" if run.seed is None else f", seed {run.seed}"))
-        external = info.get("external")
-        scope = {True: "external", False: "internal"}.get(external, "unknown")
+        scope = {True: "external", False: "internal"}.get(info.get("external"), "unknown")
         class_map = info.get("class_map") if isinstance(info.get("class_map"), dict) else {}
         pairs = class_map.get("pairs") if isinstance(class_map.get("pairs"), dict) else {}
         classes = ", ".join(d if d == c else f"{d} = {c}" for d, c in pairs.items()) \
@@ -711,7 +707,7 @@ def setting_method_table(rows: Sequence[dict[str, Any]]) -> tuple[list[str], lis
     for row in rows:
         settings.setdefault(row["_pair"], {}).setdefault(row["_group"], []).append(row)
     notes = _setting_notes(settings, {k: next(iter(v.values()))[0] for k, v in settings.items()})
-    lines, columns = [], []
+    lines = []
     for key, groups in settings.items():
         cells: dict[str, list[dict[str, Any]]] = {}
         by_label = _group_by(groups.values(), lambda members: members[0]["_method_label"])
@@ -724,13 +720,12 @@ def setting_method_table(rows: Sequence[dict[str, Any]]) -> tuple[list[str], lis
                 cells.setdefault(label, []).append({"mean": mean, "sd": sd, "n": len(values),
                                                     "trainable_pct": "/".join(pcts),
                                                     "variant": variant})
-            if label not in columns:
-                columns.append(label)
         first = next(iter(groups.values()))[0]
         lines.append({"dataset": first["dataset"], "data_size": first["data_size"],
                       "weights": first["weights"], "test_set": first["_test_label"],
                       "cells": cells, "note": notes[key]})
     # Columns by method (the label's first word) in METHOD_ORDER, then by label.
+    columns = {label for line in lines for label in line["cells"]}
     return sorted(columns, key=lambda c: (_rank(c.split(" ")[0], METHOD_ORDER)[0], c)), lines
 
 
