@@ -159,9 +159,7 @@ class Run:
 
     def setting_args(self) -> dict[str, Any] | None:
         """The settings that say what the run computes, but its seed; None when unknown."""
-        if self.settings is None:
-            return None
-        return {k: v for k, v in self.settings.items() if k != "seed"}
+        return None if self.settings is None else {k: v for k, v in self.settings.items() if k != "seed"}
 
     def image_cache(self) -> str:
         """'' when every split read the original pixels (files or exact cache), else e.g.
@@ -273,9 +271,7 @@ def find_incomplete(paths: Sequence[str | Path]) -> list[Path]:
     results_test.json: runs still training, stopped, or whose test failed."""
     found: dict[Path, Path] = {}
     continued: dict[Path, Path] = {}  # a stopped run's folder -> the run that continued it
-    for item in map(Path, paths):
-        if not item.is_dir():
-            continue
+    for item in filter(Path.is_dir, map(Path, paths)):
         for path in sorted(item.rglob(CONFIG_NAME)):
             folder = path.parent
             try:
@@ -431,7 +427,6 @@ def summary_rows(runs: Sequence[Run], reference: dict[tuple[str, str], tuple[flo
     classes = list(dict.fromkeys(c for run in runs for c in run.results.get("class_names")
                                  or run.results["auroc"]))
     groups = _group_by(runs, Run.group_key)  # seeds of one setting
-    group_of = {id(run): key for key, members in groups.items() for run in members}
     samples = {}  # what tells apart groups of one data set, fraction, weights, method and images
     for key, (first, *_) in groups.items():
         r = first.results
@@ -447,7 +442,7 @@ def summary_rows(runs: Sequence[Run], reference: dict[tuple[str, str], tuple[flo
                       "seeds_sd": "" if sd is None else f"{sd:.2f}", "_group": key, "_seeds_mean": mean}
     rows = []
     for run in runs:
-        key = group_of[id(run)]
+        key = run.group_key()
         row = {**_run_cells(run, classes, notes[key]), **seeds[key]}
         ref = (reference or {}).get((run.setting, str(run.results["method"]).lower()))
         mean = row["_seeds_mean"]  # ours - reference: the seed group's mean against it
@@ -835,11 +830,8 @@ def summarize(paths: Sequence[str | Path], output: str | Path | None = None,
               reference: str | Path | None = None, plot: bool = False,
               overwrite: bool = False) -> Summary:
     """Read every results file under ``paths``; write ``output_paths(output, plot)`` if given.
-
-    ``reference``: a reference CSV (module docstring). Unreadable results files and started
-    runs without results are reported in ``errors``; a refused output (module docstring)
-    raises ``UsageError`` before anything is written.
-    """
+    Unreadable results files and started runs without results are reported in ``errors``; a
+    refused output (module docstring) raises ``UsageError`` before anything is written."""
     ref = read_reference(reference) if reference is not None else None
     found = find_results(paths)
     if output is not None:
@@ -895,9 +887,8 @@ def save_summary_plot(rows: Sequence[dict[str, str]], path: str | Path) -> tuple
         label = (f"{DATASET_LABELS.get(row['dataset'], row['dataset'])}, {row['data_size']}, "
                  f"{row['weights']}" + (f", {row['image_cache']}" if row["image_cache"] else ""))
         method = METHOD_PLOT_LABELS.get(row["method"], row["method"])
-        value = float(row["mean_auroc"])
         low, high = row.get("mean_auroc_ci_low"), row.get("mean_auroc_ci_high")
-        points.append(ForestPoint(label, method, value, float(low) if low else None,
+        points.append(ForestPoint(label, method, float(row["mean_auroc"]), float(low) if low else None,
                                   float(high) if high else None))
         if int(row["seeds_n"] or 0) > 1:
             means[(label, method, row["_group"])] = float(row["seeds_mean_auroc"])
