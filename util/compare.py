@@ -11,11 +11,13 @@ comparison is refused with the mismatch named.
 
 Per class and for the mean AUROC: each run's AUROC, the difference A - B, its paired
 bootstrap interval and p-value (images resampled jointly across classes, unstratified; both
-runs scored on the same resamples, see ``util.stats``), and per class DeLong's paired test. The p-values are per class and not
-adjusted for multiple comparisons. ``--out DIR`` writes ``comparison.{md,csv,json}`` (and
-``comparison_forest.{png,svg}`` with ``--plot``); the markdown is always printed. Those
-files are never written over unless ``--overwrite`` is given; the predictions read, a
-training run's own files and symbolic links are refused even then.
+runs scored on the same resamples, see ``util.stats``), and per class DeLong's paired test.
+The p-values are per class and not adjusted for multiple comparisons.
+
+``--out DIR`` writes ``comparison.{md,csv,json}`` (and ``comparison_forest.{png,svg}`` with
+``--plot``); the markdown is always printed. Those files are never written over unless
+``--overwrite`` is given; the predictions read, a training run's own files and symbolic
+links are refused even then.
 
 A probability cell may be empty (the project's CSV writer leaves it empty for an image
 without a finite prediction): such images are left out of the comparison and counted. A
@@ -38,7 +40,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from util import cli
-from util.io import atomic_write, write_json
+from util.io import atomic_write, write_json, write_text
 from util.reports import check_outputs, x100
 from util.stats import DEFAULT_RESAMPLES, paired_comparison, small_class_note
 from util.cli import UsageError
@@ -77,11 +79,8 @@ def predictions_file(run: str | Path, split: str = "test") -> Path:
 
 
 def read_predictions(path: str | Path, name: str | None = None) -> Predictions:
-    """Read and check a predictions CSV (``path``, K probabilities, K ``label_`` columns).
-
-    An empty probability cell (how the project writes NaN) reads as NaN: ``compare`` leaves
-    such images out and counts them.
-    """
+    """Read and check a predictions CSV (``path``, K probabilities, K ``label_`` columns); an
+    empty probability cell reads as NaN."""
     path = Path(path)
     with open(path, newline="", encoding="utf-8-sig") as f:
         reader = csv.reader(f)
@@ -124,10 +123,8 @@ def align(a: Predictions, b: Predictions) -> tuple[np.ndarray, np.ndarray, np.nd
     only_a = [p for p in a.paths if p not in index_b]
     only_b = sorted(set(b.paths) - set(a.paths))
     if only_a or only_b:
-        parts = []
-        for src, only in ((a.source, only_a), (b.source, only_b)):
-            if only:
-                parts.append(f"{len(only)} only in {src} (e.g. {', '.join(only[:SHOWN])})")
+        parts = [f"{len(only)} only in {src} (e.g. {', '.join(only[:SHOWN])})"
+                 for src, only in ((a.source, only_a), (b.source, only_b)) if only]
         raise ComparisonError("the runs were tested on different images: " + "; ".join(parts))
     order = np.array([index_b[p] for p in a.paths], dtype=np.int64)
     targets_b = b.targets[order]
@@ -217,11 +214,10 @@ def output_paths(out_dir: str | Path, plot: bool = False) -> list[Path]:
 
 def write_outputs(result: dict[str, Any], out_dir: str | Path, plot: bool = False) -> list[Path]:
     """Write comparison.{md,csv,json} (and the forest plot) into ``out_dir``; returns the paths."""
-    out_dir = Path(out_dir)
     rows = table_rows(result)
-    md, csv_path, js = output_paths(out_dir)
-    markdown = to_markdown(result)
-    atomic_write(md, lambda tmp: Path(tmp).write_text(markdown))
+    written = output_paths(out_dir)
+    md, csv_path, js = written
+    write_text(md, to_markdown(result))
 
     def write_csv(tmp: str) -> None:
         with open(tmp, "w", newline="") as f:
@@ -231,9 +227,8 @@ def write_outputs(result: dict[str, Any], out_dir: str | Path, plot: bool = Fals
 
     atomic_write(csv_path, write_csv)
     write_json(js, result)
-    written = [md, csv_path, js]
     if plot:
-        written += list(save_difference_plot(result, out_dir / "comparison_forest"))
+        written += save_difference_plot(result, Path(out_dir) / "comparison_forest")
     return written
 
 

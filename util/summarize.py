@@ -2,75 +2,45 @@
 
     python -m util.summarize runs/ --output summary          # summary.md + summary.csv
     python -m util.summarize runs/nih_1_lora runs/nih_1_full/results_test.json
-
     python -m util.summarize runs/ --output summary --plot   # + summary_forest.png / .svg
     python -m util.summarize runs/ --reference docs/reference_results.csv
 
-RUNS are run folders (searched recursively for results_test.json) or results files. One
-row per run, ordered by data set, label fraction, weights and method; columns: mean AUROC,
-per-class AUROC (x100) and trainable parameters, as in the paper's comparison. The markdown
-adds a LoRA-vs-full table (mean AUROC and difference) where both methods were run: each line
-pairs a LoRA seed group with a full fine-tuning seed group whose runs share every argument
-but the method's own recipe (the settings config.json lists under ``recipe``: rank,
-optimizer, lr, epochs, ...); the
-difference and the count of LoRA wins use the unrounded means.
+RUNS are run folders (searched recursively for results_test.json) or results files. The
+tables are described for users in docs/USING_A_MODEL.md ("Comparing runs"); in short:
 
-Evaluations: a results file written by ``main_finetune_lora.py --eval`` (it holds an
-``evaluation`` entry; by default in ``<run>/eval/<name>/``) is a trained checkpoint tested
-again, usually on other data. It carries the training run's data set, fraction, weights,
-method and seed, but it is not a run: it is listed apart ("Evaluations") and kept out of
-the run tables, seeds, LoRA vs full, the reference and the plot.
+- Runs: a row per run, in the order of the paper's tables (data set, label fraction,
+  weights, method): mean AUROC (with its 95% bootstrap interval when the results carry
+  ``intervals``), per-class AUROC (x100) and trainable parameters. Every number is labelled
+  with the test set it was scored on, its split file told apart by SHA-256 (results'
+  ``test_set``, else config.json's ``settings.split_sha256.test``): one data set on two test
+  sets gets two tables, and the CSV names each row's test set.
+- Seeds: runs whose config.json records the same ``settings`` but the seed form a group (the
+  settings are what makes a run this run, never where or how it executed; the data is in
+  them by its split files' SHA-256, and a lossy image cache is other pixels); a run without
+  config.json is a group of its own.
+- Setting x method: a line per setting (every setting but the method's recipe, the names
+  config.json lists under ``recipe``), a column per method as its results name it
+  (``method`` and ``method_tag``, e.g. ``lora r4``): so a new method needs nothing here.
+- LoRA vs full: each LoRA seed group against each full fine-tuning group of its setting;
+  the difference and the count of LoRA wins use the unrounded means.
+- Evaluations: results of ``main_finetune_lora.py --eval`` (they hold ``evaluation``) test a
+  trained checkpoint again, usually on other data: listed apart, a table per test set marked
+  internal, external or unknown, and kept out of the run tables, seeds, LoRA vs full, the
+  reference and the plot.
 
-Incomplete runs: a folder under RUNS holding a run's config.json but no results_test.json
-(still training, stopped, or its test failed) is named in the log and makes the exit code 1.
-So does a results file that cannot be read, or whose AUROCs are not numbers in [0, 1] (a
-hand-edited ``mean_auroc`` of 1.7 or "0.8" is refused naming the file and the key).
+Reference (``--reference CSV``): the columns ``setting,method,mean_auroc`` and optionally
+``source``; ``setting`` is ``<dataset>-<percent>-<weights>`` as the presets name them
+(``nih-1-mrm``; the weights are the checkpoint file's stem, lower case), ``method`` is
+``lora``, ``full`` or ``linear``, ``mean_auroc`` is x100 (80.6) and a row without it is
+skipped. Each matching seed group gets the reference and ours - reference.
 
-Outputs: ``--output`` never replaces a file the user has: an existing ``<output>.md`` /
-``.csv`` (or forest plot) needs ``--overwrite``; a training run's own files (e.g.
-``--output RUN/results_test_auroc``), the results and reference files read, and symbolic
-links are refused even then.
+Outputs: ``--output`` replaces an existing ``<output>.md`` / ``.csv`` (or forest plot) only
+with ``--overwrite``; a training run's own files, the files read and symbolic links never.
 
-Exit codes: 0 every run summarized; 1 some results files were left out (unreadable,
-incomplete) or an output could not be written; 2 usage (a bad flag, a RUNS path that does
-not exist, a bad reference file, a refused ``--output``; nothing written).
-
-Test sets: every number is labelled with the test set it was scored on, named by its split
-file and told apart by the file's SHA-256 (results' ``test_set``; for a run also config.json's
-``settings.split_sha256.test``). Runs of one data set on different test sets (the paper's NIH
-split and the official one) get a table each, never one column; the CSV names each row's
-test set. ``--eval`` results are listed apart, one table per test set, each marked internal
-(the training run's own test split), external (another data set, or another split) or
-unknown (the checkpoint records no test split to compare).
-
-Setting x method: a table with a line per setting (data set, fraction, weights and every
-argument but the method's recipe, on one test set) and a column per method: the method's name
-and size as its results record them (``method`` and ``method_tag``, e.g. ``lora r4``;
-groups of one label that differ in other recipe arguments get those added), each cell the
-mean +- sample sd of the mean AUROC over the seeds, n, and the trainable share of the
-parameters, both read from the results. Methods are taken from the records, so a new method
-needs nothing here.
-
-Intervals: when a run's results carry ``intervals`` (``util.stats.auroc_intervals``), its
-mean AUROC's 95% bootstrap interval is shown beside it.
-
-Seeds: runs whose ``config.json`` (beside results_test.json) records the same ``settings``
-but the seed form one group (the settings are what makes a run this run, as the entry
-script's flag table declares: never where or how it executed); the markdown lists each group
-of two or more runs with n, mean +- sample standard deviation of the mean AUROC, and each
-run's own value and interval. A run without config.json is a group of its own. The data is
-part of the settings by its split files' SHA-256 (a moved folder is the same data), and so
-are the pixels: runs that read a downsized (lossy) image cache are never seeds of runs on the
-original images (an exact cache gives the same tensors as the files); the rows show the
-lossy cache.
-
-Reference (``--reference CSV``): a CSV with the columns ``setting,method,mean_auroc`` and
-optionally ``source``. ``setting`` is ``<dataset>-<percent>-<weights>`` as the presets name
-them (``nih-1-mrm``, ``chexpert-10-cxr_mae``; the weights are the checkpoint file's stem,
-lower case), ``method`` is ``lora``, ``full`` or ``linear``, ``mean_auroc`` is x100 (80.6); a
-row with an empty mean_auroc is skipped (a value not yet filled in). Each matching row of
-the summary gets the reference and the difference ours - reference (ours: the mean over a
-seed group). docs/reference_results.csv ships the paper's one stated value.
+Exit codes: 0 every run summarized; 1 some results files were left out (unreadable, AUROCs
+that are not numbers in [0, 1], or a started run's config.json without results_test.json)
+or an output could not be written; 2 usage (a bad flag, a RUNS path that does not exist, a
+bad reference file, a refused ``--output``; nothing written).
 """
 from __future__ import annotations
 
@@ -81,16 +51,18 @@ import logging
 import math
 import sys
 from dataclasses import dataclass
+from operator import attrgetter, itemgetter
 from pathlib import Path
-from typing import Any, NamedTuple, Sequence
+from typing import Any, Callable, Iterable, NamedTuple, Sequence, TypeVar
 
 from util import cli
-from util.io import atomic_write
-from util.runfolder import RUN_FORMAT, RunFolderError, read_run_record
+from util.io import atomic_write, write_text
+from util.runfolder import CONFIG_NAME, RUN_FORMAT, RunFolderError, read_run_record
 from util.reports import check_outputs, x100
 from util.cli import ToolError, UsageError
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 RESULTS_NAME = "results_test.json"
 REQUIRED_KEYS = ("dataset", "data_size", "weights", "method", "mean_auroc", "auroc")
@@ -107,7 +79,6 @@ CACHE_COLUMNS = ("image_cache",)
 INTERVAL_COLUMNS = ("mean_auroc_ci_low", "mean_auroc_ci_high")
 SEED_COLUMNS = ("seed", "seeds_n", "seeds_mean_auroc", "seeds_sd")
 REFERENCE_COLUMNS = ("reference_mean_auroc", "diff_vs_reference")
-CONFIG_NAME = "config.json"
 # Shown for each side of a LoRA-vs-full line (other differing recipe arguments are added).
 RECIPE_SHOWN = ("lora_rank", "optimizer", "lr", "blr", "epochs")
 # Legend names on the forest plot, by the table's method label.
@@ -159,11 +130,8 @@ class Run:
         return isinstance(self.results.get("evaluation"), dict)
 
     def test_set(self) -> dict[str, Any]:
-        """The test set scored, as recorded: {name, sha256 (None when unrecorded), images}.
-
-        From the results' ``test_set`` (an evaluation's also under ``evaluation``), else the
-        split file the results name and config.json's ``settings.split_sha256.test``.
-        """
+        """The test set scored: {name, sha256 (None when unrecorded), images}, from the results'
+        ``test_set`` (or the evaluation's), else their split file and config.json's hash."""
         evaluation = self.results.get("evaluation")
         evaluation = evaluation if isinstance(evaluation, dict) else {}
         for recorded in (self.results.get("test_set"), evaluation.get("test_set")):
@@ -191,28 +159,17 @@ class Run:
 
     def setting_args(self) -> dict[str, Any] | None:
         """The settings that say what the run computes, but its seed; None when unknown."""
-        if self.settings is None:
-            return None
-        return {k: v for k, v in self.settings.items() if k != "seed"}
-
-    @property
-    def recipe_keys(self) -> set[str]:
-        """The settings that are the method's recipe (config.json's ``recipe``)."""
-        keys = (self.config or {}).get("recipe")
-        return set(keys) if isinstance(keys, list) else set()
-
-    def image_caches(self) -> dict[str, dict[str, Any]]:
-        """What each split's images were read from ({split: cache info}), as recorded."""
-        caches = (self.config or {}).get("data_cache")
-        if isinstance(caches, dict) and caches:
-            return {k: v for k, v in caches.items() if isinstance(v, dict)}
-        test = self.results.get("data_cache")  # results of the test split alone
-        return {"test": test} if isinstance(test, dict) else {}
+        return None if self.settings is None else {k: v for k, v in self.settings.items() if k != "seed"}
 
     def image_cache(self) -> str:
         """'' when every split read the original pixels (files or exact cache), else e.g.
         'lossy 256 px' (with the splits named when not all of them read it)."""
-        caches = self.image_caches()
+        caches = (self.config or {}).get("data_cache")  # {split: what its images were read from}
+        if isinstance(caches, dict) and caches:
+            caches = {k: v for k, v in caches.items() if isinstance(v, dict)}
+        else:  # the results' own record, of the test split alone
+            test = self.results.get("data_cache")
+            caches = {"test": test} if isinstance(test, dict) else {}
         lossy = {split: info.get("size") for split, info in caches.items()
                  if info.get("kind") == "lossy"}
         if not lossy:
@@ -228,26 +185,24 @@ class Run:
         base = (r["dataset"], r["data_size"], r["weights"], r["method"], r.get("model"),
                 r.get("lora_rank"), self.image_cache())
         rest = self.setting_args()
-        if rest is None:
-            return (*base, "run", str(self.path))
-        return (*base, "args", _canonical(rest))
+        return (*base, "run", str(self.path)) if rest is None else (*base, "args", _canonical(rest))
 
     def comparison_key(self) -> tuple:
         """Equal for runs of one setting whatever their method and its recipe."""
         r = self.results
         base = (r["dataset"], r["data_size"], r["weights"], r.get("model"), self.image_cache())
-        shared = self.shared_args()
+        shared = self.split_args()[0]
         return (*base, "no config", None) if shared is None else (*base, "args", _canonical(shared))
 
-    def shared_args(self) -> dict[str, Any] | None:
-        """The setting's arguments without the method's recipe, or None."""
+    def split_args(self) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+        """(the setting's arguments but the method's recipe, the recipe's: config.json's
+        ``recipe``), or (None, None) when unknown."""
         rest = self.setting_args()
-        return None if rest is None else {k: v for k, v in rest.items() if k not in self.recipe_keys}
-
-    def recipe_args(self) -> dict[str, Any] | None:
-        """The method's recipe: the recipe settings the run was started with, or None."""
-        rest = self.setting_args()
-        return None if rest is None else {k: v for k, v in rest.items() if k in self.recipe_keys}
+        if rest is None:
+            return None, None
+        keys = (self.config or {}).get("recipe")
+        keys = set(keys) if isinstance(keys, list) else set()
+        return {k: v for k, v in rest.items() if k not in keys}, {k: v for k, v in rest.items() if k in keys}
 
     def recipe(self) -> str:
         """The method's recipe in a few words, e.g. 'r4, sgd, lr 0.05, 100 ep'."""
@@ -271,21 +226,17 @@ class Run:
     def sort_key(self) -> tuple:
         """Order of the paper's tables: data set, label fraction, weights, method."""
         r = self.results
-
-        def rank(value: Any, order: Sequence[str]) -> tuple[int, str]:
-            return (order.index(value) if value in order else len(order), str(value))
-
-        return (rank(r["dataset"], DATASET_ORDER), rank(r["data_size"], SIZE_ORDER),
-                str(r["weights"]), rank(r["method"], METHOD_ORDER), self.name)
+        return (_rank(r["dataset"], DATASET_ORDER), _rank(r["data_size"], SIZE_ORDER),
+                str(r["weights"]), _rank(r["method"], METHOD_ORDER), self.name)
 
 
-def _canonical(args: dict[str, Any]) -> str:
+def _canonical(args: Any) -> str:
     """One string per set of arguments (for grouping keys)."""
     return json.dumps(args, sort_keys=True, default=str)
 
 
 def _short(value: Any, width: int = 40) -> str:
-    text = value if isinstance(value, str) else json.dumps(value, sort_keys=True, default=str)
+    text = value if isinstance(value, str) else _canonical(value)
     return text if len(text) <= width else text[:width - 3] + "..."
 
 
@@ -312,25 +263,7 @@ def find_results(paths: Sequence[str | Path]) -> list[Path]:
             found.extend(hits)
         else:
             raise FileNotFoundError(f"run not found: {item} (RUNS are run folders or {RESULTS_NAME} files)")
-    unique: dict[Path, Path] = {}
-    for p in found:
-        unique.setdefault(p.resolve(), p)
-    return list(unique.values())
-
-
-def _read_config(path: Path) -> dict | None:
-    """A config.json's content, or None when it cannot be read as JSON."""
-    try:
-        return json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return None
-
-
-def _is_run_config(config: dict | None) -> bool:
-    """Whether a config.json's content (None: unreadable) is a training run's, or a damaged
-    one's: not another tool's file of that name."""
-    return config is None or (isinstance(config, dict) and config.get("format") == RUN_FORMAT
-                              and isinstance(config.get("settings"), dict))
+    return [same[0] for same in _group_by(found, Path.resolve).values()]  # each file once
 
 
 def find_incomplete(paths: Sequence[str | Path]) -> list[Path]:
@@ -338,26 +271,27 @@ def find_incomplete(paths: Sequence[str | Path]) -> list[Path]:
     results_test.json: runs still training, stopped, or whose test failed."""
     found: dict[Path, Path] = {}
     continued: dict[Path, Path] = {}  # a stopped run's folder -> the run that continued it
-    for item in map(Path, paths):
-        if not item.is_dir():
-            continue
+    for item in filter(Path.is_dir, map(Path, paths)):
         for path in sorted(item.rglob(CONFIG_NAME)):
-            folder, config = path.parent, _read_config(path)
-            source = _resumed_folder(config)
-            if source is not None and source != folder.resolve():
-                continued.setdefault(source, folder)
-            if not (folder / RESULTS_NAME).exists() and _is_run_config(config):
+            folder = path.parent
+            try:
+                config = json.loads(path.read_text())
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+                config = None  # a damaged run record is a run's
+            resumed = config.get("resumed_from") if isinstance(config, dict) else None
+            if isinstance(resumed, str) and resumed:  # the folder of the checkpoint it resumed
+                source = Path(resumed).parent.resolve()
+                if source != folder.resolve():
+                    continued.setdefault(source, folder)
+            # Another tool's file of that name is not a run's.
+            is_run = config is None or (isinstance(config, dict) and config.get("format") == RUN_FORMAT
+                                        and isinstance(config.get("settings"), dict))
+            if is_run and not (folder / RESULTS_NAME).exists():
                 found.setdefault(folder.resolve(), folder)
     for source, folder in continued.items():
         if source in found:
             logger.info("%s: stopped, and continued in %s (--resume)", found.pop(source), folder)
     return list(found.values())
-
-
-def _resumed_folder(config: dict | None) -> Path | None:
-    """The folder of the checkpoint a run's config says it resumed from, or None."""
-    resumed = config.get("resumed_from") if isinstance(config, dict) else None
-    return Path(resumed).parent.resolve() if isinstance(resumed, str) and resumed else None
 
 
 def read_results(path: str | Path) -> Run:
@@ -382,14 +316,13 @@ def read_results(path: str | Path) -> Run:
     if isinstance(mean_interval, dict):
         for key in ("ci_low", "ci_high"):
             _check_auroc(path, f"the mean's {key!r} in 'intervals'", mean_interval.get(key))
-    config = results.get("config") if isinstance(results.get("config"), dict) else None
-    config_path = path.parent / CONFIG_NAME
-    if config is None and path.name == RESULTS_NAME and config_path.is_file():
+    config = None
+    if path.name == RESULTS_NAME and (path.parent / CONFIG_NAME).is_file():
         try:
             config = read_run_record(path.parent)
         except RunFolderError as err:
             logger.warning("%s; this run is not grouped with its seeds", err)
-    return Run(path, results, config if isinstance(config, dict) else None)
+    return Run(path, results, config)
 
 
 def _check_auroc(path: Path, key: str, value: Any) -> None:
@@ -404,16 +337,13 @@ def _check_auroc(path: Path, key: str, value: Any) -> None:
                            "fractions: 0.806, not 80.6 or 1.7)")
 
 
-REFERENCE_REQUIRED = ("setting", "method", "mean_auroc")
-
-
 def read_reference(path: str | Path) -> dict[tuple[str, str], tuple[float, str]]:
     """{(setting, method): (mean AUROC x100, source)} from a reference CSV (module docstring)."""
     path = Path(path)
     try:
         with open(path, newline="") as f:
             reader = csv.DictReader(f)
-            missing = [c for c in REFERENCE_REQUIRED if c not in (reader.fieldnames or [])]
+            missing = [c for c in ("setting", "method", "mean_auroc") if c not in (reader.fieldnames or [])]
             if missing:
                 raise ReferenceFileError(f"{path}: missing column(s) {missing}; expected a header "
                                          "setting,method,mean_auroc[,source]")
@@ -443,25 +373,23 @@ def read_reference(path: str | Path) -> dict[tuple[str, str], tuple[float, str]]
     return table
 
 
-def class_columns(runs: Sequence[Run]) -> list[str]:
-    """Union of the runs' class names, in first-seen order."""
-    names: dict[str, None] = {}
-    for run in runs:
-        for name in run.results.get("class_names") or run.results["auroc"]:
-            names.setdefault(name, None)
-    return list(names)
-
-
-def seed_groups(runs: Sequence[Run]) -> dict[tuple, list[Run]]:
-    """Runs grouped by ``Run.group_key`` (same setting and arguments, any seed), in order."""
-    groups: dict[tuple, list[Run]] = {}
-    for run in runs:
-        groups.setdefault(run.group_key(), []).append(run)
+def _group_by(items: Iterable[T], key: Callable[[T], Any]) -> dict[Any, list[T]]:
+    """``items`` grouped by ``key``, the groups and their members in first-seen order."""
+    groups: dict[Any, list[T]] = {}
+    for item in items:
+        groups.setdefault(key(item), []).append(item)
     return groups
 
 
-def _mean_sd(values: Sequence[float]) -> tuple[float, float | None]:
-    """Mean and sample standard deviation (None for a single value)."""
+def _rank(value: Any, order: Sequence[str]) -> tuple[int, str]:
+    """Sorts ``value`` by its place in ``order``, anything else after, by name."""
+    return (order.index(value) if value in order else len(order), str(value))
+
+
+def _mean_sd(values: Sequence[float]) -> tuple[float | None, float | None]:
+    """Mean and sample standard deviation (None for no value, the sd None for one)."""
+    if not values:
+        return None, None
     mean = sum(values) / len(values)
     if len(values) < 2:
         return mean, None
@@ -472,44 +400,55 @@ def _defined(value: Any) -> bool:
     return value is not None and not math.isnan(float(value))
 
 
-def _group_notes(groups: dict[tuple, list[Run]]) -> dict[tuple, str]:
-    """Per seed group: its lossy cache, and the arguments that tell it apart from the other
-    groups of the same data set, fraction, weights, method and images (e.g. 'lr=0.1')."""
-    by_label: dict[tuple, list[tuple]] = {}
-    for key, members in groups.items():
-        r = members[0].results
-        label = (r["dataset"], r["data_size"], r["weights"], r["method"], members[0].image_cache())
-        by_label.setdefault(label, []).append(key)
+def _notes(samples: dict[Any, tuple[tuple, dict[str, Any] | None, str]]) -> dict[Any, str]:
+    """Per key of ``samples`` ({key: (label, arguments, image cache)}): its lossy cache, and the
+    arguments that tell it apart from the other keys of its label (e.g. 'lr=0.1')."""
     notes = {}
-    for keys in by_label.values():
-        differs = _differing([groups[k][0].setting_args() for k in keys])
-        for key, text in zip(keys, differs):
-            cache = groups[key][0].image_cache()
+    for keys in _group_by(samples, lambda key: samples[key][0]).values():
+        for key, text in zip(keys, _differing([samples[k][1] for k in keys])):
+            cache = samples[key][2]
             notes[key] = "; ".join(t for t in (f"{cache} cache" if cache else "", text) if t)
     return notes
 
 
+def _setting_notes(settings: dict[tuple, Any], sample: dict[tuple, dict[str, Any]]) -> dict[tuple, str]:
+    """``_notes`` of settings (``Run.comparison_key``s) shown under one label, from a row of each."""
+    return _notes({key: (key[:5], sample[key]["_shared"], sample[key]["image_cache"])
+                   for key in settings})
+
+
 def summary_rows(runs: Sequence[Run], reference: dict[tuple[str, str], tuple[float, str]] | None = None
                  ) -> tuple[list[str], list[dict[str, Any]]]:
-    """(columns, rows) of the comparison table; metrics x100 with one decimal.
-
-    Interval, seed, image cache and reference columns are added only when some run has them.
-    Keys starting with '_' are not columns: the unrounded mean AUROC x100 of the run
-    (``_value``) and of its seed group (``_seeds_mean``), the seed group and LoRA-vs-full
-    keys, the method's recipe and the group's note.
-    """
+    """(columns, rows) of the comparison table; metrics x100 with one decimal. Keys starting
+    with '_' are not columns: unrounded values (``_value``, ``_seeds_mean``), the grouping
+    keys and notes the markdown tables use."""
     runs = sorted(runs, key=Run.sort_key)
-    classes = class_columns(runs)  # so the first data set's own class order comes first
-    groups = seed_groups(runs)
-    group_of = {id(run): key for key, members in groups.items() for run in members}
-    notes = _group_notes(groups)
-    seeds = {key: _seed_cells(key, members) for key, members in groups.items()}
+    # The union of the runs' classes, so the first data set's own class order comes first.
+    classes = list(dict.fromkeys(c for run in runs for c in run.results.get("class_names")
+                                 or run.results["auroc"]))
+    groups = _group_by(runs, Run.group_key)  # seeds of one setting
+    samples = {}  # what tells apart groups of one data set, fraction, weights, method and images
+    for key, (first, *_) in groups.items():
+        r = first.results
+        label = (r["dataset"], r["data_size"], r["weights"], r["method"], first.image_cache())
+        samples[key] = (label, first.setting_args(), first.image_cache())
+    notes = _notes(samples)
+    seeds = {}  # each group's n, mean and sample sd (x100) of its runs' defined mean AUROCs
+    for key, members in groups.items():
+        values = [100 * float(m.results["mean_auroc"]) for m in members
+                  if _defined(m.results["mean_auroc"])]
+        mean, sd = _mean_sd(values)
+        seeds[key] = {"seeds_n": str(len(values)), "seeds_mean_auroc": "" if mean is None else f"{mean:.2f}",
+                      "seeds_sd": "" if sd is None else f"{sd:.2f}", "_group": key, "_seeds_mean": mean}
     rows = []
     for run in runs:
-        key = group_of[id(run)]
+        key = run.group_key()
         row = {**_run_cells(run, classes, notes[key]), **seeds[key]}
         ref = (reference or {}).get((run.setting, str(run.results["method"]).lower()))
-        row.update(_reference_cells(ref, row["_seeds_mean"]))
+        mean = row["_seeds_mean"]  # ours - reference: the seed group's mean against it
+        row.update(reference_mean_auroc="" if ref is None else f"{ref[0]:.1f}",
+                   diff_vs_reference="" if ref is None or mean is None else f"{mean - ref[0]:+.1f}",
+                   _reference_source="" if ref is None else ref[1])
         rows.append(row)
     return _summary_columns(runs, classes, reference is not None), rows
 
@@ -527,13 +466,15 @@ def _summary_columns(runs: Sequence[Run], classes: Sequence[str], with_reference
 def _run_cells(run: Run, classes: Sequence[str], note: str) -> dict[str, Any]:
     """One run's own cells (and private keys): its results, recipe and seed group's note."""
     r = run.results
+    trainable, total = r.get("trainable_params"), r.get("total_params")
     row = {
         "dataset": str(r["dataset"]),
         "data_size": str(r["data_size"]),
         "weights": str(r["weights"]),
         "method": METHOD_LABELS.get(r["method"], str(r["method"])),
         "mean_auroc": x100(r["mean_auroc"]),
-        **_trainable_cells(r.get("trainable_params"), r.get("total_params")),
+        "trainable_params": "" if trainable is None else str(int(trainable)),
+        "trainable_pct": f"{100 * trainable / total:.2f}" if trainable is not None and total else "",
         "lora_rank": "" if r.get("lora_rank") is None else str(r["lora_rank"]),
         "method_tag": str(r.get("method_tag") or ""),
         "num_images": _num_images(r),
@@ -548,8 +489,8 @@ def _run_cells(run: Run, classes: Sequence[str], note: str) -> dict[str, Any]:
         "_value": 100 * float(r["mean_auroc"]) if _defined(r["mean_auroc"]) else None,
         "_model": str(r.get("model") or ""),
         "_pair": run.comparison_key(),
-        "_shared": run.shared_args(),
-        "_recipe_args": run.recipe_args(),
+        "_shared": run.split_args()[0],
+        "_recipe_args": run.split_args()[1],
         "_recipe": run.recipe(),
         "_note": note,
     }
@@ -568,12 +509,6 @@ def test_set_label(test: dict[str, Any]) -> str:
     return f"{test['name']} ({', '.join(parts)})"
 
 
-def _trainable_cells(trainable: Any, total: Any) -> dict[str, str]:
-    """The trainable parameter count and its share of all parameters (%), blank when unknown."""
-    return {"trainable_params": "" if trainable is None else str(int(trainable)),
-            "trainable_pct": f"{100 * trainable / total:.2f}" if trainable is not None and total else ""}
-
-
 def _num_images(results: dict[str, Any]) -> str:
     """The images scored; with --skip_bad fewer than the split lists, and the cell says so."""
     if results.get("num_images") is None:
@@ -583,30 +518,11 @@ def _num_images(results: dict[str, Any]) -> str:
     return str(results["num_images"])
 
 
-def _seed_cells(key: tuple, members: Sequence[Run]) -> dict[str, Any]:
-    """A seed group's cells: n, mean and sample sd (x100) of its runs' defined mean AUROCs."""
-    values = [100 * float(m.results["mean_auroc"]) for m in members
-              if _defined(m.results["mean_auroc"])]
-    mean, sd = _mean_sd(values) if values else (None, None)
-    return {"seeds_n": str(len(values)), "seeds_mean_auroc": "" if mean is None else f"{mean:.2f}",
-            "seeds_sd": "" if sd is None else f"{sd:.2f}", "_group": key, "_seeds_mean": mean}
-
-
-def _reference_cells(ref: tuple[float, str] | None, mean: float | None) -> dict[str, str]:
-    """The reference value (x100), ours - reference (ours: the seed group's mean) and its source."""
-    if ref is None:
-        return {"reference_mean_auroc": "", "diff_vs_reference": "", "_reference_source": ""}
-    return {"reference_mean_auroc": f"{ref[0]:.1f}",
-            "diff_vs_reference": "" if mean is None else f"{mean - ref[0]:+.1f}",
-            "_reference_source": ref[1]}
-
-
 def _md_table(columns: Sequence[str], rows: Sequence[Sequence[str]], right: range) -> list[str]:
     """A markdown table; the columns at indices in ``right`` are right-aligned."""
     align = ["---:" if i in right else "---" for i in range(len(columns))]
-    lines = ["| " + " | ".join(columns) + " |", "|" + "|".join(align) + "|"]
-    lines += ["| " + " | ".join(cells) + " |" for cells in rows]
-    return lines
+    return ["| " + " | ".join(columns) + " |", "|" + "|".join(align) + "|",
+            *("| " + " | ".join(cells) + " |" for cells in rows)]
 
 
 def _params(row: dict[str, str]) -> str:
@@ -625,13 +541,9 @@ def _recipes(groups: Sequence[list[dict[str, Any]]]) -> list[str]:
 
 
 def lora_vs_full(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """LoRA against full fine-tuning, one line per pair of seed groups of one setting.
-
-    A setting is ``Run.comparison_key``: the data, weights, model and every argument but the
-    method's recipe (config.json's ``recipe``). Each LoRA group is set against each full group of its
-    setting, so different ranks, lrs or epochs are never averaged together. Values are x100
-    and unrounded: the mean over a group's runs; ``diff`` is LoRA - full.
-    """
+    """LoRA against full fine-tuning, a line per pair of seed groups of one setting
+    (``Run.comparison_key``), so different ranks, lrs or epochs are never averaged together.
+    Values are x100 and unrounded: the mean over a group's runs; ``diff`` is LoRA - full."""
     settings: dict[tuple, dict[str, dict[Any, list[dict[str, Any]]]]] = {}
     for row in rows:
         if row["_value"] is None or row["method"] not in ("LoRA", "full"):
@@ -640,15 +552,7 @@ def lora_vs_full(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
         by_method.setdefault(row["method"], {}).setdefault(row["_group"], []).append(row)
     settings = {k: v for k, v in settings.items() if "LoRA" in v and "full" in v}
     # What tells apart settings shown under one label (e.g. another --input_size).
-    labels: dict[tuple, list[tuple]] = {}
-    for key in settings:
-        labels.setdefault(key[:5], []).append(key)
-    sample = {k: next(iter(v["LoRA"].values()))[0] for k, v in settings.items()}  # a row of each
-    notes: dict[tuple, str] = {}
-    for keys in labels.values():
-        for key, text in zip(keys, _differing([sample[k]["_shared"] for k in keys])):
-            cache = sample[key]["image_cache"]
-            notes[key] = "; ".join(t for t in (f"{cache} cache" if cache else "", text) if t)
+    notes = _setting_notes(settings, {k: next(iter(v["LoRA"].values()))[0] for k, v in settings.items()})
     table = []
     for key, by_method in settings.items():
         lora_groups, full_groups = list(by_method["LoRA"].values()), list(by_method["full"].values())
@@ -670,14 +574,11 @@ def _ci(row: dict[str, str]) -> str:
     return f"[{low}, {high}]" if low and high else "n/a"
 
 
-def seed_table(rows: Sequence[dict[str, Any]]) -> list[list[str]]:
-    """One line per group of two or more runs differing only in seed: n, mean +- sd, each run,
-    and the group's note (lossy cache, what tells it apart from groups of the same label)."""
-    groups: dict[Any, list[dict[str, Any]]] = {}
-    for row in rows:
-        groups.setdefault(row["_group"], []).append(row)
+def _seeds_section(rows: Sequence[dict[str, Any]]) -> list[str]:
+    """The seeds table: a line per group of two or more runs differing only in seed (n, mean
+    +- sd, each run and the group's note); nothing when there is none."""
     table = []
-    for members in groups.values():
+    for members in _group_by(rows, itemgetter("_group")).values():
         if len(members) < 2:
             continue
         first = members[0]
@@ -688,11 +589,19 @@ def seed_table(rows: Sequence[dict[str, Any]]) -> list[list[str]]:
         table.append([DATASET_LABELS.get(first["dataset"], first["dataset"]), first["data_size"],
                       first["weights"], first["method"], first["seeds_n"], spread, runs,
                       first["_note"]])
-    return table
+    if not table:
+        return []
+    header, cells = _with_note(["data set", "data size", "weights", "method", "n",
+                                "mean AUROC, mean +- sd", "each run (95% CI)"], table)
+    return ["## Seeds (runs that differ only in seed)", "",
+            *_md_table(header, cells, right=range(4, 6)), "",
+            ("sd: sample standard deviation over the seeds; the intervals are each run's "
+             "own test-set bootstrap interval."), ""]
 
 
-def reference_table(rows: Sequence[dict[str, Any]]) -> list[list[str]]:
-    """One line per seed group with a reference value: ours (mean over seeds), reference, diff."""
+def _reference_section(rows: Sequence[dict[str, Any]]) -> list[str]:
+    """Our seed groups against the reference: a line per group with a reference value (ours:
+    the mean over seeds, the reference, the difference), or a line saying none matched."""
     table, seen = [], set()
     for row in rows:
         if not row.get("reference_mean_auroc") or row["_group"] in seen:
@@ -702,7 +611,14 @@ def reference_table(rows: Sequence[dict[str, Any]]) -> list[list[str]]:
         table.append([row["setting"], row["method"], row["seeds_n"],
                       "n/a" if ours is None else f"{ours:.1f}", row["reference_mean_auroc"],
                       row["diff_vs_reference"] or "n/a", row["_reference_source"], row["_note"]])
-    return table
+    out = ["## Against the reference (mean AUROC)", ""]
+    if table:
+        header, cells = _with_note(["setting", "method", "runs", "ours", "reference",
+                                    "ours - reference", "source"], table)
+        out += _md_table(header, cells, right=range(2, 6))
+    else:
+        out.append("No run matches a setting and method of the reference file.")
+    return [*out, ""]
 
 
 def evaluation_rows(evaluations: Sequence[Run]) -> list[dict[str, str]]:
@@ -717,8 +633,7 @@ def evaluation_rows(evaluations: Sequence[Run]) -> list[dict[str, str]]:
         trained = (f"{r['dataset']} {r['data_size']} {r['weights']} "
                    f"{METHOD_LABELS.get(r['method'], r['method'])}"
                    + ("" if run.seed is None else f", seed {run.seed}"))
-        external = info.get("external")
-        scope = {True: "external", False: "internal"}.get(external, "unknown")
+        scope = {True: "external", False: "internal"}.get(info.get("external"), "unknown")
         class_map = info.get("class_map") if isinstance(info.get("class_map"), dict) else {}
         pairs = class_map.get("pairs") if isinstance(class_map.get("pairs"), dict) else {}
         classes = ", ".join(d if d == c else f"{d} = {c}" for d, c in pairs.items()) \
@@ -746,16 +661,13 @@ def to_markdown(columns: Sequence[str], rows: Sequence[dict[str, Any]],
     """The summary as markdown: one table per data set, LoRA vs full, seeds, the reference,
     and the evaluations (``evaluation_rows``) apart."""
     out = ["# Test AUROC (x100)", ""]
-    datasets: dict[tuple[str, str], list[dict[str, Any]]] = {}
-    for row in rows:
-        datasets.setdefault((row["dataset"], row["_test_key"]), []).append(row)
-    for (dataset, _), group in datasets.items():
+    for (dataset, _), group in _group_by(rows, itemgetter("dataset", "_test_key")).items():
         out += _dataset_section(dataset, group)
     out += _setting_method_section(setting_method_table(rows))
     out += _lora_vs_full_section(lora_vs_full(rows))
-    out += _seeds_section(seed_table(rows))
+    out += _seeds_section(rows)
     if any("reference_mean_auroc" in c for c in columns):
-        out += _reference_section(reference_table(rows))
+        out += _reference_section(rows)
     if evaluations:
         out += _evaluations_section(evaluations)
     return "\n".join(out)
@@ -782,53 +694,34 @@ def _dataset_section(dataset: str, group: Sequence[dict[str, Any]]) -> list[str]
 
 
 def setting_method_table(rows: Sequence[dict[str, Any]]) -> tuple[list[str], list[dict[str, Any]]]:
-    """(method columns, lines) of the setting x method table (module docstring).
-
-    A line is a ``Run.comparison_key`` (one setting on one test set), a column a method label
-    (``Run.method_label``), a cell the list of that method's seed groups in that setting:
-    {mean, sd, n, trainable_pct, variant}, the mean and sd x100 and unrounded; ``variant``
-    names the recipe arguments that tell apart two groups of one cell ('' for a single one).
-    Columns in the order of METHOD_ORDER, then by name.
-    """
+    """(method columns, lines) of the setting x method table: a line per ``Run.comparison_key``,
+    a column per ``Run.method_label`` (in METHOD_ORDER, then by name), a cell the list of the
+    method's seed groups there: {mean, sd (x100, unrounded), n, trainable_pct, variant: the
+    recipe arguments that tell apart two groups of one cell}."""
     settings: dict[tuple, dict[Any, list[dict[str, Any]]]] = {}
     for row in rows:
         settings.setdefault(row["_pair"], {}).setdefault(row["_group"], []).append(row)
-    labels: dict[tuple, list[tuple]] = {}
-    for key in settings:
-        labels.setdefault(key[:5], []).append(key)
-    notes: dict[tuple, str] = {}
-    for keys in labels.values():
-        texts = _differing([next(iter(settings[k].values()))[0]["_shared"] for k in keys])
-        for key, text in zip(keys, texts):
-            cache = next(iter(settings[key].values()))[0]["image_cache"]
-            notes[key] = "; ".join(t for t in (f"{cache} cache" if cache else "", text) if t)
-    lines, columns = [], []
+    notes = _setting_notes(settings, {k: next(iter(v.values()))[0] for k, v in settings.items()})
+    lines = []
     for key, groups in settings.items():
-        by_label: dict[str, list[list[dict[str, Any]]]] = {}
-        for members in groups.values():
-            by_label.setdefault(members[0]["_method_label"], []).append(members)
         cells: dict[str, list[dict[str, Any]]] = {}
+        by_label = _group_by(groups.values(), lambda members: members[0]["_method_label"])
         for label, same in by_label.items():
             variants = _differing([m[0]["_recipe_args"] for m in same]) if len(same) > 1 else [""]
             for members, variant in zip(same, variants):
                 values = [r["_value"] for r in members if r["_value"] is not None]
-                mean, sd = _mean_sd(values) if values else (None, None)
+                mean, sd = _mean_sd(values)
                 pcts = sorted({r["trainable_pct"] for r in members if r["trainable_pct"]})
                 cells.setdefault(label, []).append({"mean": mean, "sd": sd, "n": len(values),
                                                     "trainable_pct": "/".join(pcts),
                                                     "variant": variant})
-            if label not in columns:
-                columns.append(label)
         first = next(iter(groups.values()))[0]
         lines.append({"dataset": first["dataset"], "data_size": first["data_size"],
                       "weights": first["weights"], "test_set": first["_test_label"],
                       "cells": cells, "note": notes[key]})
-
-    def order(column: str) -> tuple:
-        method = column.split(" ")[0]
-        return (METHOD_ORDER.index(method) if method in METHOD_ORDER else len(METHOD_ORDER), column)
-
-    return sorted(columns, key=order), lines
+    # Columns by method (the label's first word) in METHOD_ORDER, then by label.
+    columns = {label for line in lines for label in line["cells"]}
+    return sorted(columns, key=lambda c: (_rank(c.split(" ")[0], METHOD_ORDER)[0], c)), lines
 
 
 def _method_cell(groups: Sequence[dict[str, Any]] | None) -> str:
@@ -884,39 +777,11 @@ def _lora_vs_full_section(comparison: Sequence[dict[str, Any]]) -> list[str]:
              "averaged, e.g. seeds). Differences and the count use the unrounded means."), ""]
 
 
-def _seeds_section(seeds: list[list[str]]) -> list[str]:
-    """The table of seed groups (``seed_table``); nothing when no group has two runs."""
-    if not seeds:
-        return []
-    header, cells = _with_note(["data set", "data size", "weights", "method", "n",
-                                "mean AUROC, mean +- sd", "each run (95% CI)"], seeds)
-    return ["## Seeds (runs that differ only in seed)", "",
-            *_md_table(header, cells, right=range(4, 6)), "",
-            ("sd: sample standard deviation over the seeds; the intervals are each run's "
-             "own test-set bootstrap interval."), ""]
-
-
-def _reference_section(refs: list[list[str]]) -> list[str]:
-    """Our seed groups against the reference values (``reference_table``), or a line saying
-    that none matched."""
-    out = ["## Against the reference (mean AUROC)", ""]
-    if refs:
-        header, cells = _with_note(["setting", "method", "runs", "ours", "reference",
-                                    "ours - reference", "source"], refs)
-        out += _md_table(header, cells, right=range(2, 6))
-    else:
-        out.append("No run matches a setting and method of the reference file.")
-    return [*out, ""]
-
-
 def _evaluations_section(evaluations: Sequence[dict[str, str]]) -> list[str]:
     """The ``--eval`` results (``evaluation_rows``), kept apart from the runs: a table per
     test set, each headed by its name and SHA-256."""
     out = ["## Evaluations of trained runs on other data (--eval; not in the tables above)", ""]
-    by_test: dict[str, list[dict[str, str]]] = {}
-    for e in evaluations:
-        by_test.setdefault(e["_test_key"], []).append(e)
-    for group in by_test.values():
+    for group in _group_by(evaluations, itemgetter("_test_key")).values():
         with_ci = any(e["mean_auroc_ci_low"] for e in group)
         cells = [[e["checkpoint"], e["data"], e["split"], e["trained_as"], e["scope"],
                   e["classes"], e["mean_auroc"] or "n/a", *([_ci(e)] if with_ci else []),
@@ -964,15 +829,9 @@ def output_paths(output: str | Path, plot: bool = False) -> list[Path]:
 def summarize(paths: Sequence[str | Path], output: str | Path | None = None,
               reference: str | Path | None = None, plot: bool = False,
               overwrite: bool = False) -> Summary:
-    """Read every results file under ``paths``; write ``<output>.md`` / ``.csv`` if given.
-
-    ``reference``: a reference CSV (module docstring) whose values and differences join the
-    rows. ``plot``: also write ``<output>_forest.png`` / ``.svg`` (needs ``output``).
-    Unreadable results files and started runs without results are reported in ``errors``
-    and left out of the table; ``--eval`` results are listed apart (``evaluations``).
-    An output that exists (unless ``overwrite``), is a run's own file, one of the files
-    read or a symbolic link raises ``UsageError`` before anything is written.
-    """
+    """Read every results file under ``paths``; write ``output_paths(output, plot)`` if given.
+    Unreadable results files and started runs without results are reported in ``errors``; a
+    refused output (module docstring) raises ``UsageError`` before anything is written."""
     ref = read_reference(reference) if reference is not None else None
     found = find_results(paths)
     if output is not None:
@@ -999,12 +858,9 @@ def summarize(paths: Sequence[str | Path], output: str | Path | None = None,
     if evaluations:
         logger.info("%d evaluations (--eval results of trained runs, e.g. %s) are listed apart, "
                     "not as runs or seeds", len(evaluations), evaluations[0].path.parent)
-    for members in seed_groups(runs).values():
-        by_seed: dict[Any, list[Run]] = {}
-        for run in members:
-            if run.seed is not None:
-                by_seed.setdefault(run.seed, []).append(run)
-        for seed, same in by_seed.items():
+    for members in _group_by(runs, Run.group_key).values():
+        seeded = [run for run in members if run.seed is not None]
+        for seed, same in _group_by(seeded, attrgetter("seed")).items():
             if len(same) > 1:  # a copied run folder, or one run tested twice: counted twice
                 logger.warning("seed %s appears %d times among the seeds of one setting (%s): the "
                                "mean and sd count each; remove the copies if they are one run",
@@ -1014,8 +870,7 @@ def summarize(paths: Sequence[str | Path], output: str | Path | None = None,
     if output is not None and (rows or listed):
         csv_path, md_path, *forest = output_paths(output, plot)
         write_csv(csv_path, columns, rows)
-        markdown = to_markdown(columns, rows, listed)
-        atomic_write(md_path, lambda tmp: Path(tmp).write_text(markdown + "\n"))
+        write_text(md_path, to_markdown(columns, rows, listed) + "\n")
         if plot:
             save_summary_plot(rows, forest[0].with_suffix(""))
     return Summary(columns, rows, errors, listed)
@@ -1032,9 +887,8 @@ def save_summary_plot(rows: Sequence[dict[str, str]], path: str | Path) -> tuple
         label = (f"{DATASET_LABELS.get(row['dataset'], row['dataset'])}, {row['data_size']}, "
                  f"{row['weights']}" + (f", {row['image_cache']}" if row["image_cache"] else ""))
         method = METHOD_PLOT_LABELS.get(row["method"], row["method"])
-        value = float(row["mean_auroc"])
         low, high = row.get("mean_auroc_ci_low"), row.get("mean_auroc_ci_high")
-        points.append(ForestPoint(label, method, value, float(low) if low else None,
+        points.append(ForestPoint(label, method, float(row["mean_auroc"]), float(low) if low else None,
                                   float(high) if high else None))
         if int(row["seeds_n"] or 0) > 1:
             means[(label, method, row["_group"])] = float(row["seeds_mean_auroc"])
