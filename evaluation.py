@@ -87,23 +87,19 @@ def shared_classes(model: nn.Module, config, dataset: datasets.ChestXrayDataset,
     return _SharedOutputs(model, outputs), view, match
 
 
-def test_set_record(dataset: datasets.ChestXrayDataset) -> dict:
-    """What names a test set in results: its split file, name, SHA-256 and size."""
-    split_file = Path(dataset.split_file)
-    return {"name": f"{split_file.parent.name}/{split_file.name}", "split_file": str(split_file),
-            "sha256": ckpt.file_sha256(split_file), "images": len(dataset) + len(dataset.skipped),
-            "kind": dataset.kind}
-
-
 def add_test_set(results: dict, config, dataset: datasets.ChestXrayDataset, match: Any,
                  eval_info: dict | None) -> None:
-    """results' test_set and method_tag, and for an evaluation (``eval_info``, or classes
-    mapped to another data set's) its ``evaluation`` entry: external or not, test set, class map.
+    """results' test_set (split file, name, SHA-256, size) and method_tag, and for an
+    evaluation (``eval_info``, or classes mapped to another data set's) its ``evaluation``
+    entry: external or not, test set, class map.
 
     External: another data set's classes or kind, or a split file other than the training
     run's test split (by SHA-256); None when the checkpoint records no test split to compare.
     """
-    test_set = test_set_record(dataset)
+    split_file = Path(dataset.split_file)
+    test_set = {"name": f"{split_file.parent.name}/{split_file.name}", "split_file": str(split_file),
+                "sha256": ckpt.file_sha256(split_file), "images": len(dataset) + len(dataset.skipped),
+                "kind": dataset.kind}
     results["test_set"] = test_set
     results["method_tag"] = methods.get(config.method).tag(config.method_settings)
     if not eval_info and not match.mapped:
@@ -322,9 +318,11 @@ def test_results(checkpoint: str | Path, config, dataset: datasets.ChestXrayData
 
 def write_reports(results: dict, stats: dict, dataset: datasets.ChestXrayDataset,
                   folder: RunFolder, split: str) -> None:
-    """The results JSON, AUROC tables, per-image predictions and ROC curves, recorded as the
-    folder's own files, and the test table printed."""
+    """The results JSON, the AUROC, calibration and operating-point tables, per-image
+    predictions, ROC curves and the reliability diagram, recorded as the folder's own files;
+    the calibration line and the test table printed."""
     from util import reports  # matplotlib is imported only when reports are written
+    from util.calibration import temperature_text
 
     out, stem = folder.folder, f"results_{split}"
     ckpt.write_json(folder.writable(f"{stem}.json"), results)
@@ -334,7 +332,22 @@ def write_reports(results: dict, stats: dict, dataset: datasets.ChestXrayDataset
     reports.write_auroc_tables(results, out, stem=stem)
     reports.save_roc_curves(stats["targets"], stats["probs"], dataset.class_names,
                             folder.writable(f"roc_{split}.png"))
-    write_calibration_reports(results, stats, folder, split)
+    folder.record(*reports.write_calibration_tables(results, out, stem=stem),
+                  *reports.write_operating_point_tables(results, out, stem=stem),
+                  reports.save_reliability_diagram(
+                      stats["targets"], stats["probs"], list(results["class_names"]),
+                      folder.writable(f"reliability_{split}.png"),
+                      calibrated=stats.get("calibrated_probs")))
+    section = results["calibration"]
+    before, after = section["before"], section.get("after")
+    line = (f"{split} calibration: pooled ECE x100 {100 * before['pooled_ece']:.2f}, mean Brier "
+            f"{before['mean_brier']:.4f}")
+    if after:
+        line += (f" -> {100 * after['pooled_ece']:.2f}, {after['mean_brier']:.4f} with "
+                 f"{temperature_text(section['temperature'].values())} ({section['source']})")
+    else:
+        line += f" ({section['note']})"
+    say(line)
     folder.record(*(p for p in out.iterdir() if p.is_file() and p.name.startswith(
         (stem, f"predictions_{split}", f"roc_{split}"))))
     if results["undefined_classes"]:
@@ -347,49 +360,6 @@ def write_reports(results: dict, stats: dict, dataset: datasets.ChestXrayDataset
         say(table.read_text())
 
 
-def write_calibration_reports(results: dict, stats: dict, folder: RunFolder, split: str) -> None:
-    """The calibration and operating-point tables and the reliability diagram, recorded as
-    the folder's own files, and the calibration summary line printed."""
-    from util import reports
-    from util.calibration import temperature_text
-
-    stem = f"results_{split}"
-    written = [*reports.write_calibration_tables(results, folder.folder, stem=stem),
-               *reports.write_operating_point_tables(results, folder.folder, stem=stem)]
-    written.append(reports.save_reliability_diagram(
-        stats["targets"], stats["probs"], list(results["class_names"]),
-        folder.writable(f"reliability_{split}.png"), calibrated=stats.get("calibrated_probs")))
-    folder.record(*(p for p in written if p is not None))
-    section = results["calibration"]
-    before, after = section["before"], section.get("after")
-    line = (f"{split} calibration: pooled ECE x100 {100 * before['pooled_ece']:.2f}, mean Brier "
-            f"{before['mean_brier']:.4f}")
-    if after:
-        line += (f" -> {100 * after['pooled_ece']:.2f}, {after['mean_brier']:.4f} with "
-                 f"{temperature_text(section['temperature'].values())} ({section['source']})")
-    else:
-        line += f" ({section['note']})"
-    say(line)
-
-
-def evaluation_dataset(checkpoint: str | Path, config, data_path: str | Path, *, split: str,
-                       dataset: str, split_dir: str | None, cache: str, cache_size: int | None,
-                       skip_bad: bool, dicom_scaling: str | None) -> datasets.ChestXrayDataset:
-    """``split`` of ``data_path`` with the checkpoint's evaluation transform and DICOM rule
-    (``dicom_scaling`` overrides that rule, with a warning when it differs)."""
-    transform = datasets.build_transform(is_train=False, recipe=config.eval_recipe,
-                                         input_size=config.img_size, norm=config.norm)
-    if dicom_scaling is not None and config.dicom_scaling not in (None, dicom_scaling):
-        logger.warning("--dicom_scaling %s differs from the rule %s was trained with (%s): its "
-                       "DICOM inputs look different now", dicom_scaling, checkpoint,
-                       config.dicom_scaling)
-    scaling = dicom_scaling or config.dicom_scaling or datasets.imageio.dicom_scaling_for(dataset)
-    return datasets.build_dataset(split, data_path, dataset=dataset, transform=transform,
-                                  split_dir=split_dir, cache=cache, skip_bad=skip_bad,
-                                  cache_size=cache_size, verify_images="header",
-                                  dicom_scaling=scaling)
-
-
 def evaluate_checkpoint(checkpoint: str | Path, data_path: str | Path, *, dataset: str,
                         split: str = "test", split_dir: str | None = None, cache: str = "auto",
                         cache_size: int | None = None, skip_bad: bool = False,
@@ -399,17 +369,26 @@ def evaluate_checkpoint(checkpoint: str | Path, data_path: str | Path, *, datase
     """Test a checkpoint on ``split`` of ``data_path`` into the evaluation's own folder, never
     over a training run's files: ``<checkpoint folder>/eval/<name>`` (``name`` by default from
     the data folder and split file), or ``output_dir`` (``/<name>`` inside it when given).
+    The images are read with the checkpoint's evaluation transform and DICOM rule
+    (``dicom_scaling`` overrides that rule, with a warning when it differs).
     A folder already holding this split's results is refused unless ``overwrite``, which
     removes only that evaluation's own files. ``options`` go to ``test_checkpoint``."""
     checkpoint = Path(checkpoint)
     config = ckpt.read_config(checkpoint)
-    data = evaluation_dataset(checkpoint, config, data_path, split=split, dataset=dataset,
-                              split_dir=split_dir, cache=cache, cache_size=cache_size,
-                              skip_bad=skip_bad, dicom_scaling=dicom_scaling)
-    if output_dir is not None:
-        out = Path(output_dir) / name if name else Path(output_dir)
+    transform = datasets.build_transform(is_train=False, recipe=config.eval_recipe,
+                                         input_size=config.img_size, norm=config.norm)
+    if dicom_scaling is not None and config.dicom_scaling not in (None, dicom_scaling):
+        logger.warning("--dicom_scaling %s differs from the rule %s was trained with (%s): its "
+                       "DICOM inputs look different now", dicom_scaling, checkpoint,
+                       config.dicom_scaling)
+    scaling = dicom_scaling or config.dicom_scaling or datasets.imageio.dicom_scaling_for(dataset)
+    data = datasets.build_dataset(split, data_path, dataset=dataset, transform=transform,
+                                  split_dir=split_dir, cache=cache, skip_bad=skip_bad,
+                                  cache_size=cache_size, verify_images="header",
+                                  dicom_scaling=scaling)
+    out = Path(output_dir) / (name or "") if output_dir is not None else None
     name = name or default_eval_name(data_path, data.split_file)
-    if output_dir is None:
+    if out is None:
         out = checkpoint_folder(checkpoint) / "eval" / name
     folder = RunFolder.for_evaluation(out, checkpoint)
     if dist_info.is_main:

@@ -24,7 +24,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 from util.cli import UsageError
-from util.io import atomic_write
+from util.io import atomic_write, write_text
 from util.runfolder import run_owning
 from util.stats import small_class_note
 
@@ -65,19 +65,22 @@ def check_outputs(flag: str, outputs: Iterable[str | Path], *, overwrite: bool =
                              "another name")
 
 
-def _auroc_or_none(target: np.ndarray, prob: np.ndarray) -> float | None:
-    """AUROC of one class, or None when only one label value is present (undefined)."""
-    from util.metrics import binary_auroc  # scipy: imported only when a figure is drawn
+def write_csv(path: str | Path, header: Sequence[str], rows: Iterable[Iterable[Any]]) -> Path:
+    """Atomically write a CSV: the header, then the rows; returns the path."""
+    def write(tmp: str) -> None:
+        with open(tmp, "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(header)
+            writer.writerows(rows)
 
-    value = binary_auroc(target, prob)
-    return None if math.isnan(value) else value
+    path = Path(path)
+    atomic_write(path, write)
+    return path
 
 
-def _single_value_note(target: np.ndarray) -> str:
-    """Why a class has no ROC curve, for the legend."""
-    if target.size == 0:
-        return "no images"
-    return f"only {'positives' if target.flat[0] else 'negatives'}"
+def _cells(rows: Iterable[dict[str, Any]], fields: Sequence[str]) -> Iterable[list[Any]]:
+    """The ``fields`` columns of each row of a table."""
+    return ([row[f] for f in fields] for row in rows)
 
 
 def save_roc_curves(
@@ -97,6 +100,8 @@ def save_roc_curves(
     from matplotlib.lines import Line2D
     from sklearn.metrics import roc_curve
 
+    from util.metrics import binary_auroc  # scipy: imported only when a figure is drawn
+
     targets = np.asarray(targets)
     probs = np.asarray(probs, dtype=np.float64)
     if targets.ndim == 1:
@@ -115,11 +120,12 @@ def save_roc_curves(
     for k, name in enumerate(class_names):
         keep = ~np.isnan(probs[:, k])
         target, prob = targets[keep, k].astype(int), probs[keep, k]
-        auc = _auroc_or_none(target, prob)
-        if auc is None:
-            handle = Line2D([], [], color=colours[k], linestyle=":")
-            handles.append(handle)
-            labels.append(f"{name}: n/a ({_single_value_note(target)})")
+        auc = binary_auroc(target, prob)
+        if math.isnan(auc):  # a single label value (or no image): no ROC curve
+            why = ("no images" if target.size == 0 else
+                   f"only {'positives' if target.flat[0] else 'negatives'}")
+            handles.append(Line2D([], [], color=colours[k], linestyle=":"))
+            labels.append(f"{name}: n/a ({why})")
             continue
         fpr, tpr, _ = roc_curve(target, prob)
         (line,) = ax.plot(fpr, tpr, color=colours[k], linewidth=1.4)
@@ -165,22 +171,15 @@ def write_predictions_csv(path: str | Path, names: Sequence[str], probs: np.ndar
     if labels is not None:
         header += [f"label_{c}" for c in class_names]
 
-    def write(tmp: str) -> None:
-        with open(tmp, "w", newline="") as f:
-            writer = csv.writer(f)
-            writer.writerow(header)
-            for i, (name, row) in enumerate(zip(names, probs)):
-                cells = [name, *("" if math.isnan(p) else f"{p:.8f}" for p in map(float, row))]
-                if thresholds is not None:  # a NaN threshold (a class without one): empty
-                    cells += ["" if math.isnan(t) else str(int(p >= t))
-                              for p, t in zip(row, thresholds)]
-                if labels is not None:
-                    cells += [int(v) for v in labels[i]]
-                writer.writerow(cells)
+    def cells(i: int, name: str, row: np.ndarray) -> list[Any]:
+        line = [name, *("" if math.isnan(p) else f"{p:.8f}" for p in map(float, row))]
+        if thresholds is not None:  # a NaN threshold (a class without one): empty
+            line += ["" if math.isnan(t) else str(int(p >= t)) for p, t in zip(row, thresholds)]
+        if labels is not None:
+            line += [int(v) for v in labels[i]]
+        return line
 
-    path = Path(path)
-    atomic_write(path, write)
-    return path
+    return write_csv(path, header, (cells(i, n, row) for i, (n, row) in enumerate(zip(names, probs))))
 
 
 def x100(value: Any, digits: int = 1) -> str:
@@ -264,13 +263,6 @@ def write_auroc_tables(results: dict[str, Any], out_dir: str | Path,
     out_dir = Path(out_dir)
     csv_path, md_path = out_dir / f"{stem}_auroc.csv", out_dir / f"{stem}_auroc.md"
     fields = ["class", "auroc", *(INTERVAL_COLUMNS if intervals else ()), "auprc"]
-
-    def write_csv(tmp: str) -> None:
-        with open(tmp, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=fields)
-            writer.writeheader()
-            writer.writerows(rows)
-
     header = " / ".join(str(results[k]) for k in ("dataset", "data_size", "weights", "method")
                         if results.get(k) is not None)
     lines = []
@@ -305,12 +297,8 @@ def write_auroc_tables(results: dict[str, Any], out_dir: str | Path,
             lines.append(f"| {row['class']} | " + " | ".join(cells) + " |")
     if intervals:
         lines += [""] + interval_notes(intervals)
-
-    def write_md(tmp: str) -> None:
-        Path(tmp).write_text("\n".join(lines) + "\n")
-
-    atomic_write(csv_path, write_csv)
-    atomic_write(md_path, write_md)
+    write_csv(csv_path, fields, _cells(rows, fields))
+    write_text(md_path, "\n".join(lines) + "\n")
     return csv_path, md_path
 
 
@@ -492,13 +480,6 @@ def write_subgroup_tables(report: dict[str, Any], class_names: Sequence[str], ou
     csv_path, md_path = out_dir / f"{stem}.csv", out_dir / f"{stem}.md"
     fields = ["attribute", "subgroup", "images", "mean_auroc", "mean_ci_low", "mean_ci_high",
               "mean_classes", *class_names]
-
-    def write_csv(tmp: str) -> None:
-        with open(tmp, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=fields)
-            writer.writeheader()
-            writer.writerows(rows)
-
     level = round(100 * float(report.get("level", 0.95)))
     lines = ["# Test AUROC (x100) by subgroup", "",
              f"{report['n_images']} images; metadata: {report['source']}.", ""]
@@ -538,9 +519,8 @@ def write_subgroup_tables(report: dict[str, Any], class_names: Sequence[str], ou
     lines += [f"Intervals: {level}% bootstrap ({report['n_resamples']} resamples) per subgroup, "
               f"as in the test table. Mean gap: {report['mean_gap_test']}. Per-class gap: "
               f"{report['class_gap_test']}. {report['adjustment']}.", ""]
-
-    atomic_write(csv_path, write_csv)
-    atomic_write(md_path, lambda tmp: Path(tmp).write_text("\n".join(lines)))
+    write_csv(csv_path, fields, _cells(rows, fields))
+    write_text(md_path, "\n".join(lines))
     return csv_path, md_path
 
 
@@ -570,11 +550,6 @@ def save_subgroup_plot(report: dict[str, Any], path: str | Path) -> tuple[Path, 
 # Calibration and operating points (results["calibration"], results["operating_points"])
 # ---------------------------------------------------------------------------------------
 
-def _ece(value: Any) -> str:
-    """An ECE as x100 with 2 decimals; '' when missing."""
-    return x100(value, 2)
-
-
 def _brier(value: Any) -> str:
     """A Brier score with 4 decimals; '' when missing."""
     return "" if value is None or math.isnan(float(value)) else f"{float(value):.4f}"
@@ -587,13 +562,13 @@ def calibration_rows(results: dict[str, Any]) -> list[dict[str, str]]:
     before, after = section["before"], section.get("after") or {}
     rows = []
     for name in results["class_names"]:
-        rows.append({"class": name, "ece_before": _ece(before["ece"][name]),
-                     "ece_after": _ece((after.get("ece") or {}).get(name)),
+        rows.append({"class": name, "ece_before": x100(before["ece"][name], 2),
+                     "ece_after": x100((after.get("ece") or {}).get(name), 2),
                      "brier_before": _brier(before["brier"][name]),
                      "brier_after": _brier((after.get("brier") or {}).get(name))})
     for label, ece_key in (("mean", "mean_ece"), ("pooled", "pooled_ece")):
-        rows.append({"class": label, "ece_before": _ece(before[ece_key]),
-                     "ece_after": _ece(after.get(ece_key)),
+        rows.append({"class": label, "ece_before": x100(before[ece_key], 2),
+                     "ece_after": x100(after.get(ece_key), 2),
                      "brier_before": _brier(before["mean_brier"]),
                      "brier_after": _brier(after.get("mean_brier"))})
     return rows
@@ -612,13 +587,6 @@ def write_calibration_tables(results: dict[str, Any], out_dir: str | Path,
               "brier_before", *(["brier_after"] if calibrated else [])]
     out_dir = Path(out_dir)
     csv_path, md_path = out_dir / f"{stem}_calibration.csv", out_dir / f"{stem}_calibration.md"
-
-    def write_csv(tmp: str) -> None:
-        with open(tmp, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
-            writer.writeheader()
-            writer.writerows(rows)
-
     split = results.get("split", "test")
     lines = [f"**Calibration** ({split} split, {results.get('num_images', '?')} images)", ""]
     if calibrated:
@@ -643,9 +611,8 @@ def write_calibration_tables(results: dict[str, Any], out_dir: str | Path,
             lines.append(f"- Note: {fitted['note']}.")
     else:
         lines.append(f"- Not calibrated: {section.get('note')}.")
-
-    atomic_write(csv_path, write_csv)
-    atomic_write(md_path, lambda tmp: Path(tmp).write_text("\n".join(lines) + "\n"))
+    write_csv(csv_path, fields, _cells(rows, fields))
+    write_text(md_path, "\n".join(lines) + "\n")
     return csv_path, md_path
 
 
@@ -690,13 +657,6 @@ def write_operating_point_tables(results: dict[str, Any], out_dir: str | Path,
     out_dir = Path(out_dir)
     csv_path = out_dir / f"{stem}_operating_points.csv"
     md_path = out_dir / f"{stem}_operating_points.md"
-
-    def write_csv(tmp: str) -> None:
-        with open(tmp, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=[*OPERATING_POINT_FIELDS, "note"])
-            writer.writeheader()
-            writer.writerows(rows)
-
     level = round(100 * float(section.get("level", 0.95)))
     split = results.get("split", "test")
     lines = [(f"**Operating points** ({split} split, {results.get('num_images', '?')} images; "
@@ -719,9 +679,9 @@ def write_operating_point_tables(results: dict[str, Any], out_dir: str | Path,
                    f"{intervals.get('proportions')}; F1: {intervals.get('f1')}."),
               "- " + "; ".join(f"{k}: {v}" for k, v in (section.get("kinds") or {}).items()) + ".",
               f"- {section.get('rule')}; never chosen on the {split} split."]
-
-    atomic_write(csv_path, write_csv)
-    atomic_write(md_path, lambda tmp: Path(tmp).write_text("\n".join(lines) + "\n"))
+    fields = [*OPERATING_POINT_FIELDS, "note"]
+    write_csv(csv_path, fields, _cells(rows, fields))
+    write_text(md_path, "\n".join(lines) + "\n")
     return csv_path, md_path
 
 
