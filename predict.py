@@ -92,9 +92,7 @@ class Failure:
     reason: str
 
 
-# ---------------------------------------------------------------------------------------
-# Inputs
-# ---------------------------------------------------------------------------------------
+# -- Inputs -------------------------------------------------------------------------------
 
 def not_regular_reason(path: str | Path) -> str | None:
     """Why ``path`` is not opened as an image, or None for a regular (or missing) file.
@@ -198,9 +196,7 @@ def collect_inputs(
     return images, failures
 
 
-# ---------------------------------------------------------------------------------------
-# Model, transform, precision
-# ---------------------------------------------------------------------------------------
+# -- Model, transform, precision ----------------------------------------------------------
 
 def load_model(checkpoint: str | Path, finetune: str | Path | None = None,
                device: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:
@@ -253,9 +249,7 @@ def resolve_amp(amp: str, device: torch.device) -> torch.dtype | None:
         raise UsageError(str(err)) from None
 
 
-# ---------------------------------------------------------------------------------------
-# Prediction
-# ---------------------------------------------------------------------------------------
+# -- Prediction ---------------------------------------------------------------------------
 
 class ImageFiles(Dataset):
     """Decodes and transforms image files; an unreadable file yields its error, not an exception."""
@@ -341,9 +335,7 @@ def predict_images(model: nn.Module, config: "ModelConfig", paths: Sequence[str 
     return probs, failures
 
 
-# ---------------------------------------------------------------------------------------
-# Output
-# ---------------------------------------------------------------------------------------
+# -- Output -------------------------------------------------------------------------------
 
 def parse_threshold(value: str | None, class_names: Sequence[str],
                     calibration: "StoredCalibration | None" = None, *, calibrated: bool = False,
@@ -392,9 +384,7 @@ def failures_path(output: str | Path) -> Path:
     return output.with_name(f"{output.stem}_failed.csv")
 
 
-# ---------------------------------------------------------------------------------------
-# Command line
-# ---------------------------------------------------------------------------------------
+# -- Command line -------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
     """The command-line flags (whole names only: ``--input`` is no ``--inputs``)."""

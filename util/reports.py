@@ -133,11 +133,8 @@ def save_roc_curves(
         labels.append(f"{name}: {100 * auc:.1f}")
         aurocs.append(auc)
     ax.plot([0, 1], [0, 1], color="grey", linestyle="--", linewidth=0.8)
-    ax.set_xlim(0.0, 1.0)
-    ax.set_ylim(0.0, 1.0)
-    ax.set_aspect("equal")
-    ax.set_xlabel("False positive rate")
-    ax.set_ylabel("True positive rate")
+    ax.set(xlim=(0.0, 1.0), ylim=(0.0, 1.0), aspect="equal", xlabel="False positive rate",
+           ylabel="True positive rate")
     mean = f"mean AUROC {100 * float(np.mean(aurocs)):.1f}" if aurocs else "no AUROC defined"
     ax.set_title(f"{title} ({mean})" if title else f"ROC curves ({mean})")
     ax.grid(True, linewidth=0.3, alpha=0.6)
@@ -188,6 +185,11 @@ def x100(value: Any, digits: int = 1) -> str:
         return ""
     value = float(value)
     return "" if math.isnan(value) else f"{100 * value:.{digits}f}"
+
+
+def _md_row(*cells: str) -> str:
+    """One row of a markdown table."""
+    return "| " + " | ".join(cells) + " |"
 
 
 def _interval(low: str, high: str) -> str:
@@ -290,11 +292,10 @@ def write_auroc_tables(results: dict[str, Any], out_dir: str | Path,
                       "" if row["class"] == "mean" else
                       _interval(row["delong_low"], row["delong_high"]) or "n/a"]
         cells.append(row["auprc"] or "n/a")
-        if row["class"] == "mean":
-            cells = [f"**{c}**" if c else "" for c in cells]
-            lines.append("| **mean** | " + " | ".join(cells) + " |")
-        else:
-            lines.append(f"| {row['class']} | " + " | ".join(cells) + " |")
+        label = row["class"]
+        if label == "mean":
+            label, cells = "**mean**", [f"**{c}**" if c else "" for c in cells]
+        lines.append(_md_row(label, *cells))
     if intervals:
         lines += [""] + interval_notes(intervals)
     write_csv(csv_path, fields, _cells(rows, fields))
@@ -440,9 +441,7 @@ def _forest_legend(series: Sequence[str], colours: dict[str, Any], kinds: set[st
     return handles, labels
 
 
-# ----------------------------------------------------------------------------------------
-# Subgroups (util.subgroups)
-# ----------------------------------------------------------------------------------------
+# -- Subgroups (util.subgroups) -----------------------------------------------------------
 
 def _p(value: Any) -> str:
     """A p-value in three decimals ('<0.001' below), 'n/a' when undefined."""
@@ -496,9 +495,9 @@ def write_subgroup_tables(report: dict[str, Any], class_names: Sequence[str], ou
         lines += [f"| subgroup | images | mean AUROC | {level}% CI | " + " | ".join(class_names) + " |",
                   "|---|---:|---:|---:|" + "---:|" * len(class_names)]
         for row in (r for r in rows if r["attribute"] == attribute):
-            lines.append(f"| {row['subgroup']} | {row['images']} | {row['mean_auroc'] or 'n/a'} | "
-                         f"{_interval(row['mean_ci_low'], row['mean_ci_high']) or 'n/a'} | "
-                         + " | ".join(row[c] or "n/a" for c in class_names) + " |")
+            lines.append(_md_row(row["subgroup"], row["images"], row["mean_auroc"] or "n/a",
+                                 _interval(row["mean_ci_low"], row["mean_ci_high"]) or "n/a",
+                                 *(row[c] or "n/a" for c in class_names)))
         gap = entry["gap"]["mean"]
         lines.append("")
         if gap["diff"] is None:
@@ -546,9 +545,7 @@ def save_subgroup_plot(report: dict[str, Any], path: str | Path) -> tuple[Path, 
                             title=title)
 
 
-# ---------------------------------------------------------------------------------------
-# Calibration and operating points (results["calibration"], results["operating_points"])
-# ---------------------------------------------------------------------------------------
+# -- Calibration and operating points (results["calibration"], results["operating_points"]) ----
 
 def _brier(value: Any) -> str:
     """A Brier score with 4 decimals; '' when missing."""
@@ -597,7 +594,7 @@ def write_calibration_tables(results: dict[str, Any], out_dir: str | Path,
     for row in rows:
         cells = [row[f] or "n/a" for f in fields[1:]]
         label = row["class"] if row["class"] not in ("mean", "pooled") else f"**{row['class']}**"
-        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+        lines.append(_md_row(label, *cells))
     lines += ["", (f"- ECE: {section['binning']}; mean: over classes; pooled: every image x "
                    "class pair binned together. Brier: mean of (probability - label)^2."),
               f"- Reliability diagram: reliability_{split}.png."]
@@ -667,13 +664,9 @@ def write_operating_point_tables(results: dict[str, Any], out_dir: str | Path,
         if not row["threshold"]:
             lines.append(f"| {row['class']} | {row['kind']} | n/a | {row['note']} | | | | |")
             continue
-        cells = []
-        for m in OPERATING_POINT_METRICS:
-            value = row[m] or "n/a"
-            interval = _interval(row[f"{m}_low"], row[f"{m}_high"])
-            cells.append(f"{value} {interval}".strip())
-        lines.append(f"| {row['class']} | {row['kind']} | {row['threshold']} | "
-                     + " | ".join(cells) + " |")
+        cells = [f"{row[m] or 'n/a'} {_interval(row[m + '_low'], row[m + '_high'])}".strip()
+                 for m in OPERATING_POINT_METRICS]
+        lines.append(_md_row(row["class"], row["kind"], row["threshold"], *cells))
     intervals = section.get("intervals") or {}
     lines += ["", (f"- x100, with {level}% intervals: sensitivity, specificity, PPV, NPV: "
                    f"{intervals.get('proportions')}; F1: {intervals.get('f1')}."),
@@ -733,8 +726,7 @@ def save_reliability_diagram(targets: np.ndarray, probs: np.ndarray, class_names
             ax.plot(table["mean_prob"][used], table["frequency"][used], color=colour,
                     marker=marker, markersize=3, linewidth=1.1, label=label)
             eces.append(f"{100 * expected_calibration_error(p_k, y_k, bins):.1f}")
-        ax.set_xlim(0, 1)
-        ax.set_ylim(0, 1)
+        ax.set(xlim=(0, 1), ylim=(0, 1))
         ax.tick_params(labelsize=6)
         ax.set_title(f"{name}\nECE x100 {' -> '.join(eces)}", fontsize=7)
         ax.grid(True, linewidth=0.3, alpha=0.6)
