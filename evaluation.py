@@ -119,8 +119,7 @@ def test_checkpoint(checkpoint: str | Path, dataset: datasets.ChestXrayDataset, 
                     batch_size: int = 256, num_workers: int = 0, pin_memory: bool = False,
                     seed: int = 0, ci_resamples: int = 1000, pretrained: str | None = None,
                     allow_unsafe_pickle: bool = False, progress: bool = True,
-                    eval_info: dict | None = None, metadata: Any = None,
-                    class_map: Any = None,
+                    eval_info: dict | None = None, metadata: Any = None, class_map: Any = None,
                     calibration_set: datasets.ChestXrayDataset | None = None,
                     calibration_method: str = "temperature") -> dict:
     """Evaluate a saved checkpoint on ``dataset`` (merged adapters: the cost of a plain ViT)
@@ -164,9 +163,9 @@ def test_checkpoint(checkpoint: str | Path, dataset: datasets.ChestXrayDataset, 
                      progress=progress and dist_info.is_main)
     if not dist_info.is_main:
         return {}
-    trainable, total = lora.count_parameters(trained)  # load_trained restores the trained set
+    # load_trained restores the trained set: the counts are the run's
     results = test_results(checkpoint, config, dataset, stats, split=split,
-                           precision=precision_name(amp_dtype), params=(trainable, total))
+                           precision=precision_name(amp_dtype), params=lora.count_parameters(trained))
     if ci_resamples > 0:
         from util.stats import auroc_intervals
 
@@ -187,8 +186,7 @@ def test_checkpoint(checkpoint: str | Path, dataset: datasets.ChestXrayDataset, 
     else:
         calibration = ckpt.read_calibration(config, checkpoint)
         source = f"stored in {checkpoint}" if calibration else None
-    add_calibration_results(results, stats, calibration, source,
-                            resamples=ci_resamples)
+    add_calibration_results(results, stats, calibration, source, resamples=ci_resamples)
     write_reports(results, stats, dataset, folder, split)
     return results
 
@@ -249,10 +247,10 @@ def add_calibration_results(results: dict, stats: dict, calibration: ckpt.Stored
     section: dict = {"binning": cal.BINNING, "bins": cal.ECE_BINS, "source": source,
                      "before": cal.calibration_errors(stats["probs"], stats["targets"], names)}
     stats["calibrated_probs"] = None
+    results["calibration"] = section
     if calibration is None:
         section["note"] = ("the checkpoint carries no calibration (the final test of its run "
                            "fits one on the validation split)")
-        results["calibration"] = section
         results["operating_points"] = {"note": "no thresholds: the checkpoint carries no "
                                                "calibration"}
         return
@@ -261,7 +259,6 @@ def add_calibration_results(results: dict, stats: dict, calibration: ckpt.Stored
     section.update(method=calibration.method, temperature=calibration.temperature,
                    fitted_on=calibration.fitted_on,
                    after=cal.calibration_errors(stats["calibrated_probs"], stats["targets"], names))
-    results["calibration"] = section
     thresholds = {kind: dict(zip(names, (None if math.isnan(t) else float(t) for t in
                                          calibration.threshold_logits(kind, names))))
                   for kind in op.THRESHOLD_KINDS}
@@ -329,7 +326,7 @@ def write_reports(results: dict, stats: dict, dataset: datasets.ChestXrayDataset
     reports.write_predictions_csv(folder.writable(f"predictions_{split}.csv"),
                                   [dataset.paths[i] for i in stats["indices"]], stats["probs"],
                                   list(dataset.class_names), labels=stats["targets"])
-    reports.write_auroc_tables(results, out, stem=stem)
+    _, table = reports.write_auroc_tables(results, out, stem=stem)
     reports.save_roc_curves(stats["targets"], stats["probs"], dataset.class_names,
                             folder.writable(f"roc_{split}.png"))
     folder.record(*reports.write_calibration_tables(results, out, stem=stem),
@@ -355,9 +352,7 @@ def write_reports(results: dict, stats: dict, dataset: datasets.ChestXrayDataset
             "value in the evaluated images); the mean is over the other classes")
     say(f"{split} mean AUROC {100 * results['mean_auroc']:.2f} over {results['num_images']} "
         f"images ({results['checkpoint']})")
-    table = out / f"{stem}_auroc.md"
-    if table.exists():
-        say(table.read_text())
+    say(table.read_text())
 
 
 def evaluate_checkpoint(checkpoint: str | Path, data_path: str | Path, *, dataset: str,

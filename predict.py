@@ -149,11 +149,8 @@ def read_split_paths(split_file: Path) -> list[str]:
     return [line.split()[0] for line in text.splitlines() if line.strip()]
 
 
-def collect_inputs(
-    inputs: Sequence[str | Path],
-    data_path: str | Path | None = None,
-    dataset: str | None = None,
-) -> tuple[list[InputImage], list[Failure]]:
+def collect_inputs(inputs: Sequence[str | Path], data_path: str | Path | None = None,
+                   dataset: str | None = None) -> tuple[list[InputImage], list[Failure]]:
     """Expand files, folders and split files into images; missing inputs become failures.
 
     Split-file paths are resolved with the data set's rule (``nih``:
@@ -167,7 +164,6 @@ def collect_inputs(
     failures: list[Failure] = []
     for item in inputs:
         path = Path(item)
-        special = not_regular_reason(path) if not path.is_dir() else None
         if path.is_dir():
             found, unread = _walk_images(path)
             if not found and not unread:
@@ -175,7 +171,7 @@ def collect_inputs(
                                " ".join(sorted(IMAGE_SUFFIXES)))
             images.extend(InputImage(str(f), f) for f in found)
             failures.extend(unread)
-        elif special is not None:
+        elif (special := not_regular_reason(path)) is not None:
             failures.append(Failure(str(item), str(path), special))
         elif path.is_file() and path.suffix.lower() in SPLIT_SUFFIXES:
             root = Path(data_path) if data_path is not None else path.parent

@@ -83,13 +83,8 @@ def _cells(rows: Iterable[dict[str, Any]], fields: Sequence[str]) -> Iterable[li
     return ([row[f] for f in fields] for row in rows)
 
 
-def save_roc_curves(
-    targets: np.ndarray,
-    probs: np.ndarray,
-    class_names: Sequence[str],
-    path: str | Path,
-    title: str | None = None,
-) -> Path:
+def save_roc_curves(targets: np.ndarray, probs: np.ndarray, class_names: Sequence[str],
+                    path: str | Path, title: str | None = None) -> Path:
     """Write one PNG with a ROC curve per class and its AUROC in the legend; returns the path.
 
     Classes whose targets hold a single value have no ROC curve; the legend says so.
