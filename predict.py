@@ -339,7 +339,7 @@ def parse_threshold(value: str | None, class_names: Sequence[str],
     """Per-class thresholds from ``--threshold``: one number for all classes, a JSON file
     mapping every class name to its threshold, or a kind of operating point
     (``THRESHOLD_KINDS``) read from the checkpoint's ``calibration`` on the probability
-    scale written (``calibrated`` or the model's own; NaN for a class without one)."""
+    scale written (``calibrated`` or the model's own; NaN for a class without one, logged)."""
     from util.operating_points import THRESHOLD_KINDS
 
     if value is None:
@@ -349,7 +349,12 @@ def parse_threshold(value: str | None, class_names: Sequence[str],
             raise UsageError(f"--threshold {value}: {checkpoint} carries no validation "
                              "thresholds (the final test of a training run stores them); give a "
                              "number or a JSON file")
-        return calibration.threshold_probabilities(value, class_names, calibrated=calibrated)
+        values = calibration.threshold_probabilities(value, class_names, calibrated=calibrated)
+        if np.isnan(values).any():
+            logger.warning("--threshold %s: no threshold for %s (a single label value in the "
+                           "validation split): their pred_ cells are empty", value,
+                           ", ".join(c for c, t in zip(class_names, values) if np.isnan(t)))
+        return values
     try:
         t = float(value)
     except ValueError:
@@ -492,10 +497,6 @@ def run(args: argparse.Namespace) -> int:
     calibration, calibrated = _calibration(args, config)
     thresholds = parse_threshold(args.threshold, class_names, calibration, calibrated=calibrated,
                                  checkpoint=args.checkpoint)
-    if thresholds is not None and np.isnan(thresholds).any():
-        logger.warning("--threshold %s: no threshold for %s (a single label value in the "
-                       "validation split): their pred_ cells are empty", args.threshold,
-                       ", ".join(c for c, t in zip(class_names, thresholds) if np.isnan(t)))
     heatmap_classes = _heatmap_classes(args.heatmap_class, class_names)
     transform = eval_transform(config)
     heatmap_dir = Path(args.heatmap_dir or output.with_name(f"{output.stem}_heatmaps"))
@@ -644,14 +645,13 @@ def _write_heatmaps(model: nn.Module, config: "ModelConfig", images: Sequence[In
 
 def _summary_line(predicted: int, failures: Sequence[Failure], non_finite: Sequence[str],
                   failed_csv: Path, output: Path, device: torch.device, dtype: torch.dtype | None,
-                  rate: float, probabilities: str = "") -> str:
+                  rate: float, probabilities: str) -> str:
     """The one line a user greps for: what was predicted, what failed, where it went, how
     fast, and which probabilities (calibrated or not)."""
     return (f"predicted {predicted} images, {len(failures)} failed"
             f"{f' ({len(non_finite)} with non-finite model outputs)' if non_finite else ''}"
             f"{f' (listed in {failed_csv})' if failures else ''} -> {output} "
-            f"[{device.type}, {_precision(dtype)}, {rate:.1f} img/s]"
-            f"{f' probabilities {probabilities}' if probabilities else ''}")
+            f"[{device.type}, {_precision(dtype)}, {rate:.1f} img/s] probabilities {probabilities}")
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
