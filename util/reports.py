@@ -215,8 +215,7 @@ def auroc_rows(results: dict[str, Any]) -> list[dict[str, str]]:
     if intervals:
         per_class = intervals.get("classes") or {}
         for row in rows:
-            iv = intervals.get("mean") if row["class"] == "mean" else per_class.get(row["class"])
-            iv = iv or {}
+            iv = (intervals.get("mean") if row["class"] == "mean" else per_class.get(row["class"])) or {}
             se = iv.get("delong_se")
             row.update(auroc_ci_low=x100(iv.get("ci_low")), auroc_ci_high=x100(iv.get("ci_high")),
                        delong_se="" if se is None else f"{100 * float(se):.2f}",
@@ -622,18 +621,15 @@ def operating_point_rows(results: dict[str, Any]) -> list[dict[str, str]]:
     for name in results["class_names"]:
         for kind, per_class in points.items():
             p = per_class.get(name) or {}
-            row = {"class": name, "kind": kind}
-            for key in ("threshold", "threshold_model", "threshold_logit"):
-                row[key] = "" if p.get(key) is None else f"{p[key]:.6g}"
-            for key in ("val_sensitivity", "val_specificity"):
-                row[key] = x100(p.get(key))
-            for key in ("tp", "fp", "tn", "fn"):
-                row[key] = "" if p.get(key) is None else str(p[key])
-            for m in OPERATING_POINT_METRICS:
-                for end in ("", "_low", "_high"):
-                    row[m + end] = x100(p.get(m + end))
-            row["note"] = p.get("note") or ""
-            rows.append(row)
+            rows.append({
+                "class": name, "kind": kind,
+                **{k: "" if p.get(k) is None else f"{p[k]:.6g}"
+                   for k in ("threshold", "threshold_model", "threshold_logit")},
+                **{k: x100(p.get(k)) for k in ("val_sensitivity", "val_specificity")},
+                **{k: "" if p.get(k) is None else str(p[k]) for k in ("tp", "fp", "tn", "fn")},
+                **{m + end: x100(p.get(m + end))
+                   for m in OPERATING_POINT_METRICS for end in ("", "_low", "_high")},
+                "note": p.get("note") or ""})
     return rows
 
 
