@@ -87,23 +87,19 @@ def shared_classes(model: nn.Module, config, dataset: datasets.ChestXrayDataset,
     return _SharedOutputs(model, outputs), view, match
 
 
-def test_set_record(dataset: datasets.ChestXrayDataset) -> dict:
-    """What names a test set in results: its split file, name, SHA-256 and size."""
-    split_file = Path(dataset.split_file)
-    return {"name": f"{split_file.parent.name}/{split_file.name}", "split_file": str(split_file),
-            "sha256": ckpt.file_sha256(split_file), "images": len(dataset) + len(dataset.skipped),
-            "kind": dataset.kind}
-
-
 def add_test_set(results: dict, config, dataset: datasets.ChestXrayDataset, match: Any,
                  eval_info: dict | None) -> None:
-    """results' test_set and method_tag, and for an evaluation (``eval_info``, or classes
-    mapped to another data set's) its ``evaluation`` entry: external or not, test set, class map.
+    """results' test_set (split file, name, SHA-256, size) and method_tag, and for an
+    evaluation (``eval_info``, or classes mapped to another data set's) its ``evaluation``
+    entry: external or not, test set, class map.
 
     External: another data set's classes or kind, or a split file other than the training
     run's test split (by SHA-256); None when the checkpoint records no test split to compare.
     """
-    test_set = test_set_record(dataset)
+    split_file = Path(dataset.split_file)
+    test_set = {"name": f"{split_file.parent.name}/{split_file.name}", "split_file": str(split_file),
+                "sha256": ckpt.file_sha256(split_file), "images": len(dataset) + len(dataset.skipped),
+                "kind": dataset.kind}
     results["test_set"] = test_set
     results["method_tag"] = methods.get(config.method).tag(config.method_settings)
     if not eval_info and not match.mapped:
@@ -123,8 +119,7 @@ def test_checkpoint(checkpoint: str | Path, dataset: datasets.ChestXrayDataset, 
                     batch_size: int = 256, num_workers: int = 0, pin_memory: bool = False,
                     seed: int = 0, ci_resamples: int = 1000, pretrained: str | None = None,
                     allow_unsafe_pickle: bool = False, progress: bool = True,
-                    eval_info: dict | None = None, metadata: Any = None,
-                    class_map: Any = None,
+                    eval_info: dict | None = None, metadata: Any = None, class_map: Any = None,
                     calibration_set: datasets.ChestXrayDataset | None = None,
                     calibration_method: str = "temperature") -> dict:
     """Evaluate a saved checkpoint on ``dataset`` (merged adapters: the cost of a plain ViT)
@@ -168,9 +163,9 @@ def test_checkpoint(checkpoint: str | Path, dataset: datasets.ChestXrayDataset, 
                      progress=progress and dist_info.is_main)
     if not dist_info.is_main:
         return {}
-    trainable, total = lora.count_parameters(trained)  # load_trained restores the trained set
+    # load_trained restores the trained set: the counts are the run's
     results = test_results(checkpoint, config, dataset, stats, split=split,
-                           precision=precision_name(amp_dtype), params=(trainable, total))
+                           precision=precision_name(amp_dtype), params=lora.count_parameters(trained))
     if ci_resamples > 0:
         from util.stats import auroc_intervals
 
@@ -191,8 +186,7 @@ def test_checkpoint(checkpoint: str | Path, dataset: datasets.ChestXrayDataset, 
     else:
         calibration = ckpt.read_calibration(config, checkpoint)
         source = f"stored in {checkpoint}" if calibration else None
-    add_calibration_results(results, stats, calibration, source,
-                            resamples=ci_resamples)
+    add_calibration_results(results, stats, calibration, source, resamples=ci_resamples)
     write_reports(results, stats, dataset, folder, split)
     return results
 
@@ -253,10 +247,10 @@ def add_calibration_results(results: dict, stats: dict, calibration: ckpt.Stored
     section: dict = {"binning": cal.BINNING, "bins": cal.ECE_BINS, "source": source,
                      "before": cal.calibration_errors(stats["probs"], stats["targets"], names)}
     stats["calibrated_probs"] = None
+    results["calibration"] = section
     if calibration is None:
         section["note"] = ("the checkpoint carries no calibration (the final test of its run "
                            "fits one on the validation split)")
-        results["calibration"] = section
         results["operating_points"] = {"note": "no thresholds: the checkpoint carries no "
                                                "calibration"}
         return
@@ -265,7 +259,6 @@ def add_calibration_results(results: dict, stats: dict, calibration: ckpt.Stored
     section.update(method=calibration.method, temperature=calibration.temperature,
                    fitted_on=calibration.fitted_on,
                    after=cal.calibration_errors(stats["calibrated_probs"], stats["targets"], names))
-    results["calibration"] = section
     thresholds = {kind: dict(zip(names, (None if math.isnan(t) else float(t) for t in
                                          calibration.threshold_logits(kind, names))))
                   for kind in op.THRESHOLD_KINDS}
@@ -322,44 +315,26 @@ def test_results(checkpoint: str | Path, config, dataset: datasets.ChestXrayData
 
 def write_reports(results: dict, stats: dict, dataset: datasets.ChestXrayDataset,
                   folder: RunFolder, split: str) -> None:
-    """The results JSON, AUROC tables, per-image predictions and ROC curves, recorded as the
-    folder's own files, and the test table printed."""
+    """The results JSON, the AUROC, calibration and operating-point tables, per-image
+    predictions, ROC curves and the reliability diagram, recorded as the folder's own files;
+    the calibration line and the test table printed."""
     from util import reports  # matplotlib is imported only when reports are written
+    from util.calibration import temperature_text
 
     out, stem = folder.folder, f"results_{split}"
     ckpt.write_json(folder.writable(f"{stem}.json"), results)
     reports.write_predictions_csv(folder.writable(f"predictions_{split}.csv"),
                                   [dataset.paths[i] for i in stats["indices"]], stats["probs"],
                                   list(dataset.class_names), labels=stats["targets"])
-    reports.write_auroc_tables(results, out, stem=stem)
+    _, table = reports.write_auroc_tables(results, out, stem=stem)
     reports.save_roc_curves(stats["targets"], stats["probs"], dataset.class_names,
                             folder.writable(f"roc_{split}.png"))
-    write_calibration_reports(results, stats, folder, split)
-    folder.record(*(p for p in out.iterdir() if p.is_file() and p.name.startswith(
-        (stem, f"predictions_{split}", f"roc_{split}"))))
-    if results["undefined_classes"]:
-        say(f"{split}: no AUROC for {', '.join(results['undefined_classes'])} (a single label "
-            "value in the evaluated images); the mean is over the other classes")
-    say(f"{split} mean AUROC {100 * results['mean_auroc']:.2f} over {results['num_images']} "
-        f"images ({results['checkpoint']})")
-    table = out / f"{stem}_auroc.md"
-    if table.exists():
-        say(table.read_text())
-
-
-def write_calibration_reports(results: dict, stats: dict, folder: RunFolder, split: str) -> None:
-    """The calibration and operating-point tables and the reliability diagram, recorded as
-    the folder's own files, and the calibration summary line printed."""
-    from util import reports
-    from util.calibration import temperature_text
-
-    stem = f"results_{split}"
-    written = [*reports.write_calibration_tables(results, folder.folder, stem=stem),
-               *reports.write_operating_point_tables(results, folder.folder, stem=stem)]
-    written.append(reports.save_reliability_diagram(
-        stats["targets"], stats["probs"], list(results["class_names"]),
-        folder.writable(f"reliability_{split}.png"), calibrated=stats.get("calibrated_probs")))
-    folder.record(*(p for p in written if p is not None))
+    folder.record(*reports.write_calibration_tables(results, out, stem=stem),
+                  *reports.write_operating_point_tables(results, out, stem=stem),
+                  reports.save_reliability_diagram(
+                      stats["targets"], stats["probs"], list(results["class_names"]),
+                      folder.writable(f"reliability_{split}.png"),
+                      calibrated=stats.get("calibrated_probs")))
     section = results["calibration"]
     before, after = section["before"], section.get("after")
     line = (f"{split} calibration: pooled ECE x100 {100 * before['pooled_ece']:.2f}, mean Brier "
@@ -370,24 +345,14 @@ def write_calibration_reports(results: dict, stats: dict, folder: RunFolder, spl
     else:
         line += f" ({section['note']})"
     say(line)
-
-
-def evaluation_dataset(checkpoint: str | Path, config, data_path: str | Path, *, split: str,
-                       dataset: str, split_dir: str | None, cache: str, cache_size: int | None,
-                       skip_bad: bool, dicom_scaling: str | None) -> datasets.ChestXrayDataset:
-    """``split`` of ``data_path`` with the checkpoint's evaluation transform and DICOM rule
-    (``dicom_scaling`` overrides that rule, with a warning when it differs)."""
-    transform = datasets.build_transform(is_train=False, recipe=config.eval_recipe,
-                                         input_size=config.img_size, norm=config.norm)
-    if dicom_scaling is not None and config.dicom_scaling not in (None, dicom_scaling):
-        logger.warning("--dicom_scaling %s differs from the rule %s was trained with (%s): its "
-                       "DICOM inputs look different now", dicom_scaling, checkpoint,
-                       config.dicom_scaling)
-    scaling = dicom_scaling or config.dicom_scaling or datasets.imageio.dicom_scaling_for(dataset)
-    return datasets.build_dataset(split, data_path, dataset=dataset, transform=transform,
-                                  split_dir=split_dir, cache=cache, skip_bad=skip_bad,
-                                  cache_size=cache_size, verify_images="header",
-                                  dicom_scaling=scaling)
+    folder.record(*(p for p in out.iterdir() if p.is_file() and p.name.startswith(
+        (stem, f"predictions_{split}", f"roc_{split}"))))
+    if results["undefined_classes"]:
+        say(f"{split}: no AUROC for {', '.join(results['undefined_classes'])} (a single label "
+            "value in the evaluated images); the mean is over the other classes")
+    say(f"{split} mean AUROC {100 * results['mean_auroc']:.2f} over {results['num_images']} "
+        f"images ({results['checkpoint']})")
+    say(table.read_text())
 
 
 def evaluate_checkpoint(checkpoint: str | Path, data_path: str | Path, *, dataset: str,
@@ -399,17 +364,26 @@ def evaluate_checkpoint(checkpoint: str | Path, data_path: str | Path, *, datase
     """Test a checkpoint on ``split`` of ``data_path`` into the evaluation's own folder, never
     over a training run's files: ``<checkpoint folder>/eval/<name>`` (``name`` by default from
     the data folder and split file), or ``output_dir`` (``/<name>`` inside it when given).
+    The images are read with the checkpoint's evaluation transform and DICOM rule
+    (``dicom_scaling`` overrides that rule, with a warning when it differs).
     A folder already holding this split's results is refused unless ``overwrite``, which
     removes only that evaluation's own files. ``options`` go to ``test_checkpoint``."""
     checkpoint = Path(checkpoint)
     config = ckpt.read_config(checkpoint)
-    data = evaluation_dataset(checkpoint, config, data_path, split=split, dataset=dataset,
-                              split_dir=split_dir, cache=cache, cache_size=cache_size,
-                              skip_bad=skip_bad, dicom_scaling=dicom_scaling)
-    if output_dir is not None:
-        out = Path(output_dir) / name if name else Path(output_dir)
+    transform = datasets.build_transform(is_train=False, recipe=config.eval_recipe,
+                                         input_size=config.img_size, norm=config.norm)
+    if dicom_scaling is not None and config.dicom_scaling not in (None, dicom_scaling):
+        logger.warning("--dicom_scaling %s differs from the rule %s was trained with (%s): its "
+                       "DICOM inputs look different now", dicom_scaling, checkpoint,
+                       config.dicom_scaling)
+    scaling = dicom_scaling or config.dicom_scaling or datasets.imageio.dicom_scaling_for(dataset)
+    data = datasets.build_dataset(split, data_path, dataset=dataset, transform=transform,
+                                  split_dir=split_dir, cache=cache, skip_bad=skip_bad,
+                                  cache_size=cache_size, verify_images="header",
+                                  dicom_scaling=scaling)
+    out = Path(output_dir) / (name or "") if output_dir is not None else None
     name = name or default_eval_name(data_path, data.split_file)
-    if output_dir is None:
+    if out is None:
         out = checkpoint_folder(checkpoint) / "eval" / name
     folder = RunFolder.for_evaluation(out, checkpoint)
     if dist_info.is_main:

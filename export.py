@@ -34,22 +34,16 @@ from typing import Any, Sequence
 import torch.nn as nn
 from safetensors import SafetensorError
 
-from checkpoints import (  # noqa: F401  (the export API, importable from here too)
-    MERGED_FORMAT,
-    CheckpointError,
+from checkpoints import (
     ExportError,
-    checkpoint_paths,
     ModelConfig,
+    checkpoint_paths,
     export_merged,
     export_paths,
-    is_merged_export,
     load_merged,
     load_trained,
     max_output_difference,
-    merged_config,
-    read_merged_config,
     resolve_checkpoint,
-    timm_model_name,
 )
 from util import cli
 from util.cli import UsageError

@@ -31,7 +31,6 @@ non-finite outputs for some images (the others were written).
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import logging
 import os
@@ -52,7 +51,7 @@ from util import cli
 from util.cli import ToolError, UsageError
 from util.precision import AMP_CHOICES, autocast
 from util.precision import resolve_amp as precision_resolve_amp
-from util.reports import check_outputs
+from util.reports import check_outputs, write_csv, write_predictions_csv
 from util.runfolder import probe_writable
 
 if TYPE_CHECKING:
@@ -93,9 +92,7 @@ class Failure:
     reason: str
 
 
-# ---------------------------------------------------------------------------------------
-# Inputs
-# ---------------------------------------------------------------------------------------
+# -- Inputs -------------------------------------------------------------------------------
 
 def not_regular_reason(path: str | Path) -> str | None:
     """Why ``path`` is not opened as an image, or None for a regular (or missing) file.
@@ -152,11 +149,8 @@ def read_split_paths(split_file: Path) -> list[str]:
     return [line.split()[0] for line in text.splitlines() if line.strip()]
 
 
-def collect_inputs(
-    inputs: Sequence[str | Path],
-    data_path: str | Path | None = None,
-    dataset: str | None = None,
-) -> tuple[list[InputImage], list[Failure]]:
+def collect_inputs(inputs: Sequence[str | Path], data_path: str | Path | None = None,
+                   dataset: str | None = None) -> tuple[list[InputImage], list[Failure]]:
     """Expand files, folders and split files into images; missing inputs become failures.
 
     Split-file paths are resolved with the data set's rule (``nih``:
@@ -170,7 +164,6 @@ def collect_inputs(
     failures: list[Failure] = []
     for item in inputs:
         path = Path(item)
-        special = not_regular_reason(path) if not path.is_dir() else None
         if path.is_dir():
             found, unread = _walk_images(path)
             if not found and not unread:
@@ -178,7 +171,7 @@ def collect_inputs(
                                " ".join(sorted(IMAGE_SUFFIXES)))
             images.extend(InputImage(str(f), f) for f in found)
             failures.extend(unread)
-        elif special is not None:
+        elif (special := not_regular_reason(path)) is not None:
             failures.append(Failure(str(item), str(path), special))
         elif path.is_file() and path.suffix.lower() in SPLIT_SUFFIXES:
             root = Path(data_path) if data_path is not None else path.parent
@@ -199,9 +192,7 @@ def collect_inputs(
     return images, failures
 
 
-# ---------------------------------------------------------------------------------------
-# Model, transform, precision
-# ---------------------------------------------------------------------------------------
+# -- Model, transform, precision ----------------------------------------------------------
 
 def load_model(checkpoint: str | Path, finetune: str | Path | None = None,
                device: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:
@@ -254,14 +245,7 @@ def resolve_amp(amp: str, device: torch.device) -> torch.dtype | None:
         raise UsageError(str(err)) from None
 
 
-def default_device() -> str:
-    """'cuda' when a GPU is visible, else 'cpu'."""
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-# ---------------------------------------------------------------------------------------
-# Prediction
-# ---------------------------------------------------------------------------------------
+# -- Prediction ---------------------------------------------------------------------------
 
 class ImageFiles(Dataset):
     """Decodes and transforms image files; an unreadable file yields its error, not an exception."""
@@ -297,18 +281,12 @@ def _collate(batch: list[tuple[int, torch.Tensor | None, str]]
     return [i for i, _ in ok], images, failed
 
 
-def predict_images(
-    model: nn.Module,
-    config: dict[str, Any],
-    paths: Sequence[str | Path],
-    batch_size: int = 32,
-    device: str | torch.device = "cpu",
-    amp: str | torch.dtype | None = "none",
-    num_workers: int = 0,
-    transform: Callable[[Any], torch.Tensor] | None = None,
-    progress: bool = False,
-    temperatures: Sequence[float] | np.ndarray | None = None,
-) -> tuple[np.ndarray, dict[int, str]]:
+def predict_images(model: nn.Module, config: "ModelConfig", paths: Sequence[str | Path],
+                   batch_size: int = 32, device: str | torch.device = "cpu",
+                   amp: str | torch.dtype | None = "none", num_workers: int = 0,
+                   transform: Callable[[Any], torch.Tensor] | None = None, progress: bool = False,
+                   temperatures: Sequence[float] | np.ndarray | None = None
+                   ) -> tuple[np.ndarray, dict[int, str]]:
     """Sigmoid probabilities (N x K, NaN rows for failed images) and {index: reason} of failures.
 
     ``amp`` is an ``--amp`` choice or a dtype (None: fp32). The model should already be on
@@ -327,8 +305,8 @@ def predict_images(
                                                              dtype=torch.float32)
     probs = np.full((len(paths), num_classes), np.nan, dtype=np.float32)
     failures: dict[int, str] = {}
-    loader = DataLoader(ImageFiles(paths, transform, dicom_scaling(config)), batch_size=batch_size, shuffle=False,
-                        num_workers=num_workers, collate_fn=_collate,
+    loader = DataLoader(ImageFiles(paths, transform, dicom_scaling(config)), batch_size=batch_size,
+                        shuffle=False, num_workers=num_workers, collate_fn=_collate,
                         pin_memory=device.type == "cuda")
     model.eval()
     with tqdm(total=len(paths), unit="img", desc="predict", disable=not progress) as bar, \
@@ -353,9 +331,7 @@ def predict_images(
     return probs, failures
 
 
-# ---------------------------------------------------------------------------------------
-# Output
-# ---------------------------------------------------------------------------------------
+# -- Output -------------------------------------------------------------------------------
 
 def parse_threshold(value: str | None, class_names: Sequence[str],
                     calibration: "StoredCalibration | None" = None, *, calibrated: bool = False,
@@ -363,7 +339,7 @@ def parse_threshold(value: str | None, class_names: Sequence[str],
     """Per-class thresholds from ``--threshold``: one number for all classes, a JSON file
     mapping every class name to its threshold, or a kind of operating point
     (``THRESHOLD_KINDS``) read from the checkpoint's ``calibration`` on the probability
-    scale written (``calibrated`` or the model's own; NaN for a class without one)."""
+    scale written (``calibrated`` or the model's own; NaN for a class without one, logged)."""
     from util.operating_points import THRESHOLD_KINDS
 
     if value is None:
@@ -373,7 +349,12 @@ def parse_threshold(value: str | None, class_names: Sequence[str],
             raise UsageError(f"--threshold {value}: {checkpoint} carries no validation "
                              "thresholds (the final test of a training run stores them); give a "
                              "number or a JSON file")
-        return calibration.threshold_probabilities(value, class_names, calibrated=calibrated)
+        values = calibration.threshold_probabilities(value, class_names, calibrated=calibrated)
+        if np.isnan(values).any():
+            logger.warning("--threshold %s: no threshold for %s (a single label value in the "
+                           "validation split): their pred_ cells are empty", value,
+                           ", ".join(c for c, t in zip(class_names, values) if np.isnan(t)))
+        return values
     try:
         t = float(value)
     except ValueError:
@@ -398,43 +379,13 @@ def parse_threshold(value: str | None, class_names: Sequence[str],
     return values
 
 
-def write_predictions(
-    path: str | Path,
-    names: Sequence[str],
-    probs: np.ndarray,
-    class_names: Sequence[str],
-    thresholds: np.ndarray | None = None,
-) -> Path:
-    """Write the CSV: path, a probability per class, then ``pred_<class>`` if thresholds are given."""
-    from util.reports import write_predictions_csv
-
-    return write_predictions_csv(path, names, probs, class_names, thresholds=thresholds)
-
-
 def failures_path(output: str | Path) -> Path:
     """Where the list of failed inputs goes: ``<output stem>_failed.csv``."""
     output = Path(output)
     return output.with_name(f"{output.stem}_failed.csv")
 
 
-def write_failures(path: str | Path, failures: Sequence[Failure]) -> Path:
-    """Write the failed inputs as CSV: path, file, reason."""
-    from util.reports import atomic_write
-
-    def write(tmp: str) -> None:
-        with open(tmp, "w", newline="") as f:
-            writer = csv.writer(f)
-            writer.writerow(["path", "file", "reason"])
-            writer.writerows([x.name, x.file, x.reason] for x in failures)
-
-    path = Path(path)
-    atomic_write(path, write)
-    return path
-
-
-# ---------------------------------------------------------------------------------------
-# Command line
-# ---------------------------------------------------------------------------------------
+# -- Command line -------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
     """The command-line flags (whole names only: ``--input`` is no ``--inputs``)."""
@@ -466,7 +417,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="replace an existing --output, its _failed.csv and heatmaps")
     p.add_argument("--batch_size", type=int, default=32)
     p.add_argument("--num_workers", type=int, default=2, help="decoding processes (0: in-process)")
-    p.add_argument("--device", default=default_device(), help="torch device, e.g. cpu, cuda, cuda:1")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="torch device, e.g. cpu, cuda, cuda:1")
     p.add_argument("--amp", default="auto", choices=AMP_CHOICES,
                    help="mixed precision: auto = bf16 on GPUs and CPUs that compute it natively, "
                         "fp16 on older GPUs, fp32 on other CPUs; none = fp32")
@@ -514,12 +466,6 @@ def _named_inputs(args: argparse.Namespace, images: Sequence[InputImage]) -> lis
     return [*named, *(im.file for im in images)]
 
 
-def _nothing_to_predict(failures: Sequence[Failure]) -> str:
-    """The one line for inputs none of which is an image that can be read."""
-    shown = "; ".join(f"{f.name} ({f.reason})" for f in failures[:SHOWN])
-    return f"--inputs: nothing to predict: {shown}{_more(len(failures))}"
-
-
 def _more(count: int) -> str:
     """' (+N more)' for the items of a one-line message beyond the first SHOWN."""
     return f" (+{count - SHOWN} more)" if count > SHOWN else ""
@@ -543,15 +489,14 @@ def run(args: argparse.Namespace) -> int:
 
     device = torch.device(args.device)
     dtype = resolve_amp(args.amp, device)
-    model, config = _load_checkpoint(args.checkpoint, args.finetune, device)
+    try:
+        model, config = load_model(args.checkpoint, args.finetune, device)
+    except (OSError, ValueError) as err:  # CheckpointError, ExportError, PretrainedWeightsError
+        raise UsageError(f"--checkpoint {args.checkpoint}: {err}") from None
     class_names = list(config.class_names)
     calibration, calibrated = _calibration(args, config)
     thresholds = parse_threshold(args.threshold, class_names, calibration, calibrated=calibrated,
                                  checkpoint=args.checkpoint)
-    if thresholds is not None and np.isnan(thresholds).any():
-        logger.warning("--threshold %s: no threshold for %s (a single label value in the "
-                       "validation split): their pred_ cells are empty", args.threshold,
-                       ", ".join(c for c, t in zip(class_names, thresholds) if np.isnan(t)))
     heatmap_classes = _heatmap_classes(args.heatmap_class, class_names)
     transform = eval_transform(config)
     heatmap_dir = Path(args.heatmap_dir or output.with_name(f"{output.stem}_heatmaps"))
@@ -571,15 +516,17 @@ def run(args: argparse.Namespace) -> int:
         temperatures=calibration.temperatures(class_names) if calibrated else None)
     seconds = time.perf_counter() - start
     rate = len(images) / seconds if seconds > 0 else float("inf")
-    good, unpredicted, non_finite = _sort_outcomes(images, failed)
-    failures += unpredicted
+    good = [i for i in range(len(images)) if i not in failed]
+    failures += [Failure(images[i].name, str(images[i].file), failed[i]) for i in sorted(failed)]
+    non_finite = [f.name for f in failures if f.reason.startswith(NON_FINITE_REASON)]
     _log_failures(failures, non_finite, len(good) + len(non_finite), args.output, dtype)
 
     _write_failure_list(failed_csv, failures)
     if not good:  # a CSV of the header alone would pass for a result
         raise ToolError(f"none of the {len(images)} images could be predicted (listed in "
                         f"{failed_csv}); {output} not written")
-    write_predictions(output, [images[i].name for i in good], probs[good], class_names, thresholds)
+    write_predictions_csv(output, [images[i].name for i in good], probs[good], class_names,
+                          thresholds=thresholds)
     if heatmap_classes:
         _write_heatmaps(model, config, [images[i] for i in good], heatmap_classes, heatmap_dir,
                         transform, batch_size=args.batch_size, dtype=dtype)
@@ -596,8 +543,9 @@ def _images_to_predict(args: argparse.Namespace) -> tuple[list[InputImage], list
     images, failures = collect_inputs(args.inputs, args.data_path, args.dataset)
     if images:
         return images, failures
-    if failures:
-        raise UsageError(_nothing_to_predict(failures))
+    if failures:  # none of the inputs is an image that can be read
+        shown = "; ".join(f"{f.name} ({f.reason})" for f in failures[:SHOWN])
+        raise UsageError(f"--inputs: nothing to predict: {shown}{_more(len(failures))}")
     raise UsageError(f"--inputs {' '.join(args.inputs)}: no images found")
 
 
@@ -631,15 +579,6 @@ def _calibration_text(calibration: "StoredCalibration | None", calibrated: bool,
     return f"calibrated, {temperature_text(calibration.temperatures(class_names))}"
 
 
-def _load_checkpoint(checkpoint: str, finetune: str | None, device: torch.device
-                     ) -> tuple[nn.Module, "ModelConfig"]:
-    """``load_model``, with a checkpoint that cannot be used named as the flag at fault."""
-    try:
-        return load_model(checkpoint, finetune, device)
-    except (OSError, ValueError) as err:  # CheckpointError, ExportError, PretrainedWeightsError
-        raise UsageError(f"--checkpoint {checkpoint}: {err}") from None
-
-
 def _check_heatmap_outputs(images: Sequence[InputImage], classes: Sequence[str], heatmap_dir: Path,
                            *, overwrite: bool, inputs: Sequence[Path]) -> None:
     """Refuse, before predicting, heatmap files that ``check_outputs`` refuses, and two images
@@ -654,17 +593,6 @@ def _check_heatmap_outputs(images: Sequence[InputImage], classes: Sequence[str],
             raise UsageError(f"--heatmap_class: {err}") from None
         check_outputs("--heatmap_dir", [heatmap_dir / t for t in targets.values()],
                       overwrite=overwrite, inputs=inputs)
-
-
-def _sort_outcomes(images: Sequence[InputImage], failed: dict[int, str]
-                   ) -> tuple[list[int], list[Failure], list[str]]:
-    """The indices of the images predicted, the failures of the others (in input order) and
-    the names of those whose model outputs were not finite."""
-    ordered = sorted(failed.items())
-    good = [i for i in range(len(images)) if i not in failed]
-    failures = [Failure(images[i].name, str(images[i].file), reason) for i, reason in ordered]
-    non_finite = [images[i].name for i, reason in ordered if reason.startswith(NON_FINITE_REASON)]
-    return good, failures, non_finite
 
 
 def _log_failures(failures: Sequence[Failure], non_finite: Sequence[str], predicted: int,
@@ -683,10 +611,10 @@ def _log_failures(failures: Sequence[Failure], non_finite: Sequence[str], predic
 
 
 def _write_failure_list(path: Path, failures: Sequence[Failure]) -> None:
-    """Write the failed inputs, or remove a list that would describe other inputs (one left
-    by an earlier command, replaced with --overwrite)."""
+    """Write the failed inputs as CSV (path, file, reason), or remove a list that would
+    describe other inputs (one left by an earlier command, replaced with --overwrite)."""
     if failures:
-        write_failures(path, failures)
+        write_csv(path, ["path", "file", "reason"], ([x.name, x.file, x.reason] for x in failures))
     elif path.is_file():
         path.unlink()
 
@@ -717,14 +645,13 @@ def _write_heatmaps(model: nn.Module, config: "ModelConfig", images: Sequence[In
 
 def _summary_line(predicted: int, failures: Sequence[Failure], non_finite: Sequence[str],
                   failed_csv: Path, output: Path, device: torch.device, dtype: torch.dtype | None,
-                  rate: float, probabilities: str = "") -> str:
+                  rate: float, probabilities: str) -> str:
     """The one line a user greps for: what was predicted, what failed, where it went, how
     fast, and which probabilities (calibrated or not)."""
     return (f"predicted {predicted} images, {len(failures)} failed"
             f"{f' ({len(non_finite)} with non-finite model outputs)' if non_finite else ''}"
             f"{f' (listed in {failed_csv})' if failures else ''} -> {output} "
-            f"[{device.type}, {_precision(dtype)}, {rate:.1f} img/s]"
-            f"{f' probabilities {probabilities}' if probabilities else ''}")
+            f"[{device.type}, {_precision(dtype)}, {rate:.1f} img/s] probabilities {probabilities}")
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:

@@ -24,7 +24,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 from util.cli import UsageError
-from util.io import atomic_write
+from util.io import atomic_write, write_text
 from util.runfolder import run_owning
 from util.stats import small_class_note
 
@@ -65,28 +65,26 @@ def check_outputs(flag: str, outputs: Iterable[str | Path], *, overwrite: bool =
                              "another name")
 
 
-def _auroc_or_none(target: np.ndarray, prob: np.ndarray) -> float | None:
-    """AUROC of one class, or None when only one label value is present (undefined)."""
-    from util.metrics import binary_auroc  # scipy: imported only when a figure is drawn
+def write_csv(path: str | Path, header: Sequence[str], rows: Iterable[Iterable[Any]]) -> Path:
+    """Atomically write a CSV: the header, then the rows; returns the path."""
+    def write(tmp: str) -> None:
+        with open(tmp, "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(header)
+            writer.writerows(rows)
 
-    value = binary_auroc(target, prob)
-    return None if math.isnan(value) else value
-
-
-def _single_value_note(target: np.ndarray) -> str:
-    """Why a class has no ROC curve, for the legend."""
-    if target.size == 0:
-        return "no images"
-    return f"only {'positives' if target.flat[0] else 'negatives'}"
+    path = Path(path)
+    atomic_write(path, write)
+    return path
 
 
-def save_roc_curves(
-    targets: np.ndarray,
-    probs: np.ndarray,
-    class_names: Sequence[str],
-    path: str | Path,
-    title: str | None = None,
-) -> Path:
+def _cells(rows: Iterable[dict[str, Any]], fields: Sequence[str]) -> Iterable[list[Any]]:
+    """The ``fields`` columns of each row of a table."""
+    return ([row[f] for f in fields] for row in rows)
+
+
+def save_roc_curves(targets: np.ndarray, probs: np.ndarray, class_names: Sequence[str],
+                    path: str | Path, title: str | None = None) -> Path:
     """Write one PNG with a ROC curve per class and its AUROC in the legend; returns the path.
 
     Classes whose targets hold a single value have no ROC curve; the legend says so.
@@ -96,6 +94,8 @@ def save_roc_curves(
     from matplotlib.figure import Figure
     from matplotlib.lines import Line2D
     from sklearn.metrics import roc_curve
+
+    from util.metrics import binary_auroc  # scipy: imported only when a figure is drawn
 
     targets = np.asarray(targets)
     probs = np.asarray(probs, dtype=np.float64)
@@ -115,11 +115,12 @@ def save_roc_curves(
     for k, name in enumerate(class_names):
         keep = ~np.isnan(probs[:, k])
         target, prob = targets[keep, k].astype(int), probs[keep, k]
-        auc = _auroc_or_none(target, prob)
-        if auc is None:
-            handle = Line2D([], [], color=colours[k], linestyle=":")
-            handles.append(handle)
-            labels.append(f"{name}: n/a ({_single_value_note(target)})")
+        auc = binary_auroc(target, prob)
+        if math.isnan(auc):  # a single label value (or no image): no ROC curve
+            why = ("no images" if target.size == 0 else
+                   f"only {'positives' if target.flat[0] else 'negatives'}")
+            handles.append(Line2D([], [], color=colours[k], linestyle=":"))
+            labels.append(f"{name}: n/a ({why})")
             continue
         fpr, tpr, _ = roc_curve(target, prob)
         (line,) = ax.plot(fpr, tpr, color=colours[k], linewidth=1.4)
@@ -127,11 +128,8 @@ def save_roc_curves(
         labels.append(f"{name}: {100 * auc:.1f}")
         aurocs.append(auc)
     ax.plot([0, 1], [0, 1], color="grey", linestyle="--", linewidth=0.8)
-    ax.set_xlim(0.0, 1.0)
-    ax.set_ylim(0.0, 1.0)
-    ax.set_aspect("equal")
-    ax.set_xlabel("False positive rate")
-    ax.set_ylabel("True positive rate")
+    ax.set(xlim=(0.0, 1.0), ylim=(0.0, 1.0), aspect="equal", xlabel="False positive rate",
+           ylabel="True positive rate")
     mean = f"mean AUROC {100 * float(np.mean(aurocs)):.1f}" if aurocs else "no AUROC defined"
     ax.set_title(f"{title} ({mean})" if title else f"ROC curves ({mean})")
     ax.grid(True, linewidth=0.3, alpha=0.6)
@@ -165,22 +163,15 @@ def write_predictions_csv(path: str | Path, names: Sequence[str], probs: np.ndar
     if labels is not None:
         header += [f"label_{c}" for c in class_names]
 
-    def write(tmp: str) -> None:
-        with open(tmp, "w", newline="") as f:
-            writer = csv.writer(f)
-            writer.writerow(header)
-            for i, (name, row) in enumerate(zip(names, probs)):
-                cells = [name, *("" if math.isnan(p) else f"{p:.8f}" for p in map(float, row))]
-                if thresholds is not None:  # a NaN threshold (a class without one): empty
-                    cells += ["" if math.isnan(t) else str(int(p >= t))
-                              for p, t in zip(row, thresholds)]
-                if labels is not None:
-                    cells += [int(v) for v in labels[i]]
-                writer.writerow(cells)
+    def cells(i: int, name: str, row: np.ndarray) -> list[Any]:
+        line = [name, *("" if math.isnan(p) else f"{p:.8f}" for p in map(float, row))]
+        if thresholds is not None:  # a NaN threshold (a class without one): empty
+            line += ["" if math.isnan(t) else str(int(p >= t)) for p, t in zip(row, thresholds)]
+        if labels is not None:
+            line += [int(v) for v in labels[i]]
+        return line
 
-    path = Path(path)
-    atomic_write(path, write)
-    return path
+    return write_csv(path, header, (cells(i, n, row) for i, (n, row) in enumerate(zip(names, probs))))
 
 
 def x100(value: Any, digits: int = 1) -> str:
@@ -189,6 +180,11 @@ def x100(value: Any, digits: int = 1) -> str:
         return ""
     value = float(value)
     return "" if math.isnan(value) else f"{100 * value:.{digits}f}"
+
+
+def _md_row(*cells: str) -> str:
+    """One row of a markdown table."""
+    return "| " + " | ".join(cells) + " |"
 
 
 def _interval(low: str, high: str) -> str:
@@ -219,8 +215,7 @@ def auroc_rows(results: dict[str, Any]) -> list[dict[str, str]]:
     if intervals:
         per_class = intervals.get("classes") or {}
         for row in rows:
-            iv = intervals.get("mean") if row["class"] == "mean" else per_class.get(row["class"])
-            iv = iv or {}
+            iv = (intervals.get("mean") if row["class"] == "mean" else per_class.get(row["class"])) or {}
             se = iv.get("delong_se")
             row.update(auroc_ci_low=x100(iv.get("ci_low")), auroc_ci_high=x100(iv.get("ci_high")),
                        delong_se="" if se is None else f"{100 * float(se):.2f}",
@@ -264,13 +259,6 @@ def write_auroc_tables(results: dict[str, Any], out_dir: str | Path,
     out_dir = Path(out_dir)
     csv_path, md_path = out_dir / f"{stem}_auroc.csv", out_dir / f"{stem}_auroc.md"
     fields = ["class", "auroc", *(INTERVAL_COLUMNS if intervals else ()), "auprc"]
-
-    def write_csv(tmp: str) -> None:
-        with open(tmp, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=fields)
-            writer.writeheader()
-            writer.writerows(rows)
-
     header = " / ".join(str(results[k]) for k in ("dataset", "data_size", "weights", "method")
                         if results.get(k) is not None)
     lines = []
@@ -298,19 +286,14 @@ def write_auroc_tables(results: dict[str, Any], out_dir: str | Path,
                       "" if row["class"] == "mean" else
                       _interval(row["delong_low"], row["delong_high"]) or "n/a"]
         cells.append(row["auprc"] or "n/a")
-        if row["class"] == "mean":
-            cells = [f"**{c}**" if c else "" for c in cells]
-            lines.append("| **mean** | " + " | ".join(cells) + " |")
-        else:
-            lines.append(f"| {row['class']} | " + " | ".join(cells) + " |")
+        label = row["class"]
+        if label == "mean":
+            label, cells = "**mean**", [f"**{c}**" if c else "" for c in cells]
+        lines.append(_md_row(label, *cells))
     if intervals:
         lines += [""] + interval_notes(intervals)
-
-    def write_md(tmp: str) -> None:
-        Path(tmp).write_text("\n".join(lines) + "\n")
-
-    atomic_write(csv_path, write_csv)
-    atomic_write(md_path, write_md)
+    write_csv(csv_path, fields, _cells(rows, fields))
+    write_text(md_path, "\n".join(lines) + "\n")
     return csv_path, md_path
 
 
@@ -452,9 +435,7 @@ def _forest_legend(series: Sequence[str], colours: dict[str, Any], kinds: set[st
     return handles, labels
 
 
-# ----------------------------------------------------------------------------------------
-# Subgroups (util.subgroups)
-# ----------------------------------------------------------------------------------------
+# -- Subgroups (util.subgroups) -----------------------------------------------------------
 
 def _p(value: Any) -> str:
     """A p-value in three decimals ('<0.001' below), 'n/a' when undefined."""
@@ -492,13 +473,6 @@ def write_subgroup_tables(report: dict[str, Any], class_names: Sequence[str], ou
     csv_path, md_path = out_dir / f"{stem}.csv", out_dir / f"{stem}.md"
     fields = ["attribute", "subgroup", "images", "mean_auroc", "mean_ci_low", "mean_ci_high",
               "mean_classes", *class_names]
-
-    def write_csv(tmp: str) -> None:
-        with open(tmp, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=fields)
-            writer.writeheader()
-            writer.writerows(rows)
-
     level = round(100 * float(report.get("level", 0.95)))
     lines = ["# Test AUROC (x100) by subgroup", "",
              f"{report['n_images']} images; metadata: {report['source']}.", ""]
@@ -515,9 +489,9 @@ def write_subgroup_tables(report: dict[str, Any], class_names: Sequence[str], ou
         lines += [f"| subgroup | images | mean AUROC | {level}% CI | " + " | ".join(class_names) + " |",
                   "|---|---:|---:|---:|" + "---:|" * len(class_names)]
         for row in (r for r in rows if r["attribute"] == attribute):
-            lines.append(f"| {row['subgroup']} | {row['images']} | {row['mean_auroc'] or 'n/a'} | "
-                         f"{_interval(row['mean_ci_low'], row['mean_ci_high']) or 'n/a'} | "
-                         + " | ".join(row[c] or "n/a" for c in class_names) + " |")
+            lines.append(_md_row(row["subgroup"], row["images"], row["mean_auroc"] or "n/a",
+                                 _interval(row["mean_ci_low"], row["mean_ci_high"]) or "n/a",
+                                 *(row[c] or "n/a" for c in class_names)))
         gap = entry["gap"]["mean"]
         lines.append("")
         if gap["diff"] is None:
@@ -538,9 +512,8 @@ def write_subgroup_tables(report: dict[str, Any], class_names: Sequence[str], ou
     lines += [f"Intervals: {level}% bootstrap ({report['n_resamples']} resamples) per subgroup, "
               f"as in the test table. Mean gap: {report['mean_gap_test']}. Per-class gap: "
               f"{report['class_gap_test']}. {report['adjustment']}.", ""]
-
-    atomic_write(csv_path, write_csv)
-    atomic_write(md_path, lambda tmp: Path(tmp).write_text("\n".join(lines)))
+    write_csv(csv_path, fields, _cells(rows, fields))
+    write_text(md_path, "\n".join(lines))
     return csv_path, md_path
 
 
@@ -566,14 +539,7 @@ def save_subgroup_plot(report: dict[str, Any], path: str | Path) -> tuple[Path, 
                             title=title)
 
 
-# ---------------------------------------------------------------------------------------
-# Calibration and operating points (results["calibration"], results["operating_points"])
-# ---------------------------------------------------------------------------------------
-
-def _ece(value: Any) -> str:
-    """An ECE as x100 with 2 decimals; '' when missing."""
-    return x100(value, 2)
-
+# -- Calibration and operating points (results["calibration"], results["operating_points"]) ----
 
 def _brier(value: Any) -> str:
     """A Brier score with 4 decimals; '' when missing."""
@@ -587,13 +553,13 @@ def calibration_rows(results: dict[str, Any]) -> list[dict[str, str]]:
     before, after = section["before"], section.get("after") or {}
     rows = []
     for name in results["class_names"]:
-        rows.append({"class": name, "ece_before": _ece(before["ece"][name]),
-                     "ece_after": _ece((after.get("ece") or {}).get(name)),
+        rows.append({"class": name, "ece_before": x100(before["ece"][name], 2),
+                     "ece_after": x100((after.get("ece") or {}).get(name), 2),
                      "brier_before": _brier(before["brier"][name]),
                      "brier_after": _brier((after.get("brier") or {}).get(name))})
     for label, ece_key in (("mean", "mean_ece"), ("pooled", "pooled_ece")):
-        rows.append({"class": label, "ece_before": _ece(before[ece_key]),
-                     "ece_after": _ece(after.get(ece_key)),
+        rows.append({"class": label, "ece_before": x100(before[ece_key], 2),
+                     "ece_after": x100(after.get(ece_key), 2),
                      "brier_before": _brier(before["mean_brier"]),
                      "brier_after": _brier(after.get("mean_brier"))})
     return rows
@@ -612,13 +578,6 @@ def write_calibration_tables(results: dict[str, Any], out_dir: str | Path,
               "brier_before", *(["brier_after"] if calibrated else [])]
     out_dir = Path(out_dir)
     csv_path, md_path = out_dir / f"{stem}_calibration.csv", out_dir / f"{stem}_calibration.md"
-
-    def write_csv(tmp: str) -> None:
-        with open(tmp, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
-            writer.writeheader()
-            writer.writerows(rows)
-
     split = results.get("split", "test")
     lines = [f"**Calibration** ({split} split, {results.get('num_images', '?')} images)", ""]
     if calibrated:
@@ -629,7 +588,7 @@ def write_calibration_tables(results: dict[str, Any], out_dir: str | Path,
     for row in rows:
         cells = [row[f] or "n/a" for f in fields[1:]]
         label = row["class"] if row["class"] not in ("mean", "pooled") else f"**{row['class']}**"
-        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+        lines.append(_md_row(label, *cells))
     lines += ["", (f"- ECE: {section['binning']}; mean: over classes; pooled: every image x "
                    "class pair binned together. Brier: mean of (probability - label)^2."),
               f"- Reliability diagram: reliability_{split}.png."]
@@ -643,9 +602,8 @@ def write_calibration_tables(results: dict[str, Any], out_dir: str | Path,
             lines.append(f"- Note: {fitted['note']}.")
     else:
         lines.append(f"- Not calibrated: {section.get('note')}.")
-
-    atomic_write(csv_path, write_csv)
-    atomic_write(md_path, lambda tmp: Path(tmp).write_text("\n".join(lines) + "\n"))
+    write_csv(csv_path, fields, _cells(rows, fields))
+    write_text(md_path, "\n".join(lines) + "\n")
     return csv_path, md_path
 
 
@@ -663,18 +621,15 @@ def operating_point_rows(results: dict[str, Any]) -> list[dict[str, str]]:
     for name in results["class_names"]:
         for kind, per_class in points.items():
             p = per_class.get(name) or {}
-            row = {"class": name, "kind": kind}
-            for key in ("threshold", "threshold_model", "threshold_logit"):
-                row[key] = "" if p.get(key) is None else f"{p[key]:.6g}"
-            for key in ("val_sensitivity", "val_specificity"):
-                row[key] = x100(p.get(key))
-            for key in ("tp", "fp", "tn", "fn"):
-                row[key] = "" if p.get(key) is None else str(p[key])
-            for m in OPERATING_POINT_METRICS:
-                for end in ("", "_low", "_high"):
-                    row[m + end] = x100(p.get(m + end))
-            row["note"] = p.get("note") or ""
-            rows.append(row)
+            rows.append({
+                "class": name, "kind": kind,
+                **{k: "" if p.get(k) is None else f"{p[k]:.6g}"
+                   for k in ("threshold", "threshold_model", "threshold_logit")},
+                **{k: x100(p.get(k)) for k in ("val_sensitivity", "val_specificity")},
+                **{k: "" if p.get(k) is None else str(p[k]) for k in ("tp", "fp", "tn", "fn")},
+                **{m + end: x100(p.get(m + end))
+                   for m in OPERATING_POINT_METRICS for end in ("", "_low", "_high")},
+                "note": p.get("note") or ""})
     return rows
 
 
@@ -690,13 +645,6 @@ def write_operating_point_tables(results: dict[str, Any], out_dir: str | Path,
     out_dir = Path(out_dir)
     csv_path = out_dir / f"{stem}_operating_points.csv"
     md_path = out_dir / f"{stem}_operating_points.md"
-
-    def write_csv(tmp: str) -> None:
-        with open(tmp, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=[*OPERATING_POINT_FIELDS, "note"])
-            writer.writeheader()
-            writer.writerows(rows)
-
     level = round(100 * float(section.get("level", 0.95)))
     split = results.get("split", "test")
     lines = [(f"**Operating points** ({split} split, {results.get('num_images', '?')} images; "
@@ -707,21 +655,17 @@ def write_operating_point_tables(results: dict[str, Any], out_dir: str | Path,
         if not row["threshold"]:
             lines.append(f"| {row['class']} | {row['kind']} | n/a | {row['note']} | | | | |")
             continue
-        cells = []
-        for m in OPERATING_POINT_METRICS:
-            value = row[m] or "n/a"
-            interval = _interval(row[f"{m}_low"], row[f"{m}_high"])
-            cells.append(f"{value} {interval}".strip())
-        lines.append(f"| {row['class']} | {row['kind']} | {row['threshold']} | "
-                     + " | ".join(cells) + " |")
+        cells = [f"{row[m] or 'n/a'} {_interval(row[m + '_low'], row[m + '_high'])}".strip()
+                 for m in OPERATING_POINT_METRICS]
+        lines.append(_md_row(row["class"], row["kind"], row["threshold"], *cells))
     intervals = section.get("intervals") or {}
     lines += ["", (f"- x100, with {level}% intervals: sensitivity, specificity, PPV, NPV: "
                    f"{intervals.get('proportions')}; F1: {intervals.get('f1')}."),
               "- " + "; ".join(f"{k}: {v}" for k, v in (section.get("kinds") or {}).items()) + ".",
               f"- {section.get('rule')}; never chosen on the {split} split."]
-
-    atomic_write(csv_path, write_csv)
-    atomic_write(md_path, lambda tmp: Path(tmp).write_text("\n".join(lines) + "\n"))
+    fields = [*OPERATING_POINT_FIELDS, "note"]
+    write_csv(csv_path, fields, _cells(rows, fields))
+    write_text(md_path, "\n".join(lines) + "\n")
     return csv_path, md_path
 
 
@@ -773,8 +717,7 @@ def save_reliability_diagram(targets: np.ndarray, probs: np.ndarray, class_names
             ax.plot(table["mean_prob"][used], table["frequency"][used], color=colour,
                     marker=marker, markersize=3, linewidth=1.1, label=label)
             eces.append(f"{100 * expected_calibration_error(p_k, y_k, bins):.1f}")
-        ax.set_xlim(0, 1)
-        ax.set_ylim(0, 1)
+        ax.set(xlim=(0, 1), ylim=(0, 1))
         ax.tick_params(labelsize=6)
         ax.set_title(f"{name}\nECE x100 {' -> '.join(eces)}", fontsize=7)
         ax.grid(True, linewidth=0.3, alpha=0.6)
