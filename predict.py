@@ -49,9 +49,10 @@ from torch.utils.data import DataLoader, Dataset
 import methods
 from util import cli
 from util.cli import ToolError, UsageError
+from util.io import write_csv
 from util.precision import AMP_CHOICES, autocast
 from util.precision import resolve_amp as precision_resolve_amp
-from util.reports import check_outputs, write_csv, write_predictions_csv
+from util.reports import check_outputs, write_predictions_csv
 from util.runfolder import probe_writable
 
 if TYPE_CHECKING:

@@ -40,7 +40,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from util import cli
-from util.io import atomic_write, write_json, write_text
+from util.io import write_csv, write_json, write_text
 from util.reports import check_outputs, x100
 from util.stats import DEFAULT_RESAMPLES, paired_comparison, small_class_note
 from util.cli import UsageError
@@ -219,13 +219,8 @@ def write_outputs(result: dict[str, Any], out_dir: str | Path, plot: bool = Fals
     md, csv_path, js = written
     write_text(md, to_markdown(result))
 
-    def write_csv(tmp: str) -> None:
-        with open(tmp, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows(rows)
-
-    atomic_write(csv_path, write_csv)
+    header = list(rows[0])
+    write_csv(csv_path, header, ([row[k] for k in header] for row in rows))
     write_json(js, result)
     if plot:
         written += save_difference_plot(result, Path(out_dir) / "comparison_forest")

@@ -1,6 +1,7 @@
 """Crash-safe file writes (no torch import: report tools start fast)."""
 from __future__ import annotations
 
+import csv
 import errno
 import hashlib
 import json
@@ -8,7 +9,7 @@ import math
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable, Sequence
 from util.cli import ToolError
 
 TMP_SUFFIX = ".tmp"
@@ -84,6 +85,19 @@ def atomic_write(path: str | Path, write: Callable[[str], Any]) -> None:
     finally:
         if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def write_csv(path: str | Path, header: Sequence[str], rows: Iterable[Iterable[Any]]) -> Path:
+    """Atomically write a CSV: the header, then the rows; returns the path."""
+    def write(tmp: str) -> None:
+        with open(tmp, "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(header)
+            writer.writerows(rows)
+
+    path = Path(path)
+    atomic_write(path, write)
+    return path
 
 
 def json_safe(obj: Any) -> Any:

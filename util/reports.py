@@ -14,7 +14,6 @@ Plots are drawn on a bare ``matplotlib.figure.Figure`` with the Agg canvas, neve
 """
 from __future__ import annotations
 
-import csv
 import math
 import os
 from dataclasses import dataclass
@@ -24,7 +23,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 from util.cli import UsageError
-from util.io import atomic_write, write_text
+from util.io import atomic_write, write_csv, write_text
 from util.runfolder import run_owning
 from util.stats import small_class_note
 
@@ -63,19 +62,6 @@ def check_outputs(flag: str, outputs: Iterable[str | Path], *, overwrite: bool =
         if not overwrite and path.exists():
             raise UsageError(f"{flag}: {path} exists; pass --overwrite to replace it, or choose "
                              "another name")
-
-
-def write_csv(path: str | Path, header: Sequence[str], rows: Iterable[Iterable[Any]]) -> Path:
-    """Atomically write a CSV: the header, then the rows; returns the path."""
-    def write(tmp: str) -> None:
-        with open(tmp, "w", newline="") as f:
-            writer = csv.writer(f)
-            writer.writerow(header)
-            writer.writerows(rows)
-
-    path = Path(path)
-    atomic_write(path, write)
-    return path
 
 
 def _cells(rows: Iterable[dict[str, Any]], fields: Sequence[str]) -> Iterable[list[Any]]:

@@ -56,7 +56,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, NamedTuple, Sequence, TypeVar
 
 from util import cli
-from util.io import atomic_write, write_text
+from util.io import write_csv, write_text
 from util.runfolder import CONFIG_NAME, RUN_FORMAT, RunFolderError, read_run_record
 from util.reports import check_outputs, x100
 from util.cli import ToolError, UsageError
@@ -793,17 +793,6 @@ def _evaluations_section(evaluations: Sequence[dict[str, str]]) -> list[str]:
     return out
 
 
-def write_csv(path: str | Path, columns: Sequence[str], rows: Sequence[dict[str, str]]) -> None:
-    """Write the summary rows as CSV (metrics x100, blank where undefined)."""
-    def write(tmp: str) -> None:
-        with open(tmp, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(columns), extrasaction="ignore")
-            writer.writeheader()
-            writer.writerows(rows)
-
-    atomic_write(path, write)
-
-
 class Summary(NamedTuple):
     """What ``summarize`` gathered: the run table, what was left out, the evaluations."""
 
@@ -869,7 +858,7 @@ def summarize(paths: Sequence[str | Path], output: str | Path | None = None,
     listed = evaluation_rows(evaluations)
     if output is not None and (rows or listed):
         csv_path, md_path, *forest = output_paths(output, plot)
-        write_csv(csv_path, columns, rows)
+        write_csv(csv_path, columns, ([row.get(c, "") for c in columns] for row in rows))
         write_text(md_path, to_markdown(columns, rows, listed) + "\n")
         if plot:
             save_summary_plot(rows, forest[0].with_suffix(""))
