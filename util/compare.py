@@ -262,7 +262,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", default=None, help="write comparison.{md,csv,json} into this folder")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace comparison files already in --out")
-    parser.add_argument("--resamples", type=int, default=DEFAULT_RESAMPLES,
+    parser.add_argument("--resamples", type=cli.NON_NEGATIVE_INT, default=DEFAULT_RESAMPLES,
                         help="bootstrap resamples (0: DeLong only)")
     parser.add_argument("--seed", type=int, default=0, help="bootstrap seed")
     parser.add_argument("--split", default="test", help="which predictions_<split>.csv of a run folder")
@@ -300,8 +300,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(arguments)
         if args.plot and args.out is None:
             parser.error("--plot needs --out DIR")
-        if args.resamples < 0:
-            parser.error(f"--resamples must be >= 0, got {args.resamples}")
         return run(args)
 
     return cli.run(command, argv, prog=PROG)
