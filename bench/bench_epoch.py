@@ -141,6 +141,18 @@ def make_loader(dataset: torch.utils.data.Dataset, args: argparse.Namespace, pap
                         num_workers=args.num_workers, pin_memory=pin_memory)
 
 
+def epoch_times(waits: list[float], total: float, batch_size: int) -> dict[str, Any]:
+    """One epoch's numbers: the first batch's wait apart, the steady state's wait and step."""
+    first, rest = waits[0], sum(waits[1:])
+    steady = total - first
+    images = len(waits) * batch_size
+    return {"total_s": round(total, 3), "first_batch_s": round(first, 3),
+            "wait_s": round(rest, 3), "step_s": round(steady - rest, 3),
+            "wait_fraction": round(rest / steady, 4) if steady > 0 else 0.0,
+            "img_s": round(images / total, 2),
+            "steady_img_s": round((images - batch_size) / steady, 2) if steady > 0 else None}
+
+
 def run_epochs(variants: dict[str, torch.utils.data.Dataset], args: argparse.Namespace,
                device: torch.device) -> dict[str, Any]:
     """Train ``args.epochs`` epochs per variant (interleaved); per-epoch wait and step times."""
@@ -177,17 +189,7 @@ def run_epochs(variants: dict[str, torch.utils.data.Dataset], args: argparse.Nam
                                 amp_dtype=amp_dtype, log_freq=10**9, steps_per_epoch=len(loader),
                                 progress=False, params=params)
             device_sync(device)
-            total = time.perf_counter() - start
-            first, rest = timed.waits[0], sum(timed.waits[1:])
-            steady = total - first
-            images = len(timed.waits) * args.batch_size
-            out[name]["epochs"].append({
-                "total_s": round(total, 3), "first_batch_s": round(first, 3),
-                "wait_s": round(rest, 3), "step_s": round(steady - rest, 3),
-                "wait_fraction": round(rest / steady, 4) if steady > 0 else 0.0,
-                "img_s": round(images / total, 2),
-                "steady_img_s": round((images - args.batch_size) / steady, 2) if steady > 0 else None,
-            })
+            out[name]["epochs"].append(epoch_times(timed.waits, time.perf_counter() - start, args.batch_size))
             print(f"{name} epoch {epoch}: {out[name]['epochs'][-1]}", file=sys.stderr)
     for name, res in out.items():
         # Epoch 0 includes worker start-up (and compilation); the later ones are the steady state.
