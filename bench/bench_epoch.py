@@ -161,8 +161,9 @@ def run_epochs(variants: dict[str, torch.utils.data.Dataset], args: argparse.Nam
     runs = {}
     for name, dataset in variants.items():
         paper = name == "paper"
-        paper_kwargs = dict(drop_last=len(dataset) > args.batch_size, persistent_workers=args.paper_workers > 0)
-        loader = make_loader(dataset, args, paper, device.type == "cuda", **paper_kwargs)
+        loader = make_loader(dataset, args, paper, device.type == "cuda",
+                             drop_last=len(dataset) > args.batch_size,
+                             persistent_workers=args.paper_workers > 0)
         model = demo_model(args.model, args.num_classes, args.img_size, args.rank, device, paper=paper,
                            depth=args.depth)
         params = [p for p in model.parameters() if p.requires_grad]
@@ -248,8 +249,9 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
                                                args.img_size, DEMO_DEFAULTS["norm"])
     args.num_classes = len(datasets.build_dataset("train", root, cache="off").class_names)
     epochs = run_epochs(variants, args, device)
-    ratios = {f"{name}/paper epochs/s": round(epochs[name]["epochs_per_s"] / epochs["paper"]["epochs_per_s"], 2)
-              for name in ("exact", "png") if name in epochs and "paper" in epochs}
+    paper = epochs.get("paper")
+    ratios = {f"{name}/paper epochs/s": round(epochs[name]["epochs_per_s"] / paper["epochs_per_s"], 2)
+              for name in ("exact", "png") if name in epochs and paper}
     return {
         "machine": {**_common.machine_info(device), "cores": os.cpu_count(),
                     "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None},
@@ -281,8 +283,7 @@ def format_report(result: dict[str, Any]) -> str:
                      f"{res['epochs'][0]['first_batch_s']:.2f} | {res['median_steady_img_s']:.1f} | "
                      f"{result['loader_only_img_s'][name]} | {100 * res['median_wait_fraction']:.1f}% | "
                      f"{'yes' if res['data_bound'] else 'no'} |")
-    for key, value in result["ratios"].items():
-        lines.append(f"\n{key}: {value}x")
+    lines += [f"\n{key}: {value}x" for key, value in result["ratios"].items()]
     return "\n".join(lines)
 
 
@@ -324,10 +325,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         unknown = sorted(set(args.variants) - set(VARIANTS))
         if unknown or not args.variants:
             p.error(f"--variants {','.join(args.variants)}: expected names among {', '.join(VARIANTS)}")
-    elif args.cache is not None:
-        args.variants = {"off": ["png"], "on": ["exact"], "both": ["exact", "png"]}[args.cache]
     else:
-        args.variants = list(VARIANTS)
+        by_cache = {None: list(VARIANTS), "off": ["png"], "on": ["exact"], "both": ["exact", "png"]}
+        args.variants = by_cache[args.cache]
     if args.paper_workers is None:
         args.paper_workers = args.num_workers
     if args.threads:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
+from functools import partial
 from pathlib import Path
 from typing import Callable
 
@@ -134,11 +135,8 @@ def saved_bytes(model: nn.Module, forward: Callable[[], object]) -> int:
 
 def saved_mib(layer: nn.Module, x: torch.Tensor, dtype: torch.dtype | None) -> float:
     """MiB of distinct non-parameter storages the forward keeps for backward."""
-    def forward() -> None:
-        with autocast(x.device, dtype):
-            layer(x)
-
-    return saved_bytes(layer, forward) / 2**20
+    with autocast(x.device, dtype):
+        return saved_bytes(layer, partial(layer, x)) / 2**20
 
 
 def peak_mib(layer: nn.Module, x: torch.Tensor, grad: torch.Tensor, dtype: torch.dtype | None) -> float:

@@ -71,17 +71,11 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
 # HF PEFT's versions of registered methods: peer -> the method it is compared with.
 PEERS = {"peft_dora": "dora", "peft_ia3": "ia3"}
 
-# Dense bf16 tensor-core peak (FLOP/s, no sparsity) by device-name fragment, first match wins.
-GPU_BF16_PEAK: tuple[tuple[str, float], ...] = (
-    ("H200", 989e12),
-    ("H100 PCIe", 756e12),
-    ("H100 NVL", 835e12),
-    ("H100", 989e12),  # SXM ("NVIDIA H100 80GB HBM3")
-    ("GH200", 989e12),
-    ("A100", 312e12),
-    ("L40S", 362e12),
-    ("L4", 121e12),
-)
+# Dense bf16 tensor-core peak (FLOP/s, no sparsity) by device-name fragment, first match wins;
+# "H100" is the SXM card ("NVIDIA H100 80GB HBM3").
+GPU_BF16_PEAK: dict[str, float] = {"H200": 989e12, "H100 PCIe": 756e12, "H100 NVL": 835e12,
+                                   "H100": 989e12, "GH200": 989e12, "A100": 312e12,
+                                   "L40S": 362e12, "L4": 121e12}
 
 # Goals of the performance issue: (ratio or value name prefix, comparison, threshold). A
 # goal about our training step counts each way of ours that the issue allows (the bf16- or
@@ -130,7 +124,7 @@ def bf16_peak_flops(device: torch.device) -> float | None:
     if device.type != "cuda":
         return None
     name = torch.cuda.get_device_name(device)
-    return next((peak for key, peak in GPU_BF16_PEAK if key in name), None)
+    return next((peak for key, peak in GPU_BF16_PEAK.items() if key in name), None)
 
 
 def default_precisions(device: torch.device) -> list[str]:
