@@ -40,12 +40,14 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere in the repo
+if str(Path(__file__).resolve().parent) not in sys.path:
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from _common import timed  # noqa: E402  (puts the repository on sys.path)
 from datasets import build_cache, build_dataset, build_transform, make_demo_dataset  # noqa: E402
 from datasets.resample import kernel_name, pillow_only  # noqa: E402
 from datasets.synthetic import demo_as_rsna_dicoms  # noqa: E402
-from util.misc import device_sync  # noqa: E402
+from util.io import write_json  # noqa: E402
 
 SOURCES = ("png", "dicom-jpeg", "dicom")
 
@@ -156,15 +158,8 @@ def device_aug_rates(recipe: str, input_size: int, batch_size: int, device: str,
 
     cpu_s = device_s = float("inf")
     for _ in range(repeats):
-        start = time.perf_counter()
-        for img in images:
-            cpu_tf(img)
-        cpu_s = min(cpu_s, time.perf_counter() - start)
-        device_sync(on_device.device)
-        start = time.perf_counter()
-        aug(on_device)
-        device_sync(on_device.device)
-        device_s = min(device_s, time.perf_counter() - start)
+        cpu_s = min(cpu_s, timed(lambda: [cpu_tf(img) for img in images], 1, torch.device("cpu")))
+        device_s = min(device_s, timed(lambda: aug(on_device), 1, on_device.device))
     return {"recipe": recipe, "input_size": input_size, "source_size": source_size,
             "batch_size": batch_size, "device": device,
             "cpu_images_per_s_per_core": round(batch_size / cpu_s, 1),
@@ -203,8 +198,7 @@ def main() -> None:
         result = run(args.num_images, args.image_size, args.cache_size, args.input_size, args.recipe,
                      args.repeats, Path(args.workdir or tmp), source=args.source)
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(result, indent=1))
+        write_json(args.out, result)
     print(json.dumps(result))
     print(f"| {result['recipe']} train, {result['images']} x {result['image_size']}px {result['source']} "
           f"(~{result['file_kb']} KB) -> {result['input_size']} | {result['original_images_per_s']} "

@@ -4,30 +4,18 @@
     python bench/bench_epoch.py --device cuda --model vit_base_patch16 --img_size 224 --rank 4 \\
         --batch_size 64 --num_images 2000 --image_size 1024 --num_workers 12   # issue's GPU run
 
-Variants (``--variants``, epochs interleaved so that a busy machine slows all alike):
-
-    exact  ours: the exact image cache (``datasets.build_cache``: original-size pixels, the
-           crop's rows only), our LoRA model, ``torch.compile`` on CUDA (``--compile``);
-    png    ours: the same transform and model, decoding the PNG (or DICOM) files;
-    paper  the paper's pipeline: a plain DataLoader (``--paper_workers``, 10 as the paper's
-           scripts) whose dataset opens each file with PIL (``convert('RGB')``) and applies
-           torchvision's RandomResizedCrop + flip + ToTensor + Normalize, and the paper-style
-           model (``bench/paper_style.py``) under fp16 autocast + GradScaler (fp32 on a CPU,
-           as its loop autocasts on CUDA only).
-
-The real pieces run: ``datasets.loader.build_loader`` with DataLoader workers and
-``engine_finetune.train_one_epoch`` for ours. The loader is wrapped so that the time the
-step spends waiting for its next batch is measured; the rest of the epoch is the step.
-The first batch of each epoch pays the workers' start-up and is reported apart. An epoch
-whose steady-state wait exceeds 10% of its time is data-bound. Epochs/s are of the later
-epochs (the first also pays compilation), and the ratios ours / paper are printed.
+Variants (``--variants``), epochs interleaved so that a busy machine slows all alike:
+``exact`` (ours from the exact cache, compiled on CUDA), ``png`` (ours from the PNG or DICOM
+files) and ``paper`` (the paper's PIL + torchvision loader and its model under fp16 autocast
++ GradScaler). The real loader and ``engine_finetune.train_one_epoch`` run for ours; the
+loader is wrapped to measure the time the step waits for its next batch. What is measured
+and reported: bench/README.md.
 """
 from __future__ import annotations
 
 import argparse
 import logging
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -39,11 +27,10 @@ import torch
 from PIL import Image
 from torchvision import transforms as T
 
-ROOT = Path(__file__).resolve().parents[1]
-for _path in (ROOT, ROOT / "bench"):
-    if str(_path) not in sys.path:
-        sys.path.insert(0, str(_path))
+if str(Path(__file__).resolve().parent) not in sys.path:
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import _common  # noqa: E402  (puts the repository on sys.path)
 import datasets  # noqa: E402
 import models_vit_lora as mv  # noqa: E402
 from datasets.imageio import decode_dicom  # noqa: E402
@@ -143,9 +130,27 @@ def paper_epoch(model: torch.nn.Module, loader: TimedLoader, optimizer: torch.op
         loss.item()  # its loop logs every step's loss: a host sync per step
 
 
-def _compile_wanted(choice: str, device: torch.device) -> bool:
-    """--compile auto: on CUDA only."""
-    return choice == "on" or (choice == "auto" and device.type == "cuda")
+def make_loader(dataset: torch.utils.data.Dataset, args: argparse.Namespace, paper: bool,
+                pin_memory: bool, **paper_kwargs: Any) -> torch.utils.data.DataLoader:
+    """The paper's plain shuffled DataLoader (``paper_kwargs``: more of its arguments), or ours."""
+    if paper:
+        return torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, shuffle=True,
+                                           num_workers=args.paper_workers, pin_memory=pin_memory,
+                                           **paper_kwargs)
+    return build_loader(dataset, DistInfo(), train=True, batch_size=args.batch_size, seed=0,
+                        num_workers=args.num_workers, pin_memory=pin_memory)
+
+
+def epoch_times(waits: list[float], total: float, batch_size: int) -> dict[str, Any]:
+    """One epoch's numbers: the first batch's wait apart, the steady state's wait and step."""
+    first, rest = waits[0], sum(waits[1:])
+    steady = total - first
+    images = len(waits) * batch_size
+    return {"total_s": round(total, 3), "first_batch_s": round(first, 3),
+            "wait_s": round(rest, 3), "step_s": round(steady - rest, 3),
+            "wait_fraction": round(rest / steady, 4) if steady > 0 else 0.0,
+            "img_s": round(images / total, 2),
+            "steady_img_s": round((images - batch_size) / steady, 2) if steady > 0 else None}
 
 
 def run_epochs(variants: dict[str, torch.utils.data.Dataset], args: argparse.Namespace,
@@ -156,19 +161,15 @@ def run_epochs(variants: dict[str, torch.utils.data.Dataset], args: argparse.Nam
     runs = {}
     for name, dataset in variants.items():
         paper = name == "paper"
-        if paper:
-            loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, shuffle=True,
-                                                 drop_last=len(dataset) > args.batch_size,
-                                                 num_workers=args.paper_workers, pin_memory=device.type == "cuda",
-                                                 persistent_workers=args.paper_workers > 0)
-        else:
-            loader = build_loader(dataset, DistInfo(), train=True, batch_size=args.batch_size, seed=0,
-                                  num_workers=args.num_workers, pin_memory=device.type == "cuda")
+        loader = make_loader(dataset, args, paper, device.type == "cuda",
+                             drop_last=len(dataset) > args.batch_size,
+                             persistent_workers=args.paper_workers > 0)
         model = demo_model(args.model, args.num_classes, args.img_size, args.rank, device, paper=paper,
                            depth=args.depth)
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.SGD(params, lr=DEMO_DEFAULTS["lr"], momentum=0.9)
-        compiled = name == "exact" and _compile_wanted(args.compile, device)
+        compiled = name == "exact" and (args.compile == "on" or  # auto: on CUDA only
+                                        (args.compile == "auto" and device.type == "cuda"))
         step_model = torch.compile(model) if compiled else model
         scaler = torch.amp.GradScaler("cuda") if paper and device.type == "cuda" else None
         runs[name] = (loader, step_model, optimizer, params, scaler)
@@ -189,17 +190,7 @@ def run_epochs(variants: dict[str, torch.utils.data.Dataset], args: argparse.Nam
                                 amp_dtype=amp_dtype, log_freq=10**9, steps_per_epoch=len(loader),
                                 progress=False, params=params)
             device_sync(device)
-            total = time.perf_counter() - start
-            first, rest = timed.waits[0], sum(timed.waits[1:])
-            steady = total - first
-            images = len(timed.waits) * args.batch_size
-            out[name]["epochs"].append({
-                "total_s": round(total, 3), "first_batch_s": round(first, 3),
-                "wait_s": round(rest, 3), "step_s": round(steady - rest, 3),
-                "wait_fraction": round(rest / steady, 4) if steady > 0 else 0.0,
-                "img_s": round(images / total, 2),
-                "steady_img_s": round((images - args.batch_size) / steady, 2) if steady > 0 else None,
-            })
+            out[name]["epochs"].append(epoch_times(timed.waits, time.perf_counter() - start, args.batch_size))
             print(f"{name} epoch {epoch}: {out[name]['epochs'][-1]}", file=sys.stderr)
     for name, res in out.items():
         # Epoch 0 includes worker start-up (and compilation); the later ones are the steady state.
@@ -213,13 +204,7 @@ def run_epochs(variants: dict[str, torch.utils.data.Dataset], args: argparse.Nam
 
 def loader_only_rate(dataset: torch.utils.data.Dataset, args: argparse.Namespace, paper: bool = False) -> float:
     """Images/s of the loader alone (no step), with the variant's workers, after start-up."""
-    if paper:
-        loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, shuffle=True,
-                                             num_workers=args.paper_workers)
-    else:
-        loader = build_loader(dataset, DistInfo(), train=True, batch_size=args.batch_size, seed=0,
-                              num_workers=args.num_workers, pin_memory=False)
-    it = iter(loader)
+    it = iter(make_loader(dataset, args, paper, pin_memory=False))
     next(it)  # start-up
     start, n = time.perf_counter(), 0
     for images, _ in it:
@@ -244,8 +229,7 @@ def make_data(args: argparse.Namespace, workdir: Path) -> Path:
 
 def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     """Build the data (and the cache), time the epochs; returns the numbers."""
-    device = torch.device(args.device if args.device != "auto" else
-                          ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = _common.resolve_device(args.device)
     root = make_data(args, workdir)
     transform = datasets.build_transform(is_train=True, recipe="sgd", input_size=args.img_size,
                                          norm=DEMO_DEFAULTS["norm"], reprob=DEMO_DEFAULTS["reprob"])
@@ -265,16 +249,12 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
                                                args.img_size, DEMO_DEFAULTS["norm"])
     args.num_classes = len(datasets.build_dataset("train", root, cache="off").class_names)
     epochs = run_epochs(variants, args, device)
-    ratios = {}
-    if "paper" in epochs:
-        for name in ("exact", "png"):
-            if name in epochs:
-                ratios[f"{name}/paper epochs/s"] = round(epochs[name]["epochs_per_s"] / epochs["paper"]["epochs_per_s"], 2)
+    paper = epochs.get("paper")
+    ratios = {f"{name}/paper epochs/s": round(epochs[name]["epochs_per_s"] / paper["epochs_per_s"], 2)
+              for name in ("exact", "png") if name in epochs and paper}
     return {
-        "machine": {"device": str(device), "torch": torch.__version__, "threads": torch.get_num_threads(),
-                    "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-                    "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
-                    "load_avg": os.getloadavg()[0] if hasattr(os, "getloadavg") else None},
+        "machine": {**_common.machine_info(device), "cores": os.cpu_count(),
+                    "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None},
         "config": {"model": args.model, "depth": args.depth, "img_size": args.img_size, "rank": args.rank,
                    "batch_size": args.batch_size, "num_workers": args.num_workers,
                    "paper_workers": args.paper_workers, "epochs": args.epochs, "amp": args.amp,
@@ -303,8 +283,7 @@ def format_report(result: dict[str, Any]) -> str:
                      f"{res['epochs'][0]['first_batch_s']:.2f} | {res['median_steady_img_s']:.1f} | "
                      f"{result['loader_only_img_s'][name]} | {100 * res['median_wait_fraction']:.1f}% | "
                      f"{'yes' if res['data_bound'] else 'no'} |")
-    for key, value in result["ratios"].items():
-        lines.append(f"\n{key}: {value}x")
+    lines += [f"\n{key}: {value}x" for key, value in result["ratios"].items()]
     return "\n".join(lines)
 
 
@@ -346,10 +325,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         unknown = sorted(set(args.variants) - set(VARIANTS))
         if unknown or not args.variants:
             p.error(f"--variants {','.join(args.variants)}: expected names among {', '.join(VARIANTS)}")
-    elif args.cache is not None:
-        args.variants = {"off": ["png"], "on": ["exact"], "both": ["exact", "png"]}[args.cache]
     else:
-        args.variants = list(VARIANTS)
+        by_cache = {None: list(VARIANTS), "off": ["png"], "on": ["exact"], "both": ["exact", "png"]}
+        args.variants = by_cache[args.cache]
     if args.paper_workers is None:
         args.paper_workers = args.num_workers
     if args.threads:

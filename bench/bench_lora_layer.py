@@ -15,11 +15,9 @@ mask in backward.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import json
 import statistics
 import sys
-import time
+from functools import partial
 from pathlib import Path
 from typing import Callable
 
@@ -27,9 +25,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+if str(Path(__file__).resolve().parent) not in sys.path:
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import resolve_device, timed  # noqa: E402  (puts the repository on sys.path)
 from lora import LoRALinear  # noqa: E402
+from util.io import write_json  # noqa: E402
 from util.misc import device_sync  # noqa: E402
+from util.precision import autocast  # noqa: E402
 
 TOKENS_PER_IMAGE = 197  # ViT-B/16 at 224 px: 196 patches + the class token
 WIDTH, RANK, ALPHA = 768, 4, 32.0
@@ -106,9 +108,7 @@ def contenders(dropout: float, device: torch.device, study: bool) -> dict[str, L
 
 def step(layer: nn.Module, x: torch.Tensor, grad: torch.Tensor, dtype: torch.dtype | None) -> None:
     """One forward + backward; gradients are dropped so that nothing accumulates."""
-    amp = (torch.autocast(x.device.type, dtype=dtype) if dtype is not None
-           else contextlib.nullcontext())
-    with amp:
+    with autocast(x.device, dtype):
         y = layer(x)
     y.backward(grad)
     for p in layer.parameters():
@@ -135,14 +135,8 @@ def saved_bytes(model: nn.Module, forward: Callable[[], object]) -> int:
 
 def saved_mib(layer: nn.Module, x: torch.Tensor, dtype: torch.dtype | None) -> float:
     """MiB of distinct non-parameter storages the forward keeps for backward."""
-    amp = (torch.autocast(x.device.type, dtype=dtype) if dtype is not None
-           else contextlib.nullcontext())
-
-    def forward() -> None:
-        with amp:
-            layer(x)
-
-    return saved_bytes(layer, forward) / 2**20
+    with autocast(x.device, dtype):
+        return saved_bytes(layer, partial(layer, x)) / 2**20
 
 
 def peak_mib(layer: nn.Module, x: torch.Tensor, grad: torch.Tensor, dtype: torch.dtype | None) -> float:
@@ -170,12 +164,8 @@ def measure(dropout: float, batch: int, device: torch.device, dtype: torch.dtype
     times: dict[str, list[float]] = {name: [] for name in layers}
     for _ in range(rounds):
         for name, layer in layers.items():
-            device_sync(device)
-            start = time.perf_counter()
-            for _ in range(calls):
-                step(layer, x, grad, dtype)
-            device_sync(device)
-            times[name].append((time.perf_counter() - start) * 1e3 / calls)
+            seconds = timed(lambda: step(layer, x, grad, dtype), calls, device)
+            times[name].append(seconds * 1e3 / calls)
     rows = {}
     for name, layer in layers.items():
         rows[name] = {"ms": statistics.median(times[name]),
@@ -259,8 +249,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu")
-                          if args.device == "auto" else args.device)
+    device = resolve_device(args.device)
     amps = (["fp32", "bf16"] if device.type == "cuda" else ["fp32"]) if args.amp == "auto" \
         else args.amp.split(",")
     for amp in amps:
@@ -272,10 +261,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
             rows = measure(dropout, args.batch, device, AMP[amp], args.rounds, args.calls,
                            args.dropout_study)
             results.append({"precision": amp, "dropout": dropout, "rows": rows})
-    studies = {}
-    if args.dropout_study:
-        for amp in amps:
-            studies[amp] = model_dropout_study(args.model_batch, device, AMP[amp])
+    studies = ({amp: model_dropout_study(args.model_batch, device, AMP[amp]) for amp in amps}
+               if args.dropout_study else {})
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(f"LoRA layer {WIDTH}->{3 * WIDTH}, rank {RANK}, parts q,v, tokens "
           f"{args.batch} x {TOKENS_PER_IMAGE}, {name}, torch {torch.__version__}, "
@@ -287,10 +274,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         print("| LoRA dropout | MiB |\n|---|---|")
         print("\n".join(f"| {k} | {v:.1f} |" for k, v in found.items()))
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps({"device": name, "args": vars(args),
-                                               "results": results, "model_saved_mib": studies},
-                                              indent=2))
+        write_json(args.json, {"device": name, "args": vars(args), "results": results,
+                               "model_saved_mib": studies})
     return results
 
 

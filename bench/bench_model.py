@@ -3,57 +3,15 @@
     python bench/bench_model.py --quick                       # CPU, a few minutes
     python bench/bench_model.py --amp fp32,bf16 --json bench/results/model_cpu.json
     python bench/bench_model.py --device cuda --batch_size 64 --amp bf16,fp32
+    python bench/bench_model.py --methods all                 # every registered method + PEFT's
 
-Every implementation is the same timm ViT (weights from the same seed) and trains the
-same things (rank-r LoRA + fc_norm + head, or everything for full fine-tuning):
-
-    ours        lora.inject_lora(pos='attn'): q and v of the fused qkv, fused SDPA attention
-    ours_bf16w  ours with the frozen backbone held in bf16 (lora.cast_frozen_), bf16 only
-    peft        timm ViT + HF PEFT LoraConfig(target_modules=['qkv']) at the same rank
-    paper       bench/paper_style.py: explicit softmax attention, conv1d LoRA on q and v,
-                autocast on CUDA only (as the paper's code runs; fp32 on a CPU). At fp16
-                (CUDA only) it trains as the paper's engine does: fp16 autocast, GradScaler
-                and the loss read on the host every step; "ours/paper as run" is against that
-    full        full fine-tuning of the same ViT
-    ours_gc     ours with activation (gradient) checkpointing of the blocks (when asked for)
-    ours_compile  ours under torch.compile (when asked for with --impls)
-    ours_cudagraphs  ours under torch.compile(mode="reduce-overhead"): CUDA graphs, what
-                --compile_mode reduce-overhead trains with (when asked for; CUDA only)
-    peft_compile  peft under torch.compile: a PEFT user can compile too (when asked for)
-    ours_fp8_compile  ours_fp8 under torch.compile (when asked for; where ours_fp8 runs)
-    ours_fp8    ours with the frozen block linears computing in float8 (lora.to_float8_), when
-                asked for with --impls: bf16 autocast on GPUs of compute capability 8.9+
-                (skipped, with a note, on older ones); on a CPU (emulated FP8, for checks
-                only) at every precision asked for
-
-Every other registered fine-tuning method (``methods.REGISTRY``: linear, dora, ia3, ...) is
-a contender of its own name, built like ours through ``ModelConfig`` + ``build_model`` with
-its flags' defaults (LoRA's rank, alpha and dropout from this script's flags), and trained
-and evaluated the same way (merged where the method merges). ``--methods all`` (or a comma
-list of method names) adds them, with the peers of the same targets where HF PEFT has the
-method:
-
-    dora_qkv    DoRA on the whole fused qkv (--lora_pos qkv), the targets of peft_dora
-    peft_dora   timm ViT + HF PEFT LoraConfig(use_dora=True, target_modules=['qkv'])
-    ia3_qkv     IA3 scaling q, k and v (--ia3_attn qkv) and the MLP, the targets of peft_ia3
-    peft_ia3    timm ViT + HF PEFT IA3Config(target_modules=['qkv', 'fc2'],
-                feedforward_modules=['fc2'])
-
-A training step is forward + BCE-with-logits on 14 classes + backward + SGD (momentum)
-step. All models live in one process and are timed round-robin (``--steps`` steps each,
-``--rounds`` times, median), so a busy machine slows them alike; compare the ratios.
-
-Peak memory of a training step: on CUDA ``max_memory_allocated`` over the measured steps
-minus what was allocated before the model was built. On a CPU each implementation runs
-in a fresh subprocess: resident memory before the model is built is the baseline; after
-building, the optimizer and one warm-up step the kernel's peak-RSS mark is reset
-(``/proc/self/clear_refs``), a few steps run and peak RSS (VmHWM) minus the baseline is
-reported (weights + gradients + optimizer state + activations). Without /proc it falls
-back to the ``ru_maxrss`` increase, which also counts build-time transients.
-
-Model FLOPs utilisation (CUDA): the FLOPs of one training step are counted once with
-``torch.utils.flop_counter.FlopCounterMode``; achieved FLOP/s over the GPU's dense bf16
-peak. On a CPU the counted GFLOP/s is printed and MFU is n/a.
+Every contender (``--impls``) is the same timm ViT built from the same seed; ``--methods``
+adds the other registered fine-tuning methods, each with HF PEFT's version at the same
+targets where PEFT has one. All live in one process and are timed round-robin (``--steps``
+steps each, ``--rounds`` times, median), so a busy machine slows them alike: compare the
+ratios. Peak memory: ``max_memory_allocated`` on CUDA, the peak RSS of a fresh subprocess
+per contender on a CPU; FLOPs counted by torch, MFU against the GPU's bf16 peak. The
+contenders, the measurements and the goals: bench/README.md.
 """
 from __future__ import annotations
 
@@ -62,13 +20,11 @@ import contextlib
 import copy
 import gc
 import json
-import os
 import platform
 import resource
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -79,22 +35,22 @@ try:
 except ImportError:  # the PEFT peer is then skipped
     peft = None
 
+import timm
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 BENCH = Path(__file__).resolve().parent
-ROOT = BENCH.parent
-for _p in (str(BENCH), str(ROOT)):
-    if _p not in sys.path:
-        sys.path.insert(0, _p)
+if str(BENCH) not in sys.path:
+    sys.path.insert(0, str(BENCH))
 
+import _common  # noqa: E402  (puts the repository on sys.path)
+from _common import resolve_device, timed  # noqa: E402
 import lora  # noqa: E402
 import methods  # noqa: E402
 import models_vit_lora as mv  # noqa: E402
 from paper_style import paper_autocast, to_paper_style  # noqa: E402
 from util.io import write_json  # noqa: E402
-from util.misc import device_sync  # noqa: E402
 from util.precision import autocast, cpu_has_fast_bf16  # noqa: E402
 
 NUM_CLASSES = 14
@@ -104,8 +60,6 @@ TRAIN_IMPLS = ("ours", "ours_bf16w", "peft", "paper", "full")
 OPTIONAL_IMPLS = ("ours_gc", "ours_compile", "ours_cudagraphs", "peft_compile", "ours_fp8",
                   "ours_fp8_compile")
 COMPILED_IMPLS = ("ours_compile", "ours_cudagraphs", "peft_compile", "ours_fp8_compile")
-EVAL_IMPLS = ("plain", "ours_merged", "ours_unmerged", "peft", "paper", "ours_bf16w_merged",
-              "ours_fp8_merged")
 # Methods of the registry that already are contenders under another name.
 BUILT_IN = {"lora": "ours", "full": "full"}
 # Contenders that are a method at other settings than its defaults (flag destination ->
@@ -117,17 +71,11 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
 # HF PEFT's versions of registered methods: peer -> the method it is compared with.
 PEERS = {"peft_dora": "dora", "peft_ia3": "ia3"}
 
-# Dense bf16 tensor-core peak (FLOP/s, no sparsity) by device-name fragment, first match wins.
-GPU_BF16_PEAK: tuple[tuple[str, float], ...] = (
-    ("H200", 989e12),
-    ("H100 PCIe", 756e12),
-    ("H100 NVL", 835e12),
-    ("H100", 989e12),  # SXM ("NVIDIA H100 80GB HBM3")
-    ("GH200", 989e12),
-    ("A100", 312e12),
-    ("L40S", 362e12),
-    ("L4", 121e12),
-)
+# Dense bf16 tensor-core peak (FLOP/s, no sparsity) by device-name fragment, first match wins;
+# "H100" is the SXM card ("NVIDIA H100 80GB HBM3").
+GPU_BF16_PEAK: dict[str, float] = {"H200": 989e12, "H100 PCIe": 756e12, "H100 NVL": 835e12,
+                                   "H100": 989e12, "GH200": 989e12, "A100": 312e12,
+                                   "L40S": 362e12, "L4": 121e12}
 
 # Goals of the performance issue: (ratio or value name prefix, comparison, threshold). A
 # goal about our training step counts each way of ours that the issue allows (the bf16- or
@@ -151,43 +99,22 @@ GOALS: tuple[tuple[str, str, float], ...] = (
     ("train ia3_qkv/peft_ia3", ">=", 1.2),
 )
 
-# The ratios reported, (name, table, numerator, denominator); "{p}" stands for each
-# precision measured. Train and eval compare img/s, memory compares peak MB.
-RATIOS: tuple[tuple[str, str, str, str], ...] = (
-    ("train ours/peft {p}", "train", "ours:{p}", "peft:{p}"),
-    ("train ours/full {p}", "train", "ours:{p}", "full:{p}"),
-    ("train ours_bf16w/peft {p}", "train", "ours_bf16w:{p}", "peft:{p}"),
-    ("train ours_compile/peft {p}", "train", "ours_compile:{p}", "peft:{p}"),
-    ("train ours_compile/peft_compile {p}", "train", "ours_compile:{p}", "peft_compile:{p}"),
-    ("train ours_cudagraphs/peft {p}", "train", "ours_cudagraphs:{p}", "peft:{p}"),
-    ("train ours_cudagraphs/peft_compile {p}", "train", "ours_cudagraphs:{p}", "peft_compile:{p}"),
-    ("train ours/paper {p}", "train", "ours:{p}", "paper:{p}"),
-    ("train ours_gc/peft {p}", "train", "ours_gc:{p}", "peft:{p}"),
-    ("train ours_fp8/ours {p}", "train", "ours_fp8:{p}", "ours:{p}"),
-    ("train ours_fp8/peft {p}", "train", "ours_fp8:{p}", "peft:{p}"),
-    ("train ours_fp8_compile/peft_compile {p}", "train", "ours_fp8_compile:{p}", "peft_compile:{p}"),
-    ("train ours_fp8_compile/peft {p}", "train", "ours_fp8_compile:{p}", "peft:{p}"),
-    ("memory ours/full {p}", "memory", "ours:{p}", "full:{p}"),
-    ("memory ours/peft {p}", "memory", "ours:{p}", "peft:{p}"),
-    ("memory ours_bf16w/full {p}", "memory", "ours_bf16w:{p}", "full:{p}"),
-    ("memory ours_gc/full {p}", "memory", "ours_gc:{p}", "full:{p}"),
-    ("memory ours_fp8/full {p}", "memory", "ours_fp8:{p}", "full:{p}"),
-    ("eval merged/plain {p}", "eval", "ours_merged:{p}", "plain:{p}"),
-    ("eval unmerged/plain {p}", "eval", "ours_unmerged:{p}", "plain:{p}"),
-    ("eval ours_bf16w_merged/plain {p}", "eval", "ours_bf16w_merged:{p}", "plain:{p}"),
-    ("eval peft/plain {p}", "eval", "peft:{p}", "plain:{p}"),
-    ("eval paper/plain {p}", "eval", "paper:{p}", "plain:{p}"),
-    ("eval ours_fp8_merged/ours_merged {p}", "eval", "ours_fp8_merged:{p}", "ours_merged:{p}"),
-    ("train dora_qkv/peft_dora {p}", "train", "dora_qkv:{p}", "peft_dora:{p}"),
-    ("memory dora_qkv/peft_dora {p}", "memory", "dora_qkv:{p}", "peft_dora:{p}"),
-    ("train dora/peft_dora {p}", "train", "dora:{p}", "peft_dora:{p}"),
-    ("memory dora/peft_dora {p}", "memory", "dora:{p}", "peft_dora:{p}"),
-    ("train ia3_qkv/peft_ia3 {p}", "train", "ia3_qkv:{p}", "peft_ia3:{p}"),
-    ("memory ia3_qkv/peft_ia3 {p}", "memory", "ia3_qkv:{p}", "peft_ia3:{p}"),
-    ("train ia3/peft_ia3 {p}", "train", "ia3:{p}", "peft_ia3:{p}"),
-    ("memory ia3/peft_ia3 {p}", "memory", "ia3:{p}", "peft_ia3:{p}"),
-    ("eval peft_dora/plain {p}", "eval", "peft_dora:{p}", "plain:{p}"),
-    ("eval peft_ia3/plain {p}", "eval", "peft_ia3:{p}", "plain:{p}"),
+# The ratios reported, "<table> <numerator>/<denominator>", each at every precision measured
+# ("<name> <precision>"). Train and eval compare img/s, memory compares peak MB; in the eval
+# table "merged" and "unmerged" stand for ours.
+RATIOS: tuple[str, ...] = (
+    "train ours/peft", "train ours/full", "train ours_bf16w/peft", "train ours_compile/peft",
+    "train ours_compile/peft_compile", "train ours_cudagraphs/peft",
+    "train ours_cudagraphs/peft_compile", "train ours/paper", "train ours_gc/peft",
+    "train ours_fp8/ours", "train ours_fp8/peft", "train ours_fp8_compile/peft_compile",
+    "train ours_fp8_compile/peft",
+    "memory ours/full", "memory ours/peft", "memory ours_bf16w/full", "memory ours_gc/full",
+    "memory ours_fp8/full",
+    "eval merged/plain", "eval unmerged/plain", "eval ours_bf16w_merged/plain", "eval peft/plain",
+    "eval paper/plain", "eval ours_fp8_merged/ours_merged",
+    "train dora_qkv/peft_dora", "memory dora_qkv/peft_dora", "train dora/peft_dora",
+    "memory dora/peft_dora", "train ia3_qkv/peft_ia3", "memory ia3_qkv/peft_ia3",
+    "train ia3/peft_ia3", "memory ia3/peft_ia3", "eval peft_dora/plain", "eval peft_ia3/plain",
 )
 FIELDS = {"train": "img_s", "eval": "img_s", "memory": "peak_mb"}
 
@@ -197,14 +124,7 @@ def bf16_peak_flops(device: torch.device) -> float | None:
     if device.type != "cuda":
         return None
     name = torch.cuda.get_device_name(device)
-    return next((peak for key, peak in GPU_BF16_PEAK if key in name), None)
-
-
-def resolve_device(spec: str) -> torch.device:
-    """'auto' is the first CUDA device when there is one, else the CPU."""
-    if spec == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(spec)
+    return next((peak for key, peak in GPU_BF16_PEAK.items() if key in name), None)
 
 
 def default_precisions(device: torch.device) -> list[str]:
@@ -233,7 +153,7 @@ def valid_case(impl: str, prec: str, device: torch.device) -> bool:
         return impl == "paper" and device.type == "cuda"
     if impl == "ours_bf16w":
         return prec == "bf16"
-    if impl in ("ours_fp8", "ours_fp8_compile"):
+    if impl.startswith("ours_fp8"):
         return fp8_runs_on(device) and (prec == "bf16" or device.type == "cpu")
     if impl == "ours_cudagraphs":
         return device.type == "cuda"
@@ -246,20 +166,12 @@ def method_contenders() -> dict[str, tuple[str, dict[str, Any]]]:
     """Every registered method that is not a built-in contender, under its own name, and the
     same-target variants of those that have a PEFT peer: contender -> (method, flag values
     that differ from the flags' defaults)."""
-    found: dict[str, tuple[str, dict[str, Any]]] = {
-        name: (name, {}) for name in methods.REGISTRY if name not in BUILT_IN}
-    found.update({name: v for name, v in VARIANTS.items() if v[0] in methods.REGISTRY})
-    return found
-
-
-def peers() -> dict[str, str]:
-    """The PEFT peers whose method is registered: peer -> method."""
-    return {name: m for name, m in PEERS.items() if m in methods.REGISTRY}
+    return {**{name: (name, {}) for name in methods.REGISTRY if name not in BUILT_IN}, **VARIANTS}
 
 
 def all_impls() -> tuple[str, ...]:
     """Every contender name ``--impls`` accepts."""
-    return TRAIN_IMPLS + OPTIONAL_IMPLS + tuple(method_contenders()) + tuple(peers())
+    return TRAIN_IMPLS + OPTIONAL_IMPLS + tuple(method_contenders()) + tuple(PEERS)
 
 
 def expand_methods(spec: str) -> list[str]:
@@ -272,13 +184,13 @@ def expand_methods(spec: str) -> list[str]:
     if unknown:
         raise ValueError(f"--methods: unknown {unknown}; choose from {list(methods.REGISTRY)} or all")
     out: list[str] = []
-    contenders, peer_of = method_contenders(), peers()
+    contenders = method_contenders()
     for name in names:
         out.append(BUILT_IN.get(name, name))
         if name == "lora":
             out.append("peft")
         out += [c for c, (m, flags) in contenders.items() if m == name and flags]
-        out += [p for p, m in peer_of.items() if m == name]
+        out += [p for p, m in PEERS.items() if m == name]
     return list(dict.fromkeys(out))
 
 
@@ -315,8 +227,7 @@ def build(impl: str, arch: str, img_size: int, rank: int, alpha: float, dropout:
           device: torch.device) -> nn.Module:
     """One implementation's training model on ``device``, trainable parameters set."""
     torch.manual_seed(0)  # the same backbone weights for every implementation
-    ours = impl in ("ours", "ours_bf16w", "ours_gc", "ours_compile", "ours_cudagraphs", "ours_fp8",
-                    "ours_fp8_compile")
+    ours = impl.startswith("ours")
     contender = method_contenders().get(impl)
     if ours:
         method, settings = "lora", mv.LoRASpec(rank=rank, alpha=alpha, dropout=dropout, pos="attn")
@@ -330,23 +241,22 @@ def build(impl: str, arch: str, img_size: int, rank: int, alpha: float, dropout:
         img_size=img_size, global_pool=True, norm="mrm", mean=(0.5,) * 3, std=(0.25,) * 3,
         method_settings=settings)
     model = mv.build_model(config)
-    if ours or contender is not None:
-        if impl == "ours_gc":
-            model.set_grad_checkpointing(True)  # recompute block activations in backward
-    elif impl in ("peft", "peft_compile") or impl in PEERS:
+    if impl == "ours_gc":
+        model.set_grad_checkpointing(True)  # recompute block activations in backward
+    elif impl in ("peft", "peft_compile", *PEERS):
         model = build_peer(impl, model, rank, alpha, dropout)
     elif impl == "paper":
         to_paper_style(model, rank=rank, alpha=alpha, dropout=dropout)
     elif impl == "full":
         model.requires_grad_(True)
-    else:
+    elif not ours and contender is None:
         raise ValueError(f"unknown implementation {impl!r}; choose from {all_impls()}")
     model.to(device)
     if impl == "ours_bf16w":
         lora.cast_frozen_(model, torch.bfloat16)
-    if impl in ("ours_fp8", "ours_fp8_compile"):
+    if impl.startswith("ours_fp8"):
         lora.to_float8_(model)
-    if impl in ("ours_compile", "peft_compile", "ours_fp8_compile"):
+    if impl.endswith("_compile"):
         model = torch.compile(model)
     if impl == "ours_cudagraphs":
         model = torch.compile(model, mode="reduce-overhead")
@@ -398,16 +308,6 @@ def step_fn(trainer: Trainer, prec: str, x: torch.Tensor, y: torch.Tensor,
     return lambda: trainer.step(x, y, amp)
 
 
-def timed(fn: Callable[[], None], n: int, device: torch.device) -> float:
-    """Seconds for ``n`` calls of ``fn``."""
-    device_sync(device)
-    start = time.perf_counter()
-    for _ in range(n):
-        fn()
-    device_sync(device)
-    return time.perf_counter() - start
-
-
 def count_flops(fn: Callable[[], None]) -> int:
     """FLOPs of one call of ``fn`` (matmuls, convolutions, attention), counted by torch."""
     from torch.utils.flop_counter import FlopCounterMode
@@ -454,36 +354,29 @@ def measure_memory_here(impl: str, prec: str, cfg: dict[str, Any], device: torch
     trainer = Trainer(impl, build(impl, cfg["arch"], cfg["img_size"], cfg["rank"], cfg["alpha"],
                                   cfg["dropout"], device))
     step = step_fn(trainer, prec, x, y, device)
-    step()  # allocates gradients and optimizer state
-    device_sync(device)
+    timed(step, 1, device)  # one step: allocates gradients and optimizer state
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-        for _ in range(steps):
-            step()
-        device_sync(device)
-        peak, method = torch.cuda.max_memory_allocated(device) - base, "cuda max_memory_allocated"
     else:
         gc.collect()
-        if base_rss is not None and _reset_peak_rss():
-            for _ in range(steps):
-                step()
-            peak, method = (_proc_status_kb("VmHWM") - base_rss) * 1024, "VmHWM after reset - VmRSS before build"
-        else:
-            for _ in range(steps):
-                step()
-            peak = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base_max) * 1024
-            method = "ru_maxrss increase (includes build transients)"
+        reset = base_rss is not None and _reset_peak_rss()
+    timed(step, steps, device)
+    if device.type == "cuda":
+        peak, method = torch.cuda.max_memory_allocated(device) - base, "cuda max_memory_allocated"
+    elif reset:
+        peak, method = (_proc_status_kb("VmHWM") - base_rss) * 1024, "VmHWM after reset - VmRSS before build"
+    else:
+        peak = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base_max) * 1024
+        method = "ru_maxrss increase (includes build transients)"
     del trainer
     return {"impl": impl, "prec": prec, "peak_mb": round(peak / 2**20, 1), "method": method}
 
 
 def measure_memory_subprocess(impl: str, prec: str, args: argparse.Namespace) -> dict[str, Any]:
     """Run ``measure_memory_here`` in a fresh interpreter (CPU: RSS is per process)."""
+    flags = ("model", "batch_size", "img_size", "rank", "alpha", "dropout", "mem_steps", "threads")
     cmd = [sys.executable, str(Path(__file__).resolve()), "--memory_worker", f"{impl}:{prec}",
-           "--device", "cpu", "--model", args.model, "--batch_size", str(args.batch_size),
-           "--img_size", str(args.img_size), "--rank", str(args.rank), "--alpha", str(args.alpha),
-           "--dropout", str(args.dropout), "--mem_steps", str(args.mem_steps),
-           "--threads", str(args.threads)]
+           "--device", "cpu", *(arg for f in flags for arg in (f"--{f}", str(getattr(args, f))))]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=str(BENCH))
     if proc.returncode != 0:
         raise RuntimeError(f"memory worker {impl}:{prec} failed:\n{proc.stderr[-3000:]}")
@@ -536,11 +429,10 @@ def measure_memories(cases: list[tuple[str, str]], cfg: dict[str, Any], args: ar
     subprocess each on a CPU."""
     memory: dict[str, Any] = {}
     for impl, prec in cases:
-        if device.type == "cuda":
-            memory[f"{impl}:{prec}"] = measure_memory_here(impl, prec, cfg, device, args.mem_steps)
-        else:
-            memory[f"{impl}:{prec}"] = measure_memory_subprocess(impl, prec, args)
-        print(f"memory {impl}:{prec} {memory[f'{impl}:{prec}']['peak_mb']} MB", file=sys.stderr)
+        key = f"{impl}:{prec}"
+        memory[key] = (measure_memory_here(impl, prec, cfg, device, args.mem_steps)
+                       if device.type == "cuda" else measure_memory_subprocess(impl, prec, args))
+        print(f"memory {key} {memory[key]['peak_mb']} MB", file=sys.stderr)
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -618,31 +510,25 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 def run_eval(trainers: dict[str, Trainer], precs: list[str], args: argparse.Namespace,
              device: torch.device) -> dict[str, Any]:
     """Inference images/s (no_grad, eval mode) of the plain ViT and the adapted models."""
+    def merged(impl: str, merge: Callable[[nn.Module], Any] = lora.merge) -> nn.Module:
+        model = copy.deepcopy(trainers[impl].model)
+        merge(model)
+        return model
+
     models: dict[str, nn.Module] = {}
     if "full" in trainers:
         models["plain"] = trainers["full"].model  # the plain ViT: same architecture, no adapters
     if "ours" in trainers:
-        merged = copy.deepcopy(trainers["ours"].model)
-        lora.merge(merged)
-        models["ours_merged"] = merged
-        models["ours_unmerged"] = trainers["ours"].model
-    for impl in ("ours_bf16w", "ours_fp8"):
-        if impl in trainers:
-            merged = copy.deepcopy(trainers[impl].model)
-            lora.merge(merged)
-            models[f"{impl}_merged"] = merged
-    for impl in ("peft", "paper", *PEERS):
-        if impl in trainers:
-            models[impl] = trainers[impl].model
+        models["ours_merged"], models["ours_unmerged"] = merged("ours"), trainers["ours"].model
+    models.update({f"{i}_merged": merged(i) for i in ("ours_bf16w", "ours_fp8") if i in trainers})
+    models.update({i: trainers[i].model for i in ("peft", "paper", *PEERS) if i in trainers})
     for impl, (name, _) in method_contenders().items():
         if impl in trainers:  # merged where the method merges, as evaluation runs it
             method = methods.get(name)
             if method.not_mergeable:
                 models[impl] = trainers[impl].model
             else:
-                merged = copy.deepcopy(trainers[impl].model)
-                method.merge(merged)
-                models[f"{impl}_merged"] = merged
+                models[f"{impl}_merged"] = merged(impl, method.merge)
     xe, _ = make_batch(args.eval_batch_size, args.img_size, device)
     fns: dict[str, Callable[[], None]] = {}
     for name, model in models.items():
@@ -673,9 +559,12 @@ def ratios(result: dict[str, Any], precs: list[str], device: torch.device) -> di
         if num in rows and den in rows and rows[den][field]:
             out[name] = round(rows[num][field] / rows[den][field], 3)
 
+    alias = {"merged": "ours_merged", "unmerged": "ours_unmerged"}
     for p in precs:
-        for name, table, num, den in RATIOS:
-            put(name.format(p=p), table, num.format(p=p), den.format(p=p))
+        for name in RATIOS:
+            table, pair = name.split(" ")
+            num, den = pair.split("/")
+            put(f"{name} {p}", table, f"{alias.get(num, num)}:{p}", f"{den}:{p}")
         for impl, (method, _) in method_contenders().items():  # each method against LoRA
             put(f"train {impl}/ours {p}", "train", f"{impl}:{p}", f"ours:{p}")
             put(f"memory {impl}/ours {p}", "memory", f"{impl}:{p}", f"ours:{p}")
@@ -714,16 +603,9 @@ def check_goals(values: dict[str, float]) -> list[dict[str, Any]]:
 
 def machine_info(device: torch.device) -> dict[str, Any]:
     """What the numbers were measured on."""
-    info = {"device": str(device), "torch": torch.__version__, "python": platform.python_version(),
-            "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
+    info = {**_common.machine_info(device), "python": platform.python_version(),
             "cpu_fast_bf16": cpu_has_fast_bf16(), "peft": getattr(peft, "__version__", None),
-            "load_avg": os.getloadavg()[0] if hasattr(os, "getloadavg") else None}
-    try:
-        import timm
-
-        info["timm"] = timm.__version__
-    except ImportError:
-        pass
+            "timm": timm.__version__}
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
         info["bf16_peak_tflops"] = (bf16_peak_flops(device) or 0) / 1e12 or None
@@ -794,15 +676,6 @@ def get_parser() -> argparse.ArgumentParser:
     return p
 
 
-def apply_quick(args: argparse.Namespace, argv: list[str] | None) -> None:
-    """``--quick``: the short settings, for each flag not given on the command line."""
-    given = {a.split("=")[0] for a in (argv if argv is not None else sys.argv[1:])}
-    for flag, value in (("batch_size", 4), ("steps", 2), ("rounds", 1), ("warmup", 0),
-                        ("mem_steps", 1)):
-        if f"--{flag}" not in given:
-            setattr(args, flag, value)
-
-
 def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """Refuse (``parser.error``) counts, precisions, contenders and sizes that cannot run."""
     if args.warmup < 0:
@@ -828,8 +701,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     """Command line."""
     parser = get_parser()
     args = parser.parse_args(argv)
-    if args.quick:
-        apply_quick(args, argv)
+    if args.quick:  # the short settings, for each flag not given on the command line
+        given = {a.split("=")[0] for a in (argv if argv is not None else sys.argv[1:])}
+        quick = {"batch_size": 4, "steps": 2, "rounds": 1, "warmup": 0, "mem_steps": 1}
+        for flag, value in quick.items():
+            if f"--{flag}" not in given:
+                setattr(args, flag, value)
     args.eval_batch_size = args.eval_batch_size or args.batch_size
     check_args(parser, args)
 

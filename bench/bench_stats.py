@@ -45,7 +45,7 @@ for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ.setdefault(var, "1")  # one core, before numpy loads a BLAS
 
 import argparse  # noqa: E402
-import json  # noqa: E402
+import contextlib  # noqa: E402
 import math  # noqa: E402
 import platform  # noqa: E402
 import subprocess  # noqa: E402
@@ -60,6 +60,7 @@ from sklearn.metrics import roc_auc_score  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere in the repo
 
+from util.io import write_json  # noqa: E402
 from util.stats import (Strata, _bootstrap_p, auroc_intervals, bootstrap_aurocs,  # noqa: E402
                         delong_components, delong_covariance, delong_interval)
 
@@ -230,7 +231,7 @@ def simulate(repetitions: int, resamples: int, workers: int) -> dict[str, Any]:
     out: dict[str, Any] = {"labels": source, "repetitions": repetitions, "resamples": resamples,
                            "true_auroc": TRUE_AUROC, "sets": {}}
     pool = ProcessPoolExecutor(max_workers=workers) if workers > 1 else None
-    try:
+    with pool or contextlib.nullcontext():
         for name, targets in sets.items():
             jobs = [(targets, rep, resamples) for rep in range(repetitions)]
             runs = list(pool.map(simulate_one, jobs, chunksize=max(1, repetitions // (8 * workers)))
@@ -246,9 +247,6 @@ def simulate(repetitions: int, resamples: int, workers: int) -> dict[str, Any]:
                     table[f"{kind} {method}"] = [round(float(v), 1) if c else None
                                                  for v, c in zip(share, scored)]
             out["sets"][name] = {"rows": rows, "positives": targets.sum(axis=0).tolist(), **table}
-    finally:
-        if pool:
-            pool.shutdown()
     return out
 
 
@@ -296,8 +294,7 @@ def main(argv: list[str] | None = None) -> dict:
         print_simulation(result)
         print(f"\ncpu: {result['cpu']}; {result['seconds']} s with {args.workers} worker(s)")
         if args.json:
-            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+            write_json(args.json, result)
         return result
 
     targets, scores = nih_like(args.images, args.classes)
@@ -329,8 +326,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"cpu: {result['cpu']}; {result['undefined_resamples']} resamples with a class left "
           "undefined")
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+        write_json(args.json, result)
     return result
 
 

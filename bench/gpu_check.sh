@@ -146,40 +146,32 @@ if [ "${COMPILED:-1}" = 0 ]; then COMPILED_ARGS=(); SMALL_ARGS=(); fi
 DICOM_TIMEOUT="${DICOM_TIMEOUT:-$EPOCH_TIMEOUT}"
 
 status=0
-timeout "$MODEL_TIMEOUT" python3 bench/bench_model.py "${MODEL_64[@]}" --json "$OUT/model.json" \
-  2>&1 | tee "$OUT/model.log" || status=1
-if [ ${#MODEL_128[@]} -gt 0 ]; then
-  timeout "$MODEL_TIMEOUT" python3 bench/bench_model.py "${MODEL_128[@]}" --json "$OUT/model_b128.json" \
-    2>&1 | tee "$OUT/model_b128.log" || status=1
-fi
-if [ ${#METHODS_ARGS[@]} -gt 0 ]; then
-  timeout "$METHODS_TIMEOUT" python3 bench/bench_model.py "${METHODS_ARGS[@]}" --json "$OUT/model_methods.json" \
-    2>&1 | tee "$OUT/model_methods.log" || status=1
-fi
-if [ ${#COMPILED_ARGS[@]} -gt 0 ]; then
-  timeout "$COMPILED_TIMEOUT" python3 bench/bench_model.py "${COMPILED_ARGS[@]}" --json "$OUT/model_compiled.json" \
-    2>&1 | tee "$OUT/model_compiled.log" || status=1
-fi
-if [ ${#SMALL_ARGS[@]} -gt 0 ]; then
-  timeout "$SMALL_TIMEOUT" python3 bench/bench_model.py "${SMALL_ARGS[@]}" --json "$OUT/model_b32.json" \
-    2>&1 | tee "$OUT/model_b32.log" || status=1
-fi
-timeout "$LORA_TIMEOUT" python3 bench/bench_lora_layer.py "${LORA_ARGS[@]}" --json "$OUT/lora_layer.json" \
-  2>&1 | tee "$OUT/lora_layer.log" || status=1
-timeout "$PROFILE_TIMEOUT" python3 bench/profile_step.py "${PROFILE_ARGS[@]}" 2>&1 | tee "$OUT/profile.log" || status=1
+# step SECONDS NAME SCRIPT ARGS...: one benchmark under timeout, its output also in $OUT/NAME.log
+step() {
+  local seconds=$1 name=$2
+  shift 2
+  timeout "$seconds" python3 "$@" 2>&1 | tee "$OUT/$name.log" || status=1
+}
+# model_step SECONDS NAME ARGS...: bench_model.py, JSON to $OUT/NAME.json; skipped without ARGS
+model_step() {
+  if [ $# -gt 2 ]; then step "$1" "$2" bench/bench_model.py "${@:3}" --json "$OUT/$2.json"; fi
+}
+model_step "$MODEL_TIMEOUT" model "${MODEL_64[@]}"
+model_step "$MODEL_TIMEOUT" model_b128 "${MODEL_128[@]}"
+model_step "$METHODS_TIMEOUT" model_methods "${METHODS_ARGS[@]}"
+model_step "$COMPILED_TIMEOUT" model_compiled "${COMPILED_ARGS[@]}"
+model_step "$SMALL_TIMEOUT" model_b32 "${SMALL_ARGS[@]}"
+step "$LORA_TIMEOUT" lora_layer bench/bench_lora_layer.py "${LORA_ARGS[@]}" --json "$OUT/lora_layer.json"
+step "$PROFILE_TIMEOUT" profile bench/profile_step.py "${PROFILE_ARGS[@]}"
 if [ "${DATA:-1}" != 0 ]; then
-  timeout "$DATA_TIMEOUT" python3 bench/bench_data.py "${DATA_ARGS[@]}" --out "$OUT/data.json" \
-    2>&1 | tee "$OUT/data.log" || status=1
+  step "$DATA_TIMEOUT" data bench/bench_data.py "${DATA_ARGS[@]}" --out "$OUT/data.json"
 fi
-timeout "$EPOCH_TIMEOUT" python3 bench/bench_epoch.py "${EPOCH_PNG[@]}" --json "$OUT/epoch_png.json" \
-  2>&1 | tee "$OUT/epoch_png.log" || status=1
+step "$EPOCH_TIMEOUT" epoch_png bench/bench_epoch.py "${EPOCH_PNG[@]}" --json "$OUT/epoch_png.json"
 if [ "${DICOM:-1}" != 0 ]; then
-  timeout "$DICOM_TIMEOUT" python3 bench/bench_epoch.py "${EPOCH_DICOM[@]}" --json "$OUT/epoch_dicom.json" \
-    2>&1 | tee "$OUT/epoch_dicom.log" || status=1
+  step "$DICOM_TIMEOUT" epoch_dicom bench/bench_epoch.py "${EPOCH_DICOM[@]}" --json "$OUT/epoch_dicom.json"
 fi
 if [ -n "${DEVAUG_ARGS+x}" ]; then
-  timeout "$DEVAUG_TIMEOUT" python3 bench/bench_data.py "${DEVAUG_ARGS[@]}" --out "$OUT/device_aug.json" \
-    2>&1 | tee "$OUT/device_aug.log" || status=1
+  step "$DEVAUG_TIMEOUT" device_aug bench/bench_data.py "${DEVAUG_ARGS[@]}" --out "$OUT/device_aug.json"
 fi
 echo "gpu_check: results in $OUT (status $status)"
 exit $status

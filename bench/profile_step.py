@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 from collections import defaultdict
+from functools import partial
 
 import bench_model as bm  # imports PEFT first, then puts the repository on sys.path
 import torch
@@ -20,25 +21,20 @@ from bench_lora_layer import saved_bytes
 from torch.profiler import ProfilerActivity, profile
 from util.misc import device_sync
 
-# Operator-name fragments -> group, first match wins.
-GROUPS: tuple[tuple[str, str], ...] = (
-    ("aten::addmm", "matrix products"),
-    ("aten::mm", "matrix products"),
-    ("aten::bmm", "matrix products"),
-    ("aten::matmul", "matrix products"),
-    ("scaled_dot_product", "fused attention"),
-    ("flash_attention", "fused attention"),
-    ("efficient_attention", "fused attention"),
-    ("aten::_softmax", "softmax (naive attention)"),
-    ("gelu", "GELU"),
-    ("bernoulli", "dropout mask"),
-    ("layer_norm", "layer norm"),
+# Group -> operator-name fragments, first match wins.
+GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("matrix products", ("aten::addmm", "aten::mm", "aten::bmm", "aten::matmul")),
+    ("fused attention", ("scaled_dot_product", "flash_attention", "efficient_attention")),
+    ("softmax (naive attention)", ("aten::_softmax",)),
+    ("GELU", ("gelu",)),
+    ("dropout mask", ("bernoulli",)),
+    ("layer norm", ("layer_norm",)),
 )
 
 
 def group_of(name: str) -> str:
     """The group an operator's time is counted in."""
-    return next((group for key, group in GROUPS if key in name), "everything else")
+    return next((group for group, keys in GROUPS if any(k in name for k in keys)), "everything else")
 
 
 def profile_step(trainer: bm.Trainer, x: torch.Tensor, y: torch.Tensor, device: torch.device,
@@ -58,18 +54,6 @@ def profile_step(trainer: bm.Trainer, x: torch.Tensor, y: torch.Tensor, device: 
         self_us = event.self_device_time_total if device.type == "cuda" else event.self_cpu_time_total
         times[group_of(event.key)] += self_us / 1e6
     return dict(times)
-
-
-def saved_activation_bytes(model: torch.nn.Module, x: torch.Tensor, device: torch.device,
-                           dtype: torch.dtype | None, impl: str) -> int:
-    """Bytes of the distinct non-parameter tensors one training forward keeps for backward."""
-    model.train()
-
-    def forward() -> None:
-        with bm.amp_context(impl, device, dtype)():
-            model(x)
-
-    return saved_bytes(model, forward)
 
 
 def format_table(results: dict[str, dict[str, float]]) -> str:
@@ -105,7 +89,9 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
     for impl in args.impls.split(","):
         model = bm.build(impl, args.model, args.img_size, args.rank, alpha, dropout, device)
         results[impl] = profile_step(bm.Trainer(impl, model), x, y, device, dtype)
-        saved[impl] = saved_activation_bytes(model, x, device, dtype, impl)
+        model.train()  # what one training forward keeps for backward
+        with bm.amp_context(impl, device, dtype)():
+            saved[impl] = saved_bytes(model, partial(model, x))
         del model
     print(f"{args.model} {args.img_size} px, batch {args.batch_size}, {args.amp}, {device}, "
           f"{torch.get_num_threads()} threads")
