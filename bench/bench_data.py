@@ -188,6 +188,8 @@ def main() -> None:
     if args.device_aug:
         rates = device_aug_rates(args.recipe, args.input_size, args.batch_size, args.device_aug,
                                  args.repeats)
+        if args.out:
+            write_json(args.out, rates)
         print(json.dumps(rates))
         print(f"| --device_aug {rates['recipe']}, batch {rates['batch_size']}, {rates['input_size']} px "
               f"| CPU recipe from {rates['source_size']} px {rates['cpu_images_per_s_per_core']} images/s "
