@@ -116,6 +116,7 @@ def _apply(steps: list[Callable], img: Image.Image | torch.Tensor) -> torch.Tens
     return img  # type: ignore[return-value]
 
 
+@dataclass(eq=False, repr=False)
 class ChestXrayDataset(Dataset):
     """Images and K-label targets of one split file; items are ``(image, float target of K)``.
 
@@ -143,37 +144,26 @@ class ChestXrayDataset(Dataset):
     the very bytes Resize + CenterCrop give.
     """
 
-    def __init__(
-        self,
-        paths: list[str],
-        targets: np.ndarray,
-        class_names: list[str],
-        kind: str,
-        split_file: Path,
-        files: list[str],
-        lines: list[int],
-        transform: Callable | None = None,
-        cache: ImageCache | None = None,
-        skipped: list[BadEntry] | None = None,
-        dicom_scaling: str = "minmax",
-        eval_cache: EvalCache | None = None,
-    ) -> None:
-        assert len(paths) == len(targets) == len(files) == len(lines), "paths, targets, files, lines differ in length"
-        assert targets.ndim == 2 and targets.shape[1] == len(class_names), (
-            f"targets of shape {targets.shape} do not match {len(class_names)} class names"
+    paths: list[str]
+    targets: np.ndarray
+    class_names: list[str]
+    kind: str
+    split_file: Path
+    files: list[str]
+    lines: list[int]
+    transform: Callable | None = None
+    cache: ImageCache | None = None
+    skipped: list[BadEntry] | None = None
+    dicom_scaling: str = "minmax"
+    eval_cache: EvalCache | None = None
+
+    def __post_init__(self) -> None:
+        assert len(self.paths) == len(self.targets) == len(self.files) == len(self.lines), (
+            "paths, targets, files, lines differ in length")
+        assert self.targets.ndim == 2 and self.targets.shape[1] == len(self.class_names), (
+            f"targets of shape {self.targets.shape} do not match {len(self.class_names)} class names"
         )
-        self.paths = paths
-        self.targets = targets
-        self.class_names = class_names
-        self.kind = kind
-        self.split_file = split_file
-        self.files = files
-        self.lines = lines
-        self.transform = transform
-        self.cache = cache
-        self.skipped: list[BadEntry] = skipped or []
-        self.dicom_scaling = dicom_scaling
-        self.eval_cache = eval_cache
+        self.skipped = self.skipped or []
 
     @property
     def num_classes(self) -> int:
@@ -265,19 +255,10 @@ class ChestXrayDataset(Dataset):
         return image, target
 
 
-def _check_decodable(file: str, dicom_scaling: str = "minmax") -> str:
-    """'' if the image decodes, else the reason."""
+def _open_fails(check: Callable[[str], object], file: str) -> str:
+    """'' if ``check(file)`` (decoding the image, or opening its header) succeeds, else the reason."""
     try:
-        load_image(file, dicom_scaling=dicom_scaling)
-        return ""
-    except (OSError, ValueError) as err:
-        return f"{type(err).__name__}: {err}"
-
-
-def _check_header(file: str) -> str:
-    """'' if the image file's header opens, else the reason."""
-    try:
-        check_image_header(file)
+        check(file)
         return ""
     except (OSError, ValueError) as err:
         return f"{type(err).__name__}: {err}"
@@ -290,9 +271,8 @@ def _report(bad: list[BadEntry]) -> str:
     return f"\n  {shown}{more}"
 
 
-def _required(mode: str) -> bool:
-    """Whether a cache mode insists on its cache ('on', 'lossy'): then a cache it cannot read is an error."""
-    return mode in ("on", "lossy")
+# The cache modes that insist on their cache: a cache they cannot read is an error.
+_REQUIRED = ("on", "lossy")
 
 
 def _stale_error(cache_dir: Path, split_file: Path, reason: str, rebuild: str) -> CacheError:
@@ -309,7 +289,7 @@ def _read_cache(mode: str, cache_dir: Path | None, data_path: Path, cache_size: 
             return None  # no cache: the files, as asked
         return ImageCache(cache_dir)
     except CacheError as err:
-        if _required(mode):
+        if mode in _REQUIRED:
             if cache_dir is not None and (cache_dir / "meta.json").is_file():
                 raise  # the message says what is wrong with the cache and how to rebuild it
             raise CacheError(f"{err}; build it with `python -m datasets.cache --data_path {data_path}`"
@@ -351,12 +331,12 @@ def _open_cache(
     if cache is None or not _is_kind_asked(mode, cache):
         return None
     rebuild = REBUILD_HINT + (f" --size {cache_size}" if mode == "lossy" else "")
-    status = cache.check(split_file, dicom_scaling, cache_size if mode == "lossy" else None)
-    if not status.usable:
-        if _required(mode):
-            raise _stale_error(cache.cache_dir, split_file, status.reason, rebuild)
+    stale = cache.check(split_file, dicom_scaling, cache_size if mode == "lossy" else None)
+    if stale:
+        if mode in _REQUIRED:
+            raise _stale_error(cache.cache_dir, split_file, stale, rebuild)
         logger.warning("ignoring stale cache %s for %s: %s (reading the original images; %s)",
-                       cache.cache_dir, split_file.name, status.reason, rebuild)
+                       cache.cache_dir, split_file.name, stale, rebuild)
         return None
     if not cache.exact:
         logger.warning("reading the LOSSY cache %s: images downsized to shorter side %d, so training crops and "
@@ -373,7 +353,7 @@ def _unless_originals_changed(cache: ImageCache, mode: str, table: SplitTable, f
         return cache
     file, why = changed[0]
     reason = f"{len(changed)} original images changed since the cache was built, e.g. {file} {why}"
-    if _required(mode):
+    if mode in _REQUIRED:
         raise _stale_error(cache.cache_dir, split_file, reason, REBUILD_HINT)
     logger.warning("ignoring stale cache %s: %s (reading the original images)", cache.cache_dir, reason)
     return None
@@ -421,27 +401,21 @@ def _missing_files(table: SplitTable, files: list[str], split_file: Path, kind: 
     return bad
 
 
-def _unreadable_files(table: SplitTable, files: list[str], split_file: Path, known: list[BadEntry],
-                      full: bool, dicom_scaling: str, num_threads: int) -> list[BadEntry]:
-    """The entries not yet `known` as bad whose image fails to decode (`full`) or whose header does not open."""
-    seen = {b.path for b in known}
-    todo = [i for i, p in enumerate(table.paths) if p not in seen]
-    check = (lambda f: _check_decodable(f, dicom_scaling)) if full else _check_header
-    with ThreadPoolExecutor(max(1, num_threads)) as pool:
-        reasons = list(pool.map(check, [files[i] for i in todo]))
-    return [BadEntry(split_file, table.lines[i], table.paths[i], r) for i, r in zip(todo, reasons) if r]
-
-
 def _bad_originals(table: SplitTable, files: list[str], split_file: Path, kind: str, check_files: bool,
                    skip_bad: bool, verify: str, dicom_scaling: str, num_threads: int) -> list[BadEntry]:
     """The entries whose original image is missing (`check_files`; raises unless `skip_bad`), or, with
-    `verify` or `skip_bad`, fails to open: in line order."""
+    `verify` or `skip_bad`, fails to decode ('full' or `skip_bad`) or its header to open: in line order."""
     bad = _missing_files(table, files, split_file, kind, skip_bad) if check_files else []
-    if verify != "none" or skip_bad:
-        bad += _unreadable_files(table, files, split_file, bad, verify == "full" or skip_bad, dicom_scaling,
-                                 num_threads)
-        bad.sort(key=lambda b: b.line)
-    return bad
+    if verify == "none" and not skip_bad:
+        return bad
+    seen = {b.path for b in bad}
+    todo = [i for i, p in enumerate(table.paths) if p not in seen]
+    full = verify == "full" or skip_bad
+    check = (lambda f: load_image(f, dicom_scaling=dicom_scaling)) if full else check_image_header
+    with ThreadPoolExecutor(max(1, num_threads)) as pool:
+        reasons = list(pool.map(lambda f: _open_fails(check, f), [files[i] for i in todo]))
+    bad += [BadEntry(split_file, table.lines[i], table.paths[i], r) for i, r in zip(todo, reasons) if r]
+    return sorted(bad, key=lambda b: b.line)
 
 
 def _drop_bad(table: SplitTable, files: list[str], bad: list[BadEntry], split_file: Path,
@@ -461,16 +435,6 @@ def _drop_bad(table: SplitTable, files: list[str], bad: list[BadEntry], split_fi
     table.lines = [table.lines[i] for i in keep]
     table.targets = table.targets[keep]
     return [files[i] for i in keep]
-
-
-def _stored_prefix(cache: ImageCache, transform: Callable | None, paths: list[str],
-                   num_threads: int) -> EvalCache | None:
-    """The evaluation cache of the transform's deterministic prefix, None if it has none (or none can be made)."""
-    plan = _plan(transform)
-    if plan is None or not plan.prefix:
-        return None
-    prefix_steps = plan.steps[: plan.prefix]
-    return open_eval_cache(cache, plan.prefix_steps, paths, lambda img: _apply(prefix_steps, img), num_threads)
 
 
 def build_dataset(
@@ -545,9 +509,11 @@ def build_dataset(
         bad = _bad_originals(table, files, split_file, kind, check_files, skip_bad, verify, scaling, num_threads)
     files = _drop_bad(table, files, bad, split_file, skip_bad)
 
-    stored = None
-    if image_cache is not None and eval_cache:
-        stored = _stored_prefix(image_cache, transform, table.paths, num_threads)
+    stored, plan = None, _plan(transform)
+    if image_cache is not None and eval_cache and plan is not None and plan.prefix:
+        prefix = plan.steps[: plan.prefix]
+        stored = open_eval_cache(image_cache, plan.prefix_steps, table.paths, lambda img: _apply(prefix, img),
+                                 num_threads)
     ds = ChestXrayDataset(table.paths, table.targets, class_names, kind, split_file, files,
                           table.lines, transform, image_cache, bad, scaling, stored)
     logger.info("%s", ds)

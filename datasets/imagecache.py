@@ -51,11 +51,9 @@ import uuid
 import zipfile
 import zlib
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
-from dataclasses import dataclass
 from multiprocessing import get_context
 from pathlib import Path
-from typing import BinaryIO, Callable, Iterable, Iterator
+from typing import BinaryIO, Callable
 
 import numpy as np
 import PIL
@@ -145,14 +143,6 @@ def resize_shorter_side(img: Image.Image, size: int) -> Image.Image:
     return img.resize(new, Image.BICUBIC, reducing_gap=3.0)
 
 
-@dataclass
-class CacheStatus:
-    """Whether a cache can serve a split file, and why not."""
-
-    usable: bool
-    reason: str
-
-
 class ImageCache:
     """Read access to a built cache; picklable, so DataLoader workers map the file themselves.
 
@@ -234,23 +224,23 @@ class ImageCache:
             self._data = np.memmap(self.data_file, dtype=np.uint8, mode="r")
         return self._data
 
-    def check(self, split_file: Path, dicom_scaling: str | None = None, size: int | None = None) -> CacheStatus:
-        """Whether this cache serves `split_file` unchanged (with that DICOM rule and lossy `size`, if given)."""
+    def check(self, split_file: Path, dicom_scaling: str | None = None, size: int | None = None) -> str:
+        """Why this cache cannot serve `split_file` unchanged (with that DICOM rule and lossy `size`, if
+        given); '' when it can."""
         if size is not None and self.size != size:
-            return CacheStatus(False, f"cache images have size {self.size}, asked for {size}")
+            return f"cache images have size {self.size}, asked for {size}"
         built_with = self.meta.get("dicom_scaling")
         if dicom_scaling is not None and self.meta.get("dicom_images", 0) and built_with != dicom_scaling:
-            return CacheStatus(False, f"its DICOMs were scaled with --dicom_scaling {built_with}, "
-                                      f"asked for {dicom_scaling}")
+            return f"its DICOMs were scaled with --dicom_scaling {built_with}, asked for {dicom_scaling}"
         actual = self.data_file.stat().st_size if self.data_file.is_file() else -1
         if actual != self.num_bytes:
-            return CacheStatus(False, f"{self.data_file.name} holds {actual} bytes, index expects {self.num_bytes}")
+            return f"{self.data_file.name} holds {actual} bytes, index expects {self.num_bytes}"
         entry = self.meta.get("splits", {}).get(split_file.name)
         if entry is None:
-            return CacheStatus(False, f"cache does not cover split file {split_file.name}")
+            return f"cache does not cover split file {split_file.name}"
         if entry["sha256"] != file_sha256(split_file):
-            return CacheStatus(False, f"split file {split_file} changed since the cache was built")
-        return CacheStatus(True, "up to date")
+            return f"split file {split_file} changed since the cache was built"
+        return ""
 
     def changed_originals(self, paths: list[str], files: list[str],
                           num_threads: int = 8) -> list[tuple[str, str]]:
@@ -441,17 +431,6 @@ def _remove_unreferenced(folder: Path, keep: set[str]) -> None:
                 f.unlink(missing_ok=True)
 
 
-def _make_folder(folder: Path, flag: str | None) -> list[Path]:
-    """Create `folder` (and missing parents); returns the folders created, deepest first.
-
-    `flag`: the flag that named the folder (None: a default place), for the message.
-    """
-    if folder.exists() and not folder.is_dir():
-        where = f"{flag} {folder}" if flag else f"{folder} (choose another cache folder with --cache_dir)"
-        raise DataUsageError(f"{where}: is a file, not a folder")
-    return make_folders(folder)
-
-
 def _committed_build_id(folder: Path) -> str | None:
     """The build id the folder's meta.json commits, None if there is none (or it is unreadable)."""
     try:
@@ -515,37 +494,33 @@ class _IndexRows:
                  src_sha256=self.sha256, block_crc32=self.checksums.finish())
 
 
-@contextmanager
-def _decoded(jobs: list[tuple[int, str, int | None, str]], workers: int) -> Iterator[Iterable[tuple]]:
-    """The `_load_for_cache` results of the jobs, in their order, from `workers` processes (1: this one)."""
-    pool = get_context().Pool(workers) if workers > 1 else None
-    try:
-        yield pool.imap(_load_for_cache, jobs, chunksize=8) if pool else map(_load_for_cache, jobs)
-    finally:
-        if pool is not None:
-            pool.terminate()
-
-
 def _write_pixels(data_file: Path, jobs: list[tuple[int, str, int | None, str]], where: dict[str, tuple[Path, int]],
                   workers: int, skip_bad: bool, start: float) -> _IndexRows:
     """Decode every image into `data_file`, back to back, and return the index rows. A bad image
     raises ImageError naming its split-file line, or with `skip_bad` is recorded in ``.bad``."""
     rows = _IndexRows(list(where))
     paths, n = rows.paths, len(rows.paths)
-    with open(data_file, "wb") as f, _decoded(jobs, workers) as results:
-        for done, (i, pixels, h, w, stat, digest, dicom, error) in enumerate(results, start=1):
-            rows.stats[i], rows.sha256[i] = stat, np.frombuffer(digest, np.uint8)
-            if pixels is None:
-                split_file, line = where[paths[i]]
-                entry = BadEntry(split_file, line, paths[i], f"{error} (file {jobs[i][1]})")
-                if not skip_bad:
-                    raise ImageError(f"{entry}; rerun with --skip_bad to record it and go on")
-                rows.bad[paths[i]] = entry.reason
-                continue
-            f.write(pixels)
-            rows.add(i, pixels, h, w, dicom)
-            if done % 5000 == 0:
-                logger.info("cached %d / %d images (%.0f/s)", done, n, done / (time.perf_counter() - start))
+    pool = get_context().Pool(workers) if workers > 1 else None
+    results = pool.imap(_load_for_cache, jobs, chunksize=8) if pool else map(_load_for_cache, jobs)
+    try:
+        with open(data_file, "wb") as f:
+            for done, (i, pixels, h, w, stat, digest, dicom, error) in enumerate(results, start=1):
+                rows.stats[i], rows.sha256[i] = stat, np.frombuffer(digest, np.uint8)
+                if pixels is None:
+                    split_file, line = where[paths[i]]
+                    entry = BadEntry(split_file, line, paths[i], f"{error} (file {jobs[i][1]})")
+                    if not skip_bad:
+                        raise ImageError(f"{entry}; rerun with --skip_bad to record it and go on")
+                    rows.bad[paths[i]] = entry.reason
+                    continue
+                f.write(pixels)
+                rows.add(i, pixels, h, w, dicom)
+                if done % 5000 == 0:
+                    logger.info("cached %d / %d images (%.0f/s)", done, n,
+                                done / (time.perf_counter() - start))
+    finally:
+        if pool is not None:
+            pool.terminate()
     return rows
 
 
@@ -635,7 +610,11 @@ def build_cache(
     folder, names, where, splits_meta = _splits_to_cache(data_path, kind, split_dir, split_files)
 
     out = Path(cache_dir) if cache_dir is not None else default_cache_dir(data_path, size)
-    created = _make_folder(out, "--cache_dir" if cache_dir is not None else None)
+    if out.exists() and not out.is_dir():
+        where = (f"--cache_dir {out}" if cache_dir is not None
+                 else f"{out} (choose another cache folder with --cache_dir)")
+        raise DataUsageError(f"{where}: is a file, not a folder")
+    created = make_folders(out)
     for partial in out.glob("*.tmp"):  # left by a build that was killed
         partial.unlink(missing_ok=True)
     build = _BuildFiles(out, uuid.uuid4().hex[:12])

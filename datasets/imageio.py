@@ -136,10 +136,8 @@ def to_grey(img: Image.Image) -> Image.Image:
         img = img.convert("RGBA")
     if mode == "1":
         return img.convert("L")
-    if img.mode in ("RGBA", "RGBa", "La"):
-        img = img.convert("RGB")
     if img.mode != "RGB":
-        img = img.convert("RGB")  # CMYK, YCbCr, LAB, HSV ...
+        img = img.convert("RGB")  # RGBA, CMYK, YCbCr, LAB, HSV ...
     return img.convert("L")
 
 
@@ -278,23 +276,17 @@ def decode_dicom(path: str | Path, scaling: str = "minmax") -> np.ndarray:
         voi_lut = "VOILUTSequence" in ds and len(ds.VOILUTSequence) > 0
         window = None if voi_lut else _voi_window(ds)
     array = modality  # integer unless rescaled: scale_to_uint8 then needs no float copy
-    windowed = False
     if voi_lut:
         # A VOI LUT is indexed by stored values: give it integers, as the standard does.
         lut_input = modality if modality.dtype.kind in "iu" else np.rint(modality).astype(np.int64)
         with _header_errors(path):
             array = np.asarray(apply_voi_lut(lut_input, ds, index=0, prefer_lut=True), dtype=np.float64)
-    elif window is not None:
-        center, width, function = window
-        if width > 0:
-            array = _window(modality.astype(np.float64), center, width, function)
-            windowed = True
-        else:
-            logger.warning("%s: ignoring VOI window of width %s", path, width)
-
-    if windowed:
+    elif window is not None and window[1] > 0:
         # The window already fixes which values are black and white: no min-max stretch.
+        array = _window(modality.astype(np.float64), *window)
         return np.rint((1.0 - array if invert else array) * 255.0).astype(np.uint8)
+    elif window is not None:
+        logger.warning("%s: ignoring VOI window of width %s", path, window[1])
     return scale_to_uint8(array, invert=invert)
 
 

@@ -192,12 +192,6 @@ def _csv_format(path: Path, header: Sequence[str]) -> str:
         f"({', '.join(_FORMATS['CheXpert train/valid csv'][0])}) or path,sex,age,view")
 
 
-def _used_columns(fmt: str) -> tuple[str, ...]:
-    """The columns a CSV format's rows are read from."""
-    required, optional = _FORMATS[fmt]
-    return required + optional
-
-
 def _record(fmt: str, row: Mapping[str, Any], where: str) -> tuple[str, str | None, Any, str | None]:
     """(image path, sex, raw age, view) of one row of a CSV format."""
     if fmt == "NIH Data_Entry_2017":
@@ -222,7 +216,8 @@ def read_metadata(path: str | Path) -> Metadata:
             fmt = _csv_format(path, header)
             # The cells a row must reach: NIH's header splits "OriginalImage[Width,Height]"
             # into two columns and some rows end early, so only the columns read count.
-            needed = 1 + max(header.index(c) for c in header if c in _used_columns(fmt))
+            required, optional = _FORMATS[fmt]
+            needed = 1 + max(header.index(c) for c in header if c in required + optional)
             for line, cells in enumerate(reader, start=2):
                 if not any(c.strip() for c in cells):
                     continue  # a blank line

@@ -157,15 +157,6 @@ def locate_split_file(
     )
 
 
-def find_class_file(folders: list[Path]) -> Path | None:
-    """The first `classes.txt` found in `folders`, or None."""
-    for folder in folders:
-        path = folder / CLASSES_FILE
-        if path.is_file():
-            return path
-    return None
-
-
 def read_class_names(folders: list[Path]) -> list[str] | None:
     """Class names from the first `classes.txt` (one name a line) found in `folders`."""
     return split_class_names("custom", folders)[0]
@@ -177,7 +168,7 @@ def split_class_names(kind: str, folders: list[Path]) -> tuple[list[str] | None,
     line), else (None, None)."""
     if kind in CLASS_NAMES:
         return list(CLASS_NAMES[kind]), None
-    path = find_class_file(folders)
+    path = next((f / CLASSES_FILE for f in folders if (f / CLASSES_FILE).is_file()), None)
     if path is None:
         return None, None
     try:
@@ -295,11 +286,8 @@ def parse_split_file(split_file: str | Path, num_classes: int | None = None, kin
             f"expected 0 or 1 (map uncertain / blank labels when making the split)"
         )
     targets = ones.astype(np.uint8).reshape(len(paths), expected)
-    duplicates = _duplicates(paths, lines)
-    if duplicates:
-        _warn_duplicates(split_file, paths, targets, duplicates)
     return SplitTable(split_file=split_file, paths=paths, targets=targets, lines=lines,
-                      duplicates=duplicates)
+                      duplicates=_duplicates(split_file, paths, lines, targets))
 
 
 def _label_count_error(split_file: Path, line_no: int, tokens: list[str], expected: int, kind: str,
@@ -319,24 +307,18 @@ def _label_count_error(split_file: Path, line_no: int, tokens: list[str], expect
                           f"file needs the same label columns")
 
 
-def _duplicates(paths: list[str], lines: list[int]) -> dict[str, list[int]]:
-    """Paths listed more than once -> all their line numbers."""
+def _duplicates(split_file: Path, paths: list[str], lines: list[int],
+                targets: np.ndarray) -> dict[str, list[int]]:
+    """Paths listed more than once -> all their line numbers; one warning about them: how many
+    repeats, how many with conflicting labels, a few examples."""
     if len(set(paths)) == len(paths):  # the usual case, and 10x faster than the loop below
         return {}
-    seen: dict[str, list[int]] = {}
-    for path, line in zip(paths, lines):
-        seen.setdefault(path, []).append(line)
-    return {path: at for path, at in seen.items() if len(at) > 1}
-
-
-def _warn_duplicates(split_file: Path, paths: list[str], targets: np.ndarray,
-                     duplicates: dict[str, list[int]]) -> None:
-    """One warning: how many repeats, how many with conflicting labels, a few examples."""
     rows_of: dict[str, list[int]] = {}
     for row, path in enumerate(paths):
-        if path in duplicates:
-            rows_of.setdefault(path, []).append(row)
-    conflicting = sum(len({targets[r].tobytes() for r in rows}) > 1 for rows in rows_of.values())
+        rows_of.setdefault(path, []).append(row)
+    repeated = {path: rows for path, rows in rows_of.items() if len(rows) > 1}
+    duplicates = {path: [lines[r] for r in rows] for path, rows in repeated.items()}
+    conflicting = sum(len({targets[r].tobytes() for r in rows}) > 1 for rows in repeated.values())
     repeats = sum(len(at) - 1 for at in duplicates.values())
     examples = ", ".join(f"'{p}' (lines {', '.join(map(str, at))})"
                          for p, at in list(duplicates.items())[:_EXAMPLES])
@@ -344,6 +326,7 @@ def _warn_duplicates(split_file: Path, paths: list[str], targets: np.ndarray,
         "%s: %d duplicate entries: %d images listed more than once (%d with different labels), "
         "e.g. %s; every entry is kept, so these images weigh more in training and evaluation",
         split_file, repeats, len(duplicates), conflicting, examples)
+    return duplicates
 
 
 def real_paths(files: Sequence[str]) -> list[str]:
@@ -386,19 +369,18 @@ def _line(split: SplitLike, row: int) -> int:
     return lines[row] if lines is not None else row + 1
 
 
-def shared_images(split: SplitLike, other: SplitLike) -> list[tuple[int, int, str]]:
-    """Images of `other` that are also in `split`: (row in other, row in split, the file), in
-    the order of `other`, each image once."""
-    keys_a, keys_b = _image_keys(split, other)
+def _shared(keys: Sequence[str | None], other_keys: Sequence[str | None]) -> list[tuple[int, int, str]]:
+    """(row in other, first row in keys, key) of each key of `other_keys` also in `keys`, in the
+    order of `other_keys`, each key once (None matches nothing)."""
     first: dict[str, int] = {}
-    for row, key in enumerate(keys_a):
-        first.setdefault(key, row)
-    shared, seen = [], set()
-    for row, key in enumerate(keys_b):
-        if key in first and key not in seen:
-            shared.append((row, first[key], key))
-            seen.add(key)
-    return shared
+    for row, key in enumerate(keys):
+        if key is not None:
+            first.setdefault(key, row)
+    shared: dict[str, tuple[int, int, str]] = {}
+    for row, key in enumerate(other_keys):
+        if key in first and key not in shared:
+            shared[key] = (row, first[key], key)  # type: ignore[index]
+    return list(shared.values())
 
 
 _NIH_NAME = re.compile(r"^(\d{8})_\d{3}\.png$")
@@ -417,22 +399,6 @@ def patient_id(kind: str, path: str) -> str | None:
     else:
         return None
     return match.group(1) if match else None
-
-
-def shared_patients(kind: str, split: SplitLike, other: SplitLike) -> list[tuple[int, int, str]]:
-    """Patients with images in both splits: (row in other, row in split, patient), in the order
-    of `other`, each patient once."""
-    first: dict[str, int] = {}
-    for row, path in enumerate(split.paths):
-        pid = patient_id(kind, path)
-        if pid is not None:
-            first.setdefault(pid, row)
-    shared: dict[str, tuple[int, int, str]] = {}
-    for row, path in enumerate(other.paths):
-        pid = patient_id(kind, path)
-        if pid in first and pid not in shared:
-            shared[pid] = (row, first[pid], pid)
-    return list(shared.values())
 
 
 def check_split_overlap(train: SplitLike, others: Sequence[SplitLike | str | Path],
@@ -458,7 +424,7 @@ def check_split_overlap(train: SplitLike, others: Sequence[SplitLike | str | Pat
     counts: dict[str, int] = {}
     for other in others:
         table = parse_split_file(other) if isinstance(other, (str, Path)) else other
-        shared = shared_images(train, table)
+        shared = _shared(*_image_keys(train, table))
         counts[str(table.split_file)] = len(shared)
         here, there = Path(table.split_file).name, Path(train.split_file).name
         if shared:
@@ -469,7 +435,8 @@ def check_split_overlap(train: SplitLike, others: Sequence[SplitLike | str | Pat
             message = (f"{len(shared)} images of {table.split_file} are also in the {role} split "
                        f"{train.split_file}, e.g. {examples}")
         else:
-            patients = shared_patients(kind, train, table) if kind else []
+            patients = _shared([patient_id(kind, p) for p in train.paths],
+                               [patient_id(kind, p) for p in table.paths]) if kind else []
             if not patients:
                 continue
             examples = "; ".join(f"'{pid}' ({here}:{_line(table, b)}, {there}:{_line(train, a)})"
@@ -513,11 +480,7 @@ SUBSETS: dict[str, float] = {"train_10.txt": 0.10, "train_1.txt": 0.01}
 def nested_subsets(n: int, rng: np.random.Generator, min_size: int = 1) -> dict[str, np.ndarray]:
     """Row indices of train_10 and train_1: nested random subsets of n training rows."""
     perm = rng.permutation(n)
-    out = {}
-    for name, frac in SUBSETS.items():
-        size = min(n, max(min_size, round(frac * n)))
-        out[name] = np.sort(perm[:size])
-    return out
+    return {name: np.sort(perm[: min(n, max(min_size, round(frac * n)))]) for name, frac in SUBSETS.items()}
 
 
 def write_split_file(path: Path, paths: list[str], labels: np.ndarray, trailing_space: bool = False) -> None:
