@@ -298,20 +298,6 @@ def _read_cache(mode: str, cache_dir: Path | None, data_path: Path, cache_size: 
         return None
 
 
-def _is_kind_asked(mode: str, cache: ImageCache) -> bool:
-    """Whether the cache is of the kind `mode` reads (lossy for 'lossy', else exact); raises where required."""
-    if mode == "lossy" and cache.exact:
-        raise CacheError(f"cache {cache.cache_dir} is exact, not lossy: read it with --cache on")
-    if mode != "lossy" and not cache.exact:
-        reason = (f"cache {cache.cache_dir} is LOSSY (images downsized to shorter side {cache.size}), so its "
-                  f"tensors differ from the originals'; only --cache lossy reads it")
-        if mode == "on":
-            raise CacheError(reason)
-        logger.warning("not using %s; reading the original images", reason)
-        return False
-    return True
-
-
 def _open_cache(
     mode: str,
     cache_dir: Path | None,
@@ -328,7 +314,16 @@ def _open_cache(
     if mode == "off":
         return None
     cache = _read_cache(mode, cache_dir, data_path, cache_size)
-    if cache is None or not _is_kind_asked(mode, cache):
+    if cache is None:
+        return None
+    if mode == "lossy" and cache.exact:
+        raise CacheError(f"cache {cache.cache_dir} is exact, not lossy: read it with --cache on")
+    if mode != "lossy" and not cache.exact:
+        reason = (f"cache {cache.cache_dir} is LOSSY (images downsized to shorter side {cache.size}), so its "
+                  f"tensors differ from the originals'; only --cache lossy reads it")
+        if mode == "on":
+            raise CacheError(reason)
+        logger.warning("not using %s; reading the original images", reason)
         return None
     rebuild = REBUILD_HINT + (f" --size {cache_size}" if mode == "lossy" else "")
     stale = cache.check(split_file, dicom_scaling, cache_size if mode == "lossy" else None)
@@ -389,23 +384,17 @@ def _bad_in_cache(cache: ImageCache, table: SplitTable, split_file: Path) -> lis
             for path, line in zip(table.paths, table.lines) if path in cache.bad]
 
 
-def _missing_files(table: SplitTable, files: list[str], split_file: Path, kind: str,
-                   skip_bad: bool) -> list[BadEntry]:
-    """The entries whose image file does not exist; raises unless `skip_bad`."""
-    bad = [BadEntry(split_file, line, path, f"file not found: {file}")
-           for path, line, file in zip(table.paths, table.lines, files) if not os.path.isfile(file)]
-    if bad and not skip_bad:
-        raise ImageError(f"{len(bad)} of {len(table)} images of {split_file} are missing "
-                         f"(kind '{kind}' resolves paths as e.g. {files[0]}):{_report(bad)}\n"
-                         f"Check --data_path / --dataset, or pass --skip_bad to skip them.")
-    return bad
-
-
 def _bad_originals(table: SplitTable, files: list[str], split_file: Path, kind: str, check_files: bool,
                    skip_bad: bool, verify: str, dicom_scaling: str, num_threads: int) -> list[BadEntry]:
     """The entries whose original image is missing (`check_files`; raises unless `skip_bad`), or, with
     `verify` or `skip_bad`, fails to decode ('full' or `skip_bad`) or its header to open: in line order."""
-    bad = _missing_files(table, files, split_file, kind, skip_bad) if check_files else []
+    bad = [BadEntry(split_file, line, path, f"file not found: {file}")
+           for path, line, file in zip(table.paths, table.lines, files)
+           if check_files and not os.path.isfile(file)]
+    if bad and not skip_bad:
+        raise ImageError(f"{len(bad)} of {len(table)} images of {split_file} are missing "
+                         f"(kind '{kind}' resolves paths as e.g. {files[0]}):{_report(bad)}\n"
+                         f"Check --data_path / --dataset, or pass --skip_bad to skip them.")
     if verify == "none" and not skip_bad:
         return bad
     seen = {b.path for b in bad}

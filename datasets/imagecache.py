@@ -64,7 +64,7 @@ from util.io import OutputError, describe_os_error, file_sha256
 
 from .constants import ALL_SPLIT_FILES
 from .errors import BadEntry, CacheError, DataUsageError, ImageError
-from .imageio import DICOM_SUFFIXES, _is_dicom_file, dicom_scaling_for, load_image
+from .imageio import DICOM_SUFFIXES, dicom_scaling_for, load_image, sniff_image_format
 from .staging import make_folders, remove_empty
 from .splits import (
     find_split_dir,
@@ -83,7 +83,6 @@ CACHE_FORMAT = 3
 EVAL_CACHE_FORMAT = 2
 # Bytes of the pixel file per CRC-32: a crop reads at most two blocks more than its rows.
 BLOCK_BYTES = 1 << 16
-DEFAULT_LOSSY_SIZE = 256
 DEFAULT_CACHE_DIRNAME = "_cache"
 # auto: the exact cache when present and up to date; on: require it; lossy: require a
 # downsized one (explicit opt-in, warned about); off: the original files.
@@ -246,12 +245,9 @@ class ImageCache:
                           num_threads: int = 8) -> list[tuple[str, str]]:
         """(file, why) of each original that differs from when it was cached, in the order of `paths`.
 
-        One ``stat`` per image: an original whose size, modification and change times and
-        inode are those recorded is unchanged. A size change, or a bad image that was missing
-        and now exists, is a change. When only times or inode differ (a folder copied,
-        restored from an archive or touched, or a file replaced by ``mv`` or ``cp -p``), the
-        file's SHA-256 is compared with the one taken at build time, in `num_threads`
-        threads. An absent original is fine: the cache may travel without them.
+        The rule is the module docstring's; a size change, or a bad image that was missing and
+        now exists, is a change; SHA-256s are taken in `num_threads` threads. An absent original
+        is fine: the cache may travel without them.
         """
         changed: dict[int, tuple[str, str]] = {}
         suspects: dict[int, str] = {}
@@ -310,20 +306,22 @@ class ImageCache:
 
     def shape(self, path: str) -> tuple[int, int]:
         """(height, width) of a cached image."""
+        return self._where(path)[:2]
+
+    def _where(self, path: str) -> tuple[int, int, int]:
+        """(height, width, byte offset) of a cached image."""
         i = self.row[path]
-        return int(self.heights[i]), int(self.widths[i])
+        return int(self.heights[i]), int(self.widths[i]), int(self.offsets[i])
 
     def array(self, path: str) -> np.ndarray:
         """The cached image as a read-only H x W uint8 view of the mapped file (checked, no copy)."""
-        i = self.row[path]
-        h, w, off = int(self.heights[i]), int(self.widths[i]), int(self.offsets[i])
+        h, w, off = self._where(path)
         self._verify(path, off, off + h * w)
         return self._mapped()[off: off + h * w].reshape(h, w)
 
     def region(self, path: str, top: int, left: int, height: int, width: int) -> np.ndarray:
         """A crop of a cached image as a contiguous array: only its rows are read (and checked)."""
-        i = self.row[path]
-        h, w, off = int(self.heights[i]), int(self.widths[i]), int(self.offsets[i])
+        h, w, off = self._where(path)
         rows = slice(max(0, top), min(h, top + height))
         self._verify(path, off + rows.start * w, off + rows.stop * w)
         image = self._mapped()[off: off + h * w].reshape(h, w)
@@ -398,9 +396,6 @@ def _fingerprint(path: str) -> tuple[int, int, int, int]:
     return st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino
 
 
-_NO_SHA256 = bytes(32)
-
-
 def _load_for_cache(job: tuple[int, str, int | None, str]) -> tuple:
     """Worker: decode (and for a lossy cache resize) one image; never raises (errors travel back as text).
 
@@ -410,14 +405,14 @@ def _load_for_cache(job: tuple[int, str, int | None, str]) -> tuple:
     """
     i, path, size, scaling = job
     before = _fingerprint(path)
-    digest = _sha256_or_none(path) or _NO_SHA256
+    digest = _sha256_or_none(path) or bytes(32)
     try:
         img = load_image(path, dicom_scaling=scaling)
         if size is not None:
             img = resize_shorter_side(img, size)
         if _fingerprint(path) != before:
             raise ImageError(f"{path} changed while it was read: build the cache again once it is written")
-        dicom = Path(path).suffix.lower() in DICOM_SUFFIXES or _is_dicom_file(Path(path))
+        dicom = Path(path).suffix.lower() in DICOM_SUFFIXES or sniff_image_format(path) == "DICOM"
         return i, img.tobytes(), img.height, img.width, before, digest, dicom, ""
     except Exception as err:  # reported per image by the parent with split file and line
         return i, None, 0, 0, before, digest, False, f"{type(err).__name__}: {err}"
@@ -599,9 +594,7 @@ def build_cache(
         skip_bad: record bad images in the cache instead of failing on the first.
         dicom_scaling: DICOM intensity rule ('paper' | 'minmax'); default the kind's (see imageio).
 
-    A rebuild over an existing cache writes new files beside it and commits them by
-    replacing ``meta.json`` in one step: if it fails, the committed cache stays valid, and
-    neither partial files nor folders this call created are left behind.
+    A failed build leaves neither partial files nor folders it created behind (module docstring).
     """
     data_path, kind = resolve_data_path(data_path, dataset)
     scaling = dicom_scaling_for(kind, dicom_scaling)

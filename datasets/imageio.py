@@ -141,16 +141,6 @@ def to_grey(img: Image.Image) -> Image.Image:
     return img.convert("L")
 
 
-def _is_dicom_file(path: Path) -> bool:
-    """True if the file carries the DICOM 'DICM' magic at byte 128."""
-    try:
-        with open(path, "rb") as f:
-            f.seek(128)
-            return f.read(4) == b"DICM"
-    except OSError:
-        return False
-
-
 def sniff_image_format(path: str | Path) -> str | None:
     """The format a file's leading bytes say it is ('PNG', 'JPEG', ...); None if not one of those.
 
@@ -312,7 +302,7 @@ def load_image(path: str | Path, dicom_scaling: str = "minmax") -> Image.Image:
                 img = ImageOps.exif_transpose(img)
             return to_grey(img)  # pixels are in memory after load(): closing the file is safe
     except UnidentifiedImageError as err:
-        if _is_dicom_file(path):
+        if sniff_image_format(path) == "DICOM":
             return Image.fromarray(decode_dicom(path, dicom_scaling), mode="L")
         raise ImageDecodeError(f"not a recognised image file: {path}") from err
     except FileNotFoundError:
@@ -340,7 +330,7 @@ def check_image_header(path: str | Path) -> None:
                     raise ImageDecodeError(f"image {path} has size {img.size}")
                 return
         except UnidentifiedImageError as err:
-            if not _is_dicom_file(path):
+            if sniff_image_format(path) != "DICOM":
                 raise ImageDecodeError(f"not a recognised image file: {path}") from err
         except Image.DecompressionBombError as err:
             raise ImageDecodeError(_bomb_message(path, err)) from err

@@ -103,10 +103,8 @@ class Metadata:
         return [self._find(_key(p)) for p in paths]
 
     def _find(self, path: str) -> ImageMeta | None:
-        if path in self.records:
-            return self.records[path]
         parts = path.split("/")
-        for i in range(1, len(parts)):
+        for i in range(len(parts)):  # the path itself, then ever shorter trailing parts
             tail = "/".join(parts[i:])
             if tail in self.records:
                 return self.records[tail]

@@ -21,9 +21,8 @@ from .errors import DataUsageError, SplitFileError
 
 logger = logging.getLogger(__name__)
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 # The repository's own split folder: <repo>/DatasetsSplits/<basename of data_path>/.
-DEFAULT_SPLITS_ROOT = REPO_ROOT / "DatasetsSplits"
+DEFAULT_SPLITS_ROOT = Path(__file__).resolve().parents[1] / "DatasetsSplits"
 CLASSES_FILE = "classes.txt"
 
 # Substrings of a data folder's name -> kind (case-insensitive); a name that matches two
@@ -105,17 +104,6 @@ def resolve_data_path(data_path: str | Path, dataset: str | None = None) -> tupl
     return data_path, kind
 
 
-def split_file_name(split: str, data_size: str = "100%") -> str:
-    """Name of the split file for `split` ('train' / 'val' / 'test') and `data_size`."""
-    if split not in SPLIT_FILES:
-        raise ValueError(f"split={split!r}: expected one of {sorted(SPLIT_FILES)}")
-    if split == "train":
-        if data_size not in TRAIN_SPLIT_FILES:
-            raise DataUsageError(f"--data_size {data_size}: expected one of {', '.join(TRAIN_SPLIT_FILES)}")
-        return TRAIN_SPLIT_FILES[data_size]
-    return SPLIT_FILES[split]  # type: ignore[return-value]
-
-
 def split_dir_candidates(data_path: str | Path, split_dir: str | Path | None = None) -> list[Path]:
     """Folders searched for split files, in order."""
     if split_dir is not None:
@@ -138,8 +126,13 @@ def locate_split_file(
     data_size: str = "100%",
     split_dir: str | Path | None = None,
 ) -> Path:
-    """Path of the split file for `split` / `data_size`; raises listing what was searched."""
-    name = split_file_name(split, data_size)
+    """Path of the split file for `split` ('train' / 'val' / 'test') and `data_size`; raises listing
+    what was searched."""
+    if split not in SPLIT_FILES:
+        raise ValueError(f"split={split!r}: expected one of {sorted(SPLIT_FILES)}")
+    if split == "train" and data_size not in TRAIN_SPLIT_FILES:
+        raise DataUsageError(f"--data_size {data_size}: expected one of {', '.join(TRAIN_SPLIT_FILES)}")
+    name = TRAIN_SPLIT_FILES[data_size] if split == "train" else SPLIT_FILES[split]
     folder = find_split_dir(data_path, split_dir)
     if folder is not None and (folder / name).is_file():
         return folder / name
