@@ -453,15 +453,11 @@ def build_dataset(
         transform: applied to each image (see ChestXrayDataset); None gives a [0, 1] tensor.
         split_dir: folder of the split files; default `data_path` when it holds them, else
             ``<repo>/DatasetsSplits/<basename of data_path>``.
-        cache: 'auto' reads the exact cache when present and up to date, 'on' requires it,
-            'lossy' requires a downsized cache (tensors then differ from the originals';
-            logged as a warning and shown in ``cache_info``), 'off' reads the original files.
-            'auto' never reads a lossy cache. True / False mean 'on' / 'off'. A cache that
-            cannot serve the split (stale: the split file or an original image changed; of
-            another format; damaged) is refused: 'on' / 'lossy' raise CacheError naming the
-            cause (the first changed image) and how to rebuild; 'auto' logs that warning and
-            reads the split's original files. A cache block that fails its checksum when read
-            raises CacheError naming the cache file and image.
+        cache: one of `CACHE_MODES` (see datasets.imagecache; the lossy kind is warned about and
+            shown in ``cache_info``); True / False mean 'on' / 'off'. A cache that cannot serve
+            the split (stale, of another format, damaged) makes 'on' / 'lossy' raise CacheError
+            naming the cause (the first changed image) and how to rebuild; 'auto' logs that
+            warning and reads the split's original files.
         skip_bad: drop missing or undecodable images (all are decoded once to find them)
             instead of raising; they are listed in ``.skipped`` and logged.
         check_files: check that every image exists (cheap; the cache makes it unnecessary).

@@ -426,14 +426,6 @@ def _remove_unreferenced(folder: Path, keep: set[str]) -> None:
                 f.unlink(missing_ok=True)
 
 
-def _committed_build_id(folder: Path) -> str | None:
-    """The build id the folder's meta.json commits, None if there is none (or it is unreadable)."""
-    try:
-        return json.loads((folder / _META).read_text(encoding="utf-8")).get("build_id")
-    except (OSError, ValueError, AttributeError):
-        return None
-
-
 def _splits_to_cache(data_path: Path, kind: str, split_dir: str | Path | None,
                      split_files: list[str] | None) -> tuple[Path, list[str], dict[str, tuple[Path, int]], dict]:
     """The split folder, the names of the split files to cover, where each of their images is first
@@ -538,7 +530,11 @@ class _BuildFiles:
         the folders it created (`created`) if nothing else is in them."""
         for file in (self.data, self.index, self.meta):
             self.partial(file).unlink(missing_ok=True)
-        if _committed_build_id(self.out) != self.build_id:
+        try:
+            committed = json.loads(self.meta.read_text(encoding="utf-8")).get("build_id")
+        except (OSError, ValueError, AttributeError):  # none, or unreadable: nothing committed
+            committed = None
+        if committed != self.build_id:
             for done_file in (self.data, self.index):  # renamed but never committed
                 done_file.unlink(missing_ok=True)
         remove_empty(created)
@@ -682,17 +678,6 @@ class EvalCache:
         return Image.fromarray(pixels.reshape(h, w), mode="L")
 
 
-def eval_cache_key(cache: ImageCache, steps: str, paths: list[str]) -> tuple[str, dict]:
-    """File stem and content of the key of an evaluation cache."""
-    import torchvision
-
-    key = {"format": EVAL_CACHE_FORMAT, "build_id": cache.build_id, "steps": steps, "pillow": PIL.__version__,
-           "torchvision": torchvision.__version__,
-           "paths_sha256": hashlib.sha256("\n".join(paths).encode()).hexdigest()}
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-    return f"eval-{digest}", key
-
-
 def open_eval_cache(cache: ImageCache, steps: str, paths: list[str], prefix: Callable[[Image.Image], Image.Image],
                     num_threads: int = 8) -> EvalCache | None:
     """The evaluation cache for these paths and prefix steps, made now if missing; None if it cannot be.
@@ -700,7 +685,13 @@ def open_eval_cache(cache: ImageCache, steps: str, paths: list[str], prefix: Cal
     Making it costs one pass of the prefix over the images (read from `cache`, threads in
     parallel: Pillow resizes without the GIL); later epochs and runs only read it.
     """
-    name, key = eval_cache_key(cache, steps, paths)
+    import torchvision
+
+    # The key ties the stored bytes to everything they depend on.
+    key = {"format": EVAL_CACHE_FORMAT, "build_id": cache.build_id, "steps": steps, "pillow": PIL.__version__,
+           "torchvision": torchvision.__version__,
+           "paths_sha256": hashlib.sha256("\n".join(paths).encode()).hexdigest()}
+    name = f"eval-{hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]}"
     folder = cache.cache_dir
     if (folder / f"{name}.json").is_file():
         try:
