@@ -116,6 +116,7 @@ def _apply(steps: list[Callable], img: Image.Image | torch.Tensor) -> torch.Tens
     return img  # type: ignore[return-value]
 
 
+@dataclass(eq=False, repr=False)
 class ChestXrayDataset(Dataset):
     """Images and K-label targets of one split file; items are ``(image, float target of K)``.
 
@@ -143,37 +144,26 @@ class ChestXrayDataset(Dataset):
     the very bytes Resize + CenterCrop give.
     """
 
-    def __init__(
-        self,
-        paths: list[str],
-        targets: np.ndarray,
-        class_names: list[str],
-        kind: str,
-        split_file: Path,
-        files: list[str],
-        lines: list[int],
-        transform: Callable | None = None,
-        cache: ImageCache | None = None,
-        skipped: list[BadEntry] | None = None,
-        dicom_scaling: str = "minmax",
-        eval_cache: EvalCache | None = None,
-    ) -> None:
-        assert len(paths) == len(targets) == len(files) == len(lines), "paths, targets, files, lines differ in length"
-        assert targets.ndim == 2 and targets.shape[1] == len(class_names), (
-            f"targets of shape {targets.shape} do not match {len(class_names)} class names"
+    paths: list[str]
+    targets: np.ndarray
+    class_names: list[str]
+    kind: str
+    split_file: Path
+    files: list[str]
+    lines: list[int]
+    transform: Callable | None = None
+    cache: ImageCache | None = None
+    skipped: list[BadEntry] | None = None
+    dicom_scaling: str = "minmax"
+    eval_cache: EvalCache | None = None
+
+    def __post_init__(self) -> None:
+        assert len(self.paths) == len(self.targets) == len(self.files) == len(self.lines), (
+            "paths, targets, files, lines differ in length")
+        assert self.targets.ndim == 2 and self.targets.shape[1] == len(self.class_names), (
+            f"targets of shape {self.targets.shape} do not match {len(self.class_names)} class names"
         )
-        self.paths = paths
-        self.targets = targets
-        self.class_names = class_names
-        self.kind = kind
-        self.split_file = split_file
-        self.files = files
-        self.lines = lines
-        self.transform = transform
-        self.cache = cache
-        self.skipped: list[BadEntry] = skipped or []
-        self.dicom_scaling = dicom_scaling
-        self.eval_cache = eval_cache
+        self.skipped = self.skipped or []
 
     @property
     def num_classes(self) -> int:
@@ -265,19 +255,10 @@ class ChestXrayDataset(Dataset):
         return image, target
 
 
-def _check_decodable(file: str, dicom_scaling: str = "minmax") -> str:
-    """'' if the image decodes, else the reason."""
+def _open_fails(check: Callable[[str], object], file: str) -> str:
+    """'' if ``check(file)`` (decoding the image, or opening its header) succeeds, else the reason."""
     try:
-        load_image(file, dicom_scaling=dicom_scaling)
-        return ""
-    except (OSError, ValueError) as err:
-        return f"{type(err).__name__}: {err}"
-
-
-def _check_header(file: str) -> str:
-    """'' if the image file's header opens, else the reason."""
-    try:
-        check_image_header(file)
+        check(file)
         return ""
     except (OSError, ValueError) as err:
         return f"{type(err).__name__}: {err}"
@@ -290,9 +271,8 @@ def _report(bad: list[BadEntry]) -> str:
     return f"\n  {shown}{more}"
 
 
-def _required(mode: str) -> bool:
-    """Whether a cache mode insists on its cache ('on', 'lossy'): then a cache it cannot read is an error."""
-    return mode in ("on", "lossy")
+# The cache modes that insist on their cache: a cache they cannot read is an error.
+_REQUIRED = ("on", "lossy")
 
 
 def _stale_error(cache_dir: Path, split_file: Path, reason: str, rebuild: str) -> CacheError:
@@ -309,27 +289,13 @@ def _read_cache(mode: str, cache_dir: Path | None, data_path: Path, cache_size: 
             return None  # no cache: the files, as asked
         return ImageCache(cache_dir)
     except CacheError as err:
-        if _required(mode):
+        if mode in _REQUIRED:
             if cache_dir is not None and (cache_dir / "meta.json").is_file():
                 raise  # the message says what is wrong with the cache and how to rebuild it
             raise CacheError(f"{err}; build it with `python -m datasets.cache --data_path {data_path}`"
                              + (" --size N" if mode == "lossy" else "")) from err
         logger.warning("not using the cache: %s (reading the original images)", err)
         return None
-
-
-def _is_kind_asked(mode: str, cache: ImageCache) -> bool:
-    """Whether the cache is of the kind `mode` reads (lossy for 'lossy', else exact); raises where required."""
-    if mode == "lossy" and cache.exact:
-        raise CacheError(f"cache {cache.cache_dir} is exact, not lossy: read it with --cache on")
-    if mode != "lossy" and not cache.exact:
-        reason = (f"cache {cache.cache_dir} is LOSSY (images downsized to shorter side {cache.size}), so its "
-                  f"tensors differ from the originals'; only --cache lossy reads it")
-        if mode == "on":
-            raise CacheError(reason)
-        logger.warning("not using %s; reading the original images", reason)
-        return False
-    return True
 
 
 def _open_cache(
@@ -348,15 +314,24 @@ def _open_cache(
     if mode == "off":
         return None
     cache = _read_cache(mode, cache_dir, data_path, cache_size)
-    if cache is None or not _is_kind_asked(mode, cache):
+    if cache is None:
+        return None
+    if mode == "lossy" and cache.exact:
+        raise CacheError(f"cache {cache.cache_dir} is exact, not lossy: read it with --cache on")
+    if mode != "lossy" and not cache.exact:
+        reason = (f"cache {cache.cache_dir} is LOSSY (images downsized to shorter side {cache.size}), so its "
+                  f"tensors differ from the originals'; only --cache lossy reads it")
+        if mode == "on":
+            raise CacheError(reason)
+        logger.warning("not using %s; reading the original images", reason)
         return None
     rebuild = REBUILD_HINT + (f" --size {cache_size}" if mode == "lossy" else "")
-    status = cache.check(split_file, dicom_scaling, cache_size if mode == "lossy" else None)
-    if not status.usable:
-        if _required(mode):
-            raise _stale_error(cache.cache_dir, split_file, status.reason, rebuild)
+    stale = cache.check(split_file, dicom_scaling, cache_size if mode == "lossy" else None)
+    if stale:
+        if mode in _REQUIRED:
+            raise _stale_error(cache.cache_dir, split_file, stale, rebuild)
         logger.warning("ignoring stale cache %s for %s: %s (reading the original images; %s)",
-                       cache.cache_dir, split_file.name, status.reason, rebuild)
+                       cache.cache_dir, split_file.name, stale, rebuild)
         return None
     if not cache.exact:
         logger.warning("reading the LOSSY cache %s: images downsized to shorter side %d, so training crops and "
@@ -373,7 +348,7 @@ def _unless_originals_changed(cache: ImageCache, mode: str, table: SplitTable, f
         return cache
     file, why = changed[0]
     reason = f"{len(changed)} original images changed since the cache was built, e.g. {file} {why}"
-    if _required(mode):
+    if mode in _REQUIRED:
         raise _stale_error(cache.cache_dir, split_file, reason, REBUILD_HINT)
     logger.warning("ignoring stale cache %s: %s (reading the original images)", cache.cache_dir, reason)
     return None
@@ -409,39 +384,27 @@ def _bad_in_cache(cache: ImageCache, table: SplitTable, split_file: Path) -> lis
             for path, line in zip(table.paths, table.lines) if path in cache.bad]
 
 
-def _missing_files(table: SplitTable, files: list[str], split_file: Path, kind: str,
-                   skip_bad: bool) -> list[BadEntry]:
-    """The entries whose image file does not exist; raises unless `skip_bad`."""
+def _bad_originals(table: SplitTable, files: list[str], split_file: Path, kind: str, check_files: bool,
+                   skip_bad: bool, verify: str, dicom_scaling: str, num_threads: int) -> list[BadEntry]:
+    """The entries whose original image is missing (`check_files`; raises unless `skip_bad`), or, with
+    `verify` or `skip_bad`, fails to decode ('full' or `skip_bad`) or its header to open: in line order."""
     bad = [BadEntry(split_file, line, path, f"file not found: {file}")
-           for path, line, file in zip(table.paths, table.lines, files) if not os.path.isfile(file)]
+           for path, line, file in zip(table.paths, table.lines, files)
+           if check_files and not os.path.isfile(file)]
     if bad and not skip_bad:
         raise ImageError(f"{len(bad)} of {len(table)} images of {split_file} are missing "
                          f"(kind '{kind}' resolves paths as e.g. {files[0]}):{_report(bad)}\n"
                          f"Check --data_path / --dataset, or pass --skip_bad to skip them.")
-    return bad
-
-
-def _unreadable_files(table: SplitTable, files: list[str], split_file: Path, known: list[BadEntry],
-                      full: bool, dicom_scaling: str, num_threads: int) -> list[BadEntry]:
-    """The entries not yet `known` as bad whose image fails to decode (`full`) or whose header does not open."""
-    seen = {b.path for b in known}
+    if verify == "none" and not skip_bad:
+        return bad
+    seen = {b.path for b in bad}
     todo = [i for i, p in enumerate(table.paths) if p not in seen]
-    check = (lambda f: _check_decodable(f, dicom_scaling)) if full else _check_header
+    full = verify == "full" or skip_bad
+    check = (lambda f: load_image(f, dicom_scaling=dicom_scaling)) if full else check_image_header
     with ThreadPoolExecutor(max(1, num_threads)) as pool:
-        reasons = list(pool.map(check, [files[i] for i in todo]))
-    return [BadEntry(split_file, table.lines[i], table.paths[i], r) for i, r in zip(todo, reasons) if r]
-
-
-def _bad_originals(table: SplitTable, files: list[str], split_file: Path, kind: str, check_files: bool,
-                   skip_bad: bool, verify: str, dicom_scaling: str, num_threads: int) -> list[BadEntry]:
-    """The entries whose original image is missing (`check_files`; raises unless `skip_bad`), or, with
-    `verify` or `skip_bad`, fails to open: in line order."""
-    bad = _missing_files(table, files, split_file, kind, skip_bad) if check_files else []
-    if verify != "none" or skip_bad:
-        bad += _unreadable_files(table, files, split_file, bad, verify == "full" or skip_bad, dicom_scaling,
-                                 num_threads)
-        bad.sort(key=lambda b: b.line)
-    return bad
+        reasons = list(pool.map(lambda f: _open_fails(check, f), [files[i] for i in todo]))
+    bad += [BadEntry(split_file, table.lines[i], table.paths[i], r) for i, r in zip(todo, reasons) if r]
+    return sorted(bad, key=lambda b: b.line)
 
 
 def _drop_bad(table: SplitTable, files: list[str], bad: list[BadEntry], split_file: Path,
@@ -461,16 +424,6 @@ def _drop_bad(table: SplitTable, files: list[str], bad: list[BadEntry], split_fi
     table.lines = [table.lines[i] for i in keep]
     table.targets = table.targets[keep]
     return [files[i] for i in keep]
-
-
-def _stored_prefix(cache: ImageCache, transform: Callable | None, paths: list[str],
-                   num_threads: int) -> EvalCache | None:
-    """The evaluation cache of the transform's deterministic prefix, None if it has none (or none can be made)."""
-    plan = _plan(transform)
-    if plan is None or not plan.prefix:
-        return None
-    prefix_steps = plan.steps[: plan.prefix]
-    return open_eval_cache(cache, plan.prefix_steps, paths, lambda img: _apply(prefix_steps, img), num_threads)
 
 
 def build_dataset(
@@ -500,15 +453,11 @@ def build_dataset(
         transform: applied to each image (see ChestXrayDataset); None gives a [0, 1] tensor.
         split_dir: folder of the split files; default `data_path` when it holds them, else
             ``<repo>/DatasetsSplits/<basename of data_path>``.
-        cache: 'auto' reads the exact cache when present and up to date, 'on' requires it,
-            'lossy' requires a downsized cache (tensors then differ from the originals';
-            logged as a warning and shown in ``cache_info``), 'off' reads the original files.
-            'auto' never reads a lossy cache. True / False mean 'on' / 'off'. A cache that
-            cannot serve the split (stale: the split file or an original image changed; of
-            another format; damaged) is refused: 'on' / 'lossy' raise CacheError naming the
-            cause (the first changed image) and how to rebuild; 'auto' logs that warning and
-            reads the split's original files. A cache block that fails its checksum when read
-            raises CacheError naming the cache file and image.
+        cache: one of `CACHE_MODES` (see datasets.imagecache; the lossy kind is warned about and
+            shown in ``cache_info``); True / False mean 'on' / 'off'. A cache that cannot serve
+            the split (stale, of another format, damaged) makes 'on' / 'lossy' raise CacheError
+            naming the cause (the first changed image) and how to rebuild; 'auto' logs that
+            warning and reads the split's original files.
         skip_bad: drop missing or undecodable images (all are decoded once to find them)
             instead of raising; they are listed in ``.skipped`` and logged.
         check_files: check that every image exists (cheap; the cache makes it unnecessary).
@@ -545,9 +494,11 @@ def build_dataset(
         bad = _bad_originals(table, files, split_file, kind, check_files, skip_bad, verify, scaling, num_threads)
     files = _drop_bad(table, files, bad, split_file, skip_bad)
 
-    stored = None
-    if image_cache is not None and eval_cache:
-        stored = _stored_prefix(image_cache, transform, table.paths, num_threads)
+    stored, plan = None, _plan(transform)
+    if image_cache is not None and eval_cache and plan is not None and plan.prefix:
+        prefix = plan.steps[: plan.prefix]
+        stored = open_eval_cache(image_cache, plan.prefix_steps, table.paths, lambda img: _apply(prefix, img),
+                                 num_threads)
     ds = ChestXrayDataset(table.paths, table.targets, class_names, kind, split_file, files,
                           table.lines, transform, image_cache, bad, scaling, stored)
     logger.info("%s", ds)

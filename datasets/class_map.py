@@ -118,14 +118,6 @@ def read_class_map(path: str | Path | None = None) -> ClassMap:
     return ClassMap(tuple(header), tuple(rows), str(path))
 
 
-def _table_pairs(table: ClassMap, checkpoint_kind: str, dataset_kind: str, ckpt: list[str],
-                 data: list[str]) -> list[tuple[str, str]]:
-    """(data set class, checkpoint class) pairs of the table's rows, in the data set's order."""
-    to_ckpt = {d: c for c, d in zip(table.column(checkpoint_kind), table.column(dataset_kind))
-               if c and d}
-    return [(d, to_ckpt[d]) for d in data if to_ckpt.get(d) in ckpt]
-
-
 def match_classes(checkpoint_classes: Sequence[str], checkpoint_kind: str | None,
                   dataset_classes: Sequence[str], dataset_kind: str | None,
                   table: ClassMap | None = None) -> ClassMatch:
@@ -137,7 +129,10 @@ def match_classes(checkpoint_classes: Sequence[str], checkpoint_kind: str | None
     by_table = (table is not None and checkpoint_kind != dataset_kind
                 and {checkpoint_kind, dataset_kind} <= set(table.kinds))
     if by_table:
-        pairs = _table_pairs(table, checkpoint_kind, dataset_kind, ckpt, data)
+        # The table's rows as (data set class, checkpoint class), in the data set's order.
+        to_ckpt = {d: c for c, d in zip(table.column(checkpoint_kind), table.column(dataset_kind))
+                   if c and d}
+        pairs = [(d, to_ckpt[d]) for d in data if to_ckpt.get(d) in ckpt]
         rule, source = "class map", table.source
         how = f"the class map {table.source} pairs none of them"
     else:

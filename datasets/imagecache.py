@@ -51,11 +51,9 @@ import uuid
 import zipfile
 import zlib
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
-from dataclasses import dataclass
 from multiprocessing import get_context
 from pathlib import Path
-from typing import BinaryIO, Callable, Iterable, Iterator
+from typing import BinaryIO, Callable
 
 import numpy as np
 import PIL
@@ -66,7 +64,7 @@ from util.io import OutputError, describe_os_error, file_sha256
 
 from .constants import ALL_SPLIT_FILES
 from .errors import BadEntry, CacheError, DataUsageError, ImageError
-from .imageio import DICOM_SUFFIXES, _is_dicom_file, dicom_scaling_for, load_image
+from .imageio import DICOM_SUFFIXES, dicom_scaling_for, load_image, sniff_image_format
 from .staging import make_folders, remove_empty
 from .splits import (
     find_split_dir,
@@ -85,7 +83,6 @@ CACHE_FORMAT = 3
 EVAL_CACHE_FORMAT = 2
 # Bytes of the pixel file per CRC-32: a crop reads at most two blocks more than its rows.
 BLOCK_BYTES = 1 << 16
-DEFAULT_LOSSY_SIZE = 256
 DEFAULT_CACHE_DIRNAME = "_cache"
 # auto: the exact cache when present and up to date; on: require it; lossy: require a
 # downsized one (explicit opt-in, warned about); off: the original files.
@@ -143,14 +140,6 @@ def resize_shorter_side(img: Image.Image, size: int) -> Image.Image:
     # reducing_gap first shrinks by an integer factor with a box filter: much faster on
     # 1024-px X-rays and indistinguishable after the bicubic step (a lossy cache anyway).
     return img.resize(new, Image.BICUBIC, reducing_gap=3.0)
-
-
-@dataclass
-class CacheStatus:
-    """Whether a cache can serve a split file, and why not."""
-
-    usable: bool
-    reason: str
 
 
 class ImageCache:
@@ -234,34 +223,31 @@ class ImageCache:
             self._data = np.memmap(self.data_file, dtype=np.uint8, mode="r")
         return self._data
 
-    def check(self, split_file: Path, dicom_scaling: str | None = None, size: int | None = None) -> CacheStatus:
-        """Whether this cache serves `split_file` unchanged (with that DICOM rule and lossy `size`, if given)."""
+    def check(self, split_file: Path, dicom_scaling: str | None = None, size: int | None = None) -> str:
+        """Why this cache cannot serve `split_file` unchanged (with that DICOM rule and lossy `size`, if
+        given); '' when it can."""
         if size is not None and self.size != size:
-            return CacheStatus(False, f"cache images have size {self.size}, asked for {size}")
+            return f"cache images have size {self.size}, asked for {size}"
         built_with = self.meta.get("dicom_scaling")
         if dicom_scaling is not None and self.meta.get("dicom_images", 0) and built_with != dicom_scaling:
-            return CacheStatus(False, f"its DICOMs were scaled with --dicom_scaling {built_with}, "
-                                      f"asked for {dicom_scaling}")
+            return f"its DICOMs were scaled with --dicom_scaling {built_with}, asked for {dicom_scaling}"
         actual = self.data_file.stat().st_size if self.data_file.is_file() else -1
         if actual != self.num_bytes:
-            return CacheStatus(False, f"{self.data_file.name} holds {actual} bytes, index expects {self.num_bytes}")
+            return f"{self.data_file.name} holds {actual} bytes, index expects {self.num_bytes}"
         entry = self.meta.get("splits", {}).get(split_file.name)
         if entry is None:
-            return CacheStatus(False, f"cache does not cover split file {split_file.name}")
+            return f"cache does not cover split file {split_file.name}"
         if entry["sha256"] != file_sha256(split_file):
-            return CacheStatus(False, f"split file {split_file} changed since the cache was built")
-        return CacheStatus(True, "up to date")
+            return f"split file {split_file} changed since the cache was built"
+        return ""
 
     def changed_originals(self, paths: list[str], files: list[str],
                           num_threads: int = 8) -> list[tuple[str, str]]:
         """(file, why) of each original that differs from when it was cached, in the order of `paths`.
 
-        One ``stat`` per image: an original whose size, modification and change times and
-        inode are those recorded is unchanged. A size change, or a bad image that was missing
-        and now exists, is a change. When only times or inode differ (a folder copied,
-        restored from an archive or touched, or a file replaced by ``mv`` or ``cp -p``), the
-        file's SHA-256 is compared with the one taken at build time, in `num_threads`
-        threads. An absent original is fine: the cache may travel without them.
+        The rule is the module docstring's; a size change, or a bad image that was missing and
+        now exists, is a change; SHA-256s are taken in `num_threads` threads. An absent original
+        is fine: the cache may travel without them.
         """
         changed: dict[int, tuple[str, str]] = {}
         suspects: dict[int, str] = {}
@@ -320,20 +306,22 @@ class ImageCache:
 
     def shape(self, path: str) -> tuple[int, int]:
         """(height, width) of a cached image."""
+        return self._where(path)[:2]
+
+    def _where(self, path: str) -> tuple[int, int, int]:
+        """(height, width, byte offset) of a cached image."""
         i = self.row[path]
-        return int(self.heights[i]), int(self.widths[i])
+        return int(self.heights[i]), int(self.widths[i]), int(self.offsets[i])
 
     def array(self, path: str) -> np.ndarray:
         """The cached image as a read-only H x W uint8 view of the mapped file (checked, no copy)."""
-        i = self.row[path]
-        h, w, off = int(self.heights[i]), int(self.widths[i]), int(self.offsets[i])
+        h, w, off = self._where(path)
         self._verify(path, off, off + h * w)
         return self._mapped()[off: off + h * w].reshape(h, w)
 
     def region(self, path: str, top: int, left: int, height: int, width: int) -> np.ndarray:
         """A crop of a cached image as a contiguous array: only its rows are read (and checked)."""
-        i = self.row[path]
-        h, w, off = int(self.heights[i]), int(self.widths[i]), int(self.offsets[i])
+        h, w, off = self._where(path)
         rows = slice(max(0, top), min(h, top + height))
         self._verify(path, off + rows.start * w, off + rows.stop * w)
         image = self._mapped()[off: off + h * w].reshape(h, w)
@@ -408,9 +396,6 @@ def _fingerprint(path: str) -> tuple[int, int, int, int]:
     return st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino
 
 
-_NO_SHA256 = bytes(32)
-
-
 def _load_for_cache(job: tuple[int, str, int | None, str]) -> tuple:
     """Worker: decode (and for a lossy cache resize) one image; never raises (errors travel back as text).
 
@@ -420,14 +405,14 @@ def _load_for_cache(job: tuple[int, str, int | None, str]) -> tuple:
     """
     i, path, size, scaling = job
     before = _fingerprint(path)
-    digest = _sha256_or_none(path) or _NO_SHA256
+    digest = _sha256_or_none(path) or bytes(32)
     try:
         img = load_image(path, dicom_scaling=scaling)
         if size is not None:
             img = resize_shorter_side(img, size)
         if _fingerprint(path) != before:
             raise ImageError(f"{path} changed while it was read: build the cache again once it is written")
-        dicom = Path(path).suffix.lower() in DICOM_SUFFIXES or _is_dicom_file(Path(path))
+        dicom = Path(path).suffix.lower() in DICOM_SUFFIXES or sniff_image_format(path) == "DICOM"
         return i, img.tobytes(), img.height, img.width, before, digest, dicom, ""
     except Exception as err:  # reported per image by the parent with split file and line
         return i, None, 0, 0, before, digest, False, f"{type(err).__name__}: {err}"
@@ -439,25 +424,6 @@ def _remove_unreferenced(folder: Path, keep: set[str]) -> None:
         for f in folder.glob(pattern):
             if f.name not in keep and f.is_file():
                 f.unlink(missing_ok=True)
-
-
-def _make_folder(folder: Path, flag: str | None) -> list[Path]:
-    """Create `folder` (and missing parents); returns the folders created, deepest first.
-
-    `flag`: the flag that named the folder (None: a default place), for the message.
-    """
-    if folder.exists() and not folder.is_dir():
-        where = f"{flag} {folder}" if flag else f"{folder} (choose another cache folder with --cache_dir)"
-        raise DataUsageError(f"{where}: is a file, not a folder")
-    return make_folders(folder)
-
-
-def _committed_build_id(folder: Path) -> str | None:
-    """The build id the folder's meta.json commits, None if there is none (or it is unreadable)."""
-    try:
-        return json.loads((folder / _META).read_text(encoding="utf-8")).get("build_id")
-    except (OSError, ValueError, AttributeError):
-        return None
 
 
 def _splits_to_cache(data_path: Path, kind: str, split_dir: str | Path | None,
@@ -515,37 +481,33 @@ class _IndexRows:
                  src_sha256=self.sha256, block_crc32=self.checksums.finish())
 
 
-@contextmanager
-def _decoded(jobs: list[tuple[int, str, int | None, str]], workers: int) -> Iterator[Iterable[tuple]]:
-    """The `_load_for_cache` results of the jobs, in their order, from `workers` processes (1: this one)."""
-    pool = get_context().Pool(workers) if workers > 1 else None
-    try:
-        yield pool.imap(_load_for_cache, jobs, chunksize=8) if pool else map(_load_for_cache, jobs)
-    finally:
-        if pool is not None:
-            pool.terminate()
-
-
 def _write_pixels(data_file: Path, jobs: list[tuple[int, str, int | None, str]], where: dict[str, tuple[Path, int]],
                   workers: int, skip_bad: bool, start: float) -> _IndexRows:
     """Decode every image into `data_file`, back to back, and return the index rows. A bad image
     raises ImageError naming its split-file line, or with `skip_bad` is recorded in ``.bad``."""
     rows = _IndexRows(list(where))
     paths, n = rows.paths, len(rows.paths)
-    with open(data_file, "wb") as f, _decoded(jobs, workers) as results:
-        for done, (i, pixels, h, w, stat, digest, dicom, error) in enumerate(results, start=1):
-            rows.stats[i], rows.sha256[i] = stat, np.frombuffer(digest, np.uint8)
-            if pixels is None:
-                split_file, line = where[paths[i]]
-                entry = BadEntry(split_file, line, paths[i], f"{error} (file {jobs[i][1]})")
-                if not skip_bad:
-                    raise ImageError(f"{entry}; rerun with --skip_bad to record it and go on")
-                rows.bad[paths[i]] = entry.reason
-                continue
-            f.write(pixels)
-            rows.add(i, pixels, h, w, dicom)
-            if done % 5000 == 0:
-                logger.info("cached %d / %d images (%.0f/s)", done, n, done / (time.perf_counter() - start))
+    pool = get_context().Pool(workers) if workers > 1 else None
+    results = pool.imap(_load_for_cache, jobs, chunksize=8) if pool else map(_load_for_cache, jobs)
+    try:
+        with open(data_file, "wb") as f:
+            for done, (i, pixels, h, w, stat, digest, dicom, error) in enumerate(results, start=1):
+                rows.stats[i], rows.sha256[i] = stat, np.frombuffer(digest, np.uint8)
+                if pixels is None:
+                    split_file, line = where[paths[i]]
+                    entry = BadEntry(split_file, line, paths[i], f"{error} (file {jobs[i][1]})")
+                    if not skip_bad:
+                        raise ImageError(f"{entry}; rerun with --skip_bad to record it and go on")
+                    rows.bad[paths[i]] = entry.reason
+                    continue
+                f.write(pixels)
+                rows.add(i, pixels, h, w, dicom)
+                if done % 5000 == 0:
+                    logger.info("cached %d / %d images (%.0f/s)", done, n,
+                                done / (time.perf_counter() - start))
+    finally:
+        if pool is not None:
+            pool.terminate()
     return rows
 
 
@@ -568,7 +530,11 @@ class _BuildFiles:
         the folders it created (`created`) if nothing else is in them."""
         for file in (self.data, self.index, self.meta):
             self.partial(file).unlink(missing_ok=True)
-        if _committed_build_id(self.out) != self.build_id:
+        try:
+            committed = json.loads(self.meta.read_text(encoding="utf-8")).get("build_id")
+        except (OSError, ValueError, AttributeError):  # none, or unreadable: nothing committed
+            committed = None
+        if committed != self.build_id:
             for done_file in (self.data, self.index):  # renamed but never committed
                 done_file.unlink(missing_ok=True)
         remove_empty(created)
@@ -624,9 +590,7 @@ def build_cache(
         skip_bad: record bad images in the cache instead of failing on the first.
         dicom_scaling: DICOM intensity rule ('paper' | 'minmax'); default the kind's (see imageio).
 
-    A rebuild over an existing cache writes new files beside it and commits them by
-    replacing ``meta.json`` in one step: if it fails, the committed cache stays valid, and
-    neither partial files nor folders this call created are left behind.
+    A failed build leaves neither partial files nor folders it created behind (module docstring).
     """
     data_path, kind = resolve_data_path(data_path, dataset)
     scaling = dicom_scaling_for(kind, dicom_scaling)
@@ -635,7 +599,11 @@ def build_cache(
     folder, names, where, splits_meta = _splits_to_cache(data_path, kind, split_dir, split_files)
 
     out = Path(cache_dir) if cache_dir is not None else default_cache_dir(data_path, size)
-    created = _make_folder(out, "--cache_dir" if cache_dir is not None else None)
+    if out.exists() and not out.is_dir():
+        where = (f"--cache_dir {out}" if cache_dir is not None
+                 else f"{out} (choose another cache folder with --cache_dir)")
+        raise DataUsageError(f"{where}: is a file, not a folder")
+    created = make_folders(out)
     for partial in out.glob("*.tmp"):  # left by a build that was killed
         partial.unlink(missing_ok=True)
     build = _BuildFiles(out, uuid.uuid4().hex[:12])
@@ -710,17 +678,6 @@ class EvalCache:
         return Image.fromarray(pixels.reshape(h, w), mode="L")
 
 
-def eval_cache_key(cache: ImageCache, steps: str, paths: list[str]) -> tuple[str, dict]:
-    """File stem and content of the key of an evaluation cache."""
-    import torchvision
-
-    key = {"format": EVAL_CACHE_FORMAT, "build_id": cache.build_id, "steps": steps, "pillow": PIL.__version__,
-           "torchvision": torchvision.__version__,
-           "paths_sha256": hashlib.sha256("\n".join(paths).encode()).hexdigest()}
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-    return f"eval-{digest}", key
-
-
 def open_eval_cache(cache: ImageCache, steps: str, paths: list[str], prefix: Callable[[Image.Image], Image.Image],
                     num_threads: int = 8) -> EvalCache | None:
     """The evaluation cache for these paths and prefix steps, made now if missing; None if it cannot be.
@@ -728,7 +685,13 @@ def open_eval_cache(cache: ImageCache, steps: str, paths: list[str], prefix: Cal
     Making it costs one pass of the prefix over the images (read from `cache`, threads in
     parallel: Pillow resizes without the GIL); later epochs and runs only read it.
     """
-    name, key = eval_cache_key(cache, steps, paths)
+    import torchvision
+
+    # The key ties the stored bytes to everything they depend on.
+    key = {"format": EVAL_CACHE_FORMAT, "build_id": cache.build_id, "steps": steps, "pillow": PIL.__version__,
+           "torchvision": torchvision.__version__,
+           "paths_sha256": hashlib.sha256("\n".join(paths).encode()).hexdigest()}
+    name = f"eval-{hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]}"
     folder = cache.cache_dir
     if (folder / f"{name}.json").is_file():
         try:

@@ -136,21 +136,9 @@ def to_grey(img: Image.Image) -> Image.Image:
         img = img.convert("RGBA")
     if mode == "1":
         return img.convert("L")
-    if img.mode in ("RGBA", "RGBa", "La"):
-        img = img.convert("RGB")
     if img.mode != "RGB":
-        img = img.convert("RGB")  # CMYK, YCbCr, LAB, HSV ...
+        img = img.convert("RGB")  # RGBA, CMYK, YCbCr, LAB, HSV ...
     return img.convert("L")
-
-
-def _is_dicom_file(path: Path) -> bool:
-    """True if the file carries the DICOM 'DICM' magic at byte 128."""
-    try:
-        with open(path, "rb") as f:
-            f.seek(128)
-            return f.read(4) == b"DICM"
-    except OSError:
-        return False
 
 
 def sniff_image_format(path: str | Path) -> str | None:
@@ -278,23 +266,17 @@ def decode_dicom(path: str | Path, scaling: str = "minmax") -> np.ndarray:
         voi_lut = "VOILUTSequence" in ds and len(ds.VOILUTSequence) > 0
         window = None if voi_lut else _voi_window(ds)
     array = modality  # integer unless rescaled: scale_to_uint8 then needs no float copy
-    windowed = False
     if voi_lut:
         # A VOI LUT is indexed by stored values: give it integers, as the standard does.
         lut_input = modality if modality.dtype.kind in "iu" else np.rint(modality).astype(np.int64)
         with _header_errors(path):
             array = np.asarray(apply_voi_lut(lut_input, ds, index=0, prefer_lut=True), dtype=np.float64)
-    elif window is not None:
-        center, width, function = window
-        if width > 0:
-            array = _window(modality.astype(np.float64), center, width, function)
-            windowed = True
-        else:
-            logger.warning("%s: ignoring VOI window of width %s", path, width)
-
-    if windowed:
+    elif window is not None and window[1] > 0:
         # The window already fixes which values are black and white: no min-max stretch.
+        array = _window(modality.astype(np.float64), *window)
         return np.rint((1.0 - array if invert else array) * 255.0).astype(np.uint8)
+    elif window is not None:
+        logger.warning("%s: ignoring VOI window of width %s", path, window[1])
     return scale_to_uint8(array, invert=invert)
 
 
@@ -320,7 +302,7 @@ def load_image(path: str | Path, dicom_scaling: str = "minmax") -> Image.Image:
                 img = ImageOps.exif_transpose(img)
             return to_grey(img)  # pixels are in memory after load(): closing the file is safe
     except UnidentifiedImageError as err:
-        if _is_dicom_file(path):
+        if sniff_image_format(path) == "DICOM":
             return Image.fromarray(decode_dicom(path, dicom_scaling), mode="L")
         raise ImageDecodeError(f"not a recognised image file: {path}") from err
     except FileNotFoundError:
@@ -348,7 +330,7 @@ def check_image_header(path: str | Path) -> None:
                     raise ImageDecodeError(f"image {path} has size {img.size}")
                 return
         except UnidentifiedImageError as err:
-            if not _is_dicom_file(path):
+            if sniff_image_format(path) != "DICOM":
                 raise ImageDecodeError(f"not a recognised image file: {path}") from err
         except Image.DecompressionBombError as err:
             raise ImageDecodeError(_bomb_message(path, err)) from err

@@ -159,6 +159,12 @@ def rsna_table(metadata: Path) -> pd.DataFrame:
     })
 
 
+def _drawn(table: pd.DataFrame, test: float, val: float, rng: np.random.Generator) -> dict[str, pd.DataFrame]:
+    """Every split drawn from `table` by patient, `test` and `val` its shares of the images."""
+    groups = split_by_patient(table["patient"].to_numpy(), {"test": test, "val": val}, rng)
+    return {g: table.iloc[groups[g]] for g in ("train", "val", "test")}
+
+
 def _nih_frames(metadata: Path, rng: np.random.Generator, val_fraction: float | None,
                 test_fraction: float | None) -> dict[str, pd.DataFrame]:
     """NIH: the official test list when present (val drawn from train_val), else every split drawn."""
@@ -166,9 +172,7 @@ def _nih_frames(metadata: Path, rng: np.random.Generator, val_fraction: float | 
     official_tv, official_test = metadata / "train_val_list.txt", metadata / "test_list.txt"
     if not (official_tv.is_file() and official_test.is_file()):
         logger.info("no official train_val_list.txt / test_list.txt in %s: drawing every split", metadata)
-        groups = split_by_patient(table["patient"].to_numpy(),
-                                  {"test": test_fraction or 0.2, "val": val_fraction or 0.1}, rng)
-        return {g: table.iloc[groups[g]] for g in ("train", "val", "test")}
+        return _drawn(table, test_fraction or 0.2, val_fraction or 0.1, rng)
     test_names, tv_names = set(_read_list(official_test)), set(_read_list(official_tv))
     unknown = (test_names | tv_names) - set(table["path"])
     if unknown:
@@ -200,10 +204,7 @@ def _chexpert_frames(metadata: Path, rng: np.random.Generator, val_fraction: flo
 def _rsna_frames(metadata: Path, rng: np.random.Generator, val_fraction: float | None,
                  test_fraction: float | None) -> dict[str, pd.DataFrame]:
     """RSNA: every split drawn by patient."""
-    table = rsna_table(metadata)
-    groups = split_by_patient(table["patient"].to_numpy(),
-                              {"test": test_fraction or 0.1, "val": val_fraction or 0.05}, rng)
-    return {g: table.iloc[groups[g]] for g in ("train", "val", "test")}
+    return _drawn(rsna_table(metadata), test_fraction or 0.1, val_fraction or 0.05, rng)
 
 
 FRAMES = {"nih": _nih_frames, "chexpert": _chexpert_frames, "rsna": _rsna_frames}

@@ -103,10 +103,8 @@ class Metadata:
         return [self._find(_key(p)) for p in paths]
 
     def _find(self, path: str) -> ImageMeta | None:
-        if path in self.records:
-            return self.records[path]
         parts = path.split("/")
-        for i in range(1, len(parts)):
+        for i in range(len(parts)):  # the path itself, then ever shorter trailing parts
             tail = "/".join(parts[i:])
             if tail in self.records:
                 return self.records[tail]
@@ -192,12 +190,6 @@ def _csv_format(path: Path, header: Sequence[str]) -> str:
         f"({', '.join(_FORMATS['CheXpert train/valid csv'][0])}) or path,sex,age,view")
 
 
-def _used_columns(fmt: str) -> tuple[str, ...]:
-    """The columns a CSV format's rows are read from."""
-    required, optional = _FORMATS[fmt]
-    return required + optional
-
-
 def _record(fmt: str, row: Mapping[str, Any], where: str) -> tuple[str, str | None, Any, str | None]:
     """(image path, sex, raw age, view) of one row of a CSV format."""
     if fmt == "NIH Data_Entry_2017":
@@ -222,7 +214,8 @@ def read_metadata(path: str | Path) -> Metadata:
             fmt = _csv_format(path, header)
             # The cells a row must reach: NIH's header splits "OriginalImage[Width,Height]"
             # into two columns and some rows end early, so only the columns read count.
-            needed = 1 + max(header.index(c) for c in header if c in _used_columns(fmt))
+            required, optional = _FORMATS[fmt]
+            needed = 1 + max(header.index(c) for c in header if c in required + optional)
             for line, cells in enumerate(reader, start=2):
                 if not any(c.strip() for c in cells):
                     continue  # a blank line

@@ -30,6 +30,8 @@ import numpy as np
 import PIL
 from PIL import Image
 
+from util import cli
+
 logger = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("_resample.c")
@@ -58,25 +60,21 @@ def _user_cache() -> Path:
     return Path(home) / "cxr-lora"
 
 
-def build_dir() -> Path:
-    """Where the library is built: beside the source if writable, else the user's cache."""
-    here = SOURCE.parent / "_build"
+def _library_path() -> Path:
+    """The library's path: an existing build beside the source (e.g. made by setup.sh in a
+    checkout that is read-only now) first, else a new one there if writable, else in the user's cache."""
+    here, name = SOURCE.parent / "_build", _library_name()
+    if (here / name).is_file():
+        return here / name
     try:
         here.mkdir(exist_ok=True)
         if os.access(here, os.W_OK):
-            return here
+            return here / name
     except OSError:
         pass
     cache = _user_cache()
     cache.mkdir(parents=True, exist_ok=True)
-    return cache
-
-
-def _library_path() -> Path:
-    """The library's path: an existing build beside the source (e.g. made by setup.sh in a
-    checkout that is read-only now) first, else in `build_dir()`."""
-    prebuilt = SOURCE.parent / "_build" / _library_name()
-    return prebuilt if prebuilt.is_file() else build_dir() / _library_name()
+    return cache / name
 
 
 def compile_library(folder: Path | None = None) -> Path:
@@ -237,8 +235,6 @@ def resize_grey(array: np.ndarray, size: tuple[int, int], resample: int) -> np.n
 
 def main(argv: list[str] | None = None) -> int:
     """`python -m datasets.resample`: build and check the native resize, say which is used."""
-    from util import cli
-
     cli.Parser(prog=PROG, description=main.__doc__).parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     fn = native()
@@ -248,6 +244,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from util import cli
-
     sys.exit(cli.run(main, prog=PROG))

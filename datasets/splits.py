@@ -21,9 +21,8 @@ from .errors import DataUsageError, SplitFileError
 
 logger = logging.getLogger(__name__)
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 # The repository's own split folder: <repo>/DatasetsSplits/<basename of data_path>/.
-DEFAULT_SPLITS_ROOT = REPO_ROOT / "DatasetsSplits"
+DEFAULT_SPLITS_ROOT = Path(__file__).resolve().parents[1] / "DatasetsSplits"
 CLASSES_FILE = "classes.txt"
 
 # Substrings of a data folder's name -> kind (case-insensitive); a name that matches two
@@ -105,17 +104,6 @@ def resolve_data_path(data_path: str | Path, dataset: str | None = None) -> tupl
     return data_path, kind
 
 
-def split_file_name(split: str, data_size: str = "100%") -> str:
-    """Name of the split file for `split` ('train' / 'val' / 'test') and `data_size`."""
-    if split not in SPLIT_FILES:
-        raise ValueError(f"split={split!r}: expected one of {sorted(SPLIT_FILES)}")
-    if split == "train":
-        if data_size not in TRAIN_SPLIT_FILES:
-            raise DataUsageError(f"--data_size {data_size}: expected one of {', '.join(TRAIN_SPLIT_FILES)}")
-        return TRAIN_SPLIT_FILES[data_size]
-    return SPLIT_FILES[split]  # type: ignore[return-value]
-
-
 def split_dir_candidates(data_path: str | Path, split_dir: str | Path | None = None) -> list[Path]:
     """Folders searched for split files, in order."""
     if split_dir is not None:
@@ -138,8 +126,13 @@ def locate_split_file(
     data_size: str = "100%",
     split_dir: str | Path | None = None,
 ) -> Path:
-    """Path of the split file for `split` / `data_size`; raises listing what was searched."""
-    name = split_file_name(split, data_size)
+    """Path of the split file for `split` ('train' / 'val' / 'test') and `data_size`; raises listing
+    what was searched."""
+    if split not in SPLIT_FILES:
+        raise ValueError(f"split={split!r}: expected one of {sorted(SPLIT_FILES)}")
+    if split == "train" and data_size not in TRAIN_SPLIT_FILES:
+        raise DataUsageError(f"--data_size {data_size}: expected one of {', '.join(TRAIN_SPLIT_FILES)}")
+    name = TRAIN_SPLIT_FILES[data_size] if split == "train" else SPLIT_FILES[split]
     folder = find_split_dir(data_path, split_dir)
     if folder is not None and (folder / name).is_file():
         return folder / name
@@ -157,15 +150,6 @@ def locate_split_file(
     )
 
 
-def find_class_file(folders: list[Path]) -> Path | None:
-    """The first `classes.txt` found in `folders`, or None."""
-    for folder in folders:
-        path = folder / CLASSES_FILE
-        if path.is_file():
-            return path
-    return None
-
-
 def read_class_names(folders: list[Path]) -> list[str] | None:
     """Class names from the first `classes.txt` (one name a line) found in `folders`."""
     return split_class_names("custom", folders)[0]
@@ -177,7 +161,7 @@ def split_class_names(kind: str, folders: list[Path]) -> tuple[list[str] | None,
     line), else (None, None)."""
     if kind in CLASS_NAMES:
         return list(CLASS_NAMES[kind]), None
-    path = find_class_file(folders)
+    path = next((f / CLASSES_FILE for f in folders if (f / CLASSES_FILE).is_file()), None)
     if path is None:
         return None, None
     try:
@@ -295,11 +279,8 @@ def parse_split_file(split_file: str | Path, num_classes: int | None = None, kin
             f"expected 0 or 1 (map uncertain / blank labels when making the split)"
         )
     targets = ones.astype(np.uint8).reshape(len(paths), expected)
-    duplicates = _duplicates(paths, lines)
-    if duplicates:
-        _warn_duplicates(split_file, paths, targets, duplicates)
     return SplitTable(split_file=split_file, paths=paths, targets=targets, lines=lines,
-                      duplicates=duplicates)
+                      duplicates=_duplicates(split_file, paths, lines, targets))
 
 
 def _label_count_error(split_file: Path, line_no: int, tokens: list[str], expected: int, kind: str,
@@ -319,24 +300,18 @@ def _label_count_error(split_file: Path, line_no: int, tokens: list[str], expect
                           f"file needs the same label columns")
 
 
-def _duplicates(paths: list[str], lines: list[int]) -> dict[str, list[int]]:
-    """Paths listed more than once -> all their line numbers."""
+def _duplicates(split_file: Path, paths: list[str], lines: list[int],
+                targets: np.ndarray) -> dict[str, list[int]]:
+    """Paths listed more than once -> all their line numbers; one warning about them: how many
+    repeats, how many with conflicting labels, a few examples."""
     if len(set(paths)) == len(paths):  # the usual case, and 10x faster than the loop below
         return {}
-    seen: dict[str, list[int]] = {}
-    for path, line in zip(paths, lines):
-        seen.setdefault(path, []).append(line)
-    return {path: at for path, at in seen.items() if len(at) > 1}
-
-
-def _warn_duplicates(split_file: Path, paths: list[str], targets: np.ndarray,
-                     duplicates: dict[str, list[int]]) -> None:
-    """One warning: how many repeats, how many with conflicting labels, a few examples."""
     rows_of: dict[str, list[int]] = {}
     for row, path in enumerate(paths):
-        if path in duplicates:
-            rows_of.setdefault(path, []).append(row)
-    conflicting = sum(len({targets[r].tobytes() for r in rows}) > 1 for rows in rows_of.values())
+        rows_of.setdefault(path, []).append(row)
+    repeated = {path: rows for path, rows in rows_of.items() if len(rows) > 1}
+    duplicates = {path: [lines[r] for r in rows] for path, rows in repeated.items()}
+    conflicting = sum(len({targets[r].tobytes() for r in rows}) > 1 for rows in repeated.values())
     repeats = sum(len(at) - 1 for at in duplicates.values())
     examples = ", ".join(f"'{p}' (lines {', '.join(map(str, at))})"
                          for p, at in list(duplicates.items())[:_EXAMPLES])
@@ -344,6 +319,7 @@ def _warn_duplicates(split_file: Path, paths: list[str], targets: np.ndarray,
         "%s: %d duplicate entries: %d images listed more than once (%d with different labels), "
         "e.g. %s; every entry is kept, so these images weigh more in training and evaluation",
         split_file, repeats, len(duplicates), conflicting, examples)
+    return duplicates
 
 
 def real_paths(files: Sequence[str]) -> list[str]:
@@ -386,19 +362,18 @@ def _line(split: SplitLike, row: int) -> int:
     return lines[row] if lines is not None else row + 1
 
 
-def shared_images(split: SplitLike, other: SplitLike) -> list[tuple[int, int, str]]:
-    """Images of `other` that are also in `split`: (row in other, row in split, the file), in
-    the order of `other`, each image once."""
-    keys_a, keys_b = _image_keys(split, other)
+def _shared(keys: Sequence[str | None], other_keys: Sequence[str | None]) -> list[tuple[int, int, str]]:
+    """(row in other, first row in keys, key) of each key of `other_keys` also in `keys`, in the
+    order of `other_keys`, each key once (None matches nothing)."""
     first: dict[str, int] = {}
-    for row, key in enumerate(keys_a):
-        first.setdefault(key, row)
-    shared, seen = [], set()
-    for row, key in enumerate(keys_b):
-        if key in first and key not in seen:
-            shared.append((row, first[key], key))
-            seen.add(key)
-    return shared
+    for row, key in enumerate(keys):
+        if key is not None:
+            first.setdefault(key, row)
+    shared: dict[str, tuple[int, int, str]] = {}
+    for row, key in enumerate(other_keys):
+        if key in first and key not in shared:
+            shared[key] = (row, first[key], key)  # type: ignore[index]
+    return list(shared.values())
 
 
 _NIH_NAME = re.compile(r"^(\d{8})_\d{3}\.png$")
@@ -417,22 +392,6 @@ def patient_id(kind: str, path: str) -> str | None:
     else:
         return None
     return match.group(1) if match else None
-
-
-def shared_patients(kind: str, split: SplitLike, other: SplitLike) -> list[tuple[int, int, str]]:
-    """Patients with images in both splits: (row in other, row in split, patient), in the order
-    of `other`, each patient once."""
-    first: dict[str, int] = {}
-    for row, path in enumerate(split.paths):
-        pid = patient_id(kind, path)
-        if pid is not None:
-            first.setdefault(pid, row)
-    shared: dict[str, tuple[int, int, str]] = {}
-    for row, path in enumerate(other.paths):
-        pid = patient_id(kind, path)
-        if pid in first and pid not in shared:
-            shared[pid] = (row, first[pid], pid)
-    return list(shared.values())
 
 
 def check_split_overlap(train: SplitLike, others: Sequence[SplitLike | str | Path],
@@ -458,7 +417,7 @@ def check_split_overlap(train: SplitLike, others: Sequence[SplitLike | str | Pat
     counts: dict[str, int] = {}
     for other in others:
         table = parse_split_file(other) if isinstance(other, (str, Path)) else other
-        shared = shared_images(train, table)
+        shared = _shared(*_image_keys(train, table))
         counts[str(table.split_file)] = len(shared)
         here, there = Path(table.split_file).name, Path(train.split_file).name
         if shared:
@@ -469,7 +428,8 @@ def check_split_overlap(train: SplitLike, others: Sequence[SplitLike | str | Pat
             message = (f"{len(shared)} images of {table.split_file} are also in the {role} split "
                        f"{train.split_file}, e.g. {examples}")
         else:
-            patients = shared_patients(kind, train, table) if kind else []
+            patients = _shared([patient_id(kind, p) for p in train.paths],
+                               [patient_id(kind, p) for p in table.paths]) if kind else []
             if not patients:
                 continue
             examples = "; ".join(f"'{pid}' ({here}:{_line(table, b)}, {there}:{_line(train, a)})"
@@ -513,11 +473,7 @@ SUBSETS: dict[str, float] = {"train_10.txt": 0.10, "train_1.txt": 0.01}
 def nested_subsets(n: int, rng: np.random.Generator, min_size: int = 1) -> dict[str, np.ndarray]:
     """Row indices of train_10 and train_1: nested random subsets of n training rows."""
     perm = rng.permutation(n)
-    out = {}
-    for name, frac in SUBSETS.items():
-        size = min(n, max(min_size, round(frac * n)))
-        out[name] = np.sort(perm[:size])
-    return out
+    return {name: np.sort(perm[: min(n, max(min_size, round(frac * n)))]) for name, frac in SUBSETS.items()}
 
 
 def write_split_file(path: Path, paths: list[str], labels: np.ndarray, trailing_space: bool = False) -> None:

@@ -38,6 +38,11 @@ DEMO_PREVALENCE: tuple[float, ...] = (
 )
 _AMPLITUDE = 0.22
 MIN_SUBSET = 20  # smallest train_1 / train_10 list, so a 1% run still sees every class
+# The classes drawn as stripes: class -> (angle, period as image size / this).
+_STRIPE_CLASSES: dict[int, tuple[float, int]] = {
+    0: (0.0, 16), 2: (np.pi / 2, 16), 3: (np.pi / 4, 16), 6: (3 * np.pi / 4, 16),
+    8: (0.0, 6), 9: (np.pi / 2, 6), 12: (np.pi / 4, 6),
+}
 
 
 def _stripes(x: np.ndarray, y: np.ndarray, angle: float, period: float, phase: float) -> np.ndarray:
@@ -49,36 +54,24 @@ def _stripes(x: np.ndarray, y: np.ndarray, angle: float, period: float, phase: f
 def _signature(c: int, x: np.ndarray, y: np.ndarray, cx: float, cy: float, s: int,
                rng: np.random.Generator) -> np.ndarray:
     """Class `c`'s texture over the whole image, roughly in [-1, 1]."""
-    fine, coarse = s / 16, s / 6
     phase = rng.uniform(0, 2 * np.pi)
-    if c == 0:
-        return _stripes(x, y, 0.0, fine, phase)
+    if c in _STRIPE_CLASSES:
+        angle, per_image = _STRIPE_CLASSES[c]
+        return _stripes(x, y, angle, s / per_image, phase)
     if c == 1:
         return np.ones_like(x)  # bright blob
-    if c == 2:
-        return _stripes(x, y, np.pi / 2, fine, phase)
-    if c == 3:
-        return _stripes(x, y, np.pi / 4, fine, phase)
     if c == 4:
         return -np.ones_like(x)  # dark blob
     if c == 5:  # bright dots on a lattice
         p = s / 10
         return 2 * (np.cos(2 * np.pi * x / p + phase) * np.cos(2 * np.pi * y / p + phase) > 0.6) - 0.3
-    if c == 6:
-        return _stripes(x, y, 3 * np.pi / 4, fine, phase)
     if c == 7:  # checkerboard
         p = s / 12
         return np.sign(np.sin(np.pi * x / p + phase) * np.sin(np.pi * y / p + phase))
-    if c == 8:
-        return _stripes(x, y, 0.0, coarse, phase)
-    if c == 9:
-        return _stripes(x, y, np.pi / 2, coarse, phase)
     if c == 10:
         return rng.uniform(-1.5, 1.5, size=x.shape)  # mottled noise
     if c == 11:  # concentric rings around the blob centre
         return np.sin(2 * np.pi * np.hypot(x - cx, y - cy) / (s / 12) + phase)
-    if c == 12:
-        return _stripes(x, y, np.pi / 4, coarse, phase)
     # c == 13: a grid of thin lines
     p = s / 8
     return 2.0 * ((np.abs(np.sin(np.pi * x / p + phase)) < 0.25) | (np.abs(np.sin(np.pi * y / p + phase)) < 0.25)) - 0.5
