@@ -39,6 +39,8 @@ import weights
 from datasets import NORM_STATS
 
 HAVE = {lib: importlib.util.find_spec(lib) is not None for lib in ("transformers", "open_clip")}
+# The original models are built once (the `originals` fixture), by one test process.
+pytestmark = pytest.mark.xdist_group("foundation_models")
 needs_transformers = pytest.mark.skipif(not HAVE["transformers"], reason="transformers not installed")
 needs_open_clip = pytest.mark.skipif(not HAVE["open_clip"], reason="open_clip_torch not installed")
 TOL = dict(atol=1e-4, rtol=1e-4)
