@@ -119,7 +119,8 @@ def folder_path(text: str) -> str:
 def new_folder(text: str) -> str:
     """An argparse type: a folder to make (nothing may be there yet)."""
     if os.path.lexists(text):
-        raise argparse.ArgumentTypeError(f"{text} already exists: a new folder is written there")
+        raise argparse.ArgumentTypeError(f"{text} already exists (name a new folder: nothing is "
+                                         "written into an existing one)")
     return text
 
 
