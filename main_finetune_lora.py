@@ -383,13 +383,13 @@ def with_data_defaults(args: argparse.Namespace) -> argparse.Namespace:
     return args
 
 
-def run_settings(args: argparse.Namespace, roles: dict[str, str], eff_batch: int,
+def run_settings(args: argparse.Namespace, roles: dict[str, str], world_size: int,
                  data: datasets.TrainingData) -> dict[str, Any]:
     """What makes this run this run: its RUN flags and the values derived from the DERIVED ones."""
     settings = {k: getattr(args, k) for k, role in roles.items() if role == command.RUN}
     cache = data.train_set.cache_info
     settings.update(
-        lr=args.lr, global_batch=eff_batch,
+        lr=args.lr, global_batch=args.batch_size * args.accum_iter * world_size,
         weights_sha256=ckpt.file_sha256(args.finetune) if args.finetune else None,
         split_sha256={s: ckpt.file_sha256(d.split_file) for s, d in
                       (("train", data.train_set), ("val", data.val_set), ("test", data.test_set))},
@@ -455,7 +455,6 @@ def main(args: argparse.Namespace) -> dict:
         say(f"wrote the synthetic demo data set to {args.data_path}")
     if dist_info.distributed:
         dist.barrier()
-    eff_batch = args.batch_size * args.accum_iter * dist_info.world_size
     args = with_data_defaults(args)
     if args.eval:
         # --eval: test --resume on --eval_split of --data_path, in the evaluation's own folder.
@@ -470,11 +469,11 @@ def main(args: argparse.Namespace) -> dict:
     # Data first: a bad split file or image fails here, before anything is written.
     data, batch_transform = prepare_data(args, dist_info, device)
     parser = get_args_parser()
-    settings = run_settings(args, command.flag_roles(parser), eff_batch, data)
+    settings = run_settings(args, command.flag_roles(parser), dist_info.world_size, data)
     folder = RunFolder(run_path(
         args.output_dir, args.run_name, settings, weights=Path(args.finetune or "").stem, note=args.note,
         method_tag=methods.get(args.method).tag(args.method_settings),
-        demo_given=sorted(args.explicit) if args.demo and "run_name" not in args.explicit else None))
+        demo_given=list(args.explicit) if args.demo and "run_name" not in args.explicit else None))
     if dist_info.is_main:
         probe_writable(folder.folder)
         folder.lock.acquire(" ".join(sys.argv))
@@ -519,10 +518,9 @@ def start_run(args: argparse.Namespace, parser: argparse.ArgumentParser, setting
     record = {
         "settings": settings, "recipe": command.recipe_flags(parser),
         "execution": json_safe({k: getattr(args, k) for k, r in roles.items() if r != command.RUN}),
-        "preset_source": args.preset_source, "precision": precision,
-        "world_size": dist_info.world_size, "trainable": trainable, "method_settings": json_safe(config.to_json()["method_settings"]),
-        "val_undefined_classes": data.val_undefined, "notes": args.notes,
-        "data_cache": data.cache_used,
+        "preset_source": args.preset_source, "precision": precision, "world_size": dist_info.world_size,
+        "trainable": trainable, "method_settings": json_safe(config.to_json()["method_settings"]),
+        "val_undefined_classes": data.val_undefined, "notes": args.notes, "data_cache": data.cache_used,
         "resumed_from_epoch": start_epoch - 1 if plan.resume else None,
         "resumed_from": str(Path(plan.resume).resolve()) if plan.resume else None,
         **code_versions(), "command": " ".join(sys.argv)}
@@ -543,6 +541,8 @@ def final_test(args: argparse.Namespace, folder: RunFolder, plan: Plan, progress
     """Test the best checkpoint on the test split; its score joins the TensorBoard curves."""
     if dist_info.distributed:
         dist.barrier()
+    if progress.best_epoch is None:  # a resumed run cut shorter than its first validation
+        raise ArgumentError("no epoch was validated (nothing to test): check --epochs / --valid_freq")
     if plan.resume and progress.start_epoch >= args.epochs:
         logger.info("the run in %s was already complete (%d epochs); testing its best checkpoint "
                     "again", folder.folder, args.epochs)

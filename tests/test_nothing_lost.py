@@ -189,6 +189,29 @@ def test_the_lock_is_held_by_one_thread_at_a_time(tmp_path):
         assert results.count(1) == 1, (r, results)
 
 
+def test_a_resume_cut_shorter_than_its_first_validation_says_so(demo, tmp_path, monkeypatch, capsys):
+    """Killed after an epoch that was not validated, then resumed with fewer epochs: nothing
+    is left to train or test, and the command says so in one line."""
+    data, weights = demo
+    calls = []
+
+    def second_epoch_interrupted(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return train_one_epoch(*a, **k)
+
+    monkeypatch.setattr(training, "train_one_epoch", second_epoch_interrupted)
+    out = tmp_path / "run"
+    assert mfl.cli(args_for(data, weights, out, "--epochs", "4", "--valid_freq", "5")) == 130
+    assert json.loads((out / "checkpoint-last.json").read_text())["epoch"] == 0
+    assert not (out / "checkpoint-best.json").exists()  # epoch 0 was not validated
+    capsys.readouterr()
+    assert mfl.cli(args_for(data, weights, out, "--epochs", "1", "--valid_freq", "5", "--resume", "auto")) == 2
+    assert "no epoch was validated (nothing to test)" in capsys.readouterr().err
+    assert not (out / "results_test.json").exists()
+
+
 def test_ctrl_c_says_how_to_continue_in_one_line(demo, tmp_path, monkeypatch, capsys):
     data, weights = demo
 
