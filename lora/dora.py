@@ -25,15 +25,16 @@ costs two products of the size of A per step instead of a pass over the full wei
 from __future__ import annotations
 
 import contextlib
-import warnings
 from typing import Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .folding import Target
 from .layers import LoRALinear
-from .model import lora_layers
+from .model import inject_lora, lora_layers
+from .model import mark_trainable as mark_lora
 
 
 class DoRALinear(LoRALinear):
@@ -41,7 +42,7 @@ class DoRALinear(LoRALinear):
 
     ``lora_magnitude`` holds one value per adapted output row (the rows of the adapted
     slices, in the order of ``lora_B``), fp32 like the LoRA factors. Merging folds
-    ``g * (W + dW)`` into the base weight rows; ``unmerge`` restores the saved weight.
+    ``g * (W + dW)`` into the base weight rows.
 
     Args: those of ``LoRALinear``.
     """
@@ -156,8 +157,7 @@ class DoRALinear(LoRALinear):
 
     # -- merge ----------------------------------------------------------------------------
 
-    @torch.no_grad()
-    def merged_weight(self) -> torch.Tensor:
+    def fold_targets(self, parent: nn.Module | None = None) -> list[Target]:
         """The base weight with the adapted rows replaced by ``g * (W + s B A)`` (fp32); the
         norm of each row is taken from the sum itself, as PEFT's merge takes it."""
         with torch.autocast(self.base_layer.weight.device.type, enabled=False):
@@ -167,19 +167,7 @@ class DoRALinear(LoRALinear):
         for j, (start, stop) in enumerate(self._adapted_columns()):
             rows = weight[start:stop]
             rows.mul_((m[j * d:(j + 1) * d] / torch.linalg.norm(rows, dim=1)).unsqueeze(1))
-        return weight
-
-    @torch.no_grad()
-    def merge(self) -> None:
-        """Fold magnitude and direction into the base weight (a plain linear's cost)."""
-        if self.merged:
-            warnings.warn("DoRA layer is already merged; merge() ignored", stacklevel=2)
-            return
-        weight = self.base_layer.weight
-        self._unmerged_weight = weight.detach().clone()
-        weight.copy_(self.merged_weight().to(weight.dtype))
-        self._base_weight_changed()
-        self.merged = True
+        return [(self.base_layer, "weight", weight)]
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", magnitudes={self.lora_magnitude.numel()}"
@@ -280,8 +268,6 @@ def inject_dora(model: nn.Module, rank: int = 4, alpha: float = 32.0, dropout: f
                 pos: str = "attn", scaling: float | None = None) -> list[str]:
     """DoRA layers on the linears ``lora.inject_lora`` adapts for ``pos`` (the same slices),
     with the update scaled by ``scaling`` (default alpha / rank). Returns their names."""
-    from .model import inject_lora
-
     names = inject_lora(model, rank=rank, alpha=alpha, dropout=dropout, pos=pos)
     for name in names:
         parent_name, _, child = name.rpartition(".")
@@ -300,23 +286,6 @@ def dora_layers(model: nn.Module) -> list[tuple[str, DoRALinear]]:
 
 def mark_trainable(model: nn.Module) -> None:
     """LoRA's trained set (A, B, fc_norm, head) plus every magnitude vector."""
-    from .model import mark_trainable as mark_lora
-
     mark_lora(model)
     for _, layer in dora_layers(model):
         layer.lora_magnitude.requires_grad_(True)
-
-
-def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The plain timm state dict with every DoRA layer folded in; the model is left as it is."""
-    from .model import canonical_name
-
-    merged = {f"{name}.base_layer.weight": layer for name, layer in dora_layers(model)}
-    out: dict[str, torch.Tensor] = {}
-    for key, value in model.state_dict().items():
-        if key.rsplit(".", 1)[-1] in ("lora_A", "lora_B", "lora_magnitude"):
-            continue
-        if key in merged and not merged[key].merged:
-            value = merged[key].merged_weight().to(value.dtype)
-        out[canonical_name(key)] = value.detach().clone()
-    return out

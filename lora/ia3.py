@@ -13,20 +13,20 @@ weights: the qkv rows (and their bias) and the fc2 columns.
 """
 from __future__ import annotations
 
-import warnings
 from typing import Iterator, Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .model import HEAD_MODULES, canonical_name
+from .folding import Mergeable, Target
+from .model import HEAD_MODULES
 
 # The k and v thirds of timm's fused qkv linear (rows [q; k; v]), as the paper scales them.
 KV = (False, True, True)
 
 
-class IA3Linear(nn.Module):
+class IA3Linear(Mergeable):
     """Wraps a frozen ``nn.Linear`` and multiplies the marked slices of its output by a
     learned vector ``ia3_scale`` (one value per output feature of those slices).
 
@@ -51,8 +51,6 @@ class IA3Linear(nn.Module):
         self.slice_size = base_layer.out_features // len(parts)
         self.ia3_scale = nn.Parameter(torch.ones(self.slice_size * sum(parts), dtype=torch.float32,
                                                  device=base_layer.weight.device))
-        self.merged = False
-        self._unmerged: tuple[torch.Tensor, torch.Tensor | None] | None = None
 
     @property
     def weight(self) -> torch.Tensor:
@@ -87,51 +85,19 @@ class IA3Linear(nn.Module):
             return out
         return out * self.output_scale().to(out.dtype)
 
-    @torch.no_grad()
-    def merged_weight_and_bias(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The base weight and bias with the marked rows multiplied by the vector (their dtype)."""
-        scale = self.output_scale().detach().float()
-        weight = (self.base_layer.weight.float() * scale.unsqueeze(1)).to(self.base_layer.weight.dtype)
-        bias = self.base_layer.bias
-        if bias is not None:
-            bias = (bias.float() * scale).to(bias.dtype)
-        return weight, bias
-
-    @torch.no_grad()
-    def merge(self) -> None:
-        """Fold the vector into the rows of the base weight and bias."""
-        if self.merged:
-            warnings.warn("IA3 layer is already merged; merge() ignored", stacklevel=2)
-            return
-        base = self.base_layer
-        self._unmerged = (base.weight.detach().clone(),
-                          None if base.bias is None else base.bias.detach().clone())
-        weight, bias = self.merged_weight_and_bias()
-        base.weight.copy_(weight)
-        if bias is not None:
-            base.bias.copy_(bias)
-        _refresh(base)
-        self.merged = True
-
-    @torch.no_grad()
-    def unmerge(self) -> None:
-        """Restore the saved base weight and bias bit-exactly."""
-        if not self.merged:
-            warnings.warn("IA3 layer is not merged; unmerge() ignored", stacklevel=2)
-            return
-        assert self._unmerged is not None, "merged without a saved base weight"
-        weight, bias = self._unmerged
-        self.base_layer.weight.copy_(weight)
-        if bias is not None:
-            self.base_layer.bias.copy_(bias)
-        _refresh(self.base_layer)
-        self._unmerged, self.merged = None, False
+    def fold_targets(self, parent: nn.Module | None = None) -> list[Target]:
+        """The base weight's rows and the bias multiplied by the vector."""
+        scale, base = self.output_scale().detach().float(), self.base_layer
+        targets = [(base, "weight", base.weight.float() * scale.unsqueeze(1))]
+        if base.bias is not None:
+            targets.append((base, "bias", base.bias.float() * scale))
+        return targets
 
     def extra_repr(self) -> str:
         return f"parts={self.parts}, merged={self.merged}"
 
 
-class IA3Activation(nn.Module):
+class IA3Activation(Mergeable):
     """An MLP activation followed by a learned per-channel vector ``ia3_scale`` (the input of
     the block's ``fc2``). Merged, the vector lives in fc2's columns and this is ``act`` alone.
 
@@ -147,8 +113,6 @@ class IA3Activation(nn.Module):
         super().__init__()
         self.act = act
         self.ia3_scale = nn.Parameter(torch.ones(features, dtype=torch.float32))
-        self.merged = False
-        self._unmerged_fc2: torch.Tensor | None = None
 
     def forward(self, u: torch.Tensor) -> torch.Tensor:
         if self.merged:
@@ -158,32 +122,14 @@ class IA3Activation(nn.Module):
         h = self.act(u)
         return h * self.ia3_scale.to(h.dtype)
 
-    @torch.no_grad()
-    def merged_fc2_weight(self, fc2: nn.Linear) -> torch.Tensor:
-        """fc2's weight with its columns multiplied by the vector (fc2's dtype)."""
-        return (fc2.weight.float() * self.ia3_scale.detach().float()).to(fc2.weight.dtype)
-
-    @torch.no_grad()
-    def merge_into(self, fc2: nn.Linear) -> None:
-        """Fold the vector into ``fc2``'s columns (the linear this activation feeds)."""
-        if self.merged:
-            warnings.warn("IA3 activation is already merged; merge ignored", stacklevel=2)
-            return
-        self._unmerged_fc2 = fc2.weight.detach().clone()
-        fc2.weight.copy_(self.merged_fc2_weight(fc2))
-        _refresh(fc2)
-        self.merged = True
-
-    @torch.no_grad()
-    def unmerge_from(self, fc2: nn.Linear) -> None:
-        """Restore ``fc2``'s saved weight bit-exactly."""
-        if not self.merged:
-            warnings.warn("IA3 activation is not merged; unmerge ignored", stacklevel=2)
-            return
-        assert self._unmerged_fc2 is not None, "merged without a saved fc2 weight"
-        fc2.weight.copy_(self._unmerged_fc2)
-        _refresh(fc2)
-        self._unmerged_fc2, self.merged = None, False
+    def fold_targets(self, parent: nn.Module | None = None) -> list[Target]:
+        """The columns of ``fc2``, the linear this activation feeds in ``parent`` (the MLP),
+        multiplied by the vector."""
+        fc2 = getattr(parent, "fc2", None)
+        if not isinstance(fc2, nn.Module):
+            raise ValueError("an IA3 activation folds into the fc2 of its MLP: merge the model "
+                             "(lora.merge), not the activation alone")
+        return [(fc2, "weight", fc2.weight.float() * self.ia3_scale.detach().float())]
 
     def extra_repr(self) -> str:
         return f"features={self.ia3_scale.numel()}, merged={self.merged}"
@@ -209,13 +155,6 @@ class _ScaledGELU(torch.autograd.Function):
             h = F.gelu(u, approximate=ctx.approximate)
             grad_scale = (grad * h).reshape(-1, h.shape[-1]).sum(0, dtype=torch.float32)
         return grad_u, grad_scale, None
-
-
-def _refresh(linear: nn.Module) -> None:
-    """Tell a linear that caches a form of its weight (lora.fp8.Float8Linear) to remake it."""
-    refresh = getattr(linear, "refresh", None)
-    if callable(refresh):
-        refresh()
 
 
 def _blocks(model: nn.Module) -> nn.Module:
@@ -260,62 +199,3 @@ def mark_trainable(model: nn.Module, extra_modules: Sequence[str] = HEAD_MODULES
         module = getattr(model, name, None)
         if module is not None:
             module.requires_grad_(True)
-
-
-def _block_pairs(model: nn.Module) -> Iterator[tuple[nn.Module, IA3Activation | None, IA3Linear | None]]:
-    for block in _blocks(model):
-        act, qkv = block.mlp.act, block.attn.qkv
-        yield (block, act if isinstance(act, IA3Activation) else None,
-               qkv if isinstance(qkv, IA3Linear) else None)
-
-
-def merge(model: nn.Module) -> int:
-    """Fold every vector into its weights (qkv rows, fc2 columns). Returns the layers changed."""
-    if any(m.merged for _, m in ia3_modules(model)):
-        warnings.warn("model already merged; merge() left it as it is", stacklevel=2)
-        return 0
-    count = 0
-    for block, act, qkv in _block_pairs(model):
-        if qkv is not None:
-            qkv.merge()
-            count += 1
-        if act is not None:
-            act.merge_into(block.mlp.fc2)
-            count += 1
-    return count
-
-
-def unmerge(model: nn.Module) -> int:
-    """Undo ``merge``. Returns the number of layers restored."""
-    count = 0
-    for block, act, qkv in _block_pairs(model):
-        if qkv is not None and qkv.merged:
-            qkv.unmerge()
-            count += 1
-        if act is not None and act.merged:
-            act.unmerge_from(block.mlp.fc2)
-            count += 1
-    return count
-
-
-def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The plain timm state dict with every vector folded in; the model is left as it is."""
-    folded: dict[str, torch.Tensor] = {}
-    for name, module in ia3_modules(model):
-        if module.merged:
-            continue
-        if isinstance(module, IA3Linear):
-            weight, bias = module.merged_weight_and_bias()
-            folded[f"{name}.base_layer.weight"] = weight
-            if bias is not None:
-                folded[f"{name}.base_layer.bias"] = bias
-        else:
-            mlp_name = name.rpartition(".")[0]
-            fc2 = model.get_submodule(f"{mlp_name}.fc2")
-            folded[f"{mlp_name}.fc2.weight"] = module.merged_fc2_weight(fc2)
-    out: dict[str, torch.Tensor] = {}
-    for key, value in model.state_dict().items():
-        if key.rsplit(".", 1)[-1] == "ia3_scale":
-            continue
-        out[canonical_name(key)] = folded.get(key, value).detach().clone()
-    return out

@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 import math
-import warnings
 from typing import Iterator, Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from .folding import Mergeable, Target
 
 
 def check_rank(rank: object) -> None:
@@ -22,7 +23,7 @@ def check_dropout(dropout: object) -> None:
         raise ValueError(f"LoRA dropout must be in [0, 1), got {dropout!r}")
 
 
-class LoRALinear(nn.Module):
+class LoRALinear(Mergeable):
     """Wraps a frozen ``nn.Linear`` and adds ``scaling * B @ A`` to (parts of) its output.
 
     The output of the base layer is seen as ``len(parts)`` equal slices (3 for a fused
@@ -76,8 +77,6 @@ class LoRALinear(nn.Module):
         self.lora_A = nn.Parameter(torch.empty(rank * n, base_layer.in_features, **factory))
         self.lora_B = nn.Parameter(torch.empty(self.slice_size * n, rank, **factory))
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.merged = False
-        self._unmerged_weight: torch.Tensor | None = None
         self.reset_lora_parameters()
 
     @property
@@ -154,37 +153,9 @@ class LoRALinear(nn.Module):
         d = self.slice_size
         return tuple((i * d, (i + 1) * d) for i, p in enumerate(self.parts) if p)
 
-    @torch.no_grad()
-    def merge(self) -> None:
-        """Fold the update into the base weight, so inference costs a plain linear."""
-        if self.merged:
-            warnings.warn("LoRA layer is already merged; merge() ignored", stacklevel=2)
-            return
-        weight = self.base_layer.weight
-        # W + dW - dW is not W in floating point (and far from it in bf16): keep the
-        # original so that unmerge restores it bit-exactly, however often it is called.
-        self._unmerged_weight = weight.detach().clone()
-        weight.copy_((weight.float() + self.delta_weight()).to(weight.dtype))
-        self._base_weight_changed()
-        self.merged = True
-
-    @torch.no_grad()
-    def unmerge(self) -> None:
-        """Undo ``merge()``: restore the base weight."""
-        if not self.merged:
-            warnings.warn("LoRA layer is not merged; unmerge() ignored", stacklevel=2)
-            return
-        assert self._unmerged_weight is not None, "merged without a saved base weight"
-        self.base_layer.weight.copy_(self._unmerged_weight)
-        self._base_weight_changed()
-        self._unmerged_weight = None
-        self.merged = False
-
-    def _base_weight_changed(self) -> None:
-        """Tell a base that caches a form of its weight (lora.fp8.Float8Linear) to remake it."""
-        refresh = getattr(self.base_layer, "refresh", None)
-        if callable(refresh):
-            refresh()
+    def fold_targets(self, parent: nn.Module | None = None) -> list[Target]:
+        """The base weight plus the dense update (``merge()`` folds it in)."""
+        return [(self.base_layer, "weight", self.base_layer.weight.float() + self.delta_weight())]
 
     def extra_repr(self) -> str:
         return (f"rank={self.rank}, alpha={self.alpha}, parts={self.parts}, "

@@ -1,7 +1,6 @@
 """Putting LoRA layers into a timm ViT and the model-level helpers around them."""
 from __future__ import annotations
 
-import warnings
 from typing import Iterable
 
 import torch
@@ -106,47 +105,23 @@ def trainable_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 lora_state_dict = trainable_state_dict
 
 
-def merge_layers(layers: Iterable[nn.Module]) -> int:
-    """``merge()`` each layer (anything with ``merged`` / ``merge`` / ``unmerge``); a model
-    already merged is left as it is, with a warning. Returns the number of layers merged."""
-    layers = list(layers)
-    if any(layer.merged for layer in layers):
-        warnings.warn("model already merged; merge() left it as it is", stacklevel=3)
-        return 0
-    for layer in layers:
-        layer.merge()
-    return len(layers)
-
-
-def unmerge_layers(layers: Iterable[nn.Module]) -> int:
-    """``unmerge()`` each merged layer. Returns the number of layers unmerged."""
-    merged = [layer for layer in layers if layer.merged]
-    for layer in merged:
-        layer.unmerge()
-    return len(merged)
-
-
-def merge(model: nn.Module) -> int:
-    """Fold every LoRA update into its base weight. Returns the number of layers merged."""
-    return merge_layers(layer for _, layer in lora_layers(model))
-
-
-def unmerge(model: nn.Module) -> int:
-    """Undo ``merge``. Returns the number of layers unmerged."""
-    return unmerge_layers(layer for _, layer in lora_layers(model))
-
-
 def cast_frozen_(model: nn.Module, dtype: torch.dtype) -> int:
-    """Hold every frozen parameter in ``dtype`` (e.g. bf16), trainable ones stay as they are.
+    """Hold the frozen parameters in ``dtype`` (e.g. bf16); trainable ones stay as they are.
 
     Under autocast of the same dtype the frozen weights are then used without a cast on
-    every step, and take half the memory. Returns the number of tensors cast.
+    every step, and take half the memory. A module with a trainable parameter of its own
+    keeps all of them (BitFit's biases beside their weights): a CPU LayerNorm refuses a weight
+    and a bias of two dtypes. Returns the number of tensors cast.
     """
     count = 0
-    for param in model.parameters():
-        if not param.requires_grad and param.dtype != dtype and param.is_floating_point():
-            param.data = param.data.to(dtype)
-            count += 1
+    for module in model.modules():
+        params = list(module.parameters(recurse=False))
+        if any(p.requires_grad for p in params):
+            continue
+        for param in params:
+            if param.dtype != dtype and param.is_floating_point():
+                param.data = param.data.to(dtype)
+                count += 1
     return count
 
 
@@ -178,27 +153,6 @@ def set_backbone_dtype_(model: nn.Module, dtype: str) -> int:
     if dtype == "fp32":
         return 0
     return cast_frozen_(model, {"bf16": torch.bfloat16, "fp16": torch.float16}[dtype])
-
-
-def canonical_name(key: str) -> str:
-    """State-dict key of the plain model that a (possibly LoRA-wrapped) key stands for."""
-    return key.replace(".base_layer.", ".")
-
-
-def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The plain model's state dict (timm names) with every LoRA update folded in.
-
-    The model itself is left untouched, merged or not.
-    """
-    out: dict[str, torch.Tensor] = {}
-    deltas = {f"{name}.base_layer.weight": layer for name, layer in lora_layers(model)}
-    for key, value in model.state_dict().items():
-        if key.rsplit(".", 1)[-1] in ("lora_A", "lora_B"):
-            continue
-        if key in deltas and not deltas[key].merged:
-            value = (value.float() + deltas[key].delta_weight().detach()).to(value.dtype)
-        out[canonical_name(key)] = value.detach().clone()
-    return out
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:

@@ -3,9 +3,8 @@
 A method says what it adds to a plain timm ViT (``inject``), what it trains
 (``mark_trainable``), its own flags and the settings they build (``flags``, ``settings``,
 ``from_flags``), how its runs are named (``tag``), where its learning rate comes from when
-a preset gives LoRA's (``preset_lr``), and how its trained model becomes plain timm weights
-(``merge`` / ``unmerge`` for evaluation, ``merged_state_dict`` for export) or why it cannot
-(``not_mergeable``). The entry script, the model assembly, the checkpoints, the presets
+a preset gives LoRA's (``preset_lr``), and, where its trained model cannot become plain timm
+weights, why (``not_mergeable``); a mergeable method's layers are ``lora.folding.Mergeable``. The entry script, the model assembly, the checkpoints, the presets
 and the export ask this registry; nothing else knows the list.
 
     register(Method(name="bitfit", inject=..., mark_trainable=..., ...))
@@ -24,21 +23,12 @@ from typing import Any, Callable, Mapping
 import torch
 import torch.nn as nn
 
+from lora import folding
 from util.cli import UsageError
 
 
 class ModelConfigError(UsageError, ValueError):
     """Model settings that describe no buildable model (exit 2 when they come from flags)."""
-
-
-def no_merge(model: nn.Module) -> int:
-    """Nothing to fold: the method adds no modules. Returns the number of layers merged (0)."""
-    return 0
-
-
-def plain_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The model's own state dict: a method that adds no modules is already plain timm."""
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
 @dataclass(frozen=True)
@@ -95,10 +85,6 @@ class Method:
             paper recommends, where it comes from, the optimizer it is for): used with a
             ``--preset`` of that optimizer unless ``--lr`` is given; None, or a preset of the
             other optimizer, keeps the preset's (the paper's LoRA) value.
-        merge, unmerge: fold the trained modules into the base weights and back, for
-            evaluation at the cost of a plain ViT; each returns the number of layers changed.
-        merged_state_dict: the plain timm state dict with the method folded in (export),
-            leaving the model as it is.
         not_mergeable: for a method that cannot become a plain timm ViT, the one-line reason
             the export gives; empty when it can.
     """
@@ -114,10 +100,21 @@ class Method:
     tag: Callable[[Any], str] = _plain_tag
     trains_backbone: bool = False
     preset_lr: tuple[float, str, str] | None = None
-    merge: Callable[[nn.Module], int] = no_merge
-    unmerge: Callable[[nn.Module], int] = no_merge
-    merged_state_dict: Callable[[nn.Module], dict[str, torch.Tensor]] = plain_state_dict
     not_mergeable: str = ""
+
+    # A mergeable method's layers are ``lora.folding.Mergeable``: one merge for all of them.
+    def merge(self, model: nn.Module) -> int:
+        """Fold the trained layers into the base weights, for evaluation at the cost of a plain
+        ViT. Returns the number of layers merged."""
+        return folding.merge(model)
+
+    def unmerge(self, model: nn.Module) -> int:
+        """Undo ``merge``. Returns the number of layers unmerged."""
+        return folding.unmerge(model)
+
+    def merged_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """The plain timm state dict with the method folded in (export); the model is left as it is."""
+        return folding.merged_state_dict(model)
 
 
 # name -> Method, in registration order (built-ins first: see the end of this module).

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import torch.nn as nn
 
-import lora
 from lora import dora
 from methods import Method, register
 from methods.lora import LoRASpec, spec_from_flags, spec_tag
@@ -19,5 +18,4 @@ DORA = register(Method(
     name="dora", summary="DoRA: LoRA's direction + a learned magnitude per adapted row, on "
                          "--lora_pos (LoRA's flags), trained with fc_norm + head",
     inject=_inject, mark_trainable=dora.mark_trainable, settings=LoRASpec,
-    from_flags=spec_from_flags, size_flag="--lora_rank", tag=spec_tag,
-    merge=lora.merge, unmerge=lora.unmerge, merged_state_dict=dora.merged_state_dict))
+    from_flags=spec_from_flags, size_flag="--lora_rank", tag=spec_tag))

@@ -48,5 +48,4 @@ IA3 = register(Method(
                 help="IA3: the attention outputs rescaled: kv (the paper) or qkv (as HF PEFT "
                      "on timm's fused qkv)"),),
     preset_lr=(3e-3, "Liu et al. 2022 (T-Few): (IA)^3 trained with Adafactor, an adaptive "
-                     "optimizer like AdamW, at lr 3e-3", "adamw"),
-    merge=ia3.merge, unmerge=ia3.unmerge, merged_state_dict=ia3.merged_state_dict))
+                     "optimizer like AdamW, at lr 3e-3", "adamw")))

@@ -117,5 +117,4 @@ FLAGS = (
 LORA = register(Method(
     name="lora", summary="LoRA adapters on --lora_pos, trained with fc_norm + head",
     inject=_inject, mark_trainable=lora.mark_trainable, settings=LoRASpec,
-    from_flags=spec_from_flags, flags=FLAGS, size_flag="--lora_rank", tag=spec_tag,
-    merge=lora.merge, unmerge=lora.unmerge, merged_state_dict=lora.merged_state_dict))
+    from_flags=spec_from_flags, flags=FLAGS, size_flag="--lora_rank", tag=spec_tag))

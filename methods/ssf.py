@@ -14,7 +14,6 @@ patch embedding) + 12,302 in fc_norm + head with 14 classes: a fixed size.
 """
 from __future__ import annotations
 
-import warnings
 from typing import Iterable
 
 import torch
@@ -22,7 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import lora
-from lora.model import merge_layers, unmerge_layers
+from lora.folding import Mergeable, Target
 from methods import Method, register
 
 # The operations of a timm ViT block that SSF follows, by module path inside the block.
@@ -31,7 +30,7 @@ BLOCK_TARGETS = ("norm1", "attn.qkv", "attn.proj", "norm2", "mlp.fc1", "mlp.fc2"
 INIT_STD = 0.02
 
 
-class ScaleShift(nn.Module):
+class ScaleShift(Mergeable):
     """Wraps a frozen ``nn.Linear``, ``nn.Conv2d`` or ``nn.LayerNorm`` and scales and shifts its
     output per channel: ``base(x) * scale + shift`` (channels: the last dimension, or dim 1 of
     a convolution's output).
@@ -61,8 +60,6 @@ class ScaleShift(nn.Module):
         self.ssf_shift = nn.Parameter(torch.empty(channels, **factory))
         nn.init.normal_(self.ssf_scale, mean=1.0, std=init_std)
         nn.init.normal_(self.ssf_shift, mean=0.0, std=init_std)
-        self.merged = False
-        self._unmerged: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def folded(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The base layer's (weight, bias) with the scale and shift folded in, in fp32
@@ -84,39 +81,10 @@ class ScaleShift(nn.Module):
             scale, shift = scale.view(-1, 1, 1), shift.view(-1, 1, 1)
         return torch.addcmul(shift, out, scale)
 
-    @torch.no_grad()
-    def merge(self) -> None:
-        """Fold the scale and shift into the base weight and bias (inference at a plain layer's cost)."""
-        if self.merged:
-            warnings.warn("SSF layer is already merged; merge() ignored", stacklevel=2)
-            return
-        weight, bias = self.base_layer.weight, self.base_layer.bias
-        # s * W / s is not W in floating point: keep the originals for an exact unmerge.
-        self._unmerged = (weight.detach().clone(), bias.detach().clone())
-        new_weight, new_bias = self.folded()
-        weight.copy_(new_weight.to(weight.dtype))
-        bias.copy_(new_bias.to(bias.dtype))
-        self._base_changed()
-        self.merged = True
-
-    @torch.no_grad()
-    def unmerge(self) -> None:
-        """Undo ``merge()``: restore the base weight and bias."""
-        if not self.merged:
-            warnings.warn("SSF layer is not merged; unmerge() ignored", stacklevel=2)
-            return
-        assert self._unmerged is not None, "merged without the saved base tensors"
-        self.base_layer.weight.copy_(self._unmerged[0])
-        self.base_layer.bias.copy_(self._unmerged[1])
-        self._unmerged = None
-        self._base_changed()
-        self.merged = False
-
-    def _base_changed(self) -> None:
-        """Tell a base that caches a form of its weight (lora.fp8.Float8Linear) to remake it."""
-        refresh = getattr(self.base_layer, "refresh", None)
-        if callable(refresh):
-            refresh()
+    def fold_targets(self, parent: nn.Module | None = None) -> list[Target]:
+        base = self.base_layer
+        weight, bias = self.folded()
+        return [(base, "weight", weight), (base, "bias", bias)]
 
     def extra_repr(self) -> str:
         return f"channels={self.ssf_scale.numel()}, merged={self.merged}"
@@ -157,38 +125,9 @@ def mark_trainable(model: nn.Module) -> None:
         layer.ssf_shift.requires_grad_(True)
 
 
-def merge(model: nn.Module) -> int:
-    """Fold every scale and shift into its layer. Returns the number of layers merged."""
-    return merge_layers(layer for _, layer in ssf_layers(model))
-
-
-def unmerge(model: nn.Module) -> int:
-    """Undo ``merge``. Returns the number of layers unmerged."""
-    return unmerge_layers(layer for _, layer in ssf_layers(model))
-
-
-def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The plain timm state dict (timm names) with every scale and shift folded in; the model
-    itself is left as it is, merged or not."""
-    folded: dict[str, torch.Tensor] = {}
-    for name, layer in ssf_layers(model):
-        if not layer.merged:
-            weight, bias = layer.folded()
-            base = layer.base_layer
-            folded[f"{name}.base_layer.weight"] = weight.detach().to(base.weight.dtype)
-            folded[f"{name}.base_layer.bias"] = bias.detach().to(base.bias.dtype)
-    out: dict[str, torch.Tensor] = {}
-    for key, value in model.state_dict().items():
-        if key.rsplit(".", 1)[-1] in ("ssf_scale", "ssf_shift"):
-            continue
-        out[lora.canonical_name(key)] = folded.get(key, value).detach().clone()
-    return out
-
-
 SSF = register(Method(
     name="ssf", summary="SSF: per-channel scale and shift after each operation (+ fc_norm, "
                         "head); folded into the weights for inference",
-    inject=inject, mark_trainable=mark_trainable, merge=merge, unmerge=unmerge,
-    merged_state_dict=merged_state_dict,
+    inject=inject, mark_trainable=mark_trainable,
     preset_lr=(5e-3, "SSF official VTAB-1k scripts (train_scripts/vit/vtab/*/train_ssf.sh): "
                      "AdamW, lr 5e-3 at 2 GPUs x 32 = 64 images a step", "adamw")))

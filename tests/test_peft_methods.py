@@ -123,6 +123,26 @@ def test_trainable_set_shapes_and_gradients(method):
             assert p.grad is None, name
 
 
+@pytest.mark.parametrize("method", NEW)
+def test_a_bf16_backbone_trains_under_bf16_autocast(method):
+    """--backbone_dtype bf16: the frozen tensors are held in bf16, except those of a module with
+    a trained tensor of its own (BitFit's biases: a CPU LayerNorm refuses two dtypes)."""
+    model = build(method).train()
+    perturb(model)
+    assert lora.cast_frozen_(model, torch.bfloat16) > 0
+    assert model.pos_embed.dtype == torch.bfloat16
+    norm = model.get_submodule("blocks.0." + ("block." if method == "vpt" else "") + "norm1")
+    expected = torch.float32 if method == "bitfit" else torch.bfloat16
+    assert getattr(norm, "base_layer", norm).weight.dtype == expected
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = model(torch.randn(2, 3, 32, 32))
+    F.binary_cross_entropy_with_logits(logits.float(), torch.rand(2, 3)).backward()
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            assert p.dtype == p.grad.dtype == torch.float32, name
+            assert torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name
+
+
 # ---------------------------------------------------------------------------------------
 # The papers' formulas on small tensors
 # ---------------------------------------------------------------------------------------
