@@ -49,10 +49,11 @@ _BELOW_ONE = np.nextafter(1.0, 0.0)
 MAX_LOGIT = float(np.log(_BELOW_ONE) - np.log1p(-_BELOW_ONE))
 
 
-def checked_scores(scores: np.ndarray, targets: np.ndarray, *, probabilities: bool = False
-                   ) -> tuple[np.ndarray, np.ndarray]:
+def checked_scores(scores: np.ndarray, targets: np.ndarray, *, probabilities: bool = False,
+                   class_names: Sequence[str] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(N, K) float64 scores and int8 0/1 targets of the same shape (1-D: one class), finite
-    (and within [0, 1] with ``probabilities``); otherwise a ValueError saying what is wrong."""
+    (and within [0, 1] with ``probabilities``; a column per name of ``class_names``);
+    otherwise a ValueError saying what is wrong."""
     scores = np.asarray(scores, dtype=np.float64)
     targets = np.asarray(targets)
     scores = scores[:, None] if scores.ndim == 1 else scores
@@ -67,6 +68,8 @@ def checked_scores(scores: np.ndarray, targets: np.ndarray, *, probabilities: bo
     values = np.unique(targets)
     if not np.isin(values, (0, 1)).all():
         raise ValueError(f"targets must be 0/1 labels, found values {values[:5].tolist()}")
+    if class_names is not None and scores.shape[1] != len(class_names):
+        raise ValueError(f"{scores.shape[1]} score columns for {len(class_names)} class names")
     return scores, targets.astype(np.int8)
 
 
@@ -111,9 +114,7 @@ def calibration_errors(probs: np.ndarray, targets: np.ndarray, class_names: Sequ
                        bins: int = ECE_BINS) -> dict:
     """ECE and Brier score per class, their means over classes and the pooled ECE (every
     image x class pair binned together), as JSON-ready floats."""
-    probs, targets = checked_scores(probs, targets, probabilities=True)
-    if probs.shape[1] != len(class_names):
-        raise ValueError(f"{probs.shape[1]} score columns for {len(class_names)} class names")
+    probs, targets = checked_scores(probs, targets, probabilities=True, class_names=class_names)
     ece = {n: expected_calibration_error(probs[:, k], targets[:, k], bins)
            for k, n in enumerate(class_names)}
     brier = dict(zip(class_names, map(float, brier_score(probs, targets))))
