@@ -64,9 +64,14 @@ def check_outputs(flag: str, outputs: Iterable[str | Path], *, overwrite: bool =
                              "another name")
 
 
-def _cells(rows: Iterable[dict[str, Any]], fields: Sequence[str]) -> Iterable[list[Any]]:
-    """The ``fields`` columns of each row of a table."""
-    return ([row[f] for f in fields] for row in rows)
+def _write_tables(out_dir: str | Path, name: str, fields: Sequence[str],
+                  rows: Iterable[dict[str, Any]], lines: Sequence[str]) -> tuple[Path, Path]:
+    """Write ``<name>.csv`` (the ``fields`` columns of the rows) and ``<name>.md`` (the
+    lines) in ``out_dir``; returns both paths."""
+    csv_path, md_path = Path(out_dir) / f"{name}.csv", Path(out_dir) / f"{name}.md"
+    write_csv(csv_path, fields, ([row[f] for f in fields] for row in rows))
+    write_text(md_path, "\n".join(lines) + "\n")
+    return csv_path, md_path
 
 
 def save_roc_curves(targets: np.ndarray, probs: np.ndarray, class_names: Sequence[str],
@@ -242,8 +247,6 @@ def write_auroc_tables(results: dict[str, Any], out_dir: str | Path,
     """
     rows = auroc_rows(results)
     intervals = results.get("intervals")
-    out_dir = Path(out_dir)
-    csv_path, md_path = out_dir / f"{stem}_auroc.csv", out_dir / f"{stem}_auroc.md"
     fields = ["class", "auroc", *(INTERVAL_COLUMNS if intervals else ()), "auprc"]
     header = " / ".join(str(results[k]) for k in ("dataset", "data_size", "weights", "method")
                         if results.get(k) is not None)
@@ -278,9 +281,7 @@ def write_auroc_tables(results: dict[str, Any], out_dir: str | Path,
         lines.append(_md_row(label, *cells))
     if intervals:
         lines += [""] + interval_notes(intervals)
-    write_csv(csv_path, fields, _cells(rows, fields))
-    write_text(md_path, "\n".join(lines) + "\n")
-    return csv_path, md_path
+    return _write_tables(out_dir, f"{stem}_auroc", fields, rows, lines)
 
 
 @dataclass
@@ -455,8 +456,6 @@ def write_subgroup_tables(report: dict[str, Any], class_names: Sequence[str], ou
     subgroups, the largest gap of the mean and of each class with their tests, and every
     image without metadata or with the attribute unknown counted)."""
     rows = subgroup_rows(report, class_names)
-    out_dir = Path(out_dir)
-    csv_path, md_path = out_dir / f"{stem}.csv", out_dir / f"{stem}.md"
     fields = ["attribute", "subgroup", "images", "mean_auroc", "mean_ci_low", "mean_ci_high",
               "mean_classes", *class_names]
     level = round(100 * float(report.get("level", 0.95)))
@@ -497,10 +496,8 @@ def write_subgroup_tables(report: dict[str, Any], class_names: Sequence[str], ou
         lines.append("")
     lines += [f"Intervals: {level}% bootstrap ({report['n_resamples']} resamples) per subgroup, "
               f"as in the test table. Mean gap: {report['mean_gap_test']}. Per-class gap: "
-              f"{report['class_gap_test']}. {report['adjustment']}.", ""]
-    write_csv(csv_path, fields, _cells(rows, fields))
-    write_text(md_path, "\n".join(lines))
-    return csv_path, md_path
+              f"{report['class_gap_test']}. {report['adjustment']}."]
+    return _write_tables(out_dir, stem, fields, rows, lines)
 
 
 def save_subgroup_plot(report: dict[str, Any], path: str | Path) -> tuple[Path, Path] | None:
@@ -562,8 +559,6 @@ def write_calibration_tables(results: dict[str, Any], out_dir: str | Path,
     calibrated = bool(section.get("after"))
     fields = ["class", "ece_before", *(["ece_after"] if calibrated else []),
               "brier_before", *(["brier_after"] if calibrated else [])]
-    out_dir = Path(out_dir)
-    csv_path, md_path = out_dir / f"{stem}_calibration.csv", out_dir / f"{stem}_calibration.md"
     split = results.get("split", "test")
     lines = [f"**Calibration** ({split} split, {results.get('num_images', '?')} images)", ""]
     if calibrated:
@@ -588,9 +583,7 @@ def write_calibration_tables(results: dict[str, Any], out_dir: str | Path,
             lines.append(f"- Note: {fitted['note']}.")
     else:
         lines.append(f"- Not calibrated: {section.get('note')}.")
-    write_csv(csv_path, fields, _cells(rows, fields))
-    write_text(md_path, "\n".join(lines) + "\n")
-    return csv_path, md_path
+    return _write_tables(out_dir, f"{stem}_calibration", fields, rows, lines)
 
 
 OPERATING_POINT_METRICS = ("sensitivity", "specificity", "ppv", "npv", "f1")
@@ -628,9 +621,6 @@ def write_operating_point_tables(results: dict[str, Any], out_dir: str | Path,
     if not section.get("points"):
         return ()
     rows = operating_point_rows(results)
-    out_dir = Path(out_dir)
-    csv_path = out_dir / f"{stem}_operating_points.csv"
-    md_path = out_dir / f"{stem}_operating_points.md"
     level = round(100 * float(section.get("level", 0.95)))
     split = results.get("split", "test")
     lines = [(f"**Operating points** ({split} split, {results.get('num_images', '?')} images; "
@@ -649,10 +639,8 @@ def write_operating_point_tables(results: dict[str, Any], out_dir: str | Path,
                    f"{intervals.get('proportions')}; F1: {intervals.get('f1')}."),
               "- " + "; ".join(f"{k}: {v}" for k, v in (section.get("kinds") or {}).items()) + ".",
               f"- {section.get('rule')}; never chosen on the {split} split."]
-    fields = [*OPERATING_POINT_FIELDS, "note"]
-    write_csv(csv_path, fields, _cells(rows, fields))
-    write_text(md_path, "\n".join(lines) + "\n")
-    return csv_path, md_path
+    return _write_tables(out_dir, f"{stem}_operating_points", [*OPERATING_POINT_FIELDS, "note"],
+                         rows, lines)
 
 
 # A reliability diagram's panel: 2.4 inches square at ROC_DPI.
