@@ -13,8 +13,6 @@ attention matrix, and gradients work through it unchanged.
 from __future__ import annotations
 
 import hashlib
-
-import logging
 import string
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -25,8 +23,6 @@ import torch.nn as nn
 from PIL import Image, ImageDraw, ImageFont
 
 from util.precision import autocast
-
-logger = logging.getLogger(__name__)
 
 
 def target_layer(model: nn.Module) -> nn.Module:
