@@ -73,16 +73,11 @@ def checked_scores(scores: np.ndarray, targets: np.ndarray, *, probabilities: bo
     return scores, targets.astype(np.int8)
 
 
-def bin_index(probs: np.ndarray, bins: int = ECE_BINS) -> np.ndarray:
-    """The equal-width bin of each probability (``BINNING``): floor(p * bins), 1 in the last bin."""
-    return np.minimum((np.asarray(probs) * bins).astype(np.int64), bins - 1)
-
-
 def reliability_bins(probs: np.ndarray, targets: np.ndarray, bins: int = ECE_BINS) -> dict[str, np.ndarray]:
     """Per bin of all the given probabilities (any shape): ``count``, ``mean_prob`` and
     ``frequency`` (fraction positive; NaN for an empty bin), and the bin ``edges``."""
     probs, targets = checked_scores(np.ravel(probs), np.ravel(targets), probabilities=True)
-    index = bin_index(probs[:, 0], bins)
+    index = np.minimum((probs[:, 0] * bins).astype(np.int64), bins - 1)  # 1 in the last bin
     count = np.bincount(index, minlength=bins)
     with np.errstate(invalid="ignore", divide="ignore"):
         mean_prob = np.bincount(index, weights=probs[:, 0], minlength=bins) / count
@@ -102,14 +97,6 @@ def expected_calibration_error(probs: np.ndarray, targets: np.ndarray, bins: int
     return float((table["count"][used] * gaps).sum() / total)
 
 
-def brier_score(probs: np.ndarray, targets: np.ndarray) -> np.ndarray:
-    """Mean squared difference of probability and label, per class (a K-vector)."""
-    probs, targets = checked_scores(probs, targets, probabilities=True)
-    if len(probs) == 0:
-        return np.full(probs.shape[1], np.nan)
-    return ((probs - targets) ** 2).mean(axis=0)
-
-
 def calibration_errors(probs: np.ndarray, targets: np.ndarray, class_names: Sequence[str],
                        bins: int = ECE_BINS) -> dict:
     """ECE and Brier score per class, their means over classes and the pooled ECE (every
@@ -117,7 +104,9 @@ def calibration_errors(probs: np.ndarray, targets: np.ndarray, class_names: Sequ
     probs, targets = checked_scores(probs, targets, probabilities=True, class_names=class_names)
     ece = {n: expected_calibration_error(probs[:, k], targets[:, k], bins)
            for k, n in enumerate(class_names)}
-    brier = dict(zip(class_names, map(float, brier_score(probs, targets))))
+    squared = (probs - targets) ** 2  # Brier: its mean per class; NaN without predictions
+    per_class = squared.mean(axis=0) if len(probs) else np.full(len(class_names), np.nan)
+    brier = dict(zip(class_names, map(float, per_class)))
     return {"ece": ece, "mean_ece": float(np.mean(list(ece.values()))),
             "pooled_ece": expected_calibration_error(probs, targets, bins),
             "brier": brier, "mean_brier": float(np.mean(list(brier.values())))}
