@@ -96,13 +96,6 @@ def subgroup_of(record: Record | None, attribute: str) -> str | None:
     return getattr(record, attribute)
 
 
-def _order(attribute: str, names: set[str]) -> list[str]:
-    """Subgroups in reading order: age bands by age, others alphabetically."""
-    if attribute == "age":
-        return [label for label, _, _ in AGE_BANDS if label in names]
-    return sorted(names)
-
-
 def _adjusted(p: float | None, n_groups: int) -> float | None:
     """Bonferroni over the n (n - 1) / 2 pairs of n subgroups."""
     return None if p is None else min(1.0, p * max(1, n_groups * (n_groups - 1) // 2))
@@ -186,7 +179,11 @@ def subgroup_report(targets: np.ndarray, probs: np.ndarray, paths: Sequence[str]
         unknown = sum(1 for r, g in zip(records, labels) if r is not None and g is None)
         groups: dict[str, dict[str, Any]] = {}
         boots: dict[str, np.ndarray] = {}
-        for name in _order(attribute, {g for g in labels if g is not None}):
+        present = {g for g in labels if g is not None}
+        # Reading order: age bands by age, other subgroups alphabetically.
+        ordered = ([band for band, _, _ in AGE_BANDS if band in present] if attribute == "age"
+                   else sorted(present))
+        for name in ordered:
             rows = np.array([g == name for g in labels])
             index += 1
             sub_t, sub_p = targets[rows], probs[rows]
