@@ -117,9 +117,7 @@ def _check_inputs(targets: np.ndarray, score_sets: Sequence[np.ndarray],
     return targets.astype(np.int8), scores
 
 
-# ----------------------------------------------------------------------------------------
-# Resampling
-# ----------------------------------------------------------------------------------------
+# -- Resampling --------------------------------------------------------------------------
 
 @dataclass
 class Strata:
@@ -233,18 +231,13 @@ def bootstrap_aurocs(targets: np.ndarray, score_sets: Sequence[np.ndarray], resa
     t = targets[strata.order]
     aucs = [_WeightedAUROC(t, s[strata.order]) for s in score_sets]
     out = [np.empty((resamples, t.shape[1])) for _ in score_sets]
-    first = 0
-    for counts in resample_counts(strata, resamples, seed, block):
-        rows = slice(first, first + counts.shape[1])
+    for i, counts in enumerate(resample_counts(strata, resamples, seed, block)):
         for auc, dest in zip(aucs, out):
-            dest[rows] = auc(counts)
-        first += counts.shape[1]
+            dest[i * block:i * block + counts.shape[1]] = auc(counts)
     return out
 
 
-# ----------------------------------------------------------------------------------------
-# DeLong
-# ----------------------------------------------------------------------------------------
+# -- DeLong ------------------------------------------------------------------------------
 
 def delong_components(target: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """AUROCs and structural components of one class for M score sets (scores: (M, N)).
@@ -364,9 +357,18 @@ def _z_test(diff: float, var: float) -> tuple[float | None, float | None]:
     return z, 2 * (1 - NormalDist().cdf(abs(z)))
 
 
-# ----------------------------------------------------------------------------------------
-# Public entries
-# ----------------------------------------------------------------------------------------
+# -- Public entries ----------------------------------------------------------------------
+
+def _mean_note(defined: np.ndarray, with_interval: np.ndarray, bootstrapped: bool) -> str | None:
+    """Why the mean AUROC is undefined or has no interval; None when it has a bootstrap one."""
+    if not defined.any():
+        return "undefined: no class has both positives and negatives"
+    if not with_interval.any():
+        return f"no interval: no class has at least {MIN_PER_SIDE} positives and negatives"
+    if not bootstrapped:
+        return "no interval: bootstrap turned off (0 resamples)"
+    return None
+
 
 def _checked_and_resampled(targets: np.ndarray, score_sets: Sequence[np.ndarray],
                            class_names: Sequence[str], resamples: int, level: float, seed: int
@@ -439,14 +441,9 @@ def auroc_intervals(targets: np.ndarray, probs: np.ndarray, class_names: Sequenc
     defined = np.isfinite(point)
     mean: dict[str, Any] = dict(auroc=float(point[defined].mean()) if defined.any() else None,
                                 ci_low=None, ci_high=None, n_classes=int(defined.sum()),
-                                n_undefined_resamples=None, note=None)
-    if not defined.any():
-        mean["note"] = "undefined: no class has both positives and negatives"
-    elif not with_interval.any():
-        mean["note"] = f"no interval: no class has at least {MIN_PER_SIDE} positives and negatives"
-    elif boot is None:
-        mean["note"] = "no interval: bootstrap turned off (0 resamples)"
-    else:
+                                n_undefined_resamples=None,
+                                note=_mean_note(defined, with_interval, boot is not None))
+    if mean["note"] is None:
         # NaN in a resample where any class defined in the full set is undefined, so every
         # mean that is kept averages the same classes.
         iv = _bootstrap_interval(boot[:, defined].mean(axis=1), level, "some class")
@@ -527,23 +524,18 @@ def paired_comparison(targets: np.ndarray, probs_a: np.ndarray, probs_b: np.ndar
     defined = np.isfinite(point[0])
     mean: dict[str, Any] = dict(auroc_a=None, auroc_b=None, diff=None, ci_low=None, ci_high=None,
                                 p_bootstrap=None, n_classes=int(defined.sum()),
-                                n_undefined_resamples=None, note=None)
+                                n_undefined_resamples=None,
+                                note=_mean_note(defined, with_interval, boot is not None))
     if defined.any():
         a, b = point[0, defined].mean(), point[1, defined].mean()
         mean.update(auroc_a=float(a), auroc_b=float(b), diff=float(a - b))
-        if not with_interval.any():
-            mean["note"] = f"no interval: no class has at least {MIN_PER_SIDE} positives and negatives"
-        elif boot is None:
-            mean["note"] = "no interval: bootstrap turned off (0 resamples)"
-        else:
-            d = boot[0][:, defined].mean(axis=1) - boot[1][:, defined].mean(axis=1)
-            iv = _bootstrap_interval(d, level, "some class")
-            mean.update(ci_low=iv.low, ci_high=iv.high, n_undefined_resamples=iv.n_undefined,
-                        note=iv.note)
-            if iv.low is not None:
-                mean["p_bootstrap"] = _bootstrap_p(d)
-    else:
-        mean["note"] = "undefined: no class has both positives and negatives"
+    if mean["note"] is None:
+        d = boot[0][:, defined].mean(axis=1) - boot[1][:, defined].mean(axis=1)
+        iv = _bootstrap_interval(d, level, "some class")
+        mean.update(ci_low=iv.low, ci_high=iv.high, n_undefined_resamples=iv.n_undefined,
+                    note=iv.note)
+        if iv.low is not None:
+            mean["p_bootstrap"] = _bootstrap_p(d)
 
     return {
         "level": level, "n_resamples": int(resamples), "seed": int(seed), "n_images": n,
