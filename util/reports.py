@@ -74,6 +74,16 @@ def _write_tables(out_dir: str | Path, name: str, fields: Sequence[str],
     return csv_path, md_path
 
 
+def _figure(width: float, height: float) -> Any:
+    """A bare Figure on the Agg canvas at ROC_DPI (module docstring: no pyplot)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height), dpi=ROC_DPI)
+    FigureCanvasAgg(fig)
+    return fig
+
+
 def save_roc_curves(targets: np.ndarray, probs: np.ndarray, class_names: Sequence[str],
                     path: str | Path, title: str | None = None) -> Path:
     """Write one PNG with a ROC curve per class and its AUROC in the legend; returns the path.
@@ -81,8 +91,6 @@ def save_roc_curves(targets: np.ndarray, probs: np.ndarray, class_names: Sequenc
     Classes whose targets hold a single value have no ROC curve; the legend says so.
     Rows with a NaN probability (e.g. images that failed to load) are left out.
     """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
     from matplotlib.lines import Line2D
     from sklearn.metrics import roc_curve
 
@@ -96,8 +104,7 @@ def save_roc_curves(targets: np.ndarray, probs: np.ndarray, class_names: Sequenc
         raise ValueError(f"save_roc_curves: targets {targets.shape}, probs {probs.shape} and "
                          f"{len(class_names)} class names do not agree")
 
-    fig = Figure(figsize=ROC_FIGSIZE, dpi=ROC_DPI)
-    FigureCanvasAgg(fig)
+    fig = _figure(*ROC_FIGSIZE)
     ax = fig.add_subplot(1, 1, 1)
     # Enough distinct colours for NIH's 14 classes.
     colours = _palette(len(class_names))
@@ -308,9 +315,6 @@ def save_forest_plot(points: Sequence[ForestPoint], path: str | Path, *, xlabel:
     series present, in legend order, and each of its runs (e.g. seeds) on a line of its
     own. A series' mean and reference sit on the middle of that series' lines.
     """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
     if not points:
         raise ValueError("save_forest_plot: nothing to plot")
     rows = list(dict.fromkeys(p.row for p in points))
@@ -319,8 +323,7 @@ def save_forest_plot(points: Sequence[ForestPoint], path: str | Path, *, xlabel:
     placed, row_spans, bottom = _forest_layout(points, rows, series)
 
     height = 1.9 + 0.2 * (-bottom / FOREST_LINE_GAP)
-    fig = Figure(figsize=(7.0 + 0.075 * max(len(r) for r in rows), height), dpi=ROC_DPI)
-    FigureCanvasAgg(fig)
+    fig = _figure(7.0 + 0.075 * max(len(r) for r in rows), height)
     ax = fig.add_subplot(1, 1, 1)
     for i, (_, top, row_bottom) in enumerate(row_spans):
         if i % 2 == 0:  # light banding keeps a row's lines together for the eye
@@ -654,9 +657,6 @@ def save_reliability_diagram(targets: np.ndarray, probs: np.ndarray, class_names
     every image x class pair pooled, each the fraction positive against the mean probability
     per equal-width bin (``util.calibration.BINNING``), before and (with ``calibrated``)
     after calibration, the ECE x100 of each in the panel's title."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
     from util.calibration import ECE_BINS, expected_calibration_error, reliability_bins
 
     bins = bins or ECE_BINS
@@ -671,8 +671,7 @@ def save_reliability_diagram(targets: np.ndarray, probs: np.ndarray, class_names
     cols = math.ceil(math.sqrt(len(panels)))
     rows = math.ceil(len(panels) / cols)
     width, height = cols * RELIABILITY_PANEL + 0.6, rows * RELIABILITY_PANEL + 1.1
-    fig = Figure(figsize=(width, height), dpi=ROC_DPI)
-    FigureCanvasAgg(fig)
+    fig = _figure(width, height)
     # A fixed layout (tight_layout costs seconds for a grid of 15 panels): panels share
     # their axes, tick labels on the outer ones only.
     fig.subplots_adjust(left=0.6 / width, right=1 - 0.1 / width, bottom=0.5 / height,
