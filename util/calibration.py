@@ -49,10 +49,11 @@ _BELOW_ONE = np.nextafter(1.0, 0.0)
 MAX_LOGIT = float(np.log(_BELOW_ONE) - np.log1p(-_BELOW_ONE))
 
 
-def checked_scores(scores: np.ndarray, targets: np.ndarray, *, probabilities: bool = False
-                   ) -> tuple[np.ndarray, np.ndarray]:
+def checked_scores(scores: np.ndarray, targets: np.ndarray, *, probabilities: bool = False,
+                   class_names: Sequence[str] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(N, K) float64 scores and int8 0/1 targets of the same shape (1-D: one class), finite
-    (and within [0, 1] with ``probabilities``); otherwise a ValueError saying what is wrong."""
+    (and within [0, 1] with ``probabilities``; a column per name of ``class_names``);
+    otherwise a ValueError saying what is wrong."""
     scores = np.asarray(scores, dtype=np.float64)
     targets = np.asarray(targets)
     scores = scores[:, None] if scores.ndim == 1 else scores
@@ -67,19 +68,16 @@ def checked_scores(scores: np.ndarray, targets: np.ndarray, *, probabilities: bo
     values = np.unique(targets)
     if not np.isin(values, (0, 1)).all():
         raise ValueError(f"targets must be 0/1 labels, found values {values[:5].tolist()}")
+    if class_names is not None and scores.shape[1] != len(class_names):
+        raise ValueError(f"{scores.shape[1]} score columns for {len(class_names)} class names")
     return scores, targets.astype(np.int8)
-
-
-def bin_index(probs: np.ndarray, bins: int = ECE_BINS) -> np.ndarray:
-    """The equal-width bin of each probability (``BINNING``): floor(p * bins), 1 in the last bin."""
-    return np.minimum((np.asarray(probs) * bins).astype(np.int64), bins - 1)
 
 
 def reliability_bins(probs: np.ndarray, targets: np.ndarray, bins: int = ECE_BINS) -> dict[str, np.ndarray]:
     """Per bin of all the given probabilities (any shape): ``count``, ``mean_prob`` and
     ``frequency`` (fraction positive; NaN for an empty bin), and the bin ``edges``."""
     probs, targets = checked_scores(np.ravel(probs), np.ravel(targets), probabilities=True)
-    index = bin_index(probs[:, 0], bins)
+    index = np.minimum((probs[:, 0] * bins).astype(np.int64), bins - 1)  # 1 in the last bin
     count = np.bincount(index, minlength=bins)
     with np.errstate(invalid="ignore", divide="ignore"):
         mean_prob = np.bincount(index, weights=probs[:, 0], minlength=bins) / count
@@ -99,24 +97,16 @@ def expected_calibration_error(probs: np.ndarray, targets: np.ndarray, bins: int
     return float((table["count"][used] * gaps).sum() / total)
 
 
-def brier_score(probs: np.ndarray, targets: np.ndarray) -> np.ndarray:
-    """Mean squared difference of probability and label, per class (a K-vector)."""
-    probs, targets = checked_scores(probs, targets, probabilities=True)
-    if len(probs) == 0:
-        return np.full(probs.shape[1], np.nan)
-    return ((probs - targets) ** 2).mean(axis=0)
-
-
 def calibration_errors(probs: np.ndarray, targets: np.ndarray, class_names: Sequence[str],
                        bins: int = ECE_BINS) -> dict:
     """ECE and Brier score per class, their means over classes and the pooled ECE (every
     image x class pair binned together), as JSON-ready floats."""
-    probs, targets = checked_scores(probs, targets, probabilities=True)
-    if probs.shape[1] != len(class_names):
-        raise ValueError(f"{probs.shape[1]} score columns for {len(class_names)} class names")
+    probs, targets = checked_scores(probs, targets, probabilities=True, class_names=class_names)
     ece = {n: expected_calibration_error(probs[:, k], targets[:, k], bins)
            for k, n in enumerate(class_names)}
-    brier = dict(zip(class_names, map(float, brier_score(probs, targets))))
+    squared = (probs - targets) ** 2  # Brier: its mean per class; NaN without predictions
+    per_class = squared.mean(axis=0) if len(probs) else np.full(len(class_names), np.nan)
+    brier = dict(zip(class_names, map(float, per_class)))
     return {"ece": ece, "mean_ece": float(np.mean(list(ece.values()))),
             "pooled_ece": expected_calibration_error(probs, targets, bins),
             "brier": brier, "mean_brier": float(np.mean(list(brier.values())))}

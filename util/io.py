@@ -35,15 +35,6 @@ def current_umask() -> int:
     return mask
 
 
-def temp_path_for(path: Path) -> str:
-    """A fresh temporary file beside ``path`` with the permissions ``open()`` would give it."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TMP_SUFFIX)
-    # mkstemp creates 0600; results on a shared server must be readable as the umask allows.
-    os.fchmod(fd, 0o666 & ~current_umask())
-    os.close(fd)
-    return tmp
-
-
 def describe_os_error(err: BaseException, path: str | Path) -> str:
     """One line for a failed write: what happened and to which file."""
     code = getattr(err, "errno", None)
@@ -69,9 +60,11 @@ def atomic_write(path: str | Path, write: Callable[[str], Any]) -> None:
     tmp = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = temp_path_for(path)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TMP_SUFFIX)
+        os.close(fd)
         write(tmp)
-        # Some writers (safetensors) replace the file with a 0600 one: set the mode again.
+        # mkstemp creates 0600, and some writers (safetensors) replace the file with a 0600
+        # one: results on a shared server must be readable as the umask allows.
         os.chmod(tmp, 0o666 & ~current_umask())
         os.replace(tmp, path)
     except OutputError:

@@ -119,17 +119,10 @@ def setup_logging(is_main: bool, log_file: Path | None = None) -> None:
     a later call names it: the run's log then starts where its console output started.
     """
     held = next((h for h in logging.root.handlers if isinstance(h, _Held)), None)
-    handlers: list[logging.Handler] = []
-    file_handler = None
+    file_handler = logging.FileHandler(log_file) if is_main and log_file is not None else None
+    handlers: list[logging.Handler] = [logging.NullHandler()]
     if is_main:
-        handlers.append(_Stderr())
-        if log_file is None:
-            handlers.append(_Held())
-        else:
-            file_handler = logging.FileHandler(log_file)
-            handlers.append(file_handler)
-    else:
-        handlers.append(logging.NullHandler())
+        handlers = [_Stderr(), _Held() if file_handler is None else file_handler]
     logging.basicConfig(level=logging.INFO if is_main else logging.ERROR, handlers=handlers,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S", force=True)

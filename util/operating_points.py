@@ -1,8 +1,8 @@
 """Operating points: per-class decision thresholds chosen on validation, scored on test.
 
     thresholds = choose_thresholds(val_logits, val_targets, class_names)   # VALIDATION only
-    table = operating_point_metrics(test_logits, test_targets, threshold_values(thresholds),
-                                    class_names)
+    values = {kind: {c: t["threshold"] for c, t in per.items()} for kind, per in thresholds.items()}
+    table = operating_point_metrics(test_logits, test_targets, values, class_names)
 
 Scores are any per-class score that rises with the probability of the finding (the logits
 here: a temperature, or any other increasing map, leaves every decision unchanged). An
@@ -36,7 +36,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from util.calibration import checked_scores
-from util.stats import Strata, resample_counts
+from util.stats import Strata, _percentile_interval, resample_counts
 
 THRESHOLD_KINDS = ("youden", "sens90", "sens95", "spec90", "spec95")
 # kind -> (the rate it targets, the target in percent)
@@ -47,7 +47,6 @@ KIND_RULES = {
     **{k: (f"{'highest' if rate == 'sensitivity' else 'lowest'} threshold with validation "
            f"{rate} >= {pct / 100:.2f}") for k, (rate, pct) in TARGETS.items()},
 }
-METRICS = ("sensitivity", "specificity", "ppv", "npv", "f1")
 PROPORTION_INTERVAL = "Wilson score interval"
 F1_INTERVAL = ("bootstrap over images (unstratified, resampled jointly across classes, the "
                "draws of the AUROC intervals), percentile interval")
@@ -95,18 +94,9 @@ def choose_thresholds(scores: np.ndarray, targets: np.ndarray, class_names: Sequ
                       ) -> dict[str, dict[str, dict[str, Any]]]:
     """Every threshold kind for every class, chosen on the given (validation) predictions:
     ``{kind: {class: choose_threshold(...)}}``."""
-    scores, targets = checked_scores(scores, targets)
-    if scores.shape[1] != len(class_names):
-        raise ValueError(f"{scores.shape[1]} score columns for {len(class_names)} class names")
+    scores, targets = checked_scores(scores, targets, class_names=class_names)
     return {kind: {n: choose_threshold(scores[:, k], targets[:, k], kind)
                    for k, n in enumerate(class_names)} for kind in THRESHOLD_KINDS}
-
-
-def threshold_values(thresholds: dict[str, dict[str, dict[str, Any]]]
-                     ) -> dict[str, dict[str, float | None]]:
-    """``{kind: {class: threshold or None}}`` of ``choose_thresholds``' output."""
-    return {kind: {n: t["threshold"] for n, t in per_class.items()}
-            for kind, per_class in thresholds.items()}
 
 
 def wilson_interval(successes: int, n: int, level: float = 0.95) -> tuple[float | None, float | None]:
@@ -145,24 +135,13 @@ def _bootstrap_f1(calls: np.ndarray, y: np.ndarray, resamples: int, seed: int, l
     """Percentile intervals of F1 for each column of the (N, C) boolean ``calls`` against
     the (N, C) labels ``y``, over ``resamples`` joint draws of the N images."""
     indicators = np.concatenate([calls & y, calls & ~y, ~calls & y], axis=1).astype(np.float64)
-    c = calls.shape[1]
     samples = []
     for counts in resample_counts(Strata.whole(len(calls)), resamples, seed):
         # Image order: Strata.whole lays the images out in their own order.
         tp, fp, fn = np.split(indicators.T @ counts, 3)  # (C, b) each
         with np.errstate(invalid="ignore", divide="ignore"):
             samples.append(2 * tp / (2 * tp + fp + fn))
-    samples_all = np.concatenate(samples, axis=1) if samples else np.empty((c, 0))
-    tail = 100 * (1 - level) / 2
-    out: list[tuple[float | None, float | None]] = []
-    for row in samples_all:
-        row = row[np.isfinite(row)]
-        if row.size == 0:
-            out.append((None, None))
-        else:
-            low, high = np.percentile(row, [tail, 100 - tail])
-            out.append((float(low), float(high)))
-    return out
+    return [_percentile_interval(row, level) for row in np.concatenate(samples, axis=1)]
 
 
 def operating_point_metrics(scores: np.ndarray, targets: np.ndarray,
@@ -175,9 +154,7 @@ def operating_point_metrics(scores: np.ndarray, targets: np.ndarray,
     (tp, fp, tn, fn) and ``<metric>``, ``<metric>_low``, ``<metric>_high`` (None where
     undefined). A class without a threshold gets ``{"threshold": None}``. ``resamples``
     0: no F1 interval."""
-    scores, targets = checked_scores(scores, targets)
-    if scores.shape[1] != len(class_names):
-        raise ValueError(f"{scores.shape[1]} score columns for {len(class_names)} class names")
+    scores, targets = checked_scores(scores, targets, class_names=class_names)
     table: dict[str, dict[str, dict[str, Any]]] = {}
     columns: list[tuple[str, str, int, float]] = []
     for kind, per_class in thresholds.items():

@@ -64,9 +64,24 @@ def check_outputs(flag: str, outputs: Iterable[str | Path], *, overwrite: bool =
                              "another name")
 
 
-def _cells(rows: Iterable[dict[str, Any]], fields: Sequence[str]) -> Iterable[list[Any]]:
-    """The ``fields`` columns of each row of a table."""
-    return ([row[f] for f in fields] for row in rows)
+def _write_tables(out_dir: str | Path, name: str, fields: Sequence[str],
+                  rows: Iterable[dict[str, Any]], lines: Sequence[str]) -> tuple[Path, Path]:
+    """Write ``<name>.csv`` (the ``fields`` columns of the rows) and ``<name>.md`` (the
+    lines) in ``out_dir``; returns both paths."""
+    csv_path, md_path = Path(out_dir) / f"{name}.csv", Path(out_dir) / f"{name}.md"
+    write_csv(csv_path, fields, ([row[f] for f in fields] for row in rows))
+    write_text(md_path, "\n".join(lines) + "\n")
+    return csv_path, md_path
+
+
+def _figure(width: float, height: float) -> Any:
+    """A bare Figure on the Agg canvas at ROC_DPI (module docstring: no pyplot)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height), dpi=ROC_DPI)
+    FigureCanvasAgg(fig)
+    return fig
 
 
 def save_roc_curves(targets: np.ndarray, probs: np.ndarray, class_names: Sequence[str],
@@ -76,8 +91,6 @@ def save_roc_curves(targets: np.ndarray, probs: np.ndarray, class_names: Sequenc
     Classes whose targets hold a single value have no ROC curve; the legend says so.
     Rows with a NaN probability (e.g. images that failed to load) are left out.
     """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
     from matplotlib.lines import Line2D
     from sklearn.metrics import roc_curve
 
@@ -91,8 +104,7 @@ def save_roc_curves(targets: np.ndarray, probs: np.ndarray, class_names: Sequenc
         raise ValueError(f"save_roc_curves: targets {targets.shape}, probs {probs.shape} and "
                          f"{len(class_names)} class names do not agree")
 
-    fig = Figure(figsize=ROC_FIGSIZE, dpi=ROC_DPI)
-    FigureCanvasAgg(fig)
+    fig = _figure(*ROC_FIGSIZE)
     ax = fig.add_subplot(1, 1, 1)
     # Enough distinct colours for NIH's 14 classes.
     colours = _palette(len(class_names))
@@ -242,8 +254,6 @@ def write_auroc_tables(results: dict[str, Any], out_dir: str | Path,
     """
     rows = auroc_rows(results)
     intervals = results.get("intervals")
-    out_dir = Path(out_dir)
-    csv_path, md_path = out_dir / f"{stem}_auroc.csv", out_dir / f"{stem}_auroc.md"
     fields = ["class", "auroc", *(INTERVAL_COLUMNS if intervals else ()), "auprc"]
     header = " / ".join(str(results[k]) for k in ("dataset", "data_size", "weights", "method")
                         if results.get(k) is not None)
@@ -278,9 +288,7 @@ def write_auroc_tables(results: dict[str, Any], out_dir: str | Path,
         lines.append(_md_row(label, *cells))
     if intervals:
         lines += [""] + interval_notes(intervals)
-    write_csv(csv_path, fields, _cells(rows, fields))
-    write_text(md_path, "\n".join(lines) + "\n")
-    return csv_path, md_path
+    return _write_tables(out_dir, f"{stem}_auroc", fields, rows, lines)
 
 
 @dataclass
@@ -307,9 +315,6 @@ def save_forest_plot(points: Sequence[ForestPoint], path: str | Path, *, xlabel:
     series present, in legend order, and each of its runs (e.g. seeds) on a line of its
     own. A series' mean and reference sit on the middle of that series' lines.
     """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
     if not points:
         raise ValueError("save_forest_plot: nothing to plot")
     rows = list(dict.fromkeys(p.row for p in points))
@@ -318,8 +323,7 @@ def save_forest_plot(points: Sequence[ForestPoint], path: str | Path, *, xlabel:
     placed, row_spans, bottom = _forest_layout(points, rows, series)
 
     height = 1.9 + 0.2 * (-bottom / FOREST_LINE_GAP)
-    fig = Figure(figsize=(7.0 + 0.075 * max(len(r) for r in rows), height), dpi=ROC_DPI)
-    FigureCanvasAgg(fig)
+    fig = _figure(7.0 + 0.075 * max(len(r) for r in rows), height)
     ax = fig.add_subplot(1, 1, 1)
     for i, (_, top, row_bottom) in enumerate(row_spans):
         if i % 2 == 0:  # light banding keeps a row's lines together for the eye
@@ -455,8 +459,6 @@ def write_subgroup_tables(report: dict[str, Any], class_names: Sequence[str], ou
     subgroups, the largest gap of the mean and of each class with their tests, and every
     image without metadata or with the attribute unknown counted)."""
     rows = subgroup_rows(report, class_names)
-    out_dir = Path(out_dir)
-    csv_path, md_path = out_dir / f"{stem}.csv", out_dir / f"{stem}.md"
     fields = ["attribute", "subgroup", "images", "mean_auroc", "mean_ci_low", "mean_ci_high",
               "mean_classes", *class_names]
     level = round(100 * float(report.get("level", 0.95)))
@@ -497,10 +499,8 @@ def write_subgroup_tables(report: dict[str, Any], class_names: Sequence[str], ou
         lines.append("")
     lines += [f"Intervals: {level}% bootstrap ({report['n_resamples']} resamples) per subgroup, "
               f"as in the test table. Mean gap: {report['mean_gap_test']}. Per-class gap: "
-              f"{report['class_gap_test']}. {report['adjustment']}.", ""]
-    write_csv(csv_path, fields, _cells(rows, fields))
-    write_text(md_path, "\n".join(lines))
-    return csv_path, md_path
+              f"{report['class_gap_test']}. {report['adjustment']}."]
+    return _write_tables(out_dir, stem, fields, rows, lines)
 
 
 def save_subgroup_plot(report: dict[str, Any], path: str | Path) -> tuple[Path, Path] | None:
@@ -562,8 +562,6 @@ def write_calibration_tables(results: dict[str, Any], out_dir: str | Path,
     calibrated = bool(section.get("after"))
     fields = ["class", "ece_before", *(["ece_after"] if calibrated else []),
               "brier_before", *(["brier_after"] if calibrated else [])]
-    out_dir = Path(out_dir)
-    csv_path, md_path = out_dir / f"{stem}_calibration.csv", out_dir / f"{stem}_calibration.md"
     split = results.get("split", "test")
     lines = [f"**Calibration** ({split} split, {results.get('num_images', '?')} images)", ""]
     if calibrated:
@@ -588,9 +586,7 @@ def write_calibration_tables(results: dict[str, Any], out_dir: str | Path,
             lines.append(f"- Note: {fitted['note']}.")
     else:
         lines.append(f"- Not calibrated: {section.get('note')}.")
-    write_csv(csv_path, fields, _cells(rows, fields))
-    write_text(md_path, "\n".join(lines) + "\n")
-    return csv_path, md_path
+    return _write_tables(out_dir, f"{stem}_calibration", fields, rows, lines)
 
 
 OPERATING_POINT_METRICS = ("sensitivity", "specificity", "ppv", "npv", "f1")
@@ -628,9 +624,6 @@ def write_operating_point_tables(results: dict[str, Any], out_dir: str | Path,
     if not section.get("points"):
         return ()
     rows = operating_point_rows(results)
-    out_dir = Path(out_dir)
-    csv_path = out_dir / f"{stem}_operating_points.csv"
-    md_path = out_dir / f"{stem}_operating_points.md"
     level = round(100 * float(section.get("level", 0.95)))
     split = results.get("split", "test")
     lines = [(f"**Operating points** ({split} split, {results.get('num_images', '?')} images; "
@@ -649,10 +642,8 @@ def write_operating_point_tables(results: dict[str, Any], out_dir: str | Path,
                    f"{intervals.get('proportions')}; F1: {intervals.get('f1')}."),
               "- " + "; ".join(f"{k}: {v}" for k, v in (section.get("kinds") or {}).items()) + ".",
               f"- {section.get('rule')}; never chosen on the {split} split."]
-    fields = [*OPERATING_POINT_FIELDS, "note"]
-    write_csv(csv_path, fields, _cells(rows, fields))
-    write_text(md_path, "\n".join(lines) + "\n")
-    return csv_path, md_path
+    return _write_tables(out_dir, f"{stem}_operating_points", [*OPERATING_POINT_FIELDS, "note"],
+                         rows, lines)
 
 
 # A reliability diagram's panel: 2.4 inches square at ROC_DPI.
@@ -666,9 +657,6 @@ def save_reliability_diagram(targets: np.ndarray, probs: np.ndarray, class_names
     every image x class pair pooled, each the fraction positive against the mean probability
     per equal-width bin (``util.calibration.BINNING``), before and (with ``calibrated``)
     after calibration, the ECE x100 of each in the panel's title."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
     from util.calibration import ECE_BINS, expected_calibration_error, reliability_bins
 
     bins = bins or ECE_BINS
@@ -683,8 +671,7 @@ def save_reliability_diagram(targets: np.ndarray, probs: np.ndarray, class_names
     cols = math.ceil(math.sqrt(len(panels)))
     rows = math.ceil(len(panels) / cols)
     width, height = cols * RELIABILITY_PANEL + 0.6, rows * RELIABILITY_PANEL + 1.1
-    fig = Figure(figsize=(width, height), dpi=ROC_DPI)
-    FigureCanvasAgg(fig)
+    fig = _figure(width, height)
     # A fixed layout (tight_layout costs seconds for a grid of 15 panels): panels share
     # their axes, tick labels on the outer ones only.
     fig.subplots_adjust(left=0.6 / width, right=1 - 0.1 / width, bottom=0.5 / height,

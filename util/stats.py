@@ -70,7 +70,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from statistics import NormalDist
-from typing import Any, Iterator, NamedTuple, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 
@@ -117,17 +117,7 @@ def _check_inputs(targets: np.ndarray, score_sets: Sequence[np.ndarray],
     return targets.astype(np.int8), scores
 
 
-def _finite_rows(score_sets: Sequence[np.ndarray]) -> np.ndarray:
-    """Rows where every score of every set is finite (an image that failed to load is NaN)."""
-    keep = np.ones(len(score_sets[0]), dtype=bool)
-    for s in score_sets:
-        keep &= np.isfinite(s).all(axis=1)
-    return keep
-
-
-# ----------------------------------------------------------------------------------------
-# Resampling
-# ----------------------------------------------------------------------------------------
+# -- Resampling --------------------------------------------------------------------------
 
 @dataclass
 class Strata:
@@ -176,12 +166,8 @@ def resample_counts(strata: Strata, resamples: int, seed: int,
 
 
 class _WeightedAUROC:
-    """AUROC of every class under image counts, from one sort of the full set (module docstring).
-
-    For each class the negatives, sorted by score, are cut at every lo_i / hi_i into
-    segments; one sparse product gives every segment's count sum for all classes at once,
-    and a cumulative sum over the (few) segments gives C at each cut.
-    """
+    """AUROC of every class under image counts, from one sort of the full set (the fast path
+    of the module docstring: segments of the sorted negatives between the cuts lo_i / hi_i)."""
 
     def __init__(self, targets: np.ndarray, scores: np.ndarray) -> None:
         from scipy import sparse
@@ -245,18 +231,13 @@ def bootstrap_aurocs(targets: np.ndarray, score_sets: Sequence[np.ndarray], resa
     t = targets[strata.order]
     aucs = [_WeightedAUROC(t, s[strata.order]) for s in score_sets]
     out = [np.empty((resamples, t.shape[1])) for _ in score_sets]
-    first = 0
-    for counts in resample_counts(strata, resamples, seed, block):
-        rows = slice(first, first + counts.shape[1])
+    for i, counts in enumerate(resample_counts(strata, resamples, seed, block)):
         for auc, dest in zip(aucs, out):
-            dest[rows] = auc(counts)
-        first += counts.shape[1]
+            dest[i * block:i * block + counts.shape[1]] = auc(counts)
     return out
 
 
-# ----------------------------------------------------------------------------------------
-# DeLong
-# ----------------------------------------------------------------------------------------
+# -- DeLong ------------------------------------------------------------------------------
 
 def delong_components(target: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """AUROCs and structural components of one class for M score sets (scores: (M, N)).
@@ -324,12 +305,6 @@ def small_class_note(classes: dict[str, dict[str, Any]]) -> str | None:
             f"{SMALL_CLASS_COVERAGE}, docs/BENCHMARKS.md)")
 
 
-def _float(value: float) -> float | None:
-    """A finite float, or None (JSON has no NaN)."""
-    value = float(value)
-    return value if math.isfinite(value) else None
-
-
 def _percentile_interval(samples: np.ndarray, level: float) -> tuple[float | None, float | None]:
     """Percentile interval of the finite samples, or (None, None) when there are none."""
     samples = samples[np.isfinite(samples)]
@@ -354,9 +329,7 @@ def _bootstrap_interval(samples: np.ndarray, level: float, whose: str) -> _Inter
     """Percentile interval of the resampled statistic over the resamples where it is defined.
 
     ``samples`` is NaN in a resample that drew no positive or no negative of ``whose``
-    ("the class", "some class"). Those are left out and counted; above UNRELIABLE_SHARE of
-    them the note says the interval is unreliable, and with fewer than MIN_VALID_SHARE of
-    the resamples left there is no interval.
+    ("the class", "some class"); those are left out, counted and noted (module docstring).
     """
     total = samples.size
     n_undefined = int((~np.isfinite(samples)).sum())
@@ -376,51 +349,45 @@ def _bootstrap_interval(samples: np.ndarray, level: float, whose: str) -> _Inter
     return _Interval(low, high, n_undefined, note)
 
 
-def _join_notes(*notes: str | None) -> str | None:
-    """The notes that are set, joined by '; ', or None."""
-    kept = [n for n in notes if n]
-    return "; ".join(kept) if kept else None
+def _z_test(diff: float, var: float) -> tuple[float | None, float | None]:
+    """z = diff / sqrt(var) and its two-sided normal p; (None, None) for a zero variance."""
+    if var <= 1e-15:
+        return None, None
+    z = diff / math.sqrt(var)
+    return z, 2 * (1 - NormalDist().cdf(abs(z)))
 
 
-def _z(level: float) -> float:
-    """The two-sided normal quantile of a confidence level (1.96 for 0.95)."""
-    return NormalDist().inv_cdf(0.5 + level / 2)
+# -- Public entries ----------------------------------------------------------------------
+
+def _mean_note(defined: np.ndarray, with_interval: np.ndarray, bootstrapped: bool) -> str | None:
+    """Why the mean AUROC is undefined or has no interval; None when it has a bootstrap one."""
+    if not defined.any():
+        return "undefined: no class has both positives and negatives"
+    if not with_interval.any():
+        return f"no interval: no class has at least {MIN_PER_SIDE} positives and negatives"
+    if not bootstrapped:
+        return "no interval: bootstrap turned off (0 resamples)"
+    return None
 
 
-def _check_settings(resamples: int, level: float) -> None:
-    """A ValueError naming a negative resample count or a level outside (0, 1)."""
+def _checked_and_resampled(targets: np.ndarray, score_sets: Sequence[np.ndarray],
+                           class_names: Sequence[str], resamples: int, level: float, seed: int
+                           ) -> tuple[np.ndarray, list[np.ndarray], list[np.ndarray] | None, int]:
+    """The checked inputs of `auroc_intervals` / `paired_comparison` without the rows of
+    non-finite scores, the (resamples, K) bootstrap AUROCs of every score set on the same
+    resamples (None without resamples), and how many rows were left out."""
     if resamples < 0:
         raise ValueError(f"resamples must be >= 0 (0 turns the bootstrap off), got {resamples}")
     if not 0 < level < 1:
         raise ValueError(f"level must be in (0, 1), got {level}")
-
-
-# ----------------------------------------------------------------------------------------
-# Public entries
-# ----------------------------------------------------------------------------------------
-
-class _Prepared(NamedTuple):
-    """Inputs of a report, checked, without rows of non-finite scores, and their bootstrap."""
-
-    targets: np.ndarray
-    scores: list[np.ndarray]
-    boots: list[np.ndarray] | None  # (resamples, K) AUROCs per score set; None: no resamples
-    n_dropped: int  # rows left out for a non-finite score
-
-
-def _checked_and_resampled(targets: np.ndarray, score_sets: Sequence[np.ndarray],
-                           class_names: Sequence[str], resamples: int, level: float,
-                           seed: int) -> _Prepared:
-    """The checked inputs of `auroc_intervals` / `paired_comparison` and (with `resamples`)
-    the bootstrap AUROCs of every score set on the same resamples."""
-    _check_settings(resamples, level)
     targets, score_sets = _check_inputs(targets, score_sets, class_names)
-    keep = _finite_rows(score_sets)
+    keep = np.ones(len(targets), dtype=bool)
+    for scores in score_sets:  # an image that failed to load has NaN scores
+        keep &= np.isfinite(scores).all(axis=1)
     targets, score_sets = targets[keep], [scores[keep] for scores in score_sets]
-    n_dropped = int((~keep).sum())
     boots = (bootstrap_aurocs(targets, score_sets, resamples, seed)
              if resamples and len(targets) else None)
-    return _Prepared(targets, score_sets, boots, n_dropped)
+    return targets, score_sets, boots, int((~keep).sum())
 
 
 def auroc_intervals(targets: np.ndarray, probs: np.ndarray, class_names: Sequence[str],
@@ -438,7 +405,7 @@ def auroc_intervals(targets: np.ndarray, probs: np.ndarray, class_names: Sequenc
     targets, (probs,), boots, n_dropped = _checked_and_resampled(
         targets, [probs], class_names, resamples, level, seed)
     n = len(targets)
-    z = _z(level)
+    z = NormalDist().inv_cdf(0.5 + level / 2)  # two-sided: 1.96 for 0.95
     boot = boots[0] if boots is not None else None
 
     classes: dict[str, dict[str, Any]] = {}
@@ -472,16 +439,11 @@ def auroc_intervals(targets: np.ndarray, probs: np.ndarray, class_names: Sequenc
         classes[name] = {**row, "note": note}
 
     defined = np.isfinite(point)
-    mean: dict[str, Any] = dict(auroc=_float(point[defined].mean()) if defined.any() else None,
+    mean: dict[str, Any] = dict(auroc=float(point[defined].mean()) if defined.any() else None,
                                 ci_low=None, ci_high=None, n_classes=int(defined.sum()),
-                                n_undefined_resamples=None, note=None)
-    if not defined.any():
-        mean["note"] = "undefined: no class has both positives and negatives"
-    elif not with_interval.any():
-        mean["note"] = f"no interval: no class has at least {MIN_PER_SIDE} positives and negatives"
-    elif boot is None:
-        mean["note"] = "no interval: bootstrap turned off (0 resamples)"
-    else:
+                                n_undefined_resamples=None,
+                                note=_mean_note(defined, with_interval, boot is not None))
+    if mean["note"] is None:
         # NaN in a resample where any class defined in the full set is undefined, so every
         # mean that is kept averages the same classes.
         iv = _bootstrap_interval(boot[:, defined].mean(axis=1), level, "some class")
@@ -525,7 +487,6 @@ def paired_comparison(targets: np.ndarray, probs_a: np.ndarray, probs_b: np.ndar
     targets, (probs_a, probs_b), boot, n_dropped = _checked_and_resampled(
         targets, [probs_a, probs_b], class_names, resamples, level, seed)
     n = len(targets)
-    normal = NormalDist()
 
     classes: dict[str, dict[str, Any]] = {}
     point = np.full((2, len(class_names)), np.nan)
@@ -547,11 +508,9 @@ def paired_comparison(targets: np.ndarray, probs_a: np.ndarray, probs_b: np.ndar
             if note is None:
                 cov = delong_covariance(targets[:, k], pair)[1]
                 with_interval[k] = True
-                var = float(cov[0, 0] + cov[1, 1] - 2 * cov[0, 1])
-                if var > 1e-15:
-                    zval = (auc[0] - auc[1]) / math.sqrt(var)
-                    row.update(delong_z=float(zval), delong_p=2 * (1 - normal.cdf(abs(float(zval)))))
-                else:
+                row["delong_z"], row["delong_p"] = _z_test(
+                    float(auc[0] - auc[1]), float(cov[0, 0] + cov[1, 1] - 2 * cov[0, 1]))
+                if row["delong_z"] is None:
                     note = "DeLong test undefined: the difference has zero variance"
                 if boot is not None:
                     d = boot[0][:, k] - boot[1][:, k]
@@ -559,29 +518,24 @@ def paired_comparison(targets: np.ndarray, probs_a: np.ndarray, probs_b: np.ndar
                     row.update(ci_low=iv.low, ci_high=iv.high)
                     if iv.low is not None:
                         row["p_bootstrap"] = _bootstrap_p(d)
-                    note = _join_notes(note, iv.note)
+                    note = "; ".join(n for n in (note, iv.note) if n) or None
         classes[name] = {**row, "note": note}
 
     defined = np.isfinite(point[0])
     mean: dict[str, Any] = dict(auroc_a=None, auroc_b=None, diff=None, ci_low=None, ci_high=None,
                                 p_bootstrap=None, n_classes=int(defined.sum()),
-                                n_undefined_resamples=None, note=None)
+                                n_undefined_resamples=None,
+                                note=_mean_note(defined, with_interval, boot is not None))
     if defined.any():
         a, b = point[0, defined].mean(), point[1, defined].mean()
         mean.update(auroc_a=float(a), auroc_b=float(b), diff=float(a - b))
-        if not with_interval.any():
-            mean["note"] = f"no interval: no class has at least {MIN_PER_SIDE} positives and negatives"
-        elif boot is None:
-            mean["note"] = "no interval: bootstrap turned off (0 resamples)"
-        else:
-            d = boot[0][:, defined].mean(axis=1) - boot[1][:, defined].mean(axis=1)
-            iv = _bootstrap_interval(d, level, "some class")
-            mean.update(ci_low=iv.low, ci_high=iv.high, n_undefined_resamples=iv.n_undefined,
-                        note=iv.note)
-            if iv.low is not None:
-                mean["p_bootstrap"] = _bootstrap_p(d)
-    else:
-        mean["note"] = "undefined: no class has both positives and negatives"
+    if mean["note"] is None:
+        d = boot[0][:, defined].mean(axis=1) - boot[1][:, defined].mean(axis=1)
+        iv = _bootstrap_interval(d, level, "some class")
+        mean.update(ci_low=iv.low, ci_high=iv.high, n_undefined_resamples=iv.n_undefined,
+                    note=iv.note)
+        if iv.low is not None:
+            mean["p_bootstrap"] = _bootstrap_p(d)
 
     return {
         "level": level, "n_resamples": int(resamples), "seed": int(seed), "n_images": n,

@@ -37,15 +37,14 @@ with two subgroups they are equal.
 """
 from __future__ import annotations
 
-import math
-from statistics import NormalDist
 from typing import Any, Protocol, Sequence
 
 import numpy as np
 
 from util.misc import say
-from util.stats import (DEFAULT_RESAMPLES, _bootstrap_interval, _bootstrap_p, auroc_intervals,
-                        bootstrap_aurocs)
+from util.stats import (DEFAULT_RESAMPLES, _bootstrap_interval, _bootstrap_p, _z_test,
+                        auroc_intervals, bootstrap_aurocs)
+
 
 class Record(Protocol):
     """One image's metadata (``datasets.metadata.ImageMeta``): None where unknown."""
@@ -97,27 +96,6 @@ def subgroup_of(record: Record | None, attribute: str) -> str | None:
     return getattr(record, attribute)
 
 
-def _order(attribute: str, names: set[str]) -> list[str]:
-    """Subgroups in reading order: age bands by age, others alphabetically."""
-    if attribute == "age":
-        return [label for label, _, _ in AGE_BANDS if label in names]
-    return sorted(names)
-
-
-def _slim(intervals: dict[str, Any], n_images: int) -> dict[str, Any]:
-    """A subgroup's ``auroc_intervals`` without the settings the report gives once."""
-    return {"n_images": n_images, "classes": intervals["classes"], "mean": intervals["mean"]}
-
-
-def _z_p(diff: float, se_a: float, se_b: float) -> tuple[float | None, float | None]:
-    """DeLong z and two-sided p for a difference of two independent AUROCs."""
-    var = se_a ** 2 + se_b ** 2
-    if var <= 1e-15:
-        return None, None
-    z = diff / math.sqrt(var)
-    return z, 2 * (1 - NormalDist().cdf(abs(z)))
-
-
 def _adjusted(p: float | None, n_groups: int) -> float | None:
     """Bonferroni over the n (n - 1) / 2 pairs of n subgroups."""
     return None if p is None else min(1.0, p * max(1, n_groups * (n_groups - 1) // 2))
@@ -136,7 +114,7 @@ def _class_gaps(groups: dict[str, dict[str, Any]], class_names: Sequence[str]) -
             continue
         (high, a), (low, b) = max(rows, key=lambda r: r[1]["auroc"]), min(rows, key=lambda r: r[1]["auroc"])
         diff = a["auroc"] - b["auroc"]
-        z, p = _z_p(diff, a["delong_se"], b["delong_se"])
+        z, p = _z_test(diff, a["delong_se"] ** 2 + b["delong_se"] ** 2)
         out[name] = {"high": high, "low": low, "diff": diff, "delong_z": z, "delong_p": p,
                      "p_adjusted": _adjusted(p, len(rows)), "n_subgroups": len(rows), "note": None}
     return out
@@ -201,13 +179,19 @@ def subgroup_report(targets: np.ndarray, probs: np.ndarray, paths: Sequence[str]
         unknown = sum(1 for r, g in zip(records, labels) if r is not None and g is None)
         groups: dict[str, dict[str, Any]] = {}
         boots: dict[str, np.ndarray] = {}
-        for name in _order(attribute, {g for g in labels if g is not None}):
+        present = {g for g in labels if g is not None}
+        # Reading order: age bands by age, other subgroups alphabetically.
+        ordered = ([band for band, _, _ in AGE_BANDS if band in present] if attribute == "age"
+                   else sorted(present))
+        for name in ordered:
             rows = np.array([g == name for g in labels])
             index += 1
             sub_t, sub_p = targets[rows], probs[rows]
             intervals = auroc_intervals(sub_t, sub_p, list(class_names), resamples=resamples,
                                         seed=seed + index, level=level)
-            groups[name] = _slim(intervals, int(rows.sum()))
+            # The settings the report gives once are left out.
+            groups[name] = {"n_images": int(rows.sum()), "classes": intervals["classes"],
+                            "mean": intervals["mean"]}
             if resamples:
                 # The same draws as the interval's (same rows, same seed).
                 boots[name] = bootstrap_aurocs(sub_t.astype(np.int8), [sub_p], resamples,
