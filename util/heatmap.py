@@ -47,6 +47,7 @@ def grad_cam(
     model: nn.Module,
     images: torch.Tensor,
     class_index: int,
+    layer: nn.Module | None = None,
     amp_dtype: torch.dtype | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Grad-CAM maps of one class for a batch: (maps B x gh x gw in [0, 1], probabilities B).
@@ -59,7 +60,7 @@ def grad_cam(
     num_classes = getattr(model, "num_classes", None)
     if num_classes is not None and not 0 <= class_index < num_classes:
         raise ValueError(f"grad_cam: class_index {class_index} not in [0, {num_classes})")
-    layer = target_layer(model)
+    layer = layer if layer is not None else target_layer(model)
     grid = tuple(model.patch_embed.grid_size)
     prefix = int(getattr(model, "num_prefix_tokens", 1))
     device = next(model.parameters()).device
@@ -104,12 +105,13 @@ def overlay(
     image: Image.Image,
     cam: np.ndarray,
     box: tuple[float, float, float, float] | None = None,
+    alpha: float = 0.5,
+    cmap: str = "jet",
     label: str | None = None,
 ) -> Image.Image:
     """Blend a [0, 1] map over an image, inside ``box`` (default: all of it); RGB, same size.
 
-    The colour (jet) is weighted by half the map, so regions without evidence keep the
-    X-ray visible.
+    The colour is weighted by the map, so regions without evidence keep the X-ray visible.
     """
     from matplotlib import colormaps
 
@@ -121,8 +123,8 @@ def overlay(
     if x1 > x0 and y1 > y0:
         heat = Image.fromarray(np.asarray(cam, dtype=np.float32), mode="F")
         heat = np.clip(np.asarray(heat.resize((x1 - x0, y1 - y0), Image.BILINEAR)), 0.0, 1.0)
-        colour = colormaps["jet"](heat)[..., :3].astype(np.float32)
-        weight = (0.5 * heat)[..., None]
+        colour = colormaps[cmap](heat)[..., :3].astype(np.float32)
+        weight = (alpha * heat)[..., None]
         region = base[y0:y1, x0:x1]
         base[y0:y1, x0:x1] = (1 - weight) * region + weight * colour
     out = Image.fromarray(np.clip(np.rint(base * 255), 0, 255).astype(np.uint8), mode="RGB")
