@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from .folding import Target
 from .layers import LoRALinear
 from .model import inject_lora, lora_layers
+from .model import LORA_TENSORS
 from .model import mark_trainable as mark_lora
 
 
@@ -286,6 +287,4 @@ def dora_layers(model: nn.Module) -> list[tuple[str, DoRALinear]]:
 
 def mark_trainable(model: nn.Module) -> None:
     """LoRA's trained set (A, B, fc_norm, head) plus every magnitude vector."""
-    mark_lora(model)
-    for _, layer in dora_layers(model):
-        layer.lora_magnitude.requires_grad_(True)
+    mark_lora(model, tensors=(*LORA_TENSORS, "lora_magnitude"))

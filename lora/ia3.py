@@ -13,7 +13,7 @@ weights: the qkv rows (and their bias) and the fc2 columns.
 """
 from __future__ import annotations
 
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import torch
 import torch.nn as nn
@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from .folding import Mergeable, Target
 from .model import HEAD_MODULES
+from .model import mark_trainable as mark_lora
 
 # The k and v thirds of timm's fused qkv linear (rows [q; k; v]), as the paper scales them.
 KV = (False, True, True)
@@ -185,17 +186,6 @@ def inject_ia3(model: nn.Module, parts: Sequence[bool] = KV) -> int:
     return count
 
 
-def ia3_modules(model: nn.Module) -> Iterator[tuple[str, IA3Linear | IA3Activation]]:
-    """All (name, IA3 module) pairs of the model."""
-    return ((n, m) for n, m in model.named_modules() if isinstance(m, (IA3Linear, IA3Activation)))
-
-
 def mark_trainable(model: nn.Module, extra_modules: Sequence[str] = HEAD_MODULES) -> None:
     """Freeze everything except the IA3 vectors and the classifier (fc_norm + head)."""
-    model.requires_grad_(False)
-    for _, module in ia3_modules(model):
-        module.ia3_scale.requires_grad_(True)
-    for name in extra_modules:
-        module = getattr(model, name, None)
-        if module is not None:
-            module.requires_grad_(True)
+    mark_lora(model, extra_modules, tensors=("ia3_scale",))

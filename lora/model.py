@@ -78,13 +78,20 @@ def lora_layers(model: nn.Module) -> Iterable[tuple[str, LoRALinear]]:
     return ((n, m) for n, m in model.named_modules() if isinstance(m, LoRALinear))
 
 
-def mark_trainable(model: nn.Module, extra_modules: Iterable[str] = HEAD_MODULES) -> None:
-    """Freeze everything except the LoRA tensors and the named top-level modules (by
-    default the classifier, fc_norm + head; with no adapters this is the linear probe)."""
+# The tensors LoRA trains, by the last part of their names.
+LORA_TENSORS = ("lora_A", "lora_B")
+
+
+def mark_trainable(model: nn.Module, extra_modules: Iterable[str] = HEAD_MODULES,
+                   tensors: Iterable[str] = LORA_TENSORS) -> None:
+    """Freeze everything except the parameters named ``tensors`` (by the last part of their
+    names: LoRA's A and B by default) and the named top-level modules (by default the
+    classifier, fc_norm + head; with no such tensors this is the linear probe)."""
     model.requires_grad_(False)
-    for _, layer in lora_layers(model):
-        layer.lora_A.requires_grad_(True)
-        layer.lora_B.requires_grad_(True)
+    tensors = set(tensors)
+    for name, param in model.named_parameters():
+        if name.rsplit(".", 1)[-1] in tensors:
+            param.requires_grad_(True)
     for name in extra_modules:
         module = getattr(model, name, None)
         if module is not None:

@@ -15,7 +15,7 @@ here) feeds it the MLP's input. Trainable per block: 2 d r + r + d.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Iterable, Mapping
+from typing import Any, Mapping
 
 import torch
 import torch.nn as nn
@@ -102,16 +102,12 @@ def inject(model: nn.Module, settings: AdaptFormerSettings) -> None:
         block.mlp = ParallelAdapter(block.mlp, settings.dim, settings.scale, settings.dropout)
 
 
-def adapters(model: nn.Module) -> Iterable[tuple[str, ParallelAdapter]]:
-    """All (name, ParallelAdapter) pairs of the model."""
-    return ((n, m) for n, m in model.named_modules() if isinstance(m, ParallelAdapter))
-
-
 def mark_trainable(model: nn.Module) -> None:
     """Freeze everything but the adapters and the classifier (fc_norm + head)."""
     lora.mark_trainable(model)
-    for _, module in adapters(model):
-        module.adapter.requires_grad_(True)
+    for module in model.modules():
+        if isinstance(module, ParallelAdapter):
+            module.adapter.requires_grad_(True)
 
 
 def from_flags(values: Mapping[str, Any]) -> AdaptFormerSettings:

@@ -18,10 +18,7 @@ from methods.full import _nothing_to_inject
 
 def mark_trainable(model: nn.Module) -> None:
     """Freeze everything but the biases of every module and the classifier (fc_norm + head)."""
-    lora.mark_trainable(model)  # frozen, with fc_norm + head trainable
-    for name, param in model.named_parameters():
-        if name.rsplit(".", 1)[-1] == "bias":
-            param.requires_grad_(True)
+    lora.mark_trainable(model, tensors=("bias",))
 
 
 BITFIT = register(Method(

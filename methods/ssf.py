@@ -119,10 +119,7 @@ def ssf_layers(model: nn.Module) -> Iterable[tuple[str, ScaleShift]]:
 
 def mark_trainable(model: nn.Module) -> None:
     """Freeze everything but the scales, the shifts and the classifier (fc_norm + head)."""
-    lora.mark_trainable(model)
-    for _, layer in ssf_layers(model):
-        layer.ssf_scale.requires_grad_(True)
-        layer.ssf_shift.requires_grad_(True)
+    lora.mark_trainable(model, tensors=("ssf_scale", "ssf_shift"))
 
 
 SSF = register(Method(

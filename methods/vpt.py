@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Iterable, Mapping
+from typing import Any, Mapping
 
 import torch
 import torch.nn as nn
@@ -114,16 +114,9 @@ def inject(model: nn.Module, settings: VPTSettings) -> None:
     model.num_prefix_tokens = prefix + settings.tokens
 
 
-def prompted_blocks(model: nn.Module) -> Iterable[tuple[str, PromptedBlock]]:
-    """All (name, PromptedBlock) pairs of the model."""
-    return ((n, m) for n, m in model.named_modules() if isinstance(m, PromptedBlock))
-
-
 def mark_trainable(model: nn.Module) -> None:
     """Freeze everything but the prompts and the classifier (fc_norm + head)."""
-    lora.mark_trainable(model)
-    for _, block in prompted_blocks(model):
-        block.prompt.requires_grad_(True)
+    lora.mark_trainable(model, tensors=("prompt",))
 
 
 def from_flags(values: Mapping[str, Any]) -> VPTSettings:
