@@ -163,13 +163,6 @@ class _LossSums:
         return window
 
 
-def _check_clip_grad(clip_grad: float | None) -> None:
-    if clip_grad is not None and not clip_grad > 0:
-        # clip_grad_norm_ with a negative max_norm would reverse the gradient.
-        raise ValueError(f"clip_grad={clip_grad}: the largest gradient norm must be positive "
-                         "(None: no clipping)")
-
-
 def _batch_loss(model: nn.Module, images: torch.Tensor, targets: torch.Tensor,
                 device: torch.device, amp_dtype: torch.dtype | None,
                 batch_transform: Callable[[torch.Tensor], torch.Tensor] | None) -> torch.Tensor:
@@ -253,7 +246,10 @@ def train_one_epoch(
     Without a terminal (a log file, a batch job), ``progress`` logs a line every
     ``progress_freq`` steps with the image rate and the epoch's ETA instead of a bar.
     """
-    _check_clip_grad(clip_grad)
+    if clip_grad is not None and not clip_grad > 0:
+        # clip_grad_norm_ with a negative max_norm would reverse the gradient.
+        raise ValueError(f"clip_grad={clip_grad}: the largest gradient norm must be positive "
+                         "(None: no clipping)")
     model.train()
     n_steps = steps_per_epoch or len(loader)  # type: ignore[arg-type]
     params = list(params) if params is not None else [p for p in model.parameters() if p.requires_grad]

@@ -134,8 +134,6 @@ def build_parser() -> argparse.ArgumentParser:
                              "the export (checked on random inputs)")
     parser.add_argument("--no_verify", action="store_true",
                         help="skip reloading the export into timm and comparing outputs")
-    parser.add_argument("--debug", action="store_true",
-                        help=f"print the traceback of an error (also {cli.DEBUG_ENV}=1)")
     return parser
 
 
@@ -162,13 +160,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """The command inside its error boundary (``util.cli.run``): returns the exit code."""
-    def command(arguments: list[str]) -> int:
-        args = build_parser().parse_args(arguments)
-        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-        return run(args)
-
-    return cli.run(command, argv, prog=PROG)
+    """The command inside its error boundary (``util.cli.main``): returns the exit code."""
+    return cli.main(build_parser, run, argv, prog=PROG)
 
 
 if __name__ == "__main__":

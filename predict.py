@@ -438,8 +438,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--heatmap_dir", default=None,
                    help="folder of the heatmaps (default: <output stem>_heatmaps next to --output)")
     p.add_argument("--no_progress", action="store_true", help="no progress bar")
-    p.add_argument("--debug", action="store_true",
-                   help=f"print the traceback of an error (also {cli.DEBUG_ENV}=1)")
     return p
 
 
@@ -655,12 +653,10 @@ def _summary_line(predicted: int, failures: Sequence[Failure], non_finite: Seque
             f"[{device.type}, {_precision(dtype)}, {rate:.1f} img/s] probabilities {probabilities}")
 
 
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    """The flags, checked (a bad one exits 2 with one line)."""
+def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """The flags, checked (a bad one exits 2 with one line); --checkpoint resolved."""
     from checkpoints import resolve_checkpoint
 
-    parser = build_parser()
-    args = parser.parse_args(argv)
     args.checkpoint = str(resolve_checkpoint(args.checkpoint))
     if args.batch_size < 1:
         parser.error(f"--batch_size {args.batch_size}: must be at least 1")
@@ -672,17 +668,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         parser.error(f"--device {args.device!r}: {err}")
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error(f"--device {args.device}: no CUDA GPU is visible (use --device cpu)")
-    return args
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """The command inside its error boundary (``util.cli.run``): returns the exit code."""
-    def command(arguments: list[str]) -> int:
-        args = parse_args(arguments)
-        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-        return run(args)
-
-    return cli.run(command, argv, prog=PROG)
+    """The command inside its error boundary (``util.cli.main``): returns the exit code."""
+    return cli.main(build_parser, run, argv, prog=PROG, check=check_args)
 
 
 if __name__ == "__main__":

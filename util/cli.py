@@ -1,10 +1,12 @@
 """What every command of the tool shares: its parser and its one error boundary.
 
-    def main(argv=None) -> int:
+    def build_parser() -> argparse.ArgumentParser:
         parser = cli.Parser(prog="predict.py", description=...)
         ...
+    def main(argv=None) -> int:
+        return cli.main(build_parser, run, argv, prog="predict.py")  # run(args) -> exit code
     if __name__ == "__main__":
-        sys.exit(cli.run(main))
+        sys.exit(main())
 
 A command's errors reach the user as one line on stderr and an exit code:
 
@@ -131,16 +133,6 @@ def folder_name(text: str) -> str:
     return text
 
 
-def debug_requested(argv: Sequence[str]) -> bool:
-    """Whether the user asked for tracebacks (``--debug`` or CXR_LORA_DEBUG=1)."""
-    return "--debug" in argv or os.environ.get(DEBUG_ENV, "") not in ("", "0")
-
-
-def without_debug(argv: Sequence[str]) -> list[str]:
-    """``argv`` without the boundary's own ``--debug`` switch."""
-    return [a for a in argv if a != "--debug"]
-
-
 def describe(err: BaseException) -> str:
     """One line for an error: its message, with the file an OS error names."""
     if isinstance(err, OSError) and isinstance(err, ToolError) and err.strerror:
@@ -165,16 +157,6 @@ def exit_code_of(err: BaseException) -> int | None:
     return None
 
 
-def report(prog: str, err: BaseException) -> int:
-    """Print ``err`` as the command's one error line; returns its exit code."""
-    code = exit_code_of(err)
-    print(f"{prog}: error: {describe(err)}", file=sys.stderr)
-    summary = logging.getLogger("summary")
-    if summary.handlers:  # a run's log file is open: it ends with why
-        summary.error("error: %s", describe(err))
-    return EXIT_FAILURE if code is None else code
-
-
 def run(main: Callable[[list[str]], int | None], argv: Sequence[str] | None = None, *,
         prog: str | None = None, interrupted: Callable[[], str] | None = None) -> int:
     """Call ``main(argv)`` inside the command's error boundary and return its exit code.
@@ -183,9 +165,9 @@ def run(main: Callable[[list[str]], int | None], argv: Sequence[str] | None = No
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     prog = prog or os.path.basename(sys.argv[0]) or "command"
-    debug = debug_requested(argv)
+    debug = "--debug" in argv or os.environ.get(DEBUG_ENV, "") not in ("", "0")
     try:
-        code = main(without_debug(argv))
+        code = main([a for a in argv if a != "--debug"])  # the boundary's own switch
         return 0 if code is None else int(code)
     except KeyboardInterrupt:
         if debug:
@@ -196,11 +178,37 @@ def run(main: Callable[[list[str]], int | None], argv: Sequence[str] | None = No
     except SystemExit:
         raise
     except BaseException as err:  # noqa: BLE001  (the boundary: user errors become one line)
-        if exit_code_of(err) is None or debug:
-            if exit_code_of(err) is None:
-                raise  # a bug: its traceback is what a report needs
+        code = exit_code_of(err)
+        if code is None:
+            raise  # a bug: its traceback is what a report needs
+        if debug:
             traceback.print_exc()
-        return report(prog, err)
+        print(f"{prog}: error: {describe(err)}", file=sys.stderr)
+        summary = logging.getLogger("summary")
+        if summary.handlers:  # a run's log file is open: it ends with why
+            summary.error("error: %s", describe(err))
+        return code
+
+
+def main(build_parser: Callable[[], argparse.ArgumentParser],
+         command: Callable[[argparse.Namespace], int], argv: Sequence[str] | None = None, *,
+         prog: str, logs: bool = True,
+         check: Callable[[argparse.ArgumentParser, argparse.Namespace], None] | None = None) -> int:
+    """A command's ``main``: parse ``argv`` with the parser (plus ``--debug``, listed last in
+    its --help), ``check(parser, args)`` what the flag types cannot, log to stderr when
+    ``logs``, and ``command(args)``, all inside the error boundary (``run``)."""
+    def parse_and_run(arguments: list[str]) -> int:
+        parser = build_parser()
+        parser.add_argument("--debug", action="store_true",
+                            help=f"print the traceback of an error (also {DEBUG_ENV}=1)")
+        args = parser.parse_args(arguments)
+        if check is not None:
+            check(parser, args)
+        if logs:
+            logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+        return command(args)
+
+    return run(parse_and_run, argv, prog=prog)
 
 
 def resume_command(prog: str, argv: Sequence[str]) -> str:

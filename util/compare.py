@@ -268,8 +268,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--split", default="test", help="which predictions_<split>.csv of a run folder")
     parser.add_argument("--plot", action="store_true",
                         help="also write comparison_forest.{png,svg} (needs --out)")
-    parser.add_argument("--debug", action="store_true",
-                        help=f"print the traceback of an error (also {cli.DEBUG_ENV}=1)")
     return parser
 
 
@@ -293,16 +291,15 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """The command inside its error boundary (``util.cli.run``): returns the exit code."""
-    def command(arguments: list[str]) -> int:
-        parser = build_parser()
-        args = parser.parse_args(arguments)
-        if args.plot and args.out is None:
-            parser.error("--plot needs --out DIR")
-        return run(args)
+def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """What the flags cannot say alone (a bad combination exits 2 with one line)."""
+    if args.plot and args.out is None:
+        parser.error("--plot needs --out DIR")
 
-    return cli.run(command, argv, prog=PROG)
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """The command inside its error boundary (``util.cli.main``): returns the exit code."""
+    return cli.main(build_parser, run, argv, prog=PROG, check=check_args, logs=False)
 
 
 if __name__ == "__main__":

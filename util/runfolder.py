@@ -81,11 +81,6 @@ def _fault_point(label: str) -> None:
     """Called between the file operations of a commit; tests replace it to simulate a kill."""
 
 
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
-
-
 def differing(old: dict[str, Any], new: dict[str, Any], ignore: tuple[str, ...] = ()) -> list[str]:
     """The settings (``--flag old -> new``) in which two runs differ: the one definition of
     "another run", used by the folder check, resume and util.summarize."""
@@ -219,19 +214,13 @@ class RunFolder:
         return not (os.path.isabs(norm) or norm == ".." or norm.startswith(".." + os.sep)
                     or norm == ".")
 
-    def name_of(self, path: str | Path) -> str | None:
-        """``path``'s name relative to the folder, or None when it lies outside."""
-        path = Path(path)
-        full = path if path.is_absolute() else self.folder / path
-        rel = os.path.relpath(os.path.abspath(full), self.folder)
-        return rel if self._inside(rel) else None
-
     def record(self, *paths: str | Path) -> None:
         """Add files (absolute, or relative to the folder) to the run's own files."""
         names = self.written()
-        for p in paths:
-            rel = self.name_of(p)
-            if rel is not None and rel not in names:  # outside (a --log_dir elsewhere): not ours
+        for path in map(Path, paths):
+            full = path if path.is_absolute() else self.folder / path
+            rel = os.path.relpath(os.path.abspath(full), self.folder)
+            if self._inside(rel) and rel not in names:  # outside (a --log_dir elsewhere): not ours
                 names.append(rel)
         write_json(self.folder / MANIFEST_NAME, {"format": MANIFEST_FORMAT, "files": names})
 
@@ -420,7 +409,8 @@ class RunFolder:
             for target in sorted(pending.iterdir()):
                 if target.name.endswith(TMP_SUFFIX):
                     continue
-                _fsync_file(target)
+                with open(target, "rb") as f:
+                    os.fsync(f.fileno())
                 hashes[target.name] = file_sha256(target)
             record = {"format": COMMIT_FORMAT, "epoch": int(epoch), "files": hashes, "log": log,
                       "time": time.strftime("%Y-%m-%d %H:%M:%S")}

@@ -911,8 +911,6 @@ def build_parser() -> argparse.ArgumentParser:
                              "[,source], e.g. docs/reference_results.csv")
     parser.add_argument("--plot", action="store_true",
                         help="also write <output>_forest.png / .svg (needs --output)")
-    parser.add_argument("--debug", action="store_true",
-                        help=f"print the traceback of an error (also {cli.DEBUG_ENV}=1)")
     return parser
 
 
@@ -938,17 +936,15 @@ def run(args: argparse.Namespace) -> int:
     return 1 if summary.errors else 0
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """The command inside its error boundary (``util.cli.run``): returns the exit code."""
-    def command(arguments: list[str]) -> int:
-        parser = build_parser()
-        args = parser.parse_args(arguments)
-        if args.plot and args.output is None:
-            parser.error("--plot needs --output")
-        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-        return run(args)
+def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """What the flags cannot say alone (a bad combination exits 2 with one line)."""
+    if args.plot and args.output is None:
+        parser.error("--plot needs --output")
 
-    return cli.run(command, argv, prog=PROG)
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """The command inside its error boundary (``util.cli.main``): returns the exit code."""
+    return cli.main(build_parser, run, argv, prog=PROG, check=check_args)
 
 
 if __name__ == "__main__":
