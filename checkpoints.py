@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
+import timm
 import torch
 import torch.nn as nn
 from safetensors import SafetensorError
@@ -479,18 +480,6 @@ def is_merged_export(path: str | Path) -> bool:
         return False
 
 
-def build_timm_model(timm_model: str, timm_kwargs: dict[str, Any]) -> nn.Module:
-    """The empty timm model an export's tensors load into with ``strict=True``."""
-    import timm
-
-    try:
-        return timm.create_model(timm_model, pretrained=False, **timm_kwargs)
-    except (RuntimeError, TypeError, ValueError, AssertionError, KeyError) as err:
-        # timm says "Unknown model" (RuntimeError) or rejects a keyword (TypeError).
-        raise ExportError(f"export config: timm cannot build {timm_model!r} with "
-                          f"{timm_kwargs} ({err})") from None
-
-
 def load_merged(path: str | Path, device: str | torch.device = "cpu"
                 ) -> tuple[nn.Module, ModelConfig]:
     """Load an export into a stock timm model (strict), in eval mode; returns (model, config).
@@ -503,7 +492,12 @@ def load_merged(path: str | Path, device: str | torch.device = "cpu"
     if not tensors_path.is_file():
         raise FileNotFoundError(f"export tensors not found: {tensors_path}")
     timm_model, timm_kwargs = config.extras["timm_model"], config.extras["timm_kwargs"]
-    model = build_timm_model(timm_model, timm_kwargs)
+    try:
+        model = timm.create_model(timm_model, pretrained=False, **timm_kwargs)
+    except (RuntimeError, TypeError, ValueError, AssertionError, KeyError) as err:
+        # timm says "Unknown model" (RuntimeError) or rejects a keyword (TypeError).
+        raise ExportError(f"export config: timm cannot build {timm_model!r} with "
+                          f"{timm_kwargs} ({err})") from None
     tensors = mv.read_safetensors(tensors_path, ExportError)
     mv.check_finite(tensors, tensors_path, ExportError)
     try:
