@@ -38,6 +38,8 @@ logger = logging.getLogger(__name__)
 # Each architecture: the VisionTransformer settings that differ from ``ARCH_DEFAULTS``.
 # ``norm_eps`` is the LayerNorm epsilon; ``act_layer`` a timm activation name (None: GELU).
 ARCHS: dict[str, dict[str, Any]] = {
+    # ViT-Ti/S/B/L at patch 16: ViT-B/16 is the architecture of MRM and CXR_MAE, ViT-Ti/16
+    # serves fast CPU tests and demos.
     "vit_tiny_patch16": dict(embed_dim=192, depth=12, num_heads=3),
     "vit_small_patch16": dict(embed_dim=384, depth=12, num_heads=6),
     "vit_base_patch16": dict(embed_dim=768, depth=12, num_heads=12),
@@ -73,35 +75,35 @@ def arch_settings(arch: str) -> dict[str, Any]:
     return {**ARCH_DEFAULTS, **ARCHS[LORA_MODELS.get(arch, arch)]}
 
 
-def _build_vit(
-    arch: str,
-    num_classes: int = 1000,
-    img_size: int = 224,
-    drop_path_rate: float = 0.0,
-    global_pool: bool = True,
-    **kwargs: Any,
-) -> VisionTransformer:
-    """A timm ViT with the MAE fine-tuning layout; ``kwargs`` override the architecture."""
-    cfg = {**arch_settings(arch), **kwargs}
-    norm_layer = partial(nn.LayerNorm, eps=cfg.pop("norm_eps"))
-    model = VisionTransformer(
-        img_size=img_size,
-        norm_layer=norm_layer,
-        num_classes=num_classes,
-        # 'avg' = mean over patch tokens (cls excluded) followed by fc_norm, as MAE/MRM.
-        global_pool="avg" if global_pool else "token",
-        drop_path_rate=drop_path_rate,
-        **cfg,
-    )
-    reset_head(model)
-    return model
-
-
 def reset_head(model: VisionTransformer) -> None:
     """Re-initialise the classifier as MAE fine-tuning does: trunc_normal(std=2e-5), zero bias."""
     if isinstance(model.head, nn.Linear):
         trunc_normal_(model.head.weight, std=2e-5)
         nn.init.zeros_(model.head.bias)
+
+
+def _builder(arch: str) -> Callable[..., VisionTransformer]:
+    """The builder of architecture ``arch`` (an ``ARCHS`` name)."""
+    def build(*, num_classes: int = 1000, img_size: int = 224, drop_path_rate: float = 0.0,
+              global_pool: bool = True, **kwargs: Any) -> VisionTransformer:
+        cfg = {**arch_settings(arch), **kwargs}
+        norm_layer = partial(nn.LayerNorm, eps=cfg.pop("norm_eps"))
+        model = VisionTransformer(
+            img_size=img_size,
+            norm_layer=norm_layer,
+            num_classes=num_classes,
+            # 'avg' = mean over patch tokens (cls excluded) followed by fc_norm, as MAE/MRM.
+            global_pool="avg" if global_pool else "token",
+            drop_path_rate=drop_path_rate,
+            **cfg,
+        )
+        reset_head(model)
+        return model
+
+    build.__name__ = build.__qualname__ = arch
+    build.__doc__ = (f"timm's ViT of ARCHS[{arch!r}] with the MAE fine-tuning layout; keyword "
+                     "arguments beyond the builder's own override the architecture's settings.")
+    return build
 
 
 def _with_lora(builder: Callable[..., VisionTransformer]) -> Callable[..., VisionTransformer]:
@@ -120,30 +122,13 @@ def _with_lora(builder: Callable[..., VisionTransformer]) -> Callable[..., Visio
     return build
 
 
-def _builder(arch: str, doc: str) -> Callable[..., VisionTransformer]:
-    """The builder of one ``ARCHS`` architecture: ``_build_vit`` with its name fixed."""
-    def build(**kwargs: Any) -> VisionTransformer:
-        return _build_vit(arch, **kwargs)
-
-    build.__name__ = build.__qualname__ = arch
-    build.__doc__ = doc
-    return build
-
-
-vit_tiny_patch16 = _builder(
-    "vit_tiny_patch16", "ViT-Ti/16 (192 wide, 12 blocks): for fast CPU tests and demos.")
-vit_small_patch16 = _builder("vit_small_patch16", "ViT-S/16 (384 wide, 12 blocks).")
-vit_base_patch16 = _builder(
-    "vit_base_patch16", "ViT-B/16 (768 wide, 12 blocks): the architecture of MRM and CXR_MAE.")
-vit_large_patch16 = _builder("vit_large_patch16", "ViT-L/16 (1024 wide, 24 blocks).")
-vit_base_patch14_dinov2 = _builder(
-    "vit_base_patch14_dinov2",
-    "DINOv2 ViT-B/14 (768 wide, 12 blocks, layer scale): the architecture of RAD-DINO.")
-vit_base_patch14_reg4_dinov2 = _builder(
-    "vit_base_patch14_reg4_dinov2", "DINOv2 ViT-B/14 with 4 register tokens.")
-vit_base_patch32_clip_quickgelu = _builder(
-    "vit_base_patch32_clip_quickgelu",
-    "OpenAI CLIP ViT-B/32 image tower (pre-norm, QuickGELU): the architecture of CheXzero.")
+vit_tiny_patch16 = _builder("vit_tiny_patch16")
+vit_small_patch16 = _builder("vit_small_patch16")
+vit_base_patch16 = _builder("vit_base_patch16")
+vit_large_patch16 = _builder("vit_large_patch16")
+vit_base_patch14_dinov2 = _builder("vit_base_patch14_dinov2")
+vit_base_patch14_reg4_dinov2 = _builder("vit_base_patch14_reg4_dinov2")
+vit_base_patch32_clip_quickgelu = _builder("vit_base_patch32_clip_quickgelu")
 
 vit_tiny_patch16_lora = _with_lora(vit_tiny_patch16)
 vit_small_patch16_lora = _with_lora(vit_small_patch16)
