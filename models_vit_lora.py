@@ -505,18 +505,6 @@ def _is_lora_factor(model_key: str) -> bool:
     return model_key.rsplit(".", 1)[-1] in ("lora_A", "lora_B")
 
 
-def _refuse_adapters(state_dict: dict[str, torch.Tensor], path: str | Path) -> None:
-    """A file with trained LoRA tensors is a fine-tuned checkpoint: say what to use it with."""
-    adapters = sorted(k for k in state_dict if is_lora_key(k))
-    if adapters:
-        raise PretrainedWeightsError(
-            f"{path} holds trained LoRA tensors ({_first(adapters, 3)}): it is a fine-tuned "
-            "checkpoint, not pre-trained weights, and its adapters would be dropped here. To "
-            "continue training it use --resume <run>/checkpoint-last; to use it, predict.py "
-            "--checkpoint (or --eval --resume); --finetune takes the pre-trained file "
-            "(MRM.pth, CXR_MAE.pth, ...)")
-
-
 def _fit_pos_embed(model: nn.Module, value: torch.Tensor, want: torch.Size, report: LoadReport,
                    path: str | Path) -> torch.Tensor:
     """``pos_embed`` interpolated to the model's patch grid when only its number of positions
@@ -595,7 +583,15 @@ def load_pretrained(model: nn.Module, path: str | Path, allow_unsafe_pickle: boo
     """
     if state_dict is None:
         state_dict = extract_state_dict(read_checkpoint(path, allow_unsafe_pickle), path)
-    _refuse_adapters(state_dict, path)
+    # A file with trained LoRA tensors is a fine-tuned checkpoint: say what to use it with.
+    adapters = sorted(k for k in state_dict if is_lora_key(k))
+    if adapters:
+        raise PretrainedWeightsError(
+            f"{path} holds trained LoRA tensors ({_first(adapters, 3)}): it is a fine-tuned "
+            "checkpoint, not pre-trained weights, and its adapters would be dropped here. To "
+            "continue training it use --resume <run>/checkpoint-last; to use it, predict.py "
+            "--checkpoint (or --eval --resume); --finetune takes the pre-trained file "
+            "(MRM.pth, CXR_MAE.pth, ...)")
     fmt = weights.detect(state_dict, path)
     state, dropped = weights.convert(fmt, state_dict, path)
     report = LoadReport(path=str(path), format=fmt.name, ignored=list(dropped))
