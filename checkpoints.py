@@ -416,11 +416,6 @@ class ExportError(ToolError, ValueError):
     """An export that cannot be written, read or does not reproduce its source model."""
 
 
-def timm_model_name(model: str) -> str:
-    """timm's registered name for one of our architectures ('vit_base_patch16' -> '..._224')."""
-    return mv.TIMM_NAMES[mv.LORA_MODELS.get(model, model)]
-
-
 def merged_config(config: ModelConfig, source: str | Path | None = None) -> dict[str, Any]:
     """The export's JSON: the checkpoint's config (with every tensor in the file) and what
     timm needs to build the model (``timm_model``, ``timm_kwargs``)."""
@@ -428,7 +423,7 @@ def merged_config(config: ModelConfig, source: str | Path | None = None) -> dict
                    "global_pool": "avg" if config.global_pool else "token",
                    "img_size": config.img_size, **config.model_kwargs}
     return {**config.replace(backbone_in_file=True).to_json(), "format": MERGED_FORMAT,
-            "timm_model": timm_model_name(config.model), "timm_kwargs": timm_kwargs,
+            "timm_model": mv.TIMM_NAMES[config.model], "timm_kwargs": timm_kwargs,
             "source_checkpoint": None if source is None else str(source)}
 
 

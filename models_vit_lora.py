@@ -169,11 +169,9 @@ def _safe_globals() -> list[Any]:
     """Non-tensor objects that MAE-style checkpoints legitimately hold."""
     import numpy as np
 
-    allowed: list[Any] = [argparse.Namespace, np.dtype]
     core = getattr(np, "_core", None) or np.core  # numpy 2 renamed core -> _core
-    allowed.append(core.multiarray.scalar)
-    allowed.extend(type(np.dtype(t)) for t in ("float64", "float32", "int64", "int32", "bool"))
-    return allowed
+    return [argparse.Namespace, np.dtype, core.multiarray.scalar,
+            *(type(np.dtype(t)) for t in ("float64", "float32", "int64", "int32", "bool"))]
 
 
 # ---------------------------------------------------------------------------------------
