@@ -597,7 +597,8 @@ def load_pretrained(model: nn.Module, path: str | Path, allow_unsafe_pickle: boo
     target = {lora.canonical_name(k): k for k in model.state_dict() if not _is_lora_factor(k)}
     to_load = _match_tensors(model, state, target, report, path)
     # Every model tensor but the classifier comes from the file: none stays random.
-    backbone_missing = sorted(k for k in target if k not in state and not k.startswith(HEAD_PREFIXES))
+    backbone_missing = sorted(k for k in target
+                              if k not in state and not k.startswith(HEAD_PREFIXES))
     if backbone_missing:
         raise PretrainedWeightsError(
             f"{path}: {len(backbone_missing)} backbone tensors are missing from the file, so "

@@ -49,6 +49,7 @@ class WeightsFormat:
             of the image encoder it cannot map raises ``ConversionError``.
         norm: the ``datasets.NORM_STATS`` name of its pre-training statistics, None where
             files of this layout differ in it (then the run's ``--norm`` decides).
+        mean, std: the statistics themselves, for a layout whose values have no such name.
         read_norm: ``read_norm(weights_path)`` -> (mean, std, file) from the publisher's
             config beside the weights (e.g. transformers' preprocessor_config.json), or
             None where there is none; it overrides ``norm``.
@@ -63,6 +64,8 @@ class WeightsFormat:
     recognise: Callable[[Collection[str]], bool]
     to_timm: Callable[[StateDict], tuple[StateDict, list[str]]]
     norm: str | None = None
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
     read_norm: Callable[[Path], tuple[tuple[float, ...], tuple[float, ...], Path] | None] | None = None
     global_pool: str = "avg"
     library: str = "timm"
@@ -269,6 +272,8 @@ def _statistics(fmt: WeightsFormat, source: object) -> tuple[str | None, Any, An
 
         mean, std = NORM_STATS[fmt.norm]
         return fmt.norm, mean, std, f"the {fmt.name} format's default"
+    if fmt.mean is not None and fmt.std is not None:
+        return _norm_name(fmt.mean, fmt.std), fmt.mean, fmt.std, f"the {fmt.name} format's default"
     return None, None, None, None
 
 
