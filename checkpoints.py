@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
+import timm
 import torch
 import torch.nn as nn
 from safetensors import SafetensorError
@@ -415,11 +416,6 @@ class ExportError(ToolError, ValueError):
     """An export that cannot be written, read or does not reproduce its source model."""
 
 
-def timm_model_name(model: str) -> str:
-    """timm's registered name for one of our architectures ('vit_base_patch16' -> '..._224')."""
-    return mv.TIMM_NAMES[mv.LORA_MODELS.get(model, model)]
-
-
 def merged_config(config: ModelConfig, source: str | Path | None = None) -> dict[str, Any]:
     """The export's JSON: the checkpoint's config (with every tensor in the file) and what
     timm needs to build the model (``timm_model``, ``timm_kwargs``)."""
@@ -427,7 +423,7 @@ def merged_config(config: ModelConfig, source: str | Path | None = None) -> dict
                    "global_pool": "avg" if config.global_pool else "token",
                    "img_size": config.img_size, **config.model_kwargs}
     return {**config.replace(backbone_in_file=True).to_json(), "format": MERGED_FORMAT,
-            "timm_model": timm_model_name(config.model), "timm_kwargs": timm_kwargs,
+            "timm_model": mv.TIMM_NAMES[config.model], "timm_kwargs": timm_kwargs,
             "source_checkpoint": None if source is None else str(source)}
 
 
@@ -479,18 +475,6 @@ def is_merged_export(path: str | Path) -> bool:
         return False
 
 
-def build_timm_model(timm_model: str, timm_kwargs: dict[str, Any]) -> nn.Module:
-    """The empty timm model an export's tensors load into with ``strict=True``."""
-    import timm
-
-    try:
-        return timm.create_model(timm_model, pretrained=False, **timm_kwargs)
-    except (RuntimeError, TypeError, ValueError, AssertionError, KeyError) as err:
-        # timm says "Unknown model" (RuntimeError) or rejects a keyword (TypeError).
-        raise ExportError(f"export config: timm cannot build {timm_model!r} with "
-                          f"{timm_kwargs} ({err})") from None
-
-
 def load_merged(path: str | Path, device: str | torch.device = "cpu"
                 ) -> tuple[nn.Module, ModelConfig]:
     """Load an export into a stock timm model (strict), in eval mode; returns (model, config).
@@ -503,7 +487,12 @@ def load_merged(path: str | Path, device: str | torch.device = "cpu"
     if not tensors_path.is_file():
         raise FileNotFoundError(f"export tensors not found: {tensors_path}")
     timm_model, timm_kwargs = config.extras["timm_model"], config.extras["timm_kwargs"]
-    model = build_timm_model(timm_model, timm_kwargs)
+    try:
+        model = timm.create_model(timm_model, pretrained=False, **timm_kwargs)
+    except (RuntimeError, TypeError, ValueError, AssertionError, KeyError) as err:
+        # timm says "Unknown model" (RuntimeError) or rejects a keyword (TypeError).
+        raise ExportError(f"export config: timm cannot build {timm_model!r} with "
+                          f"{timm_kwargs} ({err})") from None
     tensors = mv.read_safetensors(tensors_path, ExportError)
     mv.check_finite(tensors, tensors_path, ExportError)
     try:

@@ -38,6 +38,8 @@ logger = logging.getLogger(__name__)
 # Each architecture: the VisionTransformer settings that differ from ``ARCH_DEFAULTS``.
 # ``norm_eps`` is the LayerNorm epsilon; ``act_layer`` a timm activation name (None: GELU).
 ARCHS: dict[str, dict[str, Any]] = {
+    # ViT-Ti/S/B/L at patch 16: ViT-B/16 is the architecture of MRM and CXR_MAE, ViT-Ti/16
+    # serves fast CPU tests and demos.
     "vit_tiny_patch16": dict(embed_dim=192, depth=12, num_heads=3),
     "vit_small_patch16": dict(embed_dim=384, depth=12, num_heads=6),
     "vit_base_patch16": dict(embed_dim=768, depth=12, num_heads=12),
@@ -73,35 +75,35 @@ def arch_settings(arch: str) -> dict[str, Any]:
     return {**ARCH_DEFAULTS, **ARCHS[LORA_MODELS.get(arch, arch)]}
 
 
-def _build_vit(
-    arch: str,
-    num_classes: int = 1000,
-    img_size: int = 224,
-    drop_path_rate: float = 0.0,
-    global_pool: bool = True,
-    **kwargs: Any,
-) -> VisionTransformer:
-    """A timm ViT with the MAE fine-tuning layout; ``kwargs`` override the architecture."""
-    cfg = {**arch_settings(arch), **kwargs}
-    norm_layer = partial(nn.LayerNorm, eps=cfg.pop("norm_eps"))
-    model = VisionTransformer(
-        img_size=img_size,
-        norm_layer=norm_layer,
-        num_classes=num_classes,
-        # 'avg' = mean over patch tokens (cls excluded) followed by fc_norm, as MAE/MRM.
-        global_pool="avg" if global_pool else "token",
-        drop_path_rate=drop_path_rate,
-        **cfg,
-    )
-    reset_head(model)
-    return model
-
-
 def reset_head(model: VisionTransformer) -> None:
     """Re-initialise the classifier as MAE fine-tuning does: trunc_normal(std=2e-5), zero bias."""
     if isinstance(model.head, nn.Linear):
         trunc_normal_(model.head.weight, std=2e-5)
         nn.init.zeros_(model.head.bias)
+
+
+def _builder(arch: str) -> Callable[..., VisionTransformer]:
+    """The builder of architecture ``arch`` (an ``ARCHS`` name)."""
+    def build(*, num_classes: int = 1000, img_size: int = 224, drop_path_rate: float = 0.0,
+              global_pool: bool = True, **kwargs: Any) -> VisionTransformer:
+        cfg = {**arch_settings(arch), **kwargs}
+        norm_layer = partial(nn.LayerNorm, eps=cfg.pop("norm_eps"))
+        model = VisionTransformer(
+            img_size=img_size,
+            norm_layer=norm_layer,
+            num_classes=num_classes,
+            # 'avg' = mean over patch tokens (cls excluded) followed by fc_norm, as MAE/MRM.
+            global_pool="avg" if global_pool else "token",
+            drop_path_rate=drop_path_rate,
+            **cfg,
+        )
+        reset_head(model)
+        return model
+
+    build.__name__ = build.__qualname__ = arch
+    build.__doc__ = (f"timm's ViT of ARCHS[{arch!r}] with the MAE fine-tuning layout; keyword "
+                     "arguments beyond the builder's own override the architecture's settings.")
+    return build
 
 
 def _with_lora(builder: Callable[..., VisionTransformer]) -> Callable[..., VisionTransformer]:
@@ -120,40 +122,13 @@ def _with_lora(builder: Callable[..., VisionTransformer]) -> Callable[..., Visio
     return build
 
 
-def vit_tiny_patch16(**kwargs: Any) -> VisionTransformer:
-    """ViT-Ti/16 (192 wide, 12 blocks): for fast CPU tests and demos."""
-    return _build_vit("vit_tiny_patch16", **kwargs)
-
-
-def vit_small_patch16(**kwargs: Any) -> VisionTransformer:
-    """ViT-S/16 (384 wide, 12 blocks)."""
-    return _build_vit("vit_small_patch16", **kwargs)
-
-
-def vit_base_patch16(**kwargs: Any) -> VisionTransformer:
-    """ViT-B/16 (768 wide, 12 blocks): the architecture of MRM and CXR_MAE."""
-    return _build_vit("vit_base_patch16", **kwargs)
-
-
-def vit_large_patch16(**kwargs: Any) -> VisionTransformer:
-    """ViT-L/16 (1024 wide, 24 blocks)."""
-    return _build_vit("vit_large_patch16", **kwargs)
-
-
-def vit_base_patch14_dinov2(**kwargs: Any) -> VisionTransformer:
-    """DINOv2 ViT-B/14 (768 wide, 12 blocks, layer scale): the architecture of RAD-DINO."""
-    return _build_vit("vit_base_patch14_dinov2", **kwargs)
-
-
-def vit_base_patch14_reg4_dinov2(**kwargs: Any) -> VisionTransformer:
-    """DINOv2 ViT-B/14 with 4 register tokens."""
-    return _build_vit("vit_base_patch14_reg4_dinov2", **kwargs)
-
-
-def vit_base_patch32_clip_quickgelu(**kwargs: Any) -> VisionTransformer:
-    """OpenAI CLIP ViT-B/32 image tower (pre-norm, QuickGELU): the architecture of CheXzero."""
-    return _build_vit("vit_base_patch32_clip_quickgelu", **kwargs)
-
+vit_tiny_patch16 = _builder("vit_tiny_patch16")
+vit_small_patch16 = _builder("vit_small_patch16")
+vit_base_patch16 = _builder("vit_base_patch16")
+vit_large_patch16 = _builder("vit_large_patch16")
+vit_base_patch14_dinov2 = _builder("vit_base_patch14_dinov2")
+vit_base_patch14_reg4_dinov2 = _builder("vit_base_patch14_reg4_dinov2")
+vit_base_patch32_clip_quickgelu = _builder("vit_base_patch32_clip_quickgelu")
 
 vit_tiny_patch16_lora = _with_lora(vit_tiny_patch16)
 vit_small_patch16_lora = _with_lora(vit_small_patch16)
@@ -194,11 +169,9 @@ def _safe_globals() -> list[Any]:
     """Non-tensor objects that MAE-style checkpoints legitimately hold."""
     import numpy as np
 
-    allowed: list[Any] = [argparse.Namespace, np.dtype]
     core = getattr(np, "_core", None) or np.core  # numpy 2 renamed core -> _core
-    allowed.append(core.multiarray.scalar)
-    allowed.extend(type(np.dtype(t)) for t in ("float64", "float32", "int64", "int32", "bool"))
-    return allowed
+    return [argparse.Namespace, np.dtype, core.multiarray.scalar,
+            *(type(np.dtype(t)) for t in ("float64", "float32", "int64", "int32", "bool"))]
 
 
 # ---------------------------------------------------------------------------------------
@@ -207,19 +180,21 @@ def _safe_globals() -> list[Any]:
 
 # torch.save's legacy (pre-1.6) format begins with this number, pickled as a LONG1.
 _TORCH_LEGACY_MAGIC = b"\x8a\x0a" + (0x1950A86A20F9469CFC6C).to_bytes(10, "little")
-# Leading bytes of files that end up under a weights file's name by mistake.
-_OTHER_MAGIC: tuple[tuple[bytes, str], ...] = (
-    (b"\x89PNG\r\n\x1a\n", "a PNG image"),
-    (b"\xff\xd8\xff", "a JPEG image"),
-    (b"GIF8", "a GIF image"),
-    (b"%PDF", "a PDF document"),
-    (b"\x1f\x8b", "a gzip archive (decompress it first)"),
-    (b"BZh", "a bzip2 archive (decompress it first)"),
-    (b"\xfd7zXZ\x00", "an xz archive (decompress it first)"),
-    (b"\x28\xb5\x2f\xfd", "a zstd archive (decompress it first)"),
-    (b"7z\xbc\xaf\x27\x1c", "a 7-Zip archive (extract it first)"),
-    (b"\x89HDF\r\n\x1a\n", "an HDF5 file (Keras / TensorFlow weights?)"),
-    (b"\x93NUMPY", "a NumPy array file"),
+# (offset, bytes there, what it is) of files that end up under a weights file's name by mistake.
+_OTHER_MAGIC: tuple[tuple[int, bytes, str], ...] = (
+    (0, b"\x89PNG\r\n\x1a\n", "a PNG image"),
+    (0, b"\xff\xd8\xff", "a JPEG image"),
+    (0, b"GIF8", "a GIF image"),
+    (0, b"%PDF", "a PDF document"),
+    (0, b"\x1f\x8b", "a gzip archive (decompress it first)"),
+    (0, b"BZh", "a bzip2 archive (decompress it first)"),
+    (0, b"\xfd7zXZ\x00", "an xz archive (decompress it first)"),
+    (0, b"\x28\xb5\x2f\xfd", "a zstd archive (decompress it first)"),
+    (0, b"7z\xbc\xaf\x27\x1c", "a 7-Zip archive (extract it first)"),
+    (0, b"\x89HDF\r\n\x1a\n", "an HDF5 file (Keras / TensorFlow weights?)"),
+    (0, b"\x93NUMPY", "a NumPy array file"),
+    (128, b"DICM", "a DICOM image"),
+    (257, b"ustar", "a tar archive (extract it first)"),
 )
 _DOWNLOAD_HINT = "(a failed download? fetch the file again)"
 
@@ -312,13 +287,9 @@ def sniff_weights_file(path: str | Path) -> FileKind:
                         damaged=True)
     if pickle_start:
         return FileKind(None, "a Python pickle not written by torch.save")
-    for magic, what in _OTHER_MAGIC:
-        if head.startswith(magic):
+    for offset, magic, what in _OTHER_MAGIC:
+        if head[offset:offset + len(magic)] == magic:
             return FileKind(None, what)
-    if head[128:132] == b"DICM":
-        return FileKind(None, "a DICOM image")
-    if head[257:262] == b"ustar":
-        return FileKind(None, "a tar archive (extract it first)")
     text = _sniff_text(head)
     if text is not None:
         return text
@@ -364,16 +335,6 @@ _SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.
                        "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
 
 
-def non_finite_tensors(tensors: dict[str, torch.Tensor]) -> list[str]:
-    """The floating-point tensors holding NaN or infinity, each with its counts."""
-    bad = []
-    for name, t in tensors.items():
-        if (t.is_floating_point() or t.is_complex()) and not bool(torch.isfinite(t).all()):
-            nan, inf = int(torch.isnan(t).sum()), int(torch.isinf(t).sum())
-            bad.append(f"{name} ({nan} NaN, {inf} inf of {t.numel()})")
-    return bad
-
-
 def check_finite(tensors: dict[str, torch.Tensor], source: str | Path,
                  error: type[Exception] = PretrainedWeightsError) -> None:
     """Raise ``error`` naming the tensors of ``source`` that hold NaN or infinity.
@@ -381,7 +342,11 @@ def check_finite(tensors: dict[str, torch.Tensor], source: str | Path,
     A model with one such weight predicts NaN for every image, which downstream reads
     as blank or negative: it must never load silently.
     """
-    bad = non_finite_tensors(tensors)
+    bad = []
+    for name, t in tensors.items():
+        if (t.is_floating_point() or t.is_complex()) and not bool(torch.isfinite(t).all()):
+            nan, inf = int(torch.isnan(t).sum()), int(torch.isinf(t).sum())
+            bad.append(f"{name} ({nan} NaN, {inf} inf of {t.numel()})")
     if bad:
         raise error(f"{source}: {len(bad)} tensor{'s hold' if len(bad) > 1 else ' holds'} NaN "
                     f"or infinite values, so the model cannot predict: {_first(bad, 3)} (a "
@@ -436,20 +401,18 @@ def load_torch_file(path: str | Path, error: type[Exception] = PretrainedWeights
                 return torch.load(f, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
         reason, refused_global = _pickle_reason(err)
-        if not refused_global:
-            raise error(f"{path}: damaged {kind.description} ({reason}); download or copy it "
-                        "again") from None
-        raise error(
-            f"{path}: refused to unpickle: the file holds objects beyond tensors and plain "
-            f"data ({reason}). Loading it could run code. {refused_advice}") from None
+        if refused_global:
+            raise error(
+                f"{path}: refused to unpickle: the file holds objects beyond tensors and plain "
+                f"data ({reason}). Loading it could run code. {refused_advice}") from None
     except EOFError:
         raise error(f"{path}: truncated {kind.description} (it ends early; an interrupted "
                     "download or copy?)") from None
     except (RuntimeError, ValueError, KeyError, IndexError, OSError) as err:
         text = str(err).strip()
         reason = text.splitlines()[0][:200] if text else type(err).__name__
-        raise error(f"{path}: damaged {kind.description} ({reason}); download or copy it "
-                    "again") from None
+    # Reached from the two handlers above that set ``reason``: a damaged torch file.
+    raise error(f"{path}: damaged {kind.description} ({reason}); download or copy it again")
 
 
 def read_checkpoint(path: str | Path, allow_unsafe_pickle: bool = False,
@@ -458,10 +421,9 @@ def read_checkpoint(path: str | Path, allow_unsafe_pickle: bool = False,
 
     Returns the top-level object (a dict). The format is taken from the file's first
     bytes, not its name: anything else (an HTML page, an image, an empty or cut-off
-    file) is refused with what it looks like. Pickled files are read with
-    ``weights_only=True`` and an allow-list (argparse.Namespace, numpy scalars); any other
-    global is refused unless ``allow_unsafe_pickle`` is set, which runs arbitrary code.
-    With ``device`` "meta" the tensors carry their shapes and dtypes only (nothing else read).
+    file) is refused with what it looks like. Pickled files are read as ``load_torch_file``
+    reads them (``allow_unsafe_pickle`` runs arbitrary code). With ``device`` "meta" the
+    tensors carry their shapes and dtypes only (nothing else read).
     """
     path = Path(path)
     if not path.is_file():
@@ -541,18 +503,6 @@ def _is_lora_factor(model_key: str) -> bool:
     return model_key.rsplit(".", 1)[-1] in ("lora_A", "lora_B")
 
 
-def _refuse_adapters(state_dict: dict[str, torch.Tensor], path: str | Path) -> None:
-    """A file with trained LoRA tensors is a fine-tuned checkpoint: say what to use it with."""
-    adapters = sorted(k for k in state_dict if is_lora_key(k))
-    if adapters:
-        raise PretrainedWeightsError(
-            f"{path} holds trained LoRA tensors ({_first(adapters, 3)}): it is a fine-tuned "
-            "checkpoint, not pre-trained weights, and its adapters would be dropped here. To "
-            "continue training it use --resume <run>/checkpoint-last; to use it, predict.py "
-            "--checkpoint (or --eval --resume); --finetune takes the pre-trained file "
-            "(MRM.pth, CXR_MAE.pth, ...)")
-
-
 def _fit_pos_embed(model: nn.Module, value: torch.Tensor, want: torch.Size, report: LoadReport,
                    path: str | Path) -> torch.Tensor:
     """``pos_embed`` interpolated to the model's patch grid when only its number of positions
@@ -606,41 +556,9 @@ def _match_tensors(model: nn.Module, state: dict[str, torch.Tensor], target: dic
     return to_load
 
 
-def _check_backbone_covered(target: dict[str, str], state: dict[str, torch.Tensor],
-                            path: str | Path) -> None:
-    """Every model tensor but the classifier comes from the file: none stays random."""
-    backbone_missing = sorted(k for k in target if k not in state and not k.startswith(HEAD_PREFIXES))
-    if backbone_missing:
-        raise PretrainedWeightsError(
-            f"{path}: {len(backbone_missing)} backbone tensors are missing from the file, so "
-            f"part of the ViT would stay random: {_first(backbone_missing)}. Is this a "
-            "ViT encoder checkpoint of the same architecture?")
-
-
 # Encoder tensors a model may leave unused: the final norm, replaced by fc_norm when the
 # model pools the patch tokens (MAE's fine-tuning).
 UNUSED_OK_PREFIXES = ("norm.",)
-
-
-def _refuse_stray_tensors(report: LoadReport, path: str | Path) -> None:
-    """A file tensor the model has no place for (a register, layer scale, pre-norm of another
-    architecture) would be silently lost: refuse it, naming the keys."""
-    stray = [k for k in report.unexpected if not k.startswith(HEAD_PREFIXES + UNUSED_OK_PREFIXES)]
-    if stray:
-        raise PretrainedWeightsError(
-            f"{path}: {len(stray)} backbone tensors of the file have no place in the model, so "
-            f"they would be lost: {_first(stray)}. Is the --model the file's architecture?")
-
-
-def _copy_into(model: nn.Module, to_load: dict[str, torch.Tensor], report: LoadReport) -> None:
-    """Copy the checked tensors; what the model still lacks must be its classifier alone."""
-    result = model.load_state_dict(to_load, strict=False)
-    loaded_missing = sorted(lora.canonical_name(k) for k in result.missing_keys
-                            if not _is_lora_factor(k))
-    assert not result.unexpected_keys, f"unexpected keys after mapping: {result.unexpected_keys}"
-    assert all(k.startswith(HEAD_PREFIXES) for k in loaded_missing), loaded_missing
-    report.missing = loaded_missing
-    report.matched = sorted(lora.canonical_name(k) for k in to_load)
 
 
 def load_pretrained(model: nn.Module, path: str | Path, allow_unsafe_pickle: bool = False,
@@ -663,18 +581,45 @@ def load_pretrained(model: nn.Module, path: str | Path, allow_unsafe_pickle: boo
     """
     if state_dict is None:
         state_dict = extract_state_dict(read_checkpoint(path, allow_unsafe_pickle), path)
-    _refuse_adapters(state_dict, path)
+    # A file with trained LoRA tensors is a fine-tuned checkpoint: say what to use it with.
+    adapters = sorted(k for k in state_dict if is_lora_key(k))
+    if adapters:
+        raise PretrainedWeightsError(
+            f"{path} holds trained LoRA tensors ({_first(adapters, 3)}): it is a fine-tuned "
+            "checkpoint, not pre-trained weights, and its adapters would be dropped here. To "
+            "continue training it use --resume <run>/checkpoint-last; to use it, predict.py "
+            "--checkpoint (or --eval --resume); --finetune takes the pre-trained file "
+            "(MRM.pth, CXR_MAE.pth, ...)")
     fmt = weights.detect(state_dict, path)
     state, dropped = weights.convert(fmt, state_dict, path)
     report = LoadReport(path=str(path), format=fmt.name, ignored=list(dropped))
     # The model's tensors by their plain-model name, mapped to the name they carry here.
     target = {lora.canonical_name(k): k for k in model.state_dict() if not _is_lora_factor(k)}
     to_load = _match_tensors(model, state, target, report, path)
-    _check_backbone_covered(target, state, path)
-    _refuse_stray_tensors(report, path)
+    # Every model tensor but the classifier comes from the file: none stays random.
+    backbone_missing = sorted(k for k in target
+                              if k not in state and not k.startswith(HEAD_PREFIXES))
+    if backbone_missing:
+        raise PretrainedWeightsError(
+            f"{path}: {len(backbone_missing)} backbone tensors are missing from the file, so "
+            f"part of the ViT would stay random: {_first(backbone_missing)}. Is this a "
+            "ViT encoder checkpoint of the same architecture?")
+    # A file tensor the model has no place for (a register, layer scale, pre-norm of another
+    # architecture) would be silently lost.
+    stray = [k for k in report.unexpected if not k.startswith(HEAD_PREFIXES + UNUSED_OK_PREFIXES)]
+    if stray:
+        raise PretrainedWeightsError(
+            f"{path}: {len(stray)} backbone tensors of the file have no place in the model, so "
+            f"they would be lost: {_first(stray)}. Is the --model the file's architecture?")
     # Checked once here, before anything is copied: every later use trusts these weights.
     check_finite(to_load, path)
-    _copy_into(model, to_load, report)
+    result = model.load_state_dict(to_load, strict=False)
+    # What the model still lacks must be its classifier alone.
+    report.missing = sorted(lora.canonical_name(k) for k in result.missing_keys
+                            if not _is_lora_factor(k))
+    assert not result.unexpected_keys, f"unexpected keys after mapping: {result.unexpected_keys}"
+    assert all(k.startswith(HEAD_PREFIXES) for k in report.missing), report.missing
+    report.matched = sorted(lora.canonical_name(k) for k in to_load)
     if "head.weight" in report.missing or report.head_reinitialised:
         reset_head(model)
     if report.unexpected:

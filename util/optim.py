@@ -42,10 +42,9 @@ def param_groups_lrd(model: nn.Module, weight_decay: float = 0.05,
         key = f"layer_{lid}_{'no_decay' if no_decay else 'decay'}"
         if factor != 1:
             key += f"_x{factor:g}"
-        group = groups.setdefault(key, {"params": [], "names": [], "lr_scale": scales[lid] * factor,
+        group = groups.setdefault(key, {"params": [], "lr_scale": scales[lid] * factor,
                                         "weight_decay": 0.0 if no_decay else weight_decay})
         group["params"].append(param)
-        group["names"].append(name)
     return list(groups.values())
 
 
@@ -82,10 +81,8 @@ def build_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float,
                                    weight_decay=weight_decay)
         return torch.optim.SGD(groups, lr=lr, momentum=0.9, weight_decay=weight_decay)
     if name == "adamw":
-        groups = param_groups_lrd(model, weight_decay, layer_decay, lr_scale)
-        for g in groups:
-            g.pop("names")
-        return torch.optim.AdamW(groups, lr=lr)
+        return torch.optim.AdamW(param_groups_lrd(model, weight_decay, layer_decay, lr_scale),
+                                 lr=lr)
     raise ValueError(f"unknown optimizer {name!r}: choose 'sgd' or 'adamw'")
 
 

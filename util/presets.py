@@ -78,19 +78,14 @@ _FULL_PUBLISHED = ("nih", 1)  # the one setting the scripts above were written f
 _WEIGHT_NAMES = {"mrm": "MRM", "cxr_mae": "CXR_MAE"}
 
 
-def _lora_presets() -> dict[str, dict[str, Any]]:
-    presets = {}
-    for (dataset, pct), (lr, rank) in _MRM.items():
-        presets[f"{dataset}-{pct}-mrm"] = dict(_MRM_COMMON, lr=lr, lora_rank=rank,
-                                               dataset=dataset, data_size=f"{pct}%")
-    for (dataset, pct), (epochs, blr, rank) in _MAE.items():
-        presets[f"{dataset}-{pct}-cxr_mae"] = dict(_MAE_COMMON, epochs=epochs, blr=blr, lr=None,
-                                                   lora_rank=rank, dataset=dataset,
-                                                   data_size=f"{pct}%")
-    return presets
-
-
-PRESETS: dict[str, dict[str, Any]] = _lora_presets()
+PRESETS: dict[str, dict[str, Any]] = {
+    **{f"{dataset}-{pct}-mrm": dict(_MRM_COMMON, lr=lr, lora_rank=rank, dataset=dataset,
+                                    data_size=f"{pct}%")
+       for (dataset, pct), (lr, rank) in _MRM.items()},
+    **{f"{dataset}-{pct}-cxr_mae": dict(_MAE_COMMON, epochs=epochs, blr=blr, lr=None,
+                                        lora_rank=rank, dataset=dataset, data_size=f"{pct}%")
+       for (dataset, pct), (epochs, blr, rank) in _MAE.items()},
+}
 
 
 def _split_name(name: str) -> tuple[str, int, str]:

@@ -26,7 +26,6 @@ import torch
 from util.cli import ToolError
 
 StateDict = dict[str, torch.Tensor]
-Stats = tuple[tuple[float, ...], tuple[float, ...]]
 
 
 class PretrainedWeightsError(ToolError, ValueError):
