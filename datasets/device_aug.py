@@ -57,30 +57,21 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms import RandomResizedCrop
 from torchvision.transforms import functional as TF
 
-from .transforms import AUG_FILLS, ERASE_MODES, RECIPES, norm_stats, rand_augment_fill_mean
+from .transforms import (AUG_FILLS, ERASE_MODES, RECIPES, XrayTransform, norm_stats,
+                         rand_augment_fill_mean)
 
 CropParams = tuple[int, int, int, int, bool]  # top, left, height, width, flip
 
 
-class Uint8RandomResizedCrop(T.Compose):
-    """Per-image loader step of ``--device_aug`` training: the recipe's own random resized
-    crop step (torchvision's for sgd, timm's for adamw: the same random draws as the CPU
-    recipe), from the full-resolution grey image, then a 1 x S x S uint8 tensor. The batch
-    transform built with ``crop=False`` does the rest on the device.
+def build_uint8_crop_transform(recipe: str = "sgd", input_size: int = 224) -> XrayTransform:
+    """The loader-side transform of ``--device_aug`` training, paired with
+    ``build_device_augment(recipe, ..., crop=False)``: the recipe's own random resized crop
+    step (torchvision's for sgd, timm's for adamw: the same random draws as the CPU recipe),
+    from the full-resolution grey image, then a 1 x S x S uint8 tensor.
 
-    A Compose of [crop, PILToTensor], so the data set reads only the crop's rows from the
+    Its steps are [crop, PILToTensor], so the data set reads only the crop's rows from the
     exact image cache and resizes them natively, as for the CPU recipe.
     """
-
-    grey_input = True  # ChestXrayDataset passes 'L' images to transforms carrying this flag
-
-    def __init__(self, crop: Callable[[Image.Image], Image.Image]) -> None:
-        super().__init__([crop, T.PILToTensor()])
-
-
-def build_uint8_crop_transform(recipe: str = "sgd", input_size: int = 224) -> Uint8RandomResizedCrop:
-    """The loader-side transform of ``--device_aug`` training, paired with
-    ``build_device_augment(recipe, ..., crop=False)``: the crop step of ``build_transform``."""
     # The steps and crop types the data set plans the cache's crop path by: one rule for both.
     from .chestxray import _flatten, _random_resized_crops
     from .transforms import build_transform
@@ -89,7 +80,7 @@ def build_uint8_crop_transform(recipe: str = "sgd", input_size: int = 224) -> Ui
     crop = next((s for s in _flatten(cpu) if isinstance(s, _random_resized_crops())), None)
     if crop is None:
         raise ValueError(f"recipe={recipe!r}: its train transform has no random resized crop")
-    return Uint8RandomResizedCrop(crop)
+    return XrayTransform([crop, T.PILToTensor()])
 
 
 class DeviceAugment(nn.Module):
@@ -100,7 +91,7 @@ class DeviceAugment(nn.Module):
         norm: normalisation statistics name ('mrm', 'cxr_mae', 'imagenet').
         scale: crop area range (torchvision's default, as the paper's recipe).
         ratio: crop aspect-ratio range.
-        crop: False when the loader already cropped (``Uint8RandomResizedCrop``): the batch
+        crop: False when the loader already cropped (``build_uint8_crop_transform``): the batch
             must be input_size square, and only the flip and normalisation run here.
     """
 

@@ -150,11 +150,6 @@ def locate_split_file(
     )
 
 
-def read_class_names(folders: list[Path]) -> list[str] | None:
-    """Class names from the first `classes.txt` (one name a line) found in `folders`."""
-    return split_class_names("custom", folders)[0]
-
-
 def split_class_names(kind: str, folders: list[Path]) -> tuple[list[str] | None, Path | None]:
     """(class names, the classes.txt they came from) of a split of ``kind``: a known kind's
     fixed names (no file), else those of the first `classes.txt` in ``folders`` (one name a
