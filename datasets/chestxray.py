@@ -238,19 +238,16 @@ class ChestXrayDataset(Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         plan = _plan(self.transform)
-        if plan is not None and self.eval_cache is not None and plan.prefix and \
-                self.eval_cache.steps == plan.prefix_steps:
+        if plan is None:
+            image = to_float_tensor(self.load_image(index))
+        elif (self.eval_cache is not None and plan.prefix
+              and self.eval_cache.steps == plan.prefix_steps):
             image = _apply(plan.steps[plan.prefix:], self.eval_cache.get(index))
-        elif plan is not None and self.cache is not None and plan.crop_at is not None:
-            image = self._resized_crop(index, plan)
+        elif plan.crop_at is not None:  # from the cache, only the crop's rows are read
+            image = self._resized_crop(index, plan,
+                                       None if self.cache is not None else self.load_image(index))
         else:
-            img = self.load_image(index)
-            if self.transform is None:
-                image = to_float_tensor(img)
-            elif plan is not None and plan.crop_at is not None:
-                image = self._resized_crop(index, plan, img)
-            else:
-                image = apply_transform(self.transform, img)
+            image = apply_transform(self.transform, self.load_image(index))
         target = torch.from_numpy(self.targets[index].astype(np.float32))
         return image, target
 
@@ -298,14 +295,8 @@ def _read_cache(mode: str, cache_dir: Path | None, data_path: Path, cache_size: 
         return None
 
 
-def _open_cache(
-    mode: str,
-    cache_dir: Path | None,
-    data_path: Path,
-    split_file: Path,
-    cache_size: int | None,
-    dicom_scaling: str,
-) -> ImageCache | None:
+def _open_cache(mode: str, cache_dir: Path | None, data_path: Path, split_file: Path,
+                cache_size: int | None, dicom_scaling: str) -> ImageCache | None:
     """The cache to read `split_file` from, None to read originals; raises if mode 'on' / 'lossy' cannot be met.
 
     Mode 'auto' reads no cache where there is none (silently) or where it cannot serve this
@@ -352,14 +343,6 @@ def _unless_originals_changed(cache: ImageCache, mode: str, table: SplitTable, f
         raise _stale_error(cache.cache_dir, split_file, reason, REBUILD_HINT)
     logger.warning("ignoring stale cache %s: %s (reading the original images)", cache.cache_dir, reason)
     return None
-
-
-def _verify_mode(verify_images: bool | str | None) -> str:
-    """'none', 'header' or 'full' from the verify_images argument (True: 'full')."""
-    mode = {True: "full", False: "none", None: "none"}.get(verify_images, verify_images)  # type: ignore[arg-type]
-    if mode not in VERIFY_MODES:
-        raise ValueError(f"verify_images={verify_images!r}: expected one of {list(VERIFY_MODES)} (or True / False)")
-    return mode  # type: ignore[return-value]
 
 
 def _read_split(split: str, data_path: Path, data_size: str, split_dir: str | Path | None,
@@ -478,7 +461,11 @@ def build_dataset(
     """
     mode = {True: "on", False: "off"}.get(cache, cache) if isinstance(cache, bool) else cache
     check_cache_options(mode, cache_size)
-    verify = _verify_mode(verify_images)
+    verify_modes = {True: "full", False: "none", None: "none"}
+    verify = verify_modes.get(verify_images, verify_images)  # type: ignore[arg-type]
+    if verify not in VERIFY_MODES:
+        raise ValueError(f"verify_images={verify_images!r}: expected one of {list(VERIFY_MODES)} "
+                         f"(or True / False)")
     data_path, kind = resolve_data_path(data_path, dataset)
     scaling = dicom_scaling_for(kind, dicom_scaling)
     split_file, table, class_names = _read_split(split, data_path, data_size, split_dir, kind)
