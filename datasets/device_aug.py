@@ -424,12 +424,15 @@ class OpSpec:
     magnitude_max: float
 
 
-def parse_rand_augment(aa: str, input_size: int, fill: tuple[int, ...]
+def parse_rand_augment(aa: str | None, input_size: int, fill: tuple[int, ...]
                        ) -> tuple[list[OpSpec], int, torch.Tensor | None, dict]:
-    """timm's own reading of a RandAugment string: (ops, ops per image, choice weights, hparams).
+    """timm's own reading of a RandAugment string: (ops, ops per image, choice weights, hparams);
+    no ops for None or ''.
 
     The hparams are those ``create_transform`` passes (translate_const, the fill, bicubic).
     """
+    if not aa:
+        return [], 0, None, {}
     from timm.data.auto_augment import rand_augment_transform
 
     if not aa.startswith("rand"):
@@ -496,11 +499,8 @@ class DeviceRandAugment(nn.Module):
         self.channels = 1 if r == g == b else 2 if g == b else 3
         fill = self.fill_rgb[:self.channels]
         self.register_buffer("fill", torch.tensor(fill, dtype=torch.uint8), persistent=False)
-        self.ops: list[OpSpec] = []
-        self.layers, self.choice_weights, self.hparams = 0, None, {}
-        if aa:
-            self.ops, self.layers, self.choice_weights, self.hparams = parse_rand_augment(
-                aa, input_size, given)
+        self.ops, self.layers, self.choice_weights, self.hparams = parse_rand_augment(
+            aa, input_size, given)
 
     # -- random parameters (global CPU generator) ---------------------------------------
     def op_params(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:

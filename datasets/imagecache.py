@@ -466,13 +466,6 @@ class _IndexRows:
         self.dicom_images = 0
         self.bytes = 0
 
-    def add(self, i: int, pixels: bytes, height: int, width: int, dicom: bool) -> None:
-        """Record image `i`, whose pixels were just appended to the pixel file."""
-        self.checksums.update(pixels)
-        self.offsets[i], self.heights[i], self.widths[i] = self.bytes, height, width
-        self.bytes += height * width
-        self.dicom_images += dicom
-
     def save(self, f: BinaryIO) -> None:
         """Write the index (.npz) to the open file `f`."""
         np.savez(f, format=np.int64(CACHE_FORMAT), paths=np.asarray(self.paths, dtype=str), offsets=self.offsets,
@@ -501,7 +494,10 @@ def _write_pixels(data_file: Path, jobs: list[tuple[int, str, int | None, str]],
                     rows.bad[paths[i]] = entry.reason
                     continue
                 f.write(pixels)
-                rows.add(i, pixels, h, w, dicom)
+                rows.checksums.update(pixels)
+                rows.offsets[i], rows.heights[i], rows.widths[i] = rows.bytes, h, w
+                rows.bytes += h * w
+                rows.dicom_images += dicom
                 if done % 5000 == 0:
                     logger.info("cached %d / %d images (%.0f/s)", done, n,
                                 done / (time.perf_counter() - start))
