@@ -107,16 +107,15 @@ class DeviceAugment(nn.Module):
 
     def crop_params(self, height: int, width: int, n: int) -> list[CropParams]:
         """(top, left, h, w, flip) per image, drawn from the global torch generator."""
-        if not self.crop:
-            if (height, width) != (self.input_size, self.input_size):
-                raise ValueError(f"{type(self).__name__}(crop=False) expects {self.input_size} px "
-                                 f"square crops from the loader, got {height} x {width}")
-            return [(0, 0, height, width, bool(torch.rand(()) < 0.5)) for _ in range(n)]
+        if not self.crop and (height, width) != (self.input_size, self.input_size):
+            raise ValueError(f"{type(self).__name__}(crop=False) expects {self.input_size} px "
+                             f"square crops from the loader, got {height} x {width}")
         probe = torch.empty(1, height, width)  # get_params only reads the size
         params = []
         for _ in range(n):
-            top, left, h, w = RandomResizedCrop.get_params(probe, list(self.scale), list(self.ratio))
-            params.append((top, left, h, w, bool(torch.rand(()) < 0.5)))
+            box = (RandomResizedCrop.get_params(probe, list(self.scale), list(self.ratio))
+                   if self.crop else (0, 0, height, width))
+            params.append((*box, bool(torch.rand(()) < 0.5)))
         return params
 
     def resized_crops(self, batch: torch.Tensor, params: list[CropParams]) -> torch.Tensor:
@@ -494,10 +493,9 @@ class DeviceRandAugment(nn.Module):
         self.input_size, self.reprob, self.remode, self.recount = input_size, reprob, remode, recount
         # timm's fill: round(255 * mean) per given channel; Pillow pads a short colour with 0.
         given = tuple(min(255, round(255 * m)) for m in rand_augment_fill_mean(mean, aug_fill))
-        self.fill_rgb = (given + (0, 0, 0))[:3]
-        r, g, b = self.fill_rgb
+        r, g, b = (given + (0, 0, 0))[:3]
         self.channels = 1 if r == g == b else 2 if g == b else 3
-        fill = self.fill_rgb[:self.channels]
+        fill = (r, g, b)[:self.channels]
         self.register_buffer("fill", torch.tensor(fill, dtype=torch.uint8), persistent=False)
         self.ops, self.layers, self.choice_weights, self.hparams = parse_rand_augment(
             aa, input_size, given)

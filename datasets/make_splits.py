@@ -28,7 +28,7 @@ import numpy as np
 import pandas as pd
 
 from .constants import CLASS_NAMES
-from .splits import SUBSETS, nested_subsets, write_split_file  # noqa: F401  (re-exported)
+from .splits import nested_subsets, write_split_file
 from util import cli
 from util.cli import ToolError
 

@@ -185,8 +185,7 @@ def _write_demo(root: Path, num_images: int, image_size: int, seed: int, images_
     test_p, val_p = set(order[:n_eval]), set(order[n_eval:2 * n_eval])
     split_of = np.array(["test" if p in test_p else "val" if p in val_p else "train" for p in patients])
     idx = {s: np.flatnonzero(split_of == s) for s in ("train", "val", "test")}
-    n_train = len(idx["train"])
-    subsets = nested_subsets(n_train, rng, MIN_SUBSET)
+    subsets = nested_subsets(len(idx["train"]), rng, MIN_SUBSET)
     files = {"train_list.txt": idx["train"],
              **{name: idx["train"][rows] for name, rows in subsets.items()},
              "val_list.txt": idx["val"], "test_list.txt": idx["test"]}
