@@ -253,16 +253,15 @@ class ImageCache:
         suspects: dict[int, str] = {}
         for path, file in zip(paths, files):
             i = self.row[path]
-            try:
-                st = os.stat(file)
-            except OSError:
+            size, *stat = _fingerprint(file)
+            if size < 0:
                 continue
             recorded = int(self.src_bytes[i])
             if recorded < 0:
                 changed[i] = (file, "was missing when the cache was built and now exists" + self._bad_note(path))
-            elif st.st_size != recorded:
-                changed[i] = (file, f"changed size ({recorded} -> {st.st_size} bytes){self._bad_note(path)}")
-            elif (st.st_mtime_ns, st.st_ctime_ns, st.st_ino) != tuple(self.src_stat[i]):
+            elif size != recorded:
+                changed[i] = (file, f"changed size ({recorded} -> {size} bytes){self._bad_note(path)}")
+            elif tuple(stat) != tuple(self.src_stat[i]):
                 suspects[i] = file
         if suspects:
             start = time.perf_counter()
