@@ -271,14 +271,22 @@ def _stale_error(cache_dir: Path, split_file: Path, reason: str, rebuild: str) -
     return CacheError(f"cache {cache_dir} is stale for {split_file}: {reason}; {rebuild}")
 
 
-def _read_cache(mode: str, cache_dir: Path | None, data_path: Path, cache_size: int | None) -> ImageCache | None:
-    """The cache `mode` reads (default folder unless `cache_dir`), None where 'auto' finds none or cannot open it."""
+def _open_cache(mode: str, cache_dir: Path | None, data_path: Path, split_file: Path,
+                cache_size: int | None, dicom_scaling: str) -> ImageCache | None:
+    """The cache to read `split_file` from (default folder unless `cache_dir`), None to read
+    originals; raises if mode 'on' / 'lossy' cannot be met.
+
+    Mode 'auto' reads no cache where there is none (silently) or where it cannot serve this
+    split (with a warning saying why: another format, damaged, stale, lossy).
+    """
+    if mode == "off":
+        return None
     try:
         if cache_dir is None:
             cache_dir = find_lossy_cache_dir(data_path, cache_size) if mode == "lossy" else default_cache_dir(data_path)
         if mode == "auto" and not (cache_dir / "meta.json").is_file():
             return None  # no cache: the files, as asked
-        return ImageCache(cache_dir)
+        cache = ImageCache(cache_dir)
     except CacheError as err:
         if mode in _REQUIRED:
             if cache_dir is not None and (cache_dir / "meta.json").is_file():
@@ -286,20 +294,6 @@ def _read_cache(mode: str, cache_dir: Path | None, data_path: Path, cache_size: 
             raise CacheError(f"{err}; build it with `python -m datasets.cache --data_path {data_path}`"
                              + (" --size N" if mode == "lossy" else "")) from err
         logger.warning("not using the cache: %s (reading the original images)", err)
-        return None
-
-
-def _open_cache(mode: str, cache_dir: Path | None, data_path: Path, split_file: Path,
-                cache_size: int | None, dicom_scaling: str) -> ImageCache | None:
-    """The cache to read `split_file` from, None to read originals; raises if mode 'on' / 'lossy' cannot be met.
-
-    Mode 'auto' reads no cache where there is none (silently) or where it cannot serve this
-    split (with a warning saying why: another format, damaged, stale, lossy).
-    """
-    if mode == "off":
-        return None
-    cache = _read_cache(mode, cache_dir, data_path, cache_size)
-    if cache is None:
         return None
     if mode == "lossy" and cache.exact:
         raise CacheError(f"cache {cache.cache_dir} is exact, not lossy: read it with --cache on")
