@@ -510,7 +510,7 @@ class _BuildFiles:
     """The files one build writes in `out`, each first under its name + '.tmp' and renamed when whole."""
 
     def __init__(self, out: Path, build_id: str) -> None:
-        self.out, self.build_id = out, build_id
+        self.build_id = build_id
         self.data = out / f"images-{build_id}.u8"
         self.index = out / f"index-{build_id}.npz"
         self.meta = out / _META

@@ -28,10 +28,7 @@ CLASSES_FILE = "classes.txt"
 # Substrings of a data folder's name -> kind (case-insensitive); a name that matches two
 # kinds is refused rather than guessed.
 _KIND_PATTERNS: tuple[tuple[str, str], ...] = (
-    ("nih", "nih"),
-    ("chestx-ray14", "nih"),
-    ("chestxray", "nih"),
-    ("chexpert", "chexpert"),
+    ("nih", "nih"), ("chestx-ray14", "nih"), ("chestxray", "nih"), ("chexpert", "chexpert"),
     ("rsna", "rsna"),
 )
 
