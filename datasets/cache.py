@@ -26,9 +26,10 @@ logger = logging.getLogger(__name__)
 
 
 def build_eval_caches(data_path: str, dataset: str | None, split_dir: str | None, input_size: int,
-                      recipes: list[str], lossy: bool, cache_dir: str | None, cache_size: int | None,
+                      recipes: list[str], cache_dir: str | None, cache_size: int | None,
                       dicom_scaling: str | None) -> None:
-    """Store the evaluation transform's output of the val and test splits for each recipe."""
+    """Store the evaluation transform's output of the val and test splits for each recipe, in the
+    exact cache, or in the lossy cache of `cache_size`."""
     from .chestxray import build_dataset
     from .splits import find_split_dir
     from .transforms import build_transform
@@ -40,8 +41,8 @@ def build_eval_caches(data_path: str, dataset: str | None, split_dir: str | None
             if folder is None or not (folder / name).is_file():
                 continue
             ds = build_dataset(split, data_path, dataset=dataset, transform=transform, split_dir=split_dir,
-                               cache="lossy" if lossy else "on", cache_dir=cache_dir, skip_bad=True,
-                               cache_size=cache_size, dicom_scaling=dicom_scaling)
+                               cache="on" if cache_size is None else "lossy", cache_dir=cache_dir,
+                               skip_bad=True, cache_size=cache_size, dicom_scaling=dicom_scaling)
             logger.info("%s %s (%s, %d px): %s", split, name, recipe, input_size,
                         ds.eval_cache.name if ds.eval_cache else "no evaluation cache")
 
@@ -87,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
                       args.cache_dir, args.workers, args.skip_bad, args.dicom_scaling)
     if args.eval_input_size:
         build_eval_caches(args.data_path, args.dataset, args.split_dir, args.eval_input_size, args.eval_recipes,
-                          args.size is not None, args.cache_dir, args.size, args.dicom_scaling)
+                          args.cache_dir, args.size, args.dicom_scaling)
     kind = "exact" if args.size is None else f"LOSSY (shorter side {args.size}; read only with --cache lossy)"
     print(f"{kind} cache written to {out}")
     return 0

@@ -109,13 +109,6 @@ def _plan(transform: Callable | None) -> _Plan | None:
     return _Plan(steps, crop_at, prefix)
 
 
-def _apply(steps: list[Callable], img: Image.Image | torch.Tensor) -> torch.Tensor:
-    """Apply steps in order, as Compose does."""
-    for step in steps:
-        img = step(img)
-    return img  # type: ignore[return-value]
-
-
 @dataclass(eq=False, repr=False)
 class ChestXrayDataset(Dataset):
     """Images and K-label targets of one split file; items are ``(image, float target of K)``.
@@ -231,26 +224,24 @@ class ChestXrayDataset(Dataset):
         if plan.crop_at == 0 and filter_ is not None:
             img = Image.fromarray(resize_grey(region, size, filter_), mode="L")
         else:
-            img = _apply(plan.steps[: plan.crop_at], Image.fromarray(np.ascontiguousarray(region), mode="L"))
+            img = Image.fromarray(np.ascontiguousarray(region), mode="L")
+            img = T.Compose(plan.steps[: plan.crop_at])(img)
             # resized_crop = crop + resize; the region already is the crop, so only the resize is left.
             img = TF.resize(img, list(size), interpolation, antialias=getattr(crop, "antialias", True))
-        return _apply(plan.steps[plan.crop_at + 1:], img)
+        return T.Compose(plan.steps[plan.crop_at + 1:])(img)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         plan = _plan(self.transform)
-        if plan is not None and self.eval_cache is not None and plan.prefix and \
-                self.eval_cache.steps == plan.prefix_steps:
-            image = _apply(plan.steps[plan.prefix:], self.eval_cache.get(index))
-        elif plan is not None and self.cache is not None and plan.crop_at is not None:
-            image = self._resized_crop(index, plan)
+        if plan is None:
+            image = to_float_tensor(self.load_image(index))
+        elif (self.eval_cache is not None and plan.prefix
+              and self.eval_cache.steps == plan.prefix_steps):
+            image = T.Compose(plan.steps[plan.prefix:])(self.eval_cache.get(index))
+        elif plan.crop_at is not None:  # from the cache, only the crop's rows are read
+            image = self._resized_crop(index, plan,
+                                       None if self.cache is not None else self.load_image(index))
         else:
-            img = self.load_image(index)
-            if self.transform is None:
-                image = to_float_tensor(img)
-            elif plan is not None and plan.crop_at is not None:
-                image = self._resized_crop(index, plan, img)
-            else:
-                image = apply_transform(self.transform, img)
+            image = apply_transform(self.transform, self.load_image(index))
         target = torch.from_numpy(self.targets[index].astype(np.float32))
         return image, target
 
@@ -280,14 +271,22 @@ def _stale_error(cache_dir: Path, split_file: Path, reason: str, rebuild: str) -
     return CacheError(f"cache {cache_dir} is stale for {split_file}: {reason}; {rebuild}")
 
 
-def _read_cache(mode: str, cache_dir: Path | None, data_path: Path, cache_size: int | None) -> ImageCache | None:
-    """The cache `mode` reads (default folder unless `cache_dir`), None where 'auto' finds none or cannot open it."""
+def _open_cache(mode: str, cache_dir: Path | None, data_path: Path, split_file: Path,
+                cache_size: int | None, dicom_scaling: str) -> ImageCache | None:
+    """The cache to read `split_file` from (default folder unless `cache_dir`), None to read
+    originals; raises if mode 'on' / 'lossy' cannot be met.
+
+    Mode 'auto' reads no cache where there is none (silently) or where it cannot serve this
+    split (with a warning saying why: another format, damaged, stale, lossy).
+    """
+    if mode == "off":
+        return None
     try:
         if cache_dir is None:
             cache_dir = find_lossy_cache_dir(data_path, cache_size) if mode == "lossy" else default_cache_dir(data_path)
         if mode == "auto" and not (cache_dir / "meta.json").is_file():
             return None  # no cache: the files, as asked
-        return ImageCache(cache_dir)
+        cache = ImageCache(cache_dir)
     except CacheError as err:
         if mode in _REQUIRED:
             if cache_dir is not None and (cache_dir / "meta.json").is_file():
@@ -295,26 +294,6 @@ def _read_cache(mode: str, cache_dir: Path | None, data_path: Path, cache_size: 
             raise CacheError(f"{err}; build it with `python -m datasets.cache --data_path {data_path}`"
                              + (" --size N" if mode == "lossy" else "")) from err
         logger.warning("not using the cache: %s (reading the original images)", err)
-        return None
-
-
-def _open_cache(
-    mode: str,
-    cache_dir: Path | None,
-    data_path: Path,
-    split_file: Path,
-    cache_size: int | None,
-    dicom_scaling: str,
-) -> ImageCache | None:
-    """The cache to read `split_file` from, None to read originals; raises if mode 'on' / 'lossy' cannot be met.
-
-    Mode 'auto' reads no cache where there is none (silently) or where it cannot serve this
-    split (with a warning saying why: another format, damaged, stale, lossy).
-    """
-    if mode == "off":
-        return None
-    cache = _read_cache(mode, cache_dir, data_path, cache_size)
-    if cache is None:
         return None
     if mode == "lossy" and cache.exact:
         raise CacheError(f"cache {cache.cache_dir} is exact, not lossy: read it with --cache on")
@@ -352,14 +331,6 @@ def _unless_originals_changed(cache: ImageCache, mode: str, table: SplitTable, f
         raise _stale_error(cache.cache_dir, split_file, reason, REBUILD_HINT)
     logger.warning("ignoring stale cache %s: %s (reading the original images)", cache.cache_dir, reason)
     return None
-
-
-def _verify_mode(verify_images: bool | str | None) -> str:
-    """'none', 'header' or 'full' from the verify_images argument (True: 'full')."""
-    mode = {True: "full", False: "none", None: "none"}.get(verify_images, verify_images)  # type: ignore[arg-type]
-    if mode not in VERIFY_MODES:
-        raise ValueError(f"verify_images={verify_images!r}: expected one of {list(VERIFY_MODES)} (or True / False)")
-    return mode  # type: ignore[return-value]
 
 
 def _read_split(split: str, data_path: Path, data_size: str, split_dir: str | Path | None,
@@ -478,7 +449,11 @@ def build_dataset(
     """
     mode = {True: "on", False: "off"}.get(cache, cache) if isinstance(cache, bool) else cache
     check_cache_options(mode, cache_size)
-    verify = _verify_mode(verify_images)
+    verify_modes = {True: "full", False: "none", None: "none"}
+    verify = verify_modes.get(verify_images, verify_images)  # type: ignore[arg-type]
+    if verify not in VERIFY_MODES:
+        raise ValueError(f"verify_images={verify_images!r}: expected one of {list(VERIFY_MODES)} "
+                         f"(or True / False)")
     data_path, kind = resolve_data_path(data_path, dataset)
     scaling = dicom_scaling_for(kind, dicom_scaling)
     split_file, table, class_names = _read_split(split, data_path, data_size, split_dir, kind)
@@ -496,9 +471,8 @@ def build_dataset(
 
     stored, plan = None, _plan(transform)
     if image_cache is not None and eval_cache and plan is not None and plan.prefix:
-        prefix = plan.steps[: plan.prefix]
-        stored = open_eval_cache(image_cache, plan.prefix_steps, table.paths, lambda img: _apply(prefix, img),
-                                 num_threads)
+        stored = open_eval_cache(image_cache, plan.prefix_steps, table.paths,
+                                 T.Compose(plan.steps[: plan.prefix]), num_threads)
     ds = ChestXrayDataset(table.paths, table.targets, class_names, kind, split_file, files,
                           table.lines, transform, image_cache, bad, scaling, stored)
     logger.info("%s", ds)

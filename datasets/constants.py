@@ -22,18 +22,12 @@ DICOM_SCALING_BY_KIND: dict[str, str] = {"rsna": "paper"}
 DEFAULT_DICOM_SCALING = "minmax"
 
 # `--data_size` value -> training split file.
-TRAIN_SPLIT_FILES: dict[str, str] = {
-    "1%": "train_1.txt",
-    "10%": "train_10.txt",
-    "100%": "train_list.txt",
-}
+TRAIN_SPLIT_FILES: dict[str, str] = {"1%": "train_1.txt", "10%": "train_10.txt",
+                                     "100%": "train_list.txt"}
 
 # (split, data_size) -> file name; evaluation splits ignore the data size.
-SPLIT_FILES: dict[str, dict[str, str] | str] = {
-    "train": TRAIN_SPLIT_FILES,
-    "val": "val_list.txt",
-    "test": "test_list.txt",
-}
+SPLIT_FILES: dict[str, dict[str, str] | str] = {"train": TRAIN_SPLIT_FILES, "val": "val_list.txt",
+                                                 "test": "test_list.txt"}
 
 # All five file names, in the order a complete split folder holds them.
 ALL_SPLIT_FILES: tuple[str, ...] = (

@@ -8,8 +8,8 @@ workers (RandAugment is the costly part of the adamw recipe).
     loader transform: build_uint8_crop_transform("sgd" | "adamw", 224)  # per image, on the CPU
     model input:      build_device_augment("sgd" | "adamw", 224, norm, ..., crop=False)(batch.to(device))
 
-With ``crop=True`` the batch transforms also crop, from a downsized centred square
-(``build_uint8_transform(256)``): cheaper for the loader, but the crops then see a 256-px
+With ``crop=True`` the batch transforms also crop, from a uint8 image the loader gives
+(e.g. a downsized centred square): cheaper for the loader, but the crops then see a smaller
 copy of the image and never its edges outside the square, so training does not use it.
 
 sgd recipe (`DeviceAugment`): RandomResizedCrop + horizontal flip + normalise.
@@ -20,7 +20,7 @@ recipe='adamw')`` does per image.
 
 Where the device path differs from the per-image CPU path:
 - with ``crop=True`` only: crops are taken from the centred square of the image at
-  ``source_size`` rather than from the full original, and resampled with torch's
+  the loader's size rather than from the full original, and resampled with torch's
   antialiased bicubic instead of PIL's (sub-grey-level differences; the adamw path then
   rounds to uint8 as PIL does);
 - random numbers come from torch's generators, not Python's `random` / NumPy: the same
@@ -57,55 +57,21 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms import RandomResizedCrop
 from torchvision.transforms import functional as TF
 
-from .transforms import AUG_FILLS, ERASE_MODES, RECIPES, norm_stats, rand_augment_fill_mean
-
-DEFAULT_SOURCE_SIZE = 256
+from .transforms import (AUG_FILLS, ERASE_MODES, RECIPES, XrayTransform, norm_stats,
+                         rand_augment_fill_mean)
 
 CropParams = tuple[int, int, int, int, bool]  # top, left, height, width, flip
 
 
-class Uint8Square:
-    """Per-image loader step: grey PIL image -> 1 x S x S uint8 tensor (shorter side S, centre)."""
+def build_uint8_crop_transform(recipe: str = "sgd", input_size: int = 224) -> XrayTransform:
+    """The loader-side transform of ``--device_aug`` training, paired with
+    ``build_device_augment(recipe, ..., crop=False)``: the recipe's own random resized crop
+    step (torchvision's for sgd, timm's for adamw: the same random draws as the CPU recipe),
+    from the full-resolution grey image, then a 1 x S x S uint8 tensor.
 
-    grey_input = True  # ChestXrayDataset passes 'L' images to transforms carrying this flag
-
-    def __init__(self, size: int = DEFAULT_SOURCE_SIZE) -> None:
-        self.size = size
-
-    def __call__(self, img: Image.Image) -> torch.Tensor:
-        img = TF.resize(img, self.size, interpolation=InterpolationMode.BICUBIC)
-        img = TF.center_crop(img, self.size)
-        return TF.pil_to_tensor(img)
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}(size={self.size})"
-
-
-def build_uint8_transform(source_size: int = DEFAULT_SOURCE_SIZE) -> Uint8Square:
-    """A loader-side square source for the batch transforms with ``crop=True`` (they crop on
-    the device, from that downsized square: for benchmarks, not what training uses)."""
-    return Uint8Square(source_size)
-
-
-class Uint8RandomResizedCrop(T.Compose):
-    """Per-image loader step of ``--device_aug`` training: the recipe's own random resized
-    crop step (torchvision's for sgd, timm's for adamw: the same random draws as the CPU
-    recipe), from the full-resolution grey image, then a 1 x S x S uint8 tensor. The batch
-    transform built with ``crop=False`` does the rest on the device.
-
-    A Compose of [crop, PILToTensor], so the data set reads only the crop's rows from the
+    Its steps are [crop, PILToTensor], so the data set reads only the crop's rows from the
     exact image cache and resizes them natively, as for the CPU recipe.
     """
-
-    grey_input = True  # ChestXrayDataset passes 'L' images to transforms carrying this flag
-
-    def __init__(self, crop: Callable[[Image.Image], Image.Image]) -> None:
-        super().__init__([crop, T.PILToTensor()])
-
-
-def build_uint8_crop_transform(recipe: str = "sgd", input_size: int = 224) -> Uint8RandomResizedCrop:
-    """The loader-side transform of ``--device_aug`` training, paired with
-    ``build_device_augment(recipe, ..., crop=False)``: the crop step of ``build_transform``."""
     # The steps and crop types the data set plans the cache's crop path by: one rule for both.
     from .chestxray import _flatten, _random_resized_crops
     from .transforms import build_transform
@@ -114,13 +80,7 @@ def build_uint8_crop_transform(recipe: str = "sgd", input_size: int = 224) -> Ui
     crop = next((s for s in _flatten(cpu) if isinstance(s, _random_resized_crops())), None)
     if crop is None:
         raise ValueError(f"recipe={recipe!r}: its train transform has no random resized crop")
-    return Uint8RandomResizedCrop(crop)
-
-
-def _check_batch(batch: torch.Tensor, who: str) -> None:
-    if batch.dtype != torch.uint8 or batch.ndim != 4 or batch.shape[1] != 1:
-        raise ValueError(f"{who} expects a uint8 B x 1 x H x W batch, got "
-                         f"{tuple(batch.shape)} {batch.dtype}")
+    return XrayTransform([crop, T.PILToTensor()])
 
 
 class DeviceAugment(nn.Module):
@@ -131,7 +91,7 @@ class DeviceAugment(nn.Module):
         norm: normalisation statistics name ('mrm', 'cxr_mae', 'imagenet').
         scale: crop area range (torchvision's default, as the paper's recipe).
         ratio: crop aspect-ratio range.
-        crop: False when the loader already cropped (``Uint8RandomResizedCrop``): the batch
+        crop: False when the loader already cropped (``build_uint8_crop_transform``): the batch
             must be input_size square, and only the flip and normalisation run here.
     """
 
@@ -147,21 +107,22 @@ class DeviceAugment(nn.Module):
 
     def crop_params(self, height: int, width: int, n: int) -> list[CropParams]:
         """(top, left, h, w, flip) per image, drawn from the global torch generator."""
-        if not self.crop:
-            if (height, width) != (self.input_size, self.input_size):
-                raise ValueError(f"{type(self).__name__}(crop=False) expects {self.input_size} px "
-                                 f"square crops from the loader, got {height} x {width}")
-            return [(0, 0, height, width, bool(torch.rand(()) < 0.5)) for _ in range(n)]
+        if not self.crop and (height, width) != (self.input_size, self.input_size):
+            raise ValueError(f"{type(self).__name__}(crop=False) expects {self.input_size} px "
+                             f"square crops from the loader, got {height} x {width}")
         probe = torch.empty(1, height, width)  # get_params only reads the size
         params = []
         for _ in range(n):
-            top, left, h, w = RandomResizedCrop.get_params(probe, list(self.scale), list(self.ratio))
-            params.append((top, left, h, w, bool(torch.rand(()) < 0.5)))
+            box = (RandomResizedCrop.get_params(probe, list(self.scale), list(self.ratio))
+                   if self.crop else (0, 0, height, width))
+            params.append((*box, bool(torch.rand(()) < 0.5)))
         return params
 
     def resized_crops(self, batch: torch.Tensor, params: list[CropParams]) -> torch.Tensor:
         """Crop, resize and flip a uint8 B x 1 x H x W batch: float B x 1 x S x S, 0-255 scale."""
-        _check_batch(batch, type(self).__name__)
+        if batch.dtype != torch.uint8 or batch.ndim != 4 or batch.shape[1] != 1:
+            raise ValueError(f"{type(self).__name__} expects a uint8 B x 1 x H x W batch, got "
+                             f"{tuple(batch.shape)} {batch.dtype}")
         if not self.crop:  # cropped by the loader: only the flips
             flips = torch.tensor([p[4] for p in params], device=batch.device).view(-1, 1, 1, 1)
             x = batch.float()
@@ -174,10 +135,13 @@ class DeviceAugment(nn.Module):
             out.append(crop.flip(-1) if flip else crop)
         return torch.stack(out)
 
+    def normalise(self, x: torch.Tensor) -> torch.Tensor:
+        """Float B x 1 x S x S on the 0-255 scale -> normalised B x 3 x S x S."""
+        return (x.div_(255) - self.mean) / self.std  # broadcasting makes the 3 channels
+
     def apply(self, batch: torch.Tensor, params: list[CropParams]) -> torch.Tensor:
         """Crop, resize, flip and normalise a uint8 B x 1 x H x W batch with given parameters."""
-        x = self.resized_crops(batch, params).clamp_(0, 255).div_(255)
-        return (x - self.mean) / self.std  # broadcasting makes the 3 channels
+        return self.normalise(self.resized_crops(batch, params).clamp_(0, 255))
 
     def forward(self, batch: torch.Tensor) -> torch.Tensor:
         return self.apply(batch, self.crop_params(batch.shape[-2], batch.shape[-1], len(batch)))
@@ -415,18 +379,6 @@ _IMAGE_OPS: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
 SUPPORTED_OPS: tuple[str, ...] = (*_LUTS, *_IMAGE_OPS, *_GEOMETRIC)
 
 
-def apply_op(name: str, img: torch.Tensor, arg: torch.Tensor, fill: torch.Tensor) -> torch.Tensor:
-    """Apply the RandAugment op ``name`` with one timm level argument per image (uint8 N x C x H x W)."""
-    arg = arg.cpu()
-    if name in _GEOMETRIC:
-        return affine(img, _GEOMETRIC[name](arg.double(), img.shape[-1], img.shape[-2]), fill)
-    if name in _LUTS:
-        return apply_lut(img, _LUTS[name](img, arg))
-    if name in _IMAGE_OPS:
-        return _IMAGE_OPS[name](img, arg)
-    raise ValueError(f"RandAugment op {name!r}: the device path implements {list(SUPPORTED_OPS)}")
-
-
 def level_to_arg(name: str, magnitude: torch.Tensor, sign: torch.Tensor,
                  hparams: dict) -> torch.Tensor:
     """timm's LEVEL_TO_ARG for op ``name``, vectorised in float64 (``sign``: +-1 per draw)."""
@@ -471,12 +423,15 @@ class OpSpec:
     magnitude_max: float
 
 
-def parse_rand_augment(aa: str, input_size: int, fill: tuple[int, ...]
+def parse_rand_augment(aa: str | None, input_size: int, fill: tuple[int, ...]
                        ) -> tuple[list[OpSpec], int, torch.Tensor | None, dict]:
-    """timm's own reading of a RandAugment string: (ops, ops per image, choice weights, hparams).
+    """timm's own reading of a RandAugment string: (ops, ops per image, choice weights, hparams);
+    no ops for None or ''.
 
     The hparams are those ``create_transform`` passes (translate_const, the fill, bicubic).
     """
+    if not aa:
+        return [], 0, None, {}
     from timm.data.auto_augment import rand_augment_transform
 
     if not aa.startswith("rand"):
@@ -533,23 +488,17 @@ class DeviceRandAugment(nn.Module):
             raise ValueError(f"--remode {remode!r}: expected pixel, rand or const")
         if recount < 1:
             raise ValueError(f"--recount {recount}: expected at least 1")
-        mean, std = norm_stats(norm)
+        mean = norm_stats(norm)[0]
         self.crop = DeviceAugment(input_size, norm, scale=crop_scale, crop=crop)
         self.input_size, self.reprob, self.remode, self.recount = input_size, reprob, remode, recount
-        self.register_buffer("mean", torch.tensor(mean).view(3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(std).view(3, 1, 1), persistent=False)
         # timm's fill: round(255 * mean) per given channel; Pillow pads a short colour with 0.
         given = tuple(min(255, round(255 * m)) for m in rand_augment_fill_mean(mean, aug_fill))
-        self.fill_rgb = (given + (0, 0, 0))[:3]
-        r, g, b = self.fill_rgb
+        r, g, b = (given + (0, 0, 0))[:3]
         self.channels = 1 if r == g == b else 2 if g == b else 3
-        fill = self.fill_rgb[:self.channels]
+        fill = (r, g, b)[:self.channels]
         self.register_buffer("fill", torch.tensor(fill, dtype=torch.uint8), persistent=False)
-        self.ops: list[OpSpec] = []
-        self.layers, self.choice_weights, self.hparams = 0, None, {}
-        if aa:
-            self.ops, self.layers, self.choice_weights, self.hparams = parse_rand_augment(
-                aa, input_size, given)
+        self.ops, self.layers, self.choice_weights, self.hparams = parse_rand_augment(
+            aa, input_size, given)
 
     # -- random parameters (global CPU generator) ---------------------------------------
     def op_params(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -674,9 +623,7 @@ class DeviceRandAugment(nn.Module):
         if self.ops:
             img = self.rand_augment(img.expand(-1, self.channels, -1, -1), params.ops, params.args)
             img = luma(img)  # torchvision Grayscale: Pillow's convert('L')
-        x = img.float().div_(255.0)
-        x = (x - self.mean) / self.std
-        return self.random_erasing(x, params.erase)
+        return self.random_erasing(self.crop.normalise(img.float()), params.erase)
 
     def forward(self, batch: torch.Tensor) -> torch.Tensor:
         return self.apply(batch, self.draw_params(batch.shape[-2], batch.shape[-1], len(batch)))

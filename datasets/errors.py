@@ -7,14 +7,6 @@ from pathlib import Path
 from util.cli import ToolError, UsageError
 
 
-def _original_message(text: str, name: str) -> str:
-    """The message of the last `name` exception in a traceback text, or `text` if none is found."""
-    found = None
-    for found in re.finditer(rf"^(?:[\w.]+\.)?{re.escape(name)}: ", text, flags=re.MULTILINE):
-        pass
-    return text[found.end():].strip() if found else text
-
-
 class DataError(ToolError, ValueError):
     """Bad data input: a split file, a label, an image or a cache.
 
@@ -26,7 +18,10 @@ class DataError(ToolError, ValueError):
     def __str__(self) -> str:
         text = super().__str__()
         if text.startswith("Caught ") and "Traceback (most recent call last)" in text:
-            return _original_message(text, type(self).__name__)
+            # The message of the last exception of this type in the traceback.
+            name = re.escape(type(self).__name__)
+            found = list(re.finditer(rf"^(?:[\w.]+\.)?{name}: ", text, flags=re.MULTILINE))
+            return text[found[-1].end():].strip() if found else text
         return text
 
 

@@ -253,16 +253,15 @@ class ImageCache:
         suspects: dict[int, str] = {}
         for path, file in zip(paths, files):
             i = self.row[path]
-            try:
-                st = os.stat(file)
-            except OSError:
+            size, *stat = _fingerprint(file)
+            if size < 0:
                 continue
             recorded = int(self.src_bytes[i])
             if recorded < 0:
                 changed[i] = (file, "was missing when the cache was built and now exists" + self._bad_note(path))
-            elif st.st_size != recorded:
-                changed[i] = (file, f"changed size ({recorded} -> {st.st_size} bytes){self._bad_note(path)}")
-            elif (st.st_mtime_ns, st.st_ctime_ns, st.st_ino) != tuple(self.src_stat[i]):
+            elif size != recorded:
+                changed[i] = (file, f"changed size ({recorded} -> {size} bytes){self._bad_note(path)}")
+            elif tuple(stat) != tuple(self.src_stat[i]):
                 suspects[i] = file
         if suspects:
             start = time.perf_counter()
@@ -466,13 +465,6 @@ class _IndexRows:
         self.dicom_images = 0
         self.bytes = 0
 
-    def add(self, i: int, pixels: bytes, height: int, width: int, dicom: bool) -> None:
-        """Record image `i`, whose pixels were just appended to the pixel file."""
-        self.checksums.update(pixels)
-        self.offsets[i], self.heights[i], self.widths[i] = self.bytes, height, width
-        self.bytes += height * width
-        self.dicom_images += dicom
-
     def save(self, f: BinaryIO) -> None:
         """Write the index (.npz) to the open file `f`."""
         np.savez(f, format=np.int64(CACHE_FORMAT), paths=np.asarray(self.paths, dtype=str), offsets=self.offsets,
@@ -501,7 +493,10 @@ def _write_pixels(data_file: Path, jobs: list[tuple[int, str, int | None, str]],
                     rows.bad[paths[i]] = entry.reason
                     continue
                 f.write(pixels)
-                rows.add(i, pixels, h, w, dicom)
+                rows.checksums.update(pixels)
+                rows.offsets[i], rows.heights[i], rows.widths[i] = rows.bytes, h, w
+                rows.bytes += h * w
+                rows.dicom_images += dicom
                 if done % 5000 == 0:
                     logger.info("cached %d / %d images (%.0f/s)", done, n,
                                 done / (time.perf_counter() - start))
@@ -515,7 +510,7 @@ class _BuildFiles:
     """The files one build writes in `out`, each first under its name + '.tmp' and renamed when whole."""
 
     def __init__(self, out: Path, build_id: str) -> None:
-        self.out, self.build_id = out, build_id
+        self.build_id = build_id
         self.data = out / f"images-{build_id}.u8"
         self.index = out / f"index-{build_id}.npz"
         self.meta = out / _META

@@ -87,14 +87,12 @@ def build_loader(dataset: Dataset, dist_info: DistInfo, *, train: bool, batch_si
     # once per run with persistent workers (the samples are seeded by SeededDataset anyway).
     common = dict(batch_size=batch_size, num_workers=num_workers, pin_memory=pin_memory,
                   persistent_workers=num_workers > 0, generator=torch.Generator().manual_seed(seed))
-    if train:
-        base = DistributedSampler(dataset, num_replicas=dist_info.world_size, rank=dist_info.rank,
-                                  shuffle=True, seed=seed)
-        # Dropping the last partial batch (as the paper) only when there is more than one.
-        drop_last = len(base) > batch_size
-        return DataLoader(SeededDataset(dataset), sampler=SeededSampler(base, seed),
-                          drop_last=drop_last, **common)
     sampler = (DistributedSampler(dataset, num_replicas=dist_info.world_size, rank=dist_info.rank,
-                                  shuffle=False) if dist_info.distributed
+                                  shuffle=train, seed=seed) if train or dist_info.distributed
                else SequentialSampler(dataset))
+    if train:
+        # Dropping the last partial batch (as the paper) only when there is more than one.
+        drop_last = len(sampler) > batch_size
+        return DataLoader(SeededDataset(dataset), sampler=SeededSampler(sampler, seed),
+                          drop_last=drop_last, **common)
     return DataLoader(dataset, sampler=sampler, drop_last=False, **common)

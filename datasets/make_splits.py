@@ -28,7 +28,7 @@ import numpy as np
 import pandas as pd
 
 from .constants import CLASS_NAMES
-from .splits import SUBSETS, nested_subsets, write_split_file  # noqa: F401  (re-exported)
+from .splits import nested_subsets, write_split_file
 from util import cli
 from util.cli import ToolError
 
@@ -38,11 +38,7 @@ logger = logging.getLogger(__name__)
 
 # The paper's per-class uncertainty policy for CheXpert, checked against its train_10.txt.
 CHEXPERT_UNCERTAIN_TO: dict[str, int] = {
-    "Atelectasis": 1,
-    "Cardiomegaly": 0,
-    "Consolidation": 0,
-    "Edema": 1,
-    "Pleural Effusion": 1,
+    "Atelectasis": 1, "Cardiomegaly": 0, "Consolidation": 0, "Edema": 1, "Pleural Effusion": 1,
 }
 NIH_NO_FINDING = "No Finding"
 

@@ -246,8 +246,6 @@ def read_metadata(path: str | Path) -> Metadata:
 def read_metadata_files(paths: Sequence[str | Path]) -> Metadata:
     """The records of several metadata CSVs together (CheXpert's train.csv and valid.csv)."""
     parts = [read_metadata(p) for p in paths]
-    if len(parts) == 1:
-        return parts[0]
     records: dict[str, ImageMeta] = {}
     for part in parts:
         for key, rec in part.records.items():

@@ -66,12 +66,10 @@ def _library_path() -> Path:
     here, name = SOURCE.parent / "_build", _library_name()
     if (here / name).is_file():
         return here / name
-    try:
+    with contextlib.suppress(OSError):
         here.mkdir(exist_ok=True)
         if os.access(here, os.W_OK):
             return here / name
-    except OSError:
-        pass
     cache = _user_cache()
     cache.mkdir(parents=True, exist_ok=True)
     return cache / name
@@ -92,11 +90,9 @@ def compile_library(folder: Path | None = None) -> Path:
     # Build beside the target and rename: processes that build at once never see half a file.
     # A build killed before its clean-up leaves its temporary file: remove the stale ones.
     for stale in target.parent.glob(f"{target.stem}.*.tmp.so"):
-        try:
+        with contextlib.suppress(OSError):  # another process removed it first
             if time.time() - stale.stat().st_mtime > STALE_BUILD_S:
                 stale.unlink()
-        except OSError:  # another process removed it first
-            pass
     tmp = target.with_name(f"{target.stem}.{uuid.uuid4().hex[:8]}.tmp.so")
     cmd = [compiler, *CFLAGS, str(SOURCE), "-o", str(tmp), "-lm"]
     try:

@@ -55,11 +55,6 @@ class TrainingData:
         return {"train": self.train_set.cache_info, "val": self.val_set.cache_info,
                 "test": self.test_set.cache_info}
 
-    @property
-    def split_files(self) -> dict[str, Path]:
-        return {"train": self.train_set.split_file, "val": self.val_set.split_file,
-                "test": self.test_set.split_file}
-
     def log_summary(self) -> None:
         """The warnings a run's log opens with: classes without a validation AUROC, lossy pixels."""
         if self.val_undefined:  # said once here; validation itself stays quiet

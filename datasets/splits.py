@@ -28,10 +28,7 @@ CLASSES_FILE = "classes.txt"
 # Substrings of a data folder's name -> kind (case-insensitive); a name that matches two
 # kinds is refused rather than guessed.
 _KIND_PATTERNS: tuple[tuple[str, str], ...] = (
-    ("nih", "nih"),
-    ("chestx-ray14", "nih"),
-    ("chestxray", "nih"),
-    ("chexpert", "chexpert"),
+    ("nih", "nih"), ("chestx-ray14", "nih"), ("chestxray", "nih"), ("chexpert", "chexpert"),
     ("rsna", "rsna"),
 )
 
@@ -148,11 +145,6 @@ def locate_split_file(
         f"Pass --split_dir to point at them, or write them with "
         f"`python -m datasets.make_splits` (see DatasetsSplits/README.md)."
     )
-
-
-def read_class_names(folders: list[Path]) -> list[str] | None:
-    """Class names from the first `classes.txt` (one name a line) found in `folders`."""
-    return split_class_names("custom", folders)[0]
 
 
 def split_class_names(kind: str, folders: list[Path]) -> tuple[list[str] | None, Path | None]:

@@ -45,19 +45,14 @@ _STRIPE_CLASSES: dict[int, tuple[float, int]] = {
 }
 
 
-def _stripes(x: np.ndarray, y: np.ndarray, angle: float, period: float, phase: float) -> np.ndarray:
-    """Sinusoidal stripes in [-1, 1]."""
-    t = x * np.cos(angle) + y * np.sin(angle)
-    return np.sin(2 * np.pi * t / period + phase)
-
-
 def _signature(c: int, x: np.ndarray, y: np.ndarray, cx: float, cy: float, s: int,
                rng: np.random.Generator) -> np.ndarray:
     """Class `c`'s texture over the whole image, roughly in [-1, 1]."""
     phase = rng.uniform(0, 2 * np.pi)
-    if c in _STRIPE_CLASSES:
+    if c in _STRIPE_CLASSES:  # sinusoidal stripes
         angle, per_image = _STRIPE_CLASSES[c]
-        return _stripes(x, y, angle, s / per_image, phase)
+        t = x * np.cos(angle) + y * np.sin(angle)
+        return np.sin(2 * np.pi * t / (s / per_image) + phase)
     if c == 1:
         return np.ones_like(x)  # bright blob
     if c == 4:
@@ -190,8 +185,7 @@ def _write_demo(root: Path, num_images: int, image_size: int, seed: int, images_
     test_p, val_p = set(order[:n_eval]), set(order[n_eval:2 * n_eval])
     split_of = np.array(["test" if p in test_p else "val" if p in val_p else "train" for p in patients])
     idx = {s: np.flatnonzero(split_of == s) for s in ("train", "val", "test")}
-    n_train = len(idx["train"])
-    subsets = nested_subsets(n_train, rng, MIN_SUBSET)
+    subsets = nested_subsets(len(idx["train"]), rng, MIN_SUBSET)
     files = {"train_list.txt": idx["train"],
              **{name: idx["train"][rows] for name, rows in subsets.items()},
              "val_list.txt": idx["val"], "test_list.txt": idx["test"]}

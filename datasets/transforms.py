@@ -86,7 +86,8 @@ class GreyToNormalizedTensor:
 
 
 class XrayTransform:
-    """A transform pipeline that accepts an 8-bit grey PIL image and returns a 3-channel tensor."""
+    """A transform pipeline that accepts an 8-bit grey PIL image and returns a tensor (3 channels,
+    except the uint8 crop of `build_uint8_crop_transform`)."""
 
     grey_input = True  # ChestXrayDataset passes 'L' images to transforms carrying this flag
 

@@ -173,8 +173,8 @@ def test_byte_order_mark_is_accepted(tmp_path):
     table = parse_split_file(f, 2)
     assert table.paths == ["img/a.png", "img/b.png"]  # no invisible character in the first name
     (tmp_path / "classes.txt").write_bytes("\ufeffcat\ndog\n".encode("utf-8"))
-    from datasets.splits import read_class_names
-    assert read_class_names([tmp_path]) == ["cat", "dog"]
+    from datasets.splits import split_class_names
+    assert split_class_names("custom", [tmp_path])[0] == ["cat", "dog"]
 
 
 def test_duplicate_lines_are_warned_with_counts_and_examples(tmp_path, caplog):

@@ -7,7 +7,7 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 
 from datasets import NORM_STATS
-from datasets.device_aug import DeviceAugment, build_uint8_transform
+from datasets.device_aug import DeviceAugment
 
 
 def grey_image(size=64, seed=0):
@@ -28,7 +28,7 @@ def cpu_path(img, top, left, h, w, flip, size, norm="mrm"):
 
 def test_identity_crop_is_exact_normalisation():
     img = grey_image(32)
-    batch = build_uint8_transform(32)(img).unsqueeze(0)
+    batch = TF.pil_to_tensor(img).unsqueeze(0)
     assert batch.dtype == torch.uint8 and batch.shape == (1, 1, 32, 32)
     out = DeviceAugment(32, "cxr_mae").apply(batch, [(0, 0, 32, 32, False)])
     mean, std = NORM_STATS["cxr_mae"]
@@ -41,7 +41,7 @@ def test_identity_crop_is_exact_normalisation():
 @pytest.mark.parametrize("crop", [(4, 6, 40, 50, False), (0, 10, 64, 30, True), (20, 20, 16, 16, False)])
 def test_crop_matches_cpu_recipe(crop):
     img = grey_image(64)
-    batch = build_uint8_transform(64)(img).unsqueeze(0)
+    batch = TF.pil_to_tensor(img).unsqueeze(0)
     out = DeviceAugment(24, "mrm").apply(batch, [crop])[0]
     ref = cpu_path(img, *crop, size=24)
     # torch's antialiased bicubic vs PIL's: same geometry, sub-grey-level differences.
@@ -121,8 +121,11 @@ def as_batch(pil_img, channels):
 
 
 def device_op(name, batch, arg, fill):
-    value = torch.tensor([0.0 if arg is None else float(arg)], dtype=torch.float64)
-    return D.apply_op(name, batch, value, torch.tensor(fill, dtype=torch.uint8))
+    """One op with the given fill through the batch transform's own dispatch (rand_augment)."""
+    aug = D.DeviceRandAugment(batch.shape[-1], "cxr_mae", aa=None, reprob=0.0)
+    aug.ops, aug.fill = [D.OpSpec(name, 1.0, 0.0, 0.0, 10.0)], torch.tensor(fill, dtype=torch.uint8)
+    value = torch.tensor([[0.0 if arg is None else float(arg)]], dtype=torch.float64)
+    return aug.rand_augment(batch, torch.zeros(1, 1, dtype=torch.long), value)
 
 
 def rgb_with_paper_fill(size=36, seed=0):
@@ -312,7 +315,7 @@ def test_geometric_fill_is_the_recipe_grey(aug_fill, grey, op_name, arg):
 def test_no_op_and_no_erasing_is_the_cpu_normalisation():
     aug = D.DeviceRandAugment(32, "cxr_mae", reprob=0.0)
     img = grey_image(32)
-    batch = build_uint8_transform(32)(img).unsqueeze(0)
+    batch = TF.pil_to_tensor(img).unsqueeze(0)
     x = aug.apply(batch, identity_params(aug, 1, 32))
     ref = build_transform(False, "sgd", 32, norm="cxr_mae")(img)  # resize + crop of a 32-px image: itself
     torch.testing.assert_close(x[0], ref, atol=1e-6, rtol=0)
