@@ -161,6 +161,22 @@ def test_merge_equals_unmerged_and_export_loads_into_plain_timm(method, tmp_path
         torch.testing.assert_close(loaded(x), expected, atol=1e-5, rtol=1e-5)
 
 
+def test_an_ia3_activation_merges_only_through_its_mlp():
+    """The activation's vector folds into its MLP's fc2, which the model-level merge finds;
+    the activation alone has no fc2 to fold into and says so, leaving itself unmerged."""
+    act = IA3Activation(nn.GELU(), 4)
+    with pytest.raises(ValueError, match=r"fc2 of its MLP.*lora\.merge"):
+        act.merge()
+    assert not act.merged
+    model = perturbed(mv.build_model(config("ia3")))
+    fc2 = model.blocks[0].mlp.fc2.weight.detach().clone()
+    scale = model.blocks[0].mlp.act.ia3_scale.detach().clone()
+    assert lora.merge(model) == 2 * DEPTH  # qkv and the activation of every block
+    torch.testing.assert_close(model.blocks[0].mlp.fc2.weight, fc2 * scale)
+    assert lora.unmerge(model) == 2 * DEPTH
+    assert torch.equal(model.blocks[0].mlp.fc2.weight, fc2)
+
+
 @pytest.mark.parametrize("method", ["dora", "ia3"])
 def test_checkpoint_round_trip_holds_only_the_trained_tensors(method, tmp_path):
     weights = tmp_path / "MRM.pth"
