@@ -109,6 +109,13 @@ def _plan(transform: Callable | None) -> _Plan | None:
     return _Plan(steps, crop_at, prefix)
 
 
+def _apply(steps: list[Callable], img: Image.Image | torch.Tensor) -> torch.Tensor:
+    """Apply steps in order, as Compose does (without building one per image)."""
+    for step in steps:
+        img = step(img)
+    return img  # type: ignore[return-value]
+
+
 @dataclass(eq=False, repr=False)
 class ChestXrayDataset(Dataset):
     """Images and K-label targets of one split file; items are ``(image, float target of K)``.
@@ -224,11 +231,10 @@ class ChestXrayDataset(Dataset):
         if plan.crop_at == 0 and filter_ is not None:
             img = Image.fromarray(resize_grey(region, size, filter_), mode="L")
         else:
-            img = Image.fromarray(np.ascontiguousarray(region), mode="L")
-            img = T.Compose(plan.steps[: plan.crop_at])(img)
+            img = _apply(plan.steps[: plan.crop_at], Image.fromarray(np.ascontiguousarray(region), mode="L"))
             # resized_crop = crop + resize; the region already is the crop, so only the resize is left.
             img = TF.resize(img, list(size), interpolation, antialias=getattr(crop, "antialias", True))
-        return T.Compose(plan.steps[plan.crop_at + 1:])(img)
+        return _apply(plan.steps[plan.crop_at + 1:], img)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         plan = _plan(self.transform)
@@ -236,7 +242,7 @@ class ChestXrayDataset(Dataset):
             image = to_float_tensor(self.load_image(index))
         elif (self.eval_cache is not None and plan.prefix
               and self.eval_cache.steps == plan.prefix_steps):
-            image = T.Compose(plan.steps[plan.prefix:])(self.eval_cache.get(index))
+            image = _apply(plan.steps[plan.prefix:], self.eval_cache.get(index))
         elif plan.crop_at is not None:  # from the cache, only the crop's rows are read
             image = self._resized_crop(index, plan,
                                        None if self.cache is not None else self.load_image(index))

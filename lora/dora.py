@@ -33,8 +33,7 @@ import torch.nn.functional as F
 
 from .folding import Target
 from .layers import LoRALinear
-from .model import inject_lora, lora_layers
-from .model import LORA_TENSORS
+from .model import LORA_TENSORS, inject_lora, lora_layers
 from .model import mark_trainable as mark_lora
 
 

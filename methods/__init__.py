@@ -4,8 +4,9 @@ A method says what it adds to a plain timm ViT (``inject``), what it trains
 (``mark_trainable``), its own flags and the settings they build (``flags``, ``settings``,
 ``from_flags``), how its runs are named (``tag``), where its learning rate comes from when
 a preset gives LoRA's (``preset_lr``), and, where its trained model cannot become plain timm
-weights, why (``not_mergeable``); a mergeable method's layers are ``lora.folding.Mergeable``. The entry script, the model assembly, the checkpoints, the presets
-and the export ask this registry; nothing else knows the list.
+weights, why (``not_mergeable``); a mergeable method's layers are ``lora.folding.Mergeable``.
+The entry script, the model assembly, the checkpoints, the presets and the export ask this
+registry; nothing else knows the list.
 
     register(Method(name="bitfit", inject=..., mark_trainable=..., ...))
 
