@@ -237,7 +237,10 @@ def resolve_args(args: argparse.Namespace, explicit: set[str]) -> argparse.Names
     args.method = args.method or default_method(args.model)
     args.arch = mv.LORA_MODELS.get(args.model, args.model)
     args.model_kwargs = {"depth": args.depth} if args.depth else {}
-    args.method_settings = methods.get(args.method).from_flags(vars(args))
+    args.method_settings, unread = methods.get(args.method).read_flags(vars(args))
+    args.unread_flags = {f.dest for f in unread}
+    args.notes += [f"{f.names[0]} is a flag of --method {methods.owner(f)}: it has no effect with "
+                   f"--method {args.method}" for f in unread if f.dest in explicit]
     if args.warmup_epochs > args.epochs:
         args.notes.append(f"--warmup_epochs {args.warmup_epochs:g} is longer than the run: capped "
                           f"at --epochs {args.epochs}")
@@ -386,7 +389,8 @@ def with_data_defaults(args: argparse.Namespace) -> argparse.Namespace:
 def run_settings(args: argparse.Namespace, roles: dict[str, str], world_size: int,
                  data: datasets.TrainingData) -> dict[str, Any]:
     """What makes this run this run: its RUN flags and the values derived from the DERIVED ones."""
-    settings = {k: getattr(args, k) for k, role in roles.items() if role == command.RUN}
+    settings = {k: getattr(args, k) for k, role in roles.items()
+                if role == command.RUN and k not in args.unread_flags}
     cache = data.train_set.cache_info
     settings.update(
         lr=args.lr, global_batch=args.batch_size * args.accum_iter * world_size,
@@ -470,6 +474,9 @@ def main(args: argparse.Namespace) -> dict:
     data, batch_transform = prepare_data(args, dist_info, device)
     parser = get_args_parser()
     settings = run_settings(args, command.flag_roles(parser), dist_info.world_size, data)
+    # The model next: what only the weights tell (a width, a grid) fails before the run folder.
+    config = model_config(args, list(data.train_set.class_names), settings)
+    model = build_model(args, config, device)
     folder = RunFolder(run_path(
         args.output_dir, args.run_name, settings, weights=Path(args.finetune or "").stem, note=args.note,
         method_tag=methods.get(args.method).tag(args.method_settings),
@@ -480,8 +487,6 @@ def main(args: argparse.Namespace) -> dict:
     try:
         plan = decided_by_main(dist_info, lambda: folder.plan(
             settings, resume=args.resume, overwrite=args.overwrite, replace_demo=args.demo_replace))
-        config = model_config(args, list(data.train_set.class_names), settings)
-        model = build_model(args, config, device)
         optimizer = build_optimizer(model, args.optimizer, args.lr, args.weight_decay, args.layer_decay,
                                     lr_scale=getattr(args.method_settings, "lr_scale", None))
         # fp16 needs loss scaling on every device (small gradients underflow to zero in fp16).
@@ -516,7 +521,7 @@ def start_run(args: argparse.Namespace, parser: argparse.ArgumentParser, setting
     roles = command.flag_roles(parser)
     trainable = lora.trainable_report(model)
     record = {
-        "settings": settings, "recipe": command.recipe_flags(parser),
+        "settings": settings, "recipe": [k for k in command.recipe_flags(parser) if k in settings],
         "execution": json_safe({k: getattr(args, k) for k, r in roles.items() if r != command.RUN}),
         "preset_source": args.preset_source, "precision": precision, "world_size": dist_info.world_size,
         "trainable": trainable, "method_settings": json_safe(config.to_json()["method_settings"]),

@@ -19,7 +19,7 @@ use any layer library, and the model code finds it by name.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import torch
 import torch.nn as nn
@@ -75,7 +75,8 @@ class Method:
         settings: the dataclass of its settings (``ModelConfig.method_settings``), None if it
             has none; it checks its own values on creation (``ModelConfigError`` naming the flag).
         from_flags: ``from_flags(values)`` -> its settings, from the parsed flag values by
-            destination (its own flags and any other method's it shares, e.g. DoRA LoRA's).
+            destination (its own flags and any other method's it shares, e.g. DoRA LoRA's);
+            the method flags it reads are its run's settings, the others are left out.
         flags: the flags it owns (``Flag``); shared flags are declared once, by one method.
         size_flag: the flag of its size knob (``--lora_rank``), None without one.
         tag: ``tag(settings)`` -> what follows the method's name in an automatic run name
@@ -103,6 +104,13 @@ class Method:
     preset_lr: tuple[float, str, str] | None = None
     not_mergeable: str = ""
 
+    def read_flags(self, values: Mapping[str, Any]) -> tuple[Any, list[Flag]]:
+        """(the settings ``from_flags`` makes of the parsed flag ``values``, the registered
+        methods' flags it did not read: they change nothing in this method's runs)."""
+        seen = _Reads(values)
+        settings = self.from_flags(seen)
+        return settings, [f for f in all_flags() if f.dest not in seen.read]
+
     # A mergeable method's layers are ``lora.folding.Mergeable``: one merge for all of them.
     def merge(self, model: nn.Module) -> int:
         """Fold the trained layers into the base weights, for evaluation at the cost of a plain
@@ -116,6 +124,23 @@ class Method:
     def merged_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
         """The plain timm state dict with the method folded in (export); the model is left as it is."""
         return folding.merged_state_dict(model)
+
+
+class _Reads(Mapping):
+    """``values``, noting which keys are read."""
+
+    def __init__(self, values: Mapping[str, Any]) -> None:
+        self.values, self.read = values, set()
+
+    def __getitem__(self, key: str) -> Any:
+        self.read.add(key)
+        return self.values[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.values)
+
+    def __len__(self) -> int:
+        return len(self.values)
 
 
 # name -> Method, in registration order (built-ins first: see the end of this module).
@@ -146,6 +171,11 @@ def get(name: str) -> Method:
 def all_flags() -> list[Flag]:
     """Every registered method's own flags, in registration order (the entry script adds them)."""
     return [f for m in REGISTRY.values() for f in m.flags]
+
+
+def owner(flag: Flag) -> str:
+    """The name of the method that declares ``flag``."""
+    return next(m.name for m in REGISTRY.values() if flag in m.flags)
 
 
 # Each registers itself, in the order --help lists them (lora, the default, first).

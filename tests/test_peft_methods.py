@@ -492,6 +492,7 @@ def test_a_bottleneck_wider_than_the_model_is_refused_naming_the_flag(demo, tmp_
     assert mfl.cli(run_args(demo, tmp_path / "wide", "adaptformer", "--adapter_dim", "500")) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("main_finetune_lora.py: error: ") and "--adapter_dim 500" in err[-1]
+    assert not (tmp_path / "wide").exists()  # refused before the run folder is made
     # A checkpoint JSON with a bad size names the key.
     bad = config("vpt").to_json()
     bad["method_settings"]["tokens"] = 0

@@ -5,6 +5,7 @@ import json
 import pytest
 
 import main_finetune_lora as mfl
+import methods
 from util import cli
 from _fakes import demo_data_and_weights, tiny_run_args
 from util.runfolder import RUN_FORMAT, differing
@@ -39,7 +40,8 @@ def test_config_records_settings_and_execution_from_the_table(run):
     assert config["format"] == RUN_FORMAT
     roles = cli.flag_roles(mfl.get_args_parser())
     run_flags = {k for k, r in roles.items() if r == cli.RUN}
-    assert set(config["settings"]) == run_flags | DERIVED_SETTINGS
+    others = {f.dest for f in methods.all_flags()} - {f.dest for f in methods.get("lora").flags}
+    assert others and set(config["settings"]) == (run_flags - others) | DERIVED_SETTINGS
     assert set(config["execution"]) == set(roles) - run_flags
     assert config["settings"]["seed"] == 1 and config["execution"]["num_workers"] == 0
     assert set(config["settings"]["split_sha256"]) == {"train", "val", "test"}
@@ -62,3 +64,35 @@ def test_differing_names_each_setting_once():
     assert differing({"lr": 0.1, "seed": 0}, {"lr": 0.2, "seed": 0}) == ["--lr 0.1 -> 0.2"]
     assert differing({"epochs": 2}, {"epochs": 3}, ignore=("epochs",)) == []
     assert differing({}, {"note": "x"}) == ["--note None -> 'x'"]
+
+
+def test_a_method_reads_its_own_flags_and_those_it_shares():
+    def unread(method, *flags):
+        args = mfl.parse(["--demo", "--model", "vit_tiny_patch16", "--method", method, *flags])
+        return args.unread_flags, args.notes
+    lora_flags = {f.dest for f in methods.get("lora").flags}
+    every = {f.dest for f in methods.all_flags()}
+    # DoRA reads LoRA's flags; the baselines read none; a flag of another method is said.
+    flags, notes = unread("dora", "--lora_rank", "8", "--vpt_tokens", "3")
+    assert flags == every - lora_flags
+    assert notes == ["--vpt_tokens is a flag of --method vpt: it has no effect with --method dora"]
+    assert unread("full")[0] == every and unread("full")[1] == []
+    assert unread("ia3", "--ia3_attn", "qkv")[0] == every - {"ia3_attn"}
+
+
+def test_a_flag_of_another_method_is_not_a_setting_of_the_run(tmp_path, capsys):
+    data, weights = demo_data_and_weights(tmp_path, seed=3)
+    argv = tiny_run_args(data, weights, tmp_path / "ia3", "--model", "vit_tiny_patch16",
+                         "--method", "ia3", "--epochs", "1", "--ci_resamples", "0", seed=1)
+    assert mfl.cli([*argv, "--lora_rank", "8"]) == 0
+    config = json.loads((tmp_path / "ia3" / "config.json").read_text())
+    others = {f.dest for f in methods.all_flags()} - {"ia3_attn"}
+    assert config["settings"]["ia3_attn"] == "kv" and "ia3_attn" in config["recipe"]
+    assert not others & (set(config["settings"]) | set(config["recipe"]))
+    assert config["notes"][-1] == ("--lora_rank is a flag of --method lora: it has no effect "
+                                   "with --method ia3")
+    # Without the flag, or with another value of it, it is the same run: complete.
+    capsys.readouterr()
+    for extra in ([], ["--lora_rank", "16"]):
+        assert mfl.cli([*argv, *extra]) == 1
+        assert "that run with these settings is complete" in capsys.readouterr().err

@@ -52,7 +52,7 @@ CONFIG_NAME = "config.json"
 COMMIT_NAME = "commit.json"
 PENDING_DIR = ".pending"
 MANIFEST_NAME = "run_files.json"
-RUN_FORMAT = "cxr-lora-run/2"
+RUN_FORMAT = "cxr-lora-run/3"
 COMMIT_FORMAT = "cxr-lora-commit/1"
 MANIFEST_FORMAT = "cxr-lora-files/1"
 # Files whose presence says a folder holds a training run.
