@@ -45,6 +45,8 @@ logger = logging.getLogger("main")
 PROG = "main_finetune_lora.py"
 # Flags that name a real data set or weights: without --data_path they are an error, not the demo.
 REAL_RUN_FLAGS = ("preset", "finetune", "dataset", "data_size", "split_dir", "nb_classes")
+# The settings --eval reads; the others (model, method, recipe) are the checkpoint's.
+EVAL_SETTINGS = ("amp", "batch_size", "dataset", "demo", "dicom_scaling", "seed", "skip_bad")
 
 
 ArgumentError = command.UsageError  # a flag value or combination that cannot run
@@ -239,8 +241,15 @@ def resolve_args(args: argparse.Namespace, explicit: set[str]) -> argparse.Names
     args.model_kwargs = {"depth": args.depth} if args.depth else {}
     args.method_settings, unread = methods.get(args.method).read_flags(vars(args))
     args.unread_flags = {f.dest for f in unread}
-    args.notes += [f"{f.names[0]} is a flag of --method {methods.owner(f)}: it has no effect with "
-                   f"--method {args.method}" for f in unread if f.dest in explicit]
+    if args.eval:
+        roles = command.flag_roles(get_args_parser())
+        fixed = sorted(k for k in explicit if roles[k] == command.RUN and k not in EVAL_SETTINGS)
+        if fixed:
+            args.notes.append(f"--eval tests the checkpoint as it was trained: "
+                              f"{', '.join('--' + k for k in fixed)} have no effect")
+    else:
+        args.notes += [f"{f.names[0]} is a flag of --method {methods.owner(f)}: it has no effect "
+                       f"with --method {args.method}" for f in unread if f.dest in explicit]
     if args.warmup_epochs > args.epochs:
         args.notes.append(f"--warmup_epochs {args.warmup_epochs:g} is longer than the run: capped "
                           f"at --epochs {args.epochs}")
@@ -348,7 +357,7 @@ def check_combinations(args: argparse.Namespace) -> None:
     if args.resume == "auto" and args.overwrite:
         raise ArgumentError("--resume auto continues the run in the folder, --overwrite replaces "
                             "it: give one of them")
-    if args.method != "lora" and args.model in mv.LORA_MODELS:
+    if args.method != "lora" and args.model in mv.LORA_MODELS and not args.eval:
         raise ArgumentError(f"--method {args.method} contradicts --model {args.model}: use "
                             f"--model {mv.LORA_MODELS[args.model]}")
     if args.min_lr > args.lr:

@@ -96,3 +96,15 @@ def test_a_flag_of_another_method_is_not_a_setting_of_the_run(tmp_path, capsys):
     for extra in ([], ["--lora_rank", "16"]):
         assert mfl.cli([*argv, *extra]) == 1
         assert "that run with these settings is complete" in capsys.readouterr().err
+
+
+def test_eval_names_the_settings_its_checkpoint_decides(tmp_path):
+    # --eval reads the data, precision, batch and seed flags; model and recipe are the
+    # checkpoint's, so giving them changes nothing (and says so), whatever the method.
+    data, _ = demo_data_and_weights(tmp_path, seed=3)
+    argv = ["--eval", "--resume", str(tmp_path / "run" / "checkpoint-best"), "--data_path", str(data),
+            "--seed", "2", "--amp", "none", "--skip_bad", "--batch_size", "4"]
+    assert mfl.parse(argv).notes == []
+    args = mfl.parse([*argv, "--method", "vpt", "--vpt_tokens", "5", "--input_size", "64"])
+    assert args.notes == ["--eval tests the checkpoint as it was trained: --input_size, --method, "
+                          "--vpt_tokens have no effect"]
