@@ -21,7 +21,7 @@ import copy
 import logging
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 import torch.nn as nn
@@ -40,6 +40,17 @@ from util.runfolder import RunFolder, checkpoint_folder, probe_writable
 from util.subgroups import write_subgroup_report
 
 logger = logging.getLogger("main")
+
+# The run settings (flags of main_finetune_lora.py) that --eval reads: the data, the precision,
+# the batch and the bootstrap's seed. The model and its recipe are the checkpoint's.
+EVAL_SETTINGS = ("amp", "batch_size", "dataset", "demo", "dicom_scaling", "seed", "skip_bad")
+
+
+def unused_settings(given: Sequence[str]) -> list[str]:
+    """A note naming the run settings ``given`` to --eval that the checkpoint decides."""
+    fixed = [k for k in given if k not in EVAL_SETTINGS]
+    return [f"--eval tests the checkpoint as it was trained: {', '.join('--' + k for k in fixed)} "
+            "have no effect"] if fixed else []
 
 
 def default_eval_name(data_path: str | Path, split_file: str | Path) -> str:

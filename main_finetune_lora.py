@@ -45,8 +45,6 @@ logger = logging.getLogger("main")
 PROG = "main_finetune_lora.py"
 # Flags that name a real data set or weights: without --data_path they are an error, not the demo.
 REAL_RUN_FLAGS = ("preset", "finetune", "dataset", "data_size", "split_dir", "nb_classes")
-# The settings --eval reads; the others (model, method, recipe) are the checkpoint's.
-EVAL_SETTINGS = ("amp", "batch_size", "dataset", "demo", "dicom_scaling", "seed", "skip_bad")
 
 
 ArgumentError = command.UsageError  # a flag value or combination that cannot run
@@ -236,20 +234,7 @@ def resolve_args(args: argparse.Namespace, explicit: set[str]) -> argparse.Names
     if args.finetune and not args.eval:
         args.weights_info = weights_defaults(args, explicit | filled)
     args.demo_replace = bool(args.demo and not {"output_dir", "run_name"} & explicit)
-    args.method = args.method or default_method(args.model)
-    args.arch = mv.LORA_MODELS.get(args.model, args.model)
-    args.model_kwargs = {"depth": args.depth} if args.depth else {}
-    args.method_settings, unread = methods.get(args.method).read_flags(vars(args))
-    args.unread_flags = {f.dest for f in unread}
-    if args.eval:
-        roles = command.flag_roles(get_args_parser())
-        fixed = sorted(k for k in explicit if roles[k] == command.RUN and k not in EVAL_SETTINGS)
-        if fixed:
-            args.notes.append(f"--eval tests the checkpoint as it was trained: "
-                              f"{', '.join('--' + k for k in fixed)} have no effect")
-    else:
-        args.notes += [f"{f.names[0]} is a flag of --method {methods.owner(f)}: it has no effect "
-                       f"with --method {args.method}" for f in unread if f.dest in explicit]
+    resolve_method(args, explicit)
     if args.warmup_epochs > args.epochs:
         args.notes.append(f"--warmup_epochs {args.warmup_epochs:g} is longer than the run: capped "
                           f"at --epochs {args.epochs}")
@@ -263,6 +248,20 @@ def resolve_args(args: argparse.Namespace, explicit: set[str]) -> argparse.Names
     args.eval_batch_size = args.eval_batch_size or 4 * args.batch_size
     check_combinations(args)
     return args
+
+
+def resolve_method(args: argparse.Namespace, explicit: set[str]) -> None:
+    """The method (default: from --model) and its settings, with a note on each flag given
+    that changes nothing: another method's, or with --eval the checkpoint's model and recipe."""
+    args.method = args.method or default_method(args.model)
+    args.arch = mv.LORA_MODELS.get(args.model, args.model)
+    args.model_kwargs = {"depth": args.depth} if args.depth else {}
+    args.method_settings, args.unread_flags, notes = methods.get(args.method).read_flags(
+        vars(args), () if args.eval else explicit)
+    args.notes += notes
+    if args.eval:
+        roles = command.flag_roles(get_args_parser())
+        args.notes += evaluation.unused_settings(sorted(k for k in explicit if roles[k] == command.RUN))
 
 
 def resolve_batch(args: argparse.Namespace, explicit: set[str], world: int) -> None:

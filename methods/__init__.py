@@ -19,7 +19,7 @@ use any layer library, and the model code finds it by name.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Collection, Iterator, Mapping
 
 import torch
 import torch.nn as nn
@@ -104,12 +104,17 @@ class Method:
     preset_lr: tuple[float, str, str] | None = None
     not_mergeable: str = ""
 
-    def read_flags(self, values: Mapping[str, Any]) -> tuple[Any, list[Flag]]:
-        """(the settings ``from_flags`` makes of the parsed flag ``values``, the registered
-        methods' flags it did not read: they change nothing in this method's runs)."""
+    def read_flags(self, values: Mapping[str, Any],
+                   given: Collection[str] = ()) -> tuple[Any, set[str], list[str]]:
+        """(the settings ``from_flags`` makes of the parsed flag ``values``; the registered
+        methods' flags it did not read, which change nothing in this method's runs; a note for
+        each of those among the flags ``given``)."""
         seen = _Reads(values)
         settings = self.from_flags(seen)
-        return settings, [f for f in all_flags() if f.dest not in seen.read]
+        unread = [f for f in all_flags() if f.dest not in seen.read]
+        notes = [f"{f.names[0]} is a flag of --method {_owner(f)}: it has no effect with --method "
+                 f"{self.name}" for f in unread if f.dest in given]
+        return settings, {f.dest for f in unread}, notes
 
     # A mergeable method's layers are ``lora.folding.Mergeable``: one merge for all of them.
     def merge(self, model: nn.Module) -> int:
@@ -173,7 +178,7 @@ def all_flags() -> list[Flag]:
     return [f for m in REGISTRY.values() for f in m.flags]
 
 
-def owner(flag: Flag) -> str:
+def _owner(flag: Flag) -> str:
     """The name of the method that declares ``flag``."""
     return next(m.name for m in REGISTRY.values() if flag in m.flags)
 
