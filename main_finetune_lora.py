@@ -255,6 +255,8 @@ def resolve_method(args: argparse.Namespace, explicit: set[str]) -> None:
     that changes nothing: another method's, or with --eval the checkpoint's model and recipe."""
     args.method = args.method or default_method(args.model)
     args.arch = mv.LORA_MODELS.get(args.model, args.model)
+    if "model" not in explicit and args.method != "lora":  # a default *_lora model follows --method
+        args.model = args.arch
     args.model_kwargs = {"depth": args.depth} if args.depth else {}
     args.method_settings, args.unread_flags, notes = methods.get(args.method).read_flags(
         vars(args), () if args.eval else explicit)

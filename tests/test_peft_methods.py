@@ -485,6 +485,17 @@ def test_bad_sizes_are_refused_in_one_line_naming_the_flag(flags, named, capsys)
     assert named in err[0] and "Traceback" not in "\n".join(err)
 
 
+@pytest.mark.parametrize("method", [*NEW, "dora", "ia3", "full", "linear"])
+def test_the_demo_takes_any_method_and_the_default_model_follows_it(method, capsys):
+    # --method alone: the demo's tiny ViT without LoRA's builder; LoRA keeps its builder.
+    assert mfl.parse(["--method", method]).model == "vit_tiny_patch16"
+    assert mfl.parse(["--method", "lora"]).model == "vit_tiny_patch16_lora"
+    # A *_lora --model given with another method contradicts it.
+    with pytest.raises(SystemExit):
+        mfl.parse(["--method", method, "--model", "vit_tiny_patch16_lora"])
+    assert "use --model vit_tiny_patch16" in capsys.readouterr().err
+
+
 def test_a_bottleneck_wider_than_the_model_is_refused_naming_the_flag(demo, tmp_path, capsys):
     with pytest.raises(mv.ModelConfigError, match=r"--adapter_dim 193 is wider than the model's width 192"):
         build("adaptformer", AdaptFormerSettings(dim=193))
