@@ -65,7 +65,7 @@ BUILT_IN = {"lora": "ours", "full": "full"}
 # Contenders that are a method at other settings than its defaults (flag destination ->
 # value): the targets HF PEFT's version of the method adapts on timm's ViT.
 VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
-    "dora_qkv": ("dora", {"lora_pos": "qkv"}),
+    "dora_qkv": ("dora", {"lora_pos": "qkv_fused"}),
     "ia3_qkv": ("ia3", {"ia3_attn": "qkv"}),
 }
 # HF PEFT's versions of registered methods: peer -> the method it is compared with.

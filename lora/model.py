@@ -19,6 +19,8 @@ POSITIONS: dict[str, dict[str, tuple[bool, ...]]] = {
     "q": {"attn.qkv": (True, False, False)},
     "k": {"attn.qkv": (False, True, False)},
     "v": {"attn.qkv": (False, False, True)},
+    # One adapter over the whole fused qkv output, as HF PEFT adapts timm's qkv linear.
+    "qkv_fused": {"attn.qkv": (True,)},
     "proj": {"attn.proj": (True,)},
     "mlp": {"mlp.fc1": (True,), "mlp.fc2": (True,)},
 }
@@ -41,6 +43,9 @@ def parse_lora_pos(spec: str) -> dict[str, tuple[bool, ...]]:
                              f"{sorted(POSITIONS)} or a comma-separated combination")
         for suffix, parts in POSITIONS[word].items():
             old = targets.get(suffix, (False,) * len(parts))
+            if len(old) != len(parts):
+                raise ValueError(f"lora_pos {spec!r} adapts {suffix} whole (qkv_fused) and in "
+                                 "slices (q, k, v, attn, qkv, all): give one of them")
             targets[suffix] = tuple(a or b for a, b in zip(old, parts))
     return targets
 

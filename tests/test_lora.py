@@ -68,7 +68,7 @@ def test_lora_at_init_equals_plain_model():
     torch.testing.assert_close(adapted(x), plain(x), atol=0, rtol=0)
 
 
-@pytest.mark.parametrize("pos", ["attn", "qkv", "proj", "mlp", "attn,proj", "all"])
+@pytest.mark.parametrize("pos", ["attn", "qkv", "qkv_fused", "proj", "mlp", "attn,proj", "all"])
 def test_merge_equals_unmerged_and_unmerge_restores(pos):
     torch.manual_seed(0)
     model = tiny()
@@ -126,6 +126,20 @@ def test_qkv_subsets_combine():
     qkv.lora_B.data.normal_()
     delta = qkv.delta_weight()
     assert torch.count_nonzero(delta[:192]) == 0 and torch.count_nonzero(delta[384:]) == 0
+
+
+def test_qkv_fused_is_one_pair_over_the_whole_qkv_and_does_not_mix_with_its_slices():
+    assert lora.parse_lora_pos("qkv_fused,proj") == {"attn.qkv": (True,), "attn.proj": (True,)}
+    model = mv.vit_tiny_patch16_lora(depth=2, num_classes=3, img_size=32, lora_pos="qkv_fused",
+                                     lora_rank=2)
+    qkv = model.blocks[0].attn.qkv
+    # One rank-2 pair for all 576 rows (PEFT's shape), not a pair per third.
+    assert qkv.lora_A.shape == (2, 192) and qkv.lora_B.shape == (576, 2)
+    qkv.lora_B.data.normal_()
+    torch.testing.assert_close(qkv.delta_weight(), qkv.lora_B @ qkv.lora_A * qkv.scaling)
+    for mixed in ("qkv_fused,q", "attn,qkv_fused", "all,qkv_fused"):
+        with pytest.raises(ValueError, match="whole .qkv_fused. and in slices"):
+            lora.parse_lora_pos(mixed)
 
 
 @pytest.mark.parametrize("bad", ["attention", "attn,", "", "mlp,foo"])

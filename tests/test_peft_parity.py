@@ -135,11 +135,9 @@ FAMILY_SCRIPT = textwrap.dedent("""
 
     def dora_case(targets, dropout):
         ours, theirs, base = pair()
-        if targets == ["qkv"]:   # one DoRA slice over the whole fused qkv, as PEFT adapts it
-            for block in ours.blocks:
-                block.attn.qkv = dora.DoRALinear(block.attn.qkv, rank=4, alpha=8.0, dropout=dropout)
-        else:
-            dora.inject_dora(ours, rank=4, alpha=8.0, dropout=dropout, pos="mlp")
+        # qkv_fused: one DoRA slice over the whole fused qkv, as PEFT adapts it.
+        dora.inject_dora(ours, rank=4, alpha=8.0, dropout=dropout,
+                         pos="qkv_fused" if targets == ["qkv"] else "mlp")
         dora.mark_trainable(ours)
         with_head(ours)
         cfg = peft.LoraConfig(r=4, lora_alpha=8.0, lora_dropout=dropout, target_modules=targets,
