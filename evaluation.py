@@ -50,7 +50,7 @@ def unused_settings(given: Sequence[str]) -> list[str]:
     """A note naming the run settings ``given`` to --eval that the checkpoint decides."""
     fixed = [k for k in given if k not in EVAL_SETTINGS]
     return [f"--eval tests the checkpoint as it was trained: {', '.join('--' + k for k in fixed)} "
-            "have no effect"] if fixed else []
+            f"ha{'ve' if len(fixed) > 1 else 's'} no effect"] if fixed else []
 
 
 def default_eval_name(data_path: str | Path, split_file: str | Path) -> str:

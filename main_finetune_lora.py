@@ -256,7 +256,7 @@ def resolve_method(args: argparse.Namespace, explicit: set[str]) -> None:
     args.method = args.method or default_method(args.model)
     args.arch = mv.LORA_MODELS.get(args.model, args.model)
     if "model" not in explicit and args.method != "lora":  # a default *_lora model follows --method
-        args.model = args.arch
+        args.model = args.arch  # (the flag's, the demo's, or the one the weights file gives)
     args.model_kwargs = {"depth": args.depth} if args.depth else {}
     args.method_settings, args.unread_flags, notes = methods.get(args.method).read_flags(
         vars(args), () if args.eval else explicit)
@@ -320,8 +320,9 @@ def weights_defaults(args: argparse.Namespace, given: set[str]):
     if info.arch is None and "model" not in given:
         raise ArgumentError(f"--finetune {args.finetune}: {info.geometry.text()}: no --model "
                             "of this tool builds it")
-    for key, value in {"model": f"{info.arch}{'_lora' if (args.method or 'lora') == 'lora' else ''}",
-                       "input_size": info.input_size, "global_pool": info.global_pool == "avg"}.items():
+    # The *_lora builder, as the default --model: resolve_method makes it plain for other methods.
+    for key, value in {"model": f"{info.arch}_lora", "input_size": info.input_size,
+                       "global_pool": info.global_pool == "avg"}.items():
         if key not in given:
             setattr(args, key, value)
     try:

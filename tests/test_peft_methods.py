@@ -548,6 +548,12 @@ def test_run_names_carry_the_method_and_its_size(demo, tmp_path, vit_base_file):
     args = mfl.parse(["--data_path", str(data), "--finetune", str(weights), "--method", "vpt",
                       "--model", "vit_base_patch16", "--vpt_depth", "shallow"])
     assert args.method_settings.dropout == 0.0  # the official runs: no dropout for shallow prompts
+    # Without --model the weights file gives the architecture, as the builder its method needs.
+    for method, model in (("vpt", "vit_base_patch16"), ("full", "vit_base_patch16"),
+                          ("lora", "vit_base_patch16_lora"), (None, "vit_base_patch16_lora")):
+        flags = [] if method is None else ["--method", method]
+        args = mfl.parse(["--data_path", str(data), "--finetune", str(weights), *flags])
+        assert (args.model, args.method) == (model, method or "lora")
 
 
 # ---------------------------------------------------------------------------------------

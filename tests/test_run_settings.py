@@ -108,3 +108,5 @@ def test_eval_names_the_settings_its_checkpoint_decides(tmp_path):
     args = mfl.parse([*argv, "--method", "vpt", "--vpt_tokens", "5", "--input_size", "64"])
     assert args.notes == ["--eval tests the checkpoint as it was trained: --input_size, --method, "
                           "--vpt_tokens have no effect"]
+    assert mfl.parse([*argv, "--lr", "0.1"]).notes == [
+        "--eval tests the checkpoint as it was trained: --lr has no effect"]
