@@ -75,3 +75,26 @@ def test_using_a_model_predicts_as_its_snippet_says(tmp_path):
     assert list(failures) == [1]
     # The accessors the page names next to the snippet exist on the config it returns.
     assert config.method_settings.scaling == pytest.approx(32 / 4)
+
+
+def test_reproduce_names_the_lr_each_method_keeps_from_the_lora_preset():
+    """docs/REPRODUCE.md's table: the methods without an lr for the setting's optimizer run at
+    the LoRA preset's lr it names, and every other method at a different one."""
+    import methods
+    from util.presets import resolve_preset
+
+    def lr_of(preset: str, method: str) -> float:
+        values, _ = resolve_preset(preset, method, methods.get(method).preset_lr)
+        return values["lr"] or values["blr"] * values["global_batch"] / 256
+
+    text = (ROOT / "docs/REPRODUCE.md").read_text()
+    rows = re.findall(r"^\| `([a-z0-9_-]+)` \|.*\| ([\d.]+) \(([A-Za-z, ]+)\) \|$", text, flags=re.M)
+    assert len(rows) == 18
+    comparison = ("bitfit", "ssf", "adaptformer", "vpt")
+    for preset, lr, named in rows:
+        keep = {m.strip().lower() for m in named.split(",")}
+        assert lr_of(preset, "lora") == pytest.approx(float(lr))
+        assert keep < set(comparison), (preset, keep)
+        for method in comparison:
+            same = lr_of(preset, method) == pytest.approx(float(lr))
+            assert same == (method in keep), (preset, method, lr_of(preset, method), lr)
