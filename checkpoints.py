@@ -43,7 +43,7 @@ from safetensors.torch import save_file
 import lora
 import methods
 import models_vit_lora as mv
-from util.cli import ToolError
+from util.cli import EXIT_USAGE, ToolError
 from util.io import OutputError, atomic_write, file_sha256, write_json  # noqa: F401  (re-exported)
 from util.runfolder import RunFolder
 
@@ -416,6 +416,12 @@ class ExportError(ToolError, ValueError):
     """An export that cannot be written, read or does not reproduce its source model."""
 
 
+class NotMergeableError(ExportError):
+    """A checkpoint of a method that has no plain timm form: a usage error (exit 2)."""
+
+    exit_code = EXIT_USAGE
+
+
 def merged_config(config: ModelConfig, source: str | Path | None = None) -> dict[str, Any]:
     """The export's JSON: the checkpoint's config (with every tensor in the file) and what
     timm needs to build the model (``timm_model``, ``timm_kwargs``)."""
@@ -432,11 +438,11 @@ def export_merged(model: nn.Module, config: ModelConfig, out: str | Path,
     """Write ``<out>.safetensors`` (the method folded in, timm names) and ``<out>.json``.
 
     ``model`` is left as it was (merged or not); ``config`` is its checkpoint config. A
-    method that cannot be merged raises ``ExportError`` with its reason.
+    method that cannot be merged raises ``NotMergeableError`` with its reason.
     """
     method = methods.get(config.method)
     if method.not_mergeable:
-        raise ExportError(f"{source or 'the checkpoint'}: method {method.name!r} cannot be merged "
+        raise NotMergeableError(f"{source or 'the checkpoint'}: method {method.name!r} cannot be merged "
                           f"into a plain timm ViT: {method.not_mergeable}")
     tensors_path, config_path = export_paths(out)
     model = getattr(model, "module", model)  # DDP

@@ -17,7 +17,7 @@ training run's own files and symbolic links are refused even then.
 
 Exit codes: 0 exported; 1 failure (the export does not reproduce the model, or could not be
 written: a full disk, a read-only folder); 2 usage (a bad flag, a checkpoint that cannot be
-loaded, a refused ``--output``; nothing written).
+loaded or whose method cannot be merged, a refused ``--output``; nothing written).
 """
 from __future__ import annotations
 

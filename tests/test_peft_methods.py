@@ -329,7 +329,7 @@ def test_export_refuses_a_non_mergeable_method_in_one_line(method, tmp_path, cap
     stem = tmp_path / "run" / "checkpoint-best"
     ckpt.save_checkpoint(stem, model, cfg)
     out = tmp_path / "export" / "m"
-    assert export.main(["--checkpoint", str(stem), "--output", str(out)]) != 0
+    assert export.main(["--checkpoint", str(stem), "--output", str(out)]) == 2  # usage
     err = capsys.readouterr().err.strip().splitlines()
     reason = methods.get(method).not_mergeable
     assert len(err) == 1 and err[0].endswith(
