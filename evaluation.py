@@ -36,7 +36,7 @@ from util.cli import UsageError
 from util.io import json_safe
 from util.misc import DistInfo, say
 from util.precision import precision_name
-from util.runfolder import RunFolder, checkpoint_folder, probe_writable
+from util.runfolder import RunFolder, checkpoint_folder, probe_writable, report_names
 from util.subgroups import write_subgroup_report
 
 logger = logging.getLogger("main")
@@ -356,8 +356,7 @@ def write_reports(results: dict, stats: dict, dataset: datasets.ChestXrayDataset
     else:
         line += f" ({section['note']})"
     say(line)
-    folder.record(*(p for p in out.iterdir() if p.is_file() and p.name.startswith(
-        (stem, f"predictions_{split}", f"roc_{split}"))))
+    folder.record(*(name for name in report_names(split) if (out / name).is_file()))
     if results["undefined_classes"]:
         say(f"{split}: no AUROC for {', '.join(results['undefined_classes'])} (a single label "
             "value in the evaluated images); the mean is over the other classes")
@@ -402,12 +401,17 @@ def evaluate_checkpoint(checkpoint: str | Path, data_path: str | Path, *, datase
         folder.lock.acquire(command)
     try:
         stem = f"results_{split}.json"
-        if (folder.folder / stem).exists():
-            if not overwrite:
-                raise UsageError(f"{folder.folder} already holds an evaluation ({stem}): pass "
-                                 "--eval_name <name> to keep both, or --overwrite to replace it")
-            if dist_info.is_main:
-                folder.remove_own_files()
+        if (folder.folder / stem).exists() and not overwrite:
+            raise UsageError(f"{folder.folder} already holds an evaluation ({stem}): pass "
+                             "--eval_name <name> to keep both, or --overwrite to replace it")
+        own = set(folder.written())
+        foreign = [n for n in report_names(split) if (folder.folder / n).exists() and n not in own]
+        if foreign and not overwrite:
+            raise UsageError(f"{folder.folder} holds files no evaluation of this tool wrote "
+                             f"({', '.join(foreign[:4])}): the evaluation would write over them; "
+                             "choose another --output_dir / --eval_name, or --overwrite to replace them")
+        if overwrite and dist_info.is_main:
+            folder.remove_own_files()
         info = {"data_path": str(Path(data_path).resolve()), "split_file": str(data.split_file),
                 "name": name, "command": command}
         return test_checkpoint(checkpoint, data, folder, dist_info=dist_info, split=split,

@@ -457,10 +457,17 @@ def _heatmap_classes(requested: Sequence[str] | None, class_names: Sequence[str]
 def _named_inputs(args: argparse.Namespace, images: Sequence[InputImage]) -> list[Path]:
     """Every file the command reads: images, split files, the checkpoint, the pre-trained
     file and a threshold table (no output may be one of them)."""
-    from checkpoints import checkpoint_paths
+    from checkpoints import checkpoint_paths, is_merged_export, read_config, resolve_checkpoint
 
+    pretrained = args.finetune
+    if pretrained is None:  # the file the checkpoint's config names, read by default
+        try:
+            checkpoint = resolve_checkpoint(args.checkpoint)
+            pretrained = None if is_merged_export(checkpoint) else read_config(checkpoint).pretrained
+        except (OSError, ValueError):
+            pass  # loading the checkpoint names what is wrong with it
     named = [Path(p) for p in args.inputs if Path(p).is_file()]
-    named += [*checkpoint_paths(args.checkpoint), *(Path(p) for p in (args.finetune, args.threshold)
+    named += [*checkpoint_paths(args.checkpoint), *(Path(p) for p in (pretrained, args.threshold)
                                               if p is not None and Path(p).is_file())]
     return [*named, *(im.file for im in images)]
 

@@ -303,3 +303,83 @@ def test_a_log_dir_that_is_a_file_is_one_line_before_anything_is_written(demo, t
     assert exc.value.code == 2
     assert f"--log_dir: {a_file} is a file, not a folder" in capsys.readouterr().err
     assert a_file.read_text() == "mine" and not (tmp_path / "run").exists()
+
+
+REPORTS = ("reliability_test.png", "results_test_calibration.csv",
+           "results_test_operating_points.md", "subgroups_test.md")
+
+
+@pytest.mark.parametrize("command", ["train", "eval"])
+def test_report_files_of_a_users_folder_are_refused_not_replaced(demo, trained, tmp_path, capsys,
+                                                                 command):
+    """Every report name a test writes counts: training into a folder of the user's and --eval
+    into an --output_dir refuse a user's file of such a name, before anything is written."""
+    data, weights = demo
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    for name in REPORTS:
+        (folder / name).write_text("precious")
+    (folder / "results_test_mynotes.txt").write_text("precious too")
+    argv = (args_for(data, weights, folder) if command == "train"
+            else eval_argv(data, trained, "--output_dir", str(folder)))
+    assert mfl.cli(argv) == (1 if command == "train" else 2)  # a run folder's conflict; usage
+    err = capsys.readouterr().err
+    assert err.count("error:") == 1 and all(n in err for n in REPORTS)
+    assert sorted(p.name for p in folder.iterdir()) == sorted([*REPORTS, "results_test_mynotes.txt"])
+    assert all((folder / n).read_text() == "precious" for n in REPORTS)
+
+
+def test_an_evaluation_records_only_its_own_files_so_overwrite_keeps_the_users(demo, trained, tmp_path):
+    data, _ = demo
+    folder = tmp_path / "ev"
+    folder.mkdir()
+    note = folder / "results_test_mynotes.txt"  # a name like a report's, not one of them
+    note.write_text("mine")
+    assert mfl.cli(eval_argv(data, trained, "--output_dir", str(folder))) == 0
+    assert "results_test_mynotes.txt" not in runfolder.RunFolder(folder).written()
+    assert mfl.cli(eval_argv(data, trained, "--output_dir", str(folder), "--overwrite")) == 0
+    assert note.read_text() == "mine"
+    assert (folder / "results_test.json").is_file()
+
+
+def test_a_folder_no_run_wrote_keeps_its_hidden_files(demo, tmp_path, capsys):
+    """Recovering an interrupted commit cleans only a run's own folder: a user's .*.tmp files
+    stay, and a user's .pending/ (the run's staging name) is refused, not emptied."""
+    data, weights = demo
+    folder = tmp_path / "users"
+    (folder / ".pending" / "sub").mkdir(parents=True)
+    (folder / ".pending" / "sub" / "thesis.tex").write_text("chapter 1")
+    (folder / ".notes.tmp").write_text("notes")
+    (folder / ".cache.tmp").mkdir()
+    assert mfl.cli(args_for(data, weights, folder)) == 1
+    assert ".pending" in capsys.readouterr().err
+    assert (folder / ".pending" / "sub" / "thesis.tex").read_text() == "chapter 1"
+    (folder / ".pending" / "sub" / "thesis.tex").rename(tmp_path / "thesis.tex")
+    (folder / ".pending" / "sub").rmdir()
+    (folder / ".pending").rmdir()
+    assert mfl.cli(args_for(data, weights, folder)) == 0
+    assert (folder / ".notes.tmp").read_text() == "notes" and (folder / ".cache.tmp").is_dir()
+    assert (folder / "results_test.json").is_file() and not (folder / ".pending").exists()
+
+
+def test_a_launch_script_named_like_a_run_file_is_refused(demo, tmp_path, capsys):
+    data, weights = demo
+    script = tmp_path / "scripts" / "config.json"
+    script.parent.mkdir()
+    script.write_text("echo hi\n")
+    out = tmp_path / "run"
+    assert mfl.cli(args_for(data, weights, out, "--script", str(script))) == 1
+    err = capsys.readouterr().err
+    assert "--script" in err and "config.json" in err and err.count("error:") == 1
+    assert not (out / "config.json").exists()
+
+
+def test_the_command_that_continues_a_run_is_quoted_for_the_shell():
+    import shlex
+
+    from util.cli import resume_command
+
+    argv = ["--run_name", "", "--output_dir", "my runs/x", "--resume", "old", "--overwrite"]
+    line = resume_command("main_finetune_lora.py", argv)
+    assert shlex.split(line) == ["python3", "main_finetune_lora.py", "--run_name", "",
+                                 "--output_dir", "my runs/x", "--resume", "auto"]

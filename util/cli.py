@@ -26,6 +26,7 @@ import logging
 import math
 import os
 import re
+import shlex
 import sys
 import traceback
 from typing import Any, Callable, Sequence
@@ -221,7 +222,7 @@ def resume_command(prog: str, argv: Sequence[str]) -> str:
             skip = arg == "--resume"
         else:
             kept.append(arg)
-    return " ".join(["python3", prog, *kept, "--resume", "auto"])
+    return shlex.join(["python3", prog, *kept, "--resume", "auto"])
 
 
 # --- a command's flag table ---------------------------------------------------------------

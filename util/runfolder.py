@@ -57,14 +57,25 @@ COMMIT_FORMAT = "cxr-lora-commit/1"
 MANIFEST_FORMAT = "cxr-lora-files/1"
 # Files whose presence says a folder holds a training run.
 RUN_MARKERS = (CONFIG_NAME, "log.txt", "checkpoint-last.json", COMMIT_NAME)
+
+
+def report_names(split: str) -> tuple[str, ...]:
+    """Every file a test of ``split`` writes into its folder (results, tables, predictions,
+    plots, subgroups): the names ``--eval`` and a run's final test check and record."""
+    stem = f"results_{split}"
+    return (f"{stem}.json", *(f"{stem}_{table}.{ext}" for table in ("auroc", "calibration",
+                                                                     "operating_points")
+                              for ext in ("csv", "md")),
+            f"predictions_{split}.csv", f"roc_{split}.png", f"reliability_{split}.png",
+            *(f"subgroups_{split}.{ext}" for ext in ("md", "csv", "png", "svg")))
+
+
 # Every file a training run writes into its folder (with the launch script's copy and the
 # TensorBoard folder): a folder holding a file of these names that no run recorded is
 # somebody else's, and is not written over unless --overwrite says so.
 RUN_OUTPUTS = (CONFIG_NAME, "train.log", "log.txt", COMMIT_NAME, MANIFEST_NAME,
                "checkpoint-best.safetensors", "checkpoint-best.json", "checkpoint-last.safetensors",
-               "checkpoint-last.json", "checkpoint-last.state.pt", "results_test.json",
-               "results_test_auroc.csv", "results_test_auroc.md", "predictions_test.csv",
-               "roc_test.png")
+               "checkpoint-last.json", "checkpoint-last.state.pt", *report_names("test"))
 # Settings a continued run may change: a longer (or shorter) schedule.
 RESUME_MAY_CHANGE = ("epochs",)
 
@@ -354,8 +365,11 @@ class RunFolder:
 
         Files of the run's names that no run recorded (a user's own, in a folder given with
         ``--run_name ''``) are refused unless ``overwrite``; symbolic links always."""
-        names = [*RUN_OUTPUTS, *([Path(script).name] if script else [])]
-        own = set(self.written())
+        if script and Path(script).name in RUN_OUTPUTS:
+            raise RunConflict(f"--script {script}: its copy in the run folder would replace the "
+                              f"run's own {Path(script).name}; rename the script")
+        names = [*RUN_OUTPUTS, PENDING_DIR, *([Path(script).name] if script else [])]
+        own = set(self.written())  # (a run's own .pending/ is gone once recover() ran)
         for name in names:
             self.writable(name)
         foreign = [n for n in names if (self.folder / n).exists() and n not in own
@@ -450,8 +464,11 @@ class RunFolder:
         file is missing or does not match its hash (unless ``verify`` is False: a run about
         to be replaced need not be intact).
         """
+        if not (self.folder / MANIFEST_NAME).is_file():
+            return None  # no run wrote here: whatever the folder holds is not ours to clean
         for tmp in self.folder.glob(f".*{TMP_SUFFIX}"):
-            tmp.unlink(missing_ok=True)  # atomic writes a killed run never finished
+            if tmp.is_file() and not tmp.is_symlink():
+                tmp.unlink(missing_ok=True)  # atomic writes a killed run never finished
         record = self.read_commit()
         if record is None:
             if (self.folder / PENDING_DIR).exists():
