@@ -14,6 +14,7 @@ here) feeds it the MLP's input. Trainable per block: 2 d r + r + d.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Mapping
 
@@ -37,8 +38,8 @@ class AdaptFormerSettings:
             raise ModelConfigError(f"AdaptFormer bottleneck width must be a positive integer "
                                    f"(--adapter_dim), got {self.dim!r}")
         if isinstance(self.scale, bool) or not isinstance(self.scale, (int, float)) \
-                or not self.scale > 0:
-            raise ModelConfigError(f"AdaptFormer scale must be positive (--adapter_scale), got "
+                or not 0 < self.scale < math.inf:
+            raise ModelConfigError(f"AdaptFormer scale must be positive and finite (--adapter_scale), got "
                                    f"{self.scale!r}")
         if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) \
                 or not 0 <= self.dropout < 1:

@@ -49,8 +49,9 @@ class LoRASpec:
             except ValueError as err:
                 raise ModelConfigError(f"{err} ({name})") from None
         if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) \
-                or not self.alpha > 0:
-            raise ModelConfigError(f"LoRA alpha must be positive (--lora_alpha), got {self.alpha!r}")
+                or not 0 < self.alpha < math.inf:
+            raise ModelConfigError(f"LoRA alpha must be positive and finite (--lora_alpha), got "
+                                   f"{self.alpha!r}")
         try:
             lora.parse_lora_pos(self.pos)
         except ValueError as err:

@@ -55,8 +55,9 @@ def test_lora_scaling_and_bad_fields():
 @pytest.mark.parametrize("changes, message", [
     (dict(rank=0), "LoRA rank must be a positive integer, got 0 (--lora_rank)"),
     (dict(rank=2.5), "LoRA rank must be a positive integer, got 2.5 (--lora_rank)"),
-    (dict(alpha=0.0), "LoRA alpha must be positive (--lora_alpha), got 0.0"),
-    (dict(alpha=float("nan")), "LoRA alpha must be positive (--lora_alpha), got nan"),
+    (dict(alpha=0.0), "LoRA alpha must be positive and finite (--lora_alpha), got 0.0"),
+    (dict(alpha=float("nan")), "LoRA alpha must be positive and finite (--lora_alpha), got nan"),
+    (dict(alpha=float("inf")), "LoRA alpha must be positive and finite (--lora_alpha), got inf"),
     (dict(dropout=1.0), "LoRA dropout must be in [0, 1), got 1.0 (--lora_dropout)"),
     (dict(dropout=-0.1), "LoRA dropout must be in [0, 1), got -0.1 (--lora_dropout)"),
     (dict(pos="attn,foo"), "unknown lora_pos 'foo' in 'attn,foo'"),

@@ -472,6 +472,7 @@ def test_vpt_trains_in_two_processes_and_tests_as_one(demo, tmp_path):
 @pytest.mark.parametrize("flags,named", [
     (["--method", "adaptformer", "--adapter_dim", "0"], "--adapter_dim"),
     (["--method", "adaptformer", "--adapter_scale", "0"], "--adapter_scale"),
+    (["--method", "adaptformer", "--adapter_scale", "inf"], "--adapter_scale"),
     (["--method", "adaptformer", "--adapter_dropout", "1"], "--adapter_dropout"),
     (["--method", "vpt", "--vpt_tokens", "0"], "--vpt_tokens"),
     (["--method", "vpt", "--vpt_dropout", "-0.1"], "--vpt_dropout"),
@@ -592,3 +593,14 @@ def test_documented_sizes_match_loras_budget_on_vit_b():
                          class_names=[f"c{i}" for i in range(14)], img_size=224, global_pool=True,
                          norm="mrm", mean=mean, std=std, method_settings=AdaptFormerSettings(dim=8))
     assert lora.count_parameters(mv.build_model(cfg))[0] == 169_070
+
+
+def test_preset_source_says_when_the_command_gives_the_lr(demo, tmp_path, vit_base_file):
+    data, _ = demo
+    weights = vit_base_file(tmp_path, "MRM.pth")
+    base = ["--data_path", str(data), "--finetune", str(weights), "--method", "vpt",
+            "--model", "vit_base_patch16", "--preset", "nih-1-mrm"]
+    own = mfl.parse(base)
+    given = mfl.parse([*base, "--lr", "0.01"])
+    assert own.lr == 0.25 and "the command's" not in own.preset_source
+    assert given.lr == 0.01 and given.preset_source.endswith("the lr is the command's (--lr)")
