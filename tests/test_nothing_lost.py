@@ -383,3 +383,13 @@ def test_the_command_that_continues_a_run_is_quoted_for_the_shell():
     line = resume_command("main_finetune_lora.py", argv)
     assert shlex.split(line) == ["python3", "main_finetune_lora.py", "--run_name", "",
                                  "--output_dir", "my runs/x", "--resume", "auto"]
+
+
+def test_resuming_with_another_method_names_the_method(tmp_path):
+    folder = runfolder.RunFolder(tmp_path)
+    saved = {"method": "vpt", "vpt_tokens": 50, "epochs": 1}
+    given = {"method": "adaptformer", "adapter_dim": 64, "epochs": 2}
+    with pytest.raises(runfolder.RunConflict, match="method") as err:
+        folder.check_resume("ckpt", saved, given)
+    assert "vpt" in str(err.value) and "adaptformer" in str(err.value)
+    assert "adapter_dim" not in str(err.value)

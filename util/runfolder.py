@@ -348,7 +348,8 @@ class RunFolder:
 
     def check_resume(self, checkpoint: str, saved: dict[str, Any], settings: dict[str, Any]) -> None:
         """Refuse to continue a run (its recorded ``saved`` settings) with other settings."""
-        changed = [k for k in sorted(set(saved) | set(settings))
+        # The method first: the flags of another method differ because the method does.
+        changed = [k for k in sorted(set(saved) | set(settings), key=lambda k: (k != "method", k))
                    if k not in RESUME_MAY_CHANGE and saved.get(k) != settings.get(k)]
         if changed:
             key = changed[0]
