@@ -39,7 +39,7 @@ def check_outputs(flag: str, outputs: Iterable[str | Path], *, overwrite: bool =
 
     Each of ``outputs`` (files the command is about to write, named by ``flag``) must not be
     a symbolic link (writing would change the file it points to, or replace the link), a
-    folder, below a file, one of ``inputs`` (the same file under any spelling), a file a training run
+    folder, one of ``inputs`` (the same file under any spelling), a file a training run
     recorded as its own (``util.runfolder.run_owning``), nor, without ``overwrite``, an
     existing file. Raises ``UsageError`` naming the flag and the file.
     """
@@ -50,9 +50,6 @@ def check_outputs(flag: str, outputs: Iterable[str | Path], *, overwrite: bool =
                              "refusing to write through it or replace it: name a plain file")
         if path.is_dir():
             raise UsageError(f"{flag}: {path} is a folder, not a file")
-        parent = next((f for f in path.parents if f.exists()), None)
-        if parent is not None and not parent.is_dir():
-            raise UsageError(f"{flag}: {parent} is a file, not a folder: {path} cannot be written")
         same = given.get(os.path.realpath(path))
         if same is not None:
             spelled = "" if same == str(path) else f" ({same})"
