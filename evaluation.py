@@ -404,8 +404,7 @@ def evaluate_checkpoint(checkpoint: str | Path, data_path: str | Path, *, datase
         if (folder.folder / stem).exists() and not overwrite:
             raise UsageError(f"{folder.folder} already holds an evaluation ({stem}): pass "
                              "--eval_name <name> to keep both, or --overwrite to replace it")
-        own = set(folder.written())
-        foreign = [n for n in report_names(split) if (folder.folder / n).exists() and n not in own]
+        foreign = folder.foreign(report_names(split))
         if foreign and not overwrite:
             raise UsageError(f"{folder.folder} holds files no evaluation of this tool wrote "
                              f"({', '.join(foreign[:4])}): the evaluation would write over them; "

@@ -336,7 +336,11 @@ def test_an_evaluation_records_only_its_own_files_so_overwrite_keeps_the_users(d
     note = folder / "results_test_mynotes.txt"  # a name like a report's, not one of them
     note.write_text("mine")
     assert mfl.cli(eval_argv(data, trained, "--output_dir", str(folder))) == 0
-    assert "results_test_mynotes.txt" not in runfolder.RunFolder(folder).written()
+    written = runfolder.RunFolder(folder).written()
+    assert "results_test_mynotes.txt" not in written
+    # report_names lists every file the test wrote, so each is recorded as the evaluation's.
+    made = {p.name for p in folder.iterdir() if p.is_file()} - {note.name, runfolder.MANIFEST_NAME}
+    assert made <= set(runfolder.report_names("test")) and made <= set(written)
     assert mfl.cli(eval_argv(data, trained, "--output_dir", str(folder), "--overwrite")) == 0
     assert note.read_text() == "mine"
     assert (folder / "results_test.json").is_file()

@@ -40,7 +40,7 @@ import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 from util.cli import ToolError, UsageError
 from util.io import TMP_SUFFIX, OutputError, describe_os_error, file_sha256, write_json, write_text
@@ -235,6 +235,11 @@ class RunFolder:
                 names.append(rel)
         write_json(self.folder / MANIFEST_NAME, {"format": MANIFEST_FORMAT, "files": names})
 
+    def foreign(self, names: Sequence[str]) -> list[str]:
+        """Those of ``names`` that exist in the folder but no run recorded as its own."""
+        own = set(self.written())
+        return [n for n in names if (self.folder / n).exists() and n not in own]
+
     def writable(self, name: str) -> Path:
         """The path of a file the run is about to write: never through a symlink."""
         path = self.folder / name
@@ -370,11 +375,10 @@ class RunFolder:
             raise RunConflict(f"--script {script}: its copy in the run folder would replace the "
                               f"run's own {Path(script).name}; rename the script")
         names = [*RUN_OUTPUTS, PENDING_DIR, *([Path(script).name] if script else [])]
-        own = set(self.written())  # (a run's own .pending/ is gone once recover() ran)
         for name in names:
             self.writable(name)
-        foreign = [n for n in names if (self.folder / n).exists() and n not in own
-                   and n not in (COMMIT_NAME, MANIFEST_NAME, "log.txt")]
+        # (A run's own .pending/ is gone once recover() ran.)
+        foreign = [n for n in self.foreign(names) if n not in (COMMIT_NAME, MANIFEST_NAME, "log.txt")]
         if foreign and not overwrite and not plan.resume:
             raise RunConflict(f"{self.folder} holds files no run of this tool wrote "
                               f"({', '.join(foreign[:4])}): a run would write over them; choose "
