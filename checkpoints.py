@@ -433,6 +433,16 @@ def merged_config(config: ModelConfig, source: str | Path | None = None) -> dict
             "source_checkpoint": None if source is None else str(source)}
 
 
+def check_mergeable(config: ModelConfig, source: str | Path | None = None) -> methods.Method:
+    """The method of ``config``; ``NotMergeableError`` with its reason when it cannot become a
+    plain timm ViT."""
+    method = methods.get(config.method)
+    if method.not_mergeable:
+        raise NotMergeableError(f"{source or 'the checkpoint'}: method {method.name!r} cannot be "
+                                f"merged into a plain timm ViT: {method.not_mergeable}")
+    return method
+
+
 def export_merged(model: nn.Module, config: ModelConfig, out: str | Path,
                   source: str | Path | None = None) -> tuple[Path, Path]:
     """Write ``<out>.safetensors`` (the method folded in, timm names) and ``<out>.json``.
@@ -440,10 +450,7 @@ def export_merged(model: nn.Module, config: ModelConfig, out: str | Path,
     ``model`` is left as it was (merged or not); ``config`` is its checkpoint config. A
     method that cannot be merged raises ``NotMergeableError`` with its reason.
     """
-    method = methods.get(config.method)
-    if method.not_mergeable:
-        raise NotMergeableError(f"{source or 'the checkpoint'}: method {method.name!r} cannot be merged "
-                          f"into a plain timm ViT: {method.not_mergeable}")
+    method = check_mergeable(config, source)
     tensors_path, config_path = export_paths(out)
     model = getattr(model, "module", model)  # DDP
     state = method.merged_state_dict(model)

@@ -37,6 +37,7 @@ from safetensors import SafetensorError
 from checkpoints import (
     ExportError,
     ModelConfig,
+    check_mergeable,
     checkpoint_paths,
     export_merged,
     export_paths,
@@ -49,7 +50,7 @@ from util import cli
 from util.cli import UsageError
 from util.io import OutputError, describe_os_error
 from util.reports import check_outputs
-from util.runfolder import probe_writable
+from util.runfolder import probe_writable, remove_empty
 
 logger = logging.getLogger("export")
 PROG = "export.py"
@@ -151,10 +152,15 @@ def run(args: argparse.Namespace) -> int:
     if args.finetune is None and pretrained:
         check_outputs("--output", export_paths(args.output), overwrite=args.overwrite,
                       inputs=[Path(pretrained)])
+    check_mergeable(config, args.checkpoint)  # before any folder is made for the export
     # A read-only folder, or a file where the folder should be, is found before the work.
-    probe_writable(export_paths(args.output)[0].parent)
-    tensors_path, config_path = export_checked(model, config, args.output, args.checkpoint,
-                                               atol=None if args.no_verify else args.atol)
+    made = probe_writable(export_paths(args.output)[0].parent)
+    try:
+        tensors_path, config_path = export_checked(model, config, args.output, args.checkpoint,
+                                                   atol=None if args.no_verify else args.atol)
+    except BaseException:
+        remove_empty(made)  # a failed check leaves no folder of its own behind
+        raise
     print(f"exported {args.checkpoint} -> {tensors_path} + {config_path.name}")
     return 0
 

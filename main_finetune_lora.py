@@ -38,7 +38,7 @@ from util.misc import DistInfo, close_log_file, code_versions, decided_by_main, 
 from util.optim import build_optimizer, per_process_batch
 from util.precision import AMP_CHOICES, precision_name, resolve_amp
 from util.presets import DEMO_DEFAULTS, PRESETS, preset_help, reference_script_flags, resolve_preset
-from util.runfolder import Plan, RunFolder, probe_writable, run_path
+from util.runfolder import Plan, RunFolder, probe_writable, remove_empty, run_path
 
 logger = logging.getLogger("main")
 
@@ -260,8 +260,10 @@ def resolve_method(args: argparse.Namespace, explicit: set[str]) -> None:
     if "model" not in explicit and args.method != "lora":  # a default *_lora model follows --method
         args.model = args.arch  # (the flag's, the demo's, or the one the weights file gives)
     args.model_kwargs = {"depth": args.depth} if args.depth else {}
-    args.method_settings, args.unread_flags, notes = methods.get(args.method).read_flags(
+    method = methods.get(args.method)
+    args.method_settings, args.unread_flags, notes = method.read_flags(
         vars(args), () if args.eval else explicit)
+    vars(args).update(method.resolved_flags(args.method_settings))
     args.notes += notes
     if args.eval:
         roles = command.flag_roles(get_args_parser())
@@ -374,7 +376,10 @@ def check_combinations(args: argparse.Namespace) -> None:
     if args.start_epoch >= args.epochs and not args.resume:
         raise ArgumentError(f"--start_epoch {args.start_epoch} leaves no epoch of --epochs "
                             f"{args.epochs} to train")
-    mv.check_input_size(args.model, args.input_size)
+    if not args.eval:  # (an evaluation's model is the checkpoint's)
+        # The model built without memory: a size its layers cannot take (a rank or bottleneck
+        # above their width) is refused before the data is read or torchrun starts.
+        mv.check_buildable(model_config(args, ["class"]))
     try:
         datasets.check_cache_options(args.cache, args.cache_size)
         lora.check_backbone_dtype(args.backbone_dtype, args.amp, torch.device(args.device),
@@ -432,14 +437,14 @@ def prepare_data(args: argparse.Namespace, dist_info: DistInfo,
 
 
 def model_config(args: argparse.Namespace, class_names: list[str],
-                 settings: dict[str, Any]) -> mv.ModelConfig:
+                 weights_sha256: str | None = None) -> mv.ModelConfig:
     """The model this run trains, from its flags (kept as JSON beside every checkpoint)."""
     mean, std = datasets.NORM_STATS[args.norm]
     return mv.ModelConfig(
         model=args.arch, method=args.method, class_names=class_names, img_size=args.input_size,
         global_pool=args.global_pool, norm=args.norm, mean=mean, std=std,
         pretrained=str(Path(args.finetune).resolve()) if args.finetune else None,
-        pretrained_sha256=settings["weights_sha256"], method_settings=args.method_settings,
+        pretrained_sha256=weights_sha256, method_settings=args.method_settings,
         drop_path_rate=args.drop_path, eval_recipe=args.recipe, dataset=args.dataset,
         model_kwargs=args.model_kwargs)
 
@@ -488,14 +493,15 @@ def main(args: argparse.Namespace) -> dict:
     parser = get_args_parser()
     settings = run_settings(args, command.flag_roles(parser), dist_info.world_size, data)
     # The model next: what only the weights tell (a width, a grid) fails before the run folder.
-    config = model_config(args, list(data.train_set.class_names), settings)
+    config = model_config(args, list(data.train_set.class_names), settings["weights_sha256"])
     model = build_model(args, config, device)
     folder = RunFolder(run_path(
         args.output_dir, args.run_name, settings, weights=Path(args.finetune or "").stem, note=args.note,
         method_tag=methods.get(args.method).tag(args.method_settings),
         demo_given=list(args.explicit) if args.demo and "run_name" not in args.explicit else None))
+    made = []  # the folders this command makes: removed again if it is refused before writing
     if dist_info.is_main:
-        probe_writable(folder.folder)
+        made = probe_writable(folder.folder)
         folder.lock.acquire(" ".join(sys.argv))
     try:
         plan = decided_by_main(dist_info, lambda: folder.plan(
@@ -521,6 +527,7 @@ def main(args: argparse.Namespace) -> dict:
         return final_test(args, folder, plan, progress, data, writer, dist_info, device, amp_dtype)
     finally:
         folder.lock.release()
+        remove_empty(made)
 
 
 def start_run(args: argparse.Namespace, parser: argparse.ArgumentParser, settings: dict, folder: RunFolder,

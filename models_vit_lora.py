@@ -852,6 +852,13 @@ class ModelConfig:
         return dataclasses.replace(self, **changes)
 
 
+def check_buildable(config: ModelConfig) -> None:
+    """Build ``config``'s model on the meta device (no memory, no weights, a fraction of a
+    second): the ``ModelConfigError`` of a method size its architecture cannot take."""
+    with torch.device("meta"):
+        build_model(config)
+
+
 def build_model(config: ModelConfig, pretrained: str | Path | None = None, *,
                 allow_unsafe_pickle: bool = False) -> VisionTransformer:
     """The one model assembly: plain timm ViT -> pre-trained weights (checked) -> the method's

@@ -11,10 +11,14 @@ import torch.nn.functional as F
 from .folding import Mergeable, Target
 
 
+class RankError(ValueError):
+    """A LoRA rank that is not a positive integer or is above the adapted layer's width."""
+
+
 def check_rank(rank: object) -> None:
-    """A LoRA rank is a positive integer (``ValueError`` naming the value otherwise)."""
+    """A LoRA rank is a positive integer (``RankError`` naming the value otherwise)."""
     if isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0:
-        raise ValueError(f"LoRA rank must be a positive integer, got {rank!r}")
+        raise RankError(f"LoRA rank must be a positive integer, got {rank!r}")
 
 
 def check_dropout(dropout: object) -> None:
@@ -72,6 +76,10 @@ class LoRALinear(Mergeable):
         self.scaling = alpha / rank
         self.parts = parts
         self.slice_size = base_layer.out_features // len(parts)
+        width = min(base_layer.in_features, self.slice_size)
+        if rank > width:  # above it the pair is no longer low-rank: more weights than the slice
+            raise RankError(f"LoRA rank {rank} is above the width of the layer it adapts: "
+                            f"{base_layer.in_features} in, {self.slice_size} out per slice")
         n = sum(parts)
         factory = {"device": base_layer.weight.device, "dtype": torch.float32}
         self.lora_A = nn.Parameter(torch.empty(rank * n, base_layer.in_features, **factory))

@@ -89,6 +89,9 @@ class Method:
             other optimizer, keeps the preset's (the paper's LoRA) value.
         not_mergeable: for a method that cannot become a plain timm ViT, the one-line reason
             the export gives; empty when it can.
+        resolved_flags: ``resolved_flags(settings)`` -> {destination: value} for its flags
+            whose default (None) the settings resolve: the run records the value that ran, so
+            the same value given explicitly is the same run.
     """
 
     name: str
@@ -103,6 +106,7 @@ class Method:
     trains_backbone: bool = False
     preset_lr: tuple[float, str, str] | None = None
     not_mergeable: str = ""
+    resolved_flags: Callable[[Any], dict[str, Any]] = lambda settings: {}
 
     def read_flags(self, values: Mapping[str, Any],
                    given: Collection[str] = ()) -> tuple[Any, set[str], list[str]]:

@@ -6,12 +6,13 @@ import torch.nn as nn
 
 from lora import dora
 from methods import Method, register
-from methods.lora import LoRASpec, spec_from_flags, spec_tag
+from methods.lora import LoRASpec, rank_flag, spec_from_flags, spec_tag
 
 
 def _inject(model: nn.Module, spec: LoRASpec) -> None:
-    dora.inject_dora(model, rank=spec.rank, alpha=spec.alpha, dropout=spec.dropout,
-                     pos=spec.pos, scaling=spec.scaling)
+    with rank_flag():
+        dora.inject_dora(model, rank=spec.rank, alpha=spec.alpha, dropout=spec.dropout,
+                         pos=spec.pos, scaling=spec.scaling)
 
 
 DORA = register(Method(

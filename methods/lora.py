@@ -10,14 +10,15 @@ Two options from later papers, both off by default (the paper's recipe):
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 import torch.nn as nn
 
 import lora
-from lora.layers import check_dropout, check_rank
+from lora.layers import RankError, check_dropout, check_rank
 from methods import Method, ModelConfigError, flag, register
 
 # How the update's scaling divides alpha, by --lora_scaling.
@@ -76,10 +77,20 @@ class LoRASpec:
 
 
 def _inject(model: nn.Module, spec: LoRASpec) -> None:
-    names = lora.inject_lora(model, rank=spec.rank, alpha=spec.alpha, dropout=spec.dropout,
-                             pos=spec.pos)
+    with rank_flag():
+        names = lora.inject_lora(model, rank=spec.rank, alpha=spec.alpha, dropout=spec.dropout,
+                                 pos=spec.pos)
     for name in names:
         model.get_submodule(name).scaling = spec.scaling
+
+
+@contextlib.contextmanager
+def rank_flag() -> Iterator[None]:
+    """A rank the model's layers cannot take (above a layer's width) as the flag's error."""
+    try:
+        yield
+    except RankError as err:
+        raise ModelConfigError(f"{err} (--lora_rank)") from None
 
 
 def spec_from_flags(values: Mapping[str, Any]) -> LoRASpec:

@@ -152,6 +152,7 @@ VPT = register(Method(
                         "head); not mergeable",
     inject=inject, mark_trainable=mark_trainable, settings=VPTSettings, from_flags=from_flags,
     flags=FLAGS, size_flag="--vpt_tokens", tag=lambda s: f"{s.depth}-p{s.tokens}",
+    resolved_flags=lambda s: {"vpt_dropout": s.dropout},
     preset_lr=(0.25, "VPT official demo.ipynb final runs (VPT-deep, VTAB dmlab / eurosat): SGD, "
                      "base lr 1.0, lr = 1.0 x 64 / 256 at 64 images a step", "sgd"),
     not_mergeable="its prompt tokens are extra inputs to the blocks, which a plain timm ViT does "

@@ -101,6 +101,10 @@ def test_failed_check_writes_nothing_and_keeps_the_earlier_export(trained, tmp_p
         assert err.startswith("export.py: error: ") and err.count("\n") == 1
         assert "differ from the adapter model by 0.5 > --atol" in err
     assert {p: p.read_bytes() for p in old.parent.iterdir()} == earlier  # no temporary left
+    # Into folders the command had to make: none of them is left behind.
+    deep = tmp_path / "new" / "exports" / "model"
+    assert export_main(["--checkpoint", str(stem), "--output", str(deep)]) == 1
+    assert "differ from the adapter model" in capsys.readouterr().err and not (tmp_path / "new").exists()
     monkeypatch.undo()
     # An export is a file the user has: replaced only when asked.
     assert export_main(["--checkpoint", str(stem), "--output", str(old)]) == 2

@@ -334,7 +334,7 @@ def test_export_refuses_a_non_mergeable_method_in_one_line(method, tmp_path, cap
     reason = methods.get(method).not_mergeable
     assert len(err) == 1 and err[0].endswith(
         f"method '{method}' cannot be merged into a plain timm ViT: {reason}")
-    assert "\n" not in reason and not (tmp_path / "export" / "m.safetensors").exists()
+    assert "\n" not in reason and not (tmp_path / "export").exists()  # no folder made either
 
 
 @pytest.mark.parametrize("method", NEW)
@@ -501,15 +501,62 @@ def test_a_bottleneck_wider_than_the_model_is_refused_naming_the_flag(demo, tmp_
     with pytest.raises(mv.ModelConfigError, match=r"--adapter_dim 193 is wider than the model's width 192"):
         build("adaptformer", AdaptFormerSettings(dim=193))
     build("adaptformer", AdaptFormerSettings(dim=192))  # as wide as the model: allowed
-    assert mfl.cli(run_args(demo, tmp_path / "wide", "adaptformer", "--adapter_dim", "500")) == 2
+    with pytest.raises(SystemExit) as exc:  # with the flags, before the data is read
+        mfl.cli(run_args(demo, tmp_path / "wide", "adaptformer", "--adapter_dim", "500"))
+    assert exc.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1].startswith("main_finetune_lora.py: error: ") and "--adapter_dim 500" in err[-1]
+    assert err[0].startswith("main_finetune_lora.py: error: ") and "--adapter_dim 500" in err[0]
     assert not (tmp_path / "wide").exists()  # refused before the run folder is made
     # A checkpoint JSON with a bad size names the key.
     bad = config("vpt").to_json()
     bad["method_settings"]["tokens"] = 0
     with pytest.raises(mv.ModelConfigError, match=r"method_settings: VPT prompt length .*--vpt_tokens"):
         mv.ModelConfig.from_json(bad)
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--method", "adaptformer", "--adapter_dim", "193"], "--adapter_dim 193 is wider than the model's width 192"),
+    (["--method", "lora", "--lora_rank", "193"], "LoRA rank 193 is above the width of the layer it adapts: "
+                                                 "192 in, 192 out per slice (--lora_rank)"),
+    (["--method", "dora", "--lora_rank", "193", "--lora_pos", "mlp"], "LoRA rank 193 is above the width "
+                                                                      "of the layer it adapts"),
+])
+def test_a_size_the_models_layers_cannot_take_is_refused_by_the_flag_check(demo, tmp_path, flags, message, capsys):
+    # The launch scripts' --check_args (before torchrun starts, before any METHOD trains)
+    # builds the model without memory: the width is the weights' (a tiny ViT, 192).
+    data, weights = demo
+    argv = tiny_run_args(data, weights, tmp_path / "out", "--model", "vit_tiny_patch16", *flags, seed=0)
+    with pytest.raises(SystemExit) as exc:
+        mfl.cli([*argv, "--check_args"])
+    assert exc.value.code == 2
+    line = capsys.readouterr().err.strip().splitlines()[0]
+    assert line.startswith("main_finetune_lora.py: error: ") and message in line
+    assert not (tmp_path / "out").exists()
+    # At the width itself, the flags are fine.
+    fine = [f.replace("193", "192") for f in flags]
+    assert mfl.cli([*tiny_run_args(data, weights, tmp_path / "out", "--model", "vit_tiny_patch16", *fine,
+                                   seed=0), "--check_args"]) == 0
+
+
+def test_a_lora_rank_above_a_slice_width_is_refused_by_the_layer():
+    base = nn.Linear(16, 3 * 8)  # a fused qkv of width 8 per slice
+    lora.LoRALinear(base, rank=8, parts=(True, False, True))
+    with pytest.raises(ValueError, match="LoRA rank 9 is above the width of the layer it adapts: 16 in, 8 out"):
+        lora.LoRALinear(base, rank=9, parts=(True, False, True))
+    with pytest.raises(ValueError, match="LoRA rank 5 is above the width of the layer it adapts: 4 in"):
+        lora.LoRALinear(nn.Linear(4, 32), rank=5)
+
+
+def test_the_prompt_dropout_that_ran_is_recorded_so_giving_it_is_the_same_run(demo, tmp_path):
+    # No --vpt_dropout: deep prompts run with 0.1, shallow ones with 0 (the official runs).
+    assert mfl.parse(["--method", "vpt"]).vpt_dropout == 0.1
+    assert mfl.parse(["--method", "vpt", "--vpt_depth", "shallow"]).vpt_dropout == 0.0
+    out = tmp_path / "run"
+    assert mfl.cli(run_args(demo, out, "vpt", "--epochs", "1")) == 0
+    assert json.loads((out / "config.json").read_text())["settings"]["vpt_dropout"] == 0.1
+    # The default given by name continues the run rather than counting as another one.
+    assert mfl.cli(run_args(demo, out, "vpt", "--epochs", "2", "--resume", "auto", "--vpt_dropout", "0.1")) == 0
+    assert json.loads((out / "log.txt").read_text().splitlines()[-1])["epoch"] == 1
 
 
 @pytest.mark.parametrize("method", NEW)

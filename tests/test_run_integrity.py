@@ -148,6 +148,16 @@ def test_resume_refuses_other_preprocessing(demo, tmp_path, capsys, flags, messa
     assert message in capsys.readouterr().err
 
 
+def test_a_resume_refused_into_a_new_folder_leaves_no_folder_behind(demo, tmp_path, capsys):
+    data, weights = demo
+    out = _resumable(data, weights, tmp_path)
+    new = tmp_path / "new" / "runs"
+    assert mfl.cli(args_for(data, weights, new, "--resume", str(out / "checkpoint-last"), "--epochs", "2",
+                            "--recount", "2")) == 1
+    assert "--recount 1, this command gives 2" in capsys.readouterr().err
+    assert not (tmp_path / "new").exists()
+
+
 def test_resume_refuses_other_data_and_cache_but_follows_a_moved_folder(demo, tmp_path, capsys):
     data, weights = demo
     out = _resumable(data, weights, tmp_path)

@@ -636,11 +636,13 @@ def run_owning(path: str | Path) -> Path | None:
     return None
 
 
-def probe_writable(folder: str | Path) -> None:
-    """Create ``folder`` if needed and write a probe file into it; raise one line if impossible."""
+def probe_writable(folder: str | Path) -> list[Path]:
+    """Create ``folder`` if needed and write a probe file into it; raise one line if impossible.
+    Returns the folders it made, deepest first (for ``remove_empty``)."""
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
         raise RunFolderError(f"output folder {folder} is a file, not a folder")
+    made = [f for f in (folder, *folder.parents) if not f.exists()]
     try:
         folder.mkdir(parents=True, exist_ok=True)
         probe = folder / f".write-probe-{os.getpid()}{TMP_SUFFIX}"
@@ -652,3 +654,14 @@ def probe_writable(folder: str | Path) -> None:
     except OSError as err:
         raise RunFolderError(f"output folder {folder} is not writable: "
                              f"{describe_os_error(err, folder)}") from None
+    return made
+
+
+def remove_empty(folders: list[Path]) -> None:
+    """Remove those of ``folders`` (deepest first) that are still empty: a command refused
+    after ``probe_writable`` leaves no folder behind. A folder with anything in it stays."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:
+            return
