@@ -224,8 +224,9 @@ def resolve_args(args: argparse.Namespace, explicit: set[str]) -> argparse.Names
         method = methods.get(args.method or default_method(args.model))
         values, args.preset_source = resolve_preset(args.preset, method.name, method.preset_lr,
                                                     lora_rank=method.size_flag == "--lora_rank")
-        if given_lr := sorted(explicit & {"lr", "blr"}):  # the source names the lr that runs
+        if given_lr := sorted(explicit & {"lr", "blr"}):  # the command's lr wins, as it names it
             args.preset_source += f"; the lr is the command's ({', '.join('--' + k for k in given_lr)})"
+            values = {k: v for k, v in values.items() if k not in ("lr", "blr")}
         fill(values)
     choose_data(args, explicit)
     if args.demo:

@@ -62,6 +62,10 @@ def _plain_tag(settings: Any) -> str:
     return ""
 
 
+def _nothing_resolved(settings: Any) -> dict[str, Any]:
+    return {}
+
+
 @dataclass(frozen=True)
 class Method:
     """One fine-tuning method, as the model assembly, the checkpoints and the export see it.
@@ -106,7 +110,7 @@ class Method:
     trains_backbone: bool = False
     preset_lr: tuple[float, str, str] | None = None
     not_mergeable: str = ""
-    resolved_flags: Callable[[Any], dict[str, Any]] = lambda settings: {}
+    resolved_flags: Callable[[Any], dict[str, Any]] = _nothing_resolved
 
     def read_flags(self, values: Mapping[str, Any],
                    given: Collection[str] = ()) -> tuple[Any, set[str], list[str]]:

@@ -3,12 +3,13 @@ trained with fc_norm + head; not mergeable (its ReLU has no place in a plain ViT
 
 The paper's AdaptMLP: with ``h = LN(x')`` the input of the block's MLP,
 
-    x_out = x' + MLP(h) + s * ReLU(h W_down + b_down) W_up + b_up
+    x_out = x' + MLP(h) + s * (ReLU(h W_down + b_down) W_up + b_up)
 
 down d -> r, ReLU, dropout, up r -> d, scale s = 0.1. Initialised as the official code's
 "lora" option: ``W_down`` as nn.Linear (kaiming-uniform, a = sqrt 5), ``W_up`` and both biases
 zero, so the adapted model starts as the pre-trained one. The adapter runs inside the block's
-MLP branch, so drop path (the recipe's 0.1) drops it with the MLP; the official code adds it
+MLP branch, so drop path (the recipe's 0.1) drops it with the MLP, and a LayerScale (DINOv2)
+scales it with the MLP; the official code adds it
 outside drop path and feeds it the un-normalised ``x'``, where the paper's equation (followed
 here) feeds it the MLP's input. Trainable per block: 2 d r + r + d.
 """
@@ -139,7 +140,8 @@ ADAPTFORMER = register(Method(
                                 "head); not mergeable",
     inject=inject, mark_trainable=mark_trainable, settings=AdaptFormerSettings,
     from_flags=from_flags, flags=FLAGS, size_flag="--adapter_dim", tag=lambda s: f"d{s.dim}",
-    preset_lr=(0.025, "AdaptFormer official main_image.py: SGD (momentum 0.9), base lr 0.1, "
+    preset_lr=(0.025, "AdaptFormer official main_image.py: SGD (momentum 0.9), base lr 0.1 "
+                      "(its command: 1,024 images a step), scaled as it scales it: "
                       "lr = 0.1 x 64 / 256 at 64 images a step", "sgd"),
     not_mergeable="its adapters add a ReLU bottleneck beside each MLP, which no weight of a "
                   "plain ViT can hold; use the checkpoint itself (predict.py --checkpoint, "

@@ -651,3 +651,12 @@ def test_preset_source_says_when_the_command_gives_the_lr(demo, tmp_path, vit_ba
     given = mfl.parse([*base, "--lr", "0.01"])
     assert own.lr == 0.25 and "the command's" not in own.preset_source
     assert given.lr == 0.01 and given.preset_source.endswith("the lr is the command's (--lr)")
+    # --blr alone: the lr is blr x global batch / 256, for a preset with an absolute lr too.
+    mae = vit_base_file(tmp_path, "CXR_MAE.pth")
+    for method, preset, file in (("vpt", "nih-1-mrm", weights), ("ia3", "nih-1-cxr_mae", mae),
+                                 ("lora", "nih-1-mrm", weights)):
+        flags = [*base[:2], "--finetune", str(file), "--method", method, "--model",
+                 "vit_base_patch16_lora" if method == "lora" else "vit_base_patch16", "--preset", preset]
+        blr = mfl.parse([*flags, "--blr", "0.01"])
+        assert blr.lr == pytest.approx(0.01 * 64 / 256), method
+        assert blr.preset_source.endswith("the lr is the command's (--blr)")
