@@ -261,14 +261,15 @@ def resolve_method(args: argparse.Namespace, explicit: set[str]) -> None:
     if "model" not in explicit and args.method != "lora":  # a default *_lora model follows --method
         args.model = args.arch  # (the flag's, the demo's, or the one the weights file gives)
     args.model_kwargs = {"depth": args.depth} if args.depth else {}
-    method = methods.get(args.method)
-    args.method_settings, args.unread_flags, notes = method.read_flags(
-        vars(args), () if args.eval else explicit)
-    vars(args).update(method.resolved_flags(args.method_settings))
-    args.notes += notes
-    if args.eval:
+    if args.eval:  # the checkpoint's method and settings: the flags' are not read, only noted
+        args.method_settings, args.unread_flags = None, set()
         roles = command.flag_roles(get_args_parser())
         args.notes += evaluation.unused_settings(sorted(k for k in explicit if roles[k] == command.RUN))
+        return
+    method = methods.get(args.method)
+    args.method_settings, args.unread_flags, notes = method.read_flags(vars(args), explicit)
+    vars(args).update(method.resolved_flags(args.method_settings))
+    args.notes += notes
 
 
 def resolve_batch(args: argparse.Namespace, explicit: set[str], world: int) -> None:
@@ -412,6 +413,7 @@ def run_settings(args: argparse.Namespace, roles: dict[str, str], world_size: in
                 if role == command.RUN and k not in args.unread_flags}
     cache = data.train_set.cache_info
     settings.update(
+        model=args.arch,  # vit_base_patch16_lora is vit_base_patch16 --method lora: one run
         lr=args.lr, global_batch=args.batch_size * args.accum_iter * world_size,
         weights_sha256=ckpt.file_sha256(args.finetune) if args.finetune else None,
         split_sha256={s: ckpt.file_sha256(d.split_file) for s, d in

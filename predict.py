@@ -397,7 +397,7 @@ def build_parser() -> argparse.ArgumentParser:
                "or no image could be predicted); 2 usage error, nothing written; 3 some inputs "
                "could not be read (the rest were predicted and written); 4 non-finite model "
                "outputs for some images (the others were written).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=cli.HelpFormatter)
     p.add_argument("--checkpoint", required=True,
                    help="adapter checkpoint (stem, .safetensors or .json, e.g. "
                         "output/run/checkpoint-best; a run folder means its checkpoint-best) "
@@ -514,12 +514,12 @@ def run(args: argparse.Namespace) -> int:
     if heatmap_classes:
         probe_writable(heatmap_dir)
 
+    temperatures = calibration.temperatures(class_names) if calibrated else None
     start = time.perf_counter()
     probs, failed = predict_images(
         model, config, [im.file for im in images], batch_size=args.batch_size, device=device,
         amp=dtype, num_workers=args.num_workers, transform=transform,
-        progress=not args.no_progress and sys.stderr.isatty(),
-        temperatures=calibration.temperatures(class_names) if calibrated else None)
+        progress=not args.no_progress and sys.stderr.isatty(), temperatures=temperatures)
     seconds = time.perf_counter() - start
     rate = len(images) / seconds if seconds > 0 else float("inf")
     good = [i for i in range(len(images)) if i not in failed]
@@ -535,7 +535,7 @@ def run(args: argparse.Namespace) -> int:
                           thresholds=thresholds)
     if heatmap_classes:
         _write_heatmaps(model, config, [images[i] for i in good], heatmap_classes, heatmap_dir,
-                        transform, batch_size=args.batch_size, dtype=dtype)
+                        transform, batch_size=args.batch_size, dtype=dtype, temperatures=temperatures)
     print(_summary_line(len(good), failures, non_finite, failed_csv, output, device, dtype, rate,
                         _calibration_text(calibration, calibrated, class_names)))
     if non_finite:
@@ -628,9 +628,10 @@ def _write_failure_list(path: Path, failures: Sequence[Failure]) -> None:
 def _write_heatmaps(model: nn.Module, config: "ModelConfig", images: Sequence[InputImage],
                     classes: Sequence[int], heatmap_dir: Path,
                     transform: Callable[[Any], torch.Tensor], *, batch_size: int,
-                    dtype: torch.dtype | None) -> None:
+                    dtype: torch.dtype | None, temperatures: Sequence[float] | None) -> None:
     """A Grad-CAM overlay per image for each class index in ``classes``, read and resized
-    as the images were for the prediction."""
+    as the images were for the prediction, labelled with the probability the CSV has
+    (calibrated by ``temperatures`` when the predictions are)."""
     from functools import partial
 
     from datasets import load_image
@@ -644,7 +645,8 @@ def _write_heatmaps(model: nn.Module, config: "ModelConfig", images: Sequence[In
         written, _ = save_heatmaps(
             model, [im.file for im in images], [im.name for im in images], k,
             config.class_names[k], heatmap_dir, transform, load, config.img_size, resize,
-            batch_size=batch_size, amp_dtype=dtype)
+            batch_size=batch_size, amp_dtype=dtype,
+            temperature=1.0 if temperatures is None else float(temperatures[k]))
         heatmaps += len(written)
     logger.info("wrote %d heatmaps to %s", heatmaps, heatmap_dir)
 

@@ -208,6 +208,20 @@ def test_predict_threshold_youden_writes_the_stored_calls(calibrated, tmp_path, 
                 assert raw_row[f"pred_{name}"] == cal_row[f"pred_{name}"]
 
 
+@pytest.mark.parametrize("extra", [(), ("--no_calibrated",)])
+def test_a_heatmap_is_labelled_with_the_probability_the_csv_has(calibrated, tmp_path, monkeypatch, extra):
+    import util.heatmap
+
+    labels = []
+    drawn = util.heatmap.overlay
+    monkeypatch.setattr(util.heatmap, "overlay", lambda *a, label, **k: labels.append(label) or drawn(*a, label=label, **k))
+    name = calibrated["results"]["class_names"][1]
+    rc, rows = predict_csv(calibrated, tmp_path / "p.csv", "--heatmap_class", name, *extra)
+    assert rc == 0 and len(labels) == len(rows) > 1
+    shown = sorted(float(label.rsplit("p=", 1)[1]) for label in labels)
+    assert shown == pytest.approx(sorted(float(r[name]) for r in rows), abs=6e-4)  # printed to 3 places
+
+
 def test_threshold_kind_without_stored_calibration_is_one_line(tmp_path, capsys, calibrated):
     stem, _ = trained_checkpoint(tmp_path / "bare")
     base = ["--checkpoint", str(stem), "--inputs", str(calibrated["data"] / "test_list.txt"),

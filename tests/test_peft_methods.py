@@ -557,6 +557,24 @@ def test_the_prompt_dropout_that_ran_is_recorded_so_giving_it_is_the_same_run(de
     # The default given by name continues the run rather than counting as another one.
     assert mfl.cli(run_args(demo, out, "vpt", "--epochs", "2", "--resume", "auto", "--vpt_dropout", "0.1")) == 0
     assert json.loads((out / "log.txt").read_text().splitlines()[-1])["epoch"] == 1
+    # An evaluation reads the checkpoint's method: another method's flags, even bad ones, are
+    # only noted.
+    data, _ = demo
+    assert mfl.cli(["--eval", "--resume", str(out / "checkpoint-best"), "--data_path", str(data),
+                    "--num_workers", "0", "--amp", "none", "--output_dir", str(tmp_path / "eval"),
+                    "--no_progress", "--lora_rank", "0"]) == 0
+    assert (tmp_path / "eval" / "results_test.json").is_file()
+
+
+def test_a_lora_model_and_the_plain_model_with_method_lora_are_one_run(demo, tmp_path):
+    data, weights = demo
+    out = tmp_path / "run"
+    assert mfl.cli(tiny_run_args(data, weights, out, "--epochs", "1", seed=0)) == 0  # vit_tiny_patch16_lora
+    assert json.loads((out / "config.json").read_text())["settings"]["model"] == "vit_tiny_patch16"
+    again = tiny_run_args(data, weights, out, "--model", "vit_tiny_patch16", "--method", "lora",
+                          "--epochs", "2", "--resume", "auto", seed=0)
+    assert mfl.cli(again) == 0  # continued, not refused as another run
+    assert json.loads((out / "log.txt").read_text().splitlines()[-1])["epoch"] == 1
 
 
 @pytest.mark.parametrize("method", NEW)

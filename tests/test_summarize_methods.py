@@ -92,6 +92,10 @@ def test_setting_by_method_table_from_the_records(tmp_path):
     mean, sd = 100 * statistics.mean(DORA), 100 * statistics.stdev(DORA)
     assert f"{mean:.1f} +- {sd:.1f} (n=2, 0.37%)" in section
     assert "80.3 +- 0.9 (n=3, 0.19%)" in section
+    # The data set's own table names each run's method with its size, as the columns do.
+    nih_table = md.split("## NIH ChestX-ray14")[1].split("\n## ")[0]
+    methods_shown = [line.split(" | ")[2] for line in nih_table.splitlines() if line.startswith("| 1%")]
+    assert sorted(methods_shown) == sorted(["LoRA r4"] * 3 + ["LoRA r8", "full", "full", "dora r8", "dora r8"])
 
 
 def test_two_groups_of_one_method_label_share_a_cell_and_say_how_they_differ(tmp_path):

@@ -55,6 +55,7 @@ def run(root, name, method, seed, value, used=None, data_path="/data/nih", cache
                            **settings})
     res = {"split": "test", "dataset": "nih", "data_size": "1%", "weights": "MRM",
            "method": method, "model": arch,
+           "method_tag": f"r{record['settings']['lora_rank']}" if method == "lora" else None,
            "lora_rank": record["settings"]["lora_rank"] if method == "lora" else None,
            "seed": seed, "trainable_params": 10, "total_params": 100, "num_images": 50,
            "mean_auroc": value, "auroc": {c: value for c in CLASSES}, "class_names": CLASSES,
@@ -106,8 +107,10 @@ def test_evaluations_are_not_seeds_of_the_trained_run(tmp_path, caplog):
     comparison = summarize.lora_vs_full(summary.rows)
     assert len(comparison) == 1 and comparison[0]["lora_auroc"] == pytest.approx(81.0)
     md = summarize.to_markdown(summary.columns, summary.rows, summary.evaluations)
-    assert "## Evaluations of trained runs on other data" in md
+    assert "## Evaluations of trained runs (--eval" in md
     section = md.split("## Evaluations")[1]
+    # "trained as" names the method with its size, as the run tables do.
+    assert "| nih 1% MRM LoRA r4, seed 0 |" in section
     assert f"| {s0 / 'checkpoint-best'} | CheXpert-valid (/data/CheXpert-valid) | test |" in section
     assert "| 61.0 |" in section and "| 70.0 |" in section and "lora_s1" not in section
     assert "61.0" not in md.split("## Evaluations")[0]

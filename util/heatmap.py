@@ -49,11 +49,14 @@ def grad_cam(
     class_index: int,
     layer: nn.Module | None = None,
     amp_dtype: torch.dtype | None = None,
+    temperature: float = 1.0,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Grad-CAM maps of one class for a batch: (maps B x gh x gw in [0, 1], probabilities B).
 
     ``images`` are model inputs (B x 3 x H x W, normalised). Each map is scaled by its own
-    maximum; a map with no positive evidence is all zeros.
+    maximum; a map with no positive evidence is all zeros. The probabilities are
+    sigmoid(logit / ``temperature``): a calibration's temperature for the class gives the
+    calibrated ones (the map does not depend on it).
     """
     if images.ndim == 3:
         images = images.unsqueeze(0)
@@ -87,7 +90,7 @@ def grad_cam(
     cam = torch.relu((weights * acts).sum(dim=-1)).reshape(-1, *grid)
     # An all-zero map (no positive evidence) stays zero: 0 / 1e-12.
     cam = cam / cam.flatten(1).amax(dim=1).clamp_min(1e-12).view(-1, 1, 1)
-    probs = torch.sigmoid(logits.detach().float()[:, class_index])
+    probs = torch.sigmoid(logits.detach().float()[:, class_index] / temperature)
     return cam.cpu().numpy(), probs.cpu().numpy()
 
 
@@ -218,13 +221,15 @@ def save_heatmaps(
     resize: int,
     batch_size: int = 16,
     amp_dtype: torch.dtype | None = None,
+    temperature: float = 1.0,
 ) -> tuple[list[Path], dict[int, str]]:
     """Write one overlay PNG per image for one class; returns (written paths, {index: error}).
 
     ``load`` decodes a file to an 8-bit grey PIL image, ``transform`` makes the model
     input from it (the eval transform: the shorter side resized to ``resize``, then a centre
     crop of ``input_size``, as ``datasets.transforms.eval_resize`` says), so that the map is
-    drawn where the crop lies. The overlay has the original image's size. An
+    drawn where the crop lies. The overlay has the original image's size and is labelled
+    with the class's probability at ``temperature`` (see ``grad_cam``). An
     image whose probability or map is NaN / inf gets no file and an entry in the errors.
     File names come from ``heatmap_filename``; two different images with one name raise
     ``ValueError`` before anything is written (the same image named twice is drawn once).
@@ -250,7 +255,7 @@ def save_heatmaps(
         if not batch:
             continue
         cams, probs = grad_cam(model, torch.stack([t for _, _, t in batch]), class_index,
-                               amp_dtype=amp_dtype)
+                               amp_dtype=amp_dtype, temperature=temperature)
         for (i, img, _), cam, prob in zip(batch, cams, probs):
             if not (np.isfinite(prob) and np.isfinite(cam).all()):
                 # A NaN map would be drawn as a plausible-looking (blank) overlay.

@@ -631,7 +631,7 @@ def evaluation_rows(evaluations: Sequence[Run]) -> list[dict[str, str]]:
         if info.get("data_path"):
             data += f" ({info['data_path']})"
         trained = (f"{r['dataset']} {r['data_size']} {r['weights']} "
-                   f"{METHOD_LABELS.get(r['method'], r['method'])}"
+                   f"{_with_tag(METHOD_LABELS.get(r['method'], r['method']), r.get('method_tag'))}"
                    + ("" if run.seed is None else f", seed {run.seed}"))
         scope = {True: "external", False: "internal"}.get(info.get("external"), "unknown")
         class_map = info.get("class_map") if isinstance(info.get("class_map"), dict) else {}
@@ -647,6 +647,11 @@ def evaluation_rows(evaluations: Sequence[Run]) -> list[dict[str, str]]:
                      "num_images": "" if r.get("num_images") is None else str(r["num_images"]),
                      "folder": str(run.path.parent if run.path.name == RESULTS_NAME else run.path)})
     return rows
+
+
+def _with_tag(method: str, tag: Any) -> str:
+    """A method's label with its size tag: 'LoRA r4-plus16', 'AdaptFormer d64', 'full'."""
+    return f"{method} {tag}" if tag else str(method)
 
 
 def _with_note(header: list[str], cells: list[list[str]]) -> tuple[list[str], list[list[str]]]:
@@ -681,7 +686,8 @@ def _dataset_section(dataset: str, group: Sequence[dict[str, Any]]) -> list[str]
     with_ci = any(r.get("mean_auroc_ci_low") for r in group)
     with_seed = any(r.get("seed") for r in group)
     with_cache = any(r.get("image_cache") for r in group)
-    cells = [[r["data_size"], r["weights"], r["method"], *([r["seed"]] if with_seed else []),
+    cells = [[r["data_size"], r["weights"], _with_tag(r["method"], r["method_tag"]),
+              *([r["seed"]] if with_seed else []),
               f"**{r['mean_auroc'] or 'n/a'}**", *([_ci(r)] if with_ci else []),
               *[r[c] or "n/a" for c in classes], _params(r),
               *([r["image_cache"] or "original"] if with_cache else []), r["run"]]
@@ -780,7 +786,8 @@ def _lora_vs_full_section(comparison: Sequence[dict[str, Any]]) -> list[str]:
 def _evaluations_section(evaluations: Sequence[dict[str, str]]) -> list[str]:
     """The ``--eval`` results (``evaluation_rows``), kept apart from the runs: a table per
     test set, each headed by its name and SHA-256."""
-    out = ["## Evaluations of trained runs on other data (--eval; not in the tables above)", ""]
+    out = ["## Evaluations of trained runs (--eval; not in the tables above; test: internal "
+           "for the run's own data set, external for another)", ""]
     for group in _group_by(evaluations, itemgetter("_test_key")).values():
         with_ci = any(e["mean_auroc_ci_low"] for e in group)
         cells = [[e["checkpoint"], e["data"], e["split"], e["trained_as"], e["scope"],
