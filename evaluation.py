@@ -36,7 +36,7 @@ from util.cli import UsageError
 from util.io import json_safe
 from util.misc import DistInfo, say
 from util.precision import precision_name
-from util.runfolder import RunFolder, checkpoint_folder, probe_writable, report_names
+from util.runfolder import RunFolder, checkpoint_folder, probe_writable, remove_empty, report_names
 from util.subgroups import write_subgroup_report
 
 logger = logging.getLogger("main")
@@ -333,7 +333,10 @@ def write_reports(results: dict, stats: dict, dataset: datasets.ChestXrayDataset
     from util.calibration import temperature_text
 
     out, stem = folder.folder, f"results_{split}"
-    ckpt.write_json(folder.writable(f"{stem}.json"), results)
+    # The results JSON is what marks a finished test (util.summarize reads it): an earlier one
+    # goes first, the new one is written last, so a test cut short leaves none.
+    results_json = folder.writable(f"{stem}.json")
+    results_json.unlink(missing_ok=True)
     reports.write_predictions_csv(folder.writable(f"predictions_{split}.csv"),
                                   [dataset.paths[i] for i in stats["indices"]], stats["probs"],
                                   list(dataset.class_names), labels=stats["targets"])
@@ -356,6 +359,7 @@ def write_reports(results: dict, stats: dict, dataset: datasets.ChestXrayDataset
     else:
         line += f" ({section['note']})"
     say(line)
+    ckpt.write_json(results_json, results)
     folder.record(*(name for name in report_names(split) if (out / name).is_file()))
     if results["undefined_classes"]:
         say(f"{split}: no AUROC for {', '.join(results['undefined_classes'])} (a single label "
@@ -396,8 +400,9 @@ def evaluate_checkpoint(checkpoint: str | Path, data_path: str | Path, *, datase
     if out is None:
         out = checkpoint_folder(checkpoint) / "eval" / name
     folder = RunFolder.for_evaluation(out, checkpoint)
+    made = []  # the folders made for it: removed again if the evaluation is refused
     if dist_info.is_main:
-        probe_writable(folder.folder)
+        made = probe_writable(folder.folder)
         folder.lock.acquire(command)
     try:
         stem = f"results_{split}.json"
@@ -417,3 +422,4 @@ def evaluate_checkpoint(checkpoint: str | Path, data_path: str | Path, *, datase
                                eval_info=info, **options)
     finally:
         folder.lock.release()
+        remove_empty(made)

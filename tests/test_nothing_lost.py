@@ -397,3 +397,90 @@ def test_resuming_with_another_method_names_the_method(tmp_path):
         folder.check_resume("ckpt", saved, given)
     assert "vpt" in str(err.value) and "adaptformer" in str(err.value)
     assert "adapter_dim" not in str(err.value)
+
+
+def test_a_run_named_another_way_is_the_same_run_never_replaced(demo, trained, tmp_path, capsys):
+    # Through a symbolic link, or with a leading //, the checkpoint is still this folder's:
+    # --overwrite is refused (it would replace the run being continued), --resume continues it.
+    import shutil
+
+    data, weights = demo
+    run = tmp_path / "F" / "R"
+    shutil.copytree(trained, run, symlinks=True)
+    (tmp_path / "Flink").symlink_to(tmp_path / "F")
+    before = snapshot(run)
+    for spelling in (tmp_path / "Flink" / "R" / "checkpoint-last", "/" + str(run / "checkpoint-last")):
+        argv = args_for(data, weights, run, "--epochs", "2", "--resume", str(spelling))
+        assert mfl.cli([*argv, "--overwrite"]) == 1
+        assert "--overwrite replaces it: give one of them" in capsys.readouterr().err
+        assert snapshot(run) == before
+    assert mfl.cli(args_for(data, weights, run, "--epochs", "2", "--resume",
+                            str(tmp_path / "Flink" / "R" / "checkpoint-last"))) == 0
+    assert json.loads((run / "log.txt").read_text().splitlines()[-1])["epoch"] == 1
+
+
+def test_a_test_cut_short_leaves_no_results_json_to_pass_for_a_finished_one(demo, tmp_path, monkeypatch, capsys):
+    import errno
+
+    import util.reports
+
+    def full_disk(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(args[-1]))
+
+    data, weights = demo
+    out = tmp_path / "T"
+    monkeypatch.setattr(util.reports, "save_reliability_diagram", full_disk)
+    assert mfl.cli(args_for(data, weights, out)) == 1
+    assert "reliability_test.png: no space left on device" in capsys.readouterr().err
+    assert (out / "predictions_test.csv").is_file()  # the test had begun writing
+    assert not (out / "results_test.json").exists()
+    monkeypatch.undo()
+    # Run again, the test completes and its JSON comes last.
+    assert mfl.cli(args_for(data, weights, out, "--resume", "auto")) == 0
+    assert json.loads((out / "results_test.json").read_text())["num_images"] > 0
+
+
+def test_an_evaluation_never_replaces_a_run_stopped_before_its_first_epoch(demo, trained, tmp_path, monkeypatch, capsys):
+    data, weights = demo
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(training, "train_one_epoch", interrupted)
+    stopped = tmp_path / "stopped"
+    assert mfl.cli(args_for(data, weights, stopped)) == 130
+    monkeypatch.undo()
+    assert (stopped / "config.json").is_file() and not (stopped / "commit.json").exists()
+    before = snapshot(stopped)
+    assert mfl.cli(["--eval", "--resume", str(trained / "checkpoint-best"), "--data_path", str(data),
+                    "--num_workers", "0", "--output_dir", str(stopped), "--overwrite", "--no_progress"]) == 2
+    assert "is a training run's folder" in capsys.readouterr().err
+    assert snapshot(stopped) == before
+    # A user's own config.json (not a run's record) is no training run: the foreign-file rule applies.
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "config.json").write_text('{"lr": 1}')
+    assert not runfolder._holds_training_run(mine)
+
+
+def test_a_users_lock_file_is_kept_and_named(demo, tmp_path, capsys):
+    data, weights = demo
+    out = tmp_path / "u"
+    out.mkdir()
+    (out / runfolder.LOCK_NAME).write_text("my lock")
+    assert mfl.cli(args_for(data, weights, out)) == 1
+    assert "is not a lock file of this tool" in capsys.readouterr().err
+    assert (out / runfolder.LOCK_NAME).read_text() == "my lock"
+
+
+def test_a_refused_evaluation_leaves_no_folder_it_made(demo, trained, tmp_path, capsys):
+    from _fakes import mrm_checkpoint
+
+    data, _ = demo
+    other = tmp_path / "other_MRM.pth"
+    mrm_checkpoint(other, seed=9)
+    code = mfl.cli(["--eval", "--resume", str(trained / "checkpoint-best"), "--data_path", str(data),
+                    "--num_workers", "0", "--output_dir", str(tmp_path / "E" / "deep"),
+                    "--finetune", str(other), "--no_progress"])
+    assert code in (1, 2) and "error:" in capsys.readouterr().err
+    assert not (tmp_path / "E").exists()

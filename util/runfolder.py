@@ -119,6 +119,17 @@ def read_run_record(folder: str | Path) -> dict[str, Any] | None:
     return _read_record(Path(folder) / CONFIG_NAME, RUN_FORMAT, "run record")
 
 
+def _is_lock_record(content: bytes) -> bool:
+    """Whether a lock file's bytes are this tool's: empty (just created) or the holder's JSON."""
+    if not content.strip():
+        return True
+    try:
+        record = json.loads(content)
+    except ValueError:
+        return False
+    return isinstance(record, dict) and {"pid", "host"} <= set(record)
+
+
 class RunLock:
     """An ``flock`` on ``<folder>/.lock``: one run writes a folder at a time.
 
@@ -160,6 +171,10 @@ class RunLock:
             if same:
                 break
             os.close(fd)
+        if not _is_lock_record(os.pread(fd, 65536, 0)):
+            os.close(fd)
+            raise RunFolderError(f"{self.path} is not a lock file of this tool (a file of yours?): "
+                                 "rename or move it, or choose another --output_dir / --run_name")
         info = {"pid": os.getpid(), "host": socket.gethostname(),
                 "started": time.strftime("%Y-%m-%d %H:%M:%S"), "command": command}
         os.ftruncate(fd, 0)
@@ -204,7 +219,7 @@ class RunFolder:
         run's folder, nor a folder inside one but the checkpoint's own ``eval/<name>``."""
         out, run = Path(os.path.realpath(folder)), Path(os.path.realpath(checkpoint_folder(checkpoint)))
         for parent in (out, *out.parents):
-            if any((parent / m).exists() for m in (COMMIT_NAME, "checkpoint-last.json")):
+            if _holds_training_run(parent):
                 if not (parent == run and out.parent != run and out.is_relative_to(run / "eval")):
                     raise UsageError(
                         f"{out} is {'' if parent == out else 'inside '}a training run's folder "
@@ -279,7 +294,7 @@ class RunFolder:
         """
         old = self.run_record()
         old_settings = (old or {}).get("settings") or {}
-        own = resume == "auto" or (bool(resume) and checkpoint_folder(resume) == self.folder)
+        own = resume == "auto" or (bool(resume) and same_folder(checkpoint_folder(resume), self.folder))
         if overwrite and own:
             raise RunConflict(f"--resume {resume} continues the run in {self.folder}, "
                               "--overwrite replaces it: give one of them")
@@ -324,7 +339,7 @@ class RunFolder:
         markers = ", ".join(m for m in RUN_MARKERS if (self.folder / m).exists())
         if resume:
             source = checkpoint_folder(resume)
-            if source == self.folder:
+            if same_folder(source, self.folder):
                 return
             raise RunConflict(
                 f"--resume {resume} continues the run of {source} in {self.folder}, but "
@@ -592,11 +607,32 @@ def checkpoint_folder(checkpoint: str | Path) -> Path:
     return Path(os.path.abspath(checkpoint)).parent
 
 
+def _holds_training_run(folder: Path) -> bool:
+    """Whether ``folder`` holds a training run, finished or not: a commit, a checkpoint, or
+    the config.json a run writes at its start (one of the run format, not a user's own)."""
+    if any((folder / m).exists() for m in (COMMIT_NAME, "checkpoint-last.json")):
+        return True
+    try:
+        record = json.loads((folder / CONFIG_NAME).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(record, dict) and record.get("format") == RUN_FORMAT
+
+
+def same_folder(a: str | Path, b: str | Path) -> bool:
+    """Whether two paths name one folder, however spelt (a symbolic link on the way, ``//``,
+    ``..``): the same file on disk where both exist, else the same resolved path."""
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return os.path.realpath(a) == os.path.realpath(b)
+
+
 def continued_from(old: dict | None, folder: Path) -> str | None:
     """The checkpoint in another folder that the run in ``folder`` (its record: ``old``) was
     continuing, if that checkpoint is still there; else None."""
     earlier = (old or {}).get("resumed_from")
-    if not isinstance(earlier, str) or not earlier or checkpoint_folder(earlier) == folder:
+    if not isinstance(earlier, str) or not earlier or same_folder(checkpoint_folder(earlier), folder):
         return None
     stem = re.sub(r"\.(json|safetensors)$", "", earlier)
     return earlier if Path(stem + ".json").is_file() else None
