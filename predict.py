@@ -529,6 +529,7 @@ def run(args: argparse.Namespace) -> int:
 
     _write_failure_list(failed_csv, failures)
     if not good:  # a CSV of the header alone would pass for a result
+        output.unlink(missing_ok=True)  # (one there was allowed by --overwrite: it is replaced)
         raise ToolError(f"none of the {len(images)} images could be predicted (listed in "
                         f"{failed_csv}); {output} not written")
     write_predictions_csv(output, [images[i].name for i in good], probs[good], class_names,

@@ -24,7 +24,7 @@ from engine_finetune import CompiledModule, NonFiniteLossError, evaluate, train_
 from util.io import json_safe
 from util.lr_sched import adjust_learning_rate
 from util.misc import DistInfo, rng_state, say, seed_everything
-from util.runfolder import Plan, RunConflict, RunFolder
+from util.runfolder import LOGS_DIR, Plan, RunConflict, RunFolder
 
 logger = logging.getLogger("main")
 
@@ -75,7 +75,7 @@ def open_writer(folder: RunFolder, log_dir: str | None = None):
 
     from torch.utils.tensorboard import SummaryWriter
 
-    writer = SummaryWriter(log_dir=str(Path(log_dir) if log_dir else folder.folder / "logs"))
+    writer = SummaryWriter(log_dir=str(Path(log_dir) if log_dir else folder.writable(LOGS_DIR)))
     event_file = getattr(getattr(writer.file_writer, "event_writer", None), "_file_name", None)
     if event_file:
         folder.record(Path(os.path.abspath(event_file)))

@@ -178,6 +178,11 @@ def test_predict_nothing_readable_is_a_failure_without_a_csv(trained, tmp_path, 
     assert not out.exists()
     with open(predict.failures_path(out), newline="") as f:
         assert [r["path"] for r in csv.DictReader(f)] == ["a.png", "b.png"]
+    # An earlier CSV that --overwrite replaces does not stay beside this failure list.
+    out.write_text("path,Atelectasis\na.png,0.5\n")
+    assert predict.main([*predict_args(stem, split, output=out), "--dataset", "custom",
+                         "--overwrite"]) == 1
+    assert not out.exists() and predict.failures_path(out).is_file()
 
 
 def test_predict_existing_heatmap_needs_overwrite(trained, tmp_path, capsys):

@@ -124,6 +124,14 @@ def test_a_run_never_writes_through_a_symlink_nor_over_a_users_files(demo, tmp_p
     assert target.read_text() == "keep"
 
     (mine / "launch.sh").unlink()
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (mine / "logs").symlink_to(elsewhere)  # TensorBoard's folder
+    assert mfl.cli(args_for(data, weights, mine)) == 1
+    assert "logs is a symbolic link" in capsys.readouterr().err
+    assert list(elsewhere.iterdir()) == []
+
+    (mine / "logs").unlink()
     (mine / "predictions_test.csv").write_text("my own table\n")
     assert mfl.cli(args_for(data, weights, mine)) == 1
     assert "holds files no run of this tool wrote (predictions_test.csv)" in capsys.readouterr().err
@@ -484,3 +492,30 @@ def test_a_refused_evaluation_leaves_no_folder_it_made(demo, trained, tmp_path, 
                     "--finetune", str(other), "--no_progress"])
     assert code in (1, 2) and "error:" in capsys.readouterr().err
     assert not (tmp_path / "E").exists()
+
+
+def test_overwrite_refuses_to_orphan_the_runs_evaluations(demo, tmp_path, capsys):
+    import shutil
+
+    data, weights = demo
+    run = tmp_path / "R"
+    assert mfl.cli(args_for(data, weights, run)) == 0
+    assert mfl.cli(["--eval", "--resume", str(run / "checkpoint-best"), "--data_path", str(data),
+                    "--num_workers", "0", "--eval_name", "x", "--no_progress"]) == 0
+    before = snapshot(run)
+    assert mfl.cli(args_for(data, weights, run, "--seed", "7", "--overwrite")) == 1
+    assert "evaluations (eval/x) test its checkpoint" in capsys.readouterr().err
+    assert snapshot(run) == before
+    shutil.rmtree(run / "eval")  # moved away by the user: the run may be replaced
+    assert mfl.cli(args_for(data, weights, run, "--seed", "7", "--overwrite")) == 0
+
+
+def test_a_users_config_json_is_a_foreign_file_not_a_run_to_overwrite(demo, tmp_path, capsys):
+    data, weights = demo
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "config.json").write_text('{"my": "settings"}')
+    assert mfl.cli(args_for(data, weights, out)) == 1
+    err = capsys.readouterr().err
+    assert "holds files no run of this tool wrote (config.json)" in err and "already holds a run" not in err
+    assert (out / "config.json").read_text() == '{"my": "settings"}'

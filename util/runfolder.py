@@ -52,6 +52,7 @@ CONFIG_NAME = "config.json"
 COMMIT_NAME = "commit.json"
 PENDING_DIR = ".pending"
 MANIFEST_NAME = "run_files.json"
+LOGS_DIR = "logs"  # TensorBoard's folder in the run unless --log_dir says another
 RUN_FORMAT = "cxr-lora-run/3"
 COMMIT_FORMAT = "cxr-lora-commit/1"
 MANIFEST_FORMAT = "cxr-lora-files/1"
@@ -280,6 +281,8 @@ class RunFolder:
         """This folder's run record (config.json), or None; {} for a run whose record is lost."""
         if not any((self.folder / m).exists() for m in RUN_MARKERS):
             return None
+        if not _holds_training_run(self.folder) and not (self.folder / MANIFEST_NAME).exists():
+            return None  # a user's own config.json / log.txt: foreign files, not a run
         try:
             return read_run_record(self.folder) or {}
         except RunFolderError:
@@ -306,8 +309,20 @@ class RunFolder:
         self._refuse_another_run(old, settings, committed, resume, overwrite)
         source = checkpoint_folder(resume) if resume and not own else None
         keep = bool(resume) and own
+        if overwrite and not keep:
+            self._refuse_orphaned_evaluations()
         return Plan(resume=resume, replace=overwrite and not keep,
                     committed=committed if keep else None, source=source)
+
+    def _refuse_orphaned_evaluations(self) -> None:
+        """Replacing a run would leave its evaluations (``eval/<name>``) describing a checkpoint
+        that no longer exists, under the new checkpoint's name: they are the user's to move."""
+        evals = sorted(p.parent.name for p in (self.folder / "eval").glob("*/results_*.json"))
+        if evals:
+            raise RunConflict(f"--overwrite would replace the run in {self.folder}, whose "
+                              f"evaluations ({', '.join(f'eval/{e}' for e in evals[:3])}"
+                              f"{'...' if len(evals) > 3 else ''}) test its checkpoint: move or "
+                              "remove them first, or choose another --output_dir / --run_name")
 
     def _resolve_auto(self, old: dict | None, committed: dict | None, settings: dict,
                       overwrite: bool) -> tuple[str, bool, bool]:
@@ -390,7 +405,7 @@ class RunFolder:
             raise RunConflict(f"--script {script}: its copy in the run folder would replace the "
                               f"run's own {Path(script).name}; rename the script")
         names = [*RUN_OUTPUTS, PENDING_DIR, *([Path(script).name] if script else [])]
-        for name in names:
+        for name in [*names, LOGS_DIR]:  # (TensorBoard's folder: new event files, never a link)
             self.writable(name)
         # (A run's own .pending/ is gone once recover() ran.)
         foreign = [n for n in self.foreign(names) if n not in (COMMIT_NAME, MANIFEST_NAME, "log.txt")]
