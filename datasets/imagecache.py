@@ -458,10 +458,12 @@ def check_cache_folder(out: Path, data_path: Path, where: str) -> None:
         return
     meta = out / _META
     if os.path.lexists(meta):
-        try:
-            record = json.loads(meta.read_text(encoding="utf-8")) if meta.is_file() and not meta.is_symlink() else None
-        except (OSError, ValueError):
-            record = None
+        record = None
+        if meta.is_file() and not meta.is_symlink():
+            try:
+                record = json.loads(meta.read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                pass  # unreadable: not known to be this tool's
         if not _is_cache_record(record):
             raise DataUsageError(f"{where}: holds a {_META} that is not a record of this tool's cache; "
                                  "name a new or empty folder, or another one")
@@ -646,7 +648,8 @@ def build_cache(
     folder, names, where, splits_meta = _splits_to_cache(data_path, kind, split_dir, split_files)
 
     out = Path(cache_dir) if cache_dir is not None else default_cache_dir(data_path, size)
-    named = f"--cache_dir {out}" if cache_dir is not None else f"{out} (choose another cache folder with --cache_dir)"
+    named = (f"--cache_dir {out}" if cache_dir is not None
+             else f"{out} (choose another cache folder with --cache_dir)")
     if out.exists() and not out.is_dir():
         raise DataUsageError(f"{named}: is a file, not a folder")
     check_cache_folder(out, data_path, named)
