@@ -3,12 +3,14 @@
     python -m datasets.demo --out demo_data [--num_images 1200] [--image_size 128] [--seed 0]
     python -m datasets.demo --out RSNA_demo --rsna     # the same images as RSNA-layout DICOMs
 
-Errors are one line on stderr (exit 2: a flag; 1: the set could not be written, e.g. a full
-disk); nothing partial is left in --out.
+--out must be a new folder: nothing is written into an existing one. Errors are one line on
+stderr (exit 2: a flag; 1: the set could not be written, e.g. a full disk); nothing partial
+is left behind.
 """
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import tempfile
 from pathlib import Path
@@ -23,7 +25,7 @@ PROG = "python -m datasets.demo"
 def main(argv: list[str] | None = None) -> int:
     """Command line: write the demo data set (run it through `cli.run`)."""
     parser = cli.Parser(prog=PROG, description="Write the synthetic NIH-layout demo data set.")
-    parser.add_argument("--out", default="demo_data", help="output folder (default %(default)s)")
+    parser.add_argument("--out", default="demo_data", help="output folder, a new one (default %(default)s)")
     parser.add_argument("--num_images", type=int, default=1200)
     parser.add_argument("--image_size", type=int, default=128)
     parser.add_argument("--seed", type=int, default=0)
@@ -32,6 +34,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if Path(args.out).exists() and not Path(args.out).is_dir():
         parser.error(f"--out {args.out}: is a file, not a folder")
+    if os.path.lexists(args.out):
+        parser.error(f"--out {args.out}: already exists (name a new folder: nothing is written into an "
+                     "existing one)")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if args.rsna:
         with tempfile.TemporaryDirectory() as tmp:

@@ -22,12 +22,15 @@ Layout of a cache folder:
   kind, the DICOM intensity rule, the SHA-256 and line count of every split file it covers,
   the images found bad while building, and the names of the two files above. Replacing it
   is the one atomic step that commits a build: a failed or killed rebuild leaves the
-  committed cache valid, and its partial files (``*.tmp``) are removed.
+  committed cache valid, and its partial files (the names here + ``.tmp``) are removed.
 - ``eval-<key>.u8`` / ``eval-<key>.json``  the stored output of a deterministic evaluation
   transform prefix (resize + centre crop) for one split, made on first use (`EvalCache`),
   with a CRC-32 per row.
 
-A cache of another ``format`` is refused (rebuild it). A cache is *stale* for a split file
+A build writes only into a new or empty folder, one holding only files of the names above, or
+the cache of the same data set (`check_cache_folder`); it removes only files of those names
+that its meta.json does not name, never other files in the folder. A cache of another
+``format`` is refused when read (rebuild it). A cache is *stale* for a split file
 whose content changed (hash), for another DICOM intensity rule than asked for (if it holds
 DICOMs), for another size than asked for, for an original image that changed, or when its
 files disagree. An original counts as unchanged when its size, modification and change
@@ -46,6 +49,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import time
 import uuid
 import zipfile
@@ -88,6 +92,12 @@ DEFAULT_CACHE_DIRNAME = "_cache"
 # downsized one (explicit opt-in, warned about); off: the original files.
 CACHE_MODES: tuple[str, ...] = ("auto", "on", "lossy", "off")
 _META = "meta.json"
+# The names of this tool's files in a cache folder (module docstring): a build's id is 12 hex
+# digits, an evaluation cache's key 16; a partial file ends in ".tmp" (an evaluation cache's
+# partial files also carry the writer's process id and a random tag).
+_OWN_NAME = re.compile(r"images-[0-9a-f]{12}\.u8|index-[0-9a-f]{12}\.npz|eval-[0-9a-f]{16}\.(?:u8|json)")
+_OWN_PARTIAL = re.compile(r"(?:images-[0-9a-f]{12}\.u8|index-[0-9a-f]{12}\.npz|meta\.json)\.tmp"
+                          r"|eval-[0-9a-f]{16}\.(?:u8|json)\.\d+-[0-9a-f]{6}\.tmp")
 # How a message about an unusable cache ends.
 REBUILD_HINT = "rebuild it with `python -m datasets.cache`"
 # Arrays of the index, one row per image.
@@ -417,12 +427,56 @@ def _load_for_cache(job: tuple[int, str, int | None, str]) -> tuple:
         return i, None, 0, 0, before, digest, False, f"{type(err).__name__}: {err}"
 
 
+def _own_file(name: str) -> bool:
+    """True for a name this tool gives a file in a cache folder (module docstring), whole or partial."""
+    return bool(_OWN_NAME.fullmatch(name) or _OWN_PARTIAL.fullmatch(name))
+
+
 def _remove_unreferenced(folder: Path, keep: set[str]) -> None:
-    """Delete cache files of other builds (and partial ones) that the committed meta.json does not name."""
-    for pattern in ("images-*.u8", "index-*.npz", "eval-*", "*.tmp"):
-        for f in folder.glob(pattern):
-            if f.name not in keep and f.is_file():
-                f.unlink(missing_ok=True)
+    """Delete the cache files of other builds (and partial ones) that the committed meta.json does not
+    name: only files of this tool's names (`_own_file`), never anything else in the folder."""
+    for f in folder.iterdir():
+        if f.name not in keep and f.name != _META and _own_file(f.name) and f.is_file() and not f.is_symlink():
+            f.unlink(missing_ok=True)
+
+
+def _is_cache_record(record: object) -> bool:
+    """True for the content of a meta.json this tool wrote (any format: every one names the data set
+    folder, its kind and the split files it covers)."""
+    return (isinstance(record, dict) and isinstance(record.get("data_path"), str)
+            and isinstance(record.get("splits"), dict) and "kind" in record)
+
+
+def check_cache_folder(out: Path, data_path: Path, where: str) -> None:
+    """Refuse (DataUsageError starting with `where`) a folder to build a cache in that holds files but
+    is not a cache of this tool, or is the cache of another data set.
+
+    A folder holding only files of this tool's names (a killed first build) is this tool's; one
+    inside `data_path` belongs to that data set whatever folder its record names (a moved data set).
+    """
+    if not out.is_dir():
+        return
+    meta = out / _META
+    if os.path.lexists(meta):
+        record = None
+        if meta.is_file() and not meta.is_symlink():
+            try:
+                record = json.loads(meta.read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                pass  # unreadable: not known to be this tool's
+        if not _is_cache_record(record):
+            raise DataUsageError(f"{where}: holds a {_META} that is not a record of this tool's cache; "
+                                 "name a new or empty folder, or another one")
+        recorded, here = Path(record["data_path"]), data_path.resolve()
+        if recorded != here and here not in out.resolve().parents:
+            raise DataUsageError(f"{where}: holds the cache of another data set ({recorded}); name another "
+                                 f"folder for the cache of {data_path}")
+        return
+    foreign = next((f for f in sorted(out.iterdir())
+                    if not (_own_file(f.name) and f.is_file() and not f.is_symlink())), None)
+    if foreign is not None:
+        raise DataUsageError(f"{where}: holds {foreign.name} but no cache ({_META}); name a new or empty "
+                             "folder for the cache")
 
 
 def _splits_to_cache(data_path: Path, kind: str, split_dir: str | Path | None,
@@ -594,13 +648,15 @@ def build_cache(
     folder, names, where, splits_meta = _splits_to_cache(data_path, kind, split_dir, split_files)
 
     out = Path(cache_dir) if cache_dir is not None else default_cache_dir(data_path, size)
+    named = (f"--cache_dir {out}" if cache_dir is not None
+             else f"{out} (choose another cache folder with --cache_dir)")
     if out.exists() and not out.is_dir():
-        where = (f"--cache_dir {out}" if cache_dir is not None
-                 else f"{out} (choose another cache folder with --cache_dir)")
-        raise DataUsageError(f"{where}: is a file, not a folder")
+        raise DataUsageError(f"{named}: is a file, not a folder")
+    check_cache_folder(out, data_path, named)
     created = make_folders(out)
-    for partial in out.glob("*.tmp"):  # left by a build that was killed
-        partial.unlink(missing_ok=True)
+    for partial in out.iterdir():  # left by a build that was killed
+        if _OWN_PARTIAL.fullmatch(partial.name) and partial.is_file() and not partial.is_symlink():
+            partial.unlink(missing_ok=True)
     build = _BuildFiles(out, uuid.uuid4().hex[:12])
     jobs = [(i, f, size, scaling) for i, f in enumerate(resolve_image_paths(data_path, list(where), kind))]
     workers = workers or os.cpu_count() or 1

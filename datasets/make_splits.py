@@ -16,21 +16,26 @@ Inputs, as downloaded with the images:
 
 Splits are patient-disjoint and depend only on the metadata and ``--seed``; train_1 and
 train_10 are nested random subsets of train_list. Lines are sorted by path.
+
+Split files already in --out are refused unless ``--overwrite``; an output that is one of
+the metadata files (``--out`` = ``--metadata`` for NIH's ``test_list.txt``) is always refused.
+The files are written beside --out and moved in all together (datasets/staging.py).
 """
 from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from .constants import CLASS_NAMES
+from .constants import ALL_SPLIT_FILES, CLASS_NAMES
 from .splits import nested_subsets, write_split_file
 from util import cli
-from util.cli import ToolError
+from util.cli import ToolError, UsageError
 
 from .staging import staged_folder
 
@@ -204,6 +209,39 @@ def _rsna_frames(metadata: Path, rng: np.random.Generator, val_fraction: float |
 
 
 FRAMES = {"nih": _nih_frames, "chexpert": _chexpert_frames, "rsna": _rsna_frames}
+# The files of --metadata each kind may read (globs).
+METADATA_FILES: dict[str, tuple[str, ...]] = {
+    "nih": ("Data_Entry_2017*.csv", "train_val_list.txt", "test_list.txt"),
+    "chexpert": ("train.csv", "valid.csv", "test.csv", "test_labels.csv"),
+    "rsna": ("stage_2_train_labels.csv",),
+}
+OUTPUT_FILES: tuple[str, ...] = (*ALL_SPLIT_FILES, "splits_info.json")
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    """True when `a` and `b` are one file: the same real path, or hard links of one inode."""
+    if os.path.realpath(a) == os.path.realpath(b):
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def check_outputs(kind: str, metadata: Path, out: Path, overwrite: bool = False) -> None:
+    """Refuse, before anything is read, outputs that would replace an input of `kind` (always) or
+    split files already in `out` (unless `overwrite`); cli.UsageError naming the flag and file."""
+    inputs = [f for pattern in METADATA_FILES[kind] for f in sorted(metadata.glob(pattern)) if f.is_file()]
+    for name in OUTPUT_FILES:
+        target = out / name
+        source = next((f for f in inputs if _same_file(target, f)), None)
+        if source is not None:
+            raise UsageError(f"--out {out}: writing {target} would replace {source}, an input read from "
+                             f"--metadata; choose another --out")
+    existing = [name for name in OUTPUT_FILES if os.path.lexists(out / name)]
+    if existing and not overwrite:
+        raise UsageError(f"--out {out}: {out / existing[0]} already exists (pass --overwrite to replace "
+                         f"the split files there)")
 
 
 def _check_patient_disjoint(frames: dict[str, pd.DataFrame]) -> None:
@@ -224,11 +262,17 @@ def make_splits(
     val_fraction: float | None = None,
     test_fraction: float | None = None,
     min_subset: int = 1,
+    overwrite: bool = False,
 ) -> dict[str, int]:
-    """Write the five split files of `kind` into `out` from the metadata in `metadata`; returns line counts."""
+    """Write the five split files of `kind` into `out` from the metadata in `metadata`; returns line counts.
+
+    Split files already in `out` are refused unless `overwrite`; an output that is one of the
+    metadata files is always refused (`check_outputs`).
+    """
     if kind not in CLASS_NAMES:
         raise ValueError(f"kind={kind!r}: expected one of {list(CLASS_NAMES)}")
     metadata, out = Path(metadata), Path(out)
+    check_outputs(kind, metadata, out, overwrite)
     rng = np.random.default_rng(seed)
     frames = FRAMES[kind](metadata, rng, val_fraction, test_fraction)
     _check_patient_disjoint(frames)
@@ -272,6 +316,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--test_fraction", type=float, default=None,
                         help="share for test when no official test list (default: nih 0.2, chexpert 0.05, rsna 0.1)")
     parser.add_argument("--min_subset", type=int, default=1, help="fewest images in train_1 / train_10")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace split files already in --out (never the --metadata files)")
     args = parser.parse_args(argv)
     for flag in ("val_fraction", "test_fraction"):
         value = getattr(args, flag)
@@ -285,7 +331,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--out {args.out}: is a file, not a folder")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     counts = make_splits(args.dataset, args.metadata, args.out, args.seed,
-                         args.val_fraction, args.test_fraction, args.min_subset)
+                         args.val_fraction, args.test_fraction, args.min_subset, args.overwrite)
     print(" ".join(f"{k}={v}" for k, v in counts.items()))
     return 0
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import io
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -124,6 +125,22 @@ def _write_demo_image(job: tuple[Path, np.ndarray, int, int, int, int]) -> None:
     Image.fromarray(make_demo_image(row, image_size, rng), mode="L").save(path, compress_level=compress_level)
 
 
+def check_new_folder(root: str | Path) -> Path:
+    """`root` as a Path if nothing is there or it is an empty folder; else DataUsageError naming it.
+
+    Synthetic data is written only where it can replace nothing: its file names are those of
+    a real data set (NIH's ``all_classes/00000001_000.png``, the five split files).
+    """
+    root = Path(root)
+    if os.path.islink(root) or (root.exists() and not root.is_dir()):
+        raise DataUsageError(f"{root}: already exists and is not a folder (synthetic data is written "
+                             "only into a new or empty folder)")
+    if root.is_dir() and any(root.iterdir()):
+        raise DataUsageError(f"{root}: already exists and is not empty (synthetic data is written only "
+                             "into a new or empty folder)")
+    return root
+
+
 def make_demo_dataset(
     root: str | Path,
     num_images: int = 1200,
@@ -135,8 +152,8 @@ def make_demo_dataset(
 ) -> Path:
     """Write a synthetic data set in NIH layout (root/all_classes/*.png + the five split files); returns root.
 
-    Written beside `root` first, then moved in (train_list.txt last): a failure (a full
-    disk) leaves `root` as it was; files of a demo set already in `root` are replaced.
+    `root` must be new or an empty folder (`check_new_folder`). Written beside `root` first,
+    then renamed into place: a failure (a full disk) leaves nothing behind.
 
     About 2/3 of the patients go to train_list, 1/6 each to val_list and test_list
     (patient-disjoint); train_10 and train_1 are nested random subsets of train_list with at
@@ -148,7 +165,7 @@ def make_demo_dataset(
         raise DataUsageError(f"--num_images {num_images}: expected at least 12")
     if image_size < 32:
         raise DataUsageError(f"--image_size {image_size}: expected at least 32 pixels")
-    root = Path(root)
+    root = check_new_folder(root)
     with staged_folder(root, last=("train_list.txt",)) as staged:
         counts = _write_demo(staged, num_images, image_size, seed, images_per_patient, compress_level, workers)
     logger.info("demo data set: %d images of %d px in %s (%s)", num_images, image_size, root,
@@ -254,13 +271,14 @@ def demo_as_rsna_dicoms(nih_root: str | Path, dest: str | Path, jpeg: bool = Tru
     Each PNG becomes ``stage_2_train_images/<stem>.dcm`` with the same pixels (8-bit JPEG
     baseline like RSNA's files, or uncompressed with 12 of 16 bits stored), and each split
     file keeps one label per image, the demo's ``label_class`` column. Its default, the bright
-    blob (an opacity), stands in for Pneumonia and is learnable alone.
+    blob (an opacity), stands in for Pneumonia and is learnable alone. ``dest`` must be new or
+    an empty folder (`check_new_folder`).
     """
     names = list(CLASS_NAMES["nih"])
     if label_class not in names:
         raise ValueError(f"label_class={label_class!r}: expected one of {names}")
     column = names.index(label_class)
-    nih_root, dest = Path(nih_root), Path(dest)
+    nih_root, dest = Path(nih_root), check_new_folder(dest)
     split_files = sorted(nih_root.glob("*.txt"))
     if not split_files:
         raise DataUsageError(f"no split files (*.txt) in {nih_root}: expected a demo data set")

@@ -262,10 +262,10 @@ def test_failed_rebuild_keeps_the_previous_cache(demo, tmp_path, monkeypatch):
     assert np.array_equal(np.asarray(ds.load_image(3)), np.asarray(reference))
 
     # A killed build leaves *.tmp files: the next build removes them; a good rebuild replaces all.
-    (out / "images-dead.u8.tmp").write_bytes(b"partial")
+    (out / "images-0123456789ab.u8.tmp").write_bytes(b"partial")
     build_cache(data, workers=1, split_files=["val_list.txt"])
     after = _cache_files(out)
-    assert len(after) == 3 and "images-dead.u8.tmp" not in after and after != before
+    assert len(after) == 3 and "images-0123456789ab.u8.tmp" not in after and after != before
 
 
 def test_no_cache(demo, tmp_path):
