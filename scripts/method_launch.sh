@@ -78,7 +78,7 @@ launch_methods() {
   (( ${#methods[@]} > 1 )) && several=1
   local common=(--preset "$preset" --finetune "$WEIGHTS" --data_path "$DATA_PATH"
                 --output_dir "$OUTPUT_DIR" --num_workers 10 --dist_eval --script "$script")
-  if (( several )) && [ -z "${DRY_RUN:-}" ] && [ -z "$(_launch_setting_errors)" ] \
+  if (( several )) && [ "${DRY_RUN:-0}" != 1 ] && [ -z "$(_launch_setting_errors)" ] \
       && [ -z "$(_launch_problems "$@")" ]; then
     for method in "${methods[@]}"; do
       _method_args "$method" "$several" "$@"

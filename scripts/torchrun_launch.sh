@@ -69,6 +69,9 @@ _launch_setting_errors() {
       echo "$name='$value': expected a positive whole number"
     fi
   done
+  if ! [[ ${DRY_RUN:-0} =~ ^[01]$ ]]; then
+    echo "DRY_RUN='$DRY_RUN': expected 1 (print the commands) or 0 (run them)"
+  fi
   value=${NODE_RANK:-0}
   if ! [[ $value =~ ^[0-9]+$ ]] || { [[ ${NNODES:-1} =~ ^[0-9]+$ ]] && (( value >= ${NNODES:-1} )); }; then
     echo "NODE_RANK='$value': expected 0 to NNODES-1 (NNODES=${NNODES:-1})"
@@ -167,7 +170,7 @@ launch() {
 
   problems=$(_launch_problems "$@") || true
   if [ -n "$problems" ]; then
-    if [ -n "${DRY_RUN:-}" ]; then
+    if [ "${DRY_RUN:-0}" = 1 ]; then
       sed 's/^/note: a real run would stop here: /' <<< "$problems" >&2
     else
       sed 's/^/error: /' <<< "$problems" >&2
@@ -175,7 +178,7 @@ launch() {
     fi
   fi
 
-  if [ -z "${DRY_RUN:-}" ]; then
+  if [ "${DRY_RUN:-0}" != 1 ]; then
     # Bad flags stop here with the entry script's one-line error, not under torchrun's
     # traceback of the failed child process.
     WORLD_SIZE=$(( ${NGPUS:-1} * ${NNODES:-1} )) "${PYTHON:-python3}" "$main" \
@@ -209,7 +212,7 @@ launch() {
     done
     # The seed goes before ARGS so that a script's extra arguments (last) still win.
     local cmd=("${runner[@]}" "$main" --global_batch "$GLOBAL_BATCH" --seed "$seed" "${args[@]}")
-    if [ -n "${DRY_RUN:-}" ]; then
+    if [ "${DRY_RUN:-0}" = 1 ]; then
       printf '%q ' "${cmd[@]}"
       echo
     else

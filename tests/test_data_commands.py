@@ -153,11 +153,10 @@ def test_demo_command_writes_a_whole_set_or_nothing(tmp_path, capsys, monkeypatc
     assert _run(demo, ["--out", out, "--num_images", "24", "--image_size", "32"], capsys)[0] == 0
     assert len(build_dataset("val", out)) > 0 and os.listdir(out.parent) == ["demo_data"]
     before = _tree(out)
-    saved.clear()
-    monkeypatch.setattr(Image.Image, "save", save_until_full)
-    assert _run(demo, ["--out", out, "--num_images", "30", "--image_size", "32", "--seed", "3"], capsys)[0] == 1
-    monkeypatch.undo()
-    assert _tree(out) == before and os.listdir(out.parent) == ["demo_data"]  # the earlier set, whole
+    with pytest.raises(SystemExit) as stop:  # an existing folder is refused, the earlier set kept whole
+        _run(demo, ["--out", out, "--num_images", "30", "--image_size", "32", "--seed", "3"], capsys)
+    assert stop.value.code == 2 and "already exists" in capsys.readouterr().err
+    assert _tree(out) == before and os.listdir(out.parent) == ["demo_data"]
 
     (tmp_path / "file").write_text("mine")
     with pytest.raises(SystemExit) as stop:

@@ -145,6 +145,14 @@ def test_dry_run_prints_every_command_and_what_would_stop(fake_env, tmp_path):
     assert "weights file" in notes[0] and "does not divide over 3 processes" in notes[1]
 
 
+def test_dry_run_0_runs_and_another_value_is_refused(fake_env):
+    proc = run("ft_lora_mrm.sh", fake_env, DRY_RUN="0")
+    assert proc.returncode == 0 and len(calls(fake_env)) == 1  # 0: off, the run happens
+    proc = run("ft_lora_mrm.sh", fake_env, DRY_RUN="yes")
+    assert proc.returncode == 2 and len(calls(fake_env)) == 1
+    assert proc.stderr.strip() == "error: DRY_RUN='yes': expected 1 (print the commands) or 0 (run them)"
+
+
 def test_dry_run_command_parses(fake_env):
     import main_finetune_lora as mfl
 

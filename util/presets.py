@@ -128,8 +128,10 @@ def preset_source(name: str, method: str = "lora",
     if method == "full":
         return _FULL_SOURCES[name]
     source = (f"no published recipe: the paper's LoRA preset {name} (README table, {weights} "
-              "weights) without the adapters")
-    if method_lr is not None:
+              "weights) for the data, schedule and augmentation")
+    if method_lr is None:
+        source += " and its lr"
+    else:
         lr, origin, optimizer = method_lr
         if optimizer == PRESETS[name]["optimizer"]:
             source += f", lr {lr:g} ({origin})"
