@@ -148,6 +148,18 @@ def test_resume_refuses_other_preprocessing(demo, tmp_path, capsys, flags, messa
     assert message in capsys.readouterr().err
 
 
+def test_a_run_resumes_at_the_same_global_batch_split_another_way(demo, tmp_path, capsys):
+    # As on another number of processes: 16 = 16 x 1 before, 8 x 2 now.
+    data, weights = demo
+    out = _resumable(data, weights, tmp_path)
+    resume = ("--resume", "auto", "--epochs", "2")
+    assert mfl.cli(args_for(data, weights, out, *resume, "--batch_size", "8")) == 1  # global 8
+    assert "--batch_size 16, this command gives 8" in capsys.readouterr().err
+    assert mfl.cli(args_for(data, weights, out, *resume, "--batch_size", "8", "--accum_iter", "2")) == 0
+    assert "global batch 16 as before, split as --batch_size 8 x --accum_iter 2" in capsys.readouterr().err
+    assert json.loads((out / "log.txt").read_text().splitlines()[-1])["epoch"] == 1
+
+
 def test_a_resume_refused_into_a_new_folder_leaves_no_folder_behind(demo, tmp_path, capsys):
     data, weights = demo
     out = _resumable(data, weights, tmp_path)

@@ -384,11 +384,21 @@ class RunFolder:
     def check_resume(self, checkpoint: str, saved: dict[str, Any], settings: dict[str, Any]) -> None:
         """Refuse to continue a run (its recorded ``saved`` settings) with other settings."""
         # The method first: the flags of another method differ because the method does.
+        may_change = set(RESUME_MAY_CHANGE)
+        if saved.get("global_batch") == settings.get("global_batch"):
+            # The same global batch on another number of processes: the same gradient per step.
+            may_change |= {"batch_size", "accum_iter"}
         changed = [k for k in sorted(set(saved) | set(settings), key=lambda k: (k != "method", k))
-                   if k not in RESUME_MAY_CHANGE and saved.get(k) != settings.get(k)]
+                   if k not in may_change and saved.get(k) != settings.get(k)]
         if changed:
             key = changed[0]
             raise RunConflict(f"--resume {checkpoint}: {_resume_difference(key, saved.get(key), settings)}")
+        split = [(saved.get(k), settings.get(k)) for k in ("batch_size", "accum_iter")]
+        if any(a != b for a, b in split):
+            logger.warning("--resume: global batch %s as before, split as --batch_size %s x "
+                           "--accum_iter %s per process (was %s x %s): the images of a step are "
+                           "drawn in another order than an uninterrupted run's",
+                           settings.get("global_batch"), split[0][1], split[1][1], split[0][0], split[1][0])
         if saved.get("epochs") != settings.get("epochs"):
             logger.warning("--resume: --epochs changed from %s to %s: the lr schedule follows "
                            "the new length from here on", saved.get("epochs"), settings.get("epochs"))
