@@ -519,3 +519,18 @@ def test_a_users_config_json_is_a_foreign_file_not_a_run_to_overwrite(demo, tmp_
     err = capsys.readouterr().err
     assert "holds files no run of this tool wrote (config.json)" in err and "already holds a run" not in err
     assert (out / "config.json").read_text() == '{"my": "settings"}'
+
+
+def test_recovery_in_a_runs_folder_removes_only_the_runs_own_temporaries(demo, trained, tmp_path):
+    import shutil
+
+    data, weights = demo
+    run = tmp_path / "R"
+    shutil.copytree(trained, run, symlinks=True)
+    (run / ".draft.tmp").write_text("mine")                       # a user's hidden file
+    (run / ".notes.txt.abcd1234.tmp").write_text("mine too")      # named like one, not of a run file
+    (run / ".log.txt.x1y2z3w4.tmp").write_text("partial")          # a killed atomic write of the run's
+    assert mfl.cli(args_for(data, weights, run, "--epochs", "2", "--resume", "auto")) == 0
+    assert (run / ".draft.tmp").read_text() == "mine"
+    assert (run / ".notes.txt.abcd1234.tmp").read_text() == "mine too"
+    assert not (run / ".log.txt.x1y2z3w4.tmp").exists()

@@ -511,8 +511,9 @@ class RunFolder:
         """
         if not (self.folder / MANIFEST_NAME).is_file():
             return None  # no run wrote here: whatever the folder holds is not ours to clean
+        own = {*RUN_OUTPUTS, *self.written()}
         for tmp in self.folder.glob(f".*{TMP_SUFFIX}"):
-            if tmp.is_file() and not tmp.is_symlink():
+            if tmp.is_file() and not tmp.is_symlink() and _temporary_of(tmp.name, own):
                 tmp.unlink(missing_ok=True)  # atomic writes a killed run never finished
         record = self.read_commit()
         if record is None:
@@ -630,6 +631,16 @@ def demo_run_name(settings: dict[str, Any], given: list[str]) -> str:
 def checkpoint_folder(checkpoint: str | Path) -> Path:
     """The run folder of a checkpoint (``<run>/checkpoint-last``, with or without suffix)."""
     return Path(os.path.abspath(checkpoint)).parent
+
+
+def _temporary_of(name: str, own: set[str]) -> bool:
+    """Whether ``name`` is a temporary file this tool makes for one of the files ``own``
+    (``util.io.atomic_write``: ``.<name>.<8 random>.tmp``) or its write probe; a user's own
+    hidden ``.tmp`` file is neither."""
+    if re.fullmatch(rf"\.write-probe-\d+{re.escape(TMP_SUFFIX)}", name):
+        return True
+    found = re.fullmatch(rf"\.(.+)\.[a-z0-9_]{{8}}{re.escape(TMP_SUFFIX)}", name)
+    return found is not None and found.group(1) in own
 
 
 def _holds_training_run(folder: Path) -> bool:
