@@ -47,8 +47,19 @@ def describe_os_error(err: BaseException, path: str | Path) -> str:
     return f"cannot write {path}: {getattr(err, 'strerror', None) or err}"
 
 
+def _fsync(path: str) -> None:
+    """Flush a written file's bytes to the disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def atomic_write(path: str | Path, write: Callable[[str], Any]) -> None:
     """Call ``write(tmp_path)`` then rename over ``path``: readers never see a partial file.
+    The bytes reach the disk before the rename (fsync), so a power loss leaves the old file
+    or the new one, never an empty one.
 
     A failed write (disk full, an error in ``write``) leaves ``path`` as it was and no
     temporary file behind; OS-level failures are raised as ``OutputError`` with one line
@@ -66,6 +77,7 @@ def atomic_write(path: str | Path, write: Callable[[str], Any]) -> None:
         # mkstemp creates 0600, and some writers (safetensors) replace the file with a 0600
         # one: results on a shared server must be readable as the umask allows.
         os.chmod(tmp, 0o666 & ~current_umask())
+        _fsync(tmp)
         os.replace(tmp, path)
     except OutputError:
         raise
