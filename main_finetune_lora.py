@@ -470,6 +470,7 @@ def build_model(args: argparse.Namespace, config: mv.ModelConfig, device: torch.
 def main(args: argparse.Namespace) -> dict:
     """Train (or only evaluate), then test the best checkpoint. Returns the test results."""
     dist_info, device = init_distributed(args.device)
+    args.world_size, args.local_rank = dist_info.world_size, dist_info.local_rank  # as recorded
     setup_logging(dist_info.is_main)
     for note in args.notes:
         logger.warning(note)

@@ -455,6 +455,8 @@ def test_vpt_trains_in_two_processes_and_tests_as_one(demo, tmp_path):
            *run_args(demo, out, "vpt", "--epochs", "1", "--warmup_epochs", "0")]
     proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    record = json.loads((out / "config.json").read_text())
+    assert record["world_size"] == record["execution"]["world_size"] == 2  # one account of it
     distributed = json.loads((out / "results_test.json").read_text())
     single = tmp_path / "single"
     assert mfl.cli(["--eval", "--resume", str(out / "checkpoint-best"), "--data_path", str(data),

@@ -404,9 +404,9 @@ def test_output_folder_with_another_run_refused(demo, tmp_path, capsys):
     data, weights = demo
     out = tmp_path / "busy"
     out.mkdir()
-    (out / "config.json").write_text("{}")
+    (out / "config.json").write_text("{}")  # not a run's record: a file of the user's
     assert mfl.cli(base_args(data, weights, out)) == 1
-    assert "already holds a run" in capsys.readouterr().err
+    assert "holds files no run of this tool wrote (config.json)" in capsys.readouterr().err
     assert (out / "config.json").read_text() == "{}"  # untouched
 
 
