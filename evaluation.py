@@ -33,10 +33,10 @@ import methods
 from datasets.metadata import resolve_metadata
 from engine_finetune import evaluate
 from util.cli import UsageError
-from util.io import json_safe
+from util.io import json_safe, remove_empty
 from util.misc import DistInfo, say
 from util.precision import precision_name
-from util.runfolder import RunFolder, checkpoint_folder, probe_writable, remove_empty, report_names
+from util.runfolder import RunFolder, checkpoint_folder, probe_writable, report_names
 from util.subgroups import write_subgroup_report
 
 logger = logging.getLogger("main")

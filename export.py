@@ -48,9 +48,9 @@ from checkpoints import (
 )
 from util import cli
 from util.cli import UsageError
-from util.io import OutputError, describe_os_error
+from util.io import OutputError, describe_os_error, remove_empty
 from util.reports import check_outputs
-from util.runfolder import probe_writable, remove_empty
+from util.runfolder import probe_writable
 
 logger = logging.getLogger("export")
 PROG = "export.py"

@@ -33,12 +33,12 @@ from datasets.transforms import AUG_FILLS, ERASE_MODES
 from engine_finetune import COMPILE_CHOICES, COMPILE_MODES
 from training import LoopConfig, Progress, Training
 from util import cli as command
-from util.io import json_safe
+from util.io import json_safe, remove_empty
 from util.misc import DistInfo, close_log_file, code_versions, decided_by_main, init_distributed, say, seed_everything, setup_logging
 from util.optim import build_optimizer, per_process_batch
 from util.precision import AMP_CHOICES, precision_name, resolve_amp
 from util.presets import DEMO_DEFAULTS, PRESETS, preset_help, reference_script_flags, resolve_preset
-from util.runfolder import Plan, RunFolder, probe_writable, remove_empty, run_path
+from util.runfolder import Plan, RunFolder, probe_writable, run_path
 
 logger = logging.getLogger("main")
 

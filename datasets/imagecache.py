@@ -69,7 +69,7 @@ from util.io import OutputError, describe_os_error, file_sha256
 from .constants import ALL_SPLIT_FILES
 from .errors import BadEntry, CacheError, DataUsageError, ImageError
 from .imageio import DICOM_SUFFIXES, dicom_scaling_for, load_image, sniff_image_format
-from .staging import make_folders, remove_empty
+from util.io import make_folders, remove_empty
 from .splits import (
     find_split_dir,
     parse_split_file,

@@ -36,6 +36,7 @@ from .constants import ALL_SPLIT_FILES, CLASS_NAMES
 from .splits import nested_subsets, write_split_file
 from util import cli
 from util.cli import ToolError, UsageError
+from util.io import same_file
 
 from .staging import staged_folder
 
@@ -218,23 +219,13 @@ METADATA_FILES: dict[str, tuple[str, ...]] = {
 OUTPUT_FILES: tuple[str, ...] = (*ALL_SPLIT_FILES, "splits_info.json")
 
 
-def _same_file(a: Path, b: Path) -> bool:
-    """True when `a` and `b` are one file: the same real path, or hard links of one inode."""
-    if os.path.realpath(a) == os.path.realpath(b):
-        return True
-    try:
-        return os.path.samefile(a, b)
-    except OSError:
-        return False
-
-
 def check_outputs(kind: str, metadata: Path, out: Path, overwrite: bool = False) -> None:
     """Refuse, before anything is read, outputs that would replace an input of `kind` (always) or
     split files already in `out` (unless `overwrite`); cli.UsageError naming the flag and file."""
     inputs = [f for pattern in METADATA_FILES[kind] for f in sorted(metadata.glob(pattern)) if f.is_file()]
     for name in OUTPUT_FILES:
         target = out / name
-        source = next((f for f in inputs if _same_file(target, f)), None)
+        source = next((f for f in inputs if same_file(target, f)), None)
         if source is not None:
             raise UsageError(f"--out {out}: writing {target} would replace {source}, an input read from "
                              f"--metadata; choose another --out")

@@ -15,27 +15,7 @@ from pathlib import Path
 from typing import Iterator, Sequence
 
 from util.cli import ToolError
-from util.io import OutputError, current_umask, describe_os_error
-
-
-def make_folders(folder: Path) -> list[Path]:
-    """Create `folder` and its missing parents; returns the folders created, deepest first."""
-    created = []
-    for parent in (folder, *folder.parents):
-        if parent.exists():
-            break
-        created.append(parent)
-    folder.mkdir(parents=True, exist_ok=True)
-    return created
-
-
-def remove_empty(created: Sequence[Path]) -> None:
-    """Remove folders `make_folders` created, deepest first, as long as they are empty."""
-    for folder in created:
-        try:
-            folder.rmdir()
-        except OSError:
-            return
+from util.io import OutputError, current_umask, describe_os_error, make_folders, remove_empty
 
 
 def _check_destination(dest: Path, root: Path) -> None:

@@ -7,6 +7,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
@@ -45,6 +46,44 @@ def describe_os_error(err: BaseException, path: str | Path) -> str:
     if code == errno.EISDIR:
         return f"cannot write {path}: it is a folder"
     return f"cannot write {path}: {getattr(err, 'strerror', None) or err}"
+
+
+def make_folders(folder: Path) -> list[Path]:
+    """Create `folder` and its missing parents; returns the folders created, deepest first."""
+    created = []
+    for parent in (folder, *folder.parents):
+        if parent.exists():
+            break
+        created.append(parent)
+    folder.mkdir(parents=True, exist_ok=True)
+    return created
+
+
+def remove_empty(created: Sequence[Path]) -> None:
+    """Remove folders `make_folders` created, deepest first, as long as they are empty: a
+    command that fails after making them leaves none behind. A folder with anything in it stays."""
+    for folder in created:
+        try:
+            folder.rmdir()
+        except OSError:
+            return
+
+
+def same_file(a: str | Path, b: str | Path) -> bool:
+    """Whether two paths name one file or folder, however spelt (a symbolic link on the way,
+    ``//``, ``..``, a hard link): the same file on disk where both exist, else the same
+    resolved path."""
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return os.path.realpath(a) == os.path.realpath(b)
+
+
+def atomic_target(name: str) -> str | None:
+    """The name of the file an `atomic_write` temporary named ``name`` was for
+    (``.<file name>.<8 random>.tmp``); None for any other name."""
+    found = re.fullmatch(rf"\.(.+)\.[a-z0-9_]{{8}}{re.escape(TMP_SUFFIX)}", name)
+    return found.group(1) if found else None
 
 
 def _fsync(path: str) -> None:

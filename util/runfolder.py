@@ -43,7 +43,8 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from util.cli import ToolError, UsageError
-from util.io import TMP_SUFFIX, OutputError, describe_os_error, file_sha256, write_json, write_text
+from util.io import (TMP_SUFFIX, OutputError, atomic_target, describe_os_error, file_sha256,
+                     make_folders, same_file, write_json, write_text)
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +53,7 @@ CONFIG_NAME = "config.json"
 COMMIT_NAME = "commit.json"
 PENDING_DIR = ".pending"
 MANIFEST_NAME = "run_files.json"
+PROBE_PREFIX = ".write-probe-"  # probe_writable's file, <pid>.tmp
 LOGS_DIR = "logs"  # TensorBoard's folder in the run unless --log_dir says another
 RUN_FORMAT = "cxr-lora-run/3"
 COMMIT_FORMAT = "cxr-lora-commit/1"
@@ -297,7 +299,7 @@ class RunFolder:
         """
         old = self.run_record()
         old_settings = (old or {}).get("settings") or {}
-        own = resume == "auto" or (bool(resume) and same_folder(checkpoint_folder(resume), self.folder))
+        own = resume == "auto" or (bool(resume) and same_file(checkpoint_folder(resume), self.folder))
         if overwrite and own:
             raise RunConflict(f"--resume {resume} continues the run in {self.folder}, "
                               "--overwrite replaces it: give one of them")
@@ -354,7 +356,7 @@ class RunFolder:
         markers = ", ".join(m for m in RUN_MARKERS if (self.folder / m).exists())
         if resume:
             source = checkpoint_folder(resume)
-            if same_folder(source, self.folder):
+            if same_file(source, self.folder):
                 return
             raise RunConflict(
                 f"--resume {resume} continues the run of {source} in {self.folder}, but "
@@ -383,11 +385,11 @@ class RunFolder:
 
     def check_resume(self, checkpoint: str, saved: dict[str, Any], settings: dict[str, Any]) -> None:
         """Refuse to continue a run (its recorded ``saved`` settings) with other settings."""
-        # The method first: the flags of another method differ because the method does.
         may_change = set(RESUME_MAY_CHANGE)
         if saved.get("global_batch") == settings.get("global_batch"):
             # The same global batch on another number of processes: the same gradient per step.
             may_change |= {"batch_size", "accum_iter"}
+        # The method first: the flags of another method differ because the method does.
         changed = [k for k in sorted(set(saved) | set(settings), key=lambda k: (k != "method", k))
                    if k not in may_change and saved.get(k) != settings.get(k)]
         if changed:
@@ -635,12 +637,10 @@ def checkpoint_folder(checkpoint: str | Path) -> Path:
 
 def _temporary_of(name: str, own: set[str]) -> bool:
     """Whether ``name`` is a temporary file this tool makes for one of the files ``own``
-    (``util.io.atomic_write``: ``.<name>.<8 random>.tmp``) or its write probe; a user's own
-    hidden ``.tmp`` file is neither."""
-    if re.fullmatch(rf"\.write-probe-\d+{re.escape(TMP_SUFFIX)}", name):
-        return True
-    found = re.fullmatch(rf"\.(.+)\.[a-z0-9_]{{8}}{re.escape(TMP_SUFFIX)}", name)
-    return found is not None and found.group(1) in own
+    (``util.io.atomic_target``) or a write probe (``probe_writable``); a user's own hidden
+    ``.tmp`` file is neither."""
+    return bool(re.fullmatch(rf"{re.escape(PROBE_PREFIX)}\d+{re.escape(TMP_SUFFIX)}", name)) \
+        or atomic_target(name) in own
 
 
 def _holds_training_run(folder: Path) -> bool:
@@ -655,20 +655,11 @@ def _holds_training_run(folder: Path) -> bool:
     return isinstance(record, dict) and record.get("format") == RUN_FORMAT
 
 
-def same_folder(a: str | Path, b: str | Path) -> bool:
-    """Whether two paths name one folder, however spelt (a symbolic link on the way, ``//``,
-    ``..``): the same file on disk where both exist, else the same resolved path."""
-    try:
-        return os.path.samefile(a, b)
-    except OSError:
-        return os.path.realpath(a) == os.path.realpath(b)
-
-
 def continued_from(old: dict | None, folder: Path) -> str | None:
     """The checkpoint in another folder that the run in ``folder`` (its record: ``old``) was
     continuing, if that checkpoint is still there; else None."""
     earlier = (old or {}).get("resumed_from")
-    if not isinstance(earlier, str) or not earlier or same_folder(checkpoint_folder(earlier), folder):
+    if not isinstance(earlier, str) or not earlier or same_file(checkpoint_folder(earlier), folder):
         return None
     stem = re.sub(r"\.(json|safetensors)$", "", earlier)
     return earlier if Path(stem + ".json").is_file() else None
@@ -710,14 +701,13 @@ def run_owning(path: str | Path) -> Path | None:
 
 def probe_writable(folder: str | Path) -> list[Path]:
     """Create ``folder`` if needed and write a probe file into it; raise one line if impossible.
-    Returns the folders it made, deepest first (for ``remove_empty``)."""
+    Returns the folders it made, deepest first (for ``util.io.remove_empty``)."""
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
         raise RunFolderError(f"output folder {folder} is a file, not a folder")
-    made = [f for f in (folder, *folder.parents) if not f.exists()]
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        probe = folder / f".write-probe-{os.getpid()}{TMP_SUFFIX}"
+        made = make_folders(folder)
+        probe = folder / f"{PROBE_PREFIX}{os.getpid()}{TMP_SUFFIX}"
         with open(probe, "wb") as f:
             f.write(b"0" * 4096)
             f.flush()
@@ -728,12 +718,3 @@ def probe_writable(folder: str | Path) -> list[Path]:
                              f"{describe_os_error(err, folder)}") from None
     return made
 
-
-def remove_empty(folders: list[Path]) -> None:
-    """Remove those of ``folders`` (deepest first) that are still empty: a command refused
-    after ``probe_writable`` leaves no folder behind. A folder with anything in it stays."""
-    for folder in folders:
-        try:
-            folder.rmdir()
-        except OSError:
-            return

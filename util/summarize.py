@@ -154,8 +154,7 @@ class Run:
 
     def method_label(self) -> str:
         """The method's name and size as the results record them, e.g. 'lora r4', 'full'."""
-        tag = self.results.get("method_tag")
-        return f"{self.results['method']} {tag}" if tag else str(self.results["method"])
+        return _with_tag(self.results["method"], self.results.get("method_tag"))
 
     def setting_args(self) -> dict[str, Any] | None:
         """The settings that say what the run computes, but its seed; None when unknown."""
