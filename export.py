@@ -27,7 +27,6 @@ import os
 import re
 import shutil
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -48,7 +47,8 @@ from checkpoints import (
 )
 from util import cli
 from util.cli import UsageError
-from util.io import OutputError, describe_os_error, remove_empty
+from util.io import (OutputError, describe_os_error, left_by_ended_processes, remove_empty,
+                     work_folder)
 from util.reports import check_outputs
 from util.runfolder import probe_writable
 
@@ -68,9 +68,10 @@ def export_checked(model: nn.Module, config: ModelConfig | dict[str, Any], outpu
     tensors_path, config_path = export_paths(output)
     try:
         tensors_path.parent.mkdir(parents=True, exist_ok=True)
+        for left in left_by_ended_processes(tensors_path.parent, tensors_path.stem, ".tmp"):
+            shutil.rmtree(left, ignore_errors=True)  # an export killed half-way
         # Same folder, so the renames stay on one file system (atomic).
-        tmp_dir = Path(tempfile.mkdtemp(dir=tensors_path.parent, prefix=f".{tensors_path.stem}.",
-                                        suffix=".tmp"))
+        tmp_dir = work_folder(tensors_path.parent, tensors_path.stem, ".tmp")
     except OSError as err:
         raise OutputError(err.errno or 0, describe_os_error(err, tensors_path)) from None
     try:

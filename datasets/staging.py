@@ -7,15 +7,20 @@
 from __future__ import annotations
 
 import errno
+import json
+import logging
 import os
 import shutil
-import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, Sequence
 
 from util.cli import ToolError
-from util.io import OutputError, current_umask, describe_os_error, make_folders, remove_empty
+from util.io import (OutputError, current_umask, describe_os_error, left_by_ended_processes,
+                     make_folders, remove_empty, work_folder, write_json)
+
+logger = logging.getLogger(__name__)
+MOVING = "moving.json"  # in a move's folder of replaced files: what it moves, until it is whole
 
 
 def _check_destination(dest: Path, root: Path) -> None:
@@ -49,8 +54,10 @@ def _move_into(tmp: Path, root: Path, last: Sequence[str]) -> None:
     `root` that is replaced is first moved aside into a hidden folder beside `root`
     (``.<root>.*.old``), and those named in `last` go aside before any new file moves in and
     come in at the end: while the move runs `root` lacks them, so a set whose move was killed
-    is recognisably incomplete, and its old files are in that folder. On an error the new
-    files go back and the old ones are restored.
+    is recognisably incomplete, and its old files are in that folder, with the list of the
+    files that were moving (``moving.json``): the next staging into `root` puts the old set
+    back (`_undo_killed_moves`). On an error the new files go back and the old ones are
+    restored.
     """
     if not root.exists():
         os.rename(tmp, root)
@@ -59,7 +66,9 @@ def _move_into(tmp: Path, root: Path, last: Sequence[str]) -> None:
     rels.sort(key=lambda rel: rel in last)  # stable: the files of `last` at the end
     for rel in rels:
         _check_destination(root / rel, root)
-    aside = Path(tempfile.mkdtemp(prefix=f".{root.name}.", suffix=".old", dir=root.parent))
+    aside = work_folder(root.parent, root.name, ".old")
+    write_json(aside / MOVING, rels)
+    kept = aside / "files"
     replaced: list[str] = []
     moved: list[str] = []
     made: list[list[Path]] = []
@@ -67,8 +76,8 @@ def _move_into(tmp: Path, root: Path, last: Sequence[str]) -> None:
 
     def set_aside(rel: str) -> None:
         if (root / rel).exists():
-            (aside / rel).parent.mkdir(parents=True, exist_ok=True)
-            os.replace(root / rel, aside / rel)
+            (kept / rel).parent.mkdir(parents=True, exist_ok=True)
+            os.replace(root / rel, kept / rel)
             replaced.append(rel)
 
     try:
@@ -83,21 +92,50 @@ def _move_into(tmp: Path, root: Path, last: Sequence[str]) -> None:
                 set_aside(rel)
             os.replace(tmp / rel, dest)
             moved.append(rel)
-    except OSError as err:
+    except BaseException as err:  # Ctrl-C too: only a killed move is left half-way
         try:
             for rel in reversed(moved):
                 os.replace(root / rel, tmp / rel)
             for rel in reversed(replaced):
-                os.replace(aside / rel, root / rel)
+                os.replace(kept / rel, root / rel)
             for folders in reversed(made):
                 remove_empty(folders)
             shutil.rmtree(aside, ignore_errors=True)
         except OSError:
             pass  # the old files stay in `aside`, named below
-        kept = f" (the replaced files are in {aside})" if aside.exists() else f"; {root} is as it was"
-        raise OutputError(err.errno or 0, describe_os_error(err, dest) + kept) from err
+        if not isinstance(err, OSError):
+            raise
+        where = f" (the replaced files are in {kept})" if aside.exists() else f"; {root} is as it was"
+        raise OutputError(err.errno or 0, describe_os_error(err, dest) + where) from err
+    (aside / MOVING).unlink()  # the move is whole: nothing to undo
     shutil.rmtree(aside, ignore_errors=True)
     shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _undo_killed_moves(root: Path) -> None:
+    """Put back the set of `root` whose replacement a killed process left half-way (its old
+    files, set aside by `_move_into`), and remove what killed stagings left beside `root`."""
+    staged = left_by_ended_processes(root.parent, root.name, ".tmp")
+    for aside in left_by_ended_processes(root.parent, root.name, ".old"):
+        try:
+            rels = json.loads((aside / MOVING).read_text())
+        except FileNotFoundError:  # killed before any file moved, or after all had
+            rels = []
+        owner = aside.name.split(".")[-3]  # .<root>.<host>-<pid>.<random>.old
+        tmp = next((f for f in staged if f.name.split(".")[-3] == owner), None)
+        for rel in rels:
+            if Path(rel).is_absolute() or ".." in Path(rel).parts:
+                continue  # not a name _move_into writes
+            if (aside / "files" / rel).exists():
+                os.replace(aside / "files" / rel, root / rel)
+            elif tmp is not None and not (tmp / rel).exists():  # moved in, replacing nothing
+                (root / rel).unlink(missing_ok=True)
+        if rels:
+            logger.warning("%s: put back the %d files of an earlier set whose replacement was "
+                           "killed half-way", root, len(rels))
+        shutil.rmtree(aside, ignore_errors=True)
+    for tmp in staged:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 @contextmanager
@@ -115,9 +153,10 @@ def staged_folder(root: str | Path, last: Sequence[str] = ()) -> Iterator[Path]:
     if root.exists() and not root.is_dir():
         raise NotADirectoryError(errno.ENOTDIR, "is a file, not a folder", str(root))
     created = make_folders(root.parent)
+    _undo_killed_moves(root)
     tmp = None
     try:
-        tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.", suffix=".tmp", dir=root.parent))
+        tmp = work_folder(root.parent, root.name, ".tmp")
         os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes it private; root need not be
         yield tmp
         _move_into(tmp, root, last)

@@ -3,6 +3,9 @@ an existing folder, an input, another data set's cache and files of other names 
 left alone, and a set moved into place is all new or all old."""
 import json
 import os
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pandas as pd
@@ -184,6 +187,49 @@ def test_the_file_a_reader_checks_is_absent_while_a_set_moves_in(tmp_path, monke
     assert [name for name, _ in seen][-1] == "train_list.txt" and len(seen) == len(SPLITS)
     assert not any(present for _, present in seen)  # a killed move leaves a set without train_list.txt
     assert all((root / n).read_text() == f"new {n}\n" for n in SPLITS) and os.listdir(tmp_path) == ["set"]
+
+
+KILLED_MOVE = """
+import os, signal, sys
+from pathlib import Path
+sys.path.insert(0, sys.argv[1])
+import datasets.staging as staging
+root, kill_after, names = Path(sys.argv[2]), int(sys.argv[3]), sys.argv[4:]
+real_replace, moved = os.replace, []
+def replace(src, dest):
+    real_replace(src, dest)
+    if Path(dest).parent == root and Path(src).parent.name.endswith(".tmp"):
+        moved.append(dest)
+        if len(moved) == kill_after:
+            os.kill(os.getpid(), signal.SIGKILL)
+os.replace = replace
+with staging.staged_folder(root, last=("train_list.txt",)) as staged:
+    for name in names:
+        (staged / name).write_text("new " + name)
+    if kill_after == 0:
+        os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+@pytest.mark.parametrize("kill_after", [0, 1, 4, 6])  # writing; one moved in; a new name; all moved
+def test_a_move_killed_half_way_is_undone_by_the_next_staging(tmp_path, kill_after):
+    root = tmp_path / "set"
+    with staging.staged_folder(root) as staged:
+        for name in SPLITS:
+            (staged / name).write_text(f"old {name}\n")
+    before = _tree(root)
+    new = sorted(SPLITS + ["train_100.txt"])  # a name the old set lacks: it moves in 4th
+    killed = subprocess.run([sys.executable, "-c", KILLED_MOVE, str(Path(__file__).parents[1]),
+                             str(root), str(kill_after), *new])
+    assert killed.returncode == -signal.SIGKILL
+    left = sorted(p.name.rsplit(".", 1)[1] for p in tmp_path.iterdir() if p.name != "set")
+    assert left == (["tmp"] if kill_after == 0 else ["old", "tmp"])
+    if kill_after:
+        assert _tree(root) != before  # the kill left a mixed set
+    with pytest.raises(ValueError):  # the next command fails on its input: root is the old set
+        with staging.staged_folder(root, last=("train_list.txt",)):
+            raise ValueError("a bad input")
+    assert _tree(root) == before and os.listdir(tmp_path) == ["set"]
 
 
 # -- python -m datasets.cache --------------------------------------------------------------

@@ -175,3 +175,39 @@ def test_vit_base_export_strict_timm(tmp_path):
     ref.load_state_dict(load_file(str(tensors_path)), strict=True, assign=True)
     with torch.no_grad():
         torch.testing.assert_close(ref.eval()(x), expected, atol=1e-4, rtol=0)
+
+
+KILLED_EXPORT = """
+import os, signal, sys
+sys.path.insert(0, sys.argv[1])
+import export
+export.max_output_difference = lambda *a, **k: os.kill(os.getpid(), signal.SIGKILL)
+export.main(["--checkpoint", sys.argv[2], "--output", sys.argv[3]])
+"""
+
+
+def test_an_export_killed_half_way_leaves_nothing_after_the_next(trained, tmp_path):
+    """A SIGKILL leaves the temporary folder of the pair; the next export into that folder
+    removes it, and only it: another running export's and a user's hidden folders stay."""
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    stem, _ = trained
+    out = tmp_path / "model"
+    killed = subprocess.run([sys.executable, "-c", KILLED_EXPORT, str(Path(__file__).parents[1]),
+                             str(stem), str(out)])
+    assert killed.returncode == -signal.SIGKILL
+    (left,) = tmp_path.iterdir()
+    assert left.name.startswith(".model.") and any(left.iterdir())  # the half-written pair
+    running = tmp_path / f".model.{socket.gethostname()}-{os.getpid()}.abcdefgh.tmp"
+    mine = tmp_path / ".model.mine.tmp"
+    for folder in (running, mine):
+        folder.mkdir()
+        (folder / "x").write_text("kept")
+    assert export_main(["--checkpoint", str(stem), "--output", str(out)]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        [mine.name, running.name, "model.json", "model.safetensors"])

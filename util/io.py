@@ -8,6 +8,7 @@ import json
 import math
 import os
 import re
+import socket
 import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
@@ -67,6 +68,42 @@ def remove_empty(created: Sequence[Path]) -> None:
             folder.rmdir()
         except OSError:
             return
+
+
+def work_folder(parent: Path, stem: str, suffix: str) -> Path:
+    """A new private folder ``.<stem>.<host>-<pid>.<8 random><suffix>`` in `parent`, for files
+    made before they move into place. Its name says which process made it, so a later command
+    can tell one left by a killed process (`left_by_ended_processes`)."""
+    owner = f"{socket.gethostname()}-{os.getpid()}"
+    return Path(tempfile.mkdtemp(dir=parent, prefix=f".{stem}.{owner}.", suffix=suffix))
+
+
+def left_by_ended_processes(parent: Path, stem: str, suffix: str) -> list[Path]:
+    """The `work_folder`s of `stem` in `parent` made on this machine by a process that has
+    ended without removing them (killed): no process is left to finish or remove them."""
+    pattern = re.compile(rf"\.{re.escape(stem)}\.{re.escape(socket.gethostname())}-(\d+)"
+                         rf"\.[a-z0-9_]{{8}}{re.escape(suffix)}")
+    try:
+        entries = sorted(parent.iterdir())
+    except OSError:
+        return []
+    found = []
+    for entry in entries:
+        match = pattern.fullmatch(entry.name)
+        if match and entry.is_dir() and not entry.is_symlink() and not _running(int(match[1])):
+            found.append(entry)
+    return found
+
+
+def _running(pid: int) -> bool:
+    """Whether a process of this id runs on this machine."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # another user's process
+        return True
+    return True
 
 
 def same_file(a: str | Path, b: str | Path) -> bool:
