@@ -699,3 +699,19 @@ def test_a_class_with_nan_scores_is_not_called_single_valued(caplog):
     with caplog.at_level(logging.WARNING, logger="util.metrics"):
         multilabel_metrics(np.array([[0, 1], [1, 1]]), np.array([[0.1, 0.2], [0.9, 0.3]]), ["a", "b"])
     assert "'b' has a single label value in the 2 evaluated images" in caplog.text
+
+
+@pytest.mark.parametrize("argv", [["--lr", "-1"], ["--method", "lora", "--lora_rank", "0"]])
+def test_under_torchrun_a_flag_error_is_said_once_per_machine(argv, monkeypatch, capsys):
+    """Every process of a torchrun reads the same flags: only each machine's first says why."""
+    import main_finetune_lora as mfl
+
+    said = {}
+    for local_rank in ("0", "1", "3"):
+        monkeypatch.setenv("LOCAL_RANK", local_rank)
+        with pytest.raises(SystemExit) as stop:
+            mfl.parse(argv)
+        said[local_rank] = (stop.value.code, capsys.readouterr().err)
+    assert said["0"][0] == said["1"][0] == said["3"][0] == 2
+    assert said["0"][1].startswith(f"{mfl.PROG}: error: ") and "--l" in said["0"][1].splitlines()[0]
+    assert said["1"][1] == said["3"][1] == ""

@@ -66,6 +66,8 @@ class Parser(argparse.ArgumentParser):
         # Any other "argument --flag: message" reads as "--flag: message".
         message = re.sub(r"^argument (--\S+?)(?:/\S+)?: (.* is not valid)", r"\1 \2", message)
         message = re.sub(r"^argument (--\S+?)(?:/\S+)?: ", r"\1: ", message)
+        if os.environ.get("LOCAL_RANK", "0") not in ("", "0"):
+            self.exit(EXIT_USAGE)  # under torchrun: the same flags, so each machine's first process says it
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n(see {self.prog} --help)\n")
 
 
