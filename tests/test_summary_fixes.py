@@ -4,6 +4,7 @@ import csv
 import json
 import logging
 import statistics
+from pathlib import Path
 
 import pytest
 
@@ -59,7 +60,8 @@ def run(root, name, method, seed, value, used=None, data_path="/data/nih", cache
            "lora_rank": record["settings"]["lora_rank"] if method == "lora" else None,
            "seed": seed, "trainable_params": 10, "total_params": 100, "num_images": 50,
            "mean_auroc": value, "auroc": {c: value for c in CLASSES}, "class_names": CLASSES,
-           "checkpoint": str(folder / "checkpoint-best")}
+           "checkpoint": str(folder / "checkpoint-best"),
+           "training": {**record["settings"], "precision": "fp32"}}  # the checkpoint's run
     (folder / "results_test.json").write_text(json.dumps(res))
     (folder / "config.json").write_text(json.dumps(record))
     return folder
@@ -245,3 +247,33 @@ def test_a_stopped_run_continued_elsewhere_is_not_incomplete(tmp_path, caplog):
     (b / "config.json").write_text(json.dumps({**config, "resumed_from": None}))
     assert summarize.main([str(tmp_path), "--output", str(tmp_path / "summary"),
                            "--overwrite"]) == 1
+
+
+def test_a_results_file_copied_from_another_run_is_left_out(tmp_path):
+    """A results_test.json copied into another run's folder would count that run twice, as its
+    own method and seed: its checkpoint's settings contradict the folder's config.json."""
+    full, lora_run = run(tmp_path, "full_s0", "full", 0, 0.60), run(tmp_path, "lora_s1", "lora", 1, 0.70)
+    run(tmp_path, "lora_s0", "lora", 0, 0.72)
+    (lora_run / "results_test.json").write_bytes((full / "results_test.json").read_bytes())
+    summary = summarize.summarize([tmp_path])
+    assert sorted(Path(r["run"]).name for r in summary.rows) == ["full_s0", "lora_s0"]
+    (error,) = summary.errors
+    assert error.startswith(f"{lora_run / 'results_test.json'}: not the results of the run in {lora_run}")
+    assert ": the method, seed its checkpoint was trained with differ from that folder's config.json" in error
+    # A run continued to more epochs keeps its results: epochs is no part of a run's identity.
+    longer = json.loads((full / "config.json").read_text())
+    longer["settings"]["epochs"] = 200
+    (full / "config.json").write_text(json.dumps(longer))
+    assert not summarize.summarize([full]).errors
+
+
+@pytest.mark.parametrize("key, value", [("intervals", "oops"), ("seed", "abc"), ("seed", True),
+                                        ("trainable_params", "many"), ("total_params", 1.5)])
+def test_a_malformed_field_of_a_results_file_is_one_line(tmp_path, key, value):
+    folder = run(tmp_path, "a", "lora", 0, 0.8)
+    results = json.loads((folder / "results_test.json").read_text())
+    (folder / "results_test.json").write_text(json.dumps({**results, key: value}))
+    summary = summarize.summarize([tmp_path])
+    assert summary.rows == [] and summary.errors == [
+        f"{folder / 'results_test.json'}: {key!r} is {json.dumps(value)}, not "
+        f"{'an object' if key == 'intervals' else 'a whole number'}"]

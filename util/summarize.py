@@ -85,6 +85,10 @@ RECIPE_SHOWN = ("lora_rank", "optimizer", "lr", "blr", "epochs")
 METHOD_PLOT_LABELS = {"LoRA": "LoRA", "full": "full fine-tuning", "linear": "linear probe"}
 
 
+# What a run's config.json and its results' checkpoint both record and no resume changes.
+RUN_IDENTITY = ("method", "model", "seed", "dataset", "data_size", "weights_sha256", "split_sha256")
+
+
 class ResultsError(ToolError, ValueError):
     """A results file that cannot be read or lacks what the summary needs."""
 
@@ -310,6 +314,12 @@ def read_results(path: str | Path) -> Run:
     _check_auroc(path, "'mean_auroc'", results["mean_auroc"])
     for name, value in results["auroc"].items():
         _check_auroc(path, f"'auroc' of {name!r}", value)
+    for key, kinds, what in (("intervals", dict, "an object"), ("seed", int, "a whole number"),
+                             ("trainable_params", int, "a whole number"),
+                             ("total_params", int, "a whole number")):
+        value = results.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, kinds)):
+            raise ResultsError(f"{path}: {key!r} is {_short(json.dumps(value, default=str))}, not {what}")
     intervals = results.get("intervals")
     mean_interval = intervals.get("mean") if isinstance(intervals, dict) else None
     if isinstance(mean_interval, dict):
@@ -321,7 +331,22 @@ def read_results(path: str | Path) -> Run:
             config = read_run_record(path.parent)
         except RunFolderError as err:
             logger.warning("%s; this run is not grouped with its seeds", err)
+        else:
+            _check_same_run(path, results, config)
     return Run(path, results, config)
+
+
+def _check_same_run(path: Path, results: dict[str, Any], config: dict[str, Any]) -> None:
+    """Refuse a results file whose checkpoint another run trained (a file copied between run
+    folders): what no resume can change must be the run's own, as its config.json records it."""
+    trained, settings = results.get("training"), config.get("settings")
+    if not isinstance(trained, dict) or not isinstance(settings, dict):
+        return
+    differ = [k for k in RUN_IDENTITY if k in trained and k in settings and trained[k] != settings[k]]
+    if differ:
+        raise ResultsError(f"{path}: not the results of the run in {path.parent}: the {', '.join(differ)} "
+                           f"its checkpoint was trained with differ from that folder's {CONFIG_NAME} "
+                           "(a results file copied from another run?); left out")
 
 
 def _check_auroc(path: Path, key: str, value: Any) -> None:
