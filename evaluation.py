@@ -41,9 +41,10 @@ from util.subgroups import write_subgroup_report
 
 logger = logging.getLogger("main")
 
-# The run settings (flags of main_finetune_lora.py) that --eval reads: the data, the precision,
-# the batch and the bootstrap's seed. The model and its recipe are the checkpoint's.
-EVAL_SETTINGS = ("amp", "batch_size", "dataset", "demo", "dicom_scaling", "seed", "skip_bad")
+# The run settings (flags of main_finetune_lora.py) that --eval reads: the data, the precision
+# and the batch. The model and its recipe are the checkpoint's; the bootstrap's seed is fixed
+# (runs of different training seeds share the resamples), so --seed changes nothing either.
+EVAL_SETTINGS = ("amp", "batch_size", "dataset", "demo", "dicom_scaling", "skip_bad")
 
 
 def unused_settings(given: Sequence[str]) -> list[str]:

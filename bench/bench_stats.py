@@ -8,7 +8,7 @@ Random NIH-like data: 25,596 images x 14 classes with roughly NIH's prevalences 
 Hernia to 24% for Infiltration), scores rounded to 3 decimals (ties) and informative.
 Measured in one process with one BLAS thread:
 
-    ours       util.stats.auroc_intervals: stratified bootstrap (all resamples) + DeLong
+    ours       util.stats.auroc_intervals: bootstrap (all resamples) + DeLong
     bootstrap  util.stats.bootstrap_aurocs alone
     naive      the same draws, one sklearn roc_auc_score per resample and class, timed on
                --naive resamples and scaled to --resamples (it is linear in them)

@@ -118,6 +118,20 @@ def test_logits_from_probs_inverts_the_sigmoid():
     assert back[5] == cal.MAX_LOGIT and np.isfinite(back).all()  # a probability of exactly 1
 
 
+def test_a_probability_of_exactly_0_has_a_finite_logit_for_the_operating_points():
+    """float64's sigmoid of a logit below ~-745 is 0: its logit is the lowest finite one, so
+    the thresholds chosen on it (the final test's) do not fail on an infinite score."""
+    from util.operating_points import choose_thresholds
+
+    logits = np.array([-800.0, -40.0, -3.0, 2.0, 5.0, -1.0])
+    probs = expit(logits)
+    assert probs[0] == 0.0
+    back = cal.logits_from_probs(probs)
+    assert back[0] == cal.MIN_LOGIT and np.isfinite(back).all() and np.all(np.diff(back[:3]) > 0)
+    chosen = choose_thresholds(back.reshape(-1, 1), np.array([[0], [0], [0], [1], [1], [0]]), ["a"])
+    assert chosen["youden"]["a"]["threshold"] is not None
+
+
 # ---------------------------------------------------------------------------------------
 # Stored with the checkpoint
 # ---------------------------------------------------------------------------------------

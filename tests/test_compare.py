@@ -115,3 +115,25 @@ def test_compare_refuses_mismatched_test_sets(tmp_path, capsys):
         compare.read_predictions(broken)
     with pytest.raises(FileNotFoundError, match="no predictions_test.csv"):
         compare.predictions_file(tmp_path)
+
+
+def test_an_uncertain_label_or_a_binary_file_is_one_line(tmp_path, capsys):
+    bad = tmp_path / "uncertain.csv"
+    bad.write_text("path,Mass,Nodule,label_Mass,label_Nodule\na.png,0.5,0.2,1,0\nb.png,0.4,0.3,0,-1\n")
+    latin = tmp_path / "latin1.csv"
+    latin.write_bytes(b"path,Mass,label_Mass\n\xe9x.png,0.5,1\n")
+    for path, said in ((bad, f"{bad}, line 3: label_Nodule is -1, expected a 0/1 label"),
+                       (latin, f"{latin}: not a UTF-8 text file (byte 21)")):
+        assert compare.main([str(path), str(path)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"python -m util.compare: error: {said}") and err.count("\n") == 1
+
+
+def test_out_that_is_a_file_is_named_as_one(tmp_path, capsys):
+    two_runs(tmp_path)
+    mine = tmp_path / "notes.txt"
+    mine.write_text("mine")
+    with pytest.raises(SystemExit) as stop:
+        compare.main([str(tmp_path / "lora"), str(tmp_path / "full"), "--out", str(mine)])
+    assert stop.value.code == 2 and f"--out: {mine} is a file, not a folder" in capsys.readouterr().err
+    assert mine.read_text() == "mine"

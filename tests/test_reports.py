@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from util import summarize
+from util import reports, summarize
 from util.reports import ROC_DPI, ROC_FIGSIZE, save_roc_curves, write_auroc_tables
 
 NIH = ["Atelectasis", "Cardiomegaly", "Effusion", "Infiltration", "Mass", "Nodule", "Pneumonia",
@@ -193,3 +193,19 @@ def test_auroc_tables_with_intervals(tmp_path):
     assert "pattern" not in md
     assert max(mass["n_pos"], res["intervals"]["classes"]["Nodule"]["n_pos"]) <= 30
     assert "- Mass, Nodule: 30 or fewer positives (or negatives); there both intervals under-cover" in md
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_predictions_csv_reads_back_the_scores_exactly(tmp_path, dtype):
+    """Confident scores (below 1e-8, above 1 - 1e-8) keep their order: fixed decimals would
+    write them as ties, and util.compare would score other AUROCs than the run."""
+    rng = np.random.default_rng(0)
+    logits = np.concatenate([rng.normal(-25, 3, 50), rng.normal(0, 2, 50), rng.normal(20, 2, 50)])
+    probs = (1 / (1 + np.exp(-logits))).astype(dtype).reshape(-1, 1)
+    path = reports.write_predictions_csv(tmp_path / "p.csv", [f"{i}.png" for i in range(len(probs))],
+                                         probs, ["Mass"], labels=(logits > 0).reshape(-1, 1))
+    with open(path, newline="") as f:
+        back = np.array([[float(row["Mass"])] for row in csv.DictReader(f)], dtype=dtype)
+    assert np.array_equal(back, probs)
+    if dtype == np.float64:  # (float32 itself rounds the most confident ones to 1)
+        assert len(np.unique(back)) == len(probs)

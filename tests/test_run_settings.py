@@ -99,12 +99,14 @@ def test_a_flag_of_another_method_is_not_a_setting_of_the_run(tmp_path, capsys):
 
 
 def test_eval_names_the_settings_its_checkpoint_decides(tmp_path):
-    # --eval reads the data, precision, batch and seed flags; model and recipe are the
-    # checkpoint's, so giving them changes nothing (and says so), whatever the method.
+    # --eval reads the data, precision and batch flags; model and recipe are the checkpoint's
+    # and the bootstrap's seed is fixed, so giving them changes nothing (and says so).
     data, _ = demo_data_and_weights(tmp_path, seed=3)
     argv = ["--eval", "--resume", str(tmp_path / "run" / "checkpoint-best"), "--data_path", str(data),
-            "--seed", "2", "--amp", "none", "--skip_bad", "--batch_size", "4"]
+            "--amp", "none", "--skip_bad", "--batch_size", "4"]
     assert mfl.parse(argv).notes == []
+    assert mfl.parse([*argv, "--seed", "2"]).notes == [
+        "--eval tests the checkpoint as it was trained: --seed has no effect"]
     args = mfl.parse([*argv, "--method", "vpt", "--vpt_tokens", "5", "--input_size", "64"])
     assert args.notes == ["--eval tests the checkpoint as it was trained: --input_size, --method, "
                           "--vpt_tokens have no effect"]

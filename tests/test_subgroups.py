@@ -197,6 +197,18 @@ def test_the_gap_tests_are_those_of_two_independent_groups():
     assert age["p_adjusted"] == pytest.approx(min(1.0, 6 * age["p_bootstrap"]))  # 4 bands: 6 pairs
 
 
+def test_a_tied_gap_names_two_subgroups():
+    """Two subgroups of equal AUROC: the gap is 0 between them, never a subgroup against itself."""
+    targets = np.array([[1], [1], [0], [0]] * 4)
+    probs = np.array([[0.9], [0.8], [0.2], [0.1]] * 4)
+    paths = [f"img{i}.png" for i in range(16)]
+    meta = Metadata({p: ImageMeta("M" if i < 8 else "F", 50, "PA", "test") for i, p in enumerate(paths)},
+                    "tied")
+    gap = subgroup_report(targets, probs, paths, ["A"], meta, resamples=50)["attributes"]["sex"]["gap"]
+    for entry in (gap["classes"]["A"], gap["mean"]):
+        assert {entry["high"], entry["low"]} == {"F", "M"} and entry["diff"] == 0
+
+
 def test_metadata_is_found_beside_the_split_or_given(tmp_path, caplog):
     data = datasets.make_demo_dataset(tmp_path / "NIH_demo", num_images=40, image_size=32, seed=3)
     ds = datasets.build_dataset("test", data, dataset="nih")
@@ -249,6 +261,9 @@ def test_a_test_with_metadata_writes_the_subgroup_report(tmp_path):
     md = (out / "subgroups_test.md").read_text()
     assert "1 of " in md and "have no metadata record" in md and "## sex" in md
     assert "| F |" in md and "Largest gap of the mean AUROC" in md
+    # Each subgroup's mean says over how many classes it is (its own defined ones).
+    f_row = next(line for line in md.splitlines() if line.startswith("| F |")).split(" | ")
+    assert "classes in the mean" in md and f_row[4] == str(report["attributes"]["sex"]["groups"]["F"]["mean"]["n_classes"])
     own = json.loads((out / "run_files.json").read_text())["files"]
     for name in ("subgroups_test.md", "subgroups_test.csv", "subgroups_test.png", "subgroups_test.svg"):
         assert (out / name).is_file() and name in own

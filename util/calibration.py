@@ -47,6 +47,8 @@ LOG_T_TOLERANCE = 1e-6
 # The largest logit whose float64 sigmoid is below 1: probabilities of exactly 1 map to it.
 _BELOW_ONE = np.nextafter(1.0, 0.0)
 MAX_LOGIT = float(np.log(_BELOW_ONE) - np.log1p(-_BELOW_ONE))
+# The logit of the smallest float64 above 0: probabilities of exactly 0 (logits below ~-745) map to it.
+MIN_LOGIT = float(np.log(np.nextafter(0.0, 1.0)))
 
 
 def checked_scores(scores: np.ndarray, targets: np.ndarray, *, probabilities: bool = False,
@@ -116,12 +118,13 @@ def logits_from_probs(probs: np.ndarray) -> np.ndarray:
     """The logits of float64 sigmoid probabilities (the inverse of ``expit``).
 
     Exact to float64 rounding where the sigmoid is: relative error ~1e-8 at logit 20,
-    ~1e-3 at 30; a probability of exactly 1 (logits above ~36.7) maps to ``MAX_LOGIT``.
+    ~1e-3 at 30; a probability of exactly 1 (logits above ~36.7) maps to ``MAX_LOGIT``, one
+    of exactly 0 (logits below ~-745) to ``MIN_LOGIT``: both finite.
     """
     probs = np.asarray(probs, dtype=np.float64)
     with np.errstate(divide="ignore"):
         logits = np.log(probs) - np.log1p(-probs)
-    return np.clip(logits, -np.inf, MAX_LOGIT)
+    return np.clip(logits, MIN_LOGIT, MAX_LOGIT)
 
 
 def binary_cross_entropy(logits: np.ndarray, targets: np.ndarray, temperature: float | np.ndarray = 1.0

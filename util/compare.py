@@ -82,6 +82,16 @@ def read_predictions(path: str | Path, name: str | None = None) -> Predictions:
     """Read and check a predictions CSV (``path``, K probabilities, K ``label_`` columns); an
     empty probability cell reads as NaN."""
     path = Path(path)
+    try:
+        return _read_predictions(path, name)
+    except UnicodeDecodeError as err:
+        raise ComparisonError(f"{path}: not a UTF-8 text file (byte {err.start}): a predictions "
+                              "CSV of this tool is") from None
+    except OSError as err:
+        raise ComparisonError(f"{path}: cannot read it: {err.strerror or err}") from None
+
+
+def _read_predictions(path: Path, name: str | None) -> Predictions:
     with open(path, newline="", encoding="utf-8-sig") as f:
         reader = csv.reader(f)
         header = next(reader, None)
@@ -102,6 +112,10 @@ def read_predictions(path: str | Path, name: str | None = None) -> Predictions:
                 targets.append([int(c) for c in cells[1 + k:]])
             except ValueError as err:
                 raise ComparisonError(f"{path}, line {line}: {err}") from None
+            if not set(targets[-1]) <= {0, 1}:
+                bad = next(c for c, t in zip(labels, targets[-1]) if t not in (0, 1))
+                raise ComparisonError(f"{path}, line {line}: {bad} is {targets[-1][labels.index(bad)]}, "
+                                      "expected a 0/1 label (uncertain labels are not scored)")
             paths.append(cells[0])
     seen: dict[str, int] = {}
     for i, p in enumerate(paths):
@@ -259,7 +273,8 @@ def build_parser() -> argparse.ArgumentParser:
                "nothing written.")
     parser.add_argument("run_a", metavar="RUN_A", help="run folder or predictions CSV")
     parser.add_argument("run_b", metavar="RUN_B", help="run folder or predictions CSV")
-    parser.add_argument("--out", default=None, help="write comparison.{md,csv,json} into this folder")
+    parser.add_argument("--out", default=None, type=cli.folder_path,
+                        help="write comparison.{md,csv,json} into this folder")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace comparison files already in --out")
     parser.add_argument("--resamples", type=cli.NON_NEGATIVE_INT, default=DEFAULT_RESAMPLES,

@@ -152,7 +152,8 @@ def _palette(n: int) -> list[tuple[float, float, float, float]]:
 def write_predictions_csv(path: str | Path, names: Sequence[str], probs: np.ndarray,
                           class_names: Sequence[str], labels: np.ndarray | None = None,
                           thresholds: np.ndarray | None = None) -> Path:
-    """Per-image CSV: path, a probability per class ('' for NaN), then ``pred_<class>`` 0/1
+    """Per-image CSV: path, a probability per class ('' for NaN; all the digits of the
+    float32 or float64 value, which reads back equal), then ``pred_<class>`` 0/1
     columns with ``thresholds`` ('' for a NaN threshold) and ``label_<class>`` columns with
     ``labels``."""
     header = ["path", *class_names]
@@ -161,8 +162,12 @@ def write_predictions_csv(path: str | Path, names: Sequence[str], probs: np.ndar
     if labels is not None:
         header += [f"label_{c}" for c in class_names]
 
+    # Every digit the scores have (shortest round trip), so that the CSV ranks the images as
+    # the run did: fixed decimals would tie the scores of confident predictions.
+    number = (lambda p: f"{p:.9g}") if probs.dtype == np.float32 else repr
+
     def cells(i: int, name: str, row: np.ndarray) -> list[Any]:
-        line = [name, *("" if math.isnan(p) else f"{p:.8f}" for p in map(float, row))]
+        line = [name, *("" if math.isnan(p) else number(p) for p in map(float, row))]
         if thresholds is not None:  # a NaN threshold (a class without one): empty
             line += ["" if math.isnan(t) else str(int(p >= t)) for p, t in zip(row, thresholds)]
         if labels is not None:
@@ -474,20 +479,21 @@ def write_subgroup_tables(report: dict[str, Any], class_names: Sequence[str], ou
         if not entry["groups"]:
             lines += ["No image has this attribute.", ""]
             continue
-        lines += [f"| subgroup | images | mean AUROC | {level}% CI | " + " | ".join(class_names) + " |",
-                  "|---|---:|---:|---:|" + "---:|" * len(class_names)]
+        lines += [f"| subgroup | images | mean AUROC | {level}% CI | classes in the mean | "
+                  + " | ".join(class_names) + " |", "|---|---:|---:|---:|---:|" + "---:|" * len(class_names)]
         for row in (r for r in rows if r["attribute"] == attribute):
             lines.append(_md_row(row["subgroup"], row["images"], row["mean_auroc"] or "n/a",
                                  _interval(row["mean_ci_low"], row["mean_ci_high"]) or "n/a",
-                                 *(row[c] or "n/a" for c in class_names)))
+                                 row["mean_classes"], *(row[c] or "n/a" for c in class_names)))
         gap = entry["gap"]["mean"]
         lines.append("")
         if gap["diff"] is None:
             lines.append(f"Largest gap of the mean AUROC: none ({gap['note']}).")
         else:
             ci = _interval(x100(gap["ci_low"]), x100(gap["ci_high"]))
-            lines.append(f"Largest gap of the mean AUROC (over {len(gap['classes'])} classes "
-                         f"defined in every subgroup): {gap['high']} - {gap['low']} = "
+            lines.append(f"Largest gap of the mean AUROC (over the {len(gap['classes'])} classes "
+                         f"defined in every subgroup, not each subgroup's own mean above): "
+                         f"{gap['high']} - {gap['low']} = "
                          f"{_gap(gap['diff'])}" + (f" {ci}" if ci else "")
                          + f", p {_p(gap['p_bootstrap'])} (adjusted {_p(gap['p_adjusted'])})"
                          + (f"; {gap['note']}" if gap["note"] else "") + ".")

@@ -1,4 +1,5 @@
-"""Confidence intervals and paired tests for multi-label AUROC: stratified bootstrap and DeLong.
+"""Confidence intervals and paired tests for multi-label AUROC: the bootstrap (images drawn
+with replacement, not stratified by class) and DeLong.
 
     from util.stats import auroc_intervals, paired_comparison
     intervals = auroc_intervals(targets, probs, class_names)            # one run

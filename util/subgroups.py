@@ -112,7 +112,8 @@ def _class_gaps(groups: dict[str, dict[str, Any]], class_names: Sequence[str]) -
                          "delong_p": None, "p_adjusted": None,
                          "note": "fewer than two subgroups with at least 2 positives and 2 negatives"}
             continue
-        (high, a), (low, b) = max(rows, key=lambda r: r[1]["auroc"]), min(rows, key=lambda r: r[1]["auroc"])
+        rows.sort(key=lambda r: r[1]["auroc"])  # stable: tied subgroups are still two
+        (low, b), (high, a) = rows[0], rows[-1]
         diff = a["auroc"] - b["auroc"]
         z, p = _z_test(diff, a["delong_se"] ** 2 + b["delong_se"] ** 2)
         out[name] = {"high": high, "low": low, "diff": diff, "delong_z": z, "delong_p": p,
@@ -137,7 +138,8 @@ def _mean_gap(groups: dict[str, dict[str, Any]], boots: dict[str, np.ndarray],
         return gap
     means = {g: float(np.mean([v["classes"][class_names[k]]["auroc"] for k in common]))
              for g, v in groups.items()}
-    high, low = max(means, key=means.get), min(means, key=means.get)
+    ranked = sorted(means, key=means.get)  # stable: tied subgroups are still two
+    low, high = ranked[0], ranked[-1]
     gap.update(high=high, low=low, auroc_high=means[high], auroc_low=means[low],
                diff=means[high] - means[low])
     if high in boots and low in boots:
