@@ -127,6 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--finetune", default=None,
                         help="pre-trained file the adapter was trained on (default: the path "
                              "recorded in the checkpoint config)")
+    parser.add_argument("--unsafe_load", action="store_true",
+                        help="DANGEROUS: unpickle --finetune without the weights-only guard (for "
+                             "a checkpoint trained with --unsafe_load)")
     parser.add_argument("--output", required=True,
                         help="export stem: writes <output>.safetensors and <output>.json")
     parser.add_argument("--overwrite", action="store_true",
@@ -146,7 +149,8 @@ def run(args: argparse.Namespace) -> int:
                *([Path(args.finetune)] if args.finetune is not None else [])]
     check_outputs("--output", export_paths(args.output), overwrite=args.overwrite, inputs=sources)
     try:
-        model, config = load_trained(args.checkpoint, args.finetune, device="cpu")
+        model, config = load_trained(args.checkpoint, args.finetune, device="cpu",
+                                     allow_unsafe_pickle=args.unsafe_load)
     except (OSError, ValueError) as err:  # damaged files, NaN weights too
         raise UsageError(f"--checkpoint {args.checkpoint}: {err}") from None
     pretrained = config.pretrained  # the backbone read by default

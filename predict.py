@@ -196,10 +196,12 @@ def collect_inputs(inputs: Sequence[str | Path], data_path: str | Path | None = 
 # -- Model, transform, precision ----------------------------------------------------------
 
 def load_model(checkpoint: str | Path, finetune: str | Path | None = None,
-               device: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:
+               device: str | torch.device = "cpu",
+               allow_unsafe_pickle: bool = False) -> tuple[nn.Module, dict[str, Any]]:
     """A trained model in eval mode and its config, from an adapter checkpoint or a merged export.
 
-    A run folder stands for its ``checkpoint-best``.
+    A run folder stands for its ``checkpoint-best``; ``allow_unsafe_pickle`` unpickles its
+    pre-trained file without the guard (for one trained with --unsafe_load).
     """
     from checkpoints import is_merged_export, load_merged, load_trained, resolve_checkpoint
 
@@ -208,7 +210,7 @@ def load_model(checkpoint: str | Path, finetune: str | Path | None = None,
         if finetune:
             logger.info("--finetune ignored: %s is a merged export holding every tensor", checkpoint)
         return load_merged(checkpoint, device)
-    model, config = load_trained(checkpoint, finetune, device)
+    model, config = load_trained(checkpoint, finetune, device, allow_unsafe_pickle=allow_unsafe_pickle)
     methods.get(config.method).merge(model)  # inference at the cost of a plain ViT
     return model, config
 
@@ -405,6 +407,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--finetune", default=None,
                    help="pre-trained file the adapter was trained on (default: the path "
                         "recorded in the checkpoint; not needed for a merged export)")
+    p.add_argument("--unsafe_load", action="store_true",
+                   help="DANGEROUS: unpickle --finetune without the weights-only guard (for a "
+                        "checkpoint trained with --unsafe_load)")
     p.add_argument("--inputs", nargs="+", required=True, metavar="PATH",
                    help="image files, folders (recursive) and split files (*.txt)")
     p.add_argument("--data_path", default=None,
@@ -496,7 +501,7 @@ def run(args: argparse.Namespace) -> int:
     device = torch.device(args.device)
     dtype = resolve_amp(args.amp, device)
     try:
-        model, config = load_model(args.checkpoint, args.finetune, device)
+        model, config = load_model(args.checkpoint, args.finetune, device, args.unsafe_load)
     except (OSError, ValueError) as err:  # CheckpointError, ExportError, PretrainedWeightsError
         raise UsageError(f"--checkpoint {args.checkpoint}: {err}") from None
     class_names = list(config.class_names)

@@ -3,6 +3,7 @@ the command line of a tiny training run."""
 from __future__ import annotations
 
 import argparse
+import pathlib
 from pathlib import Path
 
 import torch
@@ -53,16 +54,21 @@ def mrm_checkpoint(path: Path, arch: str = "vit_tiny_patch16", depth: int = 2,
 
 
 def trained_checkpoint(root: Path, class_names=None, img_size: int = 64, global_pool: bool = True,
-                       seed: int = 0) -> tuple[Path, Path]:
-    """A tiny LoRA checkpoint on a fake MRM file, with non-zero LoRA and head: (stem, MRM path)."""
+                       seed: int = 0, unsafe: bool = False) -> tuple[Path, Path]:
+    """A tiny LoRA checkpoint on a fake MRM file, with non-zero LoRA and head: (stem, MRM path).
+    ``unsafe``: the MRM file pickles a class the weights-only reader refuses (a pathlib path)."""
     class_names = list(class_names or CLASS_NAMES["nih"])
     root.mkdir(parents=True, exist_ok=True)
     mrm = root / "MRM.pth"
     mrm_checkpoint(mrm)
+    if unsafe:
+        saved = torch.load(mrm, weights_only=False)
+        saved["args"].output_dir = pathlib.PurePosixPath("./out")
+        torch.save(saved, mrm)
     torch.manual_seed(seed)
     model = mv.vit_tiny_patch16_lora(depth=2, num_classes=len(class_names), img_size=img_size,
                                      global_pool=global_pool)
-    mv.load_pretrained(model, mrm)
+    mv.load_pretrained(model, mrm, allow_unsafe_pickle=unsafe)
     g = torch.Generator().manual_seed(seed)
     for _, layer in lora.lora_layers(model):
         layer.lora_B.data = 0.1 * torch.randn(layer.lora_B.shape, generator=g)

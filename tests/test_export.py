@@ -211,3 +211,21 @@ def test_an_export_killed_half_way_leaves_nothing_after_the_next(trained, tmp_pa
     assert export_main(["--checkpoint", str(stem), "--output", str(out)]) == 0
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
         [mine.name, running.name, "model.json", "model.safetensors"])
+
+
+def test_a_model_on_weights_that_need_unsafe_load_predicts_and_exports_with_it(tmp_path, capsys):
+    """--unsafe_load trains on a pre-trained file the weights-only reader refuses; predict.py
+    and export.py take the same flag for the same file (and refuse without it)."""
+    stem, _ = trained_checkpoint(tmp_path / "unsafe", class_names=CLASSES, img_size=64, unsafe=True)
+    img = tmp_path / "x.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (70, 90), dtype=np.uint8)).save(img)
+    predict_argv = ["--checkpoint", str(stem), "--inputs", str(img), "--output", str(tmp_path / "p.csv"),
+                    "--amp", "none", "--num_workers", "0"]
+    export_argv = ["--checkpoint", str(stem), "--output", str(tmp_path / "merged")]
+    for main, argv in ((predict.main, predict_argv), (export_main, export_argv)):
+        assert main(argv) == 2
+        assert "pass --unsafe_load" in capsys.readouterr().err
+        assert main([*argv, "--unsafe_load"]) == 0
+    adapter, _ = load_trained(stem, allow_unsafe_pickle=True)
+    assert max_output_difference(adapter, load_merged(tmp_path / "merged")[0], 64) < 1e-4
+    assert (tmp_path / "p.csv").read_text().startswith("path,Atelectasis,Cardiomegaly,Effusion")
