@@ -453,10 +453,10 @@ def extract_state_dict(obj: dict[str, Any], path: str | Path = "<checkpoint>") -
 
 
 def resize_pos_embed(pos_embed: torch.Tensor, grid: tuple[int, int],
-                     num_prefix_tokens: int = 1) -> torch.Tensor:
-    """Bicubic interpolation of the patch positions to a new grid; the first
-    ``num_prefix_tokens`` positions (class token, registers; 0 for a table of patch
-    positions only) are kept as they are."""
+                     num_prefix_tokens: int = 1, antialias: bool = False) -> torch.Tensor:
+    """Bicubic interpolation of the patch positions to a new grid (``antialias`` where the
+    weights' publisher resizes so); the first ``num_prefix_tokens`` positions (class token,
+    registers; 0 for a table of patch positions only) are kept as they are."""
     prefix, patches = pos_embed[:, :num_prefix_tokens], pos_embed[:, num_prefix_tokens:]
     old = math.isqrt(patches.shape[1])
     if old * old != patches.shape[1]:
@@ -464,7 +464,7 @@ def resize_pos_embed(pos_embed: torch.Tensor, grid: tuple[int, int],
                                      "not a square grid")
     dim = patches.shape[-1]
     patches = patches.reshape(1, old, old, dim).permute(0, 3, 1, 2).float()
-    patches = F.interpolate(patches, size=grid, mode="bicubic", align_corners=False)
+    patches = F.interpolate(patches, size=grid, mode="bicubic", align_corners=False, antialias=antialias)
     patches = patches.permute(0, 2, 3, 1).reshape(1, grid[0] * grid[1], dim)
     return torch.cat([prefix, patches.to(pos_embed.dtype)], dim=1)
 
@@ -504,7 +504,7 @@ def _is_lora_factor(model_key: str) -> bool:
 
 
 def _fit_pos_embed(model: nn.Module, value: torch.Tensor, want: torch.Size, report: LoadReport,
-                   path: str | Path) -> torch.Tensor:
+                   path: str | Path, antialias: bool) -> torch.Tensor:
     """``pos_embed`` interpolated to the model's patch grid when only its number of positions
     differs (another input size or patch grid); logged."""
     if value.shape == want or value.ndim != 3 or value.shape[-1] != want[-1]:
@@ -521,26 +521,30 @@ def _fit_pos_embed(model: nn.Module, value: torch.Tensor, want: torch.Size, repo
             f"before a {grid[0]}x{grid[1]} grid): no square grid after {prefix} class / register "
             "positions (a model with registers or a class position the file lacks?)")
     report.pos_embed_resized = (value.shape[1], want[1])
-    logger.info("%s: pos_embed interpolated (bicubic) from a %dx%d to a %dx%d patch grid for "
-                "input size %s", path, old, old, grid[0], grid[1],
-                getattr(model.patch_embed, "img_size", "?"))
-    return resize_pos_embed(value, tuple(grid), num_prefix_tokens=prefix)
+    logger.info("%s: pos_embed interpolated (bicubic%s) from a %dx%d to a %dx%d patch grid for "
+                "input size %s", path, ", antialiased" if antialias else "", old, old, grid[0],
+                grid[1], getattr(model.patch_embed, "img_size", "?"))
+    return resize_pos_embed(value, tuple(grid), num_prefix_tokens=prefix, antialias=antialias)
 
 
 def _match_tensors(model: nn.Module, state: dict[str, torch.Tensor], target: dict[str, str],
-                   report: LoadReport, path: str | Path) -> dict[str, torch.Tensor]:
+                   report: LoadReport, path: str | Path, antialias: bool = False) -> dict[str, torch.Tensor]:
     """The file's tensors under the model's own names; the classifier and keys the model
     lacks go to ``report``. Any backbone tensor of the wrong shape is refused."""
-    shapes = {k: v.shape for k, v in model.state_dict().items()}
+    own = model.state_dict()
+    shapes = {k: v.shape for k, v in own.items()}
     to_load: dict[str, torch.Tensor] = {}
-    mismatched = []
+    mismatched, not_float = [], []
     for key, value in state.items():
         if key not in target:
             report.unexpected.append(key)
             continue
+        if own[target[key]].is_floating_point() and not value.is_floating_point():
+            not_float.append(f"{key} ({str(value.dtype).removeprefix('torch.')})")
+            continue  # copying would cast integers (a quantised file) or drop an imaginary part
         want = shapes[target[key]]
         if key == "pos_embed":
-            value = _fit_pos_embed(model, value, want, report, path)
+            value = _fit_pos_embed(model, value, want, report, path, antialias)
         if key.startswith(NEW_HEAD_PREFIXES) or (key.startswith(HEAD_PREFIXES) and value.shape != want):
             report.head_reinitialised = True
             report.ignored.append(key)
@@ -548,6 +552,11 @@ def _match_tensors(model: nn.Module, state: dict[str, torch.Tensor], target: dic
             mismatched.append(f"{key}: file {tuple(value.shape)} vs model {tuple(want)}")
         else:
             to_load[target[key]] = value
+    if not_float:
+        raise PretrainedWeightsError(
+            f"{path}: {len(not_float)} weight tensor{'s are' if len(not_float) > 1 else ' is'} not "
+            f"floating point, so it cannot be loaded as it is: {_first(not_float)} (a quantised "
+            "or damaged file? pre-trained weights are float32, float16 or bfloat16)")
     if mismatched:
         raise PretrainedWeightsError(
             f"{path}: {len(mismatched)} tensors have the wrong shape for "
@@ -595,7 +604,8 @@ def load_pretrained(model: nn.Module, path: str | Path, allow_unsafe_pickle: boo
     report = LoadReport(path=str(path), format=fmt.name, ignored=list(dropped))
     # The model's tensors by their plain-model name, mapped to the name they carry here.
     target = {lora.canonical_name(k): k for k in model.state_dict() if not _is_lora_factor(k)}
-    to_load = _match_tensors(model, state, target, report, path)
+    antialias = fmt.antialias is not None and fmt.antialias(state_dict.keys())
+    to_load = _match_tensors(model, state, target, report, path, antialias)
     # Every model tensor but the classifier comes from the file: none stays random.
     backbone_missing = sorted(k for k in target
                               if k not in state and not k.startswith(HEAD_PREFIXES))

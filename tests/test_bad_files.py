@@ -132,6 +132,22 @@ def test_nonfinite_pretrained_tensor_refused_by_name(tmp_path, bad):
     assert torch.equal(model.blocks[0].attn.qkv.weight, before)  # nothing copied
 
 
+@pytest.mark.parametrize("dtype", [torch.int8, torch.complex64, torch.bool])
+def test_a_weight_that_is_not_floating_point_is_refused_by_name(tmp_path, dtype):
+    """Copying an int8 (quantised) or complex tensor would cast it silently into other weights."""
+    enc = encoder_state()
+    enc["blocks.0.mlp.fc1.weight"] = (enc["blocks.0.mlp.fc1.weight"] * 127).round().to(dtype)
+    enc["pos_embed"] = enc["pos_embed"].to(dtype)
+    torch.save({"model": enc}, tmp_path / "quantised.pth")
+    model = mv.vit_tiny_patch16(depth=2, num_classes=2)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    name = str(dtype).removeprefix("torch.")
+    with pytest.raises(mv.PretrainedWeightsError, match=rf"quantised\.pth: 2 weight tensors are not "
+                       rf"floating point.*blocks\.0\.mlp\.fc1\.weight \({name}\)"):
+        mv.load_pretrained(model, tmp_path / "quantised.pth")
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # nothing copied
+
+
 def test_nan_in_ignored_decoder_keys_is_harmless(tmp_path):
     """Only the tensors that enter the model are checked: the MAE decoder is dropped."""
     path = tmp_path / "MRM.pth"

@@ -86,20 +86,22 @@ ORIGINALS = textwrap.dedent('''
         BitImageProcessor(size={"shortest_edge": 518}, crop_size={"height": 518, "width": 518},
                           resample=3, image_mean=[0.5307] * 3,
                           image_std=[0.2583] * 3).save_pretrained(folder)
-        x = torch.randn(1, 3, 518, 518)
+        x, small = torch.randn(1, 3, 518, 518), torch.randn(1, 3, 224, 224)
         with torch.no_grad():
-            o = model(pixel_values=x)
-        reference(folder, x=x, tokens=o.last_hidden_state, pooled=o.pooler_output)
+            o, o_small = model(pixel_values=x), model(pixel_values=small)
+        reference(folder, x=x, tokens=o.last_hidden_state, pooled=o.pooler_output,
+                  x_small=small, tokens_small=o_small.last_hidden_state)
 
         reg = Dinov2WithRegistersConfig(hidden_size=192, num_attention_heads=3, num_hidden_layers=2,
                                         patch_size=14, image_size=224, num_register_tokens=4)
         model = perturbed(Dinov2WithRegistersModel(reg), 2)
         folder = out / "dinov2-reg"
         model.save_pretrained(folder)
-        x = torch.randn(1, 3, 224, 224)
+        x, small = torch.randn(1, 3, 224, 224), torch.randn(1, 3, 112, 112)
         with torch.no_grad():
-            o = model(pixel_values=x)
-        reference(folder, x=x, tokens=o.last_hidden_state, pooled=o.pooler_output)
+            o, o_small = model(pixel_values=x), model(pixel_values=small)
+        reference(folder, x=x, tokens=o.last_hidden_state, pooled=o.pooler_output,
+                  x_small=small, tokens_small=o_small.last_hidden_state)
 
         full_size("rad-dino", lambda: Dinov2Model(Dinov2Config(num_hidden_layers=12, **rad)))
         # A ViT-L/14 (facebook/dinov2-large's config).
@@ -185,8 +187,8 @@ def _loaded(info: weights.WeightsInfo, state: dict[str, torch.Tensor], arch: str
             **overrides) -> tuple[torch.nn.Module, mv.LoadReport]:
     """The model the file's description names (or ``arch``), built and loaded as a run
     would, from the file's ``state`` (read once)."""
-    model = mv.MODELS[arch or info.arch](num_classes=3, img_size=info.input_size,
-                                          global_pool=info.global_pool == "avg", **overrides)
+    options = {"img_size": info.input_size, "global_pool": info.global_pool == "avg", **overrides}
+    model = mv.MODELS[arch or info.arch](num_classes=3, **options)
     return model.eval(), mv.load_pretrained(model, info.source, state_dict=state)
 
 
@@ -214,6 +216,7 @@ def test_rad_dino_equals_transformers_dinov2(originals):
         tokens = model.forward_features(ref["x"])
     torch.testing.assert_close(tokens, ref["tokens"], **TOL)
     torch.testing.assert_close(_pooled(model, ref["x"]), ref["pooled"], **TOL)
+    _equal_at_another_size(info, state, ref, "vit_base_patch14_dinov2")
 
     # LoRA on the fused q/k/v: `attn` is q and v; at step 0 the features are unchanged.
     lora.inject_lora(model, rank=4, pos="attn")
@@ -246,6 +249,17 @@ def test_dinov2_with_registers_equals_transformers(originals):
         tokens = model.forward_features(ref["x"])
     torch.testing.assert_close(tokens, ref["tokens"], **TOL)  # cls, 4 registers, patches
     torch.testing.assert_close(_pooled(model, ref["x"]), ref["pooled"], **TOL)
+    _equal_at_another_size(info, state, ref, "vit_base_patch14_reg4_dinov2", embed_dim=192, num_heads=3)
+
+
+def _equal_at_another_size(info, state, ref, arch, **overrides):
+    """At another input size the position table is resized as the publisher's code resizes it
+    (transformers: antialiased with registers, plain bicubic without)."""
+    size = ref["x_small"].shape[-1]
+    model, report = _loaded(info, state, arch=arch, depth=2, img_size=size, **overrides)
+    assert report.pos_embed_resized is not None
+    with torch.no_grad():
+        torch.testing.assert_close(model.forward_features(ref["x_small"]), ref["tokens_small"], **TOL)
 
 
 @needs_open_clip

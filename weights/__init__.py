@@ -57,6 +57,9 @@ class WeightsFormat:
         library: whose module names its keys are ('timm' for timm's own names).
         arch_settings: ``models_vit_lora.ARCHS`` settings every file of this layout has but
             its shapes cannot show (e.g. ``act_layer='quick_gelu'``); others are not checked.
+        antialias: ``antialias(keys)``: whether its publisher's code resizes the position
+            table of a file with these keys to another grid with antialiasing, as the loader
+            then does (None: plain bicubic, as MAE's and the paper's code).
     """
 
     name: str
@@ -70,6 +73,7 @@ class WeightsFormat:
     global_pool: str = "avg"
     library: str = "timm"
     arch_settings: Mapping[str, Any] = field(default_factory=dict, compare=False)
+    antialias: Callable[[Collection[str]], bool] | None = None
 
 
 # name -> WeightsFormat, in registration order (built-ins: see the end of this module).

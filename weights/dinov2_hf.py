@@ -109,4 +109,6 @@ DINOV2_HF = register(WeightsFormat(
     name="dinov2_hf", description="DINOv2 saved by transformers: RAD-DINO, facebook/dinov2",
     recognise=_recognise, to_timm=_to_timm, norm="rad_dino", read_norm=_read_norm,
     global_pool="token", library="transformers",
-    arch_settings={"act_layer": None, "norm_eps": 1e-6}))
+    arch_settings={"act_layer": None, "norm_eps": 1e-6},
+    # transformers' Dinov2WithRegisters resizes with antialiasing, its plain Dinov2 without.
+    antialias=lambda keys: "embeddings.register_tokens" in keys))
