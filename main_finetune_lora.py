@@ -109,7 +109,8 @@ def get_args_parser() -> argparse.ArgumentParser:
 
     f = command.FlagTable(p, "model")
     f("--model", recipe=True, default="vit_base_patch16_lora", choices=sorted(mv.MODELS),
-      help="architecture; *_lora variants inject LoRA adapters")
+      help="architecture; *_lora variants inject LoRA adapters (default: the --finetune file's "
+           "architecture, else %(default)s)")
     f("--method", recipe=True, default=None, choices=list(methods.REGISTRY),
       help="; ".join(f"{m.name}: {m.summary}" for m in methods.REGISTRY.values())
            + ". Default: lora for *_lora models, full otherwise")
@@ -119,10 +120,15 @@ def get_args_parser() -> argparse.ArgumentParser:
       help="DANGEROUS: unpickle --finetune without the weights-only guard")
     f("--depth", default=None, type=command.POSITIVE_INT,
       help="number of transformer blocks, if not the architecture's (small tests)")
-    f("--input_size", default=224, type=command.POSITIVE_INT, help="image side in pixels (multiple of 16)")
+    f("--input_size", default=224, type=command.POSITIVE_INT,
+      help="image side in pixels, a multiple of the patch size (default: the --finetune file's, "
+           "e.g. 518 for RAD-DINO, else %(default)s)")
     f("--drop_path", recipe=True, type=command.FRACTION, default=0.1, help="stochastic depth rate")
     f("--cls_token", action="store_false", dest="global_pool",
-      help="classify from the cls token (off by default: the paper pools the patch tokens)")
+      help="classify from the cls token (the default only for weights whose authors do: "
+           "RAD-DINO, BiomedCLIP, CheXzero; the paper pools the patch tokens)")
+    f("--mean_pool", action="store_true", dest="global_pool",
+      help="classify from the mean of the patch tokens (the default but for those weights)")
     f("--nb_classes", default=None, type=command.POSITIVE_INT,
       help="number of classes (default: from the data set; checked against it)")
 
@@ -354,7 +360,9 @@ def choose_norm(args: argparse.Namespace, explicit: set[str]) -> str:
     if not args.finetune:
         return "mrm"
     if named is None:
-        raise ArgumentError(f"--norm: cannot tell the normalisation of {args.finetune}; pass "
+        read = (f" (mean {info.mean}, std {info.std} {info.norm_from}: statistics no --norm "
+                "name has; add them to NORM_STATS in datasets/constants.py)") if info and info.mean else ""
+        raise ArgumentError(f"--norm: cannot tell the normalisation of {args.finetune}{read}; pass "
                             f"--norm {' | '.join(sorted(datasets.NORM_STATS))}")
     return named
 

@@ -565,9 +565,20 @@ def test_the_entry_script_takes_model_size_norm_and_pooling_from_the_file(origin
     given = mfl.parse(["--finetune", str(path), "--data_path", str(tmp_path), "--dataset", "nih",
                        "--input_size", "224", "--method", "full"])
     assert (given.model, given.input_size) == ("vit_base_patch14_dinov2", 224)
+    assert given.global_pool is False and mfl.parse(  # the weights' pooling, or the mean if asked
+        ["--finetune", str(path), "--data_path", str(tmp_path), "--dataset", "nih", "--mean_pool"]).global_pool is True
     with pytest.raises(SystemExit) as exc:
         mfl.parse(["--finetune", str(path), "--data_path", str(tmp_path), "--model",
                    "vit_base_patch16_lora"])
     assert exc.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()[0]
     assert "vit_base_patch16" in err and "14" in err
+    # Statistics from the publisher's config that no --norm name has: shown, with what to do.
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps({"image_mean": [0.5] * 3,
+                                                                   "image_std": [0.25] * 3}))
+    with pytest.raises(SystemExit):
+        mfl.parse(["--finetune", str(path), "--data_path", str(tmp_path), "--dataset", "nih"])
+    err = capsys.readouterr().err.strip().splitlines()[0]
+    assert err.startswith(f"main_finetune_lora.py: error: --norm: cannot tell the normalisation of {path} "
+                          "(mean (0.5, 0.5, 0.5), std (0.25, 0.25, 0.25) from preprocessor_config.json")
+    assert "add them to NORM_STATS" in err

@@ -49,7 +49,8 @@ class WeightsFormat:
             of the image encoder it cannot map raises ``ConversionError``.
         norm: the ``datasets.NORM_STATS`` name of its pre-training statistics, None where
             files of this layout differ in it (then the run's ``--norm`` decides).
-        mean, std: the statistics themselves, for a layout whose values have no such name.
+        mean, std: the statistics themselves, for a layout whose values have no such name yet
+            (a run needs a ``--norm`` name: its refusal shows them, to add to NORM_STATS).
         read_norm: ``read_norm(weights_path)`` -> (mean, std, file) from the publisher's
             config beside the weights (e.g. transformers' preprocessor_config.json), or
             None where there is none; it overrides ``norm``.
