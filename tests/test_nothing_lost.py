@@ -3,6 +3,7 @@ errors is one line with its exit code (2: usage, nothing written; 1: failure; 13
 import json
 import math
 import multiprocessing
+import os
 import threading
 from pathlib import Path
 
@@ -510,15 +511,16 @@ def test_overwrite_refuses_to_orphan_the_runs_evaluations(demo, tmp_path, capsys
     assert mfl.cli(args_for(data, weights, run, "--seed", "7", "--overwrite")) == 0
 
 
-def test_a_users_config_json_is_a_foreign_file_not_a_run_to_overwrite(demo, tmp_path, capsys):
+@pytest.mark.parametrize("name", ["config.json", "log.txt"])
+def test_a_users_file_of_a_run_name_is_foreign_not_a_run_to_overwrite(demo, tmp_path, capsys, name):
     data, weights = demo
     out = tmp_path / "mine"
     out.mkdir()
-    (out / "config.json").write_text('{"my": "settings"}')
+    (out / name).write_text('{"my": "settings"}')
     assert mfl.cli(args_for(data, weights, out)) == 1
     err = capsys.readouterr().err
-    assert "holds files no run of this tool wrote (config.json)" in err and "already holds a run" not in err
-    assert (out / "config.json").read_text() == '{"my": "settings"}'
+    assert f"holds files no run of this tool wrote ({name})" in err and "already holds a run" not in err
+    assert sorted(os.listdir(out)) == [name] and (out / name).read_text() == '{"my": "settings"}'
 
 
 def test_recovery_in_a_runs_folder_removes_only_the_runs_own_temporaries(demo, trained, tmp_path):

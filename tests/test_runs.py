@@ -365,7 +365,7 @@ def test_parse_errors_are_short_and_every_flag_is_documented(capsys):
     text = parser.format_help()
     assert text.count("(default: 4)") >= 1 and "--cls_token" in text
     cls_help = " ".join(text.split("\n  --cls_token")[1].split("--nb_classes")[0].split())
-    assert "default: True" not in cls_help and "off by default" in cls_help
+    assert "default: True" not in cls_help and "the default only for weights whose authors do" in cls_help
 
 
 def test_warmup_longer_than_the_run_is_capped_with_a_note():

@@ -420,7 +420,7 @@ class RunFolder:
         for name in [*names, LOGS_DIR]:  # (TensorBoard's folder: new event files, never a link)
             self.writable(name)
         # (A run's own .pending/ is gone once recover() ran.)
-        foreign = [n for n in self.foreign(names) if n not in (COMMIT_NAME, MANIFEST_NAME, "log.txt")]
+        foreign = [n for n in self.foreign(names) if n not in (COMMIT_NAME, MANIFEST_NAME)]
         if foreign and not overwrite and not plan.resume:
             raise RunConflict(f"{self.folder} holds files no run of this tool wrote "
                               f"({', '.join(foreign[:4])}): a run would write over them; choose "
