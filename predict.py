@@ -532,13 +532,14 @@ def run(args: argparse.Namespace) -> int:
     non_finite = [f.name for f in failures if f.reason.startswith(NON_FINITE_REASON)]
     _log_failures(failures, non_finite, len(good) + len(non_finite), args.output, dtype)
 
-    _write_failure_list(failed_csv, failures)
+    _write_failure_list(failed_csv, failures, args.overwrite)
     if not good:  # a CSV of the header alone would pass for a result
-        output.unlink(missing_ok=True)  # (one there was allowed by --overwrite: it is replaced)
+        if args.overwrite:  # (one there was allowed by --overwrite: it is replaced)
+            output.unlink(missing_ok=True)
         raise ToolError(f"none of the {len(images)} images could be predicted (listed in "
                         f"{failed_csv}); {output} not written")
     write_predictions_csv(output, [images[i].name for i in good], probs[good], class_names,
-                          thresholds=thresholds)
+                          thresholds=thresholds, replace=args.overwrite)
     if heatmap_classes:
         _write_heatmaps(model, config, [images[i] for i in good], heatmap_classes, heatmap_dir,
                         transform, batch_size=args.batch_size, dtype=dtype, temperatures=temperatures)
@@ -622,12 +623,14 @@ def _log_failures(failures: Sequence[Failure], non_finite: Sequence[str], predic
                      ", ".join(non_finite[:SHOWN]), _more(len(non_finite)), cause)
 
 
-def _write_failure_list(path: Path, failures: Sequence[Failure]) -> None:
+def _write_failure_list(path: Path, failures: Sequence[Failure], overwrite: bool) -> None:
     """Write the failed inputs as CSV (path, file, reason), or remove a list that would
-    describe other inputs (one left by an earlier command, replaced with --overwrite)."""
+    describe other inputs (one left by an earlier command, replaced with --overwrite; without
+    it, a file there now was made by another command meanwhile: kept)."""
     if failures:
-        write_csv(path, ["path", "file", "reason"], ([x.name, x.file, x.reason] for x in failures))
-    elif path.is_file():
+        write_csv(path, ["path", "file", "reason"], ([x.name, x.file, x.reason] for x in failures),
+                  replace=overwrite)
+    elif overwrite and path.is_file():
         path.unlink()
 
 

@@ -329,6 +329,28 @@ def test_predict_read_only_or_blocked_output_folder_is_one_line(trained, tmp_pat
     assert (tmp_path / "afile").read_text() == "x"
 
 
+@pytest.mark.parametrize("appears", ["preds.csv", "preds_failed.csv"])
+def test_predict_keeps_an_output_made_while_it_ran(trained, tmp_path, monkeypatch, capsys, appears):
+    """--output was checked new at the start; a file another command makes there meanwhile
+    is kept (without --overwrite), and the command says so."""
+    stem, _ = trained
+    image = save_png(tmp_path / "in" / "a.png")
+    out = tmp_path / "out" / "preds.csv"
+    real = predict.predict_images
+
+    def meanwhile(*args, **kwargs):
+        result = real(*args, **kwargs)
+        (out.parent / appears).write_text("another command's\n")
+        return result
+    monkeypatch.setattr(predict, "predict_images", meanwhile)
+    code = predict.main(predict_args(stem, image, tmp_path / "missing.png", output=out))
+    assert code == 1
+    one_error_line(capsys.readouterr().err, "predict.py", f"{out.parent / appears} appeared while "
+                   "this command ran")
+    assert (out.parent / appears).read_text() == "another command's\n"
+    assert not [p for p in out.parent.iterdir() if p.name.startswith(".")]  # no temporary left
+
+
 def test_predict_full_disk_is_exit_1_not_the_some_failed_code(trained, tmp_path, monkeypatch,
                                                               capsys):
     """"Could not write" (1) is told apart from "some inputs could not be read" (3)."""

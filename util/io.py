@@ -123,6 +123,28 @@ def atomic_target(name: str) -> str | None:
     return found.group(1) if found else None
 
 
+def _move_into_new(tmp: str, path: Path) -> None:
+    """Rename ``tmp`` to ``path`` only if nothing is at ``path``: a hard link fails on an
+    existing name (a file system without hard links is checked just before the rename)."""
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        raise _appeared(path) from None
+    except OSError as err:
+        if err.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK):
+            raise
+        if os.path.lexists(path):
+            raise _appeared(path) from None
+        os.replace(tmp, path)
+        return
+    os.unlink(tmp)
+
+
+def _appeared(path: Path) -> OutputError:
+    return OutputError(errno.EEXIST, f"{path} appeared while this command ran (another command "
+                                     "writing it?): it is kept and this one's output not written")
+
+
 def _fsync(path: str) -> None:
     """Flush a written file's bytes to the disk."""
     fd = os.open(path, os.O_RDONLY)
@@ -132,10 +154,12 @@ def _fsync(path: str) -> None:
         os.close(fd)
 
 
-def atomic_write(path: str | Path, write: Callable[[str], Any]) -> None:
+def atomic_write(path: str | Path, write: Callable[[str], Any], replace: bool = True) -> None:
     """Call ``write(tmp_path)`` then rename over ``path``: readers never see a partial file.
     The bytes reach the disk before the rename (fsync), so a power loss leaves the old file
-    or the new one, never an empty one.
+    or the new one, never an empty one. With ``replace`` False the file must still be new
+    when it moves into place: one made meanwhile (by another command) is kept, and the
+    write refused (``OutputError``).
 
     A failed write (disk full, an error in ``write``) leaves ``path`` as it was and no
     temporary file behind; OS-level failures are raised as ``OutputError`` with one line
@@ -154,7 +178,10 @@ def atomic_write(path: str | Path, write: Callable[[str], Any]) -> None:
         # one: results on a shared server must be readable as the umask allows.
         os.chmod(tmp, 0o666 & ~current_umask())
         _fsync(tmp)
-        os.replace(tmp, path)
+        if replace:
+            os.replace(tmp, path)
+        else:
+            _move_into_new(tmp, path)
     except OutputError:
         raise
     except OSError as err:
@@ -168,8 +195,10 @@ def atomic_write(path: str | Path, write: Callable[[str], Any]) -> None:
             os.unlink(tmp)
 
 
-def write_csv(path: str | Path, header: Sequence[str], rows: Iterable[Iterable[Any]]) -> Path:
-    """Atomically write a CSV: the header, then the rows; returns the path."""
+def write_csv(path: str | Path, header: Sequence[str], rows: Iterable[Iterable[Any]],
+              replace: bool = True) -> Path:
+    """Atomically write a CSV: the header, then the rows (``replace``: as `atomic_write`);
+    returns the path."""
     def write(tmp: str) -> None:
         with open(tmp, "w", newline="") as f:
             writer = csv.writer(f)
@@ -177,7 +206,7 @@ def write_csv(path: str | Path, header: Sequence[str], rows: Iterable[Iterable[A
             writer.writerows(rows)
 
     path = Path(path)
-    atomic_write(path, write)
+    atomic_write(path, write, replace)
     return path
 
 

@@ -151,7 +151,7 @@ def _palette(n: int) -> list[tuple[float, float, float, float]]:
 
 def write_predictions_csv(path: str | Path, names: Sequence[str], probs: np.ndarray,
                           class_names: Sequence[str], labels: np.ndarray | None = None,
-                          thresholds: np.ndarray | None = None) -> Path:
+                          thresholds: np.ndarray | None = None, replace: bool = True) -> Path:
     """Per-image CSV: path, a probability per class ('' for NaN; all the digits of the
     float32 or float64 value, which reads back equal), then ``pred_<class>`` 0/1
     columns with ``thresholds`` ('' for a NaN threshold) and ``label_<class>`` columns with
@@ -174,7 +174,8 @@ def write_predictions_csv(path: str | Path, names: Sequence[str], probs: np.ndar
             line += [int(v) for v in labels[i]]
         return line
 
-    return write_csv(path, header, (cells(i, n, row) for i, (n, row) in enumerate(zip(names, probs))))
+    return write_csv(path, header, (cells(i, n, row) for i, (n, row) in enumerate(zip(names, probs))),
+                     replace)
 
 
 def x100(value: Any, digits: int = 1) -> str:
