@@ -328,12 +328,12 @@ def weights_defaults(args: argparse.Namespace, given: set[str]):
     --model, --input_size and the pooling where no flag or preset set them; a --model that
     does not fit the file is refused."""
     info = mv.describe_weights(args.finetune, allow_unsafe_pickle=args.unsafe_load)
-    args.notes.append(info.summary())
-    if info.arch is None and "model" not in given:
-        raise ArgumentError(f"--finetune {args.finetune}: {info.geometry.text()}: no --model "
-                            "of this tool builds it")
+    arch = info.arch or (info.arch_at_depth if args.depth == info.geometry.depth else None)
+    if arch is None and "model" not in given:
+        raise ArgumentError(f"--finetune {args.finetune}: {info.geometry.text()}: "
+                            f"{info.builder_text()}")
     # The *_lora builder, as the default --model: resolve_method makes it plain for other methods.
-    for key, value in {"model": f"{info.arch}_lora", "input_size": info.input_size,
+    for key, value in {"model": f"{arch}_lora", "input_size": info.input_size,
                        "global_pool": info.global_pool == "avg"}.items():
         if key not in given:
             setattr(args, key, value)
@@ -482,6 +482,8 @@ def main(args: argparse.Namespace) -> dict:
     setup_logging(dist_info.is_main)
     for note in args.notes:
         logger.warning(note)
+    if args.weights_info:
+        logger.info("%s; --norm %s", args.weights_info.summary(), args.norm)
     amp_dtype = resolve_amp(args.amp, device)
     own_demo_folder = args.demo_out or args.data_path == DEMO_DEFAULTS["data_path"]
     if own_demo_folder and dist_info.is_main and not Path(args.data_path, "train_list.txt").exists():

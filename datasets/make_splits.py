@@ -200,7 +200,19 @@ def _chexpert_frames(metadata: Path, rng: np.random.Generator, val_fraction: flo
     groups = split_by_patient(train["patient"].to_numpy(), fractions, rng)
     return {"train": train.iloc[groups["train"]],
             "val": train.iloc[groups["val"]] if "val" in fractions else chexpert_table(valid_csv),
-            "test": train.iloc[groups["test"]] if test_csv is None else chexpert_table(test_csv)}
+            "test": train.iloc[groups["test"]] if test_csv is None else
+            _under_root_of(chexpert_table(test_csv), train)}
+
+
+def _under_root_of(test: pd.DataFrame, train: pd.DataFrame) -> pd.DataFrame:
+    """The test CSV's paths under train.csv's top folder: the test labels' CSV names its
+    images ``test/patient.../...``, train.csv ``CheXpert-v1.0-small/train/...`` (the paper's
+    test list: ``CheXpert-v1.0-small/test/...``)."""
+    roots = train["path"].str.split("/", n=1).str[0].unique()
+    if len(roots) != 1 or not str(roots[0]).lower().startswith("chexpert"):
+        return test
+    bare = ~test["path"].str.lower().str.startswith("chexpert")
+    return test.assign(path=test["path"].where(~bare, roots[0] + "/" + test["path"]))
 
 
 def _rsna_frames(metadata: Path, rng: np.random.Generator, val_fraction: float | None,

@@ -458,7 +458,8 @@ def resolve_image_paths(data_path: str | Path, rel_paths: list[str], kind: str) 
 # Writing split files
 # ---------------------------------------------------------------------------------------
 
-# The paper's label fractions: train_10 and train_1 are nested random subsets of train_list.
+# The label fractions make_splits writes: train_10 and train_1 are nested random subsets of
+# train_list (the paper's own 1% and 10% files are subsets of its train_list drawn apart).
 SUBSETS: dict[str, float] = {"train_10.txt": 0.10, "train_1.txt": 0.01}
 
 

@@ -107,6 +107,24 @@ def test_chexpert_uncertainty_policy(tmp_path):
     assert not patients_of(splits["train_list.txt"].paths, key) & patients_of(splits["test_list.txt"].paths, key)
 
 
+@pytest.mark.parametrize("prefix", ["", "CheXpert-v1.0-small/"])
+def test_chexpert_test_labels_join_train_csvs_folder(tmp_path, prefix):
+    """The test labels' CSV names its images test/patient...; train.csv CheXpert-v1.0-small/...:
+    the test list is written as the paper's, under the same top folder."""
+    meta = tmp_path / "meta"
+    meta.mkdir()
+    cols = CLASS_NAMES["chexpert"]
+    rows = [{"Path": f"CheXpert-v1.0-small/train/patient{p:05d}/study1/view1_frontal.jpg", **{c: 1.0 for c in cols}}
+            for p in range(1, 41)]
+    pd.DataFrame(rows).to_csv(meta / "train.csv", index=False)
+    test = [{"Path": f"{prefix}test/patient{p:05d}/study1/view1_frontal.jpg", **{c: 0 for c in cols}}
+            for p in (64741, 64742)]
+    pd.DataFrame(test).to_csv(meta / "test_labels.csv", index=False)
+    make_splits("chexpert", meta, tmp_path / "out", seed=0)
+    assert parse_split_file(tmp_path / "out" / "test_list.txt", 5, "chexpert").paths == [
+        f"CheXpert-v1.0-small/test/patient{p}/study1/view1_frontal.jpg" for p in (64741, 64742)]
+
+
 def test_rsna_one_line_per_image_with_trailing_space(tmp_path):
     meta = tmp_path / "meta"
     meta.mkdir()

@@ -365,7 +365,7 @@ def test_a_model_that_does_not_fit_the_file_is_refused_naming_both():
         mv.check_model_fits(info, "vit_base_patch16_lora")
     text = _one_line(err)
     assert text.startswith("--model vit_base_patch16_lora does not fit --finetune RAD.pth")
-    assert "it holds vit_base_patch14_dinov2" in text and "patch: file 14, model 16" in text
+    assert "--model vit_base_patch14_dinov2 builds it" in text and "patch: file 14, model 16" in text
     assert "layer scale: file True, model False" in text
 
 

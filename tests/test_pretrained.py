@@ -176,3 +176,22 @@ def test_head_of_matching_shape_in_the_file_is_reinitialised(tmp_path):
     assert report.head_reinitialised and "head.weight" not in report.matched
     assert model.head.weight.std() < 1e-4 and torch.count_nonzero(model.head.bias) == 0
     assert torch.equal(model.fc_norm.weight, enc["fc_norm.weight"])  # the pooling norm is kept
+
+
+def test_a_file_of_fewer_blocks_says_which_model_and_depth_build_it(tmp_path, capsys):
+    """A 2-block ViT-S file fits no architecture as it is, but --model vit_small_patch16
+    --depth 2 builds it: the refusal says so, and --depth 2 alone takes that model."""
+    import main_finetune_lora as mfl
+
+    path = tmp_path / "small_MRM.pth"
+    mrm_checkpoint(path, arch="vit_small_patch16", depth=2)
+    info = mv.describe_weights(path)
+    assert (info.arch, info.arch_at_depth) == (None, "vit_small_patch16")
+    assert "--model vit_small_patch16 --depth 2" in info.summary()
+    with pytest.raises(SystemExit):
+        mfl.parse(["--finetune", str(path), "--data_path", str(tmp_path), "--dataset", "nih"])
+    err = capsys.readouterr().err.splitlines()[0]
+    assert err.startswith("main_finetune_lora.py: error: --finetune ") and \
+        err.endswith(": --model vit_small_patch16 --depth 2"), err
+    args = mfl.parse(["--finetune", str(path), "--data_path", str(tmp_path), "--dataset", "nih", "--depth", "2"])
+    assert (args.model, args.method, args.norm) == ("vit_small_patch16_lora", "lora", "mrm")

@@ -215,7 +215,8 @@ class WeightsInfo:
     """What a pre-trained file holds, for the defaults of a run: ``describe``'s answer.
 
     ``arch`` is the ``models_vit_lora.ARCHS`` name of its shapes (None if no architecture
-    builds them); ``norm`` the ``datasets.NORM_STATS`` name of its statistics (None where the
+    builds them); ``arch_at_depth`` the one that does with ``--depth`` its number of blocks
+    (a file of fewer blocks than any architecture, e.g. for tests); ``norm`` the ``datasets.NORM_STATS`` name of its statistics (None where the
     file does not tell, or where its publisher's values have no name: then ``mean`` / ``std``
     may still hold them); ``norm_from`` says where they come from.
     """
@@ -229,6 +230,15 @@ class WeightsInfo:
     std: tuple[float, ...] | None
     norm_from: str | None
     dropped: tuple[str, ...] = ()
+    arch_at_depth: str | None = None
+
+    def builder_text(self) -> str:
+        """Which --model builds it, in words."""
+        if self.arch:
+            return f"--model {self.arch}"
+        if self.arch_at_depth:
+            return f"--model {self.arch_at_depth} --depth {self.geometry.depth}"
+        return "no --model of this tool builds it"
 
     @property
     def input_size(self) -> int:
@@ -247,9 +257,9 @@ class WeightsInfo:
 
     def summary(self) -> str:
         """One line for the log: format, shapes, and the defaults they give."""
-        arch = f"--model {self.arch}" if self.arch else "no --model of this tool builds it"
+        arch = self.builder_text()
         norm = (f"--norm {self.norm} ({self.norm_from})" if self.norm
-                else "no normalisation known (--norm decides)")
+                else "no normalisation in the file (--norm decides, else the file's name)")
         return (f"{self.source}: weights format {self.format.name} ({self.format.description}); "
                 f"{self.geometry.text()}: {arch}, --input_size {self.input_size}, {norm}, "
                 f"{self.global_pool} pooling")
@@ -343,9 +353,13 @@ def describe(state_dict: StateDict, source: object,
     geometry = vit_geometry(state, source)
     arch = next((name for name, settings in (archs or {}).items()
                  if not geometry.misfits(settings, fmt.arch_settings)), None)
+    at_depth = None if arch else next(
+        (name for name, settings in (archs or {}).items()
+         if not geometry.misfits({**settings, "depth": geometry.depth}, fmt.arch_settings)), None)
     norm, mean, std, norm_from = _statistics(fmt, source)
     return WeightsInfo(source=str(source), format=fmt, geometry=geometry, arch=arch, norm=norm,
-                       mean=mean, std=std, norm_from=norm_from, dropped=tuple(dropped))
+                       mean=mean, std=std, norm_from=norm_from, dropped=tuple(dropped),
+                       arch_at_depth=at_depth)
 
 
 def check_model(info: WeightsInfo, model: str, settings: Mapping[str, Any]) -> None:
@@ -353,7 +367,8 @@ def check_model(info: WeightsInfo, model: str, settings: Mapping[str, Any]) -> N
     any overrides: ``models_vit_lora.check_model_fits``) do not fit the file."""
     misfits = info.geometry.misfits(settings, info.format.arch_settings)
     if misfits:
-        holds = f"it holds {info.arch}" if info.arch else "no --model of this tool builds it"
+        holds = f"{info.builder_text()} builds it" if info.arch or info.arch_at_depth \
+            else "no --model of this tool builds it"
         raise PretrainedWeightsError(
             f"--model {model} does not fit --finetune {info.source} ({info.geometry.text()}; "
             f"{holds}): {'; '.join(misfits)}")
