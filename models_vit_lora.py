@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import logging
 import math
 import pickle
@@ -590,15 +591,7 @@ def load_pretrained(model: nn.Module, path: str | Path, allow_unsafe_pickle: boo
     """
     if state_dict is None:
         state_dict = extract_state_dict(read_checkpoint(path, allow_unsafe_pickle), path)
-    # A file with trained LoRA tensors is a fine-tuned checkpoint: say what to use it with.
-    adapters = sorted(k for k in state_dict if is_lora_key(k))
-    if adapters:
-        raise PretrainedWeightsError(
-            f"{path} holds trained LoRA tensors ({_first(adapters, 3)}): it is a fine-tuned "
-            "checkpoint, not pre-trained weights, and its adapters would be dropped here. To "
-            "continue training it use --resume <run>/checkpoint-last; to use it, predict.py "
-            "--checkpoint (or --eval --resume); --finetune takes the pre-trained file "
-            "(MRM.pth, CXR_MAE.pth, ...)")
+    refuse_trained_checkpoint(state_dict, path)
     fmt = weights.detect(state_dict, path)
     state, dropped = weights.convert(fmt, state_dict, path)
     report = LoadReport(path=str(path), format=fmt.name, ignored=list(dropped))
@@ -640,6 +633,27 @@ def load_pretrained(model: nn.Module, path: str | Path, allow_unsafe_pickle: boo
     return report
 
 
+def refuse_trained_checkpoint(state_dict: dict[str, torch.Tensor], path: str | Path) -> None:
+    """Refuse, as pre-trained weights, a checkpoint this tool trained (its JSON beside it says
+    so) or any file of trained adapter tensors, saying what to use it with."""
+    what = None
+    adapters = sorted(k for k in state_dict if is_lora_key(k) or ".base_layer." in k)
+    if adapters:
+        what = f"holds trained adapter tensors ({_first(adapters, 3)})"
+    try:
+        sidecar = json.loads(Path(path).with_suffix(".json").read_text())
+    except (OSError, ValueError):
+        sidecar = None
+    if isinstance(sidecar, dict) and str(sidecar.get("format", "")).startswith(CONFIG_FORMAT.split("/")[0] + "/"):
+        what = f"is a checkpoint this tool trained ({Path(path).with_suffix('.json').name}: {sidecar['format']})"
+    if what:
+        raise PretrainedWeightsError(
+            f"{path} {what}: a fine-tuned checkpoint, not pre-trained weights. To continue its "
+            "run use --resume <run>/checkpoint-last; to use it, predict.py --checkpoint (or "
+            "--eval --resume) or export.py; --finetune takes the pre-trained file (MRM.pth, "
+            "CXR_MAE.pth, ...)")
+
+
 def describe_weights(path: str | Path, allow_unsafe_pickle: bool = False,
                      state_dict: dict[str, torch.Tensor] | None = None) -> weights.WeightsInfo:
     """What a pre-trained file holds (``weights.describe``, from the tensors' shapes: their
@@ -647,6 +661,7 @@ def describe_weights(path: str | Path, allow_unsafe_pickle: bool = False,
     ``--input_size``, ``--norm`` and the pooling."""
     if state_dict is None:
         state_dict = extract_state_dict(read_checkpoint(path, allow_unsafe_pickle, device="meta"), path)
+    refuse_trained_checkpoint(state_dict, path)
     return weights.describe(state_dict, path, {name: arch_settings(name) for name in ARCHS})
 
 

@@ -1,4 +1,5 @@
 """Loading MRM / CXR_MAE / MAE / timm / safetensors weights into the (LoRA) ViT."""
+import json
 import os
 
 import pytest
@@ -158,9 +159,27 @@ def test_a_file_with_trained_lora_tensors_is_refused(tmp_path):
     for name in ("tuned.safetensors", "peft.pth"):
         model = mv.vit_tiny_patch16(depth=2, num_classes=14)
         before = model.blocks[0].attn.qkv.weight.clone()
-        with pytest.raises(mv.PretrainedWeightsError, match=r"holds trained LoRA tensors.*--resume"):
+        with pytest.raises(mv.PretrainedWeightsError, match=r"holds trained adapter tensors.*--resume"):
             mv.load_pretrained(model, tmp_path / name)
         assert torch.equal(model.blocks[0].attn.qkv.weight, before)  # nothing copied
+
+
+def test_a_checkpoint_this_tool_trained_is_refused_as_pretrained_weights(tmp_path, capsys):
+    """Given as --finetune, this tool's own checkpoint (adapter-only, with .base_layer names, or
+    a full fine-tune in timm's names) is named for what it is, before its shapes are read."""
+    import main_finetune_lora as mfl
+    from _fakes import trained_checkpoint
+
+    stem, _ = trained_checkpoint(tmp_path / "lora", class_names=["Mass", "Nodule"], img_size=32)
+    full = tmp_path / "full" / "checkpoint-best.safetensors"
+    full.parent.mkdir()
+    save_file(encoder_state(), str(full))
+    full.with_suffix(".json").write_text(json.dumps({"format": mv.CONFIG_FORMAT, "model": "vit_tiny_patch16"}))
+    for path in (stem.with_suffix(".safetensors"), full):
+        assert mfl.cli(["--finetune", str(path), "--data_path", str(tmp_path), "--dataset", "nih"]) == 1
+        err = capsys.readouterr().err.splitlines()[-1]  # (the file's fault, as a damaged one's)
+        assert err.startswith(f"main_finetune_lora.py: error: {path} is a checkpoint this tool "
+                              f"trained (checkpoint-best.json: {mv.CONFIG_FORMAT})") and "--resume" in err, err
 
 
 def test_head_of_matching_shape_in_the_file_is_reinitialised(tmp_path):
