@@ -30,6 +30,7 @@ import checkpoints as ckpt
 import datasets
 import lora
 import methods
+import weights
 from datasets.metadata import resolve_metadata
 from engine_finetune import evaluate
 from util.cli import UsageError
@@ -303,7 +304,7 @@ def test_results(checkpoint: str | Path, config, dataset: datasets.ChestXrayData
     results = {
         "split": split, "dataset": trained.get("dataset") or config.dataset or dataset.kind,
         "data_size": trained.get("data_size"), "seed": trained.get("seed"),
-        "weights": Path(config.pretrained).stem if config.pretrained else "none",
+        "weights": weights.weights_label(config.pretrained) if config.pretrained else "none",
         "method": config.method, "model": config.model,
         "lora_rank": getattr(config.method_settings, "rank", None),
         "method_settings": config.to_json()["method_settings"],

@@ -510,7 +510,7 @@ def main(args: argparse.Namespace) -> dict:
     config = model_config(args, list(data.train_set.class_names), settings["weights_sha256"])
     model = build_model(args, config, device)
     folder = RunFolder(run_path(
-        args.output_dir, args.run_name, settings, weights=Path(args.finetune or "").stem, note=args.note,
+        args.output_dir, args.run_name, settings, weights=weights.weights_label(args.finetune) if args.finetune else "", note=args.note,
         method_tag=methods.get(args.method).tag(args.method_settings),
         demo_given=list(args.explicit) if args.demo and "run_name" not in args.explicit else None))
     made = []  # the folders this command makes: removed again if it is refused before writing

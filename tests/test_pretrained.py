@@ -214,3 +214,24 @@ def test_a_file_of_fewer_blocks_says_which_model_and_depth_build_it(tmp_path, ca
         err.endswith(": --model vit_small_patch16 --depth 2"), err
     args = mfl.parse(["--finetune", str(path), "--data_path", str(tmp_path), "--dataset", "nih", "--depth", "2"])
     assert (args.model, args.method, args.norm) == ("vit_small_patch16_lora", "lora", "mrm")
+
+
+def test_a_librarys_generic_weights_file_is_named_by_its_folder(tmp_path, capsys):
+    """Runs on rad-dino/model.safetensors and dinov2-reg/model.safetensors are told apart
+    (run names, tables); a folder given as --finetune is named as a folder."""
+    import main_finetune_lora as mfl
+    import weights
+    from util.runfolder import auto_run_name
+
+    assert weights.weights_label("pretrained_weights/MRM.pth") == "MRM"
+    assert weights.weights_label("hub/rad-dino/model.safetensors") == "rad-dino"
+    assert weights.weights_label("BiomedCLIP/open_clip_pytorch_model.bin") == "BiomedCLIP"
+    settings = {"dataset": "nih", "data_size": "1%", "seed": 0, "method": "lora", "optimizer": "sgd",
+                "lr": 0.01, "epochs": 10, "global_batch": 64, "input_size": 224}
+    names = {auto_run_name(settings, weights.weights_label(f"{m}/model.safetensors"), "r4", "")
+             for m in ("rad-dino", "dinov2-reg")}
+    assert len(names) == 2 and all("model" not in n for n in names)
+    (tmp_path / "rad-dino").mkdir()
+    with pytest.raises(SystemExit):
+        mfl.parse(["--finetune", str(tmp_path / "rad-dino"), "--data_path", str(tmp_path)])
+    assert f"{tmp_path / 'rad-dino'} is a folder: give the file in it" in capsys.readouterr().err

@@ -109,6 +109,9 @@ def device_name(text: str) -> str:
 
 def existing_file(text: str) -> str:
     """An argparse type: the path of a file ('' for none)."""
+    if text and os.path.isdir(text):
+        raise argparse.ArgumentTypeError(f"{text} is a folder: give the file in it (e.g. "
+                                         "model.safetensors of a transformers folder)")
     if text and not os.path.isfile(text):
         raise argparse.ArgumentTypeError(f"file not found: {text}")
     return text

@@ -594,7 +594,7 @@ def auto_run_name(settings: dict[str, Any], weights: str, method_tag: str, note:
     """<dataset>_<fraction>_<weights>_<method>[-<tag>]_[<size>px_]<optimizer>-lr<lr>-e<epochs>
     -b<global batch>_s<seed>[_<note>]: runs that differ in data set, label fraction, weights,
     method or its size, recipe or seed never share a folder (``settings`` as config.json holds
-    them; ``weights``: the pre-trained file's stem, '' for none)."""
+    them; ``weights``: `weights.weights_label` of the pre-trained file, '' for none)."""
     method = settings["method"] + (f"-{method_tag}" if method_tag else "")
     parts = [settings["dataset"], settings["data_size"].replace("%", "pct"),
              weights.lower() or "random", method,

@@ -323,6 +323,17 @@ def stats_from(obj: Mapping[str, Any], mean_key: str, std_key: str, config: Path
     return tuple(map(float, mean)), tuple(map(float, std)), config
 
 
+# File names a library gives every model's weights: the folder says which model they are.
+GENERIC_STEMS = ("model", "pytorch_model", "open_clip_pytorch_model", "weights", "checkpoint")
+
+
+def weights_label(path: str | Path) -> str:
+    """The short name of a weights file in run names and tables: its stem (MRM, CXR_MAE), or
+    for a library's generic file name (transformers' model.safetensors) its folder's name."""
+    path = Path(path)
+    return path.parent.name if path.stem.lower() in GENERIC_STEMS and path.parent.name else path.stem
+
+
 def norm_named_by(path: str | Path) -> str | None:
     """The reference code's rule for a file whose tensors tell no normalisation: the one its
     name says (MRM, CXR_MAE, ImageNet MAE, Medical MAE's release names), else None."""
