@@ -399,8 +399,11 @@ def check_combinations(args: argparse.Namespace) -> None:
             args.recipe, args.input_size, args.norm, aa=args.aa, reprob=args.reprob,
             remode=args.remode, recount=args.recount, aug_fill=args.aug_fill, on_device=args.device_aug)
         if args.check_args and not args.eval and not args.demo:  # before torchrun starts
-            for split in ("train", "val", "test"):
-                datasets.locate_split_file(split, args.data_path, args.data_size, args.split_dir)
+            kind = args.dataset or datasets.infer_dataset_kind(args.data_path)
+            classes = datasets.CLASS_NAMES.get(kind)
+            for split in ("train", "val", "test"):  # found, and lines of the kind's labels
+                datasets.parse_split_file(datasets.locate_split_file(
+                    split, args.data_path, args.data_size, args.split_dir), classes and len(classes), kind)
     except ValueError as err:
         raise ArgumentError(str(err)) from None
 

@@ -212,6 +212,11 @@ def _spaced_path(split_file: Path, line_no: int, tokens: list[str]) -> SplitFile
     """The error for a line whose image path holds a space: the path is what precedes its numbers."""
     labels = sum(1 for _ in itertools.takewhile(_is_number, reversed(tokens[1:])))
     path = " ".join(tokens[: len(tokens) - labels])
+    if line_no == 1 and not any(map(_is_number, tokens)):
+        shown = " ".join(tokens)
+        return SplitFileError(f"{split_file}:1: '{shown[:60]}{'...' if len(shown) > 60 else ''}' "
+                              "looks like a header: split files have none (each line is "
+                              "'relative/path L1 ... LK'); remove that line")
     return SplitFileError(f"{split_file}:{line_no}: image path '{path}' contains a space: image paths "
                           f"may not contain spaces (each line is 'relative/path L1 ... LK', separated "
                           f"by single spaces)")

@@ -363,6 +363,11 @@ def test_space_in_an_image_path_blames_its_line(tmp_path):
     f.write_text(f"my scan.png {' '.join(['0'] * 13)}\n")
     with pytest.raises(SplitFileError, match=rf"^{f}:1: image path 'my scan.png' contains a space"):
         parse_split_file(f, 14, "nih")
+    # A header line (the class names, no labels) is named as one.
+    f.write_text("path " + " ".join(f"Class{k}" for k in range(14)) + f"\n00000001_000.png {zeros}\n")
+    with pytest.raises(SplitFileError, match=rf"^{f}:1: 'path Class0 Class1 .*' looks like a header: "
+                                             r"split files have none"):
+        parse_split_file(f, 14, "nih")
     # A line that only has another number of labels says which line set K.
     f.write_text("img/a.png 1 0\nimg/b.png 1\n")
     with pytest.raises(SplitFileError, match=rf"^{f}:2: image 'img/b.png' has 1 labels but line 1 has 2"):

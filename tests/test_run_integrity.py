@@ -350,3 +350,23 @@ def test_resume_auto_in_a_new_length_folder_points_to_the_run_beside_it(tmp_path
                                           f"--resume {done / 'checkpoint-last'} continues it)")
     assert runfolder.other_length_hint(tmp_path / "nih_1pct_mrm_lora-r4_sgd-lr0.05-e3-b64_s1") == ""
     assert runfolder.other_length_hint(tmp_path / "my_run") == ""
+
+
+def test_check_args_reads_the_split_files_as_the_run_would(tmp_path, capsys):
+    """The launch scripts' flag check refuses what the run would refuse at its start: a folder
+    name of two data set kinds, split files of another kind's labels."""
+    data, weights = demo_data_and_weights(tmp_path / "d")
+    argv = tiny_run_args(data, weights, tmp_path / "out", seed=0)
+    at = argv.index("--dataset")
+    argv = argv[:at] + argv[at + 2:]  # the kind from the folder's name
+    assert mfl.cli([*argv, "--check_args"]) == 0
+    two_kinds = tmp_path / "RSNA_ChestXray"
+    shutil.copytree(data, two_kinds)
+    said = {}
+    for name, extra in (("two kinds", ["--data_path", str(two_kinds)]), ("rsna", ["--dataset", "rsna"])):
+        with pytest.raises(SystemExit) as exc:
+            mfl.cli([*argv, *extra, "--check_args"])
+        assert exc.value.code == 2
+        said[name] = capsys.readouterr().err.splitlines()[0]
+    assert "suggests more than one data set kind (nih, rsna); pass --dataset" in said["two kinds"]
+    assert said["rsna"].startswith(f"main_finetune_lora.py: error: {data / 'train_list.txt'}:1: ")
