@@ -52,9 +52,12 @@ ArgumentError = command.UsageError  # a flag value or combination that cannot ru
 
 def get_args_parser() -> argparse.ArgumentParser:
     """All flags of the paper's scripts (same meaning) plus this tool's own, with their roles."""
-    p = command.Parser(prog=PROG, formatter_class=command.HelpFormatter,
-                       description="LoRA (or full, or linear-probe) fine-tuning of chest X-ray "
-                                   "foundation models, with the paper's recipes (--preset).")
+    p = command.Parser(prog=PROG, description="LoRA (or full, or linear-probe) fine-tuning of chest "
+                       "X-ray foundation models, with the paper's recipes (--preset).",
+                       epilog="Exit codes: 0 done; 1 a failure (a damaged file, a full disk, a run "
+                              "folder or checkpoint whose run the command contradicts); 2 usage "
+                              "error, nothing written; 130 interrupted (the command that continues "
+                              "the run is printed).")
     p.set_defaults(global_pool=True)
     f = command.FlagTable(p, "run", role=command.EXEC)
     f("--preset", recipe=True, choices=sorted(PRESETS), default=None, role=command.RUN,

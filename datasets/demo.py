@@ -26,9 +26,9 @@ def main(argv: list[str] | None = None) -> int:
     """Command line: write the demo data set (run it through `cli.run`)."""
     parser = cli.Parser(prog=PROG, description="Write the synthetic NIH-layout demo data set.")
     parser.add_argument("--out", default="demo_data", help="output folder, a new one (default %(default)s)")
-    parser.add_argument("--num_images", type=int, default=1200)
-    parser.add_argument("--image_size", type=int, default=128)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--num_images", type=cli.POSITIVE_INT, default=1200, help="images in all")
+    parser.add_argument("--image_size", type=cli.POSITIVE_INT, default=128, help="image side in pixels")
+    parser.add_argument("--seed", type=cli.SEED, default=0, help="seed of the images and labels")
     parser.add_argument("--rsna", action="store_true",
                         help="write RSNA Pneumonia's layout instead: JPEG DICOMs, one label")
     args = parser.parse_args(argv)

@@ -151,7 +151,7 @@ _launch_problems() {
   _dataset_mismatch "$@"
   if (( GLOBAL_BATCH % processes )); then
     local fits=() n
-    for (( n = 1; n <= GLOBAL_BATCH && ${#fits[@]} < 6; n++ )); do
+    for (( n = 1; n <= GLOBAL_BATCH && ${#fits[@]} < 8; n++ )); do
       (( GLOBAL_BATCH % n )) || fits+=("$n")
     done
     echo "GLOBAL_BATCH=$GLOBAL_BATCH does not divide over $processes processes (NGPUS=${NGPUS:-1} x NNODES=${NNODES:-1}): use ${fits[*]} processes, or set GLOBAL_BATCH to a multiple of $processes (this changes the paper's recipe)"

@@ -55,11 +55,25 @@ class UsageError(ToolError):
 
 
 class Parser(argparse.ArgumentParser):
-    """Whole flag names only (no abbreviations), and errors in one line plus a pointer to --help."""
+    """Whole flag names only (no abbreviations), errors in one line plus a pointer to --help,
+    ``--debug`` (the error boundary's, `run`) listed last, and the exit codes as the epilog
+    unless the command gives its own."""
 
     def __init__(self, *args, **kwargs) -> None:
         kwargs.setdefault("allow_abbrev", False)
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        kwargs.setdefault("epilog", "Exit codes: 0 done; 1 a failure (a damaged input, a full "
+                                    "disk), nothing lost; 2 usage error, nothing written; 130 "
+                                    "interrupted.")
         super().__init__(*args, **kwargs)
+
+    def format_help(self) -> str:
+        add_debug_flag(self)
+        return super().format_help()
+
+    def parse_known_args(self, *args, **kwargs):  # type: ignore[override]
+        add_debug_flag(self)
+        return super().parse_known_args(*args, **kwargs)
 
     def error(self, message: str):  # type: ignore[override]
         # "argument --lr: -0.05 is not valid: ..." reads as "--lr -0.05 is not valid: ...".
@@ -196,6 +210,13 @@ def run(main: Callable[[list[str]], int | None], argv: Sequence[str] | None = No
         return code
 
 
+def add_debug_flag(parser: argparse.ArgumentParser) -> None:
+    """List the error boundary's ``--debug`` among the flags (once; `run` reads it)."""
+    if "--debug" not in parser._option_string_actions:
+        parser.add_argument("--debug", action="store_true",
+                            help=f"print the traceback of an error (also {DEBUG_ENV}=1)")
+
+
 def main(build_parser: Callable[[], argparse.ArgumentParser],
          command: Callable[[argparse.Namespace], int], argv: Sequence[str] | None = None, *,
          prog: str, logs: bool = True,
@@ -205,8 +226,7 @@ def main(build_parser: Callable[[], argparse.ArgumentParser],
     ``logs``, and ``command(args)``, all inside the error boundary (``run``)."""
     def parse_and_run(arguments: list[str]) -> int:
         parser = build_parser()
-        parser.add_argument("--debug", action="store_true",
-                            help=f"print the traceback of an error (also {DEBUG_ENV}=1)")
+        add_debug_flag(parser)
         args = parser.parse_args(arguments)
         if check is not None:
             check(parser, args)
