@@ -110,7 +110,7 @@ def test_global_batch_that_does_not_divide_stops_before_torchrun(fake_env):
     proc = run("ft_lora_mae.sh", fake_env, NGPUS="3")
     assert proc.returncode == 2 and calls(fake_env) == []
     assert "GLOBAL_BATCH=64 does not divide over 3 processes" in proc.stderr
-    assert "use 1 2 4 8 16 32 processes" in proc.stderr
+    assert "use 1 2 4 8 16 32 64 processes" in proc.stderr
 
 
 def test_bigger_global_batch_is_explicit(fake_env):
