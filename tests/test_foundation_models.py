@@ -217,6 +217,13 @@ def test_rad_dino_equals_transformers_dinov2(originals):
     torch.testing.assert_close(tokens, ref["tokens"], **TOL)
     torch.testing.assert_close(_pooled(model, ref["x"]), ref["pooled"], **TOL)
     _equal_at_another_size(info, state, ref, "vit_base_patch14_dinov2")
+    # One tensor under both of transformers' naming schemes: which is meant is unknown.
+    for old, new in (("attention.attention.query.weight", "attention.q_proj.weight"),
+                     ("attention.output.dense.bias", "attention.o_proj.bias")):
+        twice = {**state, f"encoder.layer.0.{new}": state[f"encoder.layer.0.{old}"]}
+        with pytest.raises(mv.PretrainedWeightsError) as err:
+            mv.describe_weights(path, state_dict=twice)
+        assert f"encoder.layer.0.{old} and encoder.layer.0.{new} are the same tensor" in _one_line(err)
 
     # LoRA on the fused q/k/v: `attn` is q and v; at step 0 the features are unchanged.
     lora.inject_lora(model, rank=4, pos="attn")
@@ -277,6 +284,10 @@ def test_biomedclip_equals_open_clip(originals):
     pooled = _pooled(model, ref["x"])
     torch.testing.assert_close(pooled, ref["pooled"], **TOL)
     torch.testing.assert_close(pooled @ state["visual.head.proj.weight"].T, ref["projected"], **TOL)
+    # A key of the image tower outside the trunk would be lost: refused, not dropped.
+    with pytest.raises(mv.PretrainedWeightsError) as err:
+        mv.describe_weights(path, state_dict={**state, "visual.extra_thing.weight": torch.zeros(2)})
+    assert "visual.extra_thing.weight" in _one_line(err)
 
 
 @needs_open_clip

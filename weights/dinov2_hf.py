@@ -63,10 +63,19 @@ def _recognise(keys: Collection[str]) -> bool:
 def _to_timm(state: StateDict) -> tuple[StateDict, list[str]]:
     out: StateDict = {}
     parts: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
+    source: dict[tuple, str] = {}  # where each tensor comes from: two keys for one is ambiguous
+
+    def once(place: tuple, key: str) -> None:
+        if place in source:
+            raise ConversionError(f"{source[place]} and {key} are the same tensor of the encoder "
+                                  "(two naming schemes in one file?): which one is meant is unknown")
+        source[place] = key
+
     for key, value in state.items():
         if key in DROPPED:
             continue
         if key in _EMBEDDINGS:
+            once((_EMBEDDINGS[key],), key)
             out[_EMBEDDINGS[key]] = value
             continue
         match = _LAYER.match(key)
@@ -74,6 +83,7 @@ def _to_timm(state: StateDict) -> tuple[StateDict, list[str]]:
             raise ConversionError(f"{key} is no tensor of a transformers DINOv2 encoder this "
                                   "tool knows (a SwiGLU MLP or a task head?)")
         index, module, kind = int(match[1]), match[2], match[3]
+        once((index, _QKV_MODULES.get(module) or _BLOCK.get(module, module), kind), key)
         if module in _QKV_MODULES and kind != "lambda1":
             parts.setdefault((index, kind), {})[_QKV_MODULES[module]] = value
         elif module in ("layer_scale1", "layer_scale2") and kind == "lambda1":

@@ -20,7 +20,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Collection
 
-from weights import StateDict, WeightsFormat, read_json_beside, register, stats_from
+from weights import ConversionError, StateDict, WeightsFormat, read_json_beside, register, stats_from
 
 TRUNK = "visual.trunk."
 
@@ -29,8 +29,17 @@ def _recognise(keys: Collection[str]) -> bool:
     return "logit_scale" in keys and f"{TRUNK}patch_embed.proj.weight" in keys
 
 
+# What a CLIP file holds beside the image trunk, dropped on purpose: the image projection, the
+# text tower and the contrastive temperature (and open_clip's optional logit bias).
+NOT_THE_ENCODER = ("visual.head.", "text.", "logit_scale", "logit_bias")
+
+
 def _to_timm(state: StateDict) -> tuple[StateDict, list[str]]:
     trunk = {k[len(TRUNK):]: v for k, v in state.items() if k.startswith(TRUNK)}
+    unknown = sorted(k for k in state if not k.startswith((TRUNK, *NOT_THE_ENCODER)))
+    if unknown:
+        raise ConversionError(f"{len(unknown)} keys are neither the image trunk ({TRUNK}*) nor "
+                              f"the parts of a CLIP file dropped on purpose: {', '.join(unknown[:3])}")
     return trunk, [k for k in state if not k.startswith(TRUNK)]
 
 
