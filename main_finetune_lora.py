@@ -544,7 +544,8 @@ def main(args: argparse.Namespace) -> dict:
                  scaler=scaler, batch_transform=batch_transform, writer=writer,
                  settings=settings, checkpoint_extra={"run": run, "dicom_scaling": settings["dicom_scaling"]},
                  carry_from=plan.source, committed=plan.committed is not None).run(progress)
-        return final_test(args, folder, plan, progress, data, writer, dist_info, device, amp_dtype)
+        return training.final_test(folder, plan, progress, args.epochs, data, writer, dist_info,
+                                   test_options(args, dist_info, device, amp_dtype))
     finally:
         folder.lock.release()
         remove_empty(made)
@@ -579,23 +580,6 @@ def start_run(args: argparse.Namespace, parser: argparse.ArgumentParser, setting
                 "precision %s; device %s", folder.folder, len(data.train_set), len(data.val_set),
                 len(data.test_set), settings["global_batch"], args.lr, precision, device)
     return writer
-
-
-def final_test(args: argparse.Namespace, folder: RunFolder, plan: Plan, progress: Progress,
-               data: datasets.TrainingData, writer, dist_info: DistInfo, device: torch.device, amp_dtype) -> dict:
-    """Test the best checkpoint on the test split; its score joins the TensorBoard curves."""
-    if dist_info.distributed:
-        dist.barrier()
-    if progress.best_epoch is None:  # a resumed run cut shorter than its first validation
-        raise ArgumentError("no epoch was validated (nothing to test): check --epochs / --valid_freq")
-    if plan.resume and progress.start_epoch >= args.epochs:
-        logger.info("the run in %s was already complete (%d epochs); testing its best checkpoint "
-                    "again", folder.folder, args.epochs)
-    results = evaluation.test_checkpoint(folder.best_checkpoint(), data.test_set, folder,
-                                         calibration_set=data.val_set,
-                                         **test_options(args, dist_info, device, amp_dtype))
-    training.log_test(writer, results, progress.best_epoch)
-    return results
 
 
 def test_options(args: argparse.Namespace, dist_info: DistInfo, device: torch.device,

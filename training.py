@@ -19,8 +19,10 @@ from typing import Any, Callable
 import torch
 
 import checkpoints as ckpt
+import evaluation
 import methods
 from engine_finetune import CompiledModule, NonFiniteLossError, evaluate, train_one_epoch
+from util.cli import UsageError
 from util.io import json_safe
 from util.lr_sched import adjust_learning_rate
 from util.misc import DistInfo, rng_state, say, seed_everything
@@ -80,6 +82,24 @@ def open_writer(folder: RunFolder, log_dir: str | None = None):
     if event_file:
         folder.record(Path(os.path.abspath(event_file)))
     return writer
+
+
+def final_test(folder: RunFolder, plan: Plan, progress: "Progress", epochs: int, data, writer,
+               dist_info: DistInfo, options: dict[str, Any]) -> dict:
+    """Test the run's best checkpoint on ``data``'s test split (``options``:
+    ``evaluation.test_checkpoint``'s), temperature and thresholds fitted on its validation
+    split; the score joins the TensorBoard curves (``writer`` closed)."""
+    if dist_info.distributed:
+        torch.distributed.barrier()
+    if progress.best_epoch is None:  # a resumed run cut shorter than its first validation
+        raise UsageError("no epoch was validated (nothing to test): check --epochs / --valid_freq")
+    if plan.resume and progress.start_epoch >= epochs:
+        logger.info("the run in %s was already complete (%d epochs); testing its best checkpoint "
+                    "again", folder.folder, epochs)
+    results = evaluation.test_checkpoint(folder.best_checkpoint(), data.test_set, folder,
+                                         calibration_set=data.val_set, **options)
+    log_test(writer, results, progress.best_epoch)
+    return results
 
 
 def log_test(writer, results: dict, best_epoch: int) -> None:
