@@ -127,11 +127,12 @@ def get_args_parser() -> argparse.ArgumentParser:
       help="image side in pixels, a multiple of the patch size (default: the --finetune file's, "
            "e.g. 518 for RAD-DINO, else %(default)s)")
     f("--drop_path", recipe=True, type=command.FRACTION, default=0.1, help="stochastic depth rate")
-    f("--cls_token", action="store_false", dest="global_pool",
-      help="classify from the cls token (the default only for weights whose authors do: "
-           "RAD-DINO, BiomedCLIP, CheXzero; the paper pools the patch tokens)")
-    f("--mean_pool", action="store_true", dest="global_pool",
-      help="classify from the mean of the patch tokens (the default but for those weights)")
+    pool = f.one_of()
+    pool("--cls_token", action="store_false", dest="global_pool",
+         help="classify from the cls token (the default only for weights whose authors do: "
+              "DINOv2 files such as RAD-DINO, BiomedCLIP, CheXzero; the paper pools the patch tokens)")
+    pool("--mean_pool", action="store_true", dest="global_pool",
+         help="classify from the mean of the patch tokens (the default but for those weights)")
     f("--nb_classes", default=None, type=command.POSITIVE_INT,
       help="number of classes (default: from the data set; checked against it)")
 
@@ -403,10 +404,8 @@ def check_combinations(args: argparse.Namespace) -> None:
             remode=args.remode, recount=args.recount, aug_fill=args.aug_fill, on_device=args.device_aug)
         if args.check_args and not args.eval and not args.demo:  # before torchrun starts
             kind = args.dataset or datasets.infer_dataset_kind(args.data_path)
-            classes = datasets.CLASS_NAMES.get(kind)
-            for split in ("train", "val", "test"):  # found, and lines of the kind's labels
-                datasets.parse_split_file(datasets.locate_split_file(
-                    split, args.data_path, args.data_size, args.split_dir), classes and len(classes), kind)
+            for split in ("train", "val", "test"):  # found, and read as the run reads them
+                datasets.read_split(split, Path(args.data_path), args.data_size, args.split_dir, kind)
     except ValueError as err:
         raise ArgumentError(str(err)) from None
 

@@ -49,7 +49,7 @@ from torch.utils.data import DataLoader, Dataset
 import methods
 from util import cli
 from util.cli import ToolError, UsageError
-from util.io import write_csv
+from util.io import OutputError, write_csv
 from util.precision import AMP_CHOICES, autocast
 from util.precision import resolve_amp as precision_resolve_amp
 from util.reports import check_outputs, write_predictions_csv
@@ -538,8 +538,13 @@ def run(args: argparse.Namespace) -> int:
             output.unlink(missing_ok=True)
         raise ToolError(f"none of the {len(images)} images could be predicted (listed in "
                         f"{failed_csv}); {output} not written")
-    write_predictions_csv(output, [images[i].name for i in good], probs[good], class_names,
-                          thresholds=thresholds, replace=args.overwrite)
+    try:
+        write_predictions_csv(output, [images[i].name for i in good], probs[good], class_names,
+                              thresholds=thresholds, replace=args.overwrite)
+    except OutputError:
+        if failures and not args.overwrite:  # the list of this command's, new: not left alone
+            failed_csv.unlink(missing_ok=True)
+        raise
     if heatmap_classes:
         _write_heatmaps(model, config, [images[i] for i in good], heatmap_classes, heatmap_dir,
                         transform, batch_size=args.batch_size, dtype=dtype, temperatures=temperatures)

@@ -8,7 +8,7 @@ This package shadows Hugging Face's ``datasets`` inside this repository, on purp
     image, target = ds[0]  # 3 x 224 x 224 float tensor, float tensor of 14 labels
 """
 from .imagecache import CACHE_MODES, EvalCache, ImageCache, build_cache, check_cache_options
-from .chestxray import ChestXrayDataset, build_dataset
+from .chestxray import ChestXrayDataset, build_dataset, read_split
 from .constants import ALL_SPLIT_FILES, CLASS_NAMES, DATASET_KINDS, NORM_STATS, SPLIT_FILES, TRAIN_SPLIT_FILES
 from .synthetic import make_demo_dataset
 from .errors import BadEntry, CacheError, DataError, DataUsageError, ImageError, SplitFileError
@@ -24,6 +24,6 @@ __all__ = [
     "DATASET_KINDS", "DICOM_SCALINGS", "DataError", "DataUsageError", "EvalCache", "GreyToRGB", "ImageCache", "ImageDecodeError", "ImageError", "NORM_STATS",
     "SPLIT_FILES", "SplitFileError", "TRAIN_SPLIT_FILES", "build_cache", "build_dataset", "check_cache_options",
     "build_loader", "build_transform", "check_image_header", "decode_dicom", "infer_dataset_kind", "load_image", "locate_split_file",
-    "make_demo_dataset", "parse_split_file", "resolve_image_path", "to_rgb", "train_transforms",
+    "make_demo_dataset", "parse_split_file", "read_split", "resolve_image_path", "to_rgb", "train_transforms",
     "TrainingData", "training_data", "undefined_classes",
 ]

@@ -339,7 +339,7 @@ def _unless_originals_changed(cache: ImageCache, mode: str, table: SplitTable, f
     return None
 
 
-def _read_split(split: str, data_path: Path, data_size: str, split_dir: str | Path | None,
+def read_split(split: str, data_path: Path, data_size: str, split_dir: str | Path | None,
                 kind: str) -> tuple[Path, SplitTable, list[str]]:
     """The split file, its parsed entries and the K class names (``class_<k>`` where no file names them)."""
     split_file = locate_split_file(split, data_path, data_size, split_dir)
@@ -462,7 +462,7 @@ def build_dataset(
                          f"(or True / False)")
     data_path, kind = resolve_data_path(data_path, dataset)
     scaling = dicom_scaling_for(kind, dicom_scaling)
-    split_file, table, class_names = _read_split(split, data_path, data_size, split_dir, kind)
+    split_file, table, class_names = read_split(split, data_path, data_size, split_dir, kind)
     files = resolve_image_paths(data_path, table.paths, kind)
 
     image_cache = _open_cache(mode, Path(cache_dir) if cache_dir else None, data_path, split_file,

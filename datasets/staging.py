@@ -17,7 +17,7 @@ from typing import Iterator, Sequence
 
 from util.cli import ToolError
 from util.io import (OutputError, current_umask, describe_os_error, left_by_ended_processes,
-                     make_folders, remove_empty, work_folder, write_json)
+                     make_folders, remove_empty, work_folder, work_folder_owner, write_json)
 
 logger = logging.getLogger(__name__)
 MOVING = "moving.json"  # in a move's folder of replaced files: what it moves, until it is whole
@@ -121,8 +121,7 @@ def _undo_killed_moves(root: Path) -> None:
             rels = json.loads((aside / MOVING).read_text())
         except FileNotFoundError:  # killed before any file moved, or after all had
             rels = []
-        owner = aside.name.split(".")[-3]  # .<root>.<host>-<pid>.<random>.old
-        tmp = next((f for f in staged if f.name.split(".")[-3] == owner), None)
+        tmp = next((f for f in staged if work_folder_owner(f) == work_folder_owner(aside)), None)
         for rel in rels:
             if Path(rel).is_absolute() or ".." in Path(rel).parts:
                 continue  # not a name _move_into writes

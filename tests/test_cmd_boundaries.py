@@ -348,7 +348,7 @@ def test_predict_keeps_an_output_made_while_it_ran(trained, tmp_path, monkeypatc
     one_error_line(capsys.readouterr().err, "predict.py", f"{out.parent / appears} appeared while "
                    "this command ran")
     assert (out.parent / appears).read_text() == "another command's\n"
-    assert not [p for p in out.parent.iterdir() if p.name.startswith(".")]  # no temporary left
+    assert [p.name for p in out.parent.iterdir()] == [appears]  # nothing of this command's left
 
 
 def test_predict_full_disk_is_exit_1_not_the_some_failed_code(trained, tmp_path, monkeypatch,
@@ -729,6 +729,7 @@ def test_under_torchrun_a_flag_error_is_said_once_per_machine(argv, monkeypatch,
     import main_finetune_lora as mfl
 
     said = {}
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "none")  # what torchrun sets
     for local_rank in ("0", "1", "3"):
         monkeypatch.setenv("LOCAL_RANK", local_rank)
         with pytest.raises(SystemExit) as stop:
@@ -737,3 +738,7 @@ def test_under_torchrun_a_flag_error_is_said_once_per_machine(argv, monkeypatch,
     assert said["0"][0] == said["1"][0] == said["3"][0] == 2
     assert said["0"][1].startswith(f"{mfl.PROG}: error: ") and "--l" in said["0"][1].splitlines()[0]
     assert said["1"][1] == said["3"][1] == ""
+    monkeypatch.delenv("TORCHELASTIC_RUN_ID")  # a LOCAL_RANK left in the shell: the error is said
+    with pytest.raises(SystemExit):
+        mfl.parse(argv)
+    assert capsys.readouterr().err.startswith(f"{mfl.PROG}: error: ")

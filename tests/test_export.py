@@ -191,10 +191,11 @@ def test_an_export_killed_half_way_leaves_nothing_after_the_next(trained, tmp_pa
     removes it, and only it: another running export's and a user's hidden folders stay."""
     import os
     import signal
-    import socket
     import subprocess
     import sys
     from pathlib import Path
+
+    from util import io
 
     stem, _ = trained
     out = tmp_path / "model"
@@ -203,7 +204,7 @@ def test_an_export_killed_half_way_leaves_nothing_after_the_next(trained, tmp_pa
     assert killed.returncode == -signal.SIGKILL
     (left,) = tmp_path.iterdir()
     assert left.name.startswith(".model.") and any(left.iterdir())  # the half-written pair
-    running = tmp_path / f".model.{socket.gethostname()}-{os.getpid()}.abcdefgh.tmp"
+    running = tmp_path / f".model.{io._machine()}-{os.getpid()}.abcdefgh.tmp"
     mine = tmp_path / ".model.mine.tmp"
     for folder in (running, mine):
         folder.mkdir()

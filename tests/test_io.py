@@ -1,7 +1,9 @@
 """Crash-safe writes keep the permissions the umask allows, whatever the writer does."""
+import errno
 import os
 import stat
 
+import pytest
 import torch
 from safetensors.torch import save_file
 
@@ -18,3 +20,22 @@ def test_safetensors_written_atomically_follow_the_umask(tmp_path):
         os.umask(old)
     assert stat.S_IMODE((tmp_path / "w.safetensors").stat().st_mode) == 0o644
     assert [p.name for p in tmp_path.iterdir()] == ["w.safetensors"]  # no temporary file left
+
+
+@pytest.mark.parametrize("link_error", [None, errno.ENOSYS, errno.EPERM])
+def test_a_new_file_is_never_written_over_with_or_without_hard_links(tmp_path, monkeypatch, link_error):
+    """replace=False: the file moves into place only if its name is still free, also where
+    the file system has no hard links (FUSE answers ENOSYS)."""
+    from util import io
+
+    if link_error is not None:
+        def no_links(*args, **kwargs):
+            raise OSError(link_error, os.strerror(link_error))
+        monkeypatch.setattr(os, "link", no_links)
+    new = io.write_csv(tmp_path / "new.csv", ["a"], [[1]], replace=False)
+    assert new.read_text() == "a\n1\n"
+    (tmp_path / "taken.csv").write_text("theirs")
+    with pytest.raises(io.OutputError, match="taken.csv appeared while this command ran"):
+        io.write_csv(tmp_path / "taken.csv", ["a"], [[1]], replace=False)
+    assert (tmp_path / "taken.csv").read_text() == "theirs"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["new.csv", "taken.csv"]

@@ -226,12 +226,20 @@ def test_a_librarys_generic_weights_file_is_named_by_its_folder(tmp_path, capsys
     assert weights.weights_label("pretrained_weights/MRM.pth") == "MRM"
     assert weights.weights_label("hub/rad-dino/model.safetensors") == "rad-dino"
     assert weights.weights_label("BiomedCLIP/open_clip_pytorch_model.bin") == "BiomedCLIP"
+    assert weights.weights_label("hub/models--microsoft--rad-dino/snapshots/b6af8b3f/model.safetensors") == "rad-dino"
+    (tmp_path / "rad-dino").mkdir()
+    inside = tmp_path / "rad-dino" / "model.safetensors"
+    cwd = os.getcwd()
+    try:  # the same file, however its path is spelt
+        os.chdir(inside.parent)
+        assert weights.weights_label("model.safetensors") == weights.weights_label(inside) == "rad-dino"
+    finally:
+        os.chdir(cwd)
     settings = {"dataset": "nih", "data_size": "1%", "seed": 0, "method": "lora", "optimizer": "sgd",
                 "lr": 0.01, "epochs": 10, "global_batch": 64, "input_size": 224}
     names = {auto_run_name(settings, weights.weights_label(f"{m}/model.safetensors"), "r4", "")
              for m in ("rad-dino", "dinov2-reg")}
     assert len(names) == 2 and all("model" not in n for n in names)
-    (tmp_path / "rad-dino").mkdir()
     with pytest.raises(SystemExit):
         mfl.parse(["--finetune", str(tmp_path / "rad-dino"), "--data_path", str(tmp_path)])
     assert f"{tmp_path / 'rad-dino'} is a folder: give the file in it" in capsys.readouterr().err

@@ -370,3 +370,12 @@ def test_check_args_reads_the_split_files_as_the_run_would(tmp_path, capsys):
         said[name] = capsys.readouterr().err.splitlines()[0]
     assert "suggests more than one data set kind (nih, rsna); pass --dataset" in said["two kinds"]
     assert said["rsna"].startswith(f"main_finetune_lora.py: error: {data / 'train_list.txt'}:1: ")
+    # A custom data set: its classes.txt names the label columns, as in the run.
+    mine = tmp_path / "mydata"
+    mine.mkdir()
+    (mine / "classes.txt").write_text("a\nb\nc\n")
+    for name in ("train_list.txt", "val_list.txt", "test_list.txt"):
+        (mine / name).write_text("x.png 0 1\n")
+    with pytest.raises(SystemExit):
+        mfl.cli([*argv, "--data_path", str(mine), "--check_args"])
+    assert "classes.txt" in capsys.readouterr().err.splitlines()[0]

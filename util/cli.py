@@ -80,7 +80,7 @@ class Parser(argparse.ArgumentParser):
         # Any other "argument --flag: message" reads as "--flag: message".
         message = re.sub(r"^argument (--\S+?)(?:/\S+)?: (.* is not valid)", r"\1 \2", message)
         message = re.sub(r"^argument (--\S+?)(?:/\S+)?: ", r"\1: ", message)
-        if os.environ.get("LOCAL_RANK", "0") not in ("", "0"):
+        if "TORCHELASTIC_RUN_ID" in os.environ and os.environ.get("LOCAL_RANK", "0") not in ("", "0"):
             self.exit(EXIT_USAGE)  # under torchrun: the same flags, so each machine's first process says it
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n(see {self.prog} --help)\n")
 
@@ -272,6 +272,12 @@ class FlagTable:
 
     def __init__(self, parser: argparse.ArgumentParser, title: str, role: str = RUN) -> None:
         self.group, self.role = parser.add_argument_group(title), role
+
+    def one_of(self) -> "FlagTable":
+        """The same group's table for flags of which a command gives one at most."""
+        table = object.__new__(FlagTable)
+        table.group, table.role = self.group.add_mutually_exclusive_group(), self.role
+        return table
 
     def __call__(self, *names: str, role: str | None = None, recipe: bool = False,
                  **kwargs: Any) -> None:

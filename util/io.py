@@ -70,18 +70,33 @@ def remove_empty(created: Sequence[Path]) -> None:
             return
 
 
+def _machine() -> str:
+    """This machine and process id space: the host name, and the pid namespace where there is
+    one (containers sharing a host name each have their own process ids)."""
+    try:
+        namespace = os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        namespace = 0
+    return f"{socket.gethostname()}-{namespace}"
+
+
 def work_folder(parent: Path, stem: str, suffix: str) -> Path:
-    """A new private folder ``.<stem>.<host>-<pid>.<8 random><suffix>`` in `parent`, for files
-    made before they move into place. Its name says which process made it, so a later command
-    can tell one left by a killed process (`left_by_ended_processes`)."""
-    owner = f"{socket.gethostname()}-{os.getpid()}"
-    return Path(tempfile.mkdtemp(dir=parent, prefix=f".{stem}.{owner}.", suffix=suffix))
+    """A new private folder ``.<stem>.<host>-<pid namespace>-<pid>.<8 random><suffix>`` in
+    `parent`, for files made before they move into place. Its name says which process made
+    it, so a later command can tell one left by a killed process (`left_by_ended_processes`)."""
+    return Path(tempfile.mkdtemp(dir=parent, prefix=f".{stem}.{_machine()}-{os.getpid()}.",
+                                 suffix=suffix))
+
+
+def work_folder_owner(folder: Path) -> str:
+    """The machine and process that made a `work_folder` (as its name says)."""
+    return folder.name.rsplit(".", 3)[-3]
 
 
 def left_by_ended_processes(parent: Path, stem: str, suffix: str) -> list[Path]:
     """The `work_folder`s of `stem` in `parent` made on this machine by a process that has
     ended without removing them (killed): no process is left to finish or remove them."""
-    pattern = re.compile(rf"\.{re.escape(stem)}\.{re.escape(socket.gethostname())}-(\d+)"
+    pattern = re.compile(rf"\.{re.escape(stem)}\.{re.escape(_machine())}-(\d+)"
                          rf"\.[a-z0-9_]{{8}}{re.escape(suffix)}")
     try:
         entries = sorted(parent.iterdir())
@@ -130,9 +145,7 @@ def _move_into_new(tmp: str, path: Path) -> None:
         os.link(tmp, path)
     except FileExistsError:
         raise _appeared(path) from None
-    except OSError as err:
-        if err.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK):
-            raise
+    except OSError:  # no hard links here (EPERM, ENOSYS on FUSE, ...)
         if os.path.lexists(path):
             raise _appeared(path) from None
         os.replace(tmp, path)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -329,9 +330,16 @@ GENERIC_STEMS = ("model", "pytorch_model", "open_clip_pytorch_model", "weights",
 
 def weights_label(path: str | Path) -> str:
     """The short name of a weights file in run names and tables: its stem (MRM, CXR_MAE), or
-    for a library's generic file name (transformers' model.safetensors) its folder's name."""
-    path = Path(path)
-    return path.parent.name if path.stem.lower() in GENERIC_STEMS and path.parent.name else path.stem
+    for a library's generic file name (transformers' model.safetensors) its folder's name,
+    however the path is spelt; in the Hugging Face cache
+    (``models--<org>--<name>/snapshots/<revision>/``) the model's name."""
+    path = Path(os.path.abspath(path))  # (not resolved: the cache's files link to blobs/)
+    if path.stem.lower() not in GENERIC_STEMS:
+        return path.stem
+    folder = path.parent
+    if folder.parent.name == "snapshots" and folder.parent.parent.name.startswith("models--"):
+        return folder.parent.parent.name.split("--")[-1]
+    return folder.name
 
 
 def norm_named_by(path: str | Path) -> str | None:
