@@ -532,19 +532,8 @@ def run(args: argparse.Namespace) -> int:
     non_finite = [f.name for f in failures if f.reason.startswith(NON_FINITE_REASON)]
     _log_failures(failures, non_finite, len(good) + len(non_finite), args.output, dtype)
 
-    _write_failure_list(failed_csv, failures, args.overwrite)
-    if not good:  # a CSV of the header alone would pass for a result
-        if args.overwrite:  # (one there was allowed by --overwrite: it is replaced)
-            output.unlink(missing_ok=True)
-        raise ToolError(f"none of the {len(images)} images could be predicted (listed in "
-                        f"{failed_csv}); {output} not written")
-    try:
-        write_predictions_csv(output, [images[i].name for i in good], probs[good], class_names,
-                              thresholds=thresholds, replace=args.overwrite)
-    except OutputError:
-        if failures and not args.overwrite:  # the list of this command's, new: not left alone
-            failed_csv.unlink(missing_ok=True)
-        raise
+    _write_results(output, failed_csv, [images[i].name for i in good], probs[good], failures,
+                   class_names, thresholds, args.overwrite, images=len(images))
     if heatmap_classes:
         _write_heatmaps(model, config, [images[i] for i in good], heatmap_classes, heatmap_dir,
                         transform, batch_size=args.batch_size, dtype=dtype, temperatures=temperatures)
@@ -553,6 +542,27 @@ def run(args: argparse.Namespace) -> int:
     if non_finite:
         return EXIT_NON_FINITE
     return EXIT_SOME_FAILED if failures else 0
+
+
+def _write_results(output: Path, failed_csv: Path, names: list[str], probs: np.ndarray,
+                   failures: list[Failure], class_names: list[str], thresholds, overwrite: bool,
+                   images: int) -> None:
+    """The failure list, then the CSV of the images predicted (``names``); without
+    ``overwrite``, neither replaces a file another command made meanwhile, and a refused CSV
+    takes this command's new failure list with it."""
+    _write_failure_list(failed_csv, failures, overwrite)
+    if not names:  # a CSV of the header alone would pass for a result
+        if overwrite:  # (one there was allowed by --overwrite: it is replaced)
+            output.unlink(missing_ok=True)
+        raise ToolError(f"none of the {images} images could be predicted (listed in "
+                        f"{failed_csv}); {output} not written")
+    try:
+        write_predictions_csv(output, names, probs, class_names, thresholds=thresholds,
+                              replace=overwrite)
+    except OutputError:
+        if failures and not overwrite:
+            failed_csv.unlink(missing_ok=True)
+        raise
 
 
 def _images_to_predict(args: argparse.Namespace) -> tuple[list[InputImage], list[Failure]]:
