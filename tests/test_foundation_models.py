@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import shutil
 import logging
 import subprocess
 import sys
@@ -197,7 +198,7 @@ def _loaded(info: weights.WeightsInfo, state: dict[str, torch.Tensor], arch: str
 # ---------------------------------------------------------------------------------------
 
 @needs_transformers
-def test_rad_dino_equals_transformers_dinov2(originals):
+def test_rad_dino_equals_transformers_dinov2(originals, tmp_path):
     path = originals / "rad-dino" / "model.safetensors"
     ref = _reference(path.parent)
     state = mv.extract_state_dict(mv.read_checkpoint(path), path)
@@ -217,6 +218,15 @@ def test_rad_dino_equals_transformers_dinov2(originals):
     torch.testing.assert_close(tokens, ref["tokens"], **TOL)
     torch.testing.assert_close(_pooled(model, ref["x"]), ref["pooled"], **TOL)
     _equal_at_another_size(info, state, ref, "vit_base_patch14_dinov2")
+    # transformers' config.json beside the file asking for another ViT: refused, naming it.
+    for key, value in (("hidden_act", "quick_gelu"), ("layer_norm_eps", 1e-5)):
+        other = tmp_path / key
+        shutil.copytree(path.parent, other)
+        config = json.loads((other / "config.json").read_text())
+        (other / "config.json").write_text(json.dumps({**config, key: value}))
+        with pytest.raises(mv.PretrainedWeightsError) as err:
+            mv.describe_weights(other / path.name)
+        assert _one_line(err).startswith(f"{other / 'config.json'}: {key} {value!r} (this tool builds")
     # One tensor under both of transformers' naming schemes: which is meant is unknown.
     for old, new in (("attention.attention.query.weight", "attention.q_proj.weight"),
                      ("attention.output.dense.bias", "attention.o_proj.bias")):

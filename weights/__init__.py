@@ -59,6 +59,9 @@ class WeightsFormat:
         library: whose module names its keys are ('timm' for timm's own names).
         arch_settings: ``models_vit_lora.ARCHS`` settings every file of this layout has but
             its shapes cannot show (e.g. ``act_layer='quick_gelu'``); others are not checked.
+        check_config: ``check_config(weights_path)`` raises ``PretrainedWeightsError`` naming
+            the publisher's config beside the weights where it asks for what the converted
+            ViT is not (another activation or LayerNorm epsilon); None where there is none.
         antialias: ``antialias(keys)``: whether its publisher's code resizes the position
             table of a file with these keys to another grid with antialiasing, as the loader
             then does (None: plain bicubic, as MAE's and the paper's code).
@@ -75,6 +78,7 @@ class WeightsFormat:
     global_pool: str = "avg"
     library: str = "timm"
     arch_settings: Mapping[str, Any] = field(default_factory=dict, compare=False)
+    check_config: Callable[[Path], None] | None = None
     antialias: Callable[[Collection[str]], bool] | None = None
 
 
@@ -376,6 +380,8 @@ def describe(state_dict: StateDict, source: object,
         (name for name, settings in (archs or {}).items()
          if not geometry.misfits({**settings, "depth": geometry.depth}, fmt.arch_settings)), None)
     norm, mean, std, norm_from = _statistics(fmt, source)
+    if fmt.check_config is not None and Path(str(source)).is_file():
+        fmt.check_config(Path(str(source)))
     return WeightsInfo(source=str(source), format=fmt, geometry=geometry, arch=arch, norm=norm,
                        mean=mean, std=std, norm_from=norm_from, dropped=tuple(dropped),
                        arch_at_depth=at_depth)

@@ -28,8 +28,8 @@ from typing import Collection
 
 import torch
 
-from weights import (ConversionError, StateDict, WeightsFormat, read_json_beside, register,
-                     stats_from)
+from weights import (ConversionError, PretrainedWeightsError, StateDict, WeightsFormat,
+                     read_json_beside, register, stats_from)
 
 _EMBEDDINGS = {
     "embeddings.cls_token": "cls_token",
@@ -115,9 +115,25 @@ def _read_norm(weights_path: Path):
                       weights_path.parent / "preprocessor_config.json")
 
 
+# What the converted ViT is, as transformers' config.json names it (RAD-DINO's and
+# facebook/dinov2's values; a SwiGLU MLP's tensors are refused by the converter already).
+BUILT = {"hidden_act": "gelu", "layer_norm_eps": 1e-6, "use_swiglu_ffn": False, "qkv_bias": True}
+
+
+def _check_config(weights_path: Path) -> None:
+    """Refuse a transformers config.json beside the weights that asks for another ViT."""
+    obj = read_json_beside(weights_path, "config.json")
+    differ = [f"{key} {obj[key]!r} (this tool builds {value!r})" for key, value in BUILT.items()
+              if obj is not None and key in obj and obj[key] != value]
+    if differ:
+        raise PretrainedWeightsError(f"{weights_path.parent / 'config.json'}: {'; '.join(differ)}: "
+                                     "the converted ViT would compute another model")
+
+
 DINOV2_HF = register(WeightsFormat(
     name="dinov2_hf", description="DINOv2 saved by transformers: RAD-DINO, facebook/dinov2",
     recognise=_recognise, to_timm=_to_timm, norm="rad_dino", read_norm=_read_norm,
+    check_config=_check_config,
     global_pool="token", library="transformers",
     arch_settings={"act_layer": None, "norm_eps": 1e-6},
     # transformers' Dinov2WithRegisters resizes with antialiasing, its plain Dinov2 without.
