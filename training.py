@@ -84,7 +84,7 @@ def open_writer(folder: RunFolder, log_dir: str | None = None):
     return writer
 
 
-def final_test(folder: RunFolder, plan: Plan, progress: "Progress", epochs: int, data, writer,
+def final_test(folder: RunFolder, plan: Plan, progress: Progress, epochs: int, data, writer,
                dist_info: DistInfo, options: dict[str, Any]) -> dict:
     """Test the run's best checkpoint on ``data``'s test split (``options``:
     ``evaluation.test_checkpoint``'s), temperature and thresholds fitted on its validation

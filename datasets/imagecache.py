@@ -64,12 +64,11 @@ import PIL
 from PIL import Image
 
 from util.cli import ToolError
-from util.io import OutputError, describe_os_error, file_sha256
+from util.io import OutputError, describe_os_error, file_sha256, make_folders, remove_empty
 
 from .constants import ALL_SPLIT_FILES
 from .errors import BadEntry, CacheError, DataUsageError, ImageError
 from .imageio import DICOM_SUFFIXES, dicom_scaling_for, load_image, sniff_image_format
-from util.io import make_folders, remove_empty
 from .splits import (
     find_split_dir,
     parse_split_file,

@@ -21,6 +21,7 @@ from util.io import (OutputError, current_umask, describe_os_error, left_by_ende
 
 logger = logging.getLogger(__name__)
 MOVING = "moving.json"  # in a move's folder of replaced files: what it moves, until it is whole
+KEPT = "files"  # in that folder: the replaced files, under their names in root
 
 
 def _check_destination(dest: Path, root: Path) -> None:
@@ -68,7 +69,7 @@ def _move_into(tmp: Path, root: Path, last: Sequence[str]) -> None:
         _check_destination(root / rel, root)
     aside = work_folder(root.parent, root.name, ".old")
     write_json(aside / MOVING, rels)
-    kept = aside / "files"
+    kept = aside / KEPT
     replaced: list[str] = []
     moved: list[str] = []
     made: list[list[Path]] = []
@@ -125,8 +126,8 @@ def _undo_killed_moves(root: Path) -> None:
         for rel in rels:
             if Path(rel).is_absolute() or ".." in Path(rel).parts:
                 continue  # not a name _move_into writes
-            if (aside / "files" / rel).exists():
-                os.replace(aside / "files" / rel, root / rel)
+            if (aside / KEPT / rel).exists():
+                os.replace(aside / KEPT / rel, root / rel)
             elif tmp is not None and not (tmp / rel).exists():  # moved in, replacing nothing
                 (root / rel).unlink(missing_ok=True)
         if rels:

@@ -142,12 +142,17 @@ def test_a_destination_in_the_way_is_refused_before_anything_moves(tmp_path, cap
     assert sorted(os.listdir(tmp_path)) == ["meta", "mine.txt", "out"]  # no staging folder left
 
 
-def test_a_failed_move_restores_the_old_set_and_names_the_destination(tmp_path, monkeypatch):
-    root = tmp_path / "set"
+def _old_set(root: Path) -> dict:
+    """Stage a set of split files ("old <name>") into the new folder `root`; returns its tree."""
     with staging.staged_folder(root) as staged:
         for name in SPLITS:
             (staged / name).write_text(f"old {name}\n")
-    before = _tree(root)
+    return _tree(root)
+
+
+def test_a_failed_move_restores_the_old_set_and_names_the_destination(tmp_path, monkeypatch):
+    root = tmp_path / "set"
+    before = _old_set(root)
     real_replace, calls, failed_at = os.replace, [], []
 
     def fail_third_move_in(src, dest):
@@ -170,9 +175,7 @@ def test_a_failed_move_restores_the_old_set_and_names_the_destination(tmp_path, 
 
 def test_the_file_a_reader_checks_is_absent_while_a_set_moves_in(tmp_path, monkeypatch):
     root = tmp_path / "set"
-    with staging.staged_folder(root) as staged:
-        for name in SPLITS:
-            (staged / name).write_text(f"old {name}\n")
+    _old_set(root)
     real_replace, seen = os.replace, []
 
     def watch(src, dest):
@@ -214,10 +217,7 @@ with staging.staged_folder(root, last=("train_list.txt",)) as staged:
 @pytest.mark.parametrize("kill_after", [0, 1, 4, 6])  # writing; one moved in; a new name; all moved
 def test_a_move_killed_half_way_is_undone_by_the_next_staging(tmp_path, kill_after):
     root = tmp_path / "set"
-    with staging.staged_folder(root) as staged:
-        for name in SPLITS:
-            (staged / name).write_text(f"old {name}\n")
-    before = _tree(root)
+    before = _old_set(root)
     new = sorted(SPLITS + ["train_100.txt"])  # a name the old set lacks: it moves in 4th
     killed = subprocess.run([sys.executable, "-c", KILLED_MOVE, str(Path(__file__).parents[1]),
                              str(root), str(kill_after), *new])

@@ -31,8 +31,9 @@ tables are described for users in docs/USING_A_MODEL.md ("Comparing runs"); in s
 Reference (``--reference CSV``): the columns ``setting,method,mean_auroc`` and optionally
 ``source``; ``setting`` is ``<dataset>-<percent>-<weights>`` as the presets name them
 (``nih-1-mrm``; the weights are the pre-trained file's stem, or its folder's name for a
-generic one such as model.safetensors, lower case), ``method`` is ``lora``, ``full`` or ``linear``, ``mean_auroc`` is x100 (80.6) and a row without it is
-skipped. Each matching seed group gets the reference and ours - reference.
+generic one such as model.safetensors, lower case), ``method`` is ``lora``, ``full`` or
+``linear``, ``mean_auroc`` is x100 (80.6) and a row without it is skipped. Each matching
+seed group gets the reference and ours - reference.
 
 Outputs: ``--output`` replaces an existing ``<output>.md`` / ``.csv`` (or forest plot) only
 with ``--overwrite``; a training run's own files, the files read and symbolic links never.

@@ -221,9 +221,10 @@ class WeightsInfo:
 
     ``arch`` is the ``models_vit_lora.ARCHS`` name of its shapes (None if no architecture
     builds them); ``arch_at_depth`` the one that does with ``--depth`` its number of blocks
-    (a file of fewer blocks than any architecture, e.g. for tests); ``norm`` the ``datasets.NORM_STATS`` name of its statistics (None where the
-    file does not tell, or where its publisher's values have no name: then ``mean`` / ``std``
-    may still hold them); ``norm_from`` says where they come from.
+    (a file of fewer blocks than any architecture, e.g. for tests); ``norm`` the
+    ``datasets.NORM_STATS`` name of its statistics (None where the file does not tell, or
+    where its publisher's values have no name: then ``mean`` / ``std`` may still hold them);
+    ``norm_from`` says where they come from.
     """
 
     source: str
